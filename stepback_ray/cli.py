@@ -1,0 +1,71 @@
+"""The ``stepback`` command.
+
+    stepback run JOB.yaml [--set key=value ...]     run a job end to end and print its metrics table
+
+Bad input or configuration ends with one line on stderr (``error: ...``) and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from .errors import StepbackError
+
+
+def format_table(metrics: dict[str, Any]) -> str:
+    """The per-mode metrics as a small fixed-width table."""
+    header = f"{'mode':<16}{'users':>7}{'queries':>9}{'ROUGE-1':>9}{'ROUGE-L':>9}{'tokens/s':>10}"
+    lines = [header, "-" * len(header)]
+
+    def num(v: float | None, fmt: str) -> str:
+        return format(v, fmt) if v is not None else "-"
+
+    for mode, m in metrics["modes"].items():
+        lines.append(f"{mode:<16}{m['users']:>7}{m['queries']:>9}{num(m['rouge-1'], '.4f'):>9}"
+                     f"{num(m['rouge-L'], '.4f'):>9}{num(m['tokens_per_s'], '.1f'):>10}")
+    prof = metrics.get("profiles")
+    if prof:
+        lines.append(f"profiles: {prof['users']} users {prof['statuses']}, {num(prof['tokens_per_s'], '.1f')} tokens/s")
+    return "\n".join(lines)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .config import load_job
+    from .pipeline import run_job
+
+    job = load_job(args.job, args.set)
+    print(f"stepback: running {job.name} ({job.task}, modes {', '.join(job.modes)}) -> {job.output_uri}",
+          file=sys.stderr)
+    result = run_job(job)
+    print(format_table(result.metrics))
+    print(f"outputs: {result.output_uri} (total {result.manifest['timings']['total_s']:.1f} s)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stepback", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a job end to end")
+    run.add_argument("job", help="job spec (YAML)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a job-spec key, e.g. --set limit=5 --set output=runs/x (repeatable)")
+    run.set_defaults(func=_cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except StepbackError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,248 @@
+"""The job spec: one typed, validated description of a run.
+
+A job spec is a YAML file (see ``jobs/``) plus ``--set key=value`` overrides from the command line. It is
+validated in full before anything runs: an unknown key, a value of the wrong type or out of range, or an
+unknown task or mode is a :class:`~stepback_ray.errors.ConfigError` naming the key.
+
+Relative input paths written in a job file are resolved against the job file's folder (so a spec works from
+any working directory); input paths given with ``--set`` and the output location are resolved against the
+current directory, as a shell user expects. URIs with a scheme (``s3://...``) are left alone.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+from .tasks import TASKS
+
+Mode = Literal["none", "rag", "profile", "profile+rag"]
+"""Generation modes. ``none``: input only. ``rag``: retrieved history items. ``profile``: the step-back profile.
+``profile+rag``: both (the Step-Back Profiling method)."""
+
+DEFAULT_MODEL = "packaged:smollm2-135m-instruct"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class InputConfig(_Strict):
+    """Where the queries come from. ``format: lamp`` reads the official LaMP JSON pair."""
+
+    format: Literal["lamp"] = "lamp"
+    questions: str = Field(description="LaMP *_questions.json (local path or fsspec URI)")
+    outputs: str | None = Field(default=None, description="LaMP *_outputs.json with golds; omit to only predict")
+
+
+class EngineConfig(_Strict):
+    """The LLM engine. ``model`` is a hub id, a local folder, or ``packaged:<name>`` for a model shipped in a
+    PyPI package (the embedded default)."""
+
+    kind: Literal["transformers"] = "transformers"
+    model: str = DEFAULT_MODEL
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    batch_size: int = Field(default=16, gt=0, le=4096)
+    threads: int = Field(default=0, ge=0, description="torch intra-op threads; 0 = every core of the node")
+    max_model_len: int | None = Field(default=None, gt=0, description="context length; default: the model's")
+    prompt_family: Literal["auto", "chat", "plain"] = "auto"
+
+
+class ProfileConfig(_Strict):
+    """Step-back profiling: how much history reaches the distillation prompt, and how long the profile is."""
+
+    history_token_budget: int = Field(default=768, gt=0)
+    max_item_tokens: int = Field(default=160, gt=8, description="each history item is cut to this many tokens")
+    max_new_tokens: int = Field(default=96, gt=0)
+
+
+class RetrievalConfig(_Strict):
+    method: Literal["bm25"] = "bm25"
+    top_k: int = Field(default=2, ge=0, le=64)
+    max_item_tokens: int = Field(default=200, gt=8)
+
+
+class GenerationConfig(_Strict):
+    max_new_tokens: int = Field(default=32, gt=0)
+    temperature: float = Field(default=0.0, ge=0.0, le=5.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int = 0
+
+
+class RayConfig(_Strict):
+    """How the job uses the Ray cluster. With no address, a local Ray is started and shut down with the job."""
+
+    address: str | None = None
+    engine_actors: int = Field(default=1, gt=0, description="engine actors per pass (one per GPU in production)")
+    engine_actor_cpus: float = Field(default=1.0, ge=0.0)
+    engine_actor_gpus: float = Field(default=0.0, ge=0.0)
+    users_per_chunk: int = Field(default=8, gt=0, description="users per unit of work (and per committed file)")
+    progress_bars: bool = True
+
+
+class StorageConfig(_Strict):
+    """Object-storage settings. Anything left unset comes from the standard AWS environment / profile.
+    Secrets are never printed and never written to the manifest."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    aws_profile: str | None = None
+    key: SecretStr | None = None
+    secret: SecretStr | None = None
+    anon: bool = False
+
+
+class JobSpec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    task: str
+    input: InputConfig
+    modes: list[Mode] = Field(default_factory=lambda: ["none", "profile+rag"], min_length=1)
+    limit: int | None = Field(default=None, gt=0, description="take only the first N users")
+    output: str = Field(default="runs/{name}/{run_id}", description="run output URI; {name} and {run_id} expand")
+    run_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    profile: ProfileConfig = Field(default_factory=ProfileConfig)
+    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, v: str) -> str:
+        if v not in TASKS:
+            raise ValueError(f"unknown task {v!r}; known tasks: {', '.join(sorted(TASKS))}")
+        return v
+
+    @field_validator("modes")
+    @classmethod
+    def _unique_modes(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"modes repeat: {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _fill_run_id(self) -> "JobSpec":
+        if self.run_id is None:
+            self.run_id = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        return self
+
+    @property
+    def output_uri(self) -> str:
+        return self.output.format(name=self.name, run_id=self.run_id)
+
+    def public_dict(self) -> dict[str, Any]:
+        """The spec as plain data with secrets removed: what goes into manifests and logs."""
+        data = self.model_dump(mode="json")
+        for k in ("key", "secret"):
+            if data["storage"].get(k) is not None:
+                data["storage"][k] = "***"
+        return data
+
+
+# --------------------------------------------------------------------------------------------------- loading
+
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_PATH_KEYS = (("input", "questions"), ("input", "outputs"))
+
+
+def _is_local_relative(p: str) -> bool:
+    return not _SCHEME.match(p) and not os.path.isabs(p)
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> None:
+    for keys in _PATH_KEYS:
+        node = data
+        for k in keys[:-1]:
+            node = node.get(k) if isinstance(node, dict) else None
+            if node is None:
+                break
+        else:
+            if isinstance(node, dict) and isinstance(node.get(keys[-1]), str) and _is_local_relative(node[keys[-1]]):
+                node[keys[-1]] = os.path.normpath(str(base / node[keys[-1]]))
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for k in keys[:-1]:
+        child = node.get(k)
+        if child is None:
+            child = node[k] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: '{k}' is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    """``key.sub=value`` strings -> (key, YAML-parsed value). ``limit=5`` gives an int, ``modes=[none]`` a list."""
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"--set {item!r}: empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        out.append((key, value))
+    return out
+
+
+def _format_validation_error(source: str, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        else:
+            msg = e["msg"]
+            if msg.startswith("Value error, "):
+                msg = msg[len("Value error, "):]
+            if "input" in e and not isinstance(e["input"], (dict, list)):
+                msg += f" (got {e['input']!r})"
+        lines.append(f"{source}: {loc}: {msg}")
+    return "; ".join(lines)
+
+
+def load_job(path: str | os.PathLike[str] | None, overrides: list[str] | None = None,
+             data: dict[str, Any] | None = None) -> JobSpec:
+    """Read a job spec file (or take ``data``), apply ``--set`` overrides and validate everything."""
+    source = str(path) if path is not None else "<job spec>"
+    if data is None:
+        if path is None:
+            raise ConfigError("no job spec given")
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{source}: job spec not found")
+        try:
+            data = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{source}: not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: a job spec is a YAML mapping of keys to values")
+        _resolve_paths(data, p.resolve().parent)
+    else:
+        data = yaml.safe_load(yaml.safe_dump(data))  # deep copy of plain data
+    for key, value in parse_overrides(overrides or []):
+        if key in {"input.questions", "input.outputs", "output"} and isinstance(value, str) and _is_local_relative(value):
+            value = os.path.abspath(value)
+        _set_dotted(data, key, value)
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(source, e)) from None

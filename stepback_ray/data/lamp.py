@@ -1,0 +1,137 @@
+"""Read the official LaMP JSON pair (``*_questions.json`` + ``*_outputs.json``) into query rows.
+
+The LaMP layout: questions are a JSON list of ``{"id", "user_id"?, "input", "profile": [items]}``; outputs are
+``{"task": "LaMP_N", "golds": [{"id", "output"}]}``. Official LaMP files carry no ``user_id``: each question's
+profile then stands for its own user (``user_id = "q:<id>"``).
+
+Bad input is reported as one line naming the file, the record and the field; nothing is silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pyarrow as pa
+
+from ..config import StorageConfig
+from ..errors import InputError
+from ..storage import read_bytes
+from ..tasks import TaskSpec
+from .rows import Query, queries_to_arrow
+
+
+def _load_json(uri: str, storage: StorageConfig | None) -> Any:
+    raw = read_bytes(uri, storage)
+    try:
+        return json.loads(raw)
+    except UnicodeDecodeError as e:
+        raise InputError(uri, f"not UTF-8 text (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise InputError(uri, f"not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+
+
+def _as_text(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+def _parse_item(uri: str, rid: str, i: int, item: Any, task: TaskSpec) -> dict[str, str]:
+    if not isinstance(item, dict):
+        raise InputError(uri, f"expected an object, got {type(item).__name__}", record=rid, field=f"profile[{i}]")
+    out: dict[str, str] = {}
+    for k, v in item.items():
+        text = _as_text(v)
+        if text is None and v is not None:
+            raise InputError(uri, f"expected text, got {type(v).__name__}", record=rid, field=f"profile[{i}].{k}")
+        if text is not None:
+            out[str(k)] = text
+    for need in task.item_fields:
+        if need not in out:
+            raise InputError(uri, f"missing (task {task.name} needs {', '.join(task.item_fields)})",
+                             record=rid, field=f"profile[{i}].{need}")
+    out.setdefault("id", f"{rid}#{i}")
+    return out
+
+
+def parse_questions(uri: str, data: Any, task: TaskSpec) -> list[Query]:
+    """Validate the questions document and turn it into :class:`Query` objects (gold not yet attached)."""
+    if isinstance(data, dict) and "golds" in data:
+        raise InputError(uri, "this is a LaMP outputs file (it has 'golds'); expected the questions file")
+    if not isinstance(data, list):
+        raise InputError(uri, f"expected a JSON list of questions (LaMP *_questions.json), got {type(data).__name__}")
+    queries: list[Query] = []
+    seen: set[str] = set()
+    for n, rec in enumerate(data):
+        where = f"#{n}"
+        if not isinstance(rec, dict):
+            raise InputError(uri, f"expected an object, got {type(rec).__name__}", record=where)
+        qid = _as_text(rec.get("id"))
+        if qid is None or qid == "":
+            raise InputError(uri, "missing or not text", record=where, field="id")
+        where = repr(qid)
+        if qid in seen:
+            raise InputError(uri, "duplicate question id", record=where, field="id")
+        seen.add(qid)
+        text = rec.get("input")
+        if not isinstance(text, str):
+            raise InputError(uri, "missing or not text", record=where, field="input")
+        profile = rec.get("profile")
+        if profile is None:
+            raise InputError(uri, "missing (a LaMP question carries its user's history as 'profile')",
+                             record=where, field="profile")
+        if not isinstance(profile, list):
+            raise InputError(uri, f"expected a list of history items, got {type(profile).__name__}",
+                             record=where, field="profile")
+        items = [_parse_item(uri, qid, i, it, task) for i, it in enumerate(profile)]
+        uid = _as_text(rec.get("user_id"))
+        queries.append(Query(query_id=qid, user_id=uid if uid else f"q:{qid}", task=task.name, input=text,
+                             profile=items, gold=None))
+    return queries
+
+
+def attach_golds(uri: str, data: Any, task: TaskSpec, queries: list[Query]) -> None:
+    """Attach gold outputs; every question must have exactly one gold."""
+    if isinstance(data, list):
+        raise InputError(uri, "this looks like a LaMP questions file (a list); expected the outputs file "
+                              "{\"task\": ..., \"golds\": [...]}")
+    if not isinstance(data, dict) or not isinstance(data.get("golds"), list):
+        raise InputError(uri, "expected an object {\"task\": ..., \"golds\": [{\"id\", \"output\"}]}", field="golds")
+    file_task = data.get("task")
+    if file_task is not None and str(file_task).replace("-", "_") != task.name:
+        raise InputError(uri, f"golds are for task {file_task!r} but the job's task is {task.name!r}", field="task")
+    golds: dict[str, str] = {}
+    for n, g in enumerate(data["golds"]):
+        if not isinstance(g, dict):
+            raise InputError(uri, f"expected an object, got {type(g).__name__}", record=f"golds[{n}]")
+        gid = _as_text(g.get("id"))
+        if gid is None:
+            raise InputError(uri, "missing or not text", record=f"golds[{n}]", field="id")
+        out = _as_text(g.get("output"))
+        if out is None:
+            raise InputError(uri, "missing or not text", record=repr(gid), field="output")
+        golds[gid] = out
+    for q in queries:
+        if q.query_id not in golds:
+            raise InputError(uri, "question has no gold output in this file", record=repr(q.query_id), field="id")
+        q.gold = golds[q.query_id]
+
+
+def read_lamp(questions: str, outputs: str | None, task: TaskSpec,
+              storage: StorageConfig | None = None) -> list[Query]:
+    """Read a LaMP questions file (and optionally its outputs) from a path or fsspec URI."""
+    queries = parse_questions(questions, _load_json(questions, storage), task)
+    if outputs is not None:
+        attach_golds(outputs, _load_json(outputs, storage), task, queries)
+    return queries
+
+
+def read_lamp_table(questions: str, outputs: str | None, task: TaskSpec,
+                    storage: StorageConfig | None = None) -> pa.Table:
+    """One Arrow row per query: user_id, query_id, task, input, profile (list of items), gold."""
+    return queries_to_arrow(read_lamp(questions, outputs, task, storage))

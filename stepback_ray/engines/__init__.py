@@ -1,0 +1,18 @@
+"""LLM engines behind one interface (:class:`~stepback_ray.engines.base.Engine`)."""
+
+from __future__ import annotations
+
+from ..config import EngineConfig
+from .base import Completion, Engine, Message, Prompt, SamplingParams
+
+
+def build_engine(config: EngineConfig) -> Engine:
+    """Construct the engine the job asks for. Call it inside the process that will use the engine."""
+    if config.kind == "transformers":
+        from .transformers_engine import TransformersEngine
+
+        return TransformersEngine(config)
+    raise ValueError(f"unknown engine kind {config.kind!r}")
+
+
+__all__ = ["Completion", "Engine", "Message", "Prompt", "SamplingParams", "build_engine"]

@@ -1,0 +1,75 @@
+"""The engine interface every LLM backend implements.
+
+An engine takes a batch of prompts and sampling parameters and returns one :class:`Completion` per prompt, in
+order, with token counts and time. A prompt is either a list of chat messages (``{"role", "content"}``; a final
+``assistant`` message is a *prefill* the model continues) or a plain string used verbatim. Engines are built
+inside the process that uses them (a Ray actor), from an :class:`~stepback_ray.config.EngineConfig`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Union, runtime_checkable
+
+Message = dict[str, str]
+Prompt = Union[str, list[Message]]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    """0 means greedy decoding."""
+    top_p: float = 1.0
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+    """Generation ends once any of these strings appears; the returned text is cut before it."""
+
+
+@dataclass
+class Completion:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    """``stop`` (end of sequence or a stop string), ``length`` (max_new_tokens reached) or ``error``."""
+    seconds: float
+    """This request's share of the wall time of the engine call that served it."""
+    error: str | None = None
+
+
+@runtime_checkable
+class PromptTools(Protocol):
+    """What prompt building needs from a model: its context size, chat rendering and token arithmetic."""
+
+    max_context: int
+
+    def render(self, prompt: Prompt) -> str:
+        """The exact text the model sees for ``prompt`` (chat template applied)."""
+
+    def count_tokens(self, text: str) -> int:
+        """Number of tokens ``text`` takes inside a prompt (no special tokens added)."""
+
+    def truncate(self, text: str, max_tokens: int) -> str:
+        """``text`` cut to at most ``max_tokens`` tokens (unchanged if it already fits)."""
+
+
+@runtime_checkable
+class Engine(PromptTools, Protocol):
+    model_id: str
+
+    def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[Completion]:
+        """One completion per prompt, in order."""
+
+    def close(self) -> None:
+        """Release the model (memory, devices)."""
+
+
+def cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
+    """Cut ``text`` before the first stop string; report whether one was found."""
+    cut = len(text)
+    for s in stop:
+        i = text.find(s)
+        if 0 <= i < cut:
+            cut = i
+    return text[:cut], cut < len(text)

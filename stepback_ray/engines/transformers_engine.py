@@ -1,0 +1,119 @@
+"""A batched Hugging Face transformers engine: the CPU default and the reference implementation.
+
+Prompts are tokenized once, sorted by length (so each batch pads little), left-padded, and decoded greedily by
+default. Stop strings end a sequence early. A prompt that does not fit the context is not sent to the model: it
+comes back as an ``error`` completion, so one bad row never kills a batch.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from ..config import EngineConfig
+from ..errors import StepbackError
+from .base import Completion, Prompt, SamplingParams, cut_at_stop
+from .formatting import PromptFormatter
+
+
+class TransformersEngine:
+    def __init__(self, config: EngineConfig):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.config = config
+        self.model_id = config.model
+        threads = config.threads or os.cpu_count() or 1
+        torch.set_num_threads(threads)
+        device = config.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda" and not torch.cuda.is_available():
+            raise StepbackError("engine.device is 'cuda' but no CUDA device is visible")
+        dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32, "float32": torch.float32,
+                 "bfloat16": torch.bfloat16, "float16": torch.float16}[config.dtype]
+        self.formatter = PromptFormatter(config)
+        self.tokenizer = self.formatter.tokenizer
+        self.max_context = self.formatter.max_context
+        try:
+            self.model = AutoModelForCausalLM.from_pretrained(self.formatter.path, dtype=dtype).to(device).eval()
+        except OSError as e:
+            raise StepbackError(f"cannot load model {config.model!r}: {str(e).splitlines()[0]}") from None
+        self.device = device
+        self.torch = torch
+        eos = self.model.generation_config.eos_token_id
+        self._eos = set(eos if isinstance(eos, list) else [eos]) - {None}
+        if self.tokenizer.eos_token_id is not None:
+            self._eos.add(self.tokenizer.eos_token_id)
+
+    # ------------------------------------------------------------------------------------------ prompts
+    def render(self, prompt: Prompt) -> str:
+        return self.formatter.render(prompt)
+
+    def count_tokens(self, text: str) -> int:
+        return self.formatter.count_tokens(text)
+
+    def truncate(self, text: str, max_tokens: int) -> str:
+        return self.formatter.truncate(text, max_tokens)
+
+    # ------------------------------------------------------------------------------------------ generation
+    def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[Completion]:
+        torch = self.torch
+        texts = [self.render(p) for p in prompts]
+        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        results: list[Completion | None] = [None] * len(prompts)
+        runnable = []
+        for i, seq in enumerate(ids):
+            if len(seq) + params.max_new_tokens > self.max_context:
+                results[i] = Completion("", len(seq), 0, "error", 0.0,
+                                        error=f"prompt has {len(seq)} tokens; with {params.max_new_tokens} new "
+                                              f"tokens it exceeds the context of {self.max_context}")
+            else:
+                runnable.append(i)
+        runnable.sort(key=lambda i: len(ids[i]))
+        pad = self.tokenizer.pad_token_id
+        bs = self.config.batch_size
+        for start in range(0, len(runnable), bs):
+            idx = runnable[start:start + bs]
+            width = max(len(ids[i]) for i in idx)
+            input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):
+                seq = ids[i]
+                input_ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+                mask[row, width - len(seq):] = 1
+            sample = params.temperature > 0
+            kwargs = dict(max_new_tokens=params.max_new_tokens, do_sample=sample, pad_token_id=pad)
+            if sample:
+                torch.manual_seed(params.seed)
+                kwargs.update(temperature=params.temperature, top_p=params.top_p)
+            else:
+                kwargs.update(temperature=None, top_p=None, top_k=None)
+            if params.stop:
+                kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
+                                          **kwargs)
+            share = (time.perf_counter() - t0) / len(idx)
+            new = out[:, width:].tolist()
+            for row, i in enumerate(idx):
+                toks = new[row]
+                n, ended = len(toks), False
+                for k, t in enumerate(toks):
+                    if t in self._eos:
+                        n, ended = k + 1, True
+                        break
+                text = self.tokenizer.decode(toks[:n], skip_special_tokens=True)
+                text, stopped = cut_at_stop(text, params.stop)
+                if stopped and ended and pad in self._eos:
+                    n -= 1  # a stop string ended it; the token after is padding, not a generated end-of-sequence
+                reason = "stop" if (ended or stopped or n < params.max_new_tokens) else "length"
+                results[i] = Completion(text, len(ids[i]), n, reason, share)
+        return [r for r in results if r is not None]
+
+    def close(self) -> None:
+        self.model = None
+        if self.device == "cuda":
+            self.torch.cuda.empty_cache()
+

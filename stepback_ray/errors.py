@@ -1,0 +1,35 @@
+"""Errors a user can act on.
+
+Anything raised as a :class:`StepbackError` is printed by the CLI as one line (no traceback): it describes bad
+input or configuration, names the file, the record and the field where it can, and says what to do. Anything
+else is a bug in stepback-ray and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class StepbackError(Exception):
+    """A problem with the user's input or configuration, reported as one line."""
+
+
+class ConfigError(StepbackError):
+    """The job spec is invalid (unknown key, bad value, missing field)."""
+
+
+class InputError(StepbackError):
+    """An input file is missing, unreadable or not in the expected shape."""
+
+    def __init__(self, source: str, message: str, *, record: str | None = None, field: str | None = None):
+        where = source
+        if record is not None:
+            where += f": record {record}"
+        if field is not None:
+            where += f": field '{field}'"
+        super().__init__(f"{where}: {message}")
+        self.source = source
+        self.record = record
+        self.field = field
+
+
+class StorageError(StepbackError):
+    """Object storage is unreachable, the bucket is missing, or access is denied."""

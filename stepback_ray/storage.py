@@ -1,0 +1,161 @@
+"""Where runs read and write: local paths and object storage behind one small interface.
+
+Every URI goes through fsspec (``s3://`` through s3fs); filesystems are built from the job's
+:class:`~stepback_ray.config.StorageConfig` *inside* the process that uses them (the driver or a Ray worker), never
+pickled across. Writes of result files are atomic: a reader sees the whole file or none of it (local files are
+written to a temporary name and renamed; an object-store PUT is atomic by itself).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .config import StorageConfig
+from .errors import InputError, StorageError
+
+
+def _s3_kwargs(storage: StorageConfig) -> dict[str, Any]:
+    kw: dict[str, Any] = {}
+    if storage.endpoint_url:
+        kw["endpoint_url"] = storage.endpoint_url
+    if storage.region:
+        kw["client_kwargs"] = {"region_name": storage.region}
+    if storage.aws_profile:
+        kw["profile"] = storage.aws_profile
+    if storage.key is not None:
+        kw["key"] = storage.key.get_secret_value()
+    if storage.secret is not None:
+        kw["secret"] = storage.secret.get_secret_value()
+    if storage.anon:
+        kw["anon"] = True
+    return kw
+
+
+def filesystem_for(uri: str, storage: StorageConfig | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem for ``uri`` and the path inside it."""
+    storage = storage or StorageConfig()
+    protocol = fsspec.utils.get_protocol(uri)
+    if protocol in ("s3", "s3a"):
+        import s3fs  # imported lazily: local runs do not pay for botocore
+
+        fs = s3fs.S3FileSystem(skip_instance_cache=True, **_s3_kwargs(storage))
+        return fs, fs._strip_protocol(uri)
+    fs, path = fsspec.core.url_to_fs(uri)
+    return fs, path
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
+def describe_storage_error(uri: str, exc: BaseException) -> str:
+    """One line saying what went wrong talking to storage, without credentials."""
+    text = f"{type(exc).__name__}: {exc}"
+    low = text.lower()
+    if "could not connect" in low or "connect timeout" in low or "endpointconnectionerror" in low:
+        return f"{uri}: storage endpoint unreachable ({exc})"
+    if "nosuchbucket" in low or "bucket does not exist" in low:
+        return f"{uri}: bucket does not exist"
+    if any(s in low for s in ("invalidaccesskeyid", "signaturedoesnotmatch", "accessdenied", "forbidden", "403")):
+        return f"{uri}: access denied (check the credentials / AWS profile)"
+    return f"{uri}: {text.splitlines()[0]}"
+
+
+def read_bytes(uri: str, storage: StorageConfig | None = None) -> bytes:
+    """Read a whole input file, turning storage failures into one-line errors."""
+    try:
+        fs, path = filesystem_for(uri, storage)
+        with fs.open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise InputError(uri, "file not found") from None
+    except IsADirectoryError:
+        raise InputError(uri, "is a directory, expected a file") from None
+    except (PermissionError, OSError) as e:
+        raise StorageError(describe_storage_error(uri, e)) from None
+
+
+@dataclass
+class RunStore:
+    """The output location of one run: a root URI under which result files are written atomically."""
+
+    uri: str
+    storage: StorageConfig
+
+    def __post_init__(self) -> None:
+        self.fs, self.root = filesystem_for(self.uri, self.storage)
+
+    def path(self, rel: str) -> str:
+        return posixpath.join(self.root, rel)
+
+    def uri_of(self, rel: str) -> str:
+        return self.uri.rstrip("/") + "/" + rel
+
+    def ensure_writable(self) -> None:
+        """Fail early (before any model loads) if the output cannot be written."""
+        probe = f"_probe-{uuid.uuid4().hex}"
+        try:
+            self.write_bytes(probe, b"")
+            self.fs.rm(self.path(probe))
+        except StorageError:
+            raise
+        except Exception as e:  # noqa: BLE001 - translated to one line
+            raise StorageError(describe_storage_error(self.uri, e)) from None
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        path = self.path(rel)
+        try:
+            if is_local(self.fs):
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            else:
+                self.fs.pipe_file(path, data)
+        except Exception as e:  # noqa: BLE001 - translated to one line
+            raise StorageError(describe_storage_error(self.uri_of(rel), e)) from None
+
+    def write_json(self, rel: str, obj: Any) -> None:
+        self.write_bytes(rel, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
+
+    def read_json(self, rel: str) -> Any:
+        with self.fs.open(self.path(rel), "rb") as f:
+            return json.load(f)
+
+    def write_table(self, rel: str, table: pa.Table) -> None:
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        self.write_bytes(rel, buf.getvalue())
+
+    def read_table(self, rel: str, columns: list[str] | None = None) -> pa.Table:
+        with self.fs.open(self.path(rel), "rb") as f:
+            return pq.read_table(f, columns=columns)
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.exists(self.path(rel))
+
+    def list(self, rel_dir: str, suffix: str = "") -> list[str]:
+        """Relative paths of the files directly under ``rel_dir`` (sorted), ignoring temporary files."""
+        base = self.path(rel_dir)
+        if not self.fs.exists(base):
+            return []
+        out = []
+        for p in self.fs.ls(base, detail=False):
+            name = posixpath.basename(p.rstrip("/"))
+            if ".tmp-" in name or not name.endswith(suffix):
+                continue
+            out.append(posixpath.join(rel_dir, name))
+        return sorted(out)
