@@ -55,12 +55,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_error_cause(exc: BaseException) -> StepbackError | None:
+    """The :class:`StepbackError` behind an exception re-raised by Ray from a worker, if there is one."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, StepbackError):
+            return exc
+        cause = getattr(exc, "cause", None)
+        exc = cause if isinstance(cause, BaseException) else (exc.__cause__ or exc.__context__)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except StepbackError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - a user error raised inside a Ray worker arrives wrapped
+        cause = _user_error_cause(e)
+        if cause is None:
+            raise
+        print(f"error: {cause}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -347,6 +347,7 @@ def run_job(job: JobSpec) -> RunResult:
     if not users:
         raise StepbackError(f"{job.input.questions}: no questions to run")
     chunks = chunk_users(users, job.ray.users_per_chunk)
+    PromptFormatter(job.engine)  # fail here, before any cluster work, if the model or its tokenizer is unusable
     resumed = _check_resume(store, job)
     needs_profiles = any(prompting.mode_uses(m)[0] for m in job.modes)
     timings: dict[str, float] = {"read_s": round(time.time() - t_start, 3)}

@@ -43,18 +43,18 @@ def _as_text(value: Any) -> str | None:
 
 def _parse_item(uri: str, rid: str, i: int, item: Any, task: TaskSpec) -> dict[str, str]:
     if not isinstance(item, dict):
-        raise InputError(uri, f"expected an object, got {type(item).__name__}", record=rid, field=f"profile[{i}]")
+        raise InputError(uri, f"expected an object, got {type(item).__name__}", record=repr(rid), field=f"profile[{i}]")
     out: dict[str, str] = {}
     for k, v in item.items():
         text = _as_text(v)
         if text is None and v is not None:
-            raise InputError(uri, f"expected text, got {type(v).__name__}", record=rid, field=f"profile[{i}].{k}")
+            raise InputError(uri, f"expected text, got {type(v).__name__}", record=repr(rid), field=f"profile[{i}].{k}")
         if text is not None:
             out[str(k)] = text
     for need in task.item_fields:
         if need not in out:
             raise InputError(uri, f"missing (task {task.name} needs {', '.join(task.item_fields)})",
-                             record=rid, field=f"profile[{i}].{need}")
+                             record=repr(rid), field=f"profile[{i}].{need}")
     out.setdefault("id", f"{rid}#{i}")
     return out
 

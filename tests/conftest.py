@@ -1,0 +1,92 @@
+"""Shared fixtures: the shared data sets, small official-shape LaMP files, a local Ray, a local S3 (moto)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("STEPBACK_SHARED_DATA", REPO.parent / "shared" / "data"))
+FIXTURES = Path(__file__).parent / "fixtures"
+SAMPLE = REPO / "data" / "samples" / "lamp5_arxiv_dev20"
+
+
+def shared_set(name: str) -> tuple[str, str]:
+    """(questions, outputs) of a set in ../shared/data, e.g. 'lamp5_arxiv/dev'; skips when absent."""
+    q, o = SHARED / f"{name}_questions.json", SHARED / f"{name}_outputs.json"
+    if not q.is_file():
+        pytest.skip(f"shared data set {name} not found under {SHARED}")
+    return str(q), str(o)
+
+
+def write_lamp(tmp: Path, name: str, questions: list, task: str, golds: dict[str, str] | None) -> tuple[str, str]:
+    """Write a LaMP questions/outputs pair and return the two paths."""
+    q, o = tmp / f"{name}_questions.json", tmp / f"{name}_outputs.json"
+    q.write_text(json.dumps(questions))
+    if golds is not None:
+        o.write_text(json.dumps({"task": task, "golds": [{"id": k, "output": v} for k, v in golds.items()]}))
+    return str(q), str(o)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole test session (jobs see it initialized and leave it running)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on 127.0.0.1 speaking the real S3 protocol; yields its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A fresh bucket on the moto server; yields (endpoint, bucket, storage settings for a job spec)."""
+    import uuid
+
+    import s3fs
+
+    creds = {"key": "testing", "secret": "testing"}
+    bucket = f"test-{uuid.uuid4().hex[:10]}"
+    fs = s3fs.S3FileSystem(endpoint_url=s3_server, skip_instance_cache=True, **creds)
+    fs.mkdir(bucket)
+    yield s3_server, bucket, {"endpoint_url": s3_server, **creds}
+
+
+@pytest.fixture(scope="session")
+def formatter():
+    """Prompt tools (tokenizer + chat template) of the embedded default model."""
+    from stepback_ray.config import EngineConfig
+    from stepback_ray.engines.formatting import PromptFormatter
+
+    return PromptFormatter(EngineConfig())
+
+
+@pytest.fixture(scope="session")
+def engine():
+    """The embedded default model in the transformers engine (loaded once per session)."""
+    from stepback_ray.config import EngineConfig
+    from stepback_ray.engines import build_engine
+
+    return build_engine(EngineConfig(batch_size=4))

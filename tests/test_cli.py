@@ -1,0 +1,53 @@
+"""Bad input through the real command: one line on stderr naming file/record/field, exit 2, no traceback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import FIXTURES, REPO, write_lamp
+
+
+def stepback(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "stepback_ray", *args], capture_output=True, text=True,
+                          cwd=REPO, timeout=120)
+
+
+def _bad_inputs(tmp_path):
+    not_lamp = tmp_path / "x_questions.json"
+    not_lamp.write_text(json.dumps({"hello": "world"}))
+    qs = json.loads((FIXTURES / "LaMP_5_questions.json").read_text())
+    q_nogold, o_nogold = write_lamp(tmp_path, "nogold", qs, "LaMP_5", {"310": "a", "312": "c"})
+    return [
+        ([f"input.questions={tmp_path / 'missing_questions.json'}"], r"missing_questions.json: file not found"),
+        ([f"input.questions={not_lamp}", "input.outputs=null"], r"x_questions.json: expected a JSON list"),
+        ([f"input.questions={q_nogold}", f"input.outputs={o_nogold}"],
+         r"nogold_outputs.json: record '311': field 'id': question has no gold output"),
+        (["engine.batch_size=-1"], r"engine.batch_size: Input should be greater than 0 \(got -1\)"),
+        (["engine.model=packaged:nonexistent"], r"unknown packaged model 'nonexistent'"),
+        (["engine.model=/no/such/model/folder"], r"cannot load the tokenizer of model '/no/such/model/folder'"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_bad_input_is_one_line_without_traceback(tmp_path, case):
+    overrides, pattern = _bad_inputs(tmp_path)[case]
+    args = ["run", "jobs/demo.yaml", f"--set=output={tmp_path / 'out'}"]
+    for o in overrides:
+        args += ["--set", o]
+    proc = stepback(*args)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    err_lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(err_lines) == 1
+    import re
+
+    assert re.search(pattern, err_lines[0]), err_lines[0]
+
+
+def test_unknown_subcommand_and_help():
+    assert stepback("--help").returncode == 0
+    assert stepback("frobnicate").returncode == 2

@@ -1,0 +1,71 @@
+"""Job specs are validated up front, with errors that name the key."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import yaml
+
+from stepback_ray.config import load_job, parse_overrides
+from stepback_ray.errors import ConfigError
+
+from .conftest import REPO
+
+
+def test_demo_spec_loads_and_resolves_paths_against_its_folder():
+    job = load_job(REPO / "jobs" / "demo.yaml")
+    assert job.task == "LaMP_5" and job.modes == ["none", "profile+rag"]
+    assert job.input.questions == str(REPO / "data" / "samples" / "lamp5_arxiv_dev20_questions.json")
+    assert job.output_uri == f"runs/demo/{job.run_id}"
+
+
+def test_overrides(tmp_path):
+    job = load_job(REPO / "jobs" / "demo.yaml", ["limit=5", "output=out/x", "engine.batch_size=4",
+                                                   "modes=[none]", "run_id=r1"])
+    assert job.limit == 5 and job.engine.batch_size == 4 and job.modes == ["none"] and job.run_id == "r1"
+    assert job.output_uri == os.path.abspath("out/x")
+    assert load_job(None, ["output=s3://b/p/{run_id}"], data=_minimal()).output_uri.startswith("s3://b/p/")
+    assert parse_overrides(["a.b=1", "c=x y", "d="]) == [("a.b", 1), ("c", "x y"), ("d", None)]
+
+
+def _minimal() -> dict:
+    return {"name": "t", "task": "LaMP_5", "input": {"questions": "q.json"}}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"engine": {"batchsize": 3}}, r"engine.batchsize: unknown key"),
+    ({"colour": 1}, r"colour: unknown key"),
+    ({"task": "LaMP_99"}, r"task: unknown task 'LaMP_99'"),
+    ({"modes": ["none", "telepathy"]}, r"modes.1: Input should be"),
+    ({"engine": {"batch_size": 0}}, r"engine.batch_size: Input should be greater than 0 \(got 0\)"),
+    ({"limit": "many"}, r"limit: Input should be a valid integer"),
+    ({"input": {"outputs": "o.json"}}, r"input.questions: required key is missing"),
+    ({"name": "a b"}, r"name: String should match pattern"),
+    ({"modes": ["none", "none"]}, r"modes: modes repeat"),
+])
+def test_bad_specs_name_the_key(change, message):
+    data = {**_minimal(), **change}
+    with pytest.raises(ConfigError, match=message):
+        load_job(None, data=data)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match=r"job spec not found"):
+        load_job(tmp_path / "missing.yaml")
+    p = tmp_path / "bad.yaml"
+    p.write_text("name: [unclosed")
+    with pytest.raises(ConfigError, match=r"bad.yaml: not valid YAML"):
+        load_job(p)
+    p.write_text(yaml.safe_dump(["a", "list"]))
+    with pytest.raises(ConfigError, match=r"a YAML mapping"):
+        load_job(p)
+    with pytest.raises(ConfigError, match=r"--set 'oops': expected key=value"):
+        load_job(REPO / "jobs" / "demo.yaml", ["oops"])
+
+
+def test_secrets_stay_out_of_the_public_dict():
+    job = load_job(None, data={**_minimal(), "storage": {"key": "AKIA-SECRET", "secret": "s3cr3t"}})
+    text = str(job.public_dict())
+    assert "AKIA-SECRET" not in text and "s3cr3t" not in text
+    assert job.storage.key.get_secret_value() == "AKIA-SECRET"

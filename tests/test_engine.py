@@ -1,0 +1,55 @@
+"""The transformers engine with the real embedded model: batching, stop strings, prefill, context overflow."""
+
+from __future__ import annotations
+
+from stepback_ray.engines import SamplingParams
+
+PROMPTS = [
+    [{"role": "user", "content": "Name a color."}],
+    [{"role": "system", "content": "You answer in one word."},
+     {"role": "user", "content": "What is the capital of France? Explain the history of the city as well."}],
+    [{"role": "user", "content": "Write a title for a paper about graph neural networks for molecules."}],
+]
+
+
+def test_batched_equals_one_at_a_time(engine):
+    params = SamplingParams(max_new_tokens=12)
+    batched = engine.generate(PROMPTS, params)
+    single = [engine.generate([p], params)[0] for p in PROMPTS]
+    assert [c.text for c in batched] == [c.text for c in single]
+    for p, c in zip(PROMPTS, batched):
+        assert c.prompt_tokens == engine.count_tokens(engine.render(p))
+        assert 0 < c.completion_tokens <= 12
+        assert c.finish_reason in {"stop", "length"} and c.seconds > 0 and c.error is None
+
+
+def test_stop_strings_cut_the_text(engine):
+    prompt = [{"role": "user", "content": "List three fruits, one per line."}]
+    free = engine.generate([prompt], SamplingParams(max_new_tokens=24))[0]
+    stopped = engine.generate([prompt], SamplingParams(max_new_tokens=24, stop=("\n",)))[0]
+    assert "\n" not in stopped.text
+    assert free.text.startswith(stopped.text)
+    assert stopped.completion_tokens <= free.completion_tokens
+    assert stopped.finish_reason == "stop"
+
+
+def test_prefill_is_continued(engine):
+    prompt = [{"role": "user", "content": "Give JSON with a key 'color'."}, {"role": "assistant", "content": '{"color": "'}]
+    text = engine.render(prompt)
+    assert text.endswith('{"color": "')
+    out = engine.generate([prompt], SamplingParams(max_new_tokens=8, stop=('"',)))[0]
+    assert '"' not in out.text
+
+
+def test_prompt_longer_than_context_is_an_error_row_not_a_crash(engine):
+    long_text = "word " * (engine.max_context + 10)
+    outs = engine.generate([long_text, PROMPTS[0]], SamplingParams(max_new_tokens=4))
+    assert outs[0].finish_reason == "error" and "exceeds the context" in outs[0].error and outs[0].text == ""
+    assert outs[1].error is None and outs[1].completion_tokens > 0
+
+
+def test_truncate_and_count(engine):
+    text = "one two three four five six seven eight nine ten " * 5
+    cut = engine.truncate(text, 10)
+    assert engine.count_tokens(cut) <= 12 and text.startswith(cut[:-4])
+    assert engine.truncate("short", 10) == "short"

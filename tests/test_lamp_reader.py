@@ -1,0 +1,106 @@
+"""The LaMP reader on the real shared sets, on official-shape fixtures, and on bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from stepback_ray.data import group_by_user, read_lamp, read_lamp_table
+from stepback_ray.errors import InputError
+from stepback_ray.tasks import TASKS
+
+from .conftest import FIXTURES, shared_set, write_lamp
+
+
+def test_reads_lamp5_arxiv_dev():
+    q, o = shared_set("lamp5_arxiv/dev")
+    table = read_lamp_table(q, o, TASKS["LaMP_5"])
+    assert table.num_rows == 1000
+    assert table.column_names == ["user_id", "query_id", "task", "input", "profile", "gold"]
+    row = table.slice(0, 1).to_pylist()[0]
+    assert row["user_id"] == "Yijiang Li" and row["task"] == "LaMP_5"
+    assert row["input"].startswith("Generate a title for the following abstract of a paper:")
+    assert row["gold"] and {"id", "title", "abstract", "date"} <= set(row["profile"][0])
+    assert table.column("gold").null_count == 0
+
+
+def test_reads_lamp4_huffpost_dev_with_long_histories():
+    q, o = shared_set("lamp4_huffpost/dev")
+    queries = read_lamp(q, o, TASKS["LaMP_4"])
+    assert len(queries) == 104
+    lengths = sorted(len(x.profile) for x in queries)
+    assert lengths[-2:] == [535, 862]  # two writers with very long histories (the data README names 535)
+    assert all(x.gold for x in queries)
+
+
+def test_official_shape_without_user_ids():
+    queries = read_lamp(str(FIXTURES / "LaMP_5_questions.json"), str(FIXTURES / "LaMP_5_outputs.json"),
+                        TASKS["LaMP_5"])
+    assert [q.query_id for q in queries] == ["310", "311", "312"]
+    assert [q.user_id for q in queries] == ["q:310", "q:311", "q:312"]  # each question is its own user
+    assert queries[0].gold == "Sparse Attention for Long-Document Transformers"
+    assert queries[2].profile == []
+    users = group_by_user(queries)
+    assert [len(u.history) for u in users] == [3, 1, 0]
+
+
+def test_user_history_is_union_of_query_profiles(tmp_path):
+    qs = [{"id": "a", "user_id": "u", "input": "x", "profile": [{"id": "1", "title": "t1", "abstract": "a1"}]},
+          {"id": "b", "user_id": "u", "input": "y", "profile": [{"id": "1", "title": "t1", "abstract": "a1"},
+                                                                {"id": "2", "title": "t2", "abstract": "a2"}]}]
+    q, o = write_lamp(tmp_path, "u", qs, "LaMP_5", {"a": "ga", "b": "gb"})
+    users = group_by_user(read_lamp(q, o, TASKS["LaMP_5"]))
+    assert len(users) == 1 and [it["id"] for it in users[0].history] == ["1", "2"]
+    assert [q.query_id for q in users[0].queries] == ["a", "b"]
+    assert len(group_by_user(read_lamp(q, o, TASKS["LaMP_5"]), limit=1)) == 1
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def test_missing_file(tmp_path):
+    with pytest.raises(InputError, match=r"nope_questions.json: file not found"):
+        read_lamp(str(tmp_path / "nope_questions.json"), None, TASKS["LaMP_5"])
+
+
+def test_not_json(tmp_path):
+    p = tmp_path / "bad_questions.json"
+    p.write_text("{not json")
+    with pytest.raises(InputError, match=r"bad_questions.json: not valid JSON: .* line 1 column 2"):
+        read_lamp(str(p), None, TASKS["LaMP_5"])
+
+
+def test_json_that_is_not_lamp_shaped(tmp_path):
+    p = tmp_path / "x_questions.json"
+    p.write_text(json.dumps({"data": [1, 2, 3]}))
+    with pytest.raises(InputError, match=r"expected a JSON list of questions"):
+        read_lamp(str(p), None, TASKS["LaMP_5"])
+    p.write_text(json.dumps([{"id": "1", "input": "x"}]))
+    with pytest.raises(InputError, match=r"x_questions.json: record '1': field 'profile': missing"):
+        read_lamp(str(p), None, TASKS["LaMP_5"])
+    p.write_text(json.dumps([{"id": "1", "input": 3, "profile": []}]))
+    with pytest.raises(InputError, match=r"record '1': field 'input': missing or not text"):
+        read_lamp(str(p), None, TASKS["LaMP_5"])
+
+
+def test_outputs_file_given_as_questions():
+    with pytest.raises(InputError, match=r"this is a LaMP outputs file"):
+        read_lamp(str(FIXTURES / "LaMP_5_outputs.json"), None, TASKS["LaMP_5"])
+
+
+def test_question_without_gold(tmp_path):
+    qs = json.loads((FIXTURES / "LaMP_5_questions.json").read_text())
+    q, o = write_lamp(tmp_path, "g", qs, "LaMP_5", {"310": "a", "311": "b"})
+    with pytest.raises(InputError, match=r"g_outputs.json: record '312': field 'id': question has no gold"):
+        read_lamp(q, o, TASKS["LaMP_5"])
+
+
+def test_gold_for_another_task():
+    with pytest.raises(InputError, match=r"golds are for task 'LaMP_4' but the job's task is 'LaMP_5'"):
+        read_lamp(str(FIXTURES / "LaMP_5_questions.json"), str(FIXTURES / "LaMP_4_outputs.json"), TASKS["LaMP_5"])
+
+
+def test_history_item_missing_a_field_the_task_needs(tmp_path):
+    qs = [{"id": "7", "input": "x", "profile": [{"id": "70", "title": "only a title"}]}]
+    q, _ = write_lamp(tmp_path, "m", qs, "LaMP_5", None)
+    with pytest.raises(InputError, match=r"record '7': field 'profile\[0\].abstract': missing"):
+        read_lamp(q, None, TASKS["LaMP_5"])

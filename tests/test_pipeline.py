@@ -1,0 +1,101 @@
+"""The whole job on local Ray with the real embedded model: local output, a rerun, and S3 (moto)."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pyarrow.parquet as pq
+
+from stepback_ray.config import load_job
+from stepback_ray.pipeline import run_job
+
+from .conftest import FIXTURES, REPO, SAMPLE
+
+FAST = ["generation.max_new_tokens=16", "profile.max_new_tokens=48", "profile.history_token_budget=300",
+        "ray.progress_bars=false"]
+
+
+def test_end_to_end_five_users_then_rerun_skips_committed_chunks(ray_local, tmp_path):
+    out = tmp_path / "run"
+    job = load_job(REPO / "jobs" / "demo.yaml", [*FAST, "limit=5", f"output={out}", "ray.users_per_chunk=2",
+                                                  "run_id=t1"])
+    result = run_job(job)
+
+    gens = pd.read_parquet(out / "generations")
+    assert len(gens) == 10  # 5 users x 1 query x 2 modes
+    assert gens.groupby(["query_id", "mode"]).size().eq(1).all()
+    for col in ("user_id", "query_id", "mode", "input", "gold", "profile_text", "prompt", "output", "rouge1",
+                "rougeL", "prompt_tokens", "completion_tokens", "status"):
+        assert col in gens.columns, col
+    assert set(gens["status"]) == {"ok"}
+    assert gens["gold"].notna().all() and gens["rouge1"].between(0, 1).all()
+    full = gens[gens["mode"] == "profile+rag"]
+    for _, row in full.iterrows():
+        assert row["profile_text"] and row["profile_text"] in row["prompt"]
+        assert len(row["retrieved_ids"]) == 2
+    none = gens[gens["mode"] == "none"]
+    assert not any(r["profile_text"] in r["prompt"] for _, r in none.iterrows() if r["profile_text"])
+
+    profiles = pd.read_parquet(out / "profiles")
+    assert len(profiles) == 5 and profiles["fingerprint"].nunique() == 5
+    assert set(profiles["status"]) <= {"ok", "partial", "fallback"}
+    assert (profiles["items_used"] > 0).all()
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert metrics == result.metrics
+    assert metrics["modes"]["none"]["queries"] == 5 and metrics["modes"]["profile+rag"]["rouge-1"] is not None
+    assert manifest["counts"]["generation_rows"] == manifest["counts"]["expected_generation_rows"] == 10
+    assert manifest["chunks_committed_this_run"] == {"profiles": 3, "generations": 3}
+    assert len(manifest["files"]["generations"]) == 3 and "torch" in manifest["versions"]
+
+    again = run_job(load_job(REPO / "jobs" / "demo.yaml", [*FAST, "limit=5", f"output={out}",
+                                                             "ray.users_per_chunk=2", "run_id=t1"]))
+    assert again.manifest["resumed"] is True
+    assert again.manifest["chunks_committed_this_run"] == {"profiles": 0, "generations": 0}
+    assert len(pd.read_parquet(out / "generations")) == 10
+    assert again.metrics["modes"] == metrics["modes"]
+
+
+def test_official_shape_fixture_with_an_empty_history(ray_local, tmp_path):
+    out = tmp_path / "official"
+    job = load_job(REPO / "jobs" / "demo.yaml", [
+        *FAST, f"input.questions={FIXTURES / 'LaMP_5_questions.json'}",
+        f"input.outputs={FIXTURES / 'LaMP_5_outputs.json'}", f"output={out}", "modes=[none, profile+rag, rag]"])
+    run_job(job)
+    profiles = pd.read_parquet(out / "profiles").set_index("user_id")
+    assert profiles.loc["q:312", "status"] == "skipped: empty history"
+    assert pd.isna(profiles.loc["q:312", "prompt"]) and profiles.loc["q:312", "prompt_tokens"] == 0
+    gens = pd.read_parquet(out / "generations")
+    assert len(gens) == 9
+    empty = gens[gens["user_id"] == "q:312"].set_index("mode")
+    assert "no profile (empty history): generated without one" in list(empty.loc["profile+rag", "notes"])
+    assert "no history to retrieve from" in list(empty.loc["rag", "notes"])
+    assert empty["output"].notna().all() and (empty["status"] == "ok").all()
+    one_item = gens[(gens["user_id"] == "q:311") & (gens["mode"] == "rag")].iloc[0]
+    assert list(one_item["retrieved_ids"]) == ["3110"]
+
+
+def test_reads_and_writes_s3_through_moto(ray_local, s3_bucket, tmp_path):
+    import s3fs
+
+    endpoint, bucket, storage = s3_bucket
+    fs = s3fs.S3FileSystem(endpoint_url=endpoint, key=storage["key"], secret=storage["secret"],
+                           skip_instance_cache=True)
+    fs.put(f"{SAMPLE}_questions.json", f"{bucket}/in/q.json")
+    fs.put(f"{SAMPLE}_outputs.json", f"{bucket}/in/o.json")
+    settings = [f"storage.{k}={v}" for k, v in storage.items()]
+    job = load_job(REPO / "jobs" / "demo.yaml", [
+        *FAST, *settings, "limit=2", f"input.questions=s3://{bucket}/in/q.json",
+        f"input.outputs=s3://{bucket}/in/o.json", f"output=s3://{bucket}/runs/{{name}}/{{run_id}}", "run_id=s3run"])
+    result = run_job(job)
+    root = f"{bucket}/runs/demo/s3run"
+    assert fs.exists(f"{root}/manifest.json") and fs.exists(f"{root}/metrics.json")
+    manifest = json.loads(fs.cat(f"{root}/manifest.json"))
+    assert manifest["output"] == f"s3://{bucket}/runs/demo/s3run" and manifest["counts"]["generation_rows"] == 4
+    assert "testing" not in json.dumps(manifest)  # credentials never reach the manifest
+    files = fs.ls(f"{root}/generations")
+    table = pq.ParquetDataset(files, filesystem=fs).read()
+    assert table.num_rows == 4 and result.metrics["modes"]["none"]["queries"] == 2
+    assert len(fs.ls(f"{root}/profiles")) == 1

@@ -1,0 +1,27 @@
+"""BM25 retrieval over one user's history."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from stepback_ray.retrieval import bm25_scores, bm25_top_k, top_k
+
+
+def test_bm25_finds_the_matching_item():
+    docs = ["graph neural networks for molecules", "sim-to-real robot grasping with domain randomization",
+            "sparse attention for long documents"]
+    assert bm25_top_k("robot grasp planner trained in simulation with domain randomization", docs, 1) == [1]
+    assert bm25_top_k("attention over long documents", docs, 2)[0] == 2
+
+
+def test_ties_and_no_overlap_keep_history_order():
+    docs = ["alpha beta", "gamma delta", "epsilon zeta"]
+    assert bm25_top_k("nothing in common", docs, 2) == [0, 1]
+    assert top_k(np.array([0.5, 0.9, 0.5, 0.9]), 3) == [1, 3, 0]
+
+
+def test_edge_cases():
+    assert bm25_top_k("query", [], 3) == []
+    assert bm25_top_k("query", ["a doc"], 0) == []
+    assert bm25_top_k("the and of", ["the doc"], 5) == [0]  # stopword-only query: scores 0, order kept
+    assert len(bm25_scores("doc", ["doc one", "doc two"])) == 2
