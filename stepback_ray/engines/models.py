@@ -13,6 +13,7 @@ folder and renames it into place, so concurrent engine actors never see half a m
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import importlib.util
 import os
 import shutil
@@ -54,14 +55,17 @@ def _package_dir(spec: PackagedModel, name: str) -> Path:
     return Path(found.origin).parent
 
 
-def _file_key(path: Path) -> str:
+def _file_key(path: Path, identity: str | None = None) -> str:
+    """Cache key of a GGUF file: its package release when it comes from one (shared by every install of that
+    release), else its location, size and modification time."""
     st = path.stat()
-    return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
+    ident = identity or f"{path.resolve()}:{int(st.st_mtime)}"
+    return hashlib.sha256(f"{ident}:{path.name}:{st.st_size}".encode()).hexdigest()[:12]
 
 
-def convert_gguf(gguf_path: Path, name: str) -> Path:
+def convert_gguf(gguf_path: Path, name: str, identity: str | None = None) -> Path:
     """Dequantize a GGUF checkpoint once into a safetensors folder in the cache; return that folder."""
-    target = cache_dir() / "models" / f"{name}-{_file_key(gguf_path)}"
+    target = cache_dir() / "models" / f"{name}-{_file_key(gguf_path, identity)}"
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -103,7 +107,11 @@ def resolve_model(model: str) -> str:
         base = _package_dir(spec, name)
         if spec.filename is None:
             return str(base / spec.subdir)
-        return str(convert_gguf(base / spec.filename, name))
+        try:
+            release = f"{spec.package}=={importlib.metadata.version(spec.package.replace('_', '-'))}"
+        except importlib.metadata.PackageNotFoundError:
+            release = None
+        return str(convert_gguf(base / spec.filename, name, release))
     if model.endswith(".gguf"):
         path = Path(model)
         if not path.is_file():
