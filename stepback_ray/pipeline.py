@@ -256,16 +256,19 @@ def _run_pass(job: JobSpec, kind: str, chunks: list[dict[str, Any]], with_profil
 
     if not chunks:
         return []
+    from ray.data import ActorPoolStrategy
+
     ds = ray.data.from_items(chunks, override_num_blocks=len(chunks))
     common = dict(batch_size=None, batch_format="pyarrow", zero_copy_batch=True)
+    cpu_pool = ActorPoolStrategy(size=1)
     if kind == "profile":
-        ds = ds.map_batches(ProfilePrompts, fn_constructor_kwargs={"job": job}, concurrency=1,
+        ds = ds.map_batches(ProfilePrompts, fn_constructor_kwargs={"job": job}, compute=cpu_pool,
                             num_cpus=CPU_STAGE_CPUS, **common)
     else:
         ds = ds.map_batches(GenerationPrompts, fn_constructor_kwargs={"job": job, "with_profiles": with_profiles},
-                            concurrency=1, num_cpus=CPU_STAGE_CPUS, **common)
+                            compute=cpu_pool, num_cpus=CPU_STAGE_CPUS, **common)
     ds = ds.map_batches(EngineStage, fn_constructor_kwargs={"job": job, "kind": kind},
-                        concurrency=job.ray.engine_actors, num_cpus=job.ray.engine_actor_cpus,
+                        compute=ActorPoolStrategy(size=job.ray.engine_actors), num_cpus=job.ray.engine_actor_cpus,
                         num_gpus=job.ray.engine_actor_gpus or None, **common)
     commit = parse_and_commit_profiles if kind == "profile" else score_and_commit_generations
     ds = ds.map_batches(commit, fn_kwargs={"job": job}, num_cpus=CPU_STAGE_CPUS, **common)

@@ -20,6 +20,9 @@ class TransformersEngine:
     def __init__(self, config: EngineConfig):
         import torch
         from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # per-actor weight-loading bars only clutter the job log
 
         self.config = config
         self.model_id = config.model
