@@ -1,6 +1,7 @@
 """The ``stepback`` command.
 
     stepback run JOB.yaml [--set key=value ...]     run a job end to end and print its metrics table
+    stepback score PRED.json GOLD.json [--task T]   official LaMP metrics of a predictions file, as JSON
 
 Bad input or configuration ends with one line on stderr (``error: ...``) and exit status 2, never a traceback.
 """
@@ -15,19 +16,21 @@ from .errors import StepbackError
 
 
 def format_table(metrics: dict[str, Any]) -> str:
-    """The per-mode metrics as a small fixed-width table."""
-    header = f"{'mode':<16}{'users':>7}{'queries':>9}{'ROUGE-1':>9}{'ROUGE-L':>9}{'tokens/s':>10}"
+    """The per-mode metrics as a small fixed-width table (the task's official metric keys as columns)."""
+    keys = metrics["keys"]
+    header = f"{'mode':<16}{'users':>7}{'queries':>9}" + "".join(f"{k:>10}" for k in keys) + f"{'tokens/s':>10}"
     lines = [header, "-" * len(header)]
 
     def num(v: float | None, fmt: str) -> str:
         return format(v, fmt) if v is not None else "-"
 
     for mode, m in metrics["modes"].items():
-        lines.append(f"{mode:<16}{m['users']:>7}{m['queries']:>9}{num(m['rouge-1'], '.4f'):>9}"
-                     f"{num(m['rouge-L'], '.4f'):>9}{num(m['tokens_per_s'], '.1f'):>10}")
+        lines.append(f"{mode:<16}{m['users']:>7}{m['queries']:>9}" + "".join(f"{num(m[k], '.4f'):>10}" for k in keys)
+                     + f"{num(m['tokens_per_s'], '.1f'):>10}")
     prof = metrics.get("profiles")
     if prof:
-        lines.append(f"profiles: {prof['users']} users {prof['statuses']}, {num(prof['tokens_per_s'], '.1f')} tokens/s")
+        lines.append(f"profiles: {prof['users']} users {prof['statuses']}, {prof['llm_calls']} LLM calls, "
+                     f"{num(prof['tokens_per_s'], '.1f')} tokens/s")
     return "\n".join(lines)
 
 
@@ -44,6 +47,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_score(args: argparse.Namespace) -> int:
+    import json
+
+    from .scoring import score_files
+
+    print(json.dumps(score_files(args.pred, args.gold, args.task)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stepback", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -52,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a job-spec key, e.g. --set limit=5 --set output=runs/x (repeatable)")
     run.set_defaults(func=_cmd_run)
+    score = sub.add_parser("score", help="official LaMP metrics of an outputs-format predictions file")
+    score.add_argument("pred", help='predictions: {"task": ..., "golds": [{"id", "output"}]}')
+    score.add_argument("gold", help="golds in the same format (a LaMP *_outputs.json)")
+    score.add_argument("--task", help="task name when the files do not say (or to pick LaMP_2_news)")
+    score.set_defaults(func=_cmd_score)
     return parser
 
 

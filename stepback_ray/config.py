@@ -21,11 +21,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
-from .tasks import TASKS
+from .tasks import TASK_ALIASES, TASKS
 
-Mode = Literal["none", "rag", "profile", "profile+rag"]
+Mode = Literal["none", "rag", "profile", "profile+rag", "random-profile"]
 """Generation modes. ``none``: input only. ``rag``: retrieved history items. ``profile``: the step-back profile.
-``profile+rag``: both (the Step-Back Profiling method)."""
+``profile+rag``: both (the Step-Back Profiling method). ``random-profile``: ``profile+rag`` with another user's
+profile and history (the paper's control: same prompt format, wrong person)."""
 
 DEFAULT_MODEL = "packaged:smollm2-135m-instruct"
 
@@ -57,21 +58,48 @@ class EngineConfig(_Strict):
 
 
 class ProfileConfig(_Strict):
-    """Step-back profiling: how much history reaches the distillation prompt, and how long the profile is."""
+    """Step-back profiling: how much history reaches each distillation prompt, and how long the profile is.
+
+    A history longer than ``history_token_budget`` is distilled map-reduce: it is cut (most recent first) into
+    parts that each fit the budget, each part gives a partial profile, and partial profiles are merged
+    ``merge_fan_in`` at a time until one is left; cost grows linearly with history length."""
 
     history_token_budget: int = Field(default=768, gt=0)
     max_item_tokens: int = Field(default=160, gt=8, description="each history item is cut to this many tokens")
     max_new_tokens: int = Field(default=96, gt=0)
+    map_reduce: bool = Field(default=True, description="false: profile only the most recent part of the history")
+    max_parts: int | None = Field(default=None, gt=0, description="cap on parts per user (oldest dropped)")
+    merge_fan_in: int = Field(default=4, ge=2)
+    style_notes: bool = Field(default=False, description="the paper's CoT variant: an LLM style note per item")
+    note_max_new_tokens: int = Field(default=32, gt=0)
+
+    @model_validator(mode="after")
+    def _item_fits(self) -> "ProfileConfig":
+        if self.max_item_tokens + 2 > self.history_token_budget:
+            raise ValueError(f"max_item_tokens ({self.max_item_tokens}) must fit history_token_budget "
+                             f"({self.history_token_budget})")
+        return self
 
 
 class RetrievalConfig(_Strict):
-    method: Literal["bm25"] = "bm25"
+    """Which of the user's own history items are shown with the query."""
+
+    method: Literal["bm25", "dense"] = "bm25"
     top_k: int = Field(default=2, ge=0, le=64)
     max_item_tokens: int = Field(default=200, gt=8)
+    dense_model: str = "packaged:all-minilm-l6-v2"
+
+
+class MultiAuthorConfig(_Strict):
+    """Co-authored outputs (PSW). ``lead-merge``: each author proposes an output from their own profile and
+    history, then the first author merges the proposals (the paper's method). ``concat``: one prompt with every
+    author's profile in byline order and items retrieved from all their histories."""
+
+    strategy: Literal["lead-merge", "concat"] = "lead-merge"
 
 
 class GenerationConfig(_Strict):
-    max_new_tokens: int = Field(default=32, gt=0)
+    max_new_tokens: int | None = Field(default=None, gt=0, description="default: the task's (32 for most)")
     temperature: float = Field(default=0.0, ge=0.0, le=5.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int = 0
@@ -85,6 +113,7 @@ class RayConfig(_Strict):
     engine_actor_cpus: float = Field(default=1.0, ge=0.0)
     engine_actor_gpus: float = Field(default=0.0, ge=0.0)
     users_per_chunk: int = Field(default=8, gt=0, description="users per unit of work (and per committed file)")
+    cpu_stage_actors: int = Field(default=1, gt=0, description="actors for prompt building (tokenizer, retrieval)")
     progress_bars: bool = True
 
 
@@ -112,12 +141,14 @@ class JobSpec(_Strict):
     profile: ProfileConfig = Field(default_factory=ProfileConfig)
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    multi_author: MultiAuthorConfig = Field(default_factory=MultiAuthorConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
 
     @field_validator("task")
     @classmethod
     def _known_task(cls, v: str) -> str:
+        v = TASK_ALIASES.get(v, v)
         if v not in TASKS:
             raise ValueError(f"unknown task {v!r}; known tasks: {', '.join(sorted(TASKS))}")
         return v
@@ -134,6 +165,11 @@ class JobSpec(_Strict):
         if self.run_id is None:
             self.run_id = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         return self
+
+    @property
+    def max_new_tokens(self) -> int:
+        """Generation length: the job's setting, else the task's default, else 32."""
+        return self.generation.max_new_tokens or TASKS[self.task].max_new_tokens or 32
 
     @property
     def output_uri(self) -> str:

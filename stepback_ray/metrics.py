@@ -1,15 +1,34 @@
-"""Scores equal to the official LaMP evaluation.
+"""Scores equal to the official LaMP evaluation, per row and per run, with bootstrap intervals.
 
-LaMP_4-7 (and PSW) use ROUGE-1 and ROUGE-L F-measure from Google's ``rouge-score`` (what HF ``evaluate``'s
-``rouge`` wraps; defaults: no stemming, its default tokenizer), on stripped strings, averaged over queries.
-(``evaluate`` reports the median of a bootstrap of the mean, which equals the mean to within sampling noise.)
+The official script (LaMP ``eval/evaluation.py``) computes, through HF ``evaluate`` (which wraps scikit-learn and
+Google's ``rouge-score``):
+
+- LaMP_1 / LaMP_2: ``accuracy`` and macro ``f1`` over the task's label list. A prediction that is not a label is
+  mapped to -1: it counts as wrong and adds no class of its own.
+- LaMP_3: ``MAE`` and ``RMSE``. A prediction that is not a number is scored as whichever of 1 and 5 is farther
+  from the gold.
+- LaMP_4-7 (and PSW): ``rouge-1`` and ``rouge-L`` F-measure (no stemming, rouge-score's tokenizer) of stripped
+  strings, averaged over queries (``evaluate`` reports the median of a bootstrap of the mean, which equals the mean
+  to within sampling noise).
+
+Per row, every task gets one number ``score`` that averages to its headline metric (ROUGE-1, correctness, or
+absolute error), so intervals can be bootstrapped the same way for every task.
 """
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
+from typing import Callable, Sequence
 
+import numpy as np
 from rouge_score import rouge_scorer
+from sklearn.metrics import accuracy_score, f1_score, mean_absolute_error, mean_squared_error
+
+from .tasks import TaskSpec
+
+OFFICIAL_KEYS = {"rouge": ("rouge-1", "rouge-L"), "accuracy_f1": ("accuracy", "f1"), "mae_rmse": ("MAE", "RMSE")}
+HIGHER_IS_BETTER = {"rouge": True, "accuracy_f1": True, "mae_rmse": False}
 
 
 @lru_cache(maxsize=1)
@@ -21,6 +40,66 @@ def rouge(prediction: str, gold: str) -> tuple[float, float]:
     """(ROUGE-1 F, ROUGE-L F) of one prediction against one gold."""
     s = _scorer().score(gold.strip(), prediction.strip())
     return s["rouge1"].fmeasure, s["rougeL"].fmeasure
+
+
+def rating_value(prediction: str | None, gold: str) -> float:
+    """A LaMP_3 prediction as a number; an unreadable one becomes the farther of 1 and 5 from the gold."""
+    try:
+        return float(str(prediction).strip())
+    except (TypeError, ValueError):
+        g = float(gold)
+        return 1.0 if abs(1 - g) > abs(5 - g) else 5.0
+
+
+def label_index(labels: Sequence[str], value: str | None) -> int:
+    try:
+        return list(labels).index(str(value).strip())
+    except ValueError:
+        return -1
+
+
+def score_row(task: TaskSpec, prediction: str | None, gold: str) -> dict[str, float]:
+    """Per-row scores: ``score`` (the row's share of the headline metric) and the task's extra columns."""
+    if task.metric == "rouge":
+        r1, rl = rouge(prediction or "", gold)
+        return {"score": r1, "rouge1": r1, "rougeL": rl}
+    if task.metric == "accuracy_f1":
+        ok = label_index(task.labels, prediction) == label_index(task.labels, gold) != -1
+        return {"score": float(ok)}
+    err = abs(rating_value(prediction, gold) - float(gold))
+    return {"score": err, "abs_error": err}
+
+
+def aggregate(task: TaskSpec, predictions: Sequence[str | None], golds: Sequence[str]) -> dict[str, float | None]:
+    """The official metrics of a set of predictions, with the official keys."""
+    if not golds:
+        return {k: None for k in OFFICIAL_KEYS[task.metric]}
+    if task.metric == "rouge":
+        pairs = [rouge(p or "", g) for p, g in zip(predictions, golds)]
+        return {"rouge-1": float(np.mean([p[0] for p in pairs])), "rouge-L": float(np.mean([p[1] for p in pairs]))}
+    if task.metric == "accuracy_f1":
+        y_pred = [label_index(task.labels, p) for p in predictions]
+        y_true = [label_index(task.labels, g) for g in golds]
+        return {"accuracy": float(accuracy_score(y_true, y_pred)),
+                "f1": float(f1_score(y_true, y_pred, labels=list(range(len(task.labels))), average="macro",
+                                     zero_division=0))}
+    y_pred = [rating_value(p, g) for p, g in zip(predictions, golds)]
+    y_true = [float(g) for g in golds]
+    return {"MAE": float(mean_absolute_error(y_true, y_pred)),
+            "RMSE": float(math.sqrt(mean_squared_error(y_true, y_pred)))}
+
+
+def bootstrap_ci(values: Sequence[float], *, n_resamples: int = 2000, seed: int = 0,
+                 statistic: Callable[[np.ndarray], float] = np.mean, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``statistic`` over ``values`` (resampling rows with replacement)."""
+    arr = np.asarray(values, dtype=float)
+    if len(arr) == 0:
+        return (math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(arr), size=(n_resamples, len(arr)))
+    stats = np.array([statistic(arr[i]) for i in idx])
+    lo, hi = np.quantile(stats, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)
 
 
 def mean(values: list[float]) -> float | None:

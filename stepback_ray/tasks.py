@@ -1,21 +1,27 @@
 """What each personalization task is: one :class:`TaskSpec` per task.
 
-A task spec says how a history item becomes text (for retrieval, for few-shot turns and for the profile prompt,
-following the official LaMP per-task formats), which part of the input is the retrieval query, how the model is
-instructed, how its raw output is cleaned, and which metric scores it. Everything task-specific lives here, so
-the pipeline stages stay task-agnostic.
+A task spec says how a history item becomes text (for retrieval, for few-shot turns, for the profile prompt and
+for the official LaMP inline pattern), which part of the input is the retrieval query, how the model is
+instructed, how its raw output is parsed, and which metric scores it. Everything task-specific lives here, so the
+pipeline stages stay task-agnostic.
+
+Tasks: LaMP_1 (citation choice), LaMP_2 (movie tags), LaMP_2_news (the older news-category LaMP_2), LaMP_3
+(review score), LaMP_4 (news headline), LaMP_5 (paper title), LaMP_6 (email subject), LaMP_7 (tweet
+paraphrase), PSW_title and PSW_abstract (multi-author scientific writing).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Literal
 
 Item = dict[str, str]
 
+# ----------------------------------------------------------------------------------------------- helpers
 
-def _after(marker: str) -> Callable[[str], str]:
+
+def after(marker: str) -> Callable[[str], str]:
     """Official LaMP query extraction: the text after the first ``marker`` (the whole input if absent)."""
 
     def extract(text: str) -> str:
@@ -25,7 +31,19 @@ def _after(marker: str) -> Callable[[str], str]:
     return extract
 
 
-_PREFIX = re.compile(r"^\s*(title|headline|answer|output|subject)\s*[:：-]\s*", re.IGNORECASE)
+def quoted(text: str) -> list[str]:
+    """The double-quoted strings of ``text``, in order (LaMP_1 inputs quote the title and both references)."""
+    return re.findall(r'"([^"]*)"', text)
+
+
+def _citation_query(text: str) -> str:
+    """LaMP_1's official retrieval query: the two candidate references (quoted strings 2 and 3)."""
+    q = quoted(text)
+    return f"{q[1]} {q[2]}" if len(q) >= 3 else text
+
+
+_PREFIX = re.compile(r"^\s*(title|headline|answer|output|subject|paraphrase|tweet|abstract|tag|category|score)"
+                     r"\s*[:：-]\s*", re.IGNORECASE)
 
 
 def clean_one_line(text: str) -> str:
@@ -35,22 +53,134 @@ def clean_one_line(text: str) -> str:
     line = line.strip().strip("*").strip()
     if len(line) >= 2 and line[0] == line[-1] and line[0] in "\"'`":
         line = line[1:-1].strip()
-    line = line.strip("\u201c\u201d\"").strip()
-    return line
+    return line.strip("\u201c\u201d\"").strip()
+
+
+def clean_paragraph(text: str) -> str:
+    """A paragraph answer (an abstract): the text up to the first blank line, label removed, spaces folded."""
+    body = text.strip().split("\n\n")[0]
+    body = _PREFIX.sub("", body.strip())
+    return " ".join(body.split())
+
+
+def label_parser(labels: tuple[str, ...]) -> Callable[[str], str | None]:
+    """Map a free-text answer to one of ``labels``: exact match first, else the earliest label named in the
+    answer (longest first on ties, so 'dark comedy' beats 'comedy'); ``None`` if no label appears."""
+    by_lower = {lab.lower(): lab for lab in labels}
+
+    def parse(text: str) -> str | None:
+        t = clean_one_line(text).lower().strip(" .")
+        if t in by_lower:
+            return by_lower[t]
+        low = text.lower()
+        hits = [(low.find(lab), -len(lab), lab) for lab in by_lower if lab in low]
+        return by_lower[min(hits)[2]] if hits else None
+
+    return parse
+
+
+def parse_citation(text: str) -> str | None:
+    m = re.search(r"\[\s*([12])\s*\]", text) or re.match(r"\s*([12])\b", text)
+    return f"[{m.group(1)}]" if m else None
+
+
+def parse_score(text: str) -> str | None:
+    m = re.search(r"(?<![\d.])([1-5])(?:\.0+)?(?![\d.])", text)
+    return m.group(1) if m else None
+
+
+# ----------------------------------------------------------------------------------------------- profiles
 
 
 @dataclass(frozen=True)
 class ProfileSchema:
-    """The fields of a step-back profile for one task family, with a worked example for few-shot prompting."""
+    """The fields of a step-back profile for one task family, with a worked example for few-shot prompting.
+    Every family has the same three fields (keywords, topics, style); the labels and the instruction differ."""
 
     family: str
     person: str
     """Who the history belongs to, as the prompts call them ("author", "journalist", ...)."""
-    fields: tuple[str, ...]
     labels: dict[str, str]
     instruction: str
-    example_items: tuple[Item, ...]
+    example_items: tuple[str, ...]
     example_profile: dict[str, object]
+    fields: tuple[str, ...] = ("keywords", "topics", "style")
+
+
+def _schema(family: str, person: str, what: str, labels: tuple[str, str, str], style_q: str,
+            example_items: tuple[str, ...], example_profile: dict[str, object]) -> ProfileSchema:
+    kw, tp, st = labels
+    return ProfileSchema(
+        family=family, person=person, labels={"keywords": kw, "topics": tp, "style": st},
+        instruction=(f"You read {what} and step back to describe the {person}. Answer with one JSON object with "
+                     f'the keys "keywords" ({kw.lower()}), "topics" ({tp.lower()}) and "style" ({style_q}).'),
+        example_items=example_items, example_profile=example_profile)
+
+
+SCHOLARLY = _schema(
+    "scholarly", "author", "the papers an author wrote",
+    ("Keywords", "Research topics", "Title style"), "one sentence on how the author phrases titles",
+    ("Title: Sparse Mixture-of-Experts for Low-Resource Speech Recognition\nAbstract: We study mixture-of-experts "
+     "acoustic models when only a few hours of transcribed speech are available. A sparse router with load "
+     "balancing improves word error rate on six low-resource languages.",
+     "Title: SpeechPrune: Token Pruning for Efficient Speech Transformers\nAbstract: Speech transformers spend "
+     "most compute on redundant frames. We prune acoustic tokens with a learned saliency score, halving inference "
+     "cost with no loss in accuracy."),
+    {"keywords": ["speech recognition", "mixture-of-experts", "low-resource languages", "token pruning"],
+     "topics": ["efficient speech models", "multilingual ASR"],
+     "style": "Short titles that name the method first, often a coined name followed by a colon."})
+
+NEWS = _schema(
+    "news", "journalist", "the articles a journalist wrote",
+    ("Recurring subjects", "Beats", "Headline style"), "one sentence on the tone and style of the headlines",
+    ("Headline: This Dog Waited 3 Years At The Shelter. Then Everything Changed.\nArticle: A pit bull mix that "
+     "nobody wanted finally found a home with a retired firefighter.",
+     "Headline: Watch A Toddler Lose It Over Her First Snowfall\nArticle: Her reaction is pure joy, and the "
+     "internet can't get enough."),
+    {"keywords": ["pets", "viral videos", "feel-good stories"], "topics": ["animals", "parenting", "internet culture"],
+     "style": "Warm, upbeat headlines in title case that tease the story with a hook."})
+
+MOVIES = _schema(
+    "movies", "viewer", "the movies a viewer tagged",
+    ("Favourite tags", "Kinds of movies", "Tagging style"), "one sentence on how the viewer chooses tags",
+    ("Movie: A retired hitman seeks revenge after thieves kill his dog.\nTag: action",
+     "Movie: A detective hunts a serial killer who stages his murders after the seven deadly sins.\nTag: twist ending"),
+    {"keywords": ["action", "twist ending"], "topics": ["crime thrillers", "revenge stories"],
+     "style": "Tags the dominant genre unless the plot has a memorable surprise."})
+
+REVIEWS = _schema(
+    "reviews", "reviewer", "the product reviews a person wrote",
+    ("Recurring aspects", "Products reviewed", "Rating style"), "one sentence on how strictly the reviewer scores",
+    ("Review: Battery died after two weeks and support never answered.\nScore: 1",
+     "Review: Does what it says, nothing more. Fine for the price.\nScore: 3"),
+    {"keywords": ["battery life", "customer support", "value for money"], "topics": ["electronics", "gadgets"],
+     "style": "A strict reviewer who rarely gives 5 and punishes poor support."})
+
+EMAIL = _schema(
+    "email", "writer", "the emails a person wrote",
+    ("Recurring subjects", "Work topics", "Subject-line style"), "one sentence on how the writer phrases subjects",
+    ("Subject: Q3 budget review moved to Friday\nEmail: Hi all, the budget review is moved to Friday at 10.",
+     "Subject: Re: server outage\nEmail: The database is back up; root cause was a full disk."),
+    {"keywords": ["budget", "meetings", "outages"], "topics": ["finance planning", "IT operations"],
+     "style": "Short, factual subjects that state the news, often replies."})
+
+TWEETS = _schema(
+    "tweets", "person", "the tweets a person wrote",
+    ("Recurring subjects", "Interests", "Writing style"), "one sentence on tone, slang, emoji and length",
+    ("Tweet: cannot believe it's monday again ugh need coffee asap",
+     "Tweet: best concert of my life last night!!! my ears are still ringing"),
+    {"keywords": ["mondays", "coffee", "concerts"], "topics": ["daily life", "music"],
+     "style": "Casual lower-case tweets with exclamation marks and little punctuation."})
+
+
+# ----------------------------------------------------------------------------------------------- tasks
+
+MOVIE_TAGS = ("sci-fi", "based on a book", "comedy", "action", "twist ending", "dystopia", "dark comedy", "classic",
+              "psychology", "fantasy", "romance", "thought-provoking", "social commentary", "violence", "true story")
+NEWS_CATEGORIES = ("food & drink", "sports", "education", "parents", "religion", "travel", "business", "crime",
+                   "science & technology", "culture & arts", "entertainment", "politics", "women",
+                   "style & beauty", "healthy living")
+"""In the order of the official LaMP evaluation script's label list (it scores 'LaMP_2' with this list)."""
 
 
 @dataclass(frozen=True)
@@ -60,105 +190,161 @@ class TaskSpec:
     item_fields: tuple[str, ...]
     """Fields every history item must carry for this task."""
     corpus_text: Callable[[Item], str]
-    """Item -> retrieval document (official LaMP corpus)."""
+    """Item -> retrieval document (the official LaMP corpus)."""
     query_text: Callable[[str], str]
-    """Task input -> retrieval query (official LaMP extraction)."""
-    example: Callable[[Item], tuple[str, str]]
-    """Item -> (input, output) in the task's own shape: a few-shot turn from the user's own history."""
+    """Task input -> retrieval query (the official LaMP extraction)."""
     profile_item: Callable[[Item], str]
     """Item -> text shown in the step-back profile prompt."""
+    pattern: Callable[[Item], str]
+    """Item -> the official LaMP inline pattern (used for base models, joined with ', and ')."""
     system: str
     """Instruction for chat models."""
     profile: ProfileSchema
     metric: Literal["rouge", "accuracy_f1", "mae_rmse"]
-    clean: Callable[[str], str] = clean_one_line
+    example: Callable[[Item], tuple[str, str]] | None = None
+    """Item -> (input, output) in the task's own shape: a few-shot turn from the user's own history. ``None``
+    when history items have no output of this task's kind (LaMP_1, LaMP_7): they are shown as context instead."""
+    context_label: str = ""
+    """Heading for history items shown as context (tasks without ``example``)."""
+    parse: Callable[[str], str | None] = clean_one_line
+    """Raw model text -> the answer (``None``: no valid answer could be read)."""
+    labels: tuple[str, ...] = ()
     stop: tuple[str, ...] = ("\n",)
-    labels: tuple[str, ...] = field(default=())
+    max_new_tokens: int | None = None
+    """Task default for generation.max_new_tokens (``None``: the job's setting)."""
+    answer_prefix: str = "Answer:"
+    """What a plain (base-model) prompt ends with, for the model to continue."""
+    pattern_tail: str = ". "
+    """Text between the joined inline patterns and the input in the official LaMP prompt."""
+    multi_author: bool = False
+    output_noun: str = "answer"
+    """What the output is called in merge prompts ("title", "abstract", ...)."""
+    compose_plain: Callable[[list[str], str], str] | None = None
+    """Official LaMP composition of inline patterns and input (default: joined patterns, tail, input)."""
+
+    def plain(self, patterns: list[str], text: str) -> str:
+        """The official LaMP inline prompt for a base model: the user's items as patterns, then the input."""
+        if not patterns:
+            return text
+        if self.compose_plain is not None:
+            return self.compose_plain(patterns, text)
+        return f"{', and '.join(patterns)}{self.pattern_tail}{text}"
 
 
-SCHOLARLY = ProfileSchema(
-    family="scholarly",
-    person="author",
-    fields=("keywords", "topics", "style"),
-    labels={"keywords": "Keywords", "topics": "Research topics", "style": "Title style"},
-    instruction=(
-        "You read the papers an author wrote and step back to describe the author. Answer with one JSON object "
-        'with the keys "keywords" (recurring technical keywords), "topics" (the author\'s research topics) and '
-        '"style" (one sentence on how the author phrases titles).'
-    ),
-    example_items=(
-        {"title": "Sparse Mixture-of-Experts for Low-Resource Speech Recognition",
-         "abstract": "We study mixture-of-experts acoustic models when only a few hours of transcribed speech are "
-                     "available. A sparse router with load balancing improves word error rate on six low-resource "
-                     "languages."},
-        {"title": "SpeechPrune: Token Pruning for Efficient Speech Transformers",
-         "abstract": "Speech transformers spend most compute on redundant frames. We prune acoustic tokens with a "
-                     "learned saliency score, halving inference cost with no loss in accuracy."},
-    ),
-    example_profile={
-        "keywords": ["speech recognition", "mixture-of-experts", "low-resource languages", "token pruning"],
-        "topics": ["efficient speech models", "multilingual ASR"],
-        "style": "Short titles that name the method first, often a coined name followed by a colon.",
-    },
-)
+def _after_title(patterns: list[str], text: str) -> str:
+    """LaMP_1's official composition: the author's titles are inserted right after the word 'title'."""
+    i = text.find("title")
+    if i < 0:
+        return text
+    return text[:i + 5] + ", and " + ", and ".join(patterns) + text[i + 5:]
 
-NEWS = ProfileSchema(
-    family="news",
-    person="journalist",
-    fields=("keywords", "topics", "style"),
-    labels={"keywords": "Recurring subjects", "topics": "Beats", "style": "Headline style and tone"},
-    instruction=(
-        "You read the articles a journalist wrote and step back to describe the journalist. Answer with one JSON "
-        'object with the keys "keywords" (recurring subjects), "topics" (the journalist\'s beats) and "style" '
-        "(one sentence on the tone and style of the journalist's headlines)."
-    ),
-    example_items=(
-        {"title": "This Dog Waited 3 Years At The Shelter. Then Everything Changed.",
-         "text": "A pit bull mix that nobody wanted finally found a home with a retired firefighter."},
-        {"title": "Watch A Toddler Lose It Over Her First Snowfall",
-         "text": "Her reaction is pure joy, and the internet can't get enough."},
-    ),
-    example_profile={
-        "keywords": ["pets", "viral videos", "feel-good stories"],
-        "topics": ["animals", "parenting", "internet culture"],
-        "style": "Warm, upbeat headlines in title case that tease the story with a hook.",
-    },
-)
 
-_GEN_SYSTEM_PAPER = "You write the title of a scientific paper from its abstract. Reply with the title only."
-_GEN_SYSTEM_NEWS = "You write the headline of a news article from its text. Reply with the headline only."
+_SCHOLARLY_ITEM = ("title", "abstract")
+
+
+def _paper_item(it: Item) -> str:
+    return f"Title: {it['title']}\nAbstract: {it['abstract']}"
+
 
 TASKS: dict[str, TaskSpec] = {
+    "LaMP_1": TaskSpec(
+        name="LaMP_1", kind="classification", item_fields=_SCHOLARLY_ITEM,
+        corpus_text=lambda it: f"{it['title']} {it['abstract']}", query_text=_citation_query,
+        profile_item=_paper_item, pattern=lambda it: f'"{it["title"]}"',
+        system="You pick which of two references an author is more likely to cite. Answer with [1] or [2] only.",
+        context_label="Papers this author has written", profile=SCHOLARLY, metric="accuracy_f1",
+        parse=parse_citation, labels=("[1]", "[2]"), max_new_tokens=4, compose_plain=_after_title),
+    "LaMP_2": TaskSpec(
+        name="LaMP_2", kind="classification", item_fields=("description", "tag"),
+        corpus_text=lambda it: it["description"], query_text=after("description:"),
+        profile_item=lambda it: f"Movie: {it['description']}\nTag: {it['tag']}",
+        pattern=lambda it: f'the tag for the movie: "{it["description"]}" is "{it["tag"]}" ',
+        example=lambda it: ("Which tag does this movie relate to among the following tags? Just answer with the tag "
+                            f"name without further explanation. tags: [{', '.join(MOVIE_TAGS)}] description: "
+                            f"{it['description']}", it["tag"]),
+        system="You tag movies the way this viewer does. Answer with one tag from the list, nothing else.",
+        profile=MOVIES, metric="accuracy_f1", parse=label_parser(MOVIE_TAGS), labels=MOVIE_TAGS, max_new_tokens=8),
+    "LaMP_2_news": TaskSpec(
+        name="LaMP_2_news", kind="classification", item_fields=("text", "category"),
+        corpus_text=lambda it: f"{it.get('title', '')} {it['text']}".strip(), query_text=after("article:"),
+        profile_item=lambda it: f"Article: {it['text']}\nCategory: {it['category']}",
+        pattern=lambda it: f'the category for the article: "{it["text"]}" is "{it["category"]}" ',
+        example=lambda it: ("Which category does this article relate to among the following categories? Just answer "
+                            f"with the category name without further explanation. categories: "
+                            f"[{', '.join(NEWS_CATEGORIES)}] article: {it['text']}", it["category"]),
+        system="You file news articles into categories the way this journalist does. Answer with one category "
+               "from the list, nothing else.",
+        profile=NEWS, metric="accuracy_f1", parse=label_parser(NEWS_CATEGORIES), labels=NEWS_CATEGORIES,
+        max_new_tokens=8),
+    "LaMP_3": TaskSpec(
+        name="LaMP_3", kind="rating", item_fields=("text", "score"),
+        corpus_text=lambda it: it["text"], query_text=after("review:"),
+        profile_item=lambda it: f"Review: {it['text']}\nScore: {it['score']}",
+        pattern=lambda it: f'{it["score"]} is the score for "{it["text"]}" ',
+        example=lambda it: ("What is the score of the following review on a scale of 1 to 5? just answer with 1, 2, "
+                            f"3, 4, or 5 without further explanation. review: {it['text']}", it["score"]),
+        system="You predict the score (1 to 5) this reviewer gives. Answer with a single digit.",
+        profile=REVIEWS, metric="mae_rmse", parse=parse_score, labels=("1", "2", "3", "4", "5"), max_new_tokens=4),
     "LaMP_4": TaskSpec(
-        name="LaMP_4",
-        kind="generation",
-        item_fields=("title", "text"),
-        corpus_text=lambda it: f"{it['title']} {it['text']}",
-        query_text=_after("article:"),
-        example=lambda it: (f"Generate a headline for the following article: {it['text']}", it["title"]),
+        name="LaMP_4", kind="generation", item_fields=("title", "text"),
+        corpus_text=lambda it: f"{it['title']} {it['text']}", query_text=after("article:"),
         profile_item=lambda it: f"Headline: {it['title']}\nArticle: {it['text']}",
-        system=_GEN_SYSTEM_NEWS,
-        profile=NEWS,
-        metric="rouge",
-    ),
+        pattern=lambda it: f'"{it["title"]}" is the title for "{it["text"]}" ',
+        example=lambda it: (f"Generate a headline for the following article: {it['text']}", it["title"]),
+        system="You write the headline of a news article from its text. Reply with the headline only.",
+        profile=NEWS, metric="rouge", answer_prefix="Headline:", output_noun="headline"),
     "LaMP_5": TaskSpec(
-        name="LaMP_5",
-        kind="generation",
-        item_fields=("title", "abstract"),
-        corpus_text=lambda it: f"{it['title']} {it['abstract']}",
-        query_text=_after("paper:"),
+        name="LaMP_5", kind="generation", item_fields=_SCHOLARLY_ITEM,
+        corpus_text=lambda it: f"{it['title']} {it['abstract']}", query_text=after("paper:"),
+        profile_item=_paper_item, pattern=lambda it: f'"{it["title"]}" is a title for "{it["abstract"]}" ',
         example=lambda it: (f"Generate a title for the following abstract of a paper: {it['abstract']}", it["title"]),
-        profile_item=lambda it: f"Title: {it['title']}\nAbstract: {it['abstract']}",
-        system=_GEN_SYSTEM_PAPER,
-        profile=SCHOLARLY,
-        metric="rouge",
-    ),
+        system="You write the title of a scientific paper from its abstract. Reply with the title only.",
+        profile=SCHOLARLY, metric="rouge", answer_prefix="Title:", pattern_tail=". Following the given patterns ",
+        output_noun="title"),
+    "LaMP_6": TaskSpec(
+        name="LaMP_6", kind="generation", item_fields=("text", "title"),
+        corpus_text=lambda it: it["text"], query_text=after(":"),
+        profile_item=lambda it: f"Subject: {it['title']}\nEmail: {it['text']}",
+        pattern=lambda it: f'"{it["title"]}" is the title for "{it["text"]}" ',
+        example=lambda it: (f"Generate a subject for the following email: {it['text']}", it["title"]),
+        system="You write the subject line of an email from its body. Reply with the subject only.",
+        profile=EMAIL, metric="rouge", answer_prefix="Subject:", output_noun="subject"),
+    "LaMP_7": TaskSpec(
+        name="LaMP_7", kind="generation", item_fields=("text",),
+        corpus_text=lambda it: it["text"], query_text=after(":"),
+        profile_item=lambda it: f"Tweet: {it['text']}", pattern=lambda it: f'"{it["text"]}" ',
+        system="You paraphrase a tweet in this person's own voice. Reply with the paraphrased tweet only.",
+        context_label="Tweets this person has written", profile=TWEETS, metric="rouge",
+        answer_prefix="Paraphrase:", pattern_tail=" are written by a person. Following the given patterns ",
+        output_noun="paraphrase"),
+    "PSW_title": TaskSpec(
+        name="PSW_title", kind="generation", item_fields=_SCHOLARLY_ITEM,
+        corpus_text=lambda it: f"{it['title']} {it['abstract']}", query_text=after("paper:"),
+        profile_item=_paper_item, pattern=lambda it: f'"{it["title"]}" is a title for "{it["abstract"]}" ',
+        example=lambda it: (f"Generate a title for the following abstract of a paper: {it['abstract']}", it["title"]),
+        system="You write the title of a scientific paper from its abstract. Reply with the title only.",
+        profile=SCHOLARLY, metric="rouge", answer_prefix="Title:", pattern_tail=". Following the given patterns ",
+        multi_author=True, output_noun="title"),
+    "PSW_abstract": TaskSpec(
+        name="PSW_abstract", kind="generation", item_fields=_SCHOLARLY_ITEM,
+        corpus_text=lambda it: f"{it['title']} {it['abstract']}", query_text=after("titled:"),
+        profile_item=_paper_item, pattern=lambda it: f'"{it["abstract"]}" is the abstract for "{it["title"]}" ',
+        example=lambda it: (f"Write the abstract of a paper titled: {it['title']}", it["abstract"]),
+        system="You write the abstract of a scientific paper from its title. Reply with the abstract only, as one "
+               "paragraph.",
+        profile=SCHOLARLY, metric="rouge", parse=clean_paragraph, stop=("\n\n",), max_new_tokens=192,
+        answer_prefix="Abstract:", pattern_tail=". Following the given patterns ", multi_author=True,
+        output_noun="abstract"),
 }
+
+TASK_ALIASES = {"LaMP-1": "LaMP_1", "LaMP-2": "LaMP_2", "LaMP-2-old": "LaMP_2_news", "LaMP_2_old": "LaMP_2_news",
+                "LaMP-3": "LaMP_3", "LaMP-4": "LaMP_4", "LaMP-5": "LaMP_5", "LaMP-6": "LaMP_6", "LaMP-7": "LaMP_7"}
 
 
 def get_task(name: str) -> TaskSpec:
     from .errors import ConfigError
 
+    name = TASK_ALIASES.get(name, name)
     try:
         return TASKS[name]
     except KeyError:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from stepback_ray.data import group_by_user, read_lamp, read_lamp_table
+from stepback_ray.data import collect_users, lead_groups, read_lamp, read_lamp_table
 from stepback_ray.errors import InputError
 from stepback_ray.tasks import TASKS
 
@@ -17,7 +17,7 @@ def test_reads_lamp5_arxiv_dev():
     q, o = shared_set("lamp5_arxiv/dev")
     table = read_lamp_table(q, o, TASKS["LaMP_5"])
     assert table.num_rows == 1000
-    assert table.column_names == ["user_id", "query_id", "task", "input", "profile", "gold"]
+    assert table.column_names == ["user_id", "query_id", "task", "input", "profile", "gold", "authors"]
     row = table.slice(0, 1).to_pylist()[0]
     assert row["user_id"] == "Yijiang Li" and row["task"] == "LaMP_5"
     assert row["input"].startswith("Generate a title for the following abstract of a paper:")
@@ -41,7 +41,7 @@ def test_official_shape_without_user_ids():
     assert [q.user_id for q in queries] == ["q:310", "q:311", "q:312"]  # each question is its own user
     assert queries[0].gold == "Sparse Attention for Long-Document Transformers"
     assert queries[2].profile == []
-    users = group_by_user(queries)
+    users = collect_users(queries)
     assert [len(u.history) for u in users] == [3, 1, 0]
 
 
@@ -50,10 +50,12 @@ def test_user_history_is_union_of_query_profiles(tmp_path):
           {"id": "b", "user_id": "u", "input": "y", "profile": [{"id": "1", "title": "t1", "abstract": "a1"},
                                                                 {"id": "2", "title": "t2", "abstract": "a2"}]}]
     q, o = write_lamp(tmp_path, "u", qs, "LaMP_5", {"a": "ga", "b": "gb"})
-    users = group_by_user(read_lamp(q, o, TASKS["LaMP_5"]))
+    queries = read_lamp(q, o, TASKS["LaMP_5"])
+    users = collect_users(queries)
     assert len(users) == 1 and [it["id"] for it in users[0].history] == ["1", "2"]
-    assert [q.query_id for q in users[0].queries] == ["a", "b"]
-    assert len(group_by_user(read_lamp(q, o, TASKS["LaMP_5"]), limit=1)) == 1
+    groups = lead_groups(queries)
+    assert [[q.query_id for q in g] for g in groups] == [["a", "b"]]
+    assert len(lead_groups(queries, limit=1)) == 1
 
 
 # ---------------------------------------------------------------------------------------------- bad input

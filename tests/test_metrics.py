@@ -39,3 +39,46 @@ def test_partial_overlap_f_measure():
     assert rl == pytest.approx(2 / 3)
     assert metrics.rouge("", "anything") == (0.0, 0.0)
     assert metrics.mean([0.5, 1.0]) == 0.75 and metrics.mean([]) is None
+
+
+# ------------------------------------------------------------------------------ official LaMP metrics by hand
+from stepback_ray.tasks import TASKS  # noqa: E402
+
+
+def test_classification_accuracy_and_macro_f1_count_unparseable_as_wrong():
+    golds = ["sci-fi", "comedy", "comedy", "action"]
+    preds = ["sci-fi", "comedy", "action", "not a tag"]
+    # accuracy 2/4. Per-label F1 over the 15 movie tags: sci-fi 1, comedy (P 1, R 1/2) 2/3, action 0, the other
+    # 12 labels 0 (no support, no predictions); the unparseable answer adds no class -> macro F1 = (5/3)/15 = 1/9
+    m = metrics.aggregate(TASKS["LaMP_2"], preds, golds)
+    assert m["accuracy"] == pytest.approx(0.5)
+    assert m["f1"] == pytest.approx(1 / 9)
+    # LaMP_1: y_true [1],[2],[1]; y_pred [1],[1],? -> accuracy 1/3; F1([1]) = 1/2, F1([2]) = 0 -> macro 1/4
+    m = metrics.aggregate(TASKS["LaMP_1"], ["[1]", "[1]", "maybe"], ["[1]", "[2]", "[1]"])
+    assert m == pytest.approx({"accuracy": 1 / 3, "f1": 0.25})
+
+
+def test_rating_mae_rmse_score_unparseable_as_the_farther_extreme():
+    # errors: |1-1| = 0, |2-5| = 3, 'oops' with gold 3 -> 5 (1 and 5 are equally far; the official code picks 5)
+    # -> 2, |4.5-4| = 0.5. MAE = 5.5/4; RMSE = sqrt((0 + 9 + 4 + 0.25)/4)
+    m = metrics.aggregate(TASKS["LaMP_3"], ["1", "2", "oops", "4.5"], ["1", "5", "3", "4"])
+    assert m["MAE"] == pytest.approx(1.375)
+    assert m["RMSE"] == pytest.approx((13.25 / 4) ** 0.5)
+    assert metrics.rating_value(None, "2") == 5.0 and metrics.rating_value("x", "4") == 1.0
+
+
+def test_per_row_scores_average_to_the_headline_metric():
+    preds, golds = ["1", "2", None], ["1", "5", "3"]
+    rows = [metrics.score_row(TASKS["LaMP_3"], p, g)["score"] for p, g in zip(preds, golds)]
+    assert sum(rows) / 3 == pytest.approx(metrics.aggregate(TASKS["LaMP_3"], preds, golds)["MAE"])
+    rows = [metrics.score_row(TASKS["LaMP_2"], p, g)["score"] for p, g in zip(["comedy", None], ["comedy", "action"])]
+    assert rows == [1.0, 0.0]
+
+
+def test_bootstrap_interval_brackets_the_mean_and_narrows_with_data():
+    rng = __import__("numpy").random.default_rng(1)
+    small, large = rng.normal(0.3, 0.1, 30), rng.normal(0.3, 0.1, 3000)
+    lo, hi = metrics.bootstrap_ci(small)
+    assert lo < small.mean() < hi
+    lo2, hi2 = metrics.bootstrap_ci(large)
+    assert (hi2 - lo2) < (hi - lo) / 5

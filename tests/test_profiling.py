@@ -6,7 +6,7 @@ import json
 
 from stepback_ray import profiling
 from stepback_ray.config import ProfileConfig
-from stepback_ray.data import group_by_user, read_lamp
+from stepback_ray.data import collect_users, read_lamp
 from stepback_ray.tasks import TASKS
 
 from .conftest import SAMPLE
@@ -15,7 +15,7 @@ TASK = TASKS["LaMP_5"]
 
 
 def _users():
-    return group_by_user(read_lamp(f"{SAMPLE}_questions.json", f"{SAMPLE}_outputs.json", TASK))
+    return collect_users(read_lamp(f"{SAMPLE}_questions.json", f"{SAMPLE}_outputs.json", TASK))
 
 
 def test_every_selected_item_reaches_the_prompt(formatter):
@@ -23,10 +23,11 @@ def test_every_selected_item_reaches_the_prompt(formatter):
     for user in _users()[:8]:
         chosen = profiling.select_history(user.history, TASK, cfg, formatter)
         assert chosen, user.user_id
-        prompt = formatter.render(profiling.profile_messages(TASK, chosen))
+        prompt = formatter.render(profiling.profile_messages(TASK, [c.text for c in chosen]))
+        titles = {it["id"]: it["title"] for it in user.history}
         for c in chosen:
             assert c.text in prompt  # the whole (token-cut) item text, not a fragment of it
-            assert c.item["title"] in prompt
+            assert titles[c.item_id] in prompt
         assert sum(c.tokens for c in chosen) <= cfg.history_token_budget
 
 
@@ -34,10 +35,11 @@ def test_selection_is_most_recent_first_and_fills_the_budget(formatter):
     user = max(_users(), key=lambda u: len(u.history))
     cfg = ProfileConfig(history_token_budget=600, max_item_tokens=100)
     chosen = profiling.select_history(user.history, TASK, cfg, formatter)
-    dates = [c.item["date"] for c in chosen]
+    date = {it["id"]: it["date"] for it in user.history}
+    dates = [date[c.item_id] for c in chosen]
     assert dates == sorted(dates, reverse=True)
     newest = profiling.most_recent_first(user.history)
-    assert [c.item["id"] for c in chosen] == [it["id"] for it in newest[:len(chosen)]]
+    assert [c.item_id for c in chosen] == [it["id"] for it in newest[:len(chosen)]]
     # the next item would not have fit
     nxt = newest[len(chosen)]
     nxt_tokens = formatter.count_tokens(formatter.truncate(TASK.profile_item(nxt), cfg.max_item_tokens)) + 2
@@ -52,7 +54,7 @@ def test_undated_items_come_after_dated_ones_in_order():
 
 def test_prompt_ends_with_the_prefill_and_shows_an_example(formatter):
     chosen = profiling.select_history(_users()[0].history, TASK, ProfileConfig(), formatter)
-    prompt = formatter.render(profiling.profile_messages(TASK, chosen))
+    prompt = formatter.render(profiling.profile_messages(TASK, [c.text for c in chosen]))
     assert prompt.endswith('{"keywords": ["')
     assert json.dumps(TASK.profile.example_profile) in prompt
 
@@ -93,4 +95,63 @@ def test_fingerprint_changes_with_history_and_model_only():
     assert base == profiling.fingerprint(list(reversed(h)), "m", cfg, "LaMP_5")
     assert base != profiling.fingerprint(h + [{"id": "2", "title": "u", "abstract": "b"}], "m", cfg, "LaMP_5")
     assert base != profiling.fingerprint(h, "other-model", cfg, "LaMP_5")
-    assert base != profiling.fingerprint(h, "m", ProfileConfig(history_token_budget=100), "LaMP_5")
+    assert base != profiling.fingerprint(h, "m", ProfileConfig(history_token_budget=400), "LaMP_5")
+
+
+# ---------------------------------------------------------------------------------------------- map-reduce
+def _long_history(n: int) -> list[dict]:
+    return [{"id": f"i{k}", "title": f"Paper number {k} on topic {k % 3}", "abstract": f"We study problem {k}. " * 6,
+             "date": f"20{10 + k // 12:02d}-{k % 12 + 1:02d}-01"} for k in range(n)]
+
+
+def test_long_history_is_planned_into_parts_that_each_fit_the_budget(formatter):
+    history = _long_history(40)
+    cfg = ProfileConfig(history_token_budget=300, max_item_tokens=80)
+    plan = profiling.plan_profile("u", history, TASK, cfg, formatter)
+    assert len(plan.parts) > 3 and plan.items_used == 40 and plan.items_dropped == 0
+    for part in plan.parts:
+        assert sum(s.tokens for s in part) <= cfg.history_token_budget
+    order = [s.item_id for p in plan.parts for s in p]
+    assert order == [it["id"] for it in profiling.most_recent_first(history)]
+    capped = profiling.plan_profile("u", history, TASK, ProfileConfig(history_token_budget=300, max_item_tokens=80,
+                                                                      max_parts=2), formatter)
+    assert len(capped.parts) == 2 and capped.items_dropped == 40 - capped.items_used
+    single = profiling.plan_profile("u", history, TASK, ProfileConfig(history_token_budget=300, max_item_tokens=80,
+                                                                      map_reduce=False), formatter)
+    assert single.parts == plan.parts[:1]
+    assert profiling.ProfilePlan.from_dict(plan.to_dict()) == plan
+
+
+def test_distiller_map_reduce_calls_grow_linearly(engine):
+    calls: list[int] = []
+
+    def generate(prompts, params):
+        calls.append(len(prompts))
+        return engine.generate(prompts, params)
+
+    cfg = ProfileConfig(history_token_budget=200, max_item_tokens=60, max_new_tokens=24, merge_fan_in=2)
+    distiller = profiling.Distiller(TASK, cfg, engine, generate)
+    short = profiling.plan_profile("short", _long_history(2), TASK, cfg, engine)
+    long = profiling.plan_profile("long", _long_history(14), TASK, cfg, engine)
+    empty = profiling.plan_profile("empty", [], TASK, cfg, engine)
+    k = len(long.parts)
+    assert len(short.parts) == 1 and k >= 4
+    results = distiller.run([short, long, empty])
+    # one batched call per level: all parts, then merge rounds (fan-in 2) until one profile is left
+    assert calls[0] == 1 + k
+    assert sum(calls[1:]) == k - 1  # a binary merge tree over k leaves has k - 1 inner nodes
+    res_short, res_long, res_empty = results
+    assert res_short.llm_calls == 1 and res_long.llm_calls == k + (k - 1)
+    assert len(res_long.partials) == k and res_long.profile is not None
+    assert set(res_long.profile) == set(TASK.profile.fields)
+    assert res_empty.status == "skipped: empty history" and res_empty.llm_calls == 0
+    assert res_long.prompt_tokens > res_short.prompt_tokens > 0
+
+
+def test_style_notes_are_one_call_per_item_and_reach_the_profile_prompt(engine):
+    cfg = ProfileConfig(history_token_budget=400, max_item_tokens=60, max_new_tokens=24, style_notes=True,
+                        note_max_new_tokens=12)
+    plan = profiling.plan_profile("u", _long_history(3), TASK, cfg, engine)
+    (res,) = profiling.Distiller(TASK, cfg, engine, engine.generate).run([plan])
+    assert len(res.notes) == 3 and res.llm_calls == 3 + len(plan.parts)
+    assert all(f"Style: {note}" in res.prompt for note in res.notes.values() if len(plan.parts) == 1)

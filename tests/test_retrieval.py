@@ -25,3 +25,15 @@ def test_edge_cases():
     assert bm25_top_k("query", ["a doc"], 0) == []
     assert bm25_top_k("the and of", ["the doc"], 5) == [0]  # stopword-only query: scores 0, order kept
     assert len(bm25_scores("doc", ["doc one", "doc two"])) == 2
+
+
+def test_dense_retrieval_matches_meaning_without_shared_words():
+    from stepback_ray.config import RetrievalConfig
+    from stepback_ray.retrieval import build_retriever
+
+    dense = build_retriever(RetrievalConfig(method="dense"))
+    docs = ["baking sourdough bread at home", "fixing the engine of my car", "a guide to knitting scarves"]
+    query = "automobile motor repair"
+    assert bm25_scores(query, docs).max() == 0  # no word in common: BM25 cannot tell
+    assert top_k(dense.scores(query, docs), 1) == [1]
+    assert dense.embed(["x"]).shape == (1, 384)

@@ -1,7 +1,8 @@
 """Input readers: every supported input format becomes :class:`~stepback_ray.data.rows.Query` rows."""
 
 from .lamp import read_lamp, read_lamp_table
-from .rows import Query, UserWork, chunk_users, decode_chunk, group_by_user, queries_to_arrow
+from .rows import (Query, UserHistory, collect_users, decode_queries, decode_users, donors, generation_chunks,
+                   lead_groups, profile_chunks, queries_to_arrow)
 
-__all__ = ["Query", "UserWork", "chunk_users", "decode_chunk", "group_by_user", "queries_to_arrow",
-           "read_lamp", "read_lamp_table"]
+__all__ = ["Query", "UserHistory", "collect_users", "decode_queries", "decode_users", "donors",
+           "generation_chunks", "lead_groups", "profile_chunks", "queries_to_arrow", "read_lamp", "read_lamp_table"]

@@ -2,7 +2,8 @@
 
 The LaMP layout: questions are a JSON list of ``{"id", "user_id"?, "input", "profile": [items]}``; outputs are
 ``{"task": "LaMP_N", "golds": [{"id", "output"}]}``. Official LaMP files carry no ``user_id``: each question's
-profile then stands for its own user (``user_id = "q:<id>"``).
+profile then stands for its own user (``user_id = "q:<id>"``). Multi-author questions (PSW) carry
+``"authors": [{"user_id", "profile"}, ...]`` in byline order instead of one ``profile``.
 
 Bad input is reported as one line naming the file, the record and the field; nothing is silently dropped.
 """
@@ -41,22 +42,61 @@ def _as_text(value: Any) -> str | None:
     return None
 
 
-def _parse_item(uri: str, rid: str, i: int, item: Any, task: TaskSpec) -> dict[str, str]:
+def _parse_item(uri: str, where: str, field: str, item: Any, task: TaskSpec) -> dict[str, str]:
     if not isinstance(item, dict):
-        raise InputError(uri, f"expected an object, got {type(item).__name__}", record=repr(rid), field=f"profile[{i}]")
+        raise InputError(uri, f"expected an object, got {type(item).__name__}", record=where, field=field)
     out: dict[str, str] = {}
     for k, v in item.items():
         text = _as_text(v)
         if text is None and v is not None:
-            raise InputError(uri, f"expected text, got {type(v).__name__}", record=repr(rid), field=f"profile[{i}].{k}")
+            raise InputError(uri, f"expected text, got {type(v).__name__}", record=where, field=f"{field}.{k}")
         if text is not None:
             out[str(k)] = text
     for need in task.item_fields:
         if need not in out:
             raise InputError(uri, f"missing (task {task.name} needs {', '.join(task.item_fields)})",
-                             record=repr(rid), field=f"profile[{i}].{need}")
-    out.setdefault("id", f"{rid}#{i}")
+                             record=where, field=f"{field}.{need}")
+    if "id" not in out:
+        out["id"] = f"{where.strip(chr(39))}/{field}"
     return out
+
+
+def _items(uri: str, where: str, field: str, profile: Any, task: TaskSpec) -> list[dict[str, str]]:
+    if not isinstance(profile, list):
+        raise InputError(uri, f"expected a list of history items, got {type(profile).__name__}",
+                         record=where, field=field)
+    return [_parse_item(uri, where, f"{field}[{i}]", it, task) for i, it in enumerate(profile)]
+
+
+def _users_of(uri: str, qid: str, rec: dict[str, Any], task: TaskSpec) -> tuple[list[str], list[list[dict]]]:
+    """(user ids, histories) of one question: its ``authors`` in byline order, or its single ``profile``."""
+    where = repr(qid)
+    authors = rec.get("authors")
+    if authors is not None:
+        if not isinstance(authors, list) or not authors:
+            raise InputError(uri, "expected a non-empty list of {user_id, profile}", record=where, field="authors")
+        ids: list[str] = []
+        histories: list[list[dict]] = []
+        for i, a in enumerate(authors):
+            if not isinstance(a, dict):
+                raise InputError(uri, f"expected an object, got {type(a).__name__}", record=where,
+                                 field=f"authors[{i}]")
+            uid = _as_text(a.get("user_id"))
+            if not uid:
+                raise InputError(uri, "missing or not text", record=where, field=f"authors[{i}].user_id")
+            items = _items(uri, where, f"authors[{i}].profile", a.get("profile", []), task)
+            if uid in ids:  # the same name twice on a byline: one user, both item lists
+                histories[ids.index(uid)].extend(items)
+                continue
+            ids.append(uid)
+            histories.append(items)
+        return ids, histories
+    profile = rec.get("profile")
+    if profile is None:
+        raise InputError(uri, "missing (a LaMP question carries its user's history as 'profile', a multi-author "
+                              "one as 'authors')", record=where, field="profile")
+    uid = _as_text(rec.get("user_id"))
+    return [uid if uid else f"q:{qid}"], [_items(uri, where, "profile", profile, task)]
 
 
 def parse_questions(uri: str, data: Any, task: TaskSpec) -> list[Query]:
@@ -81,17 +121,8 @@ def parse_questions(uri: str, data: Any, task: TaskSpec) -> list[Query]:
         text = rec.get("input")
         if not isinstance(text, str):
             raise InputError(uri, "missing or not text", record=where, field="input")
-        profile = rec.get("profile")
-        if profile is None:
-            raise InputError(uri, "missing (a LaMP question carries its user's history as 'profile')",
-                             record=where, field="profile")
-        if not isinstance(profile, list):
-            raise InputError(uri, f"expected a list of history items, got {type(profile).__name__}",
-                             record=where, field="profile")
-        items = [_parse_item(uri, qid, i, it, task) for i, it in enumerate(profile)]
-        uid = _as_text(rec.get("user_id"))
-        queries.append(Query(query_id=qid, user_id=uid if uid else f"q:{qid}", task=task.name, input=text,
-                             profile=items, gold=None))
+        user_ids, profiles = _users_of(uri, qid, rec, task)
+        queries.append(Query(query_id=qid, task=task.name, input=text, user_ids=user_ids, profiles=profiles))
     return queries
 
 
@@ -103,7 +134,7 @@ def attach_golds(uri: str, data: Any, task: TaskSpec, queries: list[Query]) -> N
     if not isinstance(data, dict) or not isinstance(data.get("golds"), list):
         raise InputError(uri, "expected an object {\"task\": ..., \"golds\": [{\"id\", \"output\"}]}", field="golds")
     file_task = data.get("task")
-    if file_task is not None and str(file_task).replace("-", "_") != task.name:
+    if file_task is not None and not _same_task(str(file_task), task.name):
         raise InputError(uri, f"golds are for task {file_task!r} but the job's task is {task.name!r}", field="task")
     golds: dict[str, str] = {}
     for n, g in enumerate(data["golds"]):
@@ -120,6 +151,12 @@ def attach_golds(uri: str, data: Any, task: TaskSpec, queries: list[Query]) -> N
         if q.query_id not in golds:
             raise InputError(uri, "question has no gold output in this file", record=repr(q.query_id), field="id")
         q.gold = golds[q.query_id]
+
+
+def _same_task(file_task: str, job_task: str) -> bool:
+    """Official outputs name LaMP_2 for both label sets and PSW files name their variant."""
+    canon = file_task.replace("-", "_")
+    return canon == job_task or (canon == "LaMP_2" and job_task == "LaMP_2_news")
 
 
 def read_lamp(questions: str, outputs: str | None, task: TaskSpec,

@@ -1,12 +1,17 @@
-"""The rows that flow through a run: queries, users (a history plus that user's queries) and chunks of users.
+"""The rows that flow through a run: queries, the users behind them, and chunks of work.
 
-A *chunk* is the unit of work and of commit: a fixed, deterministic group of users that travels through every
-stage together and is written as one file per output folder. Chunk ids depend only on the input and
-``users_per_chunk``, so a rerun of the same job finds the same chunks.
+A query has one user (LaMP) or several authors in byline order (PSW), each with the history visible to that
+query. The profile pass works on *users* (every distinct user once, with the union of their histories, so an
+author of many papers is profiled once per run); the generation pass works on *queries*.
+
+A *chunk* is the unit of work and of commit: a fixed, deterministic group that travels through every stage
+together and is written as one file. Chunk ids depend only on the input and the chunk size, so a rerun of the
+same job finds the same chunks. Generation chunks name the profile chunks that hold their users' profiles.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -19,64 +24,121 @@ Item = dict[str, str]
 @dataclass
 class Query:
     query_id: str
-    user_id: str
     task: str
     input: str
-    profile: list[Item]
+    user_ids: list[str]
+    """The query's users: one for LaMP, the authors in byline order for PSW (the first leads)."""
+    profiles: list[list[Item]]
+    """Per user, the history items visible to this query (the retrieval pool)."""
     gold: str | None = None
+
+    @property
+    def user_id(self) -> str:
+        return self.user_ids[0]
+
+    @property
+    def profile(self) -> list[Item]:
+        return self.profiles[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass
-class UserWork:
-    """One user: the history to profile (the union of the user's query profiles) and the user's queries."""
+class UserHistory:
+    """One user for the profile pass: the union of the histories their queries show, first-seen order."""
 
     user_id: str
     history: list[Item] = field(default_factory=list)
-    queries: list[Query] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"user_id": self.user_id, "history": self.history, "queries": [asdict(q) for q in self.queries]}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "UserWork":
-        return cls(user_id=d["user_id"], history=d["history"], queries=[Query(**q) for q in d["queries"]])
 
 
-def group_by_user(queries: list[Query], limit: int | None = None) -> list[UserWork]:
-    """Group queries by user in first-appearance order, keeping the first ``limit`` users."""
-    users: dict[str, UserWork] = {}
-    seen_items: dict[str, set[str]] = {}
+def lead_groups(queries: list[Query], limit: int | None = None) -> list[list[Query]]:
+    """Queries grouped by lead user in first-appearance order, keeping the first ``limit`` lead users."""
+    groups: dict[str, list[Query]] = {}
     for q in queries:
-        u = users.get(q.user_id)
-        if u is None:
-            if limit is not None and len(users) >= limit:
+        g = groups.get(q.user_id)
+        if g is None:
+            if limit is not None and len(groups) >= limit:
                 continue
-            u = users[q.user_id] = UserWork(q.user_id)
-            seen_items[q.user_id] = set()
-        u.queries.append(q)
-        for item in q.profile:
-            if item["id"] not in seen_items[q.user_id]:
-                seen_items[q.user_id].add(item["id"])
-                u.history.append(item)
+            g = groups[q.user_id] = []
+        g.append(q)
+    return list(groups.values())
+
+
+def collect_users(queries: list[Query]) -> list[UserHistory]:
+    """Every distinct user of ``queries`` once, with the union of their visible histories (deduped by item id)."""
+    users: dict[str, UserHistory] = {}
+    seen: dict[str, set[str]] = {}
+    for q in queries:
+        for uid, items in zip(q.user_ids, q.profiles):
+            u = users.get(uid)
+            if u is None:
+                u = users[uid] = UserHistory(uid)
+                seen[uid] = set()
+            for it in items:
+                if it["id"] not in seen[uid]:
+                    seen[uid].add(it["id"])
+                    u.history.append(it)
     return list(users.values())
 
 
-def chunk_users(users: list[UserWork], users_per_chunk: int) -> list[dict[str, Any]]:
-    """Rows for the work dataset: ``{"chunk_id", "n_users", "n_queries", "payload"}`` (payload: JSON users)."""
+def donors(user_ids: list[str], seed: int = 0) -> dict[str, str]:
+    """A fixed derangement: every user borrows another user's profile (the random-profile control).
+
+    Users are ordered by a hash of (seed, id) and each borrows from the next one, so no user gets their own and
+    the pairing does not depend on input order. With fewer than two users there is no one to borrow from."""
+    if len(user_ids) < 2:
+        return {}
+    order = sorted(user_ids, key=lambda u: hashlib.sha256(f"{seed}:{u}".encode()).hexdigest())
+    return {u: order[(i + 1) % len(order)] for i, u in enumerate(order)}
+
+
+def chunk_id(i: int) -> str:
+    return f"{i:06d}"
+
+
+def profile_chunks(users: list[UserHistory], size: int) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """Rows for the profile pass, and each user's profile chunk id."""
+    rows, where = [], {}
+    for start in range(0, len(users), size):
+        part = users[start:start + size]
+        cid = chunk_id(start // size)
+        for u in part:
+            where[u.user_id] = cid
+        rows.append({"chunk_id": cid, "n_rows": len(part),
+                     "payload": json.dumps([asdict(u) for u in part])})
+    return rows, where
+
+
+def generation_chunks(groups: list[list[Query]], size: int, profile_chunk_of: dict[str, str],
+                      donor_of: dict[str, str] | None = None,
+                      histories: dict[str, list[Item]] | None = None) -> list[dict[str, Any]]:
+    """Rows for the generation pass: ``size`` lead users' queries per chunk, with the profile chunks that hold
+    their users' (and donors') profiles, and, for the random-profile control, each user's donor and its history."""
     rows = []
-    for start in range(0, len(users), users_per_chunk):
-        part = users[start:start + users_per_chunk]
+    for start in range(0, len(groups), size):
+        queries = [q for g in groups[start:start + size] for q in g]
+        users = {u for q in queries for u in q.user_ids}
+        donor_info = {}
+        if donor_of is not None and histories is not None:
+            donor_info = {u: {"donor": donor_of[u], "history": histories[donor_of[u]]} for u in users if u in donor_of}
+        needed = users | {d["donor"] for d in donor_info.values()}
         rows.append({
-            "chunk_id": f"{start // users_per_chunk:06d}",
-            "n_users": len(part),
-            "n_queries": sum(len(u.queries) for u in part),
-            "payload": json.dumps([u.to_dict() for u in part]),
+            "chunk_id": chunk_id(start // size),
+            "n_rows": len(queries),
+            "payload": json.dumps({"queries": [q.to_dict() for q in queries], "donors": donor_info}),
+            "profile_chunks": sorted({profile_chunk_of[u] for u in needed if u in profile_chunk_of}),
         })
     return rows
 
 
-def decode_chunk(payload: str) -> list[UserWork]:
-    return [UserWork.from_dict(d) for d in json.loads(payload)]
+def decode_users(payload: str) -> list[UserHistory]:
+    return [UserHistory(**d) for d in json.loads(payload)]
+
+
+def decode_queries(payload: str) -> tuple[list[Query], dict[str, dict[str, Any]]]:
+    data = json.loads(payload)
+    return [Query(**q) for q in data["queries"]], data["donors"]
 
 
 def _item_type(items: list[Item]) -> pa.DataType:
@@ -85,15 +147,22 @@ def _item_type(items: list[Item]) -> pa.DataType:
 
 
 def queries_to_arrow(queries: list[Query]) -> pa.Table:
-    """One Arrow row per query: user_id, query_id, task, input, profile (list of item structs), gold."""
-    item_t = _item_type([it for q in queries for it in q.profile])
+    """One Arrow row per query: user_id (the lead), query_id, task, input, profile (the lead's history items),
+    gold, and authors (every user with their items, in byline order; one entry for LaMP)."""
+    item_t = _item_type([it for q in queries for items in q.profiles for it in items])
+    items_t = pa.list_(item_t)
     schema = pa.schema([
         ("user_id", pa.string()), ("query_id", pa.string()), ("task", pa.string()), ("input", pa.string()),
-        ("profile", pa.list_(item_t)), ("gold", pa.string()),
+        ("profile", items_t), ("gold", pa.string()),
+        ("authors", pa.list_(pa.struct([("user_id", pa.string()), ("profile", items_t)]))),
     ])
     names = [f.name for f in item_t]
+
+    def norm(items: list[Item]) -> list[dict[str, str | None]]:
+        return [{k: it.get(k) for k in names} for it in items]
+
     return pa.Table.from_pylist([
-        {"user_id": q.user_id, "query_id": q.query_id, "task": q.task, "input": q.input,
-         "profile": [{k: it.get(k) for k in names} for it in q.profile], "gold": q.gold}
+        {"user_id": q.user_id, "query_id": q.query_id, "task": q.task, "input": q.input, "profile": norm(q.profile),
+         "gold": q.gold, "authors": [{"user_id": u, "profile": norm(p)} for u, p in zip(q.user_ids, q.profiles)]}
         for q in queries
     ], schema=schema)

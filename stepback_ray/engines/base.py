@@ -40,9 +40,11 @@ class Completion:
 
 @runtime_checkable
 class PromptTools(Protocol):
-    """What prompt building needs from a model: its context size, chat rendering and token arithmetic."""
+    """What prompt building needs from a model: its context size, prompt family ("chat" for instruct models with
+    a chat template, "plain" for base models), chat rendering and token arithmetic."""
 
     max_context: int
+    family: str
 
     def render(self, prompt: Prompt) -> str:
         """The exact text the model sees for ``prompt`` (chat template applied)."""

@@ -38,6 +38,7 @@ class TransformersEngine:
         self.formatter = PromptFormatter(config)
         self.tokenizer = self.formatter.tokenizer
         self.max_context = self.formatter.max_context
+        self.family = self.formatter.family
         try:
             self.model = AutoModelForCausalLM.from_pretrained(self.formatter.path, dtype=dtype).to(device).eval()
         except OSError as e:

@@ -1,0 +1,54 @@
+"""Every task runs end to end through the pipeline on a fixture in the official shape, with its metric."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from stepback_ray.config import load_job
+from stepback_ray.pipeline import run_job
+from stepback_ray.scoring import score_files
+from stepback_ray.tasks import TASKS
+
+from .conftest import FIXTURES, REPO
+
+FAST = ["generation.max_new_tokens=12", "profile.max_new_tokens=40", "profile.history_token_budget=300",
+        "ray.progress_bars=false"]
+ALL_TASKS = ["LaMP_1", "LaMP_2", "LaMP_2_news", "LaMP_3", "LaMP_4", "LaMP_5", "LaMP_6", "LaMP_7", "PSW_title",
+             "PSW_abstract"]
+
+
+@pytest.mark.parametrize("task", ALL_TASKS)
+def test_task_runs_with_its_metric(ray_local, tmp_path, task):
+    out = tmp_path / task
+    modes = "[none, profile+rag, random-profile]"
+    job = load_job(REPO / "jobs" / "demo.yaml", [
+        *FAST, f"task={task}", f"input.questions={FIXTURES / f'{task}_questions.json'}",
+        f"input.outputs={FIXTURES / f'{task}_outputs.json'}", f"output={out}", f"modes={modes}", "limit=null"])
+    result = run_job(job)
+    spec = TASKS[task]
+    gens = pd.read_parquet(out / "generations")
+    n_queries = len(json.loads((FIXTURES / f"{task}_questions.json").read_text()))
+    assert len(gens) == n_queries * 3
+    assert gens.groupby(["query_id", "mode"]).size().eq(1).all()
+    assert set(gens["status"]) <= {"ok", "unparsed"}
+    keys = {"rouge": ["rouge-1", "rouge-L"], "accuracy_f1": ["accuracy", "f1"], "mae_rmse": ["MAE", "RMSE"]}[spec.metric]
+    for mode, m in result.metrics["modes"].items():
+        assert m["queries"] == n_queries and m["scored"] == n_queries
+        for k in keys:
+            assert isinstance(m[k], float), (mode, k)
+        # the official-format predictions reproduce the run's numbers through `stepback score`
+        scored = score_files(str(out / "predictions" / f"{mode}.json"), str(FIXTURES / f"{task}_outputs.json"), task)
+        assert scored == pytest.approx({k: m[k] for k in keys})
+    assert gens["score"].notna().all()
+    if spec.multi_author:
+        full = gens[gens["mode"] == "profile+rag"]
+        n_authors = {q["id"]: len(q["authors"]) for q in json.loads((FIXTURES / f"{task}_questions.json").read_text())}
+        for _, row in full.iterrows():  # one proposal per author, then the lead author's merge
+            assert len(row["proposals"]) == n_authors[row["query_id"]]
+            assert row["llm_calls"] == n_authors[row["query_id"]] + 1
+            assert "You are the lead author" in row["prompt"]
+        profiles = pd.read_parquet(out / "profiles")
+        assert profiles["user_id"].is_unique  # an author of several papers is profiled once
