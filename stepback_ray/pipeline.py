@@ -31,6 +31,7 @@ from .data.lamp import read_lamp
 from .engines import SamplingParams, build_engine
 from .engines.formatting import PromptFormatter
 from .errors import StepbackError
+from .resources import engine_resources
 from .retrieval import build_retriever
 from .storage import RunStore
 from .tasks import get_task
@@ -286,6 +287,7 @@ def ray_session(job: JobSpec) -> Iterator[None]:
 
 
 def _run_pass(job: JobSpec, kind: str, chunks: list[dict[str, Any]], with_profiles: bool = False) -> list[dict]:
+    import ray
     import ray.data
     from ray.data import ActorPoolStrategy
 
@@ -294,8 +296,10 @@ def _run_pass(job: JobSpec, kind: str, chunks: list[dict[str, Any]], with_profil
     ds = ray.data.from_items(chunks, override_num_blocks=len(chunks))
     common = dict(batch_size=None, batch_format="pyarrow", zero_copy_batch=True)
     cpu_pool = ActorPoolStrategy(size=job.ray.cpu_stage_actors)
-    engine_pool = dict(compute=ActorPoolStrategy(size=job.ray.engine_actors), num_cpus=job.ray.engine_actor_cpus,
-                       num_gpus=job.ray.engine_actor_gpus or None)
+    res = engine_resources(job, ray.cluster_resources())
+    engine_pool = dict(compute=ActorPoolStrategy(size=res.actors,
+                                                 max_tasks_in_flight_per_actor=job.ray.engine_tasks_in_flight),
+                       **res.remote_args())
     if kind == "profile":
         ds = ds.map_batches(ProfilePlanStage, fn_constructor_kwargs={"job": job}, compute=cpu_pool,
                             num_cpus=CPU_STAGE_CPUS, **common)

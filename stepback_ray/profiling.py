@@ -124,15 +124,27 @@ def prefill_for(schema: ProfileSchema) -> str:
     return '{"' + first + '": ["' if _field_is_list(schema, first) else '{"' + first + '": "'
 
 
-def profile_messages(task: TaskSpec, items: list[str]) -> list[Message]:
-    """The step-back prompt: instruction, a worked example, the user's items, a prefilled answer."""
+def json_schema(schema: ProfileSchema) -> dict[str, Any]:
+    """The profile as a JSON schema, for engines that decode under one (the prefill is then not needed)."""
+    props = {name: ({"type": "array", "items": {"type": "string"}, "maxItems": MAX_LIST}
+                    if _field_is_list(schema, name) else {"type": "string"}) for name in schema.fields}
+    return {"type": "object", "properties": props, "required": list(schema.fields), "additionalProperties": False}
+
+
+def _answer(schema: ProfileSchema, prefill: bool) -> list[Message]:
+    return [{"role": "assistant", "content": prefill_for(schema)}] if prefill else []
+
+
+def profile_messages(task: TaskSpec, items: list[str], prefill: bool = True) -> list[Message]:
+    """The step-back prompt: instruction, a worked example, the user's items, and (for engines that cannot
+    decode under a JSON schema) the answer prefilled up to the first field."""
     schema = task.profile
     return [
         {"role": "system", "content": schema.instruction},
         {"role": "user", "content": "\n\n".join(schema.example_items)},
         {"role": "assistant", "content": json.dumps(schema.example_profile)},
         {"role": "user", "content": "\n\n".join(items)},
-        {"role": "assistant", "content": prefill_for(schema)},
+        *_answer(schema, prefill),
     ]
 
 
@@ -149,7 +161,7 @@ def _split_example(schema: ProfileSchema) -> tuple[dict[str, Any], dict[str, Any
     return a, b
 
 
-def merge_messages(task: TaskSpec, partials: list[dict[str, Any]]) -> list[Message]:
+def merge_messages(task: TaskSpec, partials: list[dict[str, Any]], prefill: bool = True) -> list[Message]:
     """Merge partial profiles of one person (newest part first) into one profile."""
     schema = task.profile
     a, b = _split_example(schema)
@@ -165,7 +177,7 @@ def merge_messages(task: TaskSpec, partials: list[dict[str, Any]]) -> list[Messa
         {"role": "user", "content": listing([a, b])},
         {"role": "assistant", "content": json.dumps(schema.example_profile)},
         {"role": "user", "content": listing(partials)},
-        {"role": "assistant", "content": prefill_for(schema)},
+        *_answer(schema, prefill),
     ]
 
 
@@ -211,13 +223,13 @@ def _as_text(value: Any) -> str:
     return ("" if value is None else str(value)).strip()[:MAX_FIELD_CHARS]
 
 
-def parse_profile(completion: str, schema: ProfileSchema) -> tuple[dict[str, Any], str]:
-    """Parse the model's answer (which continues the prefill) into the schema's fields.
+def parse_profile(completion: str, schema: ProfileSchema, prefilled: bool = True) -> tuple[dict[str, Any], str]:
+    """Parse the model's answer (which continues the prefill, if there was one) into the schema's fields.
 
     Returns the profile and a status: ``ok`` (every field present and non-empty), ``partial`` (some fields
     missing) or ``fallback`` (no JSON object could be recovered; quoted phrases become keywords).
     """
-    text = prefill_for(schema) + completion
+    text = (prefill_for(schema) if prefilled else "") + completion
     try:
         obj = json_repair.loads(text)
     except Exception:  # noqa: BLE001 - json_repair is best effort; fall through to the fallback
@@ -285,7 +297,10 @@ class Distiller:
 
     def __init__(self, task: TaskSpec, config: ProfileConfig, tools: PromptTools, generate: Generate):
         self.task, self.config, self.tools, self.generate = task, config, tools, generate
-        self.profile_params = SamplingParams(max_new_tokens=config.max_new_tokens, stop=PROFILE_STOP)
+        self.prefill = not getattr(tools, "supports_json_schema", False)
+        self.profile_params = (SamplingParams(max_new_tokens=config.max_new_tokens, stop=PROFILE_STOP) if self.prefill
+                               else SamplingParams(max_new_tokens=config.max_new_tokens,
+                                                   json_schema=json_schema(task.profile)))
         self.note_params = SamplingParams(max_new_tokens=config.note_max_new_tokens, stop=("\n",))
 
     def _call(self, jobs: list[tuple[ProfileResult, list[Message]]], params: SamplingParams) -> list[Completion]:
@@ -320,11 +335,11 @@ class Distiller:
             for part in plan.parts:
                 texts = [s.text + (f"\nStyle: {res.notes[s.item_id]}" if s.item_id in res.notes else "")
                          for s in part]
-                jobs.append((res, profile_messages(self.task, texts)))
+                jobs.append((res, profile_messages(self.task, texts, self.prefill)))
                 owners.append(res)
         pending: dict[int, list[tuple[dict[str, Any], str, str | None]]] = {id(r): [] for _, r in active}
         for res, c in zip(owners, self._call(jobs, self.profile_params)):
-            prof, status = parse_profile(c.text, schema) if not c.error else ({}, f"error: {c.error}")
+            prof, status = parse_profile(c.text, schema, self.prefill) if not c.error else ({}, f"error: {c.error}")
             res.partials.append(prof)
             pending[id(res)].append((prof, status, c.text))
         # reduce: merge fan_in partials at a time until each user has one profile
@@ -341,13 +356,13 @@ class Distiller:
                     if len(b) == 1:
                         pending[id(res)].append(b[0])
                     else:
-                        jobs.append((res, merge_messages(self.task, [x[0] for x in b])))
+                        jobs.append((res, merge_messages(self.task, [x[0] for x in b], self.prefill)))
                         groups.append(res)
             if not jobs:
                 break
             merged: dict[int, list] = {}
             for res, c in zip(groups, self._call(jobs, self.profile_params)):
-                prof, status = parse_profile(c.text, schema) if not c.error else ({}, f"error: {c.error}")
+                prof, status = parse_profile(c.text, schema, self.prefill) if not c.error else ({}, f"error: {c.error}")
                 merged.setdefault(id(res), []).append((prof, status, c.text))
             for _, res in active:
                 pending[id(res)] = merged.get(id(res), []) + pending[id(res)]

@@ -12,6 +12,10 @@ def build_engine(config: EngineConfig) -> Engine:
         from .transformers_engine import TransformersEngine
 
         return TransformersEngine(config)
+    if config.kind == "vllm":
+        from .vllm_engine import VLLMEngine
+
+        return VLLMEngine(config)
     raise ValueError(f"unknown engine kind {config.kind!r}")
 
 

@@ -24,6 +24,8 @@ class SamplingParams:
     seed: int = 0
     stop: tuple[str, ...] = ()
     """Generation ends once any of these strings appears; the returned text is cut before it."""
+    json_schema: dict | None = None
+    """Constrain the output to this JSON schema (only engines with ``supports_json_schema``)."""
 
 
 @dataclass
@@ -59,6 +61,7 @@ class PromptTools(Protocol):
 @runtime_checkable
 class Engine(PromptTools, Protocol):
     model_id: str
+    supports_json_schema: bool
 
     def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[Completion]:
         """One completion per prompt, in order."""

@@ -17,6 +17,8 @@ from .formatting import PromptFormatter
 
 
 class TransformersEngine:
+    supports_json_schema = False  # small models are kept on format by a prefilled answer instead
+
     def __init__(self, config: EngineConfig):
         import torch
         from transformers import AutoModelForCausalLM
@@ -76,9 +78,7 @@ class TransformersEngine:
                 runnable.append(i)
         runnable.sort(key=lambda i: len(ids[i]))
         pad = self.tokenizer.pad_token_id
-        bs = self.config.batch_size
-        for start in range(0, len(runnable), bs):
-            idx = runnable[start:start + bs]
+        for idx in self._batches(runnable, [len(s) for s in ids], params.max_new_tokens):
             width = max(len(ids[i]) for i in idx)
             input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
             mask = torch.zeros((len(idx), width), dtype=torch.long)
@@ -115,6 +115,23 @@ class TransformersEngine:
                 reason = "stop" if (ended or stopped or n < params.max_new_tokens) else "length"
                 results[i] = Completion(text, len(ids[i]), n, reason, share)
         return [r for r in results if r is not None]
+
+    def _batches(self, order: list[int], lengths: list[int], new_tokens: int) -> list[list[int]]:
+        """Consecutive groups of the length-sorted prompts: at most ``batch_size`` prompts and, padded to the
+        longest, at most ``max_batch_tokens`` tokens (long prompts go in small batches: on CPU a long batch costs
+        more in attention and memory than it gains)."""
+        batches: list[list[int]] = []
+        current: list[int] = []
+        for i in order:
+            width = lengths[i] + new_tokens  # sorted ascending: the newcomer is the longest
+            if current and (len(current) >= self.config.batch_size
+                            or (len(current) + 1) * width > self.config.max_batch_tokens):
+                batches.append(current)
+                current = []
+            current.append(i)
+        if current:
+            batches.append(current)
+        return batches
 
     def close(self) -> None:
         self.model = None

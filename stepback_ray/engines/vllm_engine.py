@@ -1,0 +1,109 @@
+"""The vLLM engine: the production path on GPUs (and on CPU-only machines through the ``vllm-cpu`` package).
+
+One ``vllm.LLM`` per engine actor, built from the job spec: prefix caching on (prompts put what is shared first:
+the instruction, then a user's profile), chunked prefill, the context length and GPU memory share from the job,
+tensor parallelism across the GPUs of the actor's placement group. A whole block of prompts goes to vLLM in one
+call, so its scheduler keeps the batch full. Prompts are tokenized here (the same rendering as the CPU stages),
+over-long prompts come back as ``error`` completions instead of failing the batch, and profiles can be decoded
+under a JSON schema.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from ..config import EngineConfig
+from ..errors import StepbackError
+from .base import Completion, Prompt, SamplingParams
+from .formatting import PromptFormatter
+
+
+class VLLMEngine:
+    def __init__(self, config: EngineConfig):
+        opts = config.vllm
+        # vllm-cpu reads these at engine start; a job's settings win over the library defaults, not over the
+        # environment an operator set for the worker.
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{opts.cpu_kv_cache_gb:g}")
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", opts.cpu_threads_bind)
+        try:
+            import vllm
+        except ImportError:
+            raise StepbackError("engine.kind is 'vllm' but vllm is not installed (pip install 'stepback-ray[vllm]' "
+                                "on GPU machines, or vllm-cpu on CPU-only ones)") from None
+        self.config = config
+        self.model_id = config.model
+        self.formatter = PromptFormatter(config)
+        self.tokenizer = self.formatter.tokenizer
+        self.max_context = self.formatter.max_context
+        self.family = self.formatter.family
+        self.supports_json_schema = opts.structured_output
+        on_cpu = _on_cpu(vllm)
+        dtype = config.dtype if config.dtype != "auto" else ("float32" if on_cpu else "auto")
+        kwargs = dict(model=self.formatter.path, tokenizer=self.formatter.path, dtype=dtype,
+                      max_model_len=self.max_context, enable_prefix_caching=opts.prefix_caching,
+                      enable_chunked_prefill=opts.chunked_prefill, max_num_seqs=opts.max_num_seqs,
+                      tensor_parallel_size=opts.tensor_parallel_size, enforce_eager=opts.enforce_eager, seed=0,
+                      enable_prompt_embeds=opts.enable_prompt_embeds)
+        if not on_cpu:
+            kwargs["gpu_memory_utilization"] = opts.gpu_memory_utilization
+        if opts.tensor_parallel_size > 1:
+            kwargs["distributed_executor_backend"] = "ray"  # workers go into the actor's placement group
+        self._vllm = vllm
+        self.llm = vllm.LLM(**kwargs)
+
+    def render(self, prompt: Prompt) -> str:
+        return self.formatter.render(prompt)
+
+    def count_tokens(self, text: str) -> int:
+        return self.formatter.count_tokens(text)
+
+    def truncate(self, text: str, max_tokens: int) -> str:
+        return self.formatter.truncate(text, max_tokens)
+
+    def _params(self, params: SamplingParams):
+        from vllm.sampling_params import StructuredOutputsParams
+
+        kw = dict(max_tokens=params.max_new_tokens, temperature=params.temperature, top_p=params.top_p,
+                  seed=params.seed if params.temperature > 0 else None, stop=list(params.stop) or None)
+        if params.json_schema is not None and self.supports_json_schema:
+            kw["structured_outputs"] = StructuredOutputsParams(json=params.json_schema)
+        return self._vllm.SamplingParams(**kw)
+
+    def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[Completion]:
+        from vllm.inputs import TokensPrompt
+
+        ids = [self.formatter.encode(self.render(p)) for p in prompts]
+        results: list[Completion | None] = [None] * len(prompts)
+        runnable = []
+        for i, seq in enumerate(ids):
+            if len(seq) + params.max_new_tokens > self.max_context:
+                results[i] = Completion("", len(seq), 0, "error", 0.0,
+                                        error=f"prompt has {len(seq)} tokens; with {params.max_new_tokens} new "
+                                              f"tokens it exceeds the context of {self.max_context}")
+            else:
+                runnable.append(i)
+        if runnable:
+            t0 = time.perf_counter()
+            outs = self.llm.generate([TokensPrompt(prompt_token_ids=ids[i]) for i in runnable], self._params(params),
+                                     use_tqdm=False)
+            share = (time.perf_counter() - t0) / len(runnable)
+            for i, o in zip(runnable, outs):
+                c = o.outputs[0]
+                reason = "length" if c.finish_reason == "length" else "stop"
+                results[i] = Completion(c.text, len(o.prompt_token_ids), len(c.token_ids), reason, share)
+        return [r for r in results if r is not None]
+
+    def close(self) -> None:
+        self.llm = None
+
+
+def _on_cpu(vllm_module) -> bool:
+    try:
+        from vllm.platforms import current_platform
+
+        return current_platform.is_cpu()
+    except Exception:  # noqa: BLE001 - older layouts: no GPU visible means the CPU build
+        import torch
+
+        return not torch.cuda.is_available()

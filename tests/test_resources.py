@@ -1,0 +1,60 @@
+"""What the engine actors ask Ray for (plain data: checked here without a GPU)."""
+
+from __future__ import annotations
+
+from stepback_ray.config import load_job
+from stepback_ray.resources import engine_resources
+
+BASE = {"name": "t", "task": "LaMP_5", "input": {"questions": "q.json"}}
+
+
+def _job(**sections):
+    return load_job(None, data={**BASE, **sections})
+
+
+def test_cpu_default_is_one_actor_without_gpus():
+    r = engine_resources(_job(), {"CPU": 2})
+    assert (r.actors, r.num_cpus, r.num_gpus, r.bundles) == (1, 1.0, 0.0, [])
+    assert r.remote_args() == {"num_cpus": 1.0}
+
+
+def test_one_actor_per_gpu_pinned_to_an_accelerator_type():
+    job = _job(engine={"kind": "vllm"}, ray={"engine_actors": "auto", "engine_actor_gpus": 1,
+                                             "accelerator_type": "H100"})
+    r = engine_resources(job, {"CPU": 64, "GPU": 8})
+    assert r.actors == 8 and r.num_gpus == 1 and r.bundles == []
+    assert r.remote_args() == {"num_cpus": 1.0, "num_gpus": 1.0, "accelerator_type": "H100"}
+    assert engine_resources(job, {"CPU": 8}).actors == 1  # no GPU yet (autoscaling): start with one
+
+
+def test_tensor_parallel_engines_get_a_placement_group_of_one_gpu_bundles():
+    job = _job(engine={"kind": "vllm", "vllm": {"tensor_parallel_size": 4}},
+               ray={"engine_actors": "auto", "engine_actor_gpus": 1, "engine_actor_cpus": 2})
+    r = engine_resources(job, {"CPU": 64, "GPU": 8})
+    assert r.actors == 2  # 8 GPUs / 4 per engine
+    assert r.num_gpus == 0  # the actor holds no GPU itself: vLLM's workers use the bundles
+    assert r.bundles == [{"GPU": 1.0, "CPU": 2.0}, {"GPU": 1.0, "CPU": 1.0}, {"GPU": 1.0, "CPU": 1.0},
+                         {"GPU": 1.0, "CPU": 1.0}]
+    args = r.remote_args()
+    assert args["num_cpus"] == 2 and "num_gpus" not in args and callable(args["ray_remote_args_fn"])
+
+
+def test_fixed_pool_size_wins_over_the_cluster():
+    job = _job(ray={"engine_actors": 3, "engine_actor_gpus": 0.5})
+    r = engine_resources(job, {"GPU": 8})
+    assert r.actors == 3 and r.num_gpus == 0.5
+
+
+def test_placement_group_args_create_a_group_with_those_bundles(ray_local):
+    from ray.util.placement_group import placement_group_table, remove_placement_group
+
+    from stepback_ray.resources import placement_group_args
+
+    args = placement_group_args([{"CPU": 0.01}, {"CPU": 0.01}])()
+    strategy = args["scheduling_strategy"]
+    pg = strategy.placement_group
+    assert strategy.placement_group_capture_child_tasks is True
+    assert pg.wait(30)
+    table = placement_group_table(pg)
+    assert table["strategy"] == "PACK" and list(table["bundles"].values()) == [{"CPU": 0.01}, {"CPU": 0.01}]
+    remove_placement_group(pg)
