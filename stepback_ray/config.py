@@ -71,6 +71,8 @@ class EngineConfig(_Strict):
     threads: int = Field(default=0, ge=0, description="torch intra-op threads; 0 = every core of the node")
     max_model_len: int | None = Field(default=None, gt=0, description="context length; default: the model's")
     prompt_family: Literal["auto", "chat", "plain"] = "auto"
+    load_format: Literal["auto", "dummy"] = Field(
+        default="auto", description="'dummy': random weights from the model's config (throughput tests, as vLLM's)")
     vllm: VLLMOptions = Field(default_factory=VLLMOptions)
 
 
@@ -117,6 +119,8 @@ class MultiAuthorConfig(_Strict):
 
 class GenerationConfig(_Strict):
     max_new_tokens: int | None = Field(default=None, gt=0, description="default: the task's (32 for most)")
+    min_new_tokens: int = Field(default=0, ge=0, description="with stop: [] and min = max: fixed-length outputs")
+    stop: list[str] | None = Field(default=None, description="stop strings; default: the task's")
     temperature: float = Field(default=0.0, ge=0.0, le=5.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int = 0

@@ -179,8 +179,9 @@ class GenerationEngineStage:
         self.job, self.task = job, get_task(job.task)
         self.engine = build_engine(job.engine)
         g = job.generation
-        self.params = SamplingParams(max_new_tokens=job.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
-                                     seed=g.seed, stop=self.task.stop)
+        self.params = SamplingParams(max_new_tokens=job.max_new_tokens, min_new_tokens=g.min_new_tokens,
+                                     temperature=g.temperature, top_p=g.top_p, seed=g.seed,
+                                     stop=tuple(g.stop) if g.stop is not None else self.task.stop)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()

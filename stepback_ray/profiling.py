@@ -85,16 +85,24 @@ def most_recent_first(items: list[dict[str, str]]) -> list[dict[str, str]]:
     return [it for _, it in indexed]
 
 
+def part_budget(task: TaskSpec, config: ProfileConfig, tools: PromptTools) -> int:
+    """History tokens per prompt: the configured budget, shrunk if needed so that the prompt (instruction and
+    worked example included) and the answer fit the model's context."""
+    overhead = tools.count_tokens(tools.render(profile_messages(task, []))) + config.max_new_tokens + 8
+    return max(16, min(config.history_token_budget, tools.max_context - overhead))
+
+
 def plan_profile(user_id: str, history: list[dict[str, str]], task: TaskSpec, config: ProfileConfig,
                  tools: PromptTools) -> ProfilePlan:
-    """Pack the history, newest first, into parts of at most ``history_token_budget`` tokens each."""
+    """Pack the history, newest first, into parts of at most :func:`part_budget` tokens each."""
+    budget = part_budget(task, config, tools)
     parts: list[list[SelectedItem]] = []
     current: list[SelectedItem] = []
     used = 0
     for item in most_recent_first(history):
-        text = tools.truncate(task.profile_item(item), config.max_item_tokens)
+        text = tools.truncate(task.profile_item(item), min(config.max_item_tokens, budget - 2))
         n = tools.count_tokens(text) + 2  # the blank line between items
-        if current and used + n > config.history_token_budget:
+        if current and used + n > budget:
             parts.append(current)
             current, used = [], 0
         current.append(SelectedItem(item["id"], text, n))

@@ -18,6 +18,8 @@ Prompt = Union[str, list[Message]]
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int = 32
+    min_new_tokens: int = 0
+    """End-of-sequence is ignored before this many tokens (equal to max_new_tokens: fixed-length output)."""
     temperature: float = 0.0
     """0 means greedy decoding."""
     top_p: float = 1.0

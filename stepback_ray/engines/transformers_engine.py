@@ -28,8 +28,8 @@ class TransformersEngine:
 
         self.config = config
         self.model_id = config.model
-        threads = config.threads or os.cpu_count() or 1
-        torch.set_num_threads(threads)
+        self.threads = config.threads or os.cpu_count() or 1
+        torch.set_num_threads(self.threads)
         device = config.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -42,7 +42,14 @@ class TransformersEngine:
         self.max_context = self.formatter.max_context
         self.family = self.formatter.family
         try:
-            self.model = AutoModelForCausalLM.from_pretrained(self.formatter.path, dtype=dtype).to(device).eval()
+            if config.load_format == "dummy":
+                from transformers import AutoConfig
+
+                model_config = AutoConfig.from_pretrained(self.formatter.path)
+                with torch.device(device):
+                    self.model = AutoModelForCausalLM.from_config(model_config, dtype=dtype).eval()
+            else:
+                self.model = AutoModelForCausalLM.from_pretrained(self.formatter.path, dtype=dtype).to(device).eval()
         except OSError as e:
             raise StepbackError(f"cannot load model {config.model!r}: {str(e).splitlines()[0]}") from None
         self.device = device
@@ -87,7 +94,8 @@ class TransformersEngine:
                 input_ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
                 mask[row, width - len(seq):] = 1
             sample = params.temperature > 0
-            kwargs = dict(max_new_tokens=params.max_new_tokens, do_sample=sample, pad_token_id=pad)
+            kwargs = dict(max_new_tokens=params.max_new_tokens, min_new_tokens=params.min_new_tokens or None,
+                          do_sample=sample, pad_token_id=pad)
             if sample:
                 torch.manual_seed(params.seed)
                 kwargs.update(temperature=params.temperature, top_p=params.top_p)

@@ -44,7 +44,7 @@ class VLLMEngine:
                       max_model_len=self.max_context, enable_prefix_caching=opts.prefix_caching,
                       enable_chunked_prefill=opts.chunked_prefill, max_num_seqs=opts.max_num_seqs,
                       tensor_parallel_size=opts.tensor_parallel_size, enforce_eager=opts.enforce_eager, seed=0,
-                      enable_prompt_embeds=opts.enable_prompt_embeds)
+                      enable_prompt_embeds=opts.enable_prompt_embeds, load_format=config.load_format)
         if not on_cpu:
             kwargs["gpu_memory_utilization"] = opts.gpu_memory_utilization
         if opts.tensor_parallel_size > 1:
@@ -64,7 +64,8 @@ class VLLMEngine:
     def _params(self, params: SamplingParams):
         from vllm.sampling_params import StructuredOutputsParams
 
-        kw = dict(max_tokens=params.max_new_tokens, temperature=params.temperature, top_p=params.top_p,
+        kw = dict(max_tokens=params.max_new_tokens, min_tokens=params.min_new_tokens,
+                  temperature=params.temperature, top_p=params.top_p,
                   seed=params.seed if params.temperature > 0 else None, stop=list(params.stop) or None)
         if params.json_schema is not None and self.supports_json_schema:
             kw["structured_outputs"] = StructuredOutputsParams(json=params.json_schema)
@@ -95,7 +96,12 @@ class VLLMEngine:
         return [r for r in results if r is not None]
 
     def close(self) -> None:
-        self.llm = None
+        if self.llm is not None:
+            try:
+                self.llm.llm_engine.engine_core.shutdown()  # stop the engine-core process now, not at exit
+            except Exception:  # noqa: BLE001 - best effort: the layout of vLLM internals varies by release
+                pass
+            self.llm = None
 
 
 def _on_cpu(vllm_module) -> bool:

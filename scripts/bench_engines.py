@@ -1,0 +1,315 @@
+"""Engine benchmark: the same prompts through the pipeline, the raw engine, and a one-at-a-time loop.
+
+    python scripts/bench_engines.py --prompts 200 --write docs/benchmarks.md          # every engine importable here
+    .venv-vllm/bin/python scripts/bench_engines.py --prompts 200 --engines transformers,vllm,raydata-vllm
+    python scripts/bench_engines.py --device cuda --dummy qwen2.5-1.5b --prompts 512   # GPU, random weights
+
+Prompts are real: step-back profile prompts and generation prompts (the LaMP_5 input with its instruction, about
+250 tokens) built by stepback-ray from lamp5_arxiv dev users. Every engine produces a fixed number of tokens per
+prompt (end-of-sequence ignored), so all do the same work. For each engine and prompt set it measures
+
+  (a) pipeline: a Ray Data pass of the pipeline's engine stage over blocks of prompts (actor start and model load
+      included in the wall time),
+  (b) raw: the engine called directly with the whole batch, in this process,
+  (c) loop: the engine called once per prompt (on the first --loop-prompts prompts),
+  (d) raydata-vllm: Ray Data's own vLLM processor (``ray.data.llm``), where vllm is importable,
+
+and prints one JSON object with tokens/s (prompt + generated), prompts/s and the ratios pipeline/raw and
+pipeline/loop. Without Ray (the GPU machine has none), --no-pipeline measures raw and loop only. ``--dummy``
+builds a production architecture (its config written out here) with random weights, as vLLM's
+``load_format="dummy"`` does, for throughput on machines without the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from stepback_ray import profiling  # noqa: E402
+from stepback_ray.config import EngineConfig, ProfileConfig, RetrievalConfig, load_job  # noqa: E402
+from stepback_ray.data import collect_users, read_lamp  # noqa: E402
+from stepback_ray.engines import SamplingParams, build_engine  # noqa: E402
+from stepback_ray.engines.formatting import PromptFormatter  # noqa: E402
+from stepback_ray.prompting import fit_prompt  # noqa: E402
+from stepback_ray.tasks import TASKS  # noqa: E402
+
+START, END = "<!-- bench_engines:start -->", "<!-- bench_engines:end -->"
+
+# Production architectures, written out by hand (no weights can be downloaded here): Qwen2.5 Instruct configs.
+DUMMY_CONFIGS = {
+    "qwen2.5-1.5b": {
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 1536,
+        "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2,
+        "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "vocab_size": 151936,
+        "tie_word_embeddings": True, "hidden_act": "silu", "torch_dtype": "bfloat16", "use_sliding_window": False,
+        "sliding_window": 32768, "max_window_layers": 21, "attention_dropout": 0.0, "bos_token_id": 151643,
+        "eos_token_id": 151645},
+    "qwen2.5-0.5b": {
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 896,
+        "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
+        "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "vocab_size": 151936,
+        "tie_word_embeddings": True, "hidden_act": "silu", "torch_dtype": "bfloat16", "use_sliding_window": False,
+        "sliding_window": 32768, "max_window_layers": 21, "attention_dropout": 0.0, "bos_token_id": 151643,
+        "eos_token_id": 151645},
+}
+
+
+def dummy_model_dir(name: str) -> str:
+    """A model folder with a production architecture's config and the embedded model's tokenizer (its ids are
+    valid in the larger vocabulary), for ``load_format: dummy``."""
+    from transformers import AutoTokenizer
+
+    from stepback_ray.engines.models import resolve_model
+
+    folder = Path(tempfile.mkdtemp(prefix=f"dummy-{name}-"))
+    (folder / "config.json").write_text(json.dumps(DUMMY_CONFIGS[name]))
+    AutoTokenizer.from_pretrained(resolve_model("packaged:smollm2-135m-instruct")).save_pretrained(folder)
+    return str(folder)
+
+
+def build_prompts(n: int, tools: PromptFormatter, data: Path) -> dict[str, list[str]]:
+    """``n`` real generation prompts and ``n`` real step-back profile prompts from lamp5_arxiv dev users."""
+    task = TASKS["LaMP_5"]
+    queries = read_lamp(str(data / "lamp5_arxiv/dev_questions.json"), None, task)[:n]
+    gen = [tools.render(fit_prompt(task, tools, q.input, None, [], RetrievalConfig(), 32).prompt) for q in queries]
+    cfg = ProfileConfig(history_token_budget=768, max_item_tokens=160)
+    prof = []
+    for u in collect_users(queries):
+        part = profiling.plan_profile(u.user_id, u.history, task, cfg, tools).parts[0]
+        prof.append(tools.render(profiling.profile_messages(task, [s.text for s in part])))
+    return {"generation": gen, "profile": prof}
+
+
+def measure(generate, prompts: list[str], params: SamplingParams) -> dict[str, float]:
+    t0 = time.perf_counter()
+    outs = generate(prompts, params)
+    wall = time.perf_counter() - t0
+    p_tok = sum(o.prompt_tokens for o in outs)
+    c_tok = sum(o.completion_tokens for o in outs)
+    return {"prompts": len(prompts), "prompt_tokens": p_tok, "completion_tokens": c_tok, "wall_s": round(wall, 2),
+            "tokens_per_s": round((p_tok + c_tok) / wall, 1), "prompts_per_s": round(len(prompts) / wall, 3)}
+
+
+def run_raw_and_loop(engine_cfg: EngineConfig, sets: dict[str, list[str]], params: dict[str, SamplingParams],
+                     loop_n: int) -> dict[str, dict]:
+    engine = build_engine(engine_cfg)
+    out = {}
+    for kind, prompts in sets.items():
+        raw = measure(engine.generate, prompts, params[kind])
+        loop = measure(lambda ps, p: [engine.generate([x], p)[0] for x in ps], prompts[:loop_n], params[kind])
+        out[kind] = {"raw": raw, "loop": loop}
+    engine.close()
+    del engine
+    gc.collect()
+    return out
+
+
+def run_pipeline(engine_cfg: EngineConfig, sets: dict[str, list[str]], new_tokens: dict[str, int],
+                 block: int) -> dict[str, dict]:
+    """The pipeline's engine stage (actor pool, blocks, object store) over the same prompts."""
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    from stepback_ray.pipeline import GenerationEngineStage
+
+    out = {}
+    for kind, prompts in sets.items():
+        job = load_job(None, data={
+            "name": "bench", "task": "LaMP_5", "input": {"questions": "unused.json"},
+            "engine": engine_cfg.model_dump(mode="json"),
+            "generation": {"max_new_tokens": new_tokens[kind], "min_new_tokens": new_tokens[kind], "stop": []}})
+        rows = [{"chunk_id": f"{i // block:06d}", "chunk_rows": block, "prompts": [p], "merge_json": None}
+                for i, p in enumerate(prompts)]
+        t0 = time.perf_counter()
+        ds = ray.data.from_items(rows, override_num_blocks=max(1, (len(rows) + block - 1) // block))
+        ds = ds.map_batches(GenerationEngineStage, fn_constructor_kwargs={"job": job}, batch_size=None,
+                            batch_format="pyarrow", compute=ActorPoolStrategy(size=1, max_tasks_in_flight_per_actor=2),
+                            num_cpus=1)
+        done = ds.take_all()
+        wall = time.perf_counter() - t0
+        p_tok = sum(r["prompt_tokens"] for r in done)
+        c_tok = sum(r["completion_tokens"] for r in done)
+        out[kind] = {"prompts": len(done), "prompt_tokens": p_tok, "completion_tokens": c_tok, "wall_s": round(wall, 2),
+                     "tokens_per_s": round((p_tok + c_tok) / wall, 1), "prompts_per_s": round(len(done) / wall, 3)}
+    return out
+
+
+def run_raydata_vllm(model_path: str, sets: dict[str, list[str]], new_tokens: dict[str, int], block: int,
+                     kv_gb: float) -> dict[str, dict]:
+    """Ray Data's own vLLM batch stage (``ray.data.llm``) over the same prompts, same output length."""
+    import ray.data
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    from stepback_ray.engines.formatting import PromptFormatter
+
+    tools = PromptFormatter(EngineConfig())
+    out = {}
+    for kind, prompts in sets.items():
+        n = new_tokens[kind]
+        config = vLLMEngineProcessorConfig(
+            model_source=model_path, batch_size=block, concurrency=1,
+            engine_kwargs={"dtype": "float32", "max_model_len": 8192, "enable_prefix_caching": True,
+                           "enable_chunked_prefill": True},
+            runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": f"{kv_gb:g}"}},
+            placement_group_config={"bundles": [{"CPU": 1}]},
+            tokenize_stage=False, detokenize_stage=False, chat_template_stage=False)
+        processor = build_processor(
+            config,
+            preprocess=lambda row, n=n: {"prompt": row["prompt"],
+                                         "sampling_params": {"max_tokens": n, "min_tokens": n, "temperature": 0}},
+            postprocess=lambda row: {"num_generated_tokens": row.get("num_generated_tokens", 0),
+                                     "num_input_tokens": row.get("num_input_tokens", 0)},
+            preprocess_map_kwargs={"num_cpus": 0.1}, postprocess_map_kwargs={"num_cpus": 0.1})
+        t0 = time.perf_counter()
+        done = processor(ray.data.from_items([{"prompt": p} for p in prompts])).take_all()
+        wall = time.perf_counter() - t0
+        p_tok = sum(len(tools.encode(p)) for p in prompts)
+        c_tok = sum(int(r["num_generated_tokens"] or 0) for r in done)
+        out[kind] = {"prompts": len(done), "prompt_tokens": p_tok, "completion_tokens": c_tok, "wall_s": round(wall, 2),
+                     "tokens_per_s": round((p_tok + c_tok) / wall, 1), "prompts_per_s": round(len(done) / wall, 3)}
+    return out
+
+
+def to_markdown(report: dict) -> str:
+    lines = [START, "", f"### Engines ({report['date']}, {report['machine']})", "",
+             f"Model `{report['model']}`{' (random weights, load_format dummy)' if report['dummy'] else ''}, "
+             f"{report['prompts']} prompts per set, fixed output length ({report['new_tokens']}), device "
+             f"{report['device']}. tokens/s counts prompt + generated tokens over wall time; the pipeline's wall time "
+             f"includes starting its actor and loading the model. Command: `{report['command']}`.", ""]
+    for kind, engines in report["results"].items():
+        lines += [f"**{kind} prompts**", "", "| engine | path | prompts | prompt tok | gen tok | wall s | tokens/s | "
+                  "prompts/s |", "|---|---|---|---|---|---|---|---|"]
+        for eng, paths in engines.items():
+            for path in ("pipeline", "raw", "loop", "raydata-vllm"):
+                if path in paths:
+                    r = paths[path]
+                    lines.append(f"| {eng} | {path} | {r['prompts']} | {r['prompt_tokens']} | {r['completion_tokens']}"
+                                 f" | {r['wall_s']} | {r['tokens_per_s']} | {r['prompts_per_s']} |")
+        lines.append("")
+        for eng, paths in engines.items():
+            if "ratios" in paths:
+                lines.append(f"- {eng}: " + ", ".join(f"`{k} = {v}`" for k, v in paths["ratios"].items()))
+        lines.append("")
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def write_section(path: Path, section: str) -> None:
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if START in text and END in text:
+        text = text[:text.index(START)] + section + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip() + "\n\n## Engines\n\n" + section + "\n"
+    path.write_text(text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--prompts", type=int, default=200)
+    ap.add_argument("--loop-prompts", type=int, default=40)
+    ap.add_argument("--engines", default="transformers,vllm,raydata-vllm")
+    ap.add_argument("--sets", default="generation,profile")
+    ap.add_argument("--gen-tokens", type=int, default=32)
+    ap.add_argument("--profile-tokens", type=int, default=64)
+    ap.add_argument("--block", type=int, default=64, help="prompts per pipeline block")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--max-batch-tokens", type=int, default=16384)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--dummy", choices=sorted(DUMMY_CONFIGS), help="random weights with this architecture")
+    ap.add_argument("--no-pipeline", action="store_true", help="raw and loop only (no Ray installed)")
+    ap.add_argument("--kv-cache-gb", type=float, default=4.0)
+    ap.add_argument("--data", default=os.environ.get("STEPBACK_SHARED_DATA", str(REPO.parent / "shared" / "data")))
+    ap.add_argument("--write", help="markdown file whose bench_engines section is replaced")
+    args = ap.parse_args()
+
+    model = dummy_model_dir(args.dummy) if args.dummy else "packaged:smollm2-135m-instruct"
+    base = dict(model=model, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
+                max_batch_tokens=args.max_batch_tokens, load_format="dummy" if args.dummy else "auto",
+                vllm={"cpu_kv_cache_gb": args.kv_cache_gb, "structured_output": False})
+    tools = PromptFormatter(EngineConfig(**base))
+    sets = {k: v for k, v in build_prompts(args.prompts, tools, Path(args.data)).items() if k in args.sets.split(",")}
+    new_tokens = {"generation": args.gen_tokens, "profile": args.profile_tokens}
+    params = {k: SamplingParams(max_new_tokens=new_tokens[k], min_new_tokens=new_tokens[k]) for k in sets}
+    engines = args.engines.split(",")
+    try:
+        import vllm  # noqa: F401
+
+        has_vllm = True
+    except ImportError:
+        has_vllm = False
+    results: dict[str, dict] = {k: {} for k in sets}
+    ray_started = False
+    for eng in engines:
+        if eng in ("vllm", "raydata-vllm") and not has_vllm:
+            print(f"skipping {eng}: vllm is not importable here", file=sys.stderr)
+            continue
+        if eng == "raydata-vllm":
+            continue
+        cfg = EngineConfig(kind=eng, **base)
+        if not args.no_pipeline:
+            import ray
+
+            if not ray_started:
+                ray.init(include_dashboard=False, logging_level="WARNING")
+                ray_started = True
+            from ray.data import DataContext
+
+            DataContext.get_current().enable_progress_bars = False
+            for kind, r in run_pipeline(cfg, sets, new_tokens, args.block).items():
+                results[kind].setdefault(eng, {})["pipeline"] = r
+        for kind, r in run_raw_and_loop(cfg, sets, params, args.loop_prompts).items():
+            results[kind].setdefault(eng, {}).update(r)
+    if "raydata-vllm" in engines and has_vllm and not args.no_pipeline:
+        from stepback_ray.engines.models import resolve_model
+
+        for kind, r in run_raydata_vllm(resolve_model(model) if not args.dummy else model, sets, new_tokens,
+                                        args.block, args.kv_cache_gb).items():
+            results[kind].setdefault("vllm", {})["raydata-vllm"] = r
+    for kind in results:
+        for eng, paths in results[kind].items():
+            ratios = {}
+            if "pipeline" in paths and "raw" in paths:
+                ratios["pipeline/raw"] = round(paths["pipeline"]["tokens_per_s"] / paths["raw"]["tokens_per_s"], 3)
+            if "pipeline" in paths and "loop" in paths:
+                ratios["pipeline/loop"] = round(paths["pipeline"]["tokens_per_s"] / paths["loop"]["tokens_per_s"], 2)
+            if "raw" in paths and "loop" in paths:
+                ratios["raw/loop"] = round(paths["raw"]["tokens_per_s"] / paths["loop"]["tokens_per_s"], 2)
+            if "raydata-vllm" in paths and "pipeline" in paths:
+                ratios["pipeline/raydata-vllm"] = round(
+                    paths["pipeline"]["tokens_per_s"] / paths["raydata-vllm"]["tokens_per_s"], 3)
+            if ratios:
+                paths["ratios"] = ratios
+    if ray_started:
+        import ray
+
+        ray.shutdown()
+    import torch
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    report = {"date": dt.date.today().isoformat(),
+              "machine": (torch.cuda.get_device_name(0) if device == "cuda" else
+                          f"{platform.machine()} CPU, {os.cpu_count()} cores"),
+              "model": args.dummy or model, "dummy": bool(args.dummy), "device": device, "prompts": args.prompts,
+              "new_tokens": new_tokens, "command": "python scripts/bench_engines.py " + " ".join(sys.argv[1:]),
+              "results": results}
+    if device == "cuda":
+        report["gpu_max_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    print(json.dumps(report, indent=1))
+    if args.write:
+        write_section(Path(args.write), to_markdown(report))
+
+
+if __name__ == "__main__":
+    main()
