@@ -1,6 +1,10 @@
 """The ``stepback`` command.
 
     stepback run JOB.yaml [--set key=value ...]     run a job end to end and print its metrics table
+    stepback profile JOB.yaml [--set ...]           profile only (the nightly job; with a profile store,
+                                                    only users whose history changed are recomputed)
+    stepback plan JOB.yaml [--tokens-per-s N]       dry run: users, queries, tokens and GPU-hours, no model
+    stepback submit JOB.yaml --address URL          submit a job to a Ray cluster (Ray Jobs) and follow it
     stepback score PRED.json GOLD.json [--task T]   official LaMP metrics of a predictions file, as JSON
 
 Bad input or configuration ends with one line on stderr (``error: ...``) and exit status 2, never a traceback.
@@ -47,6 +51,40 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_profile(args: argparse.Namespace) -> int:
+    import json
+
+    from .config import load_job
+    from .pipeline import run_profile_job
+
+    job = load_job(args.job, args.set)
+    store = job.profile_store.uri or "(none: profiles kept in the run output)"
+    print(f"stepback: profiling {job.name} ({job.task}) -> store {store}", file=sys.stderr)
+    result = run_profile_job(job)
+    print(json.dumps(result.metrics["profiles"], indent=1))
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from .config import load_job
+    from .planning import plan_job
+
+    job = load_job(args.job, [*args.set, "ray.progress_bars=false"])
+    print(json.dumps(plan_job(job, args.tokens_per_s, args.profile_only), indent=1))
+    return 0
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from .config import load_job
+    from .submit import submit_job
+
+    load_job(args.job, args.set)  # validate here, before anything reaches the cluster
+    return submit_job(args.job, args.set, args.address, pip=args.pip, env=args.env, wait=not args.no_wait,
+                      command=args.command)
+
+
 def _cmd_score(args: argparse.Namespace) -> int:
     import json
 
@@ -64,6 +102,27 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a job-spec key, e.g. --set limit=5 --set output=runs/x (repeatable)")
     run.set_defaults(func=_cmd_run)
+    prof = sub.add_parser("profile", help="profile only: the nightly re-profiling job")
+    prof.add_argument("job", help="job spec (YAML)")
+    prof.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    prof.set_defaults(func=_cmd_profile)
+    plan = sub.add_parser("plan", help="dry run: what the job will cost, without loading a model")
+    plan.add_argument("job", help="job spec (YAML)")
+    plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    plan.add_argument("--tokens-per-s", type=float, default=2500.0,
+                      help="engine throughput per GPU, prompt + output tokens (measure with scripts/bench_engines.py)")
+    plan.add_argument("--profile-only", action="store_true", help="plan `stepback profile` instead of `run`")
+    plan.set_defaults(func=_cmd_plan)
+    submit = sub.add_parser("submit", help="submit the job to a Ray cluster through Ray Jobs and follow its logs")
+    submit.add_argument("job", help="job spec (YAML), inside the working directory that is uploaded")
+    submit.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://HEAD:8265")
+    submit.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    submit.add_argument("--pip", action="append", default=[], help="pip requirement for the job's environment")
+    submit.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="environment variable for the job (no secrets: use the cluster's IAM role)")
+    submit.add_argument("--command", choices=["run", "profile"], default="run")
+    submit.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    submit.set_defaults(func=_cmd_submit)
     score = sub.add_parser("score", help="official LaMP metrics of an outputs-format predictions file")
     score.add_argument("pred", help='predictions: {"task": ..., "golds": [{"id", "output"}]}')
     score.add_argument("gold", help="golds in the same format (a LaMP *_outputs.json)")

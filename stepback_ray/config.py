@@ -36,11 +36,27 @@ class _Strict(BaseModel):
 
 
 class InputConfig(_Strict):
-    """Where the queries come from. ``format: lamp`` reads the official LaMP JSON pair."""
+    """Where users and queries come from.
 
-    format: Literal["lamp"] = "lamp"
-    questions: str = Field(description="LaMP *_questions.json (local path or fsspec URI)")
+    ``format: lamp`` reads the official LaMP JSON pair (``questions`` + optional ``outputs``). ``parquet`` and
+    ``jsonl`` read a dataset (``path``: a file, a folder or a glob, local or object storage) without loading it
+    whole: ``layout: user`` has one row per user (``user_id``, ``history`` list of items, optional ``queries``
+    list of ``{query_id, input, gold}``); ``layout: item`` has one row per history item (``user_id`` plus the
+    item's fields), grouped by user."""
+
+    format: Literal["lamp", "parquet", "jsonl"] = "lamp"
+    questions: str | None = Field(default=None, description="LaMP *_questions.json (local path or fsspec URI)")
     outputs: str | None = Field(default=None, description="LaMP *_outputs.json with golds; omit to only predict")
+    path: str | None = Field(default=None, description="dataset location for parquet / jsonl")
+    layout: Literal["user", "item"] = "user"
+
+    @model_validator(mode="after")
+    def _needs_location(self) -> "InputConfig":
+        if self.format == "lamp" and not self.questions:
+            raise ValueError("format lamp needs input.questions")
+        if self.format != "lamp" and not self.path:
+            raise ValueError(f"format {self.format} needs input.path")
+        return self
 
 
 class VLLMOptions(_Strict):
@@ -62,7 +78,7 @@ class EngineConfig(_Strict):
     """The LLM engine. ``model`` is a hub id, a local folder, or ``packaged:<name>`` for a model shipped in a
     PyPI package (the embedded default)."""
 
-    kind: Literal["transformers", "vllm"] = "transformers"
+    kind: Literal["transformers", "vllm", "dry-run"] = "transformers"
     model: str = DEFAULT_MODEL
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -74,6 +90,8 @@ class EngineConfig(_Strict):
     load_format: Literal["auto", "dummy"] = Field(
         default="auto", description="'dummy': random weights from the model's config (throughput tests, as vLLM's)")
     vllm: VLLMOptions = Field(default_factory=VLLMOptions)
+    dry_run_output_fraction: float = Field(default=0.8, gt=0.0, le=1.0,
+                                           description="dry-run engine: answer length as a share of max_new_tokens")
 
 
 class ProfileConfig(_Strict):
@@ -136,9 +154,11 @@ class RayConfig(_Strict):
     engine_actor_gpus: float = Field(default=0.0, ge=0.0, description="GPUs per engine actor (1 in production)")
     accelerator_type: str | None = Field(default=None, description="pin engine actors to a GPU type, e.g. H100")
     engine_tasks_in_flight: int = Field(default=2, gt=0, description="blocks queued at each engine actor")
-    users_per_chunk: int = Field(default=8, gt=0, description="users per unit of work (and per committed file)")
+    users_per_chunk: int = Field(default=8, gt=0, description="users per shard, on average, when num_shards is auto")
+    num_shards: int | Literal["auto"] = Field(
+        default="auto", description="users are split by a stable hash of their id; keep it fixed across nightly runs")
 
-    @field_validator("engine_actors")
+    @field_validator("engine_actors", "num_shards")
     @classmethod
     def _positive(cls, v: int | str) -> int | str:
         if isinstance(v, int) and v <= 0:
@@ -160,6 +180,15 @@ class StorageConfig(_Strict):
     anon: bool = False
 
 
+class ProfileStoreConfig(_Strict):
+    """A profile store kept across runs (see :mod:`stepback_ray.profile_store`). Without one, a run profiles
+    every user and keeps the profiles in its own output."""
+
+    uri: str | None = None
+    incremental: bool = Field(default=True, description="grown histories: old profile + new items -> new profile")
+    full_rebuild_every: int = Field(default=7, ge=1, description="every N-th run recomputes every profile")
+
+
 class JobSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     task: str
@@ -173,6 +202,7 @@ class JobSpec(_Strict):
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     multi_author: MultiAuthorConfig = Field(default_factory=MultiAuthorConfig)
+    profile_store: ProfileStoreConfig = Field(default_factory=ProfileStoreConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
 
@@ -218,7 +248,7 @@ class JobSpec(_Strict):
 # --------------------------------------------------------------------------------------------------- loading
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-_PATH_KEYS = (("input", "questions"), ("input", "outputs"))
+_PATH_KEYS = (("input", "questions"), ("input", "outputs"), ("input", "path"))
 
 
 def _is_local_relative(p: str) -> bool:

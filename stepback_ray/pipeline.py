@@ -6,11 +6,13 @@
 that hold them) + retrieval -> prompts (CPU) -> engine (proposals, then lead-author merges for co-authored
 queries) -> parse and score (CPU) -> commit ``generations/chunk-<id>.parquet``.
 
-A *chunk* (see :mod:`stepback_ray.data.rows`) is one Ray Data block from start to end: every stage maps a whole
-block (``batch_size=None``) to a whole block, so the commit stage writes each chunk as one file, atomically, and
-checks that no row is missing. A rerun with the same ``run_id`` skips committed chunks. Engines are built inside
-their actors from the job spec; CPU stages load only the tokenizer (and the retriever). After both passes the
-driver reads back the score columns, writes ``metrics.json``, and writes ``manifest.json`` last.
+A *chunk* (the users of one shard, see :mod:`stepback_ray.data.rows`) is one Ray Data block from start to end:
+every stage maps a whole block (``batch_size=None``) to a whole block, so the commit stage writes each chunk as
+one file, atomically, and checks that no row is missing. A rerun with the same ``run_id`` skips committed chunks.
+Engines are built inside their actors from the job spec; CPU stages load only the tokenizer (and the retriever).
+With a profile store (:mod:`stepback_ray.profile_store`) the profile pass carries unchanged users over and writes
+a new store version; without one, profiles live in the run's own output. After both passes the driver reads back
+the score columns, writes ``metrics.json`` and the official-format predictions, and writes ``manifest.json`` last.
 """
 
 from __future__ import annotations
@@ -27,10 +29,13 @@ import pyarrow as pa
 from . import __version__, metrics, profiling, prompting
 from .config import JobSpec
 from .data import collect_users, decode_queries, decode_users, donors, generation_chunks, lead_groups, profile_chunks
+from .data.datasets import load_staged, stage_dataset, staged_chunks
 from .data.lamp import read_lamp
+from .data.rows import Query, UserHistory
 from .engines import SamplingParams, build_engine
 from .engines.formatting import PromptFormatter
 from .errors import StepbackError
+from .profile_store import StoreVersion, commit_version, open_version
 from .resources import engine_resources
 from .retrieval import build_retriever
 from .storage import RunStore
@@ -47,7 +52,7 @@ PROFILE_SCHEMA = pa.schema([
     ("items_total", _I), ("items_used", _I), ("items_dropped", _I), ("parts", _I), ("item_ids", _LS),
     ("partials_json", _S), ("style_notes_json", _S), ("prompt", _S), ("raw_output", _S), ("llm_calls", _I),
     ("prompt_tokens", _I), ("completion_tokens", _I), ("engine_seconds", _F), ("fingerprint", _S), ("model", _S),
-    ("prompt_version", _S), ("notes", _LS),
+    ("prompt_version", _S), ("notes", _LS), ("origin", _S), ("history_ids", _LS), ("run_id", _S),
 ])
 GENERATION_SCHEMA = pa.schema([
     ("chunk_id", _S), ("query_id", _S), ("mode", _S), ("user_id", _S), ("user_ids", _LS), ("task", _S),
@@ -57,7 +62,7 @@ GENERATION_SCHEMA = pa.schema([
     ("llm_calls", _I), ("finish_reason", _S), ("truncated", _B), ("status", _S), ("notes", _LS),
 ])
 _PLANNED = pa.schema([("chunk_id", _S), ("chunk_rows", _I), ("user_id", _S), ("plan_json", _S), ("fingerprint", _S),
-                      ("notes", _LS)])
+                      ("notes", _LS), ("origin", _S), ("history_ids", _LS), ("carried_json", _S)])
 _GEN_PLANNED = pa.schema([
     ("chunk_id", _S), ("chunk_rows", _I), ("query_id", _S), ("mode", _S), ("user_id", _S), ("user_ids", _LS),
     ("input", _S), ("gold", _S), ("profile_text", _S), ("profile_status", _S), ("retrieved_ids", _LS),
@@ -73,26 +78,82 @@ def _with_chunk_rows(schema: pa.Schema) -> pa.Schema:
     return schema.append(pa.field("chunk_rows", _I))
 
 
+# ------------------------------------------------------------------------------------------------ work context
+@dataclass(frozen=True)
+class ProfilesAt:
+    """Where a run's profiles are written and read: its own output, or a version of the profile store."""
+
+    uri: str
+    folder: str
+    previous: str | None = None
+    """Folder (same root) of the store version to carry unchanged users over from."""
+    full: bool = True
+    """Recompute every user whose fingerprint changed from scratch (no incremental update)."""
+
+
+def chunk_users(job: JobSpec, chunk: dict[str, Any]) -> list[UserHistory]:
+    if chunk.get("source"):
+        return load_staged(job, chunk["source"])[0]
+    return decode_users(chunk["payload"])
+
+
+def chunk_queries(job: JobSpec, chunk: dict[str, Any]) -> tuple[list[Query], dict[str, list]]:
+    """The chunk's queries and the histories of their users (for the random-profile donors)."""
+    if chunk.get("source"):
+        users, queries = load_staged(job, chunk["source"])
+        return queries, {u.user_id: u.history for u in users}
+    return decode_queries(chunk["payload"])
+
+
 # ------------------------------------------------------------------------------------------------ profile pass
 class ProfilePlanStage:
-    """CPU stage: a chunk of users -> one row per user with the history planned into prompt-sized parts."""
+    """CPU stage: a chunk of users -> one row per user: carried over unchanged from the previous store version,
+    planned as an incremental update (only the new items), or planned in full (history cut into parts)."""
 
-    def __init__(self, job: JobSpec):
-        self.job, self.task = job, get_task(job.task)
+    def __init__(self, job: JobSpec, at: ProfilesAt):
+        self.job, self.task, self.at = job, get_task(job.task), at
         self.tools = PromptFormatter(job.engine)
+        self.store = RunStore(at.uri, job.storage)
+
+    def _previous(self, chunk_id: str) -> dict[str, dict[str, Any]]:
+        if not self.at.previous:
+            return {}
+        rel = f"{self.at.previous}/chunk-{chunk_id}.parquet"
+        if not self.store.exists(rel):
+            return {}
+        return {r["user_id"]: r for r in self.store.read_table(rel).to_pylist()}
+
+    def _plan(self, u: UserHistory, prev: dict[str, Any] | None) -> tuple[profiling.ProfilePlan, str]:
+        ids = [it["id"] for it in u.history]
+        if (prev is not None and not self.at.full and self.job.profile_store.incremental and prev["profile_json"]
+                and set(prev["history_ids"] or []) < set(ids)):
+            old = set(prev["history_ids"])
+            plan = profiling.plan_profile(u.user_id, [it for it in u.history if it["id"] not in old], self.task,
+                                          self.job.profile, self.tools)
+            plan.base_profile = json.loads(prev["profile_json"])
+            plan.items_total = len(u.history)
+            return plan, "incremental"
+        plan = profiling.plan_profile(u.user_id, u.history, self.task, self.job.profile, self.tools)
+        return plan, "recomputed" if prev is not None else "new"
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = []
         for chunk in batch.to_pylist():
-            users = decode_users(chunk["payload"])
+            users = chunk_users(self.job, chunk)
+            previous = self._previous(chunk["chunk_id"])
             for u in users:
-                plan = profiling.plan_profile(u.user_id, u.history, self.task, self.job.profile, self.tools)
-                notes = [f"profile from the newest {plan.items_used} of {plan.items_total} items "
-                         f"({plan.items_dropped} older items over profile.max_parts)"] if plan.items_dropped else []
-                rows.append({"chunk_id": chunk["chunk_id"], "chunk_rows": len(users), "user_id": u.user_id,
-                             "plan_json": json.dumps(plan.to_dict()), "notes": notes,
-                             "fingerprint": profiling.fingerprint(u.history, self.job.engine.model, self.job.profile,
-                                                                  self.task.name)})
+                fp = profiling.fingerprint(u.history, self.job.engine.model, self.job.profile, self.task.name)
+                row = {"chunk_id": chunk["chunk_id"], "chunk_rows": len(users), "user_id": u.user_id,
+                       "fingerprint": fp, "history_ids": [it["id"] for it in u.history], "notes": []}
+                prev = previous.get(u.user_id)
+                if prev is not None and prev["fingerprint"] == fp:
+                    rows.append({**row, "origin": "carried", "carried_json": json.dumps(prev, default=str)})
+                    continue
+                plan, origin = self._plan(u, prev)
+                if plan.items_dropped:
+                    row["notes"] = [f"profile from the newest {plan.items_used} of {plan.items_total} items "
+                                    f"({plan.items_dropped} older items over profile.max_parts)"]
+                rows.append({**row, "origin": origin, "plan_json": json.dumps(plan.to_dict())})
         return _table(rows, _PLANNED)
 
 
@@ -106,10 +167,14 @@ class ProfileEngineStage:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
-        plans = [profiling.ProfilePlan.from_dict(json.loads(r["plan_json"])) for r in rows]
+        carried = [r for r in rows if r["carried_json"]]
+        todo = [r for r in rows if not r["carried_json"]]
+        plans = [profiling.ProfilePlan.from_dict(json.loads(r["plan_json"])) for r in todo]
         schema = self.task.profile
-        out = []
-        for r, plan, res in zip(rows, plans, self.distiller.run(plans)):
+        out = [{**json.loads(r["carried_json"]), "chunk_id": r["chunk_id"], "chunk_rows": r["chunk_rows"],
+                "origin": "carried", "llm_calls": 0, "prompt_tokens": 0, "completion_tokens": 0,
+                "engine_seconds": 0.0} for r in carried]
+        for r, plan, res in zip(todo, plans, self.distiller.run(plans)):
             notes = list(r["notes"])
             if not plan.parts:
                 notes.append("profile skipped: empty history")
@@ -124,8 +189,11 @@ class ProfileEngineStage:
                 "prompt": res.prompt, "raw_output": res.raw_output, "llm_calls": res.llm_calls,
                 "prompt_tokens": res.prompt_tokens, "completion_tokens": res.completion_tokens,
                 "engine_seconds": res.engine_seconds, "model": self.job.engine.model,
-                "prompt_version": profiling.PROMPT_VERSION, "notes": notes,
+                "prompt_version": profiling.PROMPT_VERSION, "notes": notes, "run_id": self.job.run_id,
             })
+            if plan.base_profile is not None:
+                out[-1]["item_ids"] = sorted(set(out[-1]["item_ids"]) | set(json.loads(r["carried_json"] or "{}")
+                                                                          .get("item_ids") or []))
         return _table(out, _with_chunk_rows(PROFILE_SCHEMA))
 
 
@@ -133,26 +201,31 @@ class ProfileEngineStage:
 class GenerationPlanStage:
     """CPU stage: a chunk of queries -> one row per (query, mode) with its rendered prompts."""
 
-    def __init__(self, job: JobSpec, with_profiles: bool):
-        self.job, self.task, self.with_profiles = job, get_task(job.task), with_profiles
+    def __init__(self, job: JobSpec, at: ProfilesAt | None):
+        self.job, self.task, self.at = job, get_task(job.task), at
         self.tools = PromptFormatter(job.engine)
         self.retriever = build_retriever(job.retrieval)
-        self.store = RunStore(job.output_uri, job.storage)
+        self.store = RunStore(at.uri, job.storage) if at else None
 
     def _profiles(self, chunk_ids: list[str]) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}
-        if self.with_profiles:
+        if self.at is not None:
             for cid in chunk_ids:
-                table = self.store.read_table(f"profiles/chunk-{cid}.parquet",
-                                              columns=["user_id", "profile_text", "status"])
-                out.update({r["user_id"]: r for r in table.to_pylist()})
+                rel = f"{self.at.folder}/chunk-{cid}.parquet"
+                if self.store.exists(rel):
+                    table = self.store.read_table(rel, columns=["user_id", "profile_text", "status"])
+                    out.update({r["user_id"]: r for r in table.to_pylist()})
         return out
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = []
         for chunk in batch.to_pylist():
-            queries, donor_info = decode_queries(chunk["payload"])
-            profiles = self._profiles(chunk["profile_chunks"])
+            queries, histories = chunk_queries(self.job, chunk)
+            users = sorted({u for q in queries for u in q.user_ids})
+            donor_info = {u: {"donor": d, "history": histories.get(d, [])}
+                          for u, d in donors(users, self.job.generation.seed).items()} \
+                if "random-profile" in self.job.modes else {}
+            profiles = self._profiles(chunk.get("profile_chunks") or [chunk["chunk_id"]])
             texts = {u: p["profile_text"] for u, p in profiles.items()}
             n_rows = len(queries) * len(self.job.modes)
             for q in queries:
@@ -217,9 +290,10 @@ class GenerationEngineStage:
 
 
 # ------------------------------------------------------------------------------------------------ commit
-def _commit(job: JobSpec, folder: str, rows: list[dict[str, Any]], schema: pa.Schema) -> list[dict[str, Any]]:
+def _commit(job: JobSpec, folder: str, rows: list[dict[str, Any]], schema: pa.Schema,
+            uri: str | None = None) -> list[dict[str, Any]]:
     """Write each complete chunk in ``rows`` as one file; refuse a chunk with rows missing."""
-    store = RunStore(job.output_uri, job.storage)
+    store = RunStore(uri or job.output_uri, job.storage)
     by_chunk: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         by_chunk.setdefault(r["chunk_id"], []).append(r)
@@ -244,8 +318,13 @@ def count_statuses(rows: list[dict[str, Any]]) -> dict[str, int]:
     return out
 
 
-def commit_profiles(batch: pa.Table, job: JobSpec) -> pa.Table:
-    return pa.Table.from_pylist(_commit(job, "profiles", batch.to_pylist(), PROFILE_SCHEMA))
+def commit_profiles(batch: pa.Table, job: JobSpec, at: ProfilesAt) -> pa.Table:
+    rows = batch.to_pylist()
+    summaries = _commit(job, at.folder, rows, PROFILE_SCHEMA, at.uri)
+    for s in summaries:
+        part = [r for r in rows if r["chunk_id"] == s["chunk_id"]]
+        s["origins"] = json.dumps({o: sum(1 for r in part if r["origin"] == o) for o in {r["origin"] for r in part}})
+    return pa.Table.from_pylist(summaries)
 
 
 def score_and_commit_generations(batch: pa.Table, job: JobSpec) -> pa.Table:
@@ -287,7 +366,7 @@ def ray_session(job: JobSpec) -> Iterator[None]:
             ray.shutdown()
 
 
-def _run_pass(job: JobSpec, kind: str, chunks: list[dict[str, Any]], with_profiles: bool = False) -> list[dict]:
+def _run_pass(job: JobSpec, kind: str, chunks: list[dict[str, Any]], at: ProfilesAt | None) -> list[dict]:
     import ray
     import ray.data
     from ray.data import ActorPoolStrategy
@@ -302,13 +381,13 @@ def _run_pass(job: JobSpec, kind: str, chunks: list[dict[str, Any]], with_profil
                                                  max_tasks_in_flight_per_actor=job.ray.engine_tasks_in_flight),
                        **res.remote_args())
     if kind == "profile":
-        ds = ds.map_batches(ProfilePlanStage, fn_constructor_kwargs={"job": job}, compute=cpu_pool,
+        ds = ds.map_batches(ProfilePlanStage, fn_constructor_kwargs={"job": job, "at": at}, compute=cpu_pool,
                             num_cpus=CPU_STAGE_CPUS, **common)
         ds = ds.map_batches(ProfileEngineStage, fn_constructor_kwargs={"job": job}, **engine_pool, **common)
-        ds = ds.map_batches(commit_profiles, fn_kwargs={"job": job}, num_cpus=CPU_STAGE_CPUS, **common)
+        ds = ds.map_batches(commit_profiles, fn_kwargs={"job": job, "at": at}, num_cpus=CPU_STAGE_CPUS, **common)
     else:
-        ds = ds.map_batches(GenerationPlanStage, fn_constructor_kwargs={"job": job, "with_profiles": with_profiles},
-                            compute=cpu_pool, num_cpus=CPU_STAGE_CPUS, **common)
+        ds = ds.map_batches(GenerationPlanStage, fn_constructor_kwargs={"job": job, "at": at}, compute=cpu_pool,
+                            num_cpus=CPU_STAGE_CPUS, **common)
         ds = ds.map_batches(GenerationEngineStage, fn_constructor_kwargs={"job": job}, **engine_pool, **common)
         ds = ds.map_batches(score_and_commit_generations, fn_kwargs={"job": job}, num_cpus=CPU_STAGE_CPUS, **common)
     return ds.take_all()
@@ -321,14 +400,16 @@ class RunResult:
     manifest: dict[str, Any]
 
 
-def _pending(store: RunStore, folder: str, chunks: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    done = {p.rsplit("/", 1)[-1] for p in store.list(folder, ".parquet")}
+def _pending(uri: str, folder: str, job: JobSpec, chunks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The chunks without a committed file in ``folder`` (a rerun skips the others)."""
+    done = {p.rsplit("/", 1)[-1] for p in RunStore(uri, job.storage).list(folder, ".parquet")}
     return [c for c in chunks if f"chunk-{c['chunk_id']}.parquet" not in done]
 
 
 def _check_resume(store: RunStore, job: JobSpec) -> bool:
     """Record the run's spec at the start; on a rerun into the same output, insist the spec is the same."""
-    spec = {k: v for k, v in job.public_dict().items() if k not in ("ray",)}
+    spec = job.public_dict()
+    spec["ray"] = {k: spec["ray"][k] for k in ("num_shards", "users_per_chunk")}  # the rest does not change results
     if store.exists("_run_spec.json"):
         previous = store.read_json("_run_spec.json")
         if previous != spec:
@@ -378,68 +459,130 @@ def _read_folder(store: RunStore, folder: str, columns: list[str]) -> pa.Table:
     return pa.concat_tables(tables) if tables else pa.table({c: [] for c in columns})
 
 
+def num_shards(job: JobSpec, lead_users: int | None) -> int:
+    """The job's shard count: fixed in the spec, or about ``users_per_chunk`` lead users per shard (a dataset,
+    whose size is not known before reading it, gets 256)."""
+    if job.ray.num_shards != "auto":
+        return int(job.ray.num_shards)
+    if lead_users is None:
+        return 256
+    return max(1, -(-lead_users // job.ray.users_per_chunk))
+
+
+@dataclass
+class Work:
+    """A job's input cut into chunks for the two passes, with the counts the manifest reports."""
+
+    shards: int
+    profile_chunks: list[dict[str, Any]]
+    generation_chunks: list[dict[str, Any]]
+    counts: dict[str, int]
+    expected_queries: int | None
+
+
+def prepare_work(job: JobSpec, needs_profiles: bool) -> Work:
+    """Read (LaMP JSON: in the driver) or stage (datasets: a Ray Data pass) the input into per-shard chunks."""
+    if job.input.format == "lamp":
+        task = get_task(job.task)
+        queries = read_lamp(job.input.questions, job.input.outputs, task, job.storage)
+        groups = lead_groups(queries, job.limit)
+        if not groups:
+            raise StepbackError(f"{job.input.questions}: no questions to run")
+        kept = [q for g in groups for q in g]
+        users = collect_users(kept)
+        shards = num_shards(job, len(groups))
+        with_donors = "random-profile" in job.modes
+        histories = {u.user_id: u.history for u in users} if with_donors else None
+        return Work(shards, profile_chunks(users, shards),
+                    generation_chunks(groups, shards, needs_profiles, with_donors, histories),
+                    {"queries_in": len(queries), "queries": len(kept), "users": len(users)}, len(kept))
+    shards = num_shards(job, None)
+    counts = stage_dataset(job, shards)
+    chunks = staged_chunks(job)
+    return Work(shards, chunks, chunks, counts, None)
+
+
+def profiles_target(job: JobSpec, shards: int) -> tuple[ProfilesAt, StoreVersion | None]:
+    if job.profile_store.uri:
+        sv = open_version(job, shards)
+        return ProfilesAt(job.profile_store.uri, sv.profiles_dir, sv.previous_profiles_dir, sv.full), sv
+    return ProfilesAt(job.output_uri, "profiles"), None
+
+
+def run_profile_pass(job: JobSpec, work: Work) -> tuple[ProfilesAt, dict[str, Any]]:
+    """Profile every user (carrying unchanged ones over from the store); commit the store version."""
+    t0 = time.time()
+    at, sv = profiles_target(job, work.shards)
+    summaries = _run_pass(job, "profile", _pending(at.uri, at.folder, job, work.profile_chunks), at)
+    store = RunStore(at.uri, job.storage)
+    rows = _read_folder(store, at.folder, ["status", "prompt_tokens", "completion_tokens", "engine_seconds",
+                                            "llm_calls", "parts", "origin"]).to_pylist()
+    secs = sum(r["engine_seconds"] for r in rows)
+    toks = sum(r["prompt_tokens"] + r["completion_tokens"] for r in rows)
+    origins = {o: sum(1 for r in rows if r["origin"] == o) for o in ("new", "recomputed", "incremental", "carried")}
+    stats = {
+        "users": len(rows), "statuses": count_statuses(rows), "origins": origins,
+        "deleted": max(0, (sv.previous_users if sv else 0) - origins["recomputed"] - origins["incremental"]
+                       - origins["carried"]),
+        "llm_calls": sum(r["llm_calls"] for r in rows), "map_reduced_users": sum(1 for r in rows if r["parts"] > 1),
+        "prompt_tokens": sum(r["prompt_tokens"] for r in rows),
+        "completion_tokens": sum(r["completion_tokens"] for r in rows), "engine_seconds": round(secs, 3),
+        "tokens_per_s": round(toks / secs, 1) if secs else None, "chunks_committed_this_run": len(summaries),
+        "wall_s": round(time.time() - t0, 3)}
+    if sv is not None:
+        stats.update(store_uri=job.profile_store.uri, version=sv.version, previous=sv.previous, full_rebuild=sv.full)
+        commit_version(sv, job, work.shards, {**stats, "run_id": job.run_id, "config": job.public_dict(),
+                                              "files": store.list(at.folder, ".parquet")})
+    return at, stats
+
+
 def run_job(job: JobSpec) -> RunResult:
     """Run the whole job: read, profile, generate, score, write. Returns the metrics and the manifest."""
     t_start = time.time()
     task = get_task(job.task)
     store = RunStore(job.output_uri, job.storage)
     store.ensure_writable()
-    queries = read_lamp(job.input.questions, job.input.outputs, task, job.storage)
-    groups = lead_groups(queries, job.limit)
-    if not groups:
-        raise StepbackError(f"{job.input.questions}: no questions to run")
-    kept = [q for g in groups for q in g]
-    users = collect_users(kept)
     needs_profiles = any(prompting.mode_uses(m)[0] for m in job.modes)
-    p_chunks, where = profile_chunks(users, job.ray.users_per_chunk)
-    donor_of = donors([u.user_id for u in users], job.generation.seed) if "random-profile" in job.modes else None
-    histories = {u.user_id: u.history for u in users} if donor_of is not None else None
-    g_chunks = generation_chunks(groups, job.ray.users_per_chunk, where if needs_profiles else {}, donor_of, histories)
     PromptFormatter(job.engine)  # fail here, before any cluster work, if the model or its tokenizer is unusable
     resumed = _check_resume(store, job)
-    timings: dict[str, float] = {"read_s": round(time.time() - t_start, 3)}
     with ray_session(job):
+        work = prepare_work(job, needs_profiles)
+        timings: dict[str, float] = {"read_s": round(time.time() - t_start, 3)}
+        at, profile_stats = run_profile_pass(job, work) if needs_profiles else (None, None)
+        timings["profile_pass_s"] = profile_stats["wall_s"] if profile_stats else 0.0
         t0 = time.time()
-        profile_summaries = _run_pass(job, "profile", _pending(store, "profiles", p_chunks) if needs_profiles else [])
-        timings["profile_pass_s"] = round(time.time() - t0, 3)
-        t0 = time.time()
-        gen_summaries = _run_pass(job, "generate", _pending(store, "generations", g_chunks),
-                                  with_profiles=needs_profiles)
+        gen_summaries = _run_pass(job, "generate", _pending(job.output_uri, "generations", job, work.generation_chunks),
+                                  at)
         timings["generation_pass_s"] = round(time.time() - t0, 3)
 
     cols = ["query_id", "mode", "user_id", "gold", "output", "prompt_tokens", "completion_tokens", "engine_seconds",
             "status"]
     generated = _read_folder(store, "generations", cols).to_pylist()
     result_metrics = summarize(job, generated)
+    if profile_stats:
+        result_metrics["profiles"] = profile_stats
     official_task = "LaMP_2" if task.name == "LaMP_2_news" else task.name
     for mode in job.modes:  # the official outputs format, ready for `stepback score` or a LaMP submission
         store.write_json(f"predictions/{mode}.json", {"task": official_task, "golds": [
             {"id": r["query_id"], "output": r["output"] or ""} for r in generated if r["mode"] == mode]})
-    if needs_profiles:
-        p = _read_folder(store, "profiles", ["status", "prompt_tokens", "completion_tokens", "engine_seconds",
-                                             "llm_calls", "parts"]).to_pylist()
-        secs = sum(r["engine_seconds"] for r in p)
-        toks = sum(r["prompt_tokens"] + r["completion_tokens"] for r in p)
-        result_metrics["profiles"] = {
-            "users": len(p), "statuses": count_statuses(p), "llm_calls": sum(r["llm_calls"] for r in p),
-            "map_reduced_users": sum(1 for r in p if r["parts"] > 1),
-            "prompt_tokens": sum(r["prompt_tokens"] for r in p),
-            "completion_tokens": sum(r["completion_tokens"] for r in p), "engine_seconds": round(secs, 3),
-            "tokens_per_s": round(toks / secs, 1) if secs else None}
     store.write_json("metrics.json", result_metrics)
     timings["total_s"] = round(time.time() - t_start, 3)
-    expected = len(kept) * len(job.modes)
+    queries = work.expected_queries if work.expected_queries is not None else \
+        len({r["query_id"] for r in generated})
+    expected = queries * len(job.modes)
     manifest = {
         "run_id": job.run_id, "name": job.name, "output": job.output_uri, "resumed": resumed,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t_start)),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "config": job.public_dict(), "versions": _versions(),
-        "counts": {"queries_in": len(queries), "queries": len(kept), "users": len(users),
-                   "profile_chunks": len(p_chunks) if needs_profiles else 0, "generation_chunks": len(g_chunks),
+        "counts": {**work.counts, "shards": work.shards, "profile_chunks": len(work.profile_chunks)
+                   if needs_profiles else 0, "generation_chunks": len(work.generation_chunks),
                    "generation_rows": len(generated), "expected_generation_rows": expected,
                    "generation_rows_by_status": count_statuses(generated)},
-        "chunks_committed_this_run": {"profiles": len(profile_summaries), "generations": len(gen_summaries)},
-        "files": {"profiles": store.list("profiles", ".parquet"), "generations": store.list("generations", ".parquet"),
+        "chunks_committed_this_run": {"profiles": profile_stats["chunks_committed_this_run"] if profile_stats else 0,
+                                      "generations": len(gen_summaries)},
+        "profiles": {"uri": at.uri, "folder": at.folder} if at else None,
+        "files": {"generations": store.list("generations", ".parquet"),
                   "predictions": [f"predictions/{m}.json" for m in job.modes], "metrics": "metrics.json"},
         "timings": timings,
     }
@@ -447,3 +590,23 @@ def run_job(job: JobSpec) -> RunResult:
         raise StepbackError(f"{job.output_uri}: {len(generated)} generation rows committed, expected {expected}")
     store.write_json("manifest.json", manifest)
     return RunResult(job.output_uri, result_metrics, manifest)
+
+
+def run_profile_job(job: JobSpec) -> RunResult:
+    """Profile only (the nightly job): every user of the input, unchanged ones carried over from the store."""
+    t_start = time.time()
+    store = RunStore(job.output_uri, job.storage)
+    store.ensure_writable()
+    PromptFormatter(job.engine)
+    resumed = _check_resume(store, job)
+    with ray_session(job):
+        work = prepare_work(job, needs_profiles=True)
+        at, stats = run_profile_pass(job, work)
+    manifest = {"run_id": job.run_id, "name": job.name, "output": job.output_uri, "resumed": resumed,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t_start)),
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "config": job.public_dict(),
+                "versions": _versions(), "counts": {**work.counts, "shards": work.shards},
+                "profiles": {"uri": at.uri, "folder": at.folder, **stats},
+                "timings": {"total_s": round(time.time() - t_start, 3)}}
+    store.write_json("manifest.json", manifest)
+    return RunResult(job.output_uri, {"profiles": stats}, manifest)

@@ -53,6 +53,8 @@ class ProfilePlan:
     parts: list[list[SelectedItem]]
     items_total: int
     items_dropped: int = 0
+    base_profile: dict[str, Any] | None = None
+    """Incremental update: the user's previous profile, merged with the profiles of the (new) parts."""
 
     @property
     def items_used(self) -> int:
@@ -60,12 +62,12 @@ class ProfilePlan:
 
     def to_dict(self) -> dict[str, Any]:
         return {"user_id": self.user_id, "items_total": self.items_total, "items_dropped": self.items_dropped,
-                "parts": [[vars(s) for s in part] for part in self.parts]}
+                "parts": [[vars(s) for s in part] for part in self.parts], "base_profile": self.base_profile}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ProfilePlan":
         return cls(d["user_id"], [[SelectedItem(**s) for s in part] for part in d["parts"]], d["items_total"],
-                   d["items_dropped"])
+                   d["items_dropped"], d.get("base_profile"))
 
 
 def _date_key(item: dict[str, str]) -> float:
@@ -350,6 +352,9 @@ class Distiller:
             prof, status = parse_profile(c.text, schema, self.prefill) if not c.error else ({}, f"error: {c.error}")
             res.partials.append(prof)
             pending[id(res)].append((prof, status, c.text))
+        for plan, res in active:  # incremental: the previous profile joins as the oldest partial
+            if plan.base_profile:
+                pending[id(res)].append((plan.base_profile, "ok", None))
         # reduce: merge fan_in partials at a time until each user has one profile
         while True:
             jobs, groups = [], []

@@ -40,7 +40,8 @@ def _minimal() -> dict:
     ({"modes": ["none", "telepathy"]}, r"modes.1: Input should be"),
     ({"engine": {"batch_size": 0}}, r"engine.batch_size: Input should be greater than 0 \(got 0\)"),
     ({"limit": "many"}, r"limit: Input should be a valid integer"),
-    ({"input": {"outputs": "o.json"}}, r"input.questions: required key is missing"),
+    ({"input": {"outputs": "o.json"}}, r"input: format lamp needs input.questions"),
+    ({"input": {"format": "parquet"}}, r"input: format parquet needs input.path"),
     ({"name": "a b"}, r"name: String should match pattern"),
     ({"modes": ["none", "none"]}, r"modes: modes repeat"),
 ])

@@ -2,7 +2,8 @@
 
 from .lamp import read_lamp, read_lamp_table
 from .rows import (Query, UserHistory, collect_users, decode_queries, decode_users, donors, generation_chunks,
-                   lead_groups, profile_chunks, queries_to_arrow)
+                   lead_groups, profile_chunks, queries_to_arrow, shard_of)
 
 __all__ = ["Query", "UserHistory", "collect_users", "decode_queries", "decode_users", "donors",
-           "generation_chunks", "lead_groups", "profile_chunks", "queries_to_arrow", "read_lamp", "read_lamp_table"]
+           "generation_chunks", "lead_groups", "profile_chunks", "queries_to_arrow", "read_lamp", "read_lamp_table",
+           "shard_of"]

@@ -4,9 +4,10 @@ A query has one user (LaMP) or several authors in byline order (PSW), each with 
 query. The profile pass works on *users* (every distinct user once, with the union of their histories, so an
 author of many papers is profiled once per run); the generation pass works on *queries*.
 
-A *chunk* is the unit of work and of commit: a fixed, deterministic group that travels through every stage
-together and is written as one file. Chunk ids depend only on the input and the chunk size, so a rerun of the
-same job finds the same chunks. Generation chunks name the profile chunks that hold their users' profiles.
+A *chunk* is the unit of work and of commit: the users (or the queries of the lead users) of one shard, where a
+user's shard is a stable hash of their id. It travels through every stage together and is written as one file.
+Chunk ids depend only on the user ids and the number of shards, so a rerun of the same job (or tomorrow's run)
+finds the same chunks, and the profile of any user is found in the profile file of that user's shard.
 """
 
 from __future__ import annotations
@@ -82,6 +83,11 @@ def collect_users(queries: list[Query]) -> list[UserHistory]:
     return list(users.values())
 
 
+def shard_of(user_id: str, num_shards: int) -> int:
+    """A user's shard: a stable hash of the id (the same in every process, run and night)."""
+    return int.from_bytes(hashlib.sha1(user_id.encode()).digest()[:8], "big") % num_shards
+
+
 def donors(user_ids: list[str], seed: int = 0) -> dict[str, str]:
     """A fixed derangement: every user borrows another user's profile (the random-profile control).
 
@@ -89,45 +95,40 @@ def donors(user_ids: list[str], seed: int = 0) -> dict[str, str]:
     the pairing does not depend on input order. With fewer than two users there is no one to borrow from."""
     if len(user_ids) < 2:
         return {}
-    order = sorted(user_ids, key=lambda u: hashlib.sha256(f"{seed}:{u}".encode()).hexdigest())
+    order = sorted(set(user_ids), key=lambda u: hashlib.sha256(f"{seed}:{u}".encode()).hexdigest())
     return {u: order[(i + 1) % len(order)] for i, u in enumerate(order)}
 
 
-def chunk_id(i: int) -> str:
-    return f"{i:06d}"
+def chunk_id(shard: int) -> str:
+    return f"{shard:05d}"
 
 
-def profile_chunks(users: list[UserHistory], size: int) -> tuple[list[dict[str, Any]], dict[str, str]]:
-    """Rows for the profile pass, and each user's profile chunk id."""
-    rows, where = [], {}
-    for start in range(0, len(users), size):
-        part = users[start:start + size]
-        cid = chunk_id(start // size)
-        for u in part:
-            where[u.user_id] = cid
-        rows.append({"chunk_id": cid, "n_rows": len(part),
-                     "payload": json.dumps([asdict(u) for u in part])})
-    return rows, where
+def profile_chunks(users: list[UserHistory], num_shards: int) -> list[dict[str, Any]]:
+    """Rows for the profile pass: the users of each non-empty shard, in input order within the shard."""
+    by_shard: dict[int, list[UserHistory]] = {}
+    for u in users:
+        by_shard.setdefault(shard_of(u.user_id, num_shards), []).append(u)
+    return [{"chunk_id": chunk_id(k), "payload": json.dumps([asdict(u) for u in part])}
+            for k, part in sorted(by_shard.items())]
 
 
-def generation_chunks(groups: list[list[Query]], size: int, profile_chunk_of: dict[str, str],
-                      donor_of: dict[str, str] | None = None,
-                      histories: dict[str, list[Item]] | None = None) -> list[dict[str, Any]]:
-    """Rows for the generation pass: ``size`` lead users' queries per chunk, with the profile chunks that hold
-    their users' (and donors') profiles, and, for the random-profile control, each user's donor and its history."""
+def generation_chunks(groups: list[list[Query]], num_shards: int, needs_profiles: bool,
+                      with_histories: bool = False, histories: dict[str, list[Item]] | None = None
+                      ) -> list[dict[str, Any]]:
+    """Rows for the generation pass: the queries of each shard (by lead user), with the profile shards that
+    hold their users' profiles and, for the random-profile control, the histories of the chunk's users (each
+    borrows from another user of the same chunk)."""
+    by_shard: dict[int, list[Query]] = {}
+    for g in groups:
+        by_shard.setdefault(shard_of(g[0].user_id, num_shards), []).extend(g)
     rows = []
-    for start in range(0, len(groups), size):
-        queries = [q for g in groups[start:start + size] for q in g]
-        users = {u for q in queries for u in q.user_ids}
-        donor_info = {}
-        if donor_of is not None and histories is not None:
-            donor_info = {u: {"donor": donor_of[u], "history": histories[donor_of[u]]} for u in users if u in donor_of}
-        needed = users | {d["donor"] for d in donor_info.values()}
+    for k, queries in sorted(by_shard.items()):
+        users = sorted({u for q in queries for u in q.user_ids})
+        chunk_histories = {u: histories[u] for u in users} if with_histories and histories is not None else {}
         rows.append({
-            "chunk_id": chunk_id(start // size),
-            "n_rows": len(queries),
-            "payload": json.dumps({"queries": [q.to_dict() for q in queries], "donors": donor_info}),
-            "profile_chunks": sorted({profile_chunk_of[u] for u in needed if u in profile_chunk_of}),
+            "chunk_id": chunk_id(k),
+            "payload": json.dumps({"queries": [q.to_dict() for q in queries], "histories": chunk_histories}),
+            "profile_chunks": sorted({chunk_id(shard_of(u, num_shards)) for u in users}) if needs_profiles else [],
         })
     return rows
 
@@ -136,9 +137,9 @@ def decode_users(payload: str) -> list[UserHistory]:
     return [UserHistory(**d) for d in json.loads(payload)]
 
 
-def decode_queries(payload: str) -> tuple[list[Query], dict[str, dict[str, Any]]]:
+def decode_queries(payload: str) -> tuple[list[Query], dict[str, list[Item]]]:
     data = json.loads(payload)
-    return [Query(**q) for q in data["queries"]], data["donors"]
+    return [Query(**q) for q in data["queries"]], data["histories"]
 
 
 def _item_type(items: list[Item]) -> pa.DataType:

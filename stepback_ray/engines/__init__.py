@@ -12,6 +12,10 @@ def build_engine(config: EngineConfig) -> Engine:
         from .transformers_engine import TransformersEngine
 
         return TransformersEngine(config)
+    if config.kind == "dry-run":
+        from .dry_run import DryRunEngine
+
+        return DryRunEngine(config)
     if config.kind == "vllm":
         from .vllm_engine import VLLMEngine
 

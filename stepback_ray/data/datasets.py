@@ -1,0 +1,222 @@
+"""Dataset inputs (Parquet, JSON Lines) read without loading them whole, validated row by row, staged by shard.
+
+Staging is a Ray Data pass: read the dataset in parallel -> validate every row (a bad row is *quarantined* with
+its reason, never dropped silently and never fatal) -> write the good rows partitioned by shard (a stable hash of
+the user id) under ``<run>/_staged/shard=<k>/``. Each shard is then a unit of work that the profile and
+generation passes load on their own, so memory stays flat however many users there are.
+
+Layouts: ``user`` (one row per user: ``user_id``, ``history`` list of items, optional ``queries`` list of
+``{query_id, input, gold}``) and ``item`` (one row per history item: ``user_id`` plus the item's fields).
+JSON Lines are split and parsed here, line by line, so a line of bad JSON or invalid UTF-8 is one quarantined
+row, not a failed file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..config import JobSpec
+from ..storage import RunStore
+from ..tasks import TaskSpec, get_task
+from .rows import Query, UserHistory, shard_of
+
+MAX_ITEM_CHARS = 100_000
+MAX_ID_CHARS = 512
+_BAD_ID = re.compile(r"(^\.\.?$)|[/\\\x00-\x1f]|(\.\.)")
+QUARANTINE_SCHEMA = pa.schema([("reason", pa.string()), ("record", pa.string()), ("source", pa.string())])
+STAGED_SCHEMA = pa.schema([("shard", pa.int32()), ("user_id", pa.string()), ("record", pa.string())])
+
+
+class BadRecord(ValueError):
+    """A record that cannot be used; its message is the reason recorded in the quarantine."""
+
+
+def _text(value: Any, what: str) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise BadRecord(f"{what}: expected text, got {type(value).__name__}")
+
+
+def check_user_id(value: Any) -> str:
+    uid = _text(value, "user_id").strip()
+    if not uid:
+        raise BadRecord("user_id: empty")
+    if len(uid) > MAX_ID_CHARS:
+        raise BadRecord(f"user_id: longer than {MAX_ID_CHARS} characters")
+    if _BAD_ID.search(uid):
+        raise BadRecord("user_id: contains a path separator, '..' or a control character")
+    return uid
+
+
+def check_item(item: Any, task: TaskSpec, where: str, fallback_id: str) -> dict[str, str]:
+    if not isinstance(item, dict):
+        raise BadRecord(f"{where}: expected an object, got {type(item).__name__}")
+    out: dict[str, str] = {}
+    for k, v in item.items():
+        if v is None:
+            continue
+        text = _text(v, f"{where}.{k}")
+        if len(text) > MAX_ITEM_CHARS:
+            raise BadRecord(f"{where}.{k}: {len(text)} characters, over the limit of {MAX_ITEM_CHARS}")
+        out[str(k)] = text
+    for need in task.item_fields:
+        if need not in out:
+            raise BadRecord(f"{where}.{need}: missing (task {task.name} needs {', '.join(task.item_fields)})")
+    out.setdefault("id", fallback_id)
+    return out
+
+
+def check_record(rec: Any, task: TaskSpec, layout: str) -> dict[str, Any]:
+    """A validated, normalized record, or :class:`BadRecord` with the reason."""
+    if not isinstance(rec, dict):
+        raise BadRecord(f"expected an object, got {type(rec).__name__}")
+    uid = check_user_id(rec.get("user_id"))
+    if layout == "item":
+        item = {k: v for k, v in rec.items() if k != "user_id"}
+        key = hashlib.sha1(json.dumps(item, sort_keys=True, default=str).encode()).hexdigest()[:12]
+        return {"user_id": uid, "item": check_item(item, task, "item", f"{uid}#{key}")}
+    history = rec.get("history", [])
+    if history is None:
+        history = []
+    if not isinstance(history, list):
+        raise BadRecord(f"history: expected a list, got {type(history).__name__}")
+    items = [check_item(it, task, f"history[{i}]", f"{uid}#{i}") for i, it in enumerate(history)]
+    queries = []
+    for i, q in enumerate(rec.get("queries") or []):
+        if not isinstance(q, dict):
+            raise BadRecord(f"queries[{i}]: expected an object, got {type(q).__name__}")
+        qid = _text(q.get("query_id"), f"queries[{i}].query_id")
+        text = _text(q.get("input"), f"queries[{i}].input")
+        gold = q.get("gold")
+        queries.append({"query_id": qid, "input": text, "gold": None if gold is None else _text(gold, "gold")})
+    return {"user_id": uid, "history": items, "queries": queries}
+
+
+class ValidateAndShard:
+    """Ray Data stage: raw rows -> good rows ``(shard, user_id, record)``; bad rows go to the quarantine files.
+
+    A quarantine file's name is a hash of its content, so a retried task rewrites the same file instead of
+    adding a second one: quarantine counts reconcile exactly."""
+
+    def __init__(self, job: JobSpec, shards: int):
+        self.job, self.task, self.shards = job, get_task(job.task), shards
+        self.store = RunStore(job.output_uri, job.storage)
+
+    def _records(self, batch: pa.Table) -> list[tuple[Any, str, str | None]]:
+        """(record or None, raw text for the quarantine, parse error) per input row."""
+        out: list[tuple[Any, str, str | None]] = []
+        if self.job.input.format == "jsonl":
+            for row in batch.to_pylist():
+                data, path = row["bytes"], row.get("path") or ""
+                for n, line in enumerate(data.split(b"\n")):
+                    if not line.strip():
+                        continue
+                    where = f"{path}:{n + 1}"
+                    try:
+                        out.append((json.loads(line.decode("utf-8")), where, None))
+                    except UnicodeDecodeError as e:
+                        out.append((line[:2000].decode("utf-8", "replace"), where, f"invalid UTF-8 ({e.reason})"))
+                    except json.JSONDecodeError as e:
+                        out.append((line[:2000].decode("utf-8", "replace"), where, f"bad JSON: {e.msg}"))
+        else:
+            for rec in batch.to_pylist():
+                out.append((rec, "", None))
+        return out
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        good, bad = [], []
+        for rec, where, error in self._records(batch):
+            if error is None:
+                try:
+                    clean = check_record(rec, self.task, self.job.input.layout)
+                except BadRecord as e:
+                    error = str(e)
+                else:
+                    good.append({"shard": shard_of(clean["user_id"], self.shards), "user_id": clean["user_id"],
+                                 "record": json.dumps(clean)})
+                    continue
+            raw = rec if isinstance(rec, str) else json.dumps(rec, default=str)
+            bad.append({"reason": error, "record": raw[:2000], "source": where})
+        if bad:
+            table = pa.Table.from_pylist(bad, schema=QUARANTINE_SCHEMA)
+            digest = hashlib.sha1(json.dumps(bad, sort_keys=True).encode()).hexdigest()[:16]
+            self.store.write_table(f"quarantine/part-{digest}.parquet", table)
+        return pa.Table.from_pylist(good, schema=STAGED_SCHEMA)
+
+
+def stage_dataset(job: JobSpec, shards: int) -> dict[str, int]:
+    """Validate and shard the job's dataset into ``<run>/_staged/``; return row counts (in, good, quarantined).
+    A rerun of the same run finds the staging done (``_staged/_SUCCESS``) and reuses it."""
+    import ray.data
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    from ..storage import filesystem_for
+
+    store = RunStore(job.output_uri, job.storage)
+    if not store.exists("_staged/_SUCCESS"):
+        src_fs, src_path = filesystem_for(job.input.path, job.storage)
+        pa_src = PyFileSystem(FSSpecHandler(src_fs))
+        if job.input.format == "parquet":
+            ds = ray.data.read_parquet(src_path, filesystem=pa_src)
+        else:
+            ds = ray.data.read_binary_files(src_path, filesystem=pa_src, include_paths=True)
+        ds = ds.map_batches(ValidateAndShard, fn_constructor_kwargs={"job": job, "shards": shards},
+                            batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25)
+        out_fs = PyFileSystem(FSSpecHandler(store.fs))
+        ds.write_parquet(store.path("_staged"), filesystem=out_fs, partition_cols=["shard"])
+        store.write_bytes("_staged/_SUCCESS", b"")
+    good = sum(_rows(store, p) for d in store.list("_staged") if "/shard=" in d for p in store.list(d, ".parquet"))
+    bad = sum(_rows(store, p) for p in store.list("quarantine", ".parquet"))
+    return {"rows_in": good + bad, "rows_staged": good, "rows_quarantined": bad}
+
+
+def _rows(store: RunStore, rel: str) -> int:
+    with store.fs.open(store.path(rel), "rb") as f:
+        return pq.ParquetFile(io.BytesIO(f.read())).metadata.num_rows
+
+
+def staged_chunks(job: JobSpec) -> list[dict[str, Any]]:
+    """One work chunk per non-empty staged shard."""
+    store = RunStore(job.output_uri, job.storage)
+    rows = []
+    for d in store.list("_staged"):
+        name = d.rsplit("/", 1)[-1]
+        if name.startswith("shard="):
+            k = int(name.split("=", 1)[1])
+            rows.append({"chunk_id": f"{k:05d}", "source": d})
+    return sorted(rows, key=lambda r: r["chunk_id"])
+
+
+def load_staged(job: JobSpec, source: str) -> tuple[list[UserHistory], list[Query]]:
+    """The users (histories grouped by user, items de-duplicated by id) and queries of one staged shard."""
+    store = RunStore(job.output_uri, job.storage)
+    users: dict[str, UserHistory] = {}
+    seen: dict[str, set[str]] = {}
+    queries: list[Query] = []
+    task = get_task(job.task)
+    for rel in store.list(source, ".parquet"):
+        for row in store.read_table(rel, columns=["user_id", "record"]).to_pylist():
+            rec = json.loads(row["record"])
+            uid = rec["user_id"]
+            u = users.setdefault(uid, UserHistory(uid))
+            ids = seen.setdefault(uid, set())
+            for it in ([rec["item"]] if "item" in rec else rec["history"]):
+                if it["id"] not in ids:
+                    ids.add(it["id"])
+                    u.history.append(it)
+            for q in rec.get("queries", []):
+                queries.append(Query(q["query_id"], task.name, q["input"], [uid], [], q["gold"]))
+    ordered = sorted(users.values(), key=lambda u: u.user_id)
+    for q in queries:  # a query sees its user's whole history
+        q.profiles = [users[q.user_id].history]
+    queries.sort(key=lambda q: (q.user_id, q.query_id))
+    return ordered, queries

@@ -1,0 +1,70 @@
+"""The dry-run engine: everything but the LLM, for capacity planning and scale tests.
+
+Prompts are rendered and tokenized exactly as a real engine would (with the model's own tokenizer), and each
+gets an answer of the expected length (``engine.dry_run_output_fraction`` of ``max_new_tokens``): a well-formed
+profile for step-back prompts, filler text otherwise. Everything downstream (parsing, merges, scoring, writing)
+runs for real, so token counts, row counts and output bytes are those of a real run, minus the model's time.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from ..config import EngineConfig
+from .base import Completion, Prompt, SamplingParams
+from .formatting import PromptFormatter
+
+_WORDS = ("data", "model", "learning", "system", "method", "network", "analysis", "language", "vision", "graph")
+
+
+class DryRunEngine:
+    supports_json_schema = False
+
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.model_id = config.model
+        self.formatter = PromptFormatter(config)
+        self.tokenizer = self.formatter.tokenizer
+        self.max_context = self.formatter.max_context
+        self.family = self.formatter.family
+
+    def render(self, prompt: Prompt) -> str:
+        return self.formatter.render(prompt)
+
+    def count_tokens(self, text: str) -> int:
+        return self.formatter.count_tokens(text)
+
+    def truncate(self, text: str, max_tokens: int) -> str:
+        return self.formatter.truncate(text, max_tokens)
+
+    def _answer(self, prefilled_json: bool, target: int) -> str:
+        words = [_WORDS[i % len(_WORDS)] for i in range(max(1, target))]
+        if prefilled_json:  # continues '{"keywords": ["' and closes the object
+            kw = words[: max(1, target // 2)]
+            return json.dumps({"keywords": kw, "topics": kw[:2], "style": " ".join(words[:6])})[len('{"keywords": ["'):]
+        return " ".join(words)
+
+    def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[Completion]:
+        t0 = time.perf_counter()
+        target = max(1, round(params.max_new_tokens * self.config.dry_run_output_fraction))
+        out = []
+        for p in prompts:
+            text = self.render(p)
+            n_prompt = self.count_tokens(text)
+            if n_prompt + params.max_new_tokens > self.max_context:
+                out.append(Completion("", n_prompt, 0, "error", 0.0,
+                                      error=f"prompt has {n_prompt} tokens; with {params.max_new_tokens} new tokens "
+                                            f"it exceeds the context of {self.max_context}"))
+                continue
+            answer = self._answer(text.endswith('{"keywords": ["'), target)
+            ids = self.formatter.encode(answer)[: params.max_new_tokens]
+            answer = self.tokenizer.decode(ids)
+            out.append(Completion(answer, n_prompt, len(ids), "stop", 0.0))
+        share = (time.perf_counter() - t0) / max(1, len(prompts))
+        for c in out:
+            c.seconds = share
+        return out
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,86 @@
+"""The profile store: step-back profiles kept by user across runs, so a nightly job redoes only what changed.
+
+Layout under the store's URI::
+
+    versions/date=2026-11-22/run=<run_id>/profiles/chunk-<shard>.parquet   one file per shard (user hash)
+    versions/date=2026-11-22/run=<run_id>/manifest.json                   counts: carried, recomputed, ...
+    CURRENT.json                                                          the latest complete version
+
+A run writes a complete new version (unchanged users are carried over row for row), and only then moves
+``CURRENT.json`` to it: readers always see a whole version, a failed night leaves yesterday's in place, and a
+rerun with the same run id resumes the version it started. Each row keeps the fingerprint of (history, model,
+prompt version, profile settings); a user whose fingerprint is unchanged is carried over without an LLM call.
+In incremental mode a user whose history only grew gets the old profile merged with a profile of the new items
+(old profile + new items -> new profile); every ``full_rebuild_every``-th run rebuilds everyone from scratch.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+
+from .config import JobSpec
+from .errors import StepbackError
+from .storage import RunStore
+
+
+@dataclass
+class StoreVersion:
+    """Where this run writes its profiles, what it builds on, and whether it rebuilds everyone."""
+
+    root: RunStore
+    version: str
+    """Folder of this run's version, relative to the store root."""
+    previous: str | None
+    """Folder of the version it builds on (None: first run)."""
+    full: bool
+    """Rebuild every profile (first run, or the periodic full rebuild)."""
+    runs_since_full: int
+    previous_users: int
+
+    @property
+    def profiles_dir(self) -> str:
+        return f"{self.version}/profiles"
+
+    @property
+    def previous_profiles_dir(self) -> str | None:
+        return f"{self.previous}/profiles" if self.previous else None
+
+
+def open_version(job: JobSpec, shards: int) -> StoreVersion:
+    """Start (or resume) this run's version of the job's profile store."""
+    cfg = job.profile_store
+    assert cfg.uri is not None
+    root = RunStore(cfg.uri, job.storage)
+    current = root.read_json("CURRENT.json") if root.exists("CURRENT.json") else None
+    date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
+    version = f"versions/date={date}/run={job.run_id}"
+    existing = [v for v in _versions(root) if v.endswith(f"/run={job.run_id}")]
+    if existing:  # resuming: keep the version folder the interrupted run started
+        version = existing[0]
+    if current is not None and current["version"] == version:
+        raise StepbackError(f"{cfg.uri}: run {job.run_id} is already the store's current version; use a new run_id")
+    if current is not None and current["num_shards"] != shards:
+        raise StepbackError(f"{cfg.uri}: the store has {current['num_shards']} shards but the job has {shards}; "
+                            "keep ray.num_shards fixed for a store (or start a new store)")
+    runs_since_full = current["runs_since_full"] + 1 if current else 0
+    full = current is None or not cfg.incremental or runs_since_full >= cfg.full_rebuild_every
+    return StoreVersion(root, version, current["version"] if current else None, full,
+                        0 if full else runs_since_full, current["users"] if current else 0)
+
+
+def _versions(root: RunStore) -> list[str]:
+    out = []
+    for date_dir in root.list("versions"):
+        out.extend(root.list(date_dir))
+    return out
+
+
+def commit_version(sv: StoreVersion, job: JobSpec, shards: int, manifest: dict[str, Any]) -> None:
+    """Write the version's manifest, then point ``CURRENT.json`` at it (the commit point)."""
+    sv.root.write_json(f"{sv.version}/manifest.json", manifest)
+    sv.root.write_json("CURRENT.json", {
+        "version": sv.version, "run_id": job.run_id, "num_shards": shards, "users": manifest["users"],
+        "runs_since_full": sv.runs_since_full, "full_rebuild": sv.full, "model": job.engine.model,
+        "committed": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")})
