@@ -52,7 +52,7 @@ PROFILE_SCHEMA = pa.schema([
     ("items_total", _I), ("items_used", _I), ("items_dropped", _I), ("parts", _I), ("item_ids", _LS),
     ("partials_json", _S), ("style_notes_json", _S), ("prompt", _S), ("raw_output", _S), ("llm_calls", _I),
     ("prompt_tokens", _I), ("completion_tokens", _I), ("engine_seconds", _F), ("fingerprint", _S), ("model", _S),
-    ("prompt_version", _S), ("notes", _LS), ("origin", _S), ("history_ids", _LS), ("run_id", _S),
+    ("prompt_version", _S), ("notes", _LS), ("origin", _S), ("history_ids", _LS), ("run_id", _S), ("exact", _B),
 ])
 GENERATION_SCHEMA = pa.schema([
     ("chunk_id", _S), ("query_id", _S), ("mode", _S), ("user_id", _S), ("user_ids", _LS), ("task", _S),
@@ -108,7 +108,9 @@ def chunk_queries(job: JobSpec, chunk: dict[str, Any]) -> tuple[list[Query], dic
 # ------------------------------------------------------------------------------------------------ profile pass
 class ProfilePlanStage:
     """CPU stage: a chunk of users -> one row per user: carried over unchanged from the previous store version,
-    planned as an incremental update (only the new items), or planned in full (history cut into parts)."""
+    planned as an incremental update (only the new items), or planned in full (history cut into parts). A full
+    rebuild recomputes every profile that an incremental update produced (``exact`` false), so merges of merges
+    never drift for long."""
 
     def __init__(self, job: JobSpec, at: ProfilesAt):
         self.job, self.task, self.at = job, get_task(job.task), at
@@ -146,7 +148,8 @@ class ProfilePlanStage:
                 row = {"chunk_id": chunk["chunk_id"], "chunk_rows": len(users), "user_id": u.user_id,
                        "fingerprint": fp, "history_ids": [it["id"] for it in u.history], "notes": []}
                 prev = previous.get(u.user_id)
-                if prev is not None and prev["fingerprint"] == fp:
+                # unchanged: carry over, except in a full rebuild a profile that came from incremental updates
+                if prev is not None and prev["fingerprint"] == fp and (not self.at.full or prev.get("exact", True)):
                     rows.append({**row, "origin": "carried", "carried_json": json.dumps(prev, default=str)})
                     continue
                 plan, origin = self._plan(u, prev)
@@ -190,6 +193,7 @@ class ProfileEngineStage:
                 "prompt_tokens": res.prompt_tokens, "completion_tokens": res.completion_tokens,
                 "engine_seconds": res.engine_seconds, "model": self.job.engine.model,
                 "prompt_version": profiling.PROMPT_VERSION, "notes": notes, "run_id": self.job.run_id,
+                "exact": plan.base_profile is None,
             })
             if plan.base_profile is not None:
                 out[-1]["item_ids"] = sorted(set(out[-1]["item_ids"]) | set(json.loads(r["carried_json"] or "{}")

@@ -66,7 +66,9 @@ def describe_storage_error(uri: str, exc: BaseException) -> str:
         return f"{uri}: storage endpoint unreachable ({exc})"
     if "nosuchbucket" in low or "bucket does not exist" in low:
         return f"{uri}: bucket does not exist"
-    if any(s in low for s in ("invalidaccesskeyid", "signaturedoesnotmatch", "accessdenied", "forbidden", "403")):
+    if isinstance(exc, PermissionError) or any(s in low for s in (
+            "invalidaccesskeyid", "signaturedoesnotmatch", "accessdenied", "access denied", "forbidden", "403",
+            "access key id", "security token")):
         return f"{uri}: access denied (check the credentials / AWS profile)"
     return f"{uri}: {text.splitlines()[0]}"
 
@@ -103,14 +105,14 @@ class RunStore:
 
     def ensure_writable(self) -> None:
         """Fail early (before any model loads) if the output cannot be written."""
-        probe = f"_probe-{uuid.uuid4().hex}"
+        probe = self.path(f"_probe-{uuid.uuid4().hex}")
         try:
-            self.write_bytes(probe, b"")
-            self.fs.rm(self.path(probe))
-        except StorageError:
-            raise
+            if is_local(self.fs):
+                os.makedirs(self.root, exist_ok=True)
+            self.fs.pipe_file(probe, b"")
+            self.fs.rm(probe)
         except Exception as e:  # noqa: BLE001 - translated to one line
-            raise StorageError(describe_storage_error(self.uri, e)) from None
+            raise StorageError(describe_storage_error(self.uri, e).split(" (Could not connect")[0]) from None
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         path = self.path(rel)

@@ -90,3 +90,28 @@ def engine():
     from stepback_ray.engines import build_engine
 
     return build_engine(EngineConfig(batch_size=4))
+
+
+def lamp5_users(n: int) -> list[dict]:
+    """The first ``n`` users of the committed lamp5_arxiv sample / shared dev set, as {user_id, history, query}."""
+    import json as _json
+
+    path = SHARED / "lamp5_arxiv" / "dev_questions.json"
+    src = path if (path.is_file() and n > 20) else Path(f"{SAMPLE}_questions.json")
+    questions = _json.loads(src.read_text())[:n]
+    golds = {}
+    gold_path = Path(str(src).replace("_questions.json", "_outputs.json"))
+    if gold_path.is_file():
+        golds = {g["id"]: g["output"] for g in _json.loads(gold_path.read_text())["golds"]}
+    return [{"user_id": q["user_id"], "history": q["profile"],
+             "queries": [{"query_id": q["id"], "input": q["input"], "gold": golds.get(q["id"])}]} for q in questions]
+
+
+def write_items_parquet(path: Path, users: list[dict]) -> None:
+    """One row per history item (layout: item)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"user_id": u["user_id"], **it} for u in users for it in u["history"]]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path)

@@ -1,0 +1,78 @@
+"""Dataset inputs: Parquet and JSON Lines, user and item layouts, bad rows quarantined with their reasons."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from stepback_ray.config import load_job
+from stepback_ray.pipeline import run_job, run_profile_job
+
+from .conftest import lamp5_users, write_items_parquet
+
+DRY = ["engine.kind=dry-run", "ray.progress_bars=false"]
+
+
+def _job(tmp_path, fmt, path, layout, extra=()):
+    data = {"name": "ds", "task": "LaMP_5", "input": {"format": fmt, "path": str(path), "layout": layout},
+            "output": str(tmp_path / "out"), "run_id": "r1", "ray": {"num_shards": 4}}
+    return load_job(None, [*DRY, *extra], data=data)
+
+
+def test_parquet_user_layout_quarantines_bad_rows_and_generates(ray_local, tmp_path):
+    users = lamp5_users(12)
+    bad = [
+        {"user_id": "../../etc", "history": users[0]["history"], "queries": []},
+        {"user_id": "a/b", "history": [], "queries": []},
+        {"user_id": "ok-id", "history": [{"id": "x", "title": "only a title"}], "queries": []},
+        {"user_id": "huge", "history": [{"id": "h", "title": "t", "abstract": "x" * 200_001}], "queries": []},
+        {"user_id": "", "history": [], "queries": []},
+    ]
+    table = pa.Table.from_pylist(users + bad)
+    pq.write_table(table, tmp_path / "users.parquet")
+    result = run_job(_job(tmp_path, "parquet", tmp_path / "users.parquet", "user",
+                          ["modes=[none, profile+rag]", "generation.max_new_tokens=8"]))
+    counts = result.manifest["counts"]
+    assert counts["rows_in"] == 17 and counts["rows_staged"] == 12 and counts["rows_quarantined"] == 5
+    q = pd.read_parquet(tmp_path / "out" / "quarantine")
+    reasons = "\n".join(q["reason"])
+    assert "user_id: contains a path separator" in reasons and "history[0].abstract: missing" in reasons
+    assert "over the limit" in reasons and "user_id: empty" in reasons
+    gens = pd.read_parquet(tmp_path / "out" / "generations")
+    assert len(gens) == 12 * 2 and gens.groupby(["query_id", "mode"]).size().eq(1).all()
+    assert result.metrics["modes"]["none"]["scored"] == 12
+    files = [p.relative_to(tmp_path) for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    assert all(str(p).startswith("out/") for p in files)  # nothing written outside the output prefix
+
+
+def test_jsonl_item_layout_groups_items_and_quarantines_bad_lines(ray_local, tmp_path):
+    users = lamp5_users(6)
+    lines = [json.dumps({"user_id": u["user_id"], **it}).encode() for u in users for it in u["history"]]
+    lines.insert(3, b'{"user_id": "broken", "title": ')  # bad JSON
+    lines.insert(7, b'{"user_id": "x", "title": "caf\xe9", "abstract": "a"}')  # invalid UTF-8
+    lines.insert(9, b'{"user_id": 42, "title": ["a list"], "abstract": "a"}')  # wrong type
+    (tmp_path / "items").mkdir()
+    (tmp_path / "items" / "part-0.jsonl").write_bytes(b"\n".join(lines[:20]) + b"\n")
+    (tmp_path / "items" / "part-1.jsonl").write_bytes(b"\n".join(lines[20:]) + b"\n")
+    result = run_profile_job(_job(tmp_path, "jsonl", tmp_path / "items", "item"))
+    counts = result.manifest["counts"]
+    n_items = sum(len(u["history"]) for u in users)
+    assert counts["rows_in"] == n_items + 3 and counts["rows_quarantined"] == 3
+    reasons = sorted(pd.read_parquet(tmp_path / "out" / "quarantine")["reason"])
+    assert any(r.startswith("bad JSON") for r in reasons) and any(r.startswith("invalid UTF-8") for r in reasons)
+    assert any("expected text, got list" in r for r in reasons)
+    profiles = pd.read_parquet(tmp_path / "out" / "profiles")
+    assert sorted(profiles["user_id"]) == sorted(u["user_id"] for u in users)
+    by_user = profiles.set_index("user_id")["items_total"].to_dict()
+    assert by_user == {u["user_id"]: len(u["history"]) for u in users}
+
+
+def test_item_layout_parquet_profiles_every_user(ray_local, tmp_path):
+    users = lamp5_users(8)
+    write_items_parquet(tmp_path / "hist" / "part-0.parquet", users)
+    result = run_profile_job(_job(tmp_path, "parquet", tmp_path / "hist", "item"))
+    assert result.metrics["profiles"]["users"] == 8
+    assert result.metrics["profiles"]["origins"]["new"] == 8

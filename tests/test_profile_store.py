@@ -1,0 +1,102 @@
+"""Nightly re-profiling against the profile store: only changed users are recomputed; versions commit whole."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+
+import pandas as pd
+import pytest
+
+from stepback_ray.config import load_job
+from stepback_ray.pipeline import run_profile_job
+
+from .conftest import lamp5_users, write_items_parquet
+
+
+def _job(tmp_path, run_id, extra=(), engine=("engine.kind=dry-run",)):
+    data = {"name": "nightly", "task": "LaMP_5",
+            "input": {"format": "parquet", "path": str(tmp_path / "hist"), "layout": "item"},
+            "output": str(tmp_path / "runs" / "{run_id}"), "run_id": run_id,
+            "profile_store": {"uri": str(tmp_path / "store"), "full_rebuild_every": 3},
+            "ray": {"num_shards": 4, "progress_bars": False}}
+    return load_job(None, [*engine, *extra], data=data)
+
+
+def _grow(users, n):
+    """A new, more recent item for the first ``n`` users (what a night of activity looks like)."""
+    out = copy.deepcopy(users)
+    for u in out[:n]:
+        u["history"].append({"id": f"{u['user_id']}-new", "title": "A New Paper On Something Else",
+                             "abstract": "We study something else entirely, with new methods.", "date": "2026-11-21"})
+    return out
+
+
+def test_nightly_run_recomputes_exactly_the_changed_users(ray_local, tmp_path):
+    users = lamp5_users(200)
+    write_items_parquet(tmp_path / "hist" / "part-0.parquet", users)
+    first = run_profile_job(_job(tmp_path, "night1")).metrics["profiles"]
+    assert first["origins"] == {"new": 200, "recomputed": 0, "incremental": 0, "carried": 0}
+    store = tmp_path / "store"
+    current = json.loads((store / "CURRENT.json").read_text())
+    assert current["run_id"] == "night1" and current["users"] == 200 and current["full_rebuild"] is True
+
+    grown = _grow(users, 10)[:-1]  # 10 histories grew, one user left
+    write_items_parquet(tmp_path / "hist" / "part-0.parquet", grown)
+    second = run_profile_job(_job(tmp_path, "night2")).metrics["profiles"]
+    assert second["origins"] == {"new": 0, "recomputed": 0, "incremental": 10, "carried": 189}
+    assert second["deleted"] == 1 and second["users"] == 199
+    assert second["llm_calls"] < first["llm_calls"] / 5
+    v2 = pd.read_parquet(store / json.loads((store / "CURRENT.json").read_text())["version"] / "profiles")
+    changed = {u["user_id"] for u in grown[:10]}
+    assert set(v2[v2["origin"] == "incremental"]["user_id"]) == changed
+    assert all(f"{uid}-new" in ids for uid, ids in zip(v2["user_id"], v2["history_ids"]) if uid in changed)
+    v1 = pd.read_parquet(store / first["version"] / "profiles").set_index("user_id")
+    carried = v2[v2["origin"] == "carried"].set_index("user_id")
+    assert (carried["profile_json"] == v1.loc[carried.index, "profile_json"]).all()  # row for row
+
+    third = run_profile_job(_job(tmp_path, "night3")).metrics["profiles"]  # nothing changed
+    assert third["origins"]["carried"] == 199 and third["llm_calls"] == 0
+    fourth = run_profile_job(_job(tmp_path, "night4")).metrics["profiles"]  # every 3rd run after a full one
+    # the full rebuild recomputes the 10 profiles that came from incremental updates; exact ones stay carried
+    assert fourth["full_rebuild"] is True
+    assert fourth["origins"] == {"new": 0, "recomputed": 10, "incremental": 0, "carried": 189}
+    with pytest.raises(Exception, match="already the store's current version"):
+        run_profile_job(_job(tmp_path, "night4"))
+
+
+def test_incremental_is_off_means_changed_users_are_rebuilt(ray_local, tmp_path):
+    users = lamp5_users(20)
+    write_items_parquet(tmp_path / "hist" / "part-0.parquet", users)
+    run_profile_job(_job(tmp_path, "a", ["profile_store.incremental=false"]))
+    write_items_parquet(tmp_path / "hist" / "part-0.parquet", _grow(users, 3))
+    stats = run_profile_job(_job(tmp_path, "b", ["profile_store.incremental=false"])).metrics["profiles"]
+    assert stats["origins"] == {"new": 0, "recomputed": 3, "incremental": 0, "carried": 17}
+
+
+def test_store_refuses_a_different_shard_count(ray_local, tmp_path):
+    write_items_parquet(tmp_path / "hist" / "part-0.parquet", lamp5_users(5))
+    run_profile_job(_job(tmp_path, "a"))
+    with pytest.raises(Exception, match="keep ray.num_shards fixed"):
+        run_profile_job(_job(tmp_path, "b", ["ray.num_shards=8"]))
+
+
+@pytest.mark.slow
+def test_nightly_wall_time_with_the_real_model(ray_local, tmp_path):
+    """The real model on 200 users: the night after, with 10 changed histories, costs a fraction of the full
+    run. Prints the measured ratio (recorded in docs/benchmarks.md)."""
+    users = lamp5_users(200)
+    write_items_parquet(tmp_path / "hist" / "part-0.parquet", users)
+    real = ("profile.history_token_budget=512", "profile.max_item_tokens=96", "profile.max_new_tokens=48",
+            "profile.max_parts=1")
+    t0 = time.time()
+    run_profile_job(_job(tmp_path, "full", real, engine=()))
+    full = time.time() - t0
+    write_items_parquet(tmp_path / "hist" / "part-0.parquet", _grow(users, 10))
+    t0 = time.time()
+    stats = run_profile_job(_job(tmp_path, "nightly", real, engine=())).metrics["profiles"]
+    nightly = time.time() - t0
+    assert stats["origins"]["incremental"] == 10 and stats["origins"]["carried"] == 190
+    print(json.dumps({"full_s": round(full, 1), "nightly_s": round(nightly, 1), "ratio": round(nightly / full, 3)}))
+    assert nightly < full / 3
