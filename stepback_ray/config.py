@@ -92,6 +92,8 @@ class EngineConfig(_Strict):
     vllm: VLLMOptions = Field(default_factory=VLLMOptions)
     dry_run_output_fraction: float = Field(default=0.8, gt=0.0, le=1.0,
                                            description="dry-run engine: answer length as a share of max_new_tokens")
+    dry_run_tokens_per_s: float | None = Field(default=None, gt=0.0,
+                                               description="dry-run engine: take as long as an engine this fast")
 
 
 class ProfileConfig(_Strict):

@@ -4,6 +4,8 @@ Prompts are rendered and tokenized exactly as a real engine would (with the mode
 gets an answer of the expected length (``engine.dry_run_output_fraction`` of ``max_new_tokens``): a well-formed
 profile for step-back prompts, filler text otherwise. Everything downstream (parsing, merges, scoring, writing)
 runs for real, so token counts, row counts and output bytes are those of a real run, minus the model's time.
+With ``engine.dry_run_tokens_per_s`` it also takes the time an engine of that throughput would (to rehearse
+a cluster's timing, or to test what happens while an engine is busy).
 """
 
 from __future__ import annotations
@@ -61,6 +63,11 @@ class DryRunEngine:
             ids = self.formatter.encode(answer)[: params.max_new_tokens]
             answer = self.tokenizer.decode(ids)
             out.append(Completion(answer, n_prompt, len(ids), "stop", 0.0))
+        tps = self.config.dry_run_tokens_per_s
+        if tps:
+            busy = sum(c.prompt_tokens + c.completion_tokens for c in out) / tps - (time.perf_counter() - t0)
+            if busy > 0:
+                time.sleep(busy)
         share = (time.perf_counter() - t0) / max(1, len(prompts))
         for c in out:
             c.seconds = share

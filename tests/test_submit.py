@@ -1,0 +1,88 @@
+"""`stepback submit` against a real local Ray head (`ray start --head` on 127.0.0.1), through Ray Jobs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+import pytest
+
+from stepback_ray.errors import ConfigError
+from stepback_ray.submit import entrypoint, runtime_env
+
+from .conftest import REPO
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_runtime_env_keeps_secrets_out():
+    env = runtime_env("/w", ["stepback-ray[vllm]"], ["STEPBACK_CACHE=/c", "HF_HUB_OFFLINE=1"])
+    assert env["env_vars"] == {"STEPBACK_CACHE": "/c", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    assert env["pip"] == ["stepback-ray[vllm]"] and ".venv" in env["excludes"] and env["working_dir"] == "/w"
+    for secret in ("AWS_SECRET_ACCESS_KEY=x", "AWS_ACCESS_KEY_ID=x", "HF_TOKEN=x", "DB_PASSWORD=x", "API_KEY=x"):
+        with pytest.raises(ConfigError, match="looks like a secret"):
+            runtime_env("/w", [], [secret])
+    assert entrypoint("jobs/demo.yaml", ["limit=2", "output=runs/a b"]) == \
+        "python -m stepback_ray run jobs/demo.yaml --set limit=2 --set 'output=runs/a b'"
+
+
+@pytest.fixture
+def ray_head(tmp_path, monkeypatch):
+    """A real Ray head with its job server on 127.0.0.1 and token authentication (Ray's default), stopped (by
+    PID) afterwards. Clients authenticate with the token from their environment, as on a real cluster."""
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", uuid.uuid4().hex + uuid.uuid4().hex)
+    ray_bin = shutil.which("ray", path=os.path.dirname(sys.executable))
+    gcs, dash = _free_port(), _free_port()
+    temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths must fit 107 characters
+    proc = subprocess.Popen(
+        [ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2", "--include-dashboard=true",
+         f"--temp-dir={temp}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True, env=dict(os.environ))
+    address = f"http://127.0.0.1:{dash}"
+    from ray.job_submission import JobSubmissionClient
+
+    deadline = time.time() + 120
+    while True:
+        try:
+            JobSubmissionClient(address).list_jobs()
+            break
+        except Exception:
+            if time.time() > deadline or proc.poll() is not None:
+                os.killpg(proc.pid, 9)
+                pytest.fail("the local Ray head did not start")
+            time.sleep(1)
+    yield address
+    os.killpg(proc.pid, 15)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_submit_demo_job_to_a_local_head(ray_head, tmp_path):
+    out = tmp_path / "submitted"
+    proc = subprocess.run(
+        [sys.executable, "-m", "stepback_ray", "submit", "jobs/demo.yaml", "--address", ray_head,
+         "--set", "limit=3", "--set", f"output={out}", "--set", "engine.kind=dry-run",
+         "--set", "ray.progress_bars=false", "--env", "STEPBACK_CACHE=" + os.environ.get(
+             "STEPBACK_CACHE", os.path.expanduser("~/.cache/stepback-ray"))],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "SUCCEEDED" in proc.stderr
+    assert "mode" in proc.stdout and "profile+rag" in proc.stdout  # the job's own table, followed live
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["generation_rows"] == 6
