@@ -6,6 +6,7 @@
     stepback plan JOB.yaml [--tokens-per-s N]       dry run: users, queries, tokens and GPU-hours, no model
     stepback submit JOB.yaml --address URL          submit a job to a Ray cluster (Ray Jobs) and follow it
     stepback score PRED.json GOLD.json [--task T]   official LaMP metrics of a predictions file, as JSON
+    stepback train-pplug JOB.yaml [--set ...]       train the Persona-Plug projector (the LLM stays frozen)
 
 Bad input or configuration ends with one line on stderr (``error: ...``) and exit status 2, never a traceback.
 """
@@ -85,6 +86,17 @@ def _cmd_submit(args: argparse.Namespace) -> int:
                       command=args.command)
 
 
+def _cmd_train_pplug(args: argparse.Namespace) -> int:
+    import json
+
+    from .config import load_job
+    from .pplug.training import train
+
+    job = load_job(args.job, args.set)
+    print(json.dumps(train(job, log=lambda m: print(m, file=sys.stderr, flush=True)), indent=1))
+    return 0
+
+
 def _cmd_score(args: argparse.Namespace) -> int:
     import json
 
@@ -123,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--command", choices=["run", "profile"], default="run")
     submit.add_argument("--no-wait", action="store_true", help="print the job id and return")
     submit.set_defaults(func=_cmd_submit)
+    tp = sub.add_parser("train-pplug", help="train the Persona-Plug projector; the checkpoint goes to the output")
+    tp.add_argument("job", help="job spec (YAML) with a pplug section")
+    tp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    tp.set_defaults(func=_cmd_train_pplug)
     score = sub.add_parser("score", help="official LaMP metrics of an outputs-format predictions file")
     score.add_argument("pred", help='predictions: {"task": ..., "golds": [{"id", "output"}]}')
     score.add_argument("gold", help="golds in the same format (a LaMP *_outputs.json)")

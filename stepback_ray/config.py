@@ -23,10 +23,12 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from .errors import ConfigError
 from .tasks import TASK_ALIASES, TASKS
 
-Mode = Literal["none", "rag", "profile", "profile+rag", "random-profile"]
+Mode = Literal["none", "rag", "profile", "profile+rag", "random-profile", "pplug", "pplug+profile"]
 """Generation modes. ``none``: input only. ``rag``: retrieved history items. ``profile``: the step-back profile.
 ``profile+rag``: both (the Step-Back Profiling method). ``random-profile``: ``profile+rag`` with another user's
-profile and history (the paper's control: same prompt format, wrong person)."""
+profile and history (the paper's control: same prompt format, wrong person). ``pplug``: the input with a
+Persona-Plug soft token (needs ``pplug.checkpoint``). ``pplug+profile``: the soft token and the step-back
+profile."""
 
 DEFAULT_MODEL = "packaged:smollm2-135m-instruct"
 
@@ -191,6 +193,28 @@ class ProfileStoreConfig(_Strict):
     full_rebuild_every: int = Field(default=7, ge=1, description="every N-th run recomputes every profile")
 
 
+class PPlugConfig(_Strict):
+    """Persona-Plug: the checkpoint to serve (``pplug`` modes), and the training settings of
+    ``stepback train-pplug``."""
+
+    checkpoint: str | None = Field(default=None, description="output URI of a `stepback train-pplug` run")
+    encoder: str = "packaged:all-minilm-l6-v2"
+    max_items: int = Field(default=64, gt=0, description="newest history items per user")
+    max_input_tokens: int = Field(default=160, gt=8, description="training: task input cut to this many tokens")
+    train_questions: str | None = None
+    train_outputs: str | None = None
+    val_questions: str | None = None
+    val_outputs: str | None = None
+    val_users: int = Field(default=100, gt=0)
+    max_train_users: int | None = Field(default=None, gt=0)
+    epochs: float = Field(default=1.0, gt=0)
+    batch_size: int = Field(default=8, gt=0)
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    eval_every: int = Field(default=25, gt=0)
+    seed: int = 0
+
+
 class JobSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     task: str
@@ -205,6 +229,7 @@ class JobSpec(_Strict):
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     multi_author: MultiAuthorConfig = Field(default_factory=MultiAuthorConfig)
     profile_store: ProfileStoreConfig = Field(default_factory=ProfileStoreConfig)
+    pplug: PPlugConfig = Field(default_factory=PPlugConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
 
@@ -222,6 +247,13 @@ class JobSpec(_Strict):
         if len(set(v)) != len(v):
             raise ValueError(f"modes repeat: {v}")
         return v
+
+    @model_validator(mode="after")
+    def _pplug_needs_a_checkpoint(self) -> "JobSpec":
+        if any(m.startswith("pplug") for m in self.modes) and not self.pplug.checkpoint:
+            raise ValueError("modes pplug / pplug+profile need pplug.checkpoint (train one with "
+                             "`stepback train-pplug`)")
+        return self
 
     @model_validator(mode="after")
     def _fill_run_id(self) -> "JobSpec":
@@ -250,7 +282,12 @@ class JobSpec(_Strict):
 # --------------------------------------------------------------------------------------------------- loading
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-_PATH_KEYS = (("input", "questions"), ("input", "outputs"), ("input", "path"))
+_PATH_KEYS = (("input", "questions"), ("input", "outputs"), ("input", "path"), ("pplug", "train_questions"),
+              ("pplug", "train_outputs"), ("pplug", "val_questions"), ("pplug", "val_outputs"))
+
+
+_LOCATION_KEYS = {"input.questions", "input.outputs", "input.path", "output", "profile_store.uri", "pplug.checkpoint",
+                  "pplug.train_questions", "pplug.train_outputs", "pplug.val_questions", "pplug.val_outputs"}
 
 
 def _is_local_relative(p: str) -> bool:
@@ -338,7 +375,7 @@ def load_job(path: str | os.PathLike[str] | None, overrides: list[str] | None = 
     else:
         data = yaml.safe_load(yaml.safe_dump(data))  # deep copy of plain data
     for key, value in parse_overrides(overrides or []):
-        if key in {"input.questions", "input.outputs", "output"} and isinstance(value, str) and _is_local_relative(value):
+        if key in _LOCATION_KEYS and isinstance(value, str) and _is_local_relative(value):
             value = os.path.abspath(value)
         _set_dotted(data, key, value)
     try:

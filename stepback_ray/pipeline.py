@@ -67,6 +67,7 @@ _GEN_PLANNED = pa.schema([
     ("chunk_id", _S), ("chunk_rows", _I), ("query_id", _S), ("mode", _S), ("user_id", _S), ("user_ids", _LS),
     ("input", _S), ("gold", _S), ("profile_text", _S), ("profile_status", _S), ("retrieved_ids", _LS),
     ("prompts", _LS), ("merge_json", _S), ("truncated", _B), ("notes", _LS),
+    ("soft_tokens", pa.list_(pa.list_(pa.float32()))),
 ])
 
 
@@ -89,6 +90,15 @@ class ProfilesAt:
     """Folder (same root) of the store version to carry unchanged users over from."""
     full: bool = True
     """Recompute every user whose fingerprint changed from scratch (no incremental update)."""
+
+    @property
+    def embeddings(self) -> str:
+        """Persona-Plug item embeddings, stored beside the profiles (same shards)."""
+        return self.folder.rsplit("/", 1)[0] + "/embeddings" if "/" in self.folder else "embeddings"
+
+    @property
+    def previous_embeddings(self) -> str | None:
+        return (self.previous.rsplit("/", 1)[0] + "/embeddings") if self.previous else None
 
 
 def chunk_users(job: JobSpec, chunk: dict[str, Any]) -> list[UserHistory]:
@@ -201,6 +211,55 @@ class ProfileEngineStage:
         return _table(out, _with_chunk_rows(PROFILE_SCHEMA))
 
 
+# ------------------------------------------------------------------------------------------------ embedding pass
+EMBEDDING_SCHEMA = pa.schema([("chunk_id", _S), ("user_id", _S), ("item_ids", _LS),
+                              ("vectors", pa.list_(pa.list_(pa.float32()))), ("encoder", _S), ("reused", _I)])
+
+
+class EmbedStage:
+    """CPU stage (Persona-Plug): every history item of a chunk's users embedded once; items the previous store
+    version already embedded (same id, same encoder) are reused, not re-encoded."""
+
+    def __init__(self, job: JobSpec, at: ProfilesAt):
+        from .pplug.encoder import TextEncoder, item_text
+
+        self.job, self.task, self.at = job, get_task(job.task), at
+        self.encoder_name = job.pplug.encoder
+        self.encoder = TextEncoder(self.encoder_name)
+        self.item_text = item_text
+        self.store = RunStore(at.uri, job.storage)
+
+    def _previous(self, chunk_id: str) -> dict[str, list[float]]:
+        rel = f"{self.at.previous_embeddings}/chunk-{chunk_id}.parquet" if self.at.previous_embeddings else None
+        if rel is None or not self.store.exists(rel):
+            return {}
+        known: dict[str, list[float]] = {}
+        for r in self.store.read_table(rel).to_pylist():
+            if r["encoder"] == self.encoder_name:
+                known.update(zip(r["item_ids"], r["vectors"]))
+        return known
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = []
+        for chunk in batch.to_pylist():
+            users = chunk_users(self.job, chunk)
+            known = self._previous(chunk["chunk_id"])
+            todo = [it for u in users for it in u.history if it["id"] not in known]
+            fresh = dict(zip([it["id"] for it in todo],
+                             self.encoder.encode([self.item_text(self.task, it) for it in todo])))
+            for u in users:
+                ids = [it["id"] for it in u.history]
+                rows.append({"chunk_id": chunk["chunk_id"], "chunk_rows": len(users), "user_id": u.user_id,
+                             "item_ids": ids, "encoder": self.encoder_name,
+                             "vectors": [list(map(float, known[i] if i in known else fresh[i])) for i in ids],
+                             "reused": sum(1 for i in ids if i in known)})
+        return _table(rows, _with_chunk_rows(EMBEDDING_SCHEMA))
+
+
+def commit_embeddings(batch: pa.Table, job: JobSpec, at: ProfilesAt) -> pa.Table:
+    return pa.Table.from_pylist(_commit(job, at.embeddings, batch.to_pylist(), EMBEDDING_SCHEMA, at.uri))
+
+
 # ------------------------------------------------------------------------------------------------ generation pass
 class GenerationPlanStage:
     """CPU stage: a chunk of queries -> one row per (query, mode) with its rendered prompts."""
@@ -210,6 +269,38 @@ class GenerationPlanStage:
         self.tools = PromptFormatter(job.engine)
         self.retriever = build_retriever(job.retrieval)
         self.store = RunStore(at.uri, job.storage) if at else None
+        self.plug = None
+        if any(prompting.uses_plug(m) for m in job.modes):
+            from .pplug.serving import PlugServer
+
+            self.plug = PlugServer(job)
+
+    def _embeddings(self, chunk_ids: list[str]) -> dict[str, dict[str, list[float]]]:
+        out: dict[str, dict[str, list[float]]] = {}
+        for cid in chunk_ids:
+            rel = f"{self.at.embeddings}/chunk-{cid}.parquet"
+            if self.store.exists(rel):
+                for r in self.store.read_table(rel, columns=["user_id", "item_ids", "vectors"]).to_pylist():
+                    out[r["user_id"]] = dict(zip(r["item_ids"], r["vectors"]))
+        return out
+
+    def _soft_tokens(self, rows: list[dict[str, Any]], queries: dict[str, Query], chunk_ids: list[str]) -> None:
+        """Soft tokens for the rows of Persona-Plug modes (the lead user's items visible to the query)."""
+        wanted = [r for r in rows if prompting.uses_plug(r["mode"])]
+        if not wanted:
+            return
+        vectors = self._embeddings(chunk_ids)
+        requests = []
+        for r in wanted:
+            q = queries[r["query_id"]]
+            have = vectors.get(q.user_id, {})
+            items = [it for it in profiling.most_recent_first(q.profile) if it["id"] in have][:self.plug.max_items]
+            requests.append((q.input, [have[it["id"]] for it in items]))
+        for r, soft in zip(wanted, self.plug.soft_tokens(requests)):
+            if soft is None:
+                r["notes"] = r["notes"] + ["pplug: no history to embed; generated without a soft token (as none)"]
+            else:
+                r["soft_tokens"] = soft.tolist()
 
     def _profiles(self, chunk_ids: list[str]) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}
@@ -246,6 +337,10 @@ class GenerationPlanStage:
                         "merge_json": json.dumps(plan.merge) if plan.merge else None, "truncated": plan.truncated,
                         "notes": plan.all_notes(),
                     })
+            if self.plug is not None:
+                chunk_rows = [r for r in rows if r["chunk_id"] == chunk["chunk_id"]]
+                self._soft_tokens(chunk_rows, {q.query_id: q for q in queries},
+                                  chunk.get("profile_chunks") or [chunk["chunk_id"]])
         return _table(rows, _GEN_PLANNED)
 
 
@@ -263,7 +358,9 @@ class GenerationEngineStage:
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         flat = [(i, p) for i, r in enumerate(rows) for p in r["prompts"]]
-        done = self.engine.generate([p for _, p in flat], self.params)
+        soft = [rows[i].get("soft_tokens") for i, _ in flat]
+        done = self.engine.generate([p for _, p in flat], self.params,
+                                    prefix_embeds=soft if any(s is not None for s in soft) else None)
         per_row: dict[int, list] = {}
         for (i, _), c in zip(flat, done):
             per_row.setdefault(i, []).append(c)
@@ -290,6 +387,8 @@ class GenerationEngineStage:
                          prompt_tokens=r["prompt_tokens"] + c.prompt_tokens,
                          completion_tokens=r["completion_tokens"] + c.completion_tokens,
                          engine_seconds=r["engine_seconds"] + c.seconds, engine_error=c.error)
+        for r in rows:
+            r.pop("soft_tokens", None)  # served; not an output column
         return pa.Table.from_pylist(rows)
 
 
@@ -317,7 +416,7 @@ def count_statuses(rows: list[dict[str, Any]]) -> dict[str, int]:
     """Rows per status kind (``ok``, ``truncated``, ``unparsed``, ``error``, ...): text after a colon is detail."""
     out: dict[str, int] = {}
     for r in rows:
-        key = r["status"].split(":")[0]
+        key = r.get("status", "ok").split(":")[0]
         out[key] = out.get(key, 0) + 1
     return out
 
@@ -384,6 +483,11 @@ def _run_pass(job: JobSpec, kind: str, chunks: list[dict[str, Any]], at: Profile
     engine_pool = dict(compute=ActorPoolStrategy(size=res.actors,
                                                  max_tasks_in_flight_per_actor=job.ray.engine_tasks_in_flight),
                        **res.remote_args())
+    if kind == "embed":
+        ds = ds.map_batches(EmbedStage, fn_constructor_kwargs={"job": job, "at": at}, compute=cpu_pool,
+                            num_cpus=CPU_STAGE_CPUS, **common)
+        ds = ds.map_batches(commit_embeddings, fn_kwargs={"job": job, "at": at}, num_cpus=CPU_STAGE_CPUS, **common)
+        return ds.take_all()
     if kind == "profile":
         ds = ds.map_batches(ProfilePlanStage, fn_constructor_kwargs={"job": job, "at": at}, compute=cpu_pool,
                             num_cpus=CPU_STAGE_CPUS, **common)
@@ -518,6 +622,8 @@ def run_profile_pass(job: JobSpec, work: Work) -> tuple[ProfilesAt, dict[str, An
     t0 = time.time()
     at, sv = profiles_target(job, work.shards)
     summaries = _run_pass(job, "profile", _pending(at.uri, at.folder, job, work.profile_chunks), at)
+    if any(prompting.uses_plug(m) for m in job.modes):  # item embeddings belong to the same store version
+        _run_pass(job, "embed", _pending(at.uri, at.embeddings, job, work.profile_chunks), at)
     store = RunStore(at.uri, job.storage)
     rows = _read_folder(store, at.folder, ["status", "prompt_tokens", "completion_tokens", "engine_seconds",
                                             "llm_calls", "parts", "origin"]).to_pylist()
@@ -554,6 +660,11 @@ def run_job(job: JobSpec) -> RunResult:
         timings: dict[str, float] = {"read_s": round(time.time() - t_start, 3)}
         at, profile_stats = run_profile_pass(job, work) if needs_profiles else (None, None)
         timings["profile_pass_s"] = profile_stats["wall_s"] if profile_stats else 0.0
+        if any(prompting.uses_plug(m) for m in job.modes) and at is None:  # pplug without profile modes
+            t0 = time.time()
+            at = ProfilesAt(job.output_uri, "profiles")
+            _run_pass(job, "embed", _pending(at.uri, at.embeddings, job, work.profile_chunks), at)
+            timings["embedding_pass_s"] = round(time.time() - t0, 3)
         t0 = time.time()
         gen_summaries = _run_pass(job, "generate", _pending(job.output_uri, "generations", job, work.generation_chunks),
                                   at)

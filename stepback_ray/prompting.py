@@ -29,14 +29,20 @@ from .engines.base import Message, Prompt, PromptTools
 from .retrieval import Retriever, top_k
 from .tasks import TaskSpec
 
-MODES = ("none", "rag", "profile", "profile+rag", "random-profile")
+MODES = ("none", "rag", "profile", "profile+rag", "random-profile", "pplug", "pplug+profile")
 
 
 def mode_uses(mode: str) -> tuple[bool, bool]:
     """(uses a profile, uses retrieval) for a generation mode."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}")
-    return mode in ("profile", "profile+rag", "random-profile"), mode in ("rag", "profile+rag", "random-profile")
+    return (mode in ("profile", "profile+rag", "random-profile", "pplug+profile"),
+            mode in ("rag", "profile+rag", "random-profile"))
+
+
+def uses_plug(mode: str) -> bool:
+    """Whether the mode puts a Persona-Plug soft token before the prompt."""
+    return mode.startswith("pplug")
 
 
 @dataclass
@@ -162,7 +168,7 @@ def plan_generation(task: TaskSpec, query: Query, mode: str, profiles: dict[str,
         return fit_prompt(task, tools, query.input, profile_text if use_profile else None, items, retrieval,
                           max_new_tokens)
 
-    if len(people) == 1 or mode == "none":
+    if len(people) == 1 or mode == "none" or uses_plug(mode):  # the plug serves the lead author alone
         lead = people[0]
         return GenerationPlan([prompt_for(lead.profile_text, lead.history)], notes=notes)
     if multi.strategy == "concat":

@@ -12,8 +12,8 @@ from stepback_ray.pipeline import run_job
 
 from .conftest import FIXTURES, REPO, SAMPLE
 
-FAST = ["generation.max_new_tokens=16", "profile.max_new_tokens=48", "profile.history_token_budget=300",
-        "ray.progress_bars=false"]
+FAST = ["generation.max_new_tokens=16", "profile.max_new_tokens=40", "profile.history_token_budget=300",
+        "profile.max_parts=1", "ray.progress_bars=false"]
 
 
 def test_end_to_end_five_users_then_rerun_skips_committed_chunks(ray_local, tmp_path):
@@ -86,8 +86,8 @@ def test_reads_and_writes_s3_through_moto(ray_local, s3_bucket, tmp_path):
     fs.put(f"{SAMPLE}_questions.json", f"{bucket}/in/q.json")
     fs.put(f"{SAMPLE}_outputs.json", f"{bucket}/in/o.json")
     settings = [f"storage.{k}={v}" for k, v in storage.items()]
-    job = load_job(REPO / "jobs" / "demo.yaml", [
-        *FAST, *settings, "limit=2", f"input.questions=s3://{bucket}/in/q.json",
+    job = load_job(REPO / "jobs" / "demo.yaml", [  # the dry-run engine: this test is about storage
+        *FAST, *settings, "limit=2", "engine.kind=dry-run", f"input.questions=s3://{bucket}/in/q.json",
         f"input.outputs=s3://{bucket}/in/o.json", f"output=s3://{bucket}/runs/{{name}}/{{run_id}}", "run_id=s3run"])
     result = run_job(job)
     root = f"{bucket}/runs/demo/s3run"

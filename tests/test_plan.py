@@ -13,15 +13,15 @@ from stepback_ray.planning import plan_job
 from .conftest import REPO
 from .test_cli import stepback
 
-SETTINGS = ["limit=4", "modes=[none, profile+rag]", "ray.progress_bars=false", "run_id=p",
-            "profile.history_token_budget=768"]
+SETTINGS = ["limit=3", "modes=[none, profile+rag]", "ray.progress_bars=false", "run_id=p",
+            "profile.history_token_budget=512"]
 
 
 def test_plan_matches_a_real_run(ray_local, tmp_path):
     job = load_job(REPO / "jobs" / "demo.yaml", [*SETTINGS, f"output={tmp_path / 'real'}"])
     real = run_job(job).metrics
     plan = plan_job(load_job(REPO / "jobs" / "demo.yaml", [*SETTINGS, f"output={tmp_path / 'x'}"]), 1000.0)
-    assert plan["users"] == 4 and plan["queries"] == 4
+    assert plan["users"] == 3 and plan["queries"] == 3
     real_prompt = real["profiles"]["prompt_tokens"] + sum(m["prompt_tokens"] for m in real["modes"].values())
     real_output = real["profiles"]["completion_tokens"] + sum(m["completion_tokens"] for m in real["modes"].values())
     assert plan["prompt_tokens"] == pytest.approx(real_prompt, rel=0.05)

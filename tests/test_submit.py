@@ -54,7 +54,7 @@ def ray_head(tmp_path, monkeypatch):
     address = f"http://127.0.0.1:{dash}"
     from ray.job_submission import JobSubmissionClient
 
-    deadline = time.time() + 120
+    deadline = time.time() + 300
     while True:
         try:
             JobSubmissionClient(address).list_jobs()

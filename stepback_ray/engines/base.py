@@ -65,8 +65,10 @@ class Engine(PromptTools, Protocol):
     model_id: str
     supports_json_schema: bool
 
-    def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[Completion]:
-        """One completion per prompt, in order."""
+    def generate(self, prompts: list[Prompt], params: SamplingParams,
+                 prefix_embeds: list | None = None) -> list[Completion]:
+        """One completion per prompt, in order. ``prefix_embeds`` (one ``[k, hidden]`` array or None per prompt)
+        are soft tokens placed before the prompt's token embeddings (Persona-Plug); they count as prompt tokens."""
 
     def close(self) -> None:
         """Release the model (memory, devices)."""

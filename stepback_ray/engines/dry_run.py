@@ -47,13 +47,15 @@ class DryRunEngine:
             return json.dumps({"keywords": kw, "topics": kw[:2], "style": " ".join(words[:6])})[len('{"keywords": ["'):]
         return " ".join(words)
 
-    def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[Completion]:
+    def generate(self, prompts: list[Prompt], params: SamplingParams,
+                 prefix_embeds: list | None = None) -> list[Completion]:
         t0 = time.perf_counter()
         target = max(1, round(params.max_new_tokens * self.config.dry_run_output_fraction))
         out = []
-        for p in prompts:
+        for k, p in enumerate(prompts):
             text = self.render(p)
-            n_prompt = self.count_tokens(text)
+            soft = prefix_embeds[k] if prefix_embeds is not None else None
+            n_prompt = self.count_tokens(text) + (0 if soft is None else len(soft))
             if n_prompt + params.max_new_tokens > self.max_context:
                 out.append(Completion("", n_prompt, 0, "error", 0.0,
                                       error=f"prompt has {n_prompt} tokens; with {params.max_new_tokens} new tokens "

@@ -118,3 +118,22 @@ def resolve_model(model: str) -> str:
             raise StepbackError(f"GGUF model file not found: {model}")
         return str(convert_gguf(path, path.stem.lower()))
     return model
+
+
+def load_input_embeddings(path: str):
+    """The token-embedding matrix of a safetensors model folder, read alone (not the whole model): what an
+    engine that takes prompt embeddings needs to place soft tokens before a prompt's own tokens."""
+    import json as _json
+
+    from safetensors import safe_open
+
+    folder = Path(path)
+    index = folder / "model.safetensors.index.json"
+    files = ([folder / f for f in sorted(set(_json.loads(index.read_text())["weight_map"].values()))]
+             if index.is_file() else [folder / "model.safetensors"])
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for key in st.keys():
+                if key.endswith("embed_tokens.weight") or key.endswith("wte.weight"):
+                    return st.get_tensor(key)
+    raise StepbackError(f"{path}: no token-embedding weights found (expected '*embed_tokens.weight')")

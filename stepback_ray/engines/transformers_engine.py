@@ -70,29 +70,35 @@ class TransformersEngine:
         return self.formatter.truncate(text, max_tokens)
 
     # ------------------------------------------------------------------------------------------ generation
-    def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[Completion]:
+    def generate(self, prompts: list[Prompt], params: SamplingParams,
+                 prefix_embeds: list | None = None) -> list[Completion]:
         torch = self.torch
         texts = [self.render(p) for p in prompts]
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        prefix = [None if prefix_embeds is None or prefix_embeds[i] is None
+                  else torch.as_tensor(prefix_embeds[i], dtype=self.model.dtype) for i in range(len(prompts))]
+        lengths = [len(seq) + (0 if p is None else p.shape[0]) for seq, p in zip(ids, prefix)]
         results: list[Completion | None] = [None] * len(prompts)
         runnable = []
-        for i, seq in enumerate(ids):
-            if len(seq) + params.max_new_tokens > self.max_context:
-                results[i] = Completion("", len(seq), 0, "error", 0.0,
-                                        error=f"prompt has {len(seq)} tokens; with {params.max_new_tokens} new "
+        for i, n in enumerate(lengths):
+            if n + params.max_new_tokens > self.max_context:
+                results[i] = Completion("", n, 0, "error", 0.0,
+                                        error=f"prompt has {n} tokens; with {params.max_new_tokens} new "
                                               f"tokens it exceeds the context of {self.max_context}")
             else:
                 runnable.append(i)
-        runnable.sort(key=lambda i: len(ids[i]))
+        runnable.sort(key=lambda i: lengths[i])
         pad = self.tokenizer.pad_token_id
-        for idx in self._batches(runnable, [len(s) for s in ids], params.max_new_tokens):
-            width = max(len(ids[i]) for i in idx)
+        embed = self.model.get_input_embeddings()
+        for idx in self._batches(runnable, lengths, params.max_new_tokens):
+            width = max(lengths[i] for i in idx)
+            soft = any(prefix[i] is not None for i in idx)
             input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
             mask = torch.zeros((len(idx), width), dtype=torch.long)
             for row, i in enumerate(idx):
                 seq = ids[i]
                 input_ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
-                mask[row, width - len(seq):] = 1
+                mask[row, width - lengths[i]:] = 1
             sample = params.temperature > 0
             kwargs = dict(max_new_tokens=params.max_new_tokens, min_new_tokens=params.min_new_tokens or None,
                           do_sample=sample, pad_token_id=pad)
@@ -105,10 +111,21 @@ class TransformersEngine:
                 kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
             t0 = time.perf_counter()
             with torch.inference_mode():
-                out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
-                                          **kwargs)
+                if soft:  # soft tokens go between the left padding and the prompt's own tokens
+                    embeds = embed(input_ids.to(self.device))
+                    for row, i in enumerate(idx):
+                        if prefix[i] is not None:
+                            k = prefix[i].shape[0]
+                            start = width - lengths[i]
+                            embeds[row, start:start + k] = prefix[i].to(self.device)
+                            embeds[row, start + k:] = embed(torch.tensor(ids[i], device=self.device))
+                    out = self.model.generate(inputs_embeds=embeds, attention_mask=mask.to(self.device), **kwargs)
+                    new = out.tolist()  # with inputs_embeds only the new tokens come back
+                else:
+                    out = self.model.generate(input_ids=input_ids.to(self.device),
+                                              attention_mask=mask.to(self.device), **kwargs)
+                    new = out[:, width:].tolist()
             share = (time.perf_counter() - t0) / len(idx)
-            new = out[:, width:].tolist()
             for row, i in enumerate(idx):
                 toks = new[row]
                 n, ended = len(toks), False
@@ -121,7 +138,7 @@ class TransformersEngine:
                 if stopped and ended and pad in self._eos:
                     n -= 1  # a stop string ended it; the token after is padding, not a generated end-of-sequence
                 reason = "stop" if (ended or stopped or n < params.max_new_tokens) else "length"
-                results[i] = Completion(text, len(ids[i]), n, reason, share)
+                results[i] = Completion(text, lengths[i], n, reason, share)
         return [r for r in results if r is not None]
 
     def _batches(self, order: list[int], lengths: list[int], new_tokens: int) -> list[list[int]]:

@@ -17,6 +17,7 @@ from ..config import EngineConfig
 from ..errors import StepbackError
 from .base import Completion, Prompt, SamplingParams
 from .formatting import PromptFormatter
+from .models import load_input_embeddings
 
 
 class VLLMEngine:
@@ -50,6 +51,7 @@ class VLLMEngine:
         if opts.tensor_parallel_size > 1:
             kwargs["distributed_executor_backend"] = "ray"  # workers go into the actor's placement group
         self._vllm = vllm
+        self._table = None
         self.llm = vllm.LLM(**kwargs)
 
     def render(self, prompt: Prompt) -> str:
@@ -71,28 +73,43 @@ class VLLMEngine:
             kw["structured_outputs"] = StructuredOutputsParams(json=params.json_schema)
         return self._vllm.SamplingParams(**kw)
 
-    def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[Completion]:
+    def _embeds(self, token_ids: list[int], prefix):
+        """Prompt embeddings: the soft tokens, then the prompt's token embeddings."""
+        import torch
+
+        if self._table is None:
+            if not self.config.vllm.enable_prompt_embeds:
+                raise StepbackError("soft tokens (pplug modes) need engine.vllm.enable_prompt_embeds: true")
+            self._table = load_input_embeddings(self.formatter.path)
+        tokens = self._table[torch.tensor(token_ids)]
+        return torch.cat([torch.as_tensor(prefix, dtype=tokens.dtype), tokens])
+
+    def generate(self, prompts: list[Prompt], params: SamplingParams,
+                 prefix_embeds: list | None = None) -> list[Completion]:
         from vllm.inputs import TokensPrompt
 
         ids = [self.formatter.encode(self.render(p)) for p in prompts]
+        prefix = [None if prefix_embeds is None else prefix_embeds[i] for i in range(len(prompts))]
+        lengths = [len(seq) + (0 if p is None else len(p)) for seq, p in zip(ids, prefix)]
         results: list[Completion | None] = [None] * len(prompts)
         runnable = []
-        for i, seq in enumerate(ids):
-            if len(seq) + params.max_new_tokens > self.max_context:
-                results[i] = Completion("", len(seq), 0, "error", 0.0,
-                                        error=f"prompt has {len(seq)} tokens; with {params.max_new_tokens} new "
+        for i, n in enumerate(lengths):
+            if n + params.max_new_tokens > self.max_context:
+                results[i] = Completion("", n, 0, "error", 0.0,
+                                        error=f"prompt has {n} tokens; with {params.max_new_tokens} new "
                                               f"tokens it exceeds the context of {self.max_context}")
             else:
                 runnable.append(i)
         if runnable:
+            requests = [TokensPrompt(prompt_token_ids=ids[i]) if prefix[i] is None
+                        else {"prompt_embeds": self._embeds(ids[i], prefix[i])} for i in runnable]
             t0 = time.perf_counter()
-            outs = self.llm.generate([TokensPrompt(prompt_token_ids=ids[i]) for i in runnable], self._params(params),
-                                     use_tqdm=False)
+            outs = self.llm.generate(requests, self._params(params), use_tqdm=False)
             share = (time.perf_counter() - t0) / len(runnable)
             for i, o in zip(runnable, outs):
                 c = o.outputs[0]
                 reason = "length" if c.finish_reason == "length" else "stop"
-                results[i] = Completion(c.text, len(o.prompt_token_ids), len(c.token_ids), reason, share)
+                results[i] = Completion(c.text, lengths[i], len(c.token_ids), reason, share)
         return [r for r in results if r is not None]
 
     def close(self) -> None:

@@ -1,0 +1,48 @@
+"""The frozen text encoder of Persona-Plug: history items and queries as unit vectors.
+
+Item text follows the PPlug code's per-task formats (the raw LaMP fields, no labels: LaMP_5 title + abstract,
+LaMP_4 text + title, ...); the query is the part of the input the official LaMP retrieval uses.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..tasks import Item, TaskSpec
+
+ITEM_TEXT = {
+    "LaMP_1": lambda it: f"{it['title']} {it['abstract']}",
+    "LaMP_2": lambda it: it["description"],
+    "LaMP_2_news": lambda it: f"{it['text']} {it.get('title', '')}".strip(),
+    "LaMP_3": lambda it: it["text"],
+    "LaMP_4": lambda it: f"{it['text']} {it['title']}",
+    "LaMP_5": lambda it: f"{it['title']} {it['abstract']}",
+    "LaMP_6": lambda it: it["text"],
+    "LaMP_7": lambda it: it["text"],
+    "PSW_title": lambda it: f"{it['title']} {it['abstract']}",
+    "PSW_abstract": lambda it: f"{it['title']} {it['abstract']}",
+}
+
+
+def item_text(task: TaskSpec, item: Item) -> str:
+    return ITEM_TEXT.get(task.name, task.corpus_text)(item)
+
+
+class TextEncoder:
+    """A sentence-transformers model (default: the packaged all-MiniLM-L6-v2), normalized embeddings."""
+
+    def __init__(self, model: str, device: str = "cpu", batch_size: int = 64, max_seq_length: int = 256):
+        from sentence_transformers import SentenceTransformer
+
+        from ..engines.models import resolve_model
+
+        self.model = SentenceTransformer(resolve_model(model), device=device)
+        self.model.max_seq_length = max_seq_length
+        self.batch_size = batch_size
+        self.dim = int(self.model.get_sentence_embedding_dimension())
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return np.asarray(self.model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True,
+                                            convert_to_numpy=True, show_progress_bar=False), dtype=np.float32)
