@@ -7,6 +7,7 @@
     stepback submit JOB.yaml --address URL          submit a job to a Ray cluster (Ray Jobs) and follow it
     stepback score PRED.json GOLD.json [--task T]   official LaMP metrics of a predictions file, as JSON
     stepback train-pplug JOB.yaml [--set ...]       train the Persona-Plug projector (the LLM stays frozen)
+    stepback report RUN_URI                         (re)build a finished run's report.html and figures
 
 Bad input or configuration ends with one line on stderr (``error: ...``) and exit status 2, never a traceback.
 """
@@ -97,6 +98,16 @@ def _cmd_train_pplug(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .config import load_job
+    from .report import build_report
+
+    storage = load_job(None, args.set, data={"name": "report", "task": "LaMP_5",
+                                            "input": {"questions": "unused"}}).storage
+    print(build_report(args.run, storage))
+    return 0
+
+
 def _cmd_score(args: argparse.Namespace) -> int:
     import json
 
@@ -139,6 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("job", help="job spec (YAML) with a pplug section")
     tp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     tp.set_defaults(func=_cmd_train_pplug)
+    rep = sub.add_parser("report", help="(re)build the report of a finished run")
+    rep.add_argument("run", help="the run's output URI")
+    rep.add_argument("--set", action="append", default=[], metavar="storage.KEY=VALUE",
+                     help="storage settings for object storage, e.g. --set storage.endpoint_url=...")
+    rep.set_defaults(func=_cmd_report)
     score = sub.add_parser("score", help="official LaMP metrics of an outputs-format predictions file")
     score.add_argument("pred", help='predictions: {"task": ..., "golds": [{"id", "output"}]}')
     score.add_argument("gold", help="golds in the same format (a LaMP *_outputs.json)")

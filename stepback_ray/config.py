@@ -96,6 +96,8 @@ class EngineConfig(_Strict):
                                            description="dry-run engine: answer length as a share of max_new_tokens")
     dry_run_tokens_per_s: float | None = Field(default=None, gt=0.0,
                                                description="dry-run engine: take as long as an engine this fast")
+    dry_run_fail_marker: str | None = Field(default=None,
+                                            description="fault drills: the dry-run engine fails prompts with this text")
 
 
 class ProfileConfig(_Strict):
@@ -182,6 +184,9 @@ class StorageConfig(_Strict):
     key: SecretStr | None = None
     secret: SecretStr | None = None
     anon: bool = False
+    retries: int = Field(default=5, ge=0, description="retries of a failed storage call, with exponential backoff")
+    fault_rate: float = Field(default=0.0, ge=0.0, lt=1.0,
+                              description="fault drills: this share of storage calls fail (transiently) on purpose")
 
 
 class ProfileStoreConfig(_Strict):

@@ -89,6 +89,46 @@ def aggregate(task: TaskSpec, predictions: Sequence[str | None], golds: Sequence
             "RMSE": float(math.sqrt(mean_squared_error(y_true, y_pred)))}
 
 
+class MetricAccumulator:
+    """The official metrics of a stream of scored rows, without holding the rows: sums of the per-row scores
+    (ROUGE, absolute error) and, for classification, the label indices. Equal to :func:`aggregate` on the same
+    predictions."""
+
+    def __init__(self, task: TaskSpec):
+        self.task = task
+        self.n = 0
+        self.sums = {"rouge1": 0.0, "rougeL": 0.0, "abs_error": 0.0, "sq_error": 0.0}
+        self.y_true: list[int] = []
+        self.y_pred: list[int] = []
+
+    def add(self, prediction: str | None, gold: str, rouge1: float | None = None, rougeL: float | None = None,
+            abs_error: float | None = None) -> None:
+        self.n += 1
+        if self.task.metric == "rouge":
+            if rouge1 is None or rougeL is None:
+                rouge1, rougeL = rouge(prediction or "", gold)
+            self.sums["rouge1"] += rouge1
+            self.sums["rougeL"] += rougeL
+        elif self.task.metric == "accuracy_f1":
+            self.y_true.append(label_index(self.task.labels, gold))
+            self.y_pred.append(label_index(self.task.labels, prediction))
+        else:
+            err = abs_error if abs_error is not None else abs(rating_value(prediction, gold) - float(gold))
+            self.sums["abs_error"] += err
+            self.sums["sq_error"] += err * err
+
+    def result(self) -> dict[str, float | None]:
+        if not self.n:
+            return {k: None for k in OFFICIAL_KEYS[self.task.metric]}
+        if self.task.metric == "rouge":
+            return {"rouge-1": self.sums["rouge1"] / self.n, "rouge-L": self.sums["rougeL"] / self.n}
+        if self.task.metric == "accuracy_f1":
+            return {"accuracy": float(accuracy_score(self.y_true, self.y_pred)),
+                    "f1": float(f1_score(self.y_true, self.y_pred, labels=list(range(len(self.task.labels))),
+                                         average="macro", zero_division=0))}
+        return {"MAE": self.sums["abs_error"] / self.n, "RMSE": math.sqrt(self.sums["sq_error"] / self.n)}
+
+
 def bootstrap_ci(values: Sequence[float], *, n_resamples: int = 2000, seed: int = 0,
                  statistic: Callable[[np.ndarray], float] = np.mean, level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap interval of ``statistic`` over ``values`` (resampling rows with replacement)."""

@@ -53,6 +53,7 @@ PROFILE_SCHEMA = pa.schema([
     ("partials_json", _S), ("style_notes_json", _S), ("prompt", _S), ("raw_output", _S), ("llm_calls", _I),
     ("prompt_tokens", _I), ("completion_tokens", _I), ("engine_seconds", _F), ("fingerprint", _S), ("model", _S),
     ("prompt_version", _S), ("notes", _LS), ("origin", _S), ("history_ids", _LS), ("run_id", _S), ("exact", _B),
+    ("committed_at", _F),
 ])
 GENERATION_SCHEMA = pa.schema([
     ("chunk_id", _S), ("query_id", _S), ("mode", _S), ("user_id", _S), ("user_ids", _LS), ("task", _S),
@@ -60,13 +61,14 @@ GENERATION_SCHEMA = pa.schema([
     ("prompt", _S), ("proposals", _LS), ("raw_output", _S), ("output", _S), ("score", _F), ("rouge1", _F),
     ("rougeL", _F), ("abs_error", _F), ("prompt_tokens", _I), ("completion_tokens", _I), ("engine_seconds", _F),
     ("llm_calls", _I), ("finish_reason", _S), ("truncated", _B), ("status", _S), ("notes", _LS),
+    ("history_items", _I), ("committed_at", _F),
 ])
 _PLANNED = pa.schema([("chunk_id", _S), ("chunk_rows", _I), ("user_id", _S), ("plan_json", _S), ("fingerprint", _S),
                       ("notes", _LS), ("origin", _S), ("history_ids", _LS), ("carried_json", _S)])
 _GEN_PLANNED = pa.schema([
     ("chunk_id", _S), ("chunk_rows", _I), ("query_id", _S), ("mode", _S), ("user_id", _S), ("user_ids", _LS),
     ("input", _S), ("gold", _S), ("profile_text", _S), ("profile_status", _S), ("retrieved_ids", _LS),
-    ("prompts", _LS), ("merge_json", _S), ("truncated", _B), ("notes", _LS),
+    ("prompts", _LS), ("merge_json", _S), ("truncated", _B), ("notes", _LS), ("history_items", _I),
     ("soft_tokens", pa.list_(pa.list_(pa.float32()))),
 ])
 
@@ -176,7 +178,8 @@ class ProfileEngineStage:
     def __init__(self, job: JobSpec):
         self.job, self.task = job, get_task(job.task)
         self.engine = build_engine(job.engine)
-        self.distiller = profiling.Distiller(self.task, job.profile, self.engine, self.engine.generate)
+        self.distiller = profiling.Distiller(self.task, job.profile, self.engine,
+                                             lambda prompts, params: generate_isolated(self.engine, prompts, params))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -335,13 +338,30 @@ class GenerationPlanStage:
                         "profile_text": lead.get("profile_text"), "profile_status": lead.get("status"),
                         "retrieved_ids": plan.retrieved_ids, "prompts": [self.tools.render(p.prompt) for p in plan.prompts],
                         "merge_json": json.dumps(plan.merge) if plan.merge else None, "truncated": plan.truncated,
-                        "notes": plan.all_notes(),
+                        "notes": plan.all_notes(), "history_items": len(q.profile),
                     })
             if self.plug is not None:
                 chunk_rows = [r for r in rows if r["chunk_id"] == chunk["chunk_id"]]
                 self._soft_tokens(chunk_rows, {q.query_id: q for q in queries},
                                   chunk.get("profile_chunks") or [chunk["chunk_id"]])
         return _table(rows, _GEN_PLANNED)
+
+
+def generate_isolated(engine, prompts: list, params: SamplingParams, prefix: list | None = None) -> list:
+    """The engine on the whole batch; if the batch fails, each prompt on its own, so one bad prompt becomes one
+    ``error`` row instead of failing (and endlessly retrying) the block."""
+    from .engines.base import Completion
+
+    try:
+        return engine.generate(prompts, params, prefix_embeds=prefix)
+    except Exception:  # noqa: BLE001 - isolate the failing prompt(s) below
+        out = []
+        for i, p in enumerate(prompts):
+            try:
+                out += engine.generate([p], params, prefix_embeds=[prefix[i]] if prefix else None)
+            except Exception as e:  # noqa: BLE001 - recorded in the row
+                out.append(Completion("", 0, 0, "error", 0.0, error=f"engine failed: {type(e).__name__}: {e}"[:500]))
+        return out
 
 
 class GenerationEngineStage:
@@ -359,8 +379,8 @@ class GenerationEngineStage:
         rows = batch.to_pylist()
         flat = [(i, p) for i, r in enumerate(rows) for p in r["prompts"]]
         soft = [rows[i].get("soft_tokens") for i, _ in flat]
-        done = self.engine.generate([p for _, p in flat], self.params,
-                                    prefix_embeds=soft if any(s is not None for s in soft) else None)
+        done = generate_isolated(self.engine, [p for _, p in flat], self.params,
+                                 soft if any(s is not None for s in soft) else None)
         per_row: dict[int, list] = {}
         for (i, _), c in zip(flat, done):
             per_row.setdefault(i, []).append(c)
@@ -382,7 +402,7 @@ class GenerationEngineStage:
             elif len(comps) == 1:
                 r["proposals"] = []
         if merges:
-            for (r, prompt), c in zip(merges, self.engine.generate([m[1] for m in merges], self.params)):
+            for (r, prompt), c in zip(merges, generate_isolated(self.engine, [m[1] for m in merges], self.params)):
                 r.update(prompt=prompt, raw_output=c.text, finish_reason=c.finish_reason, llm_calls=r["llm_calls"] + 1,
                          prompt_tokens=r["prompt_tokens"] + c.prompt_tokens,
                          completion_tokens=r["completion_tokens"] + c.completion_tokens,
@@ -406,6 +426,9 @@ def _commit(job: JobSpec, folder: str, rows: list[dict[str, Any]], schema: pa.Sc
         if len(part) != expected:
             raise RuntimeError(f"chunk {cid} reached the commit stage with {len(part)} of {expected} rows")
         rel = f"{folder}/chunk-{cid}.parquet"
+        now = time.time()
+        for r in part:
+            r["committed_at"] = now
         store.write_table(rel, _table(part, schema))
         summaries.append({"chunk_id": cid, "file": rel, "rows": len(part),
                           "statuses": json.dumps(count_statuses(part))})
@@ -541,30 +564,56 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def summarize(job: JobSpec, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per-mode official metrics, token counts and statuses from the committed generation rows."""
+def summarize(job: JobSpec, store: RunStore) -> tuple[dict[str, Any], dict[str, int]]:
+    """Per-mode official metrics, token counts and statuses, streamed over the committed generation files (one
+    file in memory at a time); the official-format predictions are written per mode on the way."""
     task = get_task(job.task)
+    acc = {m: metrics.MetricAccumulator(task) for m in job.modes}
+    tot = {m: {"queries": 0, "scored": 0, "prompt_tokens": 0, "completion_tokens": 0, "engine_seconds": 0.0,
+               "users": set(), "statuses": {}} for m in job.modes}
+    official_task = "LaMP_2" if task.name == "LaMP_2_news" else task.name
+    cols = ["query_id", "mode", "user_id", "gold", "output", "rouge1", "rougeL", "abs_error", "prompt_tokens",
+            "completion_tokens", "engine_seconds", "status"]
+    with contextlib.ExitStack() as stack:
+        out = {m: stack.enter_context(store.writer(f"predictions/{m}.json")) for m in job.modes}
+        first = {m: True for m in job.modes}
+        for m in job.modes:  # the official outputs format, ready for `stepback score` or a LaMP submission
+            out[m].write(json.dumps({"task": official_task})[:-1].encode() + b', "golds": [')
+        for r in store.scan("generations", cols):
+            m = r["mode"]
+            t = tot[m]
+            t["queries"] += 1
+            t["users"].add(r["user_id"])
+            t["prompt_tokens"] += r["prompt_tokens"]
+            t["completion_tokens"] += r["completion_tokens"]
+            t["engine_seconds"] += r["engine_seconds"]
+            key = r["status"].split(":")[0]
+            t["statuses"][key] = t["statuses"].get(key, 0) + 1
+            if r["gold"] is not None and key != "error":
+                t["scored"] += 1
+                acc[m].add(r["output"], r["gold"], r["rouge1"], r["rougeL"], r["abs_error"])
+            sep = b"" if first[m] else b", "
+            first[m] = False
+            out[m].write(sep + json.dumps({"id": r["query_id"], "output": r["output"] or ""}).encode())
+        for m in job.modes:
+            out[m].write(b"]}\n")
     modes: dict[str, Any] = {}
-    for mode in job.modes:
-        part = [r for r in rows if r["mode"] == mode]
-        scored = [r for r in part if r["gold"] is not None and not r["status"].startswith("error")]
-        p_tok = sum(r["prompt_tokens"] for r in part)
-        c_tok = sum(r["completion_tokens"] for r in part)
-        secs = sum(r["engine_seconds"] for r in part)
-        modes[mode] = {
-            "users": len({r["user_id"] for r in part}), "queries": len(part), "scored": len(scored),
-            **metrics.aggregate(task, [r["output"] for r in scored], [r["gold"] for r in scored]),
-            "prompt_tokens": p_tok, "completion_tokens": c_tok, "engine_seconds": round(secs, 3),
-            "tokens_per_s": round((p_tok + c_tok) / secs, 1) if secs else None,
-            "statuses": count_statuses(part),
-        }
+    for m in job.modes:
+        t = tot[m]
+        secs = t["engine_seconds"]
+        modes[m] = {"users": len(t["users"]), "queries": t["queries"], "scored": t["scored"], **acc[m].result(),
+                    "prompt_tokens": t["prompt_tokens"], "completion_tokens": t["completion_tokens"],
+                    "engine_seconds": round(secs, 3),
+                    "tokens_per_s": round((t["prompt_tokens"] + t["completion_tokens"]) / secs, 1) if secs else None,
+                    "statuses": t["statuses"]}
+    statuses: dict[str, int] = {}
+    for m in job.modes:
+        for k, v in tot[m]["statuses"].items():
+            statuses[k] = statuses.get(k, 0) + v
+    counts = {"generation_rows": sum(t["queries"] for t in tot.values()), "generation_rows_by_status": statuses,
+              "queries_generated": max((t["queries"] for t in tot.values()), default=0)}
     return {"task": job.task, "metric": task.metric, "keys": list(metrics.OFFICIAL_KEYS[task.metric]),
-            "modes": modes}
-
-
-def _read_folder(store: RunStore, folder: str, columns: list[str]) -> pa.Table:
-    tables = [store.read_table(p, columns=columns) for p in store.list(folder, ".parquet")]
-    return pa.concat_tables(tables) if tables else pa.table({c: [] for c in columns})
+            "modes": modes}, counts
 
 
 def num_shards(job: JobSpec, lead_users: int | None) -> int:
@@ -625,20 +674,27 @@ def run_profile_pass(job: JobSpec, work: Work) -> tuple[ProfilesAt, dict[str, An
     if any(prompting.uses_plug(m) for m in job.modes):  # item embeddings belong to the same store version
         _run_pass(job, "embed", _pending(at.uri, at.embeddings, job, work.profile_chunks), at)
     store = RunStore(at.uri, job.storage)
-    rows = _read_folder(store, at.folder, ["status", "prompt_tokens", "completion_tokens", "engine_seconds",
-                                            "llm_calls", "parts", "origin"]).to_pylist()
-    secs = sum(r["engine_seconds"] for r in rows)
-    toks = sum(r["prompt_tokens"] + r["completion_tokens"] for r in rows)
-    origins = {o: sum(1 for r in rows if r["origin"] == o) for o in ("new", "recomputed", "incremental", "carried")}
+    origins = {"new": 0, "recomputed": 0, "incremental": 0, "carried": 0}
+    sums = {"users": 0, "llm_calls": 0, "map_reduced_users": 0, "prompt_tokens": 0, "completion_tokens": 0}
+    secs, statuses = 0.0, {}
+    for r in store.scan(at.folder, ["status", "prompt_tokens", "completion_tokens", "engine_seconds", "llm_calls",
+                                    "parts", "origin"]):
+        origins[r["origin"]] = origins.get(r["origin"], 0) + 1
+        sums["users"] += 1
+        sums["llm_calls"] += r["llm_calls"]
+        sums["map_reduced_users"] += int(r["parts"] > 1)
+        sums["prompt_tokens"] += r["prompt_tokens"]
+        sums["completion_tokens"] += r["completion_tokens"]
+        secs += r["engine_seconds"]
+        key = r["status"].split(":")[0]
+        statuses[key] = statuses.get(key, 0) + 1
+    toks = sums["prompt_tokens"] + sums["completion_tokens"]
     stats = {
-        "users": len(rows), "statuses": count_statuses(rows), "origins": origins,
+        **sums, "statuses": statuses, "origins": origins,
         "deleted": max(0, (sv.previous_users if sv else 0) - origins["recomputed"] - origins["incremental"]
                        - origins["carried"]),
-        "llm_calls": sum(r["llm_calls"] for r in rows), "map_reduced_users": sum(1 for r in rows if r["parts"] > 1),
-        "prompt_tokens": sum(r["prompt_tokens"] for r in rows),
-        "completion_tokens": sum(r["completion_tokens"] for r in rows), "engine_seconds": round(secs, 3),
-        "tokens_per_s": round(toks / secs, 1) if secs else None, "chunks_committed_this_run": len(summaries),
-        "wall_s": round(time.time() - t0, 3)}
+        "engine_seconds": round(secs, 3), "tokens_per_s": round(toks / secs, 1) if secs else None,
+        "chunks_committed_this_run": len(summaries), "wall_s": round(time.time() - t0, 3)}
     if sv is not None:
         stats.update(store_uri=job.profile_store.uri, version=sv.version, previous=sv.previous, full_rebuild=sv.full)
         commit_version(sv, job, work.shards, {**stats, "run_id": job.run_id, "config": job.public_dict(),
@@ -670,21 +726,14 @@ def run_job(job: JobSpec) -> RunResult:
                                   at)
         timings["generation_pass_s"] = round(time.time() - t0, 3)
 
-    cols = ["query_id", "mode", "user_id", "gold", "output", "prompt_tokens", "completion_tokens", "engine_seconds",
-            "status"]
-    generated = _read_folder(store, "generations", cols).to_pylist()
-    result_metrics = summarize(job, generated)
+    result_metrics, gen_counts = summarize(job, store)
     if profile_stats:
         result_metrics["profiles"] = profile_stats
-    official_task = "LaMP_2" if task.name == "LaMP_2_news" else task.name
-    for mode in job.modes:  # the official outputs format, ready for `stepback score` or a LaMP submission
-        store.write_json(f"predictions/{mode}.json", {"task": official_task, "golds": [
-            {"id": r["query_id"], "output": r["output"] or ""} for r in generated if r["mode"] == mode]})
     store.write_json("metrics.json", result_metrics)
     timings["total_s"] = round(time.time() - t_start, 3)
-    queries = work.expected_queries if work.expected_queries is not None else \
-        len({r["query_id"] for r in generated})
+    queries = work.expected_queries if work.expected_queries is not None else gen_counts["queries_generated"]
     expected = queries * len(job.modes)
+    generated = gen_counts["generation_rows"]
     manifest = {
         "run_id": job.run_id, "name": job.name, "output": job.output_uri, "resumed": resumed,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t_start)),
@@ -692,8 +741,8 @@ def run_job(job: JobSpec) -> RunResult:
         "config": job.public_dict(), "versions": _versions(),
         "counts": {**work.counts, "shards": work.shards, "profile_chunks": len(work.profile_chunks)
                    if needs_profiles else 0, "generation_chunks": len(work.generation_chunks),
-                   "generation_rows": len(generated), "expected_generation_rows": expected,
-                   "generation_rows_by_status": count_statuses(generated)},
+                   "generation_rows": generated, "expected_generation_rows": expected,
+                   "generation_rows_by_status": gen_counts["generation_rows_by_status"]},
         "chunks_committed_this_run": {"profiles": profile_stats["chunks_committed_this_run"] if profile_stats else 0,
                                       "generations": len(gen_summaries)},
         "profiles": {"uri": at.uri, "folder": at.folder} if at else None,
@@ -701,9 +750,12 @@ def run_job(job: JobSpec) -> RunResult:
                   "predictions": [f"predictions/{m}.json" for m in job.modes], "metrics": "metrics.json"},
         "timings": timings,
     }
-    if len(generated) != expected:
-        raise StepbackError(f"{job.output_uri}: {len(generated)} generation rows committed, expected {expected}")
+    if generated != expected:
+        raise StepbackError(f"{job.output_uri}: {generated} generation rows committed, expected {expected}")
     store.write_json("manifest.json", manifest)
+    from .report import build_report
+
+    build_report(job.output_uri, job.storage)
     return RunResult(job.output_uri, result_metrics, manifest)
 
 

@@ -3,11 +3,15 @@
 Every URI goes through fsspec (``s3://`` through s3fs); filesystems are built from the job's
 :class:`~stepback_ray.config.StorageConfig` *inside* the process that uses them (the driver or a Ray worker), never
 pickled across. Writes of result files are atomic: a reader sees the whole file or none of it (local files are
-written to a temporary name and renamed; an object-store PUT is atomic by itself).
+written to a temporary name and renamed; an object-store PUT is atomic by itself). Transient failures (timeouts,
+throttling, dropped connections) are retried with exponential backoff (``tenacity``); a missing file, a missing
+bucket or denied access are not transient and fail at once. ``storage.fault_rate`` makes a share of calls fail
+on purpose, for fault drills.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -16,9 +20,12 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import random
+
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from .config import StorageConfig
 from .errors import InputError, StorageError
@@ -87,6 +94,21 @@ def read_bytes(uri: str, storage: StorageConfig | None = None) -> bytes:
         raise StorageError(describe_storage_error(uri, e)) from None
 
 
+class InjectedFault(ConnectionError):
+    """A storage failure caused on purpose by ``storage.fault_rate`` (fault drills)."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Worth retrying: connection trouble, timeouts, throttling, 5xx. Not: missing files, denied access."""
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    text = f"{type(exc).__name__} {exc}".lower()
+    return any(s in text for s in ("timeout", "timed out", "throttl", "slowdown", "slow down", "503", "500 ",
+                                   "internalerror", "connection", "temporarily"))
+
+
 @dataclass
 class RunStore:
     """The output location of one run: a root URI under which result files are written atomically."""
@@ -96,6 +118,24 @@ class RunStore:
 
     def __post_init__(self) -> None:
         self.fs, self.root = filesystem_for(self.uri, self.storage)
+        self.retried = 0
+        """Storage calls that failed transiently and were retried (for the run's counters)."""
+
+    def _call(self, fn, *args, **kwargs):
+        """Run one storage call with fault injection (drills) and retries with exponential backoff."""
+
+        def attempt():
+            if self.storage.fault_rate and random.random() < self.storage.fault_rate:
+                raise InjectedFault(f"injected storage fault ({self.storage.fault_rate:.0%} of calls)")
+            return fn(*args, **kwargs)
+
+        def count(_state) -> None:
+            self.retried += 1
+
+        retrying = Retrying(stop=stop_after_attempt(self.storage.retries + 1), reraise=True,
+                            wait=wait_exponential(multiplier=0.05, max=5.0), before_sleep=count,
+                            retry=retry_if_exception(is_transient))
+        return retrying(attempt)
 
     def path(self, rel: str) -> str:
         return posixpath.join(self.root, rel)
@@ -114,28 +154,60 @@ class RunStore:
         except Exception as e:  # noqa: BLE001 - translated to one line
             raise StorageError(describe_storage_error(self.uri, e).split(" (Could not connect")[0]) from None
 
-    def write_bytes(self, rel: str, data: bytes) -> None:
-        path = self.path(rel)
-        try:
-            if is_local(self.fs):
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    def _write(self, path: str, data: bytes) -> None:
+        if is_local(self.fs):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+            try:
                 with open(tmp, "wb") as f:
                     f.write(data)
                     f.flush()
                     os.fsync(f.fileno())
                 os.replace(tmp, path)
-            else:
-                self.fs.pipe_file(path, data)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+        else:
+            self.fs.pipe_file(path, data)
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        try:
+            self._call(self._write, self.path(rel), data)
         except Exception as e:  # noqa: BLE001 - translated to one line
             raise StorageError(describe_storage_error(self.uri_of(rel), e)) from None
+
+    def read_bytes(self, rel: str) -> bytes:
+        return self._call(self.fs.cat_file, self.path(rel))
+
+    @contextlib.contextmanager
+    def writer(self, rel: str):
+        """A binary file to stream a large output into; it appears whole when the block ends (local: temporary
+        name, then rename; object store: the upload completes on close), or not at all on error."""
+        path = self.path(rel)
+        if is_local(self.fs):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+            try:
+                with open(tmp, "wb") as f:
+                    yield f
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+        else:
+            with self.fs.open(path, "wb") as f:
+                yield f
+
+    def scan(self, rel_dir: str, columns: list[str]):
+        """The rows of every Parquet file under ``rel_dir``, one file in memory at a time."""
+        for rel in self.list(rel_dir, ".parquet"):
+            yield from self.read_table(rel, columns=columns).to_pylist()
 
     def write_json(self, rel: str, obj: Any) -> None:
         self.write_bytes(rel, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
 
     def read_json(self, rel: str) -> Any:
-        with self.fs.open(self.path(rel), "rb") as f:
-            return json.load(f)
+        return json.loads(self.read_bytes(rel))
 
     def write_table(self, rel: str, table: pa.Table) -> None:
         buf = io.BytesIO()
@@ -143,19 +215,20 @@ class RunStore:
         self.write_bytes(rel, buf.getvalue())
 
     def read_table(self, rel: str, columns: list[str] | None = None) -> pa.Table:
-        with self.fs.open(self.path(rel), "rb") as f:
-            return pq.read_table(f, columns=columns)
+        return pq.read_table(io.BytesIO(self.read_bytes(rel)), columns=columns)
 
     def exists(self, rel: str) -> bool:
-        return self.fs.exists(self.path(rel))
+        return self._call(self.fs.exists, self.path(rel))
 
     def list(self, rel_dir: str, suffix: str = "") -> list[str]:
         """Relative paths of the files directly under ``rel_dir`` (sorted), ignoring temporary files."""
         base = self.path(rel_dir)
-        if not self.fs.exists(base):
+        if not self.exists(rel_dir):
             return []
+        if hasattr(self.fs, "invalidate_cache"):
+            self.fs.invalidate_cache(base)  # a listing must see files other processes just wrote
         out = []
-        for p in self.fs.ls(base, detail=False):
+        for p in self._call(self.fs.ls, base, detail=False):
             name = posixpath.basename(p.rstrip("/"))
             if ".tmp-" in name or not name.endswith(suffix):
                 continue

@@ -44,26 +44,27 @@ def ray_head(tmp_path, monkeypatch):
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     monkeypatch.setenv("RAY_AUTH_TOKEN", uuid.uuid4().hex + uuid.uuid4().hex)
     ray_bin = shutil.which("ray", path=os.path.dirname(sys.executable))
+    # as on a cluster node, the environment with stepback-ray installed is the head's `python` (job entrypoints
+    # run `python -m stepback_ray`)
+    head_env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
     gcs, dash = _free_port(), _free_port()
     temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths must fit 107 characters
     proc = subprocess.Popen(
         [ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2", "--include-dashboard=true",
          f"--temp-dir={temp}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True, env=dict(os.environ))
+        start_new_session=True, env=head_env)
     address = f"http://127.0.0.1:{dash}"
-    from ray.job_submission import JobSubmissionClient
-
+    # Ready once a fresh client process can list jobs: a fresh process, because Ray caches the auth token it
+    # first loaded for the life of a process, and this one may have loaded another before the env was set.
+    probe = [sys.executable, "-c", "import sys; from ray.job_submission import JobSubmissionClient as C; "
+                                   "C(sys.argv[1]).list_jobs()", address]
     deadline = time.time() + 300
-    while True:
-        try:
-            JobSubmissionClient(address).list_jobs()
-            break
-        except Exception:
-            if time.time() > deadline or proc.poll() is not None:
-                os.killpg(proc.pid, 9)
-                pytest.fail("the local Ray head did not start")
-            time.sleep(1)
+    while subprocess.run(probe, capture_output=True, env=dict(os.environ)).returncode != 0:
+        if time.time() > deadline or proc.poll() is not None:
+            os.killpg(proc.pid, 9)
+            pytest.fail("the local Ray head did not start")
+        time.sleep(1)
     yield address
     os.killpg(proc.pid, 15)
     try:

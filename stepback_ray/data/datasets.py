@@ -180,8 +180,7 @@ def stage_dataset(job: JobSpec, shards: int) -> dict[str, int]:
 
 
 def _rows(store: RunStore, rel: str) -> int:
-    with store.fs.open(store.path(rel), "rb") as f:
-        return pq.ParquetFile(io.BytesIO(f.read())).metadata.num_rows
+    return pq.ParquetFile(io.BytesIO(store.read_bytes(rel))).metadata.num_rows
 
 
 def staged_chunks(job: JobSpec) -> list[dict[str, Any]]:

@@ -52,8 +52,11 @@ class DryRunEngine:
         t0 = time.perf_counter()
         target = max(1, round(params.max_new_tokens * self.config.dry_run_output_fraction))
         out = []
+        marker = self.config.dry_run_fail_marker
         for k, p in enumerate(prompts):
             text = self.render(p)
+            if marker and marker in text:
+                raise RuntimeError(f"injected engine failure (prompt contains {marker!r})")
             soft = prefix_embeds[k] if prefix_embeds is not None else None
             n_prompt = self.count_tokens(text) + (0 if soft is None else len(soft))
             if n_prompt + params.max_new_tokens > self.max_context:

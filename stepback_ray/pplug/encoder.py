@@ -39,7 +39,8 @@ class TextEncoder:
         self.model = SentenceTransformer(resolve_model(model), device=device)
         self.model.max_seq_length = max_seq_length
         self.batch_size = batch_size
-        self.dim = int(self.model.get_sentence_embedding_dimension())
+        dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        self.dim = int(dim())
 
     def encode(self, texts: list[str]) -> np.ndarray:
         if not texts:

@@ -125,8 +125,7 @@ def load_checkpoint(uri: str, storage) -> tuple[PersonaPlug, dict[str, Any]]:
                             "`stepback train-pplug`")
     meta = store.read_json(CHECKPOINT_CONFIG)
     plug = PersonaPlug(meta["d_enc"], meta["d_llm"], meta["target_norm"])
-    with store.fs.open(store.path(CHECKPOINT), "rb") as f:
-        plug.load_state_dict(torch.load(io.BytesIO(f.read()), map_location="cpu"))
+    plug.load_state_dict(torch.load(io.BytesIO(store.read_bytes(CHECKPOINT)), map_location="cpu"))
     return plug.eval(), meta
 
 

@@ -1,0 +1,183 @@
+"""Scale benchmark: the full pipeline on 10k, 100k and 1M synthetic users, memory watched the whole time.
+
+    python scripts/bench_scale.py --users 10000,100000,1000000 --write docs/benchmarks.md
+
+For each size it makes (or reuses) a synthetic user dataset (``scripts/make_synthetic_users.py``: real items,
+real history lengths), then runs the whole job with the dry-run engine: staging with validation, step-back
+prompt planning and tokenization, map-reduce planning, BM25 retrieval, generation prompts, parsing, scoring and
+writing; everything but the LLM. A sampler thread records the peak resident memory of the driver and of every Ray
+worker process (each one, and all of them together) once a second. A sample with the real engine on the demo's 20
+users gives the LLM's share of the cost. Memory must stay flat as users grow: the driver never holds the users
+(only shard names), stages work one shard at a time, and the summary is streamed from the committed files.
+Prints one JSON object; ``--write`` replaces its section in the given markdown file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from stepback_ray.config import load_job  # noqa: E402
+from stepback_ray.pipeline import ray_session, run_job  # noqa: E402
+
+START, END = "<!-- bench_scale:start -->", "<!-- bench_scale:end -->"
+
+
+class MemorySampler(threading.Thread):
+    """Peak RSS of this process, of the largest Ray worker, and of all Ray processes together."""
+
+    def __init__(self, interval: float = 1.0):
+        super().__init__(daemon=True)
+        self.interval, self.stop_flag = interval, threading.Event()
+        self.driver = self.worker = self.total = 0
+
+    def run(self) -> None:
+        me = psutil.Process()
+        while not self.stop_flag.is_set():
+            total, biggest = 0, 0
+            for p in psutil.process_iter(["name", "cmdline", "memory_info"]):
+                try:
+                    cmd = " ".join(p.info["cmdline"] or [])
+                    if p.pid == me.pid or not ("ray::" in cmd or "raylet" in cmd or "gcs_server" in cmd
+                                               or "ray/_private" in cmd):
+                        continue
+                    rss = p.info["memory_info"].rss
+                except (psutil.NoSuchProcess, psutil.AccessDenied, TypeError):
+                    continue
+                total += rss
+                biggest = max(biggest, rss)
+            self.driver = max(self.driver, me.memory_info().rss)
+            self.worker = max(self.worker, biggest)
+            self.total = max(self.total, total + me.memory_info().rss)
+            self.stop_flag.wait(self.interval)
+
+    def stop(self) -> dict[str, float]:
+        self.stop_flag.set()
+        self.join()
+        gib = 2 ** 30
+        return {"driver_peak_rss_gib": round(self.driver / gib, 2), "worker_peak_rss_gib": round(self.worker / gib, 2),
+                "all_processes_peak_rss_gib": round(self.total / gib, 2)}
+
+
+def dataset(n: int, root: Path) -> Path:
+    out = root / f"users-{n}"
+    if not (out / "_DONE").exists():
+        files = max(1, min(64, n // 10_000))
+        subprocess.run([sys.executable, str(REPO / "scripts" / "make_synthetic_users.py"), "--users", str(n),
+                        "--files", str(files), "--out", str(out)], check=True)
+        (out / "_DONE").write_text("")
+    return out
+
+
+def du(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def run_size(n: int, root: Path, shards: int, modes: list[str], extra: list[str]) -> dict:
+    data = dataset(n, root)
+    out = root / f"run-{n}"
+    job = load_job(None, ["ray.progress_bars=false", *extra], data={
+        "name": f"scale-{n}", "task": "LaMP_5", "input": {"format": "parquet", "path": str(data), "layout": "user"},
+        "modes": modes, "output": str(out), "run_id": "scale", "engine": {"kind": "dry-run"},
+        "profile": {"history_token_budget": 2048, "max_item_tokens": 160, "max_new_tokens": 80},
+        "ray": {"num_shards": shards}})
+    sampler = MemorySampler()
+    sampler.start()
+    t0 = time.time()
+    result = run_job(job)
+    wall = time.time() - t0
+    mem = sampler.stop()
+    counts = result.manifest["counts"]
+    return {"users": n, "shards": shards, "wall_s": round(wall, 1), "users_per_s": round(n / wall, 1),
+            **mem, "output_bytes": du(out) - du(out / "_staged") if (out / "_staged").exists() else du(out),
+            "staged_bytes": du(out / "_staged") if (out / "_staged").exists() else 0,
+            "generation_rows": counts["generation_rows"], "rows_quarantined": counts.get("rows_quarantined", 0),
+            "prompt_tokens": result.metrics["profiles"]["prompt_tokens"] + sum(
+                m["prompt_tokens"] for m in result.metrics["modes"].values()),
+            "timings": result.manifest["timings"]}
+
+
+def real_sample(root: Path) -> dict:
+    out = root / "run-real-sample"
+    job = load_job(REPO / "jobs" / "demo.yaml", ["ray.progress_bars=false", f"output={out}", "run_id=real"])
+    t0 = time.time()
+    result = run_job(job)
+    wall = time.time() - t0
+    return {"users": 20, "engine": "transformers (SmolLM2-135M, CPU)", "wall_s": round(wall, 1),
+            "users_per_s": round(20 / wall, 3), "timings": result.manifest["timings"]}
+
+
+def to_markdown(report: dict) -> str:
+    lines = [START, "", f"### Scale ({report['date']}, {report['machine']})", "",
+             "The whole pipeline with the dry-run engine (everything but the LLM: staging and validation, step-back "
+             "planning and tokenization, BM25 retrieval, generation prompts, parsing, scoring, Parquet writes), modes "
+             f"{', '.join(report['modes'])}. Peak RSS sampled every second. Command: `{report['command']}`.", "",
+             "| users | shards | wall | users/s | driver peak RSS | largest worker peak RSS | all processes peak RSS "
+             "| output (staged input) |", "|---|---|---|---|---|---|---|---|"]
+    for r in report["sizes"]:
+        lines.append(f"| {r['users']:,} | {r['shards']} | {r['wall_s'] / 60:.1f} min | {r['users_per_s']} | "
+                     f"{r['driver_peak_rss_gib']} GiB | {r['worker_peak_rss_gib']} GiB | "
+                     f"{r['all_processes_peak_rss_gib']} GiB | {r['output_bytes'] / 2**30:.2f} GiB "
+                     f"({r['staged_bytes'] / 2**30:.2f} GiB) |")
+    if report.get("real_sample"):
+        r = report["real_sample"]
+        lines += ["", f"With the real engine ({r['engine']}) the demo's {r['users']} users take {r['wall_s']} s: "
+                      f"{r['users_per_s']} users/s, so on this machine the LLM, not the pipeline, sets the pace."]
+    lines += ["", END]
+    return "\n".join(lines)
+
+
+def write_section(path: Path, section: str) -> None:
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if START in text and END in text:
+        text = text[:text.index(START)] + section + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip() + "\n\n## Scale\n\n" + section + "\n"
+    path.write_text(text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--users", default="10000,100000,1000000")
+    ap.add_argument("--users-per-shard", type=int, default=1000)
+    ap.add_argument("--modes", default="none,profile+rag")
+    ap.add_argument("--root", default=str(REPO / "runs" / "scale"))
+    ap.add_argument("--no-real-sample", action="store_true")
+    ap.add_argument("--set", action="append", default=[], help="job-spec override")
+    ap.add_argument("--write", help="markdown file whose bench_scale section is replaced")
+    args = ap.parse_args()
+    root = Path(args.root)
+    root.mkdir(parents=True, exist_ok=True)
+    modes = args.modes.split(",")
+    sizes = []
+    first = load_job(None, data={"name": "scale", "task": "LaMP_5", "input": {"questions": "x"}})
+    with ray_session(first):
+        for n in (int(x) for x in args.users.split(",")):
+            sizes.append(run_size(n, root, max(1, n // args.users_per_shard), modes, args.set))
+            print(json.dumps(sizes[-1]), file=sys.stderr, flush=True)
+        real = None if args.no_real_sample else real_sample(root)
+    report = {"date": dt.date.today().isoformat(),
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+                         f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM, no GPU",
+              "modes": modes, "command": "python scripts/bench_scale.py " + " ".join(sys.argv[1:]),
+              "sizes": sizes, "real_sample": real}
+    print(json.dumps(report, indent=1))
+    if args.write:
+        write_section(Path(args.write), to_markdown(report))
+
+
+if __name__ == "__main__":
+    main()

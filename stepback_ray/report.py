@@ -1,0 +1,218 @@
+"""The run report: ``report.html`` and its PNG figures, written next to a run's outputs.
+
+Built only from what the run committed (manifest, metrics, the generation and profile files), so
+``stepback report RUN_URI`` rebuilds it for any finished run, local or on object storage. It shows the metrics by
+mode with bootstrap intervals, the score against history length, tokens and time per stage, throughput over
+time, and the rows that failed or were quarantined.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+from typing import Any
+
+import numpy as np
+
+from .config import StorageConfig
+from .metrics import bootstrap_ci
+from .storage import RunStore
+
+FIGURES = ("metrics.png", "history.png", "stages.png", "throughput.png", "failures.png")
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    return buf.getvalue()
+
+
+def _load(store: RunStore) -> dict[str, Any]:
+    manifest = store.read_json("manifest.json")
+    metrics = store.read_json("metrics.json")
+    gen_cols = ["mode", "user_id", "score", "history_items", "prompt_tokens", "completion_tokens", "engine_seconds",
+                "status", "committed_at"]
+    gens = {c: [] for c in gen_cols}
+    for r in store.scan("generations", gen_cols):
+        for c in gen_cols:
+            gens[c].append(r.get(c))
+    profiles = manifest.get("profiles") or {}
+    prof_rows = {"committed_at": [], "prompt_tokens": [], "completion_tokens": [], "engine_seconds": []}
+    if profiles.get("uri") and profiles.get("folder"):
+        pstore = RunStore(profiles["uri"], store.storage)
+        for r in pstore.scan(profiles["folder"], list(prof_rows)):
+            for c in prof_rows:
+                prof_rows[c].append(r.get(c) or 0)
+    quarantined = 0
+    reasons: dict[str, int] = {}
+    for r in store.scan("quarantine", ["reason"]):
+        quarantined += 1
+        key = r["reason"].split(":")[0][:40]
+        reasons[key] = reasons.get(key, 0) + 1
+    return {"manifest": manifest, "metrics": metrics, "gens": gens, "profiles": prof_rows,
+            "quarantined": quarantined, "quarantine_reasons": reasons}
+
+
+def _intervals(data: dict[str, Any]) -> dict[str, tuple[float, float, float]]:
+    gens = data["gens"]
+    out = {}
+    for mode in data["metrics"]["modes"]:
+        vals = [s for m, s in zip(gens["mode"], gens["score"]) if m == mode and s is not None]
+        if vals:
+            lo, hi = bootstrap_ci(vals, n_resamples=1000)
+            out[mode] = (float(np.mean(vals)), lo, hi)
+    return out
+
+
+def _figures(data: dict[str, Any], intervals: dict[str, tuple[float, float, float]]) -> dict[str, bytes]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics, gens, manifest = data["metrics"], data["gens"], data["manifest"]
+    score_name = {"rouge": "ROUGE-1", "accuracy_f1": "accuracy", "mae_rmse": "absolute error"}[metrics["metric"]]
+    figs: dict[str, bytes] = {}
+    modes = list(metrics["modes"])
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.2))
+    shown = [m for m in modes if m in intervals]
+    means = [intervals[m][0] for m in shown]
+    err = np.array([[intervals[m][0] - intervals[m][1] for m in shown], [intervals[m][2] - intervals[m][0]
+                                                                         for m in shown]])
+    ax.bar(shown, means, yerr=err if shown else None, capsize=4, color="#4C72B0")
+    ax.set_ylabel(f"{score_name} (95 % CI)")
+    ax.set_title("Score by mode")
+    plt.setp(ax.get_xticklabels(), rotation=15)
+    fig.tight_layout()
+    figs["metrics.png"] = _png(fig)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.2))
+    for mode in modes:
+        pairs = [(h, s) for m, h, s in zip(gens["mode"], gens["history_items"], gens["score"])
+                 if m == mode and h is not None and s is not None]
+        if not pairs:
+            continue
+        h = np.array([p[0] for p in pairs])
+        s = np.array([p[1] for p in pairs])
+        edges = np.unique(np.quantile(h, np.linspace(0, 1, 6)))
+        if len(edges) < 2:
+            ax.plot([h.mean()], [s.mean()], marker="o", label=mode)
+            continue
+        idx = np.clip(np.digitize(h, edges[1:-1]), 0, len(edges) - 2)
+        xs = [h[idx == k].mean() for k in range(len(edges) - 1) if (idx == k).any()]
+        ys = [s[idx == k].mean() for k in range(len(edges) - 1) if (idx == k).any()]
+        ax.plot(xs, ys, marker="o", label=mode)
+    ax.set_xlabel("history items of the user")
+    ax.set_ylabel(f"mean {score_name}")
+    ax.set_title("Score against history length (quantile bins)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    figs["history.png"] = _png(fig)
+    plt.close(fig)
+
+    prof = data["profiles"]
+    stages = ["profile"] + [f"gen: {m}" for m in modes]
+    prompt = [sum(prof["prompt_tokens"])] + [metrics["modes"][m]["prompt_tokens"] for m in modes]
+    output = [sum(prof["completion_tokens"])] + [metrics["modes"][m]["completion_tokens"] for m in modes]
+    secs = [sum(prof["engine_seconds"])] + [metrics["modes"][m]["engine_seconds"] for m in modes]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(8.8, 3.2))
+    a1.bar(stages, prompt, label="prompt tokens", color="#4C72B0")
+    a1.bar(stages, output, bottom=prompt, label="generated tokens", color="#DD8452")
+    a1.set_title("Tokens per stage")
+    a1.legend(fontsize=7)
+    a2.bar(stages, secs, color="#55A868")
+    a2.set_title("Engine seconds per stage")
+    for a in (a1, a2):
+        plt.setp(a.get_xticklabels(), rotation=25, fontsize=7)
+    timings = manifest.get("timings", {})
+    fig.suptitle("wall: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items() if isinstance(v, (int, float))),
+                 fontsize=7)
+    fig.tight_layout()
+    figs["stages.png"] = _png(fig)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.2))
+    series = [(label, np.sort(np.array([x for x in stamps if x], dtype=float)))
+              for label, stamps in (("profiles", prof["committed_at"]), ("generation rows", gens["committed_at"]))]
+    starts = [t[0] for _, t in series if len(t)]
+    for label, t in series:
+        if len(t):
+            ax.step(t - min(starts), np.arange(1, len(t) + 1), where="post", label=label)
+    ax.set_xlabel("seconds since the first commit")
+    ax.set_ylabel("rows committed")
+    ax.set_title("Throughput over time")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    figs["throughput.png"] = _png(fig)
+    plt.close(fig)
+
+    statuses: dict[str, int] = {}
+    for s in gens["status"]:
+        key = (s or "").split(":")[0]
+        statuses[key] = statuses.get(key, 0) + 1
+    if data["quarantined"]:
+        statuses["quarantined input"] = data["quarantined"]
+    fig, ax = plt.subplots(figsize=(6.4, 2.8))
+    keys = sorted(statuses)
+    ax.barh(keys, [statuses[k] for k in keys], color=["#55A868" if k == "ok" else "#C44E52" for k in keys])
+    for i, k in enumerate(keys):
+        ax.text(statuses[k], i, f" {statuses[k]}", va="center", fontsize=8)
+    ax.set_title("Rows by status (and quarantined input records)")
+    fig.tight_layout()
+    figs["failures.png"] = _png(fig)
+    plt.close(fig)
+    return figs
+
+
+def _html(data: dict[str, Any], intervals: dict[str, tuple[float, float, float]]) -> str:
+    m, man = data["metrics"], data["manifest"]
+    keys = m["keys"]
+    head = "".join(f"<th>{html.escape(k)}</th>" for k in ["mode", "users", "queries", *keys, "95 % CI of the score",
+                                                           "tokens/s", "statuses"])
+    rows = []
+    for mode, v in m["modes"].items():
+        ci = intervals.get(mode)
+        cells = [mode, v["users"], v["queries"], *[("-" if v[k] is None else f"{v[k]:.4f}") for k in keys],
+                 f"[{ci[1]:.4f}, {ci[2]:.4f}]" if ci else "-", v["tokens_per_s"] if v["tokens_per_s"] else "-",
+                 ", ".join(f"{k}: {n}" for k, n in sorted(v["statuses"].items()))]
+        rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
+    counts = man.get("counts", {})
+    facts = {"run": man.get("run_id"), "task": m["task"], "model": man.get("config", {}).get("engine", {}).get("model"),
+             "output": man.get("output"), "finished": man.get("finished"),
+             "rows": f"{counts.get('generation_rows')} of {counts.get('expected_generation_rows')} expected",
+             "quarantined input records": data["quarantined"]}
+    if data["quarantine_reasons"]:
+        facts["quarantine reasons"] = ", ".join(f"{k}: {n}" for k, n in sorted(data["quarantine_reasons"].items()))
+    fact_html = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts.items())
+    figs = "".join(f'<figure><img src="{f}" alt="{f}"></figure>' for f in FIGURES)
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>stepback-ray run {html.escape(str(man.get('run_id')))}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 24px; color: #222; max-width: 1100px; }}
+table {{ border-collapse: collapse; margin: 8px 0 20px; font-size: 14px; }}
+th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: left; }}
+th {{ background: #f3f3f3; }}
+figure {{ display: inline-block; margin: 6px; vertical-align: top; }}
+img {{ max-width: 520px; border: 1px solid #ddd; }}
+</style></head><body>
+<h1>stepback-ray run report</h1>
+<table>{fact_html}</table>
+<h2>Metrics by mode</h2>
+<table><tr>{head}</tr>{''.join(rows)}</table>
+<h2>Figures</h2>
+{figs}
+</body></html>
+"""
+
+
+def build_report(uri: str, storage: StorageConfig | None = None) -> str:
+    """Write ``report.html`` and its figures under the run's URI; return the report's URI."""
+    store = RunStore(uri, storage or StorageConfig())
+    data = _load(store)
+    intervals = _intervals(data)
+    for name, png in _figures(data, intervals).items():
+        store.write_bytes(name, png)
+    store.write_bytes("report.html", _html(data, intervals).encode())
+    return store.uri_of("report.html")
