@@ -262,7 +262,9 @@ def main() -> None:
             import ray
 
             if not ray_started:
-                ray.init(include_dashboard=False, logging_level="WARNING")
+                from stepback_ray.pipeline import init_local_ray
+
+                init_local_ray()
                 ray_started = True
             from ray.data import DataContext
 

@@ -99,12 +99,10 @@ def _cmd_train_pplug(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .config import load_job
+    from .config import storage_config
     from .report import build_report
 
-    storage = load_job(None, args.set, data={"name": "report", "task": "LaMP_5",
-                                            "input": {"questions": "unused"}}).storage
-    print(build_report(args.run, storage))
+    print(build_report(args.run, storage_config(args.set)))
     return 0
 
 

@@ -185,8 +185,6 @@ class StorageConfig(_Strict):
     secret: SecretStr | None = None
     anon: bool = False
     retries: int = Field(default=5, ge=0, description="retries of a failed storage call, with exponential backoff")
-    fault_rate: float = Field(default=0.0, ge=0.0, lt=1.0,
-                              description="fault drills: this share of storage calls fail (transiently) on purpose")
 
 
 class ProfileStoreConfig(_Strict):
@@ -387,3 +385,16 @@ def load_job(path: str | os.PathLike[str] | None, overrides: list[str] | None = 
         return JobSpec.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_validation_error(source, e)) from None
+
+
+def storage_config(overrides: list[str]) -> StorageConfig:
+    """Storage settings alone, from ``storage.KEY=VALUE`` overrides (commands that read a finished run)."""
+    data: dict[str, Any] = {}
+    for key, value in parse_overrides(overrides):
+        if not key.startswith("storage."):
+            raise ConfigError(f"--set {key}: only storage.* settings apply here")
+        data[key[len("storage."):]] = value
+    try:
+        return StorageConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error("--set", e).replace("--set: ", "--set storage.")) from None

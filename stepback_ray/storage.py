@@ -5,8 +5,7 @@ Every URI goes through fsspec (``s3://`` through s3fs); filesystems are built fr
 pickled across. Writes of result files are atomic: a reader sees the whole file or none of it (local files are
 written to a temporary name and renamed; an object-store PUT is atomic by itself). Transient failures (timeouts,
 throttling, dropped connections) are retried with exponential backoff (``tenacity``); a missing file, a missing
-bucket or denied access are not transient and fail at once. ``storage.fault_rate`` makes a share of calls fail
-on purpose, for fault drills.
+bucket or denied access are not transient and fail at once.
 """
 
 from __future__ import annotations
@@ -19,8 +18,6 @@ import posixpath
 import uuid
 from dataclasses import dataclass
 from typing import Any
-
-import random
 
 import fsspec
 import pyarrow as pa
@@ -94,10 +91,6 @@ def read_bytes(uri: str, storage: StorageConfig | None = None) -> bytes:
         raise StorageError(describe_storage_error(uri, e)) from None
 
 
-class InjectedFault(ConnectionError):
-    """A storage failure caused on purpose by ``storage.fault_rate`` (fault drills)."""
-
-
 def is_transient(exc: BaseException) -> bool:
     """Worth retrying: connection trouble, timeouts, throttling, 5xx. Not: missing files, denied access."""
     if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
@@ -118,24 +111,12 @@ class RunStore:
 
     def __post_init__(self) -> None:
         self.fs, self.root = filesystem_for(self.uri, self.storage)
-        self.retried = 0
-        """Storage calls that failed transiently and were retried (for the run's counters)."""
 
     def _call(self, fn, *args, **kwargs):
-        """Run one storage call with fault injection (drills) and retries with exponential backoff."""
-
-        def attempt():
-            if self.storage.fault_rate and random.random() < self.storage.fault_rate:
-                raise InjectedFault(f"injected storage fault ({self.storage.fault_rate:.0%} of calls)")
-            return fn(*args, **kwargs)
-
-        def count(_state) -> None:
-            self.retried += 1
-
+        """One storage call, retried with exponential backoff while it fails transiently."""
         retrying = Retrying(stop=stop_after_attempt(self.storage.retries + 1), reraise=True,
-                            wait=wait_exponential(multiplier=0.05, max=5.0), before_sleep=count,
-                            retry=retry_if_exception(is_transient))
-        return retrying(attempt)
+                            wait=wait_exponential(multiplier=0.05, max=5.0), retry=retry_if_exception(is_transient))
+        return retrying(fn, *args, **kwargs)
 
     def path(self, rel: str) -> str:
         return posixpath.join(self.root, rel)

@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_fixed
+
 from .errors import ConfigError, StepbackError
 
 EXCLUDES = [".venv", ".venv-*", "runs", ".git", "**/__pycache__", "*.egg-info", ".pytest_cache", ".whl", ".gl"]
@@ -62,9 +64,14 @@ def submit_job(job_path: str, sets: list[str], address: str, *, pip: list[str] |
         client = JobSubmissionClient(address)
     except Exception as e:  # noqa: BLE001 - connection problems of any kind become one line
         raise StepbackError(f"cannot reach the Ray cluster at {address}: {str(e).splitlines()[0]}") from None
-    job_id = client.submit_job(entrypoint=entrypoint(rel, sets, command),
-                               runtime_env=runtime_env(str(cwd), pip or [], env or []),
-                               metadata={"stepback_job": rel})
+    # a head that has just started answers before its job agent is up: "No available agent ... try again later"
+    retrying = Retrying(stop=stop_after_delay(120), wait=wait_fixed(2), reraise=True,
+                        retry=retry_if_exception(lambda e: "try again later" in str(e).lower()))
+    try:
+        job_id = retrying(client.submit_job, entrypoint=entrypoint(rel, sets, command),
+                          runtime_env=runtime_env(str(cwd), pip or [], env or []), metadata={"stepback_job": rel})
+    except Exception as e:  # noqa: BLE001 - the cluster's refusal, in one line
+        raise StepbackError(f"the Ray cluster at {address} refused the job: {str(e).splitlines()[0]}") from None
     print(f"submitted {job_id} to {address}", file=sys.stderr)
     if not wait:
         print(job_id)

@@ -15,6 +15,16 @@ FIXTURES = Path(__file__).parent / "fixtures"
 SAMPLE = REPO / "data" / "samples" / "lamp5_arxiv_dev20"
 
 
+def load_script(name: str):
+    """A module of ``scripts/`` (benchmarks and drills share their code with the tests)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def shared_set(name: str) -> tuple[str, str]:
     """(questions, outputs) of a set in ../shared/data, e.g. 'lamp5_arxiv/dev'; skips when absent."""
     q, o = SHARED / f"{name}_questions.json", SHARED / f"{name}_outputs.json"
@@ -37,7 +47,9 @@ def ray_local():
     """One local Ray for the whole test session (jobs see it initialized and leave it running)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    from stepback_ray.pipeline import init_local_ray
+
+    init_local_ray(num_cpus=2)
     yield ray
     ray.shutdown()
 

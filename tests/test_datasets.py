@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import json
 
 import pandas as pd
@@ -48,6 +50,7 @@ def test_parquet_user_layout_quarantines_bad_rows_and_generates(ray_local, tmp_p
     assert all(str(p).startswith("out/") for p in files)  # nothing written outside the output prefix
 
 
+@pytest.mark.slow  # JSON Lines run by default in test_faults
 def test_jsonl_item_layout_groups_items_and_quarantines_bad_lines(ray_local, tmp_path):
     users = lamp5_users(6)
     lines = [json.dumps({"user_id": u["user_id"], **it}).encode() for u in users for it in u["history"]]
@@ -70,6 +73,7 @@ def test_jsonl_item_layout_groups_items_and_quarantines_bad_lines(ray_local, tmp
     assert by_user == {u["user_id"]: len(u["history"]) for u in users}
 
 
+@pytest.mark.slow  # the item layout runs by default in test_profile_store
 def test_item_layout_parquet_profiles_every_user(ray_local, tmp_path):
     users = lamp5_users(8)
     write_items_parquet(tmp_path / "hist" / "part-0.parquet", users)

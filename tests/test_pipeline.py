@@ -6,9 +6,11 @@ import json
 
 import pandas as pd
 import pyarrow.parquet as pq
+import pytest
 
 from stepback_ray.config import load_job
 from stepback_ray.pipeline import run_job
+from stepback_ray.planning import plan_job
 
 from .conftest import FIXTURES, REPO, SAMPLE
 
@@ -49,6 +51,24 @@ def test_end_to_end_five_users_then_rerun_skips_committed_chunks(ray_local, tmp_
     assert manifest["counts"]["generation_rows"] == manifest["counts"]["expected_generation_rows"] == 10
     assert manifest["chunks_committed_this_run"] == {"profiles": 3, "generations": 3}
     assert len(manifest["files"]["generations"]) == 3 and "torch" in manifest["versions"]
+    report = (out / "report.html").read_text()  # the run report, its figures beside it
+    for fig in ("metrics.png", "history.png", "stages.png", "throughput.png", "failures.png"):
+        assert f'src="{fig}"' in report and (out / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", fig
+    assert "profile+rag" in report and "10 of 10 expected" in report
+
+    # `stepback plan` (no model: the dry-run engine with the real tokenizer) predicts this run's tokens within 5 %
+    plan = plan_job(load_job(REPO / "jobs" / "demo.yaml", [*FAST, "limit=5", f"output={tmp_path / 'x'}",
+                                                          "ray.users_per_chunk=2"]), 1000.0)
+    assert plan["users"] == 5 and plan["queries"] == 5
+    real_prompt = metrics["profiles"]["prompt_tokens"] + sum(m["prompt_tokens"] for m in metrics["modes"].values())
+    real_output = metrics["profiles"]["completion_tokens"] + sum(m["completion_tokens"]
+                                                                 for m in metrics["modes"].values())
+    assert plan["prompt_tokens"] == pytest.approx(real_prompt, rel=0.05)
+    assert plan["prompt_tokens"] + plan["expected_output_tokens"] == pytest.approx(real_prompt + real_output, rel=0.05)
+    assert plan["passes"]["profile"]["llm_calls"] == metrics["profiles"]["llm_calls"]
+    assert plan["gpu_hours"] == pytest.approx((plan["prompt_tokens"] + plan["expected_output_tokens"]) / 1000 / 3600,
+                                              abs=1e-4)
+    assert not (tmp_path / "x").exists()  # the plan writes nothing where the job would
 
     again = run_job(load_job(REPO / "jobs" / "demo.yaml", [*FAST, "limit=5", f"output={out}",
                                                              "ray.users_per_chunk=2", "run_id=t1"]))
@@ -62,7 +82,8 @@ def test_official_shape_fixture_with_an_empty_history(ray_local, tmp_path):
     out = tmp_path / "official"
     job = load_job(REPO / "jobs" / "demo.yaml", [
         *FAST, f"input.questions={FIXTURES / 'LaMP_5_questions.json'}",
-        f"input.outputs={FIXTURES / 'LaMP_5_outputs.json'}", f"output={out}", "modes=[none, profile+rag, rag]"])
+        f"input.outputs={FIXTURES / 'LaMP_5_outputs.json'}", f"output={out}", "modes=[none, profile+rag, rag]",
+        "engine.kind=dry-run"])  # this test is about empty and one-item histories, not the model's answers
     run_job(job)
     profiles = pd.read_parquet(out / "profiles").set_index("user_id")
     assert profiles.loc["q:312", "status"] == "skipped: empty history"

@@ -56,16 +56,25 @@ def test_nightly_run_recomputes_exactly_the_changed_users(ray_local, tmp_path):
     carried = v2[v2["origin"] == "carried"].set_index("user_id")
     assert (carried["profile_json"] == v1.loc[carried.index, "profile_json"]).all()  # row for row
 
+
+@pytest.mark.slow
+def test_full_rebuild_every_n_runs_recomputes_incremental_profiles(ray_local, tmp_path):
+    users = lamp5_users(200)
+    write_items_parquet(tmp_path / "hist" / "part-0.parquet", users)
+    run_profile_job(_job(tmp_path, "night1"))
+    write_items_parquet(tmp_path / "hist" / "part-0.parquet", _grow(users, 10))
+    assert run_profile_job(_job(tmp_path, "night2")).metrics["profiles"]["origins"]["incremental"] == 10
     third = run_profile_job(_job(tmp_path, "night3")).metrics["profiles"]  # nothing changed
-    assert third["origins"]["carried"] == 199 and third["llm_calls"] == 0
+    assert third["origins"]["carried"] == 200 and third["llm_calls"] == 0
     fourth = run_profile_job(_job(tmp_path, "night4")).metrics["profiles"]  # every 3rd run after a full one
     # the full rebuild recomputes the 10 profiles that came from incremental updates; exact ones stay carried
     assert fourth["full_rebuild"] is True
-    assert fourth["origins"] == {"new": 0, "recomputed": 10, "incremental": 0, "carried": 189}
+    assert fourth["origins"] == {"new": 0, "recomputed": 10, "incremental": 0, "carried": 190}
     with pytest.raises(Exception, match="already the store's current version"):
         run_profile_job(_job(tmp_path, "night4"))
 
 
+@pytest.mark.slow
 def test_incremental_is_off_means_changed_users_are_rebuilt(ray_local, tmp_path):
     users = lamp5_users(20)
     write_items_parquet(tmp_path / "hist" / "part-0.parquet", users)
@@ -75,6 +84,7 @@ def test_incremental_is_off_means_changed_users_are_rebuilt(ray_local, tmp_path)
     assert stats["origins"] == {"new": 0, "recomputed": 3, "incremental": 0, "carried": 17}
 
 
+@pytest.mark.slow  # two store runs; `make test-slow`
 def test_store_refuses_a_different_shard_count(ray_local, tmp_path):
     write_items_parquet(tmp_path / "hist" / "part-0.parquet", lamp5_users(5))
     run_profile_job(_job(tmp_path, "a"))

@@ -17,7 +17,7 @@ import pytest
 from stepback_ray.errors import ConfigError
 from stepback_ray.submit import entrypoint, runtime_env
 
-from .conftest import REPO
+from .conftest import REPO, load_script
 
 
 def _free_port() -> int:
@@ -48,11 +48,16 @@ def ray_head(tmp_path, monkeypatch):
     # run `python -m stepback_ray`)
     head_env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
     gcs, dash = _free_port(), _free_port()
+    # every port of its own: the test session's local Ray already holds Ray's default agent ports, and a head
+    # whose job agent cannot bind answers every submission with "No available agent"
+    ports = [f"--{name}={_free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port",
+        "node-manager-port", "object-manager-port", "ray-client-server-port")]
     temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths must fit 107 characters
     proc = subprocess.Popen(
         [ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2", "--include-dashboard=true",
-         f"--temp-dir={temp}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+         f"--temp-dir={temp}", *ports], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True, env=head_env)
     address = f"http://127.0.0.1:{dash}"
     # Ready once a fresh client process can list jobs: a fresh process, because Ray caches the auth token it
@@ -66,11 +71,7 @@ def ray_head(tmp_path, monkeypatch):
             pytest.fail("the local Ray head did not start")
         time.sleep(1)
     yield address
-    os.killpg(proc.pid, 15)
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
+    load_script("fault_drills").kill_tree(proc)
     shutil.rmtree(temp, ignore_errors=True)
 
 

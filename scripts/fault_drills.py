@@ -1,0 +1,449 @@
+"""Fault drills: inject the failures a nightly batch job meets, then count what came out.
+
+    python scripts/fault_drills.py --write docs/benchmarks.md            # every drill, full size
+    python scripts/fault_drills.py --drills malformed-input --good 1000 --bad 100
+
+Each drill runs the real pipeline (local Ray, the dry-run engine so the LLM's cost does not hide the pipeline's
+behaviour) with one kind of fault, then reconciles the committed output against the input: rows lost,
+duplicated, quarantined, failed. A drill passes when nothing is lost or duplicated and every fault is accounted
+for (retried, restarted, resumed, flagged or quarantined). The drills:
+
+- ``worker-kill``: kill -9 of the generation engine actor while it works; Ray restarts it and retries its task.
+- ``driver-kill``: kill -9 of the driver and the whole local Ray it started, mid-run; the same run id is rerun.
+- ``s3-faults``: a local S3 (moto) that answers a share of all requests with ``503 SlowDown``; input and output
+  both live there; retried with backoff (botocore, then the store's own retries).
+- ``engine-error``: the engine fails on one prompt; its rows are flagged ``error``, the rest of the batch is kept.
+- ``malformed-input``: bad records mixed into a JSON Lines dataset (bad JSON, wrong types, huge items, invalid
+  UTF-8, ids with ``../`` or ``/``, records that are not objects); the good ones all come out, every bad one is
+  quarantined with its reason, counts reconcile, nothing is written outside the output prefix.
+
+Prints one JSON object; ``--write`` replaces its section in the given markdown file. The tests run the same
+drills at a smaller size (``tests/test_faults.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from stepback_ray.config import load_job  # noqa: E402
+from stepback_ray.pipeline import init_local_ray  # noqa: E402
+
+SAMPLE = REPO / "data" / "samples" / "lamp5_arxiv_dev20"
+SHARED = Path(os.environ.get("STEPBACK_SHARED_DATA", REPO.parent / "shared" / "data"))
+START, END = "<!-- fault_drills:start -->", "<!-- fault_drills:end -->"
+DRY = ["engine.kind=dry-run", "ray.progress_bars=false"]
+
+
+def demo_job(out: Path | str, *extra: str):
+    """The demo job on its committed 20-user sample, with the dry-run engine."""
+    return load_job(REPO / "jobs" / "demo.yaml", [*DRY, f"output={out}", "run_id=drill", *extra])
+
+
+def reconcile(gens: pd.DataFrame, expected_ids: set[str], modes: list[str]) -> dict[str, Any]:
+    """Rows lost (an expected (query, mode) with no row), duplicated (more than one) and by status."""
+    sizes = gens.groupby(["query_id", "mode"]).size()
+    present = set(sizes.index)
+    expected = {(q, m) for q in expected_ids for m in modes}
+    return {"rows_expected": len(expected), "rows_out": int(len(gens)), "rows_lost": len(expected - present),
+            "rows_unexpected": len(present - expected), "duplicates": int((sizes > 1).sum()),
+            "rows_by_status": {k: int(v) for k, v in gens["status"].str.split(":").str[0].value_counts().items()}}
+
+
+def sample_query_ids() -> set[str]:
+    return {q["id"] for q in json.loads(Path(f"{SAMPLE}_questions.json").read_text())}
+
+
+def _passed(r: dict[str, Any]) -> bool:
+    return r["rows_lost"] == 0 and r["duplicates"] == 0 and r["rows_unexpected"] == 0
+
+
+# ------------------------------------------------------------------------------------------------ worker kill
+class ActorKiller(threading.Thread):
+    """Kills (SIGKILL) the process of a Ray actor whose title contains ``title`` once ``ready()`` is true."""
+
+    def __init__(self, title: str, ready, kills: int = 1):
+        super().__init__(daemon=True)
+        self.title, self.ready, self.kills = title, ready, kills
+        self.killed: list[int] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set() and len(self.killed) < self.kills:
+            if self.ready():
+                for p in psutil.process_iter(["pid", "cmdline"]):
+                    cmd = " ".join(p.info["cmdline"] or [])
+                    if self.title in cmd and p.pid not in self.killed:
+                        try:
+                            os.kill(p.pid, signal.SIGKILL)
+                            self.killed.append(p.pid)
+                        except ProcessLookupError:
+                            pass
+                        break
+            self.stop.wait(0.2)
+
+
+def drill_worker_kill(root: Path, kills: int = 1) -> dict[str, Any]:
+    """kill -9 of the engine actor mid-stage, ``kills`` times: the run still completes, exactly once per row."""
+    from stepback_ray.pipeline import run_job
+
+    out = root / "worker-kill"
+    gen_dir = out / "generations"
+    job = demo_job(out, "ray.users_per_chunk=2", "engine.dry_run_tokens_per_s=3000")
+    killer = ActorKiller("MapBatches(GenerationEngineStage)",
+                         lambda: gen_dir.exists() and any(gen_dir.glob("chunk-*.parquet")), kills)
+    killer.start()
+    t0 = time.time()
+    result = run_job(job)
+    killer.stop.set()
+    gens = pd.read_parquet(gen_dir)
+    r = {"drill": "worker-kill", "faults_injected": len(killer.killed),
+         "fault": "kill -9 of the generation engine actor while it holds a block",
+         **reconcile(gens, sample_query_ids(), job.modes), "wall_s": round(time.time() - t0, 1),
+         "generation_chunks": result.manifest["counts"]["generation_chunks"]}
+    r["passed"] = _passed(r) and r["faults_injected"] == kills
+    return r
+
+
+# ------------------------------------------------------------------------------------------------ driver kill
+def kill_tree(proc: subprocess.Popen) -> int:
+    """kill -9 a driver and every process of the local Ray it started (a machine losing power); wait until all
+    are gone. Ray's raylet and workers run in sessions of their own, so a process-group kill alone can leave a
+    worker that commits a chunk after the kill: the tree is frozen first (a stopped process cannot fork)."""
+    frozen: dict[int, psutil.Process] = {}
+    todo = [psutil.Process(proc.pid)]
+    while todo:
+        p = todo.pop()
+        if p.pid in frozen:
+            continue
+        try:
+            p.suspend()
+            frozen[p.pid] = p
+            todo += p.children()
+        except psutil.NoSuchProcess:
+            pass
+    for p in frozen.values():
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+    psutil.wait_procs(list(frozen.values()), timeout=30)
+    return len(frozen)
+
+
+def _driver(out: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "stepback_ray", "run", "jobs/demo.yaml", *sum([["--set", s] for s in [
+            *DRY, f"output={out}", "run_id=resume", "limit=10", "ray.users_per_chunk=2", "generation.max_new_tokens=12",
+            "profile.max_new_tokens=32", "profile.history_token_budget=512", "engine.dry_run_tokens_per_s=2000"]], [])],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def drill_driver_kill(root: Path) -> dict[str, Any]:
+    """kill -9 of the driver (and its local Ray) once two generation chunks are committed; rerun the run id."""
+    out = root / "driver-kill"
+    gen_dir = out / "generations"
+    t0 = time.time()
+    proc = _driver(out)
+    deadline = time.time() + 900
+    while not (gen_dir.exists() and len(list(gen_dir.glob("chunk-*.parquet"))) >= 2):
+        if proc.poll() is not None:
+            raise RuntimeError(f"the driver ended before the kill: {proc.stderr.read()[-2000:]}")
+        if time.time() > deadline:
+            raise RuntimeError("no generation chunk was committed in 15 minutes")
+        time.sleep(0.2)
+    processes = kill_tree(proc)
+    committed_before = sorted(p.name for p in gen_dir.glob("chunk-*.parquet"))
+    manifest_before = (out / "manifest.json").exists()
+    rerun = _driver(out)
+    _, err = rerun.communicate(timeout=1800)
+    if rerun.returncode != 0:
+        raise RuntimeError(f"the rerun failed: {err[-2000:]}")
+    manifest = json.loads((out / "manifest.json").read_text())
+    gens = pd.read_parquet(gen_dir)
+    expected = {q["id"] for q in json.loads(Path(f"{SAMPLE}_questions.json").read_text())[:10]}
+    r = {"drill": "driver-kill", "faults_injected": 1, "fault": f"kill -9 of the driver and its {processes - 1} Ray "
+         "processes mid-run, then a rerun of the same run id", **reconcile(gens, expected, manifest["config"]["modes"]),
+         "wall_s": round(time.time() - t0, 1), "chunks_committed_before_kill": len(committed_before),
+         "manifest_before_kill": manifest_before, "resumed": manifest["resumed"],
+         "chunks_committed_by_rerun": manifest["chunks_committed_this_run"]["generations"],
+         "generation_chunks": manifest["counts"]["generation_chunks"],
+         "temporary_files_left": len(list(out.rglob("*.tmp-*")))}
+    r["passed"] = (_passed(r) and not manifest_before and r["resumed"] and r["temporary_files_left"] == 0
+                   and r["chunks_committed_by_rerun"] == r["generation_chunks"] - len(committed_before))
+    return r
+
+
+# ------------------------------------------------------------------------------------------------ S3 faults
+class FlakyS3:
+    """A moto S3 server on 127.0.0.1 that answers a share of requests with ``503 SlowDown`` (before touching
+    any state, as S3 throttling does), counting them."""
+
+    BODY = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+            b"<Message>Please reduce your request rate.</Message></Error>")
+
+    def __init__(self, fault_rate: float, seed: int = 0):
+        self.fault_rate, self.rng, self.lock = fault_rate, random.Random(seed), threading.Lock()
+        self.requests = self.faults = 0
+
+    def _app(self, app):
+        def wrapped(environ, start_response):
+            with self.lock:
+                self.requests += 1
+                fail = self.rng.random() < self.fault_rate
+                self.faults += fail
+            if fail:
+                start_response("503 Slow Down", [("Content-Type", "application/xml"),
+                                                 ("Content-Length", str(len(self.BODY)))])
+                return [self.BODY]
+            return app(environ, start_response)
+
+        return wrapped
+
+    def __enter__(self) -> str:
+        from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+        from werkzeug.serving import make_server
+
+        self.server = make_server("127.0.0.1", 0, self._app(DomainDispatcherApplication(create_backend_app)),
+                                  threaded=True, request_handler=MotoRequestHandler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.thread.join()
+
+
+def drill_s3_faults(root: Path, fault_rate: float = 0.1) -> dict[str, Any]:
+    """Input and output on a flaky S3: the run completes, exactly once per row, every fault absorbed."""
+    import pyarrow.parquet as pq
+    import s3fs
+
+    from stepback_ray.pipeline import run_job
+
+    flaky = FlakyS3(0.0)
+    with flaky as endpoint:
+        creds = {"key": "testing", "secret": "testing"}
+        fs = s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True, **creds)
+        fs.mkdir("drill")
+        fs.put(f"{SAMPLE}_questions.json", "drill/in/q.json")
+        fs.put(f"{SAMPLE}_outputs.json", "drill/in/o.json")
+        flaky.fault_rate = fault_rate
+        before = flaky.requests
+        job = demo_job("s3://drill/runs/r", *[f"storage.{k}={v}" for k, v in {"endpoint_url": endpoint, **creds}.items()],
+                       "input.questions=s3://drill/in/q.json", "input.outputs=s3://drill/in/o.json",
+                       "ray.users_per_chunk=4")
+        t0 = time.time()
+        run_job(job)
+        wall = time.time() - t0
+        faults, requests = flaky.faults, flaky.requests - before
+        flaky.fault_rate = 0.0
+        fs.invalidate_cache()
+        gens = pq.ParquetDataset(fs.ls("drill/runs/r/generations"), filesystem=fs).read().to_pandas()
+        manifest = json.loads(fs.cat("drill/runs/r/manifest.json"))
+    r = {"drill": "s3-faults", "faults_injected": faults,
+         "fault": f"503 SlowDown on {fault_rate:.0%} of S3 requests ({faults} of {requests}), input and output on S3",
+         **reconcile(gens, sample_query_ids(), job.modes), "wall_s": round(wall, 1),
+         "manifest_rows": manifest["counts"]["generation_rows"]}
+    r["passed"] = _passed(r) and faults > 0
+    return r
+
+
+# ------------------------------------------------------------------------------------------------ engine error
+def drill_engine_error(root: Path) -> dict[str, Any]:
+    """The engine fails on every prompt that holds one query's input: those rows are flagged, the rest kept."""
+    from stepback_ray.pipeline import run_job
+
+    questions = json.loads(Path(f"{SAMPLE}_questions.json").read_text())
+    victim = questions[3]
+    marker = victim["input"][:60]
+    job = demo_job(root / "engine-error", f"engine.dry_run_fail_marker={json.dumps(marker)}")
+    t0 = time.time()
+    run_job(job)
+    gens = pd.read_parquet(root / "engine-error" / "generations")
+    failed = gens[gens["status"].str.startswith("error")]
+    holds_marker = gens[gens["prompt"].fillna("").str.contains(marker, regex=False)]
+    r = {"drill": "engine-error", "faults_injected": len(holds_marker),
+         "fault": "the engine raises on every prompt that holds one query's input (its own rows, and a co-author's "
+                  "whose retrieved history holds the same paper), inside batched calls",
+         **reconcile(gens, {q["id"] for q in questions}, job.modes), "wall_s": round(time.time() - t0, 1),
+         "failed_rows_are_the_victims": bool(set(failed.index) == set(holds_marker.index))}
+    r["passed"] = (_passed(r) and r["failed_rows_are_the_victims"] and len(failed) >= len(job.modes)
+                   and (failed["query_id"] == victim["id"]).sum() == len(job.modes))
+    return r
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+BAD_KINDS = ("bad JSON", "wrong type", "huge item", "invalid UTF-8", "id with ../", "id with /", "not an object")
+
+
+def _good_users(n: int) -> list[dict[str, Any]]:
+    """``n`` users with real histories and queries (lamp5_arxiv, cycled under fresh ids when n is larger)."""
+    src = SHARED / "lamp5_arxiv" / "dev_questions.json"
+    src = src if src.is_file() else Path(f"{SAMPLE}_questions.json")
+    questions = json.loads(src.read_text())
+    golds = {g["id"]: g["output"] for g in json.loads(Path(str(src).replace("_questions", "_outputs")).read_text())[
+        "golds"]}
+    out = []
+    for i in range(n):
+        q = questions[i % len(questions)]
+        out.append({"user_id": f"good-{i:06d}", "history": q["profile"],
+                    "queries": [{"query_id": f"q-{i:06d}", "input": q["input"], "gold": golds[q["id"]]}]})
+    return out
+
+
+def _bad_line(i: int, template: dict[str, Any]) -> tuple[str, bytes]:
+    kind = BAD_KINDS[i % len(BAD_KINDS)]
+    rec = json.loads(json.dumps(template))
+    rec["user_id"] = f"bad-{i:06d}"
+    rec["queries"][0]["query_id"] = f"bad-q-{i:06d}"
+    if kind == "bad JSON":
+        return kind, json.dumps(rec).encode()[:-7]
+    if kind == "wrong type":
+        rec["history"][0]["title"] = ["a", "list"] if i % 2 else {"an": "object"}
+    elif kind == "huge item":
+        rec["history"][0]["abstract"] = "lorem ipsum " * 20_000
+    elif kind == "invalid UTF-8":
+        return kind, json.dumps(rec).encode().replace(b'"title": "', b'"title": "\xff\xfe', 1)
+    elif kind == "id with ../":
+        rec["user_id"] = f"../../../tmp/escape-{i}"
+    elif kind == "id with /":
+        rec["user_id"] = f"users/{i}"
+    elif kind == "not an object":
+        return kind, json.dumps([rec["user_id"], rec["history"]]).encode()
+    return kind, json.dumps(rec).encode()
+
+
+def drill_malformed_input(root: Path, good: int = 10_000, bad: int = 1_000, seed: int = 0) -> dict[str, Any]:
+    """``bad`` malformed records shuffled into ``good`` users (JSON Lines, one user a line)."""
+    from stepback_ray.pipeline import run_job
+
+    base = root / "malformed"
+    data, out = base / "input", base / "out"
+    data.mkdir(parents=True, exist_ok=True)
+    users = _good_users(good)
+    lines = [(None, json.dumps(u).encode()) for u in users] + [_bad_line(i, users[i % len(users)]) for i in range(bad)]
+    random.Random(seed).shuffle(lines)
+    per_file = -(-len(lines) // 8)
+    for f in range(8):
+        (data / f"part-{f}.jsonl").write_bytes(b"\n".join(line for _, line in lines[f * per_file:(f + 1) * per_file])
+                                               + b"\n")
+    before = {p for p in Path(root.anchor).glob("tmp/escape-*")}
+    job = load_job(None, [*DRY, "modes=[none, profile+rag]", "generation.max_new_tokens=8",
+                          "profile.max_new_tokens=24"], data={
+        "name": "malformed", "task": "LaMP_5", "input": {"format": "jsonl", "path": str(data), "layout": "user"},
+        "output": str(out), "run_id": "drill", "ray": {"num_shards": max(1, good // 500)}})
+    t0 = time.time()
+    result = run_job(job)
+    wall = time.time() - t0
+    gens = pd.read_parquet(out / "generations")
+    quarantine = pd.read_parquet(out / "quarantine")
+    counts = result.manifest["counts"]
+    outside = [str(p) for p in base.rglob("*") if p.is_file() and data not in p.parents and out not in p.parents]
+    outside += [str(p) for p in Path(root.anchor).glob("tmp/escape-*") if p not in before]
+    reasons: dict[str, int] = {}
+    for reason in quarantine["reason"]:
+        key = re.sub(r"\[\d+\]", "[N]", re.sub(r"\d{2,}", "N", reason.split(" (")[0]))[:90]
+        reasons[key] = reasons.get(key, 0) + 1
+    r = {"drill": "malformed-input", "faults_injected": bad,
+         "fault": f"{bad:,} malformed records ({', '.join(BAD_KINDS)}) shuffled into {good:,} good users",
+         **reconcile(gens, {u["queries"][0]["query_id"] for u in users}, job.modes), "wall_s": round(wall, 1),
+         "records_in": counts["rows_in"], "records_staged": counts["rows_staged"],
+         "records_quarantined": counts["rows_quarantined"], "quarantine_reasons": reasons,
+         "bad_users_in_output": int(gens["user_id"].str.startswith("bad-").sum()),
+         "files_outside_output": outside}
+    r["passed"] = (_passed(r) and r["records_quarantined"] == bad and r["records_staged"] == good
+                   and r["records_in"] == good + bad and not outside and r["bad_users_in_output"] == 0)
+    return r
+
+
+DRILLS = {"worker-kill": drill_worker_kill, "driver-kill": drill_driver_kill, "s3-faults": drill_s3_faults,
+          "engine-error": drill_engine_error, "malformed-input": drill_malformed_input}
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    lines = [START, "", f"### Fault drills ({report['date']}, {report['machine']})", "",
+             f"Command: `python scripts/fault_drills.py {report['command']}`. The dry-run engine, local Ray; each "
+             "row is one drill, reconciled against its input.", "",
+             "| drill | fault injected | faults | rows expected | rows out | lost | duplicates | flagged / quarantined "
+             "| passed |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in report["drills"]:
+        flagged = (f"{r['records_quarantined']:,} quarantined" if "records_quarantined" in r else
+                   ", ".join(f"{k}: {v}" for k, v in sorted(r["rows_by_status"].items()) if k != "ok") or "none")
+        lines.append(f"| {r['drill']} | {r['fault']} | {r['faults_injected']:,} | {r['rows_expected']:,} | "
+                     f"{r['rows_out']:,} | {r['rows_lost']} | {r['duplicates']} | {flagged} | "
+                     f"{'yes' if r['passed'] else 'NO'} |")
+    lines += ["", END]
+    return "\n".join(lines)
+
+
+def write_section(path: Path, section: str, title: str = "Fault drills") -> None:
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if START in text and END in text:
+        text = text[:text.index(START)] + section + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip() + f"\n\n## {title}\n\n" + section + "\n"
+    path.write_text(text)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--drills", default=",".join(DRILLS))
+    ap.add_argument("--good", type=int, default=10_000, help="malformed-input: good users")
+    ap.add_argument("--bad", type=int, default=1_000, help="malformed-input: malformed records")
+    ap.add_argument("--s3-fault-rate", type=float, default=0.1)
+    ap.add_argument("--write", help="markdown file whose fault_drills section is replaced")
+    args = ap.parse_args()
+    import ray
+
+    root = Path(tempfile.mkdtemp(prefix="stepback-drills-"))
+    results = []
+    try:
+        for name in args.drills.split(","):
+            if name == "driver-kill":  # its own drivers start their own local Ray
+                results.append(drill_driver_kill(root))
+                continue
+            init_local_ray()
+            try:
+                kwargs = {"malformed-input": {"good": args.good, "bad": args.bad},
+                          "s3-faults": {"fault_rate": args.s3_fault_rate}}.get(name, {})
+                results.append(DRILLS[name](root, **kwargs))
+            finally:
+                ray.shutdown()
+            print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    report = {"date": dt.date.today().isoformat(),
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+                         f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM, no GPU",
+              "command": " ".join(sys.argv[1:]), "drills": results}
+    print(json.dumps(report, indent=1))
+    if args.write:
+        write_section(Path(args.write), to_markdown(report))
+    return 0 if all(r["passed"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Fault injection: the drills of ``scripts/fault_drills.py`` at test size. Each drill runs the real pipeline
+with one kind of fault and reconciles the committed output with the input: nothing lost, nothing duplicated,
+every fault accounted for."""
+
+from __future__ import annotations
+
+import pytest
+
+from .conftest import load_script
+
+drills = load_script("fault_drills")
+
+
+def test_engine_error_on_one_prompt_flags_only_its_rows(ray_local, tmp_path):
+    r = drills.drill_engine_error(tmp_path)
+    assert r["rows_lost"] == 0 and r["duplicates"] == 0 and r["rows_out"] == r["rows_expected"] == 40
+    assert r["failed_rows_are_the_victims"], r
+    assert r["rows_by_status"]["error"] == r["faults_injected"] >= 2
+    assert r["passed"]
+
+
+def test_malformed_records_are_quarantined_and_the_good_ones_all_come_out(ray_local, tmp_path):
+    bad = 10 * len(drills.BAD_KINDS)
+    r = drills.drill_malformed_input(tmp_path, good=300, bad=bad)
+    assert r["records_in"] == 300 + bad and r["records_staged"] == 300 and r["records_quarantined"] == bad
+    assert r["rows_lost"] == 0 and r["duplicates"] == 0 and r["rows_out"] == 600 and r["bad_users_in_output"] == 0
+    assert r["files_outside_output"] == []
+    reasons = " | ".join(r["quarantine_reasons"])
+    for expected in ("bad JSON", "invalid UTF-8", "expected text", "over the limit", "path separator",
+                     "expected an object"):
+        assert expected in reasons, (expected, r["quarantine_reasons"])
+    assert sum(r["quarantine_reasons"].values()) == bad
+    assert r["passed"]
+
+
+@pytest.mark.slow  # S3 round trips run by default in test_pipeline
+def test_s3_throttling_is_retried_with_backoff(ray_local, tmp_path):
+    r = drills.drill_s3_faults(tmp_path, fault_rate=0.1)
+    assert r["faults_injected"] > 0
+    assert r["rows_lost"] == 0 and r["duplicates"] == 0 and r["rows_out"] == r["manifest_rows"] == 40
+    assert r["passed"]
+
+
+@pytest.mark.slow  # a minute; `make test-slow`
+def test_kill_9_of_a_worker_actor_mid_stage_is_restarted_and_retried(ray_local, tmp_path):
+    r = drills.drill_worker_kill(tmp_path)
+    assert r["faults_injected"] == 1
+    assert r["rows_lost"] == 0 and r["duplicates"] == 0 and r["rows_out"] == r["rows_expected"] == 40
+    assert r["passed"]
+
+
+def test_kill_9_of_the_driver_mid_run_then_rerun_gives_one_row_per_query(tmp_path):
+    r = drills.drill_driver_kill(tmp_path)
+    assert not r["manifest_before_kill"] and 2 <= r["chunks_committed_before_kill"] < r["generation_chunks"]
+    assert r["resumed"] and r["chunks_committed_by_rerun"] == r["generation_chunks"] - r["chunks_committed_before_kill"]
+    assert r["rows_out"] == r["rows_expected"] == 20 and r["rows_lost"] == 0 and r["duplicates"] == 0
+    assert r["temporary_files_left"] == 0
+    assert r["passed"]
