@@ -2,6 +2,7 @@
 
     python scripts/bench_quality.py --users 200 --sets lamp5_arxiv --write docs/benchmarks.md
     python scripts/bench_quality.py --users 40 --sets lamp5_arxiv,psw_title,lamp4_huffpost
+    python scripts/bench_quality.py --users 200 --sets lamp5_arxiv --pplug-checkpoint runs/pplug-lamp5/main
 
 Each set is one stepback job with all modes (the profile pass is shared by the modes). Runs go to
 ``runs/bench_quality/<set>-<users>`` with a fixed run id, so an interrupted benchmark resumes where it stopped.
@@ -72,8 +73,9 @@ def evaluate_set(name: str, users: int, data_root: Path, overrides: list[str], m
         diffs["profile+rag - random-profile"] = paired(wide1["profile+rag"], wide1["random-profile"])
     if "none" in modes:
         diffs[f"{best} - none"] = paired(wide1[best], wide1["none"])
-        if "profile+rag" in modes and best != "profile+rag":
-            diffs["profile+rag - none"] = paired(wide1["profile+rag"], wide1["none"])
+        for m in ("profile+rag", "pplug", "pplug+profile"):
+            if m in modes and m != best:
+                diffs[f"{m} - none"] = paired(wide1[m], wide1["none"])
     return {"set": name, "task": task, "users": users, "queries": int(len(wide1)), "modes": table, "best": best,
             "paired_rouge1": diffs, "profiles": result.metrics.get("profiles"),
             "wall_s": result.manifest["timings"]["total_s"]}
@@ -117,9 +119,13 @@ def main() -> None:
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--data", default=os.environ.get("STEPBACK_SHARED_DATA", str(REPO.parent / "shared" / "data")))
     ap.add_argument("--set", action="append", default=[], help="job-spec override, as for `stepback run`")
+    ap.add_argument("--pplug-checkpoint", help="a `stepback train-pplug` output: adds modes pplug, pplug+profile")
     ap.add_argument("--write", help="markdown file whose bench_quality section is replaced")
     args = ap.parse_args()
     modes = args.modes.split(",")
+    if args.pplug_checkpoint:
+        modes += [m for m in ("pplug", "pplug+profile") if m not in modes]
+        args.set.append(f"pplug.checkpoint={Path(args.pplug_checkpoint).resolve()}")
     first = load_job(REPO / "jobs" / "demo.yaml", args.set)
     with ray_session(first):
         sets = [evaluate_set(s, args.users, Path(args.data), args.set, modes) for s in args.sets.split(",")]

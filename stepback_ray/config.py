@@ -202,6 +202,8 @@ class PPlugConfig(_Strict):
 
     checkpoint: str | None = Field(default=None, description="output URI of a `stepback train-pplug` run")
     encoder: str = "packaged:all-minilm-l6-v2"
+    encoder_max_tokens: int = Field(default=128, gt=8, description="items and queries cut to this many encoder "
+                                                                    "tokens (title and the start of the text)")
     max_items: int = Field(default=64, gt=0, description="newest history items per user")
     max_input_tokens: int = Field(default=160, gt=8, description="training: task input cut to this many tokens")
     train_questions: str | None = None

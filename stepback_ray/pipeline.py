@@ -226,10 +226,14 @@ class EmbedStage:
 
     def __init__(self, job: JobSpec, at: ProfilesAt):
         from .pplug.encoder import TextEncoder, item_text
+        from .pplug.training import checkpoint_config
 
         self.job, self.task, self.at = job, get_task(job.task), at
-        self.encoder_name = job.pplug.encoder
-        self.encoder = TextEncoder(self.encoder_name)
+        # items are embedded as the plug being served was trained: its encoder, its text length
+        spec = checkpoint_config(job.pplug.checkpoint, job.storage) if job.pplug.checkpoint else {
+            "encoder": job.pplug.encoder, "encoder_max_tokens": job.pplug.encoder_max_tokens}
+        self.encoder_name = f"{spec['encoder']}@{spec['encoder_max_tokens']}"
+        self.encoder = TextEncoder(spec["encoder"], max_seq_length=spec["encoder_max_tokens"])
         self.item_text = item_text
         self.store = RunStore(at.uri, job.storage)
 

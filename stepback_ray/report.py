@@ -117,18 +117,19 @@ def _figures(data: dict[str, Any], intervals: dict[str, tuple[float, float, floa
     prompt = [sum(prof["prompt_tokens"])] + [metrics["modes"][m]["prompt_tokens"] for m in modes]
     output = [sum(prof["completion_tokens"])] + [metrics["modes"][m]["completion_tokens"] for m in modes]
     secs = [sum(prof["engine_seconds"])] + [metrics["modes"][m]["engine_seconds"] for m in modes]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(8.8, 3.2))
+    timings = {k[:-2].replace("_", " "): v for k, v in manifest.get("timings", {}).items()
+               if isinstance(v, (int, float)) and k != "total_s"}
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(11.5, 3.4))
     a1.bar(stages, prompt, label="prompt tokens", color="#4C72B0")
     a1.bar(stages, output, bottom=prompt, label="generated tokens", color="#DD8452")
     a1.set_title("Tokens per stage")
     a1.legend(fontsize=7)
     a2.bar(stages, secs, color="#55A868")
     a2.set_title("Engine seconds per stage")
-    for a in (a1, a2):
-        plt.setp(a.get_xticklabels(), rotation=25, fontsize=7)
-    timings = manifest.get("timings", {})
-    fig.suptitle("wall: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items() if isinstance(v, (int, float))),
-                 fontsize=7)
+    a3.bar(list(timings), list(timings.values()), color="#8172B3")
+    a3.set_title(f"Wall seconds per pass (total {manifest.get('timings', {}).get('total_s', 0):.0f} s)")
+    for a in (a1, a2, a3):
+        plt.setp(a.get_xticklabels(), rotation=25, ha="right", fontsize=7)
     fig.tight_layout()
     figs["stages.png"] = _png(fig)
     plt.close(fig)

@@ -30,7 +30,7 @@ class PlugServer:
         if self.meta["model"] != job.engine.model:
             raise StepbackError(f"pplug.checkpoint was trained for model {self.meta['model']!r}; the job uses "
                                 f"{job.engine.model!r} (soft tokens live in one model's embedding space)")
-        self.encoder = TextEncoder(self.meta["encoder"])
+        self.encoder = TextEncoder(self.meta["encoder"], max_seq_length=self.meta["encoder_max_tokens"])
         self.task = get_task(job.task)
         self.max_items = self.meta.get("max_items", job.pplug.max_items)
 

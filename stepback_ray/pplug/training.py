@@ -115,15 +115,23 @@ def save_checkpoint(store: RunStore, plug: PersonaPlug, meta: dict[str, Any]) ->
     store.write_json(CHECKPOINT_CONFIG, {**plug.config(), **meta})
 
 
-def load_checkpoint(uri: str, storage) -> tuple[PersonaPlug, dict[str, Any]]:
-    """A trained plug and its config from a training run's output (or a copy of its ``checkpoint/`` folder)."""
-    import torch
-
+def checkpoint_config(uri: str, storage) -> dict[str, Any]:
+    """The config saved with a trained plug: its encoder, LLM and sizes."""
     store = RunStore(uri, storage)
     if not store.exists(CHECKPOINT_CONFIG):
         raise StepbackError(f"{uri}: no Persona-Plug checkpoint ({CHECKPOINT_CONFIG}); train one with "
                             "`stepback train-pplug`")
     meta = store.read_json(CHECKPOINT_CONFIG)
+    meta.setdefault("encoder_max_tokens", 256)  # checkpoints from before the setting used the encoder's 256
+    return meta
+
+
+def load_checkpoint(uri: str, storage) -> tuple[PersonaPlug, dict[str, Any]]:
+    """A trained plug and its config from a training run's output (or a copy of its ``checkpoint/`` folder)."""
+    import torch
+
+    store = RunStore(uri, storage)
+    meta = checkpoint_config(uri, storage)
     plug = PersonaPlug(meta["d_enc"], meta["d_llm"], meta["target_norm"])
     plug.load_state_dict(torch.load(io.BytesIO(store.read_bytes(CHECKPOINT)), map_location="cpu"))
     return plug.eval(), meta
@@ -173,7 +181,7 @@ def train(job: JobSpec, log=print) -> dict[str, Any]:
     if any(q.gold is None for q in train_q + val_q):
         raise StepbackError("Persona-Plug training needs golds: set pplug.train_outputs (and val_outputs)")
     tools = PromptFormatter(job.engine)
-    encoder = TextEncoder(cfg.encoder)
+    encoder = TextEncoder(cfg.encoder, max_seq_length=cfg.encoder_max_tokens)
     train_ex = build_examples(train_q, job, tools, encoder)
     val_ex = build_examples(val_q, job, tools, encoder)
     log(f"encoded {len(train_ex)} training and {len(val_ex)} validation users in {time.time() - t0:.0f} s")
@@ -226,7 +234,8 @@ def train(job: JobSpec, log=print) -> dict[str, Any]:
             history["val_loss"].append(validate())
             log(f"step {step}/{steps}: train loss {loss.item():.4f}, validation loss {history['val_loss'][-1]:.4f}"
                 f" ({time.time() - t0:.0f} s)")
-    meta = {"encoder": cfg.encoder, "model": job.engine.model, "task": task.name, "max_items": cfg.max_items,
+    meta = {"encoder": cfg.encoder, "encoder_max_tokens": cfg.encoder_max_tokens, "model": job.engine.model,
+            "task": task.name, "max_items": cfg.max_items,
             "max_input_tokens": cfg.max_input_tokens, "prompt_family": tools.family, "steps": steps,
             "train_users": len(train_ex), "val_users": len(val_ex)}
     save_checkpoint(store, plug, meta)
