@@ -27,7 +27,6 @@ import datetime as dt
 import gc
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -35,7 +34,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
 
+from benchdoc import machine, markers, write_section  # noqa: E402
 from stepback_ray import profiling  # noqa: E402
 from stepback_ray.config import EngineConfig, ProfileConfig, RetrievalConfig, load_job  # noqa: E402
 from stepback_ray.data import collect_users, read_lamp  # noqa: E402
@@ -44,7 +45,7 @@ from stepback_ray.engines.formatting import PromptFormatter  # noqa: E402
 from stepback_ray.prompting import fit_prompt  # noqa: E402
 from stepback_ray.tasks import TASKS  # noqa: E402
 
-START, END = "<!-- bench_engines:start -->", "<!-- bench_engines:end -->"
+START, END = markers("bench_engines")
 
 # Production architectures, written out by hand (no weights can be downloaded here): Qwen2.5 Instruct configs.
 DUMMY_CONFIGS = {
@@ -110,7 +111,6 @@ def run_raw_and_loop(engine_cfg: EngineConfig, sets: dict[str, list[str]], param
         loop = measure(lambda ps, p: [engine.generate([x], p)[0] for x in ps], prompts[:loop_n], params[kind])
         out[kind] = {"raw": raw, "loop": loop}
     engine.close()
-    del engine
     gc.collect()
     return out
 
@@ -205,15 +205,6 @@ def to_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if START in text and END in text:
-        text = text[:text.index(START)] + section + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip() + "\n\n## Engines\n\n" + section + "\n"
-    path.write_text(text)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--prompts", type=int, default=200)
@@ -301,8 +292,7 @@ def main() -> None:
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     report = {"date": dt.date.today().isoformat(),
-              "machine": (torch.cuda.get_device_name(0) if device == "cuda" else
-                          f"{platform.machine()} CPU, {os.cpu_count()} cores"),
+              "machine": machine(),
               "model": args.dummy or model, "dummy": bool(args.dummy), "device": device, "prompts": args.prompts,
               "new_tokens": new_tokens, "command": "python scripts/bench_engines.py " + " ".join(sys.argv[1:]),
               "results": results}
@@ -310,7 +300,7 @@ def main() -> None:
         report["gpu_max_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     print(json.dumps(report, indent=1))
     if args.write:
-        write_section(Path(args.write), to_markdown(report))
+        write_section(Path(args.write), "bench_engines", "Engines", to_markdown(report))
 
 
 if __name__ == "__main__":

@@ -18,16 +18,16 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
 
+from benchdoc import machine, markers, write_section  # noqa: E402
 from stepback_ray.config import load_job  # noqa: E402
 from stepback_ray.metrics import bootstrap_ci  # noqa: E402
 from stepback_ray.pipeline import ray_session, run_job  # noqa: E402
@@ -39,7 +39,7 @@ SETS = {
     "lamp4_huffpost": ("LaMP_4", "lamp4_huffpost/dev"),
 }
 MODES = ["none", "rag", "profile", "profile+rag", "random-profile"]
-START, END = "<!-- bench_quality:start -->", "<!-- bench_quality:end -->"
+START, END = markers("bench_quality")
 
 
 def paired(a: pd.Series, b: pd.Series, n: int = 2000, seed: int = 0) -> dict[str, float]:
@@ -103,15 +103,6 @@ def to_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if START in text and END in text:
-        text = text[:text.index(START)] + section + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip() + "\n\n## Quality\n\n" + section + "\n"
-    path.write_text(text)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--users", type=int, default=200, help="users (LaMP) or papers (PSW) per set")
@@ -130,11 +121,11 @@ def main() -> None:
     with ray_session(first):
         sets = [evaluate_set(s, args.users, Path(args.data), args.set, modes) for s in args.sets.split(",")]
     report = {"date": dt.date.today().isoformat(),
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU, {platform.python_version()}",
+              "machine": machine(),
               "model": first.engine.model, "command": " ".join(sys.argv[1:]), "sets": sets}
     print(json.dumps(report, indent=1))
     if args.write:
-        write_section(Path(args.write), to_markdown(report))
+        write_section(Path(args.write), "bench_quality", "Quality", to_markdown(report))
 
 
 if __name__ == "__main__":

@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
-import platform
 import subprocess
 import sys
 import threading
@@ -29,11 +27,13 @@ import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
 
+from benchdoc import machine, markers, write_section  # noqa: E402
 from stepback_ray.config import load_job  # noqa: E402
 from stepback_ray.pipeline import ray_session, run_job  # noqa: E402
 
-START, END = "<!-- bench_scale:start -->", "<!-- bench_scale:end -->"
+START, END = markers("bench_scale")
 
 
 class MemorySampler(threading.Thread):
@@ -140,15 +140,6 @@ def to_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if START in text and END in text:
-        text = text[:text.index(START)] + section + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip() + "\n\n## Scale\n\n" + section + "\n"
-    path.write_text(text)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--users", default="10000,100000,1000000")
@@ -170,13 +161,12 @@ def main() -> None:
             print(json.dumps(sizes[-1]), file=sys.stderr, flush=True)
         real = None if args.no_real_sample else real_sample(root)
     report = {"date": dt.date.today().isoformat(),
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
-                         f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM, no GPU",
+              "machine": machine(),
               "modes": modes, "command": "python scripts/bench_scale.py " + " ".join(sys.argv[1:]),
               "sizes": sizes, "real_sample": real}
     print(json.dumps(report, indent=1))
     if args.write:
-        write_section(Path(args.write), to_markdown(report))
+        write_section(Path(args.write), "bench_scale", "Scale", to_markdown(report))
 
 
 if __name__ == "__main__":

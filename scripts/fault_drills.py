@@ -27,7 +27,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import random
 import re
 import shutil
@@ -45,13 +44,15 @@ import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
 
+from benchdoc import machine, markers, write_section  # noqa: E402
 from stepback_ray.config import load_job  # noqa: E402
 from stepback_ray.pipeline import init_local_ray  # noqa: E402
 
 SAMPLE = REPO / "data" / "samples" / "lamp5_arxiv_dev20"
 SHARED = Path(os.environ.get("STEPBACK_SHARED_DATA", REPO.parent / "shared" / "data"))
-START, END = "<!-- fault_drills:start -->", "<!-- fault_drills:end -->"
+START, END = markers("fault_drills")
 DRY = ["engine.kind=dry-run", "ray.progress_bars=false"]
 
 
@@ -399,15 +400,6 @@ def to_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, section: str, title: str = "Fault drills") -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if START in text and END in text:
-        text = text[:text.index(START)] + section + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip() + f"\n\n## {title}\n\n" + section + "\n"
-    path.write_text(text)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--drills", default=",".join(DRILLS))
@@ -436,12 +428,11 @@ def main() -> int:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     report = {"date": dt.date.today().isoformat(),
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
-                         f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM, no GPU",
+              "machine": machine(),
               "command": " ".join(sys.argv[1:]), "drills": results}
     print(json.dumps(report, indent=1))
     if args.write:
-        write_section(Path(args.write), to_markdown(report))
+        write_section(Path(args.write), "fault_drills", "Fault drills", to_markdown(report))
     return 0 if all(r["passed"] for r in results) else 1
 
 

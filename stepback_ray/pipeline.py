@@ -732,7 +732,6 @@ def run_profile_pass(job: JobSpec, work: Work) -> tuple[ProfilesAt, dict[str, An
 def run_job(job: JobSpec) -> RunResult:
     """Run the whole job: read, profile, generate, score, write. Returns the metrics and the manifest."""
     t_start = time.time()
-    task = get_task(job.task)
     store = RunStore(job.output_uri, job.storage)
     store.ensure_writable()
     needs_profiles = any(prompting.mode_uses(m)[0] for m in job.modes)

@@ -9,7 +9,6 @@ names look like credentials are refused (the cluster's instance role or its own 
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import shlex
 import sys

@@ -65,7 +65,7 @@ def test_wrong_credentials(authenticating_s3):
 
 
 def test_cli_reports_storage_errors_in_one_line(tmp_path):
-    proc = stepback("run", "jobs/demo.yaml", "--set", f"output=s3://b/x", "--set",
+    proc = stepback("run", "jobs/demo.yaml", "--set", "output=s3://b/x", "--set",
                     f"storage.endpoint_url=http://127.0.0.1:{_free_port()}", "--set", "storage.key=k",
                     "--set", "storage.secret=s")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

@@ -11,7 +11,6 @@ saved as JSON and PNG next to the checkpoint, which holds the weights and the co
 from __future__ import annotations
 
 import io
-import json
 import math
 import random
 import time
