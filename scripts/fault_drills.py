@@ -92,8 +92,12 @@ class ActorKiller(threading.Thread):
     def run(self) -> None:
         while not self.stop.is_set() and len(self.killed) < self.kills:
             if self.ready():
-                for p in psutil.process_iter(["pid", "cmdline"]):
-                    cmd = " ".join(p.info["cmdline"] or [])
+                # only this driver's own Ray (its raylet and workers are its descendants), never another run's
+                for p in psutil.Process().children(recursive=True):
+                    try:
+                        cmd = " ".join(p.cmdline())
+                    except (psutil.NoSuchProcess, psutil.AccessDenied):
+                        continue
                     if self.title in cmd and p.pid not in self.killed:
                         try:
                             os.kill(p.pid, signal.SIGKILL)
