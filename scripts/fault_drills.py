@@ -295,8 +295,8 @@ def drill_engine_error(root: Path) -> dict[str, Any]:
                   "whose retrieved history holds the same paper), inside batched calls",
          **reconcile(gens, {q["id"] for q in questions}, job.modes), "wall_s": round(time.time() - t0, 1),
          "failed_rows_are_the_victims": bool(set(failed.index) == set(holds_marker.index))}
-    r["passed"] = (_passed(r) and r["failed_rows_are_the_victims"] and len(failed) >= len(job.modes)
-                   and (failed["query_id"] == victim["id"]).sum() == len(job.modes))
+    r["passed"] = bool(_passed(r) and r["failed_rows_are_the_victims"] and len(failed) >= len(job.modes)
+                       and (failed["query_id"] == victim["id"]).sum() == len(job.modes))
     return r
 
 
@@ -404,6 +404,13 @@ def to_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _plain(value: Any) -> Any:
+    """numpy scalars (counts read back with pandas) as plain JSON values."""
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--drills", default=",".join(DRILLS))
@@ -428,13 +435,13 @@ def main() -> int:
                 results.append(DRILLS[name](root, **kwargs))
             finally:
                 ray.shutdown()
-            print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+            print(json.dumps(results[-1], default=_plain), file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     report = {"date": dt.date.today().isoformat(),
               "machine": machine(),
               "command": " ".join(sys.argv[1:]), "drills": results}
-    print(json.dumps(report, indent=1))
+    print(json.dumps(report, indent=1, default=_plain))
     if args.write:
         write_section(Path(args.write), "fault_drills", "Fault drills", to_markdown(report))
     return 0 if all(r["passed"] for r in results) else 1
