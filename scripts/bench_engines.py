@@ -200,9 +200,24 @@ def to_markdown(report: dict) -> str:
         for eng, paths in engines.items():
             if "ratios" in paths:
                 lines.append(f"- {eng}: " + ", ".join(f"`{k} = {v}`" for k, v in paths["ratios"].items()))
+            for key, err in paths.items():
+                if key.endswith("_error"):
+                    lines.append(f"- {eng} {key[:-6]}: failed: `{err}`")
         lines.append("")
     lines.append(END)
     return "\n".join(lines)
+
+
+def measured(results: dict[str, dict], engine: str, path: str | None, run) -> None:
+    """Run one measurement into ``results[kind][engine]``; a failure is recorded in its place (the other paths
+    still run), and what is known so far goes to stderr as one JSON line, so a long benchmark never loses it."""
+    try:
+        for kind, r in run().items():
+            results[kind].setdefault(engine, {}).update({path: r} if path else r)
+    except Exception as exc:  # noqa: BLE001 - one engine failing to start must not cost the others' numbers
+        for kind in results:
+            results[kind].setdefault(engine, {})[f"{path or 'raw'}_error"] = f"{type(exc).__name__}: {exc}"[:500]
+    print(json.dumps({"partial_results": results}), file=sys.stderr, flush=True)
 
 
 def main() -> None:
@@ -260,16 +275,13 @@ def main() -> None:
             from ray.data import DataContext
 
             DataContext.get_current().enable_progress_bars = False
-            for kind, r in run_pipeline(cfg, sets, new_tokens, args.block).items():
-                results[kind].setdefault(eng, {})["pipeline"] = r
-        for kind, r in run_raw_and_loop(cfg, sets, params, args.loop_prompts).items():
-            results[kind].setdefault(eng, {}).update(r)
+            measured(results, eng, "pipeline", lambda: run_pipeline(cfg, sets, new_tokens, args.block))
+        measured(results, eng, None, lambda: run_raw_and_loop(cfg, sets, params, args.loop_prompts))
     if "raydata-vllm" in engines and has_vllm and not args.no_pipeline:
         from stepback_ray.engines.models import resolve_model
 
-        for kind, r in run_raydata_vllm(resolve_model(model) if not args.dummy else model, sets, new_tokens,
-                                        args.block, args.kv_cache_gb).items():
-            results[kind].setdefault("vllm", {})["raydata-vllm"] = r
+        measured(results, "vllm", "raydata-vllm", lambda: run_raydata_vllm(
+            resolve_model(model) if not args.dummy else model, sets, new_tokens, args.block, args.kv_cache_gb))
     for kind in results:
         for eng, paths in results[kind].items():
             ratios = {}
