@@ -37,7 +37,7 @@ START, END = markers("bench_scale")
 
 
 class MemorySampler(threading.Thread):
-    """Peak RSS of this process, of the largest Ray worker, and of all Ray processes together."""
+    """Peak RSS of this process, of its largest descendant (a Ray worker), and of the whole process tree."""
 
     def __init__(self, interval: float = 1.0):
         super().__init__(daemon=True)
@@ -48,13 +48,10 @@ class MemorySampler(threading.Thread):
         me = psutil.Process()
         while not self.stop_flag.is_set():
             total, biggest = 0, 0
-            for p in psutil.process_iter(["name", "cmdline", "memory_info"]):
+            # this driver's own Ray: its GCS, raylet and workers are its descendants (another job's are not)
+            for p in me.children(recursive=True):
                 try:
-                    cmd = " ".join(p.info["cmdline"] or [])
-                    if p.pid == me.pid or not ("ray::" in cmd or "raylet" in cmd or "gcs_server" in cmd
-                                               or "ray/_private" in cmd):
-                        continue
-                    rss = p.info["memory_info"].rss
+                    rss = p.memory_info().rss
                 except (psutil.NoSuchProcess, psutil.AccessDenied, TypeError):
                     continue
                 total += rss
