@@ -10,7 +10,8 @@ prompt (end-of-sequence ignored), so all do the same work. For each engine and p
 
   (a) pipeline: a Ray Data pass of the pipeline's engine stage over blocks of prompts (actor start and model load
       included in the wall time),
-  (b) raw: the engine called directly with the whole batch, in this process,
+  (b) raw: the engine called directly with the whole batch (in a child process of its own when Ray runs here too,
+      so that one engine's threads, shared memory and CUDA/OpenMP state never meet another's),
   (c) loop: the engine called once per prompt (on the first --loop-prompts prompts),
   (d) raydata-vllm: Ray Data's own vLLM processor (``ray.data.llm``), where vllm is importable,
 
@@ -104,10 +105,15 @@ def measure(generate, prompts: list[str], params: SamplingParams) -> dict[str, f
 
 def run_raw_and_loop(engine_cfg: EngineConfig, sets: dict[str, list[str]], params: dict[str, SamplingParams],
                      loop_n: int) -> dict[str, dict]:
+    t0 = time.perf_counter()
     engine = build_engine(engine_cfg)
+    load = time.perf_counter() - t0
     out = {}
     for kind, prompts in sets.items():
         raw = measure(engine.generate, prompts, params[kind])
+        # like for like with the pipeline, whose wall time starts with no engine: the model load counted in
+        tokens = raw["prompt_tokens"] + raw["completion_tokens"]
+        raw.update(load_s=round(load, 2), tokens_per_s_with_load=round(tokens / (raw["wall_s"] + load), 1))
         loop = measure(lambda ps, p: [engine.generate([x], p)[0] for x in ps], prompts[:loop_n], params[kind])
         out[kind] = {"raw": raw, "loop": loop}
     engine.close()
@@ -140,8 +146,10 @@ def run_pipeline(engine_cfg: EngineConfig, sets: dict[str, list[str]], new_token
         wall = time.perf_counter() - t0
         p_tok = sum(r["prompt_tokens"] for r in done)
         c_tok = sum(r["completion_tokens"] for r in done)
+        engine_s = sum(r["engine_seconds"] for r in done)  # inside the engine's generate calls
         out[kind] = {"prompts": len(done), "prompt_tokens": p_tok, "completion_tokens": c_tok, "wall_s": round(wall, 2),
-                     "tokens_per_s": round((p_tok + c_tok) / wall, 1), "prompts_per_s": round(len(done) / wall, 3)}
+                     "tokens_per_s": round((p_tok + c_tok) / wall, 1), "prompts_per_s": round(len(done) / wall, 3),
+                     "engine_s": round(engine_s, 2), "engine_tokens_per_s": round((p_tok + c_tok) / engine_s, 1)}
     return out
 
 
@@ -181,21 +189,31 @@ def run_raydata_vllm(model_path: str, sets: dict[str, list[str]], new_tokens: di
     return out
 
 
+def _extra(r: dict) -> str:
+    if "load_s" in r:
+        return f"model load {r['load_s']} s ({r['tokens_per_s_with_load']} tokens/s counting it)"
+    if "engine_s" in r:
+        return f"{r['engine_s']} s in generate ({r['engine_tokens_per_s']} tokens/s)"
+    return ""
+
+
 def to_markdown(report: dict) -> str:
     lines = [START, "", f"### Engines ({report['date']}, {report['machine']})", "",
              f"Model `{report['model']}`{' (random weights, load_format dummy)' if report['dummy'] else ''}, "
              f"{report['prompts']} prompts per set, fixed output length ({report['new_tokens']}), device "
              f"{report['device']}. tokens/s counts prompt + generated tokens over wall time; the pipeline's wall time "
-             f"includes starting its actor and loading the model. Command: `{report['command']}`.", ""]
+             f"includes starting its actor and loading the model, so `pipeline/raw` compares it with the raw engine's "
+             f"wall time plus its model load (both from no engine to the last token); `pipeline/raw (engine time)` "
+             f"compares tokens/s inside the engine's generate calls. Command: `{report['command']}`.", ""]
     for kind, engines in report["results"].items():
         lines += [f"**{kind} prompts**", "", "| engine | path | prompts | prompt tok | gen tok | wall s | tokens/s | "
-                  "prompts/s |", "|---|---|---|---|---|---|---|---|"]
+                  "prompts/s | start-up / engine time |", "|---|---|---|---|---|---|---|---|---|"]
         for eng, paths in engines.items():
             for path in ("pipeline", "raw", "loop", "raydata-vllm"):
                 if path in paths:
                     r = paths[path]
                     lines.append(f"| {eng} | {path} | {r['prompts']} | {r['prompt_tokens']} | {r['completion_tokens']}"
-                                 f" | {r['wall_s']} | {r['tokens_per_s']} | {r['prompts_per_s']} |")
+                                 f" | {r['wall_s']} | {r['tokens_per_s']} | {r['prompts_per_s']} | {_extra(r)} |")
         lines.append("")
         for eng, paths in engines.items():
             if "ratios" in paths:
@@ -206,6 +224,30 @@ def to_markdown(report: dict) -> str:
         lines.append("")
     lines.append(END)
     return "\n".join(lines)
+
+
+def raw_in_child(engine: str, argv: list[str]) -> dict[str, dict]:
+    """Raw and loop for one engine in a fresh interpreter running this script with ``--no-pipeline``."""
+    import subprocess
+
+    keep, skip = [], False
+    for a in argv:  # drop the options the child must not inherit
+        if skip:
+            skip = False
+            continue
+        if a in ("--engines", "--write", "--raw-json"):
+            skip = True
+            continue
+        if a.startswith(("--engines=", "--write=", "--raw-json=")):
+            continue
+        keep.append(a)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "raw.json"
+        proc = subprocess.run([sys.executable, __file__, *keep, "--engines", engine, "--no-pipeline",
+                               "--raw-json", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if proc.returncode != 0 or not out.exists():
+            raise RuntimeError(f"raw run exited {proc.returncode}: {proc.stderr.strip()[-400:]}")
+        return {kind: paths.get(engine, {}) for kind, paths in json.loads(out.read_text()).items()}
 
 
 def measured(results: dict[str, dict], engine: str, path: str | None, run) -> None:
@@ -238,6 +280,7 @@ def main() -> None:
     ap.add_argument("--kv-cache-gb", type=float, default=4.0)
     ap.add_argument("--data", default=os.environ.get("STEPBACK_SHARED_DATA", str(REPO.parent / "shared" / "data")))
     ap.add_argument("--write", help="markdown file whose bench_engines section is replaced")
+    ap.add_argument("--raw-json", help=argparse.SUPPRESS)  # internal: the child that measures raw and loop
     args = ap.parse_args()
 
     model = dummy_model_dir(args.dummy) if args.dummy else "packaged:smollm2-135m-instruct"
@@ -275,8 +318,13 @@ def main() -> None:
             from ray.data import DataContext
 
             DataContext.get_current().enable_progress_bars = False
+            measured(results, eng, None, lambda: raw_in_child(eng, sys.argv[1:]))
             measured(results, eng, "pipeline", lambda: run_pipeline(cfg, sets, new_tokens, args.block))
-        measured(results, eng, None, lambda: run_raw_and_loop(cfg, sets, params, args.loop_prompts))
+        else:
+            measured(results, eng, None, lambda: run_raw_and_loop(cfg, sets, params, args.loop_prompts))
+    if args.raw_json:
+        Path(args.raw_json).write_text(json.dumps(results))
+        return
     if "raydata-vllm" in engines and has_vllm and not args.no_pipeline:
         from stepback_ray.engines.models import resolve_model
 
@@ -286,7 +334,13 @@ def main() -> None:
         for eng, paths in results[kind].items():
             ratios = {}
             if "pipeline" in paths and "raw" in paths:
-                ratios["pipeline/raw"] = round(paths["pipeline"]["tokens_per_s"] / paths["raw"]["tokens_per_s"], 3)
+                # both from no engine to the last token (the pipeline starts its actor and loads the model; the
+                # raw engine's load is added to its wall time) ...
+                ratios["pipeline/raw"] = round(
+                    paths["pipeline"]["tokens_per_s"] / paths["raw"]["tokens_per_s_with_load"], 3)
+                # ... and the steady state: tokens per second inside the engine's generate calls
+                ratios["pipeline/raw (engine time)"] = round(
+                    paths["pipeline"]["engine_tokens_per_s"] / paths["raw"]["tokens_per_s"], 3)
             if "pipeline" in paths and "loop" in paths:
                 ratios["pipeline/loop"] = round(paths["pipeline"]["tokens_per_s"] / paths["loop"]["tokens_per_s"], 2)
             if "raw" in paths and "loop" in paths:

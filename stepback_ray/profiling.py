@@ -101,9 +101,10 @@ def plan_profile(user_id: str, history: list[dict[str, str]], task: TaskSpec, co
     parts: list[list[SelectedItem]] = []
     current: list[SelectedItem] = []
     used = 0
-    for item in most_recent_first(history):
-        text = tools.truncate(task.profile_item(item), min(config.max_item_tokens, budget - 2))
-        n = tools.count_tokens(text) + 2  # the blank line between items
+    ordered = most_recent_first(history)
+    cut = tools.cut_many([task.profile_item(it) for it in ordered], min(config.max_item_tokens, budget - 2))
+    for item, (text, n) in zip(ordered, cut):
+        n += 2  # the blank line between items
         if current and used + n > budget:
             parts.append(current)
             current, used = [], 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from stepback_ray.engines import SamplingParams
 
 PROMPTS = [
@@ -53,3 +55,18 @@ def test_truncate_and_count(engine):
     cut = engine.truncate(text, 10)
     assert engine.count_tokens(cut) <= 12 and text.startswith(cut[:-4])
     assert engine.truncate("short", 10) == "short"
+
+
+def test_cut_many_equals_truncate_then_count(formatter):
+    texts = ["short", "", "héllo wörld 日本語 " * 40, "word " * 300, "Title: a study\nAbstract: " + "x y " * 90]
+    cut = formatter.cut_many(texts, 50)
+    assert cut == [(formatter.truncate(t, 50), formatter.count_tokens(formatter.truncate(t, 50))) for t in texts]
+    assert cut[0] == ("short", formatter.count_tokens("short")) and cut[1] == ("", 0)
+    assert cut[3][0].endswith(" ...") and formatter.encode_many(texts) == [formatter.encode(t) for t in texts]
+
+
+def test_vllm_cpu_bind_all_is_this_process_cores():
+    from stepback_ray.engines.vllm_engine import cpu_bind
+
+    assert cpu_bind("auto") == "auto" and cpu_bind("0-3") == "0-3"
+    assert [int(c) for c in cpu_bind("all").split(",")] == sorted(os.sched_getaffinity(0))

@@ -59,6 +59,9 @@ class PromptTools(Protocol):
     def truncate(self, text: str, max_tokens: int) -> str:
         """``text`` cut to at most ``max_tokens`` tokens (unchanged if it already fits)."""
 
+    def cut_many(self, texts: list[str], max_tokens: int) -> list[tuple[str, int]]:
+        """:meth:`truncate` of each text with the token count of the result, batched."""
+
 
 @runtime_checkable
 class Engine(PromptTools, Protocol):

@@ -40,6 +40,9 @@ class DryRunEngine:
     def truncate(self, text: str, max_tokens: int) -> str:
         return self.formatter.truncate(text, max_tokens)
 
+    def cut_many(self, texts: list[str], max_tokens: int) -> list[tuple[str, int]]:
+        return self.formatter.cut_many(texts, max_tokens)
+
     def _answer(self, prefilled_json: bool, target: int) -> str:
         words = [_WORDS[i % len(_WORDS)] for i in range(max(1, target))]
         if prefilled_json:  # continues '{"keywords": ["' and closes the object
@@ -53,21 +56,25 @@ class DryRunEngine:
         target = max(1, round(params.max_new_tokens * self.config.dry_run_output_fraction))
         out = []
         marker = self.config.dry_run_fail_marker
-        for k, p in enumerate(prompts):
-            text = self.render(p)
+        texts = [self.render(p) for p in prompts]
+        counts = [len(ids) for ids in self.formatter.encode_many(texts)]
+        answers: dict[bool, tuple[str, int]] = {}
+        for k, text in enumerate(texts):
             if marker and marker in text:
                 raise RuntimeError(f"injected engine failure (prompt contains {marker!r})")
             soft = prefix_embeds[k] if prefix_embeds is not None else None
-            n_prompt = self.count_tokens(text) + (0 if soft is None else len(soft))
+            n_prompt = counts[k] + (0 if soft is None else len(soft))
             if n_prompt + params.max_new_tokens > self.max_context:
                 out.append(Completion("", n_prompt, 0, "error", 0.0,
                                       error=f"prompt has {n_prompt} tokens; with {params.max_new_tokens} new tokens "
                                             f"it exceeds the context of {self.max_context}"))
                 continue
-            answer = self._answer(text.endswith('{"keywords": ["'), target)
-            ids = self.formatter.encode(answer)[: params.max_new_tokens]
-            answer = self.tokenizer.decode(ids)
-            out.append(Completion(answer, n_prompt, len(ids), "stop", 0.0))
+            prefilled = text.endswith('{"keywords": ["')
+            if prefilled not in answers:  # the same answer for every prompt of a kind: tokenized once
+                ids = self.formatter.encode(self._answer(prefilled, target))[: params.max_new_tokens]
+                answers[prefilled] = (self.tokenizer.decode(ids), len(ids))
+            answer, n_answer = answers[prefilled]
+            out.append(Completion(answer, n_prompt, n_answer, "stop", 0.0))
         tps = self.config.dry_run_tokens_per_s
         if tps:
             busy = sum(c.prompt_tokens + c.completion_tokens for c in out) / tps - (time.perf_counter() - t0)

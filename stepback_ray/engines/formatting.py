@@ -24,6 +24,8 @@ class PromptFormatter:
         except OSError as e:
             raise StepbackError(f"cannot load the tokenizer of model {config.model!r}: {str(e).splitlines()[0]}") from None
         self.path = path
+        # the Rust tokenizer, called directly: the transformers wrapper costs ~30 % per call on short texts
+        self._fast = getattr(self.tokenizer, "backend_tokenizer", None)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -46,16 +48,39 @@ class PromptFormatter:
         return render_plain(prompt)
 
     def encode(self, text: str) -> list[int]:
+        if self._fast is not None:
+            return self._fast.encode(text, add_special_tokens=False).ids
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def encode_many(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of many texts in one batched call (the Rust tokenizer spreads it over the cores)."""
+        if not texts:
+            return []
+        if self._fast is not None:
+            return [e.ids for e in self._fast.encode_batch(texts, add_special_tokens=False)]
+        return self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
 
     def count_tokens(self, text: str) -> int:
         return len(self.encode(text))
 
+    def _cut(self, ids: list[int], max_tokens: int) -> str:
+        return self.tokenizer.decode(ids[:max_tokens], skip_special_tokens=True).rstrip() + " ..."
+
     def truncate(self, text: str, max_tokens: int) -> str:
         ids = self.encode(text)
-        if len(ids) <= max_tokens:
-            return text
-        return self.tokenizer.decode(ids[:max_tokens], skip_special_tokens=True).rstrip() + " ..."
+        return text if len(ids) <= max_tokens else self._cut(ids, max_tokens)
+
+    def cut_many(self, texts: list[str], max_tokens: int) -> list[tuple[str, int]]:
+        """Each text as :meth:`truncate` cuts it, with its exact token count, in two batched tokenizer calls
+        (all texts, then the cut ones) instead of two calls per text: history packing for a million users is
+        mostly this."""
+        ids = self.encode_many(texts)
+        out = [(t, len(i)) for t, i in zip(texts, ids)]
+        long = [k for k, i in enumerate(ids) if len(i) > max_tokens]
+        cut = [self._cut(ids[k], max_tokens) for k in long]
+        for k, text, cut_ids in zip(long, cut, self.encode_many(cut)):
+            out[k] = (text, len(cut_ids))
+        return out
 
 
 def render_plain(messages: list[dict[str, str]]) -> str:

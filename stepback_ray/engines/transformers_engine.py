@@ -69,6 +69,9 @@ class TransformersEngine:
     def truncate(self, text: str, max_tokens: int) -> str:
         return self.formatter.truncate(text, max_tokens)
 
+    def cut_many(self, texts: list[str], max_tokens: int) -> list[tuple[str, int]]:
+        return self.formatter.cut_many(texts, max_tokens)
+
     # ------------------------------------------------------------------------------------------ generation
     def generate(self, prompts: list[Prompt], params: SamplingParams,
                  prefix_embeds: list | None = None) -> list[Completion]:
