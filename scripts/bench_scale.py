@@ -133,9 +133,9 @@ def to_markdown(report: dict) -> str:
     if biggest["users"] < 1_000_000:
         hours = 1_000_000 / biggest["users_per_s"] / 3600
         lines += ["", f"1,000,000 users were not run here: at the {biggest['users']:,}-user rate "
-                      f"({biggest['users_per_s']} users/s) it would take about {hours:.1f} h on these 2 cores. The "
-                      "driver holds only shard names and the workers one shard at a time, so memory does not grow "
-                      "with N; compare the RSS columns across sizes."]
+                      f"({biggest['users_per_s']} users/s) it would take about {hours:.1f} h on these 2 cores. By "
+                      "construction the driver holds only shard names and each worker one shard at a time; whether "
+                      "memory stays flat is shown only by the RSS columns of the sizes measured above."]
     if report.get("real_sample"):
         r = report["real_sample"]
         lines += ["", f"With the real engine ({r['engine']}) the demo's {r['users']} users take {r['wall_s']} s: "
