@@ -53,6 +53,7 @@ def test_kill_9_of_a_worker_actor_mid_stage_is_restarted_and_retried(ray_local, 
     assert r["passed"]
 
 
+@pytest.mark.slow  # starts and kills a driver process, then reruns it (~100 s)
 def test_kill_9_of_the_driver_mid_run_then_rerun_gives_one_row_per_query(tmp_path):
     r = drills.drill_driver_kill(tmp_path)
     assert not r["manifest_before_kill"] and 2 <= r["chunks_committed_before_kill"] < r["generation_chunks"]

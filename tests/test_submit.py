@@ -75,6 +75,7 @@ def ray_head(tmp_path, monkeypatch):
     shutil.rmtree(temp, ignore_errors=True)
 
 
+@pytest.mark.slow  # starts a Ray head and submits a job (~60 s)
 def test_submit_demo_job_to_a_local_head(ray_head, tmp_path):
     out = tmp_path / "submitted"
     proc = subprocess.run(
