@@ -201,6 +201,11 @@ class RunStore:
     def exists(self, rel: str) -> bool:
         return self._call(self.fs.exists, self.path(rel))
 
+    def remove(self, rel: str) -> None:
+        """Delete a file or a folder with everything under it (nothing if it does not exist)."""
+        if self.exists(rel):
+            self._call(self.fs.rm, self.path(rel), recursive=True)
+
     def list(self, rel_dir: str, suffix: str = "") -> list[str]:
         """Relative paths of the files directly under ``rel_dir`` (sorted), ignoring temporary files."""
         base = self.path(rel_dir)

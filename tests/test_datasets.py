@@ -50,6 +50,26 @@ def test_parquet_user_layout_quarantines_bad_rows_and_generates(ray_local, tmp_p
     assert all(str(p).startswith("out/") for p in files)  # nothing written outside the output prefix
 
 
+def test_a_staging_killed_part_way_is_redone_not_appended_to(ray_local, tmp_path):
+    users = lamp5_users(4)
+    pq.write_table(pa.Table.from_pylist(users), tmp_path / "users.parquet")
+    job = _job(tmp_path, "parquet", tmp_path / "users.parquet", "user", ["generation.max_new_tokens=8"])
+    # what a killed staging leaves: a shard file with a copy of a good row, a quarantine file, no _SUCCESS
+    left = tmp_path / "out" / "_staged" / "shard=0"
+    left.mkdir(parents=True)
+    rec = {"user_id": users[0]["user_id"], "history": users[0]["history"], "queries": users[0]["queries"]}
+    pq.write_table(pa.Table.from_pylist([{"user_id": rec["user_id"], "record": json.dumps(rec)}]),
+                   left / "leftover.parquet")
+    (tmp_path / "out" / "quarantine").mkdir()
+    pq.write_table(pa.Table.from_pylist([{"reason": "old", "record": "{}", "source": ""}]),
+                   tmp_path / "out" / "quarantine" / "part-old.parquet")
+    result = run_job(job)
+    counts = result.manifest["counts"]
+    assert counts["rows_in"] == 4 and counts["rows_staged"] == 4 and counts["rows_quarantined"] == 0
+    gens = pd.read_parquet(tmp_path / "out" / "generations")
+    assert len(gens) == 4 * len(job.modes) and gens.groupby(["query_id", "mode"]).size().eq(1).all()
+
+
 @pytest.mark.slow  # JSON Lines run by default in test_faults
 def test_jsonl_item_layout_groups_items_and_quarantines_bad_lines(ray_local, tmp_path):
     users = lamp5_users(6)

@@ -155,7 +155,8 @@ class ValidateAndShard:
 
 def stage_dataset(job: JobSpec, shards: int) -> dict[str, int]:
     """Validate and shard the job's dataset into ``<run>/_staged/``; return row counts (in, good, quarantined).
-    A rerun of the same run finds the staging done (``_staged/_SUCCESS``) and reuses it."""
+    A rerun of the same run finds the staging done (``_staged/_SUCCESS``) and reuses it; one that finds it
+    unfinished stages again from scratch."""
     import ray.data
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
@@ -163,6 +164,10 @@ def stage_dataset(job: JobSpec, shards: int) -> dict[str, int]:
 
     store = RunStore(job.output_uri, job.storage)
     if not store.exists("_staged/_SUCCESS"):
+        # a staging that was killed part-way left some shard files (and quarantine files): start it over, or a
+        # rerun would stage those rows twice
+        store.remove("_staged")
+        store.remove("quarantine")
         src_fs, src_path = filesystem_for(job.input.path, job.storage)
         pa_src = PyFileSystem(FSSpecHandler(src_fs))
         if job.input.format == "parquet":

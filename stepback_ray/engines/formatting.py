@@ -24,8 +24,12 @@ class PromptFormatter:
         except OSError as e:
             raise StepbackError(f"cannot load the tokenizer of model {config.model!r}: {str(e).splitlines()[0]}") from None
         self.path = path
-        # the Rust tokenizer, called directly: the transformers wrapper costs ~30 % per call on short texts
+        # the Rust tokenizer, called directly: the transformers wrapper costs ~30 % per call on short texts, and
+        # encode_batch_fast (tokenizers >= 0.20) skips the character offsets we never read: ~25 % less again
         self._fast = getattr(self.tokenizer, "backend_tokenizer", None)
+        self._ids_batch = None
+        if self._fast is not None:
+            self._ids_batch = getattr(self._fast, "encode_batch_fast", None) or self._fast.encode_batch
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -48,16 +52,16 @@ class PromptFormatter:
         return render_plain(prompt)
 
     def encode(self, text: str) -> list[int]:
-        if self._fast is not None:
-            return self._fast.encode(text, add_special_tokens=False).ids
+        if self._ids_batch is not None:
+            return self._ids_batch([text], add_special_tokens=False)[0].ids
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def encode_many(self, texts: list[str]) -> list[list[int]]:
         """Token ids of many texts in one batched call (the Rust tokenizer spreads it over the cores)."""
         if not texts:
             return []
-        if self._fast is not None:
-            return [e.ids for e in self._fast.encode_batch(texts, add_special_tokens=False)]
+        if self._ids_batch is not None:
+            return [e.ids for e in self._ids_batch(texts, add_special_tokens=False)]
         return self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
 
     def count_tokens(self, text: str) -> int:
