@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -37,15 +38,20 @@ START, END = markers("bench_scale")
 
 
 class MemorySampler(threading.Thread):
-    """Peak RSS of this process, of its largest descendant (a Ray worker), and of the whole process tree."""
+    """Peak RSS of this process, of its largest descendant (a Ray worker), and of the whole process tree.
 
-    def __init__(self, interval: float = 1.0):
+    With ``log`` it also saves its peaks and the time seen so far to that file every ``save_every`` seconds, so a
+    run that is killed (a session's end) and resumed later still accounts for the time and memory it had used."""
+
+    def __init__(self, interval: float = 1.0, log: Path | None = None, save_every: float = 15.0):
         super().__init__(daemon=True)
         self.interval, self.stop_flag = interval, threading.Event()
         self.driver = self.worker = self.total = 0
+        self.log, self.save_every, self.started = log, save_every, time.time()
 
     def run(self) -> None:
         me = psutil.Process()
+        saved = time.time()
         while not self.stop_flag.is_set():
             total, biggest = 0, 0
             # this driver's own Ray: its GCS, raylet and workers are its descendants (another job's are not)
@@ -59,14 +65,38 @@ class MemorySampler(threading.Thread):
             self.driver = max(self.driver, me.memory_info().rss)
             self.worker = max(self.worker, biggest)
             self.total = max(self.total, total + me.memory_info().rss)
+            if self.log is not None and time.time() - saved >= self.save_every:
+                self.save(finished=False)
+                saved = time.time()
             self.stop_flag.wait(self.interval)
 
-    def stop(self) -> dict[str, float]:
+    def invocation(self, finished: bool) -> dict:
+        return {"started": self.started, "seconds": round(time.time() - self.started, 1), "finished": finished,
+                "driver": self.driver, "worker": self.worker, "total": self.total}
+
+    def save(self, finished: bool) -> None:
+        """Replace this invocation's entry in the log (earlier invocations of the same run are kept)."""
+        runs = [r for r in load_log(self.log) if r["started"] != self.started]
+        tmp = self.log.with_suffix(".tmp")
+        tmp.write_text(json.dumps(runs + [self.invocation(finished)]))
+        tmp.replace(self.log)
+
+    def stop(self) -> None:
         self.stop_flag.set()
         self.join()
-        gib = 2 ** 30
-        return {"driver_peak_rss_gib": round(self.driver / gib, 2), "worker_peak_rss_gib": round(self.worker / gib, 2),
-                "all_processes_peak_rss_gib": round(self.total / gib, 2)}
+        if self.log is not None:
+            self.save(finished=True)
+
+
+def load_log(log: Path | None) -> list[dict]:
+    return json.loads(log.read_text()) if log is not None and log.exists() else []
+
+
+def peaks(invocations: list[dict]) -> dict[str, float]:
+    """Peak RSS over every invocation of a run, in GiB."""
+    gib = 2 ** 30
+    return {f"{k}_peak_rss_gib": round(max(r[k] for r in invocations) / gib, 2) for k in ("driver", "worker")} | {
+        "all_processes_peak_rss_gib": round(max(r["total"] for r in invocations) / gib, 2)}
 
 
 def dataset(n: int, root: Path) -> Path:
@@ -84,27 +114,40 @@ def du(path: Path) -> int:
 
 
 def run_size(n: int, root: Path, shards: int, modes: list[str], extra: list[str]) -> dict:
+    """One size, run to the end. A run that an earlier invocation started and did not finish (killed) is resumed:
+    the pipeline skips the chunks it committed, and the time and peaks of every invocation are added up."""
     data = dataset(n, root)
     out = root / f"run-{n}"
+    log = root / f"run-{n}.invocations.json"
+    done = root / f"run-{n}.result.json"
+    if done.exists() and (out / "manifest.json").exists():
+        return json.loads(done.read_text())  # measured to the end before: not run again
+    if not (out / "_run_spec.json").exists():
+        log.unlink(missing_ok=True)  # a fresh run: no earlier invocations count
     job = load_job(None, ["ray.progress_bars=false", *extra], data={
         "name": f"scale-{n}", "task": "LaMP_5", "input": {"format": "parquet", "path": str(data), "layout": "user"},
         "modes": modes, "output": str(out), "run_id": "scale", "engine": {"kind": "dry-run"},
         "profile": {"history_token_budget": 2048, "max_item_tokens": 160, "max_new_tokens": 80},
         "ray": {"num_shards": shards}})
-    sampler = MemorySampler()
+    sampler = MemorySampler(log=log)
     sampler.start()
-    t0 = time.time()
-    result = run_job(job)
-    wall = time.time() - t0
-    mem = sampler.stop()
+    try:
+        result = run_job(job)
+    finally:
+        sampler.stop()
+    runs = load_log(log)
+    wall = sum(r["seconds"] for r in runs)
     counts = result.manifest["counts"]
-    return {"users": n, "shards": shards, "wall_s": round(wall, 1), "users_per_s": round(n / wall, 1),
-            **mem, "output_bytes": du(out) - du(out / "_staged") if (out / "_staged").exists() else du(out),
-            "staged_bytes": du(out / "_staged") if (out / "_staged").exists() else 0,
-            "generation_rows": counts["generation_rows"], "rows_quarantined": counts.get("rows_quarantined", 0),
-            "prompt_tokens": result.metrics["profiles"]["prompt_tokens"] + sum(
-                m["prompt_tokens"] for m in result.metrics["modes"].values()),
-            "timings": result.manifest["timings"]}
+    report = {"users": n, "shards": shards, "wall_s": round(wall, 1), "users_per_s": round(n / wall, 1),
+              "invocations": len(runs), **peaks(runs),
+              "output_bytes": du(out) - du(out / "_staged") if (out / "_staged").exists() else du(out),
+              "staged_bytes": du(out / "_staged") if (out / "_staged").exists() else 0,
+              "generation_rows": counts["generation_rows"], "rows_quarantined": counts.get("rows_quarantined", 0),
+              "prompt_tokens": result.metrics["profiles"]["prompt_tokens"] + sum(
+                  m["prompt_tokens"] for m in result.metrics["modes"].values()),
+              "timings_last_invocation": result.manifest["timings"], "config": extra}
+    done.write_text(json.dumps(report))
+    return report
 
 
 def real_sample(root: Path) -> dict:
@@ -121,14 +164,16 @@ def to_markdown(report: dict) -> str:
     lines = [START, "", f"### Scale ({report['date']}, {report['machine']})", "",
              "The whole pipeline with the dry-run engine (everything but the LLM: staging and validation, step-back "
              "planning and tokenization, BM25 retrieval, generation prompts, parsing, scoring, Parquet writes), modes "
-             f"{', '.join(report['modes'])}. Peak RSS sampled every second. Command: `{report['command']}`.", "",
+             f"{', '.join(report['modes'])}. Peak RSS sampled every second. Command: `{report['command']}`. A run "
+             "killed part-way (a session's end) and resumed counts as several invocations: its wall time is their "
+             "sum and its peaks their maximum.", "",
              "| users | shards | wall | users/s | driver peak RSS | largest worker peak RSS | all processes peak RSS "
-             "| output (staged input) |", "|---|---|---|---|---|---|---|---|"]
+             "| output (staged input) | invocations |", "|---|---|---|---|---|---|---|---|---|"]
     for r in report["sizes"]:
         lines.append(f"| {r['users']:,} | {r['shards']} | {r['wall_s'] / 60:.1f} min | {r['users_per_s']} | "
                      f"{r['driver_peak_rss_gib']} GiB | {r['worker_peak_rss_gib']} GiB | "
                      f"{r['all_processes_peak_rss_gib']} GiB | {r['output_bytes'] / 2**30:.2f} GiB "
-                     f"({r['staged_bytes'] / 2**30:.2f} GiB) |")
+                     f"({r['staged_bytes'] / 2**30:.2f} GiB) | {r['invocations']} |")
     biggest = max(report["sizes"], key=lambda r: r["users"])
     if biggest["users"] < 1_000_000:
         hours = 1_000_000 / biggest["users_per_s"] / 3600
@@ -151,6 +196,8 @@ def main() -> None:
     ap.add_argument("--modes", default="none,profile+rag")
     ap.add_argument("--root", default=str(REPO / "runs" / "scale"))
     ap.add_argument("--no-real-sample", action="store_true")
+    ap.add_argument("--cpu-actors", type=int, default=os.cpu_count() or 1,
+                    help="prompt-building actors (ray.cpu_stage_actors): with the dry-run engine they are the work")
     ap.add_argument("--set", action="append", default=[], help="job-spec override")
     ap.add_argument("--write", help="markdown file whose bench_scale section is replaced")
     args = ap.parse_args()
@@ -161,7 +208,8 @@ def main() -> None:
     first = load_job(None, data={"name": "scale", "task": "LaMP_5", "input": {"questions": "x"}})
     with ray_session(first):
         for n in (int(x) for x in args.users.split(",")):
-            sizes.append(run_size(n, root, max(1, n // args.users_per_shard), modes, args.set))
+            sizes.append(run_size(n, root, max(1, n // args.users_per_shard), modes,
+                                  [f"ray.cpu_stage_actors={args.cpu_actors}", *args.set]))
             print(json.dumps(sizes[-1]), file=sys.stderr, flush=True)
         real = None if args.no_real_sample else real_sample(root)
     report = {"date": dt.date.today().isoformat(),
