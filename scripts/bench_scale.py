@@ -38,7 +38,9 @@ START, END = markers("bench_scale")
 
 
 class MemorySampler(threading.Thread):
-    """Peak RSS of this process, of its largest descendant (a Ray worker), and of the whole process tree.
+    """Peak RSS of this process, of its largest descendant (a Ray worker), and of the whole process tree; and the
+    peak PSS of the tree (proportional set size: a page mapped by k processes counts 1/k in each), which, unlike
+    the RSS sum, does not count shared libraries and object-store pages once per process that maps them.
 
     With ``log`` it also saves its peaks and the time seen so far to that file every ``save_every`` seconds, so a
     run that is killed (a session's end) and resumed later still accounts for the time and memory it had used."""
@@ -46,25 +48,29 @@ class MemorySampler(threading.Thread):
     def __init__(self, interval: float = 1.0, log: Path | None = None, save_every: float = 15.0):
         super().__init__(daemon=True)
         self.interval, self.stop_flag = interval, threading.Event()
-        self.driver = self.worker = self.total = 0
+        self.driver = self.worker = self.total = self.pss = 0
         self.log, self.save_every, self.started = log, save_every, time.time()
 
     def run(self) -> None:
         me = psutil.Process()
         saved = time.time()
         while not self.stop_flag.is_set():
-            total, biggest = 0, 0
+            total, biggest, pss = 0, 0, 0
             # this driver's own Ray: its GCS, raylet and workers are its descendants (another job's are not)
-            for p in me.children(recursive=True):
+            for p in [me, *me.children(recursive=True)]:
                 try:
-                    rss = p.memory_info().rss
+                    info = p.memory_full_info()
                 except (psutil.NoSuchProcess, psutil.AccessDenied, TypeError):
                     continue
-                total += rss
-                biggest = max(biggest, rss)
-            self.driver = max(self.driver, me.memory_info().rss)
+                total += info.rss
+                pss += getattr(info, "pss", info.rss)
+                if p.pid != me.pid:
+                    biggest = max(biggest, info.rss)
+                else:
+                    self.driver = max(self.driver, info.rss)
             self.worker = max(self.worker, biggest)
-            self.total = max(self.total, total + me.memory_info().rss)
+            self.total = max(self.total, total)
+            self.pss = max(self.pss, pss)
             if self.log is not None and time.time() - saved >= self.save_every:
                 self.save(finished=False)
                 saved = time.time()
@@ -72,7 +78,7 @@ class MemorySampler(threading.Thread):
 
     def invocation(self, finished: bool) -> dict:
         return {"started": self.started, "seconds": round(time.time() - self.started, 1), "finished": finished,
-                "driver": self.driver, "worker": self.worker, "total": self.total}
+                "driver": self.driver, "worker": self.worker, "total": self.total, "pss": self.pss}
 
     def save(self, finished: bool) -> None:
         """Replace this invocation's entry in the log (earlier invocations of the same run are kept)."""
@@ -96,7 +102,8 @@ def peaks(invocations: list[dict]) -> dict[str, float]:
     """Peak RSS over every invocation of a run, in GiB."""
     gib = 2 ** 30
     return {f"{k}_peak_rss_gib": round(max(r[k] for r in invocations) / gib, 2) for k in ("driver", "worker")} | {
-        "all_processes_peak_rss_gib": round(max(r["total"] for r in invocations) / gib, 2)}
+        "all_processes_peak_rss_gib": round(max(r["total"] for r in invocations) / gib, 2),
+        "all_processes_peak_pss_gib": round(max(r.get("pss", 0) for r in invocations) / gib, 2)}
 
 
 def dataset(n: int, root: Path) -> Path:
@@ -168,11 +175,12 @@ def to_markdown(report: dict) -> str:
              "killed part-way (a session's end) and resumed counts as several invocations: its wall time is their "
              "sum and its peaks their maximum.", "",
              "| users | shards | wall | users/s | driver peak RSS | largest worker peak RSS | all processes peak RSS "
-             "| output (staged input) | invocations |", "|---|---|---|---|---|---|---|---|---|"]
+             "| all processes peak PSS | output (staged input) | invocations |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["sizes"]:
         lines.append(f"| {r['users']:,} | {r['shards']} | {r['wall_s'] / 60:.1f} min | {r['users_per_s']} | "
                      f"{r['driver_peak_rss_gib']} GiB | {r['worker_peak_rss_gib']} GiB | "
-                     f"{r['all_processes_peak_rss_gib']} GiB | {r['output_bytes'] / 2**30:.2f} GiB "
+                     f"{r['all_processes_peak_rss_gib']} GiB | {r.get('all_processes_peak_pss_gib', '-')} GiB | "
+                     f"{r['output_bytes'] / 2**30:.2f} GiB "
                      f"({r['staged_bytes'] / 2**30:.2f} GiB) | {r['invocations']} |")
     biggest = max(report["sizes"], key=lambda r: r["users"])
     if biggest["users"] < 1_000_000:
