@@ -206,6 +206,9 @@ def main() -> None:
     ap.add_argument("--no-real-sample", action="store_true")
     ap.add_argument("--cpu-actors", type=int, default=os.cpu_count() or 1,
                     help="prompt-building actors (ray.cpu_stage_actors): with the dry-run engine they are the work")
+    ap.add_argument("--object-store-gib", type=float, default=1.0,
+                    help="the local Ray's object store (Ray's default, 30 %% of RAM, is shared memory that shows in "
+                         "the workers' RSS)")
     ap.add_argument("--set", action="append", default=[], help="job-spec override")
     ap.add_argument("--write", help="markdown file whose bench_scale section is replaced")
     args = ap.parse_args()
@@ -213,7 +216,8 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     modes = args.modes.split(",")
     sizes = []
-    first = load_job(None, data={"name": "scale", "task": "LaMP_5", "input": {"questions": "x"}})
+    first = load_job(None, data={"name": "scale", "task": "LaMP_5", "input": {"questions": "x"},
+                                 "ray": {"object_store_gib": args.object_store_gib}})
     with ray_session(first):
         for n in (int(x) for x in args.users.split(",")):
             sizes.append(run_size(n, root, max(1, n // args.users_per_shard), modes,

@@ -174,6 +174,9 @@ class RayConfig(_Strict):
             raise ValueError("must be a positive number or 'auto'")
         return v
     cpu_stage_actors: int = Field(default=1, gt=0, description="actors for prompt building (tokenizer, retrieval)")
+    object_store_gib: float | None = Field(
+        default=None, gt=0, description="local Ray only: object store size (Ray's default: 30 % of RAM); a "
+                                        "cluster's is set where its nodes start (cluster.yaml)")
     progress_bars: bool = True
 
 

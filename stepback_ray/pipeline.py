@@ -37,7 +37,7 @@ from .engines import SamplingParams, build_engine
 from .engines.formatting import PromptFormatter
 from .errors import StepbackError
 from .profile_store import StoreVersion, commit_version, open_version
-from .resources import engine_resources
+from .resources import WORKER_ENV, engine_resources
 from .retrieval import build_retriever
 from .storage import RunStore
 from .tasks import get_task
@@ -478,17 +478,19 @@ def score_and_commit_generations(batch: pa.Table, job: JobSpec) -> pa.Table:
 
 
 # ------------------------------------------------------------------------------------------------ driver
-def init_local_ray(**kwargs: Any) -> None:
+def init_local_ray(object_store_gib: float | None = None, **kwargs: Any) -> None:
     """Start a local Ray (no cluster) sized for the pipeline.
 
     A pass runs two actor pools and a task stage at once, and two passes follow each other. Ray starts at most
     ``num_workers_soft_limit`` worker processes without delay (by default one per CPU); on a small machine the
     third process of a pass then waits seconds for a slot. Raising the limit costs nothing (logical CPUs, and so
-    scheduling, stay as they are) and takes seconds off every pass."""
+    scheduling, stay as they are) and takes seconds off every pass. The workers get :data:`WORKER_ENV`."""
     import ray
 
     limit = max(8, 2 * (kwargs.get("num_cpus") or os.cpu_count() or 1))
-    ray.init(include_dashboard=False, logging_level="WARNING",
+    if object_store_gib:
+        kwargs["object_store_memory"] = int(object_store_gib * 2 ** 30)
+    ray.init(include_dashboard=False, logging_level="WARNING", runtime_env={"env_vars": dict(WORKER_ENV)},
              _system_config={"num_workers_soft_limit": limit}, **kwargs)
 
 
@@ -502,7 +504,7 @@ def ray_session(job: JobSpec) -> Iterator[None]:
         if job.ray.address or os.environ.get("RAY_ADDRESS"):  # a cluster (Ray Jobs set RAY_ADDRESS)
             ray.init(address=job.ray.address, include_dashboard=False, log_to_driver=True, logging_level="WARNING")
         else:
-            init_local_ray()
+            init_local_ray(job.ray.object_store_gib)
         started = True
     from ray.data import DataContext
 

@@ -6,7 +6,8 @@ Plain data, computed from the job spec and the cluster's resources, so it can be
 - a tensor-parallel engine (``engine.vllm.tensor_parallel_size: N``) lives in a placement group of N bundles of
   one GPU each; the actor itself asks for no GPU and vLLM's workers are placed in the group's bundles;
 - ``engine_actors: auto`` sizes the pool to the cluster: every GPU in use (GPUs // GPUs per engine), or one
-  actor on a CPU-only cluster.
+  actor on a CPU-only cluster;
+- every worker gets :data:`WORKER_ENV` (local runs and submitted jobs alike).
 """
 
 from __future__ import annotations
@@ -15,6 +16,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .config import JobSpec
+
+# Arrow's default allocator (jemalloc/mimalloc) keeps what a task freed for reuse inside the worker, so the
+# worker that read and staged a large input file holds that peak for the rest of the job; the system allocator
+# hands it back. Measured staging 100,000 users here: largest worker 2.9 -> 1.6 GiB, every process 4.6 -> 2.9 GiB
+# (proportional set size), same speed.
+WORKER_ENV = {"ARROW_DEFAULT_MEMORY_POOL": "system"}
 
 
 @dataclass

@@ -18,6 +18,7 @@ from pathlib import Path
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_fixed
 
 from .errors import ConfigError, StepbackError
+from .resources import WORKER_ENV
 
 EXCLUDES = [".venv", ".venv-*", "runs", ".git", "**/__pycache__", "*.egg-info", ".pytest_cache", ".whl", ".gl"]
 _SECRET = re.compile(r"(SECRET|PASSWORD|TOKEN|CREDENTIAL|PRIVATE|_KEY$|^AWS_ACCESS_KEY_ID$|^AWS_SESSION)",
@@ -37,6 +38,8 @@ def runtime_env(working_dir: str, pip: list[str], env: list[str]) -> dict:
                               "instance role or environment, not through the job")
         env_vars[key] = value
     env_vars.setdefault("PYTHONUNBUFFERED", "1")
+    for key, value in WORKER_ENV.items():  # as a local run's workers get them
+        env_vars.setdefault(key, value)
     out: dict = {"working_dir": working_dir, "excludes": EXCLUDES, "env_vars": env_vars}
     if pip:
         out["pip"] = list(pip)
