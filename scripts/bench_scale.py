@@ -157,6 +157,22 @@ def run_size(n: int, root: Path, shards: int, modes: list[str], extra: list[str]
     return report
 
 
+def progress(n: int, root: Path, shards: int) -> dict | None:
+    """Where a size stands without running anything: its result if it finished, else what its invocations so far
+    have done (time, peaks, committed chunks per pass); None if it never started."""
+    done = root / f"run-{n}.result.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    out, runs = root / f"run-{n}", load_log(root / f"run-{n}.invocations.json")
+    if not runs:
+        return None
+    return {"users": n, "shards": shards, "finished": False, "invocations": len(runs),
+            "wall_s": round(sum(r["seconds"] for r in runs), 1), **peaks(runs),
+            "staged": (out / "_staged" / "_SUCCESS").exists(),
+            "profile_chunks_committed": len(list((out / "profiles").glob("chunk-*.parquet"))),
+            "generation_chunks_committed": len(list((out / "generations").glob("chunk-*.parquet")))}
+
+
 def real_sample(root: Path) -> dict:
     out = root / "run-real-sample"
     job = load_job(REPO / "jobs" / "demo.yaml", ["ray.progress_bars=false", f"output={out}", "run_id=real"])
@@ -176,14 +192,25 @@ def to_markdown(report: dict) -> str:
              "sum and its peaks their maximum.", "",
              "| users | shards | wall | users/s | driver peak RSS | largest worker peak RSS | all processes peak RSS "
              "| all processes peak PSS | output (staged input) | invocations |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in report["sizes"]:
+    for r in [r for r in report["sizes"] if r.get("finished", True)]:
         lines.append(f"| {r['users']:,} | {r['shards']} | {r['wall_s'] / 60:.1f} min | {r['users_per_s']} | "
                      f"{r['driver_peak_rss_gib']} GiB | {r['worker_peak_rss_gib']} GiB | "
                      f"{r['all_processes_peak_rss_gib']} GiB | {r.get('all_processes_peak_pss_gib', '-')} GiB | "
                      f"{r['output_bytes'] / 2**30:.2f} GiB "
                      f"({r['staged_bytes'] / 2**30:.2f} GiB) | {r['invocations']} |")
-    biggest = max(report["sizes"], key=lambda r: r["users"])
-    if biggest["users"] < 1_000_000:
+    for r in [r for r in report["sizes"] if not r.get("finished", True)]:
+        lines.append(f"| {r['users']:,} | {r['shards']} | {r['wall_s'] / 60:.1f} min so far | (unfinished) | "
+                     f"{r['driver_peak_rss_gib']} GiB | {r['worker_peak_rss_gib']} GiB | "
+                     f"{r['all_processes_peak_rss_gib']} GiB | {r['all_processes_peak_pss_gib']} GiB | - | "
+                     f"{r['invocations']} |")
+        lines += ["", f"The {r['users']:,}-user run is unfinished: after {r['wall_s'] / 60:.1f} min in "
+                      f"{r['invocations']} invocation(s) its input is {'staged' if r['staged'] else 'not yet staged'}, "
+                      f"{r['profile_chunks_committed']} of {r['shards']} profile chunks and "
+                      f"{r['generation_chunks_committed']} of {r['shards']} generation chunks are committed. The same "
+                      "command resumes it (committed chunks are skipped) and adds the next invocation's time.", ""]
+    finished = [r for r in report["sizes"] if r.get("finished", True)]
+    biggest = max(finished, key=lambda r: r["users"])
+    if biggest["users"] < 1_000_000 and all(r.get("finished", True) for r in report["sizes"]):
         hours = 1_000_000 / biggest["users_per_s"] / 3600
         lines += ["", f"1,000,000 users were not run here: at the {biggest['users']:,}-user rate "
                       f"({biggest['users_per_s']} users/s) it would take about {hours:.1f} h on these 2 cores. By "
@@ -211,6 +238,8 @@ def main() -> None:
                          "the workers' RSS)")
     ap.add_argument("--set", action="append", default=[], help="job-spec override")
     ap.add_argument("--write", help="markdown file whose bench_scale section is replaced")
+    ap.add_argument("--status", action="store_true",
+                    help="run nothing: report each size as measured so far (finished, or unfinished with progress)")
     args = ap.parse_args()
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
@@ -218,6 +247,16 @@ def main() -> None:
     sizes = []
     first = load_job(None, data={"name": "scale", "task": "LaMP_5", "input": {"questions": "x"},
                                  "ray": {"object_store_gib": args.object_store_gib}})
+    if args.status:
+        sizes = [p for n in (int(x) for x in args.users.split(","))
+                 if (p := progress(n, root, max(1, n // args.users_per_shard)))]
+        report = {"date": dt.date.today().isoformat(), "machine": machine(), "modes": modes, "sizes": sizes,
+                  "command": "python scripts/bench_scale.py " + " ".join(a for a in sys.argv[1:] if a != "--status")
+                  .replace(f"--write {args.write}", "").strip(), "real_sample": None}
+        print(json.dumps(report, indent=1))
+        if args.write:
+            write_section(Path(args.write), "bench_scale", "Scale", to_markdown(report))
+        return
     with ray_session(first):
         for n in (int(x) for x in args.users.split(",")):
             sizes.append(run_size(n, root, max(1, n // args.users_per_shard), modes,
