@@ -131,13 +131,19 @@ class MetricAccumulator:
 
 def bootstrap_ci(values: Sequence[float], *, n_resamples: int = 2000, seed: int = 0,
                  statistic: Callable[[np.ndarray], float] = np.mean, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of ``statistic`` over ``values`` (resampling rows with replacement)."""
+    """Percentile bootstrap interval of ``statistic`` over ``values`` (resampling rows with replacement).
+
+    Resamples are drawn a few at a time (at most ~4M indices in memory), not as one resamples-by-rows matrix:
+    over a million rows that matrix alone would be 8 GB."""
     arr = np.asarray(values, dtype=float)
     if len(arr) == 0:
         return (math.nan, math.nan)
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(arr), size=(n_resamples, len(arr)))
-    stats = np.array([statistic(arr[i]) for i in idx])
+    step = max(1, min(n_resamples, 4_000_000 // len(arr)))
+    stats = np.empty(n_resamples)
+    for start in range(0, n_resamples, step):
+        idx = rng.integers(0, len(arr), size=(min(step, n_resamples - start), len(arr)))
+        stats[start:start + len(idx)] = [statistic(arr[i]) for i in idx]
     lo, hi = np.quantile(stats, [(1 - level) / 2, 1 - (1 - level) / 2])
     return float(lo), float(hi)
 

@@ -82,3 +82,12 @@ def test_bootstrap_interval_brackets_the_mean_and_narrows_with_data():
     assert lo < small.mean() < hi
     lo2, hi2 = metrics.bootstrap_ci(large)
     assert (hi2 - lo2) < (hi - lo) / 5
+
+
+def test_bootstrap_in_batches_equals_the_one_matrix_bootstrap():
+    """Drawing resamples a few at a time (bounded memory) gives the interval of one resamples-by-rows matrix."""
+    np = __import__("numpy")
+    values = np.random.default_rng(2).normal(0.3, 0.1, 9000)  # 4M // 9000 = 444 resamples per batch
+    idx = np.random.default_rng(0).integers(0, len(values), size=(1000, len(values)))
+    expected = np.quantile(values[idx].mean(axis=1), [0.025, 0.975])
+    assert metrics.bootstrap_ci(values, n_resamples=1000) == pytest.approx(tuple(expected), rel=1e-12)
