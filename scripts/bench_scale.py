@@ -38,32 +38,39 @@ START, END = markers("bench_scale")
 
 
 class MemorySampler(threading.Thread):
-    """Peak RSS of this process, of its largest descendant (a Ray worker), and of the whole process tree; and the
-    peak PSS of the tree (proportional set size: a page mapped by k processes counts 1/k in each), which, unlike
-    the RSS sum, does not count shared libraries and object-store pages once per process that maps them.
+    """Peak RSS of this process, of its largest descendant (a Ray worker), and of the whole process tree, every
+    second; and the peak PSS of the tree (proportional set size: a page mapped by k processes counts 1/k in each),
+    which, unlike the RSS sum, does not count shared libraries and object-store pages once per process that maps
+    them, every ``pss_every`` seconds.
 
     With ``log`` it also saves its peaks and the time seen so far to that file every ``save_every`` seconds, so a
     run that is killed (a session's end) and resumed later still accounts for the time and memory it had used."""
 
-    def __init__(self, interval: float = 1.0, log: Path | None = None, save_every: float = 15.0):
+    def __init__(self, interval: float = 1.0, log: Path | None = None, save_every: float = 15.0,
+                 pss_every: int = 10):
         super().__init__(daemon=True)
+        self.pss_every = pss_every
         self.interval, self.stop_flag = interval, threading.Event()
         self.driver = self.worker = self.total = self.pss = 0
         self.log, self.save_every, self.started = log, save_every, time.time()
 
     def run(self) -> None:
         me = psutil.Process()
-        saved = time.time()
+        saved, ticks = time.time(), 0
         while not self.stop_flag.is_set():
             total, biggest, pss = 0, 0, 0
+            # PSS reads /proc/PID/smaps (~10 ms a process here): every pss_every-th sample, or the sampler itself
+            # takes a sixth of a core
+            full = ticks % self.pss_every == 0
+            ticks += 1
             # this driver's own Ray: its GCS, raylet and workers are its descendants (another job's are not)
             for p in [me, *me.children(recursive=True)]:
                 try:
-                    info = p.memory_full_info()
+                    info = p.memory_full_info() if full else p.memory_info()
                 except (psutil.NoSuchProcess, psutil.AccessDenied, TypeError):
                     continue
                 total += info.rss
-                pss += getattr(info, "pss", info.rss)
+                pss += getattr(info, "pss", info.rss) if full else 0
                 if p.pid != me.pid:
                     biggest = max(biggest, info.rss)
                 else:
