@@ -214,7 +214,7 @@ def to_markdown(report: dict) -> str:
                       f"{r['invocations']} invocation(s) its input is {'staged' if r['staged'] else 'not yet staged'}, "
                       f"{r['profile_chunks_committed']} of {r['shards']} profile chunks and "
                       f"{r['generation_chunks_committed']} of {r['shards']} generation chunks are committed. The same "
-                      "command resumes it (committed chunks are skipped) and adds the next invocation's time.", ""]
+                      "command resumes it (committed chunks are skipped) and adds the next invocation's time."]
     finished = [r for r in report["sizes"] if r.get("finished", True)]
     biggest = max(finished, key=lambda r: r["users"])
     if biggest["users"] < 1_000_000 and all(r.get("finished", True) for r in report["sizes"]):
