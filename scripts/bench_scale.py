@@ -199,25 +199,27 @@ def to_markdown(report: dict) -> str:
              "sum and its peaks their maximum.", "",
              "| users | shards | wall | users/s | driver peak RSS | largest worker peak RSS | all processes peak RSS "
              "| all processes peak PSS | output (staged input) | invocations |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in [r for r in report["sizes"] if r.get("finished", True)]:
+    finished = [r for r in report["sizes"] if r.get("finished", True)]
+    unfinished = [r for r in report["sizes"] if not r.get("finished", True)]
+
+    def peak_cells(r: dict) -> str:
+        return (f"{r['driver_peak_rss_gib']} GiB | {r['worker_peak_rss_gib']} GiB | "
+                f"{r['all_processes_peak_rss_gib']} GiB | {r.get('all_processes_peak_pss_gib', '-')} GiB")
+
+    for r in finished:
         lines.append(f"| {r['users']:,} | {r['shards']} | {r['wall_s'] / 60:.1f} min | {r['users_per_s']} | "
-                     f"{r['driver_peak_rss_gib']} GiB | {r['worker_peak_rss_gib']} GiB | "
-                     f"{r['all_processes_peak_rss_gib']} GiB | {r.get('all_processes_peak_pss_gib', '-')} GiB | "
-                     f"{r['output_bytes'] / 2**30:.2f} GiB "
+                     f"{peak_cells(r)} | {r['output_bytes'] / 2**30:.2f} GiB "
                      f"({r['staged_bytes'] / 2**30:.2f} GiB) | {r['invocations']} |")
-    for r in [r for r in report["sizes"] if not r.get("finished", True)]:
+    for r in unfinished:
         lines.append(f"| {r['users']:,} | {r['shards']} | {r['wall_s'] / 60:.1f} min so far | (unfinished) | "
-                     f"{r['driver_peak_rss_gib']} GiB | {r['worker_peak_rss_gib']} GiB | "
-                     f"{r['all_processes_peak_rss_gib']} GiB | {r['all_processes_peak_pss_gib']} GiB | - | "
-                     f"{r['invocations']} |")
+                     f"{peak_cells(r)} | - | {r['invocations']} |")
         lines += ["", f"The {r['users']:,}-user run is unfinished: after {r['wall_s'] / 60:.1f} min in "
                       f"{r['invocations']} invocation(s) its input is {'staged' if r['staged'] else 'not yet staged'}, "
                       f"{r['profile_chunks_committed']} of {r['shards']} profile chunks and "
                       f"{r['generation_chunks_committed']} of {r['shards']} generation chunks are committed. The same "
                       "command resumes it (committed chunks are skipped) and adds the next invocation's time."]
-    finished = [r for r in report["sizes"] if r.get("finished", True)]
     biggest = max(finished, key=lambda r: r["users"])
-    if biggest["users"] < 1_000_000 and all(r.get("finished", True) for r in report["sizes"]):
+    if biggest["users"] < 1_000_000 and not unfinished:
         hours = 1_000_000 / biggest["users_per_s"] / 3600
         lines += ["", f"1,000,000 users were not run here: at the {biggest['users']:,}-user rate "
                       f"({biggest['users_per_s']} users/s) it would take about {hours:.1f} h on these 2 cores. By "
