@@ -36,23 +36,30 @@ def _load(store: RunStore) -> dict[str, Any]:
     """What the report shows, read one committed file at a time and kept as numeric arrays (a mode code, the
     score, the history length and the commit time per row: ~25 bytes per row, so a million users' rows fit in
     tens of MB) plus running counts; the rows themselves are never held."""
+    import pyarrow as pa
     import pyarrow.compute as pc
 
     manifest = store.read_json("manifest.json")
     metrics = store.read_json("metrics.json")
     modes = list(metrics["modes"])
-    code = {m: k for k, m in enumerate(modes)}
+    known = pa.array(modes, pa.string())
+    # the pipeline counted the rows per status when it wrote the manifest; a manifest without that count (an
+    # older run) has them counted here
+    counted = (manifest.get("counts") or {}).get("generation_rows_by_status")
+    statuses: dict[str, int] = dict(counted) if counted is not None else {}
+    columns = ["mode", "score", "history_items", "committed_at"] + ([] if counted is not None else ["status"])
     parts: dict[str, list[np.ndarray]] = {"mode": [], "score": [], "history_items": [], "committed_at": []}
-    statuses: dict[str, int] = {}
     for rel in store.list("generations", ".parquet"):
-        t = store.read_table(rel, columns=["mode", "score", "history_items", "status", "committed_at"])
-        parts["mode"].append(np.array([code.get(m, -1) for m in t.column("mode").to_pylist()], dtype=np.int16))
+        t = store.read_table(rel, columns=columns)
+        mode_code = pc.fill_null(pc.index_in(t.column("mode"), value_set=known), -1)
+        parts["mode"].append(mode_code.to_numpy(zero_copy_only=False).astype(np.int16))
         for c in ("score", "history_items", "committed_at"):
             parts[c].append(_column(t, c))
-        kinds = pc.value_counts(pc.utf8_slice_codeunits(pc.fill_null(t.column("status"), ""), 0, 200))
-        for v in kinds.to_pylist():
-            key = v["values"].split(":")[0]
-            statuses[key] = statuses.get(key, 0) + v["counts"]
+        if counted is None:
+            kinds = pc.value_counts(pc.utf8_slice_codeunits(pc.fill_null(t.column("status"), ""), 0, 200))
+            for v in kinds.to_pylist():
+                key = v["values"].split(":")[0]
+                statuses[key] = statuses.get(key, 0) + v["counts"]
     gens = {c: (np.concatenate(v) if v else np.empty(0)) for c, v in parts.items()}
     profiles = manifest.get("profiles") or {}
     prof = {"committed_at": [], "prompt_tokens": 0.0, "completion_tokens": 0.0, "engine_seconds": 0.0}

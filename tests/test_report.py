@@ -15,8 +15,10 @@ from stepback_ray.report import FIGURES, _intervals, _load, build_report
 from stepback_ray.storage import RunStore
 
 
-def _run_folder(tmp_path, rows_per_file: int = 500, files: int = 4):
-    """A finished run as the pipeline leaves it: manifest, metrics, generation and profile files."""
+def _run_folder(tmp_path, rows_per_file: int = 500, files: int = 4, counted: bool = False):
+    """A finished run as the pipeline leaves it: manifest, metrics, generation and profile files. ``counted``:
+    the manifest carries the rows per status (as the pipeline writes it) and the files have no status column, so
+    a report that counted them again would fail."""
     rng = np.random.default_rng(0)
     modes = ["none", "profile+rag"]
     (tmp_path / "generations").mkdir()
@@ -33,10 +35,11 @@ def _run_folder(tmp_path, rows_per_file: int = 500, files: int = 4):
         for m, v in zip(mode, score_col):
             if v is not None:
                 scores[m].append(v)
-        pq.write_table(pa.table({"mode": mode, "score": pa.array(score_col, pa.float64()),
-                                 "history_items": rng.integers(1, 60, n), "status": status,
-                                 "committed_at": 1000.0 + f + np.arange(n) / n}),
-                       tmp_path / "generations" / f"chunk-{f:05d}.parquet")
+        cols = {"mode": mode, "score": pa.array(score_col, pa.float64()), "history_items": rng.integers(1, 60, n),
+                "status": status, "committed_at": 1000.0 + f + np.arange(n) / n}
+        if counted:
+            del cols["status"]
+        pq.write_table(pa.table(cols), tmp_path / "generations" / f"chunk-{f:05d}.parquet")
         pq.write_table(pa.table({"committed_at": [900.0 + f], "prompt_tokens": [100], "completion_tokens": [10],
                                  "engine_seconds": [0.5]}), tmp_path / "profiles" / f"chunk-{f:05d}.parquet")
     total = files * rows_per_file
@@ -47,14 +50,19 @@ def _run_folder(tmp_path, rows_per_file: int = 500, files: int = 4):
     manifest = {"run_id": "r", "output": str(tmp_path), "counts": {"generation_rows": total,
                                                                     "expected_generation_rows": total},
                 "profiles": {"uri": str(tmp_path), "folder": "profiles"}, "timings": {"total_s": 3.0}}
+    if counted:
+        manifest["counts"]["generation_rows_by_status"] = {"ok": total - 2 * files, "error": files,
+                                                           "truncated": files}
     (tmp_path / "metrics.json").write_text(json.dumps(metrics))
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     return scores, total
 
 
-def test_report_counts_statuses_and_intervals_from_the_committed_files(tmp_path):
-    scores, total = _run_folder(tmp_path)
+@pytest.mark.parametrize("counted", [False, True], ids=["counted-here", "counted-by-pipeline"])
+def test_report_counts_statuses_and_intervals_from_the_committed_files(tmp_path, counted):
+    scores, total = _run_folder(tmp_path, counted=counted)
     data = _load(RunStore(str(tmp_path), StorageConfig()))
+    assert set(np.unique(data["gens"]["mode"])) == {0, 1}
     assert data["statuses"] == {"ok": total - 8, "error": 4, "truncated": 4}
     assert len(data["gens"]["score"]) == total and data["profiles"]["prompt_tokens"] == 400
     intervals = _intervals(data)
