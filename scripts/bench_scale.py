@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -127,13 +128,33 @@ def du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+@dataclass(frozen=True)
+class SizeFiles:
+    """Where the run of one size keeps its outputs and its bookkeeping under the benchmark root."""
+    root: Path
+    users: int
+
+    @property
+    def out(self) -> Path:
+        return self.root / f"run-{self.users}"
+
+    @property
+    def log(self) -> Path:
+        """Time and peaks of every invocation so far (saved while running)."""
+        return self.root / f"run-{self.users}.invocations.json"
+
+    @property
+    def result(self) -> Path:
+        """The size's result, written once it ran to the end."""
+        return self.root / f"run-{self.users}.result.json"
+
+
 def run_size(n: int, root: Path, shards: int, modes: list[str], extra: list[str]) -> dict:
     """One size, run to the end. A run that an earlier invocation started and did not finish (killed) is resumed:
     the pipeline skips the chunks it committed, and the time and peaks of every invocation are added up."""
     data = dataset(n, root)
-    out = root / f"run-{n}"
-    log = root / f"run-{n}.invocations.json"
-    done = root / f"run-{n}.result.json"
+    files = SizeFiles(root, n)
+    out, log, done = files.out, files.log, files.result
     if done.exists() and (out / "manifest.json").exists():
         return json.loads(done.read_text())  # measured to the end before: not run again
     if not (out / "_run_spec.json").exists():
@@ -167,10 +188,10 @@ def run_size(n: int, root: Path, shards: int, modes: list[str], extra: list[str]
 def progress(n: int, root: Path, shards: int) -> dict | None:
     """Where a size stands without running anything: its result if it finished, else what its invocations so far
     have done (time, peaks, committed chunks per pass); None if it never started."""
-    done = root / f"run-{n}.result.json"
-    if done.exists():
-        return json.loads(done.read_text())
-    out, runs = root / f"run-{n}", load_log(root / f"run-{n}.invocations.json")
+    files = SizeFiles(root, n)
+    if files.result.exists():
+        return json.loads(files.result.read_text())
+    out, runs = files.out, load_log(files.log)
     if not runs:
         return None
     return {"users": n, "shards": shards, "finished": False, "invocations": len(runs),
