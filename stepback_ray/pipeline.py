@@ -146,6 +146,7 @@ class ProfilePlanStage:
             plan = profiling.plan_profile(u.user_id, [it for it in u.history if it["id"] not in old], self.task,
                                           self.job.profile, self.tools)
             plan.base_profile = json.loads(prev["profile_json"])
+            plan.base_item_ids = list(prev["item_ids"] or [])
             plan.items_total = len(u.history)
             return plan, "incremental"
         plan = profiling.plan_profile(u.user_id, u.history, self.task, self.job.profile, self.tools)
@@ -161,8 +162,11 @@ class ProfilePlanStage:
                 row = {"chunk_id": chunk["chunk_id"], "chunk_rows": len(users), "user_id": u.user_id,
                        "fingerprint": fp, "history_ids": [it["id"] for it in u.history], "notes": []}
                 prev = previous.get(u.user_id)
-                # unchanged: carry over, except in a full rebuild a profile that came from incremental updates
-                if prev is not None and prev["fingerprint"] == fp and (not self.at.full or prev.get("exact", True)):
+                # unchanged: carry over, except in a full rebuild a profile that came from incremental updates, and
+                # never a profile the engine failed on (the next run retries it)
+                failed = prev is not None and (prev.get("status") or "").startswith("error")
+                if (prev is not None and not failed and prev["fingerprint"] == fp
+                        and (not self.at.full or prev.get("exact", True))):
                     rows.append({**row, "origin": "carried", "carried_json": json.dumps(prev, default=str)})
                     continue
                 plan, origin = self._plan(u, prev)
@@ -193,14 +197,19 @@ class ProfileEngineStage:
                 "engine_seconds": 0.0} for r in carried]
         for r, plan, res in zip(todo, plans, self.distiller.run(plans)):
             notes = list(r["notes"])
+            # the items the profile stands on: the selected ones, and for an incremental update also the items
+            # its base profile was built from
+            item_ids = [s.item_id for p in plan.parts for s in p]
+            if plan.base_profile is not None:
+                item_ids = sorted(set(item_ids) | set(plan.base_item_ids))
             if not plan.parts:
                 notes.append("profile skipped: empty history")
             out.append({
                 **r, "task": self.task.name, "status": res.status,
                 "profile_json": json.dumps(res.profile) if res.profile is not None else None,
                 "profile_text": profiling.render_profile(res.profile, schema) if res.profile else "",
-                "items_total": plan.items_total, "items_used": plan.items_used, "items_dropped": plan.items_dropped,
-                "parts": len(plan.parts), "item_ids": [s.item_id for p in plan.parts for s in p],
+                "items_total": plan.items_total, "items_used": len(item_ids), "items_dropped": plan.items_dropped,
+                "parts": len(plan.parts), "item_ids": item_ids,
                 "partials_json": json.dumps(res.partials) if len(res.partials) > 1 else None,
                 "style_notes_json": json.dumps(res.notes) if res.notes else None,
                 "prompt": res.prompt, "raw_output": res.raw_output, "llm_calls": res.llm_calls,
@@ -209,9 +218,6 @@ class ProfileEngineStage:
                 "prompt_version": profiling.PROMPT_VERSION, "notes": notes, "run_id": self.job.run_id,
                 "exact": plan.base_profile is None,
             })
-            if plan.base_profile is not None:
-                out[-1]["item_ids"] = sorted(set(out[-1]["item_ids"]) | set(json.loads(r["carried_json"] or "{}")
-                                                                          .get("item_ids") or []))
         return _table(out, _with_chunk_rows(PROFILE_SCHEMA))
 
 
@@ -684,21 +690,28 @@ def prepare_work(job: JobSpec, needs_profiles: bool) -> Work | None:
         return None
     shards = num_shards(job, None)
     counts = stage_dataset(job, shards)
+    if counts["rows_staged"] == 0:  # e.g. an upstream schema change: nothing to profile, not an empty success
+        raise StepbackError(f"{job.input.path}: no valid records ({counts['rows_quarantined']} quarantined; the "
+                            f"reason for each is in {job.output_uri}/quarantine/)")
     chunks = staged_chunks(job)
     return Work(shards, chunks, chunks, counts, None)
 
 
-def profiles_target(job: JobSpec, shards: int) -> tuple[ProfilesAt, StoreVersion | None]:
+def profiles_target(job: JobSpec, shards: int, resuming: bool = False) -> tuple[ProfilesAt, StoreVersion | None]:
     if job.profile_store.uri:
-        sv = open_version(job, shards)
+        sv = open_version(job, shards, resuming)
         return ProfilesAt(job.profile_store.uri, sv.profiles_dir, sv.previous_profiles_dir, sv.full), sv
     return ProfilesAt(job.output_uri, "profiles"), None
 
 
-def run_profile_pass(job: JobSpec, work: Work) -> tuple[ProfilesAt, dict[str, Any]]:
-    """Profile every user (carrying unchanged ones over from the store); commit the store version."""
+def run_profile_pass(job: JobSpec, work: Work, resuming: bool = False) -> tuple[ProfilesAt, dict[str, Any]]:
+    """Profile every user (carrying unchanged ones over from the store); commit the store version. A rerun
+    whose version is already committed gets that version's stats back and redoes nothing."""
     t0 = time.time()
-    at, sv = profiles_target(job, work.shards)
+    at, sv = profiles_target(job, work.shards, resuming)
+    if sv is not None and sv.committed is not None:
+        stats = {k: v for k, v in sv.committed.items() if k not in ("run_id", "config", "files")}
+        return at, {**stats, "chunks_committed_this_run": 0, "wall_s": round(time.time() - t0, 3)}
     summaries = _run_pass(job, "profile", _pending(at.uri, at.folder, job, work.profile_chunks), at)
     if any(prompting.uses_plug(m) for m in job.modes):  # item embeddings belong to the same store version
         _run_pass(job, "embed", _pending(at.uri, at.embeddings, job, work.profile_chunks), at)
@@ -736,6 +749,9 @@ def run_job(job: JobSpec) -> RunResult:
     t_start = time.time()
     store = RunStore(job.output_uri, job.storage)
     store.ensure_writable()
+    if job.input.format != "lamp" and job.input.layout == "item":
+        raise StepbackError("input.layout 'item' holds histories only, no queries to generate for: profile it with "
+                            "`stepback profile`, or give one row per user with its queries (layout: user)")
     needs_profiles = any(prompting.mode_uses(m)[0] for m in job.modes)
     PromptFormatter(job.engine)  # fail here, before any cluster work, if the model or its tokenizer is unusable
     work = prepare_work(job, needs_profiles)
@@ -743,7 +759,7 @@ def run_job(job: JobSpec) -> RunResult:
     with ray_session(job):
         work = work or prepare_work(job, needs_profiles)
         timings: dict[str, float] = {"read_and_ray_start_s": round(time.time() - t_start, 3)}
-        at, profile_stats = run_profile_pass(job, work) if needs_profiles else (None, None)
+        at, profile_stats = run_profile_pass(job, work, resumed) if needs_profiles else (None, None)
         timings["profile_pass_s"] = profile_stats["wall_s"] if profile_stats else 0.0
         if any(prompting.uses_plug(m) for m in job.modes) and at is None:  # pplug without profile modes
             t0 = time.time()
@@ -756,6 +772,9 @@ def run_job(job: JobSpec) -> RunResult:
         timings["generation_pass_s"] = round(time.time() - t0, 3)
 
     result_metrics, gen_counts = summarize(job, store)
+    if gen_counts["generation_rows"] == 0:
+        raise StepbackError(f"{job.input.path or job.input.questions}: no queries to generate for (a dataset with "
+                            "layout: user needs a `queries` list in its rows)")
     if profile_stats:
         result_metrics["profiles"] = profile_stats
     store.write_json("metrics.json", result_metrics)
@@ -798,7 +817,7 @@ def run_profile_job(job: JobSpec) -> RunResult:
     resumed = _check_resume(store, job)
     with ray_session(job):
         work = work or prepare_work(job, needs_profiles=True)
-        at, stats = run_profile_pass(job, work)
+        at, stats = run_profile_pass(job, work, resumed)
     manifest = {"run_id": job.run_id, "name": job.name, "output": job.output_uri, "resumed": resumed,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t_start)),
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "config": job.public_dict(),

@@ -38,6 +38,9 @@ class StoreVersion:
     """Rebuild every profile (first run, or the periodic full rebuild)."""
     runs_since_full: int
     previous_users: int
+    committed: dict[str, Any] | None = None
+    """The version's manifest when this run already committed it (a rerun after a later stage failed): the
+    profile pass is done and is not run or committed again."""
 
     @property
     def profiles_dir(self) -> str:
@@ -48,8 +51,11 @@ class StoreVersion:
         return f"{self.previous}/profiles" if self.previous else None
 
 
-def open_version(job: JobSpec, shards: int) -> StoreVersion:
-    """Start (or resume) this run's version of the job's profile store."""
+def open_version(job: JobSpec, shards: int, resuming: bool = False) -> StoreVersion:
+    """Start (or resume) this run's version of the job's profile store. ``resuming``: the run's own output says
+    this is a rerun of the same job (same spec); then a version this run already committed is reused as it is
+    (its generation pass, say, failed after the profiles were committed). Any other job that names the store's
+    current run id is refused."""
     cfg = job.profile_store
     assert cfg.uri is not None
     root = RunStore(cfg.uri, job.storage)
@@ -60,6 +66,10 @@ def open_version(job: JobSpec, shards: int) -> StoreVersion:
     if existing:  # resuming: keep the version folder the interrupted run started
         version = existing[0]
     if current is not None and current["version"] == version:
+        if resuming and root.exists(f"{version}/manifest.json"):
+            manifest = root.read_json(f"{version}/manifest.json")
+            return StoreVersion(root, version, manifest.get("previous"), current["full_rebuild"],
+                                current["runs_since_full"], 0, committed=manifest)
         raise StepbackError(f"{cfg.uri}: run {job.run_id} is already the store's current version; use a new run_id")
     if current is not None and current["num_shards"] != shards:
         raise StepbackError(f"{cfg.uri}: the store has {current['num_shards']} shards but the job has {shards}; "

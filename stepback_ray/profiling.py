@@ -55,6 +55,8 @@ class ProfilePlan:
     items_dropped: int = 0
     base_profile: dict[str, Any] | None = None
     """Incremental update: the user's previous profile, merged with the profiles of the (new) parts."""
+    base_item_ids: list[str] = field(default_factory=list)
+    """Incremental update: the items the previous profile was built from."""
 
     @property
     def items_used(self) -> int:
@@ -62,12 +64,13 @@ class ProfilePlan:
 
     def to_dict(self) -> dict[str, Any]:
         return {"user_id": self.user_id, "items_total": self.items_total, "items_dropped": self.items_dropped,
-                "parts": [[vars(s) for s in part] for part in self.parts], "base_profile": self.base_profile}
+                "parts": [[vars(s) for s in part] for part in self.parts], "base_profile": self.base_profile,
+                "base_item_ids": self.base_item_ids}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ProfilePlan":
         return cls(d["user_id"], [[SelectedItem(**s) for s in part] for part in d["parts"]], d["items_total"],
-                   d["items_dropped"], d.get("base_profile"))
+                   d["items_dropped"], d.get("base_profile"), list(d.get("base_item_ids") or []))
 
 
 def _date_key(item: dict[str, str]) -> float:

@@ -12,6 +12,8 @@ paraphrase), PSW_title and PSW_abstract (multi-author scientific writing).
 
 from __future__ import annotations
 
+import math
+
 import re
 from dataclasses import dataclass
 from typing import Callable, Literal
@@ -221,6 +223,18 @@ class TaskSpec:
     """What the output is called in merge prompts ("title", "abstract", ...)."""
     compose_plain: Callable[[list[str], str], str] | None = None
     """Official LaMP composition of inline patterns and input (default: joined patterns, tail, input)."""
+
+    def gold_problem(self, gold: str) -> str | None:
+        """Why ``gold`` cannot be scored for this task (None: it can). Checked when the input is read, so a bad
+        gold fails (LaMP files) or is quarantined (datasets) before any engine work, not at scoring."""
+        if self.metric == "mae_rmse":
+            try:
+                value = float(gold)
+            except ValueError:
+                return f"not a number: {gold[:40]!r} (task {self.name} scores ratings)"
+            if not math.isfinite(value):
+                return f"not a finite number: {gold!r}"
+        return None
 
     def plain(self, patterns: list[str], text: str) -> str:
         """The official LaMP inline prompt for a base model: the user's items as patterns, then the input."""

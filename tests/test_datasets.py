@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from stepback_ray.config import load_job
+from stepback_ray.errors import StepbackError
 from stepback_ray.pipeline import run_job, run_profile_job
 
 from .conftest import lamp5_users, write_items_parquet
@@ -70,6 +71,20 @@ def test_a_staging_killed_part_way_is_redone_not_appended_to(ray_local, tmp_path
     assert len(gens) == 4 * len(job.modes) and gens.groupby(["query_id", "mode"]).size().eq(1).all()
 
 
+def test_input_with_no_valid_record_or_no_query_fails_instead_of_an_empty_success(ray_local, tmp_path):
+    bad = [{"user_id": "../x", "history": [], "queries": []}, {"user_id": "", "history": [], "queries": []}]
+    pq.write_table(pa.Table.from_pylist(bad), tmp_path / "bad.parquet")
+    with pytest.raises(StepbackError, match="no valid records .2 quarantined"):
+        run_job(_job(tmp_path, "parquet", tmp_path / "bad.parquet", "user"))
+    assert len(pd.read_parquet(tmp_path / "out" / "quarantine")) == 2  # the reasons are kept
+    users = [{**u, "queries": []} for u in lamp5_users(3)]
+    pq.write_table(pa.Table.from_pylist(users), tmp_path / "noq.parquet")
+    with pytest.raises(StepbackError, match="no queries to generate for"):
+        run_job(_job(tmp_path / "noq", "parquet", tmp_path / "noq.parquet", "user", ["modes=[none]"]))
+    with pytest.raises(StepbackError, match="stepback profile"):  # refused before any work
+        run_job(_job(tmp_path, "parquet", tmp_path / "noq.parquet", "item"))
+
+
 @pytest.mark.slow  # JSON Lines run by default in test_faults
 def test_jsonl_item_layout_groups_items_and_quarantines_bad_lines(ray_local, tmp_path):
     users = lamp5_users(6)
@@ -100,3 +115,35 @@ def test_item_layout_parquet_profiles_every_user(ray_local, tmp_path):
     result = run_profile_job(_job(tmp_path, "parquet", tmp_path / "hist", "item"))
     assert result.metrics["profiles"]["users"] == 8
     assert result.metrics["profiles"]["origins"]["new"] == 8
+
+
+def test_a_user_in_two_rows_is_merged_items_without_ids_keep_their_identity(tmp_path):
+    """Items without an id get one from their content (the same in every row and night, none shared by two
+    different items); a user exported in two rows is one user with the queries asked once."""
+    from stepback_ray.data.datasets import check_record, load_staged
+    from stepback_ray.tasks import get_task
+
+    task = get_task("LaMP_5")
+    a, b = {"title": "A", "abstract": "first"}, {"title": "B", "abstract": "second"}
+    q = [{"query_id": "q1", "input": "Generate a title for: x", "gold": "X"}]
+    row1 = check_record({"user_id": "u", "history": [a], "queries": q}, task, "user")
+    row2 = check_record({"user_id": "u", "history": [b, a], "queries": q}, task, "user")
+    assert row1["history"][0]["id"] == row2["history"][1]["id"] != row2["history"][0]["id"]
+    shard = tmp_path / "out" / "_staged" / "shard=0"
+    shard.mkdir(parents=True)
+    for k, rec in enumerate([row1, row2]):
+        pq.write_table(pa.Table.from_pylist([{"user_id": "u", "record": json.dumps(rec)}]), shard / f"p{k}.parquet")
+    users, queries = load_staged(_job(tmp_path, "parquet", tmp_path / "in", "user"), "_staged/shard=0")
+    assert [len(u.history) for u in users] == [2] and [x.query_id for x in queries] == ["q1"]
+
+
+def test_a_rating_gold_that_is_not_a_number_is_quarantined_not_scored():
+    from stepback_ray.data.datasets import BadRecord, check_record
+    from stepback_ray.tasks import get_task
+
+    rec = {"user_id": "u", "history": [{"text": "great", "score": "5"}],
+           "queries": [{"query_id": "q", "input": "Rate: fine", "gold": "N/A"}]}
+    with pytest.raises(BadRecord, match=r"queries\[0\].gold: not a number"):
+        check_record(rec, get_task("LaMP_3"), "user")
+    rec["queries"][0]["gold"] = 4  # a number is a number, text or not
+    assert check_record(rec, get_task("LaMP_3"), "user")["queries"][0]["gold"] == "4"

@@ -101,6 +101,15 @@ def test_gold_for_another_task():
         read_lamp(str(FIXTURES / "LaMP_5_questions.json"), str(FIXTURES / "LaMP_4_outputs.json"), TASKS["LaMP_5"])
 
 
+def test_a_rating_gold_that_is_not_a_number_fails_at_read_time(tmp_path):
+    qs = json.loads((FIXTURES / "LaMP_3_questions.json").read_text())
+    golds = {q["id"]: "4" for q in qs}
+    golds[qs[-1]["id"]] = "N/A"
+    q, o = write_lamp(tmp_path, "r", qs, "LaMP_3", golds)
+    with pytest.raises(InputError, match=rf"record '{qs[-1]['id']}': field 'output': not a number: 'N/A'"):
+        read_lamp(q, o, TASKS["LaMP_3"])
+
+
 def test_history_item_missing_a_field_the_task_needs(tmp_path):
     qs = [{"id": "7", "input": "x", "profile": [{"id": "70", "title": "only a title"}]}]
     q, _ = write_lamp(tmp_path, "m", qs, "LaMP_5", None)

@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 
 from stepback_ray.config import load_job
-from stepback_ray.pipeline import run_profile_job
+from stepback_ray.pipeline import run_job, run_profile_job
 
-from .conftest import lamp5_users, write_items_parquet
+from .conftest import SAMPLE, lamp5_users, write_items_parquet
 
 
 def _job(tmp_path, run_id, extra=(), engine=("engine.kind=dry-run",)):
@@ -53,6 +53,10 @@ def test_nightly_run_recomputes_exactly_the_changed_users(ray_local, tmp_path):
     assert set(v2[v2["origin"] == "incremental"]["user_id"]) == changed
     assert all(f"{uid}-new" in ids for uid, ids in zip(v2["user_id"], v2["history_ids"]) if uid in changed)
     v1 = pd.read_parquet(store / first["version"] / "profiles").set_index("user_id")
+    # an incremental profile stands on the new items and on the items its base profile was built from
+    for uid, ids, used in zip(v2["user_id"], v2["item_ids"], v2["items_used"]):
+        if uid in changed:
+            assert f"{uid}-new" in ids and set(v1.loc[uid, "item_ids"]) < set(ids) and used == len(ids)
     carried = v2[v2["origin"] == "carried"].set_index("user_id")
     assert (carried["profile_json"] == v1.loc[carried.index, "profile_json"]).all()  # row for row
 
@@ -70,8 +74,12 @@ def test_full_rebuild_every_n_runs_recomputes_incremental_profiles(ray_local, tm
     # the full rebuild recomputes the 10 profiles that came from incremental updates; exact ones stay carried
     assert fourth["full_rebuild"] is True
     assert fourth["origins"] == {"new": 0, "recomputed": 10, "incremental": 0, "carried": 190}
+    # the same job again (its output says it is a rerun): the committed version is reused, nothing is redone;
+    # another job that names the store's current run id is refused
+    again = run_profile_job(_job(tmp_path, "night4")).metrics["profiles"]
+    assert again["chunks_committed_this_run"] == 0 and again["origins"] == fourth["origins"]
     with pytest.raises(Exception, match="already the store's current version"):
-        run_profile_job(_job(tmp_path, "night4"))
+        run_profile_job(_job(tmp_path, "night4", [f"output={tmp_path / 'another'}"]))
 
 
 @pytest.mark.slow
@@ -110,3 +118,37 @@ def test_nightly_wall_time_with_the_real_model(ray_local, tmp_path):
     assert stats["origins"]["incremental"] == 10 and stats["origins"]["carried"] == 190
     print(json.dumps({"full_s": round(full, 1), "nightly_s": round(nightly, 1), "ratio": round(nightly / full, 3)}))
     assert nightly < full / 3
+
+
+def test_a_run_that_failed_after_committing_its_profiles_resumes(ray_local, tmp_path):
+    """A ``run`` with a profile store commits the store version before generating; if generation then fails
+    (here: its manifest and one generation chunk are gone, as after a crash), the same command resumes it: the
+    committed profiles are reused as they are, only the missing chunk is generated."""
+    job = load_job(None, ["engine.kind=dry-run"], data={
+        "name": "resume", "task": "LaMP_5", "modes": ["profile"], "run_id": "r1",
+        "input": {"questions": f"{SAMPLE}_questions.json", "outputs": f"{SAMPLE}_outputs.json"},
+        "output": str(tmp_path / "out"), "profile_store": {"uri": str(tmp_path / "store")},
+        "ray": {"num_shards": 4, "progress_bars": False}})
+    first = run_job(job)
+    gens = sorted((tmp_path / "out" / "generations").glob("chunk-*.parquet"))
+    gens[0].unlink()
+    (tmp_path / "out" / "manifest.json").unlink()
+    again = run_job(job)
+    assert again.manifest["resumed"] and again.manifest["chunks_committed_this_run"] == {"profiles": 0,
+                                                                                         "generations": 1}
+    assert again.metrics["profiles"]["version"] == first.metrics["profiles"]["version"]
+    same = ("queries", "rouge-1", "rouge-L", "statuses")
+    assert {k: again.metrics["modes"]["profile"][k] for k in same} == {
+        k: first.metrics["modes"]["profile"][k] for k in same}
+
+
+def test_a_profile_the_engine_failed_on_is_retried_the_next_night(ray_local, tmp_path):
+    """Same history, same settings, but last night's engine failed on this user: not carried over."""
+    users = lamp5_users(6)
+    users[0]["history"][0]["title"] += " ZZFAILZZ"
+    write_items_parquet(tmp_path / "hist" / "part-0.parquet", users)
+    first = run_profile_job(_job(tmp_path, "n1", ["engine.dry_run_fail_marker=ZZFAILZZ"])).metrics["profiles"]
+    assert first["statuses"].get("error") == 1
+    second = run_profile_job(_job(tmp_path, "n2")).metrics["profiles"]
+    assert second["origins"] == {"new": 0, "recomputed": 1, "incremental": 0, "carried": 5}
+    assert "error" not in second["statuses"]

@@ -57,7 +57,13 @@ def check_user_id(value: Any) -> str:
     return uid
 
 
-def check_item(item: Any, task: TaskSpec, where: str, fallback_id: str) -> dict[str, str]:
+def _content_id(uid: str, item: dict[str, Any]) -> str:
+    """The id of an item that has none: from its content, so the same item gets the same id in every row, file
+    and night it appears in (a position would shift when items are added, and collide across rows)."""
+    return f"{uid}#" + hashlib.sha1(json.dumps(item, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def check_item(item: Any, task: TaskSpec, where: str, uid: str) -> dict[str, str]:
     if not isinstance(item, dict):
         raise BadRecord(f"{where}: expected an object, got {type(item).__name__}")
     out: dict[str, str] = {}
@@ -71,7 +77,8 @@ def check_item(item: Any, task: TaskSpec, where: str, fallback_id: str) -> dict[
     for need in task.item_fields:
         if need not in out:
             raise BadRecord(f"{where}.{need}: missing (task {task.name} needs {', '.join(task.item_fields)})")
-    out.setdefault("id", fallback_id)
+    if "id" not in out:
+        out["id"] = _content_id(uid, out)
     return out
 
 
@@ -82,14 +89,13 @@ def check_record(rec: Any, task: TaskSpec, layout: str) -> dict[str, Any]:
     uid = check_user_id(rec.get("user_id"))
     if layout == "item":
         item = {k: v for k, v in rec.items() if k != "user_id"}
-        key = hashlib.sha1(json.dumps(item, sort_keys=True, default=str).encode()).hexdigest()[:12]
-        return {"user_id": uid, "item": check_item(item, task, "item", f"{uid}#{key}")}
+        return {"user_id": uid, "item": check_item(item, task, "item", uid)}
     history = rec.get("history", [])
     if history is None:
         history = []
     if not isinstance(history, list):
         raise BadRecord(f"history: expected a list, got {type(history).__name__}")
-    items = [check_item(it, task, f"history[{i}]", f"{uid}#{i}") for i, it in enumerate(history)]
+    items = [check_item(it, task, f"history[{i}]", uid) for i, it in enumerate(history)]
     queries = []
     for i, q in enumerate(rec.get("queries") or []):
         if not isinstance(q, dict):
@@ -97,7 +103,11 @@ def check_record(rec: Any, task: TaskSpec, layout: str) -> dict[str, Any]:
         qid = _text(q.get("query_id"), f"queries[{i}].query_id")
         text = _text(q.get("input"), f"queries[{i}].input")
         gold = q.get("gold")
-        queries.append({"query_id": qid, "input": text, "gold": None if gold is None else _text(gold, "gold")})
+        gold = None if gold is None else _text(gold, f"queries[{i}].gold")
+        problem = None if gold is None else task.gold_problem(gold)
+        if problem:
+            raise BadRecord(f"queries[{i}].gold: {problem}")
+        queries.append({"query_id": qid, "input": text, "gold": gold})
     return {"user_id": uid, "history": items, "queries": queries}
 
 
@@ -205,11 +215,14 @@ def staged_chunks(job: JobSpec) -> list[dict[str, Any]]:
 
 
 def load_staged(job: JobSpec, source: str) -> tuple[list[UserHistory], list[Query]]:
-    """The users (histories grouped by user, items de-duplicated by id) and queries of one staged shard."""
+    """The users (histories grouped by user, items de-duplicated by id) and queries of one staged shard. A user
+    may come in several rows (or files): the histories are merged and a query id seen before is not asked
+    twice (all rows of a user land in the same shard)."""
     store = RunStore(job.output_uri, job.storage)
     users: dict[str, UserHistory] = {}
     seen: dict[str, set[str]] = {}
     queries: list[Query] = []
+    asked: set[str] = set()
     task = get_task(job.task)
     for rel in store.list(source, ".parquet"):
         for row in store.read_table(rel, columns=["user_id", "record"]).to_pylist():
@@ -222,6 +235,9 @@ def load_staged(job: JobSpec, source: str) -> tuple[list[UserHistory], list[Quer
                     ids.add(it["id"])
                     u.history.append(it)
             for q in rec.get("queries", []):
+                if q["query_id"] in asked:
+                    continue
+                asked.add(q["query_id"])
                 queries.append(Query(q["query_id"], task.name, q["input"], [uid], [], q["gold"]))
     ordered = sorted(users.values(), key=lambda u: u.user_id)
     for q in queries:  # a query sees its user's whole history

@@ -146,6 +146,9 @@ def attach_golds(uri: str, data: Any, task: TaskSpec, queries: list[Query]) -> N
         out = _as_text(g.get("output"))
         if out is None:
             raise InputError(uri, "missing or not text", record=repr(gid), field="output")
+        problem = task.gold_problem(out)
+        if problem:
+            raise InputError(uri, problem, record=repr(gid), field="output")
         golds[gid] = out
     for q in queries:
         if q.query_id not in golds:
