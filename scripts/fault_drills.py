@@ -277,6 +277,17 @@ def drill_s3_faults(root: Path, fault_rate: float = 0.1) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ engine error
+def _metrics_match_predictions(out: Path, run_metrics: dict[str, Any], job) -> bool:
+    from stepback_ray.scoring import score_files
+
+    golds = f"{SAMPLE}_outputs.json"
+    for mode, m in run_metrics["modes"].items():
+        scored = score_files(str(out / "predictions" / f"{mode}.json"), golds, job.task)
+        if any(abs(scored[k] - m[k]) > 1e-9 for k in scored) or m["scored"] != m["queries"]:
+            return False
+    return True
+
+
 def drill_engine_error(root: Path) -> dict[str, Any]:
     """The engine fails on every prompt that holds one query's input: those rows are flagged, the rest kept."""
     from stepback_ray.pipeline import run_job
@@ -286,7 +297,7 @@ def drill_engine_error(root: Path) -> dict[str, Any]:
     marker = victim["input"][:60]
     job = demo_job(root / "engine-error", f"engine.dry_run_fail_marker={json.dumps(marker)}")
     t0 = time.time()
-    run_job(job)
+    result = run_job(job)
     gens = pd.read_parquet(root / "engine-error" / "generations")
     failed = gens[gens["status"].str.startswith("error")]
     holds_marker = gens[gens["prompt"].fillna("").str.contains(marker, regex=False)]
@@ -294,8 +305,11 @@ def drill_engine_error(root: Path) -> dict[str, Any]:
          "fault": "the engine raises on every prompt that holds one query's input (its own rows, and a co-author's "
                   "whose retrieved history holds the same paper), inside batched calls",
          **reconcile(gens, {q["id"] for q in questions}, job.modes), "wall_s": round(time.time() - t0, 1),
-         "failed_rows_are_the_victims": bool(set(failed.index) == set(holds_marker.index))}
-    r["passed"] = bool(_passed(r) and r["failed_rows_are_the_victims"] and len(failed) >= len(job.modes)
+         "failed_rows_are_the_victims": bool(set(failed.index) == set(holds_marker.index)),
+         # failed rows count as empty answers: the run's metrics are what `stepback score` gives its predictions
+         "metrics_match_predictions": _metrics_match_predictions(root / "engine-error", result.metrics, job)}
+    r["passed"] = bool(_passed(r) and r["failed_rows_are_the_victims"] and r["metrics_match_predictions"]
+                       and len(failed) >= len(job.modes)
                        and (failed["query_id"] == victim["id"]).sum() == len(job.modes))
     return r
 

@@ -140,9 +140,13 @@ class ProfilePlanStage:
 
     def _plan(self, u: UserHistory, prev: dict[str, Any] | None) -> tuple[profiling.ProfilePlan, str]:
         ids = [it["id"] for it in u.history]
+        old = set(prev["history_ids"] or []) if prev is not None else set()
+        # an incremental update builds on the old profile only if it came from these very items with this model,
+        # prompt version and settings (its fingerprint matches them): otherwise the user is profiled afresh
         if (prev is not None and not self.at.full and self.job.profile_store.incremental and prev["profile_json"]
-                and set(prev["history_ids"] or []) < set(ids)):
-            old = set(prev["history_ids"])
+                and old < set(ids) and prev["fingerprint"] == profiling.fingerprint(
+                    [it for it in u.history if it["id"] in old], self.job.engine.model, self.job.profile,
+                    self.task.name)):
             plan = profiling.plan_profile(u.user_id, [it for it in u.history if it["id"] not in old], self.task,
                                           self.job.profile, self.tools)
             plan.base_profile = json.loads(prev["profile_json"])
@@ -470,7 +474,10 @@ def score_and_commit_generations(batch: pa.Table, job: JobSpec) -> pa.Table:
     rows = batch.to_pylist()
     for r in rows:
         if r["engine_error"]:
+            # scored as an empty answer, as the official evaluation scores a question without a prediction
             r.update(output=None, status=f"error: {r['engine_error']}")
+            if r["gold"] is not None:
+                r.update(metrics.score_row(task, None, r["gold"]))
             continue
         out = task.parse(r["raw_output"] or "")
         status = "truncated" if r["truncated"] else "ok"
@@ -619,7 +626,7 @@ def summarize(job: JobSpec, store: RunStore) -> tuple[dict[str, Any], dict[str, 
             t["engine_seconds"] += r["engine_seconds"]
             key = r["status"].split(":")[0]
             t["statuses"][key] = t["statuses"].get(key, 0) + 1
-            if r["gold"] is not None and key != "error":
+            if r["gold"] is not None:  # failed rows too (an empty answer): the metric predictions/ reproduces
                 t["scored"] += 1
                 acc[m].add(r["output"], r["gold"], r["rouge1"], r["rougeL"], r["abs_error"])
             sep = b"" if first[m] else b", "

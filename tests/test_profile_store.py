@@ -152,3 +152,15 @@ def test_a_profile_the_engine_failed_on_is_retried_the_next_night(ray_local, tmp
     second = run_profile_job(_job(tmp_path, "n2")).metrics["profiles"]
     assert second["origins"] == {"new": 0, "recomputed": 1, "incremental": 0, "carried": 5}
     assert "error" not in second["statuses"]
+
+
+def test_a_grown_history_is_not_built_on_a_profile_made_with_other_settings(ray_local, tmp_path):
+    users = lamp5_users(6)
+    write_items_parquet(tmp_path / "hist" / "part-0.parquet", users)
+    run_profile_job(_job(tmp_path, "s1", ["profile.max_new_tokens=60"]))
+    write_items_parquet(tmp_path / "hist" / "part-0.parquet", _grow(users, 2))
+    same = run_profile_job(_job(tmp_path, "s2", ["profile.max_new_tokens=60"])).metrics["profiles"]["origins"]
+    assert same == {"new": 0, "recomputed": 0, "incremental": 2, "carried": 4}
+    write_items_parquet(tmp_path / "hist" / "part-0.parquet", _grow(users, 3))  # a third history grew
+    other = run_profile_job(_job(tmp_path, "s3", ["profile.max_new_tokens=50"])).metrics["profiles"]["origins"]
+    assert other == {"new": 0, "recomputed": 6, "incremental": 0, "carried": 0}
