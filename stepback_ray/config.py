@@ -244,6 +244,17 @@ class JobSpec(_Strict):
     ray: RayConfig = Field(default_factory=RayConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
 
+    @field_validator("name", "run_id", mode="before")
+    @classmethod
+    def _identifier_as_text(cls, v: Any) -> Any:
+        """``--set run_id=$(date +%Y%m%d)`` or ``run_id: 2026-11-22`` in YAML reads as a number or a date: an
+        identifier is text, so take it as written."""
+        if isinstance(v, (_dt.date, _dt.datetime)):
+            return v.isoformat()
+        if isinstance(v, int) and not isinstance(v, bool):
+            return str(v)
+        return v
+
     @field_validator("task")
     @classmethod
     def _known_task(cls, v: str) -> str:
@@ -270,6 +281,15 @@ class JobSpec(_Strict):
     def _fill_run_id(self) -> "JobSpec":
         if self.run_id is None:
             self.run_id = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        return self
+
+    @model_validator(mode="after")
+    def _output_placeholders(self) -> "JobSpec":
+        try:
+            self.output.format(name="n", run_id="r")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"output {self.output!r}: only {{name}} and {{run_id}} expand ({type(e).__name__}: "
+                             f"{e}); write a literal brace as {{{{ or }}}}") from None
         return self
 
     @property

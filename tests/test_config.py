@@ -29,6 +29,11 @@ def test_overrides(tmp_path):
     assert parse_overrides(["a.b=1", "c=x y", "d="]) == [("a.b", 1), ("c", "x y"), ("d", None)]
 
 
+def test_a_run_id_that_yaml_reads_as_a_number_or_a_date_is_taken_as_written():
+    assert load_job(None, ["run_id=20261123"], data=_minimal()).run_id == "20261123"
+    assert load_job(None, ["run_id=2026-11-23", "name=2026"], data=_minimal()).run_id == "2026-11-23"
+
+
 def _minimal() -> dict:
     return {"name": "t", "task": "LaMP_5", "input": {"questions": "q.json"}}
 
@@ -44,6 +49,7 @@ def _minimal() -> dict:
     ({"input": {"format": "parquet"}}, r"input: format parquet needs input.path"),
     ({"name": "a b"}, r"name: String should match pattern"),
     ({"modes": ["none", "none"]}, r"modes: modes repeat"),
+    ({"output": "s3://b/{date}/{run_id}"}, r"output.*only \{name\} and \{run_id\} expand \(KeyError"),
 ])
 def test_bad_specs_name_the_key(change, message):
     data = {**_minimal(), **change}
