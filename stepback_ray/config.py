@@ -284,6 +284,21 @@ class JobSpec(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _settings_that_would_fail_every_row(self) -> "JobSpec":
+        """Combinations that pass field by field but would fail every generation call late (or be ignored)."""
+        if self.generation.min_new_tokens > self.max_new_tokens:
+            raise ValueError(f"generation.min_new_tokens ({self.generation.min_new_tokens}) is above the generation "
+                             f"length for {self.task} ({self.max_new_tokens}; set generation.max_new_tokens)")
+        if (self.engine.kind == "vllm" and any(m.startswith("pplug") for m in self.modes)
+                and not self.engine.vllm.enable_prompt_embeds):
+            raise ValueError("modes pplug / pplug+profile on the vllm engine need engine.vllm.enable_prompt_embeds: "
+                             "true (the soft token goes in as a prompt embedding)")
+        if self.limit is not None and self.input.format != "lamp":
+            raise ValueError(f"limit applies to LaMP input only; a {self.input.format} dataset is read whole (point "
+                             "input.path at fewer files to run a part)")
+        return self
+
+    @model_validator(mode="after")
     def _output_placeholders(self) -> "JobSpec":
         try:
             self.output.format(name="n", run_id="r")

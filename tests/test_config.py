@@ -49,6 +49,9 @@ def _minimal() -> dict:
     ({"input": {"format": "parquet"}}, r"input: format parquet needs input.path"),
     ({"name": "a b"}, r"name: String should match pattern"),
     ({"modes": ["none", "none"]}, r"modes: modes repeat"),
+    ({"generation": {"min_new_tokens": 40}}, r"generation.min_new_tokens \(40\) is above the generation length"),
+    ({"modes": ["pplug"], "pplug": {"checkpoint": "c"}, "engine": {"kind": "vllm"}}, r"enable_prompt_embeds"),
+    ({"limit": 3, "input": {"format": "parquet", "path": "p"}}, r"limit applies to LaMP input only"),
     ({"output": "s3://b/{date}/{run_id}"}, r"output.*only \{name\} and \{run_id\} expand \(KeyError"),
 ])
 def test_bad_specs_name_the_key(change, message):
