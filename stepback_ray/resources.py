@@ -45,9 +45,10 @@ class EngineResources:
         return args
 
 
-def gpus_per_engine(job: JobSpec) -> int:
+def gpus_per_engine(job: JobSpec) -> float:
+    """GPUs one engine holds: its tensor-parallel bundles, else the actor's own share (0.5: two per GPU)."""
     tp = job.engine.vllm.tensor_parallel_size if job.engine.kind == "vllm" else 1
-    return max(tp, 1) if (tp > 1 or job.ray.engine_actor_gpus) else 0
+    return float(tp) if tp > 1 else job.ray.engine_actor_gpus
 
 
 def engine_resources(job: JobSpec, cluster: dict[str, float] | None = None) -> EngineResources:

@@ -39,6 +39,12 @@ def test_tensor_parallel_engines_get_a_placement_group_of_one_gpu_bundles():
     assert args["num_cpus"] == 2 and "num_gpus" not in args and callable(args["ray_remote_args_fn"])
 
 
+def test_auto_pool_size_follows_the_gpus_each_actor_holds():
+    for share, actors in ((2, 4), (0.5, 16)):
+        r = engine_resources(_job(ray={"engine_actors": "auto", "engine_actor_gpus": share}), {"GPU": 8})
+        assert (r.actors, r.num_gpus) == (actors, share)
+
+
 def test_fixed_pool_size_wins_over_the_cluster():
     job = _job(ray={"engine_actors": 3, "engine_actor_gpus": 0.5})
     r = engine_resources(job, {"GPU": 8})
