@@ -128,6 +128,7 @@ class ProfilePlanStage:
     def __init__(self, job: JobSpec, at: ProfilesAt):
         self.job, self.task, self.at = job, get_task(job.task), at
         self.tools = PromptFormatter(job.engine)
+        self.budget = profiling.part_budget(self.task, job.profile, self.tools)  # the same for every user
         self.store = RunStore(at.uri, job.storage)
 
     def _previous(self, chunk_id: str) -> dict[str, dict[str, Any]]:
@@ -148,12 +149,12 @@ class ProfilePlanStage:
                     [it for it in u.history if it["id"] in old], self.job.engine.model, self.job.profile,
                     self.task.name)):
             plan = profiling.plan_profile(u.user_id, [it for it in u.history if it["id"] not in old], self.task,
-                                          self.job.profile, self.tools)
+                                          self.job.profile, self.tools, self.budget)
             plan.base_profile = json.loads(prev["profile_json"])
             plan.base_item_ids = list(prev["item_ids"] or [])
             plan.items_total = len(u.history)
             return plan, "incremental"
-        plan = profiling.plan_profile(u.user_id, u.history, self.task, self.job.profile, self.tools)
+        plan = profiling.plan_profile(u.user_id, u.history, self.task, self.job.profile, self.tools, self.budget)
         return plan, "recomputed" if prev is not None else "new"
 
     def __call__(self, batch: pa.Table) -> pa.Table:

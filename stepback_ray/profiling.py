@@ -98,9 +98,10 @@ def part_budget(task: TaskSpec, config: ProfileConfig, tools: PromptTools) -> in
 
 
 def plan_profile(user_id: str, history: list[dict[str, str]], task: TaskSpec, config: ProfileConfig,
-                 tools: PromptTools) -> ProfilePlan:
-    """Pack the history, newest first, into parts of at most :func:`part_budget` tokens each."""
-    budget = part_budget(task, config, tools)
+                 tools: PromptTools, budget: int | None = None) -> ProfilePlan:
+    """Pack the history, newest first, into parts of at most :func:`part_budget` tokens each (``budget``: that
+    value, computed once by a caller that plans many users; it renders and tokenizes a whole prompt)."""
+    budget = part_budget(task, config, tools) if budget is None else budget
     parts: list[list[SelectedItem]] = []
     current: list[SelectedItem] = []
     used = 0
