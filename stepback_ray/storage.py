@@ -176,8 +176,16 @@ class RunStore:
                 if os.path.exists(tmp):
                     os.remove(tmp)
         else:
-            with self.fs.open(path, "wb") as f:
+            f = self.fs.open(path, "wb")
+            try:
                 yield f
+            except BaseException:
+                # fsspec's file commits on close even when the block failed: throw the upload away instead
+                # (s3fs aborts its multipart upload; a small file was never sent)
+                f.discard()
+                f.closed = True
+                raise
+            f.close()
 
     def scan(self, rel_dir: str, columns: list[str]):
         """The rows of every Parquet file under ``rel_dir``, one file in memory at a time."""

@@ -40,6 +40,20 @@ def test_missing_bucket_and_missing_key(s3_bucket):
         read_bytes(f"s3://{bucket}/missing.json", storage)
 
 
+@pytest.mark.parametrize("size", [1000, 12 * 2**20], ids=["one-put", "multipart"])
+def test_a_streamed_object_appears_whole_or_not_at_all(s3_bucket, size):
+    endpoint, bucket, creds = s3_bucket
+    store = RunStore(f"s3://{bucket}/run", StorageConfig(**creds))
+    with pytest.raises(RuntimeError, match="boom"):
+        with store.writer("predictions/none.json") as f:
+            f.write(b"x" * size)  # over s3fs's 5 MiB block: parts are already uploaded
+            raise RuntimeError("boom")
+    assert not store.exists("predictions/none.json")
+    with store.writer("predictions/none.json") as f:
+        f.write(b"y" * size)
+    assert store.read_bytes("predictions/none.json") == b"y" * size
+
+
 @pytest.fixture(scope="module")
 def authenticating_s3():
     """A moto S3 server that checks credentials (no IAM user exists, so every key is wrong)."""
