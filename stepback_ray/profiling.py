@@ -360,6 +360,7 @@ class Distiller:
         for plan, res in active:  # incremental: the previous profile joins as the oldest partial
             if plan.base_profile:
                 pending[id(res)].append((plan.base_profile, "ok", None))
+        _keep_failures(pending, active)
         # reduce: merge fan_in partials at a time until each user has one profile
         while True:
             jobs, groups = [], []
@@ -384,7 +385,18 @@ class Distiller:
                 merged.setdefault(id(res), []).append((prof, status, c.text))
             for _, res in active:
                 pending[id(res)] = merged.get(id(res), []) + pending[id(res)]
+            _keep_failures(pending, active)
         for _, res in active:
             prof, status, raw = pending[id(res)][0]
             res.profile, res.status, res.raw_output = (prof or None), status, raw
         return results
+
+
+def _keep_failures(pending: dict[int, list[tuple[dict[str, Any], str, str | None]]], active: list) -> None:
+    """A user with a failed call (map or merge) ends with that failure: merging the partials that did come back
+    would give a profile of part of the history under the fingerprint of all of it (and carry it over on later
+    runs); failed, it is retried on the next run."""
+    for _, res in active:
+        failed = next((x for x in pending[id(res)] if x[1].startswith("error")), None)
+        if failed is not None:
+            pending[id(res)] = [failed]

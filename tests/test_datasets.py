@@ -71,6 +71,7 @@ def test_a_staging_killed_part_way_is_redone_not_appended_to(ray_local, tmp_path
     assert len(gens) == 4 * len(job.modes) and gens.groupby(["query_id", "mode"]).size().eq(1).all()
 
 
+@pytest.mark.slow  # three staging passes; `make test-slow`
 def test_input_with_no_valid_record_or_no_query_fails_instead_of_an_empty_success(ray_local, tmp_path):
     bad = [{"user_id": "../x", "history": [], "queries": []}, {"user_id": "", "history": [], "queries": []}]
     pq.write_table(pa.Table.from_pylist(bad), tmp_path / "bad.parquet")

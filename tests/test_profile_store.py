@@ -145,7 +145,8 @@ def test_a_run_that_failed_after_committing_its_profiles_resumes(ray_local, tmp_
 def test_a_profile_the_engine_failed_on_is_retried_the_next_night(ray_local, tmp_path):
     """Same history, same settings, but last night's engine failed on this user: not carried over."""
     users = lamp5_users(6)
-    users[0]["history"][0]["title"] += " ZZFAILZZ"
+    for item in users[0]["history"]:  # in every item: whichever items the plan keeps, its prompts fail
+        item["title"] += " ZZFAILZZ"
     write_items_parquet(tmp_path / "hist" / "part-0.parquet", users)
     first = run_profile_job(_job(tmp_path, "n1", ["engine.dry_run_fail_marker=ZZFAILZZ"])).metrics["profiles"]
     assert first["statuses"].get("error") == 1
@@ -154,6 +155,7 @@ def test_a_profile_the_engine_failed_on_is_retried_the_next_night(ray_local, tmp
     assert "error" not in second["statuses"]
 
 
+@pytest.mark.slow  # three store runs; `make test-slow`
 def test_a_grown_history_is_not_built_on_a_profile_made_with_other_settings(ray_local, tmp_path):
     users = lamp5_users(6)
     write_items_parquet(tmp_path / "hist" / "part-0.parquet", users)
