@@ -249,7 +249,7 @@ class JobSpec(_Strict):
     def _identifier_as_text(cls, v: Any) -> Any:
         """``--set run_id=$(date +%Y%m%d)`` or ``run_id: 2026-11-22`` in YAML reads as a number or a date: an
         identifier is text, so take it as written."""
-        if isinstance(v, (_dt.date, _dt.datetime)):
+        if isinstance(v, _dt.date):  # datetimes too (a subclass)
             return v.isoformat()
         if isinstance(v, int) and not isinstance(v, bool):
             return str(v)
