@@ -84,7 +84,7 @@ def build_prompts(n: int, tools: PromptFormatter, data: Path) -> dict[str, list[
     """``n`` real generation prompts and ``n`` real step-back profile prompts from lamp5_arxiv dev users."""
     task = TASKS["LaMP_5"]
     queries = read_lamp(str(data / "lamp5_arxiv/dev_questions.json"), None, task)[:n]
-    gen = [tools.render(fit_prompt(task, tools, q.input, None, [], RetrievalConfig(), 32).prompt) for q in queries]
+    gen = [fit_prompt(task, tools, q.input, None, [], RetrievalConfig(), 32).text for q in queries]
     cfg = ProfileConfig(history_token_budget=768, max_item_tokens=160)
     prof = []
     for u in collect_users(queries):

@@ -32,13 +32,13 @@ from .config import JobSpec
 from .data import collect_users, decode_queries, decode_users, donors, generation_chunks, lead_groups, profile_chunks
 from .data.datasets import load_staged, stage_dataset, staged_chunks
 from .data.lamp import read_lamp
-from .data.rows import Query, UserHistory
+from .data.rows import Query, UserHistory, status_kind
 from .engines import SamplingParams, build_engine
 from .engines.formatting import PromptFormatter
 from .errors import StepbackError
 from .profile_store import StoreVersion, commit_version, open_version
 from .resources import WORKER_ENV, engine_resources
-from .retrieval import build_retriever
+from .retrieval import MemoRetriever, build_retriever
 from .storage import RunStore
 from .tasks import get_task
 
@@ -169,7 +169,7 @@ class ProfilePlanStage:
                 prev = previous.get(u.user_id)
                 # unchanged: carry over, except in a full rebuild a profile that came from incremental updates, and
                 # never a profile the engine failed on (the next run retries it)
-                failed = prev is not None and (prev.get("status") or "").startswith("error")
+                failed = prev is not None and status_kind(prev.get("status")) == "error"
                 if (prev is not None and not failed and prev["fingerprint"] == fp
                         and (not self.at.full or prev.get("exact", True))):
                     rows.append({**row, "origin": "carried", "carried_json": json.dumps(prev, default=str)})
@@ -344,15 +344,16 @@ class GenerationPlanStage:
             n_rows = len(queries) * len(self.job.modes)
             for q in queries:
                 lead = profiles.get(q.user_id, {})
+                retriever = MemoRetriever(self.retriever)  # the query's modes share its retrieval
                 for mode in self.job.modes:
                     plan = prompting.plan_generation(self.task, q, mode, texts, donor_info, self.job.retrieval,
-                                                     self.job.multi_author, self.retriever, self.tools,
+                                                     self.job.multi_author, retriever, self.tools,
                                                      self.job.max_new_tokens)
                     rows.append({
                         "chunk_id": chunk["chunk_id"], "chunk_rows": n_rows, "query_id": q.query_id, "mode": mode,
                         "user_id": q.user_id, "user_ids": q.user_ids, "input": q.input, "gold": q.gold,
                         "profile_text": lead.get("profile_text"), "profile_status": lead.get("status"),
-                        "retrieved_ids": plan.retrieved_ids, "prompts": [self.tools.render(p.prompt) for p in plan.prompts],
+                        "retrieved_ids": plan.retrieved_ids, "prompts": [p.text for p in plan.prompts],
                         "merge_json": json.dumps(plan.merge) if plan.merge else None, "truncated": plan.truncated,
                         "notes": plan.all_notes(), "history_items": len(q.profile),
                     })
@@ -452,10 +453,10 @@ def _commit(job: JobSpec, folder: str, rows: list[dict[str, Any]], schema: pa.Sc
 
 
 def count_statuses(rows: list[dict[str, Any]]) -> dict[str, int]:
-    """Rows per status kind (``ok``, ``truncated``, ``unparsed``, ``error``, ...): text after a colon is detail."""
+    """Rows per status kind (:func:`~stepback_ray.data.rows.status_kind`)."""
     out: dict[str, int] = {}
     for r in rows:
-        key = r.get("status", "ok").split(":")[0]
+        key = status_kind(r.get("status"))
         out[key] = out.get(key, 0) + 1
     return out
 
@@ -736,7 +737,7 @@ def run_profile_pass(job: JobSpec, work: Work, resuming: bool = False) -> tuple[
         sums["prompt_tokens"] += r["prompt_tokens"]
         sums["completion_tokens"] += r["completion_tokens"]
         secs += r["engine_seconds"]
-        key = r["status"].split(":")[0]
+        key = status_kind(r["status"])
         statuses[key] = statuses.get(key, 0) + 1
     toks = sums["prompt_tokens"] + sums["completion_tokens"]
     stats = {

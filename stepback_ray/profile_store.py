@@ -3,6 +3,7 @@
 Layout under the store's URI::
 
     versions/date=2026-11-22/run=<run_id>/profiles/chunk-<shard>.parquet   one file per shard (user hash)
+    versions/date=2026-11-22/run=<run_id>/started.json                    the version it builds on
     versions/date=2026-11-22/run=<run_id>/manifest.json                   counts: carried, recomputed, ...
     CURRENT.json                                                          the latest complete version
 
@@ -52,31 +53,45 @@ class StoreVersion:
 
 
 def open_version(job: JobSpec, shards: int, resuming: bool = False) -> StoreVersion:
-    """Start (or resume) this run's version of the job's profile store. ``resuming``: the run's own output says
-    this is a rerun of the same job (same spec); then a version this run already committed is reused as it is
-    (its generation pass, say, failed after the profiles were committed). Any other job that names the store's
-    current run id is refused."""
+    """Start (or resume) this run's version of the job's profile store.
+
+    ``resuming``: the run's own output says this is a rerun of the same job (same spec). A version this run
+    already committed is then reused as it is (its generation pass, say, failed after the profiles were
+    committed), and ``CURRENT.json`` stays where it is, also when later runs have committed since: rerunning an
+    old night never rolls the store back. Any other job that names a committed run id is refused, and so is
+    finishing an interrupted version after the store has moved on past the version it was building on."""
     cfg = job.profile_store
     assert cfg.uri is not None
     root = RunStore(cfg.uri, job.storage)
     current = root.read_json("CURRENT.json") if root.exists("CURRENT.json") else None
+    current_version = current["version"] if current else None
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
     version = f"versions/date={date}/run={job.run_id}"
     existing = [v for v in _versions(root) if v.endswith(f"/run={job.run_id}")]
     if existing:  # resuming: keep the version folder the interrupted run started
         version = existing[0]
-    if current is not None and current["version"] == version:
-        if resuming and root.exists(f"{version}/manifest.json"):
-            manifest = root.read_json(f"{version}/manifest.json")
-            return StoreVersion(root, version, manifest.get("previous"), current["full_rebuild"],
-                                current["runs_since_full"], 0, committed=manifest)
-        raise StepbackError(f"{cfg.uri}: run {job.run_id} is already the store's current version; use a new run_id")
+    if existing and root.exists(f"{version}/manifest.json"):
+        manifest = root.read_json(f"{version}/manifest.json")
+        if resuming:
+            return StoreVersion(root, version, manifest.get("previous"), bool(manifest.get("full_rebuild")), 0, 0,
+                                committed=manifest)
+        where = ("already the store's current version" if current_version == version else
+                 f"already committed as {version} (the store's current version is {current_version})")
+        raise StepbackError(f"{cfg.uri}: run {job.run_id} is {where}; use a new run_id")
+    if existing and root.exists(f"{version}/started.json"):
+        base = root.read_json(f"{version}/started.json")["previous"]
+        if base != current_version:
+            raise StepbackError(
+                f"{cfg.uri}: run {job.run_id} was interrupted while building on {base}, and the store has moved on "
+                f"to {current_version} since; finishing it would roll the store back: use a new run_id")
     if current is not None and current["num_shards"] != shards:
         raise StepbackError(f"{cfg.uri}: the store has {current['num_shards']} shards but the job has {shards}; "
                             "keep ray.num_shards fixed for a store (or start a new store)")
+    if not existing:
+        root.write_json(f"{version}/started.json", {"run_id": job.run_id, "previous": current_version})
     runs_since_full = current["runs_since_full"] + 1 if current else 0
     full = current is None or not cfg.incremental or runs_since_full >= cfg.full_rebuild_every
-    return StoreVersion(root, version, current["version"] if current else None, full,
+    return StoreVersion(root, version, current_version, full,
                         0 if full else runs_since_full, current["users"] if current else 0)
 
 

@@ -28,6 +28,7 @@ from typing import Any, Callable
 import json_repair
 
 from .config import ProfileConfig
+from .data.rows import status_kind
 from .engines.base import Completion, Message, PromptTools, SamplingParams
 from .tasks import ProfileSchema, TaskSpec
 
@@ -397,6 +398,6 @@ def _keep_failures(pending: dict[int, list[tuple[dict[str, Any], str, str | None
     would give a profile of part of the history under the fingerprint of all of it (and carry it over on later
     runs); failed, it is retried on the next run."""
     for _, res in active:
-        failed = next((x for x in pending[id(res)] if x[1].startswith("error")), None)
+        failed = next((x for x in pending[id(res)] if status_kind(x[1]) == "error"), None)
         if failed is not None:
             pending[id(res)] = [failed]

@@ -57,6 +57,8 @@ class Persona:
 @dataclass
 class BuiltPrompt:
     prompt: Prompt
+    text: str
+    """The prompt rendered for the engine (as it was counted against the context)."""
     retrieved_ids: list[str] = field(default_factory=list)
     truncated: bool = False
     notes: list[str] = field(default_factory=list)
@@ -125,10 +127,12 @@ def fit_prompt(task: TaskSpec, tools: PromptTools, text: str, profile_text: str 
     """The prompt with as many of ``items`` (best first) as fit the context next to the answer."""
     n = len(items)
     prompt = _assemble(task, tools, text, profile_text, items, retrieval)
-    while n > 0 and tools.count_tokens(tools.render(prompt)) + max_new_tokens > tools.max_context:
+    rendered = tools.render(prompt)
+    while n > 0 and tools.count_tokens(rendered) + max_new_tokens > tools.max_context:
         n -= 1
         prompt = _assemble(task, tools, text, profile_text, items[:n], retrieval)
-    built = BuiltPrompt(prompt, [it["id"] for it in items[:n]], n < len(items))
+        rendered = tools.render(prompt)
+    built = BuiltPrompt(prompt, rendered, [it["id"] for it in items[:n]], n < len(items))
     if built.truncated:
         built.notes.append(f"truncated: {len(items) - n} of {len(items)} retrieved items dropped to fit the context")
     return built

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from .config import StorageConfig
+from .data.rows import status_kind
 from .metrics import bootstrap_ci
 from .storage import RunStore
 
@@ -58,7 +59,7 @@ def _load(store: RunStore) -> dict[str, Any]:
         if counted is None:
             kinds = pc.value_counts(pc.utf8_slice_codeunits(pc.fill_null(t.column("status"), ""), 0, 200))
             for v in kinds.to_pylist():
-                key = v["values"].split(":")[0]
+                key = status_kind(v["values"])
                 statuses[key] = statuses.get(key, 0) + v["counts"]
     gens = {c: (np.concatenate(v) if v else np.empty(0)) for c, v in parts.items()}
     profiles = manifest.get("profiles") or {}

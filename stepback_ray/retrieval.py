@@ -68,6 +68,22 @@ class DenseRetriever:
         return vecs[1:] @ vecs[0]
 
 
+class MemoRetriever:
+    """A retriever that scores each (query, pool) once: the modes of one query retrieve from the same pool
+    (``rag`` and ``profile+rag``; every author's pool again under ``lead-merge``), and a BM25 index or an encoder
+    pass per mode would repeat the same work. Make one per query so it holds only that query's pools."""
+
+    def __init__(self, inner: Retriever):
+        self.inner = inner
+        self._memo: dict[tuple[str, tuple[str, ...]], np.ndarray] = {}
+
+    def scores(self, query: str, docs: list[str]) -> np.ndarray:
+        key = (query, tuple(docs))
+        if key not in self._memo:
+            self._memo[key] = self.inner.scores(query, docs)
+        return self._memo[key]
+
+
 def build_retriever(config: RetrievalConfig) -> Retriever:
     if config.method == "dense":
         return DenseRetriever(config.dense_model)

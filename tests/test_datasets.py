@@ -148,3 +148,19 @@ def test_a_rating_gold_that_is_not_a_number_is_quarantined_not_scored():
         check_record(rec, get_task("LaMP_3"), "user")
     rec["queries"][0]["gold"] = 4  # a number is a number, text or not
     assert check_record(rec, get_task("LaMP_3"), "user")["queries"][0]["gold"] == "4"
+
+
+def test_the_same_bad_row_in_two_batches_is_quarantined_twice(tmp_path):
+    """Quarantine files are named by a hash of their batch (a retried batch rewrites its own file); two batches
+    that each hold the same malformed record must still give two files, or the quarantine undercounts."""
+    from stepback_ray.data.datasets import ValidateAndShard
+
+    stage = ValidateAndShard(_job(tmp_path, "parquet", tmp_path / "in", "user"), shards=4)
+    users = lamp5_users(2)
+    bad = {"user_id": None, "history": [], "queries": []}
+    for u in users:
+        stage(pa.Table.from_pylist([bad, {"user_id": u["user_id"], "history": u["history"], "queries": []}]))
+    stage(pa.Table.from_pylist([bad, {"user_id": users[0]["user_id"], "history": users[0]["history"],
+                                      "queries": []}]))  # a retry of the first batch: same file
+    files = sorted((tmp_path / "out" / "quarantine").glob("*.parquet"))
+    assert len(files) == 2 and sum(pq.read_metadata(f).num_rows for f in files) == 2

@@ -65,7 +65,7 @@ def test_nightly_run_recomputes_exactly_the_changed_users(ray_local, tmp_path):
 def test_full_rebuild_every_n_runs_recomputes_incremental_profiles(ray_local, tmp_path):
     users = lamp5_users(200)
     write_items_parquet(tmp_path / "hist" / "part-0.parquet", users)
-    run_profile_job(_job(tmp_path, "night1"))
+    v1 = run_profile_job(_job(tmp_path, "night1")).metrics["profiles"]["version"]
     write_items_parquet(tmp_path / "hist" / "part-0.parquet", _grow(users, 10))
     assert run_profile_job(_job(tmp_path, "night2")).metrics["profiles"]["origins"]["incremental"] == 10
     third = run_profile_job(_job(tmp_path, "night3")).metrics["profiles"]  # nothing changed
@@ -80,6 +80,20 @@ def test_full_rebuild_every_n_runs_recomputes_incremental_profiles(ray_local, tm
     assert again["chunks_committed_this_run"] == 0 and again["origins"] == fourth["origins"]
     with pytest.raises(Exception, match="already the store's current version"):
         run_profile_job(_job(tmp_path, "night4", [f"output={tmp_path / 'another'}"]))
+    # rerunning an old night reuses its committed version and leaves CURRENT on the newest night
+    store = tmp_path / "store"
+    old = run_profile_job(_job(tmp_path, "night1")).metrics["profiles"]
+    assert old["chunks_committed_this_run"] == 0 and old["version"] == v1
+    assert json.loads((store / "CURRENT.json").read_text())["run_id"] == "night4"
+    with pytest.raises(Exception, match="already committed as"):
+        run_profile_job(_job(tmp_path, "night1", [f"output={tmp_path / 'elsewhere'}"]))
+    # a run interrupted while building on night1 is not finished on top of night4 (that would roll it back)
+    late = store / v1.replace("run=night1", "run=late")
+    late.mkdir(parents=True)
+    (late / "started.json").write_text(json.dumps({"run_id": "late", "previous": v1}))
+    with pytest.raises(Exception, match="roll the store back"):
+        run_profile_job(_job(tmp_path, "late"))
+    assert json.loads((store / "CURRENT.json").read_text())["run_id"] == "night4"
 
 
 @pytest.mark.slow

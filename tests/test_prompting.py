@@ -9,7 +9,7 @@ from stepback_ray.config import EngineConfig, MultiAuthorConfig, RetrievalConfig
 from stepback_ray.data import Query, donors, read_lamp
 from stepback_ray.engines.formatting import PromptFormatter
 from stepback_ray.prompting import merge_prompt, plan_generation
-from stepback_ray.retrieval import BM25Retriever
+from stepback_ray.retrieval import BM25Retriever, MemoRetriever
 from stepback_ray.tasks import TASKS
 
 from .conftest import FIXTURES
@@ -23,9 +23,9 @@ def _q(task: str, i: int = 0) -> Query:
 
 
 def _plan(formatter, task, q, mode, profiles=None, donor_info=None, multi=MultiAuthorConfig(), ret=RET,
-          max_new=16):
-    return plan_generation(TASKS[task], q, mode, profiles or {}, donor_info or {}, ret, multi, BM25Retriever(),
-                           formatter, max_new)
+          max_new=16, retriever=None):
+    return plan_generation(TASKS[task], q, mode, profiles or {}, donor_info or {}, ret, multi,
+                           retriever or BM25Retriever(), formatter, max_new)
 
 
 def test_modes_show_exactly_what_they_name(formatter):
@@ -108,6 +108,30 @@ def test_lead_merge_and_concat_for_coauthored_papers(formatter):
     assert text.index("benchmarks") < text.index("sparse attention") < text.index("retrieval")
     single = _plan(formatter, "PSW_title", q, "none", profiles)
     assert len(single.prompts) == 1 and single.merge is None
+
+
+class CountingRetriever(BM25Retriever):
+    def __init__(self):
+        self.calls = 0
+
+    def scores(self, query, docs):
+        self.calls += 1
+        return super().scores(query, docs)
+
+
+def test_a_querys_modes_score_each_pool_once_with_the_same_prompts(formatter):
+    q = _q("PSW_title", 1)  # three authors, so lead-merge retrieves from three pools
+    profiles = {"Cy": "Keywords: benchmarks", "Ada": "Keywords: sparse attention", "Bo": "Keywords: retrieval"}
+    counting = CountingRetriever()
+    memo = MemoRetriever(counting)
+    modes = ("rag", "profile+rag", "profile")
+    shared = {m: _plan(formatter, "PSW_title", q, m, profiles, retriever=memo) for m in modes}
+    assert counting.calls == 3  # one per author's pool, not one per (mode, author)
+    for m in modes:
+        alone = _plan(formatter, "PSW_title", q, m, profiles)
+        assert [p.text for p in shared[m].prompts] == [p.text for p in alone.prompts]
+        assert shared[m].retrieved_ids == alone.retrieved_ids
+        assert [p.text for p in alone.prompts] == [formatter.render(p.prompt) for p in alone.prompts]
 
 
 def test_unknown_mode_is_rejected(formatter):

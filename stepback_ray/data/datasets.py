@@ -114,8 +114,10 @@ def check_record(rec: Any, task: TaskSpec, layout: str) -> dict[str, Any]:
 class ValidateAndShard:
     """Ray Data stage: raw rows -> good rows ``(shard, user_id, record)``; bad rows go to the quarantine files.
 
-    A quarantine file's name is a hash of its content, so a retried task rewrites the same file instead of
-    adding a second one: quarantine counts reconcile exactly."""
+    A quarantine file's name is a hash of the whole batch it came from (good rows too), so a retried task
+    rewrites the same file instead of adding a second one, while two batches that hold the same bad rows (the
+    same malformed record repeated through a Parquet dataset) still get a file each: quarantine counts
+    reconcile exactly."""
 
     def __init__(self, job: JobSpec, shards: int):
         self.job, self.task, self.shards = job, get_task(job.task), shards
@@ -158,7 +160,8 @@ class ValidateAndShard:
             bad.append({"reason": error, "record": raw[:2000], "source": where})
         if bad:
             table = pa.Table.from_pylist(bad, schema=QUARANTINE_SCHEMA)
-            digest = hashlib.sha1(json.dumps(bad, sort_keys=True).encode()).hexdigest()[:16]
+            digest = hashlib.sha1(json.dumps([bad, [g["record"] for g in good]], sort_keys=True).encode())
+            digest = digest.hexdigest()[:16]
             self.store.write_table(f"quarantine/part-{digest}.parquet", table)
         return pa.Table.from_pylist(good, schema=STAGED_SCHEMA)
 

@@ -22,6 +22,12 @@ import pyarrow as pa
 Item = dict[str, str]
 
 
+def status_kind(status: str | None) -> str:
+    """The kind of a row's status: ``ok``, ``truncated``, ``unparsed``, ``partial``, ``error``, ...; text after a
+    colon is detail (``error: engine failed: ...``). A missing status is ``ok``."""
+    return (status or "ok").split(":", 1)[0]
+
+
 @dataclass
 class Query:
     query_id: str

@@ -61,7 +61,7 @@ def build_examples(queries: list[Query], job: JobSpec, tools: PromptFormatter, e
     for q, its, qv in zip(queries, items, qvecs):
         n = len(its)
         text = tools.truncate(q.input, cfg.max_input_tokens)
-        prompt = tools.render(fit_prompt(task, tools, text, None, [], RetrievalConfig(), 32).prompt)
+        prompt = fit_prompt(task, tools, text, None, [], RetrievalConfig(), 32).text
         out.append(Example(qv, vecs[k:k + n], tools.encode(prompt), tools.encode((q.gold or "") + eos)))
         k += n
     return out
