@@ -18,6 +18,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -202,13 +203,23 @@ def progress(n: int, root: Path, shards: int) -> dict | None:
 
 
 def real_sample(root: Path) -> dict:
+    """The demo job (20 users, the real model) from scratch; its result is kept for ``--status``."""
     out = root / "run-real-sample"
+    shutil.rmtree(out, ignore_errors=True)  # measured from scratch, not resumed
     job = load_job(REPO / "jobs" / "demo.yaml", ["ray.progress_bars=false", f"output={out}", "run_id=real"])
     t0 = time.time()
     result = run_job(job)
     wall = time.time() - t0
-    return {"users": 20, "engine": "transformers (SmolLM2-135M, CPU)", "wall_s": round(wall, 1),
-            "users_per_s": round(20 / wall, 3), "timings": result.manifest["timings"]}
+    report = {"users": 20, "engine": "transformers (SmolLM2-135M, CPU)", "wall_s": round(wall, 1),
+              "users_per_s": round(20 / wall, 3), "timings": result.manifest["timings"],
+              "date": dt.date.today().isoformat()}
+    (root / "run-real-sample.result.json").write_text(json.dumps(report))
+    return report
+
+
+def last_real_sample(root: Path) -> dict | None:
+    path = root / "run-real-sample.result.json"
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def to_markdown(report: dict) -> str:
@@ -248,7 +259,8 @@ def to_markdown(report: dict) -> str:
                       "memory stays flat is shown only by the RSS columns of the sizes measured above."]
     if report.get("real_sample"):
         r = report["real_sample"]
-        lines += ["", f"With the real engine ({r['engine']}) the demo's {r['users']} users take {r['wall_s']} s: "
+        lines += ["", f"With the real engine ({r['engine']}) the demo's {r['users']} users take {r['wall_s']} s "
+                      f"(measured {r.get('date', report['date'])}): "
                       f"{r['users_per_s']} users/s, so on this machine the LLM, not the pipeline, sets the pace."]
     lines += ["", END]
     return "\n".join(lines)
@@ -282,7 +294,7 @@ def main() -> None:
                  if (p := progress(n, root, max(1, n // args.users_per_shard)))]
         report = {"date": dt.date.today().isoformat(), "machine": machine(), "modes": modes, "sizes": sizes,
                   "command": "python scripts/bench_scale.py " + " ".join(a for a in sys.argv[1:] if a != "--status")
-                  .replace(f"--write {args.write}", "").strip(), "real_sample": None}
+                  .replace(f"--write {args.write}", "").strip(), "real_sample": last_real_sample(root)}
         print(json.dumps(report, indent=1))
         if args.write:
             write_section(Path(args.write), "bench_scale", "Scale", to_markdown(report))
