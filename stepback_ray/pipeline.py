@@ -626,7 +626,7 @@ def summarize(job: JobSpec, store: RunStore) -> tuple[dict[str, Any], dict[str, 
             t["prompt_tokens"] += r["prompt_tokens"]
             t["completion_tokens"] += r["completion_tokens"]
             t["engine_seconds"] += r["engine_seconds"]
-            key = r["status"].split(":")[0]
+            key = status_kind(r["status"])
             t["statuses"][key] = t["statuses"].get(key, 0) + 1
             if r["gold"] is not None:  # failed rows too (an empty answer): the metric predictions/ reproduces
                 t["scored"] += 1

@@ -55,11 +55,13 @@ class StoreVersion:
 def open_version(job: JobSpec, shards: int, resuming: bool = False) -> StoreVersion:
     """Start (or resume) this run's version of the job's profile store.
 
-    ``resuming``: the run's own output says this is a rerun of the same job (same spec). A version this run
-    already committed is then reused as it is (its generation pass, say, failed after the profiles were
-    committed), and ``CURRENT.json`` stays where it is, also when later runs have committed since: rerunning an
-    old night never rolls the store back. Any other job that names a committed run id is refused, and so is
-    finishing an interrupted version after the store has moved on past the version it was building on."""
+    A version belongs to the job that started it (its output, recorded in ``started.json``); any other job that
+    names the same run id is refused. ``resuming``: the run's own output says this is a rerun of the same job
+    (same spec). A version this run already committed is then reused as it is (its generation pass, say, failed
+    after the profiles were committed), and ``CURRENT.json`` stays where it is, also when later runs have
+    committed since: rerunning an old night never rolls the store back. A version whose manifest was written but
+    whose ``CURRENT.json`` move was not (killed in between) is committed again. An interrupted version is not
+    finished once the store has moved on past the version it was building on."""
     cfg = job.profile_store
     assert cfg.uri is not None
     root = RunStore(cfg.uri, job.storage)
@@ -70,16 +72,23 @@ def open_version(job: JobSpec, shards: int, resuming: bool = False) -> StoreVers
     existing = [v for v in _versions(root) if v.endswith(f"/run={job.run_id}")]
     if existing:  # resuming: keep the version folder the interrupted run started
         version = existing[0]
-    if existing and root.exists(f"{version}/manifest.json"):
-        manifest = root.read_json(f"{version}/manifest.json")
-        if resuming:
-            return StoreVersion(root, version, manifest.get("previous"), bool(manifest.get("full_rebuild")), 0, 0,
-                                committed=manifest)
-        where = ("already the store's current version" if current_version == version else
-                 f"already committed as {version} (the store's current version is {current_version})")
-        raise StepbackError(f"{cfg.uri}: run {job.run_id} is {where}; use a new run_id")
-    if existing and root.exists(f"{version}/started.json"):
-        base = root.read_json(f"{version}/started.json")["previous"]
+        started = root.read_json(f"{version}/started.json") if root.exists(f"{version}/started.json") else {}
+        owner = started.get("output")
+        if owner is not None and owner != job.output_uri:
+            raise StepbackError(f"{cfg.uri}: run {job.run_id} belongs to the job writing to {owner}; use a new "
+                                "run_id")
+        if root.exists(f"{version}/manifest.json"):
+            manifest = root.read_json(f"{version}/manifest.json")
+            committed = current_version == version or current_version != manifest.get("previous")
+            if committed and resuming:
+                return StoreVersion(root, version, manifest.get("previous"), bool(manifest.get("full_rebuild")),
+                                    0, 0, committed=manifest)
+            if committed:
+                where = ("already the store's current version" if current_version == version else
+                         f"already committed as {version} (the store's current version is {current_version})")
+                raise StepbackError(f"{cfg.uri}: run {job.run_id} is {where}; use a new run_id")
+            # else: killed between writing the manifest and moving CURRENT.json: finish the commit below
+        base = started.get("previous", current_version)
         if base != current_version:
             raise StepbackError(
                 f"{cfg.uri}: run {job.run_id} was interrupted while building on {base}, and the store has moved on "
@@ -88,7 +97,8 @@ def open_version(job: JobSpec, shards: int, resuming: bool = False) -> StoreVers
         raise StepbackError(f"{cfg.uri}: the store has {current['num_shards']} shards but the job has {shards}; "
                             "keep ray.num_shards fixed for a store (or start a new store)")
     if not existing:
-        root.write_json(f"{version}/started.json", {"run_id": job.run_id, "previous": current_version})
+        root.write_json(f"{version}/started.json", {"run_id": job.run_id, "previous": current_version,
+                                                    "output": job.output_uri})
     runs_since_full = current["runs_since_full"] + 1 if current else 0
     full = current is None or not cfg.incremental or runs_since_full >= cfg.full_rebuild_every
     return StoreVersion(root, version, current_version, full,

@@ -42,9 +42,18 @@ def test_nightly_run_recomputes_exactly_the_changed_users(ray_local, tmp_path):
     current = json.loads((store / "CURRENT.json").read_text())
     assert current["run_id"] == "night1" and current["users"] == 200 and current["full_rebuild"] is True
 
+    night1_current = (store / "CURRENT.json").read_text()
+
     grown = _grow(users, 10)[:-1]  # 10 histories grew, one user left
     write_items_parquet(tmp_path / "hist" / "part-0.parquet", grown)
     second = run_profile_job(_job(tmp_path, "night2")).metrics["profiles"]
+    started = json.loads((store / second["version"] / "started.json").read_text())
+    assert started["previous"] == first["version"] and started["output"] == str(tmp_path / "runs" / "night2")
+    # killed after writing night2's manifest, before moving CURRENT.json: the rerun finishes the commit
+    (store / "CURRENT.json").write_text(night1_current)
+    again = run_profile_job(_job(tmp_path, "night2")).metrics["profiles"]
+    assert again["chunks_committed_this_run"] == 0 and again["origins"] == second["origins"]
+    assert json.loads((store / "CURRENT.json").read_text())["run_id"] == "night2"
     assert second["origins"] == {"new": 0, "recomputed": 0, "incremental": 10, "carried": 189}
     assert second["deleted"] == 1 and second["users"] == 199
     assert second["llm_calls"] < first["llm_calls"] / 5
@@ -78,19 +87,21 @@ def test_full_rebuild_every_n_runs_recomputes_incremental_profiles(ray_local, tm
     # another job that names the store's current run id is refused
     again = run_profile_job(_job(tmp_path, "night4")).metrics["profiles"]
     assert again["chunks_committed_this_run"] == 0 and again["origins"] == fourth["origins"]
-    with pytest.raises(Exception, match="already the store's current version"):
-        run_profile_job(_job(tmp_path, "night4", [f"output={tmp_path / 'another'}"]))
+    for _ in range(2):  # twice: the refused job's own output must not make its second try a "rerun"
+        with pytest.raises(Exception, match="belongs to the job writing to"):
+            run_profile_job(_job(tmp_path, "night4", [f"output={tmp_path / 'another'}"]))
     # rerunning an old night reuses its committed version and leaves CURRENT on the newest night
     store = tmp_path / "store"
     old = run_profile_job(_job(tmp_path, "night1")).metrics["profiles"]
     assert old["chunks_committed_this_run"] == 0 and old["version"] == v1
     assert json.loads((store / "CURRENT.json").read_text())["run_id"] == "night4"
-    with pytest.raises(Exception, match="already committed as"):
+    with pytest.raises(Exception, match="belongs to the job writing to"):
         run_profile_job(_job(tmp_path, "night1", [f"output={tmp_path / 'elsewhere'}"]))
     # a run interrupted while building on night1 is not finished on top of night4 (that would roll it back)
     late = store / v1.replace("run=night1", "run=late")
     late.mkdir(parents=True)
-    (late / "started.json").write_text(json.dumps({"run_id": "late", "previous": v1}))
+    (late / "started.json").write_text(json.dumps({"run_id": "late", "previous": v1,
+                                                   "output": str(tmp_path / "runs" / "late")}))
     with pytest.raises(Exception, match="roll the store back"):
         run_profile_job(_job(tmp_path, "late"))
     assert json.loads((store / "CURRENT.json").read_text())["run_id"] == "night4"

@@ -114,10 +114,11 @@ def check_record(rec: Any, task: TaskSpec, layout: str) -> dict[str, Any]:
 class ValidateAndShard:
     """Ray Data stage: raw rows -> good rows ``(shard, user_id, record)``; bad rows go to the quarantine files.
 
-    A quarantine file's name is a hash of the whole batch it came from (good rows too), so a retried task
-    rewrites the same file instead of adding a second one, while two batches that hold the same bad rows (the
-    same malformed record repeated through a Parquet dataset) still get a file each: quarantine counts
-    reconcile exactly."""
+    A quarantine file's name is a hash of the whole input batch it came from (good rows and the uncut bad ones;
+    JSON Lines batches carry their file's path), so a retried task rewrites the same file instead of adding a
+    second one, while two batches that hold the same bad rows (a malformed record repeated through a Parquet
+    dataset) still get a file each: quarantine counts reconcile exactly. Only two byte-identical input batches
+    would share a file."""
 
     def __init__(self, job: JobSpec, shards: int):
         self.job, self.task, self.shards = job, get_task(job.task), shards
@@ -160,10 +161,16 @@ class ValidateAndShard:
             bad.append({"reason": error, "record": raw[:2000], "source": where})
         if bad:
             table = pa.Table.from_pylist(bad, schema=QUARANTINE_SCHEMA)
-            digest = hashlib.sha1(json.dumps([bad, [g["record"] for g in good]], sort_keys=True).encode())
-            digest = digest.hexdigest()[:16]
-            self.store.write_table(f"quarantine/part-{digest}.parquet", table)
+            self.store.write_table(f"quarantine/part-{_batch_digest(batch)}.parquet", table)
         return pa.Table.from_pylist(good, schema=STAGED_SCHEMA)
+
+
+def _batch_digest(batch: pa.Table) -> str:
+    """A hash of a batch's content (its Arrow IPC bytes: slices hash as what they hold, not their parent)."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, batch.schema) as writer:
+        writer.write_table(batch)
+    return hashlib.sha1(sink.getvalue()).hexdigest()[:16]
 
 
 def stage_dataset(job: JobSpec, shards: int) -> dict[str, int]:
