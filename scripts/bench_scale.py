@@ -202,6 +202,11 @@ def progress(n: int, root: Path, shards: int) -> dict | None:
             "generation_chunks_committed": len(list((out / "generations").glob("chunk-*.parquet")))}
 
 
+def real_sample_result(root: Path) -> Path:
+    """Where the real-engine sample's result is kept for ``--status``."""
+    return root / "run-real-sample.result.json"
+
+
 def real_sample(root: Path) -> dict:
     """The demo job (20 users, the real model) from scratch; its result is kept for ``--status``."""
     out = root / "run-real-sample"
@@ -213,12 +218,12 @@ def real_sample(root: Path) -> dict:
     report = {"users": 20, "engine": "transformers (SmolLM2-135M, CPU)", "wall_s": round(wall, 1),
               "users_per_s": round(20 / wall, 3), "timings": result.manifest["timings"],
               "date": dt.date.today().isoformat()}
-    (root / "run-real-sample.result.json").write_text(json.dumps(report))
+    real_sample_result(root).write_text(json.dumps(report))
     return report
 
 
 def last_real_sample(root: Path) -> dict | None:
-    path = root / "run-real-sample.result.json"
+    path = real_sample_result(root)
     return json.loads(path.read_text()) if path.exists() else None
 
 

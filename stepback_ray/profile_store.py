@@ -82,7 +82,7 @@ def open_version(job: JobSpec, shards: int, resuming: bool = False) -> StoreVers
             committed = current_version == version or current_version != manifest.get("previous")
             if committed and resuming:
                 return StoreVersion(root, version, manifest.get("previous"), bool(manifest.get("full_rebuild")),
-                                    0, 0, committed=manifest)
+                                    runs_since_full=0, previous_users=0, committed=manifest)
             if committed:
                 where = ("already the store's current version" if current_version == version else
                          f"already committed as {version} (the store's current version is {current_version})")

@@ -153,7 +153,7 @@ def test_a_rating_gold_that_is_not_a_number_is_quarantined_not_scored():
 def test_the_same_bad_row_in_two_batches_is_quarantined_twice(tmp_path):
     """Quarantine files are named by a hash of their batch (a retried batch rewrites its own file); two batches
     that each hold the same malformed record must still give two files, or the quarantine undercounts."""
-    from stepback_ray.data.datasets import ValidateAndShard
+    from stepback_ray.data.datasets import ValidateAndShard, _batch_digest
 
     stage = ValidateAndShard(_job(tmp_path, "parquet", tmp_path / "in", "user"), shards=4)
     users = lamp5_users(2)
@@ -164,8 +164,6 @@ def test_the_same_bad_row_in_two_batches_is_quarantined_twice(tmp_path):
                                       "queries": []}]))  # a retry of the first batch: same file
     files = sorted((tmp_path / "out" / "quarantine").glob("*.parquet"))
     assert len(files) == 2 and sum(pq.read_metadata(f).num_rows for f in files) == 2
-    from stepback_ray.data.datasets import _batch_digest
-
     two = pa.Table.from_pylist([{"user_id": "a"}, {"user_id": "b"}])
     assert _batch_digest(two.slice(0, 1)) != _batch_digest(two.slice(1, 1))  # a slice hashes as what it holds
     assert _batch_digest(two.slice(1, 1)) == _batch_digest(pa.Table.from_pylist([{"user_id": "b"}]))

@@ -39,10 +39,9 @@ def test_nightly_run_recomputes_exactly_the_changed_users(ray_local, tmp_path):
     first = run_profile_job(_job(tmp_path, "night1")).metrics["profiles"]
     assert first["origins"] == {"new": 200, "recomputed": 0, "incremental": 0, "carried": 0}
     store = tmp_path / "store"
-    current = json.loads((store / "CURRENT.json").read_text())
-    assert current["run_id"] == "night1" and current["users"] == 200 and current["full_rebuild"] is True
-
     night1_current = (store / "CURRENT.json").read_text()
+    current = json.loads(night1_current)
+    assert current["run_id"] == "night1" and current["users"] == 200 and current["full_rebuild"] is True
 
     grown = _grow(users, 10)[:-1]  # 10 histories grew, one user left
     write_items_parquet(tmp_path / "hist" / "part-0.parquet", grown)
