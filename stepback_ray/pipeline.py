@@ -27,7 +27,7 @@ from typing import Any, Iterator
 
 import pyarrow as pa
 
-from . import __version__, metrics, profiling, prompting
+from . import __version__, metrics, profile_quality, profiling, prompting
 from .config import JobSpec
 from .data import collect_users, decode_queries, decode_users, donors, generation_chunks, lead_groups, profile_chunks
 from .data.datasets import load_staged, stage_dataset, staged_chunks
@@ -54,7 +54,7 @@ PROFILE_SCHEMA = pa.schema([
     ("partials_json", _S), ("style_notes_json", _S), ("prompt", _S), ("raw_output", _S), ("llm_calls", _I),
     ("prompt_tokens", _I), ("completion_tokens", _I), ("engine_seconds", _F), ("fingerprint", _S), ("model", _S),
     ("prompt_version", _S), ("notes", _LS), ("origin", _S), ("history_ids", _LS), ("run_id", _S), ("exact", _B),
-    ("committed_at", _F),
+    ("recent_items", _LS), ("committed_at", _F),
 ])
 GENERATION_SCHEMA = pa.schema([
     ("chunk_id", _S), ("query_id", _S), ("mode", _S), ("user_id", _S), ("user_ids", _LS), ("task", _S),
@@ -65,7 +65,8 @@ GENERATION_SCHEMA = pa.schema([
     ("history_items", _I), ("committed_at", _F),
 ])
 _PLANNED = pa.schema([("chunk_id", _S), ("chunk_rows", _I), ("user_id", _S), ("plan_json", _S), ("fingerprint", _S),
-                      ("notes", _LS), ("origin", _S), ("history_ids", _LS), ("carried_json", _S)])
+                      ("notes", _LS), ("origin", _S), ("history_ids", _LS), ("carried_json", _S),
+                      ("recent_items", _LS)])
 _GEN_PLANNED = pa.schema([
     ("chunk_id", _S), ("chunk_rows", _I), ("query_id", _S), ("mode", _S), ("user_id", _S), ("user_ids", _LS),
     ("input", _S), ("gold", _S), ("profile_text", _S), ("profile_status", _S), ("retrieved_ids", _LS),
@@ -153,6 +154,7 @@ class ProfilePlanStage:
             plan.base_profile = json.loads(prev["profile_json"])
             plan.base_item_ids = list(prev["item_ids"] or [])
             plan.items_total = len(u.history)
+            plan.habits = profiling.measure_habits(u.history, self.task, self.job.profile)  # the whole history
             return plan, "incremental"
         plan = profiling.plan_profile(u.user_id, u.history, self.task, self.job.profile, self.tools, self.budget)
         return plan, "recomputed" if prev is not None else "new"
@@ -165,7 +167,8 @@ class ProfilePlanStage:
             for u in users:
                 fp = profiling.fingerprint(u.history, self.job.engine.model, self.job.profile, self.task.name)
                 row = {"chunk_id": chunk["chunk_id"], "chunk_rows": len(users), "user_id": u.user_id,
-                       "fingerprint": fp, "history_ids": [it["id"] for it in u.history], "notes": []}
+                       "fingerprint": fp, "history_ids": [it["id"] for it in u.history], "notes": [],
+                       "recent_items": profiling.recent_items(u.history, self.task)}
                 prev = previous.get(u.user_id)
                 # unchanged: carry over, except in a full rebuild a profile that came from incremental updates, and
                 # never a profile the engine failed on (the next run retries it)
@@ -185,9 +188,9 @@ class ProfilePlanStage:
 class ProfileEngineStage:
     """Engine stage: distills every planned user of a block (notes, parts, merges: one batched call per level)."""
 
-    def __init__(self, job: JobSpec):
+    def __init__(self, job: JobSpec, engine=None):
         self.job, self.task = job, get_task(job.task)
-        self.engine = build_engine(job.engine)
+        self.engine = engine or build_engine(job.engine)  # given: a caller running the stages in-process
         self.distiller = profiling.Distiller(self.task, job.profile, self.engine,
                                              lambda prompts, params: generate_isolated(self.engine, prompts, params))
 
@@ -196,9 +199,8 @@ class ProfileEngineStage:
         carried = [r for r in rows if r["carried_json"]]
         todo = [r for r in rows if not r["carried_json"]]
         plans = [profiling.ProfilePlan.from_dict(json.loads(r["plan_json"])) for r in todo]
-        schema = self.task.profile
         out = [{**json.loads(r["carried_json"]), "chunk_id": r["chunk_id"], "chunk_rows": r["chunk_rows"],
-                "origin": "carried", "llm_calls": 0, "prompt_tokens": 0, "completion_tokens": 0,
+                "recent_items": r["recent_items"], "origin": "carried", "llm_calls": 0, "prompt_tokens": 0, "completion_tokens": 0,
                 "engine_seconds": 0.0} for r in carried]
         for r, plan, res in zip(todo, plans, self.distiller.run(plans)):
             notes = list(r["notes"])
@@ -209,10 +211,12 @@ class ProfileEngineStage:
                 item_ids = sorted(set(item_ids) | set(plan.base_item_ids))
             if not plan.parts:
                 notes.append("profile skipped: empty history")
+            if res.profile is not None and plan.habits:
+                res.profile["habits"] = plan.habits
             out.append({
                 **r, "task": self.task.name, "status": res.status,
                 "profile_json": json.dumps(res.profile) if res.profile is not None else None,
-                "profile_text": profiling.render_profile(res.profile, schema) if res.profile else "",
+                "profile_text": profiling.render_profile(res.profile, self.task) if res.profile else "",
                 "items_total": plan.items_total, "items_used": len(item_ids), "items_dropped": plan.items_dropped,
                 "parts": len(plan.parts), "item_ids": item_ids,
                 "partials_json": json.dumps(res.partials) if len(res.partials) > 1 else None,
@@ -303,8 +307,10 @@ class GenerationPlanStage:
                     out[r["user_id"]] = dict(zip(r["item_ids"], r["vectors"]))
         return out
 
-    def _soft_tokens(self, rows: list[dict[str, Any]], queries: dict[str, Query], chunk_ids: list[str]) -> None:
-        """Soft tokens for the rows of Persona-Plug modes (the lead user's items visible to the query)."""
+    def _soft_tokens(self, rows: list[dict[str, Any]], queries: dict[str, Query], chunk_ids: list[str],
+                     donor_info: dict[str, dict[str, Any]]) -> None:
+        """Soft tokens for the rows of Persona-Plug modes: from the lead user's items visible to the query, or for
+        a donor mode (pplug-random) from the donor's history, with the query's own input."""
         wanted = [r for r in rows if prompting.uses_plug(r["mode"])]
         if not wanted:
             return
@@ -312,8 +318,12 @@ class GenerationPlanStage:
         requests = []
         for r in wanted:
             q = queries[r["query_id"]]
-            have = vectors.get(q.user_id, {})
-            items = [it for it in profiling.most_recent_first(q.profile) if it["id"] in have][:self.plug.max_items]
+            owner, history = q.user_id, q.profile
+            if prompting.uses_donor(r["mode"]):
+                d = donor_info.get(q.user_id)
+                owner, history = (d["donor"], d["history"]) if d else (None, [])
+            have = vectors.get(owner, {})
+            items = [it for it in profiling.most_recent_first(history) if it["id"] in have][:self.plug.max_items]
             requests.append((q.input, [have[it["id"]] for it in items]))
         for r, soft in zip(wanted, self.plug.soft_tokens(requests)):
             if soft is None:
@@ -338,7 +348,7 @@ class GenerationPlanStage:
             users = sorted({u for q in queries for u in q.user_ids})
             donor_info = {u: {"donor": d, "history": histories.get(d, [])}
                           for u, d in donors(users, self.job.generation.seed).items()} \
-                if "random-profile" in self.job.modes else {}
+                if any(prompting.uses_donor(m) for m in self.job.modes) else {}
             profiles = self._profiles(chunk.get("profile_chunks") or [chunk["chunk_id"]])
             texts = {u: p["profile_text"] for u, p in profiles.items()}
             n_rows = len(queries) * len(self.job.modes)
@@ -360,7 +370,7 @@ class GenerationPlanStage:
             if self.plug is not None:
                 chunk_rows = [r for r in rows if r["chunk_id"] == chunk["chunk_id"]]
                 self._soft_tokens(chunk_rows, {q.query_id: q for q in queries},
-                                  chunk.get("profile_chunks") or [chunk["chunk_id"]])
+                                  chunk.get("profile_chunks") or [chunk["chunk_id"]], donor_info)
         return _table(rows, _GEN_PLANNED)
 
 
@@ -384,9 +394,9 @@ def generate_isolated(engine, prompts: list, params: SamplingParams, prefix: lis
 class GenerationEngineStage:
     """Engine stage: every prompt of a block in one engine call; then the lead-author merges in a second one."""
 
-    def __init__(self, job: JobSpec):
+    def __init__(self, job: JobSpec, engine=None):
         self.job, self.task = job, get_task(job.task)
-        self.engine = build_engine(job.engine)
+        self.engine = engine or build_engine(job.engine)  # given: a caller running the stages in-process
         g = job.generation
         self.params = SamplingParams(max_new_tokens=job.max_new_tokens, min_new_tokens=g.min_new_tokens,
                                      temperature=g.temperature, top_p=g.top_p, seed=g.seed,
@@ -688,7 +698,7 @@ def prepare_work(job: JobSpec, needs_profiles: bool) -> Work | None:
         kept = [q for g in groups for q in g]
         users = collect_users(kept)
         shards = num_shards(job, len(groups))
-        with_donors = "random-profile" in job.modes
+        with_donors = any(prompting.uses_donor(m) for m in job.modes)
         histories = {u.user_id: u.history for u in users} if with_donors else None
         return Work(shards, profile_chunks(users, shards),
                     generation_chunks(groups, shards, needs_profiles, with_donors, histories),
@@ -741,7 +751,7 @@ def run_profile_pass(job: JobSpec, work: Work, resuming: bool = False) -> tuple[
         statuses[key] = statuses.get(key, 0) + 1
     toks = sums["prompt_tokens"] + sums["completion_tokens"]
     stats = {
-        **sums, "statuses": statuses, "origins": origins,
+        **sums, "statuses": statuses, "origins": origins, "quality": measure_profiles(job, at, work),
         "deleted": max(0, (sv.previous_users if sv else 0) - origins["recomputed"] - origins["incremental"]
                        - origins["carried"]),
         "engine_seconds": round(secs, 3), "tokens_per_s": round(toks / secs, 1) if secs else None,
@@ -751,6 +761,26 @@ def run_profile_pass(job: JobSpec, work: Work, resuming: bool = False) -> tuple[
         commit_version(sv, job, work.shards, {**stats, "run_id": job.run_id, "config": job.public_dict(),
                                               "files": store.list(at.folder, ".parquet")})
     return at, stats
+
+
+def measure_profiles(job: JobSpec, at: ProfilesAt, work: Work) -> dict[str, Any]:
+    """:mod:`~stepback_ray.profile_quality` over a sample of the pass's users: whole chunks in chunk order (hash
+    shards, so independent of the input order) until :data:`~stepback_ray.profile_quality.SAMPLE_USERS`."""
+    task = get_task(job.task)
+    store = RunStore(at.uri, job.storage)
+    users: list[tuple[dict[str, Any] | None, list]] = []
+    for chunk in sorted(work.profile_chunks, key=lambda c: c["chunk_id"]):
+        if len(users) >= profile_quality.SAMPLE_USERS:
+            break
+        rel = f"{at.folder}/chunk-{chunk['chunk_id']}.parquet"
+        rows = {r["user_id"]: r for r in store.read_table(rel, columns=["user_id", "profile_json"]).to_pylist()}
+        for u in chunk_users(job, chunk):
+            raw = rows.get(u.user_id, {}).get("profile_json")
+            users.append((json.loads(raw) if raw else None, u.history))
+    users = users[:profile_quality.SAMPLE_USERS]
+    return {"sample_users": len(users), **profile_quality.measure(
+        task, users, lambda p: profiling.render_profile(p, task, habits=False),
+        lambda p: profiling.render_profile(p, task))}
 
 
 def run_job(job: JobSpec) -> RunResult:

@@ -32,7 +32,7 @@ from .data.rows import status_kind
 from .engines.base import Completion, Message, PromptTools, SamplingParams
 from .tasks import ProfileSchema, TaskSpec
 
-PROMPT_VERSION = "stepback-profile/2"
+PROMPT_VERSION = "stepback-profile/3"
 MAX_LIST = 8
 MAX_FIELD_CHARS = 240
 PROFILE_STOP = ("}",)
@@ -58,6 +58,8 @@ class ProfilePlan:
     """Incremental update: the user's previous profile, merged with the profiles of the (new) parts."""
     base_item_ids: list[str] = field(default_factory=list)
     """Incremental update: the items the previous profile was built from."""
+    habits: list[str] = field(default_factory=list)
+    """Facts measured from the whole history (:mod:`~stepback_ray.history_facts`), kept beside the LLM's fields."""
 
     @property
     def items_used(self) -> int:
@@ -66,12 +68,13 @@ class ProfilePlan:
     def to_dict(self) -> dict[str, Any]:
         return {"user_id": self.user_id, "items_total": self.items_total, "items_dropped": self.items_dropped,
                 "parts": [[vars(s) for s in part] for part in self.parts], "base_profile": self.base_profile,
-                "base_item_ids": self.base_item_ids}
+                "base_item_ids": self.base_item_ids, "habits": self.habits}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ProfilePlan":
         return cls(d["user_id"], [[SelectedItem(**s) for s in part] for part in d["parts"]], d["items_total"],
-                   d["items_dropped"], d.get("base_profile"), list(d.get("base_item_ids") or []))
+                   d["items_dropped"], d.get("base_profile"), list(d.get("base_item_ids") or []),
+                   list(d.get("habits") or []))
 
 
 def _date_key(item: dict[str, str]) -> float:
@@ -94,7 +97,8 @@ def most_recent_first(items: list[dict[str, str]]) -> list[dict[str, str]]:
 def part_budget(task: TaskSpec, config: ProfileConfig, tools: PromptTools) -> int:
     """History tokens per prompt: the configured budget, shrunk if needed so that the prompt (instruction and
     worked example included) and the answer fit the model's context."""
-    overhead = tools.count_tokens(tools.render(profile_messages(task, []))) + config.max_new_tokens + 8
+    overhead = (tools.count_tokens(tools.render(profile_messages(task, [], example=config.example == "worked")))
+                + config.max_new_tokens + 8)
     return max(16, min(config.history_token_budget, tools.max_context - overhead))
 
 
@@ -120,7 +124,22 @@ def plan_profile(user_id: str, history: list[dict[str, str]], task: TaskSpec, co
     keep = 1 if not config.map_reduce else (config.max_parts or len(parts))
     kept = parts[:keep]
     dropped = sum(len(p) for p in parts[keep:])
-    return ProfilePlan(user_id, kept, len(history), dropped)
+    return ProfilePlan(user_id, kept, len(history), dropped, habits=measure_habits(history, task, config))
+
+
+RECENT_ITEMS = 5
+
+
+def recent_items(history: list[dict[str, str]], task: TaskSpec, n: int = RECENT_ITEMS) -> list[str]:
+    """The user's newest items in a few words each (their own output of the task's kind where the items hold one,
+    as a paper's title; else the start of the item): what a reader checks a profile against."""
+    field = getattr(task.habits, "field", None)
+    return [(it.get(field) if field else None) or task.corpus_text(it)[:120] for it in most_recent_first(history)[:n]]
+
+
+def measure_habits(history: list[dict[str, str]], task: TaskSpec, config: ProfileConfig) -> list[str]:
+    """The task's habits measured over the whole history (none if the job turned them off or the task has none)."""
+    return task.habits(history) if config.habits and task.habits is not None else []
 
 
 def select_history(history: list[dict[str, str]], task: TaskSpec, config: ProfileConfig,
@@ -151,14 +170,15 @@ def _answer(schema: ProfileSchema, prefill: bool) -> list[Message]:
     return [{"role": "assistant", "content": prefill_for(schema)}] if prefill else []
 
 
-def profile_messages(task: TaskSpec, items: list[str], prefill: bool = True) -> list[Message]:
-    """The step-back prompt: instruction, a worked example, the user's items, and (for engines that cannot
-    decode under a JSON schema) the answer prefilled up to the first field."""
+def profile_messages(task: TaskSpec, items: list[str], prefill: bool = True, example: bool = True) -> list[Message]:
+    """The step-back prompt: instruction, a worked example (``example``), the user's items, and (for engines that
+    cannot decode under a JSON schema) the answer prefilled up to the first field."""
     schema = task.profile
+    shown: list[Message] = [{"role": "user", "content": "\n\n".join(schema.example_items)},
+                            {"role": "assistant", "content": json.dumps(schema.example_profile)}] if example else []
     return [
         {"role": "system", "content": schema.instruction},
-        {"role": "user", "content": "\n\n".join(schema.example_items)},
-        {"role": "assistant", "content": json.dumps(schema.example_profile)},
+        *shown,
         {"role": "user", "content": "\n\n".join(items)},
         *_answer(schema, prefill),
     ]
@@ -177,21 +197,23 @@ def _split_example(schema: ProfileSchema) -> tuple[dict[str, Any], dict[str, Any
     return a, b
 
 
-def merge_messages(task: TaskSpec, partials: list[dict[str, Any]], prefill: bool = True) -> list[Message]:
+def merge_messages(task: TaskSpec, partials: list[dict[str, Any]], prefill: bool = True,
+                   example: bool = True) -> list[Message]:
     """Merge partial profiles of one person (newest part first) into one profile."""
     schema = task.profile
-    a, b = _split_example(schema)
 
-    def listing(profiles: list[dict[str, Any]]) -> str:
-        return "\n".join(f"Profile {i + 1}: {json.dumps(p)}" for i, p in enumerate(profiles))
+    def listing(profiles: list[dict[str, Any]]) -> str:  # the LLM's fields only (habits are measured, not merged)
+        return "\n".join(f"Profile {i + 1}: {json.dumps({k: p.get(k) for k in schema.fields})}"
+                         for i, p in enumerate(profiles))
 
+    shown: list[Message] = [{"role": "user", "content": listing(list(_split_example(schema)))},
+                            {"role": "assistant", "content": json.dumps(schema.example_profile)}] if example else []
     return [
         {"role": "system", "content": (f"You merge profiles of the same {schema.person}, each distilled from a "
                                        f"different period of their history (most recent first), into one profile. "
                                        f"Keep what recurs and what is recent. "
                                        f"{schema.instruction.split('. ', 1)[1]}")},
-        {"role": "user", "content": listing([a, b])},
-        {"role": "assistant", "content": json.dumps(schema.example_profile)},
+        *shown,
         {"role": "user", "content": listing(partials)},
         *_answer(schema, prefill),
     ]
@@ -268,8 +290,10 @@ def parse_profile(completion: str, schema: ProfileSchema, prefilled: bool = True
     return profile, "fallback"
 
 
-def render_profile(profile: dict[str, Any], schema: ProfileSchema) -> str:
-    """The profile as labelled lines for a generation prompt (empty fields left out)."""
+def render_profile(profile: dict[str, Any], task: TaskSpec, habits: bool = True) -> str:
+    """The profile as labelled lines for a generation prompt (empty fields left out): the LLM's fields, then (with
+    ``habits``) the habits measured from the history (``profile["habits"]``) under the task's label for them."""
+    schema = task.profile
     lines = []
     for name in schema.fields:
         value = profile.get(name)
@@ -277,6 +301,8 @@ def render_profile(profile: dict[str, Any], schema: ProfileSchema) -> str:
             value = ", ".join(value)
         if value:
             lines.append(f"{schema.labels.get(name, name)}: {value}")
+    if habits and profile.get("habits") and task.habits is not None:
+        lines.append(f"{task.habits.label}: {'; '.join(profile['habits'])}")
     return "\n".join(lines)
 
 
@@ -314,6 +340,7 @@ class Distiller:
     def __init__(self, task: TaskSpec, config: ProfileConfig, tools: PromptTools, generate: Generate):
         self.task, self.config, self.tools, self.generate = task, config, tools, generate
         self.prefill = not getattr(tools, "supports_json_schema", False)
+        self.example = config.example == "worked"
         self.profile_params = (SamplingParams(max_new_tokens=config.max_new_tokens, stop=PROFILE_STOP) if self.prefill
                                else SamplingParams(max_new_tokens=config.max_new_tokens,
                                                    json_schema=json_schema(task.profile)))
@@ -351,7 +378,7 @@ class Distiller:
             for part in plan.parts:
                 texts = [s.text + (f"\nStyle: {res.notes[s.item_id]}" if s.item_id in res.notes else "")
                          for s in part]
-                jobs.append((res, profile_messages(self.task, texts, self.prefill)))
+                jobs.append((res, profile_messages(self.task, texts, self.prefill, self.example)))
                 owners.append(res)
         pending: dict[int, list[tuple[dict[str, Any], str, str | None]]] = {id(r): [] for _, r in active}
         for res, c in zip(owners, self._call(jobs, self.profile_params)):
@@ -376,7 +403,7 @@ class Distiller:
                     if len(b) == 1:
                         pending[id(res)].append(b[0])
                     else:
-                        jobs.append((res, merge_messages(self.task, [x[0] for x in b], self.prefill)))
+                        jobs.append((res, merge_messages(self.task, [x[0] for x in b], self.prefill, self.example)))
                         groups.append(res)
             if not jobs:
                 break

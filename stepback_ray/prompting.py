@@ -12,7 +12,8 @@ format with the wrong person, the control that tells personalization from prompt
 
 Co-authored queries (PSW): ``lead-merge`` builds one proposal prompt per author (each from that author's own
 profile and history), then a merge prompt in which the first author combines the proposals; ``concat`` builds
-one prompt with every author's profile in byline order and items retrieved from all their histories.
+one prompt with every author's profile in byline order and items retrieved from all their histories; ``single``
+uses the lead author's alone (the baseline for "several authors' profiles beat one").
 
 Token budget: the instruction and the input are never cut. If a prompt does not fit the context with room for the
 answer, retrieved items are dropped from the least relevant up, and the row records that it was truncated.
@@ -26,23 +27,27 @@ from typing import Any
 from .config import MultiAuthorConfig, RetrievalConfig
 from .data.rows import Item, Query
 from .engines.base import Message, Prompt, PromptTools
+from .modes import MODE_NAMES, mode_spec
 from .retrieval import Retriever, top_k
 from .tasks import TaskSpec
 
-MODES = ("none", "rag", "profile", "profile+rag", "random-profile", "pplug", "pplug+profile")
+MODES = MODE_NAMES
 
 
 def mode_uses(mode: str) -> tuple[bool, bool]:
     """(uses a profile, uses retrieval) for a generation mode."""
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}")
-    return (mode in ("profile", "profile+rag", "random-profile", "pplug+profile"),
-            mode in ("rag", "profile+rag", "random-profile"))
+    spec = mode_spec(mode)
+    return spec.profile, spec.retrieval
 
 
 def uses_plug(mode: str) -> bool:
     """Whether the mode puts a Persona-Plug soft token before the prompt."""
-    return mode.startswith("pplug")
+    return mode_spec(mode).plug
+
+
+def uses_donor(mode: str) -> bool:
+    """Whether the mode borrows another user's context (the controls)."""
+    return mode_spec(mode).donor
 
 
 @dataclass
@@ -140,11 +145,11 @@ def fit_prompt(task: TaskSpec, tools: PromptTools, text: str, profile_text: str 
 
 def personas(query: Query, mode: str, profiles: dict[str, str], donors: dict[str, dict[str, Any]]) -> tuple[
         list[Persona], list[str]]:
-    """The persona behind each of the query's users under ``mode`` (a donor's for random-profile)."""
+    """The persona behind each of the query's users under ``mode`` (a donor's for the controls)."""
     notes: list[str] = []
     out = []
     for uid, pool in zip(query.user_ids, query.profiles):
-        if mode == "random-profile":
+        if uses_donor(mode):
             d = donors.get(uid)
             if d is None:
                 notes.append(f"no other user to borrow a profile from for {uid}: generated without one")
@@ -172,7 +177,8 @@ def plan_generation(task: TaskSpec, query: Query, mode: str, profiles: dict[str,
         return fit_prompt(task, tools, query.input, profile_text if use_profile else None, items, retrieval,
                           max_new_tokens)
 
-    if len(people) == 1 or mode == "none" or uses_plug(mode):  # the plug serves the lead author alone
+    if len(people) == 1 or mode == "none" or uses_plug(mode) or multi.strategy == "single":
+        # one author's prompt: the only one, or the lead (the plug serves the lead author alone)
         lead = people[0]
         return GenerationPlan([prompt_for(lead.profile_text, lead.history)], notes=notes)
     if multi.strategy == "concat":

@@ -2,8 +2,9 @@
 
 Built only from what the run committed (manifest, metrics, the generation and profile files), so
 ``stepback report RUN_URI`` rebuilds it for any finished run, local or on object storage. It shows the metrics by
-mode with bootstrap intervals, the score against history length, tokens and time per stage, throughput over
-time, and the rows that failed or were quarantined.
+mode with bootstrap intervals, how personal the profiles are (identifiability, grounding), a few example users
+side by side (their newest history items, their profile, each mode's output against the gold), the score against
+history length, tokens and time per stage, throughput over time, and the rows that failed or were quarantined.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from .metrics import bootstrap_ci
 from .storage import RunStore
 
 FIGURES = ("metrics.png", "history.png", "stages.png", "throughput.png", "failures.png")
+EXAMPLES = 4
+"""Example queries shown side by side (the first query ids of the first committed generation file)."""
 
 
 def _png(fig) -> bytes:
@@ -80,7 +83,42 @@ def _load(store: RunStore) -> dict[str, Any]:
         key = r["reason"].split(":")[0][:40]
         reasons[key] = reasons.get(key, 0) + 1
     return {"manifest": manifest, "metrics": metrics, "modes": modes, "gens": gens, "statuses": statuses,
-            "profiles": prof, "quarantined": quarantined, "quarantine_reasons": reasons}
+            "profiles": prof, "quarantined": quarantined, "quarantine_reasons": reasons,
+            "examples": _examples(store, profiles)}
+
+
+def _examples(store: RunStore, profiles: dict[str, Any]) -> list[dict[str, Any]]:
+    """The first :data:`EXAMPLES` queries of the first generation file, each with every mode's row, and the lead
+    user's newest history items and profile from the profile file of the same shard."""
+    files = store.list("generations", ".parquet")
+    if not files:
+        return []
+    wanted = ["query_id", "mode", "user_id", "gold", "output", "score", "profile_text", "chunk_id", "status"]
+    table = store.read_table(files[0])
+    if not set(wanted) <= set(table.column_names):  # not a generation file as the pipeline writes it
+        return []
+    rows = table.select(wanted).to_pylist()
+    by_query: dict[str, dict[str, dict[str, Any]]] = {}
+    for r in rows:
+        by_query.setdefault(r["query_id"], {})[r["mode"]] = r
+    chosen = sorted(by_query)[:EXAMPLES]
+    recent: dict[str, list[str]] = {}
+    if chosen and profiles.get("uri") and profiles.get("folder"):
+        pstore = RunStore(profiles["uri"], store.storage)
+        rel = f"{profiles['folder']}/chunk-{next(iter(by_query[chosen[0]].values()))['chunk_id']}.parquet"
+        if pstore.exists(rel):
+            t = pstore.read_table(rel)
+            if "recent_items" in t.column_names:  # older profile files do not have it
+                recent = {r["user_id"]: r["recent_items"] or [] for r in
+                          t.select(["user_id", "recent_items"]).to_pylist()}
+    out = []
+    for q in chosen:
+        modes = by_query[q]
+        first = next(iter(modes.values()))
+        out.append({"query_id": q, "user_id": first["user_id"], "gold": first["gold"],
+                    "profile_text": next((r["profile_text"] for r in modes.values() if r["profile_text"]), None),
+                    "recent": recent.get(first["user_id"], []), "modes": modes})
+    return out
 
 
 def _intervals(data: dict[str, Any]) -> dict[str, tuple[float, float, float]]:
@@ -223,6 +261,8 @@ def _html(data: dict[str, Any], intervals: dict[str, tuple[float, float, float]]
         facts["quarantine reasons"] = ", ".join(f"{k}: {n}" for k, n in sorted(data["quarantine_reasons"].items()))
     fact_html = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts.items())
     figs = "".join(f'<figure><img src="{f}" alt="{f}"></figure>' for f in FIGURES)
+    profile_html = _profile_section(m.get("profiles"))
+    examples_html = _examples_section(data["examples"], list(m["modes"]))
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>stepback-ray run {html.escape(str(man.get('run_id')))}</title>
 <style>
@@ -232,15 +272,65 @@ th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: left; }}
 th {{ background: #f3f3f3; }}
 figure {{ display: inline-block; margin: 6px; vertical-align: top; }}
 img {{ max-width: 520px; border: 1px solid #ddd; }}
+pre {{ white-space: pre-wrap; margin: 0; font-size: 13px; }}
+.example {{ margin-bottom: 18px; }}
 </style></head><body>
 <h1>stepback-ray run report</h1>
 <table>{fact_html}</table>
 <h2>Metrics by mode</h2>
 <table><tr>{head}</tr>{''.join(rows)}</table>
+{profile_html}
+{examples_html}
 <h2>Figures</h2>
 {figs}
 </body></html>
 """
+
+
+def _cell(v: Any) -> str:
+    return html.escape("-" if v is None else str(v))
+
+
+def _profile_section(stats: dict[str, Any] | None) -> str:
+    """The profile pass: statuses and the model-free measures of how personal the profiles are."""
+    if not stats:
+        return ""
+    q = stats.get("quality") or {}
+    facts = {"users": stats.get("users"), "statuses": ", ".join(f"{k}: {n}" for k, n in
+                                                                 sorted((stats.get("statuses") or {}).items())),
+             "origins": ", ".join(f"{k}: {n}" for k, n in sorted((stats.get("origins") or {}).items()) if n)}
+    for key, label in (("identifiability", "identifiability (LLM fields)"),
+                       ("identifiability_with_habits", "identifiability (as prompted, with habits)")):
+        ident = q.get(key) or {}
+        if ident.get("top1") is not None:
+            facts[label] = (f"top-1 {ident['top1']:.3f} (chance {ident['chance_top1']:.3f}), MRR {ident['mrr']:.3f} "
+                            f"(chance {ident['chance_mrr']:.3f}) over {ident['users']} users")
+    if (q.get("grounding") or {}).get("keywords_grounded") is not None:
+        facts["keywords found in the user's own history"] = f"{q['grounding']['keywords_grounded']:.1%}"
+    if q.get("copied_from_example") is not None:
+        facts["profiles repeating the worked example"] = f"{q['copied_from_example']:.1%}"
+    body = "".join(f"<tr><th>{html.escape(k)}</th><td>{_cell(v)}</td></tr>" for k, v in facts.items())
+    return f"<h2>Profiles</h2>\n<table>{body}</table>"
+
+
+def _examples_section(examples: list[dict[str, Any]], modes: list[str]) -> str:
+    """A few users side by side: what they wrote before, their profile, and what each mode wrote for the query."""
+    if not examples:
+        return ""
+    parts = ["<h2>Examples</h2>"]
+    for ex in examples:
+        recent = "".join(f"<li>{html.escape(t)}</li>" for t in ex["recent"]) or "<li>-</li>"
+        rows = "".join(
+            f"<tr><td>{html.escape(m)}</td><td>{_cell(r.get('output'))}</td>"
+            f"<td>{'-' if r.get('score') is None else format(r['score'], '.3f')}</td><td>{_cell(r.get('status'))}"
+            "</td></tr>" for m in modes if (r := ex["modes"].get(m)) is not None)
+        parts.append(
+            f'<div class="example"><table><tr><th>user</th><td>{_cell(ex["user_id"])} (query {_cell(ex["query_id"])})'
+            f"</td></tr><tr><th>newest history items</th><td><ul>{recent}</ul></td></tr>"
+            f"<tr><th>profile</th><td><pre>{_cell(ex['profile_text'])}</pre></td></tr>"
+            f"<tr><th>gold</th><td>{_cell(ex['gold'])}</td></tr></table>"
+            f"<table><tr><th>mode</th><th>output</th><th>score</th><th>status</th></tr>{rows}</table></div>")
+    return "\n".join(parts)
 
 
 def build_report(uri: str, storage: StorageConfig | None = None) -> str:

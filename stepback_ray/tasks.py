@@ -18,6 +18,8 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Literal
 
+from .history_facts import Habits, LabelHabits, RatingHabits, TextHabits
+
 Item = dict[str, str]
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -223,6 +225,9 @@ class TaskSpec:
     """What the output is called in merge prompts ("title", "abstract", ...)."""
     compose_plain: Callable[[list[str], str], str] | None = None
     """Official LaMP composition of inline patterns and input (default: joined patterns, tail, input)."""
+    habits: Habits | None = None
+    """What is measured from the history beside the LLM's profile: the habits of the user's own outputs of this
+    task's kind (``None``: the items hold nothing of the kind, as LaMP_1's paper titles for a citation choice)."""
 
     def gold_problem(self, gold: str) -> str | None:
         """Why ``gold`` cannot be scored for this task (None: it can). Checked when the input is read, so a bad
@@ -254,6 +259,7 @@ def _after_title(patterns: list[str], text: str) -> str:
 
 
 _SCHOLARLY_ITEM = ("title", "abstract")
+TITLE_HABITS = TextHabits("title", "titles", "Title habits")
 
 
 def _paper_item(it: Item) -> str:
@@ -277,7 +283,8 @@ TASKS: dict[str, TaskSpec] = {
                             f"name without further explanation. tags: [{', '.join(MOVIE_TAGS)}] description: "
                             f"{it['description']}", it["tag"]),
         system="You tag movies the way this viewer does. Answer with one tag from the list, nothing else.",
-        profile=MOVIES, metric="accuracy_f1", parse=label_parser(MOVIE_TAGS), labels=MOVIE_TAGS, max_new_tokens=8),
+        profile=MOVIES, metric="accuracy_f1", parse=label_parser(MOVIE_TAGS), labels=MOVIE_TAGS, max_new_tokens=8,
+        habits=LabelHabits("tag", "tags", "Tagging habits")),
     "LaMP_2_news": TaskSpec(
         name="LaMP_2_news", kind="classification", item_fields=("text", "category"),
         corpus_text=lambda it: f"{it.get('title', '')} {it['text']}".strip(), query_text=after("article:"),
@@ -289,7 +296,7 @@ TASKS: dict[str, TaskSpec] = {
         system="You file news articles into categories the way this journalist does. Answer with one category "
                "from the list, nothing else.",
         profile=NEWS, metric="accuracy_f1", parse=label_parser(NEWS_CATEGORIES), labels=NEWS_CATEGORIES,
-        max_new_tokens=8),
+        max_new_tokens=8, habits=LabelHabits("category", "categories", "Filing habits")),
     "LaMP_3": TaskSpec(
         name="LaMP_3", kind="rating", item_fields=("text", "score"),
         corpus_text=lambda it: it["text"], query_text=after("review:"),
@@ -298,7 +305,8 @@ TASKS: dict[str, TaskSpec] = {
         example=lambda it: ("What is the score of the following review on a scale of 1 to 5? just answer with 1, 2, "
                             f"3, 4, or 5 without further explanation. review: {it['text']}", it["score"]),
         system="You predict the score (1 to 5) this reviewer gives. Answer with a single digit.",
-        profile=REVIEWS, metric="mae_rmse", parse=parse_score, labels=("1", "2", "3", "4", "5"), max_new_tokens=4),
+        profile=REVIEWS, metric="mae_rmse", parse=parse_score, labels=("1", "2", "3", "4", "5"), max_new_tokens=4,
+        habits=RatingHabits("score")),
     "LaMP_4": TaskSpec(
         name="LaMP_4", kind="generation", item_fields=("title", "text"),
         corpus_text=lambda it: f"{it['title']} {it['text']}", query_text=after("article:"),
@@ -306,7 +314,8 @@ TASKS: dict[str, TaskSpec] = {
         pattern=lambda it: f'"{it["title"]}" is the title for "{it["text"]}" ',
         example=lambda it: (f"Generate a headline for the following article: {it['text']}", it["title"]),
         system="You write the headline of a news article from its text. Reply with the headline only.",
-        profile=NEWS, metric="rouge", answer_prefix="Headline:", output_noun="headline"),
+        profile=NEWS, metric="rouge", answer_prefix="Headline:", output_noun="headline",
+        habits=TextHabits("title", "headlines", "Headline habits")),
     "LaMP_5": TaskSpec(
         name="LaMP_5", kind="generation", item_fields=_SCHOLARLY_ITEM,
         corpus_text=lambda it: f"{it['title']} {it['abstract']}", query_text=after("paper:"),
@@ -314,7 +323,7 @@ TASKS: dict[str, TaskSpec] = {
         example=lambda it: (f"Generate a title for the following abstract of a paper: {it['abstract']}", it["title"]),
         system="You write the title of a scientific paper from its abstract. Reply with the title only.",
         profile=SCHOLARLY, metric="rouge", answer_prefix="Title:", pattern_tail=". Following the given patterns ",
-        output_noun="title"),
+        output_noun="title", habits=TITLE_HABITS),
     "LaMP_6": TaskSpec(
         name="LaMP_6", kind="generation", item_fields=("text", "title"),
         corpus_text=lambda it: it["text"], query_text=after(":"),
@@ -322,7 +331,8 @@ TASKS: dict[str, TaskSpec] = {
         pattern=lambda it: f'"{it["title"]}" is the title for "{it["text"]}" ',
         example=lambda it: (f"Generate a subject for the following email: {it['text']}", it["title"]),
         system="You write the subject line of an email from its body. Reply with the subject only.",
-        profile=EMAIL, metric="rouge", answer_prefix="Subject:", output_noun="subject"),
+        profile=EMAIL, metric="rouge", answer_prefix="Subject:", output_noun="subject",
+        habits=TextHabits("title", "subjects", "Subject-line habits")),
     "LaMP_7": TaskSpec(
         name="LaMP_7", kind="generation", item_fields=("text",),
         corpus_text=lambda it: it["text"], query_text=after(":"),
@@ -330,7 +340,7 @@ TASKS: dict[str, TaskSpec] = {
         system="You paraphrase a tweet in this person's own voice. Reply with the paraphrased tweet only.",
         context_label="Tweets this person has written", profile=TWEETS, metric="rouge",
         answer_prefix="Paraphrase:", pattern_tail=" are written by a person. Following the given patterns ",
-        output_noun="paraphrase"),
+        output_noun="paraphrase", habits=TextHabits("text", "tweets", "Tweet habits")),
     "PSW_title": TaskSpec(
         name="PSW_title", kind="generation", item_fields=_SCHOLARLY_ITEM,
         corpus_text=lambda it: f"{it['title']} {it['abstract']}", query_text=after("paper:"),
@@ -338,7 +348,7 @@ TASKS: dict[str, TaskSpec] = {
         example=lambda it: (f"Generate a title for the following abstract of a paper: {it['abstract']}", it["title"]),
         system="You write the title of a scientific paper from its abstract. Reply with the title only.",
         profile=SCHOLARLY, metric="rouge", answer_prefix="Title:", pattern_tail=". Following the given patterns ",
-        multi_author=True, output_noun="title"),
+        multi_author=True, output_noun="title", habits=TITLE_HABITS),
     "PSW_abstract": TaskSpec(
         name="PSW_abstract", kind="generation", item_fields=_SCHOLARLY_ITEM,
         corpus_text=lambda it: f"{it['title']} {it['abstract']}", query_text=after("titled:"),
@@ -348,7 +358,7 @@ TASKS: dict[str, TaskSpec] = {
                "paragraph.",
         profile=SCHOLARLY, metric="rouge", parse=clean_paragraph, stop=("\n\n",), max_new_tokens=192,
         answer_prefix="Abstract:", pattern_tail=". Following the given patterns ", multi_author=True,
-        output_noun="abstract"),
+        output_noun="abstract", habits=TextHabits("abstract", "abstracts", "Abstract habits")),
 }
 
 TASK_ALIASES = {"LaMP-1": "LaMP_1", "LaMP-2": "LaMP_2", "LaMP-2-old": "LaMP_2_news", "LaMP_2_old": "LaMP_2_news",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 
 import pandas as pd
@@ -43,6 +44,10 @@ def test_end_to_end_five_users_then_rerun_skips_committed_chunks(ray_local, tmp_
     assert len(profiles) == 5 and profiles["fingerprint"].nunique() == 5
     assert set(profiles["status"]) <= {"ok", "partial", "fallback"}
     assert (profiles["items_used"] > 0).all()
+    # measured habits ride with the LLM's fields; the newest items are kept for the report
+    assert profiles["profile_text"].str.contains("Title habits: Titles are ").all()
+    assert all(json.loads(p)["habits"] for p in profiles["profile_json"])
+    assert (profiles["recent_items"].map(len) > 0).all()
 
     metrics = json.loads((out / "metrics.json").read_text())
     manifest = json.loads((out / "manifest.json").read_text())
@@ -55,6 +60,14 @@ def test_end_to_end_five_users_then_rerun_skips_committed_chunks(ray_local, tmp_
     for fig in ("metrics.png", "history.png", "stages.png", "throughput.png", "failures.png"):
         assert f'src="{fig}"' in report and (out / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", fig
     assert "profile+rag" in report and "10 of 10 expected" in report
+    quality = metrics["profiles"]["quality"]  # the model-free profile measures of every profile pass
+    assert quality["sample_users"] == 5 and quality["identifiability"]["users"] == 5
+    assert quality["identifiability"]["chance_top1"] == 0.2 and 0 <= quality["identifiability"]["top1"] <= 1
+    assert 0 <= quality["grounding"]["keywords_grounded"] <= 1
+    assert "<h2>Profiles</h2>" in report and "identifiability (LLM fields)" in report
+    assert "<h2>Examples</h2>" in report and "newest history items" in report
+    first = gens.sort_values("query_id").iloc[0]
+    assert html.escape(first["gold"]) in report and html.escape(first["user_id"]) in report
 
     # `stepback plan` (no model: the dry-run engine with the real tokenizer) predicts this run's tokens within 5 %
     plan = plan_job(load_job(REPO / "jobs" / "demo.yaml", [*FAST, "limit=5", f"output={tmp_path / 'x'}",

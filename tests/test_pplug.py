@@ -141,3 +141,33 @@ def test_pplug_modes_in_the_pipeline_with_an_empty_history(ray_local, tiny_check
     assert sorted(emb["user_id"]) == ["q:310", "q:311", "q:312"]
     assert len(emb.set_index("user_id").loc["q:310", "vectors"]) == 3
     assert result.metrics["modes"]["pplug+profile"]["scored"] == 3
+
+
+def test_pplug_random_serves_the_donors_soft_token_with_the_users_own_input(tiny_checkpoint, tmp_path):
+    """The control for Persona-Plug: the query's own input with another user's items behind the soft token. Called
+    on the generation plan stage directly (no engine): its soft tokens are the plug's output for (this input, the
+    donor's item vectors), never this user's own."""
+    import pyarrow as pa
+
+    from stepback_ray import pipeline as pl
+    from stepback_ray.data import donors
+
+    ckpt, _ = tiny_checkpoint
+    job = load_job(REPO / "jobs" / "demo.yaml", [
+        f"input.questions={SAMPLE}_questions.json", f"input.outputs={SAMPLE}_outputs.json", "limit=4",
+        f"output={tmp_path / 'run'}", "modes=[pplug, pplug-random]", f"pplug.checkpoint={ckpt}", "ray.num_shards=1",
+        "ray.progress_bars=false"])
+    work = pl.prepare_work(job, needs_profiles=False)
+    at = pl.ProfilesAt(job.output_uri, "profiles")
+    pl.commit_embeddings(pl.EmbedStage(job, at)(pa.Table.from_pylist(work.profile_chunks)), job, at)
+    stage = pl.GenerationPlanStage(job, at)
+    rows = stage(pa.Table.from_pylist(work.generation_chunks)).to_pylist()
+    soft = {(r["user_id"], r["mode"]): np.asarray(r["soft_tokens"]) for r in rows}
+    inputs = {r["user_id"]: r["input"] for r in rows}
+    vectors = stage._embeddings([c["chunk_id"] for c in work.generation_chunks])
+    pairs = donors(sorted(inputs), job.generation.seed)
+    assert len(pairs) == 4 and all(u != d for u, d in pairs.items())
+    for user, donor in pairs.items():
+        expected = stage.plug.soft_tokens([(inputs[user], list(vectors[donor].values()))])[0]
+        np.testing.assert_allclose(soft[(user, "pplug-random")], expected, rtol=1e-5, atol=1e-6)
+        assert not np.allclose(soft[(user, "pplug-random")], soft[(user, "pplug")])

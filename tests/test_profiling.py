@@ -66,9 +66,12 @@ def test_parse_clean_json():
     assert status == "ok"
     assert prof == {"keywords": ["graph learning", "molecules"], "topics": ["drug discovery"],
                     "style": "Short, method-first titles."}
-    text = profiling.render_profile(prof, TASK.profile)
+    text = profiling.render_profile(prof, TASK)
     assert text.splitlines() == ["Keywords: graph learning, molecules", "Research topics: drug discovery",
                                  "Title style: Short, method-first titles."]
+    with_habits = profiling.render_profile({**prof, "habits": ["Titles are 8-12 words long (median 10)"]}, TASK)
+    assert with_habits.splitlines()[-1] == "Title habits: Titles are 8-12 words long (median 10)"
+    assert profiling.render_profile({**prof, "habits": ["x"]}, TASK, habits=False) == text
 
 
 def test_parse_repairs_broken_json_and_dedupes():

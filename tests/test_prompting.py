@@ -108,6 +108,11 @@ def test_lead_merge_and_concat_for_coauthored_papers(formatter):
     assert text.index("benchmarks") < text.index("sparse attention") < text.index("retrieval")
     single = _plan(formatter, "PSW_title", q, "none", profiles)
     assert len(single.prompts) == 1 and single.merge is None
+    lead_only = _plan(formatter, "PSW_title", q, "profile+rag", profiles, multi=MultiAuthorConfig(strategy="single"))
+    assert len(lead_only.prompts) == 1 and lead_only.merge is None
+    text = formatter.render(lead_only.prompts[0].prompt)
+    assert "benchmarks" in text and "sparse attention" not in text and "retrieval" not in text
+    assert set(lead_only.retrieved_ids) <= {it["id"] for it in q.profiles[0]}  # the lead's own history only
 
 
 class CountingRetriever(BM25Retriever):
