@@ -42,6 +42,10 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "habits": ("the LLM's fields with the worked example, plus habits measured from the history",
                ["profile.habits=true", "profile.example=worked"]),
     "habits-no-example": ("no worked example, plus measured habits", ["profile.habits=true", "profile.example=none"]),
+    "exemplars": ("the LLM's fields with the worked example, plus the user's 8 newest titles",
+                  ["profile.habits=false", "profile.exemplars=8"]),
+    "habits-exemplars": ("the LLM's fields, measured habits and the 8 newest titles",
+                         ["profile.habits=true", "profile.exemplars=8"]),
 }
 START_NAME = "profile_variants"
 
@@ -92,6 +96,7 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--data", default=os.environ.get("STEPBACK_SHARED_DATA", str(REPO.parent / "shared" / "data")))
     ap.add_argument("--set", action="append", default=[], help="job-spec override for every variant (the engine)")
+    ap.add_argument("--tag", default="", help="suffix of the run folder (a comparison with other --set overrides)")
     ap.add_argument("--write", help="markdown file whose profile_variants section is replaced")
     args = ap.parse_args()
 
@@ -102,7 +107,7 @@ def main() -> None:
     from stepback_ray.engines import build_engine
 
     task, prefix = SETS[args.set_name]
-    root = REPO / "runs" / "profile_variants" / f"{args.set_name}-{args.users}"
+    root = REPO / "runs" / "profile_variants" / f"{args.set_name}-{args.users}{'-' + args.tag if args.tag else ''}"
     data = Path(args.data)
 
     def job_for(name: str, modes: list[str], extra: list[str]):

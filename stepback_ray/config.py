@@ -122,6 +122,8 @@ class ProfileConfig(_Strict):
     habits: bool = Field(default=True, description="add facts measured from the whole history (length, colon use, "
                                                    "case and recurring words of the user's own titles; labels given; "
                                                    "scores) to the profile")
+    exemplars: int = Field(default=0, ge=0, le=32, description="list the user's N newest own texts of the task's "
+                                                               "kind (their titles, headlines) in the profile")
     example: Literal["worked", "none"] = Field(
         default="worked", description="'worked': the step-back prompt shows a worked example (items -> profile); "
                                       "'none': the instruction and the prefilled JSON alone")
@@ -159,6 +161,11 @@ class GenerationConfig(_Strict):
     temperature: float = Field(default=0.0, ge=0.0, le=5.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int = 0
+    candidates: int = Field(default=1, ge=1, le=32, description="answers per query: the decoded one plus "
+                                                               "candidates - 1 sampled, one kept by consensus and "
+                                                               "(profile modes) agreement with the person")
+    candidate_temperature: float = Field(default=0.7, gt=0.0, le=5.0)
+    candidate_top_p: float = Field(default=0.95, gt=0.0, le=1.0)
 
 
 class RayConfig(_Strict):

@@ -112,6 +112,10 @@ class TextHabits:
             facts.append(f"Recurring words: {', '.join(recurring)}")
         return facts
 
+    def exemplars(self, items: list[Item], n: int) -> list[str]:
+        """The first ``n`` of the user's own texts in ``items`` (give them newest first)."""
+        return [t for t in ((it.get(self.field) or "").strip() for it in items) if t][:n]
+
 
 @dataclass(frozen=True)
 class LabelHabits:

@@ -18,6 +18,7 @@ the score columns, writes ``metrics.json`` and the official-format predictions, 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -27,7 +28,7 @@ from typing import Any, Iterator
 
 import pyarrow as pa
 
-from . import __version__, metrics, profile_quality, profiling, prompting
+from . import __version__, metrics, profile_quality, profiling, prompting, selection
 from .config import JobSpec
 from .data import collect_users, decode_queries, decode_users, donors, generation_chunks, lead_groups, profile_chunks
 from .data.datasets import load_staged, stage_dataset, staged_chunks
@@ -62,7 +63,7 @@ GENERATION_SCHEMA = pa.schema([
     ("prompt", _S), ("proposals", _LS), ("raw_output", _S), ("output", _S), ("score", _F), ("rouge1", _F),
     ("rougeL", _F), ("abs_error", _F), ("prompt_tokens", _I), ("completion_tokens", _I), ("engine_seconds", _F),
     ("llm_calls", _I), ("finish_reason", _S), ("truncated", _B), ("status", _S), ("notes", _LS),
-    ("history_items", _I), ("committed_at", _F),
+    ("history_items", _I), ("candidates", _LS), ("committed_at", _F),
 ])
 _PLANNED = pa.schema([("chunk_id", _S), ("chunk_rows", _I), ("user_id", _S), ("plan_json", _S), ("fingerprint", _S),
                       ("notes", _LS), ("origin", _S), ("history_ids", _LS), ("carried_json", _S),
@@ -71,7 +72,7 @@ _GEN_PLANNED = pa.schema([
     ("chunk_id", _S), ("chunk_rows", _I), ("query_id", _S), ("mode", _S), ("user_id", _S), ("user_ids", _LS),
     ("input", _S), ("gold", _S), ("profile_text", _S), ("profile_status", _S), ("retrieved_ids", _LS),
     ("prompts", _LS), ("merge_json", _S), ("truncated", _B), ("notes", _LS), ("history_items", _I),
-    ("soft_tokens", pa.list_(pa.list_(pa.float32()))),
+    ("soft_tokens", pa.list_(pa.list_(pa.float32()))), ("select_refs", pa.list_(_LS)),
 ])
 
 
@@ -155,6 +156,7 @@ class ProfilePlanStage:
             plan.base_item_ids = list(prev["item_ids"] or [])
             plan.items_total = len(u.history)
             plan.habits = profiling.measure_habits(u.history, self.task, self.job.profile)  # the whole history
+            plan.exemplars = profiling.exemplars(u.history, self.task, self.job.profile)
             return plan, "incremental"
         plan = profiling.plan_profile(u.user_id, u.history, self.task, self.job.profile, self.tools, self.budget)
         return plan, "recomputed" if prev is not None else "new"
@@ -211,8 +213,8 @@ class ProfileEngineStage:
                 item_ids = sorted(set(item_ids) | set(plan.base_item_ids))
             if not plan.parts:
                 notes.append("profile skipped: empty history")
-            if res.profile is not None and plan.habits:
-                res.profile["habits"] = plan.habits
+            if res.profile is not None:  # what is measured, not distilled, rides beside the LLM's fields
+                res.profile.update({k: v for k, v in (("habits", plan.habits), ("exemplars", plan.exemplars)) if v})
             out.append({
                 **r, "task": self.task.name, "status": res.status,
                 "profile_json": json.dumps(res.profile) if res.profile is not None else None,
@@ -337,9 +339,16 @@ class GenerationPlanStage:
             for cid in chunk_ids:
                 rel = f"{self.at.folder}/chunk-{cid}.parquet"
                 if self.store.exists(rel):
-                    table = self.store.read_table(rel, columns=["user_id", "profile_text", "status"])
+                    table = self.store.read_table(rel, columns=["user_id", "profile_text", "profile_json", "status"])
                     out.update({r["user_id"]: r for r in table.to_pylist()})
         return out
+
+    def _refs(self, mode: str, plan: prompting.GenerationPlan, llm_fields: dict[str, str]) -> list[list[str]] | None:
+        """What candidates are compared with beside each other (profile modes, several candidates): the past
+        outputs and profiles of the people whose context the prompt uses."""
+        if self.job.generation.candidates < 2 or not prompting.mode_uses(mode)[0]:
+            return None
+        return selection.personal_refs(self.task, plan.people, llm_fields).to_list()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = []
@@ -351,6 +360,8 @@ class GenerationPlanStage:
                 if any(prompting.uses_donor(m) for m in self.job.modes) else {}
             profiles = self._profiles(chunk.get("profile_chunks") or [chunk["chunk_id"]])
             texts = {u: p["profile_text"] for u, p in profiles.items()}
+            llm_fields = {u: profiling.render_profile(json.loads(p["profile_json"]), self.task, habits=False)
+                          for u, p in profiles.items() if p["profile_json"]}
             n_rows = len(queries) * len(self.job.modes)
             for q in queries:
                 lead = profiles.get(q.user_id, {})
@@ -366,6 +377,7 @@ class GenerationPlanStage:
                         "retrieved_ids": plan.retrieved_ids, "prompts": [p.text for p in plan.prompts],
                         "merge_json": json.dumps(plan.merge) if plan.merge else None, "truncated": plan.truncated,
                         "notes": plan.all_notes(), "history_items": len(q.profile),
+                        "select_refs": self._refs(mode, plan, llm_fields),
                     })
             if self.plug is not None:
                 chunk_rows = [r for r in rows if r["chunk_id"] == chunk["chunk_id"]]
@@ -434,9 +446,30 @@ class GenerationEngineStage:
                          prompt_tokens=r["prompt_tokens"] + c.prompt_tokens,
                          completion_tokens=r["completion_tokens"] + c.completion_tokens,
                          engine_seconds=r["engine_seconds"] + c.seconds, engine_error=c.error)
+        if self.job.generation.candidates > 1:
+            self._sample_candidates(rows, {id(r) for r, _ in merges})
         for r in rows:
             r.pop("soft_tokens", None)  # served; not an output column
         return pa.Table.from_pylist(rows)
+
+    def _sample_candidates(self, rows: list[dict[str, Any]], merged: set[int]) -> None:
+        """``candidates - 1`` sampled answers to each row's final prompt (the merge prompt after a lead-merge),
+        beside the decoded one; the scoring stage keeps one of them. On vLLM the prompts' KV is still in the
+        prefix cache from the decoded call, so this costs little more than the sampled tokens."""
+        g = self.job.generation
+        todo = [r for r in rows if not r["engine_error"] and r["prompt"]]
+        params = dataclasses.replace(self.params, temperature=g.candidate_temperature, top_p=g.candidate_top_p,
+                                     n=g.candidates - 1)
+        soft = [None if id(r) in merged else r.get("soft_tokens") for r in todo]
+        done = generate_isolated(self.engine, [r["prompt"] for r in todo], params,
+                                 soft if any(x is not None for x in soft) else None)
+        for r, c in zip(todo, done):
+            r.update(candidates=[r["raw_output"], *(c.samples or [c.text])] if not c.error else [r["raw_output"]],
+                     llm_calls=r["llm_calls"] + 1, prompt_tokens=r["prompt_tokens"] + c.prompt_tokens,
+                     completion_tokens=r["completion_tokens"] + c.completion_tokens,
+                     engine_seconds=r["engine_seconds"] + c.seconds)
+            if c.error:
+                r["notes"] = r["notes"] + [f"sampled candidates failed ({c.error[:200]}); the decoded answer is kept"]
 
 
 # ------------------------------------------------------------------------------------------------ commit
@@ -487,10 +520,19 @@ def score_and_commit_generations(batch: pa.Table, job: JobSpec) -> pa.Table:
     for r in rows:
         if r["engine_error"]:
             # scored as an empty answer, as the official evaluation scores a question without a prediction
+            r.pop("select_refs", None)
             r.update(output=None, status=f"error: {r['engine_error']}")
             if r["gold"] is not None:
                 r.update(metrics.score_row(task, None, r["gold"]))
             continue
+        refs = selection.PersonalRefs.from_list(r.pop("select_refs", None))
+        raws = r.get("candidates") or []
+        if len(raws) > 1:  # several answers: keep one (consensus, and for profile modes the person)
+            parsed = [task.parse(x or "") for x in raws]
+            pick = selection.choose(task, parsed, refs)
+            r.update(raw_output=raws[pick], candidates=[p or "" for p in parsed])
+            if pick:
+                r["notes"] = r["notes"] + [f"kept sampled candidate {pick} of {len(raws)}"]
         out = task.parse(r["raw_output"] or "")
         status = "truncated" if r["truncated"] else "ok"
         if out is None or (task.kind != "generation" and out not in task.labels):

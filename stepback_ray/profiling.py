@@ -60,6 +60,8 @@ class ProfilePlan:
     """Incremental update: the items the previous profile was built from."""
     habits: list[str] = field(default_factory=list)
     """Facts measured from the whole history (:mod:`~stepback_ray.history_facts`), kept beside the LLM's fields."""
+    exemplars: list[str] = field(default_factory=list)
+    """The user's newest own texts (``profile.exemplars``), listed in the profile."""
 
     @property
     def items_used(self) -> int:
@@ -68,13 +70,13 @@ class ProfilePlan:
     def to_dict(self) -> dict[str, Any]:
         return {"user_id": self.user_id, "items_total": self.items_total, "items_dropped": self.items_dropped,
                 "parts": [[vars(s) for s in part] for part in self.parts], "base_profile": self.base_profile,
-                "base_item_ids": self.base_item_ids, "habits": self.habits}
+                "base_item_ids": self.base_item_ids, "habits": self.habits, "exemplars": self.exemplars}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ProfilePlan":
         return cls(d["user_id"], [[SelectedItem(**s) for s in part] for part in d["parts"]], d["items_total"],
                    d["items_dropped"], d.get("base_profile"), list(d.get("base_item_ids") or []),
-                   list(d.get("habits") or []))
+                   list(d.get("habits") or []), list(d.get("exemplars") or []))
 
 
 def _date_key(item: dict[str, str]) -> float:
@@ -124,7 +126,8 @@ def plan_profile(user_id: str, history: list[dict[str, str]], task: TaskSpec, co
     keep = 1 if not config.map_reduce else (config.max_parts or len(parts))
     kept = parts[:keep]
     dropped = sum(len(p) for p in parts[keep:])
-    return ProfilePlan(user_id, kept, len(history), dropped, habits=measure_habits(history, task, config))
+    return ProfilePlan(user_id, kept, len(history), dropped, habits=measure_habits(history, task, config),
+                       exemplars=exemplars(history, task, config))
 
 
 RECENT_ITEMS = 5
@@ -140,6 +143,13 @@ def recent_items(history: list[dict[str, str]], task: TaskSpec, n: int = RECENT_
 def measure_habits(history: list[dict[str, str]], task: TaskSpec, config: ProfileConfig) -> list[str]:
     """The task's habits measured over the whole history (none if the job turned them off or the task has none)."""
     return task.habits(history) if config.habits and task.habits is not None else []
+
+
+def exemplars(history: list[dict[str, str]], task: TaskSpec, config: ProfileConfig) -> list[str]:
+    """The user's ``config.exemplars`` newest own texts of the task's kind (none for tasks whose items hold no
+    text output: labels and ratings are summed up by the habits instead)."""
+    pick = getattr(task.habits, "exemplars", None)
+    return pick(most_recent_first(history), config.exemplars) if config.exemplars and pick else []
 
 
 def select_history(history: list[dict[str, str]], task: TaskSpec, config: ProfileConfig,
@@ -303,6 +313,9 @@ def render_profile(profile: dict[str, Any], task: TaskSpec, habits: bool = True)
             lines.append(f"{schema.labels.get(name, name)}: {value}")
     if habits and profile.get("habits") and task.habits is not None:
         lines.append(f"{task.habits.label}: {'; '.join(profile['habits'])}")
+    if habits and profile.get("exemplars") and task.habits is not None:
+        noun = getattr(task.habits, "noun", "texts")
+        lines.append(f"{noun.capitalize()} this {schema.person} wrote: " + "; ".join(profile["exemplars"]))
     return "\n".join(lines)
 
 

@@ -77,6 +77,8 @@ class GenerationPlan:
     merge: dict[str, Any] | None = None
     """For lead-merge: what the merge prompt needs besides the proposals (built once they exist)."""
     notes: list[str] = field(default_factory=list)
+    people: list[Persona] = field(default_factory=list)
+    """Whose personal context the prompts use (the lead alone, or every author; a donor's under the controls)."""
 
     @property
     def retrieved_ids(self) -> list[str]:
@@ -180,7 +182,7 @@ def plan_generation(task: TaskSpec, query: Query, mode: str, profiles: dict[str,
     if len(people) == 1 or mode == "none" or uses_plug(mode) or multi.strategy == "single":
         # one author's prompt: the only one, or the lead (the plug serves the lead author alone)
         lead = people[0]
-        return GenerationPlan([prompt_for(lead.profile_text, lead.history)], notes=notes)
+        return GenerationPlan([prompt_for(lead.profile_text, lead.history)], notes=notes, people=[lead])
     if multi.strategy == "concat":
         blocks = [f"Author {i + 1}{' (lead)' if i == 0 else ''}, {uid}:\n{p.profile_text}"
                   for i, (uid, p) in enumerate(zip(query.user_ids, people)) if p.profile_text]
@@ -190,11 +192,11 @@ def plan_generation(task: TaskSpec, query: Query, mode: str, profiles: dict[str,
                 if it["id"] not in seen:
                     seen.add(it["id"])
                     pool.append(it)
-        return GenerationPlan([prompt_for("\n\n".join(blocks) or None, pool)], notes=notes)
+        return GenerationPlan([prompt_for("\n\n".join(blocks) or None, pool)], notes=notes, people=people)
     proposals = [prompt_for(p.profile_text, p.history) for p in people]
     merge = {"input": query.input, "authors": list(query.user_ids),
              "lead_profile": people[0].profile_text if use_profile else None}
-    return GenerationPlan(proposals, merge=merge, notes=notes)
+    return GenerationPlan(proposals, merge=merge, notes=notes, people=people)
 
 
 def merge_prompt(task: TaskSpec, tools: PromptTools, merge: dict[str, Any], proposals: list[str]) -> Prompt:

@@ -8,7 +8,7 @@ inside the process that uses them (a Ray actor), from an :class:`~stepback_ray.c
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, Union, runtime_checkable
 
 Message = dict[str, str]
@@ -28,6 +28,8 @@ class SamplingParams:
     """Generation ends once any of these strings appears; the returned text is cut before it."""
     json_schema: dict | None = None
     """Constrain the output to this JSON schema (only engines with ``supports_json_schema``)."""
+    n: int = 1
+    """Completions per prompt (sampled: with ``temperature`` above 0); all of them in ``Completion.samples``."""
 
 
 @dataclass
@@ -40,6 +42,8 @@ class Completion:
     seconds: float
     """This request's share of the wall time of the engine call that served it."""
     error: str | None = None
+    samples: list[str] = field(default_factory=list)
+    """With ``n`` above 1: every completion's text (``text`` is the first); the token count covers them all."""
 
 
 @runtime_checkable

@@ -74,7 +74,8 @@ class DryRunEngine:
                 ids = self.formatter.encode(self._answer(prefilled, target))[: params.max_new_tokens]
                 answers[prefilled] = (self.tokenizer.decode(ids), len(ids))
             answer, n_answer = answers[prefilled]
-            out.append(Completion(answer, n_prompt, n_answer, "stop", 0.0))
+            out.append(Completion(answer, n_prompt, n_answer * params.n, "stop", 0.0,
+                                  samples=[answer] * params.n if params.n > 1 else []))
         tps = self.config.dry_run_tokens_per_s
         if tps:
             busy = sum(c.prompt_tokens + c.completion_tokens for c in out) / tps - (time.perf_counter() - t0)

