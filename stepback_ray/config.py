@@ -119,7 +119,7 @@ class ProfileConfig(_Strict):
     merge_fan_in: int = Field(default=4, ge=2)
     style_notes: bool = Field(default=False, description="the paper's CoT variant: an LLM style note per item")
     note_max_new_tokens: int = Field(default=32, gt=0)
-    habits: bool = Field(default=True, description="add facts measured from the whole history (length, colon use, "
+    habits: bool = Field(default=False, description="add facts measured from the whole history (length, colon use, "
                                                    "case and recurring words of the user's own titles; labels given; "
                                                    "scores) to the profile")
     exemplars: int = Field(default=0, ge=0, le=32, description="list the user's N newest own texts of the task's "

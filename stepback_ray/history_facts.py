@@ -107,7 +107,8 @@ class TextHabits:
         if sum(questions) * 4 >= n:
             facts.append(f"{_share(questions)} {self.noun} are questions")
         counts = Counter(w for t in texts for w in set(content_words(t)))
-        recurring = [f"{w} ({c})" for w, c in counts.most_common(MAX_WORDS) if c >= 2]
+        ranked = sorted(counts.items(), key=lambda wc: (-wc[1], wc[0]))  # ties alphabetical: the same text each run
+        recurring = [f"{w} ({c})" for w, c in ranked[:MAX_WORDS] if c >= 2]
         if recurring:
             facts.append(f"Recurring words: {', '.join(recurring)}")
         return facts
