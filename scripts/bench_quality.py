@@ -55,11 +55,18 @@ SETS = {
 }
 MODES = ["none", "rag", "profile", "profile+rag", "random-profile"]
 PLUG_MODES = ["pplug", "pplug-random", "pplug+profile"]
+GREEDY = " (greedy)"
+"""Suffix of a mode's greedy-candidate scores in a run with ``generation.candidates`` > 1 (same run, same prompts:
+the kept answer against the decoded one says what the selection adds)."""
+
+
 SINGLE = "single"
 """The key under which a PSW set's single-author run is saved (its profile+rag rows)."""
 DIFFERENCES = [("profile+rag", "rag"), ("profile+rag", "random-profile"), ("profile", "none"), ("rag", "none"),
                ("profile+rag", "none"), ("pplug", "pplug-random"), ("pplug", "none"), ("pplug+profile", "pplug"),
-               ("lead-merge", "single"), ("lead-merge", "none")]
+               ("lead-merge", "single"), ("lead-merge", "none"),
+               ("profile+rag" + GREEDY, "rag" + GREEDY), ("profile+rag" + GREEDY, "random-profile" + GREEDY),
+               ("profile+rag", "profile+rag" + GREEDY), ("rag", "rag" + GREEDY)]
 """Paired differences reported where both sides were run; ``lead-merge`` is profile+rag under lead-merge."""
 
 
@@ -85,13 +92,20 @@ def verdict(d: dict[str, float]) -> str:
 
 
 def _scores(output: str) -> dict[str, dict[str, list[float]]]:
+    """ROUGE-1/ROUGE-L per mode and query; with several candidates also the greedy candidate's, as ``<mode> (greedy)``."""
     import pandas as pd
 
-    gens = pd.read_parquet(output + "/generations", columns=["query_id", "mode", "rouge1", "rougeL"])
+    from stepback_ray.metrics import rouge
+
+    gens = pd.read_parquet(output + "/generations",
+                           columns=["query_id", "mode", "gold", "rouge1", "rougeL", "candidates"])
     out: dict[str, dict[str, list[float]]] = {}
+    greedy: dict[str, dict[str, list[float]]] = {}
     for r in gens.itertuples():
         out.setdefault(r.mode, {})[r.query_id] = [float(r.rouge1), float(r.rougeL)]
-    return out
+        if r.candidates is not None and len(r.candidates) > 1:
+            greedy.setdefault(r.mode + GREEDY, {})[r.query_id] = list(rouge(r.candidates[0], r.gold))
+    return out | greedy
 
 
 def run_set(name: str, users: int, data_root: Path, overrides: list[str], modes: list[str], command: str) -> dict:
@@ -137,7 +151,8 @@ def differences(saved: dict) -> dict[str, dict[str, float]]:
     for a, b in DIFFERENCES:
         if a in r1 and b in r1:
             out[f"{a} - {b}"] = paired(r1[a], r1[b])
-    personal = [m for m in r1 if m not in ("none", "lead-merge", SINGLE, "random-profile", "pplug-random")]
+    personal = [m for m in r1 if m not in ("none", "lead-merge", SINGLE, "random-profile", "pplug-random")
+                and not m.endswith(GREEDY)]
     if "none" in r1 and personal:
         best = max(personal, key=lambda m: sum(r1[m].values()) / len(r1[m]))
         key = f"{best} - none"
@@ -188,11 +203,22 @@ def set_markdown(saved: dict) -> list[str]:
     return lines + [""]
 
 
+def _decoding(results: list[dict]) -> str:
+    """How the answers were decoded, read from the saved runs' overrides."""
+    ks = {next((int(o.split("=", 1)[1]) for o in r["overrides"] if o.startswith("generation.candidates=")), 1)
+          for r in results}
+    if ks == {1}:
+        return "Greedy decoding"
+    return (f"Answers kept among generation.candidates = {'/'.join(map(str, sorted(ks)))} per query (the greedy one "
+            "and sampled ones at T 0.7, chosen by consensus and, in profile modes, by agreement with the person's own "
+            "outputs and profile); `<mode> (greedy)` rows score the greedy candidate of the same run")
+
+
 def to_markdown(model: str, results: list[dict]) -> str:
     start, end = markers(f"bench_quality:{slug(model)}")
     engines = sorted({r["engine"] for r in results})
     lines = [start, "", f"### Quality: `{model}` ({', '.join(engines)} engine; {results[0]['machine']})", "",
-             "Greedy decoding; ROUGE F-measure, mean over queries with a percentile bootstrap 95 % interval (2000 "
+             f"{_decoding(results)}; ROUGE F-measure, mean over queries with a percentile bootstrap 95 % interval (2000 "
              "resamples); differences are paired over the same queries. Per-query scores: "
              f"`docs/quality/{slug(model)}/`.", ""]
     for saved in results:
