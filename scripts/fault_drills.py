@@ -71,8 +71,9 @@ def reconcile(gens: pd.DataFrame, expected_ids: set[str], modes: list[str]) -> d
             "rows_by_status": {k: int(v) for k, v in gens["status"].str.split(":").str[0].value_counts().items()}}
 
 
-def sample_query_ids() -> set[str]:
-    return {q["id"] for q in json.loads(Path(f"{SAMPLE}_questions.json").read_text())}
+def sample_query_ids(limit: int | None = None) -> set[str]:
+    """The sample's query ids (of its first ``limit`` users, as ``limit=`` takes them)."""
+    return {q["id"] for q in json.loads(Path(f"{SAMPLE}_questions.json").read_text())[:limit]}
 
 
 def _passed(r: dict[str, Any]) -> bool:
@@ -295,7 +296,9 @@ def drill_engine_error(root: Path) -> dict[str, Any]:
     questions = json.loads(Path(f"{SAMPLE}_questions.json").read_text())
     victim = questions[3]
     marker = victim["input"][:60]
-    job = demo_job(root / "engine-error", f"engine.dry_run_fail_marker={json.dumps(marker)}")
+    # 2 of 40 rows fail: over the default 1 % budget, so the budget is raised (the error-budget drill tests it)
+    job = demo_job(root / "engine-error", f"engine.dry_run_fail_marker={json.dumps(marker)}",
+                   "max_error_fraction=0.5")
     t0 = time.time()
     result = run_job(job)
     gens = pd.read_parquet(root / "engine-error" / "generations")
@@ -398,8 +401,111 @@ def drill_malformed_input(root: Path, good: int = 10_000, bad: int = 1_000, seed
     return r
 
 
+# ------------------------------------------------------------------------------------------------ fatal engines
+def _faults(log: Path) -> list[str]:
+    return log.read_text().splitlines() if log.exists() else []
+
+
+def drill_engine_fatal(root: Path, kind: str = "dead", after: int = 6, users: int = 20) -> dict[str, Any]:
+    """Every engine call after the ``after``-th on an engine instance is fatal: ``dead`` raises vLLM's
+    EngineDeadError, ``hang`` never returns (ended by ``engine.call_timeout_s``). The actor ends itself, Ray
+    restarts it with a new engine and retries the block: the run completes with 0 error rows."""
+    from stepback_ray.pipeline import run_job
+
+    out, log = root / f"engine-{kind}", root / f"engine-{kind}.faults"
+    knob = "engine.dry_run_fatal_after" if kind == "dead" else "engine.dry_run_hang_after"
+    job = demo_job(out, f"{knob}={after}", f"engine.dry_run_fault_log={log}", "engine.max_restarts=30",
+                   "engine.call_timeout_s=2", "ray.users_per_chunk=2", f"limit={users}")
+    t0 = time.time()
+    result = run_job(job)
+    gens = pd.read_parquet(out / "generations")
+    faults = _faults(log)
+    r = {"drill": f"engine-{kind}", "faults_injected": len(faults),
+         "fault": (f"every engine call after the {after}th of an engine instance "
+                   + ("raises EngineDeadError" if kind == "dead" else "hangs (engine.call_timeout_s = 2)")),
+         "engines_that_failed": len({f.split()[1] for f in faults}),
+         **reconcile(gens, sample_query_ids(users), job.modes), "wall_s": round(time.time() - t0, 1),
+         "profile_errors": result.metrics["profiles"]["statuses"].get("error", 0)}
+    r["passed"] = bool(_passed(r) and r["faults_injected"] >= 2 and set(r["rows_by_status"]) <= {"ok", "truncated"}
+                       and r["profile_errors"] == 0)
+    return r
+
+
+def drill_engine_hang(root: Path) -> dict[str, Any]:
+    return drill_engine_fatal(root, "hang")
+
+
+def drill_engine_dead_past_restarts(root: Path) -> dict[str, Any]:
+    """An engine that is dead from its first call, with ``engine.max_restarts`` = 2: the run fails within seconds
+    with exit status 3 and ``status: failed``, nothing committed as rows."""
+    from stepback_ray import cli
+
+    out, log = root / "engine-dead-for-good", root / "engine-dead-for-good.faults"
+    t0 = time.time()
+    code = cli.main(["run", str(REPO / "jobs" / "demo.yaml"), *[a for o in [*DRY, f"output={out}", "run_id=drill",
+                     "engine.dry_run_fatal_after=0", "engine.max_restarts=2", f"engine.dry_run_fault_log={log}",
+                     "modes=[none]"] for a in ("--set", o)]])
+    manifest = json.loads((out / "manifest.json").read_text()) if (out / "manifest.json").exists() else {}
+    gens = list((out / "generations").glob("*.parquet")) if (out / "generations").exists() else []
+    r = {"drill": "engine-dead-for-good", "faults_injected": len(_faults(log)),
+         "fault": "the engine is dead from its first call; engine.max_restarts = 2",
+         "rows_expected": 0, "rows_out": 0, "rows_lost": 0, "rows_unexpected": 0, "duplicates": 0,
+         "rows_by_status": {}, "exit_code": code, "manifest_status": manifest.get("status"),
+         "generation_files": len(gens), "wall_s": round(time.time() - t0, 1)}
+    r["passed"] = bool(code == 3 and r["manifest_status"] == "failed" and not gens and r["faults_injected"] == 3)
+    return r
+
+
+def drill_error_budget(root: Path, users: int = 20) -> dict[str, Any]:
+    """The engine rejects every prompt (a per-prompt error, e.g. a tokenizer fault): the profile pass of a nightly
+    store and a run's generation pass are over ``max_error_fraction``: exit 3, ``status: failed``, the store's
+    ``CURRENT.json`` unmoved; the same run ids rerun without the fault retry exactly the failed rows."""
+    from stepback_ray import cli
+
+    def run(name: str, *extra: str) -> tuple[int, dict[str, Any]]:
+        out = root / name
+        args = [*DRY, f"output={out}", "run_id=drill", f"limit={users}", *extra]
+        code = cli.main(["run", str(REPO / "jobs" / "demo.yaml"), *[a for o in args for a in ("--set", o)]])
+        return code, json.loads((out / "manifest.json").read_text())
+
+    store = root / "budget-store"
+    fault = "engine.dry_run_fail_marker=<|im_start|>"  # in every rendered chat prompt
+    t0 = time.time()
+    prof_code, prof_failed = run("budget-profiles", fault, f"profile_store.uri={store}")
+    store_moved = (store / "CURRENT.json").exists()
+    prof_rerun_code, prof_ok = run("budget-profiles", f"profile_store.uri={store}")
+    gen_code, gen_failed = run("budget-generations", fault, "modes=[none, rag]")
+    gen_rerun_code, gen_ok = run("budget-generations", "modes=[none, rag]")
+    ids = sample_query_ids(users)
+    parts = [reconcile(pd.read_parquet(root / "budget-profiles" / "generations"), ids, ["none", "profile+rag"]),
+             reconcile(pd.read_parquet(root / "budget-generations" / "generations"), ids, ["none", "rag"])]
+    counts = {k: sum(p[k] for p in parts) for k in ("rows_expected", "rows_out", "rows_lost", "rows_unexpected",
+                                                    "duplicates")}
+    by_status: dict[str, int] = {}
+    for p in parts:
+        for k, v in p["rows_by_status"].items():
+            by_status[k] = by_status.get(k, 0) + v
+    r = {"drill": "error-budget", "faults_injected": gen_failed["counts"].get("generation_rows_by_status", {}).get(
+             "error", 0) + prof_failed["counts"].get("profiles_by_status", {}).get("error", 0),
+         "fault": "the engine rejects every prompt: profile pass (with a store) and generation pass over "
+                  "max_error_fraction = 0.01, then the same run ids rerun without the fault",
+         **counts, "rows_by_status": by_status,
+         "exit_codes": [prof_code, prof_rerun_code, gen_code, gen_rerun_code],
+         "manifest_status": [prof_failed.get("status"), prof_ok.get("status"), gen_failed.get("status"),
+                             gen_ok.get("status")],
+         "store_moved_by_failed_run": store_moved,
+         "generation_chunks_retried": gen_ok["chunks_committed_this_run"]["generations"],
+         "wall_s": round(time.time() - t0, 1)}
+    r["passed"] = bool(_passed(r) and r["rows_out"] == r["rows_expected"] and r["exit_codes"] == [3, 0, 3, 0]
+                       and r["manifest_status"] == ["failed", "ok", "failed", "ok"] and not store_moved
+                       and set(r["rows_by_status"]) <= {"ok", "truncated"})
+    return r
+
+
 DRILLS = {"worker-kill": drill_worker_kill, "driver-kill": drill_driver_kill, "s3-faults": drill_s3_faults,
-          "engine-error": drill_engine_error, "malformed-input": drill_malformed_input}
+          "engine-error": drill_engine_error, "engine-dead": drill_engine_fatal, "engine-hang": drill_engine_hang,
+          "engine-dead-for-good": drill_engine_dead_past_restarts, "error-budget": drill_error_budget,
+          "malformed-input": drill_malformed_input}
 
 
 def to_markdown(report: dict[str, Any]) -> str:

@@ -9,7 +9,8 @@
     stepback train-pplug JOB.yaml [--set ...]       train the Persona-Plug projector (the LLM stays frozen)
     stepback report RUN_URI                         (re)build a finished run's report.html and figures
 
-Bad input or configuration ends with one line on stderr (``error: ...``) and exit status 2, never a traceback.
+Bad input or configuration ends with one line on stderr (``error: ...``) and exit status 2, never a traceback; a run
+that could not do its work (engine errors over ``max_error_fraction``, an engine that kept dying) exits 3.
 """
 
 from __future__ import annotations
@@ -179,13 +180,13 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except StepbackError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)
     except Exception as e:  # noqa: BLE001 - a user error raised inside a Ray worker arrives wrapped
         cause = _user_error_cause(e)
         if cause is None:
             raise
         print(f"error: {cause}", file=sys.stderr)
-        return 2
+        return getattr(cause, "exit_code", 2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -12,6 +12,7 @@ current directory, as a shell user expects. URIs with a scheme (``s3://...``) ar
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import re
 from pathlib import Path
@@ -102,6 +103,17 @@ class EngineConfig(_Strict):
                                                description="dry-run engine: take as long as an engine this fast")
     dry_run_fail_marker: str | None = Field(default=None,
                                             description="fault drills: the dry-run engine fails prompts with this text")
+    dry_run_fatal_after: int | None = Field(default=None, ge=0, description="fault drills: every call after the "
+                                                                            "N-th raises a fatal error (engine dead)")
+    dry_run_hang_after: int | None = Field(default=None, ge=0,
+                                           description="fault drills: every call after the N-th hangs")
+    dry_run_fault_log: str | None = Field(default=None, description="fault drills: a local file the dry-run engine "
+                                                                    "appends a line to for each fault it injects")
+    call_timeout_s: float | None = Field(
+        default=1800.0, gt=0.0, description="an engine call (one block's batch) that takes longer is a hung engine: "
+                                            "the actor exits and Ray restarts it; null: no limit")
+    max_restarts: int = Field(default=3, ge=0, description="engine actor restarts after fatal errors (dead engine, "
+                                                           "out of memory, hang) before the run fails")
 
 
 class ProfileConfig(_Strict):
@@ -258,6 +270,9 @@ class JobSpec(_Strict):
     pplug: PPlugConfig = Field(default_factory=PPlugConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
+    max_error_fraction: float = Field(
+        default=0.01, ge=0.0, le=1.0, description="a pass whose engine-error rows exceed this share of its rows fails "
+                                                  "(exit 3, manifest status failed); a rerun retries exactly those rows")
 
     @field_validator("name", "run_id", mode="before")
     @classmethod
@@ -331,6 +346,10 @@ class JobSpec(_Strict):
     def output_uri(self) -> str:
         return self.output.format(name=self.name, run_id=self.run_id)
 
+    def results_dict(self) -> dict[str, Any]:
+        """The spec without the keys of :data:`SPEED_ONLY_KEYS`: what a resumed run must match."""
+        return without_keys(self.public_dict(), SPEED_ONLY_KEYS)
+
     def public_dict(self) -> dict[str, Any]:
         """The spec as plain data with secrets removed: what goes into manifests and logs."""
         data = self.model_dump(mode="json")
@@ -338,6 +357,37 @@ class JobSpec(_Strict):
             if data["storage"].get(k) is not None:
                 data["storage"][k] = "***"
         return data
+
+
+SPEED_ONLY_KEYS = (
+    "name", "max_error_fraction",
+    "engine.batch_size", "engine.max_batch_tokens", "engine.threads", "engine.device", "engine.call_timeout_s",
+    "engine.max_restarts", "engine.dry_run_tokens_per_s", "engine.dry_run_fail_marker", "engine.dry_run_fatal_after",
+    "engine.dry_run_hang_after", "engine.dry_run_fault_log", "engine.vllm.gpu_memory_utilization", "engine.vllm.max_num_seqs",
+    "engine.vllm.cpu_kv_cache_gb", "engine.vllm.cpu_threads_bind", "engine.vllm.enforce_eager",
+    "engine.vllm.chunked_prefill", "engine.vllm.prefix_caching",
+    "ray.address", "ray.engine_actors", "ray.engine_actor_cpus", "ray.engine_actor_gpus", "ray.accelerator_type",
+    "ray.engine_tasks_in_flight", "ray.cpu_stage_actors", "ray.object_store_gib", "ray.progress_bars",
+    "storage.retries", "storage.key", "storage.secret", "storage.aws_profile",
+)
+"""Spec keys that change only speed, capacity, fault injection or access, never a result: a run resumed after an
+out-of-memory crash with a smaller batch or memory share, a rotated credential or the fault switched off goes on
+where it stopped. Every other key (task, input, modes, model, prompts, profile, retrieval, generation, pplug,
+``ray.num_shards`` / ``users_per_chunk``, which fix the chunks) must match. Keys a section does not have are
+ignored, so the list may name optional ones."""
+
+
+def without_keys(data: dict[str, Any], dotted: tuple[str, ...]) -> dict[str, Any]:
+    """A deep copy of ``data`` without the ``a.b.c`` keys in ``dotted``."""
+    out = json.loads(json.dumps(data))
+    for key in dotted:
+        *path, last = key.split(".")
+        node = out
+        for k in path:
+            node = node.get(k) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------- loading

@@ -33,3 +33,19 @@ class InputError(StepbackError):
 
 class StorageError(StepbackError):
     """Object storage is unreachable, the bucket is missing, or access is denied."""
+
+
+class RunFailed(StepbackError):
+    """The run could not do its work (engine errors over ``max_error_fraction``, an engine that kept dying). Not
+    bad input: it exits 3, its manifest says ``status: failed``, and rerunning the same run id retries what failed."""
+
+    exit_code = 3
+
+
+class ErrorBudgetExceeded(RunFailed):
+    """A pass's engine-error rows exceed ``max_error_fraction`` of its rows."""
+
+    def __init__(self, what: str, errors: int, total: int, fraction: float):
+        super().__init__(f"{errors} of {total} {what} are engine errors, over max_error_fraction = {fraction:g}; "
+                         "rerun the same run id to retry exactly those rows (the others are kept)")
+        self.what, self.errors, self.total = what, errors, total

@@ -36,7 +36,8 @@ from .data.lamp import read_lamp
 from .data.rows import Query, UserHistory, status_kind
 from .engines import SamplingParams, build_engine
 from .engines.formatting import PromptFormatter
-from .errors import StepbackError
+from .engines.guard import EngineCalls
+from .errors import ErrorBudgetExceeded, RunFailed, StepbackError
 from .profile_store import StoreVersion, commit_version, open_version
 from .resources import WORKER_ENV, engine_resources
 from .retrieval import MemoRetriever, build_retriever
@@ -67,7 +68,7 @@ GENERATION_SCHEMA = pa.schema([
 ])
 _PLANNED = pa.schema([("chunk_id", _S), ("chunk_rows", _I), ("user_id", _S), ("plan_json", _S), ("fingerprint", _S),
                       ("notes", _LS), ("origin", _S), ("history_ids", _LS), ("carried_json", _S),
-                      ("recent_items", _LS)])
+                      ("recent_items", _LS), ("retained", _B)])
 _GEN_PLANNED = pa.schema([
     ("chunk_id", _S), ("chunk_rows", _I), ("query_id", _S), ("mode", _S), ("user_id", _S), ("user_ids", _LS),
     ("input", _S), ("gold", _S), ("profile_text", _S), ("profile_status", _S), ("retrieved_ids", _LS),
@@ -141,6 +142,14 @@ class ProfilePlanStage:
             return {}
         return {r["user_id"]: r for r in self.store.read_table(rel).to_pylist()}
 
+    def _retained(self, chunk: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """A chunk retried after engine errors: the rows this pass already committed without error, kept as they
+        are (only the failed users are planned again)."""
+        if not chunk.get("retry"):
+            return {}
+        rows = self.store.read_table(f"{self.at.folder}/chunk-{chunk['chunk_id']}.parquet").to_pylist()
+        return {r["user_id"]: r for r in rows if status_kind(r.get("status")) != "error"}
+
     def _plan(self, u: UserHistory, prev: dict[str, Any] | None) -> tuple[profiling.ProfilePlan, str]:
         ids = [it["id"] for it in u.history]
         old = set(prev["history_ids"] or []) if prev is not None else set()
@@ -148,7 +157,7 @@ class ProfilePlanStage:
         # prompt version and settings (its fingerprint matches them): otherwise the user is profiled afresh
         if (prev is not None and not self.at.full and self.job.profile_store.incremental and prev["profile_json"]
                 and old < set(ids) and prev["fingerprint"] == profiling.fingerprint(
-                    [it for it in u.history if it["id"] in old], self.job.engine.model, self.job.profile,
+                    [it for it in u.history if it["id"] in old], self.job.engine, self.job.profile,
                     self.task.name)):
             plan = profiling.plan_profile(u.user_id, [it for it in u.history if it["id"] not in old], self.task,
                                           self.job.profile, self.tools, self.budget)
@@ -166,11 +175,16 @@ class ProfilePlanStage:
         for chunk in batch.to_pylist():
             users = chunk_users(self.job, chunk)
             previous = self._previous(chunk["chunk_id"])
+            retained = self._retained(chunk)
             for u in users:
-                fp = profiling.fingerprint(u.history, self.job.engine.model, self.job.profile, self.task.name)
+                fp = profiling.fingerprint(u.history, self.job.engine, self.job.profile, self.task.name)
                 row = {"chunk_id": chunk["chunk_id"], "chunk_rows": len(users), "user_id": u.user_id,
                        "fingerprint": fp, "history_ids": [it["id"] for it in u.history], "notes": [],
                        "recent_items": profiling.recent_items(u.history, self.task)}
+                if u.user_id in retained and retained[u.user_id]["fingerprint"] == fp:
+                    rows.append({**row, "origin": retained[u.user_id]["origin"], "retained": True,
+                                 "carried_json": json.dumps(retained[u.user_id], default=str)})
+                    continue
                 prev = previous.get(u.user_id)
                 # unchanged: carry over, except in a full rebuild a profile that came from incremental updates, and
                 # never a profile the engine failed on (the next run retries it)
@@ -193,8 +207,9 @@ class ProfileEngineStage:
     def __init__(self, job: JobSpec, engine=None):
         self.job, self.task = job, get_task(job.task)
         self.engine = engine or build_engine(job.engine)  # given: a caller running the stages in-process
+        self.generate = EngineCalls(self.engine, job.engine.call_timeout_s, in_actor=engine is None)
         self.distiller = profiling.Distiller(self.task, job.profile, self.engine,
-                                             lambda prompts, params: generate_isolated(self.engine, prompts, params))
+                                             lambda prompts, params: self.generate(prompts, params))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -202,8 +217,9 @@ class ProfileEngineStage:
         todo = [r for r in rows if not r["carried_json"]]
         plans = [profiling.ProfilePlan.from_dict(json.loads(r["plan_json"])) for r in todo]
         out = [{**json.loads(r["carried_json"]), "chunk_id": r["chunk_id"], "chunk_rows": r["chunk_rows"],
-                "recent_items": r["recent_items"], "origin": "carried", "llm_calls": 0, "prompt_tokens": 0, "completion_tokens": 0,
-                "engine_seconds": 0.0} for r in carried]
+                "recent_items": r["recent_items"]} | ({} if r["retained"] else {  # retained: this pass's own row
+                    "origin": "carried", "llm_calls": 0, "prompt_tokens": 0, "completion_tokens": 0,
+                    "engine_seconds": 0.0}) for r in carried]
         for r, plan, res in zip(todo, plans, self.distiller.run(plans)):
             notes = list(r["notes"])
             # the items the profile stands on: the selected ones, and for an incremental update also the items
@@ -362,11 +378,15 @@ class GenerationPlanStage:
             texts = {u: p["profile_text"] for u, p in profiles.items()}
             llm_fields = {u: profiling.render_profile(json.loads(p["profile_json"]), self.task, habits=False)
                           for u, p in profiles.items() if p["profile_json"]}
-            n_rows = len(queries) * len(self.job.modes)
+            retry = set(json.loads(chunk["retry"])) if chunk.get("retry") else None  # a rerun: the failed rows only
+            wanted = [(q, m) for q in queries for m in self.job.modes if retry is None or row_key(q.query_id, m) in retry]
+            n_rows = len(wanted)
             for q in queries:
                 lead = profiles.get(q.user_id, {})
                 retriever = MemoRetriever(self.retriever)  # the query's modes share its retrieval
                 for mode in self.job.modes:
+                    if retry is not None and row_key(q.query_id, mode) not in retry:
+                        continue
                     plan = prompting.plan_generation(self.task, q, mode, texts, donor_info, self.job.retrieval,
                                                      self.job.multi_author, retriever, self.tools,
                                                      self.job.max_new_tokens)
@@ -386,29 +406,13 @@ class GenerationPlanStage:
         return _table(rows, _GEN_PLANNED)
 
 
-def generate_isolated(engine, prompts: list, params: SamplingParams, prefix: list | None = None) -> list:
-    """The engine on the whole batch; if the batch fails, each prompt on its own, so one bad prompt becomes one
-    ``error`` row instead of failing (and endlessly retrying) the block."""
-    from .engines.base import Completion
-
-    try:
-        return engine.generate(prompts, params, prefix_embeds=prefix)
-    except Exception:  # noqa: BLE001 - isolate the failing prompt(s) below
-        out = []
-        for i, p in enumerate(prompts):
-            try:
-                out += engine.generate([p], params, prefix_embeds=[prefix[i]] if prefix else None)
-            except Exception as e:  # noqa: BLE001 - recorded in the row
-                out.append(Completion("", 0, 0, "error", 0.0, error=f"engine failed: {type(e).__name__}: {e}"[:500]))
-        return out
-
-
 class GenerationEngineStage:
     """Engine stage: every prompt of a block in one engine call; then the lead-author merges in a second one."""
 
     def __init__(self, job: JobSpec, engine=None):
         self.job, self.task = job, get_task(job.task)
         self.engine = engine or build_engine(job.engine)  # given: a caller running the stages in-process
+        self.generate = EngineCalls(self.engine, job.engine.call_timeout_s, in_actor=engine is None)
         g = job.generation
         self.params = SamplingParams(max_new_tokens=job.max_new_tokens, min_new_tokens=g.min_new_tokens,
                                      temperature=g.temperature, top_p=g.top_p, seed=g.seed,
@@ -418,8 +422,8 @@ class GenerationEngineStage:
         rows = batch.to_pylist()
         flat = [(i, p) for i, r in enumerate(rows) for p in r["prompts"]]
         soft = [rows[i].get("soft_tokens") for i, _ in flat]
-        done = generate_isolated(self.engine, [p for _, p in flat], self.params,
-                                 soft if any(s is not None for s in soft) else None)
+        done = self.generate([p for _, p in flat], self.params,
+                             soft if any(s is not None for s in soft) else None)
         per_row: dict[int, list] = {}
         for (i, _), c in zip(flat, done):
             per_row.setdefault(i, []).append(c)
@@ -441,7 +445,7 @@ class GenerationEngineStage:
             elif len(comps) == 1:
                 r["proposals"] = []
         if merges:
-            for (r, prompt), c in zip(merges, generate_isolated(self.engine, [m[1] for m in merges], self.params)):
+            for (r, prompt), c in zip(merges, self.generate([m[1] for m in merges], self.params)):
                 r.update(prompt=prompt, raw_output=c.text, finish_reason=c.finish_reason, llm_calls=r["llm_calls"] + 1,
                          prompt_tokens=r["prompt_tokens"] + c.prompt_tokens,
                          completion_tokens=r["completion_tokens"] + c.completion_tokens,
@@ -461,8 +465,8 @@ class GenerationEngineStage:
         params = dataclasses.replace(self.params, temperature=g.candidate_temperature, top_p=g.candidate_top_p,
                                      n=g.candidates - 1)
         soft = [None if id(r) in merged else r.get("soft_tokens") for r in todo]
-        done = generate_isolated(self.engine, [r["prompt"] for r in todo], params,
-                                 soft if any(x is not None for x in soft) else None)
+        done = self.generate([r["prompt"] for r in todo], params,
+                             soft if any(x is not None for x in soft) else None)
         for r, c in zip(todo, done):
             r.update(candidates=[r["raw_output"], *(c.samples or [c.text])] if not c.error else [r["raw_output"]],
                      llm_calls=r["llm_calls"] + 1, prompt_tokens=r["prompt_tokens"] + c.prompt_tokens,
@@ -473,9 +477,20 @@ class GenerationEngineStage:
 
 
 # ------------------------------------------------------------------------------------------------ commit
+def row_key(query_id: str, mode: str) -> str:
+    """A generation row's identity in a chunk (what a rerun retries)."""
+    return f"{query_id}\t{mode}"
+
+
+def _key(r: dict[str, Any]) -> str:
+    return row_key(r["query_id"], r["mode"]) if "mode" in r else r["user_id"]
+
+
 def _commit(job: JobSpec, folder: str, rows: list[dict[str, Any]], schema: pa.Schema,
             uri: str | None = None) -> list[dict[str, Any]]:
-    """Write each complete chunk in ``rows`` as one file; refuse a chunk with rows missing."""
+    """Write each complete chunk in ``rows`` as one file; refuse a chunk with rows missing. A chunk that already
+    has a file (a rerun that retried its failed rows, or a block Ray retried after committing) is merged: the new
+    rows replace the file's rows of the same key, the others are kept, so each key is written exactly once."""
     store = RunStore(uri or job.output_uri, job.storage)
     by_chunk: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
@@ -489,6 +504,9 @@ def _commit(job: JobSpec, folder: str, rows: list[dict[str, Any]], schema: pa.Sc
         now = time.time()
         for r in part:
             r["committed_at"] = now
+        if store.exists(rel):
+            new = {_key(r) for r in part}
+            part = [r for r in store.read_table(rel).to_pylist() if _key(r) not in new] + part
         store.write_table(rel, _table(part, schema))
         summaries.append({"chunk_id": cid, "file": rel, "rows": len(part),
                           "statuses": json.dumps(count_statuses(part))})
@@ -594,14 +612,15 @@ def _run_pass(job: JobSpec, kind: str, chunks: list[dict[str, Any]], at: Profile
     common = dict(batch_size=None, batch_format="pyarrow", zero_copy_batch=True)
     cpu_pool = ActorPoolStrategy(size=job.ray.cpu_stage_actors)
     res = engine_resources(job, ray.cluster_resources())
+    # a fatal engine failure ends the actor (engines/guard.py): Ray restarts it, boundedly, and retries the block
     engine_pool = dict(compute=ActorPoolStrategy(size=res.actors,
                                                  max_tasks_in_flight_per_actor=job.ray.engine_tasks_in_flight),
-                       **res.remote_args())
+                       max_restarts=job.engine.max_restarts, max_task_retries=-1, **res.remote_args())
     if kind == "embed":
         ds = ds.map_batches(EmbedStage, fn_constructor_kwargs={"job": job, "at": at}, compute=cpu_pool,
                             num_cpus=CPU_STAGE_CPUS, **common)
         ds = ds.map_batches(commit_embeddings, fn_kwargs={"job": job, "at": at}, num_cpus=CPU_STAGE_CPUS, **common)
-        return ds.take_all()
+        return _take_all(ds, job, kind)
     if kind == "profile":
         ds = ds.map_batches(ProfilePlanStage, fn_constructor_kwargs={"job": job, "at": at}, compute=cpu_pool,
                             num_cpus=CPU_STAGE_CPUS, **common)
@@ -612,7 +631,26 @@ def _run_pass(job: JobSpec, kind: str, chunks: list[dict[str, Any]], at: Profile
                             num_cpus=CPU_STAGE_CPUS, **common)
         ds = ds.map_batches(GenerationEngineStage, fn_constructor_kwargs={"job": job}, **engine_pool, **common)
         ds = ds.map_batches(score_and_commit_generations, fn_kwargs={"job": job}, num_cpus=CPU_STAGE_CPUS, **common)
-    return ds.take_all()
+    return _take_all(ds, job, kind)
+
+
+def _take_all(ds, job: JobSpec, kind: str) -> list[dict]:
+    """Run the pass; an engine actor that died past its restarts fails the run (exit 3) in one line."""
+    import ray.exceptions
+
+    try:
+        return ds.take_all()
+    except Exception as e:
+        seen, cause = set(), e
+        while cause is not None and id(cause) not in seen:
+            seen.add(id(cause))
+            if isinstance(cause, ray.exceptions.RayActorError):
+                raise RunFailed(f"the {kind} pass's engine actor died {job.engine.max_restarts + 1} times "
+                                f"(engine.max_restarts = {job.engine.max_restarts}; the reasons are the 'stepback: "
+                                "fatal engine failure' lines in the log); committed chunks are kept: fix the engine "
+                                "and rerun the same run id") from e
+            cause = cause.__cause__ or cause.__context__
+        raise
 
 
 @dataclass
@@ -623,24 +661,48 @@ class RunResult:
 
 
 def _pending(uri: str, folder: str, job: JobSpec, chunks: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The chunks without a committed file in ``folder`` (a rerun skips the others)."""
-    done = {p.rsplit("/", 1)[-1] for p in RunStore(uri, job.storage).list(folder, ".parquet")}
-    return [c for c in chunks if f"chunk-{c['chunk_id']}.parquet" not in done]
+    """The chunks a (re)run still has to do: those without a committed file in ``folder``, and those whose file
+    holds engine-error rows, with ``retry`` listing exactly those rows' keys (the others are kept)."""
+    store = RunStore(uri, job.storage)
+    done = {p.rsplit("/", 1)[-1] for p in store.list(folder, ".parquet")}
+    out = []
+    for c in chunks:
+        name = f"chunk-{c['chunk_id']}.parquet"
+        if name not in done:
+            out.append({**c, "retry": None})
+            continue
+        table = store.read_table(f"{folder}/{name}", columns=None)
+        failed = [_key(r) for r in table.select([n for n in ("user_id", "query_id", "mode", "status")
+                                                   if n in table.column_names]).to_pylist()
+                  if status_kind(r.get("status")) == "error"]
+        if failed:
+            out.append({**c, "retry": json.dumps(failed)})
+    return out
 
 
 def _check_resume(store: RunStore, job: JobSpec) -> bool:
-    """Record the run's spec at the start; on a rerun into the same output, insist the spec is the same."""
-    spec = job.public_dict()
-    spec["ray"] = {k: spec["ray"][k] for k in ("num_shards", "users_per_chunk")}  # the rest does not change results
+    """Record the run's spec at the start; on a rerun into the same output, insist that every key that changes
+    results is the same (:data:`~stepback_ray.config.SPEED_ONLY_KEYS` may differ: a smaller batch after an
+    out-of-memory crash, the fault switched off)."""
+    from .config import SPEED_ONLY_KEYS, without_keys
+
+    spec = job.results_dict()
     if store.exists("_run_spec.json"):
-        previous = store.read_json("_run_spec.json")
+        previous = without_keys(store.read_json("_run_spec.json"), SPEED_ONLY_KEYS)
         if previous != spec:
-            changed = sorted(k for k in set(previous) | set(spec) if previous.get(k) != spec.get(k))
+            changed = sorted(_changed_keys(previous, spec))
             raise StepbackError(f"{job.output_uri} holds a run with a different job spec (changed: "
                                 f"{', '.join(changed)}); choose another output or run_id")
         return True
     store.write_json("_run_spec.json", spec)
     return False
+
+
+def _changed_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two spec dicts."""
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return [prefix.rstrip(".")] if a != b else []
+    return [k for key in set(a) | set(b) for k in _changed_keys(a.get(key), b.get(key), f"{prefix}{key}.")]
 
 
 def _versions() -> dict[str, str]:
@@ -798,11 +860,32 @@ def run_profile_pass(job: JobSpec, work: Work, resuming: bool = False) -> tuple[
                        - origins["carried"]),
         "engine_seconds": round(secs, 3), "tokens_per_s": round(toks / secs, 1) if secs else None,
         "chunks_committed_this_run": len(summaries), "wall_s": round(time.time() - t0, 3)}
+    try:  # over budget: the store's pointer does not move
+        check_error_budget(job, "profiles", statuses.get("error", 0), sums["users"])
+    except ErrorBudgetExceeded as e:
+        e.counts = {"profiles": sums["users"], "profiles_by_status": statuses}
+        raise
     if sv is not None:
         stats.update(store_uri=job.profile_store.uri, version=sv.version, previous=sv.previous, full_rebuild=sv.full)
         commit_version(sv, job, work.shards, {**stats, "run_id": job.run_id, "config": job.public_dict(),
                                               "files": store.list(at.folder, ".parquet")})
     return at, stats
+
+
+def check_error_budget(job: JobSpec, what: str, errors: int, total: int) -> None:
+    """Fail the pass when its engine-error rows exceed ``max_error_fraction`` of its rows."""
+    if errors and errors > job.max_error_fraction * total:
+        raise ErrorBudgetExceeded(what, errors, total, job.max_error_fraction)
+
+
+def failed_manifest(job: JobSpec, store: RunStore, t_start: float, resumed: bool, error: RunFailed,
+                    counts: dict[str, Any]) -> None:
+    """What a failed run leaves for whoever looks: ``status: failed``, why, and the counts it reached."""
+    store.write_json("manifest.json", {
+        "run_id": job.run_id, "name": job.name, "output": job.output_uri, "resumed": resumed, "status": "failed",
+        "error": str(error), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t_start)),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "config": job.public_dict(),
+        "versions": _versions(), "counts": counts})
 
 
 def measure_profiles(job: JobSpec, at: ProfilesAt, work: Work) -> dict[str, Any]:
@@ -837,6 +920,15 @@ def run_job(job: JobSpec) -> RunResult:
     PromptFormatter(job.engine)  # fail here, before any cluster work, if the model or its tokenizer is unusable
     work = prepare_work(job, needs_profiles)
     resumed = _check_resume(store, job)
+    try:
+        return _run_job(job, store, work, needs_profiles, resumed, t_start)
+    except RunFailed as e:
+        failed_manifest(job, store, t_start, resumed, e, getattr(e, "counts", {}))
+        raise
+
+
+def _run_job(job: JobSpec, store: RunStore, work: Work | None, needs_profiles: bool, resumed: bool,
+             t_start: float) -> RunResult:
     with ray_session(job):
         work = work or prepare_work(job, needs_profiles)
         timings: dict[str, float] = {"read_and_ray_start_s": round(time.time() - t_start, 3)}
@@ -856,6 +948,12 @@ def run_job(job: JobSpec) -> RunResult:
     if gen_counts["generation_rows"] == 0:
         raise StepbackError(f"{job.input.path or job.input.questions}: no queries to generate for (a dataset with "
                             "layout: user needs a `queries` list in its rows)")
+    by_status = gen_counts["generation_rows_by_status"]
+    try:
+        check_error_budget(job, "generation rows", by_status.get("error", 0), gen_counts["generation_rows"])
+    except ErrorBudgetExceeded as e:
+        e.counts = {"generation_rows": gen_counts["generation_rows"], "generation_rows_by_status": by_status}
+        raise
     if profile_stats:
         result_metrics["profiles"] = profile_stats
     store.write_json("metrics.json", result_metrics)
@@ -864,7 +962,7 @@ def run_job(job: JobSpec) -> RunResult:
     expected = queries * len(job.modes)
     generated = gen_counts["generation_rows"]
     manifest = {
-        "run_id": job.run_id, "name": job.name, "output": job.output_uri, "resumed": resumed,
+        "run_id": job.run_id, "name": job.name, "output": job.output_uri, "resumed": resumed, "status": "ok",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t_start)),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "config": job.public_dict(), "versions": _versions(),
@@ -896,10 +994,14 @@ def run_profile_job(job: JobSpec) -> RunResult:
     PromptFormatter(job.engine)
     work = prepare_work(job, needs_profiles=True)
     resumed = _check_resume(store, job)
-    with ray_session(job):
-        work = work or prepare_work(job, needs_profiles=True)
-        at, stats = run_profile_pass(job, work, resumed)
-    manifest = {"run_id": job.run_id, "name": job.name, "output": job.output_uri, "resumed": resumed,
+    try:
+        with ray_session(job):
+            work = work or prepare_work(job, needs_profiles=True)
+            at, stats = run_profile_pass(job, work, resumed)
+    except RunFailed as e:
+        failed_manifest(job, store, t_start, resumed, e, getattr(e, "counts", {}))
+        raise
+    manifest = {"run_id": job.run_id, "name": job.name, "output": job.output_uri, "resumed": resumed, "status": "ok",
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t_start)),
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "config": job.public_dict(),
                 "versions": _versions(), "counts": {**work.counts, "shards": work.shards},

@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import json_repair
 
-from .config import ProfileConfig
+from .config import EngineConfig, ProfileConfig
 from .data.rows import status_kind
 from .engines.base import Completion, Message, PromptTools, SamplingParams
 from .tasks import ProfileSchema, TaskSpec
@@ -319,10 +319,28 @@ def render_profile(profile: dict[str, Any], task: TaskSpec, habits: bool = True)
     return "\n".join(lines)
 
 
-def fingerprint(history: list[dict[str, str]], model: str, config: ProfileConfig, task: str) -> str:
-    """Identity of a profile: same history, model, prompt version and settings -> same fingerprint."""
+PROFILE_ENGINE_KEYS = ("kind", "model", "dtype", "load_format", "max_model_len", "prompt_family",
+                       "vllm.structured_output")
+"""Engine settings that change what a profile says (the model, how it is decoded and what it is shown); the
+others (batch sizes, memory, timeouts) change only speed and leave a stored profile valid."""
+
+
+def engine_identity(engine: EngineConfig) -> dict[str, Any]:
+    """The :data:`PROFILE_ENGINE_KEYS` of an engine config, as plain data."""
+    data = engine.model_dump(mode="json")
+    out = {}
+    for key in PROFILE_ENGINE_KEYS:
+        node: Any = data
+        for k in key.split("."):
+            node = node[k]
+        out[key] = node
+    return out
+
+
+def fingerprint(history: list[dict[str, str]], engine: EngineConfig, config: ProfileConfig, task: str) -> str:
+    """Identity of a profile: same history, engine identity, prompt version and settings -> same fingerprint."""
     canon = json.dumps({"history": sorted(history, key=lambda it: json.dumps(it, sort_keys=True)),
-                        "model": model, "prompt": PROMPT_VERSION, "task": task,
+                        "engine": engine_identity(engine), "prompt": PROMPT_VERSION, "task": task,
                         "config": config.model_dump(mode="json")}, sort_keys=True)
     return hashlib.sha256(canon.encode()).hexdigest()[:32]
 

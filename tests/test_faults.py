@@ -61,3 +61,35 @@ def test_kill_9_of_the_driver_mid_run_then_rerun_gives_one_row_per_query(tmp_pat
     assert r["rows_out"] == r["rows_expected"] == 20 and r["rows_lost"] == 0 and r["duplicates"] == 0
     assert r["temporary_files_left"] == 0
     assert r["passed"]
+
+
+def test_a_dead_engine_is_restarted_and_its_blocks_retried_with_no_error_rows(ray_local, tmp_path):
+    r = drills.drill_engine_fatal(tmp_path, "dead", after=2, users=6)
+    assert r["faults_injected"] >= 2 and r["engines_that_failed"] == r["faults_injected"], r
+    assert r["rows_lost"] == 0 and r["duplicates"] == 0 and r["rows_out"] == r["rows_expected"] == 12
+    assert set(r["rows_by_status"]) <= {"ok", "truncated"} and r["profile_errors"] == 0
+    assert r["passed"] is True
+
+
+@pytest.mark.slow  # three engine lives, each ended at its first call
+def test_an_engine_dead_for_good_fails_the_run_with_exit_3_and_writes_no_rows(ray_local, tmp_path):
+    r = drills.drill_engine_dead_past_restarts(tmp_path)
+    assert r["exit_code"] == 3 and r["manifest_status"] == "failed" and r["generation_files"] == 0, r
+    assert r["faults_injected"] == 3  # the first engine and its two restarts
+    assert r["passed"] is True
+
+
+def test_over_the_error_budget_the_run_fails_loud_and_a_rerun_retries_the_failed_rows(ray_local, tmp_path):
+    r = drills.drill_error_budget(tmp_path, users=5)
+    assert r["exit_codes"] == [3, 0, 3, 0] and r["manifest_status"] == ["failed", "ok", "failed", "ok"], r
+    assert r["store_moved_by_failed_run"] is False  # a failed nightly pass leaves CURRENT.json where it was
+    assert r["rows_out"] == r["rows_expected"] == 20 and r["duplicates"] == 0
+    assert set(r["rows_by_status"]) <= {"ok", "truncated"} and r["faults_injected"] >= 15
+    assert r["passed"] is True
+
+
+@pytest.mark.slow  # each hang waits out engine.call_timeout_s
+def test_a_hung_engine_is_ended_by_the_call_timeout_and_the_run_completes(ray_local, tmp_path):
+    r = drills.drill_engine_fatal(tmp_path, "hang")
+    assert r["faults_injected"] >= 2 and r["rows_out"] == r["rows_expected"] == 40 and r["duplicates"] == 0, r
+    assert r["passed"] is True

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from stepback_ray import profiling
-from stepback_ray.config import ProfileConfig
+from stepback_ray.config import EngineConfig, ProfileConfig
 from stepback_ray.data import collect_users, read_lamp
 from stepback_ray.tasks import TASKS
 
@@ -91,14 +91,30 @@ def test_parse_never_raises_on_garbage():
         assert status in {"ok", "partial", "fallback"}
 
 
-def test_fingerprint_changes_with_history_and_model_only():
+def test_fingerprint_covers_history_settings_and_every_engine_key_that_changes_a_profile():
     h = [{"id": "1", "title": "t", "abstract": "a"}]
-    cfg = ProfileConfig()
-    base = profiling.fingerprint(h, "m", cfg, "LaMP_5")
-    assert base == profiling.fingerprint(list(reversed(h)), "m", cfg, "LaMP_5")
-    assert base != profiling.fingerprint(h + [{"id": "2", "title": "u", "abstract": "b"}], "m", cfg, "LaMP_5")
-    assert base != profiling.fingerprint(h, "other-model", cfg, "LaMP_5")
-    assert base != profiling.fingerprint(h, "m", ProfileConfig(history_token_budget=400), "LaMP_5")
+    cfg, eng = ProfileConfig(), EngineConfig(model="m")
+    base = profiling.fingerprint(h, eng, cfg, "LaMP_5")
+    assert base == profiling.fingerprint(list(reversed(h)), eng, cfg, "LaMP_5")
+    assert base != profiling.fingerprint(h + [{"id": "2", "title": "u", "abstract": "b"}], eng, cfg, "LaMP_5")
+    assert base != profiling.fingerprint(h, eng, ProfileConfig(history_token_budget=400), "LaMP_5")
+    assert base != profiling.fingerprint(h, eng, cfg, "LaMP_4")
+    changes = {"kind": "vllm", "model": "other-model", "dtype": "float16", "load_format": "dummy",
+               "max_model_len": 2048, "prompt_family": "plain", "vllm.structured_output": False}
+    assert set(changes) == set(profiling.PROFILE_ENGINE_KEYS)  # every declared key tested
+    for key, value in changes.items():
+        data = eng.model_dump()
+        node = data
+        *path, last = key.split(".")
+        for k in path:
+            node = node[k]
+        node[last] = value
+        assert profiling.fingerprint(h, EngineConfig(**data), cfg, "LaMP_5") != base, key
+    # speed-only engine settings keep stored profiles valid
+    for key, value in {"batch_size": 4, "threads": 1, "call_timeout_s": 10.0, "max_restarts": 0}.items():
+        assert profiling.fingerprint(h, EngineConfig(model="m", **{key: value}), cfg, "LaMP_5") == base, key
+    fast = EngineConfig(model="m", vllm={"gpu_memory_utilization": 0.5, "max_num_seqs": 8})
+    assert profiling.fingerprint(h, fast, cfg, "LaMP_5") == base
 
 
 # ---------------------------------------------------------------------------------------------- map-reduce

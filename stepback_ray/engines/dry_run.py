@@ -11,6 +11,7 @@ a cluster's timing, or to test what happens while an engine is busy).
 from __future__ import annotations
 
 import json
+import os
 import time
 
 from ..config import EngineConfig
@@ -30,6 +31,8 @@ class DryRunEngine:
         self.tokenizer = self.formatter.tokenizer
         self.max_context = self.formatter.max_context
         self.family = self.formatter.family
+        self.calls = 0
+        """generate calls so far (the fault drills' dead and hung engines start after the N-th)."""
 
     def render(self, prompt: Prompt) -> str:
         return self.formatter.render(prompt)
@@ -53,6 +56,8 @@ class DryRunEngine:
     def generate(self, prompts: list[Prompt], params: SamplingParams,
                  prefix_embeds: list | None = None) -> list[Completion]:
         t0 = time.perf_counter()
+        self.calls += 1
+        self._inject_engine_fault()
         target = max(1, round(params.max_new_tokens * self.config.dry_run_output_fraction))
         out = []
         marker = self.config.dry_run_fail_marker
@@ -85,6 +90,21 @@ class DryRunEngine:
         for c in out:
             c.seconds = share
         return out
+
+    def _inject_engine_fault(self) -> None:
+        """Fault drills: past the N-th call, a dead engine (a fatal error, as vLLM's EngineDeadError) or a hung one."""
+        c = self.config
+        if c.dry_run_fatal_after is not None and self.calls > c.dry_run_fatal_after:
+            self._log_fault("dead")
+            raise RuntimeError(f"EngineDeadError: injected engine death after {c.dry_run_fatal_after} calls")
+        if c.dry_run_hang_after is not None and self.calls > c.dry_run_hang_after:
+            self._log_fault("hang")
+            time.sleep(10 ** 6)  # hung: only the stage's call timeout ends this
+
+    def _log_fault(self, kind: str) -> None:
+        if self.config.dry_run_fault_log:
+            with open(self.config.dry_run_fault_log, "a") as f:
+                f.write(f"{kind} pid={os.getpid()} call={self.calls}\n")
 
     def close(self) -> None:
         pass
