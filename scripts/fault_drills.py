@@ -502,9 +502,71 @@ def drill_error_budget(root: Path, users: int = 20) -> dict[str, Any]:
     return r
 
 
+# ------------------------------------------------------------------------------------------------ store race
+def _profile_driver(out: Path, store: str, run_id: str, extra: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "stepback_ray", "profile", "jobs/demo.yaml", *sum([["--set", s] for s in [
+            *DRY, f"output={out}", f"run_id={run_id}", f"profile_store.uri={store}", "limit=8",
+            "ray.users_per_chunk=2", "engine.dry_run_tokens_per_s=3000", *extra]], [])],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _race(root: Path, store: str, name: str, extra: list[str], read_current) -> dict[str, Any]:
+    """Two nightly profile jobs started from the same store version (5 s apart, so both read CURRENT.json before
+    either commits): exactly one commits, the other exits 3 naming the version that beat it."""
+    procs = {}
+    for run_id in ("night-a", "night-b"):
+        procs[run_id] = _profile_driver(root / f"{name}-{run_id}", store, run_id, extra)
+        time.sleep(5)
+    done = {k: (p.wait(timeout=1800), p.stderr.read()) for k, p in procs.items()}
+    codes = {k: c for k, (c, _) in done.items()}
+    current = read_current()
+    winner = next((k for k, c in codes.items() if c == 0), None)
+    loser = next((k for k, c in codes.items() if c != 0), None)
+    last_line = done[loser][1].strip().splitlines()[-1] if loser else ""
+    return {"exit_codes": sorted(codes.values()), "winner": winner, "current_run": current.get("run_id"),
+            "loser_says": last_line[:300],
+            "ok": bool(sorted(codes.values()) == [0, 3] and current.get("run_id") == winner
+                       and last_line.startswith("error: ") and "another job committed" in last_line
+                       and winner in last_line)}
+
+
+def drill_store_race(root: Path) -> dict[str, Any]:
+    """Two nightly jobs racing on one profile store, on a local path and on S3 (moto): CURRENT.json is a
+    compare-and-swap, so one job commits and the other fails loud; nothing of the winner is lost."""
+    import s3fs
+
+    t0 = time.time()
+    local = root / "race-store"
+    results = {"local": _race(root, str(local), "race-local", [],
+                              lambda: json.loads((local / "CURRENT.json").read_text()))}
+    with FlakyS3(0.0) as endpoint:
+        creds = {"key": "testing", "secret": "testing"}
+        fs = s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True, **creds)
+        fs.mkdir("race")
+        opts = [f"storage.{k}={v}" for k, v in {"endpoint_url": endpoint, **creds}.items()]
+        seed = _profile_driver(root / "race-s3-seed", "s3://race/store", "seed", opts)  # If-Match, not only If-None
+        if seed.wait(timeout=1800) != 0:
+            raise RuntimeError(f"the seed night failed: {seed.stderr.read()[-2000:]}")
+
+        def current() -> dict[str, Any]:
+            fs.invalidate_cache()
+            return json.loads(fs.cat("race/store/CURRENT.json"))
+
+        results["s3"] = _race(root, "s3://race/store", "race-s3", opts, current)
+    r = {"drill": "store-race", "faults_injected": 2,
+         "fault": "two nightly profile jobs started 5 s apart from one store version, on a local store and on S3",
+         "rows_expected": 0, "rows_out": 0, "rows_lost": 0, "rows_unexpected": 0, "duplicates": 0,
+         "rows_by_status": {}, **{f"{k}_{f}": v[f] for k, v in results.items() for f in v},
+         "wall_s": round(time.time() - t0, 1)}
+    r["passed"] = bool(all(v["ok"] for v in results.values()))
+    return r
+
+
 DRILLS = {"worker-kill": drill_worker_kill, "driver-kill": drill_driver_kill, "s3-faults": drill_s3_faults,
           "engine-error": drill_engine_error, "engine-dead": drill_engine_fatal, "engine-hang": drill_engine_hang,
           "engine-dead-for-good": drill_engine_dead_past_restarts, "error-budget": drill_error_budget,
+          "store-race": drill_store_race,
           "malformed-input": drill_malformed_input}
 
 
@@ -545,7 +607,7 @@ def main() -> int:
     results = []
     try:
         for name in args.drills.split(","):
-            if name == "driver-kill":  # its own drivers start their own local Ray
+            if name in ("driver-kill", "store-race"):  # their own drivers start their own local Ray
                 results.append(drill_driver_kill(root))
                 continue
             init_local_ray()

@@ -21,8 +21,12 @@ from .pipeline import run_job, run_profile_job
 def plan_job(job: JobSpec, tokens_per_s: float, profile_only: bool = False) -> dict[str, Any]:
     scratch = tempfile.mkdtemp(prefix="stepback-plan-")
     try:
+        # planned on this machine whatever the job's cluster: a local Ray, one engine actor, no GPU requests
         dry = job.model_copy(update={
-            "engine": job.engine.model_copy(update={"kind": "dry-run"}),
+            "engine": job.engine.model_copy(update={"kind": "dry-run", "vllm": job.engine.vllm.model_copy(
+                update={"tensor_parallel_size": 1})}),
+            "ray": job.ray.model_copy(update={"address": None, "engine_actors": 1, "engine_actor_gpus": 0.0,
+                                              "accelerator_type": None}),
             "output": scratch, "profile_store": job.profile_store.model_copy(update={"uri": None})})
         result = run_profile_job(dry) if profile_only else run_job(dry)
     finally:

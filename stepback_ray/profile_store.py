@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import JobSpec
-from .errors import StepbackError
-from .storage import RunStore
+from .errors import RunFailed, StepbackError
+from .storage import PointerMoved, RunStore
 
 
 @dataclass
@@ -39,6 +39,8 @@ class StoreVersion:
     """Rebuild every profile (first run, or the periodic full rebuild)."""
     runs_since_full: int
     previous_users: int
+    base_token: str | None = None
+    """``CURRENT.json`` as this run read it (its ETag or hash): the commit is a compare-and-swap against it."""
     committed: dict[str, Any] | None = None
     """The version's manifest when this run already committed it (a rerun after a later stage failed): the
     profile pass is done and is not run or committed again."""
@@ -65,7 +67,7 @@ def open_version(job: JobSpec, shards: int, resuming: bool = False) -> StoreVers
     cfg = job.profile_store
     assert cfg.uri is not None
     root = RunStore(cfg.uri, job.storage)
-    current = root.read_json("CURRENT.json") if root.exists("CURRENT.json") else None
+    current, token = root.read_versioned("CURRENT.json")
     current_version = current["version"] if current else None
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
     version = f"versions/date={date}/run={job.run_id}"
@@ -102,7 +104,7 @@ def open_version(job: JobSpec, shards: int, resuming: bool = False) -> StoreVers
     runs_since_full = current["runs_since_full"] + 1 if current else 0
     full = current is None or not cfg.incremental or runs_since_full >= cfg.full_rebuild_every
     return StoreVersion(root, version, current_version, full,
-                        0 if full else runs_since_full, current["users"] if current else 0)
+                        0 if full else runs_since_full, current["users"] if current else 0, base_token=token)
 
 
 def _versions(root: RunStore) -> list[str]:
@@ -113,9 +115,18 @@ def _versions(root: RunStore) -> list[str]:
 
 
 def commit_version(sv: StoreVersion, job: JobSpec, shards: int, manifest: dict[str, Any]) -> None:
-    """Write the version's manifest, then point ``CURRENT.json`` at it (the commit point)."""
+    """Write the version's manifest, then point ``CURRENT.json`` at it (the commit point): a compare-and-swap
+    against the pointer this run built on, so of two jobs that started from one version only the first commits;
+    the other fails, naming the version that beat it, and leaves its own version uncommitted."""
     sv.root.write_json(f"{sv.version}/manifest.json", manifest)
-    sv.root.write_json("CURRENT.json", {
-        "version": sv.version, "run_id": job.run_id, "num_shards": shards, "users": manifest["users"],
-        "runs_since_full": sv.runs_since_full, "full_rebuild": sv.full, "model": job.engine.model,
-        "committed": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")})
+    try:
+        sv.root.swap_json("CURRENT.json", {
+            "version": sv.version, "run_id": job.run_id, "num_shards": shards, "users": manifest["users"],
+            "runs_since_full": sv.runs_since_full, "full_rebuild": sv.full, "model": job.engine.model,
+            "committed": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}, sv.base_token)
+    except PointerMoved:
+        now = sv.root.read_json("CURRENT.json") if sv.root.exists("CURRENT.json") else {}
+        raise RunFailed(f"{job.profile_store.uri}: another job committed {now.get('version')} (run "
+                        f"{now.get('run_id')}) while this run built on {sv.previous or 'an empty store'}; "
+                        f"{sv.version} is left uncommitted: rerun with a new run_id to build on the new version"
+                        ) from None

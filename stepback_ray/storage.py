@@ -11,6 +11,7 @@ bucket or denied access are not transient and fail at once.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -100,6 +101,10 @@ def is_transient(exc: BaseException) -> bool:
     text = f"{type(exc).__name__} {exc}".lower()
     return any(s in text for s in ("timeout", "timed out", "throttl", "slowdown", "slow down", "503", "500 ",
                                    "internalerror", "connection", "temporarily"))
+
+
+class PointerMoved(Exception):
+    """A compare-and-swap write found the file changed since it was read (another writer won)."""
 
 
 @dataclass
@@ -197,6 +202,46 @@ class RunStore:
 
     def read_json(self, rel: str) -> Any:
         return json.loads(self.read_bytes(rel))
+
+    # -------------------------------------------------------------------- compare-and-swap (a store's pointer)
+    def read_versioned(self, rel: str) -> tuple[Any, str | None]:
+        """A JSON file and the token :meth:`swap_json` checks it against (None: the file does not exist). On S3
+        the token is the object's ETag, locally a hash of its bytes."""
+        if not self.exists(rel):
+            return None, None
+        if is_local(self.fs):
+            data = self.read_bytes(rel)
+            return json.loads(data), hashlib.sha256(data).hexdigest()
+        info = self._call(self.fs.info, self.path(rel))
+        return self.read_json(rel), info.get("ETag") or info.get("etag")
+
+    def swap_json(self, rel: str, obj: Any, expected: str | None) -> None:
+        """Write ``obj`` only if the file is still what :meth:`read_versioned` returned as ``expected`` (None: only
+        if it does not exist); otherwise raise :class:`PointerMoved`. On S3 a conditional PUT (``If-Match`` on the
+        ETag, ``If-None-Match: *`` for a new file), so of two writers that read the same state exactly one wins;
+        locally an exclusive lock around the check and the atomic rename."""
+        data = (json.dumps(obj, indent=2, default=str) + "\n").encode()
+        path = self.path(rel)
+        if is_local(self.fs):
+            import fcntl
+
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(f"{path}.lock", "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # released when the process dies: no stale lock
+                now = hashlib.sha256(open(path, "rb").read()).hexdigest() if os.path.exists(path) else None
+                if now != expected:
+                    raise PointerMoved(self.uri_of(rel))
+                self._write(path, data)
+            return
+        cond = {"IfNoneMatch": "*"} if expected is None else {"IfMatch": expected}
+        try:
+            self._call(self.fs.pipe_file, path, data, **cond)
+        except Exception as e:  # noqa: BLE001 - a failed precondition is the answer, anything else a storage error
+            text = f"{type(e).__name__} {e}"
+            if isinstance(e, FileExistsError) or any(s in text for s in (  # s3fs maps 412 to FileExistsError
+                    "PreconditionFailed", "pre-condition", "412", "ConditionalRequestConflict", "409")):
+                raise PointerMoved(self.uri_of(rel)) from None
+            raise StorageError(describe_storage_error(self.uri_of(rel), e)) from None
 
     def write_table(self, rel: str, table: pa.Table) -> None:
         buf = io.BytesIO()

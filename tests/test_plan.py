@@ -18,3 +18,23 @@ def test_plan_command_prints_json():
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout)
     assert out["users"] == 2 and out["tokens_per_s"] == 500 and out["gpu_hours"] > 0
+
+
+@pytest.mark.slow  # a dry-run profile pass: `make test-slow`
+def test_the_nightly_cluster_job_plans_on_one_machine(ray_local, tmp_path):
+    """jobs/nightly_profile.yaml asks for a cluster (address auto, one GPU per engine actor, 1024 shards): its plan
+    runs here, on a local Ray with no GPU requests. The input points at a local dataset and the model at the
+    packaged one (no hub here); every cluster setting stays as the job has it."""
+    from stepback_ray.config import load_job
+    from stepback_ray.planning import plan_job
+
+    from .conftest import REPO, lamp5_users, write_items_parquet
+
+    write_items_parquet(tmp_path / "hist" / "part-0.parquet", lamp5_users(3))
+    job = load_job(REPO / "jobs" / "nightly_profile.yaml", [
+        f"input.path={tmp_path / 'hist'}", f"output={tmp_path / 'out'}", f"profile_store.uri={tmp_path / 'store'}",
+        "engine.model=packaged:smollm2-135m-instruct", "run_id=plan", "ray.num_shards=4"])
+    assert job.ray.address == "auto" and job.ray.engine_actor_gpus == 1
+    plan = plan_job(job, 9000.0, profile_only=True)
+    assert plan["users"] == 3 and plan["passes"]["profile"]["users"] == 3 and plan["gpu_hours"] > 0
+    assert not (tmp_path / "store").exists()  # a plan never touches the store

@@ -172,7 +172,9 @@ def test_a_profile_the_engine_failed_on_is_retried_the_next_night(ray_local, tmp
     for item in users[0]["history"]:  # in every item: whichever items the plan keeps, its prompts fail
         item["title"] += " ZZFAILZZ"
     write_items_parquet(tmp_path / "hist" / "part-0.parquet", users)
-    first = run_profile_job(_job(tmp_path, "n1", ["engine.dry_run_fail_marker=ZZFAILZZ"])).metrics["profiles"]
+    # 1 of 6 profiles failing is within a 0.2 error budget: the night commits, the failed profile marked
+    first = run_profile_job(_job(tmp_path, "n1", ["engine.dry_run_fail_marker=ZZFAILZZ",
+                                                  "max_error_fraction=0.2"])).metrics["profiles"]
     assert first["statuses"].get("error") == 1
     second = run_profile_job(_job(tmp_path, "n2")).metrics["profiles"]
     assert second["origins"] == {"new": 0, "recomputed": 1, "incremental": 0, "carried": 5}
@@ -190,3 +192,22 @@ def test_a_grown_history_is_not_built_on_a_profile_made_with_other_settings(ray_
     write_items_parquet(tmp_path / "hist" / "part-0.parquet", _grow(users, 3))  # a third history grew
     other = run_profile_job(_job(tmp_path, "s3", ["profile.max_new_tokens=50"])).metrics["profiles"]["origins"]
     assert other == {"new": 0, "recomputed": 6, "incremental": 0, "carried": 0}
+
+
+def test_two_jobs_from_one_version_commit_one_and_fail_the_other_loud_local_and_s3(tmp_path, s3_bucket):
+    """CURRENT.json is a compare-and-swap (no Ray: the store functions directly): of two nights that opened the
+    store at the same version, the first commit wins and the second names the version that beat it."""
+    from stepback_ray.errors import RunFailed
+    from stepback_ray.profile_store import commit_version, open_version
+
+    endpoint, bucket, creds = s3_bucket
+    for uri in (str(tmp_path / "store"), f"s3://{bucket}/store"):
+        extra = [f"profile_store.uri={uri}", *[f"storage.{k}={v}" for k, v in creds.items()]]
+        stats = {"users": 3}
+        for base in ("empty", "seeded"):  # If-None-Match (no pointer yet), then If-Match on its ETag
+            a, b = (_job(tmp_path, f"{base}-{r}", extra) for r in ("a", "b"))
+            va, vb = open_version(a, 4), open_version(b, 4)
+            commit_version(va, a, 4, stats)
+            with pytest.raises(RunFailed, match=f"another job committed {va.version} \\(run {base}-a\\)"):
+                commit_version(vb, b, 4, stats)
+            assert open_version(_job(tmp_path, f"{base}-c", extra), 4).previous == va.version, uri
