@@ -218,6 +218,8 @@ class StorageConfig(_Strict):
     secret: SecretStr | None = None
     anon: bool = False
     retries: int = Field(default=5, ge=0, description="retries of a failed storage call, with exponential backoff")
+    shared_filesystem: bool = Field(default=False, description="on a cluster, local paths (output, store) are on a "
+                                                               "filesystem every node mounts (NFS, Lustre)")
 
 
 class ProfileStoreConfig(_Strict):
@@ -284,6 +286,19 @@ class JobSpec(_Strict):
         if isinstance(v, int) and not isinstance(v, bool):
             return str(v)
         return v
+
+    @model_validator(mode="after")
+    def _cluster_paths_are_shared(self) -> "JobSpec":
+        """On a cluster the engine actors of other nodes write the chunks: a path only this machine sees would
+        scatter them over the nodes' own disks."""
+        if self.ray.address and not self.storage.shared_filesystem:
+            local = [f"{k} {v}" for k, v in (("output", self.output), ("profile_store.uri", self.profile_store.uri))
+                     if v and (not _SCHEME.match(v) or v.startswith("file://"))]
+            if local:
+                raise ValueError(f"ray.address is set (a cluster) but {' and '.join(local)} is a local path the "
+                                 "other nodes cannot write to: use object storage (s3://...), or set "
+                                 "storage.shared_filesystem: true if every node mounts it")
+        return self
 
     @field_validator("task")
     @classmethod

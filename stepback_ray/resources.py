@@ -36,8 +36,10 @@ class EngineResources:
     def remote_args(self) -> dict[str, Any]:
         """Keyword arguments for ``map_batches`` (besides ``compute``)."""
         args: dict[str, Any] = {"num_cpus": self.num_cpus}
-        if self.num_gpus:
-            args["num_gpus"] = self.num_gpus
+        if self.num_gpus and not self.bundles:
+            # Ray Data refuses num_gpus without a batch_size, and the pipeline's batches are whole blocks
+            # (batch_size None: one chunk, never split across two commits), so each actor asks for its GPU itself
+            args["ray_remote_args_fn"] = gpu_args(self.num_gpus)
         if self.accelerator_type:
             args["accelerator_type"] = self.accelerator_type
         if self.bundles:
@@ -69,6 +71,15 @@ def engine_resources(job: JobSpec, cluster: dict[str, float] | None = None) -> E
             bundles.append(b)
         return EngineResources(actors, job.ray.engine_actor_cpus, 0.0, None, bundles)
     return EngineResources(actors, job.ray.engine_actor_cpus, job.ray.engine_actor_gpus, job.ray.accelerator_type)
+
+
+def gpu_args(num_gpus: float) -> Callable[[], dict[str, Any]]:
+    """A ``ray_remote_args_fn``: each new engine actor asks for ``num_gpus`` GPUs."""
+
+    def make() -> dict[str, Any]:
+        return {"num_gpus": num_gpus}
+
+    return make
 
 
 def placement_group_args(bundles: list[dict[str, float]]) -> Callable[[], dict[str, Any]]:

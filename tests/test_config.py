@@ -107,3 +107,11 @@ def test_resume_compares_only_keys_that_change_results(tmp_path):
     for o, key in results.items():
         with pytest.raises(StepbackError, match=f"changed: {key}"):
             _check_resume(store, load_job(REPO / "jobs" / "demo.yaml", [*base, o]))
+
+
+def test_a_cluster_job_with_a_local_output_is_refused_unless_the_filesystem_is_shared(tmp_path):
+    base = [f"output={tmp_path / 'run'}", "ray.address=127.0.0.1:6379"]
+    with pytest.raises(ConfigError, match="local path the other nodes cannot write to"):
+        load_job(REPO / "jobs" / "demo.yaml", base)
+    assert load_job(REPO / "jobs" / "demo.yaml", [*base, "storage.shared_filesystem=true"]).storage.shared_filesystem
+    assert load_job(REPO / "jobs" / "demo.yaml", ["output=s3://b/run", "ray.address=127.0.0.1:6379"]).ray.address

@@ -93,3 +93,14 @@ def test_a_hung_engine_is_ended_by_the_call_timeout_and_the_run_completes(ray_lo
     r = drills.drill_engine_fatal(tmp_path, "hang")
     assert r["faults_injected"] >= 2 and r["rows_out"] == r["rows_expected"] == 40 and r["duplicates"] == 0, r
     assert r["passed"] is True
+
+
+@pytest.mark.slow  # a three-node Ray cluster on this machine (its own Ray, not the session's)
+def test_losing_the_node_of_the_engine_actor_loses_no_row(tmp_path):
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()  # the drill connects to a cluster of its own
+    r = drills.drill_node_loss(tmp_path)
+    assert r["faults_injected"] == 1 and r["rows_lost"] == 0 and r["duplicates"] == 0, r
+    assert r["rows_out"] == r["rows_expected"] == 40 and r["passed"] is True

@@ -32,9 +32,8 @@ def test_the_nightly_cluster_job_plans_on_one_machine(ray_local, tmp_path):
 
     write_items_parquet(tmp_path / "hist" / "part-0.parquet", lamp5_users(3))
     job = load_job(REPO / "jobs" / "nightly_profile.yaml", [
-        f"input.path={tmp_path / 'hist'}", f"output={tmp_path / 'out'}", f"profile_store.uri={tmp_path / 'store'}",
-        "engine.model=packaged:smollm2-135m-instruct", "run_id=plan", "ray.num_shards=4"])
-    assert job.ray.address == "auto" and job.ray.engine_actor_gpus == 1
-    plan = plan_job(job, 9000.0, profile_only=True)
+        f"input.path={tmp_path / 'hist'}", "engine.model=packaged:smollm2-135m-instruct", "run_id=plan",
+        "ray.num_shards=4"])
+    assert job.ray.address == "auto" and job.ray.engine_actor_gpus == 1 and job.output.startswith("s3://")
+    plan = plan_job(job, 9000.0, profile_only=True)  # output and store stay untouched (s3://, unreachable here)
     assert plan["users"] == 3 and plan["passes"]["profile"]["users"] == 3 and plan["gpu_hours"] > 0
-    assert not (tmp_path / "store").exists()  # a plan never touches the store
