@@ -12,7 +12,16 @@ for (retried, restarted, resumed, flagged or quarantined). The drills:
 - ``driver-kill``: kill -9 of the driver and the whole local Ray it started, mid-run; the same run id is rerun.
 - ``s3-faults``: a local S3 (moto) that answers a share of all requests with ``503 SlowDown``; input and output
   both live there; retried with backoff (botocore, then the store's own retries).
+- ``node-loss``: a head and two one-GPU worker nodes (Ray's own test cluster); the node running the generation
+  engine actor is removed mid-pass; the actor is restarted on the other node and its blocks retried.
 - ``engine-error``: the engine fails on one prompt; its rows are flagged ``error``, the rest of the batch is kept.
+- ``engine-dead`` / ``engine-hang``: every engine call after the N-th is fatal (EngineDeadError) or never returns
+  (ended by ``engine.call_timeout_s``); the actor ends itself, Ray restarts it and retries the block: 0 error rows.
+- ``engine-dead-for-good``: dead from the first call; past ``engine.max_restarts`` the run exits 3, no rows.
+- ``error-budget``: every prompt rejected, over ``max_error_fraction``: exit 3, ``status: failed``, the profile
+  store's pointer unmoved; the same run ids rerun without the fault retry exactly the failed rows.
+- ``store-race``: two nightly profile jobs from one store version, on a local store and on S3 (moto): one
+  commits, the other exits 3 naming the version that beat it.
 - ``malformed-input``: bad records mixed into a JSON Lines dataset (bad JSON, wrong types, huge items, invalid
   UTF-8, ids with ``../`` or ``/``, records that are not objects); the good ones all come out, every bad one is
   quarantined with its reason, counts reconcile, nothing is written outside the output prefix.
@@ -635,18 +644,20 @@ DRILLS = {"worker-kill": drill_worker_kill, "driver-kill": drill_driver_kill, "s
           "malformed-input": drill_malformed_input}
 
 
-def to_markdown(report: dict[str, Any]) -> str:
-    lines = [START, "", f"### Fault drills ({report['date']}, {report['machine']})", "",
-             f"Command: `python scripts/fault_drills.py {report['command']}`. The dry-run engine, local Ray; each "
-             "row is one drill, reconciled against its input.", "",
+def to_markdown(records: list[dict[str, Any]]) -> str:
+    """The table of every saved drill record (each with its own date and command)."""
+    lines = [START, "", f"### Fault drills ({records[0]['machine']})", "",
+             "`python scripts/fault_drills.py --write docs/benchmarks.md` (or `--drills a,b` to rerun some; each "
+             "drill's latest record is kept in `docs/drills/`). The dry-run engine; each row is one drill, "
+             "reconciled against its input.", "",
              "| drill | fault injected | faults | rows expected | rows out | lost | duplicates | flagged / quarantined "
-             "| passed |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in report["drills"]:
+             "| passed | date |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
         flagged = (f"{r['records_quarantined']:,} quarantined" if "records_quarantined" in r else
                    ", ".join(f"{k}: {v}" for k, v in sorted(r["rows_by_status"].items()) if k != "ok") or "none")
         lines.append(f"| {r['drill']} | {r['fault']} | {r['faults_injected']:,} | {r['rows_expected']:,} | "
                      f"{r['rows_out']:,} | {r['rows_lost']} | {r['duplicates']} | {flagged} | "
-                     f"{'yes' if r['passed'] else 'NO'} |")
+                     f"{'yes' if r['passed'] else 'NO'} | {r['date']} |")
     lines += ["", END]
     return "\n".join(lines)
 
@@ -665,6 +676,7 @@ def main() -> int:
     ap.add_argument("--bad", type=int, default=1_000, help="malformed-input: malformed records")
     ap.add_argument("--s3-fault-rate", type=float, default=0.1)
     ap.add_argument("--write", help="markdown file whose fault_drills section is replaced")
+    ap.add_argument("--results", default=str(REPO / "docs" / "drills"), help="where each drill's record is kept")
     args = ap.parse_args()
     import ray
 
@@ -689,8 +701,19 @@ def main() -> int:
               "machine": machine(),
               "command": " ".join(sys.argv[1:]), "drills": results}
     print(json.dumps(report, indent=1, default=_plain))
-    if args.write:
-        write_section(Path(args.write), "fault_drills", "Fault drills", to_markdown(report))
+    if args.write:  # each drill's latest record is kept, so drills can be rerun one at a time
+        saved = Path(args.results)
+        saved.mkdir(parents=True, exist_ok=True)
+        for r in results:
+            (saved / f"{r['drill']}.json").write_text(json.dumps(
+                {**r, "date": report["date"], "machine": report["machine"], "command": report["command"]},
+                indent=1, default=_plain) + "\n")
+        records = [json.loads(p.read_text()) for p in saved.glob("*.json")]
+        order = {f"engine-{k}" if k in ("dead", "hang") else k: i for i, k in enumerate(
+            ["worker-kill", "driver-kill", "node-loss", "s3-faults", "engine-error", "dead", "hang",
+             "engine-dead-for-good", "error-budget", "store-race", "malformed-input"])}
+        records.sort(key=lambda r: order.get(r["drill"], len(order)))
+        write_section(Path(args.write), "fault_drills", "Fault drills", to_markdown(records))
     return 0 if all(r["passed"] for r in results) else 1
 
 
