@@ -20,6 +20,7 @@ for (retried, restarted, resumed, flagged or quarantined). The drills:
 - ``engine-dead-for-good``: dead from the first call; past ``engine.max_restarts`` the run exits 3, no rows.
 - ``error-budget``: every prompt rejected, over ``max_error_fraction``: exit 3, ``status: failed``, the profile
   store's pointer unmoved; the same run ids rerun without the fault retry exactly the failed rows.
+- ``same-run-twice``: two drivers of the same run id and output at once; both finish, every row exactly once.
 - ``store-race``: two nightly profile jobs from one store version, on a local store and on S3 (moto): one
   commits, the other exits 3 naming the version that beat it.
 - ``malformed-input``: bad records mixed into a JSON Lines dataset (bad JSON, wrong types, huge items, invalid
@@ -207,6 +208,29 @@ def drill_driver_kill(root: Path) -> dict[str, Any]:
          "temporary_files_left": len(list(out.rglob("*.tmp-*")))}
     r["passed"] = (_passed(r) and not manifest_before and r["resumed"] and r["temporary_files_left"] == 0
                    and r["chunks_committed_by_rerun"] == r["generation_chunks"] - len(committed_before))
+    return r
+
+
+def drill_same_run_twice(root: Path) -> dict[str, Any]:
+    """Two drivers of the same run id and output at once (a scheduler that fired twice): chunk files are whole
+    and keyed, a chunk committed twice is merged by row key, so both finish and every row is there exactly once."""
+    out = root / "same-run-twice"
+    t0 = time.time()
+    first = _driver(out)
+    time.sleep(5)  # the second one finds the first one's run spec and committed chunks part-way
+    second = _driver(out)
+    codes = [p.wait(timeout=1800) for p in (first, second)]
+    errs = [p.stderr.read()[-1000:] for p in (first, second)]
+    gens = pd.read_parquet(out / "generations")
+    manifest = json.loads((out / "manifest.json").read_text())
+    expected = {q["id"] for q in json.loads(Path(f"{SAMPLE}_questions.json").read_text())[:10]}
+    r = {"drill": "same-run-twice", "faults_injected": 1,
+         "fault": "a second driver of the same run id and output started 5 s after the first",
+         **reconcile(gens, expected, manifest["config"]["modes"]), "exit_codes": codes,
+         "wall_s": round(time.time() - t0, 1), "temporary_files_left": len(list(out.rglob("*.tmp-*")))}
+    if any(codes):
+        r["stderr"] = errs
+    r["passed"] = bool(_passed(r) and codes == [0, 0] and r["temporary_files_left"] == 0)
     return r
 
 
@@ -640,7 +664,7 @@ def drill_store_race(root: Path) -> dict[str, Any]:
 DRILLS = {"worker-kill": drill_worker_kill, "driver-kill": drill_driver_kill, "s3-faults": drill_s3_faults,
           "engine-error": drill_engine_error, "engine-dead": drill_engine_fatal, "engine-hang": drill_engine_hang,
           "engine-dead-for-good": drill_engine_dead_past_restarts, "error-budget": drill_error_budget,
-          "store-race": drill_store_race, "node-loss": drill_node_loss,
+          "store-race": drill_store_race, "node-loss": drill_node_loss, "same-run-twice": drill_same_run_twice,
           "malformed-input": drill_malformed_input}
 
 
@@ -684,8 +708,8 @@ def main() -> int:
     results = []
     try:
         for name in args.drills.split(","):
-            if name in ("driver-kill", "store-race", "node-loss"):  # these start their own Ray
-                results.append(drill_driver_kill(root))
+            if name in ("driver-kill", "store-race", "node-loss", "same-run-twice"):  # these start their own Ray
+                results.append(DRILLS[name](root))
                 continue
             init_local_ray()
             try:
@@ -710,7 +734,7 @@ def main() -> int:
                 indent=1, default=_plain) + "\n")
         records = [json.loads(p.read_text()) for p in saved.glob("*.json")]
         order = {f"engine-{k}" if k in ("dead", "hang") else k: i for i, k in enumerate(
-            ["worker-kill", "driver-kill", "node-loss", "s3-faults", "engine-error", "dead", "hang",
+            ["worker-kill", "driver-kill", "same-run-twice", "node-loss", "s3-faults", "engine-error", "dead", "hang",
              "engine-dead-for-good", "error-budget", "store-race", "malformed-input"])}
         records.sort(key=lambda r: order.get(r["drill"], len(order)))
         write_section(Path(args.write), "fault_drills", "Fault drills", to_markdown(records))

@@ -104,3 +104,10 @@ def test_losing_the_node_of_the_engine_actor_loses_no_row(tmp_path):
     r = drills.drill_node_loss(tmp_path)
     assert r["faults_injected"] == 1 and r["rows_lost"] == 0 and r["duplicates"] == 0, r
     assert r["rows_out"] == r["rows_expected"] == 40 and r["passed"] is True
+
+
+@pytest.mark.slow  # two drivers, each with its own local Ray
+def test_two_drivers_of_one_run_id_leave_every_row_exactly_once(tmp_path):
+    r = drills.drill_same_run_twice(tmp_path)
+    assert r["exit_codes"] == [0, 0] and r["rows_out"] == r["rows_expected"] == 20 and r["duplicates"] == 0, r
+    assert r["passed"] is True
