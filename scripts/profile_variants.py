@@ -98,6 +98,8 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="job-spec override for every variant (the engine)")
     ap.add_argument("--tag", default="", help="suffix of the run folder (a comparison with other --set overrides)")
     ap.add_argument("--write", help="markdown file whose profile_variants section is replaced")
+    ap.add_argument("--report-only", action="store_true",
+                    help="no engine: report the finished variants (an unfinished one is an error)")
     args = ap.parse_args()
 
     import pandas as pd
@@ -123,7 +125,16 @@ def main() -> None:
         sys.exit(f"error: unknown variants {unknown}; known: {', '.join(VARIANTS)}")
     jobs = {"controls": job_for("controls", CONTROL_MODES, [])}
     jobs.update({n: job_for(n, VARIANT_MODES, VARIANTS[n][1]) for n in names})
-    engine = build_engine(jobs["controls"].engine)
+    if args.report_only:
+        from stepback_ray import pipeline as pl
+
+        for name, job in jobs.items():
+            work = pl.prepare_work(job, name != "controls")
+            left = pl._pending(job.output_uri, "generations", job, work.generation_chunks)
+            if left:
+                sys.exit(f"error: variant {name} is not finished ({len(left)} chunks left); run it without "
+                         "--report-only")
+    engine = None if args.report_only else build_engine(jobs["controls"].engine)
     results, walls = {}, {}
     for name, job in jobs.items():
         t0 = time.time()
