@@ -115,3 +115,14 @@ def test_history_item_missing_a_field_the_task_needs(tmp_path):
     q, _ = write_lamp(tmp_path, "m", qs, "LaMP_5", None)
     with pytest.raises(InputError, match=r"record '7': field 'profile\[0\].abstract': missing"):
         read_lamp(q, None, TASKS["LaMP_5"])
+
+
+def test_a_duplicate_gold_id_is_an_error_not_last_wins(tmp_path):
+    qs = json.loads((FIXTURES / "LaMP_5_questions.json").read_text())
+    o = tmp_path / "d_outputs.json"
+    o.write_text(json.dumps({"task": "LaMP_5", "golds": [{"id": "310", "output": "a"}, {"id": "311", "output": "b"},
+                                                         {"id": "312", "output": "c"}, {"id": "310", "output": "z"}]}))
+    q = tmp_path / "d_questions.json"
+    q.write_text(json.dumps(qs))
+    with pytest.raises(InputError, match=r"d_outputs.json: record '310': field 'id': duplicate gold id"):
+        read_lamp(str(q), str(o), TASKS["LaMP_5"])

@@ -18,7 +18,7 @@ import pyarrow as pa
 from ..config import StorageConfig
 from ..errors import InputError
 from ..storage import read_bytes
-from ..tasks import TaskSpec
+from ..tasks import TaskSpec, same_task
 from .rows import Query, queries_to_arrow
 
 
@@ -127,14 +127,14 @@ def parse_questions(uri: str, data: Any, task: TaskSpec) -> list[Query]:
 
 
 def attach_golds(uri: str, data: Any, task: TaskSpec, queries: list[Query]) -> None:
-    """Attach gold outputs; every question must have exactly one gold."""
+    """Attach gold outputs; every question must have exactly one gold (none, or two for one id, is an error)."""
     if isinstance(data, list):
         raise InputError(uri, "this looks like a LaMP questions file (a list); expected the outputs file "
                               "{\"task\": ..., \"golds\": [...]}")
     if not isinstance(data, dict) or not isinstance(data.get("golds"), list):
         raise InputError(uri, "expected an object {\"task\": ..., \"golds\": [{\"id\", \"output\"}]}", field="golds")
     file_task = data.get("task")
-    if file_task is not None and not _same_task(str(file_task), task.name):
+    if file_task is not None and not same_task(str(file_task), task.name):
         raise InputError(uri, f"golds are for task {file_task!r} but the job's task is {task.name!r}", field="task")
     golds: dict[str, str] = {}
     for n, g in enumerate(data["golds"]):
@@ -149,17 +149,13 @@ def attach_golds(uri: str, data: Any, task: TaskSpec, queries: list[Query]) -> N
         problem = task.gold_problem(out)
         if problem:
             raise InputError(uri, problem, record=repr(gid), field="output")
+        if gid in golds:  # which one is right cannot be told: the file is broken, not the later entry
+            raise InputError(uri, "duplicate gold id", record=repr(gid), field="id")
         golds[gid] = out
     for q in queries:
         if q.query_id not in golds:
             raise InputError(uri, "question has no gold output in this file", record=repr(q.query_id), field="id")
         q.gold = golds[q.query_id]
-
-
-def _same_task(file_task: str, job_task: str) -> bool:
-    """Official outputs name LaMP_2 for both label sets and PSW files name their variant."""
-    canon = file_task.replace("-", "_")
-    return canon == job_task or (canon == "LaMP_2" and job_task == "LaMP_2_news")
 
 
 def read_lamp(questions: str, outputs: str | None, task: TaskSpec,
