@@ -40,6 +40,20 @@ def format_table(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number above 0, checked before any work (0 would divide by zero after a whole
+    dry run, a negative one print negative GPU-hours, ``nan`` print invalid JSON)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a finite number above 0")
+    return value
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from .config import load_job
     from .pipeline import run_job
@@ -130,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="dry run: what the job will cost, without loading a model")
     plan.add_argument("job", help="job spec (YAML)")
     plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    plan.add_argument("--tokens-per-s", type=float, default=2500.0,
+    plan.add_argument("--tokens-per-s", type=positive_float, default=2500.0,
                       help="engine throughput per GPU, prompt + output tokens (measure with scripts/bench_engines.py)")
     plan.add_argument("--profile-only", action="store_true", help="plan `stepback profile` instead of `run`")
     plan.set_defaults(func=_cmd_plan)

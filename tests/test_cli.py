@@ -51,3 +51,14 @@ def test_bad_input_is_one_line_without_traceback(tmp_path, case):
 def test_unknown_subcommand_and_help():
     assert stepback("--help").returncode == 0
     assert stepback("frobnicate").returncode == 2
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "nan", "inf", "fast"])
+def test_plan_throughput_must_be_a_finite_positive_number_before_any_work(value):
+    import time
+
+    t0 = time.time()
+    proc = stepback("plan", "jobs/demo.yaml", f"--tokens-per-s={value}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "--tokens-per-s" in proc.stderr and proc.stderr.strip().splitlines()[-1].startswith("stepback plan: error:")
+    assert time.time() - t0 < 30  # refused by the argument parser, not after a dry run
