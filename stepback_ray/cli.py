@@ -56,9 +56,10 @@ def positive_float(text: str) -> float:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from .config import load_job
+
+    job = load_job(args.job, args.set)  # before the pipeline's imports (nltk, scipy, torch): a bad spec fails fast
     from .pipeline import run_job
 
-    job = load_job(args.job, args.set)
     print(f"stepback: running {job.name} ({job.task}, modes {', '.join(job.modes)}) -> {job.output_uri}",
           file=sys.stderr)
     result = run_job(job)
@@ -71,9 +72,10 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     import json
 
     from .config import load_job
-    from .pipeline import run_profile_job
 
     job = load_job(args.job, args.set)
+    from .pipeline import run_profile_job
+
     store = job.profile_store.uri or "(none: profiles kept in the run output)"
     print(f"stepback: profiling {job.name} ({job.task}) -> store {store}", file=sys.stderr)
     result = run_profile_job(job)
@@ -85,18 +87,20 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     import json
 
     from .config import load_job
-    from .planning import plan_job
 
     job = load_job(args.job, [*args.set, "ray.progress_bars=false"])
+    from .planning import plan_job
+
     print(json.dumps(plan_job(job, args.tokens_per_s, args.profile_only), indent=1))
     return 0
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
     from .config import load_job
-    from .submit import submit_job
 
     load_job(args.job, args.set)  # validate here, before anything reaches the cluster
+    from .submit import submit_job
+
     return submit_job(args.job, args.set, args.address, pip=args.pip, env=args.env, wait=not args.no_wait,
                       command=args.command)
 
@@ -105,9 +109,10 @@ def _cmd_train_pplug(args: argparse.Namespace) -> int:
     import json
 
     from .config import load_job
-    from .pplug.training import train
 
     job = load_job(args.job, args.set)
+    from .pplug.training import train
+
     print(json.dumps(train(job, log=lambda m: print(m, file=sys.stderr, flush=True)), indent=1))
     return 0
 
