@@ -33,3 +33,7 @@ class InputError(StepbackError):
 
 class StorageError(StepbackError):
     """Object storage is unreachable, the bucket is missing, or access is denied."""
+
+
+class ClusterError(StepbackError):
+    """The Ray cluster at the configured address is unreachable or refuses the connection."""

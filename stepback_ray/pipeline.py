@@ -38,7 +38,7 @@ from .engines import SamplingParams, build_engine
 from .engines.formatting import PromptFormatter
 from .errors import StepbackError
 from .profile_store import StoreVersion, commit_version, open_version
-from .resources import WORKER_ENV, engine_resources
+from .resources import WORKER_ENV, connect_cluster, engine_resources
 from .retrieval import MemoRetriever, build_retriever
 from .storage import RunStore
 from .tasks import get_task
@@ -569,7 +569,7 @@ def ray_session(job: JobSpec) -> Iterator[None]:
     started = False
     if not ray.is_initialized():
         if job.ray.address or os.environ.get("RAY_ADDRESS"):  # a cluster (Ray Jobs set RAY_ADDRESS)
-            ray.init(address=job.ray.address, include_dashboard=False, log_to_driver=True, logging_level="WARNING")
+            connect_cluster(job.ray.address, include_dashboard=False, log_to_driver=True, logging_level="WARNING")
         else:
             init_local_ray(job.ray.object_store_gib)
         started = True
