@@ -829,7 +829,7 @@ def run_job(job: JobSpec) -> RunResult:
     """Run the whole job: read, profile, generate, score, write. Returns the metrics and the manifest."""
     t_start = time.time()
     store = RunStore(job.output_uri, job.storage)
-    store.ensure_writable()
+    store.ensure_writable(run_marker="_run_spec.json")  # empty, new, or this run's own (resumed)
     if job.input.format != "lamp" and job.input.layout == "item":
         raise StepbackError("input.layout 'item' holds histories only, no queries to generate for: profile it with "
                             "`stepback profile`, or give one row per user with its queries (layout: user)")
@@ -892,7 +892,7 @@ def run_profile_job(job: JobSpec) -> RunResult:
     """Profile only (the nightly job): every user of the input, unchanged ones carried over from the store."""
     t_start = time.time()
     store = RunStore(job.output_uri, job.storage)
-    store.ensure_writable()
+    store.ensure_writable(run_marker="_run_spec.json")  # empty, new, or this run's own (resumed)
     PromptFormatter(job.engine)
     work = prepare_work(job, needs_profiles=True)
     resumed = _check_resume(store, job)
