@@ -144,14 +144,14 @@ class RunStore:
         if is_local(self.fs):
             self._ensure_local_writable(run_marker)
             return
-        if run_marker:
-            self._refuse_foreign_files(run_marker)
         probe = self.path(f"_probe-{uuid.uuid4().hex}")
         try:
             self.fs.pipe_file(probe, b"")
             self.fs.rm(probe)
         except Exception as e:  # noqa: BLE001 - translated to one line
             raise StorageError(describe_storage_error(self.uri, e).split(" (Could not connect")[0]) from None
+        if run_marker:  # after the probe: the store is known to answer
+            self._refuse_foreign_files(run_marker)
 
     def _ensure_local_writable(self, run_marker: str | None) -> None:
         made: list[str] = []  # the folders the probe creates, deepest first

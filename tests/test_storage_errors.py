@@ -152,3 +152,14 @@ def test_an_input_error_leaves_no_empty_output_folder(tmp_path):
                     f"input.questions={tmp_path / 'missing_questions.json'}")
     assert proc.returncode == 2 and "missing_questions.json: file not found" in proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_object_store_output_holding_other_files_is_refused_too(s3_bucket):
+    endpoint, bucket, creds = s3_bucket
+    store = RunStore(f"s3://{bucket}/run", StorageConfig(**creds))
+    store.ensure_writable(run_marker="_run_spec.json")  # nothing there yet
+    store.write_bytes("notes.txt", b"x")
+    with pytest.raises(StorageError, match=r"run: the output holds files but no run \(1 entries, e.g. notes.txt"):
+        store.ensure_writable(run_marker="_run_spec.json")
+    store.write_bytes("_run_spec.json", b"{}")
+    store.ensure_writable(run_marker="_run_spec.json")
