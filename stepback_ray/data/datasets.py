@@ -238,17 +238,20 @@ def quarantine_repeated_queries(store: RunStore) -> int:
     where an id repeats, and only the staged files holding such rows are rewritten."""
     import pyarrow.compute as pc
 
-    files = _staged_files(store)
-    ids = [pc.list_flatten(store.read_table(rel, columns=["query_ids"]).column("query_ids")) for rel in files]
-    ids = [a for a in ids if len(a)]
+    ids = {rel: pc.list_flatten(store.read_table(rel, columns=["query_ids"]).column("query_ids"))
+           for rel in _staged_files(store)}
+    ids = {rel: a for rel, a in ids.items() if len(a)}
     if not ids:
         return 0
-    counts = pc.value_counts(pa.chunked_array(ids).combine_chunks())
-    repeated = set(counts.field("values").filter(pc.greater(counts.field("counts"), 1)).to_pylist())
-    if not repeated:
+    counts = pc.value_counts(pa.chunked_array(list(ids.values())).combine_chunks())
+    repeated_ids = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
+    if not len(repeated_ids):
         return 0
+    repeated = set(repeated_ids.to_pylist())
     involved = []  # (order key, file, row index, query ids, user id)
-    for rel in files:
+    for rel, a in ids.items():
+        if not pc.any(pc.is_in(a, value_set=repeated_ids)).as_py():
+            continue
         t = store.read_table(rel, columns=["query_ids", "source", "line", "user_id", "digest"])
         for i, r in enumerate(t.to_pylist()):
             if repeated.intersection(r["query_ids"]):
