@@ -41,11 +41,26 @@ def format_table(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number above 0, checked before any work (0 would divide by zero after a whole
+    dry run, a negative one print negative GPU-hours, ``nan`` print invalid JSON)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a finite number above 0")
+    return value
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from .config import load_job
+
+    job = load_job(args.job, args.set)  # before the pipeline's imports (nltk, scipy, torch): a bad spec fails fast
     from .pipeline import run_job
 
-    job = load_job(args.job, args.set)
     print(f"stepback: running {job.name} ({job.task}, modes {', '.join(job.modes)}) -> {job.output_uri}",
           file=sys.stderr)
     result = run_job(job)
@@ -58,9 +73,10 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     import json
 
     from .config import load_job
-    from .pipeline import run_profile_job
 
     job = load_job(args.job, args.set)
+    from .pipeline import run_profile_job
+
     store = job.profile_store.uri or "(none: profiles kept in the run output)"
     print(f"stepback: profiling {job.name} ({job.task}) -> store {store}", file=sys.stderr)
     result = run_profile_job(job)
@@ -72,18 +88,20 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     import json
 
     from .config import load_job
-    from .planning import plan_job
 
     job = load_job(args.job, [*args.set, "ray.progress_bars=false"])
+    from .planning import plan_job
+
     print(json.dumps(plan_job(job, args.tokens_per_s, args.profile_only), indent=1))
     return 0
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
     from .config import load_job
-    from .submit import submit_job
 
     load_job(args.job, args.set)  # validate here, before anything reaches the cluster
+    from .submit import submit_job
+
     return submit_job(args.job, args.set, args.address, pip=args.pip, env=args.env, wait=not args.no_wait,
                       command=args.command)
 
@@ -92,9 +110,10 @@ def _cmd_train_pplug(args: argparse.Namespace) -> int:
     import json
 
     from .config import load_job
-    from .pplug.training import train
 
     job = load_job(args.job, args.set)
+    from .pplug.training import train
+
     print(json.dumps(train(job, log=lambda m: print(m, file=sys.stderr, flush=True)), indent=1))
     return 0
 
@@ -131,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="dry run: what the job will cost, without loading a model")
     plan.add_argument("job", help="job spec (YAML)")
     plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    plan.add_argument("--tokens-per-s", type=float, default=2500.0,
+    plan.add_argument("--tokens-per-s", type=positive_float, default=2500.0,
                       help="engine throughput per GPU, prompt + output tokens (measure with scripts/bench_engines.py)")
     plan.add_argument("--profile-only", action="store_true", help="plan `stepback profile` instead of `run`")
     plan.set_defaults(func=_cmd_plan)

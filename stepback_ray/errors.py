@@ -35,6 +35,10 @@ class StorageError(StepbackError):
     """Object storage is unreachable, the bucket is missing, or access is denied."""
 
 
+class ClusterError(StepbackError):
+    """The Ray cluster at the configured address is unreachable or refuses the connection."""
+
+
 class RunFailed(StepbackError):
     """The run could not do its work (engine errors over ``max_error_fraction``, an engine that kept dying). Not
     bad input: it exits 3, its manifest says ``status: failed``, and rerunning the same run id retries what failed."""

@@ -39,7 +39,7 @@ from .engines.formatting import PromptFormatter
 from .engines.guard import EngineCalls
 from .errors import ErrorBudgetExceeded, RunFailed, StepbackError
 from .profile_store import StoreVersion, commit_version, open_version
-from .resources import WORKER_ENV, engine_resources
+from .resources import WORKER_ENV, connect_cluster, engine_resources
 from .retrieval import MemoRetriever, build_retriever
 from .storage import RunStore
 from .tasks import get_task
@@ -587,7 +587,7 @@ def ray_session(job: JobSpec) -> Iterator[None]:
     started = False
     if not ray.is_initialized():
         if job.ray.address or os.environ.get("RAY_ADDRESS"):  # a cluster (Ray Jobs set RAY_ADDRESS)
-            ray.init(address=job.ray.address, include_dashboard=False, log_to_driver=True, logging_level="WARNING")
+            connect_cluster(job.ray.address, include_dashboard=False, log_to_driver=True, logging_level="WARNING")
         else:
             init_local_ray(job.ray.object_store_gib)
         started = True
@@ -912,7 +912,7 @@ def run_job(job: JobSpec) -> RunResult:
     """Run the whole job: read, profile, generate, score, write. Returns the metrics and the manifest."""
     t_start = time.time()
     store = RunStore(job.output_uri, job.storage)
-    store.ensure_writable()
+    store.ensure_writable(run_marker="_run_spec.json")  # empty, new, or this run's own (resumed)
     if job.input.format != "lamp" and job.input.layout == "item":
         raise StepbackError("input.layout 'item' holds histories only, no queries to generate for: profile it with "
                             "`stepback profile`, or give one row per user with its queries (layout: user)")
@@ -990,7 +990,7 @@ def run_profile_job(job: JobSpec) -> RunResult:
     """Profile only (the nightly job): every user of the input, unchanged ones carried over from the store."""
     t_start = time.time()
     store = RunStore(job.output_uri, job.storage)
-    store.ensure_writable()
+    store.ensure_writable(run_marker="_run_spec.json")  # empty, new, or this run's own (resumed)
     PromptFormatter(job.engine)
     work = prepare_work(job, needs_profiles=True)
     resumed = _check_resume(store, job)

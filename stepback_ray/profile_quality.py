@@ -21,21 +21,21 @@ from typing import Any
 import numpy as np
 
 from .history_facts import content_words
+from .retrieval import bm25_index, query_terms
 from .tasks import ProfileSchema, TaskSpec
 
 SAMPLE_USERS = 1000
 
 
-def _ranks(queries: list[str], documents: list[str]) -> list[int]:
-    """The 1-based rank of document i for query i, under BM25 over ``documents`` (ties count against it)."""
-    import bm25s
-
-    corpus = bm25s.tokenize(documents, stopwords="en", show_progress=False)
-    index = bm25s.BM25()
-    index.index(corpus, show_progress=False)
+def _ranks(queries: list[str], documents: list[str]) -> list[int] | None:
+    """The 1-based rank of document i for query i, under BM25 over ``documents`` (ties count against it); None
+    when no document has a searchable word (nothing to rank by)."""
+    index = bm25_index(documents)
+    if index is None:
+        return None
     ranks = []
     for i, q in enumerate(queries):
-        tokens = bm25s.tokenize([q], stopwords="en", return_ids=False, show_progress=False)[0] if q.strip() else []
+        tokens = query_terms(q)
         if not tokens:
             ranks.append(len(documents))  # says nothing: last
             continue
@@ -45,11 +45,13 @@ def _ranks(queries: list[str], documents: list[str]) -> list[int]:
 
 
 def identifiability(profile_texts: list[str], histories: list[str]) -> dict[str, Any]:
-    """Top-1 accuracy and MRR of finding each user's history from their profile text, with chance levels."""
+    """Top-1 accuracy and MRR of finding each user's history from their profile text, with chance levels (all
+    None when there is nothing to identify by: under two users, or histories without a searchable word)."""
     n = len(profile_texts)
-    if n < 2 or not any(h.strip() for h in histories):
+    ranked = _ranks(profile_texts, histories) if n >= 2 else None
+    if ranked is None:
         return {"users": n, "top1": None, "mrr": None, "chance_top1": None, "chance_mrr": None}
-    ranks = np.asarray(_ranks(profile_texts, histories))
+    ranks = np.asarray(ranked)
     harmonic = float(np.sum(1.0 / np.arange(1, n + 1)))
     return {"users": n, "top1": round(float((ranks == 1).mean()), 4), "mrr": round(float((1.0 / ranks).mean()), 4),
             "chance_top1": round(1.0 / n, 4), "chance_mrr": round(harmonic / n, 4)}

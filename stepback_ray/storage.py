@@ -63,8 +63,19 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
 
+def is_local_uri(uri: str) -> bool:
+    return fsspec.utils.get_protocol(uri) in ("file", "local")
+
+
 def describe_storage_error(uri: str, exc: BaseException) -> str:
-    """One line saying what went wrong talking to storage, without credentials."""
+    """One line saying what went wrong talking to storage, without credentials. A local path's failure is told
+    as the operating system's (permission denied, a file where a folder should be), not as object storage's."""
+    if is_local_uri(uri) and isinstance(exc, OSError):
+        if isinstance(exc, PermissionError):
+            return f"{uri}: permission denied (not writable or not readable by this user)"
+        if isinstance(exc, (FileExistsError, NotADirectoryError)):
+            return f"{uri}: a file is in the way, where a folder is needed ({exc.filename})"
+        return f"{uri}: {exc.strerror or exc}"
     text = f"{type(exc).__name__}: {exc}"
     low = text.lower()
     if "could not connect" in low or "connect timeout" in low or "endpointconnectionerror" in low:
@@ -129,16 +140,63 @@ class RunStore:
     def uri_of(self, rel: str) -> str:
         return self.uri.rstrip("/") + "/" + rel
 
-    def ensure_writable(self) -> None:
-        """Fail early (before any model loads) if the output cannot be written."""
+    def ensure_writable(self, run_marker: str | None = None) -> None:
+        """Fail early (before any model loads) if the output cannot be written. With ``run_marker`` (the file a
+        run writes first, ``_run_spec.json``) an output that already holds files must hold that file too: a
+        folder of unrelated files would get the run's files mixed in, and a stale run's ``generations/`` would be
+        found only at the end, on the row count. Locally nothing is left behind: folders made for the probe are
+        removed again, so a run that then stops on bad input leaves no empty output folder."""
+        if is_local(self.fs):
+            self._ensure_local_writable(run_marker)
+            return
         probe = self.path(f"_probe-{uuid.uuid4().hex}")
         try:
-            if is_local(self.fs):
-                os.makedirs(self.root, exist_ok=True)
             self.fs.pipe_file(probe, b"")
             self.fs.rm(probe)
         except Exception as e:  # noqa: BLE001 - translated to one line
             raise StorageError(describe_storage_error(self.uri, e).split(" (Could not connect")[0]) from None
+        if run_marker:  # after the probe: the store is known to answer
+            self._refuse_foreign_files(run_marker)
+
+    def _ensure_local_writable(self, run_marker: str | None) -> None:
+        made: list[str] = []  # the folders the probe creates, deepest first
+        parent = os.path.abspath(self.root)
+        while not os.path.lexists(parent):
+            made.append(parent)
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            where = "the output" if parent == os.path.abspath(self.root) else parent
+            raise StorageError(f"{self.uri}: {where} is a file, not a folder")
+        if run_marker and not made:
+            self._refuse_foreign_files(run_marker)
+        probe = os.path.join(self.root, f"_probe-{uuid.uuid4().hex}")
+        try:
+            os.makedirs(self.root, exist_ok=True)
+            with open(probe, "wb"):
+                pass
+            os.remove(probe)
+        except PermissionError:
+            raise StorageError(f"{self.uri}: not writable (permission denied)") from None
+        except OSError as e:
+            raise StorageError(f"{self.uri}: not writable ({e.strerror or e})") from None
+        finally:
+            for d in made:
+                with contextlib.suppress(OSError):
+                    os.rmdir(d)
+
+    def entries(self) -> list[str]:
+        """Names directly under the root (files and folders), without temporary files and write probes."""
+        if not self._call(self.fs.exists, self.root):
+            return []
+        names = [posixpath.basename(p.rstrip("/")) for p in self._call(self.fs.ls, self.root, detail=False)]
+        return sorted(n for n in names if n and ".tmp-" not in n and not n.startswith("_probe-"))
+
+    def _refuse_foreign_files(self, run_marker: str) -> None:
+        names = self.entries()
+        if names and run_marker not in names:
+            shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+            raise StorageError(f"{self.uri}: the output holds files but no run ({len(names)} entries, e.g. {shown}; "
+                               f"no {run_marker}); choose a new or empty output")
 
     def _write(self, path: str, data: bytes) -> None:
         if is_local(self.fs):

@@ -365,6 +365,13 @@ TASK_ALIASES = {"LaMP-1": "LaMP_1", "LaMP-2": "LaMP_2", "LaMP-2-old": "LaMP_2_ne
                 "LaMP-3": "LaMP_3", "LaMP-4": "LaMP_4", "LaMP-5": "LaMP_5", "LaMP-6": "LaMP_6", "LaMP-7": "LaMP_7"}
 
 
+def same_task(file_task: str, task: str) -> bool:
+    """Whether a file that names ``file_task`` holds ``task``'s data: official outputs name LaMP_2 for both label
+    sets, and PSW files name their variant."""
+    canon = TASK_ALIASES.get(file_task, file_task).replace("-", "_")
+    return canon == task or (canon == "LaMP_2" and task == "LaMP_2_news")
+
+
 def get_task(name: str) -> TaskSpec:
     from .errors import ConfigError
 

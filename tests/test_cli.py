@@ -51,3 +51,28 @@ def test_bad_input_is_one_line_without_traceback(tmp_path, case):
 def test_unknown_subcommand_and_help():
     assert stepback("--help").returncode == 0
     assert stepback("frobnicate").returncode == 2
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "nan", "inf", "fast"])
+def test_plan_throughput_must_be_a_finite_positive_number_before_any_work(value):
+    import time
+
+    t0 = time.time()
+    proc = stepback("plan", "jobs/demo.yaml", f"--tokens-per-s={value}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "--tokens-per-s" in proc.stderr and proc.stderr.strip().splitlines()[-1].startswith("stepback plan: error:")
+    assert time.time() - t0 < 30  # refused by the argument parser, not after a dry run
+
+
+def test_a_bad_spec_fails_before_the_heavy_imports(tmp_path):
+    """A config error is reported in about a second: nltk, scipy, sklearn, torch and ray are imported only once
+    the spec is valid (before, `stepback run bad.yaml` took 2-3 s of CPU importing them first)."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ntask: LaMP_5\ninput: {questions: q.json}\nbogus: 1\n")
+    code = ("import sys\nfrom stepback_ray.cli import main\n"
+            f"for cmd in ('run', 'profile', 'plan', 'train-pplug'):\n    assert main([cmd, {str(bad)!r}]) == 2\n"
+            "print(sorted(m for m in ('nltk', 'scipy', 'sklearn', 'torch', 'ray', 'pyarrow') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+    assert proc.stderr.count("bad.yaml: bogus: unknown key") == 4

@@ -115,3 +115,24 @@ def test_a_cluster_job_with_a_local_output_is_refused_unless_the_filesystem_is_s
         load_job(REPO / "jobs" / "demo.yaml", base)
     assert load_job(REPO / "jobs" / "demo.yaml", [*base, "storage.shared_filesystem=true"]).storage.shared_filesystem
     assert load_job(REPO / "jobs" / "demo.yaml", ["output=s3://b/run", "ray.address=127.0.0.1:6379"]).ray.address
+
+
+@pytest.mark.parametrize("override, message", [
+    ("limit=true", r"limit: Input should be a valid integer \(got True\)"),
+    ("ray.num_shards=true", r"ray.num_shards.int: Input should be a valid integer \(got True\)"),
+    ("generation.seed=false", r"generation.seed: Input should be a valid integer \(got False\)"),
+    ("engine.batch_size=4.0", r"engine.batch_size: Input should be a valid integer \(got 4.0\)"),
+    ("generation.temperature=true", r"generation.temperature: expected a number, got a boolean"),
+])
+def test_a_boolean_is_not_a_number(override, message):
+    """YAML reads `true` as a boolean, which Python counts as 1: `--set limit=true` ran one user."""
+    with pytest.raises(ConfigError, match=message):
+        load_job(REPO / "jobs" / "demo.yaml", [override])
+
+
+def test_numbers_still_load_as_written():
+    job = load_job(REPO / "jobs" / "demo.yaml", ["generation.temperature=1", "ray.engine_actor_cpus=2",
+                                                   "ray.num_shards=auto", "ray.engine_actors=3"])
+    assert job.generation.temperature == 1.0 and job.ray.engine_actor_cpus == 2.0 and job.ray.engine_actors == 3
+    for spec in (REPO / "jobs").glob("*.yaml"):  # every example job still loads
+        load_job(spec)

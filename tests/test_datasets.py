@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 import json
+import re
 
 import pandas as pd
 import pyarrow as pa
@@ -33,17 +34,23 @@ def test_parquet_user_layout_quarantines_bad_rows_and_generates(ray_local, tmp_p
         {"user_id": "ok-id", "history": [{"id": "x", "title": "only a title"}], "queries": []},
         {"user_id": "huge", "history": [{"id": "h", "title": "t", "abstract": "x" * 200_001}], "queries": []},
         {"user_id": "", "history": [], "queries": []},
+        {"user_id": "zz-other", "history": users[1]["history"], "queries": users[0]["queries"]},  # a taken query id
     ]
     table = pa.Table.from_pylist(users + bad)
     pq.write_table(table, tmp_path / "users.parquet")
     result = run_job(_job(tmp_path, "parquet", tmp_path / "users.parquet", "user",
                           ["modes=[none, profile+rag]", "generation.max_new_tokens=8"]))
     counts = result.manifest["counts"]
-    assert counts["rows_in"] == 17 and counts["rows_staged"] == 12 and counts["rows_quarantined"] == 5
+    assert counts["rows_in"] == 18 and counts["rows_staged"] == 12 and counts["rows_quarantined"] == 6
     q = pd.read_parquet(tmp_path / "out" / "quarantine")
     reasons = "\n".join(q["reason"])
     assert "user_id: contains a path separator" in reasons and "history[0].abstract: missing" in reasons
     assert "over the limit" in reasons and "user_id: empty" in reasons
+    assert f"queries[0].query_id: duplicate {users[0]['queries'][0]['query_id']!r}" in reasons
+    from stepback_ray.scoring import score_files
+
+    pred = str(tmp_path / "out" / "predictions" / "none.json")
+    assert score_files(pred, pred)["rouge-1"] == 1.0  # the run's own predictions: every id once
     gens = pd.read_parquet(tmp_path / "out" / "generations")
     assert len(gens) == 12 * 2 and gens.groupby(["query_id", "mode"]).size().eq(1).all()
     assert result.metrics["modes"]["none"]["scored"] == 12
@@ -55,7 +62,12 @@ def test_a_staging_killed_part_way_is_redone_not_appended_to(ray_local, tmp_path
     users = lamp5_users(4)
     pq.write_table(pa.Table.from_pylist(users), tmp_path / "users.parquet")
     job = _job(tmp_path, "parquet", tmp_path / "users.parquet", "user", ["generation.max_new_tokens=8"])
-    # what a killed staging leaves: a shard file with a copy of a good row, a quarantine file, no _SUCCESS
+    # what a killed staging leaves: the run's spec (written first), a shard file with a copy of a good row, a
+    # quarantine file, no _SUCCESS
+    from stepback_ray.pipeline import _check_resume
+    from stepback_ray.storage import RunStore
+
+    _check_resume(RunStore(job.output_uri, job.storage), job)
     left = tmp_path / "out" / "_staged" / "shard=0"
     left.mkdir(parents=True)
     rec = {"user_id": users[0]["user_id"], "history": users[0]["history"], "queries": users[0]["queries"]}
@@ -167,3 +179,106 @@ def test_the_same_bad_row_in_two_batches_is_quarantined_twice(tmp_path):
     two = pa.Table.from_pylist([{"user_id": "a"}, {"user_id": "b"}])
     assert _batch_digest(two.slice(0, 1)) != _batch_digest(two.slice(1, 1))  # a slice hashes as what it holds
     assert _batch_digest(two.slice(1, 1)) == _batch_digest(pa.Table.from_pylist([{"user_id": "b"}]))
+
+
+def _stage_without_ray(job, shards: int, batches: list[pa.Table]) -> None:
+    """What the staging pass does, in-process: validate each batch, write the good rows partitioned by shard."""
+    from stepback_ray.data.datasets import ValidateAndShard
+
+    import os
+
+    import pyarrow.compute as pc
+
+    stage = ValidateAndShard(job, shards=shards)
+    for n, batch in enumerate(batches):
+        good = stage(batch)
+        for k in sorted(set(good.column("shard").to_pylist())):
+            folder = f"{job.output_uri}/_staged/shard={k}"
+            os.makedirs(folder, exist_ok=True)
+            pq.write_table(good.filter(pc.equal(good.column("shard"), k)).drop_columns(["shard"]),
+                           f"{folder}/batch-{n}.parquet")
+
+
+def _jsonl_files(files: dict[str, list[dict]]) -> pa.Table:
+    """A batch as the staging pass reads JSON Lines: one row per whole file (bytes and path)."""
+    return pa.Table.from_pylist([{"bytes": "\n".join(json.dumps(r) for r in recs).encode(), "path": path}
+                                 for path, recs in files.items()])
+
+
+def test_a_repeated_query_id_is_quarantined_the_same_way_whatever_the_shards_and_batches(tmp_path):
+    """A query id repeated by another user (another shard) was kept twice, so the run's own predictions failed
+    `stepback score` with 'duplicate id'; repeated by the same user (same shard) it was dropped uncounted. Now
+    the first row in input order keeps it and every later one is quarantined, counted, with its reason."""
+    from stepback_ray.data.datasets import load_staged, quarantine_repeated_queries, staged_chunks
+    from stepback_ray.storage import RunStore
+
+    users = lamp5_users(6)
+    recs = [{"user_id": u["user_id"], "history": u["history"][:2], "queries": u["queries"]} for u in users]
+    taken = users[0]["queries"][0]["query_id"]
+    other = {"user_id": "someone-else", "history": users[1]["history"][:1],
+             "queries": [{"query_id": taken, "input": "another question", "gold": "g"}]}
+    again = dict(recs[2])  # the same user exported twice
+    files = {"a.jsonl": [recs[0], other, recs[1]], "b.jsonl": [recs[2], recs[3], recs[4]],
+             "c.jsonl": [recs[5], again]}
+    groupings = [[["a.jsonl", "b.jsonl", "c.jsonl"]], [["c.jsonl"], ["b.jsonl"], ["a.jsonl"]],
+                 [["b.jsonl", "c.jsonl"], ["a.jsonl"]]]
+    for shards in (1, 4, 64):
+        for n, grouping in enumerate(groupings):
+            root = tmp_path / f"s{shards}-{n}"
+            job = _job(root, "jsonl", tmp_path / "in", "user")
+            _stage_without_ray(job, shards, [_jsonl_files({f: files[f] for f in group}) for group in grouping])
+            assert quarantine_repeated_queries(RunStore(job.output_uri, job.storage)) == 2
+            q = pd.read_parquet(root / "out" / "quarantine" / "part-repeated-query-ids.parquet")
+            assert sorted(zip(q["source"], q["reason"])) == [
+                ("a.jsonl:2", f"queries[0].query_id: duplicate {taken!r}, asked first in the row of user "
+                              f"{users[0]['user_id']!r} at a.jsonl:1"),
+                ("c.jsonl:2", f"queries[0].query_id: duplicate {users[2]['queries'][0]['query_id']!r}, asked first "
+                              f"in the row of user {users[2]['user_id']!r} at b.jsonl:1")]
+            staged = [load_staged(job, c["source"]) for c in staged_chunks(job)]
+            asked = sorted(x.query_id for _, qs in staged for x in qs)
+            assert asked == sorted(u["queries"][0]["query_id"] for u in users)  # each once
+            assert "someone-else" not in {u.user_id for us, _ in staged for u in us}
+
+
+def test_a_query_id_repeated_within_one_row_is_quarantined():
+    from stepback_ray.data.datasets import BadRecord, check_record
+    from stepback_ray.tasks import get_task
+
+    q = {"query_id": "q", "input": "x", "gold": "g"}
+    with pytest.raises(BadRecord, match=r"queries\[1\].query_id: duplicate 'q' \(also queries\[0\]\)"):
+        check_record({"user_id": "u", "history": [], "queries": [q, dict(q)]}, get_task("LaMP_5"), "user")
+
+
+def test_among_parquet_rows_the_repeated_query_id_stays_with_the_user_id_that_sorts_first(tmp_path):
+    """Parquet rows carry no position here: the rule is the user id (then the record), whatever the batches."""
+    from stepback_ray.data.datasets import quarantine_repeated_queries
+    from stepback_ray.storage import RunStore
+
+    u = lamp5_users(1)[0]
+    mine = {"user_id": "alice", "history": u["history"][:1], "queries": u["queries"]}
+    theirs = {"user_id": "bob", "history": u["history"][1:2], "queries": u["queries"]}
+    for n, batches in enumerate([[[theirs, mine]], [[theirs], [mine]], [[mine], [theirs]]]):
+        job = _job(tmp_path / str(n), "parquet", tmp_path / "in", "user")
+        _stage_without_ray(job, 4, [pa.Table.from_pylist(b) for b in batches])
+        assert quarantine_repeated_queries(RunStore(job.output_uri, job.storage)) == 1
+        q = pd.read_parquet(tmp_path / str(n) / "out" / "quarantine")
+        assert list(q["reason"]) == [f"queries[0].query_id: duplicate {u['queries'][0]['query_id']!r}, asked "
+                                     "first in the row of user 'alice'"]
+        assert q["record"][0].startswith('{"user_id": "bob"')  # the record (first 2,000 characters)
+
+
+@pytest.mark.parametrize("uid, reason", [
+    ("user\n", "contains a path separator, '..' or a control character"),  # was stripped to 'user'
+    ("user\x1f", "contains a path separator, '..' or a control character"),
+    ("user\x7f", "contains a path separator, '..' or a control character"),
+    (" user", "leading or trailing whitespace"),  # was stripped too: it would become another user's id
+    ("a/b", "contains a path separator, '..' or a control character"),
+    ("", "empty"),
+])
+def test_a_user_id_is_taken_as_written_or_quarantined(uid, reason):
+    from stepback_ray.data.datasets import BadRecord, check_record
+    from stepback_ray.tasks import get_task
+
+    with pytest.raises(BadRecord, match=rf"^user_id: {re.escape(reason)}$"):
+        check_record({"user_id": uid, "history": [], "queries": []}, get_task("LaMP_5"), "user")
+    assert check_record({"user_id": 42, "history": []}, get_task("LaMP_5"), "user")["user_id"] == "42"

@@ -115,3 +115,36 @@ def test_history_item_missing_a_field_the_task_needs(tmp_path):
     q, _ = write_lamp(tmp_path, "m", qs, "LaMP_5", None)
     with pytest.raises(InputError, match=r"record '7': field 'profile\[0\].abstract': missing"):
         read_lamp(q, None, TASKS["LaMP_5"])
+
+
+def test_a_duplicate_gold_id_is_an_error_not_last_wins(tmp_path):
+    qs = json.loads((FIXTURES / "LaMP_5_questions.json").read_text())
+    o = tmp_path / "d_outputs.json"
+    o.write_text(json.dumps({"task": "LaMP_5", "golds": [{"id": "310", "output": "a"}, {"id": "311", "output": "b"},
+                                                         {"id": "312", "output": "c"}, {"id": "310", "output": "z"}]}))
+    q = tmp_path / "d_questions.json"
+    q.write_text(json.dumps(qs))
+    with pytest.raises(InputError, match=r"d_outputs.json: record '310': field 'id': duplicate gold id"):
+        read_lamp(str(q), str(o), TASKS["LaMP_5"])
+
+
+@pytest.mark.parametrize("uid, reason", [
+    ("user\n", "contains a path separator, '..' or a control character"),
+    (" user", "leading or trailing whitespace"),
+    ("../etc", "contains a path separator, '..' or a control character"),
+    ("", "empty"),
+    (["a"], "missing or not text"),  # was taken as no user id (the question's own)
+])
+def test_lamp_user_ids_follow_the_dataset_rule(tmp_path, uid, reason):
+    """One rule for user ids in every reader (stepback_ray.data.rows.user_id_problem)."""
+    import re
+
+    item = {"id": "1", "title": "t", "abstract": "a"}
+    for n, q in enumerate([{"id": "7", "user_id": uid, "input": "x", "profile": [item]},
+                           {"id": "7", "input": "x", "authors": [{"user_id": uid, "profile": [item]}]}]):
+        path, _ = write_lamp(tmp_path, f"u{n}", [q], "LaMP_5", None)
+        field = "user_id" if n == 0 else r"authors\[0\].user_id"
+        with pytest.raises(InputError, match=rf"record '7': field '{field}': {re.escape(reason)}$"):
+            read_lamp(path, None, TASKS["LaMP_5"])
+    path, _ = write_lamp(tmp_path, "ok", [{"id": "7", "user_id": 42, "input": "x", "profile": [item]}], "LaMP_5", None)
+    assert read_lamp(path, None, TASKS["LaMP_5"])[0].user_id == "42"

@@ -110,3 +110,8 @@ def test_every_task_with_habits_measures_its_own_output_field():
     for task in TASKS.values():
         if task.habits is not None:
             assert task.habits.field in task.item_fields, task.name
+
+
+def test_identifiability_over_histories_without_a_searchable_word_is_none_not_a_crash():
+    got = pq.identifiability(["graph networks", "robots"], ["the", "of a"])
+    assert got["top1"] is None and got["users"] == 2

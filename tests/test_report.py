@@ -74,3 +74,22 @@ def test_report_counts_statuses_and_intervals_from_the_committed_files(tmp_path,
     for fig in FIGURES:
         assert f'src="{fig}"' in page and (tmp_path / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"{total} of {total} expected" in page and f"[{intervals['none'][1]:.4f}, " in page
+
+
+def test_report_of_a_missing_folder_or_one_without_a_run_is_a_one_line_error(tmp_path):
+    from .test_cli import stepback
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "profiled").mkdir()
+    (tmp_path / "profiled" / "manifest.json").write_text("{}")  # what `stepback profile` leaves: no metrics
+    cases = {"missing": "no such folder .expected a finished run's output, with manifest.json and metrics.json",
+             "empty": "not a finished run: no manifest.json and no metrics.json",
+             "profiled": "not a finished run: no metrics.json "}
+    for name, pattern in cases.items():
+        proc = stepback("report", str(tmp_path / name))
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: {tmp_path / name}: ")
+        import re
+
+        assert re.search(pattern, lines[0]), lines[0]

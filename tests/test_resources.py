@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from stepback_ray.config import load_job
 from stepback_ray.resources import engine_resources
 
@@ -80,3 +82,75 @@ def test_local_ray_workers_use_the_system_allocator_for_arrow(ray_local):
         return pa.default_memory_pool().backend_name
 
     assert ray.get(backend.remote()) == "system"
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_address_where_nothing_listens_fails_in_seconds_without_starting_ray(monkeypatch):
+    """Ray retries such an address for minutes ("Failed to connect to GCS"); the check answers at once."""
+    import time
+
+    import ray
+
+    from stepback_ray.errors import ClusterError
+    from stepback_ray.resources import address_host_port, connect_cluster
+
+    assert address_host_port("10.0.0.5:6379") == ("10.0.0.5", 6379)
+    assert address_host_port("ray://head:10001") == ("head", 10001)
+    assert address_host_port("[::1]:6379") == ("::1", 6379)
+    assert address_host_port("auto") is None and address_host_port("local") is None
+    called = []
+    monkeypatch.setattr(ray, "init", lambda **kw: called.append(kw))
+    port = _closed_port()
+    t0 = time.time()
+    with pytest.raises(ClusterError, match=rf"ray.address '127.0.0.1:{port}': no Ray cluster reachable at "
+                                           rf"127.0.0.1:{port} \(Connection refused\)"):
+        connect_cluster(f"127.0.0.1:{port}")
+    assert time.time() - t0 < 5 and not called
+    monkeypatch.setenv("RAY_ADDRESS", f"ray://127.0.0.1:{port}")  # Ray Jobs' address is checked the same way
+    with pytest.raises(ClusterError, match="no Ray cluster reachable"):
+        connect_cluster(None)
+    assert not called
+
+
+def test_a_connection_ray_refuses_is_one_line(monkeypatch):
+    """A cluster that needs an auth token makes ray.init raise ConnectionError: one line, not a traceback."""
+    import socket
+
+    import ray
+
+    from stepback_ray.errors import ClusterError
+    from stepback_ray.resources import connect_cluster
+
+    def refuse(**kw):
+        raise ConnectionError("Authentication required: the cluster expects a token\nmore detail")
+
+    monkeypatch.setattr(ray, "init", refuse)
+    with socket.socket() as listener:  # something accepts TCP there, as a real head would
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        address = f"127.0.0.1:{listener.getsockname()[1]}"
+        with pytest.raises(ClusterError) as e:
+            connect_cluster(address)
+    assert str(e.value) == (f"ray.address {address!r}: cannot connect to the Ray cluster: Authentication required: "
+                            "the cluster expects a token")
+
+
+def test_the_pipelines_ray_session_checks_the_address(monkeypatch):
+    import ray
+
+    from stepback_ray.errors import ClusterError
+    from stepback_ray.pipeline import ray_session
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a fresh driver, whatever this process holds
+    monkeypatch.setattr(ray, "init", lambda **kw: pytest.fail("ray.init reached"))
+    port = _closed_port()
+    with pytest.raises(ClusterError, match="no Ray cluster reachable"):
+        with ray_session(_job(ray={"address": f"127.0.0.1:{port}"})):
+            pytest.fail("session started")

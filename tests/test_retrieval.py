@@ -48,3 +48,26 @@ def test_importing_retrieval_does_not_load_bm25s():
     code = "import sys, stepback_ray.retrieval, stepback_ray.prompting; print('bm25s' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_a_history_without_a_searchable_word_retrieves_nothing_instead_of_failing():
+    """One trivial item ("the") gives bm25s an empty vocabulary; that must not fail the chunk the row is in."""
+    assert bm25_top_k("graph neural networks", ["the"], 2) == []
+    assert bm25_top_k("graph neural networks", ["", "of the"], 2) == []
+    assert bm25_scores("graph neural networks", ["the"]).tolist() == [float("-inf")]
+    assert bm25_top_k("graph neural networks", ["the", "graph nets"], 2) == [1, 0]  # one item has a term: kept
+
+
+def test_rag_over_a_trivial_history_is_generated_without_items_and_says_so(formatter):
+    from stepback_ray.config import MultiAuthorConfig, RetrievalConfig
+    from stepback_ray.data.rows import Query
+    from stepback_ray.prompting import plan_generation
+    from stepback_ray.retrieval import BM25Retriever
+    from stepback_ray.tasks import TASKS
+
+    item = {"id": "p1", "title": "x", "abstract": "the", "date": "2025-01-01"}
+    q = Query("q1", "LaMP_5", "Graph neural networks for molecules", ["u1"], [[item]])
+    plan = plan_generation(TASKS["LaMP_5"], q, "rag", {}, {}, RetrievalConfig(top_k=2), MultiAuthorConfig(),
+                           BM25Retriever(), formatter, 16)
+    assert plan.retrieved_ids == []
+    assert "nothing retrieved: no history item has a searchable word" in plan.all_notes()

@@ -46,3 +46,25 @@ def test_mismatched_ids_and_bad_files_are_one_line_errors(tmp_path):
     proc = stepback("score", str(tmp_path / "bad.json"), gold)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith("error:") and "bad.json" in proc.stderr
+
+
+def test_task_is_checked_against_the_files_and_the_golds(tmp_path):
+    gold = _write(tmp_path / "g.json", "LaMP_5", ["a title", "another title"])
+    pred = _write(tmp_path / "p.json", "LaMP_5", ["a title", "another title"])
+    for task in ("LaMP_2", "LaMP_3"):  # was {"accuracy": 1.0, "f1": 0.0}, and a traceback
+        with pytest.raises(InputError, match=rf"g.json: field 'task': the file is for task 'LaMP_5', not '{task}'"):
+            score_files(pred, gold, task=task)
+    # files that name no task: the golds themselves must be answers of --task
+    for name in ("g", "p"):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"golds": [{"id": "0", "output": "a title"}]}))
+    with pytest.raises(InputError, match=r"record '0': field 'output': not a LaMP_2 label: 'a title'"):
+        score_files(pred, gold, task="LaMP_2")
+    with pytest.raises(InputError, match=r"record '0': field 'output': not a number: 'a title'"):
+        score_files(pred, gold, task="LaMP_3")
+    # the predictions file must not name another task than the golds
+    gold = _write(tmp_path / "g3.json", "LaMP_3", ["1", "5"])
+    pred = _write(tmp_path / "p4.json", "LaMP_4", ["1", "5"])
+    with pytest.raises(InputError, match=r"p4.json: field 'task': the file is for task 'LaMP_4', not 'LaMP_3'"):
+        score_files(pred, gold)
+    proc = stepback("score", pred, gold)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1

@@ -86,3 +86,80 @@ def test_cli_reports_storage_errors_in_one_line(tmp_path):
     err = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(err) == 1 and "storage endpoint unreachable" in err[0]
     assert "storage.secret" not in proc.stderr and " s\n" not in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------- local outputs
+def test_a_local_output_that_is_a_file_or_not_writable_says_so(tmp_path, monkeypatch):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(StorageError, match=rf"^{tmp_path / 'afile'}: the output is a file, not a folder$"):
+        RunStore(str(tmp_path / "afile"), StorageConfig()).ensure_writable()  # was a raw [Errno 17]
+    with pytest.raises(StorageError, match=rf"afile/run: {tmp_path / 'afile'} is a file, not a folder$"):
+        RunStore(str(tmp_path / "afile" / "run"), StorageConfig()).ensure_writable()
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", args[0] if args else None)
+
+    monkeypatch.setattr(os, "makedirs", denied)  # (tests run as root here, where chmod denies nothing)
+    with pytest.raises(StorageError, match=r"ro/run: not writable \(permission denied\)$"):
+        RunStore(str(tmp_path / "ro" / "run"), StorageConfig()).ensure_writable()  # was "check the credentials"
+    from stepback_ray.storage import describe_storage_error
+
+    assert describe_storage_error("/data/x.json", PermissionError(13, "Permission denied")) == \
+        "/data/x.json: permission denied (not writable or not readable by this user)"
+    assert "credentials" in describe_storage_error("s3://b/x", PermissionError(13, "Permission denied"))
+
+
+def test_the_write_probe_leaves_no_folder_behind(tmp_path):
+    RunStore(str(tmp_path / "a" / "b" / "run"), StorageConfig()).ensure_writable()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_output_holding_other_files_is_refused_unless_it_is_a_run(tmp_path):
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    for name in ("notes.txt", "data.csv"):
+        (junk / name).write_text("x")
+    with pytest.raises(StorageError, match=r"junk: the output holds files but no run \(2 entries, e.g. data.csv, "
+                                           r"notes.txt; no _run_spec.json\); choose a new or empty output"):
+        RunStore(str(junk), StorageConfig()).ensure_writable(run_marker="_run_spec.json")
+    RunStore(str(junk), StorageConfig()).ensure_writable()  # without a marker (a training output): not checked
+    (junk / "_run_spec.json").write_text("{}")  # a run's own output: resumable, the spec is compared later
+    RunStore(str(junk), StorageConfig()).ensure_writable(run_marker="_run_spec.json")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    RunStore(str(empty), StorageConfig()).ensure_writable(run_marker="_run_spec.json")
+
+
+def test_a_run_into_a_stale_or_foreign_output_stops_before_any_work(tmp_path):
+    """A stale generations/ without the run's spec was found only after the whole run, on the row count."""
+    from stepback_ray.config import load_job
+    from stepback_ray.pipeline import run_job
+
+    from .conftest import REPO
+
+    stale = tmp_path / "stale"
+    (stale / "generations").mkdir(parents=True)
+    (stale / "generations" / "chunk-00000.parquet").write_bytes(b"old")
+    job = load_job(REPO / "jobs" / "demo.yaml", [f"output={stale}", "engine.kind=dry-run"])
+    t0 = time.time()
+    with pytest.raises(StorageError, match=r"stale: the output holds files but no run \(1 entries, e.g. generations"):
+        run_job(job)
+    assert time.time() - t0 < 10 and sorted(p.name for p in stale.iterdir()) == ["generations"]
+
+
+def test_an_input_error_leaves_no_empty_output_folder(tmp_path):
+    proc = stepback("run", "jobs/demo.yaml", "--set", f"output={tmp_path / 'runs' / 'x'}", "--set",
+                    f"input.questions={tmp_path / 'missing_questions.json'}")
+    assert proc.returncode == 2 and "missing_questions.json: file not found" in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_object_store_output_holding_other_files_is_refused_too(s3_bucket):
+    endpoint, bucket, creds = s3_bucket
+    store = RunStore(f"s3://{bucket}/run", StorageConfig(**creds))
+    store.ensure_writable(run_marker="_run_spec.json")  # nothing there yet
+    store.write_bytes("notes.txt", b"x")
+    with pytest.raises(StorageError, match=r"run: the output holds files but no run \(1 entries, e.g. notes.txt"):
+        store.ensure_writable(run_marker="_run_spec.json")
+    store.write_bytes("_run_spec.json", b"{}")
+    store.ensure_writable(run_marker="_run_spec.json")

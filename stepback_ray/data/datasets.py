@@ -9,6 +9,14 @@ Layouts: ``user`` (one row per user: ``user_id``, ``history`` list of items, opt
 ``{query_id, input, gold}``) and ``item`` (one row per history item: ``user_id`` plus the item's fields).
 JSON Lines are split and parsed here, line by line, so a line of bad JSON or invalid UTF-8 is one quarantined
 row, not a failed file.
+
+A query id is asked once in a run. Rows are validated in parallel, and the rows of one query id may fall in
+different shards (two users) or the same one (a user exported twice), so repeats are found after the rows are
+staged, over the staged query ids of every shard: of the rows that carry a query id, the first keeps it and every
+later one is quarantined whole (its reason names the query id and the row that kept it). "First" is input order
+for JSON Lines (file path, then line); Parquet rows are read in parallel without a position, so among them the
+first is the one whose user id (then content) sorts first. Either way the outcome does not depend on the shard
+count or on how the input was cut into batches.
 """
 
 from __future__ import annotations
@@ -16,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import re
 from typing import Any
 
 import pyarrow as pa
@@ -25,13 +32,15 @@ import pyarrow.parquet as pq
 from ..config import JobSpec
 from ..storage import RunStore
 from ..tasks import TaskSpec, get_task
-from .rows import Query, UserHistory, shard_of
+from .rows import Query, UserHistory, shard_of, user_id_problem
 
 MAX_ITEM_CHARS = 100_000
-MAX_ID_CHARS = 512
-_BAD_ID = re.compile(r"(^\.\.?$)|[/\\\x00-\x1f]|(\.\.)")
 QUARANTINE_SCHEMA = pa.schema([("reason", pa.string()), ("record", pa.string()), ("source", pa.string())])
-STAGED_SCHEMA = pa.schema([("shard", pa.int32()), ("user_id", pa.string()), ("record", pa.string())])
+STAGED_SCHEMA = pa.schema([("shard", pa.int32()), ("user_id", pa.string()), ("record", pa.string()),
+                           ("query_ids", pa.list_(pa.string())), ("source", pa.string()), ("line", pa.int64()),
+                           ("digest", pa.string())])
+"""A staged row: the validated record, its query ids, and what orders it among rows that repeat a query id (the
+input file and line, JSON Lines only; then the user id and a digest of the record)."""
 
 
 class BadRecord(ValueError):
@@ -47,13 +56,11 @@ def _text(value: Any, what: str) -> str:
 
 
 def check_user_id(value: Any) -> str:
-    uid = _text(value, "user_id").strip()
-    if not uid:
-        raise BadRecord("user_id: empty")
-    if len(uid) > MAX_ID_CHARS:
-        raise BadRecord(f"user_id: longer than {MAX_ID_CHARS} characters")
-    if _BAD_ID.search(uid):
-        raise BadRecord("user_id: contains a path separator, '..' or a control character")
+    """The row's user id, as written (:func:`~stepback_ray.data.rows.user_id_problem` says what is refused)."""
+    uid = _text(value, "user_id")
+    problem = user_id_problem(uid)
+    if problem:
+        raise BadRecord(f"user_id: {problem}")
     return uid
 
 
@@ -97,10 +104,14 @@ def check_record(rec: Any, task: TaskSpec, layout: str) -> dict[str, Any]:
         raise BadRecord(f"history: expected a list, got {type(history).__name__}")
     items = [check_item(it, task, f"history[{i}]", uid) for i, it in enumerate(history)]
     queries = []
+    first: dict[str, int] = {}
     for i, q in enumerate(rec.get("queries") or []):
         if not isinstance(q, dict):
             raise BadRecord(f"queries[{i}]: expected an object, got {type(q).__name__}")
         qid = _text(q.get("query_id"), f"queries[{i}].query_id")
+        if qid in first:
+            raise BadRecord(f"queries[{i}].query_id: duplicate {qid!r} (also queries[{first[qid]}])")
+        first[qid] = i
         text = _text(q.get("input"), f"queries[{i}].input")
         gold = q.get("gold")
         gold = None if gold is None else _text(gold, f"queries[{i}].gold")
@@ -124,45 +135,53 @@ class ValidateAndShard:
         self.job, self.task, self.shards = job, get_task(job.task), shards
         self.store = RunStore(job.output_uri, job.storage)
 
-    def _records(self, batch: pa.Table) -> list[tuple[Any, str, str | None]]:
-        """(record or None, raw text for the quarantine, parse error) per input row."""
-        out: list[tuple[Any, str, str | None]] = []
+    def _records(self, batch: pa.Table) -> list[tuple[Any, str, int, str | None]]:
+        """(record or None, source file, line (JSON Lines; 0 for Parquet), parse error) per input row."""
+        out: list[tuple[Any, str, int, str | None]] = []
         if self.job.input.format == "jsonl":
             for row in batch.to_pylist():
                 data, path = row["bytes"], row.get("path") or ""
                 for n, line in enumerate(data.split(b"\n")):
                     if not line.strip():
                         continue
-                    where = f"{path}:{n + 1}"
                     try:
-                        out.append((json.loads(line.decode("utf-8")), where, None))
+                        out.append((json.loads(line.decode("utf-8")), path, n + 1, None))
                     except UnicodeDecodeError as e:
-                        out.append((line[:2000].decode("utf-8", "replace"), where, f"invalid UTF-8 ({e.reason})"))
+                        out.append((line[:2000].decode("utf-8", "replace"), path, n + 1,
+                                    f"invalid UTF-8 ({e.reason})"))
                     except json.JSONDecodeError as e:
-                        out.append((line[:2000].decode("utf-8", "replace"), where, f"bad JSON: {e.msg}"))
+                        out.append((line[:2000].decode("utf-8", "replace"), path, n + 1, f"bad JSON: {e.msg}"))
         else:
             for rec in batch.to_pylist():
-                out.append((rec, "", None))
+                out.append((rec, "", 0, None))
         return out
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         good, bad = [], []
-        for rec, where, error in self._records(batch):
+        for rec, source, line, error in self._records(batch):
             if error is None:
                 try:
                     clean = check_record(rec, self.task, self.job.input.layout)
                 except BadRecord as e:
                     error = str(e)
                 else:
+                    text = json.dumps(clean)
                     good.append({"shard": shard_of(clean["user_id"], self.shards), "user_id": clean["user_id"],
-                                 "record": json.dumps(clean)})
+                                 "record": text, "query_ids": [q["query_id"] for q in clean.get("queries", [])],
+                                 "source": source, "line": line,
+                                 "digest": hashlib.sha1(text.encode()).hexdigest()[:16]})
                     continue
             raw = rec if isinstance(rec, str) else json.dumps(rec, default=str)
-            bad.append({"reason": error, "record": raw[:2000], "source": where})
+            bad.append({"reason": error, "record": raw[:2000], "source": _where(source, line)})
         if bad:
             table = pa.Table.from_pylist(bad, schema=QUARANTINE_SCHEMA)
             self.store.write_table(f"quarantine/part-{_batch_digest(batch)}.parquet", table)
         return pa.Table.from_pylist(good, schema=STAGED_SCHEMA)
+
+
+def _where(source: str, line: int) -> str:
+    """A row's place in the input as the quarantine shows it: ``file:line`` for JSON Lines, empty for Parquet."""
+    return f"{source}:{line}" if source else ""
 
 
 def _batch_digest(batch: pa.Table) -> str:
@@ -202,10 +221,69 @@ def stage_dataset(job: JobSpec, shards: int) -> dict[str, int]:
                             batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25)
         out_fs = PyFileSystem(FSSpecHandler(store.fs))
         ds.write_parquet(store.path("_staged"), filesystem=out_fs, partition_cols=["shard"])
+        quarantine_repeated_queries(store)
         store.write_bytes("_staged/_SUCCESS", b"")
-    good = sum(_rows(store, p) for d in store.list("_staged") if "/shard=" in d for p in store.list(d, ".parquet"))
+    good = sum(_rows(store, p) for p in _staged_files(store))
     bad = sum(_rows(store, p) for p in store.list("quarantine", ".parquet"))
     return {"rows_in": good + bad, "rows_staged": good, "rows_quarantined": bad}
+
+
+def _staged_files(store: RunStore) -> list[str]:
+    return [p for d in store.list("_staged") if "/shard=" in d for p in store.list(d, ".parquet")]
+
+
+def quarantine_repeated_queries(store: RunStore) -> int:
+    """Quarantine every staged row that repeats a query id of an earlier row (see the module docstring for
+    "earlier"); return how many. Only the query-id column is read for all rows; rows are looked at one by one only
+    where an id repeats, and only the staged files holding such rows are rewritten."""
+    import pyarrow.compute as pc
+
+    ids = {rel: pc.list_flatten(store.read_table(rel, columns=["query_ids"]).column("query_ids"))
+           for rel in _staged_files(store)}
+    ids = {rel: a for rel, a in ids.items() if len(a)}
+    if not ids:
+        return 0
+    counts = pc.value_counts(pa.chunked_array(list(ids.values())).combine_chunks())
+    repeated_ids = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
+    if not len(repeated_ids):
+        return 0
+    repeated = set(repeated_ids.to_pylist())
+    involved = []  # (order key, file, row index, query ids, user id)
+    for rel, a in ids.items():
+        if not pc.any(pc.is_in(a, value_set=repeated_ids)).as_py():
+            continue
+        t = store.read_table(rel, columns=["query_ids", "source", "line", "user_id", "digest"])
+        for i, r in enumerate(t.to_pylist()):
+            if repeated.intersection(r["query_ids"]):
+                key = (r["source"] or "", r["line"] or 0, r["user_id"], r["digest"])
+                involved.append((key, rel, i, r["query_ids"], r["user_id"]))
+    kept: dict[str, tuple[str, str]] = {}  # query id -> (user id, where) of the row that asks it
+    drop: dict[str, dict[int, str]] = {}  # file -> row index -> reason
+    for key, rel, i, qids, uid in sorted(involved):
+        clash = next(((n, q) for n, q in enumerate(qids) if q in kept), None)
+        if clash is None:
+            kept.update({q: (uid, _where(key[0], key[1])) for q in qids})
+            continue
+        n, q = clash
+        first_uid, first_at = kept[q]
+        drop.setdefault(rel, {})[i] = (f"queries[{n}].query_id: duplicate {q!r}, asked first in the row of user "
+                                       f"{first_uid!r}" + (f" at {first_at}" if first_at else ""))
+    bad = []
+    for rel, rows in sorted(drop.items()):
+        table = store.read_table(rel)
+        for i, reason in sorted(rows.items()):
+            r = table.slice(i, 1).to_pylist()[0]
+            bad.append({"reason": reason, "record": r["record"][:2000], "source": _where(r["source"], r["line"])})
+        keep = [i for i in range(table.num_rows) if i not in rows]
+        if keep:
+            store.write_table(rel, table.take(keep))
+        else:
+            store.remove(rel)
+            folder = rel.rsplit("/", 1)[0]
+            if not store.list(folder, ".parquet"):  # an empty shard would be a chunk without users
+                store.remove(folder)
+    store.write_table("quarantine/part-repeated-query-ids.parquet", pa.Table.from_pylist(bad, schema=QUARANTINE_SCHEMA))
+    return len(bad)
 
 
 def _rows(store: RunStore, rel: str) -> int:
@@ -226,8 +304,9 @@ def staged_chunks(job: JobSpec) -> list[dict[str, Any]]:
 
 def load_staged(job: JobSpec, source: str) -> tuple[list[UserHistory], list[Query]]:
     """The users (histories grouped by user, items de-duplicated by id) and queries of one staged shard. A user
-    may come in several rows (or files): the histories are merged and a query id seen before is not asked
-    twice (all rows of a user land in the same shard)."""
+    may come in several rows (or files): the histories are merged (all rows of a user land in the same shard).
+    Staging has quarantined every row that repeats a query id, so each is asked once; the check here only keeps
+    a staging from before that rule from asking one twice."""
     store = RunStore(job.output_uri, job.storage)
     users: dict[str, UserHistory] = {}
     seen: dict[str, set[str]] = {}

@@ -18,8 +18,8 @@ import pyarrow as pa
 from ..config import StorageConfig
 from ..errors import InputError
 from ..storage import read_bytes
-from ..tasks import TaskSpec
-from .rows import Query, queries_to_arrow
+from ..tasks import TaskSpec, same_task
+from .rows import Query, queries_to_arrow, user_id_problem
 
 
 def _load_json(uri: str, storage: StorageConfig | None) -> Any:
@@ -68,6 +68,17 @@ def _items(uri: str, where: str, field: str, profile: Any, task: TaskSpec) -> li
     return [_parse_item(uri, where, f"{field}[{i}]", it, task) for i, it in enumerate(profile)]
 
 
+def _user_id(uri: str, where: str, field: str, value: Any) -> str:
+    """A user id as written, under the same rule as a dataset's (:func:`~stepback_ray.data.rows.user_id_problem`)."""
+    uid = _as_text(value)
+    if uid is None:
+        raise InputError(uri, "missing or not text", record=where, field=field)
+    problem = user_id_problem(uid)
+    if problem:
+        raise InputError(uri, problem, record=where, field=field)
+    return uid
+
+
 def _users_of(uri: str, qid: str, rec: dict[str, Any], task: TaskSpec) -> tuple[list[str], list[list[dict]]]:
     """(user ids, histories) of one question: its ``authors`` in byline order, or its single ``profile``."""
     where = repr(qid)
@@ -81,9 +92,7 @@ def _users_of(uri: str, qid: str, rec: dict[str, Any], task: TaskSpec) -> tuple[
             if not isinstance(a, dict):
                 raise InputError(uri, f"expected an object, got {type(a).__name__}", record=where,
                                  field=f"authors[{i}]")
-            uid = _as_text(a.get("user_id"))
-            if not uid:
-                raise InputError(uri, "missing or not text", record=where, field=f"authors[{i}].user_id")
+            uid = _user_id(uri, where, f"authors[{i}].user_id", a.get("user_id"))
             items = _items(uri, where, f"authors[{i}].profile", a.get("profile", []), task)
             if uid in ids:  # the same name twice on a byline: one user, both item lists
                 histories[ids.index(uid)].extend(items)
@@ -95,8 +104,9 @@ def _users_of(uri: str, qid: str, rec: dict[str, Any], task: TaskSpec) -> tuple[
     if profile is None:
         raise InputError(uri, "missing (a LaMP question carries its user's history as 'profile', a multi-author "
                               "one as 'authors')", record=where, field="profile")
-    uid = _as_text(rec.get("user_id"))
-    return [uid if uid else f"q:{qid}"], [_items(uri, where, "profile", profile, task)]
+    given = rec.get("user_id")
+    uid = f"q:{qid}" if given is None else _user_id(uri, where, "user_id", given)
+    return [uid], [_items(uri, where, "profile", profile, task)]
 
 
 def parse_questions(uri: str, data: Any, task: TaskSpec) -> list[Query]:
@@ -127,14 +137,14 @@ def parse_questions(uri: str, data: Any, task: TaskSpec) -> list[Query]:
 
 
 def attach_golds(uri: str, data: Any, task: TaskSpec, queries: list[Query]) -> None:
-    """Attach gold outputs; every question must have exactly one gold."""
+    """Attach gold outputs; every question must have exactly one gold (none, or two for one id, is an error)."""
     if isinstance(data, list):
         raise InputError(uri, "this looks like a LaMP questions file (a list); expected the outputs file "
                               "{\"task\": ..., \"golds\": [...]}")
     if not isinstance(data, dict) or not isinstance(data.get("golds"), list):
         raise InputError(uri, "expected an object {\"task\": ..., \"golds\": [{\"id\", \"output\"}]}", field="golds")
     file_task = data.get("task")
-    if file_task is not None and not _same_task(str(file_task), task.name):
+    if file_task is not None and not same_task(str(file_task), task.name):
         raise InputError(uri, f"golds are for task {file_task!r} but the job's task is {task.name!r}", field="task")
     golds: dict[str, str] = {}
     for n, g in enumerate(data["golds"]):
@@ -149,17 +159,13 @@ def attach_golds(uri: str, data: Any, task: TaskSpec, queries: list[Query]) -> N
         problem = task.gold_problem(out)
         if problem:
             raise InputError(uri, problem, record=repr(gid), field="output")
+        if gid in golds:  # which one is right cannot be told: the file is broken, not the later entry
+            raise InputError(uri, "duplicate gold id", record=repr(gid), field="id")
         golds[gid] = out
     for q in queries:
         if q.query_id not in golds:
             raise InputError(uri, "question has no gold output in this file", record=repr(q.query_id), field="id")
         q.gold = golds[q.query_id]
-
-
-def _same_task(file_task: str, job_task: str) -> bool:
-    """Official outputs name LaMP_2 for both label sets and PSW files name their variant."""
-    canon = file_task.replace("-", "_")
-    return canon == job_task or (canon == "LaMP_2" and job_task == "LaMP_2_news")
 
 
 def read_lamp(questions: str, outputs: str | None, task: TaskSpec,

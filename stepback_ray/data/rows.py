@@ -14,12 +14,31 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow as pa
 
 Item = dict[str, str]
+
+MAX_ID_CHARS = 512
+_BAD_ID = re.compile(r"(^\.\.?$)|[/\\\x00-\x1f\x7f-\x9f]|(\.\.)")
+
+
+def user_id_problem(uid: str) -> str | None:
+    """Why ``uid`` cannot be a user id (None: it can): the one rule of every reader (LaMP JSON, datasets). An id
+    is used exactly as written, never cleaned up: one that ends in a newline or a space would otherwise become
+    another user's id, and one with a path separator or ``..`` has no place in an id."""
+    if not uid:
+        return "empty"
+    if len(uid) > MAX_ID_CHARS:
+        return f"longer than {MAX_ID_CHARS} characters"
+    if _BAD_ID.search(uid):
+        return "contains a path separator, '..' or a control character"
+    if uid != uid.strip():
+        return "leading or trailing whitespace"
+    return None
 
 
 def status_kind(status: str | None) -> str:
