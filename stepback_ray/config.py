@@ -397,7 +397,7 @@ SPEED_ONLY_KEYS = (
     "engine.vllm.chunked_prefill", "engine.vllm.prefix_caching",
     "ray.address", "ray.engine_actors", "ray.engine_actor_cpus", "ray.engine_actor_gpus", "ray.accelerator_type",
     "ray.engine_tasks_in_flight", "ray.cpu_stage_actors", "ray.object_store_gib", "ray.progress_bars",
-    "storage.retries", "storage.key", "storage.secret", "storage.aws_profile",
+    "storage.retries", "storage.key", "storage.secret", "storage.aws_profile", "storage.shared_filesystem",
 )
 """Spec keys that change only speed, capacity, fault injection or access, never a result: a run resumed after an
 out-of-memory crash with a smaller batch or memory share, a rotated credential or the fault switched off goes on

@@ -152,5 +152,5 @@ def test_the_pipelines_ray_session_checks_the_address(monkeypatch):
     monkeypatch.setattr(ray, "init", lambda **kw: pytest.fail("ray.init reached"))
     port = _closed_port()
     with pytest.raises(ClusterError, match="no Ray cluster reachable"):
-        with ray_session(_job(ray={"address": f"127.0.0.1:{port}"})):
+        with ray_session(_job(ray={"address": f"127.0.0.1:{port}"}, storage={"shared_filesystem": True})):
             pytest.fail("session started")
