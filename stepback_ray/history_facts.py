@@ -70,18 +70,28 @@ def _title_cased(text: str) -> bool | None:
     return sum(w[0].isupper() for w in longer) >= 0.75 * len(longer)
 
 
+def _texts(items: list[Item], field: str) -> list[str]:
+    """The non-empty values of ``field`` in ``items``, stripped, in order."""
+    return [t for t in ((it.get(field) or "").strip() for it in items) if t]
+
+
 @dataclass(frozen=True)
-class TextHabits:
-    """Habits of short texts the user wrote themselves (titles, headlines, subjects, tweets)."""
+class _FieldHabits:
+    """Habits read from one field of the user's items."""
 
     field: str
     noun: str
-    """What the texts are called, plural ("titles")."""
+    """What the values are called, plural ("titles", "categories")."""
     label: str
     """How the facts are headed in a profile ("Title habits")."""
 
+
+@dataclass(frozen=True)
+class TextHabits(_FieldHabits):
+    """Habits of short texts the user wrote themselves (titles, headlines, subjects, tweets)."""
+
     def __call__(self, items: list[Item]) -> list[str]:
-        texts = [t for t in ((it.get(self.field) or "").strip() for it in items) if t]
+        texts = _texts(items, self.field)
         if len(texts) < MIN_ITEMS:
             return []
         n = len(texts)
@@ -115,20 +125,15 @@ class TextHabits:
 
     def exemplars(self, items: list[Item], n: int) -> list[str]:
         """The first ``n`` of the user's own texts in ``items`` (give them newest first)."""
-        return [t for t in ((it.get(self.field) or "").strip() for it in items) if t][:n]
+        return _texts(items, self.field)[:n]
 
 
 @dataclass(frozen=True)
-class LabelHabits:
+class LabelHabits(_FieldHabits):
     """How often the user gives each label (movie tags, news categories)."""
 
-    field: str
-    noun: str
-    label: str
-
     def __call__(self, items: list[Item]) -> list[str]:
-        labels = [(it.get(self.field) or "").strip() for it in items]
-        labels = [lab for lab in labels if lab]
+        labels = _texts(items, self.field)
         if len(labels) < MIN_ITEMS:
             return []
         counts = Counter(labels).most_common(5)
