@@ -618,12 +618,16 @@ def _race(root: Path, store: str, name: str, extra: list[str], read_current) -> 
         time.sleep(5)
     done = {k: (p.wait(timeout=1800), p.stderr.read()) for k, p in procs.items()}
     codes = {k: c for k, (c, _) in done.items()}
-    current = read_current()
+    try:
+        current = read_current()
+    except (FileNotFoundError, OSError):
+        current = {}  # nobody committed
     winner = next((k for k, c in codes.items() if c == 0), None)
     loser = next((k for k, c in codes.items() if c != 0), None)
     last_line = done[loser][1].strip().splitlines()[-1] if loser else ""
     return {"exit_codes": sorted(codes.values()), "winner": winner, "current_run": current.get("run_id"),
-            "loser_says": last_line[:300],
+            "loser_says": last_line[:300], **({} if winner and loser else {
+                "stderr_tails": {k: e.strip().splitlines()[-3:] for k, (_, e) in done.items()}}),
             "ok": bool(sorted(codes.values()) == [0, 3] and current.get("run_id") == winner
                        and last_line.startswith("error: ") and "another job committed" in last_line
                        and winner in last_line)}
@@ -693,6 +697,14 @@ def _plain(value: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
 
 
+def save_record(folder: Path, record: dict[str, Any], command: str) -> None:
+    """One drill's record, dated, as ``<folder>/<drill>.json`` (the table is built from all of them)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{record['drill']}.json").write_text(json.dumps(
+        {**record, "date": dt.date.today().isoformat(), "machine": machine(), "command": command},
+        indent=1, default=_plain) + "\n")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--drills", default=",".join(DRILLS))
@@ -710,15 +722,17 @@ def main() -> int:
         for name in args.drills.split(","):
             if name in ("driver-kill", "store-race", "node-loss", "same-run-twice"):  # these start their own Ray
                 results.append(DRILLS[name](root))
-                continue
-            init_local_ray()
-            try:
-                kwargs = {"malformed-input": {"good": args.good, "bad": args.bad},
-                          "s3-faults": {"fault_rate": args.s3_fault_rate}}.get(name, {})
-                results.append(DRILLS[name](root, **kwargs))
-            finally:
-                ray.shutdown()
+            else:
+                init_local_ray()
+                try:
+                    kwargs = {"malformed-input": {"good": args.good, "bad": args.bad},
+                              "s3-faults": {"fault_rate": args.s3_fault_rate}}.get(name, {})
+                    results.append(DRILLS[name](root, **kwargs))
+                finally:
+                    ray.shutdown()
             print(json.dumps(results[-1], default=_plain), file=sys.stderr, flush=True)
+            if args.write:  # kept at once: a later drill that crashes does not lose this one
+                save_record(Path(args.results), results[-1], " ".join(sys.argv[1:]))
     finally:
         shutil.rmtree(root, ignore_errors=True)
     report = {"date": dt.date.today().isoformat(),
@@ -727,11 +741,6 @@ def main() -> int:
     print(json.dumps(report, indent=1, default=_plain))
     if args.write:  # each drill's latest record is kept, so drills can be rerun one at a time
         saved = Path(args.results)
-        saved.mkdir(parents=True, exist_ok=True)
-        for r in results:
-            (saved / f"{r['drill']}.json").write_text(json.dumps(
-                {**r, "date": report["date"], "machine": report["machine"], "command": report["command"]},
-                indent=1, default=_plain) + "\n")
         records = [json.loads(p.read_text()) for p in saved.glob("*.json")]
         order = {f"engine-{k}" if k in ("dead", "hang") else k: i for i, k in enumerate(
             ["worker-kill", "driver-kill", "same-run-twice", "node-loss", "s3-faults", "engine-error", "dead", "hang",
