@@ -724,14 +724,13 @@ def summarize(job: JobSpec, store: RunStore) -> tuple[dict[str, Any], dict[str, 
     acc = {m: metrics.MetricAccumulator(task) for m in job.modes}
     tot = {m: {"queries": 0, "scored": 0, "prompt_tokens": 0, "completion_tokens": 0, "engine_seconds": 0.0,
                "users": set(), "statuses": {}} for m in job.modes}
-    official_task = "LaMP_2" if task.name == "LaMP_2_news" else task.name
     cols = ["query_id", "mode", "user_id", "gold", "output", "rouge1", "rougeL", "abs_error", "prompt_tokens",
             "completion_tokens", "engine_seconds", "status"]
     with contextlib.ExitStack() as stack:
         out = {m: stack.enter_context(store.writer(f"predictions/{m}.json")) for m in job.modes}
         first = {m: True for m in job.modes}
         for m in job.modes:  # the official outputs format, ready for `stepback score` or a LaMP submission
-            out[m].write(json.dumps({"task": official_task})[:-1].encode() + b', "golds": [')
+            out[m].write(json.dumps({"task": task.file_task})[:-1].encode() + b', "golds": [')
         for r in store.scan("generations", cols):
             m = r["mode"]
             t = tot[m]
