@@ -531,8 +531,9 @@ def commit_profiles(batch: pa.Table, job: JobSpec, at: ProfilesAt) -> pa.Table:
     return pa.Table.from_pylist(summaries)
 
 
-def score_and_commit_generations(batch: pa.Table, job: JobSpec) -> pa.Table:
-    """CPU stage: parse each output for its task, score it against the gold, then commit the chunk."""
+def score_and_commit_generations(batch: pa.Table, job: JobSpec, at: ProfilesAt | None = None) -> pa.Table:
+    """CPU stage: parse each output for its task, score it against the gold, then commit the chunk (``at``, the
+    profiles' location, is not needed here: every commit of :data:`PASSES` is called the same way)."""
     task = get_task(job.task)
     rows = batch.to_pylist()
     for r in rows:
@@ -601,36 +602,50 @@ def ray_session(job: JobSpec) -> Iterator[None]:
             ray.shutdown()
 
 
+@dataclass(frozen=True)
+class PassSpec:
+    """One Ray Data pass, declared as data: a CPU stage (actors: it holds a tokenizer, a retriever or an encoder),
+    optionally an engine stage (the LLM, on the engine actors), and the commit (tasks writing whole chunks).
+    Every stage is built with ``job`` (and the CPU stage and the commit also with the profiles' location ``at``);
+    each block is one chunk, passed whole from stage to stage."""
+
+    cpu_stage: type
+    engine_stage: type | None
+    commit: Any
+    cpu_stage_cpus: float = CPU_STAGE_CPUS
+    """CPUs per CPU-stage actor (the sentence encoder of the embedding pass is a model: a whole CPU)."""
+
+
+PASSES = {
+    "profile": PassSpec(ProfilePlanStage, ProfileEngineStage, commit_profiles),
+    "embed": PassSpec(EmbedStage, None, commit_embeddings, cpu_stage_cpus=1.0),
+    "generate": PassSpec(GenerationPlanStage, GenerationEngineStage, score_and_commit_generations),
+}
+"""The passes a run is made of; a new pass is a new entry (its stages and commit), not a branch in the driver."""
+
+
 def _run_pass(job: JobSpec, kind: str, chunks: list[dict[str, Any]], at: ProfilesAt | None) -> list[dict]:
+    """Run the pass ``kind`` of :data:`PASSES` over ``chunks``; returns the commit summaries."""
     import ray
     import ray.data
     from ray.data import ActorPoolStrategy
 
     if not chunks:
         return []
+    spec = PASSES[kind]
     ds = ray.data.from_items(chunks, override_num_blocks=len(chunks))
     common = dict(batch_size=None, batch_format="pyarrow", zero_copy_batch=True)
-    cpu_pool = ActorPoolStrategy(size=job.ray.cpu_stage_actors)
-    res = engine_resources(job, ray.cluster_resources())
-    # a fatal engine failure ends the actor (engines/guard.py): Ray restarts it, boundedly, and retries the block
-    engine_pool = dict(compute=ActorPoolStrategy(size=res.actors,
-                                                 max_tasks_in_flight_per_actor=job.ray.engine_tasks_in_flight),
-                       max_restarts=job.engine.max_restarts, max_task_retries=-1, **res.remote_args())
-    if kind == "embed":
-        ds = ds.map_batches(EmbedStage, fn_constructor_kwargs={"job": job, "at": at}, compute=cpu_pool,
-                            num_cpus=CPU_STAGE_CPUS, **common)
-        ds = ds.map_batches(commit_embeddings, fn_kwargs={"job": job, "at": at}, num_cpus=CPU_STAGE_CPUS, **common)
-        return _take_all(ds, job, kind)
-    if kind == "profile":
-        ds = ds.map_batches(ProfilePlanStage, fn_constructor_kwargs={"job": job, "at": at}, compute=cpu_pool,
-                            num_cpus=CPU_STAGE_CPUS, **common)
-        ds = ds.map_batches(ProfileEngineStage, fn_constructor_kwargs={"job": job}, **engine_pool, **common)
-        ds = ds.map_batches(commit_profiles, fn_kwargs={"job": job, "at": at}, num_cpus=CPU_STAGE_CPUS, **common)
-    else:
-        ds = ds.map_batches(GenerationPlanStage, fn_constructor_kwargs={"job": job, "at": at}, compute=cpu_pool,
-                            num_cpus=CPU_STAGE_CPUS, **common)
-        ds = ds.map_batches(GenerationEngineStage, fn_constructor_kwargs={"job": job}, **engine_pool, **common)
-        ds = ds.map_batches(score_and_commit_generations, fn_kwargs={"job": job}, num_cpus=CPU_STAGE_CPUS, **common)
+    ds = ds.map_batches(spec.cpu_stage, fn_constructor_kwargs={"job": job, "at": at},
+                        compute=ActorPoolStrategy(size=job.ray.cpu_stage_actors), num_cpus=spec.cpu_stage_cpus,
+                        **common)
+    if spec.engine_stage is not None:
+        res = engine_resources(job, ray.cluster_resources())
+        # a fatal engine failure ends the actor (engines/guard.py): Ray restarts it, boundedly, and retries the block
+        ds = ds.map_batches(spec.engine_stage, fn_constructor_kwargs={"job": job},
+                            compute=ActorPoolStrategy(size=res.actors,
+                                                      max_tasks_in_flight_per_actor=job.ray.engine_tasks_in_flight),
+                            max_restarts=job.engine.max_restarts, max_task_retries=-1, **res.remote_args(), **common)
+    ds = ds.map_batches(spec.commit, fn_kwargs={"job": job, "at": at}, num_cpus=CPU_STAGE_CPUS, **common)
     return _take_all(ds, job, kind)
 
 
@@ -724,14 +739,13 @@ def summarize(job: JobSpec, store: RunStore) -> tuple[dict[str, Any], dict[str, 
     acc = {m: metrics.MetricAccumulator(task) for m in job.modes}
     tot = {m: {"queries": 0, "scored": 0, "prompt_tokens": 0, "completion_tokens": 0, "engine_seconds": 0.0,
                "users": set(), "statuses": {}} for m in job.modes}
-    official_task = "LaMP_2" if task.name == "LaMP_2_news" else task.name
     cols = ["query_id", "mode", "user_id", "gold", "output", "rouge1", "rougeL", "abs_error", "prompt_tokens",
             "completion_tokens", "engine_seconds", "status"]
     with contextlib.ExitStack() as stack:
         out = {m: stack.enter_context(store.writer(f"predictions/{m}.json")) for m in job.modes}
         first = {m: True for m in job.modes}
         for m in job.modes:  # the official outputs format, ready for `stepback score` or a LaMP submission
-            out[m].write(json.dumps({"task": official_task})[:-1].encode() + b', "golds": [')
+            out[m].write(json.dumps({"task": task.file_task})[:-1].encode() + b', "golds": [')
         for r in store.scan("generations", cols):
             m = r["mode"]
             t = tot[m]

@@ -152,13 +152,6 @@ def exemplars(history: list[dict[str, str]], task: TaskSpec, config: ProfileConf
     return pick(most_recent_first(history), config.exemplars) if config.exemplars and pick else []
 
 
-def select_history(history: list[dict[str, str]], task: TaskSpec, config: ProfileConfig,
-                   tools: PromptTools) -> list[SelectedItem]:
-    """The items of the most recent part: what a single (non map-reduce) profile prompt shows."""
-    plan = plan_profile("", history, task, config, tools)
-    return plan.parts[0] if plan.parts else []
-
-
 # ---------------------------------------------------------------------------------------------- prompts
 def _field_is_list(schema: ProfileSchema, name: str) -> bool:
     return isinstance(schema.example_profile.get(name), list)

@@ -228,6 +228,18 @@ class TaskSpec:
     habits: Habits | None = None
     """What is measured from the history beside the LLM's profile: the habits of the user's own outputs of this
     task's kind (``None``: the items hold nothing of the kind, as LaMP_1's paper titles for a citation choice)."""
+    plug_text: Callable[[Item], str] | None = None
+    """Item -> the text Persona-Plug's encoder embeds, where the PPlug code's format differs from ``corpus_text``."""
+    official_name: str | None = None
+    """The ``task`` official LaMP files write for this task, where it differs from ``name``."""
+
+    @property
+    def file_task(self) -> str:
+        """The task name an official outputs file carries (LaMP_2 for both LaMP_2 label sets)."""
+        return self.official_name or self.name
+
+    def plug_item(self, item: Item) -> str:
+        return (self.plug_text or self.corpus_text)(item)
 
     def gold_problem(self, gold: str) -> str | None:
         """Why ``gold`` cannot be scored for this task (None: it can). Checked when the input is read, so a bad
@@ -296,6 +308,7 @@ TASKS: dict[str, TaskSpec] = {
         system="You file news articles into categories the way this journalist does. Answer with one category "
                "from the list, nothing else.",
         profile=NEWS, metric="accuracy_f1", parse=label_parser(NEWS_CATEGORIES), labels=NEWS_CATEGORIES,
+        plug_text=lambda it: f"{it['text']} {it.get('title', '')}".strip(), official_name="LaMP_2",
         max_new_tokens=8, habits=LabelHabits("category", "categories", "Filing habits")),
     "LaMP_3": TaskSpec(
         name="LaMP_3", kind="rating", item_fields=("text", "score"),
@@ -310,6 +323,7 @@ TASKS: dict[str, TaskSpec] = {
     "LaMP_4": TaskSpec(
         name="LaMP_4", kind="generation", item_fields=("title", "text"),
         corpus_text=lambda it: f"{it['title']} {it['text']}", query_text=after("article:"),
+        plug_text=lambda it: f"{it['text']} {it['title']}",
         profile_item=lambda it: f"Headline: {it['title']}\nArticle: {it['text']}",
         pattern=lambda it: f'"{it["title"]}" is the title for "{it["text"]}" ',
         example=lambda it: (f"Generate a headline for the following article: {it['text']}", it["title"]),
@@ -369,7 +383,7 @@ def same_task(file_task: str, task: str) -> bool:
     """Whether a file that names ``file_task`` holds ``task``'s data: official outputs name LaMP_2 for both label
     sets, and PSW files name their variant."""
     canon = TASK_ALIASES.get(file_task, file_task).replace("-", "_")
-    return canon == task or (canon == "LaMP_2" and task == "LaMP_2_news")
+    return canon == task or (task in TASKS and canon == TASKS[task].file_task)
 
 
 def get_task(name: str) -> TaskSpec:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from stepback_ray.data import collect_users, lead_groups, read_lamp, read_lamp_table
+from stepback_ray.data import collect_users, lead_groups, read_lamp
 from stepback_ray.errors import InputError
 from stepback_ray.tasks import TASKS
 
@@ -15,14 +15,13 @@ from .conftest import FIXTURES, shared_set, write_lamp
 
 def test_reads_lamp5_arxiv_dev():
     q, o = shared_set("lamp5_arxiv/dev")
-    table = read_lamp_table(q, o, TASKS["LaMP_5"])
-    assert table.num_rows == 1000
-    assert table.column_names == ["user_id", "query_id", "task", "input", "profile", "gold", "authors"]
-    row = table.slice(0, 1).to_pylist()[0]
-    assert row["user_id"] == "Yijiang Li" and row["task"] == "LaMP_5"
-    assert row["input"].startswith("Generate a title for the following abstract of a paper:")
-    assert row["gold"] and {"id", "title", "abstract", "date"} <= set(row["profile"][0])
-    assert table.column("gold").null_count == 0
+    queries = read_lamp(q, o, TASKS["LaMP_5"])
+    assert len(queries) == 1000 and len({x.query_id for x in queries}) == 1000
+    first = queries[0]
+    assert first.user_id == "Yijiang Li" and first.task == "LaMP_5" and first.user_ids == [first.user_id]
+    assert first.input.startswith("Generate a title for the following abstract of a paper:")
+    assert first.gold and {"id", "title", "abstract", "date"} <= set(first.profile[0])
+    assert all(x.gold for x in queries)
 
 
 def test_reads_lamp4_huffpost_dev_with_long_histories():

@@ -14,6 +14,12 @@ from .conftest import SAMPLE
 TASK = TASKS["LaMP_5"]
 
 
+def _first_part(history, cfg, formatter):
+    """The items of the most recent part: what a single (non map-reduce) profile prompt shows."""
+    plan = profiling.plan_profile("", history, TASK, cfg, formatter)
+    return plan.parts[0] if plan.parts else []
+
+
 def _users():
     return collect_users(read_lamp(f"{SAMPLE}_questions.json", f"{SAMPLE}_outputs.json", TASK))
 
@@ -21,7 +27,7 @@ def _users():
 def test_every_selected_item_reaches_the_prompt(formatter):
     cfg = ProfileConfig(history_token_budget=700, max_item_tokens=120)
     for user in _users()[:8]:
-        chosen = profiling.select_history(user.history, TASK, cfg, formatter)
+        chosen = _first_part(user.history, cfg, formatter)
         assert chosen, user.user_id
         prompt = formatter.render(profiling.profile_messages(TASK, [c.text for c in chosen]))
         titles = {it["id"]: it["title"] for it in user.history}
@@ -34,7 +40,7 @@ def test_every_selected_item_reaches_the_prompt(formatter):
 def test_selection_is_most_recent_first_and_fills_the_budget(formatter):
     user = max(_users(), key=lambda u: len(u.history))
     cfg = ProfileConfig(history_token_budget=600, max_item_tokens=100)
-    chosen = profiling.select_history(user.history, TASK, cfg, formatter)
+    chosen = _first_part(user.history, cfg, formatter)
     date = {it["id"]: it["date"] for it in user.history}
     dates = [date[c.item_id] for c in chosen]
     assert dates == sorted(dates, reverse=True)
@@ -53,7 +59,7 @@ def test_undated_items_come_after_dated_ones_in_order():
 
 
 def test_prompt_ends_with_the_prefill_and_shows_an_example(formatter):
-    chosen = profiling.select_history(_users()[0].history, TASK, ProfileConfig(), formatter)
+    chosen = _first_part(_users()[0].history, ProfileConfig(), formatter)
     prompt = formatter.render(profiling.profile_messages(TASK, [c.text for c in chosen]))
     assert prompt.endswith('{"keywords": ["')
     assert json.dumps(TASK.profile.example_profile) in prompt

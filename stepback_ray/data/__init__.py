@@ -1,9 +1,8 @@
 """Input readers: every supported input format becomes :class:`~stepback_ray.data.rows.Query` rows."""
 
-from .lamp import read_lamp, read_lamp_table
+from .lamp import read_lamp
 from .rows import (Query, UserHistory, collect_users, decode_queries, decode_users, donors, generation_chunks,
-                   lead_groups, profile_chunks, queries_to_arrow, shard_of)
+                   lead_groups, profile_chunks, shard_of)
 
 __all__ = ["Query", "UserHistory", "collect_users", "decode_queries", "decode_users", "donors",
-           "generation_chunks", "lead_groups", "profile_chunks", "queries_to_arrow", "read_lamp", "read_lamp_table",
-           "shard_of"]
+           "generation_chunks", "lead_groups", "profile_chunks", "read_lamp", "shard_of"]

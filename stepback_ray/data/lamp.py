@@ -13,13 +13,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import pyarrow as pa
 
 from ..config import StorageConfig
 from ..errors import InputError
 from ..storage import read_bytes
 from ..tasks import TaskSpec, same_task
-from .rows import Query, queries_to_arrow, user_id_problem
+from .rows import Query, user_id_problem
 
 
 def _load_json(uri: str, storage: StorageConfig | None) -> Any:
@@ -175,9 +174,3 @@ def read_lamp(questions: str, outputs: str | None, task: TaskSpec,
     if outputs is not None:
         attach_golds(outputs, _load_json(outputs, storage), task, queries)
     return queries
-
-
-def read_lamp_table(questions: str, outputs: str | None, task: TaskSpec,
-                    storage: StorageConfig | None = None) -> pa.Table:
-    """One Arrow row per query: user_id, query_id, task, input, profile (list of items), gold."""
-    return queries_to_arrow(read_lamp(questions, outputs, task, storage))

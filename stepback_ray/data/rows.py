@@ -18,7 +18,6 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import pyarrow as pa
 
 Item = dict[str, str]
 
@@ -165,30 +164,3 @@ def decode_users(payload: str) -> list[UserHistory]:
 def decode_queries(payload: str) -> tuple[list[Query], dict[str, list[Item]]]:
     data = json.loads(payload)
     return [Query(**q) for q in data["queries"]], data["histories"]
-
-
-def _item_type(items: list[Item]) -> pa.DataType:
-    keys = sorted({k for it in items for k in it})
-    return pa.struct([(k, pa.string()) for k in keys])
-
-
-def queries_to_arrow(queries: list[Query]) -> pa.Table:
-    """One Arrow row per query: user_id (the lead), query_id, task, input, profile (the lead's history items),
-    gold, and authors (every user with their items, in byline order; one entry for LaMP)."""
-    item_t = _item_type([it for q in queries for items in q.profiles for it in items])
-    items_t = pa.list_(item_t)
-    schema = pa.schema([
-        ("user_id", pa.string()), ("query_id", pa.string()), ("task", pa.string()), ("input", pa.string()),
-        ("profile", items_t), ("gold", pa.string()),
-        ("authors", pa.list_(pa.struct([("user_id", pa.string()), ("profile", items_t)]))),
-    ])
-    names = [f.name for f in item_t]
-
-    def norm(items: list[Item]) -> list[dict[str, str | None]]:
-        return [{k: it.get(k) for k in names} for it in items]
-
-    return pa.Table.from_pylist([
-        {"user_id": q.user_id, "query_id": q.query_id, "task": q.task, "input": q.input, "profile": norm(q.profile),
-         "gold": q.gold, "authors": [{"user_id": u, "profile": norm(p)} for u, p in zip(q.user_ids, q.profiles)]}
-        for q in queries
-    ], schema=schema)

@@ -16,35 +16,18 @@ import time
 
 from ..config import EngineConfig
 from .base import Completion, Prompt, SamplingParams
-from .formatting import PromptFormatter
+from .formatting import FormattedEngine
 
 _WORDS = ("data", "model", "learning", "system", "method", "network", "analysis", "language", "vision", "graph")
 
 
-class DryRunEngine:
+class DryRunEngine(FormattedEngine):
     supports_json_schema = False
 
     def __init__(self, config: EngineConfig):
-        self.config = config
-        self.model_id = config.model
-        self.formatter = PromptFormatter(config)
-        self.tokenizer = self.formatter.tokenizer
-        self.max_context = self.formatter.max_context
-        self.family = self.formatter.family
+        self._init_prompt_tools(config)
         self.calls = 0
         """generate calls so far (the fault drills' dead and hung engines start after the N-th)."""
-
-    def render(self, prompt: Prompt) -> str:
-        return self.formatter.render(prompt)
-
-    def count_tokens(self, text: str) -> int:
-        return self.formatter.count_tokens(text)
-
-    def truncate(self, text: str, max_tokens: int) -> str:
-        return self.formatter.truncate(text, max_tokens)
-
-    def cut_many(self, texts: list[str], max_tokens: int) -> list[tuple[str, int]]:
-        return self.formatter.cut_many(texts, max_tokens)
 
     def _answer(self, prefilled_json: bool, target: int) -> str:
         words = [_WORDS[i % len(_WORDS)] for i in range(max(1, target))]

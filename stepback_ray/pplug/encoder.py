@@ -10,22 +10,10 @@ import numpy as np
 
 from ..tasks import Item, TaskSpec
 
-ITEM_TEXT = {
-    "LaMP_1": lambda it: f"{it['title']} {it['abstract']}",
-    "LaMP_2": lambda it: it["description"],
-    "LaMP_2_news": lambda it: f"{it['text']} {it.get('title', '')}".strip(),
-    "LaMP_3": lambda it: it["text"],
-    "LaMP_4": lambda it: f"{it['text']} {it['title']}",
-    "LaMP_5": lambda it: f"{it['title']} {it['abstract']}",
-    "LaMP_6": lambda it: it["text"],
-    "LaMP_7": lambda it: it["text"],
-    "PSW_title": lambda it: f"{it['title']} {it['abstract']}",
-    "PSW_abstract": lambda it: f"{it['title']} {it['abstract']}",
-}
-
 
 def item_text(task: TaskSpec, item: Item) -> str:
-    return ITEM_TEXT.get(task.name, task.corpus_text)(item)
+    """The text of ``item`` the encoder embeds (the task declares it: ``TaskSpec.plug_item``)."""
+    return task.plug_item(item)
 
 
 class TextEncoder:

@@ -8,14 +8,12 @@ row to the engine stage and are placed before the prompt's token embeddings.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
 from ..config import JobSpec
 from ..errors import StepbackError
 from ..tasks import get_task
-from .encoder import TextEncoder, item_text
+from .encoder import TextEncoder
 from .training import load_checkpoint
 
 
@@ -33,9 +31,6 @@ class PlugServer:
         self.encoder = TextEncoder(self.meta["encoder"], max_seq_length=self.meta["encoder_max_tokens"])
         self.task = get_task(job.task)
         self.max_items = self.meta.get("max_items", job.pplug.max_items)
-
-    def embed_items(self, items: list[dict[str, str]]) -> np.ndarray:
-        return self.encoder.encode([item_text(self.task, it) for it in items])
 
     def soft_tokens(self, requests: list[tuple[str, np.ndarray]]) -> list[np.ndarray | None]:
         """For each (query input, item vectors [n, d_enc]) the soft tokens [2, d_llm]; None without history."""
@@ -57,7 +52,3 @@ class PlugServer:
         for row, i in enumerate(todo):
             out[i] = soft[row]
         return out
-
-
-def embedding_rows(vectors: dict[str, Any], item_ids: list[str]) -> list[list[float]]:
-    return [list(map(float, vectors[i])) for i in item_ids]
