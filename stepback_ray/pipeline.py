@@ -379,13 +379,16 @@ class GenerationPlanStage:
             llm_fields = {u: profiling.render_profile(json.loads(p["profile_json"]), self.task, habits=False)
                           for u, p in profiles.items() if p["profile_json"]}
             retry = set(json.loads(chunk["retry"])) if chunk.get("retry") else None  # a rerun: the failed rows only
-            wanted = [(q, m) for q in queries for m in self.job.modes if retry is None or row_key(q.query_id, m) in retry]
-            n_rows = len(wanted)
+
+            def wanted(query_id: str, mode: str) -> bool:
+                return retry is None or row_key(query_id, mode) in retry
+
+            n_rows = sum(wanted(q.query_id, m) for q in queries for m in self.job.modes)
             for q in queries:
                 lead = profiles.get(q.user_id, {})
                 retriever = MemoRetriever(self.retriever)  # the query's modes share its retrieval
                 for mode in self.job.modes:
-                    if retry is not None and row_key(q.query_id, mode) not in retry:
+                    if not wanted(q.query_id, mode):
                         continue
                     plan = prompting.plan_generation(self.task, q, mode, texts, donor_info, self.job.retrieval,
                                                      self.job.multi_author, retriever, self.tools,
@@ -686,7 +689,7 @@ def _pending(uri: str, folder: str, job: JobSpec, chunks: list[dict[str, Any]]) 
         if name not in done:
             out.append({**c, "retry": None})
             continue
-        table = store.read_table(f"{folder}/{name}", columns=None)
+        table = store.read_table(f"{folder}/{name}")
         failed = [_key(r) for r in table.select([n for n in ("user_id", "query_id", "mode", "status")
                                                    if n in table.column_names]).to_pylist()
                   if status_kind(r.get("status")) == "error"]
@@ -874,11 +877,9 @@ def run_profile_pass(job: JobSpec, work: Work, resuming: bool = False) -> tuple[
                        - origins["carried"]),
         "engine_seconds": round(secs, 3), "tokens_per_s": round(toks / secs, 1) if secs else None,
         "chunks_committed_this_run": len(summaries), "wall_s": round(time.time() - t0, 3)}
-    try:  # over budget: the store's pointer does not move
-        check_error_budget(job, "profiles", statuses.get("error", 0), sums["users"])
-    except ErrorBudgetExceeded as e:
-        e.counts = {"profiles": sums["users"], "profiles_by_status": statuses}
-        raise
+    # over budget: the store's pointer does not move
+    check_error_budget(job, "profiles", statuses.get("error", 0), sums["users"],
+                       {"profiles": sums["users"], "profiles_by_status": statuses})
     if sv is not None:
         stats.update(store_uri=job.profile_store.uri, version=sv.version, previous=sv.previous, full_rebuild=sv.full)
         commit_version(sv, job, work.shards, {**stats, "run_id": job.run_id, "config": job.public_dict(),
@@ -886,20 +887,25 @@ def run_profile_pass(job: JobSpec, work: Work, resuming: bool = False) -> tuple[
     return at, stats
 
 
-def check_error_budget(job: JobSpec, what: str, errors: int, total: int) -> None:
-    """Fail the pass when its engine-error rows exceed ``max_error_fraction`` of its rows."""
+def check_error_budget(job: JobSpec, what: str, errors: int, total: int, counts: dict[str, Any]) -> None:
+    """Fail the pass when its engine-error rows exceed ``max_error_fraction`` of its rows; ``counts`` go into
+    the failed run's manifest."""
     if errors and errors > job.max_error_fraction * total:
-        raise ErrorBudgetExceeded(what, errors, total, job.max_error_fraction)
+        raise ErrorBudgetExceeded(what, errors, total, job.max_error_fraction, counts)
 
 
-def failed_manifest(job: JobSpec, store: RunStore, t_start: float, resumed: bool, error: RunFailed,
-                    counts: dict[str, Any]) -> None:
+def manifest_head(job: JobSpec, t_start: float, resumed: bool, status: str) -> dict[str, Any]:
+    """The fields every manifest starts with (a finished run's, a profile job's, a failed run's)."""
+    return {"run_id": job.run_id, "name": job.name, "output": job.output_uri, "resumed": resumed, "status": status,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t_start)),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "config": job.public_dict(),
+            "versions": _versions()}
+
+
+def failed_manifest(job: JobSpec, store: RunStore, t_start: float, resumed: bool, error: RunFailed) -> None:
     """What a failed run leaves for whoever looks: ``status: failed``, why, and the counts it reached."""
-    store.write_json("manifest.json", {
-        "run_id": job.run_id, "name": job.name, "output": job.output_uri, "resumed": resumed, "status": "failed",
-        "error": str(error), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t_start)),
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "config": job.public_dict(),
-        "versions": _versions(), "counts": counts})
+    store.write_json("manifest.json", {**manifest_head(job, t_start, resumed, "failed"), "error": str(error),
+                                       "counts": getattr(error, "counts", {})})
 
 
 def measure_profiles(job: JobSpec, at: ProfilesAt, work: Work) -> dict[str, Any]:
@@ -937,7 +943,7 @@ def run_job(job: JobSpec) -> RunResult:
     try:
         return _run_job(job, store, work, needs_profiles, resumed, t_start)
     except RunFailed as e:
-        failed_manifest(job, store, t_start, resumed, e, getattr(e, "counts", {}))
+        failed_manifest(job, store, t_start, resumed, e)
         raise
 
 
@@ -963,11 +969,8 @@ def _run_job(job: JobSpec, store: RunStore, work: Work | None, needs_profiles: b
         raise StepbackError(f"{job.input.path or job.input.questions}: no queries to generate for (a dataset with "
                             "layout: user needs a `queries` list in its rows)")
     by_status = gen_counts["generation_rows_by_status"]
-    try:
-        check_error_budget(job, "generation rows", by_status.get("error", 0), gen_counts["generation_rows"])
-    except ErrorBudgetExceeded as e:
-        e.counts = {"generation_rows": gen_counts["generation_rows"], "generation_rows_by_status": by_status}
-        raise
+    check_error_budget(job, "generation rows", by_status.get("error", 0), gen_counts["generation_rows"],
+                       {"generation_rows": gen_counts["generation_rows"], "generation_rows_by_status": by_status})
     if profile_stats:
         result_metrics["profiles"] = profile_stats
     store.write_json("metrics.json", result_metrics)
@@ -976,10 +979,7 @@ def _run_job(job: JobSpec, store: RunStore, work: Work | None, needs_profiles: b
     expected = queries * len(job.modes)
     generated = gen_counts["generation_rows"]
     manifest = {
-        "run_id": job.run_id, "name": job.name, "output": job.output_uri, "resumed": resumed, "status": "ok",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t_start)),
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "config": job.public_dict(), "versions": _versions(),
+        **manifest_head(job, t_start, resumed, "ok"),
         "counts": {**work.counts, "shards": work.shards, "profile_chunks": len(work.profile_chunks)
                    if needs_profiles else 0, "generation_chunks": len(work.generation_chunks),
                    "generation_rows": generated, "expected_generation_rows": expected,
@@ -1013,12 +1013,9 @@ def run_profile_job(job: JobSpec) -> RunResult:
             work = work or prepare_work(job, needs_profiles=True)
             at, stats = run_profile_pass(job, work, resumed)
     except RunFailed as e:
-        failed_manifest(job, store, t_start, resumed, e, getattr(e, "counts", {}))
+        failed_manifest(job, store, t_start, resumed, e)
         raise
-    manifest = {"run_id": job.run_id, "name": job.name, "output": job.output_uri, "resumed": resumed, "status": "ok",
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t_start)),
-                "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "config": job.public_dict(),
-                "versions": _versions(), "counts": {**work.counts, "shards": work.shards},
+    manifest = {**manifest_head(job, t_start, resumed, "ok"), "counts": {**work.counts, "shards": work.shards},
                 "profiles": {"uri": at.uri, "folder": at.folder, **stats},
                 "timings": {"total_s": round(time.time() - t_start, 3)}}
     store.write_json("manifest.json", manifest)
