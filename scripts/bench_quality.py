@@ -9,8 +9,10 @@ bootstrap intervals.
 Sets (``SETS``): lamp5_arxiv (200 dev users), lamp4_huffpost (all 104 writers), psw_title (50 co-authored papers).
 Each set is one stepback job with every mode (the profile pass is shared by the modes); PSW runs a second job
 with ``multi_author.strategy: single`` (the lead author alone) for the multi-author comparison. Jobs run under
-``runs/bench_quality/<model>/<set>-<users>`` with a fixed run id, so an interrupted set resumes where it
-stopped. A finished set's per-query scores, profile statistics and settings are saved to
+``<runs>/<model>/<set>-<users>`` (``--runs``, default ``runs/bench_quality``) with a fixed run id, so an
+interrupted set resumes where it stopped; a run that must span sessions on fresh checkouts puts ``--runs`` in a
+committed folder (``bench-runs/``) and commits it as it goes. A finished set's per-query scores, profile
+statistics and settings are saved to
 ``docs/quality/<model>/<set>.json``; a set whose saved result matches the request is not run again (``--rerun``
 runs it anyway), so a benchmark spanning sessions needs only the committed files.
 
@@ -108,7 +110,8 @@ def _scores(output: str) -> dict[str, dict[str, list[float]]]:
     return out | greedy
 
 
-def run_set(name: str, users: int, data_root: Path, overrides: list[str], modes: list[str], command: str) -> dict:
+def run_set(name: str, users: int, data_root: Path, overrides: list[str], modes: list[str], command: str,
+            runs: Path) -> dict:
     """Run one set (and, for PSW, its single-author job); return what is saved for it."""
     from stepback_ray.config import load_job
     from stepback_ray.pipeline import run_job
@@ -124,7 +127,7 @@ def run_set(name: str, users: int, data_root: Path, overrides: list[str], modes:
     def job(folder: str, job_modes: list[str], extra: list[str]):
         return load_job(REPO / "jobs" / "demo.yaml", [
             *base, f"modes=[{', '.join(job_modes)}]", *extra,
-            f"output={REPO / 'runs' / 'bench_quality' / slug(model) / folder}"])
+            f"output={runs / slug(model) / folder}"])
 
     main = job(f"{name}-{users}", modes, [])
     result = run_job(main)
@@ -236,6 +239,8 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="job-spec override, as for `stepback run`")
     ap.add_argument("--pplug-checkpoint", help="a `stepback train-pplug` output: adds the Persona-Plug modes")
     ap.add_argument("--results", default=str(REPO / "docs" / "quality"), help="where per-set results are saved")
+    ap.add_argument("--runs", default=str(REPO / "runs" / "bench_quality"),
+                    help="where the resumable job outputs live (a committed folder lets a run span fresh checkouts)")
     ap.add_argument("--rerun", action="store_true", help="run sets even when a matching result is saved")
     ap.add_argument("--write", help="markdown file whose section for this model is replaced")
     args = ap.parse_args()
@@ -264,7 +269,8 @@ def main() -> None:
     if todo:
         with ray_session(first):
             for name, users in todo:
-                saved = run_set(name, users, Path(args.data), args.set, modes, " ".join(sys.argv[1:]))
+                saved = run_set(name, users, Path(args.data), args.set, modes, " ".join(sys.argv[1:]),
+                                Path(args.runs).resolve())
                 folder.mkdir(parents=True, exist_ok=True)
                 (folder / f"{name}.json").write_text(json.dumps(saved, indent=1) + "\n")
     results = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
