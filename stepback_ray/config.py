@@ -194,6 +194,29 @@ class GenerationConfig(_Strict):
     candidate_top_p: Number = Field(default=0.95, gt=0.0, le=1.0)
 
 
+class StageResources(_Strict):
+    """What one CPU or commit stage of a pass asks Ray for (:mod:`stepback_ray.pipeline`). A stage maps one chunk
+    per call, so it has no row batch size: the chunk is the unit of commit (a row batch would split a chunk across
+    two commits), and the engine batches its own calls (``engine.batch_size``, ``engine.max_batch_tokens``)."""
+
+    num_cpus: Number = Field(default=0.25, gt=0.0, description="CPUs per actor (or task, for a commit stage)")
+    concurrency: Int | None = Field(default=None, gt=0, description="actors of a CPU stage (default: "
+                                    "ray.cpu_stage_actors); tasks at once of a commit stage (default: no limit)")
+
+
+class StagesConfig(_Strict):
+    """Per-stage resources, one entry per CPU and commit stage of the passes; the engine stages use the
+    ``ray.engine_*`` keys. The light stages default to 0.25 CPU so they never starve the engine actors of slots on
+    small nodes; the embedding stage runs a sentence encoder: a whole CPU."""
+
+    profile_plan: StageResources = StageResources()
+    commit_profiles: StageResources = StageResources()
+    embed: StageResources = StageResources(num_cpus=1.0)
+    commit_embeddings: StageResources = StageResources()
+    generation_plan: StageResources = StageResources()
+    score_and_commit: StageResources = StageResources()
+
+
 class RayConfig(_Strict):
     """How the job uses the Ray cluster. With no address, a local Ray is started and shut down with the job."""
 
@@ -219,6 +242,7 @@ class RayConfig(_Strict):
         default=None, gt=0, description="local Ray only: object store size (Ray's default: 30 % of RAM); a "
                                         "cluster's is set where its nodes start (cluster.yaml)")
     progress_bars: bool = True
+    stages: StagesConfig = StagesConfig()
 
 
 class StorageConfig(_Strict):
@@ -286,6 +310,9 @@ class JobSpec(_Strict):
     pplug: PPlugConfig = Field(default_factory=PPlugConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
+    executor: Literal["ray", "in-process"] = Field(
+        default="ray", description="'in-process': the same passes and stages run one chunk after another in this "
+                                   "process, no Ray (small LaMP jobs, debugging, the fast tests)")
     max_error_fraction: Number = Field(
         default=0.01, ge=0.0, le=1.0, description="a pass whose engine-error rows exceed this share of its rows fails "
                                                   "(exit 3, manifest status failed); a rerun retries exactly those rows")
@@ -300,6 +327,17 @@ class JobSpec(_Strict):
         if isinstance(v, int) and not isinstance(v, bool):
             return str(v)
         return v
+
+    @model_validator(mode="after")
+    def _in_process_needs_no_cluster(self) -> "JobSpec":
+        """The in-process executor runs without Ray: no cluster, and no dataset input (Ray Data stages those)."""
+        if self.executor == "in-process":
+            if self.ray.address:
+                raise ValueError("executor 'in-process' runs without Ray: unset ray.address (or use executor: ray)")
+            if self.input.format != "lamp":
+                raise ValueError(f"executor 'in-process' reads LaMP JSON only; a {self.input.format} dataset is "
+                                 "staged by Ray Data (use executor: ray)")
+        return self
 
     @model_validator(mode="after")
     def _cluster_paths_are_shared(self) -> "JobSpec":
@@ -396,7 +434,8 @@ SPEED_ONLY_KEYS = (
     "engine.vllm.cpu_kv_cache_gb", "engine.vllm.cpu_threads_bind", "engine.vllm.enforce_eager",
     "engine.vllm.chunked_prefill", "engine.vllm.prefix_caching",
     "ray.address", "ray.engine_actors", "ray.engine_actor_cpus", "ray.engine_actor_gpus", "ray.accelerator_type",
-    "ray.engine_tasks_in_flight", "ray.cpu_stage_actors", "ray.object_store_gib", "ray.progress_bars",
+    "ray.engine_tasks_in_flight", "ray.cpu_stage_actors", "ray.stages", "ray.object_store_gib", "ray.progress_bars",
+    "executor",
     "storage.retries", "storage.key", "storage.secret", "storage.aws_profile", "storage.shared_filesystem",
 )
 """Spec keys that change only speed, capacity, fault injection or access, never a result: a run resumed after an

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from stepback_ray.config import load_job
-from stepback_ray.engines import SamplingParams
+from stepback_ray.engines import Request, SamplingParams
 from stepback_ray.pplug.model import PersonaPlug
 from stepback_ray.pplug.training import load_checkpoint, save_checkpoint, train
 from stepback_ray.storage import RunStore
@@ -68,7 +68,7 @@ def test_soft_tokens_land_before_the_prompt_tokens(engine):
 
     handle = engine.model.model.register_forward_pre_hook(capture, with_kwargs=True)
     try:
-        outs = engine.generate(prompts, SamplingParams(max_new_tokens=4), prefix_embeds=soft)
+        outs = engine.generate([Request(p, s) for p, s in zip(prompts, soft)], SamplingParams(max_new_tokens=4))
     finally:
         handle.remove()
     ids = [engine.formatter.encode(engine.render(p)) for p in prompts]
