@@ -150,7 +150,7 @@ def personas(query: Query, mode: str, profiles: dict[str, str], donors: dict[str
     """The persona behind each of the query's users under ``mode`` (a donor's for the controls)."""
     notes: list[str] = []
     out = []
-    for uid, pool in zip(query.user_ids, query.profiles):
+    for uid, pool in zip(query.user_ids, query.histories):
         if uses_donor(mode):
             d = donors.get(uid)
             if d is None:

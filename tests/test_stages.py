@@ -202,3 +202,18 @@ def test_bad_executor_and_stage_settings_name_the_key(tmp_path, change, message)
 
     with pytest.raises(ConfigError, match=message):
         _job(tmp_path, *change)
+
+
+def test_an_engine_stage_closes_the_engine_it_built_never_one_it_was_given(tmp_path, engine, monkeypatch):
+    from stepback_ray.engines.dry_run import DryRunEngine
+
+    closed = []
+    monkeypatch.setattr(DryRunEngine, "close", lambda self: closed.append(self))
+    job = _job(tmp_path)
+    own = GenerationEngineStage(job)  # as in an actor: builds its engine
+    built = own.engine
+    del own  # Ray Data drops the UDF when the actor exits gracefully
+    assert closed == [built]
+    given = ProfileEngineStage(job, engine=engine)
+    del given
+    assert closed == [built]  # the in-process executor's engine is closed by the executor, at the end of the run

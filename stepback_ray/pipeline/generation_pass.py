@@ -63,7 +63,7 @@ class GenerationPlanStage:
         requests = []
         for r in wanted:
             q = queries[r["query_id"]]
-            owner, history = q.user_id, q.profile
+            owner, history = q.user_id, q.history
             if prompting.uses_donor(r["mode"]):
                 d = donor_info.get(q.user_id)
                 owner, history = (d["donor"], d["history"]) if d else (None, [])
@@ -126,7 +126,7 @@ class GenerationPlanStage:
                         "profile_text": lead.get("profile_text"), "profile_status": lead.get("status"),
                         "retrieved_ids": plan.retrieved_ids, "prompts": [p.text for p in plan.prompts],
                         "merge_json": json.dumps(plan.merge) if plan.merge else None, "truncated": plan.truncated,
-                        "notes": plan.all_notes(), "history_items": len(q.profile),
+                        "notes": plan.all_notes(), "history_items": len(q.history),
                         "select_refs": self._refs(mode, plan, llm_fields),
                     })
             if self.plug is not None:

@@ -150,9 +150,15 @@ class InProcess:
     """The in-process executor of one run: each pass's stages built once, applied chunk by chunk; one engine per
     engine config for the whole run (the profile and generation passes share it), closed by :meth:`close`."""
 
-    def __init__(self, job: JobSpec):
+    def __init__(self, job: JobSpec, engine: Any = None):
+        """``engine``: one the caller built for ``job.engine`` and keeps (reused across jobs, never closed here)."""
         self.job = job
         self._engines: dict[str, Any] = {}
+        self._borrowed: set[str] = set()
+        if engine is not None:
+            key = job.engine.model_dump_json()
+            self._engines[key] = engine
+            self._borrowed.add(key)
 
     def engine(self, config: EngineConfig):
         from ..engines import build_engine
@@ -181,8 +187,9 @@ class InProcess:
         return summaries
 
     def close(self) -> None:
-        for engine in self._engines.values():
-            engine.close()
+        for key, engine in self._engines.items():
+            if key not in self._borrowed:
+                engine.close()
         self._engines.clear()
 
 
