@@ -127,7 +127,7 @@ def run_pipeline(engine_cfg: EngineConfig, sets: dict[str, list[str]], new_token
     import ray.data
     from ray.data import ActorPoolStrategy
 
-    from stepback_ray.pipeline import GenerationEngineStage
+    from stepback_ray.pipeline.generation_pass import GenerationEngineStage
 
     out = {}
     for kind, prompts in sets.items():

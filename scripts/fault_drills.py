@@ -322,8 +322,9 @@ def _metrics_match_predictions(out: Path, run_metrics: dict[str, Any], job) -> b
     return True
 
 
-def drill_engine_error(root: Path) -> dict[str, Any]:
-    """The engine fails on every prompt that holds one query's input: those rows are flagged, the rest kept."""
+def drill_engine_error(root: Path, *extra: str) -> dict[str, Any]:
+    """The engine fails on every prompt that holds one query's input: those rows are flagged, the rest kept.
+    ``extra``: job-spec overrides (the test tier runs it with ``executor=in-process``)."""
     from stepback_ray.pipeline import run_job
 
     questions = json.loads(Path(f"{SAMPLE}_questions.json").read_text())
@@ -331,7 +332,7 @@ def drill_engine_error(root: Path) -> dict[str, Any]:
     marker = victim["input"][:60]
     # 2 of 40 rows fail: over the default 1 % budget, so the budget is raised (the error-budget drill tests it)
     job = demo_job(root / "engine-error", f"engine.dry_run_fail_marker={json.dumps(marker)}",
-                   "max_error_fraction=0.5")
+                   "max_error_fraction=0.5", *extra)
     t0 = time.time()
     result = run_job(job)
     gens = pd.read_parquet(root / "engine-error" / "generations")
@@ -489,15 +490,15 @@ def drill_engine_dead_past_restarts(root: Path) -> dict[str, Any]:
     return r
 
 
-def drill_error_budget(root: Path, users: int = 20) -> dict[str, Any]:
+def drill_error_budget(root: Path, users: int = 20, *extra: str) -> dict[str, Any]:
     """The engine rejects every prompt (a per-prompt error, e.g. a tokenizer fault): the profile pass of a nightly
     store and a run's generation pass are over ``max_error_fraction``: exit 3, ``status: failed``, the store's
     ``CURRENT.json`` unmoved; the same run ids rerun without the fault retry exactly the failed rows."""
     from stepback_ray import cli
 
-    def run(name: str, *extra: str) -> tuple[int, dict[str, Any]]:
+    def run(name: str, *more: str) -> tuple[int, dict[str, Any]]:
         out = root / name
-        args = [*DRY, f"output={out}", "run_id=drill", f"limit={users}", *extra]
+        args = [*DRY, f"output={out}", "run_id=drill", f"limit={users}", *more, *extra]
         code = cli.main(["run", str(REPO / "jobs" / "demo.yaml"), *[a for o in args for a in ("--set", o)]])
         return code, json.loads((out / "manifest.json").read_text())
 

@@ -59,34 +59,20 @@ def paired(a, b, n: int = 2000, seed: int = 0) -> dict[str, float]:
 
 
 def run_in_process(job, engine) -> dict:
-    """The job's profile and generation passes through the pipeline's own stages, in this process, with
-    ``engine``; returns the profile-pass measures. Chunks already committed are skipped."""
-    import pyarrow as pa
-
+    """The job's passes on the pipeline's in-process executor with ``engine`` (built once, shared by every
+    variant); returns the profile-pass measures. Chunks already committed are skipped."""
     from stepback_ray import pipeline as pl
-    from stepback_ray.storage import RunStore
+    from stepback_ray import prompting
+    from stepback_ray.pipeline.commit import pending
+    from stepback_ray.pipeline.job import GENERATION_PASS
+    from stepback_ray.pipeline.runner import InProcess
 
-    needs_profiles = any(pl.prompting.mode_uses(m)[0] for m in job.modes)
+    needs_profiles = any(prompting.mode_uses(m)[0] for m in job.modes)
     work = pl.prepare_work(job, needs_profiles)
-    at = pl.ProfilesAt(job.output_uri, "profiles")
-    quality = None
-    if needs_profiles:
-        todo = pl._pending(at.uri, at.folder, job, work.profile_chunks)
-        if todo:
-            planned = pl.ProfilePlanStage(job, at)(pa.Table.from_pylist(todo))
-            pl.commit_profiles(pl.ProfileEngineStage(job, engine)(planned), job, at)
-        quality = pl.measure_profiles(job, at, work)
-    todo = pl._pending(job.output_uri, "generations", job, work.generation_chunks)
-    if todo:
-        planned = pl.GenerationPlanStage(job, at if needs_profiles else None)(pa.Table.from_pylist(todo))
-        pl.score_and_commit_generations(pl.GenerationEngineStage(job, engine)(planned), job)
-    store = RunStore(job.output_uri, job.storage)
-    statuses: dict[str, int] = {}
-    if needs_profiles:
-        for r in store.scan(at.folder, ["status"]):
-            k = pl.status_kind(r["status"])
-            statuses[k] = statuses.get(k, 0) + 1
-    return {"quality": quality, "profile_statuses": statuses}
+    ex = pl.Executor(job, InProcess(job, engine))
+    at, stats, _ = pl.run_user_passes(ex, job, work, needs_profiles=needs_profiles)
+    ex.run(GENERATION_PASS, pending(job.output_uri, "generations", job, work.generation_chunks), at)
+    return {"quality": stats["quality"] if stats else None, "profile_statuses": stats["statuses"] if stats else {}}
 
 
 def main() -> None:
@@ -127,10 +113,11 @@ def main() -> None:
     jobs.update({n: job_for(n, VARIANT_MODES, VARIANTS[n][1]) for n in names})
     if args.report_only:
         from stepback_ray import pipeline as pl
+        from stepback_ray.pipeline.commit import pending
 
         for name, job in jobs.items():
             work = pl.prepare_work(job, name != "controls")
-            left = pl._pending(job.output_uri, "generations", job, work.generation_chunks)
+            left = pending(job.output_uri, "generations", job, work.generation_chunks)
             if left:
                 sys.exit(f"error: variant {name} is not finished ({len(left)} chunks left); run it without "
                          "--report-only")

@@ -5,7 +5,7 @@ every prompt is built and tokenized with the model's real tokenizer, every profi
 merge is planned as in the real run, and each answer is given its expected length. No model is loaded. The
 result counts users, queries, LLM calls, prompt tokens and expected output tokens, and turns them into GPU-hours
 at a throughput you supply (measure yours with ``scripts/bench_engines.py``). A job with a profile store is
-planned as a full rebuild (the store is not touched).
+planned as a full rebuild (the store is not touched). A LaMP job is planned in this process (seconds, no Ray).
 """
 
 from __future__ import annotations
@@ -21,8 +21,10 @@ from .pipeline import run_job, run_profile_job
 def plan_job(job: JobSpec, tokens_per_s: float, profile_only: bool = False) -> dict[str, Any]:
     scratch = tempfile.mkdtemp(prefix="stepback-plan-")
     try:
-        # planned on this machine whatever the job's cluster: a local Ray, one engine actor, no GPU requests
+        # planned on this machine whatever the job's cluster: LaMP JSON in this process (no Ray), a dataset on a
+        # local Ray (Ray Data stages it) with one engine actor and no GPU requests
         dry = job.model_copy(update={
+            "executor": "in-process" if job.input.format == "lamp" else "ray",
             "engine": job.engine.model_copy(update={"kind": "dry-run", "vllm": job.engine.vllm.model_copy(
                 update={"tensor_parallel_size": 1})}),
             "ray": job.ray.model_copy(update={"address": None, "engine_actors": 1, "engine_actor_gpus": 0.0,

@@ -150,7 +150,7 @@ def personas(query: Query, mode: str, profiles: dict[str, str], donors: dict[str
     """The persona behind each of the query's users under ``mode`` (a donor's for the controls)."""
     notes: list[str] = []
     out = []
-    for uid, pool in zip(query.user_ids, query.profiles):
+    for uid, pool in zip(query.user_ids, query.histories):
         if uses_donor(mode):
             d = donors.get(uid)
             if d is None:
@@ -213,3 +213,9 @@ def merge_prompt(task: TaskSpec, tools: PromptTools, merge: dict[str, Any], prop
         return f"{pre}{ask}\n{task.answer_prefix}"
     system = system_prompt(task, merge.get("lead_profile")) + "\nYou are the lead author of this paper."
     return [{"role": "system", "content": system}, {"role": "user", "content": ask}]
+
+
+def rendered_merge_prompt(task: TaskSpec, tools: PromptTools, merge: dict[str, Any], raw_proposals: list[str]) -> str:
+    """The lead-author merge prompt as the engine sees it: each co-author's raw proposal parsed as the task's
+    answer (kept as written where it does not parse), then :func:`merge_prompt`, rendered."""
+    return tools.render(merge_prompt(task, tools, merge, [task.parse(t) or t for t in raw_proposals]))

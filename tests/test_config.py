@@ -86,27 +86,27 @@ def test_resume_compares_only_keys_that_change_results(tmp_path):
     one with another model, mode or prompt setting is refused, naming the key."""
     from stepback_ray.config import SPEED_ONLY_KEYS
     from stepback_ray.errors import StepbackError
-    from stepback_ray.pipeline import _check_resume
+    from stepback_ray.pipeline import check_resume
     from stepback_ray.storage import RunStore
 
     base = [f"output={tmp_path / 'run'}", "run_id=r"]
     job = load_job(REPO / "jobs" / "demo.yaml", base)
     store = RunStore(job.output_uri, job.storage)
-    assert _check_resume(store, job) is False
+    assert check_resume(store, job) is False
     speed = ["engine.batch_size=2", "engine.max_batch_tokens=1024", "engine.vllm.gpu_memory_utilization=0.5",
              "engine.vllm.max_num_seqs=8", "storage.retries=9", "engine.dry_run_fail_marker=x",
              "engine.dry_run_tokens_per_s=5", "engine.call_timeout_s=5", "engine.max_restarts=0",
              "ray.engine_actors=2", "ray.engine_actor_gpus=1", "max_error_fraction=0.5", "ray.progress_bars=false"]
     for o in speed:
         assert o.split("=")[0] in SPEED_ONLY_KEYS, o
-        assert _check_resume(store, load_job(REPO / "jobs" / "demo.yaml", [*base, o])) is True, o
+        assert check_resume(store, load_job(REPO / "jobs" / "demo.yaml", [*base, o])) is True, o
     results = {"engine.model=packaged:qwen2.5-coder-0.5b-instruct": "engine.model", "modes=[none]": "modes",
                "profile.max_new_tokens=50": "profile.max_new_tokens", "generation.candidates=4":
                "generation.candidates", "engine.vllm.structured_output=false": "engine.vllm.structured_output",
                "ray.users_per_chunk=3": "ray.users_per_chunk", "retrieval.top_k=1": "retrieval.top_k"}
     for o, key in results.items():
         with pytest.raises(StepbackError, match=f"changed: {key}"):
-            _check_resume(store, load_job(REPO / "jobs" / "demo.yaml", [*base, o]))
+            check_resume(store, load_job(REPO / "jobs" / "demo.yaml", [*base, o]))
 
 
 def test_a_cluster_job_with_a_local_output_is_refused_unless_the_filesystem_is_shared(tmp_path):

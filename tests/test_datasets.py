@@ -64,10 +64,10 @@ def test_a_staging_killed_part_way_is_redone_not_appended_to(ray_local, tmp_path
     job = _job(tmp_path, "parquet", tmp_path / "users.parquet", "user", ["generation.max_new_tokens=8"])
     # what a killed staging leaves: the run's spec (written first), a shard file with a copy of a good row, a
     # quarantine file, no _SUCCESS
-    from stepback_ray.pipeline import _check_resume
+    from stepback_ray.pipeline import check_resume
     from stepback_ray.storage import RunStore
 
-    _check_resume(RunStore(job.output_uri, job.storage), job)
+    check_resume(RunStore(job.output_uri, job.storage), job)
     left = tmp_path / "out" / "_staged" / "shard=0"
     left.mkdir(parents=True)
     rec = {"user_id": users[0]["user_id"], "history": users[0]["history"], "queries": users[0]["queries"]}

@@ -15,7 +15,7 @@ class FlakyEngine:
     def __init__(self):
         self.calls = 0
 
-    def generate(self, prompts, params, prefix_embeds=None):
+    def generate(self, prompts, params):
         self.calls += 1
         if any("oom" in p for p in prompts):
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")

@@ -13,8 +13,8 @@ from .conftest import load_script
 drills = load_script("fault_drills")
 
 
-def test_engine_error_on_one_prompt_flags_only_its_rows(ray_local, tmp_path):
-    r = drills.drill_engine_error(tmp_path)
+def test_engine_error_on_one_prompt_flags_only_its_rows(tmp_path):
+    r = drills.drill_engine_error(tmp_path, "executor=in-process")  # the stage's error rows; on Ray: the drill
     assert r["rows_lost"] == 0 and r["duplicates"] == 0 and r["rows_out"] == r["rows_expected"] == 40
     assert r["failed_rows_are_the_victims"], r
     assert r["rows_by_status"]["error"] == r["faults_injected"] >= 2
@@ -79,8 +79,8 @@ def test_an_engine_dead_for_good_fails_the_run_with_exit_3_and_writes_no_rows(ra
     assert r["passed"] is True
 
 
-def test_over_the_error_budget_the_run_fails_loud_and_a_rerun_retries_the_failed_rows(ray_local, tmp_path):
-    r = drills.drill_error_budget(tmp_path, users=5)
+def test_over_the_error_budget_the_run_fails_loud_and_a_rerun_retries_the_failed_rows(tmp_path):
+    r = drills.drill_error_budget(tmp_path, 5, "executor=in-process")  # the driver's budget; on Ray: the drill
     assert r["exit_codes"] == [3, 0, 3, 0] and r["manifest_status"] == ["failed", "ok", "failed", "ok"], r
     assert r["store_moved_by_failed_run"] is False  # a failed nightly pass leaves CURRENT.json where it was
     assert r["rows_out"] == r["rows_expected"] == 20 and r["duplicates"] == 0

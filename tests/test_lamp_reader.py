@@ -20,7 +20,7 @@ def test_reads_lamp5_arxiv_dev():
     first = queries[0]
     assert first.user_id == "Yijiang Li" and first.task == "LaMP_5" and first.user_ids == [first.user_id]
     assert first.input.startswith("Generate a title for the following abstract of a paper:")
-    assert first.gold and {"id", "title", "abstract", "date"} <= set(first.profile[0])
+    assert first.gold and {"id", "title", "abstract", "date"} <= set(first.history[0])
     assert all(x.gold for x in queries)
 
 
@@ -28,7 +28,7 @@ def test_reads_lamp4_huffpost_dev_with_long_histories():
     q, o = shared_set("lamp4_huffpost/dev")
     queries = read_lamp(q, o, TASKS["LaMP_4"])
     assert len(queries) == 104
-    lengths = sorted(len(x.profile) for x in queries)
+    lengths = sorted(len(x.history) for x in queries)
     assert lengths[-2:] == [535, 862]  # two writers with very long histories (the data README names 535)
     assert all(x.gold for x in queries)
 
@@ -39,7 +39,7 @@ def test_official_shape_without_user_ids():
     assert [q.query_id for q in queries] == ["310", "311", "312"]
     assert [q.user_id for q in queries] == ["q:310", "q:311", "q:312"]  # each question is its own user
     assert queries[0].gold == "Sparse Attention for Long-Document Transformers"
-    assert queries[2].profile == []
+    assert queries[2].history == []
     users = collect_users(queries)
     assert [len(u.history) for u in users] == [3, 1, 0]
 

@@ -88,13 +88,22 @@ def test_end_to_end_five_users_then_rerun_skips_committed_chunks(ray_local, tmp_
     assert len(pd.read_parquet(out / "generations")) == 10
     assert again.metrics["modes"] == metrics["modes"]
 
+    # the in-process executor runs the same declared stages on the same chunks: the same rows, word for word
+    local = run_job(load_job(REPO / "jobs" / "demo.yaml", [*FAST, "limit=5", f"output={tmp_path / 'local'}",
+                                                             "ray.users_per_chunk=2", "executor=in-process"]))
+    cols = ["query_id", "mode", "prompt", "raw_output", "output", "rouge1", "prompt_tokens", "completion_tokens"]
+    mine = pd.read_parquet(tmp_path / "local" / "generations")[cols].sort_values(["query_id", "mode"])
+    assert mine.reset_index(drop=True).equals(gens[cols].sort_values(["query_id", "mode"]).reset_index(drop=True))
+    assert local.manifest["chunks_committed_this_run"] == {"profiles": 3, "generations": 3}
 
-def test_official_shape_fixture_with_an_empty_history(ray_local, tmp_path):
+
+def test_official_shape_fixture_with_an_empty_history(tmp_path):
     out = tmp_path / "official"
     job = load_job(REPO / "jobs" / "demo.yaml", [
         *FAST, f"input.questions={FIXTURES / 'LaMP_5_questions.json'}",
         f"input.outputs={FIXTURES / 'LaMP_5_outputs.json'}", f"output={out}", "modes=[none, profile+rag, rag]",
-        "engine.kind=dry-run", "profile.habits=true"])  # about empty and one-item histories, not the model's answers
+        "engine.kind=dry-run", "profile.habits=true",  # about empty and one-item histories, not the model's answers
+        "executor=in-process"])
     run_job(job)
     profiles = pd.read_parquet(out / "profiles").set_index("user_id")
     assert profiles.loc["q:312", "status"] == "skipped: empty history"

@@ -11,8 +11,7 @@ from .test_cli import stepback
 # A plan against a real run of the same job: tests/test_pipeline.py (the end-to-end test).
 
 
-@pytest.mark.slow
-def test_plan_command_prints_json():
+def test_plan_command_prints_json():  # a LaMP job is planned in process: seconds, no Ray
     proc = stepback("plan", "jobs/demo.yaml", "--set", "limit=2", "--set", "engine.kind=dry-run",
                     "--tokens-per-s", "500")
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from stepback_ray.config import load_job
-from stepback_ray.engines import SamplingParams
+from stepback_ray.engines import Request, SamplingParams
 from stepback_ray.pplug.model import PersonaPlug
 from stepback_ray.pplug.training import load_checkpoint, save_checkpoint, train
 from stepback_ray.storage import RunStore
@@ -68,7 +68,7 @@ def test_soft_tokens_land_before_the_prompt_tokens(engine):
 
     handle = engine.model.model.register_forward_pre_hook(capture, with_kwargs=True)
     try:
-        outs = engine.generate(prompts, SamplingParams(max_new_tokens=4), prefix_embeds=soft)
+        outs = engine.generate([Request(p, s) for p, s in zip(prompts, soft)], SamplingParams(max_new_tokens=4))
     finally:
         handle.remove()
     ids = [engine.formatter.encode(engine.render(p)) for p in prompts]
@@ -118,14 +118,14 @@ def test_training_writes_checkpoint_curve_and_plot(tiny_checkpoint):
     assert (out / "loss.png").stat().st_size > 5000 and (out / "checkpoint" / "pplug.pt").is_file()
 
 
-def test_pplug_modes_in_the_pipeline_with_an_empty_history(ray_local, tiny_checkpoint, tmp_path):
+def test_pplug_modes_in_the_pipeline_with_an_empty_history(tiny_checkpoint, tmp_path):
     from stepback_ray.pipeline import run_job
 
     ckpt, _ = tiny_checkpoint
     job = load_job(REPO / "jobs" / "demo.yaml", [
         f"input.questions={FIXTURES / 'LaMP_5_questions.json'}", f"input.outputs={FIXTURES / 'LaMP_5_outputs.json'}",
         f"output={tmp_path / 'run'}", "modes=[none, pplug, pplug+profile]", f"pplug.checkpoint={ckpt}",
-        "generation.max_new_tokens=12", "profile.max_new_tokens=32", "ray.progress_bars=false"])
+        "generation.max_new_tokens=12", "profile.max_new_tokens=32", "executor=in-process"])
     result = run_job(job)
     gens = pd.read_parquet(tmp_path / "run" / "generations")
     assert len(gens) == 9 and set(gens["status"]) == {"ok"}
@@ -151,6 +151,8 @@ def test_pplug_random_serves_the_donors_soft_token_with_the_users_own_input(tiny
 
     from stepback_ray import pipeline as pl
     from stepback_ray.data import donors
+    from stepback_ray.pipeline.embed_pass import EmbedStage, commit_embeddings
+    from stepback_ray.pipeline.generation_pass import GenerationPlanStage
 
     ckpt, _ = tiny_checkpoint
     job = load_job(REPO / "jobs" / "demo.yaml", [
@@ -159,8 +161,8 @@ def test_pplug_random_serves_the_donors_soft_token_with_the_users_own_input(tiny
         "ray.progress_bars=false"])
     work = pl.prepare_work(job, needs_profiles=False)
     at = pl.ProfilesAt(job.output_uri, "profiles")
-    pl.commit_embeddings(pl.EmbedStage(job, at)(pa.Table.from_pylist(work.profile_chunks)), job, at)
-    stage = pl.GenerationPlanStage(job, at)
+    commit_embeddings(EmbedStage(job, at)(pa.Table.from_pylist(work.profile_chunks)), job, at)
+    stage = GenerationPlanStage(job, at)
     rows = stage(pa.Table.from_pylist(work.generation_chunks)).to_pylist()
     soft = {(r["user_id"], r["mode"]): np.asarray(r["soft_tokens"]) for r in rows}
     inputs = {r["user_id"]: r["input"] for r in rows}

@@ -144,7 +144,7 @@ def test_nightly_wall_time_with_the_real_model(ray_local, tmp_path):
     assert nightly < full / 3
 
 
-def test_a_run_that_failed_after_committing_its_profiles_resumes(ray_local, tmp_path):
+def test_a_run_that_failed_after_committing_its_profiles_resumes(tmp_path):
     """A ``run`` with a profile store commits the store version before generating; if generation then fails
     (here: its manifest and one generation chunk are gone, as after a crash), the same command resumes it: the
     committed profiles are reused as they are, only the missing chunk is generated."""
@@ -152,7 +152,7 @@ def test_a_run_that_failed_after_committing_its_profiles_resumes(ray_local, tmp_
         "name": "resume", "task": "LaMP_5", "modes": ["profile"], "run_id": "r1",
         "input": {"questions": f"{SAMPLE}_questions.json", "outputs": f"{SAMPLE}_outputs.json"},
         "output": str(tmp_path / "out"), "profile_store": {"uri": str(tmp_path / "store")},
-        "ray": {"num_shards": 4, "progress_bars": False}})
+        "ray": {"num_shards": 4, "progress_bars": False}, "executor": "in-process"})
     first = run_job(job)
     gens = sorted((tmp_path / "out" / "generations").glob("chunk-*.parquet"))
     gens[0].unlink()

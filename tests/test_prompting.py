@@ -46,7 +46,7 @@ def test_modes_show_exactly_what_they_name(formatter):
 
 def test_random_profile_uses_another_users_profile_and_history(formatter):
     qs = read_lamp(str(FIXTURES / "LaMP_5_questions.json"), None, TASKS["LaMP_5"])
-    histories = {q.user_id: q.profile for q in qs}
+    histories = {q.user_id: q.history for q in qs}
     mapping = donors(list(histories))
     assert all(mapping[u] != u for u in mapping) and sorted(mapping.values()) == sorted(mapping)
     info = {u: {"donor": d, "history": histories[d]} for u, d in mapping.items()}
@@ -55,7 +55,7 @@ def test_random_profile_uses_another_users_profile_and_history(formatter):
     text = formatter.render(_plan(formatter, "LaMP_5", q, "random-profile", profiles, info).prompts[0].prompt)
     donor = mapping[q.user_id]
     assert f"profile-of-{donor}" in text and f"profile-of-{q.user_id}" not in text
-    assert not any(it["title"] in text for it in q.profile)  # none of the user's own items
+    assert not any(it["title"] in text for it in q.history)  # none of the user's own items
     assert donors(["only-one"]) == {}
 
 
@@ -64,7 +64,7 @@ def test_plain_family_uses_the_official_lamp_pattern():
     q = _q("LaMP_5")
     prompt = _plan(tools, "LaMP_5", q, "rag").prompts[0].prompt
     assert isinstance(prompt, str)
-    first = q.profile[0]
+    first = q.history[0]
     assert prompt.startswith(f'"{first["title"]}" is a title for "{first["abstract"]}" , and ')
     assert f". Following the given patterns {q.input}\nTitle:" in prompt
     lamp1 = _plan(tools, "LaMP_1", _q("LaMP_1"), "rag").prompts[0].prompt
@@ -112,7 +112,7 @@ def test_lead_merge_and_concat_for_coauthored_papers(formatter):
     assert len(lead_only.prompts) == 1 and lead_only.merge is None
     text = formatter.render(lead_only.prompts[0].prompt)
     assert "benchmarks" in text and "sparse attention" not in text and "retrieval" not in text
-    assert set(lead_only.retrieved_ids) <= {it["id"] for it in q.profiles[0]}  # the lead's own history only
+    assert set(lead_only.retrieved_ids) <= {it["id"] for it in q.histories[0]}  # the lead's own history only
 
 
 class CountingRetriever(BM25Retriever):

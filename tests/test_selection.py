@@ -55,7 +55,7 @@ def test_personal_refs_take_each_persons_newest_outputs_and_profile():
 
 def test_scoring_stage_keeps_the_chosen_candidate_and_says_so(tmp_path):
     """The commit stage called directly: the kept candidate becomes the output, the others stay visible."""
-    from stepback_ray.pipeline import score_and_commit_generations
+    from stepback_ray.pipeline.generation_pass import score_and_commit_generations
     from stepback_ray.storage import RunStore
 
     job = load_job(REPO / "jobs" / "demo.yaml", [f"output={tmp_path}", "generation.candidates=3"])

@@ -1,4 +1,5 @@
-"""Every task runs end to end through the pipeline on a fixture in the official shape, with its metric."""
+"""Every task runs end to end through the pipeline on a fixture in the official shape, with its metric (on the
+in-process executor: the task logic, not Ray, is under test; test_pipeline runs the same stages through Ray)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from stepback_ray.tasks import TASKS
 from .conftest import FIXTURES, REPO
 
 FAST = ["generation.max_new_tokens=12", "profile.max_new_tokens=40", "profile.history_token_budget=300",
-        "ray.progress_bars=false"]
+        "ray.progress_bars=false", "executor=in-process"]
 # Two tasks in the default run (a rating task: parsing and MAE/RMSE; co-authored writing: proposals and the
 # lead-author merge; LaMP_5 generation runs by default in test_pipeline); the rest run with `-m slow`, so each
 # task has its end-to-end test.
@@ -25,7 +26,7 @@ ALL_TASKS = FAST_TASKS + [pytest.param(t, marks=pytest.mark.slow) for t in SLOW_
 
 
 @pytest.mark.parametrize("task", ALL_TASKS)
-def test_task_runs_with_its_metric(ray_local, tmp_path, task):
+def test_task_runs_with_its_metric(tmp_path, task):
     out = tmp_path / task
     modes = "[none, profile+rag, random-profile]"
     job = load_job(REPO / "jobs" / "demo.yaml", [

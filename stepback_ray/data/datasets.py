@@ -330,6 +330,6 @@ def load_staged(job: JobSpec, source: str) -> tuple[list[UserHistory], list[Quer
                 queries.append(Query(q["query_id"], task.name, q["input"], [uid], [], q["gold"]))
     ordered = sorted(users.values(), key=lambda u: u.user_id)
     for q in queries:  # a query sees its user's whole history
-        q.profiles = [users[q.user_id].history]
+        q.histories = [users[q.user_id].history]
     queries.sort(key=lambda q: (q.user_id, q.query_id))
     return ordered, queries

@@ -130,8 +130,8 @@ def parse_questions(uri: str, data: Any, task: TaskSpec) -> list[Query]:
         text = rec.get("input")
         if not isinstance(text, str):
             raise InputError(uri, "missing or not text", record=where, field="input")
-        user_ids, profiles = _users_of(uri, qid, rec, task)
-        queries.append(Query(query_id=qid, task=task.name, input=text, user_ids=user_ids, profiles=profiles))
+        user_ids, histories = _users_of(uri, qid, rec, task)
+        queries.append(Query(query_id=qid, task=task.name, input=text, user_ids=user_ids, histories=histories))
     return queries
 
 

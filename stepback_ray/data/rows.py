@@ -53,8 +53,9 @@ class Query:
     input: str
     user_ids: list[str]
     """The query's users: one for LaMP, the authors in byline order for PSW (the first leads)."""
-    profiles: list[list[Item]]
-    """Per user, the history items visible to this query (the retrieval pool)."""
+    histories: list[list[Item]]
+    """Per user, the history items visible to this query (the retrieval pool; LaMP calls it the query's
+    ``profile``, a word this code keeps for the step-back profile)."""
     gold: str | None = None
 
     @property
@@ -62,8 +63,9 @@ class Query:
         return self.user_ids[0]
 
     @property
-    def profile(self) -> list[Item]:
-        return self.profiles[0]
+    def history(self) -> list[Item]:
+        """The lead user's visible history."""
+        return self.histories[0]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -95,7 +97,7 @@ def collect_users(queries: list[Query]) -> list[UserHistory]:
     users: dict[str, UserHistory] = {}
     seen: dict[str, set[str]] = {}
     for q in queries:
-        for uid, items in zip(q.user_ids, q.profiles):
+        for uid, items in zip(q.user_ids, q.histories):
             u = users.get(uid)
             if u is None:
                 u = users[uid] = UserHistory(uid)

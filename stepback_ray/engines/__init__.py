@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..config import EngineConfig
-from .base import Completion, Engine, Message, Prompt, SamplingParams
+from .base import Completion, Engine, Message, Prompt, Request, SamplingParams
 
 
 def build_engine(config: EngineConfig) -> Engine:
@@ -23,4 +23,4 @@ def build_engine(config: EngineConfig) -> Engine:
     raise ValueError(f"unknown engine kind {config.kind!r}")
 
 
-__all__ = ["Completion", "Engine", "Message", "Prompt", "SamplingParams", "build_engine"]
+__all__ = ["Completion", "Engine", "Message", "Prompt", "Request", "SamplingParams", "build_engine"]

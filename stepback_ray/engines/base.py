@@ -9,10 +9,28 @@ inside the process that uses them (a Ray actor), from an :class:`~stepback_ray.c
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, Union, runtime_checkable
+from typing import Any, Protocol, Sequence, Union, runtime_checkable
 
 Message = dict[str, str]
 Prompt = Union[str, list[Message]]
+
+
+@dataclass(frozen=True)
+class Request:
+    """One prompt with what travels with it: Persona-Plug soft tokens (a ``[k, hidden]`` array in the model's
+    embedding space), placed before the prompt's own token embeddings and counted as prompt tokens. A plain
+    :data:`Prompt` given to an engine is a request without soft tokens."""
+
+    prompt: Prompt
+    soft_tokens: Any = None
+
+
+def split_requests(requests: Sequence["Prompt | Request"]) -> tuple[list[Prompt], list | None]:
+    """The prompts of ``requests`` and, if any carries soft tokens, each one's soft tokens (None where it has
+    none); None when no request has any (the engine's plain path)."""
+    reqs = [r if isinstance(r, Request) else Request(r) for r in requests]
+    soft = [r.soft_tokens for r in reqs]
+    return [r.prompt for r in reqs], soft if any(x is not None for x in soft) else None
 
 
 @dataclass(frozen=True)
@@ -72,10 +90,8 @@ class Engine(PromptTools, Protocol):
     model_id: str
     supports_json_schema: bool
 
-    def generate(self, prompts: list[Prompt], params: SamplingParams,
-                 prefix_embeds: list | None = None) -> list[Completion]:
-        """One completion per prompt, in order. ``prefix_embeds`` (one ``[k, hidden]`` array or None per prompt)
-        are soft tokens placed before the prompt's token embeddings (Persona-Plug); they count as prompt tokens."""
+    def generate(self, requests: list[Prompt | Request], params: SamplingParams) -> list[Completion]:
+        """One completion per request (a prompt, or a :class:`Request` with soft tokens), in order."""
 
     def close(self) -> None:
         """Release the model (memory, devices)."""

@@ -15,7 +15,7 @@ import os
 import time
 
 from ..config import EngineConfig
-from .base import Completion, Prompt, SamplingParams
+from .base import Completion, Prompt, Request, SamplingParams, split_requests
 from .formatting import FormattedEngine
 
 _WORDS = ("data", "model", "learning", "system", "method", "network", "analysis", "language", "vision", "graph")
@@ -36,8 +36,8 @@ class DryRunEngine(FormattedEngine):
             return json.dumps({"keywords": kw, "topics": kw[:2], "style": " ".join(words[:6])})[len('{"keywords": ["'):]
         return " ".join(words)
 
-    def generate(self, prompts: list[Prompt], params: SamplingParams,
-                 prefix_embeds: list | None = None) -> list[Completion]:
+    def generate(self, requests: list[Prompt | Request], params: SamplingParams) -> list[Completion]:
+        prompts, prefix_embeds = split_requests(requests)
         t0 = time.perf_counter()
         self.calls += 1
         self._inject_engine_fault()

@@ -17,7 +17,7 @@ import threading
 import time
 from typing import Any
 
-from .base import Completion, Prompt, SamplingParams
+from .base import Completion, Prompt, Request, SamplingParams
 
 FATAL_MARKERS = ("out of memory", "cuda error", "cudaerror", "nccl", "enginedeaderror", "engine dead",
                  "engine core", "device-side assert", "cublas", "cudnn", "hip error", "xla")
@@ -57,7 +57,7 @@ class EngineCalls:
     def __init__(self, engine: Any, timeout_s: float | None, in_actor: bool):
         self.engine, self.timeout_s, self.in_actor = engine, timeout_s, in_actor
 
-    def __call__(self, prompts: list[Prompt], params: SamplingParams, prefix: list | None = None) -> list[Completion]:
+    def __call__(self, prompts: list[Prompt | Request], params: SamplingParams) -> list[Completion]:
         timer = None
         if self.in_actor and self.timeout_s:
             t0 = time.monotonic()
@@ -67,7 +67,7 @@ class EngineCalls:
             timer.daemon = True
             timer.start()
         try:
-            return self._isolated(prompts, params, prefix)
+            return self._isolated(prompts, params)
         except Exception as e:
             if self.in_actor and is_fatal(e):
                 end_actor(f"{type(e).__name__}: {e}"[:1000])
@@ -78,17 +78,17 @@ class EngineCalls:
             if timer is not None:
                 timer.cancel()
 
-    def _isolated(self, prompts: list[Prompt], params: SamplingParams, prefix: list | None) -> list[Completion]:
+    def _isolated(self, prompts: list[Prompt | Request], params: SamplingParams) -> list[Completion]:
         """The whole batch; if it fails for a prompt's reason, each prompt on its own (one error row each)."""
         try:
-            return self.engine.generate(prompts, params, prefix_embeds=prefix)
+            return self.engine.generate(prompts, params)
         except Exception as e:  # noqa: BLE001 - sorted below: fatal re-raised, a prompt failure isolated
             if is_fatal(e):
                 raise
         out = []
-        for i, p in enumerate(prompts):
+        for p in prompts:
             try:
-                out += self.engine.generate([p], params, prefix_embeds=[prefix[i]] if prefix else None)
+                out += self.engine.generate([p], params)
             except Exception as e:  # noqa: BLE001 - a fatal one is re-raised; any other is this prompt's row
                 if is_fatal(e):
                     raise

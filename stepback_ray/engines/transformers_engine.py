@@ -12,7 +12,7 @@ import time
 
 from ..config import EngineConfig
 from ..errors import StepbackError
-from .base import Completion, Prompt, SamplingParams, cut_at_stop
+from .base import Completion, Prompt, Request, SamplingParams, cut_at_stop, split_requests
 from .formatting import FormattedEngine
 
 
@@ -55,8 +55,8 @@ class TransformersEngine(FormattedEngine):
             self._eos.add(self.tokenizer.eos_token_id)
 
     # ------------------------------------------------------------------------------------------ generation
-    def generate(self, prompts: list[Prompt], params: SamplingParams,
-                 prefix_embeds: list | None = None) -> list[Completion]:
+    def generate(self, requests: list[Prompt | Request], params: SamplingParams) -> list[Completion]:
+        prompts, prefix_embeds = split_requests(requests)
         torch = self.torch
         texts = [self.render(p) for p in prompts]
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []

@@ -15,7 +15,7 @@ import time
 
 from ..config import EngineConfig
 from ..errors import StepbackError
-from .base import Completion, Prompt, SamplingParams
+from .base import Completion, Prompt, Request, SamplingParams, split_requests
 from .formatting import FormattedEngine
 from .models import load_input_embeddings
 
@@ -81,8 +81,8 @@ class VLLMEngine(FormattedEngine):
         tokens = self._table[torch.tensor(token_ids)]
         return torch.cat([torch.as_tensor(prefix, dtype=tokens.dtype), tokens])
 
-    def generate(self, prompts: list[Prompt], params: SamplingParams,
-                 prefix_embeds: list | None = None) -> list[Completion]:
+    def generate(self, requests: list[Prompt | Request], params: SamplingParams) -> list[Completion]:
+        prompts, prefix_embeds = split_requests(requests)
         from vllm.inputs import TokensPrompt
 
         ids = [self.formatter.encode(self.render(p)) for p in prompts]

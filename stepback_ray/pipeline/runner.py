@@ -1,0 +1,225 @@
+"""The generic pass runner: a pass is declared as data (:class:`PassSpec`, a list of :class:`Stage`) in its own
+module, and one runner executes any pass, on Ray Data or in this process.
+
+**On Ray** (``executor: ray``): the chunks become one Ray Data block each; a CPU stage is an actor pool (it holds
+a tokenizer, a retriever or an encoder), the engine stage is the engine actor pool (GPUs, restarts after a fatal
+engine failure, see :mod:`stepback_ray.engines.guard`), a commit stage is Ray tasks. Every stage maps a whole
+block (``batch_size=None``) to a whole block, so each chunk reaches its commit whole.
+**In process** (``executor: in-process``): the same stages, built once per pass with the same arguments, applied
+to one chunk after another; the engines are built once per run and closed at its end. Small LaMP jobs, debugging
+and the fast tests run this way; the outputs are the same rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator, Literal
+
+import pyarrow as pa
+
+from ..config import EngineConfig, JobSpec, StageResources
+from ..errors import RunFailed
+from ..resources import WORKER_ENV, connect_cluster, engine_resources
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of a pass. ``udf`` is built (a class) or called (a function) with ``job`` and, where ``takes_at``,
+    the profiles' location ``at``; an engine stage's class is built with ``job`` alone (and, in process, the
+    run's engine)."""
+
+    name: str
+    """Its key under ``ray.stages`` (CPU and commit stages)."""
+    udf: Any
+    kind: Literal["cpu", "engine", "commit"]
+    takes_at: bool = True
+
+
+@dataclass(frozen=True)
+class PassSpec:
+    """A pass: its stages in order, the last one a commit (which returns one summary row per chunk)."""
+
+    name: str
+    stages: tuple[Stage, ...]
+
+    def __post_init__(self):
+        if not self.stages or self.stages[-1].kind != "commit":
+            raise ValueError(f"pass {self.name!r} must end with a commit stage")
+
+
+def stage_resources(job: JobSpec, stage: Stage) -> StageResources:
+    return getattr(job.ray.stages, stage.name)
+
+
+def _kwargs(job: JobSpec, stage: Stage, at: Any) -> dict[str, Any]:
+    return {"job": job, "at": at} if stage.takes_at else {"job": job}
+
+
+# ------------------------------------------------------------------------------------------------ on Ray
+def run_on_ray(job: JobSpec, spec: PassSpec, chunks: list[dict[str, Any]], at: Any) -> list[dict]:
+    """Run ``spec`` over ``chunks`` as one Ray Data pass; returns the commit summaries."""
+    import ray
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    ds = ray.data.from_items(chunks, override_num_blocks=len(chunks))
+    common = dict(batch_size=None, batch_format="pyarrow", zero_copy_batch=True)
+    for stage in spec.stages:
+        if stage.kind == "engine":
+            res = engine_resources(job, ray.cluster_resources())
+            # a fatal engine failure ends the actor (engines/guard.py): Ray restarts it, boundedly, and retries
+            # the block
+            ds = ds.map_batches(stage.udf, fn_constructor_kwargs={"job": job},
+                                compute=ActorPoolStrategy(size=res.actors,
+                                                          max_tasks_in_flight_per_actor=job.ray.engine_tasks_in_flight),
+                                max_restarts=job.engine.max_restarts, max_task_retries=-1, **res.remote_args(),
+                                **common)
+        elif stage.kind == "cpu":
+            r = stage_resources(job, stage)
+            ds = ds.map_batches(stage.udf, fn_constructor_kwargs=_kwargs(job, stage, at),
+                                compute=ActorPoolStrategy(size=r.concurrency or job.ray.cpu_stage_actors),
+                                num_cpus=r.num_cpus, **common)
+        else:
+            r = stage_resources(job, stage)
+            ds = ds.map_batches(stage.udf, fn_kwargs=_kwargs(job, stage, at), num_cpus=r.num_cpus,
+                                **({"concurrency": r.concurrency} if r.concurrency else {}), **common)
+    return _take_all(ds, job, spec.name)
+
+
+def _take_all(ds, job: JobSpec, name: str) -> list[dict]:
+    """Run the pass; an engine actor that died past its restarts fails the run (exit 3) in one line."""
+    import ray.exceptions
+
+    try:
+        return ds.take_all()
+    except Exception as e:
+        seen, cause = set(), e
+        while cause is not None and id(cause) not in seen:
+            seen.add(id(cause))
+            if isinstance(cause, ray.exceptions.RayActorError):
+                raise RunFailed(f"the {name} pass's engine actor died {job.engine.max_restarts + 1} times "
+                                f"(engine.max_restarts = {job.engine.max_restarts}; the reasons are the 'stepback: "
+                                "fatal engine failure' lines in the log); committed chunks are kept: fix the engine "
+                                "and rerun the same run id") from e
+            cause = cause.__cause__ or cause.__context__
+        raise
+
+
+def init_local_ray(object_store_gib: float | None = None, **kwargs: Any) -> None:
+    """Start a local Ray (no cluster) sized for the pipeline.
+
+    A pass runs two actor pools and a task stage at once, and two passes follow each other. Ray starts at most
+    ``num_workers_soft_limit`` worker processes without delay (by default one per CPU); on a small machine the
+    third process of a pass then waits seconds for a slot. Raising the limit costs nothing (logical CPUs, and so
+    scheduling, stay as they are) and takes seconds off every pass. The workers get :data:`WORKER_ENV`."""
+    import ray
+
+    limit = max(8, 2 * (kwargs.get("num_cpus") or os.cpu_count() or 1))
+    if object_store_gib:
+        kwargs["object_store_memory"] = int(object_store_gib * 2 ** 30)
+    ray.init(include_dashboard=False, logging_level="WARNING", runtime_env={"env_vars": dict(WORKER_ENV)},
+             _system_config={"num_workers_soft_limit": limit}, **kwargs)
+
+
+@contextlib.contextmanager
+def ray_session(job: JobSpec) -> Iterator[None]:
+    """Connect to the job's Ray cluster, or start a local one and shut it down afterwards."""
+    import ray
+
+    started = False
+    if not ray.is_initialized():
+        if job.ray.address or os.environ.get("RAY_ADDRESS"):  # a cluster (Ray Jobs set RAY_ADDRESS)
+            connect_cluster(job.ray.address, include_dashboard=False, log_to_driver=True, logging_level="WARNING")
+        else:
+            init_local_ray(job.ray.object_store_gib)
+        started = True
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = job.ray.progress_bars
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
+# ------------------------------------------------------------------------------------------------ in process
+class InProcess:
+    """The in-process executor of one run: each pass's stages built once, applied chunk by chunk; one engine per
+    engine config for the whole run (the profile and generation passes share it), closed by :meth:`close`."""
+
+    def __init__(self, job: JobSpec, engine: Any = None):
+        """``engine``: one the caller built for ``job.engine`` and keeps (reused across jobs, never closed here)."""
+        self.job = job
+        self._engines: dict[str, Any] = {}
+        self._borrowed: set[str] = set()
+        if engine is not None:
+            key = job.engine.model_dump_json()
+            self._engines[key] = engine
+            self._borrowed.add(key)
+
+    def engine(self, config: EngineConfig):
+        from ..engines import build_engine
+
+        key = config.model_dump_json()
+        if key not in self._engines:
+            self._engines[key] = build_engine(config)
+        return self._engines[key]
+
+    def run(self, spec: PassSpec, chunks: list[dict[str, Any]], at: Any) -> list[dict]:
+        built = []
+        for stage in spec.stages:
+            if stage.kind == "engine":
+                built.append(stage.udf(job=self.job, engine=self.engine(self.job.engine)))
+            elif stage.kind == "cpu":
+                built.append(stage.udf(**_kwargs(self.job, stage, at)))
+            else:
+                kwargs = _kwargs(self.job, stage, at)
+                built.append(lambda batch, _fn=stage.udf, _kw=kwargs: _fn(batch, **_kw))
+        summaries: list[dict] = []
+        for chunk in chunks:
+            block = pa.Table.from_pylist([chunk])
+            for fn in built:
+                block = fn(block)
+            summaries += block.to_pylist()
+        return summaries
+
+    def close(self) -> None:
+        for key, engine in self._engines.items():
+            if key not in self._borrowed:
+                engine.close()
+        self._engines.clear()
+
+
+@contextlib.contextmanager
+def executor(job: JobSpec) -> Iterator["Executor"]:
+    """What runs the job's passes: a Ray session, or the in-process executor (no Ray)."""
+    if job.executor == "in-process":
+        local = InProcess(job)
+        try:
+            yield Executor(job, local)
+        finally:
+            local.close()
+    else:
+        with ray_session(job):
+            yield Executor(job, None)
+
+
+@dataclass
+class Executor:
+    job: JobSpec
+    local: InProcess | None
+
+    @property
+    def on_ray(self) -> bool:
+        return self.local is None
+
+    def run(self, spec: PassSpec, chunks: list[dict[str, Any]], at: Any) -> list[dict]:
+        """Run one pass over ``chunks`` (nothing to do: no summaries)."""
+        if not chunks:
+            return []
+        if self.local is not None:
+            return self.local.run(spec, chunks, at)
+        return run_on_ray(self.job, spec, chunks, at)
