@@ -178,12 +178,16 @@ def test_per_stage_resources_reach_ray_data(tmp_path, monkeypatch):
     assert calls[0][0] is EmbedStage and calls[0][1]["num_cpus"] == 1.0 and len(calls) == 2
 
 
-def test_a_whole_job_in_process_with_no_ray(tmp_path):
-    import ray
+def test_a_whole_job_in_process_with_no_ray(tmp_path, monkeypatch):
+    from stepback_ray.pipeline import runner
 
+    def no_ray(*args, **kwargs):
+        raise AssertionError("the in-process executor touched Ray")
+
+    monkeypatch.setattr(runner, "run_on_ray", no_ray)
+    monkeypatch.setattr(runner, "ray_session", no_ray)
     job = _job(tmp_path, "executor=in-process", "run_id=local")
     result = run_job(job)
-    assert not ray.is_initialized()
     assert result.manifest["counts"]["generation_rows"] == result.manifest["counts"]["expected_generation_rows"] == 30
     assert result.manifest["config"]["executor"] == "in-process"
     again = run_job(_job(tmp_path, "executor=in-process", "run_id=local"))
