@@ -16,16 +16,14 @@ from .. import metrics, profiling, prompting, selection
 from ..config import JobSpec
 from ..data import donors
 from ..data.rows import Query
-from ..engines import Request, SamplingParams, build_engine
+from ..engines import Request, SamplingParams
 from ..engines.formatting import PromptFormatter
-from ..engines.guard import EngineCalls
 from ..retrieval import MemoRetriever, build_retriever
 from ..storage import RunStore
 from ..tasks import get_task
 from .chunks import ProfilesAt, chunk_queries
 from .commit import commit_chunks
-from .profile_pass import close_owned_engine
-from .runner import PassSpec, Stage
+from .runner import EngineStage, PassSpec, Stage
 from .schemas import GENERATION_SCHEMA, PLANNED_GENERATION_SCHEMA, row_key, table
 
 
@@ -136,14 +134,12 @@ class GenerationPlanStage:
         return table(rows, PLANNED_GENERATION_SCHEMA)
 
 
-class GenerationEngineStage:
+class GenerationEngineStage(EngineStage):
     """Engine stage: every prompt of a block in one engine call; then the lead-author merges in a second one."""
 
     def __init__(self, job: JobSpec, engine=None):
-        self.job, self.task = job, get_task(job.task)
-        self.owns_engine = engine is None  # given: the in-process executor's engine, closed by its owner
-        self.engine = engine or build_engine(job.engine)
-        self.generate = EngineCalls(self.engine, job.engine.call_timeout_s, in_actor=self.owns_engine)
+        super().__init__(job, engine)
+        self.task = get_task(job.task)
         g = job.generation
         self.params = SamplingParams(max_new_tokens=job.max_new_tokens, min_new_tokens=g.min_new_tokens,
                                      temperature=g.temperature, top_p=g.top_p, seed=g.seed,
@@ -182,9 +178,6 @@ class GenerationEngineStage:
         for r in rows:
             r.pop("soft_tokens", None)  # served; not an output column
         return pa.Table.from_pylist(rows)
-
-    def __del__(self):  # Ray Data drops the UDF when the actor exits gracefully
-        close_owned_engine(self)
 
     def _sample_candidates(self, rows: list[dict[str, Any]], merged: set[int]) -> None:
         """``candidates - 1`` sampled answers to each row's final prompt (the merge prompt after a lead-merge),

@@ -16,14 +16,12 @@ import pyarrow as pa
 from .. import profiling
 from ..config import JobSpec
 from ..data.rows import UserHistory, status_kind
-from ..engines import build_engine
 from ..engines.formatting import PromptFormatter
-from ..engines.guard import EngineCalls
 from ..storage import RunStore
 from ..tasks import get_task
 from .chunks import ProfilesAt, chunk_users
 from .commit import commit_chunks
-from .runner import PassSpec, Stage
+from .runner import EngineStage, PassSpec, Stage
 from .schemas import PLANNED_PROFILE_SCHEMA, PROFILE_SCHEMA, table, with_chunk_rows
 
 
@@ -106,14 +104,12 @@ class ProfilePlanStage:
         return table(rows, PLANNED_PROFILE_SCHEMA)
 
 
-class ProfileEngineStage:
+class ProfileEngineStage(EngineStage):
     """Engine stage: distills every planned user of a block (notes, parts, merges: one batched call per level)."""
 
     def __init__(self, job: JobSpec, engine=None):
-        self.job, self.task = job, get_task(job.task)
-        self.owns_engine = engine is None  # given: the in-process executor's engine, closed by its owner
-        self.engine = engine or build_engine(job.engine)
-        self.generate = EngineCalls(self.engine, job.engine.call_timeout_s, in_actor=self.owns_engine)
+        super().__init__(job, engine)
+        self.task = get_task(job.task)
         self.distiller = profiling.Distiller(self.task, job.profile, self.engine,
                                              lambda prompts, params: self.generate(prompts, params))
 
@@ -153,16 +149,6 @@ class ProfileEngineStage:
             })
         return table(out, with_chunk_rows(PROFILE_SCHEMA))
 
-
-    def __del__(self):  # Ray Data drops the UDF when the actor exits gracefully
-        close_owned_engine(self)
-
-
-def close_owned_engine(stage: Any) -> None:
-    """Release an engine stage's own engine (model memory, vLLM's workers) once, when the stage goes."""
-    if getattr(stage, "owns_engine", False) and getattr(stage, "engine", None) is not None:
-        engine, stage.engine = stage.engine, None
-        engine.close()
 
 
 def commit_profiles(batch: pa.Table, job: JobSpec, at: ProfilesAt) -> pa.Table:

@@ -49,6 +49,30 @@ class PassSpec:
             raise ValueError(f"pass {self.name!r} must end with a commit stage")
 
 
+class EngineStage:
+    """Base of the engine stages: the engine, built here from the job spec (in an actor), or given (the
+    in-process executor's, closed by its owner); the guarded call (:class:`~stepback_ray.engines.guard.EngineCalls`);
+    and the engine released when the stage goes (Ray Data drops the UDF when its actor exits gracefully)."""
+
+    def __init__(self, job: JobSpec, engine: Any = None):
+        from ..engines import build_engine
+        from ..engines.guard import EngineCalls
+
+        self.job = job
+        self.owns_engine = engine is None
+        self.engine = engine or build_engine(job.engine)
+        self.generate = EngineCalls(self.engine, job.engine.call_timeout_s, in_actor=self.owns_engine)
+
+    def close(self) -> None:
+        """Release the engine this stage built (model memory, vLLM's workers), once."""
+        engine, self.engine = getattr(self, "engine", None), None
+        if engine is not None and getattr(self, "owns_engine", False):
+            engine.close()
+
+    def __del__(self):
+        self.close()
+
+
 def stage_resources(job: JobSpec, stage: Stage) -> StageResources:
     return getattr(job.ray.stages, stage.name)
 
