@@ -22,8 +22,6 @@ from functools import lru_cache
 from typing import Callable, Sequence
 
 import numpy as np
-from rouge_score import rouge_scorer
-from sklearn.metrics import accuracy_score, f1_score, mean_absolute_error, mean_squared_error
 
 from .tasks import TaskSpec
 
@@ -32,7 +30,11 @@ HIGHER_IS_BETTER = {"rouge": True, "accuracy_f1": True, "mae_rmse": False}
 
 
 @lru_cache(maxsize=1)
-def _scorer() -> rouge_scorer.RougeScorer:
+def _scorer():
+    # imported here: rouge_score pulls in nltk (1.5 s), and every Ray worker that imports the pipeline (stage
+    # actors of passes that never score) would pay it at start
+    from rouge_score import rouge_scorer
+
     return rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=False)
 
 
@@ -80,13 +82,18 @@ def aggregate(task: TaskSpec, predictions: Sequence[str | None], golds: Sequence
     if task.metric == "accuracy_f1":
         y_pred = [label_index(task.labels, p) for p in predictions]
         y_true = [label_index(task.labels, g) for g in golds]
-        return {"accuracy": float(accuracy_score(y_true, y_pred)),
-                "f1": float(f1_score(y_true, y_pred, labels=list(range(len(task.labels))), average="macro",
-                                     zero_division=0))}
-    y_pred = [rating_value(p, g) for p, g in zip(predictions, golds)]
-    y_true = [float(g) for g in golds]
-    return {"MAE": float(mean_absolute_error(y_true, y_pred)),
-            "RMSE": float(math.sqrt(mean_squared_error(y_true, y_pred)))}
+        return _accuracy_f1(y_true, y_pred, len(task.labels))
+    err = np.array([rating_value(p, g) for p, g in zip(predictions, golds)]) - np.array([float(g) for g in golds])
+    return {"MAE": float(np.mean(np.abs(err))), "RMSE": float(math.sqrt(np.mean(err ** 2)))}
+
+
+def _accuracy_f1(y_true: list[int], y_pred: list[int], n_labels: int) -> dict[str, float]:
+    """Accuracy and macro F1 over every label (sklearn imported here: a second at start for processes that
+    never score a classification task)."""
+    from sklearn.metrics import accuracy_score, f1_score
+
+    return {"accuracy": float(accuracy_score(y_true, y_pred)),
+            "f1": float(f1_score(y_true, y_pred, labels=list(range(n_labels)), average="macro", zero_division=0))}
 
 
 class MetricAccumulator:
@@ -123,9 +130,7 @@ class MetricAccumulator:
         if self.task.metric == "rouge":
             return {"rouge-1": self.sums["rouge1"] / self.n, "rouge-L": self.sums["rougeL"] / self.n}
         if self.task.metric == "accuracy_f1":
-            return {"accuracy": float(accuracy_score(self.y_true, self.y_pred)),
-                    "f1": float(f1_score(self.y_true, self.y_pred, labels=list(range(len(self.task.labels))),
-                                         average="macro", zero_division=0))}
+            return _accuracy_f1(self.y_true, self.y_pred, len(self.task.labels))
         return {"MAE": self.sums["abs_error"] / self.n, "RMSE": math.sqrt(self.sums["sq_error"] / self.n)}
 
 
