@@ -61,7 +61,8 @@ def test_parquet_user_layout_quarantines_bad_rows_and_generates(ray_local, tmp_p
 def test_a_staging_killed_part_way_is_redone_not_appended_to(ray_local, tmp_path):
     users = lamp5_users(4)
     pq.write_table(pa.Table.from_pylist(users), tmp_path / "users.parquet")
-    job = _job(tmp_path, "parquet", tmp_path / "users.parquet", "user", ["generation.max_new_tokens=8"])
+    job = _job(tmp_path, "parquet", tmp_path / "users.parquet", "user", ["generation.max_new_tokens=8",
+                                                                       "executor=in-process"])  # staging on Ray
     # what a killed staging leaves: the run's spec (written first), a shard file with a copy of a good row, a
     # quarantine file, no _SUCCESS
     from stepback_ray.pipeline import check_resume

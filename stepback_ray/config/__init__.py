@@ -61,7 +61,8 @@ class JobSpec(_Strict):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     executor: Literal["ray", "in-process"] = Field(
         default="ray", description="'in-process': the same passes and stages run one chunk after another in this "
-                                   "process, no Ray (small LaMP jobs, debugging, the fast tests)")
+                                   "process (small jobs, debugging, the fast tests); a dataset input is still "
+                                   "staged by Ray Data first, on a local Ray")
     max_error_fraction: Number = Field(
         default=0.01, ge=0.0, le=1.0, description="a pass whose engine-error rows exceed this share of its rows fails "
                                                   "(exit 3, manifest status failed); a rerun retries exactly those rows")
@@ -79,13 +80,10 @@ class JobSpec(_Strict):
 
     @model_validator(mode="after")
     def _in_process_needs_no_cluster(self) -> "JobSpec":
-        """The in-process executor runs without Ray: no cluster, and no dataset input (Ray Data stages those)."""
-        if self.executor == "in-process":
-            if self.ray.address:
-                raise ValueError("executor 'in-process' runs without Ray: unset ray.address (or use executor: ray)")
-            if self.input.format != "lamp":
-                raise ValueError(f"executor 'in-process' reads LaMP JSON only; a {self.input.format} dataset is "
-                                 "staged by Ray Data (use executor: ray)")
+        """The in-process executor runs the passes in this process: not on a cluster."""
+        if self.executor == "in-process" and self.ray.address:
+            raise ValueError("executor 'in-process' runs the passes in this process: unset ray.address (or use "
+                             "executor: ray)")
         return self
 
     @model_validator(mode="after")

@@ -6,8 +6,8 @@ a tokenizer, a retriever or an encoder), the engine stage is the engine actor po
 engine failure, see :mod:`stepback_ray.engines.guard`), a commit stage is Ray tasks. Every stage maps a whole
 block (``batch_size=None``) to a whole block, so each chunk reaches its commit whole.
 **In process** (``executor: in-process``): the same stages, built once per pass with the same arguments, applied
-to one chunk after another; the engines are built once per run and closed at its end. Small LaMP jobs, debugging
-and the fast tests run this way; the outputs are the same rows.
+to one chunk after another; the engines are built once per run and closed at its end (a dataset input is still
+staged by Ray Data first). Small jobs, debugging and the fast tests run this way; the outputs are the same rows.
 """
 
 from __future__ import annotations
@@ -219,11 +219,13 @@ class InProcess:
 
 @contextlib.contextmanager
 def executor(job: JobSpec) -> Iterator["Executor"]:
-    """What runs the job's passes: a Ray session, or the in-process executor (no Ray)."""
+    """What runs the job's passes: a Ray session, or the in-process executor (no Ray for LaMP JSON; a dataset
+    input is staged by Ray Data, so a local Ray is started for the staging, and its passes run here)."""
     if job.executor == "in-process":
         local = InProcess(job)
         try:
-            yield Executor(job, local)
+            with ray_session(job) if job.input.format != "lamp" else contextlib.nullcontext():
+                yield Executor(job, local)
         finally:
             local.close()
     else:
