@@ -196,7 +196,7 @@ def test_a_whole_job_in_process_with_no_ray(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("change, message", [
-    (["executor=in-process", "ray.address=127.0.0.1:1"], "runs without Ray"),
+    (["executor=in-process", "ray.address=127.0.0.1:1"], "runs the passes in this process"),
     (["ray.stages.embedd.num_cpus=1"], "embedd"),
     (["ray.stages.embed.num_cpus=0"], "num_cpus"),
 ])
