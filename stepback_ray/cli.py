@@ -126,6 +126,24 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_forget(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from .config import storage_config
+    from .errors import InputError
+    from .forget import forget
+
+    ids = list(args.user)
+    if args.users_file:
+        path = Path(args.users_file)
+        if not path.is_file():
+            raise InputError(args.users_file, "no such file (one user id per line)")
+        ids += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    print(json.dumps(forget(args.store, ids, args.runs, storage_config(args.set), undo=args.undo), indent=1))
+    return 0
+
+
 def _cmd_score(args: argparse.Namespace) -> int:
     import json
 
@@ -173,6 +191,16 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--set", action="append", default=[], metavar="storage.KEY=VALUE",
                      help="storage settings for object storage, e.g. --set storage.endpoint_url=...")
     rep.set_defaults(func=_cmd_report)
+    fg = sub.add_parser("forget", help="remove users' profiles, embeddings and outputs everywhere; keep them out")
+    fg.add_argument("--store", required=True, help="the profile store's URI")
+    fg.add_argument("--user", action="append", default=[], metavar="ID", help="a user id (repeatable)")
+    fg.add_argument("--users-file", help="a file of user ids, one per line")
+    fg.add_argument("--runs", action="append", default=[], metavar="URI",
+                    help="a run output to remove their rows from too (repeatable)")
+    fg.add_argument("--undo", action="store_true", help="take the ids off the deny-list (deleted data stays deleted)")
+    fg.add_argument("--set", action="append", default=[], metavar="storage.KEY=VALUE",
+                    help="storage settings for object storage, e.g. --set storage.endpoint_url=...")
+    fg.set_defaults(func=_cmd_forget)
     score = sub.add_parser("score", help="official LaMP metrics of an outputs-format predictions file")
     score.add_argument("pred", help='predictions: {"task": ..., "golds": [{"id", "output"}]}')
     score.add_argument("gold", help="golds in the same format (a LaMP *_outputs.json)")

@@ -126,6 +126,7 @@ class GenerationPlanStage:
                         "merge_json": json.dumps(plan.merge) if plan.merge else None, "truncated": plan.truncated,
                         "notes": plan.all_notes(), "history_items": len(q.history),
                         "select_refs": self._refs(mode, plan, llm_fields),
+                        "context_user_ids": [p.user_id for p in plan.people],
                     })
             if self.plug is not None:
                 chunk_rows = [r for r in rows if r["chunk_id"] == chunk["chunk_id"]]

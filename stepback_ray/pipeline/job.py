@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .. import profile_quality, profiling, prompting
+from .. import forget, profile_quality, profiling, prompting
 from ..config import JobSpec
 from ..data import collect_users, generation_chunks, lead_groups, profile_chunks
 from ..data.datasets import stage_dataset, staged_chunks
@@ -63,36 +63,46 @@ class Work:
     generation_chunks: list[dict[str, Any]]
     counts: dict[str, int]
     expected_queries: int | None
+    deny_token: str | None = None
+    """The store's deny-list as the job read it (:mod:`~stepback_ray.forget`): checked again before the commit."""
 
 
 def prepare_work(job: JobSpec, needs_profiles: bool) -> Work | None:
     """Read (LaMP JSON: in the driver) or stage (datasets: a Ray Data pass) the input into per-shard chunks.
     Outside a Ray session only LaMP JSON is read (None for datasets): bad input then fails before Ray starts."""
+    denied, deny_token = forget.denied_users(job.profile_store.uri, job.storage)
     if job.input.format == "lamp":
         task = get_task(job.task)
         queries = read_lamp(job.input.questions, job.input.outputs, task, job.storage)
+        n_in = len(queries)
+        queries, met, dropped = forget.leave_out(queries, denied)
         groups = lead_groups(queries, job.limit)
         if not groups:
-            raise StepbackError(f"{job.input.questions}: no questions to run")
+            raise StepbackError(f"{job.input.questions}: no questions to run" + (
+                f" ({dropped} asked by forgotten users)" if dropped else ""))
         kept = [q for g in groups for q in g]
         users = collect_users(kept)
         shards = num_shards(job, len(groups))
         with_donors = any(prompting.uses_donor(m) for m in job.modes)
         histories = {u.user_id: u.history for u in users} if with_donors else None
+        counts = {"queries_in": n_in, "queries": len(kept), "users": len(users)}
+        if denied:
+            counts.update(forgotten_users=len(met), forgotten_queries=dropped)
         return Work(shards, profile_chunks(users, shards),
-                    generation_chunks(groups, shards, needs_profiles, with_donors, histories),
-                    {"queries_in": len(queries), "queries": len(kept), "users": len(users)}, len(kept))
+                    generation_chunks(groups, shards, needs_profiles, with_donors, histories), counts, len(kept),
+                    deny_token)
     import ray
 
     if not ray.is_initialized():
         return None
     shards = num_shards(job, None)
-    counts = stage_dataset(job, shards)
+    counts = stage_dataset(job, shards, denied)
     if counts["rows_staged"] == 0:  # e.g. an upstream schema change: nothing to profile, not an empty success
-        raise StepbackError(f"{job.input.path}: no valid records ({counts['rows_quarantined']} quarantined; the "
-                            f"reason for each is in {job.output_uri}/quarantine/)")
+        raise StepbackError(f"{job.input.path}: no valid records ({counts['rows_quarantined']} quarantined"
+                            + (f", {counts['forgotten_rows']} of forgotten users" if counts.get("forgotten_rows")
+                               else "") + f"; the reason for each is in {job.output_uri}/quarantine/)")
     chunks = staged_chunks(job)
-    return Work(shards, chunks, chunks, counts, None)
+    return Work(shards, chunks, chunks, counts, None, deny_token)
 
 
 def profiles_target(job: JobSpec, shards: int, resuming: bool = False) -> tuple[ProfilesAt, StoreVersion | None]:
@@ -129,7 +139,12 @@ def run_user_passes(ex: Executor, job: JobSpec, work: Work, resuming: bool = Fal
         timings["embedding_pass_s"] = round(time.time() - t1, 3)
     if not needs_profiles:
         return at, None, timings
+    # a forget that ran while this job did: its users go out of this version before it is measured and committed
+    late = forget.recheck_before_commit(job.profile_store.uri, job.storage, work.deny_token, sv.version) \
+        if sv is not None else None
     stats = profile_stats(job, at, work, sv)
+    if late is not None and late.rows:
+        stats["forgotten_during_run"] = late.rows
     stats.update(chunks_committed_this_run=len(summaries), wall_s=round(time.time() - t0, 3))
     check_error_budget(job, "profiles", stats["statuses"].get("error", 0), stats["users"],
                        {"profiles": stats["users"], "profiles_by_status": stats["statuses"]})
