@@ -86,13 +86,19 @@ def headroom(run: Path, questions: Path, mode: str = "rag") -> dict:
             "another user's titles + profile": lambda u: PersonalRefs(own(donor[u]), [fields.get(donor[u], "")]),
             "another user's profile": lambda u: PersonalRefs([], [fields.get(donor[u], "")])}
     chosen: dict[str, dict[str, float]] = {k: {} for k in refs}
-    oracle, missed = {}, []
+    oracle, missed, length_corr = {}, [], []
     for r in rows.itertuples():
         cands = list(r.candidates)
+        # the length habit: does a candidate's closeness to the user's median title length predict its score?
+        median = float(np.median([len(it["title"].split()) for it in hist_of[r.user_id]] or [0]))
+        closeness = np.array([-abs(len(c.split()) - median) for c in cands])
+        got = np.array([rouge(c, r.gold)[0] for c in cands])
+        if closeness.std() > 0 and got.std() > 0:
+            length_corr.append(float(np.corrcoef(closeness, got)[0, 1]))
         for name, make in refs.items():
             s = scores(task, cands, make(r.user_id))
             chosen[name][r.query_id] = rouge(cands[int(np.argmax(s))], r.gold)[0]
-        oracle[r.query_id] = max(rouge(c, r.gold)[0] for c in cands)
+        oracle[r.query_id] = float(got.max())
         gold, out = words(r.gold), words(r.output)
         miss = gold - out
         past = set().union(*[words(it["title"]) for it in hist_of[r.user_id]]) if hist_of[r.user_id] else set()
@@ -112,7 +118,8 @@ def headroom(run: Path, questions: Path, mode: str = "rag") -> dict:
     return {"run": str(run), "mode": mode, "queries": len(rows), "candidates": int(rows["candidates"].map(len).max()),
             "missed_words": miss_mean, "selection_rouge1": means, "greedy_rouge1": round(float(np.mean(
                 list(greedy.values()))), 4), "oracle_rouge1": round(float(np.mean(list(oracle.values()))), 4),
-            "differences": diffs}
+            "differences": diffs, "length_habit_correlation": round(float(np.mean(length_corr)), 4),
+            "length_habit_queries": len(length_corr)}
 
 
 def to_markdown(res: dict, command: str) -> str:
@@ -134,7 +141,9 @@ def to_markdown(res: dict, command: str) -> str:
     lines += [f"| {k} | {v:.4f} |" for k, v in res["selection_rouge1"].items()]
     lines += ["", "| paired difference (ROUGE-1) | mean [95 % CI] |", "|---|---|"]
     lines += [f"| {k} | {d['mean']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}] |" for k, d in res["differences"].items()]
-    lines += ["", end]
+    lines += ["", f"Length habit: within a query, a candidate's closeness to the user's median past title length against "
+              f"its ROUGE-1, mean Pearson r {res['length_habit_correlation']:+.3f} over {res['length_habit_queries']} "
+              "queries whose candidates differ.", "", end]
     return "\n".join(lines)
 
 
