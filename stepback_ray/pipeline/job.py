@@ -98,7 +98,7 @@ def prepare_work(job: JobSpec, needs_profiles: bool) -> Work | None:
 def profiles_target(job: JobSpec, shards: int, resuming: bool = False) -> tuple[ProfilesAt, StoreVersion | None]:
     if job.profile_store.uri:
         sv = open_version(job, shards, resuming)
-        return ProfilesAt(job.profile_store.uri, sv.profiles_dir, sv.previous_profiles_dir, sv.full), sv
+        return ProfilesAt(job.profile_store.uri, sv.profiles_dir, sv.previous_profiles_dir, sv.full, sv.version), sv
     return ProfilesAt(job.output_uri, "profiles"), None
 
 
@@ -244,7 +244,7 @@ def _run_job(job: JobSpec, store: RunStore, work: Work | None, needs_profiles: b
                    "generation_rows_by_status": gen_counts["generation_rows_by_status"]},
         "chunks_committed_this_run": {"profiles": profile_stats["chunks_committed_this_run"] if profile_stats else 0,
                                       "generations": len(gen_summaries)},
-        "profiles": {"uri": at.uri, "folder": at.folder} if at else None,
+        "profiles": {"uri": at.uri, "folder": at.folder, "version": at.version} if at else None,
         "files": {"generations": store.list("generations", ".parquet"),
                   "predictions": [f"predictions/{m}.json" for m in job.modes], "metrics": "metrics.json"},
         "timings": timings,
@@ -269,7 +269,7 @@ def run_profile_job(job: JobSpec) -> RunResult:
         failed_manifest(job, store, t_start, resumed, e)
         raise
     manifest = {**manifest_head(job, t_start, resumed, "ok"), "counts": {**work.counts, "shards": work.shards},
-                "profiles": {"uri": at.uri, "folder": at.folder, **stats},
+                "profiles": {"uri": at.uri, "folder": at.folder, "version": at.version, **stats},
                 "timings": {"total_s": round(time.time() - t_start, 3)}}
     store.write_json("manifest.json", manifest)
     return RunResult(job.output_uri, {"profiles": stats}, manifest)
