@@ -246,8 +246,8 @@ class StoreGateConfig(_Strict):
     min_identifiability_top1: Share | None = Field(
         default=None, description="top-1 identifiability of the profiles (profile_quality, measured on every pass)")
     max_changed_without_history_change: Share | None = Field(
-        default=None, description="share of the users with the same history as in the previous version (and an ok "
-                                  "profile there) whose profile text changed anyway")
+        default=None, description="share of the users with the same history as in the previous version (and a "
+                                  "profile there, not an error) whose profile text changed anyway")
 
     @property
     def enabled(self) -> bool:

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .. import profile_quality, profiling, prompting
+from .. import profile_quality, profiling, prompting, store_gate
 from ..config import JobSpec
 from ..data import collect_users, generation_chunks, lead_groups, profile_chunks
 from ..data.datasets import stage_dataset, staged_chunks
@@ -135,8 +135,12 @@ def run_user_passes(ex: Executor, job: JobSpec, work: Work, resuming: bool = Fal
                        {"profiles": stats["users"], "profiles_by_status": stats["statuses"]})
     if sv is not None:
         stats.update(store_uri=job.profile_store.uri, version=sv.version, previous=sv.previous, full_rebuild=sv.full)
-        commit_version(sv, job, work.shards, {**stats, "run_id": job.run_id, "config": job.public_dict(),
-                                              "files": RunStore(at.uri, job.storage).list(at.folder, ".parquet")})
+        gate = store_gate.evaluate_gate(job, sv, stats)
+        if gate is not None:
+            stats["gate"] = gate
+        stats["retention"] = commit_version(sv, job, work.shards, {
+            **stats, "run_id": job.run_id, "config": job.public_dict(),
+            "files": RunStore(at.uri, job.storage).list(at.folder, ".parquet")})
     return at, stats, timings
 
 
