@@ -7,8 +7,8 @@ threshold optional; none set: no gate):
 - ``min_identifiability_top1``: the top-1 identifiability that :mod:`~stepback_ray.profile_quality` measures on
   every pass (a model or prompt change that makes profiles generic shows here first);
 - ``max_changed_without_history_change``: of the users present in the previous version with a profile (not an
-  ``error`` row: a failed profile is retried, and changes by design) and the same history (the same set of ``history_ids``), the share whose profile text changed. Carried-over
-  users never change, so this is the share of profiles rewritten for no new evidence: a settings or model change,
+  ``error`` row: a failed profile is retried, and changes by design) and the same history (the same set of
+  ``history_ids``), the share whose profile text changed. Carried-over users never change, so this is the share of profiles rewritten for no new evidence: a settings or model change,
   or a periodic full rebuild redoing incremental profiles. An item edited in place under the same id counts as
   the same history. The first version (nothing to compare with), or one where no user kept their history,
   passes this check.

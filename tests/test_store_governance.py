@@ -170,6 +170,11 @@ def test_a_failing_gate_keeps_the_live_version_exits_non_zero_and_promote_serves
     assert current["version"] == n2 and current["promoted_from"] == n1 and current["users"] == 20
     assert main(["promote", "--store", str(store), "--version", "n1"]) == 0  # and back, by run id
     assert f"moved from {n2} to {n1}" in capsys.readouterr().out
+    # once another night has committed on top, the refused night is not resumed (nor its profiles served)
+    assert main(["profile", _write_spec(tmp_path, "n3")]) == 0
+    capsys.readouterr()
+    assert main(["profile", _write_spec(tmp_path, "n2", gated)]) == 2
+    assert "was refused by the quality gate and the store has moved on" in capsys.readouterr().err
 
 
 def test_a_passing_gate_commits_normally(tmp_path):
@@ -188,7 +193,8 @@ def test_a_passing_gate_commits_normally(tmp_path):
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("profile_store.gate.min_ok_share", "1.5", "profile_store.gate.min_ok_share: Input should be less than or equal to 1"),
+    ("profile_store.gate.min_ok_share", "1.5",
+     "profile_store.gate.min_ok_share: Input should be less than or equal to 1"),
     ("profile_store.gate.min_identifiability_top1", "-0.1", "greater than or equal to 0"),
     ("profile_store.gate.max_changed_without_history_change", "true", "expected a number, got a boolean"),
     ("profile_store.gate.min_lift", "0.01", "profile_store.gate.min_lift: unknown key"),

@@ -38,8 +38,8 @@ and the step-back profile. ``pplug-random``: the input with another user's soft 
 
 __all__ = ["DEFAULT_MODEL", "EngineConfig", "GenerationConfig", "InputConfig", "Int", "JobSpec", "Mode",
            "MultiAuthorConfig", "Number", "PPlugConfig", "ProfileConfig", "ProfileStoreConfig", "RayConfig",
-           "RetrievalConfig", "SPEED_ONLY_KEYS", "StageResources", "StagesConfig", "StorageConfig", "StoreGateConfig",
-           "VLLMOptions",
+           "RetrievalConfig", "SPEED_ONLY_KEYS", "StageResources", "StagesConfig", "StorageConfig",
+           "StoreGateConfig", "VLLMOptions",
            "load_job", "parse_overrides", "storage_config", "without_keys"]
 
 

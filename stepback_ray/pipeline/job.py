@@ -117,7 +117,7 @@ def run_user_passes(ex: Executor, job: JobSpec, work: Work, resuming: bool = Fal
         at, sv = profiles_target(job, work.shards, resuming)
     t0 = time.time()
     if sv is not None and sv.committed is not None:
-        stats = {k: v for k, v in sv.committed.items() if k not in ("run_id", "config", "files")}
+        stats = {k: v for k, v in sv.committed.items() if k not in ("run_id", "config", "files", "pointer")}
         return at, {**stats, "chunks_committed_this_run": 0, "wall_s": round(time.time() - t0, 3)}, {}
     timings: dict[str, float] = {}
     summaries = ex.run(PROFILE_PASS, pending(at.uri, at.folder, job, work.profile_chunks), at) \
