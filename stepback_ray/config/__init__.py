@@ -27,7 +27,7 @@ from ..modes import MODE_NAMES, mode_spec
 from ..tasks import TASK_ALIASES, TASKS
 from .sections import (DEFAULT_MODEL, EngineConfig, GenerationConfig, InputConfig, Int, MultiAuthorConfig, Number,
                        PPlugConfig, ProfileConfig, ProfileStoreConfig, RayConfig, RetrievalConfig, StageResources,
-                       StagesConfig, StorageConfig, VLLMOptions, _Strict)
+                       StagesConfig, StorageConfig, StoreGateConfig, VLLMOptions, _Strict)
 
 Mode = Literal[MODE_NAMES]
 """Generation modes, declared in :mod:`stepback_ray.modes`. ``none``: input only. ``rag``: retrieved history items.
@@ -38,7 +38,8 @@ and the step-back profile. ``pplug-random``: the input with another user's soft 
 
 __all__ = ["DEFAULT_MODEL", "EngineConfig", "GenerationConfig", "InputConfig", "Int", "JobSpec", "Mode",
            "MultiAuthorConfig", "Number", "PPlugConfig", "ProfileConfig", "ProfileStoreConfig", "RayConfig",
-           "RetrievalConfig", "SPEED_ONLY_KEYS", "StageResources", "StagesConfig", "StorageConfig", "VLLMOptions",
+           "RetrievalConfig", "SPEED_ONLY_KEYS", "StageResources", "StagesConfig", "StorageConfig",
+           "StoreGateConfig", "VLLMOptions",
            "load_job", "parse_overrides", "storage_config", "without_keys"]
 
 
@@ -182,7 +183,7 @@ SPEED_ONLY_KEYS = (
     "engine.vllm.chunked_prefill", "engine.vllm.prefix_caching",
     "ray.address", "ray.engine_actors", "ray.engine_actor_cpus", "ray.engine_actor_gpus", "ray.accelerator_type",
     "ray.engine_tasks_in_flight", "ray.cpu_stage_actors", "ray.stages", "ray.object_store_gib", "ray.progress_bars",
-    "executor",
+    "executor", "profile_store.keep_versions",
     "storage.retries", "storage.key", "storage.secret", "storage.aws_profile", "storage.shared_filesystem",
 )
 """Spec keys that change only speed, capacity, fault injection or access, never a result: a run resumed after an

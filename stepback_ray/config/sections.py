@@ -22,6 +22,8 @@ Int = Annotated[int, Strict()]
 ``5.0`` or ``"5"`` an integer."""
 Number = Annotated[float, BeforeValidator(_not_a_boolean)]
 """A number (an integer is one too), never a boolean."""
+Share = Annotated[float, BeforeValidator(_not_a_boolean), Field(ge=0.0, le=1.0)]
+"""A share between 0 and 1 (a number, never a boolean)."""
 
 
 class _Strict(BaseModel):
@@ -235,6 +237,23 @@ class StorageConfig(_Strict):
                                                                "filesystem every node mounts (NFS, Lustre)")
 
 
+class StoreGateConfig(_Strict):
+    """Checks a new profile store version must pass before ``CURRENT.json`` moves to it (see
+    :mod:`stepback_ray.store_gate`). Every threshold is optional; none set: no gate. A version that fails is kept,
+    its manifest records the figures, the run exits 4 and the previous version stays current."""
+
+    min_ok_share: Share | None = Field(default=None, description="share of the version's profiles with status ok")
+    min_identifiability_top1: Share | None = Field(
+        default=None, description="top-1 identifiability of the profiles (profile_quality, measured on every pass)")
+    max_changed_without_history_change: Share | None = Field(
+        default=None, description="share of the users with the same history as in the previous version (and a "
+                                  "profile there, not an error) whose profile text changed anyway")
+
+    @property
+    def enabled(self) -> bool:
+        return any(v is not None for v in self.model_dump().values())
+
+
 class ProfileStoreConfig(_Strict):
     """A profile store kept across runs (see :mod:`stepback_ray.profile_store`). Without one, a run profiles
     every user and keeps the profiles in its own output."""
@@ -242,6 +261,10 @@ class ProfileStoreConfig(_Strict):
     uri: str | None = None
     incremental: bool = Field(default=True, description="grown histories: old profile + new items -> new profile")
     full_rebuild_every: Int = Field(default=7, ge=1, description="every N-th run recomputes every profile")
+    keep_versions: Int = Field(default=14, ge=1, description="after each commit, finished versions beyond the newest "
+                                                             "N are deleted (never the current one, nor one a run "
+                                                             "in progress builds on)")
+    gate: StoreGateConfig = Field(default_factory=StoreGateConfig)
 
 
 class PPlugConfig(_Strict):

@@ -80,9 +80,21 @@ class GenerationPlanStage:
             for cid in chunk_ids:
                 rel = f"{self.at.folder}/chunk-{cid}.parquet"
                 if self.store.exists(rel):
-                    table = self.store.read_table(rel, columns=["user_id", "profile_text", "profile_json", "status"])
+                    table = self.store.read_table(rel, columns=["user_id", "profile_text", "profile_json", "status",
+                                                                "fingerprint"])
                     out.update({r["user_id"]: r for r in table.to_pylist()})
         return out
+
+    def _lineage(self, mode: str, plan: prompting.GenerationPlan,
+                 profiles: dict[str, dict[str, Any]]) -> dict[str, str | None]:
+        """Which profile the row's prompt used: the store version and the profile row's fingerprint, of the lead
+        persona (the lead author, or their donor under the controls); nulls when the mode shows no profile."""
+        if not prompting.mode_uses(mode)[0]:
+            return {"profile_version": None, "profile_fingerprint": None}
+        lead = plan.people[0] if plan.people else None
+        used = profiles.get(lead.user_id, {}) if lead is not None and lead.profile_text else {}
+        return {"profile_version": self.at.version if self.at else None,
+                "profile_fingerprint": used.get("fingerprint")}
 
     def _refs(self, mode: str, plan: prompting.GenerationPlan, llm_fields: dict[str, str]) -> list[list[str]] | None:
         """What candidates are compared with beside each other (profile modes, several candidates): the past
@@ -127,6 +139,7 @@ class GenerationPlanStage:
                         "notes": plan.all_notes(), "history_items": len(q.history),
                         "select_refs": self._refs(mode, plan, llm_fields),
                         "context_user_ids": [p.user_id for p in plan.people],
+                        **self._lineage(mode, plan, profiles),
                     })
             if self.plug is not None:
                 chunk_rows = [r for r in rows if r["chunk_id"] == chunk["chunk_id"]]

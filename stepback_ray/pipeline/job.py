@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .. import forget, profile_quality, profiling, prompting
+from .. import forget, profile_quality, profiling, prompting, store_gate
 from ..config import JobSpec
 from ..data import collect_users, generation_chunks, lead_groups, profile_chunks
 from ..data.datasets import stage_dataset, staged_chunks
@@ -108,7 +108,7 @@ def prepare_work(job: JobSpec, needs_profiles: bool) -> Work | None:
 def profiles_target(job: JobSpec, shards: int, resuming: bool = False) -> tuple[ProfilesAt, StoreVersion | None]:
     if job.profile_store.uri:
         sv = open_version(job, shards, resuming)
-        return ProfilesAt(job.profile_store.uri, sv.profiles_dir, sv.previous_profiles_dir, sv.full), sv
+        return ProfilesAt(job.profile_store.uri, sv.profiles_dir, sv.previous_profiles_dir, sv.full, sv.version), sv
     return ProfilesAt(job.output_uri, "profiles"), None
 
 
@@ -127,7 +127,7 @@ def run_user_passes(ex: Executor, job: JobSpec, work: Work, resuming: bool = Fal
         at, sv = profiles_target(job, work.shards, resuming)
     t0 = time.time()
     if sv is not None and sv.committed is not None:
-        stats = {k: v for k, v in sv.committed.items() if k not in ("run_id", "config", "files")}
+        stats = {k: v for k, v in sv.committed.items() if k not in ("run_id", "config", "files", "pointer")}
         return at, {**stats, "chunks_committed_this_run": 0, "wall_s": round(time.time() - t0, 3)}, {}
     timings: dict[str, float] = {}
     summaries = ex.run(PROFILE_PASS, pending(at.uri, at.folder, job, work.profile_chunks), at) \
@@ -150,8 +150,12 @@ def run_user_passes(ex: Executor, job: JobSpec, work: Work, resuming: bool = Fal
                        {"profiles": stats["users"], "profiles_by_status": stats["statuses"]})
     if sv is not None:
         stats.update(store_uri=job.profile_store.uri, version=sv.version, previous=sv.previous, full_rebuild=sv.full)
-        commit_version(sv, job, work.shards, {**stats, "run_id": job.run_id, "config": job.public_dict(),
-                                              "files": RunStore(at.uri, job.storage).list(at.folder, ".parquet")})
+        gate = store_gate.evaluate_gate(job, sv, stats)
+        if gate is not None:
+            stats["gate"] = gate
+        stats["retention"] = commit_version(sv, job, work.shards, {
+            **stats, "run_id": job.run_id, "config": job.public_dict(),
+            "files": RunStore(at.uri, job.storage).list(at.folder, ".parquet")})
     return at, stats, timings
 
 
@@ -259,7 +263,7 @@ def _run_job(job: JobSpec, store: RunStore, work: Work | None, needs_profiles: b
                    "generation_rows_by_status": gen_counts["generation_rows_by_status"]},
         "chunks_committed_this_run": {"profiles": profile_stats["chunks_committed_this_run"] if profile_stats else 0,
                                       "generations": len(gen_summaries)},
-        "profiles": {"uri": at.uri, "folder": at.folder} if at else None,
+        "profiles": {"uri": at.uri, "folder": at.folder, "version": at.version} if at else None,
         "files": {"generations": store.list("generations", ".parquet"),
                   "predictions": [f"predictions/{m}.json" for m in job.modes], "metrics": "metrics.json"},
         "timings": timings,
@@ -284,7 +288,7 @@ def run_profile_job(job: JobSpec) -> RunResult:
         failed_manifest(job, store, t_start, resumed, e)
         raise
     manifest = {**manifest_head(job, t_start, resumed, "ok"), "counts": {**work.counts, "shards": work.shards},
-                "profiles": {"uri": at.uri, "folder": at.folder, **stats},
+                "profiles": {"uri": at.uri, "folder": at.folder, "version": at.version, **stats},
                 "timings": {"total_s": round(time.time() - t_start, 3)}}
     store.write_json("manifest.json", manifest)
     return RunResult(job.output_uri, {"profiles": stats}, manifest)
