@@ -232,6 +232,7 @@ def scrub_run(uri: str, ids: set[str], storage: StorageConfig) -> Scrubbed:
     seed = (spec.get("generation") or {}).get("seed", 0)
     out = Scrubbed()
     out.add(scrub_tree(run, "generations", ids, "generations", seed))
+    out.add(scrub_tree(run, "_gate_sample/generations", ids, "gate_sample", seed))  # the quality gate's sample
     out.add(scrub_tree(run, "profiles", ids, "profiles"))
     out.add(scrub_tree(run, "embeddings", ids, "embeddings"))
     out.add(scrub_tree(run, "_staged", ids, "staged_input"))

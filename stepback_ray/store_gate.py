@@ -6,6 +6,9 @@ threshold optional; none set: no gate):
 - ``min_ok_share``: profiles with status ``ok`` (not ``error``, ``partial``, ...) over all of the version's;
 - ``min_identifiability_top1``: the top-1 identifiability that :mod:`~stepback_ray.profile_quality` measures on
   every pass (a model or prompt change that makes profiles generic shows here first);
+- ``min_lift``: ``profile+rag`` minus ``random-profile`` (mean score) on a fixed sample of ``lift_users`` users
+  with golds, generated against the new version (:mod:`~stepback_ray.pipeline.gate_sample`): the profiles still
+  carry the person, not only the prompt format;
 - ``max_changed_without_history_change``: of the users present in the previous version with a profile (not an
   ``error`` row: a failed profile is retried, and changes by design) and the same history (the same set of
   ``history_ids``), the share whose profile text changed. Carried-over users never change, so this is the share of profiles rewritten for no new evidence: a settings or model change,
@@ -98,6 +101,12 @@ def evaluate_gate(job: JobSpec, sv: StoreVersion, stats: dict[str, Any]) -> dict
                   "no user kept the same history")
         checks.append(_check("max_changed_without_history_change", changed / eligible if eligible else None,
                              gate.max_changed_without_history_change, False, detail, unmeasured_passes=True))
+    if gate.min_lift is not None:
+        lift = stats.get("gate_sample") or {}
+        detail = (f"profile+rag {lift['profile+rag']} - random-profile {lift['random-profile']} over {lift['users']} "
+                  f"sample users, 95 % interval [{lift['lo']:+g}, {lift['hi']:+g}]" if lift.get("mean") is not None
+                  else lift.get("detail", "not measured"))
+        checks.append(_check("min_lift", lift.get("mean"), gate.min_lift, True, detail))
     return {"passed": all(c["passed"] for c in checks), "checks": checks}
 
 

@@ -192,12 +192,41 @@ def test_a_passing_gate_commits_normally(tmp_path):
     assert checks["min_identifiability_top1"]["value"] == stats["quality"]["identifiability"]["top1"]
 
 
+def test_the_lift_gate_scores_a_fixed_sample_against_the_new_version(tmp_path):
+    """min_lift: profile+rag against random-profile on the same sampled users every night, generated from the
+    version being committed; a version below the limit stays uncommitted (exit 4 at the CLI)."""
+    from stepback_ray.pipeline import run_profile_job
+    from stepback_ray.store_gate import GateFailed
+
+    lift = ["profile_store.gate.lift_users=8"]
+    first = run_profile_job(_lamp_job(tmp_path, "n1", extra=[*lift, "profile_store.gate.min_lift=-1"]))
+    stats = first.metrics["profiles"]
+    sample = stats["gate_sample"]
+    assert sample["users"] == 8 and -1 <= sample["mean"] <= 1 and sample["lo"] <= sample["mean"] <= sample["hi"]
+    check = next(c for c in stats["gate"]["checks"] if c["check"] == "min_lift")
+    assert check["passed"] and check["value"] == sample["mean"] and "over 8 sample users" in check["detail"]
+    rows = pd.read_parquet(tmp_path / "runs" / "n1" / "_gate_sample" / "generations")
+    assert sorted(rows["mode"].unique()) == ["profile+rag", "random-profile"] and len(rows) == 16
+    assert (rows["profile_version"] == stats["version"]).all()  # the version under the gate, before it is live
+    live = (tmp_path / "store" / "CURRENT.json").read_bytes()
+    with pytest.raises(GateFailed, match="min_lift: .*needs >= 1 .*over 8 sample users"):
+        run_profile_job(_lamp_job(tmp_path, "n2", extra=[*lift, "profile_store.gate.min_lift=1"]))
+    assert (tmp_path / "store" / "CURRENT.json").read_bytes() == live
+    again = pd.read_parquet(tmp_path / "runs" / "n2" / "_gate_sample" / "generations")
+    assert set(again["query_id"]) == set(rows["query_id"])  # the same people, night after night
+    with pytest.raises(Exception, match="min_lift scores a sample against golds: set input.outputs"):
+        load_job(None, ["profile_store.gate.min_lift=0"], data={
+            "name": "x", "task": "LaMP_5", "input": {"questions": "q.json"}, "profile_store": {"uri": "s"}})
+
+
 @pytest.mark.parametrize("key, value, message", [
     ("profile_store.gate.min_ok_share", "1.5",
      "profile_store.gate.min_ok_share: Input should be less than or equal to 1"),
     ("profile_store.gate.min_identifiability_top1", "-0.1", "greater than or equal to 0"),
     ("profile_store.gate.max_changed_without_history_change", "true", "expected a number, got a boolean"),
-    ("profile_store.gate.min_lift", "0.01", "profile_store.gate.min_lift: unknown key"),
+    ("profile_store.gate.min_lift", "0.01", "min_lift gates a profile store version: set profile_store.uri"),
+    ("profile_store.gate.min_lift", "2", "profile_store.gate.min_lift: Input should be less than or equal to 1"),
+    ("profile_store.gate.lift_users", "1", "profile_store.gate.lift_users: Input should be greater than or equal"),
     ("profile_store.keep_versions", "0", "profile_store.keep_versions: Input should be greater than or equal to 1"),
     ("profile_store.keep_versions", "2.5", "profile_store.keep_versions"),
 ])

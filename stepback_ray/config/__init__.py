@@ -116,6 +116,19 @@ class JobSpec(_Strict):
         return v
 
     @model_validator(mode="after")
+    def _lift_gate_needs_golds_and_a_store(self) -> "JobSpec":
+        """The gate's lift check scores a sample against golds, before a store version is committed."""
+        if self.profile_store.gate.min_lift is None:
+            return self
+        if not self.profile_store.uri:
+            raise ValueError("profile_store.gate.min_lift gates a profile store version: set profile_store.uri")
+        if self.input.format == "lamp" and not self.input.outputs:
+            raise ValueError("profile_store.gate.min_lift scores a sample against golds: set input.outputs")
+        if self.input.format != "lamp" and self.input.layout == "item":
+            raise ValueError("profile_store.gate.min_lift needs queries with golds: input.layout 'item' has none")
+        return self
+
+    @model_validator(mode="after")
     def _pplug_needs_a_checkpoint(self) -> "JobSpec":
         if any(mode_spec(m).plug for m in self.modes) and not self.pplug.checkpoint:
             raise ValueError("modes pplug / pplug+profile / pplug-random need pplug.checkpoint (train one with "

@@ -248,10 +248,14 @@ class StoreGateConfig(_Strict):
     max_changed_without_history_change: Share | None = Field(
         default=None, description="share of the users with the same history as in the previous version (and a "
                                   "profile there, not an error) whose profile text changed anyway")
+    min_lift: Number | None = Field(
+        default=None, ge=-1.0, le=1.0, description="mean score of profile+rag minus random-profile on a fixed sample "
+                                                   "of users with golds (needs golds; costs a small generation pass)")
+    lift_users: Int = Field(default=50, ge=2, description="users in the min_lift sample (one gold query each)")
 
     @property
     def enabled(self) -> bool:
-        return any(v is not None for v in self.model_dump().values())
+        return any(v is not None for k, v in self.model_dump().items() if k != "lift_users")
 
 
 class ProfileStoreConfig(_Strict):

@@ -27,6 +27,7 @@ from ..tasks import get_task
 from .chunks import ProfilesAt, chunk_users
 from .commit import pending
 from .embed_pass import EMBED_PASS
+from .gate_sample import measure_lift
 from .generation_pass import GENERATION_PASS
 from .manifest import check_error_budget, check_resume, failed_manifest, manifest_head, summarize
 from .profile_pass import PROFILE_PASS
@@ -150,6 +151,10 @@ def run_user_passes(ex: Executor, job: JobSpec, work: Work, resuming: bool = Fal
                        {"profiles": stats["users"], "profiles_by_status": stats["statuses"]})
     if sv is not None:
         stats.update(store_uri=job.profile_store.uri, version=sv.version, previous=sv.previous, full_rebuild=sv.full)
+        if job.profile_store.gate.min_lift is not None:
+            t1 = time.time()
+            stats["gate_sample"] = measure_lift(ex, job, work.generation_chunks, work.shards, at)
+            timings["gate_sample_s"] = round(time.time() - t1, 3)
         gate = store_gate.evaluate_gate(job, sv, stats)
         if gate is not None:
             stats["gate"] = gate
