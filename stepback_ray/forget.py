@@ -141,7 +141,10 @@ def scrub_file(store: RunStore, rel: str, ids: set[str], kind: str, seed: int | 
     """Rewrite one Parquet file without the rows of ``ids`` (not touched when it holds none). An emptied file is
     kept, with its schema and no rows: readers that expect one file per shard still find it."""
     out = Scrubbed()
-    probe = _read_columns(store, rel, ["user_id", "user_ids", "context_user_ids", "mode", "query_id"])
+    try:
+        probe = _read_columns(store, rel, ["user_id", "user_ids", "context_user_ids", "mode", "query_id"])
+    except FileNotFoundError:  # deleted since the listing (retention removed its version): nothing left to scrub
+        return out
     if probe is None:
         return out
     value_set = pa.array(sorted(ids), pa.string())
