@@ -81,6 +81,8 @@ class EngineConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     batch_size: Int = Field(default=16, gt=0, le=4096)
+    prefix_order: bool = Field(default=True, description="send each engine call's prompts sorted so that those "
+                                                         "sharing a prefix are adjacent (for the prefix cache)")
     max_batch_tokens: Int = Field(default=8192, gt=0, description="transformers engine: padded tokens per batch")
     threads: Int = Field(default=0, ge=0, description="torch intra-op threads; 0 = every core of the node")
     max_model_len: Int | None = Field(default=None, gt=0, description="context length; default: the model's")

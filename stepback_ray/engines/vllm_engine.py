@@ -99,7 +99,8 @@ class VLLMEngine(FormattedEngine):
                 c = o.outputs[0]
                 reason = "length" if c.finish_reason == "length" else "stop"
                 results[i] = Completion(c.text, lengths[i], sum(len(x.token_ids) for x in o.outputs), reason, share,
-                                        samples=[x.text for x in o.outputs] if params.n > 1 else [])
+                                        samples=[x.text for x in o.outputs] if params.n > 1 else [],
+                                        cached_tokens=int(getattr(o, "num_cached_tokens", 0) or 0))
         return [r for r in results if r is not None]
 
     def close(self) -> None:

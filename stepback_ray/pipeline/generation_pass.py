@@ -171,6 +171,7 @@ class GenerationEngineStage(EngineStage):
             comps = per_row.get(i, [])
             r.update(prompt=r["prompts"][-1] if r["prompts"] else None, proposals=[c.text for c in comps],
                      llm_calls=len(comps), prompt_tokens=sum(c.prompt_tokens for c in comps),
+                     cached_prompt_tokens=sum(c.cached_tokens for c in comps),
                      completion_tokens=sum(c.completion_tokens for c in comps),
                      engine_seconds=sum(c.seconds for c in comps),
                      engine_error="; ".join(c.error for c in comps if c.error) or None,
@@ -185,6 +186,7 @@ class GenerationEngineStage(EngineStage):
             for (r, prompt), c in zip(merges, self.generate([m[1] for m in merges], self.params)):
                 r.update(prompt=prompt, raw_output=c.text, finish_reason=c.finish_reason, llm_calls=r["llm_calls"] + 1,
                          prompt_tokens=r["prompt_tokens"] + c.prompt_tokens,
+                         cached_prompt_tokens=r["cached_prompt_tokens"] + c.cached_tokens,
                          completion_tokens=r["completion_tokens"] + c.completion_tokens,
                          engine_seconds=r["engine_seconds"] + c.seconds, engine_error=c.error)
         if self.job.generation.candidates > 1:
@@ -206,6 +208,7 @@ class GenerationEngineStage(EngineStage):
         for r, c in zip(todo, done):
             r.update(candidates=[r["raw_output"], *(c.samples or [c.text])] if not c.error else [r["raw_output"]],
                      llm_calls=r["llm_calls"] + 1, prompt_tokens=r["prompt_tokens"] + c.prompt_tokens,
+                     cached_prompt_tokens=r["cached_prompt_tokens"] + c.cached_tokens,
                      completion_tokens=r["completion_tokens"] + c.completion_tokens,
                      engine_seconds=r["engine_seconds"] + c.seconds)
             if c.error:

@@ -168,15 +168,18 @@ def profile_stats(job: JobSpec, at: ProfilesAt, work: Work, sv: StoreVersion | N
     """Counts, tokens, statuses and origins over the committed profiles, and their model-free quality."""
     store = RunStore(at.uri, job.storage)
     origins = {"new": 0, "recomputed": 0, "incremental": 0, "carried": 0}
-    sums = {"users": 0, "llm_calls": 0, "map_reduced_users": 0, "prompt_tokens": 0, "completion_tokens": 0}
+    sums = {"users": 0, "llm_calls": 0, "map_reduced_users": 0, "prompt_tokens": 0, "cached_prompt_tokens": 0,
+            "completion_tokens": 0}
     secs, statuses = 0.0, {}
-    for r in store.scan(at.folder, ["status", "prompt_tokens", "completion_tokens", "engine_seconds", "llm_calls",
-                                    "parts", "origin"]):
+    for r in store.scan(at.folder, ["status", "prompt_tokens", "cached_prompt_tokens", "completion_tokens",
+                                    "engine_seconds", "llm_calls",
+                                    "parts", "origin"], optional=("cached_prompt_tokens",)):
         origins[r["origin"]] = origins.get(r["origin"], 0) + 1
         sums["users"] += 1
         sums["llm_calls"] += r["llm_calls"]
         sums["map_reduced_users"] += int(r["parts"] > 1)
         sums["prompt_tokens"] += r["prompt_tokens"]
+        sums["cached_prompt_tokens"] += r["cached_prompt_tokens"] or 0
         sums["completion_tokens"] += r["completion_tokens"]
         secs += r["engine_seconds"]
         key = status_kind(r["status"])

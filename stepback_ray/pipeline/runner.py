@@ -57,11 +57,14 @@ class EngineStage:
     def __init__(self, job: JobSpec, engine: Any = None):
         from ..engines import build_engine
         from ..engines.guard import EngineCalls
+        from ..engines.prefix import PrefixOrdered
 
         self.job = job
         self.owns_engine = engine is None
         self.engine = engine or build_engine(job.engine)
         self.generate = EngineCalls(self.engine, job.engine.call_timeout_s, in_actor=self.owns_engine)
+        if job.engine.prefix_order:  # prompts that share a prefix sent side by side (the prefix cache reuses it)
+            self.generate = PrefixOrdered(self.generate)
 
     def close(self) -> None:
         """Release the engine this stage built (model memory, vLLM's workers), once."""

@@ -21,7 +21,7 @@ PROFILE_SCHEMA = pa.schema([
     ("partials_json", _S), ("style_notes_json", _S), ("prompt", _S), ("raw_output", _S), ("llm_calls", _I),
     ("prompt_tokens", _I), ("completion_tokens", _I), ("engine_seconds", _F), ("fingerprint", _S), ("model", _S),
     ("prompt_version", _S), ("notes", _LS), ("origin", _S), ("history_ids", _LS), ("run_id", _S), ("exact", _B),
-    ("recent_items", _LS), ("committed_at", _F),
+    ("recent_items", _LS), ("committed_at", _F), ("cached_prompt_tokens", _I),
 ])
 """A committed profile (``profiles/chunk-<id>.parquet``, or a profile store version)."""
 
@@ -36,7 +36,7 @@ GENERATION_SCHEMA = pa.schema([
     ("rougeL", _F), ("abs_error", _F), ("prompt_tokens", _I), ("completion_tokens", _I), ("engine_seconds", _F),
     ("llm_calls", _I), ("finish_reason", _S), ("truncated", _B), ("status", _S), ("notes", _LS),
     ("history_items", _I), ("candidates", _LS), ("committed_at", _F), ("profile_version", _S),
-    ("profile_fingerprint", _S), ("context_user_ids", _LS),
+    ("profile_fingerprint", _S), ("context_user_ids", _LS), ("cached_prompt_tokens", _I),
 ])
 """A committed generation row (``generations/chunk-<id>.parquet``): one per query and mode. Lineage:
 ``profile_version`` is the profile store version the row's profile came from (null: the profiles are in the run's
