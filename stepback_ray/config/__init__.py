@@ -164,8 +164,12 @@ class JobSpec(_Strict):
         return self.output.format(name=self.name, run_id=self.run_id)
 
     def results_dict(self) -> dict[str, Any]:
-        """The spec without the keys of :data:`SPEED_ONLY_KEYS`: what a resumed run must match."""
-        return without_keys(self.public_dict(), SPEED_ONLY_KEYS)
+        """The spec without the keys of :data:`SPEED_ONLY_KEYS`: what a resumed run must match. The ``openai``
+        engine's section only where that engine runs (a run recorded before the section existed still resumes)."""
+        data = without_keys(self.public_dict(), SPEED_ONLY_KEYS)
+        if self.engine.kind != "openai":
+            data["engine"].pop("openai", None)
+        return data
 
     def public_dict(self) -> dict[str, Any]:
         """The spec as plain data with secrets removed: what goes into manifests and logs."""
