@@ -97,7 +97,8 @@ class FakeOpenAI:
         choices = [{"index": i, "text": text + (f" #{i}" if i else ""), "finish_reason": "stop"} for i in range(n)]
         return {"id": "cmpl-1", "object": "text_completion", "model": body["model"], "choices": choices,
                 "usage": {"prompt_tokens": 1000 + len(body["prompt"]), "completion_tokens": 7 * n,
-                          "total_tokens": 1000 + len(body["prompt"]) + 7 * n}}
+                          "total_tokens": 1000 + len(body["prompt"]) + 7 * n,
+                          "prompt_tokens_details": {"cached_tokens": 64}}}
 
     def close(self):
         self.server.shutdown()
@@ -125,6 +126,7 @@ def test_completions_carry_the_rendered_prompt_usage_counts_and_the_key(fake, mo
     out = eng.generate([PROMPT, "plain text prompt"], SamplingParams(max_new_tokens=9, stop=("\n",)))
     assert [c.text for c in out] == [f"answer {len(eng.render(PROMPT))}", "answer 17"]
     assert [c.prompt_tokens for c in out] == [1000 + len(eng.render(PROMPT)), 1017]  # the server's usage
+    assert [c.cached_tokens for c in out] == [64, 64]  # its prefix-cache hits, where it reports them
     assert all(c.completion_tokens == 7 and c.finish_reason == "stop" and c.error is None for c in out)
     body = fake.requests[0]
     assert body["prompt"] == eng.render(PROMPT) and body["model"] == "served-smol"

@@ -258,9 +258,10 @@ class OpenAIEngine(FormattedEngine):
         usage = answer.get("usage") or {}
         first = choices[0]
         reason = "length" if first.get("finish_reason") == "length" else "stop"
+        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")  # servers that report it
         return Completion(texts[0], int(usage.get("prompt_tokens") or n_prompt),
                           int(usage.get("completion_tokens") or 0), reason, share,
-                          samples=texts if params.n > 1 else [])
+                          samples=texts if params.n > 1 else [], cached_tokens=int(cached or 0))
 
     def close(self) -> None:
         pass
