@@ -9,12 +9,14 @@ users with several queries each: a LaMP_5 fixture built from lamp5_arxiv dev use
 papers become queries (title to write from the abstract, the title as gold) and whose older papers are the
 history. The same job runs, in one process, one after another:
 
-- ``vllm``: the vllm engine with prefix caching and the prompts of each engine call sorted so that those sharing a
-  prefix are adjacent (``engine.prefix_order``, the default);
-- ``vllm, call order``: the same without the sorting (rows' order: query by query, mode by mode);
-- ``vllm, no cache``: prefix caching off (every prompt token computed);
-- ``dry-run``: the dry-run engine's model of the cache (what ``stepback plan`` reports), on the sorted prompts;
-- ``... 8 candidates``: with ``generation.candidates: 8`` (the quality benchmark's setting), whose sampled call
+- ``vllm``: the vllm engine with prefix caching (vLLM's block: 128 tokens on CPU, 16 on GPUs) and the prompts of
+  each engine call sorted so that those sharing a prefix are adjacent (``engine.prefix_order``, the default);
+- ``vllm-block-32``: the same with 32-token blocks (``engine.vllm.block_size``; the cache shares whole blocks);
+- ``vllm-block-32-call-order``: without the sorting (rows' order: query by query, mode by mode);
+- ``vllm-no-cache``: prefix caching off (every prompt token computed);
+- ``dry-run``, ``dry-run-block-32``: the dry-run engine's model of the cache (what ``stepback plan`` reports; 16
+  tokens by default, as on GPUs);
+- ``...-8-candidates``: with ``generation.candidates: 8`` (the quality benchmark's setting), whose sampled call
   sends each prompt a second time.
 
 For each: prompt tokens sent, served from the cache (vLLM's ``num_cached_tokens`` per request), computed, the
@@ -43,11 +45,13 @@ SECTION = "bench_prefix"
 MODES = ["profile", "profile+rag", "random-profile"]
 RUNS = {
     "vllm": ["engine.kind=vllm"],
-    "vllm, call order": ["engine.kind=vllm", "engine.prefix_order=false"],
-    "vllm, no cache": ["engine.kind=vllm", "engine.vllm.prefix_caching=false"],
+    "vllm-block-32": ["engine.kind=vllm", "engine.vllm.block_size=32"],
+    "vllm-block-32-call-order": ["engine.kind=vllm", "engine.vllm.block_size=32", "engine.prefix_order=false"],
+    "vllm-no-cache": ["engine.kind=vllm", "engine.vllm.prefix_caching=false"],
+    "dry-run-block-32": ["engine.kind=dry-run", "engine.vllm.block_size=32"],
     "dry-run": ["engine.kind=dry-run"],
-    "vllm, 8 candidates": ["engine.kind=vllm", "generation.candidates=8"],
-    "dry-run, 8 candidates": ["engine.kind=dry-run", "generation.candidates=8"],
+    "vllm-block-32-8-candidates": ["engine.kind=vllm", "engine.vllm.block_size=32", "generation.candidates=8"],
+    "dry-run-block-32-8-candidates": ["engine.kind=dry-run", "engine.vllm.block_size=32", "generation.candidates=8"],
 }
 
 

@@ -200,7 +200,7 @@ SPEED_ONLY_KEYS = (
     "engine.call_timeout_s", "engine.max_restarts", "engine.dry_run_tokens_per_s", "engine.dry_run_fail_marker", "engine.dry_run_fatal_after",
     "engine.dry_run_hang_after", "engine.dry_run_fault_log", "engine.vllm.gpu_memory_utilization", "engine.vllm.max_num_seqs",
     "engine.vllm.cpu_kv_cache_gb", "engine.vllm.cpu_threads_bind", "engine.vllm.enforce_eager",
-    "engine.vllm.chunked_prefill", "engine.vllm.prefix_caching",
+    "engine.vllm.chunked_prefill", "engine.vllm.prefix_caching", "engine.vllm.block_size",
     "engine.openai.api_key_env", "engine.openai.max_concurrency", "engine.openai.request_timeout_s",
     "engine.openai.connect_timeout_s", "engine.openai.max_retries", "engine.openai.backoff_base_s",
     "engine.openai.backoff_max_s",

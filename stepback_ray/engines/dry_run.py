@@ -17,7 +17,7 @@ import time
 from ..config import EngineConfig
 from .base import Completion, Prompt, Request, SamplingParams, split_requests
 from .formatting import FormattedEngine
-from .prefix import PrefixCacheModel
+from .prefix import BLOCK, PrefixCacheModel
 
 _WORDS = ("data", "model", "learning", "system", "method", "network", "analysis", "language", "vision", "graph")
 
@@ -29,7 +29,7 @@ class DryRunEngine(FormattedEngine):
         self._init_prompt_tools(config)
         self.calls = 0
         """generate calls so far (the fault drills' dead and hung engines start after the N-th)."""
-        self.cache = PrefixCacheModel()
+        self.cache = PrefixCacheModel(config.vllm.block_size or BLOCK)
         """The prefix cache a real engine would keep across this engine's calls: what it would not compute."""
 
     def _answer(self, prefilled_json: bool, target: int) -> str:

@@ -53,6 +53,8 @@ class VLLMEngine(FormattedEngine):
                       enable_prompt_embeds=opts.enable_prompt_embeds, load_format=config.load_format)
         if not on_cpu:
             kwargs["gpu_memory_utilization"] = opts.gpu_memory_utilization
+        if opts.block_size:
+            kwargs["block_size"] = opts.block_size
         if opts.tensor_parallel_size > 1:
             kwargs["distributed_executor_backend"] = "ray"  # workers go into the actor's placement group
         self._vllm = vllm
