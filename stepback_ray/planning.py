@@ -15,6 +15,7 @@ import tempfile
 from typing import Any
 
 from .config import JobSpec
+from .engines.prefix import summary
 from .pipeline import run_job, run_profile_job
 
 
@@ -38,11 +39,14 @@ def plan_job(job: JobSpec, tokens_per_s: float, profile_only: bool = False) -> d
     passes = {}
     if prof:
         passes["profile"] = {"users": prof["users"], "llm_calls": prof["llm_calls"],
-                             "prompt_tokens": prof["prompt_tokens"], "output_tokens": prof["completion_tokens"]}
+                             "prompt_tokens": prof["prompt_tokens"], "cached_prompt_tokens": prof["cached_prompt_tokens"],
+                             "output_tokens": prof["completion_tokens"]}
     for mode, m in modes.items():
         passes[f"generate:{mode}"] = {"queries": m["queries"], "prompt_tokens": m["prompt_tokens"],
+                                      "cached_prompt_tokens": m["cached_prompt_tokens"],
                                       "output_tokens": m["completion_tokens"]}
     prompt = sum(p["prompt_tokens"] for p in passes.values())
+    cached = sum(p["cached_prompt_tokens"] for p in passes.values())
     output = sum(p["output_tokens"] for p in passes.values())
     counts = result.manifest["counts"]
     return {
@@ -50,5 +54,9 @@ def plan_job(job: JobSpec, tokens_per_s: float, profile_only: bool = False) -> d
         "queries": counts.get("queries"), "passes": passes, "prompt_tokens": prompt,
         "expected_output_tokens": output, "tokens_per_s": tokens_per_s,
         "gpu_hours": round((prompt + output) / tokens_per_s / 3600, 4),
-        "note": f"output tokens assume answers of {job.engine.dry_run_output_fraction:.0%} of max_new_tokens",
+        "prefix_cache": {**summary(prompt, cached), "gpu_hours": round((prompt - cached + output) / tokens_per_s / 3600,
+                                                                        4)},
+        "note": f"output tokens assume answers of {job.engine.dry_run_output_fraction:.0%} of max_new_tokens; "
+                "prefix_cache: the prompt tokens a prefix cache (vLLM's, engine.vllm.prefix_caching) would serve "
+                "instead of computing, modelled on the prompts in the order the engine gets them (no eviction)",
     }

@@ -21,6 +21,7 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
+from . import store_gate, store_retention
 from .config import JobSpec
 from .errors import RunFailed, StepbackError
 from .storage import PointerMoved, RunStore
@@ -82,6 +83,10 @@ def open_version(job: JobSpec, shards: int, resuming: bool = False) -> StoreVers
         if root.exists(f"{version}/manifest.json"):
             manifest = root.read_json(f"{version}/manifest.json")
             committed = current_version == version or current_version != manifest.get("previous")
+            if committed and current_version != version and (manifest.get("gate") or {}).get("passed") is False:
+                raise StepbackError(f"{cfg.uri}: run {job.run_id}'s version {version} was refused by the quality "
+                                    f"gate and the store has moved on to {current_version}; use a new run_id (or "
+                                    "`stepback promote` the version)")
             if committed and resuming:
                 return StoreVersion(root, version, manifest.get("previous"), bool(manifest.get("full_rebuild")),
                                     runs_since_full=0, previous_users=0, committed=manifest)
@@ -114,19 +119,29 @@ def _versions(root: RunStore) -> list[str]:
     return out
 
 
-def commit_version(sv: StoreVersion, job: JobSpec, shards: int, manifest: dict[str, Any]) -> None:
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def commit_version(sv: StoreVersion, job: JobSpec, shards: int, manifest: dict[str, Any]) -> dict[str, Any]:
     """Write the version's manifest, then point ``CURRENT.json`` at it (the commit point): a compare-and-swap
     against the pointer this run built on, so of two jobs that started from one version only the first commits;
-    the other fails, naming the version that beat it, and leaves its own version uncommitted."""
+    the other fails, naming the version that beat it, and leaves its own version uncommitted. A version whose
+    ``manifest["gate"]`` failed is left uncommitted (:mod:`~stepback_ray.store_gate`). The manifest keeps the
+    pointer (what ``stepback promote`` writes) and when it was written (the commit order retention goes by).
+    Returns what :func:`~stepback_ray.store_retention.apply_retention` deleted after the commit."""
+    pointer = {"version": sv.version, "run_id": job.run_id, "num_shards": shards, "users": manifest["users"],
+               "runs_since_full": sv.runs_since_full, "full_rebuild": sv.full, "model": job.engine.model}
+    manifest = {**manifest, "pointer": pointer,
+                "finished_at": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")}
     sv.root.write_json(f"{sv.version}/manifest.json", manifest)
+    store_gate.refuse_failed(job, sv, manifest)
     try:
-        sv.root.swap_json("CURRENT.json", {
-            "version": sv.version, "run_id": job.run_id, "num_shards": shards, "users": manifest["users"],
-            "runs_since_full": sv.runs_since_full, "full_rebuild": sv.full, "model": job.engine.model,
-            "committed": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}, sv.base_token)
+        sv.root.swap_json("CURRENT.json", {**pointer, "committed": _now()}, sv.base_token)
     except PointerMoved:
         now = sv.root.read_json("CURRENT.json") if sv.root.exists("CURRENT.json") else {}
         raise RunFailed(f"{job.profile_store.uri}: another job committed {now.get('version')} (run "
                         f"{now.get('run_id')}) while this run built on {sv.previous or 'an empty store'}; "
                         f"{sv.version} is left uncommitted: rerun with a new run_id to build on the new version"
                         ) from None
+    return store_retention.apply_retention(sv.root, job.profile_store.keep_versions)

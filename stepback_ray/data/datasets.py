@@ -35,6 +35,8 @@ from ..tasks import TaskSpec, get_task
 from .rows import Query, UserHistory, shard_of, user_id_problem
 
 MAX_ITEM_CHARS = 100_000
+FORGOTTEN_DIR = "_forgotten"
+"""Counts of the rows left out because their user is forgotten (ids and counts only)."""
 QUARANTINE_SCHEMA = pa.schema([("reason", pa.string()), ("record", pa.string()), ("source", pa.string())])
 STAGED_SCHEMA = pa.schema([("shard", pa.int32()), ("user_id", pa.string()), ("record", pa.string()),
                            ("query_ids", pa.list_(pa.string())), ("source", pa.string()), ("line", pa.int64()),
@@ -131,9 +133,12 @@ class ValidateAndShard:
     dataset) still get a file each: quarantine counts reconcile exactly. Only two byte-identical input batches
     would share a file."""
 
-    def __init__(self, job: JobSpec, shards: int):
+    def __init__(self, job: JobSpec, shards: int, denied: list[str] | None = None):
         self.job, self.task, self.shards = job, get_task(job.task), shards
         self.store = RunStore(job.output_uri, job.storage)
+        self.denied = frozenset(denied or ())
+        """Users forgotten in the profile store: not staged (neither kept nor quarantined: their records are
+        exactly what must not be written), only counted, in ``_forgotten/``."""
 
     def _records(self, batch: pa.Table) -> list[tuple[Any, str, int, str | None]]:
         """(record or None, source file, line (JSON Lines; 0 for Parquet), parse error) per input row."""
@@ -157,7 +162,7 @@ class ValidateAndShard:
         return out
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        good, bad = [], []
+        good, bad, forgotten = [], [], []
         for rec, source, line, error in self._records(batch):
             if error is None:
                 try:
@@ -165,6 +170,9 @@ class ValidateAndShard:
                 except BadRecord as e:
                     error = str(e)
                 else:
+                    if clean["user_id"] in self.denied:
+                        forgotten.append(clean["user_id"])
+                        continue
                     text = json.dumps(clean)
                     good.append({"shard": shard_of(clean["user_id"], self.shards), "user_id": clean["user_id"],
                                  "record": text, "query_ids": [q["query_id"] for q in clean.get("queries", [])],
@@ -176,6 +184,9 @@ class ValidateAndShard:
         if bad:
             table = pa.Table.from_pylist(bad, schema=QUARANTINE_SCHEMA)
             self.store.write_table(f"quarantine/part-{_batch_digest(batch)}.parquet", table)
+        if forgotten:
+            self.store.write_json(f"{FORGOTTEN_DIR}/part-{_batch_digest(batch)}.json",
+                                  {"rows": len(forgotten), "users": sorted(set(forgotten))})
         return pa.Table.from_pylist(good, schema=STAGED_SCHEMA)
 
 
@@ -192,8 +203,9 @@ def _batch_digest(batch: pa.Table) -> str:
     return hashlib.sha1(sink.getvalue()).hexdigest()[:16]
 
 
-def stage_dataset(job: JobSpec, shards: int) -> dict[str, int]:
-    """Validate and shard the job's dataset into ``<run>/_staged/``; return row counts (in, good, quarantined).
+def stage_dataset(job: JobSpec, shards: int, denied: frozenset[str] = frozenset()) -> dict[str, int]:
+    """Validate and shard the job's dataset into ``<run>/_staged/``; return row counts (in, good, quarantined,
+    and, with ``denied`` users (forgotten in the profile store), the rows and users left out for that).
     A rerun of the same run finds the staging done (``_staged/_SUCCESS``) and reuses it; one that finds it
     unfinished stages again from scratch."""
     import ray.data
@@ -207,6 +219,7 @@ def stage_dataset(job: JobSpec, shards: int) -> dict[str, int]:
         # rerun would stage those rows twice
         store.remove("_staged")
         store.remove("quarantine")
+        store.remove(FORGOTTEN_DIR)
         src_fs, src_path = filesystem_for(job.input.path, job.storage)
         pa_src = PyFileSystem(FSSpecHandler(src_fs))
         # (a worker that reads or writes a whole input file keeps part of that peak afterwards, even with the system
@@ -217,7 +230,8 @@ def stage_dataset(job: JobSpec, shards: int) -> dict[str, int]:
             ds = ray.data.read_parquet(src_path, filesystem=pa_src)
         else:
             ds = ray.data.read_binary_files(src_path, filesystem=pa_src, include_paths=True)
-        ds = ds.map_batches(ValidateAndShard, fn_constructor_kwargs={"job": job, "shards": shards},
+        ds = ds.map_batches(ValidateAndShard, fn_constructor_kwargs={"job": job, "shards": shards,
+                                                                     "denied": sorted(denied)},
                             batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25)
         out_fs = PyFileSystem(FSSpecHandler(store.fs))
         ds.write_parquet(store.path("_staged"), filesystem=out_fs, partition_cols=["shard"])
@@ -225,7 +239,12 @@ def stage_dataset(job: JobSpec, shards: int) -> dict[str, int]:
         store.write_bytes("_staged/_SUCCESS", b"")
     good = sum(_rows(store, p) for p in _staged_files(store))
     bad = sum(_rows(store, p) for p in store.list("quarantine", ".parquet"))
-    return {"rows_in": good + bad, "rows_staged": good, "rows_quarantined": bad}
+    gone = [store.read_json(p) for p in store.list(FORGOTTEN_DIR, ".json")]
+    counts = {"rows_in": good + bad + sum(g["rows"] for g in gone), "rows_staged": good, "rows_quarantined": bad}
+    if denied or gone:
+        counts.update(forgotten_rows=sum(g["rows"] for g in gone),
+                      forgotten_users=len({u for g in gone for u in g["users"]}))
+    return counts
 
 
 def _staged_files(store: RunStore) -> list[str]:

@@ -20,6 +20,10 @@ def build_engine(config: EngineConfig) -> Engine:
         from .vllm_engine import VLLMEngine
 
         return VLLMEngine(config)
+    if config.kind == "openai":
+        from .openai_engine import OpenAIEngine
+
+        return OpenAIEngine(config)
     raise ValueError(f"unknown engine kind {config.kind!r}")
 
 

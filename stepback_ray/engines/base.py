@@ -62,6 +62,8 @@ class Completion:
     error: str | None = None
     samples: list[str] = field(default_factory=list)
     """With ``n`` above 1: every completion's text (``text`` is the first); the token count covers them all."""
+    cached_tokens: int = 0
+    """Of ``prompt_tokens``, those the engine's prefix cache served instead of computing (:mod:`.prefix`)."""
 
 
 @runtime_checkable

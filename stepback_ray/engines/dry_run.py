@@ -17,6 +17,7 @@ import time
 from ..config import EngineConfig
 from .base import Completion, Prompt, Request, SamplingParams, split_requests
 from .formatting import FormattedEngine
+from .prefix import BLOCK, PrefixCacheModel
 
 _WORDS = ("data", "model", "learning", "system", "method", "network", "analysis", "language", "vision", "graph")
 
@@ -28,6 +29,8 @@ class DryRunEngine(FormattedEngine):
         self._init_prompt_tools(config)
         self.calls = 0
         """generate calls so far (the fault drills' dead and hung engines start after the N-th)."""
+        self.cache = PrefixCacheModel(config.vllm.block_size or BLOCK)
+        """The prefix cache a real engine would keep across this engine's calls: what it would not compute."""
 
     def _answer(self, prefilled_json: bool, target: int) -> str:
         words = [_WORDS[i % len(_WORDS)] for i in range(max(1, target))]
@@ -45,7 +48,8 @@ class DryRunEngine(FormattedEngine):
         out = []
         marker = self.config.dry_run_fail_marker
         texts = [self.render(p) for p in prompts]
-        counts = [len(ids) for ids in self.formatter.encode_many(texts)]
+        token_ids = self.formatter.encode_many(texts)
+        counts = [len(ids) for ids in token_ids]
         answers: dict[bool, tuple[str, int]] = {}
         for k, text in enumerate(texts):
             if marker and marker in text:
@@ -62,8 +66,9 @@ class DryRunEngine(FormattedEngine):
                 ids = self.formatter.encode(self._answer(prefilled, target))[: params.max_new_tokens]
                 answers[prefilled] = (self.tokenizer.decode(ids), len(ids))
             answer, n_answer = answers[prefilled]
+            cached = self.cache.cached(token_ids[k]) if soft is None else 0
             out.append(Completion(answer, n_prompt, n_answer * params.n, "stop", 0.0,
-                                  samples=[answer] * params.n if params.n > 1 else []))
+                                  samples=[answer] * params.n if params.n > 1 else [], cached_tokens=cached))
         tps = self.config.dry_run_tokens_per_s
         if tps:
             busy = sum(c.prompt_tokens + c.completion_tokens for c in out) / tps - (time.perf_counter() - t0)

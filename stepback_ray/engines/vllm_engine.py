@@ -53,6 +53,8 @@ class VLLMEngine(FormattedEngine):
                       enable_prompt_embeds=opts.enable_prompt_embeds, load_format=config.load_format)
         if not on_cpu:
             kwargs["gpu_memory_utilization"] = opts.gpu_memory_utilization
+        if opts.block_size:
+            kwargs["block_size"] = opts.block_size
         if opts.tensor_parallel_size > 1:
             kwargs["distributed_executor_backend"] = "ray"  # workers go into the actor's placement group
         self._vllm = vllm
@@ -99,7 +101,8 @@ class VLLMEngine(FormattedEngine):
                 c = o.outputs[0]
                 reason = "length" if c.finish_reason == "length" else "stop"
                 results[i] = Completion(c.text, lengths[i], sum(len(x.token_ids) for x in o.outputs), reason, share,
-                                        samples=[x.text for x in o.outputs] if params.n > 1 else [])
+                                        samples=[x.text for x in o.outputs] if params.n > 1 else [],
+                                        cached_tokens=int(getattr(o, "num_cached_tokens", 0) or 0))
         return [r for r in results if r is not None]
 
     def close(self) -> None:

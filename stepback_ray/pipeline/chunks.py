@@ -26,6 +26,9 @@ class ProfilesAt:
     """Folder (same root) of the store version to carry unchanged users over from."""
     full: bool = True
     """Recompute every user whose fingerprint changed from scratch (no incremental update)."""
+    version: str | None = None
+    """The profile store version these profiles are (its folder, ``versions/date=.../run=...``); None: the run's
+    own output. Generation rows record it (lineage)."""
 
     @property
     def embeddings(self) -> str:

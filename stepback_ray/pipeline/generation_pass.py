@@ -80,9 +80,21 @@ class GenerationPlanStage:
             for cid in chunk_ids:
                 rel = f"{self.at.folder}/chunk-{cid}.parquet"
                 if self.store.exists(rel):
-                    table = self.store.read_table(rel, columns=["user_id", "profile_text", "profile_json", "status"])
+                    table = self.store.read_table(rel, columns=["user_id", "profile_text", "profile_json", "status",
+                                                                "fingerprint"])
                     out.update({r["user_id"]: r for r in table.to_pylist()})
         return out
+
+    def _lineage(self, mode: str, plan: prompting.GenerationPlan,
+                 profiles: dict[str, dict[str, Any]]) -> dict[str, str | None]:
+        """Which profile the row's prompt used: the store version and the profile row's fingerprint, of the lead
+        persona (the lead author, or their donor under the controls); nulls when the mode shows no profile."""
+        if not prompting.mode_uses(mode)[0]:
+            return {"profile_version": None, "profile_fingerprint": None}
+        lead = plan.people[0] if plan.people else None
+        used = profiles.get(lead.user_id, {}) if lead is not None and lead.profile_text else {}
+        return {"profile_version": self.at.version if self.at else None,
+                "profile_fingerprint": used.get("fingerprint")}
 
     def _refs(self, mode: str, plan: prompting.GenerationPlan, llm_fields: dict[str, str]) -> list[list[str]] | None:
         """What candidates are compared with beside each other (profile modes, several candidates): the past
@@ -126,6 +138,8 @@ class GenerationPlanStage:
                         "merge_json": json.dumps(plan.merge) if plan.merge else None, "truncated": plan.truncated,
                         "notes": plan.all_notes(), "history_items": len(q.history),
                         "select_refs": self._refs(mode, plan, llm_fields),
+                        "context_user_ids": [p.user_id for p in plan.people],
+                        **self._lineage(mode, plan, profiles),
                     })
             if self.plug is not None:
                 chunk_rows = [r for r in rows if r["chunk_id"] == chunk["chunk_id"]]
@@ -157,6 +171,7 @@ class GenerationEngineStage(EngineStage):
             comps = per_row.get(i, [])
             r.update(prompt=r["prompts"][-1] if r["prompts"] else None, proposals=[c.text for c in comps],
                      llm_calls=len(comps), prompt_tokens=sum(c.prompt_tokens for c in comps),
+                     cached_prompt_tokens=sum(c.cached_tokens for c in comps),
                      completion_tokens=sum(c.completion_tokens for c in comps),
                      engine_seconds=sum(c.seconds for c in comps),
                      engine_error="; ".join(c.error for c in comps if c.error) or None,
@@ -171,6 +186,7 @@ class GenerationEngineStage(EngineStage):
             for (r, prompt), c in zip(merges, self.generate([m[1] for m in merges], self.params)):
                 r.update(prompt=prompt, raw_output=c.text, finish_reason=c.finish_reason, llm_calls=r["llm_calls"] + 1,
                          prompt_tokens=r["prompt_tokens"] + c.prompt_tokens,
+                         cached_prompt_tokens=r["cached_prompt_tokens"] + c.cached_tokens,
                          completion_tokens=r["completion_tokens"] + c.completion_tokens,
                          engine_seconds=r["engine_seconds"] + c.seconds, engine_error=c.error)
         if self.job.generation.candidates > 1:
@@ -192,6 +208,7 @@ class GenerationEngineStage(EngineStage):
         for r, c in zip(todo, done):
             r.update(candidates=[r["raw_output"], *(c.samples or [c.text])] if not c.error else [r["raw_output"]],
                      llm_calls=r["llm_calls"] + 1, prompt_tokens=r["prompt_tokens"] + c.prompt_tokens,
+                     cached_prompt_tokens=r["cached_prompt_tokens"] + c.cached_tokens,
                      completion_tokens=r["completion_tokens"] + c.completion_tokens,
                      engine_seconds=r["engine_seconds"] + c.seconds)
             if c.error:

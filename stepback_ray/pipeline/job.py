@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .. import profile_quality, profiling, prompting
+from .. import forget, profile_quality, profiling, prompting, store_gate
 from ..config import JobSpec
 from ..data import collect_users, generation_chunks, lead_groups, profile_chunks
 from ..data.datasets import stage_dataset, staged_chunks
@@ -27,6 +27,7 @@ from ..tasks import get_task
 from .chunks import ProfilesAt, chunk_users
 from .commit import pending
 from .embed_pass import EMBED_PASS
+from .gate_sample import measure_lift
 from .generation_pass import GENERATION_PASS
 from .manifest import check_error_budget, check_resume, failed_manifest, manifest_head, summarize
 from .profile_pass import PROFILE_PASS
@@ -63,42 +64,52 @@ class Work:
     generation_chunks: list[dict[str, Any]]
     counts: dict[str, int]
     expected_queries: int | None
+    deny_token: str | None = None
+    """The store's deny-list as the job read it (:mod:`~stepback_ray.forget`): checked again before the commit."""
 
 
 def prepare_work(job: JobSpec, needs_profiles: bool) -> Work | None:
     """Read (LaMP JSON: in the driver) or stage (datasets: a Ray Data pass) the input into per-shard chunks.
     Outside a Ray session only LaMP JSON is read (None for datasets): bad input then fails before Ray starts."""
+    denied, deny_token = forget.denied_users(job.profile_store.uri, job.storage)
     if job.input.format == "lamp":
         task = get_task(job.task)
         queries = read_lamp(job.input.questions, job.input.outputs, task, job.storage)
+        n_in = len(queries)
+        queries, met, dropped = forget.leave_out(queries, denied)
         groups = lead_groups(queries, job.limit)
         if not groups:
-            raise StepbackError(f"{job.input.questions}: no questions to run")
+            raise StepbackError(f"{job.input.questions}: no questions to run" + (
+                f" ({dropped} asked by forgotten users)" if dropped else ""))
         kept = [q for g in groups for q in g]
         users = collect_users(kept)
         shards = num_shards(job, len(groups))
         with_donors = any(prompting.uses_donor(m) for m in job.modes)
         histories = {u.user_id: u.history for u in users} if with_donors else None
+        counts = {"queries_in": n_in, "queries": len(kept), "users": len(users)}
+        if denied:
+            counts.update(forgotten_users=len(met), forgotten_queries=dropped)
         return Work(shards, profile_chunks(users, shards),
-                    generation_chunks(groups, shards, needs_profiles, with_donors, histories),
-                    {"queries_in": len(queries), "queries": len(kept), "users": len(users)}, len(kept))
+                    generation_chunks(groups, shards, needs_profiles, with_donors, histories), counts, len(kept),
+                    deny_token)
     import ray
 
     if not ray.is_initialized():
         return None
     shards = num_shards(job, None)
-    counts = stage_dataset(job, shards)
+    counts = stage_dataset(job, shards, denied)
     if counts["rows_staged"] == 0:  # e.g. an upstream schema change: nothing to profile, not an empty success
-        raise StepbackError(f"{job.input.path}: no valid records ({counts['rows_quarantined']} quarantined; the "
-                            f"reason for each is in {job.output_uri}/quarantine/)")
+        raise StepbackError(f"{job.input.path}: no valid records ({counts['rows_quarantined']} quarantined"
+                            + (f", {counts['forgotten_rows']} of forgotten users" if counts.get("forgotten_rows")
+                               else "") + f"; the reason for each is in {job.output_uri}/quarantine/)")
     chunks = staged_chunks(job)
-    return Work(shards, chunks, chunks, counts, None)
+    return Work(shards, chunks, chunks, counts, None, deny_token)
 
 
 def profiles_target(job: JobSpec, shards: int, resuming: bool = False) -> tuple[ProfilesAt, StoreVersion | None]:
     if job.profile_store.uri:
         sv = open_version(job, shards, resuming)
-        return ProfilesAt(job.profile_store.uri, sv.profiles_dir, sv.previous_profiles_dir, sv.full), sv
+        return ProfilesAt(job.profile_store.uri, sv.profiles_dir, sv.previous_profiles_dir, sv.full, sv.version), sv
     return ProfilesAt(job.output_uri, "profiles"), None
 
 
@@ -117,7 +128,7 @@ def run_user_passes(ex: Executor, job: JobSpec, work: Work, resuming: bool = Fal
         at, sv = profiles_target(job, work.shards, resuming)
     t0 = time.time()
     if sv is not None and sv.committed is not None:
-        stats = {k: v for k, v in sv.committed.items() if k not in ("run_id", "config", "files")}
+        stats = {k: v for k, v in sv.committed.items() if k not in ("run_id", "config", "files", "pointer")}
         return at, {**stats, "chunks_committed_this_run": 0, "wall_s": round(time.time() - t0, 3)}, {}
     timings: dict[str, float] = {}
     summaries = ex.run(PROFILE_PASS, pending(at.uri, at.folder, job, work.profile_chunks), at) \
@@ -129,14 +140,27 @@ def run_user_passes(ex: Executor, job: JobSpec, work: Work, resuming: bool = Fal
         timings["embedding_pass_s"] = round(time.time() - t1, 3)
     if not needs_profiles:
         return at, None, timings
+    # a forget that ran while this job did: its users go out of this version before it is measured and committed
+    late = forget.recheck_before_commit(job.profile_store.uri, job.storage, work.deny_token, sv.version) \
+        if sv is not None else None
     stats = profile_stats(job, at, work, sv)
+    if late is not None and late.rows:
+        stats["forgotten_during_run"] = late.rows
     stats.update(chunks_committed_this_run=len(summaries), wall_s=round(time.time() - t0, 3))
     check_error_budget(job, "profiles", stats["statuses"].get("error", 0), stats["users"],
                        {"profiles": stats["users"], "profiles_by_status": stats["statuses"]})
     if sv is not None:
         stats.update(store_uri=job.profile_store.uri, version=sv.version, previous=sv.previous, full_rebuild=sv.full)
-        commit_version(sv, job, work.shards, {**stats, "run_id": job.run_id, "config": job.public_dict(),
-                                              "files": RunStore(at.uri, job.storage).list(at.folder, ".parquet")})
+        if job.profile_store.gate.min_lift is not None:
+            t1 = time.time()
+            stats["gate_sample"] = measure_lift(ex, job, work.generation_chunks, work.shards, at)
+            timings["gate_sample_s"] = round(time.time() - t1, 3)
+        gate = store_gate.evaluate_gate(job, sv, stats)
+        if gate is not None:
+            stats["gate"] = gate
+        stats["retention"] = commit_version(sv, job, work.shards, {
+            **stats, "run_id": job.run_id, "config": job.public_dict(),
+            "files": RunStore(at.uri, job.storage).list(at.folder, ".parquet")})
     return at, stats, timings
 
 
@@ -144,15 +168,18 @@ def profile_stats(job: JobSpec, at: ProfilesAt, work: Work, sv: StoreVersion | N
     """Counts, tokens, statuses and origins over the committed profiles, and their model-free quality."""
     store = RunStore(at.uri, job.storage)
     origins = {"new": 0, "recomputed": 0, "incremental": 0, "carried": 0}
-    sums = {"users": 0, "llm_calls": 0, "map_reduced_users": 0, "prompt_tokens": 0, "completion_tokens": 0}
+    sums = {"users": 0, "llm_calls": 0, "map_reduced_users": 0, "prompt_tokens": 0, "cached_prompt_tokens": 0,
+            "completion_tokens": 0}
     secs, statuses = 0.0, {}
-    for r in store.scan(at.folder, ["status", "prompt_tokens", "completion_tokens", "engine_seconds", "llm_calls",
-                                    "parts", "origin"]):
+    for r in store.scan(at.folder, ["status", "prompt_tokens", "cached_prompt_tokens", "completion_tokens",
+                                    "engine_seconds", "llm_calls",
+                                    "parts", "origin"], optional=("cached_prompt_tokens",)):
         origins[r["origin"]] = origins.get(r["origin"], 0) + 1
         sums["users"] += 1
         sums["llm_calls"] += r["llm_calls"]
         sums["map_reduced_users"] += int(r["parts"] > 1)
         sums["prompt_tokens"] += r["prompt_tokens"]
+        sums["cached_prompt_tokens"] += r["cached_prompt_tokens"] or 0
         sums["completion_tokens"] += r["completion_tokens"]
         secs += r["engine_seconds"]
         key = status_kind(r["status"])
@@ -192,6 +219,10 @@ def _start(job: JobSpec, needs_profiles: bool) -> tuple[RunStore, Work | None, b
     store = RunStore(job.output_uri, job.storage)
     store.ensure_writable(run_marker="_run_spec.json")
     PromptFormatter(job.engine)  # fail here, before any cluster work, if the model or its tokenizer is unusable
+    if job.engine.kind == "openai" and not job.ray.address:  # local engine actors share this environment
+        from ..engines.openai_engine import api_key
+
+        api_key(job.engine.openai)  # a missing API key variable fails here, as one line
     work = prepare_work(job, needs_profiles)
     return store, work, check_resume(store, job), t_start
 
@@ -244,7 +275,7 @@ def _run_job(job: JobSpec, store: RunStore, work: Work | None, needs_profiles: b
                    "generation_rows_by_status": gen_counts["generation_rows_by_status"]},
         "chunks_committed_this_run": {"profiles": profile_stats["chunks_committed_this_run"] if profile_stats else 0,
                                       "generations": len(gen_summaries)},
-        "profiles": {"uri": at.uri, "folder": at.folder} if at else None,
+        "profiles": {"uri": at.uri, "folder": at.folder, "version": at.version} if at else None,
         "files": {"generations": store.list("generations", ".parquet"),
                   "predictions": [f"predictions/{m}.json" for m in job.modes], "metrics": "metrics.json"},
         "timings": timings,
@@ -269,7 +300,7 @@ def run_profile_job(job: JobSpec) -> RunResult:
         failed_manifest(job, store, t_start, resumed, e)
         raise
     manifest = {**manifest_head(job, t_start, resumed, "ok"), "counts": {**work.counts, "shards": work.shards},
-                "profiles": {"uri": at.uri, "folder": at.folder, **stats},
+                "profiles": {"uri": at.uri, "folder": at.folder, "version": at.version, **stats},
                 "timings": {"total_s": round(time.time() - t_start, 3)}}
     store.write_json("manifest.json", manifest)
     return RunResult(job.output_uri, {"profiles": stats}, manifest)

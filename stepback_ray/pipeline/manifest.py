@@ -61,21 +61,24 @@ def summarize(job: JobSpec, store: RunStore) -> tuple[dict[str, Any], dict[str, 
     file in memory at a time); the official-format predictions are written per mode on the way."""
     task = get_task(job.task)
     acc = {m: metrics.MetricAccumulator(task) for m in job.modes}
-    tot = {m: {"queries": 0, "scored": 0, "prompt_tokens": 0, "completion_tokens": 0, "engine_seconds": 0.0,
+    tot = {m: {"queries": 0, "scored": 0, "prompt_tokens": 0, "cached_prompt_tokens": 0, "completion_tokens": 0,
+               "engine_seconds": 0.0,
                "users": set(), "statuses": {}} for m in job.modes}
     cols = ["query_id", "mode", "user_id", "gold", "output", "rouge1", "rougeL", "abs_error", "prompt_tokens",
+            "cached_prompt_tokens",
             "completion_tokens", "engine_seconds", "status"]
     with contextlib.ExitStack() as stack:
         out = {m: stack.enter_context(store.writer(f"predictions/{m}.json")) for m in job.modes}
         first = {m: True for m in job.modes}
         for m in job.modes:  # the official outputs format, ready for `stepback score` or a LaMP submission
             out[m].write(json.dumps({"task": task.file_task})[:-1].encode() + b', "golds": [')
-        for r in store.scan("generations", cols):
+        for r in store.scan("generations", cols, optional=("cached_prompt_tokens",)):
             m = r["mode"]
             t = tot[m]
             t["queries"] += 1
             t["users"].add(r["user_id"])
             t["prompt_tokens"] += r["prompt_tokens"]
+            t["cached_prompt_tokens"] += r.get("cached_prompt_tokens") or 0
             t["completion_tokens"] += r["completion_tokens"]
             t["engine_seconds"] += r["engine_seconds"]
             key = status_kind(r["status"])
@@ -93,7 +96,8 @@ def summarize(job: JobSpec, store: RunStore) -> tuple[dict[str, Any], dict[str, 
         t = tot[m]
         secs = t["engine_seconds"]
         modes[m] = {"users": len(t["users"]), "queries": t["queries"], "scored": t["scored"], **acc[m].result(),
-                    "prompt_tokens": t["prompt_tokens"], "completion_tokens": t["completion_tokens"],
+                    "prompt_tokens": t["prompt_tokens"], "cached_prompt_tokens": t["cached_prompt_tokens"],
+                    "completion_tokens": t["completion_tokens"],
                     "engine_seconds": round(secs, 3),
                     "tokens_per_s": round((t["prompt_tokens"] + t["completion_tokens"]) / secs, 1) if secs else None,
                     "statuses": t["statuses"]}

@@ -120,7 +120,8 @@ class ProfileEngineStage(EngineStage):
         plans = [profiling.ProfilePlan.from_dict(json.loads(r["plan_json"])) for r in todo]
         out = [{**json.loads(r["carried_json"]), "chunk_id": r["chunk_id"], "chunk_rows": r["chunk_rows"],
                 "recent_items": r["recent_items"]} | ({} if r["retained"] else {  # retained: this pass's own row
-                    "origin": "carried", "llm_calls": 0, "prompt_tokens": 0, "completion_tokens": 0,
+                    "origin": "carried", "llm_calls": 0, "prompt_tokens": 0, "cached_prompt_tokens": 0,
+                    "completion_tokens": 0,
                     "engine_seconds": 0.0}) for r in carried]
         for r, plan, res in zip(todo, plans, self.distiller.run(plans)):
             notes = list(r["notes"])
@@ -142,7 +143,8 @@ class ProfileEngineStage(EngineStage):
                 "partials_json": json.dumps(res.partials) if len(res.partials) > 1 else None,
                 "style_notes_json": json.dumps(res.notes) if res.notes else None,
                 "prompt": res.prompt, "raw_output": res.raw_output, "llm_calls": res.llm_calls,
-                "prompt_tokens": res.prompt_tokens, "completion_tokens": res.completion_tokens,
+                "prompt_tokens": res.prompt_tokens, "cached_prompt_tokens": res.cached_prompt_tokens,
+                "completion_tokens": res.completion_tokens,
                 "engine_seconds": res.engine_seconds, "model": self.job.engine.model,
                 "prompt_version": profiling.PROMPT_VERSION, "notes": notes, "run_id": self.job.run_id,
                 "exact": plan.base_profile is None,

@@ -57,11 +57,14 @@ class EngineStage:
     def __init__(self, job: JobSpec, engine: Any = None):
         from ..engines import build_engine
         from ..engines.guard import EngineCalls
+        from ..engines.prefix import PrefixOrdered
 
         self.job = job
         self.owns_engine = engine is None
         self.engine = engine or build_engine(job.engine)
         self.generate = EngineCalls(self.engine, job.engine.call_timeout_s, in_actor=self.owns_engine)
+        if job.engine.prefix_order:  # prompts that share a prefix sent side by side (the prefix cache reuses it)
+            self.generate = PrefixOrdered(self.generate)
 
     def close(self) -> None:
         """Release the engine this stage built (model memory, vLLM's workers), once."""
@@ -192,15 +195,16 @@ class InProcess:
             self._engines[key] = build_engine(config)
         return self._engines[key]
 
-    def run(self, spec: PassSpec, chunks: list[dict[str, Any]], at: Any) -> list[dict]:
+    def run(self, spec: PassSpec, chunks: list[dict[str, Any]], at: Any, job: JobSpec | None = None) -> list[dict]:
+        job = job or self.job
         built = []
         for stage in spec.stages:
             if stage.kind == "engine":
-                built.append(stage.udf(job=self.job, engine=self.engine(self.job.engine)))
+                built.append(stage.udf(job=job, engine=self.engine(job.engine)))
             elif stage.kind == "cpu":
-                built.append(stage.udf(**_kwargs(self.job, stage, at)))
+                built.append(stage.udf(**_kwargs(job, stage, at)))
             else:
-                kwargs = _kwargs(self.job, stage, at)
+                kwargs = _kwargs(job, stage, at)
                 built.append(lambda batch, _fn=stage.udf, _kw=kwargs: _fn(batch, **_kw))
         summaries: list[dict] = []
         for chunk in chunks:
@@ -242,10 +246,11 @@ class Executor:
     def on_ray(self) -> bool:
         return self.local is None
 
-    def run(self, spec: PassSpec, chunks: list[dict[str, Any]], at: Any) -> list[dict]:
-        """Run one pass over ``chunks`` (nothing to do: no summaries)."""
+    def run(self, spec: PassSpec, chunks: list[dict[str, Any]], at: Any, job: JobSpec | None = None) -> list[dict]:
+        """Run one pass over ``chunks`` (nothing to do: no summaries); ``job``: a variant of the run's job (the
+        quality gate's sample writes elsewhere, with its own modes)."""
         if not chunks:
             return []
         if self.local is not None:
-            return self.local.run(spec, chunks, at)
-        return run_on_ray(self.job, spec, chunks, at)
+            return self.local.run(spec, chunks, at, job)
+        return run_on_ray(job or self.job, spec, chunks, at)

@@ -21,7 +21,7 @@ PROFILE_SCHEMA = pa.schema([
     ("partials_json", _S), ("style_notes_json", _S), ("prompt", _S), ("raw_output", _S), ("llm_calls", _I),
     ("prompt_tokens", _I), ("completion_tokens", _I), ("engine_seconds", _F), ("fingerprint", _S), ("model", _S),
     ("prompt_version", _S), ("notes", _LS), ("origin", _S), ("history_ids", _LS), ("run_id", _S), ("exact", _B),
-    ("recent_items", _LS), ("committed_at", _F),
+    ("recent_items", _LS), ("committed_at", _F), ("cached_prompt_tokens", _I),
 ])
 """A committed profile (``profiles/chunk-<id>.parquet``, or a profile store version)."""
 
@@ -35,9 +35,16 @@ GENERATION_SCHEMA = pa.schema([
     ("prompt", _S), ("proposals", _LS), ("raw_output", _S), ("output", _S), ("score", _F), ("rouge1", _F),
     ("rougeL", _F), ("abs_error", _F), ("prompt_tokens", _I), ("completion_tokens", _I), ("engine_seconds", _F),
     ("llm_calls", _I), ("finish_reason", _S), ("truncated", _B), ("status", _S), ("notes", _LS),
-    ("history_items", _I), ("candidates", _LS), ("committed_at", _F),
+    ("history_items", _I), ("candidates", _LS), ("committed_at", _F), ("profile_version", _S),
+    ("profile_fingerprint", _S), ("context_user_ids", _LS), ("cached_prompt_tokens", _I),
 ])
-"""A committed generation row (``generations/chunk-<id>.parquet``): one per query and mode."""
+"""A committed generation row (``generations/chunk-<id>.parquet``): one per query and mode. Lineage:
+``profile_version`` is the profile store version the row's profile came from (null: the profiles are in the run's
+own output, or the mode shows no profile), ``profile_fingerprint`` the ``fingerprint`` of the profile row the
+prompt used: the lead author's (a co-author's profile comes from the same version, found by ``user_ids``), under
+``random-profile`` the donor's; null when the prompt holds no profile. ``context_user_ids``: whose profile and
+history the prompt used (the authors, or the donor under a control), so that forgetting a person also finds the
+rows that borrowed from them."""
 
 PLANNED_PROFILE_SCHEMA = pa.schema([
     ("chunk_id", _S), ("chunk_rows", _I), ("user_id", _S), ("plan_json", _S), ("fingerprint", _S), ("notes", _LS),
@@ -48,7 +55,8 @@ PLANNED_GENERATION_SCHEMA = pa.schema([
     ("chunk_id", _S), ("chunk_rows", _I), ("query_id", _S), ("mode", _S), ("user_id", _S), ("user_ids", _LS),
     ("input", _S), ("gold", _S), ("profile_text", _S), ("profile_status", _S), ("retrieved_ids", _LS),
     ("prompts", _LS), ("merge_json", _S), ("truncated", _B), ("notes", _LS), ("history_items", _I),
-    ("soft_tokens", _VECTORS), ("select_refs", pa.list_(_LS)),
+    ("soft_tokens", _VECTORS), ("select_refs", pa.list_(_LS)), ("profile_version", _S), ("profile_fingerprint", _S),
+    ("context_user_ids", _LS),
 ])
 """A (query, mode) row with its rendered prompts, for the generation engine stage."""
 

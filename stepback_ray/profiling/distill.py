@@ -27,6 +27,7 @@ class ProfileResult:
     notes: dict[str, str] = field(default_factory=dict)
     llm_calls: int = 0
     prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
     completion_tokens: int = 0
     engine_seconds: float = 0.0
     prompt: str | None = None
@@ -51,6 +52,7 @@ class Distiller:
         for (res, _), prompt, c in zip(jobs, prompts, done):
             res.llm_calls += 1
             res.prompt_tokens += c.prompt_tokens
+            res.cached_prompt_tokens += c.cached_tokens
             res.completion_tokens += c.completion_tokens
             res.engine_seconds += c.seconds
             res.prompt = prompt

@@ -144,6 +144,8 @@ def engine_identity(engine: EngineConfig) -> dict[str, Any]:
         for k in key.split("."):
             node = node[k]
         out[key] = node
+    if engine.kind == "openai":  # only then: the identities (fingerprints) of the other engines stay as they were
+        out["openai.structured_output"] = data["openai"]["structured_output"]
     return out
 
 
