@@ -127,6 +127,8 @@ def test_forget_removes_a_user_everywhere_and_keeps_them_out(tmp_path, request, 
     assert r.read_json("manifest.json")["forgotten"][0]["generation_rows_removed"] == removed["generations"]
     assert r.exists("report.html")
 
+    if where == "s3":  # what follows is the store's logic, the same on both (S3's part is the rewrites and the CAS)
+        return
     # a later night and a later run against the store: the user is not profiled, and is counted
     night = run_profile_job(_job(f"{base}/runs/n4", store, "n4", storage, modes=["profile"]))
     assert night.manifest["counts"]["forgotten_users"] == 1
