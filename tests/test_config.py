@@ -109,6 +109,30 @@ def test_resume_compares_only_keys_that_change_results(tmp_path):
             check_resume(store, load_job(REPO / "jobs" / "demo.yaml", [*base, o]))
 
 
+def test_a_run_recorded_before_a_key_existed_resumes_while_the_key_holds_its_default(tmp_path):
+    """A spec recorded by an older stepback-ray lacks the keys added since (here: the store's quality gate and a
+    generation setting); at their defaults they change nothing, so the run resumes. Set to anything else, refused."""
+    import json
+
+    from stepback_ray.errors import StepbackError
+    from stepback_ray.pipeline import check_resume
+    from stepback_ray.storage import RunStore
+
+    base = [f"output={tmp_path / 'run'}", "run_id=r"]
+    job = load_job(REPO / "jobs" / "demo.yaml", base)
+    store = RunStore(job.output_uri, job.storage)
+    check_resume(store, job)
+    recorded = json.loads((tmp_path / "run" / "_run_spec.json").read_text())
+    del recorded["profile_store"]["gate"], recorded["generation"]["candidates"]
+    (tmp_path / "run" / "_run_spec.json").write_text(json.dumps(recorded))
+    assert check_resume(store, job) is True
+    with pytest.raises(StepbackError, match="changed: profile_store.gate"):
+        check_resume(store, load_job(REPO / "jobs" / "demo.yaml", [*base, "profile_store.uri=s",
+                                                                     "profile_store.gate.min_ok_share=0.5"]))
+    with pytest.raises(StepbackError, match="changed: generation.candidates"):
+        check_resume(store, load_job(REPO / "jobs" / "demo.yaml", [*base, "generation.candidates=2"]))
+
+
 def test_a_cluster_job_with_a_local_output_is_refused_unless_the_filesystem_is_shared(tmp_path):
     base = [f"output={tmp_path / 'run'}", "ray.address=127.0.0.1:6379"]
     with pytest.raises(ConfigError, match="local path the other nodes cannot write to"):

@@ -28,13 +28,44 @@ def check_resume(store: RunStore, job: JobSpec) -> bool:
     spec = job.results_dict()
     if store.exists("_run_spec.json"):
         previous = without_keys(store.read_json("_run_spec.json"), SPEED_ONLY_KEYS)
-        if previous != spec:
-            changed = sorted(_changed_keys(previous, spec))
+        # a key the recorded spec lacks was added to stepback-ray since; at its default it changes nothing
+        changed = sorted(k for k in _changed_keys(previous, spec) if not _new_key_at_default(previous, spec, k))
+        if changed:
             raise StepbackError(f"{job.output_uri} holds a run with a different job spec (changed: "
                                 f"{', '.join(changed)}); choose another output or run_id")
         return True
     store.write_json("_run_spec.json", spec)
     return False
+
+
+_MISSING = object()
+
+
+def _get(data: Any, key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return _MISSING
+        data = data[part]
+    return data
+
+
+def _new_key_at_default(previous: dict[str, Any], spec: dict[str, Any], key: str) -> bool:
+    """``key`` is absent from the recorded spec (a run recorded by an older version) and holds its default now."""
+    if _get(previous, key) is not _MISSING:
+        return False
+    from pydantic import BaseModel
+
+    model: Any = JobSpec
+    default: Any = _MISSING
+    for part in key.split("."):
+        fields = getattr(model, "model_fields", {})
+        if part not in fields:
+            return False
+        default = fields[part].get_default(call_default_factory=True)
+        model = fields[part].annotation
+    if isinstance(default, BaseModel):
+        default = default.model_dump(mode="json")
+    return default is not _MISSING and _get(spec, key) == default
 
 
 def _changed_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
