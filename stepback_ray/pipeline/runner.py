@@ -206,11 +206,18 @@ class InProcess:
             else:
                 kwargs = _kwargs(job, stage, at)
                 built.append(lambda batch, _fn=stage.udf, _kw=kwargs: _fn(batch, **_kw))
+        from ..engines.guard import FatalEngineError
+
         summaries: list[dict] = []
         for chunk in chunks:
             block = pa.Table.from_pylist([chunk])
-            for fn in built:
-                block = fn(block)
+            try:
+                for fn in built:
+                    block = fn(block)
+            except FatalEngineError as e:  # no actor to restart here: the run stops, its committed chunks kept
+                raise RunFailed(f"the {spec.name} pass's engine failed ({e}); {len(summaries)} of {len(chunks)} "
+                                "chunks of this pass were committed and are kept: fix the engine and rerun the "
+                                "same run id") from None
             summaries += block.to_pylist()
         return summaries
 
