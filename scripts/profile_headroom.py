@@ -17,7 +17,8 @@ Two questions, answered from the run's committed rows (``generations/`` with eve
    bootstrap interval. This is the profile's effect with the prompt held fixed: it cannot be copied into the
    answer, only pick among answers the model already gives.
 
-Prints one JSON object; ``--write`` replaces this script's section of the markdown file.
+Prints one JSON object; ``--write`` replaces this run's section of the markdown file
+(``profile_headroom:<run folder>``).
 """
 
 from __future__ import annotations
@@ -122,19 +123,24 @@ def headroom(run: Path, questions: Path, mode: str = "rag") -> dict:
             "length_habit_queries": len(length_corr)}
 
 
+def section(run: str) -> str:
+    """One section per run (``profile_headroom:<run folder>``)."""
+    return f"{SECTION}:{Path(run).name}"
+
+
 def to_markdown(res: dict, command: str) -> str:
-    start, end = markers(SECTION)
+    start, end = markers(section(res["run"]))
     m = res["missed_words"]
-    lines = [start, "", f"### Profile headroom ({dt.date.today().isoformat()}, {machine()})", "",
+    lines = [start, "", f"### Profile headroom: {Path(res['run']).name} ({dt.date.today().isoformat()}, {machine()})", "",
              f"Read off the committed rows of `{res['run']}` ({res['queries']} queries, `{res['mode']}` prompts, "
              f"{res['candidates']} candidates each), no model calls. Command: `python scripts/profile_headroom.py "
              f"{command}`.", "",
              f"**Where the gold words the `{res['mode']}` answer missed are** (content words per title, mean): the gold "
-             f"has {m['gold']}, the answer misses {m['missed']}: {m['in abstract']} are in the abstract (the model chose "
-             f"other words from it), {m['in past titles only']} only in the user's past titles, {m['in profile only']} "
+             f"has {m['gold']}, the answer misses {m['missed']}: {m['in abstract']} are in the task input (the abstract or "
+             f"article: the model chose other words from it), {m['in past titles only']} only in the user's past "
+             f"titles, {m['in profile only']} "
              f"only in the profile, {m['nowhere']} nowhere in reach. The profile holds {m['in profile (anywhere)']} of "
-             "the missed words in all, so what it can add to ROUGE-1 by its words is small; the rest would have to "
-             "come from steering the choice among the abstract's words.", "",
+             "the missed words in all.", "",
              "**The profile used to choose among the same prompt's candidates** (the prompt held fixed; greedy "
              f"{res['greedy_rouge1']:.4f}, best candidate in hindsight {res['oracle_rouge1']:.4f}):", "",
              "| references for the choice | ROUGE-1 |", "|---|---|"]
@@ -157,7 +163,7 @@ def main() -> None:
     res = headroom(Path(args.run), Path(args.data), args.mode)
     print(json.dumps(res, indent=1))
     if args.write:
-        write_section(Path(args.write), SECTION, "Profile variants", to_markdown(res, " ".join(sys.argv[1:])))
+        write_section(Path(args.write), section(args.run), "Profile variants", to_markdown(res, " ".join(sys.argv[1:])))
 
 
 if __name__ == "__main__":
