@@ -35,11 +35,15 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+import io
+
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from .config import StorageConfig
 from .errors import StepbackError
+from .profile_store import _versions
 from .storage import PointerMoved, RunStore
 
 DENY_LIST = "forgotten/deny-list.json"
@@ -92,16 +96,12 @@ class Scrubbed:
     files: list[str] = field(default_factory=list)
     rows: dict[str, int] = field(default_factory=dict)
     found: set[str] = field(default_factory=set)
-    removed_query_ids: dict[str, set[str]] = field(default_factory=dict)
-    """Per run output URI, the query ids whose rows were removed (for its predictions)."""
 
     def add(self, other: "Scrubbed") -> None:
         self.files += other.files
         for k, v in other.rows.items():
             self.rows[k] = self.rows.get(k, 0) + v
         self.found |= other.found
-        for k, v in other.removed_query_ids.items():
-            self.removed_query_ids.setdefault(k, set()).update(v)
 
 
 def _hits(table: pa.Table, ids: pa.Array, donors_of: dict[str, str] | None) -> pa.Array:
@@ -142,9 +142,10 @@ def scrub_file(store: RunStore, rel: str, ids: set[str], kind: str, seed: int | 
     kept, with its schema and no rows: readers that expect one file per shard still find it."""
     out = Scrubbed()
     try:
-        probe = _read_columns(store, rel, ["user_id", "user_ids", "context_user_ids", "mode", "query_id"])
+        data = store.read_bytes(rel)  # read once: the id columns to decide, the whole file only if it changes
     except FileNotFoundError:  # deleted since the listing (retention removed its version): nothing left to scrub
         return out
+    probe = _id_columns(data)
     if probe is None:
         return out
     value_set = pa.array(sorted(ids), pa.string())
@@ -153,27 +154,20 @@ def scrub_file(store: RunStore, rel: str, ids: set[str], kind: str, seed: int | 
     n = pc.sum(pc.cast(hit, pa.int64())).as_py() or 0
     if not n:
         return out
-    table = store.read_table(rel)
-    keep = table.filter(pc.invert(hit))
+    keep = pq.read_table(io.BytesIO(data)).filter(pc.invert(hit))
     store.write_table(rel, keep)
     out.files.append(store.uri_of(rel))
     out.rows[kind] = n
     out.found = _found(probe, ids)
     if donors_of:
         out.found |= {donors_of[u] for u in probe.column("user_id").to_pylist() if donors_of.get(u) in ids}
-    if "query_id" in probe.column_names:
-        out.removed_query_ids[store.uri] = set(probe.filter(hit).column("query_id").to_pylist())
     return out
 
 
-def _read_columns(store: RunStore, rel: str, cols: list[str]) -> pa.Table | None:
-    import io
-
-    import pyarrow.parquet as pq
-
-    data = store.read_bytes(rel)
+def _id_columns(data: bytes) -> pa.Table | None:
+    """The columns of a Parquet file that say whose a row is (None: a file without user ids)."""
     names = pq.ParquetFile(io.BytesIO(data)).schema_arrow.names
-    present = [c for c in cols if c in names]
+    present = [c for c in ("user_id", "user_ids", "context_user_ids", "mode") if c in names]
     if not {"user_id", "user_ids"} & set(present):
         return None
     return pq.read_table(io.BytesIO(data), columns=present)
@@ -215,10 +209,6 @@ def scrub_version(store: RunStore, version: str, ids: set[str]) -> Scrubbed:
     out = scrub_tree(store, f"{version}/profiles", ids, "profiles")
     out.add(scrub_tree(store, f"{version}/embeddings", ids, "embeddings"))
     return out
-
-
-def store_versions(store: RunStore) -> list[str]:
-    return [v for d in store.list("versions") for v in store.list(d)]
 
 
 def is_store(store: RunStore) -> bool:
@@ -296,7 +286,7 @@ def forget(store_uri: str, ids: list[str], runs: list[str] = (), storage: Storag
         already, _ = update_deny_list(store, add=ids)  # first: from here on no job brings them back
         wanted = set(ids)
         done = Scrubbed()
-        versions = store_versions(store)
+        versions = _versions(store)
         for version in versions:
             done.add(scrub_version(store, version, wanted))
         for uri in runs:
