@@ -95,10 +95,18 @@ def test_generation_stages_build_prompts_per_mode_generate_and_score(tmp_path, e
     assert done.num_rows == len(planned) and all(r["raw_output"] is not None for r in done.to_pylist())
     summary = score_and_commit_generations(done, job).to_pylist()
     assert summary == [{"chunk_id": chunk["chunk_id"], "file": f"generations/chunk-{chunk['chunk_id']}.parquet",
-                        "rows": len(planned), "statuses": json.dumps({"ok": len(planned)})}]
+                        "rows": len(planned), "statuses": json.dumps({"ok": len(planned)}),
+                        "engine_started_at": None, "engine_ready_at": None}]  # a given engine: no start to time
     rows = pd.read_parquet(tmp_path / "run" / summary[0]["file"])
     assert rows["rouge1"].between(0, 1).all() and rows["output"].notna().all()
     assert list(rows.columns) == GENERATION_SCHEMA.names
+
+    # a stage that builds its engine (as in an actor) stamps its first block with the build's times, once
+    own = GenerationEngineStage(job)
+    first, second = (own(pa.Table.from_pylist(planned[:2])).to_pylist() for _ in range(2))
+    assert all(r["engine_started_at"] <= r["engine_ready_at"] for r in first)
+    assert not any(r.get("engine_ready_at") for r in second)
+    own.close()
 
 
 def test_the_commit_refuses_a_chunk_with_a_row_missing_and_merges_a_retry_by_row_key(tmp_path):
@@ -190,9 +198,19 @@ def test_a_whole_job_in_process_with_no_ray(tmp_path, monkeypatch):
     result = run_job(job)
     assert result.manifest["counts"]["generation_rows"] == result.manifest["counts"]["expected_generation_rows"] == 30
     assert result.manifest["config"]["executor"] == "in-process"
+    # the run's fixed costs, each timed: one engine built in the profile pass, reused (not rebuilt) by generation
+    t = result.manifest["timings"]
+    assert t["profile_engines_started"] == 1 and "generation_engines_started" not in t
+    assert 0 <= t["profile_model_load_s"] <= t["profile_first_engine_ready_s"] <= t["profile_pass_s"]
+    for key in ("read_s", "ray_start_s", "between_passes_s", "generation_pass_s", "shutdown_s"):
+        assert 0 <= t[key] <= t["total_s"], key
+    assert sum(t[k] for k in ("read_s", "ray_start_s", "profile_pass_s", "between_passes_s", "generation_pass_s",
+                              "shutdown_s")) <= t["total_s"] + 0.01
+    assert "engine_ready_at" not in pd.read_parquet(tmp_path / "run" / "profiles").columns  # stamps travel only
     again = run_job(_job(tmp_path, "executor=in-process", "run_id=local"))
     assert again.manifest["resumed"] and again.manifest["chunks_committed_this_run"] == {"profiles": 0,
                                                                                        "generations": 0}
+    assert not any(k.endswith("engines_started") for k in again.manifest["timings"])  # nothing to do: no engine
 
 
 @pytest.mark.parametrize("change, message", [

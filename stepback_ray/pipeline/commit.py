@@ -43,8 +43,16 @@ def commit_chunks(job: JobSpec, folder: str, rows: list[dict[str, Any]], schema:
             part = [r for r in store.read_table(rel).to_pylist() if key_of(r) not in new] + part
         store.write_table(rel, table(part, schema))
         summaries.append({"chunk_id": cid, "file": rel, "rows": len(part),
-                          "statuses": json.dumps(count_statuses(part))})
+                          "statuses": json.dumps(count_statuses(part)), **engine_stamps(part)})
     return summaries
+
+
+def engine_stamps(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """The engine start stamps a chunk's rows carry (its block was the first an engine actor served), or nulls."""
+    for r in rows:
+        if r.get("engine_ready_at") is not None:
+            return {"engine_started_at": r["engine_started_at"], "engine_ready_at": r["engine_ready_at"]}
+    return {"engine_started_at": None, "engine_ready_at": None}
 
 
 def count_statuses(rows: list[dict[str, Any]]) -> dict[str, int]:

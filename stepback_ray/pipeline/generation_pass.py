@@ -193,7 +193,7 @@ class GenerationEngineStage(EngineStage):
             self._sample_candidates(rows, {id(r) for r, _ in merges})
         for r in rows:
             r.pop("soft_tokens", None)  # served; not an output column
-        return pa.Table.from_pylist(rows)
+        return pa.Table.from_pylist(self.stamp(rows))
 
     def _sample_candidates(self, rows: list[dict[str, Any]], merged: set[int]) -> None:
         """``candidates - 1`` sampled answers to each row's final prompt (the merge prompt after a lead-merge),

@@ -113,6 +113,20 @@ def profiles_target(job: JobSpec, shards: int, resuming: bool = False) -> tuple[
     return ProfilesAt(job.output_uri, "profiles"), None
 
 
+def engine_start_times(name: str, summaries: list[dict[str, Any]], t0: float) -> dict[str, float | int]:
+    """A pass's fixed engine costs from its commit summaries' stamps (:meth:`EngineStage.stamp`): how many engines
+    started, the seconds from the pass's start until the first was ready (scheduling, actor start, model load), and
+    the longest model load. Nothing when the pass started no engine (nothing to do, or the in-process
+    executor's engine reused from the profile pass)."""
+    stamps = [(s["engine_started_at"], s["engine_ready_at"]) for s in summaries
+              if s.get("engine_ready_at") is not None]
+    if not stamps:
+        return {}
+    return {f"{name}_engines_started": len(stamps),
+            f"{name}_first_engine_ready_s": round(min(r for _, r in stamps) - t0, 3),
+            f"{name}_model_load_s": round(max(r - s for s, r in stamps), 3)}
+
+
 def run_user_passes(ex: Executor, job: JobSpec, work: Work, resuming: bool = False,
                     needs_profiles: bool = True) -> tuple[ProfilesAt | None, dict[str, Any] | None, dict[str, float]]:
     """The per-user passes, each where a mode needs it: the step-back profiles, and the Persona-Plug item
@@ -134,6 +148,7 @@ def run_user_passes(ex: Executor, job: JobSpec, work: Work, resuming: bool = Fal
     summaries = ex.run(PROFILE_PASS, pending(at.uri, at.folder, job, work.profile_chunks), at) \
         if needs_profiles else []
     timings["profile_pass_s"] = round(time.time() - t0, 3)
+    timings.update(engine_start_times("profile", summaries, t0))
     if plug:
         t1 = time.time()
         ex.run(EMBED_PASS, pending(at.uri, at.embeddings, job, work.profile_chunks), at)
@@ -243,15 +258,25 @@ def run_job(job: JobSpec) -> RunResult:
 
 def _run_job(job: JobSpec, store: RunStore, work: Work | None, needs_profiles: bool, resumed: bool,
              t_start: float) -> RunResult:
+    t_exec = time.time()
     with executor(job) as ex:
+        t_ray = time.time()
         work = work or prepare_work(job, needs_profiles)
-        timings: dict[str, float] = {"read_and_ray_start_s": round(time.time() - t_start, 3)}
+        t_passes = time.time()
+        timings: dict[str, float] = {"read_s": round(t_exec - t_start + t_passes - t_ray, 3),
+                                     "ray_start_s": round(t_ray - t_exec, 3)}
         at, profile_stats, pass_times = run_user_passes(ex, job, work, resumed, needs_profiles)
         timings.update({"profile_pass_s": 0.0, **pass_times})
         t0 = time.time()
+        # the user passes' bookkeeping (statistics, the store's commit, the quality measures): no pass runs then
+        timings["between_passes_s"] = round(t0 - t_passes - sum(
+            pass_times.get(k, 0.0) for k in ("profile_pass_s", "embedding_pass_s", "gate_sample_s")), 3)
         gen_summaries = ex.run(GENERATION_PASS, pending(job.output_uri, "generations", job, work.generation_chunks),
                                at)
-        timings["generation_pass_s"] = round(time.time() - t0, 3)
+        t1 = time.time()
+        timings["generation_pass_s"] = round(t1 - t0, 3)
+        timings.update(engine_start_times("generation", gen_summaries, t0))
+    timings["shutdown_s"] = round(time.time() - t1, 3)  # engines closed, the local Ray stopped
 
     result_metrics, gen_counts = summarize(job, store)
     if gen_counts["generation_rows"] == 0:

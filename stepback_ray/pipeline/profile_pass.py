@@ -149,7 +149,7 @@ class ProfileEngineStage(EngineStage):
                 "prompt_version": profiling.PROMPT_VERSION, "notes": notes, "run_id": self.job.run_id,
                 "exact": plan.base_profile is None,
             })
-        return table(out, with_chunk_rows(PROFILE_SCHEMA))
+        return table(self.stamp(out), with_chunk_rows(PROFILE_SCHEMA))
 
 
 

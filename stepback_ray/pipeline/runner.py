@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, Iterator, Literal
 
@@ -61,10 +62,23 @@ class EngineStage:
 
         self.job = job
         self.owns_engine = engine is None
+        started = time.time()
         self.engine = engine or build_engine(job.engine)
+        #: when this stage's engine started to build and was ready (epoch seconds), reported once, on the first
+        #: block; none for an engine it was given (the in-process executor sets the times of one it built)
+        self.engine_times: tuple[float, float] | None = (started, time.time()) if self.owns_engine else None
         self.generate = EngineCalls(self.engine, job.engine.call_timeout_s, in_actor=self.owns_engine)
         if job.engine.prefix_order:  # prompts that share a prefix sent side by side (the prefix cache reuses it)
             self.generate = PrefixOrdered(self.generate)
+
+    def stamp(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Mark the first block this stage serves with its engine's start times (``engine_started_at``,
+        ``engine_ready_at``), which the commit summaries carry to the job's timings; later blocks: unmarked."""
+        if self.engine_times is not None:
+            for r in rows:
+                r["engine_started_at"], r["engine_ready_at"] = self.engine_times
+            self.engine_times = None
+        return rows
 
     def close(self) -> None:
         """Release the engine this stage built (model memory, vLLM's workers), once."""
@@ -187,20 +201,26 @@ class InProcess:
             self._engines[key] = engine
             self._borrowed.add(key)
 
-    def engine(self, config: EngineConfig):
+    def engine(self, config: EngineConfig) -> tuple[Any, tuple[float, float] | None]:
+        """The run's engine for ``config`` and when its build started and ended (None for one already built: a
+        later pass reuses it and starts nothing)."""
         from ..engines import build_engine
 
         key = config.model_dump_json()
-        if key not in self._engines:
-            self._engines[key] = build_engine(config)
-        return self._engines[key]
+        if key in self._engines:
+            return self._engines[key], None
+        started = time.time()
+        self._engines[key] = build_engine(config)
+        return self._engines[key], (started, time.time())
 
     def run(self, spec: PassSpec, chunks: list[dict[str, Any]], at: Any, job: JobSpec | None = None) -> list[dict]:
         job = job or self.job
         built = []
         for stage in spec.stages:
             if stage.kind == "engine":
-                built.append(stage.udf(job=job, engine=self.engine(job.engine)))
+                engine, times = self.engine(job.engine)
+                built.append(stage.udf(job=job, engine=engine))
+                built[-1].engine_times = times
             elif stage.kind == "cpu":
                 built.append(stage.udf(**_kwargs(job, stage, at)))
             else:

@@ -67,8 +67,10 @@ def table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
 
 
 def with_chunk_rows(schema: pa.Schema) -> pa.Schema:
-    """A committed schema as it travels to the commit stage: with the chunk's row count."""
-    return schema.append(pa.field("chunk_rows", _I))
+    """A committed schema as it travels to the commit stage: with the chunk's row count, and the engine's start
+    stamps (:meth:`~stepback_ray.pipeline.runner.EngineStage.stamp`; not committed)."""
+    return schema.append(pa.field("chunk_rows", _I)).append(pa.field("engine_started_at", _F)).append(
+        pa.field("engine_ready_at", _F))
 
 
 def row_key(query_id: str, mode: str) -> str:
