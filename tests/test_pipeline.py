@@ -53,8 +53,8 @@ def test_end_to_end_five_users_then_rerun_skips_committed_chunks(ray_local, tmp_
     assert manifest["counts"]["generation_rows"] == manifest["counts"]["expected_generation_rows"] == 10
     assert manifest["chunks_committed_this_run"] == {"profiles": 3, "generations": 3}
     assert len(manifest["files"]["generations"]) == 3 and "torch" in manifest["versions"]
-    t = manifest["timings"]  # fixed costs: Ray's start, each pass's engine actors (start and model load)
-    assert t["ray_start_s"] > 0 and t["generation_engines_started"] >= 1 and t["profile_engines_started"] >= 1
+    t = manifest["timings"]  # fixed costs: Ray's start (0 here: the fixture started it), each pass's engine actors
+    assert t["ray_start_s"] >= 0 and t["generation_engines_started"] >= 1 and t["profile_engines_started"] >= 1
     for name in ("profile", "generation"):
         assert 0 < t[f"{name}_model_load_s"] < t[f"{name}_first_engine_ready_s"] < t[f"{name}_pass_s"], t
     assert "engine_ready_at" not in gens.columns
