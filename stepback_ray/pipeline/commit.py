@@ -47,7 +47,7 @@ def commit_chunks(job: JobSpec, folder: str, rows: list[dict[str, Any]], schema:
     return summaries
 
 
-def engine_stamps(rows: list[dict[str, Any]]) -> dict[str, float]:
+def engine_stamps(rows: list[dict[str, Any]]) -> dict[str, float | None]:
     """The engine start stamps a chunk's rows carry (its block was the first an engine actor served), or nulls."""
     for r in rows:
         if r.get("engine_ready_at") is not None:
