@@ -4,7 +4,7 @@ bootstrap intervals.
     python scripts/bench_quality.py --write docs/benchmarks.md          # the default model, every set
     python scripts/bench_quality.py --sets lamp5_arxiv --set engine.kind=vllm \\
         --set engine.model=packaged:qwen2.5-coder-0.5b-instruct --write docs/benchmarks.md
-    python scripts/bench_quality.py --sets lamp5_arxiv --pplug-checkpoint runs/pplug-lamp5/main --write ...
+    python scripts/bench_quality.py --sets lamp5_arxiv --pplug-checkpoint bench-runs/pplug-lamp5/main --write ...
 
 Sets (``SETS``): lamp5_arxiv (200 dev users), lamp4_huffpost (all 104 writers), psw_title (50 co-authored papers).
 Each set is one stepback job with every mode (the profile pass is shared by the modes); PSW runs a second job
