@@ -107,6 +107,11 @@ def test_generation_stages_build_prompts_per_mode_generate_and_score(tmp_path, e
     assert all(r["engine_started_at"] <= r["engine_ready_at"] for r in first)
     assert not any(r.get("engine_ready_at") for r in second)
     own.close()
+    # a given engine is stamped with the times its giver passes (the in-process executor's, for the pass that built it)
+    given = GenerationEngineStage(job, engine=engine, engine_times=(1.0, 2.0))
+    first, second = (given(pa.Table.from_pylist(planned[:2])).to_pylist() for _ in range(2))
+    assert [(r["engine_started_at"], r["engine_ready_at"]) for r in first] == [(1.0, 2.0)] * 2
+    assert not any(r.get("engine_ready_at") for r in second)
 
 
 def test_the_commit_refuses_a_chunk_with_a_row_missing_and_merges_a_retry_by_row_key(tmp_path):

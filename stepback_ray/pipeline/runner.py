@@ -55,7 +55,7 @@ class EngineStage:
     in-process executor's, closed by its owner); the guarded call (:class:`~stepback_ray.engines.guard.EngineCalls`);
     and the engine released when the stage goes (Ray Data drops the UDF when its actor exits gracefully)."""
 
-    def __init__(self, job: JobSpec, engine: Any = None):
+    def __init__(self, job: JobSpec, engine: Any = None, engine_times: tuple[float, float] | None = None):
         from ..engines import build_engine
         from ..engines.guard import EngineCalls
         from ..engines.prefix import PrefixOrdered
@@ -65,8 +65,9 @@ class EngineStage:
         started = time.time()
         self.engine = engine or build_engine(job.engine)
         #: when this stage's engine started to build and was ready (epoch seconds), reported once, on the first
-        #: block; none for an engine it was given (the in-process executor sets the times of one it built)
-        self.engine_times: tuple[float, float] | None = (started, time.time()) if self.owns_engine else None
+        #: block; for an engine it was given, the times its giver passes (the in-process executor's, for the pass
+        #: that built it; none for a later pass that reuses it)
+        self.engine_times: tuple[float, float] | None = (started, time.time()) if self.owns_engine else engine_times
         self.generate = EngineCalls(self.engine, job.engine.call_timeout_s, in_actor=self.owns_engine)
         if job.engine.prefix_order:  # prompts that share a prefix sent side by side (the prefix cache reuses it)
             self.generate = PrefixOrdered(self.generate)
@@ -219,8 +220,7 @@ class InProcess:
         for stage in spec.stages:
             if stage.kind == "engine":
                 engine, times = self.engine(job.engine)
-                built.append(stage.udf(job=job, engine=engine))
-                built[-1].engine_times = times
+                built.append(stage.udf(job=job, engine=engine, engine_times=times))
             elif stage.kind == "cpu":
                 built.append(stage.udf(**_kwargs(job, stage, at)))
             else:
