@@ -11,6 +11,7 @@ import torch
 
 from stepback_ray.config import load_job
 from stepback_ray.engines import Request, SamplingParams
+from stepback_ray.errors import StepbackError
 from stepback_ray.pplug.model import PersonaPlug
 from stepback_ray.pplug.training import load_checkpoint, save_checkpoint, train
 from stepback_ray.storage import RunStore
@@ -98,16 +99,57 @@ def test_checkpoint_round_trip(tmp_path):
     assert meta["model"] == "m" and meta["d_llm"] == 10
 
 
+def tiny_training_job(out, *extra: str):
+    return load_job(REPO / "jobs" / "train_pplug.yaml", [
+        f"output={out}", f"pplug.train_questions={SAMPLE}_questions.json",
+        f"pplug.train_outputs={SAMPLE}_outputs.json", "pplug.val_users=4", "pplug.batch_size=4",
+        "pplug.eval_every=1", "pplug.max_input_tokens=64", "pplug.epochs=0.5", *extra])
+
+
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     """A plug trained for a few steps on the committed sample (enough to serve; not to be good)."""
     out = tmp_path_factory.mktemp("pplug")
-    job = load_job(REPO / "jobs" / "train_pplug.yaml", [
-        f"output={out}", f"pplug.train_questions={SAMPLE}_questions.json",
-        f"pplug.train_outputs={SAMPLE}_outputs.json", "pplug.val_users=4", "pplug.batch_size=4",
-        "pplug.eval_every=2", "pplug.max_input_tokens=64", "pplug.epochs=0.5"])
-    summary = train(job, log=lambda m: None)
+    summary = train(tiny_training_job(out), log=lambda m: None)
     return out, summary
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_interrupted_training_resumes_to_the_same_weights(tiny_checkpoint, tmp_path):
+    """Killed after the step-1 snapshot of 2, a rerun continues at step 2 and ends with the weights, loss history
+    and validation curve of the uninterrupted run; a finished run is not retrained, and a rerun with other
+    settings is refused rather than mixed in."""
+    whole, ref = tiny_checkpoint
+    cut = tmp_path / "cut"
+    assert ref["steps"] == 2 and ref["resumed_from_step"] == 0
+
+    def stop_at_step_1(message: str) -> None:
+        if message.startswith("step 1/2"):
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train(tiny_training_job(cut), log=stop_at_step_1)
+    assert (cut / "checkpoint" / "resume.pt").is_file() and not (cut / "training.json").exists()
+    messages: list[str] = []
+    resumed = train(tiny_training_job(cut), log=messages.append)
+    assert any(m.startswith("resuming from the snapshot at step 1/2") for m in messages)
+    assert not any(m.startswith("step 1/2") for m in messages)  # step 1 was not redone
+    assert resumed["resumed_from_step"] == 1 and not (cut / "checkpoint" / "resume.pt").exists()
+    assert json.loads((cut / "training.json").read_text())["history"] == \
+        json.loads((whole / "training.json").read_text())["history"]
+    a, _ = load_checkpoint(str(whole), StorageConfig())
+    b, _ = load_checkpoint(str(cut), StorageConfig())
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+
+    messages.clear()
+    assert train(tiny_training_job(cut), log=messages.append) == resumed
+    assert messages and "already trained" in messages[0]
+    with pytest.raises(StepbackError, match="trained with other settings"):
+        train(tiny_training_job(cut, "pplug.lr=0.01"), log=lambda m: None)
 
 
 def test_training_writes_checkpoint_curve_and_plot(tiny_checkpoint):

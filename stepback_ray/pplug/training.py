@@ -6,11 +6,19 @@ gold output. The loss is next-token cross-entropy on the gold tokens only; gradi
 into the projectors (and the instruction vector). The encoder is frozen too, so item and query embeddings are
 computed once up front. Validation loss is measured on held-out users every ``eval_every`` steps; the curve is
 saved as JSON and PNG next to the checkpoint, which holds the weights and the config needed to serve them.
+
+Training resumes. At every validation point the full training state (weights, optimizer, schedule, the shuffled
+order still to visit, both random generators, the loss history) is written to ``checkpoint/resume.pt`` under the
+job's output, so a rerun with the same ``run_id`` continues from the last snapshot and ends with the same weights
+an uninterrupted run would have; a rerun of a finished run returns its summary. A snapshot made with other
+training settings is refused with a clear error instead of being mixed in.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import math
 import random
 import time
@@ -34,6 +42,7 @@ from .model import PersonaPlug
 
 CHECKPOINT = "checkpoint/pplug.pt"
 CHECKPOINT_CONFIG = "checkpoint/pplug.json"
+RESUME = "checkpoint/resume.pt"
 
 
 @dataclass
@@ -156,6 +165,51 @@ def plot_losses(store: RunStore, history: dict[str, list]) -> None:
     store.write_bytes("loss.png", buf.getvalue())
 
 
+def training_fingerprint(job: JobSpec) -> str:
+    """What makes two training runs the same run: the plug's settings (``checkpoint`` is what is served, not
+    trained), the LLM, the task and the thread count (which changes float sums, hence the weights)."""
+    settings = job.pplug.model_dump(mode="json", exclude={"checkpoint"})
+    blob = json.dumps({"pplug": settings, "model": job.engine.model, "task": job.task,
+                       "threads": job.engine.threads}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def save_resume_state(store: RunStore, state: dict[str, Any]) -> None:
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    store.write_bytes(RESUME, buf.getvalue())
+
+
+def load_resume_state(store: RunStore, fingerprint: str) -> dict[str, Any] | None:
+    """The last snapshot of this run, or None; a snapshot of other settings is an error, never mixed in."""
+    import torch
+
+    if not store.exists(RESUME):
+        return None
+    state = torch.load(io.BytesIO(store.read_bytes(RESUME)), map_location="cpu", weights_only=False)
+    if state.get("fingerprint") != fingerprint:
+        raise StepbackError(f"{store.uri_of(RESUME)}: a training snapshot made with other settings (fingerprint "
+                            f"{state.get('fingerprint')}, this job {fingerprint}); train under a new run_id or "
+                            "delete that output")
+    return state
+
+
+def finished_summary(store: RunStore, fingerprint: str) -> dict[str, Any] | None:
+    """The summary of this run if it already finished with the same settings."""
+    if not (store.exists("training.json") and store.exists(CHECKPOINT)):
+        return None
+    summary = store.read_json("training.json")["summary"]
+    if "fingerprint" not in summary:
+        raise StepbackError(f"{store.uri_of('training.json')}: this output holds a plug trained before runs recorded "
+                            "their settings, so it cannot be matched to this job; train under a new run_id")
+    if summary["fingerprint"] != fingerprint:
+        raise StepbackError(f"{store.uri_of('training.json')}: this output holds a plug trained with other settings; "
+                            "train under a new run_id")
+    return summary
+
+
 def train(job: JobSpec, log=print) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM
@@ -163,17 +217,22 @@ def train(job: JobSpec, log=print) -> dict[str, Any]:
     cfg = job.pplug
     if not cfg.train_questions:
         raise StepbackError("pplug.train_questions is required for training")
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
+    rng = random.Random(cfg.seed)  # the validation split and the visiting order; its state goes in each snapshot
     task = get_task(job.task)
     store = RunStore(job.output_uri, job.storage)
     store.ensure_writable()
+    fingerprint = training_fingerprint(job)
+    done = finished_summary(store, fingerprint)
+    if done is not None:
+        log(f"{store.uri}: already trained with these settings ({done['steps']} steps); nothing to do")
+        store.remove(RESUME)  # left over when the run stopped between finishing and cleaning up
+        return done
     t0 = time.time()
     train_q = read_lamp(cfg.train_questions, cfg.train_outputs, task, job.storage)
     if cfg.val_questions:
         val_q = read_lamp(cfg.val_questions, cfg.val_outputs, task, job.storage)[:cfg.val_users]
     else:
-        random.shuffle(train_q)
+        rng.shuffle(train_q)
         val_q, train_q = train_q[:cfg.val_users], train_q[cfg.val_users:]
     if cfg.max_train_users:
         train_q = train_q[:cfg.max_train_users]
@@ -190,6 +249,7 @@ def train(job: JobSpec, log=print) -> dict[str, Any]:
     for p in llm.parameters():
         p.requires_grad_(False)
     emb = llm.get_input_embeddings().weight
+    torch.manual_seed(cfg.seed)  # here, not earlier: loading the encoder and the LLM may draw from torch's generator
     plug = PersonaPlug(encoder.dim, emb.shape[1], float(emb.norm(dim=1).mean()))
     pad = tools.tokenizer.pad_token_id
     opt = torch.optim.AdamW(plug.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -209,14 +269,27 @@ def train(job: JobSpec, log=print) -> dict[str, Any]:
         plug.train()
         return total / max(1, n)
 
-    history: dict[str, list] = {"train_step": [], "train_loss": [], "val_step": [0], "val_loss": [validate()]}
-    log(f"step 0/{steps}: validation loss {history['val_loss'][0]:.4f}")
     order: list[int] = []
+    state = load_resume_state(store, fingerprint)
+    if state is None:
+        start, elapsed_before = 1, 0.0
+        history: dict[str, list] = {"train_step": [], "train_loss": [], "val_step": [0], "val_loss": [validate()]}
+        log(f"step 0/{steps}: validation loss {history['val_loss'][0]:.4f}")
+    else:
+        plug.load_state_dict(state["plug"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["schedule"])
+        order, history, start = state["order"], state["history"], state["step"] + 1
+        elapsed_before = state["elapsed_s"]
+        rng.setstate(state["python_random"])
+        torch.set_rng_state(state["torch_random"])
+        log(f"resuming from the snapshot at step {state['step']}/{steps}")
+    resumed_from = start - 1
     plug.train()
-    for step in range(1, steps + 1):
+    for step in range(start, steps + 1):
         if len(order) < cfg.batch_size:
             nxt = list(range(len(train_ex)))
-            random.shuffle(nxt)
+            rng.shuffle(nxt)
             order += nxt
         batch = [train_ex[i] for i in order[:cfg.batch_size]]
         order = order[cfg.batch_size:]
@@ -231,6 +304,11 @@ def train(job: JobSpec, log=print) -> dict[str, Any]:
         if step % cfg.eval_every == 0 or step == steps:
             history["val_step"].append(step)
             history["val_loss"].append(validate())
+            save_resume_state(store, {
+                "fingerprint": fingerprint, "step": step, "plug": plug.state_dict(), "optimizer": opt.state_dict(),
+                "schedule": sched.state_dict(), "order": order, "history": history,
+                "python_random": rng.getstate(), "torch_random": torch.get_rng_state(),
+                "elapsed_s": elapsed_before + time.time() - t0})
             log(f"step {step}/{steps}: train loss {loss.item():.4f}, validation loss {history['val_loss'][-1]:.4f}"
                 f" ({time.time() - t0:.0f} s)")
     meta = {"encoder": cfg.encoder, "encoder_max_tokens": cfg.encoder_max_tokens, "model": job.engine.model,
@@ -239,8 +317,10 @@ def train(job: JobSpec, log=print) -> dict[str, Any]:
             "train_users": len(train_ex), "val_users": len(val_ex)}
     save_checkpoint(store, plug, meta)
     summary = {**meta, "val_loss_first": history["val_loss"][0], "val_loss_best": min(history["val_loss"]),
-               "val_loss_last": history["val_loss"][-1], "wall_s": round(time.time() - t0, 1),
-               "checkpoint": store.uri_of("checkpoint")}
+               "val_loss_last": history["val_loss"][-1], "wall_s": round(elapsed_before + time.time() - t0, 1),
+               "checkpoint": store.uri_of("checkpoint"), "fingerprint": fingerprint,
+               "resumed_from_step": resumed_from}
     store.write_json("training.json", {"summary": summary, "history": history, "config": job.public_dict()})
     plot_losses(store, history)
+    store.remove(RESUME)  # training.json marks the run finished; the snapshot has done its work
     return summary
