@@ -132,29 +132,39 @@ def run_user_passes(ex: Executor, job: JobSpec, work: Work, resuming: bool = Fal
     """The per-user passes, each where a mode needs it: the step-back profiles, and the Persona-Plug item
     embeddings beside them. With a profile store both go into one new version, committed after both (over the
     error budget, the store's pointer does not move); a rerun whose version is already committed gets that
-    version's stats back and redoes nothing. Returns where the profiles are, their stats and the passes' times."""
+    version's stats back and redoes nothing. Returns where the profiles are, their stats and the times: each
+    pass's wall time (``*_pass_s``, ``gate_sample_s``), its engine start costs, and ``between_passes_s``, the
+    bookkeeping around the passes (statistics, quality measures, the store's commit): this call's wall time less
+    the passes' own, whatever passes there are."""
+    t_enter = time.time()
+    walls: dict[str, float] = {}  # the passes' wall times: disjoint intervals, so the rest is bookkeeping
+    details: dict[str, float | int] = {}
+
+    def times() -> dict[str, float]:
+        between = round(time.time() - t_enter - sum(walls.values()), 3)
+        return {"profile_pass_s": 0.0, **walls, **details, "between_passes_s": between}
+
     plug = any(prompting.uses_plug(m) for m in job.modes)
     if not needs_profiles:
         if not plug:
-            return None, None, {}
+            return None, None, times()
         at, sv = ProfilesAt(job.output_uri, "profiles"), None
     else:
         at, sv = profiles_target(job, work.shards, resuming)
     t0 = time.time()
     if sv is not None and sv.committed is not None:
         stats = {k: v for k, v in sv.committed.items() if k not in ("run_id", "config", "files", "pointer")}
-        return at, {**stats, "chunks_committed_this_run": 0, "wall_s": round(time.time() - t0, 3)}, {}
-    timings: dict[str, float] = {}
+        return at, {**stats, "chunks_committed_this_run": 0, "wall_s": round(time.time() - t0, 3)}, times()
     summaries = ex.run(PROFILE_PASS, pending(at.uri, at.folder, job, work.profile_chunks), at) \
         if needs_profiles else []
-    timings["profile_pass_s"] = round(time.time() - t0, 3)
-    timings.update(engine_start_times("profile", summaries, t0))
+    walls["profile_pass_s"] = round(time.time() - t0, 3)
+    details.update(engine_start_times("profile", summaries, t0))
     if plug:
         t1 = time.time()
         ex.run(EMBED_PASS, pending(at.uri, at.embeddings, job, work.profile_chunks), at)
-        timings["embedding_pass_s"] = round(time.time() - t1, 3)
+        walls["embedding_pass_s"] = round(time.time() - t1, 3)
     if not needs_profiles:
-        return at, None, timings
+        return at, None, times()
     # a forget that ran while this job did: its users go out of this version before it is measured and committed
     late = forget.recheck_before_commit(job.profile_store.uri, job.storage, work.deny_token, sv.version) \
         if sv is not None else None
@@ -169,14 +179,14 @@ def run_user_passes(ex: Executor, job: JobSpec, work: Work, resuming: bool = Fal
         if job.profile_store.gate.min_lift is not None:
             t1 = time.time()
             stats["gate_sample"] = measure_lift(ex, job, work.generation_chunks, work.shards, at)
-            timings["gate_sample_s"] = round(time.time() - t1, 3)
+            walls["gate_sample_s"] = round(time.time() - t1, 3)
         gate = store_gate.evaluate_gate(job, sv, stats)
         if gate is not None:
             stats["gate"] = gate
         stats["retention"] = commit_version(sv, job, work.shards, {
             **stats, "run_id": job.run_id, "config": job.public_dict(),
             "files": RunStore(at.uri, job.storage).list(at.folder, ".parquet")})
-    return at, stats, timings
+    return at, stats, times()
 
 
 def profile_stats(job: JobSpec, at: ProfilesAt, work: Work, sv: StoreVersion | None) -> dict[str, Any]:
@@ -266,11 +276,8 @@ def _run_job(job: JobSpec, store: RunStore, work: Work | None, needs_profiles: b
         timings: dict[str, float] = {"read_s": round(t_exec - t_start + t_passes - t_ray, 3),
                                      "ray_start_s": round(t_ray - t_exec, 3)}
         at, profile_stats, pass_times = run_user_passes(ex, job, work, resumed, needs_profiles)
-        timings.update({"profile_pass_s": 0.0, **pass_times})
+        timings.update(pass_times)
         t0 = time.time()
-        # the user passes' bookkeeping (statistics, the store's commit, the quality measures): no pass runs then
-        timings["between_passes_s"] = round(t0 - t_passes - sum(
-            pass_times.get(k, 0.0) for k in ("profile_pass_s", "embedding_pass_s", "gate_sample_s")), 3)
         gen_summaries = ex.run(GENERATION_PASS, pending(job.output_uri, "generations", job, work.generation_chunks),
                                at)
         t1 = time.time()
