@@ -16,11 +16,14 @@ SAMPLE = REPO / "data" / "samples" / "lamp5_arxiv_dev20"
 
 
 def load_script(name: str):
-    """A module of ``scripts/`` (benchmarks and drills share their code with the tests)."""
+    """A module of ``scripts/`` (benchmarks and drills share their code with the tests). It is registered in
+    ``sys.modules`` before it runs, as an import would, so that its dataclasses can resolve their annotations."""
     import importlib.util
+    import sys
 
     spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 
