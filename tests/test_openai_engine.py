@@ -128,8 +128,9 @@ def test_completions_carry_the_rendered_prompt_usage_counts_and_the_key(fake, mo
     assert [c.prompt_tokens for c in out] == [1000 + len(eng.render(PROMPT)), 1017]  # the server's usage
     assert [c.cached_tokens for c in out] == [64, 64]  # its prefix-cache hits, where it reports them
     assert all(c.completion_tokens == 7 and c.finish_reason == "stop" and c.error is None for c in out)
-    body = fake.requests[0]
-    assert body["prompt"] == eng.render(PROMPT) and body["model"] == "served-smol"
+    # the two requests run concurrently, so the server may see either first: find the chat one by its prompt
+    (body,) = [b for b in fake.requests if b["prompt"] == eng.render(PROMPT)]
+    assert body["model"] == "served-smol" and len(fake.requests) == 2
     assert body["max_tokens"] == 9 and body["stop"] == ["\n"] and "seed" not in body  # greedy: no seed
     assert {h["Authorization"] for h in fake.headers} == {f"Bearer {KEY}"}
     assert KEY not in repr(eng) and KEY not in repr(vars(eng))
