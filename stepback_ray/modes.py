@@ -45,3 +45,19 @@ def mode_spec(name: str) -> ModeSpec:
         return MODE_SPECS[name]
     except KeyError:
         raise ValueError(f"unknown mode {name!r}; modes: {', '.join(MODE_NAMES)}") from None
+
+
+
+def _context(spec: ModeSpec) -> tuple[bool, bool, bool]:
+    return spec.profile, spec.retrieval, spec.plug
+
+
+def donor_control(name: str) -> str:
+    """The control of a personal mode: the donor mode with the same context (``profile+rag`` -> ``random-profile``,
+    ``pplug`` -> ``pplug-random``), the same prompt with another person in it."""
+    own = mode_spec(name)
+    controls = {_context(s): s.name for s in MODE_SPECS.values() if s.donor}
+    if own.donor or _context(own) not in controls:
+        with_one = [m for m, s in MODE_SPECS.items() if not s.donor and _context(s) in controls]
+        raise ValueError(f"mode {name!r} has no donor control; modes with one: {', '.join(with_one)}")
+    return controls[_context(own)]

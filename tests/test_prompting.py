@@ -142,3 +142,16 @@ def test_a_querys_modes_score_each_pool_once_with_the_same_prompts(formatter):
 def test_unknown_mode_is_rejected(formatter):
     with pytest.raises(ValueError):
         _plan(formatter, "LaMP_5", _q("LaMP_5"), "telepathy")
+
+
+def test_each_personal_mode_names_its_donor_control_from_the_registry():
+    from stepback_ray.modes import MODE_SPECS, donor_control
+
+    assert donor_control("profile+rag") == "random-profile" and donor_control("pplug") == "pplug-random"
+    for own in ("profile+rag", "pplug"):  # a control keeps the prompt's context and changes only the person
+        a, b = MODE_SPECS[own], MODE_SPECS[donor_control(own)]
+        assert (a.profile, a.retrieval, a.plug) == (b.profile, b.retrieval, b.plug) and b.donor and not a.donor
+    with pytest.raises(ValueError, match="'rag' has no donor control; modes with one: profile\\+rag, pplug"):
+        donor_control("rag")
+    with pytest.raises(ValueError, match="'random-profile' has no donor control"):
+        donor_control("random-profile")

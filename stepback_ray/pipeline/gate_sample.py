@@ -20,13 +20,16 @@ from typing import Any
 
 from ..config import JobSpec
 from ..metrics import bootstrap_ci
+from ..modes import donor_control
 from ..storage import RunStore
 from ..tasks import get_task
 from .chunks import ProfilesAt, chunk_queries
 from .commit import pending
 from .generation_pass import GENERATION_PASS
 
-MODES = ("profile+rag", "random-profile")
+OWN = "profile+rag"
+MODES = (OWN, donor_control(OWN))
+"""The person's own profile and its control (the same prompt with another user's profile and history)."""
 SCAN_FACTOR = 4
 """Shards are read in order until this many times ``lift_users`` candidates are found (a million-user input is
 not read whole in the driver for a 50-user sample; shards are hash partitions, so any few are a random sample)."""
@@ -84,6 +87,5 @@ def measure_lift(ex, job: JobSpec, generation_chunks: list[dict[str, Any]], shar
     diffs = [sign * (scores[MODES[0]][k] - scores[MODES[1]][k]) for k in keys]
     lo, hi = bootstrap_ci(diffs)
     return {"users": len(keys), "mean": round(sum(diffs) / len(diffs), 4), "lo": round(lo, 4), "hi": round(hi, 4),
-            "profile+rag": round(sum(scores[MODES[0]][k] for k in keys) / len(keys), 4),
-            "random-profile": round(sum(scores[MODES[1]][k] for k in keys) / len(keys), 4),
+            **{m: round(sum(scores[m][k] for k in keys) / len(keys), 4) for m in MODES},
             "output": store.uri_of("generations")}
