@@ -46,8 +46,6 @@ from stepback_ray.engines.formatting import PromptFormatter  # noqa: E402
 from stepback_ray.prompting import fit_prompt  # noqa: E402
 from stepback_ray.tasks import TASKS  # noqa: E402
 
-START, END = markers("bench_engines")
-
 # Production architectures, written out by hand (no weights can be downloaded here): Qwen2.5 Instruct configs.
 DUMMY_CONFIGS = {
     "qwen2.5-1.5b": {
@@ -103,14 +101,65 @@ def measure(generate, prompts: list[str], params: SamplingParams) -> dict[str, f
             "tokens_per_s": round((p_tok + c_tok) / wall, 1), "prompts_per_s": round(len(prompts) / wall, 3)}
 
 
+def flops_per_token(model_path: str) -> dict[str, float]:
+    """Matmul FLOPs one token costs in a forward pass: 2 x the parameters it multiplies by (every weight matrix,
+    and the LM head; an embedding lookup is free, a tied embedding is the LM head). Attention's own products
+    (4 x layers x position x hidden) are left out: the limit is a little above the truth, never below."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(model_path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    params = sum(p.numel() for p in model.parameters())
+    embed = model.get_input_embeddings().weight.numel()
+    tied = getattr(cfg, "tie_word_embeddings", False)
+    return {"params": params, "gflop_per_token": round(2 * (params if tied else params - embed) / 1e9, 4),
+            "hidden": cfg.hidden_size, "intermediate": cfg.intermediate_size}
+
+
+def matmul_peak(device: str, hidden: int, intermediate: int, threads: int, rows: int = 512) -> float:
+    """GFLOP/s of the model's largest matmul shape (``rows`` tokens x hidden @ hidden x intermediate, fp32 on CPU,
+    the engine's dtype on a GPU) with the engine's thread count: best of 5 timings of 10 products. The machine's
+    limit for this model, measured in the same run as the engines, is this over :func:`flops_per_token`."""
+    import torch
+
+    torch.set_num_threads(threads)
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    a = torch.randn(rows, hidden, dtype=dtype, device=device)
+    b = torch.randn(hidden, intermediate, dtype=dtype, device=device)
+    best = float("inf")
+    for _ in range(6):  # the first round warms up (thread pool, caches) and is kept only if it is the best
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(10):
+            a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - t0) / 10)
+    return round(2 * rows * hidden * intermediate / best / 1e9, 1)
+
+
 def run_raw_and_loop(engine_cfg: EngineConfig, sets: dict[str, list[str]], params: dict[str, SamplingParams],
                      loop_n: int) -> dict[str, dict]:
+    from stepback_ray.engines.models import resolve_model
+
+    import torch
+
+    device = engine_cfg.device if engine_cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    shape = flops_per_token(resolve_model(engine_cfg.model))
+    threads = engine_cfg.threads or os.cpu_count() or 1
+    peak = matmul_peak(device, shape["hidden"], shape["intermediate"], threads)
+    limit = {"matmul_gflops": peak, "threads": threads, "gflop_per_token": shape["gflop_per_token"],
+             "tokens_per_s": round(peak / shape["gflop_per_token"], 1)}
     t0 = time.perf_counter()
     engine = build_engine(engine_cfg)
     load = time.perf_counter() - t0
     out = {}
     for kind, prompts in sets.items():
         raw = measure(engine.generate, prompts, params[kind])
+        raw["limit"] = limit
         # like for like with the pipeline, whose wall time starts with no engine: the model load counted in
         tokens = raw["prompt_tokens"] + raw["completion_tokens"]
         raw.update(load_s=round(load, 2), tokens_per_s_with_load=round(tokens / (raw["wall_s"] + load), 1))
@@ -197,8 +246,9 @@ def _extra(r: dict) -> str:
     return ""
 
 
-def to_markdown(report: dict) -> str:
-    lines = [START, "", f"### Engines ({report['date']}, {report['machine']})", "",
+def to_markdown(report: dict, name: str = "bench_engines") -> str:
+    start, end = markers(name)
+    lines = [start, "", f"### Engines ({report['date']}, {report['machine']})", "",
              f"Model `{report['model']}`{' (random weights, load_format dummy)' if report['dummy'] else ''}, "
              f"{report['prompts']} prompts per set, fixed output length ({report['new_tokens']}), device "
              f"{report['device']}. tokens/s counts prompt + generated tokens over wall time; the pipeline's wall time "
@@ -209,20 +259,25 @@ def to_markdown(report: dict) -> str:
         lines += [f"**{kind} prompts**", "", "| engine | path | prompts | prompt tok | gen tok | wall s | tokens/s | "
                   "prompts/s | start-up / engine time |", "|---|---|---|---|---|---|---|---|---|"]
         for eng, paths in engines.items():
-            for path in ("pipeline", "raw", "loop", "raydata-vllm"):
-                if path in paths:
+            for path in [p for p in paths if p.startswith("pipeline")] + ["raw", "loop", "raydata-vllm"]:
+                if path in paths and isinstance(paths[path], dict) and "prompts" in paths[path]:
                     r = paths[path]
                     lines.append(f"| {eng} | {path} | {r['prompts']} | {r['prompt_tokens']} | {r['completion_tokens']}"
                                  f" | {r['wall_s']} | {r['tokens_per_s']} | {r['prompts_per_s']} | {_extra(r)} |")
         lines.append("")
         for eng, paths in engines.items():
+            limit = paths.get("raw", {}).get("limit")
+            if limit:
+                lines.append(f"- {eng}: limit {limit['tokens_per_s']} tokens/s = fp32 matmul peak "
+                             f"{limit['matmul_gflops']} GFLOP/s ({limit['threads']} threads, measured in this run) / "
+                             f"{limit['gflop_per_token']} GFLOP per token")
             if "ratios" in paths:
                 lines.append(f"- {eng}: " + ", ".join(f"`{k} = {v}`" for k, v in paths["ratios"].items()))
             for key, err in paths.items():
                 if key.endswith("_error"):
                     lines.append(f"- {eng} {key[:-6]}: failed: `{err}`")
         lines.append("")
-    lines.append(END)
+    lines.append(end)
     return "\n".join(lines)
 
 
@@ -262,6 +317,38 @@ def measured(results: dict[str, dict], engine: str, path: str | None, run) -> No
     print(json.dumps({"partial_results": results}), file=sys.stderr, flush=True)
 
 
+def add_ratios(results: dict[str, dict]) -> None:
+    """Each engine's ratios between its paths (every pipeline block size against raw) and against the limit."""
+    for kind in results:
+        for eng, paths in results[kind].items():
+            ratios = {}
+            for pipe in [p for p, r in paths.items() if p.startswith("pipeline") and isinstance(r, dict)
+                         and "raw" in paths]:
+                tag = pipe[len("pipeline"):]
+                # both from no engine to the last token (the pipeline starts its actor and loads the model; the
+                # raw engine's load is added to its wall time) ...
+                ratios[f"pipeline{tag}/raw"] = round(
+                    paths[pipe]["tokens_per_s"] / paths["raw"]["tokens_per_s_with_load"], 3)
+                # ... and the steady state: tokens per second inside the engine's generate calls
+                ratios[f"pipeline{tag}/raw (engine time)"] = round(
+                    paths[pipe]["engine_tokens_per_s"] / paths["raw"]["tokens_per_s"], 3)
+            limit = paths.get("raw", {}).get("limit")
+            if limit:  # the machine's matmul peak over the model's FLOPs per token, measured in the raw child
+                ratios["raw/limit"] = round(paths["raw"]["tokens_per_s"] / limit["tokens_per_s"], 3)
+                if "pipeline" in paths:
+                    ratios["pipeline/limit (engine time)"] = round(
+                        paths["pipeline"]["engine_tokens_per_s"] / limit["tokens_per_s"], 3)
+            if "pipeline" in paths and "loop" in paths:
+                ratios["pipeline/loop"] = round(paths["pipeline"]["tokens_per_s"] / paths["loop"]["tokens_per_s"], 2)
+            if "raw" in paths and "loop" in paths:
+                ratios["raw/loop"] = round(paths["raw"]["tokens_per_s"] / paths["loop"]["tokens_per_s"], 2)
+            if "raydata-vllm" in paths and "pipeline" in paths:
+                ratios["pipeline/raydata-vllm"] = round(
+                    paths["pipeline"]["tokens_per_s"] / paths["raydata-vllm"]["tokens_per_s"], 3)
+            if ratios:
+                paths["ratios"] = ratios
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--prompts", type=int, default=200)
@@ -271,6 +358,9 @@ def main() -> None:
     ap.add_argument("--gen-tokens", type=int, default=32)
     ap.add_argument("--profile-tokens", type=int, default=64)
     ap.add_argument("--block", type=int, default=64, help="prompts per pipeline block")
+    ap.add_argument("--also-blocks", type=lambda v: [int(x) for x in v.split(",") if x], default=[],
+                    help="comma-separated block sizes the pipeline is measured at as well (e.g. 200)")
+    ap.add_argument("--section", default="", help="write to the bench_engines:<section> markers instead")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--max-batch-tokens", type=int, default=16384)
     ap.add_argument("--device", default="auto")
@@ -320,6 +410,9 @@ def main() -> None:
             DataContext.get_current().enable_progress_bars = False
             measured(results, eng, None, lambda: raw_in_child(eng, sys.argv[1:]))
             measured(results, eng, "pipeline", lambda: run_pipeline(cfg, sets, new_tokens, args.block))
+            for block in args.also_blocks:  # the same prompts in blocks of another size, side by side
+                measured(results, eng, f"pipeline (block {block})",
+                         lambda block=block: run_pipeline(cfg, sets, new_tokens, block))
         else:
             measured(results, eng, None, lambda: run_raw_and_loop(cfg, sets, params, args.loop_prompts))
     if args.raw_json:
@@ -330,26 +423,7 @@ def main() -> None:
 
         measured(results, "vllm", "raydata-vllm", lambda: run_raydata_vllm(
             resolve_model(model) if not args.dummy else model, sets, new_tokens, args.block, args.kv_cache_gb))
-    for kind in results:
-        for eng, paths in results[kind].items():
-            ratios = {}
-            if "pipeline" in paths and "raw" in paths:
-                # both from no engine to the last token (the pipeline starts its actor and loads the model; the
-                # raw engine's load is added to its wall time) ...
-                ratios["pipeline/raw"] = round(
-                    paths["pipeline"]["tokens_per_s"] / paths["raw"]["tokens_per_s_with_load"], 3)
-                # ... and the steady state: tokens per second inside the engine's generate calls
-                ratios["pipeline/raw (engine time)"] = round(
-                    paths["pipeline"]["engine_tokens_per_s"] / paths["raw"]["tokens_per_s"], 3)
-            if "pipeline" in paths and "loop" in paths:
-                ratios["pipeline/loop"] = round(paths["pipeline"]["tokens_per_s"] / paths["loop"]["tokens_per_s"], 2)
-            if "raw" in paths and "loop" in paths:
-                ratios["raw/loop"] = round(paths["raw"]["tokens_per_s"] / paths["loop"]["tokens_per_s"], 2)
-            if "raydata-vllm" in paths and "pipeline" in paths:
-                ratios["pipeline/raydata-vllm"] = round(
-                    paths["pipeline"]["tokens_per_s"] / paths["raydata-vllm"]["tokens_per_s"], 3)
-            if ratios:
-                paths["ratios"] = ratios
+    add_ratios(results)
     if ray_started:
         import ray
 
@@ -366,7 +440,8 @@ def main() -> None:
         report["gpu_max_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     print(json.dumps(report, indent=1))
     if args.write:
-        write_section(Path(args.write), "bench_engines", "Engines", to_markdown(report))
+        name = f"bench_engines:{args.section}" if args.section else "bench_engines"
+        write_section(Path(args.write), name, "Engines", to_markdown(report, name))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,40 @@
+"""The engine benchmark's own arithmetic: the machine's limit for a model and the report's rows and ratios."""
+
+from __future__ import annotations
+
+import pytest
+
+from .conftest import load_script
+
+
+def test_the_limit_is_the_matmul_peak_over_the_models_flops_per_token():
+    bench = load_script("bench_engines")
+    from stepback_ray.engines.models import resolve_model
+
+    shape = bench.flops_per_token(resolve_model("packaged:smollm2-135m-instruct"))
+    # SmolLM2-135M: 134.5 M parameters, embeddings tied (the LM head is the one matmul they cost)
+    assert shape["params"] == pytest.approx(134.5e6, rel=0.01) and shape["gflop_per_token"] == pytest.approx(0.269, abs=0.002)
+    assert (shape["hidden"], shape["intermediate"]) == (576, 1536)
+    peak = bench.matmul_peak("cpu", 64, 128, threads=1, rows=32)
+    assert peak > 0.1  # GFLOP/s of a real product on this machine
+
+
+def test_every_pipeline_block_size_gets_a_row_and_its_ratios():
+    bench = load_script("bench_engines")
+    row = {"prompts": 2, "prompt_tokens": 10, "completion_tokens": 4, "wall_s": 1.0, "tokens_per_s": 14.0,
+           "prompts_per_s": 2.0}
+    paths = {"pipeline": {**row, "engine_s": 0.8, "engine_tokens_per_s": 17.5},
+             "pipeline (block 200)": {**row, "engine_s": 0.7, "engine_tokens_per_s": 20.0},
+             "pipeline (block 9)_error": "RuntimeError: boom",
+             "raw": {**row, "tokens_per_s": 20.0, "load_s": 0.5, "tokens_per_s_with_load": 18.0,
+                     "limit": {"matmul_gflops": 10.0, "threads": 2, "gflop_per_token": 0.25, "tokens_per_s": 40.0}}}
+    report = {"date": "2026-12-03", "machine": "m", "model": "x", "dummy": False, "device": "cpu", "prompts": 2,
+              "new_tokens": {}, "command": "c", "results": {"generation": {"transformers": paths}}}
+    bench.add_ratios(report["results"])
+    r = paths["ratios"]
+    assert r["pipeline/raw (engine time)"] == 0.875 and r["pipeline (block 200)/raw (engine time)"] == 1.0
+    assert r["raw/limit"] == 0.5 and r["pipeline/limit (engine time)"] == 0.438
+    md = bench.to_markdown(report, "bench_engines:blocks")
+    assert md.startswith("<!-- bench_engines:blocks:start -->") and md.endswith("<!-- bench_engines:blocks:end -->")
+    assert "| transformers | pipeline (block 200) | 2 |" in md and "limit 40.0 tokens/s" in md
+    assert "pipeline (block 9): failed: `RuntimeError: boom`" in md
