@@ -118,18 +118,19 @@ def flops_per_token(model_path: str) -> dict[str, float]:
             "hidden": cfg.hidden_size, "intermediate": cfg.intermediate_size}
 
 
-def matmul_peak(device: str, hidden: int, intermediate: int, threads: int, rows: int = 512) -> float:
-    """GFLOP/s of the model's largest matmul shape (``rows`` tokens x hidden @ hidden x intermediate, fp32 on CPU,
-    the engine's dtype on a GPU) with the engine's thread count: best of 5 timings of 10 products. The machine's
-    limit for this model, measured in the same run as the engines, is this over :func:`flops_per_token`."""
+def matmul_peak(device: str, dtype: str, hidden: int, intermediate: int, threads: int, rows: int = 512) -> float:
+    """GFLOP/s of the model's largest matmul shape (``rows`` tokens x hidden @ hidden x intermediate) in ``dtype``
+    (``fp32`` or ``bf16``) with the engine's thread count: the best of 6 rounds of 10 products (the first round
+    also warms up the thread pool and caches). The machine's limit for this model, measured in the same run as the
+    engines, is this over :func:`flops_per_token`."""
     import torch
 
     torch.set_num_threads(threads)
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    a = torch.randn(rows, hidden, dtype=dtype, device=device)
-    b = torch.randn(hidden, intermediate, dtype=dtype, device=device)
+    kind = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    a = torch.randn(rows, hidden, dtype=kind, device=device)
+    b = torch.randn(hidden, intermediate, dtype=kind, device=device)
     best = float("inf")
-    for _ in range(6):  # the first round warms up (thread pool, caches) and is kept only if it is the best
+    for _ in range(6):
         if device == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -141,17 +142,23 @@ def matmul_peak(device: str, hidden: int, intermediate: int, threads: int, rows:
     return round(2 * rows * hidden * intermediate / best / 1e9, 1)
 
 
+def resolve_device(device: str) -> str:
+    """``auto`` as the engines read it: a CUDA device where one is visible, else the CPU."""
+    import torch
+
+    return device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def run_raw_and_loop(engine_cfg: EngineConfig, sets: dict[str, list[str]], params: dict[str, SamplingParams],
                      loop_n: int) -> dict[str, dict]:
     from stepback_ray.engines.models import resolve_model
 
-    import torch
-
-    device = engine_cfg.device if engine_cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(engine_cfg.device)
+    dtype = "fp32" if device == "cpu" else "bf16"
     shape = flops_per_token(resolve_model(engine_cfg.model))
     threads = engine_cfg.threads or os.cpu_count() or 1
-    peak = matmul_peak(device, shape["hidden"], shape["intermediate"], threads)
-    limit = {"matmul_gflops": peak, "threads": threads, "gflop_per_token": shape["gflop_per_token"],
+    peak = matmul_peak(device, dtype, shape["hidden"], shape["intermediate"], threads)
+    limit = {"matmul_gflops": peak, "dtype": dtype, "threads": threads, "gflop_per_token": shape["gflop_per_token"],
              "tokens_per_s": round(peak / shape["gflop_per_token"], 1)}
     t0 = time.perf_counter()
     engine = build_engine(engine_cfg)
@@ -268,7 +275,7 @@ def to_markdown(report: dict, name: str = "bench_engines") -> str:
         for eng, paths in engines.items():
             limit = paths.get("raw", {}).get("limit")
             if limit:
-                lines.append(f"- {eng}: limit {limit['tokens_per_s']} tokens/s = fp32 matmul peak "
+                lines.append(f"- {eng}: limit {limit['tokens_per_s']} tokens/s = {limit['dtype']} matmul peak "
                              f"{limit['matmul_gflops']} GFLOP/s ({limit['threads']} threads, measured in this run) / "
                              f"{limit['gflop_per_token']} GFLOP per token")
             if "ratios" in paths:
@@ -322,8 +329,8 @@ def add_ratios(results: dict[str, dict]) -> None:
     for kind in results:
         for eng, paths in results[kind].items():
             ratios = {}
-            for pipe in [p for p, r in paths.items() if p.startswith("pipeline") and isinstance(r, dict)
-                         and "raw" in paths]:
+            pipelines = [p for p, r in paths.items() if p.startswith("pipeline") and isinstance(r, dict)]
+            for pipe in pipelines if "raw" in paths else []:
                 tag = pipe[len("pipeline"):]
                 # both from no engine to the last token (the pipeline starts its actor and loads the model; the
                 # raw engine's load is added to its wall time) ...
@@ -430,7 +437,7 @@ def main() -> None:
         ray.shutdown()
     import torch
 
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     report = {"date": dt.date.today().isoformat(),
               "machine": machine(),
               "model": args.dummy or model, "dummy": bool(args.dummy), "device": device, "prompts": args.prompts,

@@ -47,7 +47,6 @@ def mode_spec(name: str) -> ModeSpec:
         raise ValueError(f"unknown mode {name!r}; modes: {', '.join(MODE_NAMES)}") from None
 
 
-
 def _context(spec: ModeSpec) -> tuple[bool, bool, bool]:
     return spec.profile, spec.retrieval, spec.plug
 

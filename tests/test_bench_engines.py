@@ -13,9 +13,10 @@ def test_the_limit_is_the_matmul_peak_over_the_models_flops_per_token():
 
     shape = bench.flops_per_token(resolve_model("packaged:smollm2-135m-instruct"))
     # SmolLM2-135M: 134.5 M parameters, embeddings tied (the LM head is the one matmul they cost)
-    assert shape["params"] == pytest.approx(134.5e6, rel=0.01) and shape["gflop_per_token"] == pytest.approx(0.269, abs=0.002)
+    assert shape["params"] == pytest.approx(134.5e6, rel=0.01)
+    assert shape["gflop_per_token"] == pytest.approx(0.269, abs=0.002)
     assert (shape["hidden"], shape["intermediate"]) == (576, 1536)
-    peak = bench.matmul_peak("cpu", 64, 128, threads=1, rows=32)
+    peak = bench.matmul_peak("cpu", "fp32", 64, 128, threads=1, rows=32)
     assert peak > 0.1  # GFLOP/s of a real product on this machine
 
 
@@ -27,7 +28,8 @@ def test_every_pipeline_block_size_gets_a_row_and_its_ratios():
              "pipeline (block 200)": {**row, "engine_s": 0.7, "engine_tokens_per_s": 20.0},
              "pipeline (block 9)_error": "RuntimeError: boom",
              "raw": {**row, "tokens_per_s": 20.0, "load_s": 0.5, "tokens_per_s_with_load": 18.0,
-                     "limit": {"matmul_gflops": 10.0, "threads": 2, "gflop_per_token": 0.25, "tokens_per_s": 40.0}}}
+                     "limit": {"matmul_gflops": 10.0, "dtype": "fp32", "threads": 2, "gflop_per_token": 0.25,
+                               "tokens_per_s": 40.0}}}
     report = {"date": "2026-12-03", "machine": "m", "model": "x", "dummy": False, "device": "cpu", "prompts": 2,
               "new_tokens": {}, "command": "c", "results": {"generation": {"transformers": paths}}}
     bench.add_ratios(report["results"])
@@ -36,5 +38,6 @@ def test_every_pipeline_block_size_gets_a_row_and_its_ratios():
     assert r["raw/limit"] == 0.5 and r["pipeline/limit (engine time)"] == 0.438
     md = bench.to_markdown(report, "bench_engines:blocks")
     assert md.startswith("<!-- bench_engines:blocks:start -->") and md.endswith("<!-- bench_engines:blocks:end -->")
-    assert "| transformers | pipeline (block 200) | 2 |" in md and "limit 40.0 tokens/s" in md
+    assert "| transformers | pipeline (block 200) | 2 |" in md
+    assert "limit 40.0 tokens/s = fp32 matmul peak 10.0 GFLOP/s" in md
     assert "pipeline (block 9): failed: `RuntimeError: boom`" in md
