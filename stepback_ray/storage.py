@@ -53,7 +53,10 @@ def filesystem_for(uri: str, storage: StorageConfig | None = None) -> tuple[fssp
     if protocol in ("s3", "s3a"):
         import s3fs  # imported lazily: local runs do not pay for botocore
 
-        fs = s3fs.S3FileSystem(skip_instance_cache=True, **_s3_kwargs(storage))
+        # one client per settings, thread and process (fsspec's instance cache): a new S3FileSystem costs ~200 ms
+        # (session, credentials, connection) before its first answer, and a run opens its store hundreds of times.
+        # Shared, it must never answer from an old listing: other processes write the same run.
+        fs = s3fs.S3FileSystem(use_listings_cache=False, **_s3_kwargs(storage))
         return fs, fs._strip_protocol(uri)
     fs, path = fsspec.core.url_to_fs(uri)
     return fs, path
