@@ -17,7 +17,7 @@ from stepback_ray.pplug.training import load_checkpoint, save_checkpoint, train
 from stepback_ray.storage import RunStore
 from stepback_ray.config import StorageConfig
 
-from .conftest import FIXTURES, REPO, SAMPLE
+from .conftest import FIXTURES, REPO, SAMPLE, lamp5_users
 
 
 def _unit(v):
@@ -103,7 +103,8 @@ def tiny_training_job(out, *extra: str):
     return load_job(REPO / "jobs" / "train_pplug.yaml", [
         f"output={out}", f"pplug.train_questions={SAMPLE}_questions.json",
         f"pplug.train_outputs={SAMPLE}_outputs.json", "pplug.val_users=4", "pplug.batch_size=4",
-        "pplug.eval_every=1", "pplug.max_input_tokens=64", "pplug.epochs=0.5", *extra])
+        "pplug.eval_every=1", "pplug.max_input_tokens=64", "pplug.epochs=0.5",
+        "pplug.max_items=8", *extra])  # 8 history items a user: encoding 32 was half of a run's time
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +212,12 @@ def test_pplug_random_serves_the_donors_soft_token_with_the_users_own_input(tiny
     vectors = stage._embeddings([c["chunk_id"] for c in work.generation_chunks])
     pairs = donors(sorted(inputs), job.generation.seed)
     assert len(pairs) == 4 and all(u != d for u, d in pairs.items())
-    for user, donor in pairs.items():
-        expected = stage.plug.soft_tokens([(inputs[user], list(vectors[donor].values()))])[0]
+    from stepback_ray.profiling import most_recent_first
+
+    history = {u["user_id"]: u["history"] for u in lamp5_users(4)}
+    assert stage.plug.max_items == 8 and max(len(vectors[d]) for d in pairs.values()) > 8  # a history is cut
+    for user, donor in pairs.items():  # the donor's newest max_items items
+        newest = [vectors[donor][it["id"]] for it in most_recent_first(history[donor])][:stage.plug.max_items]
+        expected = stage.plug.soft_tokens([(inputs[user], newest)])[0]
         np.testing.assert_allclose(soft[(user, "pplug-random")], expected, rtol=1e-5, atol=1e-6)
         assert not np.allclose(soft[(user, "pplug-random")], soft[(user, "pplug")])
