@@ -107,6 +107,16 @@ def engine():
     return build_engine(EngineConfig(batch_size=4))
 
 
+@pytest.fixture(scope="session")
+def dry_engine():
+    """The dry-run engine with the embedded model's tokenizer: everything but the LLM (well-formed profiles of
+    the expected length), for tests of what is built around the engine's calls."""
+    from stepback_ray.config import EngineConfig
+    from stepback_ray.engines import build_engine
+
+    return build_engine(EngineConfig(kind="dry-run"))
+
+
 def lamp5_users(n: int) -> list[dict]:
     """The first ``n`` users of the committed lamp5_arxiv sample / shared dev set, as {user_id, history, query}."""
     import json as _json
@@ -130,3 +140,4 @@ def write_items_parquet(path: Path, users: list[dict]) -> None:
     rows = [{"user_id": u["user_id"], **it} for u in users for it in u["history"]]
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows), path)
+

@@ -15,8 +15,9 @@ from stepback_ray.planning import plan_job
 
 from .conftest import FIXTURES, REPO, SAMPLE
 
-FAST = ["generation.max_new_tokens=16", "profile.max_new_tokens=40", "profile.history_token_budget=300",
-        "profile.max_parts=1", "ray.progress_bars=false"]
+FAST = ["generation.max_new_tokens=10", "profile.max_new_tokens=24", "profile.history_token_budget=200",
+        "profile.max_item_tokens=48", "retrieval.max_item_tokens=48", "profile.max_parts=1",
+        "ray.progress_bars=false"]  # short prompts and outputs: nothing here needs long texts
 
 
 def test_end_to_end_five_users_then_rerun_skips_committed_chunks(ray_local, tmp_path):

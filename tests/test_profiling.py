@@ -147,7 +147,8 @@ def test_long_history_is_planned_into_parts_that_each_fit_the_budget(formatter):
     assert profiling.ProfilePlan.from_dict(plan.to_dict()) == plan
 
 
-def test_distiller_map_reduce_calls_grow_linearly(engine):
+def test_distiller_map_reduce_calls_grow_linearly(dry_engine):  # the call structure, not the model's answers
+    engine = dry_engine
     calls: list[int] = []
 
     def generate(prompts, params):
@@ -173,7 +174,8 @@ def test_distiller_map_reduce_calls_grow_linearly(engine):
     assert res_long.prompt_tokens > res_short.prompt_tokens > 0
 
 
-def test_style_notes_are_one_call_per_item_and_reach_the_profile_prompt(engine):
+def test_style_notes_are_one_call_per_item_and_reach_the_profile_prompt(dry_engine):
+    engine = dry_engine
     cfg = ProfileConfig(history_token_budget=400, max_item_tokens=60, max_new_tokens=24, style_notes=True,
                         note_max_new_tokens=12)
     plan = profiling.plan_profile("u", _long_history(3), TASK, cfg, engine)
