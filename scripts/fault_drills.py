@@ -252,10 +252,11 @@ class FlakyS3:
                 self.requests += 1
                 fail = self.rng.random() < self.fault_rate
                 self.faults += fail
-            if fail:
+            if fail:  # (an answer to HEAD has no body, as S3's)
+                body = b"" if environ["REQUEST_METHOD"] == "HEAD" else self.BODY
                 start_response("503 Slow Down", [("Content-Type", "application/xml"),
-                                                 ("Content-Length", str(len(self.BODY)))])
-                return [self.BODY]
+                                                 ("Content-Length", str(len(body)))])
+                return [body]
             return app(environ, start_response)
 
         return wrapped

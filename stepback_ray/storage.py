@@ -3,9 +3,22 @@
 Every URI goes through fsspec (``s3://`` through s3fs); filesystems are built from the job's
 :class:`~stepback_ray.config.StorageConfig` *inside* the process that uses them (the driver or a Ray worker), never
 pickled across. Writes of result files are atomic: a reader sees the whole file or none of it (local files are
-written to a temporary name and renamed; an object-store PUT is atomic by itself). Transient failures (timeouts,
-throttling, dropped connections) are retried with exponential backoff (``tenacity``); a missing file, a missing
-bucket or denied access are not transient and fail at once.
+written to a temporary name and renamed; an object-store PUT is atomic by itself).
+
+**One retry policy**, ``storage.retries``, applied by exactly one layer for each kind of failure, so a throttled
+call is never retried more often than the config says:
+
+- on S3, every request (reads, writes, listings, multipart parts, and Ray Data's reads and writes through the same
+  filesystem) is retried by botocore's ``standard`` retry mode, ``storage.retries`` times: throttling
+  (``SlowDown``), 5xx, timeouts and connection failures, with jittered exponential backoff (up to 20 s a wait;
+  its retry quota also stops retrying a client whose retries far outnumber its successes, so sustained throttling
+  fails loud instead of queueing). s3fs's own retry loop is switched off (it would retry each of those calls
+  again, 5 times);
+- a response body cut off mid-read (which botocore cannot retry: the response had arrived) is retried by
+  :meth:`RunStore._call`, the same number of times;
+- on a local or shared (NFS) filesystem, :meth:`RunStore._call` retries transient OS errors (timeouts).
+
+A missing file, a missing bucket or denied access are not transient and fail at once.
 """
 
 from __future__ import annotations
@@ -23,14 +36,16 @@ from typing import Any
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from .config import StorageConfig
 from .errors import InputError, StorageError
 
 
 def _s3_kwargs(storage: StorageConfig) -> dict[str, Any]:
-    kw: dict[str, Any] = {}
+    # every S3 request's retry policy (module docstring): botocore's standard mode; its count includes the first
+    kw: dict[str, Any] = {"config_kwargs": {"retries": {"mode": "standard",
+                                                         "total_max_attempts": storage.retries + 1}}}
     if storage.endpoint_url:
         kw["endpoint_url"] = storage.endpoint_url
     if storage.region:
@@ -57,6 +72,7 @@ def filesystem_for(uri: str, storage: StorageConfig | None = None) -> tuple[fssp
         # (session, credentials, connection) before its first answer, and a run opens its store hundreds of times.
         # Shared, it must never answer from an old listing: other processes write the same run.
         fs = s3fs.S3FileSystem(use_listings_cache=False, **_s3_kwargs(storage))
+        fs.retries = 1  # s3fs's own loop: one attempt (botocore has retried each request already)
         return fs, fs._strip_protocol(uri)
     fs, path = fsspec.core.url_to_fs(uri)
     return fs, path
@@ -107,14 +123,26 @@ def read_bytes(uri: str, storage: StorageConfig | None = None) -> bytes:
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Worth retrying: connection trouble, timeouts, throttling, 5xx. Not: missing files, denied access."""
+    """Worth retrying on a local or shared filesystem: timeouts, a dropped connection (NFS). Not: missing files,
+    denied access, anything else."""
     if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
         return False
     if isinstance(exc, (ConnectionError, TimeoutError)):
         return True
     text = f"{type(exc).__name__} {exc}".lower()
-    return any(s in text for s in ("timeout", "timed out", "throttl", "slowdown", "slow down", "503", "500 ",
-                                   "internalerror", "connection", "temporarily"))
+    return any(s in text for s in ("timeout", "timed out", "connection", "temporarily"))
+
+
+#: what breaks off a response body part-way: botocore retries requests, not the reading of an answer that arrived
+_CUT_BODY = ("IncompleteRead", "ClientPayloadError", "ResponseStreamingError", "ContentLengthError",
+             "Connection broken", "ResponseParserError")
+
+
+def is_cut_body(exc: BaseException) -> bool:
+    """An S3 response whose body was cut off (or garbled) while it was read: the one S3 failure retried above
+    botocore (see the module docstring)."""
+    text = f"{type(exc).__name__} {exc}"
+    return any(s.lower() in text.lower() for s in _CUT_BODY)
 
 
 class PointerMoved(Exception):
@@ -132,9 +160,11 @@ class RunStore:
         self.fs, self.root = filesystem_for(self.uri, self.storage)
 
     def _call(self, fn, *args, **kwargs):
-        """One storage call, retried with exponential backoff while it fails transiently."""
+        """One storage call. Retried here, ``storage.retries`` times with jittered exponential backoff, only for
+        what no layer below retries: on S3 a response body cut off mid-read, locally a transient OS error."""
+        retryable = is_transient if is_local(self.fs) else is_cut_body
         retrying = Retrying(stop=stop_after_attempt(self.storage.retries + 1), reraise=True,
-                            wait=wait_exponential(multiplier=0.05, max=5.0), retry=retry_if_exception(is_transient))
+                            wait=wait_random_exponential(multiplier=0.1, max=5.0), retry=retry_if_exception(retryable))
         return retrying(fn, *args, **kwargs)
 
     def path(self, rel: str) -> str:

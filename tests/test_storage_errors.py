@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 
 import pytest
 
@@ -14,6 +15,7 @@ from stepback_ray.config import StorageConfig
 from stepback_ray.errors import InputError, StorageError
 from stepback_ray.storage import RunStore, read_bytes
 
+from .conftest import load_script
 from .test_cli import stepback
 
 
@@ -24,11 +26,38 @@ def _free_port() -> int:
 
 
 def test_unreachable_endpoint():
-    storage = StorageConfig(endpoint_url=f"http://127.0.0.1:{_free_port()}", key="k", secret="s")
+    # a closed port is retried like any lost connection (storage.retries); one retry keeps this test short
+    storage = StorageConfig(endpoint_url=f"http://127.0.0.1:{_free_port()}", key="k", secret="s", retries=1)
     t0 = time.time()
     with pytest.raises(StorageError, match=r"s3://b/run: storage endpoint unreachable"):
         RunStore("s3://b/run", storage).ensure_writable()
-    assert time.time() - t0 < 60
+    assert time.time() - t0 < 10
+
+
+@pytest.mark.parametrize("retries", [0, 1])
+def test_a_throttled_request_is_sent_exactly_retries_plus_one_times(tmp_path, retries):
+    """One retry policy (storage.py): a request S3 keeps throttling reaches the server ``storage.retries + 1``
+    times, through the run store and through the bare filesystem Ray Data reads with. Layered (our retries over
+    s3fs's loop over botocore's legacy retries) it reached it up to 6 x 5 x 5 times."""
+    import s3fs
+
+    from stepback_ray.storage import filesystem_for
+
+    flaky = load_script("fault_drills").FlakyS3(0.0)
+    with flaky as endpoint:
+        creds = {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
+        bucket = f"throttled-{retries}-{uuid.uuid4().hex[:8]}"  # (moto's state is shared by the process)
+        s3fs.S3FileSystem(skip_instance_cache=True, **creds).mkdir(bucket)
+        store = RunStore(f"s3://{bucket}/run", StorageConfig(**creds, retries=retries))
+        store.write_bytes("a.json", b"{}")
+        fs, path = filesystem_for(f"s3://{bucket}/run/a.json", StorageConfig(**creds, retries=retries))
+        flaky.fault_rate = 1.0  # every request from here on: 503 SlowDown
+        for call in (lambda: store.write_bytes("b.json", b"{}"), lambda: store.read_bytes("a.json"),
+                     lambda: fs.cat_file(path)):
+            before = flaky.requests
+            with pytest.raises(Exception, match="SlowDown|reduce your request rate|Service Unavailable"):
+                call()
+            assert flaky.requests - before == retries + 1
 
 
 def test_missing_bucket_and_missing_key(s3_bucket):
@@ -81,7 +110,7 @@ def test_wrong_credentials(authenticating_s3):
 def test_cli_reports_storage_errors_in_one_line(tmp_path):
     proc = stepback("run", "jobs/demo.yaml", "--set", "output=s3://b/x", "--set",
                     f"storage.endpoint_url=http://127.0.0.1:{_free_port()}", "--set", "storage.key=k",
-                    "--set", "storage.secret=s")
+                    "--set", "storage.secret=s", "--set", "storage.retries=1")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     err = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(err) == 1 and "storage endpoint unreachable" in err[0]

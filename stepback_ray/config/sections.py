@@ -289,7 +289,9 @@ class StorageConfig(_Strict):
     key: SecretStr | None = None
     secret: SecretStr | None = None
     anon: bool = False
-    retries: Int = Field(default=5, ge=0, description="retries of a failed storage call, with exponential backoff")
+    retries: Int = Field(default=5, ge=0, description="retries of a failed storage request (throttling, 5xx, "
+                                                     "timeouts, lost connections), with jittered exponential backoff; "
+                                                     "one layer retries each failure (storage.py)")
     shared_filesystem: bool = Field(default=False, description="on a cluster, local paths (output, store) are on a "
                                                                "filesystem every node mounts (NFS, Lustre)")
 
