@@ -149,26 +149,31 @@ def test_lamp_user_ids_follow_the_dataset_rule(tmp_path, uid, reason):
     assert read_lamp(path, None, TASKS["LaMP_5"])[0].user_id == "42"
 
 
-def test_a_missing_local_input_fails_before_the_tokenizer_loads(tmp_path, monkeypatch):
-    """A job whose input file is missing says so at once: the model's tokenizer (seconds of imports) is not loaded
-    first. Object-store inputs are left to the reader (an exists call cannot tell missing from unreachable)."""
+def test_bad_input_fails_before_the_tokenizer_loads(tmp_path, monkeypatch):
+    """A job whose input is missing, is not LaMP or lacks a gold says so at once: the input is read before the
+    model's tokenizer (seconds of imports) is loaded."""
     from stepback_ray.config import load_job
-    from stepback_ray.data.lamp import check_local_inputs_exist
     from stepback_ray.pipeline import job as job_module
     from stepback_ray.pipeline import run_job
 
-    from .conftest import REPO
+    from .conftest import REPO, write_lamp
 
     def no_tokenizer(*a, **k):
-        raise AssertionError("the tokenizer was loaded before the input was checked")
+        raise AssertionError("the tokenizer was loaded before the input was read")
 
     monkeypatch.setattr(job_module, "PromptFormatter", no_tokenizer)
     missing = tmp_path / "missing_questions.json"
-    for q, o, name in [(missing, None, missing.name),
-                       (FIXTURES / "LaMP_5_questions.json", tmp_path / "gone_outputs.json", "gone_outputs.json")]:
+    not_lamp = tmp_path / "x_questions.json"
+    not_lamp.write_text(json.dumps({"hello": "world"}))
+    qs = json.loads((FIXTURES / "LaMP_5_questions.json").read_text())
+    q_nogold, o_nogold = write_lamp(tmp_path, "nogold", qs, "LaMP_5", {"310": "a", "312": "c"})
+    for q, o, pattern in [(missing, None, "missing_questions.json: file not found"),
+                          (FIXTURES / "LaMP_5_questions.json", tmp_path / "gone_outputs.json",
+                           "gone_outputs.json: file not found"),
+                          (not_lamp, None, "x_questions.json: expected a JSON list"),
+                          (q_nogold, o_nogold, "record '311': field 'id': question has no gold output")]:
         job = load_job(REPO / "jobs" / "demo.yaml", [f"input.questions={q}", f"input.outputs={o}" if o else
                                                       "input.outputs=null", f"output={tmp_path / 'out'}"])
-        with pytest.raises(InputError, match=f"{name}: file not found"):
+        with pytest.raises(InputError, match=pattern):
             run_job(job)
-    check_local_inputs_exist(str(FIXTURES / "LaMP_5_questions.json"), None)  # present: nothing to say
-    check_local_inputs_exist("s3://bucket/q.json", "s3://bucket/o.json")  # not checked here: no call is made
+    assert not (tmp_path / "out").exists()  # nothing left behind either

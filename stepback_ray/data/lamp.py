@@ -16,7 +16,7 @@ from typing import Any
 
 from ..config import StorageConfig
 from ..errors import InputError
-from ..storage import filesystem_for, is_local_uri, read_bytes
+from ..storage import read_bytes
 from ..tasks import TaskSpec, same_task
 from .rows import Query, user_id_problem
 
@@ -165,17 +165,6 @@ def attach_golds(uri: str, data: Any, task: TaskSpec, queries: list[Query]) -> N
         if q.query_id not in golds:
             raise InputError(uri, "question has no gold output in this file", record=repr(q.query_id), field="id")
         q.gold = golds[q.query_id]
-
-
-def check_local_inputs_exist(questions: str, outputs: str | None) -> None:
-    """A missing local input file fails at once, before a job loads its model's tokenizer (seconds of imports).
-    Object-store inputs are checked when :func:`read_lamp` reads them: an exists call there cannot tell a missing
-    object from an unreachable store."""
-    for uri in (questions, outputs):
-        if uri is not None and is_local_uri(uri):
-            fs, path = filesystem_for(uri)
-            if not fs.exists(path):
-                raise InputError(uri, "file not found")
 
 
 def read_lamp(questions: str, outputs: str | None, task: TaskSpec,

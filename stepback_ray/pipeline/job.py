@@ -17,7 +17,7 @@ from .. import forget, profile_quality, profiling, prompting, store_gate
 from ..config import JobSpec
 from ..data import collect_users, generation_chunks, lead_groups, profile_chunks
 from ..data.datasets import stage_dataset, staged_chunks
-from ..data.lamp import check_local_inputs_exist, read_lamp
+from ..data.lamp import read_lamp
 from ..data.rows import status_kind
 from ..engines.formatting import PromptFormatter
 from ..errors import RunFailed, StepbackError
@@ -238,20 +238,18 @@ def measure_profiles(job: JobSpec, at: ProfilesAt, work: Work) -> dict[str, Any]
 
 
 def _start(job: JobSpec, needs_profiles: bool) -> tuple[RunStore, Work | None, bool, float]:
-    """What every job does before any cluster work: claim the output (empty, new, or this run's own), check the
-    model's tokenizer loads (a missing local input file fails before it), read LaMP input (bad input fails here),
-    and record or match the spec."""
+    """What every job does before any cluster work: claim the output (empty, new, or this run's own), read LaMP
+    input (bad input fails here, before the seconds the next check costs), check the model's tokenizer loads, and
+    record or match the spec."""
     t_start = time.time()
     store = RunStore(job.output_uri, job.storage)
     store.ensure_writable(run_marker="_run_spec.json")
-    if job.input.format == "lamp":
-        check_local_inputs_exist(job.input.questions, job.input.outputs)
+    work = prepare_work(job, needs_profiles)
     PromptFormatter(job.engine)  # fail here, before any cluster work, if the model or its tokenizer is unusable
     if job.engine.kind == "openai" and not job.ray.address:  # local engine actors share this environment
         from ..engines.openai_engine import api_key
 
         api_key(job.engine.openai)  # a missing API key variable fails here, as one line
-    work = prepare_work(job, needs_profiles)
     return store, work, check_resume(store, job), t_start
 
 
