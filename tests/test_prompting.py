@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 
 import pytest
 
@@ -155,3 +156,41 @@ def test_each_personal_mode_names_its_donor_control_from_the_registry():
         donor_control("rag")
     with pytest.raises(ValueError, match="'random-profile' has no donor control"):
         donor_control("random-profile")
+
+
+def test_the_tokenizer_loads_by_its_named_class_as_autotokenizer_would_without_importing_torch(tmp_path):
+    """load_tokenizer takes the class tokenizer_config.json names and the context from config.json: the same
+    tokenizer as AutoTokenizer's (class, ids, chat rendering) and the same context as AutoConfig's, in a fresh
+    process without torch (AutoTokenizer imports it: ~2.5 s in every CLI call and Ray worker)."""
+    import shutil
+    import subprocess
+    import sys
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    from stepback_ray.engines.formatting import load_tokenizer
+    from stepback_ray.engines.models import resolve_model
+
+    path = resolve_model(EngineConfig().model)
+    no_class = tmp_path / "no-class"  # a folder that names no class: AutoTokenizer's way, the same result
+    shutil.copytree(path, no_class, ignore=shutil.ignore_patterns("*.safetensors"))
+    cfg = json.loads((no_class / "tokenizer_config.json").read_text())
+    cfg.pop("tokenizer_class")
+    (no_class / "tokenizer_config.json").write_text(json.dumps(cfg))
+    auto = AutoTokenizer.from_pretrained(path)
+    texts = ["Step-back profiling: a user's history, distilled.", "  <|im_start|> émigré 東京 \n\n tabs\t"]
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": texts[1]}]
+    for folder in (path, str(no_class)):
+        tok, context = load_tokenizer.__wrapped__(folder)
+        assert type(tok) is type(auto) and context == AutoConfig.from_pretrained(path).max_position_embeddings
+        for t in texts:
+            assert tok.encode(t) == auto.encode(t) and tok(t, add_special_tokens=False)["input_ids"] == \
+                auto(t, add_special_tokens=False)["input_ids"]
+        assert tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == \
+            auto.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        assert tok.padding_side == "left" and tok.pad_token_id is not None
+    code = ("import sys\nfrom stepback_ray.config import EngineConfig\n"
+            "from stepback_ray.engines.formatting import PromptFormatter\nPromptFormatter(EngineConfig())\n"
+            "print('torch' in sys.modules)")
+    fresh = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert fresh.stdout.strip() == "False"
