@@ -102,9 +102,10 @@ def test_checkpoint_round_trip(tmp_path):
 def tiny_training_job(out, *extra: str):
     return load_job(REPO / "jobs" / "train_pplug.yaml", [
         f"output={out}", f"pplug.train_questions={SAMPLE}_questions.json",
-        f"pplug.train_outputs={SAMPLE}_outputs.json", "pplug.val_users=4", "pplug.batch_size=4",
-        "pplug.eval_every=1", "pplug.max_input_tokens=64", "pplug.epochs=0.5",
-        "pplug.max_items=8", *extra])  # 8 history items a user: encoding 32 was half of a run's time
+        f"pplug.train_outputs={SAMPLE}_outputs.json", "pplug.val_users=2", "pplug.batch_size=4",
+        "pplug.eval_every=1", "pplug.max_input_tokens=64", "pplug.epochs=0.5", "pplug.encoder_max_tokens=64",
+        "pplug.max_train_users=16",
+        "pplug.max_items=8", *extra])  # 8 history items of 64 encoder tokens a user: encoding was half the time
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +156,7 @@ def test_interrupted_training_resumes_to_the_same_weights(tiny_checkpoint, tmp_p
 
 def test_training_writes_checkpoint_curve_and_plot(tiny_checkpoint):
     out, summary = tiny_checkpoint
-    assert summary["train_users"] == 16 and summary["val_users"] == 4
+    assert summary["train_users"] == 16 and summary["val_users"] == 2
     history = json.loads((out / "training.json").read_text())["history"]
     assert len(history["val_loss"]) >= 2 and all(np.isfinite(history["train_loss"]))
     assert (out / "loss.png").stat().st_size > 5000 and (out / "checkpoint" / "pplug.pt").is_file()

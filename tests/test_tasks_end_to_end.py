@@ -15,8 +15,8 @@ from stepback_ray.tasks import TASKS
 
 from .conftest import FIXTURES, REPO
 
-FAST = ["generation.max_new_tokens=12", "profile.max_new_tokens=40", "profile.history_token_budget=300",
-        "ray.progress_bars=false", "executor=in-process"]
+FAST = ["generation.max_new_tokens=12", "profile.max_new_tokens=24", "profile.history_token_budget=200",
+        "ray.progress_bars=false", "executor=in-process"]  # short profiles: the task logic is under test here
 # Two tasks in the default run (a rating task: parsing and MAE/RMSE; co-authored writing: proposals and the
 # lead-author merge; LaMP_5 generation runs by default in test_pipeline); the rest run with `-m slow`, so each
 # task has its end-to-end test.
