@@ -15,8 +15,9 @@ call is never retried more often than the config says:
   fails loud instead of queueing). s3fs's own retry loop is switched off (it would retry each of those calls
   again, 5 times);
 - a response body cut off mid-read (which botocore cannot retry: the response had arrived) is retried by
-  :meth:`RunStore._call`, the same number of times;
-- on a local or shared (NFS) filesystem, :meth:`RunStore._call` retries transient OS errors (timeouts).
+  :func:`retried_call` (every run-store call and whole-file input read), the same number of times (Ray Data's
+  streaming reads of a dataset input do not go through it);
+- on a local or shared (NFS) filesystem, :func:`retried_call` retries transient OS errors (timeouts).
 
 A missing file, a missing bucket or denied access are not transient and fail at once.
 """
@@ -109,11 +110,17 @@ def describe_storage_error(uri: str, exc: BaseException) -> str:
 
 
 def read_bytes(uri: str, storage: StorageConfig | None = None) -> bytes:
-    """Read a whole input file, turning storage failures into one-line errors."""
-    try:
-        fs, path = filesystem_for(uri, storage)
+    """Read a whole input file (retried as a run store's calls are), turning storage failures into one-line
+    errors."""
+    storage = storage or StorageConfig()
+
+    def read() -> bytes:
         with fs.open(path, "rb") as f:
             return f.read()
+
+    try:
+        fs, path = filesystem_for(uri, storage)
+        return retried_call(fs, storage, read)
     except FileNotFoundError:
         raise InputError(uri, "file not found") from None
     except IsADirectoryError:
@@ -145,6 +152,15 @@ def is_cut_body(exc: BaseException) -> bool:
     return any(s.lower() in text.lower() for s in _CUT_BODY)
 
 
+def retried_call(fs: fsspec.AbstractFileSystem, storage: StorageConfig, fn, *args, **kwargs):
+    """One storage call on ``fs``. Retried here, ``storage.retries`` times with jittered exponential backoff, only
+    for what no layer below retries: on S3 a response body cut off mid-read, locally a transient OS error."""
+    retryable = is_transient if is_local(fs) else is_cut_body
+    retrying = Retrying(stop=stop_after_attempt(storage.retries + 1), reraise=True,
+                        wait=wait_random_exponential(multiplier=0.1, max=5.0), retry=retry_if_exception(retryable))
+    return retrying(fn, *args, **kwargs)
+
+
 class PointerMoved(Exception):
     """A compare-and-swap write found the file changed since it was read (another writer won)."""
 
@@ -160,12 +176,8 @@ class RunStore:
         self.fs, self.root = filesystem_for(self.uri, self.storage)
 
     def _call(self, fn, *args, **kwargs):
-        """One storage call. Retried here, ``storage.retries`` times with jittered exponential backoff, only for
-        what no layer below retries: on S3 a response body cut off mid-read, locally a transient OS error."""
-        retryable = is_transient if is_local(self.fs) else is_cut_body
-        retrying = Retrying(stop=stop_after_attempt(self.storage.retries + 1), reraise=True,
-                            wait=wait_random_exponential(multiplier=0.1, max=5.0), retry=retry_if_exception(retryable))
-        return retrying(fn, *args, **kwargs)
+        """One storage call on this store's filesystem (:func:`retried_call`)."""
+        return retried_call(self.fs, self.storage, fn, *args, **kwargs)
 
     def path(self, rel: str) -> str:
         return posixpath.join(self.root, rel)

@@ -34,6 +34,31 @@ def test_unreachable_endpoint():
     assert time.time() - t0 < 10
 
 
+def test_only_a_cut_off_body_is_retried_above_botocore_on_s3(s3_bucket):
+    """On S3, retried_call retries a response body cut off mid-read (botocore cannot), and nothing botocore has
+    already retried: a throttling error it gives up on is raised at once."""
+    from stepback_ray.storage import filesystem_for, retried_call
+
+    endpoint, bucket, creds = s3_bucket
+    fs, _ = filesystem_for(f"s3://{bucket}/x", StorageConfig(**creds, retries=2))
+    calls = []
+
+    def flaky(error: Exception):
+        def call():
+            calls.append(1)
+            if len(calls) == 1:
+                raise error
+            return "read"
+        return call
+
+    assert retried_call(fs, StorageConfig(**creds, retries=2), flaky(OSError("IncompleteRead(12 bytes read)"))) \
+        == "read" and len(calls) == 2
+    calls.clear()
+    with pytest.raises(OSError, match="reduce your request rate"):
+        retried_call(fs, StorageConfig(**creds, retries=2), flaky(OSError("SlowDown: reduce your request rate")))
+    assert len(calls) == 1
+
+
 @pytest.mark.parametrize("retries", [0, 1])
 def test_a_throttled_request_is_sent_exactly_retries_plus_one_times(tmp_path, retries):
     """One retry policy (storage.py): a request S3 keeps throttling reaches the server ``storage.retries + 1``
