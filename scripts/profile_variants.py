@@ -44,6 +44,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "habits-no-example": ("no worked example, plus measured habits", ["profile.habits=true", "profile.example=none"]),
     "exemplars": ("the LLM's fields with the worked example, plus the user's 8 newest titles",
                   ["profile.habits=false", "profile.exemplars=8"]),
+    "contrast": ("the LLM's fields with the worked example and a second one in the opposite style",
+                 ["profile.habits=false", "profile.example=contrast"]),
     "habits-exemplars": ("the LLM's fields, measured habits and the 8 newest titles",
                          ["profile.habits=true", "profile.exemplars=8"]),
 }

@@ -80,11 +80,14 @@ def _norm(value: Any) -> str:
 
 
 def copied_field(profile: dict[str, Any], schema: ProfileSchema) -> bool:
-    """Whether any field of ``profile`` repeats the worked example's (equal, or one a prefix of the other)."""
+    """Whether any field of ``profile`` repeats a worked example's (equal, or one a prefix of the other): the worked
+    example or the contrasting one, whichever the prompt showed."""
     for name in schema.fields:
-        mine, theirs = _norm(profile.get(name)), _norm(schema.example_profile.get(name))
-        if len(mine) >= 12 and (mine == theirs or theirs.startswith(mine) or mine.startswith(theirs)):
-            return True
+        mine = _norm(profile.get(name))
+        for example in (schema.example_profile, schema.contrast_profile):
+            theirs = _norm(example.get(name))
+            if len(mine) >= 12 and (mine == theirs or theirs.startswith(mine) or mine.startswith(theirs)):
+                return True
     return False
 
 

@@ -63,6 +63,7 @@ def test_copied_from_example_catches_the_worked_example_and_its_prefixes():
     assert pq.copied_field({"keywords": list(schema.example_profile["keywords"])}, schema)
     assert not pq.copied_field({"style": "Long descriptive titles about galaxy surveys."}, schema)
     assert not pq.copied_field({"style": "Short"}, schema)  # too short to call a copy
+    assert pq.copied_field({"style": schema.contrast_profile["style"]}, schema)  # the contrasting example too
 
 
 def test_measure_over_users_reports_every_measure():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from stepback_ray import profiling
 from stepback_ray.config import EngineConfig, ProfileConfig
 from stepback_ray.data import collect_users, read_lamp
@@ -63,6 +65,22 @@ def test_prompt_ends_with_the_prefill_and_shows_an_example(formatter):
     prompt = formatter.render(profiling.profile_messages(TASK, [c.text for c in chosen]))
     assert prompt.endswith('{"keywords": ["')
     assert json.dumps(TASK.profile.example_profile) in prompt
+    assert json.dumps(TASK.profile.contrast_profile) not in prompt
+
+
+@pytest.mark.parametrize("task", list(TASKS.values()), ids=list(TASKS))
+def test_the_contrast_prompt_shows_two_examples_whose_styles_differ(task):
+    """profile.example=contrast: the worked example, then one of the opposite style, then the user's items; every
+    task family has both, with the schema's fields."""
+    schema = task.profile
+    msgs = profiling.profile_messages(task, ["Title: X"], example="contrast")
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user", "assistant", "user", "assistant"]
+    assert msgs[2]["content"] == json.dumps(schema.example_profile)
+    assert msgs[4]["content"] == json.dumps(schema.contrast_profile)
+    assert set(schema.contrast_profile) == set(schema.fields) and schema.contrast_items
+    assert schema.contrast_profile["style"] != schema.example_profile["style"]
+    assert [m["role"] for m in profiling.profile_messages(task, ["Title: X"], example="none")] == [
+        "system", "user", "assistant"]
 
 
 def test_parse_clean_json():

@@ -184,8 +184,10 @@ class ProfileConfig(_Strict):
                                                    "scores) to the profile")
     exemplars: Int = Field(default=0, ge=0, le=32, description="list the user's N newest own texts of the task's "
                                                                "kind (their titles, headlines) in the profile")
-    example: Literal["worked", "none"] = Field(
+    example: Literal["worked", "contrast", "none"] = Field(
         default="worked", description="'worked': the step-back prompt shows a worked example (items -> profile); "
+                                      "'contrast': that one and a second whose person writes in the opposite style "
+                                      "(so the style is read off the items, not copied); "
                                       "'none': the instruction and the prefilled JSON alone")
 
     @model_validator(mode="after")

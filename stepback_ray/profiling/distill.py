@@ -40,7 +40,7 @@ class Distiller:
     def __init__(self, task: TaskSpec, config: ProfileConfig, tools: PromptTools, generate: Generate):
         self.task, self.config, self.tools, self.generate = task, config, tools, generate
         self.prefill = not getattr(tools, "supports_json_schema", False)
-        self.example = config.example == "worked"
+        self.example = config.example
         self.profile_params = (SamplingParams(max_new_tokens=config.max_new_tokens, stop=PROFILE_STOP) if self.prefill
                                else SamplingParams(max_new_tokens=config.max_new_tokens,
                                                    json_schema=json_schema(task.profile)))

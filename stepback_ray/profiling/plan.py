@@ -75,8 +75,8 @@ def most_recent_first(items: list[dict[str, str]]) -> list[dict[str, str]]:
 
 def part_budget(task: TaskSpec, config: ProfileConfig, tools: PromptTools) -> int:
     """History tokens per prompt: the configured budget, shrunk if needed so that the prompt (instruction and
-    worked example included) and the answer fit the model's context."""
-    overhead = (tools.count_tokens(tools.render(profile_messages(task, [], example=config.example == "worked")))
+    worked examples included) and the answer fit the model's context."""
+    overhead = (tools.count_tokens(tools.render(profile_messages(task, [], example=config.example)))
                 + config.max_new_tokens + 8)
     return max(16, min(config.history_token_budget, tools.max_context - overhead))
 

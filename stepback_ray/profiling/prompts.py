@@ -39,12 +39,13 @@ def _answer(schema: ProfileSchema, prefill: bool) -> list[Message]:
     return [{"role": "assistant", "content": prefill_for(schema)}] if prefill else []
 
 
-def profile_messages(task: TaskSpec, items: list[str], prefill: bool = True, example: bool = True) -> list[Message]:
-    """The step-back prompt: instruction, a worked example (``example``), the user's items, and (for engines that
-    cannot decode under a JSON schema) the answer prefilled up to the first field."""
+def profile_messages(task: TaskSpec, items: list[str], prefill: bool = True, example: str = "worked") -> list[Message]:
+    """The step-back prompt: instruction, the worked examples ``example`` names (``profile.example``), the user's
+    items, and (for engines that cannot decode under a JSON schema) the answer prefilled up to the first field."""
     schema = task.profile
-    shown: list[Message] = [{"role": "user", "content": "\n\n".join(schema.example_items)},
-                            {"role": "assistant", "content": json.dumps(schema.example_profile)}] if example else []
+    shown: list[Message] = [turn for ex_items, ex_profile in schema.examples(example)
+                            for turn in ({"role": "user", "content": "\n\n".join(ex_items)},
+                                         {"role": "assistant", "content": json.dumps(ex_profile)})]
     return [
         {"role": "system", "content": schema.instruction},
         *shown,
@@ -67,8 +68,9 @@ def _split_example(schema: ProfileSchema) -> tuple[dict[str, Any], dict[str, Any
 
 
 def merge_messages(task: TaskSpec, partials: list[dict[str, Any]], prefill: bool = True,
-                   example: bool = True) -> list[Message]:
-    """Merge partial profiles of one person (newest part first) into one profile."""
+                   example: str = "worked") -> list[Message]:
+    """Merge partial profiles of one person (newest part first) into one profile (with a worked example of a merge
+    unless ``example`` is ``none``: merging needs no contrast, the partials' styles are the user's)."""
     schema = task.profile
 
     def listing(profiles: list[dict[str, Any]]) -> str:  # the LLM's fields only (habits are measured, not merged)
@@ -76,7 +78,8 @@ def merge_messages(task: TaskSpec, partials: list[dict[str, Any]], prefill: bool
                          for i, p in enumerate(profiles))
 
     shown: list[Message] = [{"role": "user", "content": listing(list(_split_example(schema)))},
-                            {"role": "assistant", "content": json.dumps(schema.example_profile)}] if example else []
+                            {"role": "assistant", "content": json.dumps(schema.example_profile)}] \
+        if example != "none" else []
     return [
         {"role": "system", "content": (f"You merge profiles of the same {schema.person}, each distilled from a "
                                        f"different period of their history (most recent first), into one profile. "
