@@ -133,21 +133,31 @@ def main() -> None:
         walls[name] = round(time.time() - t0, 1)
         print(f"{name}: done in {walls[name]} s", file=sys.stderr, flush=True)
 
-    def scores(name: str) -> pd.DataFrame:
-        g = pd.read_parquet(root / name / "generations", columns=["query_id", "mode", "rouge1"])
-        return g.pivot(index="query_id", columns="mode", values="rouge1")
+    def scores(name: str, column: str = "rouge1") -> pd.DataFrame:
+        g = pd.read_parquet(root / name / "generations", columns=["query_id", "mode", column])
+        return g.pivot(index="query_id", columns="mode", values=column)
+
+    def outputs(name: str) -> dict[str, dict[str, float]]:
+        """Per mode: the share of outputs with a colon (the style marker the worked examples disagree on) and the
+        share identical to the first variant's outputs (how far the variant moved the answers at all)."""
+        mine, first = scores(name, "output"), scores(names[0], "output")
+        modes = [m for m in mine.columns if m in first.columns]
+        return {m: {"colon": round(float(mine[m].str.contains(":").mean()), 3),
+                    f"same as {names[0]}": round(float((mine[m] == first[m]).mean()), 3)} for m in modes}
 
     controls = scores("controls")
     report = {"date": dt.date.today().isoformat(), "machine": machine(), "set": args.set_name, "task": task,
               "users": args.users, "model": jobs["controls"].engine.model, "engine": jobs["controls"].engine.kind,
-              "command": " ".join(sys.argv[1:]),
-              "controls": {m: round(float(controls[m].mean()), 4) for m in CONTROL_MODES}, "variants": {}}
+              "command": " ".join(sys.argv[1:]), "section": args.section,
+              "controls": {m: round(float(controls[m].mean()), 4) for m in CONTROL_MODES}, "variants": {},
+              "control_outputs": {m: round(float(scores("controls", "output")[m].str.contains(":").mean()), 3)
+                                  for m in CONTROL_MODES}}
     for name in names:
         s = scores(name)
         v = {"what": VARIANTS[name][0], "overrides": VARIANTS[name][1], **results[name], "wall_s": walls[name],
              "rouge1": {m: round(float(s[m].mean()), 4) for m in VARIANT_MODES},
              "profile+rag - rag": paired(s["profile+rag"], controls["rag"]),
-             "profile - none": paired(s["profile"], controls["none"])}
+             "profile - none": paired(s["profile"], controls["none"]), "outputs": outputs(name)}
         report["variants"][name] = v
     print(json.dumps(report, indent=1))
     if args.write:
@@ -162,7 +172,8 @@ def _ci(d: dict) -> str:
 
 
 def to_markdown(r: dict) -> str:
-    lines = [f"### Profile variants ({r['date']}, {r['machine']})", "",
+    heading = f"Profile variants: {r['section']}" if r.get("section") else "Profile variants"
+    lines = [f"### {heading} ({r['date']}, {r['machine']})", "",
              f"Model `{r['model']}` ({r['engine']} engine), {r['task']} on the first {r['users']} users of "
              f"`{r['set']}` (tuning users, not the dev users of the quality table), greedy. Command: `python "
              f"scripts/profile_variants.py {r['command']}`. Controls: `none` {r['controls']['none']:.4f}, `rag` "
@@ -179,6 +190,11 @@ def to_markdown(r: dict) -> str:
                      f"{q['grounding']['keywords_grounded']:.2f} | {q['copied_from_example']:.2f} | "
                      f"{v['rouge1']['profile']:.4f} | {v['rouge1']['profile+rag']:.4f} | "
                      f"{_ci(v['profile+rag - rag'])} | {_ci(v['profile - none'])} |")
+    first = next(iter(r["variants"]))
+    parts = [f"{name}: " + ", ".join(f"`{m}` {o['colon']:.2f} / {o[f'same as {first}']:.2f}"
+                                     for m, o in v["outputs"].items()) for name, v in r["variants"].items()]
+    parts.append("controls (colon only): " + ", ".join(f"`{m}` {c:.2f}" for m, c in r["control_outputs"].items()))
+    lines += ["", f"Outputs with a colon / identical to `{first}`'s, per mode: " + "; ".join(parts) + "."]
     return "\n".join(lines) + "\n"
 
 
