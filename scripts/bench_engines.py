@@ -65,6 +65,14 @@ DUMMY_CONFIGS = {
 }
 
 
+# Engines measured under a name of their own: an engine with other settings, raw and loop beside the real one.
+ENGINE_VARIANTS = {
+    # the transformers engine before 2026-12-04: one padded generate call per batch of 16 prompts / 8,192 tokens
+    "transformers-one-call": {"kind": "transformers", "split_prefill": False, "batch_size": 16,
+                              "max_batch_tokens": 8192},
+}
+
+
 def dummy_model_dir(name: str) -> str:
     """A model folder with a production architecture's config and the embedded model's tokenizer (its ids are
     valid in the larger vocabulary), for ``load_format: dummy``."""
@@ -368,8 +376,8 @@ def main() -> None:
     ap.add_argument("--also-blocks", type=lambda v: [int(x) for x in v.split(",") if x], default=[],
                     help="comma-separated block sizes the pipeline is measured at as well (e.g. 200)")
     ap.add_argument("--section", default="", help="write to the bench_engines:<section> markers instead")
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--max-batch-tokens", type=int, default=16384)
+    ap.add_argument("--batch-size", type=int, help="engine.batch_size (default: the engine's)")
+    ap.add_argument("--max-batch-tokens", type=int, help="engine.max_batch_tokens (default: the engine's)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--dummy", choices=sorted(DUMMY_CONFIGS), help="random weights with this architecture")
@@ -381,9 +389,10 @@ def main() -> None:
     args = ap.parse_args()
 
     model = dummy_model_dir(args.dummy) if args.dummy else "packaged:smollm2-135m-instruct"
-    base = dict(model=model, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
-                max_batch_tokens=args.max_batch_tokens, load_format="dummy" if args.dummy else "auto",
+    base = dict(model=model, device=args.device, dtype=args.dtype, load_format="dummy" if args.dummy else "auto",
                 vllm={"cpu_kv_cache_gb": args.kv_cache_gb, "structured_output": False})
+    base.update({k: v for k, v in (("batch_size", args.batch_size), ("max_batch_tokens", args.max_batch_tokens))
+                 if v is not None})
     tools = PromptFormatter(EngineConfig(**base))
     sets = {k: v for k, v in build_prompts(args.prompts, tools, Path(args.data)).items() if k in args.sets.split(",")}
     new_tokens = {"generation": args.gen_tokens, "profile": args.profile_tokens}
@@ -403,7 +412,10 @@ def main() -> None:
             continue
         if eng == "raydata-vllm":
             continue
-        cfg = EngineConfig(kind=eng, **base)
+        cfg = EngineConfig(**{**base, **ENGINE_VARIANTS.get(eng, {"kind": eng})})
+        if eng in ENGINE_VARIANTS and not args.no_pipeline:  # a variant is compared raw, beside the engine
+            measured(results, eng, None, lambda: raw_in_child(eng, sys.argv[1:]))
+            continue
         if not args.no_pipeline:
             import ray
 

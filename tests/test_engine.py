@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from stepback_ray.engines import SamplingParams
 
 PROMPTS = [
@@ -23,6 +25,25 @@ def test_batched_equals_one_at_a_time(engine):
         assert c.prompt_tokens == engine.count_tokens(engine.render(p))
         assert 0 < c.completion_tokens <= 12
         assert c.finish_reason in {"stop", "length"} and c.seconds > 0 and c.error is None
+
+
+@pytest.mark.parametrize("prefill_tokens", [8, 1536], ids=["each-prompt-alone", "grouped"])
+def test_split_prefill_writes_what_one_padded_call_writes(engine, prefill_tokens):
+    """The default path (prompts prefilled in groups of at most ``max_batch_tokens``, their caches stitched into
+    one decode batch) against one padded generate call per batch: the same greedy texts and token counts."""
+    assert engine.split_prefill  # transformers 5, full-attention model: the split path is the one that runs
+    params = SamplingParams(max_new_tokens=12, stop=("\n\n",))
+    config = engine.config
+    try:
+        engine.config = config.model_copy(update={"max_batch_tokens": prefill_tokens})
+        split = engine.generate(PROMPTS, params)
+        engine.split_prefill = False
+        one = engine.generate(PROMPTS, params)
+    finally:
+        engine.config, engine.split_prefill = config, True
+    assert [c.text for c in split] == [c.text for c in one]
+    assert [(c.prompt_tokens, c.completion_tokens, c.finish_reason) for c in split] == \
+        [(c.prompt_tokens, c.completion_tokens, c.finish_reason) for c in one]
 
 
 def test_stop_strings_cut_the_text(engine):

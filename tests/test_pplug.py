@@ -54,8 +54,10 @@ def test_a_user_with_one_item_gets_that_items_projection():
     assert torch.allclose(got, expected / expected.norm(), atol=1e-5)
 
 
-def test_soft_tokens_land_before_the_prompt_tokens(engine):
-    """Capture what the model is fed: pads, then the two soft tokens, then the prompt's own embeddings."""
+@pytest.mark.parametrize("split", [True, False], ids=["split-prefill", "one-call"])
+def test_soft_tokens_land_before_the_prompt_tokens(engine, split):
+    """Capture what the model is fed first: pads, then the two soft tokens, then the prompt's own embeddings (all
+    but the last token where the prefill is split from the decoding, which feeds that token)."""
     prompts = [[{"role": "user", "content": "Name a color."}],
                [{"role": "user", "content": "Write a title for a paper about graph neural networks."}]]
     d = engine.model.get_input_embeddings().weight.shape[1]
@@ -68,23 +70,26 @@ def test_soft_tokens_land_before_the_prompt_tokens(engine):
             seen["mask"] = kwargs["attention_mask"].detach().clone()
 
     handle = engine.model.model.register_forward_pre_hook(capture, with_kwargs=True)
+    was, engine.split_prefill = engine.split_prefill, split
     try:
         outs = engine.generate([Request(p, s) for p, s in zip(prompts, soft)], SamplingParams(max_new_tokens=4))
     finally:
         handle.remove()
+        engine.split_prefill = was
     ids = [engine.formatter.encode(engine.render(p)) for p in prompts]
+    fed = [seq[:-1] if split else seq for seq in ids]
     table = engine.model.get_input_embeddings().weight
     embeds, mask = seen["first"], seen["mask"]
     order = sorted(range(2), key=lambda i: len(ids[i]) + (2 if soft[i] is not None else 0))
     width = embeds.shape[1]
     for row, i in enumerate(order):
-        n = len(ids[i]) + (2 if soft[i] is not None else 0)
+        n = len(fed[i]) + (2 if soft[i] is not None else 0)
         start = width - n
         assert mask[row, :start].sum() == 0 and mask[row, start:].all()
         if soft[i] is not None:
             assert torch.allclose(embeds[row, start:start + 2], torch.full((2, d), 0.5))
             start += 2
-        assert torch.allclose(embeds[row, start:], table[torch.tensor(ids[i])])
+        assert torch.allclose(embeds[row, start:], table[torch.tensor(fed[i])])
     assert outs[0].prompt_tokens == len(ids[0]) + 2 and outs[1].prompt_tokens == len(ids[1])
 
 

@@ -127,10 +127,16 @@ class EngineConfig(_Strict):
     model: str = DEFAULT_MODEL
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    batch_size: Int = Field(default=16, gt=0, le=4096)
+    batch_size: Int = Field(default=64, gt=0, le=4096, description="transformers engine: sequences decoded together")
     prefix_order: bool = Field(default=True, description="send each engine call's prompts sorted so that those "
                                                          "sharing a prefix are adjacent (for the prefix cache)")
-    max_batch_tokens: Int = Field(default=8192, gt=0, description="transformers engine: padded tokens per batch")
+    max_batch_tokens: Int = Field(default=1536, gt=0,
+                                  description="transformers engine: padded prompt tokens per prefill forward pass")
+    split_prefill: bool = Field(default=True, description="transformers engine: prefill in groups of at most "
+                                "max_batch_tokens, then decode batch_size sequences together; false: one padded "
+                                "generate call per batch (batch_size prompts, max_batch_tokens padded tokens)")
+    max_cache_tokens: Int = Field(default=32768, gt=0, description="transformers engine: padded prompt + new tokens "
+                                                                   "of one decode batch (its KV cache)")
     threads: Int = Field(default=0, ge=0, description="torch intra-op threads; 0 = every core of the node")
     max_model_len: Int | None = Field(default=None, gt=0, description="context length; default: the model's")
     prompt_family: Literal["auto", "chat", "plain"] = "auto"

@@ -1,12 +1,14 @@
 """A batched Hugging Face transformers engine: the CPU default and the reference implementation.
 
-Prompts are tokenized once, sorted by length (so each batch pads little), left-padded, and decoded greedily by
-default. Stop strings end a sequence early. A prompt that does not fit the context is not sent to the model: it
+Prompts are tokenized once and sorted by length. Each decode batch (``engine.batch_size`` sequences) is prefilled
+in small groups of similar length (``engine.max_batch_tokens``), whose KV caches are stitched into one, then decoded
+together: greedily by default. Stop strings end a sequence early. A prompt that does not fit the context is not sent to the model: it
 comes back as an ``error`` completion, so one bad row never kills a batch.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 
@@ -53,6 +55,9 @@ class TransformersEngine(FormattedEngine):
         self._eos = set(eos if isinstance(eos, list) else [eos]) - {None}
         if self.tokenizer.eos_token_id is not None:
             self._eos.add(self.tokenizer.eos_token_id)
+        self.split_prefill = config.split_prefill and self._supports_split_prefill()
+        # transformers renamed ``past_key_values`` to ``cache`` during 5.x (the old name warns, then goes)
+        self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
 
     # ------------------------------------------------------------------------------------------ generation
     def generate(self, requests: list[Prompt | Request], params: SamplingParams) -> list[Completion]:
@@ -65,54 +70,144 @@ class TransformersEngine(FormattedEngine):
         lengths = [len(seq) + (0 if p is None else p.shape[0]) for seq, p in zip(ids, prefix)]
         results, runnable = self.fit_context(lengths, params)
         runnable.sort(key=lambda i: lengths[i])
-        pad = self.tokenizer.pad_token_id
-        embed = self.model.get_input_embeddings()
         n_seq = params.n if params.temperature > 0 else 1
-        for idx in self._batches(runnable, lengths, params.max_new_tokens, n_seq):
-            width = max(lengths[i] for i in idx)
-            soft = any(prefix[i] is not None for i in idx)
-            input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                seq = ids[i]
-                input_ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
-                mask[row, width - lengths[i]:] = 1
-            sample = params.temperature > 0
-            kwargs = dict(max_new_tokens=params.max_new_tokens, min_new_tokens=params.min_new_tokens or None,
-                          do_sample=sample, pad_token_id=pad)
-            if sample:  # n completions per prompt: generate expands the batch (each prompt is prefilled n times)
-                torch.manual_seed(params.seed)
-                kwargs.update(temperature=params.temperature, top_p=params.top_p, num_return_sequences=n_seq)
-            else:
-                kwargs.update(temperature=None, top_p=None, top_k=None)
-            if params.stop:
-                kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
+        split = self.split_prefill and all(ids[i] and lengths[i] > 1 for i in runnable)
+        budget = self.config.max_cache_tokens if split else self.config.max_batch_tokens
+        for idx in self._batches(runnable, lengths, params.max_new_tokens, self.config.batch_size, budget, n_seq):
             t0 = time.perf_counter()
             with torch.inference_mode():
-                if soft:  # soft tokens go between the left padding and the prompt's own tokens
-                    embeds = embed(input_ids.to(self.device))
-                    for row, i in enumerate(idx):
-                        if prefix[i] is not None:
-                            k = prefix[i].shape[0]
-                            start = width - lengths[i]
-                            embeds[row, start:start + k] = prefix[i].to(self.device)
-                            embeds[row, start + k:] = embed(torch.tensor(ids[i], device=self.device))
-                    out = self.model.generate(inputs_embeds=embeds, attention_mask=mask.to(self.device), **kwargs)
-                    new = out.tolist()  # with inputs_embeds only the new tokens come back
-                else:
-                    out = self.model.generate(input_ids=input_ids.to(self.device),
-                                              attention_mask=mask.to(self.device), **kwargs)
-                    new = out[:, width:].tolist()
+                new = self._generate_batch([ids[i] for i in idx], [prefix[i] for i in idx], params, n_seq, split)
             share = (time.perf_counter() - t0) / len(idx)
-            for row, i in enumerate(idx):  # generate returns each prompt's n sequences next to each other
-                done = [self._completion(new[row * n_seq + k], params, pad) for k in range(n_seq)]
+            for row, i in enumerate(idx):  # each prompt's n sequences come back next to each other
+                done = [self._completion(new[row * n_seq + k], params) for k in range(n_seq)]
                 text, n, reason = done[0]
                 results[i] = Completion(text, lengths[i], sum(d[1] for d in done), reason, share,
                                         samples=[d[0] for d in done] if n_seq > 1 else [])
         return [r for r in results if r is not None]
 
-    def _completion(self, toks: list[int], params: SamplingParams, pad: int) -> tuple[str, int, str]:
+    def _generate_batch(self, seqs: list[list[int]], soft: list, params: SamplingParams, n_seq: int,
+                        split: bool) -> list[list[int]]:
+        """The new tokens of each sequence of one decode batch (``n_seq`` rows per prompt, next to each other).
+
+        Split (the default): every prompt but its last token is prefilled in small groups of similar length
+        (:meth:`_prefill`), their KV caches are left-padded into one, and ``generate`` decodes the whole batch
+        from there. Prefill, ~80 % of the work, then pads little and keeps its activations in the CPU's caches,
+        while decoding still steps many sequences at once. Otherwise one padded ``generate`` call does both."""
+        torch = self.torch
+        lengths = [len(s) + (0 if p is None else p.shape[0]) for s, p in zip(seqs, soft)]
+        width = max(lengths)
+        input_ids, mask = self._left_padded(seqs, lengths, width)
+        kwargs = self._generate_kwargs(params, n_seq)
+        if split:
+            cache = self._prefill(seqs, soft, lengths, width - 1)
+            if n_seq > 1:  # generate cannot expand a cache: give each sample its own row (and its own draws)
+                input_ids, mask = input_ids.repeat_interleave(n_seq, 0), mask.repeat_interleave(n_seq, 0)
+                cache = self._cache_of([(k.repeat_interleave(n_seq, 0), v.repeat_interleave(n_seq, 0))
+                                        for k, v in self._layers_of(cache)])
+                kwargs.pop("num_return_sequences")
+            out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
+                                      **{self._cache_kw: cache}, **kwargs)
+            return out[:, width:].tolist()
+        if any(p is not None for p in soft):
+            embeds = self._embedded(input_ids, seqs, soft, lengths, width)
+            return self.model.generate(inputs_embeds=embeds, attention_mask=mask.to(self.device), **kwargs).tolist()
+        out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
+        return out[:, width:].tolist()
+
+    def _prefill(self, seqs: list[list[int]], soft: list, lengths: list[int], width: int):
+        """A KV cache of every prompt but its last token, left-padded to ``width`` positions. Prompts are run in
+        consecutive groups of at most ``max_batch_tokens`` padded tokens (one alone if longer); each group's own
+        positions start at 0 after its padding, as in one padded call, so the cache is the one generate builds."""
+        F = self.torch.nn.functional
+        head = [n - 1 for n in lengths]
+        layers: list[tuple[list, list]] = []
+        order = list(range(len(seqs)))
+        for group in self._batches(order, head, 0, len(seqs), self.config.max_batch_tokens):
+            w = max(head[i] for i in group)
+            ids, mask = self._left_padded([seqs[i][:-1] for i in group], [head[i] for i in group], w)
+            cache = self._new_cache()
+            inputs = {"input_ids": ids.to(self.device)}
+            if any(soft[i] is not None for i in group):
+                inputs = {"inputs_embeds": self._embedded(ids, [seqs[i][:-1] for i in group],
+                                                          [soft[i] for i in group], [head[i] for i in group], w)}
+            padded = any(head[i] < w for i in group)
+            self.model(**inputs, attention_mask=mask.to(self.device) if padded else None,
+                       position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(self.device),
+                       use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
+            for layer, (k, v) in enumerate(self._layers_of(cache)):
+                if len(layers) <= layer:
+                    layers.append(([], []))
+                layers[layer][0].append(F.pad(k, (0, 0, width - w, 0)))
+                layers[layer][1].append(F.pad(v, (0, 0, width - w, 0)))
+        torch = self.torch
+        return self._cache_of([(torch.cat(ks), torch.cat(vs)) for ks, vs in layers])
+
+    def _left_padded(self, seqs: list[list[int]], lengths: list[int], width: int):
+        """Token ids right-aligned in ``width`` columns (soft-token and padding positions hold the pad id) and
+        the attention mask over each row's last ``lengths[row]`` positions (its soft tokens and its ids)."""
+        torch = self.torch
+        input_ids = torch.full((len(seqs), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, (seq, n) in enumerate(zip(seqs, lengths)):
+            if seq:
+                input_ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+            mask[row, width - n:] = 1
+        return input_ids, mask
+
+    def _embedded(self, input_ids, seqs: list[list[int]], soft: list, lengths: list[int], width: int):
+        """Input embeddings with each row's soft tokens between its left padding and its own token embeddings."""
+        torch = self.torch
+        embed = self.model.get_input_embeddings()
+        embeds = embed(input_ids.to(self.device))
+        for row, p in enumerate(soft):
+            if p is not None:
+                start = width - lengths[row]
+                embeds[row, start:start + p.shape[0]] = p.to(self.device)
+                embeds[row, start + p.shape[0]:] = embed(torch.tensor(seqs[row], device=self.device))
+        return embeds
+
+    def _generate_kwargs(self, params: SamplingParams, n_seq: int) -> dict:
+        kwargs = dict(max_new_tokens=params.max_new_tokens, min_new_tokens=params.min_new_tokens or None,
+                      do_sample=params.temperature > 0, pad_token_id=self.tokenizer.pad_token_id)
+        if params.temperature > 0:  # n completions per prompt: generate expands the batch
+            self.torch.manual_seed(params.seed)
+            kwargs.update(temperature=params.temperature, top_p=params.top_p, num_return_sequences=n_seq)
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        if params.stop:
+            kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
+        return kwargs
+
+    # ------------------------------------------------------------------------------------------ KV caches
+    def _new_cache(self):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
+
+    @staticmethod
+    def _layers_of(cache) -> list:
+        return [(layer.keys, layer.values) for layer in cache.layers]
+
+    def _cache_of(self, layers: list):
+        cache = self._new_cache()
+        for i, (k, v) in enumerate(layers):
+            cache.update(k, v, i)
+        return cache
+
+    def _supports_split_prefill(self) -> bool:
+        """Prefilled caches can be stitched together where every layer keeps a plain growing cache (full
+        attention; transformers 5's ``DynamicLayer``); sliding-window or hybrid models keep the one-call path."""
+        try:
+            from transformers.cache_utils import DynamicLayer
+
+            layers = self._new_cache().layers
+        except (ImportError, AttributeError, TypeError):
+            return False
+        return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+    def _completion(self, toks: list[int], params: SamplingParams) -> tuple[str, int, str]:
         """One generated sequence as (text cut at the stop strings, tokens generated, finish reason)."""
+        pad = self.tokenizer.pad_token_id
         n, ended = len(toks), False
         for k, t in enumerate(toks):
             if t in self._eos:
@@ -125,16 +220,18 @@ class TransformersEngine(FormattedEngine):
         reason = "stop" if (ended or stopped or n < params.max_new_tokens) else "length"
         return text, n, reason
 
-    def _batches(self, order: list[int], lengths: list[int], new_tokens: int, n_seq: int = 1) -> list[list[int]]:
-        """Consecutive groups of the length-sorted prompts: at most ``batch_size`` sequences and, padded to the
-        longest, at most ``max_batch_tokens`` tokens (long prompts go in small batches: on CPU a long batch costs
-        more in attention and memory than it gains). A prompt sampled ``n_seq`` times counts as ``n_seq``."""
+    @staticmethod
+    def _batches(order: list[int], lengths: list[int], new_tokens: int, max_seqs: int, max_tokens: int,
+                 n_seq: int = 1) -> list[list[int]]:
+        """Consecutive groups of the length-sorted prompts: at most ``max_seqs`` sequences and, padded to the
+        longest plus ``new_tokens``, at most ``max_tokens`` tokens (one prompt alone if it is longer). A prompt
+        sampled ``n_seq`` times counts as ``n_seq``."""
         batches: list[list[int]] = []
         current: list[int] = []
         for i in order:
             width = lengths[i] + new_tokens  # sorted ascending: the newcomer is the longest
-            if current and ((len(current) + 1) * n_seq > self.config.batch_size
-                            or (len(current) + 1) * n_seq * width > self.config.max_batch_tokens):
+            if current and ((len(current) + 1) * n_seq > max_seqs
+                            or (len(current) + 1) * n_seq * width > max_tokens):
                 batches.append(current)
                 current = []
             current.append(i)
