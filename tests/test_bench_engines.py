@@ -30,14 +30,19 @@ def test_every_pipeline_block_size_gets_a_row_and_its_ratios():
              "raw": {**row, "tokens_per_s": 20.0, "load_s": 0.5, "tokens_per_s_with_load": 18.0,
                      "limit": {"matmul_gflops": 10.0, "dtype": "fp32", "threads": 2, "gflop_per_token": 0.25,
                                "tokens_per_s": 40.0}}}
+    slower_peak = {"raw": {**row, "tokens_per_s": 16.0, "load_s": 0.5, "tokens_per_s_with_load": 15.0,
+                           "limit": {"matmul_gflops": 8.0, "dtype": "fp32", "threads": 2, "gflop_per_token": 0.25,
+                                     "tokens_per_s": 32.0}}}
     report = {"date": "2026-12-03", "machine": "m", "model": "x", "dummy": False, "device": "cpu", "prompts": 2,
-              "new_tokens": {}, "command": "c", "results": {"generation": {"transformers": paths}}}
+              "new_tokens": {}, "command": "c",
+              "results": {"generation": {"transformers": paths, "transformers-one-call": slower_peak}}}
     bench.add_ratios(report["results"])
     r = paths["ratios"]
     assert r["pipeline/raw (engine time)"] == 0.875 and r["pipeline (block 200)/raw (engine time)"] == 1.0
     assert r["raw/limit"] == 0.5 and r["pipeline/limit (engine time)"] == 0.438
+    assert slower_peak["ratios"]["raw/limit"] == 0.4  # held to the run's best peak, not its own lower one
     md = bench.to_markdown(report, "bench_engines:blocks")
     assert md.startswith("<!-- bench_engines:blocks:start -->") and md.endswith("<!-- bench_engines:blocks:end -->")
     assert "| transformers | pipeline (block 200) | 2 |" in md
-    assert "limit 40.0 tokens/s = fp32 matmul peak 10.0 GFLOP/s" in md
+    assert "limit 40.0 tokens/s = fp32 matmul peak 10.0 GFLOP/s" in md and "transformers-one-call 8.0" in md
     assert "pipeline (block 9): failed: `RuntimeError: boom`" in md

@@ -91,3 +91,21 @@ def test_vllm_cpu_bind_all_is_this_process_cores():
 
     assert cpu_bind("auto") == "auto" and cpu_bind("0-3") == "0-3"
     assert [int(c) for c in cpu_bind("all").split(",")] == sorted(os.sched_getaffinity(0))
+
+
+def test_a_stitched_cache_layer_grows_in_place_then_past_its_room_like_a_dynamic_one():
+    import torch
+    from transformers.cache_utils import DynamicLayer
+
+    from stepback_ray.engines import kv_cache
+
+    keys, values = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4)
+    layer, reference = kv_cache._LayerWithRoom(keys, values, room=2), DynamicLayer()
+    reference.update(keys, values)
+    buffer = layer.keys.data_ptr()
+    for step in range(4):  # two steps fit in the room, two more grow past it
+        new_k, new_v = torch.randn(2, 3, 1, 4), torch.randn(2, 3, 1, 4)
+        got, want = layer.update(new_k, new_v), reference.update(new_k, new_v)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        assert (layer.keys.data_ptr() == buffer) == (step < 2)
+    assert layer.get_seq_length() == reference.get_seq_length() == 9

@@ -93,18 +93,19 @@ class TransformersEngine(FormattedEngine):
         (:meth:`_prefill`), their KV caches are left-padded into one, and ``generate`` decodes the whole batch
         from there. Prefill, ~80 % of the work, then pads little and keeps its activations in the CPU's caches,
         while decoding still steps many sequences at once. Otherwise one padded ``generate`` call does both."""
-        torch = self.torch
         lengths = [len(s) + (0 if p is None else p.shape[0]) for s, p in zip(seqs, soft)]
         width = max(lengths)
         input_ids, mask = self._left_padded(seqs, lengths, width)
         kwargs = self._generate_kwargs(params, n_seq)
         if split:
-            cache = self._prefill(seqs, soft, lengths, width - 1)
+            from . import kv_cache
+
+            layers = self._prefill(seqs, soft, lengths, width - 1)
             if n_seq > 1:  # generate cannot expand a cache: give each sample its own row (and its own draws)
                 input_ids, mask = input_ids.repeat_interleave(n_seq, 0), mask.repeat_interleave(n_seq, 0)
-                cache = self._cache_of([(k.repeat_interleave(n_seq, 0), v.repeat_interleave(n_seq, 0))
-                                        for k, v in self._layers_of(cache)])
+                layers = [(k.repeat_interleave(n_seq, 0), v.repeat_interleave(n_seq, 0)) for k, v in layers]
                 kwargs.pop("num_return_sequences")
+            cache = kv_cache.stitched(self.model.config, layers, room=params.max_new_tokens + 1)
             out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
                                       **{self._cache_kw: cache}, **kwargs)
             return out[:, width:].tolist()
@@ -114,18 +115,23 @@ class TransformersEngine(FormattedEngine):
         out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
         return out[:, width:].tolist()
 
-    def _prefill(self, seqs: list[list[int]], soft: list, lengths: list[int], width: int):
-        """A KV cache of every prompt but its last token, left-padded to ``width`` positions. Prompts are run in
-        consecutive groups of at most ``max_batch_tokens`` padded tokens (one alone if longer); each group's own
-        positions start at 0 after its padding, as in one padded call, so the cache is the one generate builds."""
-        F = self.torch.nn.functional
+    def _prefill(self, seqs: list[list[int]], soft: list, lengths: list[int], width: int) -> list[tuple]:
+        """Each layer's (keys, values) for every prompt but its last token, left-padded to ``width`` positions.
+        Prompts run in consecutive groups of at most ``max_batch_tokens`` padded tokens (one alone if longer); a
+        group's positions start at 0 after its padding, as in one padded call, so the cache is the one generate
+        would build."""
+        from transformers import DynamicCache
+
+        from .kv_cache import layers_of
+
+        torch, F = self.torch, self.torch.nn.functional
         head = [n - 1 for n in lengths]
         layers: list[tuple[list, list]] = []
         order = list(range(len(seqs)))
         for group in self._batches(order, head, 0, len(seqs), self.config.max_batch_tokens):
             w = max(head[i] for i in group)
             ids, mask = self._left_padded([seqs[i][:-1] for i in group], [head[i] for i in group], w)
-            cache = self._new_cache()
+            cache = DynamicCache(config=self.model.config)
             inputs = {"input_ids": ids.to(self.device)}
             if any(soft[i] is not None for i in group):
                 inputs = {"inputs_embeds": self._embedded(ids, [seqs[i][:-1] for i in group],
@@ -134,13 +140,12 @@ class TransformersEngine(FormattedEngine):
             self.model(**inputs, attention_mask=mask.to(self.device) if padded else None,
                        position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(self.device),
                        use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
-            for layer, (k, v) in enumerate(self._layers_of(cache)):
+            for layer, (k, v) in enumerate(layers_of(cache)):
                 if len(layers) <= layer:
                     layers.append(([], []))
                 layers[layer][0].append(F.pad(k, (0, 0, width - w, 0)))
                 layers[layer][1].append(F.pad(v, (0, 0, width - w, 0)))
-        torch = self.torch
-        return self._cache_of([(torch.cat(ks), torch.cat(vs)) for ks, vs in layers])
+        return [(torch.cat(ks), torch.cat(vs)) for ks, vs in layers]
 
     def _left_padded(self, seqs: list[list[int]], lengths: list[int], width: int):
         """Token ids right-aligned in ``width`` columns (soft-token and padding positions hold the pad id) and
@@ -178,32 +183,14 @@ class TransformersEngine(FormattedEngine):
             kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
         return kwargs
 
-    # ------------------------------------------------------------------------------------------ KV caches
-    def _new_cache(self):
-        from transformers import DynamicCache
-
-        return DynamicCache(config=self.model.config)
-
-    @staticmethod
-    def _layers_of(cache) -> list:
-        return [(layer.keys, layer.values) for layer in cache.layers]
-
-    def _cache_of(self, layers: list):
-        cache = self._new_cache()
-        for i, (k, v) in enumerate(layers):
-            cache.update(k, v, i)
-        return cache
-
     def _supports_split_prefill(self) -> bool:
         """Prefilled caches can be stitched together where every layer keeps a plain growing cache (full
-        attention; transformers 5's ``DynamicLayer``); sliding-window or hybrid models keep the one-call path."""
+        attention, transformers 5's layered caches); sliding-window or hybrid models keep the one-call path."""
         try:
-            from transformers.cache_utils import DynamicLayer
-
-            layers = self._new_cache().layers
-        except (ImportError, AttributeError, TypeError):
+            from . import kv_cache
+        except ImportError:
             return False
-        return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+        return kv_cache.full_attention(self.model.config)
 
     def _completion(self, toks: list[int], params: SamplingParams) -> tuple[str, int, str]:
         """One generated sequence as (text cut at the stop strings, tokens generated, finish reason)."""
