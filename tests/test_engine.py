@@ -99,9 +99,9 @@ def test_a_stitched_cache_layer_grows_in_place_then_past_its_room_like_a_dynamic
 
     from stepback_ray.engines import kv_cache
 
-    keys, values = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4)
-    layer, reference = kv_cache._LayerWithRoom(keys, values, room=2), DynamicLayer()
-    reference.update(keys, values)
+    keys, values = torch.randn(2, 3, 7, 4), torch.randn(2, 3, 7, 4)  # 5 positions filled, room for 2
+    layer, reference = kv_cache._LayerWithRoom(keys, values, filled=5), DynamicLayer()
+    reference.update(keys[:, :, :5], values[:, :, :5])
     buffer = layer.keys.data_ptr()
     for step in range(4):  # two steps fit in the room, two more grow past it
         new_k, new_v = torch.randn(2, 3, 1, 4), torch.randn(2, 3, 1, 4)

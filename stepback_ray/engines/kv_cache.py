@@ -1,9 +1,9 @@
 """KV caches for the transformers engine's split prefill: prompts prefilled apart, their caches stitched into one.
 
-A prefilled group's cache is read layer by layer, left-padded to the decode batch's width and concatenated along the
-batch; the stitched cache keeps room for the tokens still to come, so a decode step writes its keys and values in
-place instead of copying the whole cache (``DynamicLayer`` grows by ``torch.cat``: at 64 sequences of ~350 tokens
-that copy is most of a decode step's memory traffic). Needs transformers 5's layered caches: importing this module
+Each prefilled group's keys and values are written once, right-aligned, into per-layer buffers as wide as the decode
+batch's longest prompt plus room for the tokens still to come; a decode step then writes its keys and values in place
+instead of copying the whole cache (``DynamicLayer`` grows by ``torch.cat``: at 64 sequences of ~350 tokens that copy
+is most of a decode step's memory traffic). Needs transformers 5's layered caches: importing this module
 fails on older versions, and the engine then keeps its one-call path.
 """
 
@@ -26,27 +26,23 @@ def layers_of(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
-def stitched(model_config, layers: list[tuple[torch.Tensor, torch.Tensor]], room: int) -> DynamicCache:
-    """A cache holding ``layers`` with space for ``room`` more positions per layer."""
+def stitched(model_config, buffers: list[tuple[torch.Tensor, torch.Tensor]], filled: int) -> DynamicCache:
+    """A cache over per-layer ``(keys, values)`` buffers, ``[batch, kv_heads, capacity, head_dim]``, whose first
+    ``filled`` positions hold the prompts; the rest is room for the tokens to come (no copy is made)."""
     cache = DynamicCache(config=model_config)
-    cache.layers = [_LayerWithRoom(k, v, room) for k, v in layers]
+    cache.layers = [_LayerWithRoom(k, v, filled) for k, v in buffers]
     return cache
 
 
 class _LayerWithRoom(DynamicLayer):
-    """A ``DynamicLayer`` whose keys and values live in a buffer with room to grow: ``update`` writes into it
+    """A ``DynamicLayer`` whose keys and values live in buffers with room to grow: ``update`` writes into them
     and hands out views of the filled part (beyond the room it grows by concatenation, as its parent does)."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, room: int):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, filled: int):
         super().__init__()
-        b, h, n, _ = keys.shape
-        self._keys = keys.new_empty((b, h, n + room, keys.shape[-1]))
-        self._values = values.new_empty((b, h, n + room, values.shape[-1]))
-        self._keys[:, :, :n] = keys
-        self._values[:, :, :n] = values
-        self._filled = n
+        self._keys, self._values, self._filled = keys, values, filled
         self.device, self.is_initialized = keys.device, True
-        self.keys, self.values = self._keys[:, :, :n], self._values[:, :, :n]
+        self.keys, self.values = keys[:, :, :filled], values[:, :, :filled]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         start, end = self._filled, self._filled + key_states.shape[-2]

@@ -100,12 +100,11 @@ class TransformersEngine(FormattedEngine):
         if split:
             from . import kv_cache
 
-            layers = self._prefill(seqs, soft, lengths, width - 1)
-            if n_seq > 1:  # generate cannot expand a cache: give each sample its own row (and its own draws)
+            buffers = self._prefill(seqs, soft, lengths, width - 1, n_seq, room=params.max_new_tokens + 1)
+            if n_seq > 1:  # generate cannot expand a cache: each sample has its own row (and its own draws)
                 input_ids, mask = input_ids.repeat_interleave(n_seq, 0), mask.repeat_interleave(n_seq, 0)
-                layers = [(k.repeat_interleave(n_seq, 0), v.repeat_interleave(n_seq, 0)) for k, v in layers]
                 kwargs.pop("num_return_sequences")
-            cache = kv_cache.stitched(self.model.config, layers, room=params.max_new_tokens + 1)
+            cache = kv_cache.stitched(self.model.config, buffers, filled=width - 1)
             out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
                                       **{self._cache_kw: cache}, **kwargs)
             return out[:, width:].tolist()
@@ -115,20 +114,21 @@ class TransformersEngine(FormattedEngine):
         out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
         return out[:, width:].tolist()
 
-    def _prefill(self, seqs: list[list[int]], soft: list, lengths: list[int], width: int) -> list[tuple]:
-        """Each layer's (keys, values) for every prompt but its last token, left-padded to ``width`` positions.
+    def _prefill(self, seqs: list[list[int]], soft: list, lengths: list[int], width: int, n_seq: int,
+                 room: int) -> list[tuple]:
+        """Per layer, (keys, values) buffers of ``n_seq`` rows per prompt and ``width + room`` positions, whose
+        first ``width`` hold every prompt but its last token, right-aligned (the padding before it zeroed).
         Prompts run in consecutive groups of at most ``max_batch_tokens`` padded tokens (one alone if longer); a
         group's positions start at 0 after its padding, as in one padded call, so the cache is the one generate
-        would build."""
+        would build. Each group's cache is written once into the buffers, rows in the batch's order."""
         from transformers import DynamicCache
 
         from .kv_cache import layers_of
 
-        torch, F = self.torch, self.torch.nn.functional
         head = [n - 1 for n in lengths]
-        layers: list[tuple[list, list]] = []
-        order = list(range(len(seqs)))
-        for group in self._batches(order, head, 0, len(seqs), self.config.max_batch_tokens):
+        buffers: list[tuple] = []
+        row = 0
+        for group in self._batches(list(range(len(seqs))), head, 0, len(seqs), self.config.max_batch_tokens):
             w = max(head[i] for i in group)
             ids, mask = self._left_padded([seqs[i][:-1] for i in group], [head[i] for i in group], w)
             cache = DynamicCache(config=self.model.config)
@@ -140,12 +140,16 @@ class TransformersEngine(FormattedEngine):
             self.model(**inputs, attention_mask=mask.to(self.device) if padded else None,
                        position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(self.device),
                        use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
+            rows = slice(row, row + len(group) * n_seq)
             for layer, (k, v) in enumerate(layers_of(cache)):
-                if len(layers) <= layer:
-                    layers.append(([], []))
-                layers[layer][0].append(F.pad(k, (0, 0, width - w, 0)))
-                layers[layer][1].append(F.pad(v, (0, 0, width - w, 0)))
-        return [(torch.cat(ks), torch.cat(vs)) for ks, vs in layers]
+                if len(buffers) <= layer:
+                    buffers.append(tuple(x.new_empty((len(seqs) * n_seq, x.shape[1], width + room, x.shape[3]))
+                                         for x in (k, v)))
+                for buffer, x in zip(buffers[layer], (k, v)):
+                    buffer[rows, :, :width - w].zero_()  # masked out, but never garbage (0 x NaN is NaN)
+                    buffer[rows, :, width - w:width] = x.repeat_interleave(n_seq, 0) if n_seq > 1 else x
+            row = rows.stop
+        return buffers
 
     def _left_padded(self, seqs: list[list[int]], lengths: list[int], width: int):
         """Token ids right-aligned in ``width`` columns (soft-token and padding positions hold the pad id) and
