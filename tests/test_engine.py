@@ -46,6 +46,33 @@ def test_split_prefill_writes_what_one_padded_call_writes(engine, prefill_tokens
         [(c.prompt_tokens, c.completion_tokens, c.finish_reason) for c in one]
 
 
+def test_soft_tokens_and_a_one_token_prompt_write_the_same_on_both_paths(engine):
+    """Persona-Plug soft tokens go through the split prefill as through one call; a prompt of a single token has
+    nothing to prefill, so a call holding one runs on the one-call path (and still answers every prompt)."""
+    import numpy as np
+
+    from stepback_ray.engines import Request
+
+    d = engine.model.get_input_embeddings().weight.shape[1]
+    soft = np.random.default_rng(0).normal(0, 0.02, (2, d)).astype(np.float32)
+    requests = [Request(PROMPTS[0], soft), Request(PROMPTS[2]), Request(PROMPTS[1], soft)]
+    params = SamplingParams(max_new_tokens=10)
+    try:
+        split = engine.generate(requests, params)
+        engine.split_prefill = False
+        one = engine.generate(requests, params)
+    finally:
+        engine.split_prefill = True
+    assert [c.text for c in split] == [c.text for c in one]
+    assert [c.prompt_tokens for c in split] == [engine.count_tokens(engine.render(r.prompt)) + (2 if r.soft_tokens
+                                                is not None else 0) for r in requests]
+    single = "Hello"
+    assert len(engine.formatter.encode(single)) == 1
+    mixed = engine.generate([single, PROMPTS[0]], params)
+    assert [c.error for c in mixed] == [None, None] and all(c.completion_tokens > 0 for c in mixed)
+    assert mixed[1].text == engine.generate([PROMPTS[0]], params)[0].text
+
+
 def test_stop_strings_cut_the_text(engine):
     prompt = [{"role": "user", "content": "List three fruits, one per line."}]
     free = engine.generate([prompt], SamplingParams(max_new_tokens=24))[0]
