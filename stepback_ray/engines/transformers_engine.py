@@ -2,8 +2,8 @@
 
 Prompts are tokenized once and sorted by length. Each decode batch (``engine.batch_size`` sequences) is prefilled
 in small groups of similar length (``engine.max_batch_tokens``), whose KV caches are stitched into one, then decoded
-together: greedily by default. Stop strings end a sequence early. A prompt that does not fit the context is not sent to the model: it
-comes back as an ``error`` completion, so one bad row never kills a batch.
+together: greedily by default. Stop strings end a sequence early. A prompt that does not fit the context is not
+sent to the model: it comes back as an ``error`` completion, so one bad row never kills a batch.
 """
 
 from __future__ import annotations
