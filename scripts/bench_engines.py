@@ -282,8 +282,7 @@ def to_markdown(report: dict, name: str = "bench_engines") -> str:
         lines.append("")
         limit = run_limit(engines)
         if limit:
-            peaks = ", ".join(f"{eng} {paths['raw']['limit']['matmul_gflops']}" for eng, paths in engines.items()
-                              if isinstance(paths.get("raw"), dict) and paths["raw"].get("limit"))
+            peaks = ", ".join(f"{eng} {lim['matmul_gflops']}" for eng, lim in measured_limits(engines).items())
             lines.append(f"- limit {limit['tokens_per_s']} tokens/s = {limit['dtype']} matmul peak "
                          f"{limit['matmul_gflops']} GFLOP/s ({limit['threads']} threads; the best of the peaks "
                          f"measured in this run, GFLOP/s: {peaks}) / {limit['gflop_per_token']} GFLOP per token")
@@ -334,11 +333,16 @@ def measured(results: dict[str, dict], engine: str, path: str | None, run) -> No
     print(json.dumps({"partial_results": results}), file=sys.stderr, flush=True)
 
 
+def measured_limits(engines: dict[str, dict]) -> dict[str, dict]:
+    """Each engine's limit as its raw child measured it (engines whose raw run failed have none)."""
+    return {eng: paths["raw"]["limit"] for eng, paths in engines.items()
+            if isinstance(paths.get("raw"), dict) and paths["raw"].get("limit")}
+
+
 def run_limit(engines: dict[str, dict]) -> dict | None:
     """The machine's limit for this run: the best of the matmul peaks its raw children measured (each child
     measures its own; two children of one run have differed by 16 % here, so every engine is held to the best)."""
-    limits = [paths["raw"]["limit"] for paths in engines.values()
-              if isinstance(paths.get("raw"), dict) and paths["raw"].get("limit")]
+    limits = measured_limits(engines).values()
     return max(limits, key=lambda lim: lim["tokens_per_s"]) if limits else None
 
 

@@ -76,7 +76,8 @@ class TransformersEngine(FormattedEngine):
         for idx in self._batches(runnable, lengths, params.max_new_tokens, self.config.batch_size, budget, n_seq):
             t0 = time.perf_counter()
             with torch.inference_mode():
-                new = self._generate_batch([ids[i] for i in idx], [prefix[i] for i in idx], params, n_seq, split)
+                new = self._generate_batch([ids[i] for i in idx], [prefix[i] for i in idx], [lengths[i] for i in idx],
+                                           params, n_seq, split)
             share = (time.perf_counter() - t0) / len(idx)
             for row, i in enumerate(idx):  # each prompt's n sequences come back next to each other
                 done = [self._completion(new[row * n_seq + k], params) for k in range(n_seq)]
@@ -85,15 +86,15 @@ class TransformersEngine(FormattedEngine):
                                         samples=[d[0] for d in done] if n_seq > 1 else [])
         return [r for r in results if r is not None]
 
-    def _generate_batch(self, seqs: list[list[int]], soft: list, params: SamplingParams, n_seq: int,
-                        split: bool) -> list[list[int]]:
+    def _generate_batch(self, seqs: list[list[int]], soft: list, lengths: list[int], params: SamplingParams,
+                        n_seq: int, split: bool) -> list[list[int]]:
         """The new tokens of each sequence of one decode batch (``n_seq`` rows per prompt, next to each other).
 
         Split (the default): every prompt but its last token is prefilled in small groups of similar length
         (:meth:`_prefill`), their KV caches are left-padded into one, and ``generate`` decodes the whole batch
         from there. Prefill, ~80 % of the work, then pads little and keeps its activations in the CPU's caches,
-        while decoding still steps many sequences at once. Otherwise one padded ``generate`` call does both."""
-        lengths = [len(s) + (0 if p is None else p.shape[0]) for s, p in zip(seqs, soft)]
+        while decoding still steps many sequences at once. Otherwise one padded ``generate`` call does both.
+        ``lengths`` counts each prompt's soft tokens and ids."""
         width = max(lengths)
         input_ids, mask = self._left_padded(seqs, lengths, width)
         kwargs = self._generate_kwargs(params, n_seq)
@@ -129,14 +130,15 @@ class TransformersEngine(FormattedEngine):
         buffers: list[tuple] = []
         row = 0
         for group in self._batches(list(range(len(seqs))), head, 0, len(seqs), self.config.max_batch_tokens):
-            w = max(head[i] for i in group)
-            ids, mask = self._left_padded([seqs[i][:-1] for i in group], [head[i] for i in group], w)
+            fed, fed_soft = [seqs[i][:-1] for i in group], [soft[i] for i in group]
+            fed_lengths = [head[i] for i in group]
+            w = max(fed_lengths)
+            ids, mask = self._left_padded(fed, fed_lengths, w)
             cache = DynamicCache(config=self.model.config)
             inputs = {"input_ids": ids.to(self.device)}
-            if any(soft[i] is not None for i in group):
-                inputs = {"inputs_embeds": self._embedded(ids, [seqs[i][:-1] for i in group],
-                                                          [soft[i] for i in group], [head[i] for i in group], w)}
-            padded = any(head[i] < w for i in group)
+            if any(p is not None for p in fed_soft):
+                inputs = {"inputs_embeds": self._embedded(ids, fed, fed_soft, fed_lengths, w)}
+            padded = min(fed_lengths) < w
             self.model(**inputs, attention_mask=mask.to(self.device) if padded else None,
                        position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(self.device),
                        use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
