@@ -56,6 +56,7 @@ class TransformersEngine(FormattedEngine):
         if self.tokenizer.eos_token_id is not None:
             self._eos.add(self.tokenizer.eos_token_id)
         self.split_prefill = config.split_prefill and self._supports_split_prefill()
+        self.own_decode = True  # the split path decodes with engines/decoding.py (False: generate, for comparison)
         # transformers renamed ``past_key_values`` to ``cache`` during 5.x (the old name warns, then goes)
         self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
 
@@ -95,20 +96,30 @@ class TransformersEngine(FormattedEngine):
         from there. Prefill, ~80 % of the work, then pads little and keeps its activations in the CPU's caches,
         while decoding still steps many sequences at once. Otherwise one padded ``generate`` call does both.
         ``lengths`` counts each prompt's soft tokens and ids."""
+        torch = self.torch
         width = max(lengths)
         input_ids, mask = self._left_padded(seqs, lengths, width)
         kwargs = self._generate_kwargs(params, n_seq)
         if split:
-            from . import kv_cache
+            from . import decoding, kv_cache
 
             buffers = self._prefill(seqs, soft, lengths, width - 1, n_seq, room=params.max_new_tokens + 1)
             if n_seq > 1:  # generate cannot expand a cache: each sample has its own row (and its own draws)
                 input_ids, mask = input_ids.repeat_interleave(n_seq, 0), mask.repeat_interleave(n_seq, 0)
                 kwargs.pop("num_return_sequences")
             cache = kv_cache.stitched(self.model.config, buffers, filled=width - 1)
-            out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
-                                      **{self._cache_kw: cache}, **kwargs)
-            return out[:, width:].tolist()
+            if not self.own_decode:
+                out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
+                                          **{self._cache_kw: cache}, **kwargs)
+                return out[:, width:].tolist()
+            positions = torch.tensor(lengths, dtype=torch.long).repeat_interleave(n_seq) - 1
+            tails = [seq[-decoding.PROMPT_TAIL:] for seq in seqs for _ in range(n_seq)]
+            return decoding.decode(
+                self.model, cache, self._cache_kw, input_ids[:, -1].to(self.device), mask.to(self.device),
+                positions.to(self.device), max_new_tokens=params.max_new_tokens,
+                min_new_tokens=params.min_new_tokens or 0, temperature=params.temperature, top_p=params.top_p,
+                eos=self._eos, pad=self.tokenizer.pad_token_id,
+                stops=decoding.StopStrings(self.tokenizer, params.stop or (), tails))
         if any(p is not None for p in soft):
             embeds = self._embedded(input_ids, seqs, soft, lengths, width)
             return self.model.generate(inputs_embeds=embeds, attention_mask=mask.to(self.device), **kwargs).tolist()
