@@ -70,6 +70,8 @@ ENGINE_VARIANTS = {
     # the transformers engine before 2026-12-04: one padded generate call per batch of 16 prompts / 8,192 tokens
     "transformers-one-call": {"kind": "transformers", "split_prefill": False, "batch_size": 16,
                               "max_batch_tokens": 8192},
+    # the transformers engine before 2026-12-06: split prefill, decoded by transformers' generate, stock kernels
+    "transformers-generate": {"kind": "transformers", "decode_loop": "generate", "cpu_decode_kernels": False},
 }
 
 
@@ -201,6 +203,7 @@ def run_pipeline(engine_cfg: EngineConfig, sets: dict[str, list[str]], new_token
             "generation": {"max_new_tokens": new_tokens[kind], "min_new_tokens": new_tokens[kind], "stop": []}})
         rows = [{"chunk_id": f"{i // block:06d}", "chunk_rows": block, "prompts": [p], "merge_json": None}
                 for i, p in enumerate(prompts)]
+        cpu0 = process_cpu_seconds()
         t0 = time.perf_counter()
         ds = ray.data.from_items(rows, override_num_blocks=max(1, (len(rows) + block - 1) // block))
         ds = ds.map_batches(GenerationEngineStage, fn_constructor_kwargs={"job": job}, batch_size=None,
@@ -208,13 +211,42 @@ def run_pipeline(engine_cfg: EngineConfig, sets: dict[str, list[str]], new_token
                             num_cpus=1)
         done = ds.take_all()
         wall = time.perf_counter() - t0
+        cpu = cpu_by_role(cpu0, process_cpu_seconds())
         p_tok = sum(r["prompt_tokens"] for r in done)
         c_tok = sum(r["completion_tokens"] for r in done)
         engine_s = sum(r["engine_seconds"] for r in done)  # inside the engine's generate calls
         out[kind] = {"prompts": len(done), "prompt_tokens": p_tok, "completion_tokens": c_tok, "wall_s": round(wall, 2),
                      "tokens_per_s": round((p_tok + c_tok) / wall, 1), "prompts_per_s": round(len(done) / wall, 3),
-                     "engine_s": round(engine_s, 2), "engine_tokens_per_s": round((p_tok + c_tok) / engine_s, 1)}
+                     "engine_s": round(engine_s, 2), "engine_tokens_per_s": round((p_tok + c_tok) / engine_s, 1),
+                     "cpu_s": cpu, "cpu_capacity_s": round(wall * (os.cpu_count() or 1), 1)}
     return out
+
+
+def process_cpu_seconds() -> dict[int, tuple[str, float]]:
+    """Every process's command line and CPU seconds (user + system) so far, from /proc (empty elsewhere)."""
+    out: dict[int, tuple[str, float]] = {}
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    for pid in (p for p in (os.listdir("/proc") if os.path.isdir("/proc") else []) if p.isdigit()):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        out[int(pid)] = (cmd, (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
+def cpu_by_role(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds spent between two snapshots by the engine actor, this driver, and everything else (Ray's own
+    processes and actors: GCS, raylet, Ray Data's stats and autoscaling actors): on a machine of 2 cores, what the
+    rest takes is what the engine does not get."""
+    roles = {"engine actor": 0.0, "driver": 0.0, "other": 0.0}
+    for pid, (cmd, cpu) in after.items():
+        spent = cpu - (before[pid][1] if pid in before and before[pid][0] == cmd else 0.0)
+        role = ("engine actor" if "EngineStage" in cmd else "driver" if pid == os.getpid() else "other")
+        roles[role] += max(spent, 0.0)
+    return {k: round(v, 1) for k, v in roles.items()}
 
 
 def run_raydata_vllm(model_path: str, sets: dict[str, list[str]], new_tokens: dict[str, int], block: int,
@@ -257,7 +289,10 @@ def _extra(r: dict) -> str:
     if "load_s" in r:
         return f"model load {r['load_s']} s ({r['tokens_per_s_with_load']} tokens/s counting it)"
     if "engine_s" in r:
-        return f"{r['engine_s']} s in generate ({r['engine_tokens_per_s']} tokens/s)"
+        cpu = r.get("cpu_s")
+        spent = (f"; CPU s of {r['cpu_capacity_s']}: engine actor {cpu['engine actor']}, driver {cpu['driver']}, "
+                 f"other processes {cpu['other']}") if cpu else ""
+        return f"{r['engine_s']} s in generate ({r['engine_tokens_per_s']} tokens/s){spent}"
     return ""
 
 

@@ -46,3 +46,16 @@ def test_every_pipeline_block_size_gets_a_row_and_its_ratios():
     assert "| transformers | pipeline (block 200) | 2 |" in md
     assert "limit 40.0 tokens/s = fp32 matmul peak 10.0 GFLOP/s" in md and "transformers-one-call 8.0" in md
     assert "pipeline (block 9): failed: `RuntimeError: boom`" in md
+
+
+def test_cpu_seconds_are_split_between_the_engine_actor_the_driver_and_the_rest():
+    import os
+
+    bench = load_script("bench_engines")
+    me = os.getpid()
+    before = {me: ("python bench", 10.0), 7: ("ray::IDLE", 1.0), 8: ("raylet", 5.0)}
+    after = {me: ("python bench", 12.5), 7: ("ray::MapWorker(MapBatches(GenerationEngineStage))", 41.0),
+             8: ("raylet", 6.5), 9: ("ray::_StatsActor", 0.7)}
+    assert bench.cpu_by_role(before, after) == {"engine actor": 41.0, "driver": 2.5, "other": 2.2}
+    snapshot = bench.process_cpu_seconds()
+    assert me in snapshot and snapshot[me][1] > 0

@@ -136,3 +136,61 @@ def test_a_stitched_cache_layer_grows_in_place_then_past_its_room_like_a_dynamic
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
         assert (layer.keys.data_ptr() == buffer) == (step < 2)
     assert layer.get_seq_length() == reference.get_seq_length() == 9
+
+
+def test_the_own_decode_loop_writes_what_generate_writes(engine):
+    """The split path's decode loop (engines/decoding.py) against transformers' generate from the same stitched
+    cache: the same greedy texts, token counts and finish reasons, with a stop string that can end inside a token,
+    a minimum length (end-of-sequence banned first) and sampled answers of the same shape."""
+    prompts = PROMPTS + [[{"role": "user", "content": "Write two short lines about the sea."}]]
+    try:
+        runs = {}
+        for loop in (True, False):
+            engine.own_decode = loop
+            runs[loop] = [engine.generate(prompts, p) for p in (
+                SamplingParams(max_new_tokens=16, stop=("\n",)), SamplingParams(max_new_tokens=12, stop=(".",)),
+                SamplingParams(max_new_tokens=10, min_new_tokens=10),
+                SamplingParams(max_new_tokens=6, temperature=1.0, n=3, seed=2))]
+    finally:
+        engine.own_decode = True
+    for own, ref in zip(runs[True][:3], runs[False][:3]):
+        assert [(c.text, c.completion_tokens, c.finish_reason) for c in own] == \
+            [(c.text, c.completion_tokens, c.finish_reason) for c in ref]
+    assert all(c.completion_tokens == 10 for c in runs[True][2])
+    free = engine.generate(prompts, SamplingParams(max_new_tokens=12))
+    stopped = runs[True][1]
+    assert any("." in f.text and s.completion_tokens < f.completion_tokens for f, s in zip(free, stopped))  # it cut
+    sampled = runs[True][3]
+    assert all(len(c.samples) == 3 and c.text == c.samples[0] and 0 < c.completion_tokens <= 18 for c in sampled)
+
+
+def test_the_cpu_decode_kernels_compute_what_sdpa_and_the_lm_head_compute():
+    import torch
+    import torch.nn.functional as F
+
+    from stepback_ray.engines import cpu_decode
+
+    torch.manual_seed(0)
+    batch, heads, groups, positions, dim = 3, 6, 2, 11, 8
+    query = torch.randn(batch, heads, 1, dim)
+    key, value = torch.randn(batch, groups, positions, dim), torch.randn(batch, groups, positions, dim)
+    mask = torch.ones(batch, 1, 1, positions, dtype=torch.bool)
+    mask[0, ..., :4] = False  # a left-padded row
+    want = F.scaled_dot_product_attention(query, key.repeat_interleave(heads // groups, 1),
+                                          value.repeat_interleave(heads // groups, 1), attn_mask=mask).transpose(1, 2)
+    for m in (mask, torch.zeros(mask.shape).masked_fill(~mask, float("-inf")), None):
+        got = cpu_decode._attention(query, key, value, m, None)
+        ref = want if m is not None else F.scaled_dot_product_attention(
+            query, key.repeat_interleave(3, 1), value.repeat_interleave(3, 1)).transpose(1, 2)
+        assert got.shape == (batch, 1, heads, dim) and torch.allclose(got, ref, atol=1e-5)
+    head = torch.nn.Linear(dim, 50, bias=True)
+    hidden = torch.randn(batch, 2, dim)
+    want = head(hidden)
+    head.forward = cpu_decode._lm_head(head)
+    assert torch.allclose(head(hidden), want, atol=1e-5)
+
+
+def test_the_engine_runs_the_cpu_decode_kernels(engine):
+    from stepback_ray.engines import cpu_decode
+
+    assert engine.model.config._attn_implementation == cpu_decode.NAME

@@ -137,6 +137,11 @@ class EngineConfig(_Strict):
                                 "generate call per batch (batch_size prompts, max_batch_tokens padded tokens)")
     max_cache_tokens: Int = Field(default=32768, gt=0, description="transformers engine: padded prompt + new tokens "
                                                                    "of one decode batch (its KV cache)")
+    decode_loop: Literal["own", "generate"] = Field(
+        default="own", description="transformers engine, split prefill: decode with the engine's own loop "
+                                   "(engines/decoding.py) or with transformers' generate (the loop before 2026-12-06)")
+    cpu_decode_kernels: bool = Field(default=True, description="transformers engine on a CPU: one-token attention as "
+                                     "two matrix products and the LM head as W @ x.T (engines/cpu_decode.py)")
     threads: Int = Field(default=0, ge=0, description="torch intra-op threads; 0 = every core of the node")
     max_model_len: Int | None = Field(default=None, gt=0, description="context length; default: the model's")
     prompt_family: Literal["auto", "chat", "plain"] = "auto"

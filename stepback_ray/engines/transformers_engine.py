@@ -56,7 +56,11 @@ class TransformersEngine(FormattedEngine):
         if self.tokenizer.eos_token_id is not None:
             self._eos.add(self.tokenizer.eos_token_id)
         self.split_prefill = config.split_prefill and self._supports_split_prefill()
-        self.own_decode = True  # the split path decodes with engines/decoding.py (False: generate, for comparison)
+        self.own_decode = config.decode_loop == "own"
+        if device == "cpu" and config.cpu_decode_kernels:
+            from . import cpu_decode
+
+            cpu_decode.install(self.model)
         # transformers renamed ``past_key_values`` to ``cache`` during 5.x (the old name warns, then goes)
         self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
 
