@@ -218,13 +218,14 @@ def run_pipeline(engine_cfg: EngineConfig, sets: dict[str, list[str]], new_token
         out[kind] = {"prompts": len(done), "prompt_tokens": p_tok, "completion_tokens": c_tok, "wall_s": round(wall, 2),
                      "tokens_per_s": round((p_tok + c_tok) / wall, 1), "prompts_per_s": round(len(done) / wall, 3),
                      "engine_s": round(engine_s, 2), "engine_tokens_per_s": round((p_tok + c_tok) / engine_s, 1),
-                     "cpu_s": cpu, "cpu_capacity_s": round(wall * (os.cpu_count() or 1), 1)}
+                     "cpu_s": cpu, "cpu_capacity_s": round(wall * len(os.sched_getaffinity(0)), 1)}
     return out
 
 
-def process_cpu_seconds() -> dict[int, tuple[str, float]]:
-    """Every process's command line and CPU seconds (user + system) so far, from /proc (empty elsewhere)."""
-    out: dict[int, tuple[str, float]] = {}
+def process_cpu_seconds() -> dict[int, tuple[str, float, int]]:
+    """Every process's command line, CPU seconds (user + system) so far and start time (clock ticks after boot:
+    tells a reused process id), from /proc (empty elsewhere)."""
+    out: dict[int, tuple[str, float, int]] = {}
     tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
     for pid in (p for p in (os.listdir("/proc") if os.path.isdir("/proc") else []) if p.isdigit()):
         try:
@@ -233,17 +234,19 @@ def process_cpu_seconds() -> dict[int, tuple[str, float]]:
         except OSError:
             continue
         fields = stat[stat.rindex(")") + 2:].split()
-        out[int(pid)] = (cmd, (int(fields[11]) + int(fields[12])) / tick)
+        out[int(pid)] = (cmd, (int(fields[11]) + int(fields[12])) / tick, int(fields[19]))
     return out
 
 
-def cpu_by_role(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+def cpu_by_role(before: dict[int, tuple[str, float, int]],
+                after: dict[int, tuple[str, float, int]]) -> dict[str, float]:
     """CPU seconds spent between two snapshots by the engine actor, this driver, and everything else (Ray's own
     processes and actors: GCS, raylet, Ray Data's stats and autoscaling actors): on a machine of 2 cores, what the
-    rest takes is what the engine does not get."""
+    rest takes is what the engine does not get. A process is the same one if its start time is (Ray renames an
+    idle worker that becomes an actor); processes that ended in between are not counted."""
     roles = {"engine actor": 0.0, "driver": 0.0, "other": 0.0}
-    for pid, (cmd, cpu) in after.items():
-        spent = cpu - (before[pid][1] if pid in before and before[pid][0] == cmd else 0.0)
+    for pid, (cmd, cpu, started) in after.items():
+        spent = cpu - (before[pid][1] if pid in before and before[pid][2] == started else 0.0)
         role = ("engine actor" if "EngineStage" in cmd else "driver" if pid == os.getpid() else "other")
         roles[role] += max(spent, 0.0)
     return {k: round(v, 1) for k, v in roles.items()}

@@ -160,8 +160,51 @@ def test_the_own_decode_loop_writes_what_generate_writes(engine):
     free = engine.generate(prompts, SamplingParams(max_new_tokens=12))
     stopped = runs[True][1]
     assert any("." in f.text and s.completion_tokens < f.completion_tokens for f, s in zip(free, stopped))  # it cut
-    sampled = runs[True][3]
-    assert all(len(c.samples) == 3 and c.text == c.samples[0] and 0 < c.completion_tokens <= 18 for c in sampled)
+    for sampled in (runs[True][3], runs[False][3]):
+        assert all(len(c.samples) == 3 and c.text == c.samples[0] and 0 < c.completion_tokens <= 18 for c in sampled)
+
+
+def test_stop_strings_end_where_transformers_criterion_ends_them(formatter):
+    """Token by token, the loop's stop check fires exactly where transformers' ``StopStringCriteria`` does: on
+    a stop string split over several tokens (a multi-byte character, an emoji), one that starts in the prompt,
+    and not again on one the prompt already holds."""
+    import torch
+    from transformers.generation.stopping_criteria import StopStringCriteria
+
+    from stepback_ray.engines.decoding import StopStrings
+
+    tok = formatter.tokenizer
+    cases = [("Title: 日本 is here", ["日"]), ("ok 🙂 done", ["🙂"]), ("a\n\nb", ["\n\n"]),
+             ("x. y. z", ["."]), ("say END now", ["END", "now"])]
+    for text, stop in cases:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        for cut in range(1, len(ids)):  # the first `cut` ids are the prompt, the rest come one by one
+            prompt, new = ids[:cut], ids[cut:]
+            check, criterion = StopStrings(tok, stop, [prompt]), StopStringCriteria(tok, stop)
+            for k in range(1, len(new) + 1):
+                want = bool(criterion(torch.tensor([prompt + new[:k]]), None)[0])
+                assert bool(check.ended([0], [new[:k]])) == want, (text, cut, k)
+                if want:
+                    break
+
+
+def test_sampling_warps_the_scores_as_transformers_does():
+    import torch
+    from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
+                                                        TopPLogitsWarper)
+
+    from stepback_ray.engines.decoding import warped
+
+    logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(3)) * 3
+    for temperature, top_k, top_p in [(0.7, 50, 0.95), (1.0, 0, 0.5), (1.3, 5, 1.0), (0.7, 0, 1.0)]:
+        want = TemperatureLogitsWarper(temperature)(None, logits.clone())
+        if top_k:
+            want = TopKLogitsWarper(top_k)(None, want)
+        if top_p < 1.0:
+            want = TopPLogitsWarper(top_p)(None, want)
+        got = warped(logits, temperature, top_k, top_p)
+        assert torch.equal(torch.isinf(got), torch.isinf(want))
+        assert torch.allclose(got[~torch.isinf(got)], want[~torch.isinf(want)])
 
 
 def test_the_cpu_decode_kernels_compute_what_sdpa_and_the_lm_head_compute():
@@ -194,3 +237,5 @@ def test_the_engine_runs_the_cpu_decode_kernels(engine):
     from stepback_ray.engines import cpu_decode
 
     assert engine.model.config._attn_implementation == cpu_decode.NAME
+    head = engine.model.get_output_embeddings()
+    assert "forward" in vars(head)  # the instance's own forward: (W @ x.T).T

@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 
 NAME = "sdpa-cpu-decode"
-"""The attention implementation registered with transformers (SDPA for prompts, :func:`_attention` for a step)."""
+"""The attention implementation registered with transformers (SDPA for prompts, :func:`_attention` for a step).
+The name must contain "sdpa": transformers then refuses it for a model that does not support SDPA, as it should."""
 
 
 def install(model) -> bool:
@@ -40,8 +41,10 @@ def install(model) -> bool:
         model.set_attn_implementation(NAME)
     except (ValueError, AttributeError, TypeError):
         return False
+    if getattr(model.config, "_attn_implementation", None) != NAME:  # refused with a warning, not an error
+        return False
     head = model.get_output_embeddings()
-    if isinstance(head, torch.nn.Linear):
+    if type(head) is torch.nn.Linear:  # not a quantized subclass, whose weight is packed
         head.forward = _lm_head(head)
     return True
 
@@ -57,18 +60,20 @@ def _attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask
     scores = torch.matmul(q, key.transpose(-1, -2)).mul_(dim ** -0.5 if scaling is None else scaling)
     if mask is not None:
         scores = scores.masked_fill_(~mask, float("-inf")) if mask.dtype == torch.bool else scores.add_(mask)
-    out = torch.matmul(scores.softmax(-1), value)  # [batch, groups, heads per group, dim]
-    return out.reshape(batch, heads, 1, dim).transpose(1, 2)
+    weights = scores.softmax(-1, dtype=torch.float32).to(value.dtype)  # float32 sums, as SDPA's kernels
+    out = torch.matmul(weights, value)  # [batch, groups, heads per group, value dim]
+    return out.reshape(batch, heads, 1, value.shape[-1]).transpose(1, 2)
 
 
 def _lm_head(head: torch.nn.Linear):
-    weight, bias = head.weight, head.bias
+    """``head``'s forward as ``(W @ x.T).T``; its weight and bias are read at each call (re-tied or replaced
+    weights are seen). The logits come back as a transposed view: fine for sampling, not for ``.view``."""
 
     def forward(hidden: torch.Tensor) -> torch.Tensor:
         rows = hidden.reshape(-1, hidden.shape[-1])
-        logits = torch.mm(weight, rows.t()).t()
-        if bias is not None:
-            logits = logits + bias
-        return logits.reshape(*hidden.shape[:-1], weight.shape[0])
+        logits = torch.mm(head.weight, rows.t()).t()
+        if head.bias is not None:
+            logits = logits + head.bias
+        return logits.reshape(*hidden.shape[:-1], head.weight.shape[0])
 
     return forward

@@ -9,6 +9,7 @@ sent to the model: it comes back as an ``error`` completion, so one bad row neve
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import time
 
@@ -16,6 +17,8 @@ from ..config import EngineConfig
 from ..errors import StepbackError
 from .base import Completion, Prompt, Request, SamplingParams, cut_at_stop, split_requests
 from .formatting import FormattedEngine
+
+logger = logging.getLogger(__name__)
 
 
 class TransformersEngine(FormattedEngine):
@@ -56,11 +59,13 @@ class TransformersEngine(FormattedEngine):
         if self.tokenizer.eos_token_id is not None:
             self._eos.add(self.tokenizer.eos_token_id)
         self.split_prefill = config.split_prefill and self._supports_split_prefill()
-        self.own_decode = config.decode_loop == "own"
+        self.own_decode = config.decode_loop == "own" and self._own_loop_covers_generation_config()
         if device == "cpu" and config.cpu_decode_kernels:
             from . import cpu_decode
 
-            cpu_decode.install(self.model)
+            if not cpu_decode.install(self.model):
+                logger.warning("engine: %s keeps its stock attention and LM head (the CPU decode kernels do not "
+                               "apply to it)", config.model)
         # transformers renamed ``past_key_values`` to ``cache`` during 5.x (the old name warns, then goes)
         self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
 
@@ -96,14 +101,16 @@ class TransformersEngine(FormattedEngine):
         """The new tokens of each sequence of one decode batch (``n_seq`` rows per prompt, next to each other).
 
         Split (the default): every prompt but its last token is prefilled in small groups of similar length
-        (:meth:`_prefill`), their KV caches are left-padded into one, and ``generate`` decodes the whole batch
-        from there. Prefill, ~80 % of the work, then pads little and keeps its activations in the CPU's caches,
+        (:meth:`_prefill`), their KV caches are left-padded into one, and the whole batch is decoded from there
+        by the engine's own loop (:mod:`.decoding`; ``generate`` with ``engine.decode_loop: generate``). Prefill, ~80 % of the work, then pads little and keeps its activations in the CPU's caches,
         while decoding still steps many sequences at once. Otherwise one padded ``generate`` call does both.
         ``lengths`` counts each prompt's soft tokens and ids."""
         torch = self.torch
         width = max(lengths)
         input_ids, mask = self._left_padded(seqs, lengths, width)
         kwargs = self._generate_kwargs(params, n_seq)
+        if params.temperature > 0:
+            torch.manual_seed(params.seed)  # both decoders draw from the global generator
         if split:
             from . import decoding, kv_cache
 
@@ -117,13 +124,12 @@ class TransformersEngine(FormattedEngine):
                                           **{self._cache_kw: cache}, **kwargs)
                 return out[:, width:].tolist()
             positions = torch.tensor(lengths, dtype=torch.long).repeat_interleave(n_seq) - 1
-            tails = [seq[-decoding.PROMPT_TAIL:] for seq in seqs for _ in range(n_seq)]
             return decoding.decode(
                 self.model, cache, self._cache_kw, input_ids[:, -1].to(self.device), mask.to(self.device),
                 positions.to(self.device), max_new_tokens=params.max_new_tokens,
                 min_new_tokens=params.min_new_tokens or 0, temperature=params.temperature, top_p=params.top_p,
-                eos=self._eos, pad=self.tokenizer.pad_token_id,
-                stops=decoding.StopStrings(self.tokenizer, params.stop or (), tails))
+                top_k=self.model.generation_config.top_k or 50, eos=self._eos, pad=self.tokenizer.pad_token_id,
+                stops=decoding.StopStrings(self.tokenizer, params.stop or (), [s for s in seqs for _ in range(n_seq)]))
         if any(p is not None for p in soft):
             embeds = self._embedded(input_ids, seqs, soft, lengths, width)
             return self.model.generate(inputs_embeds=embeds, attention_mask=mask.to(self.device), **kwargs).tolist()
@@ -196,13 +202,23 @@ class TransformersEngine(FormattedEngine):
         kwargs = dict(max_new_tokens=params.max_new_tokens, min_new_tokens=params.min_new_tokens or None,
                       do_sample=params.temperature > 0, pad_token_id=self.tokenizer.pad_token_id)
         if params.temperature > 0:  # n completions per prompt: generate expands the batch
-            self.torch.manual_seed(params.seed)
             kwargs.update(temperature=params.temperature, top_p=params.top_p, num_return_sequences=n_seq)
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
         if params.stop:
             kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
         return kwargs
+
+    def _own_loop_covers_generation_config(self) -> bool:
+        """Whether the own decode loop implements every logits processor the model's generation config asks of
+        ``generate`` (a repetition penalty, banned words and the like are left to ``generate``)."""
+        g = self.model.generation_config
+        neutral = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "typical_p": 1.0, "epsilon_cutoff": 0.0,
+                   "eta_cutoff": 0.0, "encoder_repetition_penalty": 1.0, "bad_words_ids": None,
+                   "suppress_tokens": None, "begin_suppress_tokens": None, "forced_bos_token_id": None,
+                   "forced_eos_token_id": None, "min_p": None, "exponential_decay_length_penalty": None,
+                   "sequence_bias": None, "renormalize_logits": False}
+        return all(getattr(g, key, value) in (None, value) for key, value in neutral.items())
 
     def _supports_split_prefill(self) -> bool:
         """Prefilled caches can be stitched together where every layer keeps a plain growing cache (full
