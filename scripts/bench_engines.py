@@ -111,6 +111,46 @@ def measure(generate, prompts: list[str], params: SamplingParams) -> dict[str, f
             "tokens_per_s": round((p_tok + c_tok) / wall, 1), "prompts_per_s": round(len(prompts) / wall, 3)}
 
 
+def run_alternated(configs: dict[str, EngineConfig], prompts: list[str], params: SamplingParams,
+                   rounds: int) -> dict[str, dict]:
+    """Every engine built in this one process and called on the same prompts in turn, the order reversed each
+    round: on a VM whose speed drifts by 10 % within the hour, the A/B that separate processes cannot give.
+    Reports each engine's tokens/s per round and on the mean, against the first engine, and how many of its
+    texts equal the first engine's."""
+    engines = {name: build_engine(cfg) for name, cfg in configs.items()}
+    names = list(engines)
+    speeds: dict[str, list[float]] = {n: [] for n in names}
+    texts: dict[str, list[str]] = {}
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            t0 = time.perf_counter()
+            outs = engines[name].generate(prompts, params)
+            wall = time.perf_counter() - t0
+            speeds[name].append(round(sum(o.prompt_tokens + o.completion_tokens for o in outs) / wall, 1))
+            texts.setdefault(name, [o.text for o in outs])
+    for engine in engines.values():
+        engine.close()
+    base = sum(speeds[names[0]]) / rounds
+    return {n: {"tokens_per_s": speeds[n], "mean": round(sum(speeds[n]) / rounds, 1),
+                "vs_first": round(sum(speeds[n]) / rounds / base, 3),
+                "texts_equal_first": sum(a == b for a, b in zip(texts[names[0]], texts[n])),
+                "prompts": len(prompts)} for n in names}
+
+
+def alternated_markdown(report: dict, name: str) -> str:
+    start, end = markers(name)
+    lines = [start, "", f"### Engines alternated in one process ({report['date']}, {report['machine']})", "",
+             f"Model `{report['model']}`, the first {report['prompts']} {report['set']} prompts, "
+             f"{report['new_tokens']} new tokens each (fixed), {report['rounds']} rounds, the engines' order reversed "
+             f"each round. Command: `{report['command']}`.", "",
+             "| engine | tokens/s per round | mean | against the first | texts equal to the first's |",
+             "|---|---|---|---|---|"]
+    for eng, r in report["results"].items():
+        lines.append(f"| {eng} | {' / '.join(str(x) for x in r['tokens_per_s'])} | {r['mean']} | {r['vs_first']}x "
+                     f"| {r['texts_equal_first']} of {r['prompts']} |")
+    return "\n".join(lines + ["", end])
+
+
 def flops_per_token(model_path: str) -> dict[str, float]:
     """Matmul FLOPs one token costs in a forward pass: 2 x the parameters it multiplies by (every weight matrix,
     and the LM head; an embedding lookup is free, a tied embedding is the LM head). Attention's own products
@@ -435,6 +475,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--dummy", choices=sorted(DUMMY_CONFIGS), help="random weights with this architecture")
     ap.add_argument("--no-pipeline", action="store_true", help="raw and loop only (no Ray installed)")
+    ap.add_argument("--alternate", type=int, default=0, metavar="ROUNDS",
+                    help="instead: the --engines built in one process, alternated ROUNDS times on the first --sets")
     ap.add_argument("--kv-cache-gb", type=float, default=4.0)
     ap.add_argument("--data", default=os.environ.get("STEPBACK_SHARED_DATA", str(REPO.parent / "shared" / "data")))
     ap.add_argument("--write", help="markdown file whose bench_engines section is replaced")
@@ -451,6 +493,18 @@ def main() -> None:
     new_tokens = {"generation": args.gen_tokens, "profile": args.profile_tokens}
     params = {k: SamplingParams(max_new_tokens=new_tokens[k], min_new_tokens=new_tokens[k]) for k in sets}
     engines = args.engines.split(",")
+    if args.alternate:
+        kind = next(iter(sets))
+        configs = {e: EngineConfig(**{**base, **ENGINE_VARIANTS.get(e, {"kind": e})}) for e in engines}
+        report = {"date": dt.date.today().isoformat(), "machine": machine(), "model": model, "set": kind,
+                  "prompts": args.prompts, "new_tokens": new_tokens[kind], "rounds": args.alternate,
+                  "command": "python scripts/bench_engines.py " + " ".join(sys.argv[1:]),
+                  "results": run_alternated(configs, sets[kind], params[kind], args.alternate)}
+        print(json.dumps(report, indent=1))
+        if args.write:
+            name = f"bench_engines:{args.section or 'alternated'}"
+            write_section(Path(args.write), name, "Engines", alternated_markdown(report, name))
+        return
     try:
         import vllm  # noqa: F401
 

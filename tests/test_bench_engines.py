@@ -60,3 +60,18 @@ def test_cpu_seconds_are_split_between_the_engine_actor_the_driver_and_the_rest(
     assert bench.cpu_by_role(before, after) == {"engine actor": 40.0, "driver": 2.5, "other": 2.6}
     snapshot = bench.process_cpu_seconds()
     assert me in snapshot and snapshot[me][1] > 0
+
+
+def test_alternated_engines_run_in_turn_and_report_against_the_first():
+    bench = load_script("bench_engines")
+    from stepback_ray.config import EngineConfig
+    from stepback_ray.engines import SamplingParams
+
+    configs = {"a": EngineConfig(kind="dry-run"), "b": EngineConfig(kind="dry-run", dry_run_output_fraction=0.5)}
+    out = bench.run_alternated(configs, ["one prompt", "another prompt here"], SamplingParams(max_new_tokens=8), 3)
+    assert set(out) == {"a", "b"} and all(len(r["tokens_per_s"]) == 3 for r in out.values())
+    assert out["a"]["vs_first"] == 1.0 and out["a"]["texts_equal_first"] == 2 and out["b"]["prompts"] == 2
+    report = {"date": "d", "machine": "m", "model": "x", "set": "generation", "prompts": 2, "new_tokens": 8,
+              "rounds": 3, "command": "c", "results": out}
+    text = bench.alternated_markdown(report, "bench_engines:t")
+    assert "| a | " in text and "| b | " in text and text.startswith("<!-- bench_engines:t:start -->")
