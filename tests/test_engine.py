@@ -239,3 +239,45 @@ def test_the_engine_runs_the_cpu_decode_kernels(engine):
     assert engine.model.config._attn_implementation == cpu_decode.NAME
     head = engine.model.get_output_embeddings()
     assert "forward" in vars(head)  # the instance's own forward: (W @ x.T).T
+
+
+def test_the_cpu_attention_kernel_gives_sdpas_decode_step_on_a_grouped_query_model(tmp_path):
+    """A tiny Qwen2 (2 query heads per key/value head, biased projections, random weights) and a left-padded
+    batch: one decode step from the same cache gives the same hidden states with the CPU kernel as with SDPA."""
+    import json
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from stepback_ray.config import EngineConfig
+    from stepback_ray.engines import build_engine, cpu_decode
+    from stepback_ray.engines.models import resolve_model
+
+    config = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 64,
+              "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "vocab_size": 49152,
+              "tie_word_embeddings": True, "hidden_act": "silu", "use_sliding_window": False, "initializer_range": 0.5,
+              "bos_token_id": 1, "eos_token_id": 2}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    AutoTokenizer.from_pretrained(resolve_model("packaged:smollm2-135m-instruct")).save_pretrained(tmp_path)
+    eng = build_engine(EngineConfig(model=str(tmp_path), device="cpu", load_format="dummy"))
+    model = eng.model
+    assert model.config._attn_implementation == cpu_decode.NAME
+    seqs = [[5, 9, 33, 7, 81, 12], [44, 3, 8], [19, 2000, 6, 71]]
+    width = max(map(len, seqs))
+    ids, mask = eng._left_padded(seqs, [len(s) for s in seqs], width)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+
+    def decode_step(impl: str) -> torch.Tensor:
+        model.set_attn_implementation(impl)
+        with torch.no_grad():
+            prefill = model.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
+                                  use_cache=True)
+            return model.model(input_ids=ids[:, -1:], attention_mask=mask, position_ids=positions[:, -1:],
+                               use_cache=True, **{eng._cache_kw: prefill[eng._cache_kw]}).last_hidden_state
+
+    kernel, sdpa = decode_step(cpu_decode.NAME), decode_step("sdpa")
+    assert torch.allclose(kernel, sdpa, atol=1e-5)
+    mask[1, :] = 1  # attending to the padding changes the step: the comparison can tell
+    assert not torch.allclose(decode_step("sdpa"), sdpa, atol=1e-3)
+    eng.close()
