@@ -123,11 +123,11 @@ def run_alternated(configs: dict[str, EngineConfig], prompts: list[str], params:
     texts: dict[str, list[str]] = {}
     for r in range(rounds):
         for name in names if r % 2 == 0 else names[::-1]:
-            t0 = time.perf_counter()
-            outs = engines[name].generate(prompts, params)
-            wall = time.perf_counter() - t0
-            speeds[name].append(round(sum(o.prompt_tokens + o.completion_tokens for o in outs) / wall, 1))
-            texts.setdefault(name, [o.text for o in outs])
+            def kept(ps, p, name=name):
+                outs = engines[name].generate(ps, p)
+                texts.setdefault(name, [o.text for o in outs])
+                return outs
+            speeds[name].append(measure(kept, prompts, params)["tokens_per_s"])
     for engine in engines.values():
         engine.close()
     base = sum(speeds[names[0]]) / rounds

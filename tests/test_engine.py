@@ -224,7 +224,8 @@ def test_the_cpu_decode_kernels_compute_what_sdpa_and_the_lm_head_compute():
     for m in (mask, torch.zeros(mask.shape).masked_fill(~mask, float("-inf")), None):
         got = cpu_decode._attention(query, key, value, m, None)
         ref = want if m is not None else F.scaled_dot_product_attention(
-            query, key.repeat_interleave(3, 1), value.repeat_interleave(3, 1)).transpose(1, 2)
+            query, key.repeat_interleave(heads // groups, 1),
+            value.repeat_interleave(heads // groups, 1)).transpose(1, 2)
         assert got.shape == (batch, 1, heads, dim) and torch.allclose(got, ref, atol=1e-5)
     head = torch.nn.Linear(dim, 50, bias=True)
     hidden = torch.randn(batch, 2, dim)

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import torch
 
+
 class StopStrings:
     """Whether a sequence's newest token ends a stop string, as transformers' stop-string criterion decides: the
     stop string must end after the text that came before that token (one already in the prompt, or matched
@@ -36,8 +37,8 @@ class StopStrings:
         return bool(self.stop)
 
     def ended(self, rows: list[int], new: list[list[int]]) -> list[int]:
-        """Of ``rows`` (with ``new[k]`` the new tokens of ``rows[k]``), those whose newest token ends a stop
-        string."""
+        """Of ``rows`` (with ``new[k]`` the newest new tokens of ``rows[k]``, at least the last ``window`` of them
+        or all there are), those whose newest token ends a stop string."""
         seen = [(self.tails[r] + toks)[-self.window:] for r, toks in zip(rows, new)]
         before = self.tokenizer.batch_decode([toks[:-1] for toks in seen])
         after = self.tokenizer.batch_decode(seen)
@@ -82,7 +83,7 @@ def decode(model, cache, cache_kw: str, last_ids: torch.Tensor, mask: torch.Tens
         if stops:
             live = (~done & ~ended).nonzero().flatten().tolist()
             if live:
-                new = out[live, :steps].tolist()
+                new = out[live, max(0, steps - stops.window):steps].tolist()  # all the check reads
                 ended[stops.ended(live, new)] = True
         done |= ended
         if bool(done.all()):

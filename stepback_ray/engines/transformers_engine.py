@@ -102,8 +102,9 @@ class TransformersEngine(FormattedEngine):
 
         Split (the default): every prompt but its last token is prefilled in small groups of similar length
         (:meth:`_prefill`), their KV caches are left-padded into one, and the whole batch is decoded from there
-        by the engine's own loop (:mod:`.decoding`; ``generate`` with ``engine.decode_loop: generate``). Prefill, ~80 % of the work, then pads little and keeps its activations in the CPU's caches,
-        while decoding still steps many sequences at once. Otherwise one padded ``generate`` call does both.
+        by the engine's own loop (:mod:`.decoding`; ``generate`` with ``engine.decode_loop: generate``). Prefill,
+        ~80 % of the work, then pads little and keeps its activations in the CPU's caches, while decoding still
+        steps many sequences at once. Otherwise one padded ``generate`` call does both.
         ``lengths`` counts each prompt's soft tokens and ids."""
         torch = self.torch
         width = max(lengths)
