@@ -46,6 +46,57 @@ def test_split_prefill_writes_what_one_padded_call_writes(engine, prefill_tokens
         [(c.prompt_tokens, c.completion_tokens, c.finish_reason) for c in one]
 
 
+SHARED_SYSTEM = ("You are a careful assistant for scientists. You read the request, think about the field it "
+                 "belongs to, and answer with a short, precise title in the field's usual style, without quotes.")
+SHARING = [[{"role": "system", "content": SHARED_SYSTEM}, {"role": "user", "content": text}] for text in (
+    "Graph neural networks for molecules.",
+    "A study of sparse attention in long-document summarization with retrieval, evaluated on three benchmarks.",
+    "Diffusion models.",
+    "Contrastive pretraining of speech encoders for low-resource languages and dialects.")]
+
+
+@pytest.mark.parametrize("prefill_tokens", [8, 1536], ids=["each-prompt-alone", "grouped"])
+def test_a_shared_opening_is_prefilled_once_and_writes_the_same(engine, prefill_tokens):
+    """Prompts that open with the same system prompt: with ``engine.prefix_reuse`` the opening is computed once
+    and copied to each prompt's cache. The cache the decode steps see is the one each prompt would have alone (no
+    gap between the shared part and the prompt's own tokens), so the greedy texts, the samples and the token counts
+    equal those without it; every prompt but one reports the shared tokens as cached."""
+    import torch
+
+    config = engine.config
+    seqs = [engine.formatter.encode(engine.render(p)) for p in SHARING]
+    shared = engine._shared_prefix(seqs, [None] * len(seqs))
+    assert shared >= 40 and all(s[:shared] == seqs[0][:shared] for s in seqs)
+    try:
+        engine.config = config.model_copy(update={"max_batch_tokens": prefill_tokens, "prefix_reuse": True})
+        with torch.inference_mode():  # the stitched cache itself: the same keys and values, right-aligned
+            lengths = [len(s) for s in seqs]
+            width = max(lengths) - 1
+            seqs_sorted = sorted(seqs, key=len)
+            plain = engine._prefill(seqs_sorted, [None] * 4, sorted(lengths), width, 1, room=2)
+            reused = engine._prefill(seqs_sorted, [None] * 4, sorted(lengths), width, 1, room=2, shared=shared)
+        for layer_plain, layer_reused in zip(plain, reused):
+            for x0, x1 in zip(layer_plain, layer_reused):  # each row's own positions (padding is masked)
+                for row, n in enumerate(sorted(lengths)):
+                    assert torch.allclose(x0[row, :, width - n + 1:width], x1[row, :, width - n + 1:width], atol=1e-4)
+                    assert not x1[row, :, :width - n + 1].any()  # no gap: zeros, then the prompt
+        outs = {}
+        for reuse in (False, True):
+            engine.config = config.model_copy(update={"max_batch_tokens": prefill_tokens, "prefix_reuse": reuse})
+            outs[reuse] = (engine.generate(SHARING, SamplingParams(max_new_tokens=12, stop=("\n\n",))),
+                           engine.generate(SHARING, SamplingParams(max_new_tokens=8, temperature=0.8, n=2, seed=3)))
+    finally:
+        engine.config = config
+    for plain_out, reused_out in zip(outs[False], outs[True]):
+        assert [(c.text, c.samples, c.prompt_tokens, c.completion_tokens, c.finish_reason) for c in plain_out] == \
+            [(c.text, c.samples, c.prompt_tokens, c.completion_tokens, c.finish_reason) for c in reused_out]
+        assert all(c.cached_tokens == 0 for c in plain_out)
+    # batch_size 4: one decode batch; its first prompt computed the opening, the other three reused it
+    assert sorted(c.cached_tokens for c in outs[True][0]) == [0, shared, shared, shared]
+    # the sampled call decodes 2 sequences per prompt, so 2 prompts per batch of 4: each batch shares once
+    assert sorted(c.cached_tokens for c in outs[True][1]) == [0, 0, shared, shared]
+
+
 def test_soft_tokens_and_a_one_token_prompt_write_the_same_on_both_paths(engine):
     """Persona-Plug soft tokens go through the split prefill as through one call; a prompt of a single token has
     nothing to prefill, so a call holding one runs on the one-call path (and still answers every prompt)."""

@@ -197,7 +197,7 @@ class JobSpec(_Strict):
 SPEED_ONLY_KEYS = (
     "name", "max_error_fraction",
     "engine.batch_size", "engine.prefix_order", "engine.max_batch_tokens", "engine.max_cache_tokens",
-    "engine.split_prefill", "engine.threads", "engine.device",
+    "engine.split_prefill", "engine.prefix_reuse", "engine.threads", "engine.device",
     "engine.call_timeout_s", "engine.max_restarts", "engine.dry_run_tokens_per_s", "engine.dry_run_fail_marker", "engine.dry_run_fatal_after",
     "engine.dry_run_hang_after", "engine.dry_run_fault_log", "engine.vllm.gpu_memory_utilization", "engine.vllm.max_num_seqs",
     "engine.vllm.cpu_kv_cache_gb", "engine.vllm.cpu_threads_bind", "engine.vllm.enforce_eager",

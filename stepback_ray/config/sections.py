@@ -137,6 +137,9 @@ class EngineConfig(_Strict):
                                 "generate call per batch (batch_size prompts, max_batch_tokens padded tokens)")
     max_cache_tokens: Int = Field(default=32768, gt=0, description="transformers engine: padded prompt + new tokens "
                                                                    "of one decode batch (its KV cache)")
+    prefix_reuse: bool = Field(default=True, description="transformers engine, split prefill: the tokens every prompt "
+                               "of a decode batch opens with (system prompt, worked example) prefilled once and their "
+                               "keys and values copied to each prompt")
     decode_loop: Literal["own", "generate"] = Field(
         default="own", description="transformers engine, split prefill: decode with the engine's own loop "
                                    "(engines/decoding.py) or with transformers' generate (the loop before 2026-12-06)")

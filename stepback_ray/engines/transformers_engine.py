@@ -20,6 +20,10 @@ from .formatting import FormattedEngine
 
 logger = logging.getLogger(__name__)
 
+MIN_SHARED_PREFIX = 16
+"""Opening tokens a decode batch's prompts must share before the split prefill computes them once (one vLLM cache
+block; below that the saving does not pay for the copies)."""
+
 
 class TransformersEngine(FormattedEngine):
     supports_json_schema = False  # small models are kept on format by a prefilled answer instead
@@ -85,19 +89,30 @@ class TransformersEngine(FormattedEngine):
         budget = self.config.max_cache_tokens if split else self.config.max_batch_tokens
         for idx in self._batches(runnable, lengths, params.max_new_tokens, self.config.batch_size, budget, n_seq):
             t0 = time.perf_counter()
+            shared = self._shared_prefix([ids[i] for i in idx], [prefix[i] for i in idx]) if split else 0
             with torch.inference_mode():
                 new = self._generate_batch([ids[i] for i in idx], [prefix[i] for i in idx], [lengths[i] for i in idx],
-                                           params, n_seq, split)
+                                           params, n_seq, split, shared)
             share = (time.perf_counter() - t0) / len(idx)
             for row, i in enumerate(idx):  # each prompt's n sequences come back next to each other
                 done = [self._completion(new[row * n_seq + k], params) for k in range(n_seq)]
                 text, n, reason = done[0]
                 results[i] = Completion(text, lengths[i], sum(d[1] for d in done), reason, share,
-                                        samples=[d[0] for d in done] if n_seq > 1 else [])
+                                        samples=[d[0] for d in done] if n_seq > 1 else [],
+                                        cached_tokens=shared if row else 0)  # the batch's first computed it
         return [r for r in results if r is not None]
 
+    def _shared_prefix(self, seqs: list[list[int]], soft: list) -> int:
+        """How many opening tokens the prompts of a decode batch share and :meth:`_prefill` computes once: at
+        least :data:`MIN_SHARED_PREFIX`, and short of every prompt's last two tokens (each prompt keeps a suffix to
+        prefill); 0 with ``engine.prefix_reuse`` off, one prompt, or soft tokens (they open the prompt)."""
+        if not self.config.prefix_reuse or len(seqs) < 2 or any(p is not None for p in soft):
+            return 0
+        shared = min(len(os.path.commonprefix(seqs)), min(len(s) for s in seqs) - 2)
+        return shared if shared >= MIN_SHARED_PREFIX else 0
+
     def _generate_batch(self, seqs: list[list[int]], soft: list, lengths: list[int], params: SamplingParams,
-                        n_seq: int, split: bool) -> list[list[int]]:
+                        n_seq: int, split: bool, shared: int = 0) -> list[list[int]]:
         """The new tokens of each sequence of one decode batch (``n_seq`` rows per prompt, next to each other).
 
         Split (the default): every prompt but its last token is prefilled in small groups of similar length
@@ -105,7 +120,8 @@ class TransformersEngine(FormattedEngine):
         by the engine's own loop (:mod:`.decoding`; ``generate`` with ``engine.decode_loop: generate``). Prefill,
         ~80 % of the work, then pads little and keeps its activations in the CPU's caches, while decoding still
         steps many sequences at once. Otherwise one padded ``generate`` call does both.
-        ``lengths`` counts each prompt's soft tokens and ids."""
+        ``lengths`` counts each prompt's soft tokens and ids; ``shared``: opening tokens every prompt has
+        (:meth:`_shared_prefix`), prefilled once."""
         torch = self.torch
         width = max(lengths)
         input_ids, mask = self._left_padded(seqs, lengths, width)
@@ -115,7 +131,8 @@ class TransformersEngine(FormattedEngine):
         if split:
             from . import decoding, kv_cache
 
-            buffers = self._prefill(seqs, soft, lengths, width - 1, n_seq, room=params.max_new_tokens + 1)
+            buffers = self._prefill(seqs, soft, lengths, width - 1, n_seq, room=params.max_new_tokens + 1,
+                                    shared=shared)
             if n_seq > 1:  # generate cannot expand a cache: each sample has its own row (and its own draws)
                 input_ids, mask = input_ids.repeat_interleave(n_seq, 0), mask.repeat_interleave(n_seq, 0)
                 kwargs.pop("num_return_sequences")
@@ -138,21 +155,32 @@ class TransformersEngine(FormattedEngine):
         return out[:, width:].tolist()
 
     def _prefill(self, seqs: list[list[int]], soft: list, lengths: list[int], width: int, n_seq: int,
-                 room: int) -> list[tuple]:
+                 room: int, shared: int = 0) -> list[tuple]:
         """Per layer, (keys, values) buffers of ``n_seq`` rows per prompt and ``width + room`` positions, whose
         first ``width`` hold every prompt but its last token, right-aligned (the padding before it zeroed).
         Prompts run in consecutive groups of at most ``max_batch_tokens`` padded tokens (one alone if longer); a
         group's positions start at 0 after its padding, as in one padded call, so the cache is the one generate
-        would build. Each group's cache is written once into the buffers, rows in the batch's order."""
+        would build. Each group's cache is written once into the buffers, rows in the batch's order.
+
+        ``shared`` > 0: the prompts' first ``shared`` tokens (the same in every prompt) are run once, alone; each
+        group then starts from a copy of their cache and runs only its prompts' remaining tokens (left-padded
+        after the shared part, positions continuing from it), and each row's buffer gets the shared part right
+        before its own (no gap: the decode step sees the cache it would have without sharing)."""
         from transformers import DynamicCache
 
         from .kv_cache import layers_of
 
-        head = [n - 1 for n in lengths]
+        opening: list[tuple] = []
+        if shared:
+            cache = DynamicCache(config=self.model.config)
+            self.model(input_ids=self.torch.tensor([seqs[0][:shared]], device=self.device), use_cache=True,
+                       logits_to_keep=1, **{self._cache_kw: cache})
+            opening = layers_of(cache)
+        head = [n - 1 - shared for n in lengths]
         buffers: list[tuple] = []
         row = 0
         for group in self._batches(list(range(len(seqs))), head, 0, len(seqs), self.config.max_batch_tokens):
-            fed, fed_soft = [seqs[i][:-1] for i in group], [soft[i] for i in group]
+            fed, fed_soft = [seqs[i][shared:-1] for i in group], [soft[i] for i in group]
             fed_lengths = [head[i] for i in group]
             w = max(fed_lengths)
             ids, mask = self._left_padded(fed, fed_lengths, w)
@@ -161,17 +189,30 @@ class TransformersEngine(FormattedEngine):
             if any(p is not None for p in fed_soft):
                 inputs = {"inputs_embeds": self._embedded(ids, fed, fed_soft, fed_lengths, w)}
             padded = min(fed_lengths) < w
+            if shared:  # the group continues from the shared tokens' cache, one copy per prompt
+                for layer, (k, v) in enumerate(opening):
+                    cache.update(k.expand(len(group), -1, -1, -1), v.expand(len(group), -1, -1, -1), layer)
+                mask = self.torch.cat([self.torch.ones((len(group), shared), dtype=mask.dtype), mask], 1)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
             self.model(**inputs, attention_mask=mask.to(self.device) if padded else None,
-                       position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(self.device),
-                       use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
+                       position_ids=positions.to(self.device), use_cache=True, logits_to_keep=1,
+                       **{self._cache_kw: cache})
             rows = slice(row, row + len(group) * n_seq)
             for layer, (k, v) in enumerate(layers_of(cache)):
                 if len(buffers) <= layer:
                     buffers.append(tuple(x.new_empty((len(seqs) * n_seq, x.shape[1], width + room, x.shape[3]))
                                          for x in (k, v)))
                 for buffer, x in zip(buffers[layer], (k, v)):
-                    buffer[rows, :, :width - w].zero_()  # masked out, but never garbage (0 x NaN is NaN)
-                    buffer[rows, :, width - w:width] = x.repeat_interleave(n_seq, 0) if n_seq > 1 else x
+                    if not shared:
+                        buffer[rows, :, :width - w].zero_()  # masked out, but never garbage (0 x NaN is NaN)
+                        buffer[rows, :, width - w:width] = x.repeat_interleave(n_seq, 0) if n_seq > 1 else x
+                        continue
+                    for j, n in enumerate(fed_lengths):  # per row: [zeros][shared part][its own tokens]
+                        own = slice(rows.start + j * n_seq, rows.start + (j + 1) * n_seq)
+                        start = width - n - shared
+                        buffer[own, :, :start].zero_()
+                        buffer[own, :, start:width - n] = x[j:j + 1, :, :shared]
+                        buffer[own, :, width - n:width] = x[j:j + 1, :, shared + w - n:]
             row = rows.stop
         return buffers
 
