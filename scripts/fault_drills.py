@@ -441,10 +441,12 @@ def _faults(log: Path) -> list[str]:
     return log.read_text().splitlines() if log.exists() else []
 
 
-def drill_engine_fatal(root: Path, kind: str = "dead", after: int = 6, users: int = 20) -> dict[str, Any]:
+def drill_engine_fatal(root: Path, kind: str = "dead", after: int = 2, users: int = 20) -> dict[str, Any]:
     """Every engine call after the ``after``-th on an engine instance is fatal: ``dead`` raises vLLM's
     EngineDeadError, ``hang`` never returns (ended by ``engine.call_timeout_s``). The actor ends itself, Ray
-    restarts it with a new engine and retries the block: the run completes with 0 error rows."""
+    restarts it with a new engine and retries the block: the run completes with 0 error rows. An engine call here
+    may serve two blocks (``ray.engine_coalesce``: the actor's blocks in flight share a call), so the 10 chunks of
+    20 users take about 5 calls a pass."""
     from stepback_ray.pipeline import run_job
 
     out, log = root / f"engine-{kind}", root / f"engine-{kind}.faults"

@@ -277,6 +277,8 @@ class RayConfig(_Strict):
     engine_actor_gpus: Number = Field(default=0.0, ge=0.0, description="GPUs per engine actor (1 in production)")
     accelerator_type: str | None = Field(default=None, description="pin engine actors to a GPU type, e.g. H100")
     engine_tasks_in_flight: Int = Field(default=2, gt=0, description="blocks queued at each engine actor")
+    engine_coalesce: bool = Field(default=True, description="an engine actor serves its blocks in flight side by "
+                                  "side and sends their prompts as one engine call (engines/coalesce.py)")
     users_per_chunk: Int = Field(default=8, gt=0, description="users per shard, on average, when num_shards is auto")
     num_shards: Int | Literal["auto"] = Field(
         default="auto", description="users are split by a stable hash of their id; keep it fixed across nightly runs")

@@ -159,7 +159,7 @@ class GenerationEngineStage(EngineStage):
                                      temperature=g.temperature, top_p=g.top_p, seed=g.seed,
                                      stop=tuple(g.stop) if g.stop is not None else self.task.stop)
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def serve(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         flat = [(i, Request(p, r.get("soft_tokens"))) for i, r in enumerate(rows) for p in r["prompts"]]
         done = self.generate([req for _, req in flat], self.params)

@@ -113,7 +113,7 @@ class ProfileEngineStage(EngineStage):
         self.distiller = profiling.Distiller(self.task, job.profile, self.engine,
                                              lambda prompts, params: self.generate(prompts, params))
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def serve(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         carried = [r for r in rows if r["carried_json"]]
         todo = [r for r in rows if not r["carried_json"]]

@@ -53,10 +53,17 @@ class PassSpec:
 class EngineStage:
     """Base of the engine stages: the engine, built here from the job spec (in an actor), or given (the
     in-process executor's, closed by its owner); the guarded call (:class:`~stepback_ray.engines.guard.EngineCalls`);
-    and the engine released when the stage goes (Ray Data drops the UDF when its actor exits gracefully)."""
+    and the engine released when the stage goes (Ray Data drops the UDF when its actor exits gracefully).
+
+    A subclass implements :meth:`serve` (one block). On Ray with ``ray.engine_coalesce`` the actor serves its
+    blocks in flight side by side in threads, and their engine calls are merged
+    (:class:`~stepback_ray.engines.coalesce.CoalescedCalls`): ``serve`` must keep its state in locals."""
 
     def __init__(self, job: JobSpec, engine: Any = None, engine_times: tuple[float, float] | None = None):
+        import threading
+
         from ..engines import build_engine
+        from ..engines.coalesce import GATHER_S, CoalescedCalls
         from ..engines.guard import EngineCalls
         from ..engines.prefix import PrefixOrdered
 
@@ -68,17 +75,29 @@ class EngineStage:
         #: block; for an engine it was given, the times its giver passes (the in-process executor's, for the pass
         #: that built it; none for a later pass that reuses it)
         self.engine_times: tuple[float, float] | None = (started, time.time()) if self.owns_engine else engine_times
-        self.generate = EngineCalls(self.engine, job.engine.call_timeout_s, in_actor=self.owns_engine)
+        self._stamp_lock = threading.Lock()
+        generate = EngineCalls(self.engine, job.engine.call_timeout_s, in_actor=self.owns_engine)
         if job.engine.prefix_order:  # prompts that share a prefix sent side by side (the prefix cache reuses it)
-            self.generate = PrefixOrdered(self.generate)
+            generate = PrefixOrdered(generate)
+        # an actor serving blocks side by side (engine_compute) gathers their calls; in process they come one by one
+        side_by_side = self.owns_engine and job.ray.engine_coalesce and job.ray.engine_tasks_in_flight > 1
+        self.generate = self.calls = CoalescedCalls(generate, gather_s=GATHER_S if side_by_side else 0.0)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        with self.calls.serving():
+            return self.serve(batch)
+
+    def serve(self, batch: pa.Table) -> pa.Table:
+        raise NotImplementedError
 
     def stamp(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Mark the first block this stage serves with its engine's start times (``engine_started_at``,
         ``engine_ready_at``), which the commit summaries carry to the job's timings; later blocks: unmarked."""
-        if self.engine_times is not None:
+        with self._stamp_lock:
+            times, self.engine_times = self.engine_times, None
+        if times is not None:
             for r in rows:
-                r["engine_started_at"], r["engine_ready_at"] = self.engine_times
-            self.engine_times = None
+                r["engine_started_at"], r["engine_ready_at"] = times
         return rows
 
     def close(self) -> None:
@@ -113,9 +132,7 @@ def run_on_ray(job: JobSpec, spec: PassSpec, chunks: list[dict[str, Any]], at: A
             res = engine_resources(job, ray.cluster_resources())
             # a fatal engine failure ends the actor (engines/guard.py): Ray restarts it, boundedly, and retries
             # the block
-            ds = ds.map_batches(stage.udf, fn_constructor_kwargs={"job": job},
-                                compute=ActorPoolStrategy(size=res.actors,
-                                                          max_tasks_in_flight_per_actor=job.ray.engine_tasks_in_flight),
+            ds = ds.map_batches(stage.udf, fn_constructor_kwargs={"job": job}, compute=engine_compute(job, res.actors),
                                 max_restarts=job.engine.max_restarts, max_task_retries=-1, **res.remote_args(),
                                 **common)
         elif stage.kind == "cpu":
@@ -128,6 +145,18 @@ def run_on_ray(job: JobSpec, spec: PassSpec, chunks: list[dict[str, Any]], at: A
             ds = ds.map_batches(stage.udf, fn_kwargs=_kwargs(job, stage, at), num_cpus=r.num_cpus,
                                 **({"concurrency": r.concurrency} if r.concurrency else {}), **common)
     return _take_all(ds, job, spec.name)
+
+
+def engine_compute(job: JobSpec, actors: int):
+    """The engine stage's actor pool: ``actors`` actors, each sent ``ray.engine_tasks_in_flight`` blocks at once;
+    with ``ray.engine_coalesce`` an actor serves those blocks side by side in threads (their engine calls merged
+    by :class:`~stepback_ray.engines.coalesce.CoalescedCalls`), else one after another."""
+    from ray.data import ActorPoolStrategy
+
+    in_flight = job.ray.engine_tasks_in_flight
+    side_by_side = dict(max_concurrent_calls_per_actor=in_flight, enable_true_multi_threading=True) \
+        if job.ray.engine_coalesce and in_flight > 1 else {}
+    return ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=in_flight, **side_by_side)
 
 
 def _take_all(ds, job: JobSpec, name: str) -> list[dict]:
