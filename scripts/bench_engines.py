@@ -72,7 +72,16 @@ ENGINE_VARIANTS = {
                               "max_batch_tokens": 8192},
     # the transformers engine before 2026-12-06: split prefill, decoded by transformers' generate, stock kernels
     "transformers-generate": {"kind": "transformers", "decode_loop": "generate", "cpu_decode_kernels": False},
+    # the transformers engine without the shared-opening prefill (before 2026-12-06)
+    "transformers-no-prefix-reuse": {"kind": "transformers", "prefix_reuse": False},
 }
+
+
+def engine_and_calls(name: str) -> tuple[str, int | None]:
+    """``--alternate`` names an engine, or ``<engine>@<n>``: the same engine called with ``n`` prompts at a time
+    (as a pipeline of small chunks calls it without ``ray.engine_coalesce``)."""
+    engine, _, per_call = name.partition("@")
+    return engine, int(per_call) if per_call else None
 
 
 def dummy_model_dir(name: str) -> str:
@@ -119,12 +128,17 @@ def run_alternated(configs: dict[str, EngineConfig], prompts: list[str], params:
     texts equal the first engine's."""
     engines = {name: build_engine(cfg) for name, cfg in configs.items()}
     names = list(engines)
+
+    def calls(name: str, ps: list[str], p: SamplingParams) -> list:
+        per_call = engine_and_calls(name)[1] or len(ps)
+        return [c for i in range(0, len(ps), per_call) for c in engines[name].generate(ps[i:i + per_call], p)]
+
     speeds: dict[str, list[float]] = {n: [] for n in names}
     texts: dict[str, list[str]] = {}
     for r in range(rounds):
         for name in names if r % 2 == 0 else names[::-1]:
             def kept(ps, p, name=name):
-                outs = engines[name].generate(ps, p)
+                outs = calls(name, ps, p)
                 texts.setdefault(name, [o.text for o in outs])
                 return outs
             speeds[name].append(measure(kept, prompts, params)["tokens_per_s"])
@@ -495,7 +509,9 @@ def main() -> None:
     engines = args.engines.split(",")
     if args.alternate:
         kind = next(iter(sets))
-        configs = {e: EngineConfig(**{**base, **ENGINE_VARIANTS.get(e, {"kind": e})}) for e in engines}
+        configs = {e: EngineConfig(**{**base, **ENGINE_VARIANTS.get(engine_and_calls(e)[0],
+                                                                     {"kind": engine_and_calls(e)[0]})})
+                   for e in engines}
         report = {"date": dt.date.today().isoformat(), "machine": machine(), "model": model, "set": kind,
                   "prompts": args.prompts, "new_tokens": new_tokens[kind], "rounds": args.alternate,
                   "command": "python scripts/bench_engines.py " + " ".join(sys.argv[1:]),

@@ -75,3 +75,27 @@ def test_alternated_engines_run_in_turn_and_report_against_the_first():
               "rounds": 3, "command": "c", "results": out}
     text = bench.alternated_markdown(report, "bench_engines:t")
     assert "| a | " in text and "| b | " in text and text.startswith("<!-- bench_engines:t:start -->")
+
+
+def test_an_alternated_engine_can_be_called_a_few_prompts_at_a_time(monkeypatch):
+    """``<engine>@<n>`` is the same engine called with n prompts per call: as many calls as that takes, the same
+    answers in the same order."""
+    bench = load_script("bench_engines")
+    from stepback_ray.config import EngineConfig
+    from stepback_ray.engines import SamplingParams
+    from stepback_ray.engines.dry_run import DryRunEngine
+
+    assert bench.engine_and_calls("transformers@10") == ("transformers", 10)
+    assert bench.engine_and_calls("transformers") == ("transformers", None)
+    sizes = []
+    real = DryRunEngine.generate
+
+    def counted(self, prompts, params):
+        sizes.append(len(prompts))
+        return real(self, prompts, params)
+
+    monkeypatch.setattr(DryRunEngine, "generate", counted)
+    prompts = [f"prompt number {i}" for i in range(5)]
+    configs = {"dry-run": EngineConfig(kind="dry-run"), "dry-run@2": EngineConfig(kind="dry-run")}
+    out = bench.run_alternated(configs, prompts, SamplingParams(max_new_tokens=8), 1)
+    assert sorted(sizes) == [1, 2, 2, 5] and out["dry-run@2"]["texts_equal_first"] == 5
