@@ -22,8 +22,9 @@ from .models import resolve_model
 def load_tokenizer(path: str) -> tuple[Any, int | None]:
     """The tokenizer of the model folder ``path`` (left padding, a pad token) and its context length, loaded once
     per process: a job builds a formatter in every prompt stage and in its engine, and ``from_pretrained`` costs
-    ~0.35 s each on 2 cores. Shared safely: nothing here changes the tokenizer after this load (no call sets its
-    padding or truncation), and a process's stages call it one at a time.
+    ~0.35 s each on 2 cores. Shared safely, also by the threads of an engine actor serving blocks side by side
+    (``ray.engine_coalesce``): nothing here changes the tokenizer after this load (no call sets its padding or
+    truncation), and encoding only reads it.
 
     A folder whose ``tokenizer_config.json`` names its tokenizer class (every converted packaged model does) gets
     that class by name, and its context length is read from ``config.json``: ``AutoTokenizer`` and ``AutoConfig``
