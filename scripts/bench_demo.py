@@ -8,9 +8,9 @@ The limit is the fp32 matmul peak of the model's largest product over the model'
 (``bench_engines.matmul_peak`` / ``flops_per_token``), measured in a child process right before each demo run: this
 VM's speed drifts 10-15 % within the hour, so each run is held to its own limit, and variants run in turn, the order
 reversed each round. Each run is one ``stepback run jobs/demo.yaml`` (a fresh process and Ray, as a user runs it),
-with a fixed run id per variant and round under ``bench-runs/demo/``, where its summary is kept: a run already
-summarized there is read, not run again, so an interrupted benchmark resumes (commit the summaries to resume in
-another session). Prints one JSON object; ``--write`` replaces its section of
+with a fixed run id per variant and round under ``bench-runs/demo/``, where its summary is kept (with its date, the
+machine and the variant's overrides): a run already summarized there on this machine is read, not run again, so an
+interrupted benchmark resumes (commit the summaries to resume in another session). Delete them to measure anew. Prints one JSON object; ``--write`` replaces its section of
 docs/benchmarks.md.
 """
 
@@ -59,7 +59,10 @@ def run_demo(variant: str, rnd: int, root: Path) -> dict:
     instead of running again); the run's own outputs are deleted once summarized."""
     saved = root / f"{variant}-r{rnd}.json"
     if saved.exists():
-        return json.loads(saved.read_text())
+        summary = json.loads(saved.read_text())
+        if summary.get("machine") == machine() and summary.get("sets") == list(VARIANTS[variant]):
+            return summary
+        print(f"bench_demo: {saved} is from another machine or variant; running it again", file=sys.stderr)
     out = root / f"{variant}-r{rnd}"
     shutil.rmtree(out, ignore_errors=True)  # a run cut off before its summary starts again
     before = limit_now()
@@ -69,7 +72,8 @@ def run_demo(variant: str, rnd: int, root: Path) -> dict:
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     after = limit_now()
     summary = summarize(out, max(before, after, key=lambda x: x["peak_gflops"]))
-    summary["peaks_gflops"] = [before["peak_gflops"], after["peak_gflops"]]
+    summary.update(peaks_gflops=[before["peak_gflops"], after["peak_gflops"]], date=dt.date.today().isoformat(),
+                   machine=machine(), sets=list(VARIANTS[variant]))
     saved.write_text(json.dumps(summary, indent=1) + "\n")
     shutil.rmtree(out)
     return summary
@@ -153,7 +157,9 @@ def main() -> None:
             print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
     held_to_best(runs)
     mean = {v: round(sum(r["ratio"] for r in runs if r["variant"] == v) / args.rounds, 2) for v in variants}
-    report = {"date": dt.date.today().isoformat(), "machine": machine(), "runs": runs, "mean_ratio": mean,
+    dates = sorted({r.get("date", "?") for r in runs})
+    report = {"date": " to ".join(dict.fromkeys([dates[0], dates[-1]])), "machine": machine(), "runs": runs,
+              "mean_ratio": mean,
               "command": "python scripts/bench_demo.py " + " ".join(sys.argv[1:]).replace(str(REPO) + "/", "")}
     print(json.dumps(report, indent=1))
     if args.write:

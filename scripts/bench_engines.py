@@ -3,6 +3,7 @@
     python scripts/bench_engines.py --prompts 200 --write docs/benchmarks.md          # every engine importable here
     .venv-vllm/bin/python scripts/bench_engines.py --prompts 200 --engines transformers,vllm,raydata-vllm
     python scripts/bench_engines.py --device cuda --dummy qwen2.5-1.5b --prompts 512   # GPU, random weights
+    .venv-vllm/bin/python scripts/bench_engines.py --engines vllm,openai --serve-vllm  # + vLLM's HTTP server
 
 Prompts are real: step-back profile prompts and generation prompts (the LaMP_5 input with its instruction, about
 250 tokens) built by stepback-ray from lamp5_arxiv dev users. Every engine produces a fixed number of tokens per
@@ -14,6 +15,8 @@ prompt (end-of-sequence ignored), so all do the same work. For each engine and p
       so that one engine's threads, shared memory and CUDA/OpenMP state never meet another's),
   (c) loop: the engine called once per prompt (on the first --loop-prompts prompts),
   (d) raydata-vllm: Ray Data's own vLLM processor (``ray.data.llm``), where vllm is importable,
+  (e) openai: the HTTP engine against an OpenAI-compatible server (``--openai-base-url``, or ``--serve-vllm``:
+      vLLM's server of the same model started here, on 127.0.0.1),
 
 and prints one JSON object with tokens/s (prompt + generated), prompts/s and the ratios pipeline/raw and
 pipeline/loop. Without Ray (the GPU machine has none), --no-pipeline measures raw and loop only. ``--dummy``
@@ -494,12 +497,28 @@ def main() -> None:
     ap.add_argument("--kv-cache-gb", type=float, default=4.0)
     ap.add_argument("--data", default=os.environ.get("STEPBACK_SHARED_DATA", str(REPO.parent / "shared" / "data")))
     ap.add_argument("--write", help="markdown file whose bench_engines section is replaced")
+    ap.add_argument("--openai-base-url", help="the openai engine's server: an OpenAI-compatible URL (.../v1)")
+    ap.add_argument("--serve-vllm", action="store_true",
+                    help="start a vLLM OpenAI server of the model from --vllm-venv for the openai engine "
+                         "(scripts/vllm_serve.py), stopped at the end")
+    ap.add_argument("--vllm-venv", default=str(REPO / ".venv-vllm"))
     ap.add_argument("--raw-json", help=argparse.SUPPRESS)  # internal: the child that measures raw and loop
     args = ap.parse_args()
+    if args.serve_vllm:  # the whole benchmark again, with the server's URL (the raw children get it too)
+        from vllm_serve import serving
+
+        from stepback_ray.engines.models import resolve_model
+
+        log = Path(tempfile.mkdtemp(prefix="bench-vllm-serve-")) / "vllm-serve.log"
+        with serving(Path(args.vllm_venv) / "bin" / "python", resolve_model("packaged:smollm2-135m-instruct"),
+                     "packaged:smollm2-135m-instruct", log, kv_cache_gb=args.kv_cache_gb) as url:
+            sys.argv = [sys.argv[0], *[a for a in sys.argv[1:] if a != "--serve-vllm"], "--openai-base-url", url]
+            return main()
 
     model = dummy_model_dir(args.dummy) if args.dummy else "packaged:smollm2-135m-instruct"
     base = dict(model=model, device=args.device, dtype=args.dtype, load_format="dummy" if args.dummy else "auto",
-                vllm={"cpu_kv_cache_gb": args.kv_cache_gb, "structured_output": False})
+                vllm={"cpu_kv_cache_gb": args.kv_cache_gb, "structured_output": False},
+                openai={"base_url": args.openai_base_url, "api_key_env": None, "send_seed": False})
     base.update({k: v for k, v in (("batch_size", args.batch_size), ("max_batch_tokens", args.max_batch_tokens))
                  if v is not None})
     tools = PromptFormatter(EngineConfig(**base))

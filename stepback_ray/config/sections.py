@@ -165,8 +165,9 @@ class EngineConfig(_Strict):
     dry_run_fault_log: str | None = Field(default=None, description="fault drills: a local file the dry-run engine "
                                                                     "appends a line to for each fault it injects")
     call_timeout_s: Number | None = Field(
-        default=1800.0, gt=0.0, description="an engine call (one block's batch) that takes longer is a hung engine: "
-                                            "the actor exits and Ray restarts it; null: no limit")
+        default=1800.0, gt=0.0, description="an engine call (one block's batch, or with ray.engine_coalesce up to "
+                                            "ray.engine_tasks_in_flight blocks' batches) that takes longer is a hung "
+                                            "engine: the actor exits and Ray restarts it; null: no limit")
     max_restarts: Int = Field(default=3, ge=0, description="engine actor restarts after fatal errors (dead engine, "
                                                            "out of memory, hang) before the run fails")
 

@@ -12,8 +12,10 @@ order. Only one engine call runs at a time.
 Before it starts a call, the first caller waits (at most ``gather_s``; in process, where blocks come one at a time,
 not at all) for the other blocks the actor is serving to hand their prompts too: blocks that arrive together (the usual case, queued while the engine loads or works) go in
 one call, and a block that is doing CPU work between two calls delays the others by ``gather_s`` at most.
-Outputs do not depend on the grouping beyond the engines' own batch effects (greedy texts on the transformers
-engine are the same, tested); a failure reaches every caller of the call it belongs to.
+Greedy outputs do not depend on the grouping beyond the engines' own batch effects (the transformers engine's texts
+are the same, tested). Sampled calls (temperature above 0) are never merged: their draws come from a generator
+seeded per call, so each block's samples stay what they are when it runs alone. A failure reaches every caller of
+the call it belongs to, and ``engine.call_timeout_s`` bounds a merged call as a whole.
 """
 
 from __future__ import annotations
@@ -43,8 +45,8 @@ class _Pending:
 
 
 class CoalescedCalls:
-    """``generate(requests, params)`` for the threads of one engine actor: calls waiting together with equal
-    ``params`` go to ``call`` as one. Each block a stage serves is wrapped in :meth:`serving`, so the first caller
+    """``generate(requests, params)`` for the threads of one engine actor: greedy calls waiting together with
+    equal ``params`` go to ``call`` as one. Each block a stage serves is wrapped in :meth:`serving`, so the first caller
     knows how many blocks may still hand prompts."""
 
     def __init__(self, call: Callable[[list, SamplingParams], list[Completion]], gather_s: float = GATHER_S):
@@ -79,18 +81,22 @@ class CoalescedCalls:
                 return self._result(mine)
             self._busy = True
             start = time.monotonic()
-            settle = start + min(SETTLE_S, self.gather_s) if self._serving else start
-            deadline = start + self.gather_s
+            sampled = params.temperature > 0  # its draws would depend on which blocks share the call: alone
+            settle = start + min(SETTLE_S, self.gather_s) if self._serving and not sampled else start
+            deadline = start + (0.0 if sampled else self.gather_s)
             # blocks being served that have not handed prompts yet (each waiting call is one such block's), and
             # those still arriving: the threads of blocks sent together start a few milliseconds apart
             while (self._serving > len(self._waiting) or time.monotonic() < settle) \
                     and (left := deadline - time.monotonic()) > 0:
                 self._cond.wait(min(left, max(settle - time.monotonic(), 0.001))
                                 if self._serving <= len(self._waiting) else left)
-            batch = [p for p in self._waiting if p.params == params]
-            self._waiting = [p for p in self._waiting if p.params != params]
+            batch = [mine] if sampled else [p for p in self._waiting if p.params == params]
+            self._waiting = [p for p in self._waiting if p not in batch]
         try:
             done = self.call([r for p in batch for r in p.requests], params)
+            if len(done) != sum(len(p.requests) for p in batch):
+                raise RuntimeError(f"the engine returned {len(done)} completions for "
+                                   f"{sum(len(p.requests) for p in batch)} prompts")
             start = 0
             for p in batch:
                 p.result, start = done[start:start + len(p.requests)], start + len(p.requests)

@@ -179,7 +179,9 @@ class TransformersEngine(FormattedEngine):
         head = [n - 1 - shared for n in lengths]
         buffers: list[tuple] = []
         row = 0
-        for group in self._batches(list(range(len(seqs))), head, 0, len(seqs), self.config.max_batch_tokens):
+        # a group's budget counts the shared part too: its queries attend to it
+        for group in self._batches(list(range(len(seqs))), [h + shared for h in head], 0, len(seqs),
+                                   self.config.max_batch_tokens):
             fed, fed_soft = [seqs[i][shared:-1] for i in group], [soft[i] for i in group]
             fed_lengths = [head[i] for i in group]
             w = max(fed_lengths)
