@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,7 +56,7 @@ def serving(python: Path, model_path: str, served_name: str, log_path: Path, *, 
             if time.time() > t0 + timeout_s:
                 raise TimeoutError(f"the vLLM server did not come up in {timeout_s:.0f} s")
             time.sleep(2)
-        print(f"vllm server up after {time.time() - t0:.0f} s", flush=True)
+        print(f"vllm server up after {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
         yield f"http://127.0.0.1:{port}/v1"
     finally:
         os.killpg(server.pid, signal.SIGTERM)  # the server and its engine-core child
