@@ -248,9 +248,9 @@ def run_pipeline(engine_cfg: EngineConfig, sets: dict[str, list[str]], new_token
                  block: int) -> dict[str, dict]:
     """The pipeline's engine stage (actor pool, blocks, object store) over the same prompts."""
     import ray.data
-    from ray.data import ActorPoolStrategy
 
     from stepback_ray.pipeline.generation_pass import GenerationEngineStage
+    from stepback_ray.pipeline.runner import engine_compute
 
     out = {}
     for kind, prompts in sets.items():
@@ -263,9 +263,9 @@ def run_pipeline(engine_cfg: EngineConfig, sets: dict[str, list[str]], new_token
         cpu0 = process_cpu_seconds()
         t0 = time.perf_counter()
         ds = ray.data.from_items(rows, override_num_blocks=max(1, (len(rows) + block - 1) // block))
+        # the engine stage's own pool (blocks in flight served side by side and merged, ray.engine_coalesce)
         ds = ds.map_batches(GenerationEngineStage, fn_constructor_kwargs={"job": job}, batch_size=None,
-                            batch_format="pyarrow", compute=ActorPoolStrategy(size=1, max_tasks_in_flight_per_actor=2),
-                            num_cpus=1)
+                            batch_format="pyarrow", compute=engine_compute(job, 1), num_cpus=1)
         done = ds.take_all()
         wall = time.perf_counter() - t0
         cpu = cpu_by_role(cpu0, process_cpu_seconds())
