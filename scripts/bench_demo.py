@@ -89,16 +89,20 @@ def summarize(out: Path, limit: dict) -> dict:
         v["prompt_tokens"] + v["completion_tokens"] for v in modes.values())
     cached = prof.get("cached_prompt_tokens", 0) + sum(v.get("cached_prompt_tokens", 0) for v in modes.values())
     t = m["timings"]
-    bound = sent / limit["limit_tokens_per_s"]
     gen_engine_s = sum(v["engine_seconds"] for v in modes.values())  # each row's share of its call's wall time
-    return {"total_s": t["total_s"], "ray_start_s": t["ray_start_s"], "profile_pass_s": t["profile_pass_s"],
-            "generation_pass_s": t["generation_pass_s"],
-            "engines_ready_s": [t.get("profile_first_engine_ready_s"), t.get("generation_first_engine_ready_s")],
-            "engine_s": [prof["engine_seconds"], gen_engine_s], "tokens": sent, "cached_prompt_tokens": cached,
-            "limit_tokens_per_s": limit["limit_tokens_per_s"], "peak_gflops": limit["peak_gflops"],
-            "compute_bound_s": round(bound, 1), "ratio": round(t["total_s"] / bound, 2),
-            "engine_over_bound": round((prof["engine_seconds"] + gen_engine_s) / bound, 2),
-            "rouge1": {k: round(v["rouge-1"], 4) for k, v in modes.items()}}
+    run = {"total_s": t["total_s"], "ray_start_s": t["ray_start_s"], "profile_pass_s": t["profile_pass_s"],
+           "generation_pass_s": t["generation_pass_s"],
+           "engines_ready_s": [t.get("profile_first_engine_ready_s"), t.get("generation_first_engine_ready_s")],
+           "engine_s": [prof["engine_seconds"], gen_engine_s], "tokens": sent, "cached_prompt_tokens": cached,
+           "peak_gflops": limit["peak_gflops"], "rouge1": {k: round(v["rouge-1"], 4) for k, v in modes.items()}}
+    return run | against(run, limit["limit_tokens_per_s"])
+
+
+def against(run: dict, limit: float) -> dict:
+    """A run's bound at ``limit`` tokens/s (its tokens over the limit) and its wall and engine time over it."""
+    bound = run["tokens"] / limit
+    return {"limit_tokens_per_s": limit, "compute_bound_s": round(bound, 1), "ratio": round(run["total_s"] / bound, 2),
+            "engine_over_bound": round(sum(run["engine_s"]) / bound, 2)}
 
 
 def held_to_best(runs: list[dict]) -> None:
@@ -107,10 +111,7 @@ def held_to_best(runs: list[dict]) -> None:
     best = max(runs, key=lambda r: r["limit_tokens_per_s"])["limit_tokens_per_s"]
     for r in runs:
         r["own_ratio"] = r["ratio"]
-        r["limit_tokens_per_s"] = best
-        r["compute_bound_s"] = round(r["tokens"] / best, 1)
-        r["ratio"] = round(r["total_s"] / (r["tokens"] / best), 2)
-        r["engine_over_bound"] = round(sum(r["engine_s"]) / (r["tokens"] / best), 2)
+        r.update(against(r, best))
 
 
 def to_markdown(report: dict, name: str) -> str:

@@ -80,6 +80,12 @@ ENGINE_VARIANTS = {
 }
 
 
+def variant_config(base: dict, name: str) -> EngineConfig:
+    """The engine ``name`` runs: a variant of :data:`ENGINE_VARIANTS`, or an engine kind, over the run's ``base``
+    settings."""
+    return EngineConfig(**{**base, **ENGINE_VARIANTS.get(name, {"kind": name})})
+
+
 def engine_and_calls(name: str) -> tuple[str, int | None]:
     """``--alternate`` names an engine, or ``<engine>@<n>``: the same engine called with ``n`` prompts at a time
     (as a pipeline of small chunks calls it without ``ray.engine_coalesce``)."""
@@ -528,9 +534,7 @@ def main() -> None:
     engines = args.engines.split(",")
     if args.alternate:
         kind = next(iter(sets))
-        configs = {e: EngineConfig(**{**base, **ENGINE_VARIANTS.get(engine_and_calls(e)[0],
-                                                                     {"kind": engine_and_calls(e)[0]})})
-                   for e in engines}
+        configs = {e: variant_config(base, engine_and_calls(e)[0]) for e in engines}
         report = {"date": dt.date.today().isoformat(), "machine": machine(), "model": model, "set": kind,
                   "prompts": args.prompts, "new_tokens": new_tokens[kind], "rounds": args.alternate,
                   "command": "python scripts/bench_engines.py " + " ".join(sys.argv[1:]),
@@ -554,7 +558,7 @@ def main() -> None:
             continue
         if eng == "raydata-vllm":
             continue
-        cfg = EngineConfig(**{**base, **ENGINE_VARIANTS.get(eng, {"kind": eng})})
+        cfg = variant_config(base, eng)
         if eng in ENGINE_VARIANTS and not args.no_pipeline:  # a variant is compared raw, beside the engine
             measured(results, eng, None, lambda: raw_in_child(eng, sys.argv[1:]))
             continue

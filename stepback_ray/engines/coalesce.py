@@ -10,8 +10,9 @@ with the same sampling parameters to the engine as one call and gives each calle
 order. Only one engine call runs at a time.
 
 Before it starts a call, the first caller waits (at most ``gather_s``; in process, where blocks come one at a time,
-not at all) for the other blocks the actor is serving to hand their prompts too: blocks that arrive together (the usual case, queued while the engine loads or works) go in
-one call, and a block that is doing CPU work between two calls delays the others by ``gather_s`` at most.
+not at all) for the other blocks the actor is serving to hand their prompts too: blocks that arrive together (the
+usual case, queued while the engine loads or works) go in one call, and a block that is doing CPU work between two
+calls delays the others by ``gather_s`` at most.
 Greedy outputs do not depend on the grouping beyond the engines' own batch effects (the transformers engine's texts
 are the same, tested). Sampled calls (temperature above 0) are never merged: their draws come from a generator
 seeded per call, so each block's samples stay what they are when it runs alone. A failure reaches every caller of
@@ -86,17 +87,19 @@ class CoalescedCalls:
             deadline = start + (0.0 if sampled else self.gather_s)
             # blocks being served that have not handed prompts yet (each waiting call is one such block's), and
             # those still arriving: the threads of blocks sent together start a few milliseconds apart
-            while (self._serving > len(self._waiting) or time.monotonic() < settle) \
-                    and (left := deadline - time.monotonic()) > 0:
-                self._cond.wait(min(left, max(settle - time.monotonic(), 0.001))
-                                if self._serving <= len(self._waiting) else left)
+            while (left := deadline - time.monotonic()) > 0:
+                missing = self._serving > len(self._waiting)
+                settling = settle - time.monotonic()
+                if not missing and settling <= 0:
+                    break
+                self._cond.wait(left if missing else min(left, settling))
             batch = [mine] if sampled else [p for p in self._waiting if p.params == params]
             self._waiting = [p for p in self._waiting if p not in batch]
         try:
-            done = self.call([r for p in batch for r in p.requests], params)
-            if len(done) != sum(len(p.requests) for p in batch):
-                raise RuntimeError(f"the engine returned {len(done)} completions for "
-                                   f"{sum(len(p.requests) for p in batch)} prompts")
+            requests = [r for p in batch for r in p.requests]
+            done = self.call(requests, params)
+            if len(done) != len(requests):
+                raise RuntimeError(f"the engine returned {len(done)} completions for {len(requests)} prompts")
             start = 0
             for p in batch:
                 p.result, start = done[start:start + len(p.requests)], start + len(p.requests)

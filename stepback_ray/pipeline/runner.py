@@ -80,8 +80,8 @@ class EngineStage:
         if job.engine.prefix_order:  # prompts that share a prefix sent side by side (the prefix cache reuses it)
             generate = PrefixOrdered(generate)
         # an actor serving blocks side by side (engine_compute) gathers their calls; in process they come one by one
-        side_by_side = self.owns_engine and job.ray.engine_coalesce and job.ray.engine_tasks_in_flight > 1
-        self.generate = self.calls = CoalescedCalls(generate, gather_s=GATHER_S if side_by_side else 0.0)
+        gather = self.owns_engine and serves_side_by_side(job)
+        self.generate = self.calls = CoalescedCalls(generate, gather_s=GATHER_S if gather else 0.0)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         with self.calls.serving():
@@ -155,8 +155,14 @@ def engine_compute(job: JobSpec, actors: int):
 
     in_flight = job.ray.engine_tasks_in_flight
     side_by_side = dict(max_concurrent_calls_per_actor=in_flight, enable_true_multi_threading=True) \
-        if job.ray.engine_coalesce and in_flight > 1 else {}
+        if serves_side_by_side(job) else {}
     return ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=in_flight, **side_by_side)
+
+
+def serves_side_by_side(job: JobSpec) -> bool:
+    """Whether an engine actor serves its blocks in flight side by side (``ray.engine_coalesce`` and more than one
+    block in flight)."""
+    return job.ray.engine_coalesce and job.ray.engine_tasks_in_flight > 1
 
 
 def _take_all(ds, job: JobSpec, name: str) -> list[dict]:
