@@ -97,6 +97,32 @@ def test_a_shared_opening_is_prefilled_once_and_writes_the_same(engine, prefill_
     assert sorted(c.cached_tokens for c in outs[True][1]) == [0, 0, shared, shared]
 
 
+def test_the_engine_accounts_for_its_prefill_and_decode(engine):
+    """``engine.phases`` (what a profile of a run reads) counts what the prompts make it compute: the prefill's
+    tokens (a shared opening once, each prompt's last token left to the decode) and causal query-key pairs, and one
+    decode batch of every sequence, as many steps as the longest took, from the longest prompt's cache."""
+    from stepback_ray.engines.base import EnginePhases
+
+    config, before = engine.config, engine.phases
+    try:
+        engine.config, engine.phases = config.model_copy(update={"prefix_reuse": True}), EnginePhases()
+        out = engine.generate(SHARING, SamplingParams(max_new_tokens=12))
+        phases = engine.phases
+    finally:
+        engine.config, engine.phases = config, before
+    shared = max(c.cached_tokens for c in out)
+    assert shared >= 40 and sorted(c.cached_tokens for c in out) == [0, shared, shared, shared]
+    own = [c.prompt_tokens - 1 - shared for c in out]
+    assert phases.prefill_tokens == shared + sum(own) == sum(c.prompt_tokens - 1 - c.cached_tokens for c in out)
+    assert phases.prefill_pairs == shared * (shared + 1) // 2 + sum(n * shared + n * (n + 1) // 2 for n in own)
+    [(rows, steps, cached)] = phases.decode_batches
+    assert rows == 4 and max(c.completion_tokens for c in out) <= steps <= 12
+    assert cached == max(c.prompt_tokens for c in out) - 1
+    assert set(phases.seconds) == {"tokenize", "prefill", "decode", "finish"}
+    assert all(t > 0 for t in phases.seconds.values())
+    assert phases.seconds["prefill"] + phases.seconds["decode"] < sum(c.seconds for c in out)
+
+
 def test_soft_tokens_and_a_one_token_prompt_write_the_same_on_both_paths(engine):
     """Persona-Plug soft tokens go through the split prefill as through one call; a prompt of a single token has
     nothing to prefill, so a call holding one runs on the one-call path (and still answers every prompt)."""

@@ -51,6 +51,27 @@ class SamplingParams:
 
 
 @dataclass
+class EnginePhases:
+    """Where an engine's time went, summed over its calls since it was built: seconds per phase and the work each
+    phase did, for a profile of a run against the machine's limits (``scripts/bench_demo.py --profile``). An
+    engine that can tell its phases apart fills it (the transformers engine); the others leave it empty."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    """Per phase: ``tokenize`` (render and tokenize), ``prefill``, ``decode``, ``finish`` (the texts); ``generate``
+    where one ``generate`` call did both prefill and decode (the transformers engine's unsplit path)."""
+    prefill_tokens: int = 0
+    """Prompt tokens the prefill computed (a shared opening once; each prompt's last token is the decode's)."""
+    prefill_pairs: int = 0
+    """Query-key pairs the prefill's causal attention covers (padding not counted): the attention's work."""
+    decode_batches: list[tuple[int, int, int]] = field(default_factory=list)
+    """Each decode batch's (rows, steps, cache positions before the first step): a step computes every row and
+    reads every row's cache."""
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
+
+
+@dataclass
 class Completion:
     text: str
     prompt_tokens: int

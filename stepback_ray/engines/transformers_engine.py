@@ -15,7 +15,7 @@ import time
 
 from ..config import EngineConfig
 from ..errors import StepbackError
-from .base import Completion, Prompt, Request, SamplingParams, cut_at_stop, split_requests
+from .base import Completion, EnginePhases, Prompt, Request, SamplingParams, cut_at_stop, split_requests
 from .formatting import FormattedEngine
 
 logger = logging.getLogger(__name__)
@@ -72,11 +72,14 @@ class TransformersEngine(FormattedEngine):
                                "apply to it)", config.model)
         # transformers renamed ``past_key_values`` to ``cache`` during 5.x (the old name warns, then goes)
         self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        #: where this engine's time went (read by profiles of a run; see :class:`~.base.EnginePhases`)
+        self.phases = EnginePhases()
 
     # ------------------------------------------------------------------------------------------ generation
     def generate(self, requests: list[Prompt | Request], params: SamplingParams) -> list[Completion]:
         prompts, prefix_embeds = split_requests(requests)
         torch = self.torch
+        started = time.perf_counter()
         texts = [self.render(p) for p in prompts]
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
         prefix = [None if prefix_embeds is None or prefix_embeds[i] is None
@@ -87,19 +90,22 @@ class TransformersEngine(FormattedEngine):
         n_seq = params.n if params.temperature > 0 else 1
         split = self.split_prefill and all(ids[i] and lengths[i] > 1 for i in runnable)
         budget = self.config.max_cache_tokens if split else self.config.max_batch_tokens
+        self.phases.add("tokenize", time.perf_counter() - started)
         for idx in self._batches(runnable, lengths, params.max_new_tokens, self.config.batch_size, budget, n_seq):
             t0 = time.perf_counter()
             shared = self._shared_prefix([ids[i] for i in idx], [prefix[i] for i in idx]) if split else 0
             with torch.inference_mode():
                 new = self._generate_batch([ids[i] for i in idx], [prefix[i] for i in idx], [lengths[i] for i in idx],
                                            params, n_seq, split, shared)
-            share = (time.perf_counter() - t0) / len(idx)
+            t1 = time.perf_counter()
+            share = (t1 - t0) / len(idx)
             for row, i in enumerate(idx):  # each prompt's n sequences come back next to each other
                 done = [self._completion(new[row * n_seq + k], params) for k in range(n_seq)]
                 text, n, reason = done[0]
                 results[i] = Completion(text, lengths[i], sum(d[1] for d in done), reason, share,
                                         samples=[d[0] for d in done] if n_seq > 1 else [],
                                         cached_tokens=shared if row else 0)  # the batch's first computed it
+            self.phases.add("finish", time.perf_counter() - t1)
         return [r for r in results if r is not None]
 
     def _shared_prefix(self, seqs: list[list[int]], soft: list) -> int:
@@ -131,28 +137,39 @@ class TransformersEngine(FormattedEngine):
         if split:
             from . import decoding, kv_cache
 
+            t0 = time.perf_counter()
             buffers = self._prefill(seqs, soft, lengths, width - 1, n_seq, room=params.max_new_tokens + 1,
                                     shared=shared)
+            self.phases.add("prefill", time.perf_counter() - t0)
             if n_seq > 1:  # generate cannot expand a cache: each sample has its own row (and its own draws)
                 input_ids, mask = input_ids.repeat_interleave(n_seq, 0), mask.repeat_interleave(n_seq, 0)
                 kwargs.pop("num_return_sequences")
             cache = kv_cache.stitched(self.model.config, buffers, filled=width - 1)
+            t0 = time.perf_counter()
             if not self.own_decode:
-                out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
-                                          **{self._cache_kw: cache}, **kwargs)
-                return out[:, width:].tolist()
-            positions = torch.tensor(lengths, dtype=torch.long).repeat_interleave(n_seq) - 1
-            return decoding.decode(
-                self.model, cache, self._cache_kw, input_ids[:, -1].to(self.device), mask.to(self.device),
-                positions.to(self.device), max_new_tokens=params.max_new_tokens,
-                min_new_tokens=params.min_new_tokens or 0, temperature=params.temperature, top_p=params.top_p,
-                top_k=self.model.generation_config.top_k or 50, eos=self._eos, pad=self.tokenizer.pad_token_id,
-                stops=decoding.StopStrings(self.tokenizer, params.stop or (), [s for s in seqs for _ in range(n_seq)]))
+                new = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
+                                          **{self._cache_kw: cache}, **kwargs)[:, width:].tolist()
+            else:
+                positions = torch.tensor(lengths, dtype=torch.long).repeat_interleave(n_seq) - 1
+                new = decoding.decode(
+                    self.model, cache, self._cache_kw, input_ids[:, -1].to(self.device), mask.to(self.device),
+                    positions.to(self.device), max_new_tokens=params.max_new_tokens,
+                    min_new_tokens=params.min_new_tokens or 0, temperature=params.temperature, top_p=params.top_p,
+                    top_k=self.model.generation_config.top_k or 50, eos=self._eos, pad=self.tokenizer.pad_token_id,
+                    stops=decoding.StopStrings(self.tokenizer, params.stop or (),
+                                               [s for s in seqs for _ in range(n_seq)]))
+            self.phases.add("decode", time.perf_counter() - t0)
+            self.phases.decode_batches.append((len(new), len(new[0]) if new else 0, width - 1))
+            return new
+        t0 = time.perf_counter()  # one generate call prefills and decodes: its time is not split
         if any(p is not None for p in soft):
             embeds = self._embedded(input_ids, seqs, soft, lengths, width)
-            return self.model.generate(inputs_embeds=embeds, attention_mask=mask.to(self.device), **kwargs).tolist()
-        out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
-        return out[:, width:].tolist()
+            new = self.model.generate(inputs_embeds=embeds, attention_mask=mask.to(self.device), **kwargs).tolist()
+        else:
+            new = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
+                                      **kwargs)[:, width:].tolist()
+        self.phases.add("generate", time.perf_counter() - t0)
+        return new
 
     def _prefill(self, seqs: list[list[int]], soft: list, lengths: list[int], width: int, n_seq: int,
                  room: int, shared: int = 0) -> list[tuple]:
@@ -171,6 +188,9 @@ class TransformersEngine(FormattedEngine):
         from .kv_cache import layers_of
 
         opening: list[tuple] = []
+        self.phases.prefill_tokens += shared + sum(n - 1 - shared for n in lengths)
+        self.phases.prefill_pairs += shared * (shared + 1) // 2 + sum(
+            (n - 1 - shared) * shared + (n - 1 - shared) * (n - shared) // 2 for n in lengths)
         if shared:
             cache = DynamicCache(config=self.model.config)
             self.model(input_ids=self.torch.tensor([seqs[0][:shared]], device=self.device), use_cache=True,
