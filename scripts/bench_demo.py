@@ -10,8 +10,15 @@ VM's speed drifts 10-15 % within the hour, so each run is held to its own limit,
 reversed each round. Each run is one ``stepback run jobs/demo.yaml`` (a fresh process and Ray, as a user runs it),
 with a fixed run id per variant and round under ``bench-runs/demo/``, where its summary is kept (with its date, the
 machine and the variant's overrides): a run already summarized there on this machine is read, not run again, so an
-interrupted benchmark resumes (commit the summaries to resume in another session). Delete them to measure anew. Prints one JSON object; ``--write`` replaces its section of
-docs/benchmarks.md.
+interrupted benchmark resumes (commit the summaries to resume in another session). Delete them to measure anew.
+Prints one JSON object; ``--write`` replaces its section of docs/benchmarks.md.
+
+``--profile``: where the demo's engine time goes. The demo's job runs in this process (``executor: in-process``,
+one chunk per pass: one engine call of every prompt per pass, as the Ray run's merged calls) with an engine built
+here, and its phases (``engine.phases``: tokenize, prefill, decode, finish) are held to a roofline of this machine,
+measured in the same run: the prefill's FLOPs (its computed tokens and causal attention pairs) over the fp32 matmul
+peak, and each decode step's FLOPs over that peak or its bytes (the weights, and every row's KV cache) over the
+memory bandwidth, whichever is longer. Written to the ``bench_demo:profile`` section.
 """
 
 from __future__ import annotations
@@ -34,6 +41,9 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "one-block-at-a-time": ("ray.engine_coalesce=false",),
     "no-prefix-reuse": ("engine.prefix_reuse=false",),
     "before-2026-12-06": ("ray.engine_coalesce=false", "engine.prefix_reuse=false"),
+    # the same engine calls without Ray: one engine for both passes, one chunk a pass (as the Ray run's merged
+    # calls), nothing else on the cores; what Ray costs this job
+    "in-process": ("executor=in-process", "ray.users_per_chunk=20"),
 }
 """``--set`` overrides of each variant of the demo job."""
 
@@ -116,7 +126,8 @@ def held_to_best(runs: list[dict]) -> None:
 
 def to_markdown(report: dict, name: str) -> str:
     start, end = markers(name)
-    lines = [start, "", f"### The demo against its compute bound ({report['date']}, {report['machine']})", "",
+    title = "The demo against its compute bound" + (f": {name.split(':', 1)[1]}" if ":" in name else "")
+    lines = [start, "", f"### {title} ({report['date']}, {report['machine']})", "",
              "Each row one `make demo` run (`stepback run jobs/demo.yaml`: Ray started, 20 users, profile and "
              "generation passes); variants alternated, the order reversed each round. The limit (fp32 matmul peak "
              "/ GFLOP per token) is measured in a child process before and after every run, and every run is held "
@@ -128,13 +139,155 @@ def to_markdown(report: dict, name: str) -> str:
     for r in report["runs"]:
         lines.append(
             f"| {r['variant']} | {r['round']} | {r['total_s']} | {r['ray_start_s']} | "
-            f"{' / '.join(str(x) for x in r['engines_ready_s'])} | {' / '.join(str(round(x, 1)) for x in r['engine_s'])} "
+            f"{' / '.join('reused' if x is None else str(x) for x in r['engines_ready_s'])} | {' / '.join(str(round(x, 1)) for x in r['engine_s'])} "
             f"| {r['tokens']} ({r['cached_prompt_tokens']}) | "
             f"{' / '.join(str(p) for p in r.get('peaks_gflops', [r['peak_gflops']]))} | {r['compute_bound_s']} "
             f"| **{r['ratio']}** | {r['engine_over_bound']} | {' / '.join(str(v) for v in r['rouge1'].values())} |")
     lines += ["", f"Limit: {report['runs'][0]['limit_tokens_per_s']} tokens/s. Mean ratio per variant: "
-              + ", ".join(f"{k} **{v}**" for k, v in report["mean_ratio"].items()) + ".",
-              "", end]
+              + ", ".join(f"{k} **{v}**" for k, v in report["mean_ratio"].items()) + ". Variants (`--set`): "
+              + "; ".join(f"{k}: {', '.join(f'`{x}`' for x in VARIANTS[k]) or 'none'}" for k in report["mean_ratio"])
+              + ".", "", end]
+    return "\n".join(lines)
+
+
+def memory_bandwidth_gbs(gib: float = 1.0) -> float:
+    """GB/s of a sum over ``gib`` GiB of float32 with every core (best of 5): how fast the weights and the KV cache
+    can be read."""
+    import time
+
+    import torch
+
+    x = torch.ones(int(gib * 2 ** 30) // 4)
+    x.sum()
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return round(x.numel() * 4 / best / 1e9, 1)
+
+
+def model_shape(model) -> dict[str, int]:
+    """What the roofline needs of a causal LM: the weights of its layers (``body``: every one a token goes
+    through) and of its LM head (the input embedding where they are tied; a prompt token needs no logits, a decoded
+    one does; the embedding lookup reads a row, not counted), layers, attention heads, key-value heads, head size."""
+    c = model.config
+    params = sum(p.numel() for p in model.parameters())  # a tied embedding once
+    embed = model.get_input_embeddings().weight.numel()
+    tied = getattr(c, "tie_word_embeddings", False)
+    lm_head = embed if tied else model.get_output_embeddings().weight.numel()
+    heads = c.num_attention_heads
+    return {"params": params, "body": params - embed - (0 if tied else lm_head), "lm_head": lm_head,
+            "layers": c.num_hidden_layers, "heads": heads,
+            "kv_heads": getattr(c, "num_key_value_heads", heads) or heads,
+            "head_dim": getattr(c, "head_dim", None) or c.hidden_size // heads}
+
+
+def roofline(phases, shape: dict[str, int], peak_gflops: float, bandwidth_gbs: float, bytes_per_value: int = 4
+             ) -> dict[str, dict]:
+    """The least time this machine needs for the engine's work (:class:`~stepback_ray.engines.base.EnginePhases`):
+    the prefill at the matmul peak (its tokens through every weight but the embedding, and its attention pairs);
+    each decode step at the peak or at the memory bandwidth, whichever is slower (its rows through every weight
+    and the LM head, each attending to its cache; every weight and each row's cache read once)."""
+    attn_flops = 4 * shape["heads"] * shape["head_dim"] * shape["layers"]  # per query-key pair: q.k and p.v
+    kv_bytes = 2 * shape["kv_heads"] * shape["head_dim"] * shape["layers"] * bytes_per_value  # per cached position
+    per_token = shape["body"] + shape["lm_head"]  # weights a decoded token goes through
+    prefill_flops = 2 * shape["body"] * phases.prefill_tokens + attn_flops * phases.prefill_pairs
+    decode_s, compute_bound_steps, steps_total, row_steps = 0.0, 0, 0, 0
+    weight_bytes = per_token * bytes_per_value
+    for rows, steps, cached in phases.decode_batches:
+        for k in range(steps):
+            ctx = cached + 1 + k
+            flops = rows * (2 * per_token + attn_flops * ctx)
+            t_compute, t_memory = flops / peak_gflops / 1e9, (weight_bytes + rows * ctx * kv_bytes) / bandwidth_gbs / 1e9
+            decode_s += max(t_compute, t_memory)
+            compute_bound_steps += t_compute >= t_memory
+        steps_total += steps
+        row_steps += rows * steps
+    return {"prefill": {"floor_s": prefill_flops / peak_gflops / 1e9, "work": f"{phases.prefill_tokens} tokens",
+                        "gflop": round(prefill_flops / 1e9, 1)},
+            "decode": {"floor_s": decode_s, "work": f"{steps_total} steps, {row_steps} row-steps "
+                       f"(batches of {', '.join(str(b[0]) for b in phases.decode_batches)} rows)",
+                       "compute_bound_steps": compute_bound_steps}}
+
+
+def profile_demo(root: Path) -> dict:
+    """The demo's job in this process with one engine built here (see the module's ``--profile``): its wall time,
+    its engine's phases and their roofline, and the job's tokens over the limit (the bound of the Ray runs)."""
+    import time
+
+    from bench_engines import matmul_peak
+
+    from stepback_ray.config import load_job
+    from stepback_ray.engines import build_engine
+    from stepback_ray.pipeline import run_job
+
+    out = root / "profile"
+    shutil.rmtree(out, ignore_errors=True)
+    job = load_job(REPO / "jobs" / "demo.yaml", [f"output={out}", "run_id=profile", "executor=in-process",
+                                                  "ray.users_per_chunk=20"])
+    t0 = time.perf_counter()
+    engine = build_engine(job.engine)
+    load_s = time.perf_counter() - t0
+    shape = model_shape(engine.model)
+    hidden, intermediate = engine.model.config.hidden_size, engine.model.config.intermediate_size
+    peaks = [matmul_peak("cpu", "fp32", hidden, intermediate, engine.threads)]
+    bandwidths = [memory_bandwidth_gbs()]
+    t0 = time.perf_counter()
+    metrics = run_job(job, engine).metrics
+    wall = time.perf_counter() - t0
+    peaks.append(matmul_peak("cpu", "fp32", hidden, intermediate, engine.threads))
+    bandwidths.append(memory_bandwidth_gbs())
+    peak, bandwidth = max(peaks), max(bandwidths)
+    phases = engine.phases
+    floors = roofline(phases, shape, peak, bandwidth)
+    engine_s = sum(phases.seconds.values())
+    rows = []
+    for name in ("tokenize", "prefill", "decode", "finish", "generate"):
+        if name not in phases.seconds:
+            continue
+        sec = phases.seconds[name]
+        f = floors.get(name, {})
+        rows.append({"phase": name, "seconds": round(sec, 1), "share": round(sec / engine_s, 3),
+                     "work": f.get("work", ""), "floor_s": round(f["floor_s"], 1) if f else None,
+                     "over_floor": round(sec / f["floor_s"], 2) if f else None})
+    prof, modes = metrics["profiles"], metrics["modes"]
+    sent = prof["prompt_tokens"] + prof["completion_tokens"] + sum(
+        v["prompt_tokens"] + v["completion_tokens"] for v in modes.values())
+    gflop_per_token = 2 * (shape["body"] + shape["lm_head"]) / 1e9  # bench_engines.flops_per_token's
+    shutil.rmtree(out)
+    return {"date": dt.date.today().isoformat(), "machine": machine(), "wall_s": round(wall, 1),
+            "model_load_s": round(load_s, 1), "engine_s": round(engine_s, 1), "phases": rows,
+            "peak_gflops": peak, "peaks_gflops": peaks, "bandwidth_gbs": bandwidth, "bandwidths_gbs": bandwidths,
+            "tokens": sent, "limit_tokens_per_s": round(peak / gflop_per_token, 1),
+            "compute_bound_s": round(sent * gflop_per_token / peak, 1),
+            "prefill_gflop": floors["prefill"]["gflop"], "decode_compute_bound_steps": floors["decode"]["compute_bound_steps"],
+            "rouge1": {k: round(v["rouge-1"], 4) for k, v in modes.items()}}
+
+
+def profile_markdown(p: dict, name: str) -> str:
+    start, end = markers(name)
+    floor = sum(r["floor_s"] for r in p["phases"] if r["floor_s"])
+    lines = [start, "", f"### Where the demo's engine time goes ({p['date']}, {p['machine']})", "",
+             "The demo's job in one process (`executor: in-process`, one chunk per pass: one engine call of all "
+             "20 profile prompts and one of all 40 generation prompts, as the Ray run's merged calls), the "
+             "transformers engine's phases (`engine.phases`) against a roofline measured in the same run: fp32 "
+             f"matmul peak {p['peak_gflops']} GFLOP/s (before, after: {' / '.join(map(str, p['peaks_gflops']))}), "
+             f"memory bandwidth {p['bandwidth_gbs']} GB/s (a 1 GiB sum; {' / '.join(map(str, p['bandwidths_gbs']))})."
+             " Floor: the prefill's FLOPs (computed tokens through the weights, causal attention pairs) at the peak; "
+             "each decode step's FLOPs at the peak or its bytes (weights, every row's KV cache) at the bandwidth, "
+             f"whichever is slower. Command: `{p['command']}`.", "",
+             "| phase | seconds | share of engine time | work | floor s | over floor |", "|---|---|---|---|---|---|"]
+    for r in p["phases"]:
+        lines.append(f"| {r['phase']} | {r['seconds']} | {r['share']} | {r['work']} | "
+                     f"{'' if r['floor_s'] is None else r['floor_s']} | "
+                     f"{'' if r['over_floor'] is None else '**' + str(r['over_floor']) + '**'} |")
+    lines += ["", f"Engine {p['engine_s']} s of a {p['wall_s']} s run (model load {p['model_load_s']} s before it); "
+              f"the roofline's floor for the engine's work {round(floor, 1)} s. The job's {p['tokens']} tokens over "
+              f"the limit ({p['limit_tokens_per_s']} tokens/s): {p['compute_bound_s']} s, the bound the Ray runs above "
+              f"are held to (the prefill's attention, {p['prefill_gflop']} GFLOP in all with its matmuls, is not in "
+              f"it). Decode steps bound by compute rather than memory: {p['decode_compute_bound_steps']}. ROUGE-1 "
+              f"{' / '.join(str(v) for v in p['rouge1'].values())} (as the Ray runs).", "", end]
     return "\n".join(lines)
 
 
@@ -145,7 +298,18 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--root", default=str(REPO / "bench-runs" / "demo"), help="where the runs go (resumable)")
     ap.add_argument("--write", help="markdown file whose bench_demo section is replaced")
+    ap.add_argument("--section", help="write to the bench_demo:<section> markers instead (a comparison beside the "
+                                      "others)")
+    ap.add_argument("--profile", action="store_true",
+                    help="instead: where the demo's engine time goes, against this machine's roofline")
     args = ap.parse_args()
+    if args.profile:
+        report = profile_demo(Path(args.root))
+        report["command"] = "python scripts/bench_demo.py " + " ".join(sys.argv[1:])
+        print(json.dumps(report, indent=1))
+        if args.write:
+            write_section(Path(args.write), "bench_demo:profile", "Engines", profile_markdown(report, "bench_demo:profile"))
+        return
     variants = args.variants.split(",")
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
@@ -164,7 +328,8 @@ def main() -> None:
               "command": "python scripts/bench_demo.py " + " ".join(sys.argv[1:]).replace(str(REPO) + "/", "")}
     print(json.dumps(report, indent=1))
     if args.write:
-        write_section(Path(args.write), "bench_demo", "Engines", to_markdown(report, "bench_demo"))
+        name = f"bench_demo:{args.section}" if args.section else "bench_demo"
+        write_section(Path(args.write), name, "Engines", to_markdown(report, name))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ prompt (end-of-sequence ignored), so all do the same work. For each engine and p
   (c) loop: the engine called once per prompt (on the first --loop-prompts prompts),
   (d) raydata-vllm: Ray Data's own vLLM processor (``ray.data.llm``), where vllm is importable,
   (e) openai: the HTTP engine against an OpenAI-compatible server (``--openai-base-url``, or ``--serve-vllm``:
-      vLLM's server of the same model started here, on 127.0.0.1),
+      vLLM's server of the same model started here, on 127.0.0.1, whose prefix cache is emptied before each
+      path so that no path reads what an earlier one cached: ``--reset-server-cache``),
 
 and prints one JSON object with tokens/s (prompt + generated), prompts/s and the ratios pipeline/raw and
 pipeline/loop. Without Ray (the GPU machine has none), --no-pipeline measures raw and loop only. ``--dummy``
@@ -223,7 +224,9 @@ def resolve_device(device: str) -> str:
 
 
 def run_raw_and_loop(engine_cfg: EngineConfig, sets: dict[str, list[str]], params: dict[str, SamplingParams],
-                     loop_n: int) -> dict[str, dict]:
+                     loop_n: int, fresh=lambda: None) -> dict[str, dict]:
+    """Raw and loop for one engine in this process; ``fresh()`` runs before each measurement (the HTTP engine's
+    server emptied of what the last one cached: :func:`server_reset`)."""
     from stepback_ray.engines.models import resolve_model
 
     device = resolve_device(engine_cfg.device)
@@ -238,11 +241,13 @@ def run_raw_and_loop(engine_cfg: EngineConfig, sets: dict[str, list[str]], param
     load = time.perf_counter() - t0
     out = {}
     for kind, prompts in sets.items():
+        fresh()
         raw = measure(engine.generate, prompts, params[kind])
         raw["limit"] = limit
         # like for like with the pipeline, whose wall time starts with no engine: the model load counted in
         tokens = raw["prompt_tokens"] + raw["completion_tokens"]
         raw.update(load_s=round(load, 2), tokens_per_s_with_load=round(tokens / (raw["wall_s"] + load), 1))
+        fresh()
         loop = measure(lambda ps, p: [engine.generate([x], p)[0] for x in ps], prompts[:loop_n], params[kind])
         out[kind] = {"raw": raw, "loop": loop}
     engine.close()
@@ -251,8 +256,9 @@ def run_raw_and_loop(engine_cfg: EngineConfig, sets: dict[str, list[str]], param
 
 
 def run_pipeline(engine_cfg: EngineConfig, sets: dict[str, list[str]], new_tokens: dict[str, int],
-                 block: int) -> dict[str, dict]:
-    """The pipeline's engine stage (actor pool, blocks, object store) over the same prompts."""
+                 block: int, fresh=lambda: None) -> dict[str, dict]:
+    """The pipeline's engine stage (actor pool, blocks, object store) over the same prompts (``fresh()`` before
+    each set, as in :func:`run_raw_and_loop`)."""
     import ray.data
 
     from stepback_ray.pipeline.generation_pass import GenerationEngineStage
@@ -266,6 +272,7 @@ def run_pipeline(engine_cfg: EngineConfig, sets: dict[str, list[str]], new_token
             "generation": {"max_new_tokens": new_tokens[kind], "min_new_tokens": new_tokens[kind], "stop": []}})
         rows = [{"chunk_id": f"{i // block:06d}", "chunk_rows": block, "prompts": [p], "merge_json": None}
                 for i, p in enumerate(prompts)]
+        fresh()
         cpu0 = process_cpu_seconds()
         t0 = time.perf_counter()
         ds = ray.data.from_items(rows, override_num_blocks=max(1, (len(rows) + block - 1) // block))
@@ -398,6 +405,27 @@ def to_markdown(report: dict, name: str = "bench_engines") -> str:
     return "\n".join(lines)
 
 
+def shown_command(argv: list[str]) -> str:
+    """The command a reader would type: ``--serve-vllm``'s run reports itself as such, not with the server's
+    port and the flag it set for the run."""
+    args = list(argv)
+    if "--reset-server-cache" in args and "--openai-base-url" in args:
+        at = args.index("--openai-base-url")
+        del args[at:at + 2]
+        args[args.index("--reset-server-cache")] = "--serve-vllm"
+    return "python scripts/bench_engines.py " + " ".join(args)
+
+
+def server_reset(cfg: EngineConfig, reset: bool):
+    """What empties the HTTP engine's server before a measurement (``--reset-server-cache``): vLLM's prefix
+    cache would otherwise serve the prompts a path measured before it sent (the rows that follow read high)."""
+    if cfg.kind != "openai" or not reset:
+        return lambda: None
+    from vllm_serve import reset_prefix_cache
+
+    return lambda: reset_prefix_cache(cfg.openai.base_url)
+
+
 def raw_in_child(engine: str, argv: list[str]) -> dict[str, dict]:
     """Raw and loop for one engine in a fresh interpreter running this script with ``--no-pipeline``."""
     import subprocess
@@ -508,6 +536,9 @@ def main() -> None:
                     help="start a vLLM OpenAI server of the model from --vllm-venv for the openai engine "
                          "(scripts/vllm_serve.py), stopped at the end")
     ap.add_argument("--vllm-venv", default=str(REPO / ".venv-vllm"))
+    ap.add_argument("--reset-server-cache", action="store_true",
+                    help="empty the openai engine's server's prefix cache before each path (vLLM's development "
+                         "endpoint; --serve-vllm starts its server with it and sets this)")
     ap.add_argument("--raw-json", help=argparse.SUPPRESS)  # internal: the child that measures raw and loop
     args = ap.parse_args()
     if args.serve_vllm:  # the whole benchmark again, with the server's URL (the raw children get it too)
@@ -517,8 +548,9 @@ def main() -> None:
 
         log = Path(tempfile.mkdtemp(prefix="bench-vllm-serve-")) / "vllm-serve.log"
         with serving(Path(args.vllm_venv) / "bin" / "python", resolve_model("packaged:smollm2-135m-instruct"),
-                     "packaged:smollm2-135m-instruct", log, kv_cache_gb=args.kv_cache_gb) as url:
-            sys.argv = [sys.argv[0], *[a for a in sys.argv[1:] if a != "--serve-vllm"], "--openai-base-url", url]
+                     "packaged:smollm2-135m-instruct", log, kv_cache_gb=args.kv_cache_gb, dev_mode=True) as url:
+            sys.argv = [sys.argv[0], *[a for a in sys.argv[1:] if a != "--serve-vllm"], "--openai-base-url", url,
+                        "--reset-server-cache"]
             return main()
 
     model = dummy_model_dir(args.dummy) if args.dummy else "packaged:smollm2-135m-instruct"
@@ -574,12 +606,14 @@ def main() -> None:
 
             DataContext.get_current().enable_progress_bars = False
             measured(results, eng, None, lambda: raw_in_child(eng, sys.argv[1:]))
-            measured(results, eng, "pipeline", lambda: run_pipeline(cfg, sets, new_tokens, args.block))
+            fresh = server_reset(cfg, args.reset_server_cache)
+            measured(results, eng, "pipeline", lambda: run_pipeline(cfg, sets, new_tokens, args.block, fresh))
             for block in args.also_blocks:  # the same prompts in blocks of another size, side by side
                 measured(results, eng, f"pipeline (block {block})",
-                         lambda block=block: run_pipeline(cfg, sets, new_tokens, block))
+                         lambda block=block: run_pipeline(cfg, sets, new_tokens, block, fresh))
         else:
-            measured(results, eng, None, lambda: run_raw_and_loop(cfg, sets, params, args.loop_prompts))
+            measured(results, eng, None, lambda: run_raw_and_loop(cfg, sets, params, args.loop_prompts,
+                                                                  server_reset(cfg, args.reset_server_cache)))
     if args.raw_json:
         Path(args.raw_json).write_text(json.dumps(results))
         return
@@ -599,7 +633,7 @@ def main() -> None:
     report = {"date": dt.date.today().isoformat(),
               "machine": machine(),
               "model": args.dummy or model, "dummy": bool(args.dummy), "device": device, "prompts": args.prompts,
-              "new_tokens": new_tokens, "command": "python scripts/bench_engines.py " + " ".join(sys.argv[1:]),
+              "new_tokens": new_tokens, "command": shown_command(sys.argv[1:]),
               "results": results}
     if device == "cuda":
         report["gpu_max_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)

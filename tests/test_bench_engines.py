@@ -99,3 +99,14 @@ def test_an_alternated_engine_can_be_called_a_few_prompts_at_a_time(monkeypatch)
     configs = {"dry-run": EngineConfig(kind="dry-run"), "dry-run@2": EngineConfig(kind="dry-run")}
     out = bench.run_alternated(configs, prompts, SamplingParams(max_new_tokens=8), 1)
     assert sorted(sizes) == [1, 2, 2, 5] and out["dry-run@2"]["texts_equal_first"] == 5
+
+
+def test_a_run_against_its_own_vllm_server_shows_the_command_that_started_it():
+    """``--serve-vllm`` reruns the benchmark with the server's URL and ``--reset-server-cache``; the report shows
+    the command a reader types, not the port of a server that is gone."""
+    bench = load_script("bench_engines")
+    served = ["--engines", "vllm,openai", "--prompts", "64", "--openai-base-url", "http://127.0.0.1:50489/v1",
+              "--reset-server-cache"]
+    assert bench.shown_command(served) == "python scripts/bench_engines.py --engines vllm,openai --prompts 64 --serve-vllm"
+    own = ["--engines", "openai", "--openai-base-url", "http://127.0.0.1:8000/v1"]
+    assert bench.shown_command(own) == "python scripts/bench_engines.py " + " ".join(own)

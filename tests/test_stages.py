@@ -218,6 +218,27 @@ def test_a_whole_job_in_process_with_no_ray(tmp_path, monkeypatch):
     assert not any(k.endswith("engines_started") for k in again.manifest["timings"])  # nothing to do: no engine
 
 
+def test_a_callers_engine_serves_an_in_process_run_and_is_kept(tmp_path, engine):
+    """``run_job(job, engine)``: the in-process executor uses the caller's engine (a profile of the run reads it
+    afterwards) and leaves it open; on Ray, where engines live in actors, it is refused before any work."""
+    from stepback_ray.errors import StepbackError
+
+    calls, closed = [], []
+    generate = engine.generate
+    try:
+        engine.generate = lambda requests, params: calls.append(len(requests)) or generate(requests, params)
+        engine.close = lambda: closed.append(True)
+        result = run_job(_job(tmp_path, "executor=in-process", "run_id=given"), engine)
+    finally:
+        del engine.generate, engine.close
+    assert result.manifest["counts"]["generation_rows"] == 30 and sum(calls) >= 30
+    assert "profile_engines_started" not in result.manifest["timings"]  # none was built for the run
+    assert not closed
+    with pytest.raises(StepbackError, match="in process only"):
+        run_job(_job(tmp_path / "ray"), engine)
+    assert not (tmp_path / "ray" / "run").exists()
+
+
 @pytest.mark.parametrize("change, message", [
     (["executor=in-process", "ray.address=127.0.0.1:1"], "runs the passes in this process"),
     (["ray.stages.embedd.num_cpus=1"], "embedd"),

@@ -253,24 +253,28 @@ def _start(job: JobSpec, needs_profiles: bool) -> tuple[RunStore, Work | None, b
     return store, work, check_resume(store, job), t_start
 
 
-def run_job(job: JobSpec) -> RunResult:
-    """Run the whole job: read, profile, generate, score, write. Returns the metrics and the manifest."""
+def run_job(job: JobSpec, engine: Any = None) -> RunResult:
+    """Run the whole job: read, profile, generate, score, write. Returns the metrics and the manifest.
+    ``engine``: one the caller built for ``job.engine`` and keeps (the in-process executor only; a profile of the
+    run reads its phases)."""
+    if engine is not None and job.executor != "in-process":
+        raise StepbackError("run_job: an engine built by the caller runs in process only (executor: in-process)")
     if job.input.format != "lamp" and job.input.layout == "item":
         raise StepbackError("input.layout 'item' holds histories only, no queries to generate for: profile it with "
                             "`stepback profile`, or give one row per user with its queries (layout: user)")
     needs_profiles = any(prompting.mode_uses(m)[0] for m in job.modes)
     store, work, resumed, t_start = _start(job, needs_profiles)
     try:
-        return _run_job(job, store, work, needs_profiles, resumed, t_start)
+        return _run_job(job, store, work, needs_profiles, resumed, t_start, engine)
     except RunFailed as e:
         failed_manifest(job, store, t_start, resumed, e)
         raise
 
 
 def _run_job(job: JobSpec, store: RunStore, work: Work | None, needs_profiles: bool, resumed: bool,
-             t_start: float) -> RunResult:
+             t_start: float, engine: Any = None) -> RunResult:
     t_exec = time.time()
-    with executor(job) as ex:
+    with executor(job, engine) as ex:
         t_ray = time.time()
         work = work or prepare_work(job, needs_profiles)
         t_passes = time.time()

@@ -284,11 +284,12 @@ class InProcess:
 
 
 @contextlib.contextmanager
-def executor(job: JobSpec) -> Iterator["Executor"]:
+def executor(job: JobSpec, engine: Any = None) -> Iterator["Executor"]:
     """What runs the job's passes: a Ray session, or the in-process executor (no Ray for LaMP JSON; a dataset
-    input is staged by Ray Data, so a local Ray is started for the staging, and its passes run here)."""
+    input is staged by Ray Data, so a local Ray is started for the staging, and its passes run here), with
+    ``engine`` if given (see :class:`InProcess`)."""
     if job.executor == "in-process":
-        local = InProcess(job)
+        local = InProcess(job, engine)
         try:
             with ray_session(job) if job.input.format != "lamp" else contextlib.nullcontext():
                 yield Executor(job, local)

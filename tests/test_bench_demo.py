@@ -1,0 +1,55 @@
+"""The demo benchmark's profile arithmetic: the roofline a run's engine phases are held to."""
+
+from __future__ import annotations
+
+import pytest
+
+from stepback_ray.engines.base import EnginePhases
+
+from .conftest import load_script
+
+SHAPE = {"params": 1000, "body": 900, "lm_head": 100, "layers": 2, "heads": 4, "kv_heads": 2, "head_dim": 8}
+
+
+def test_the_prefill_floor_is_its_flops_at_the_matmul_peak():
+    bench = load_script("bench_demo")
+    phases = EnginePhases(prefill_tokens=10, prefill_pairs=55)
+    floors = bench.roofline(phases, SHAPE, peak_gflops=1e-6, bandwidth_gbs=1.0)
+    # 10 tokens through the 900 body weights (2 FLOPs each) + 55 pairs x 4 x heads x head_dim x layers
+    flops = 2 * 900 * 10 + 55 * 4 * 4 * 8 * 2
+    assert floors["prefill"]["floor_s"] == pytest.approx(flops / 1e3)
+    assert floors["decode"]["floor_s"] == 0 and floors["decode"]["compute_bound_steps"] == 0
+
+
+@pytest.mark.parametrize("bound", ["compute", "memory"])
+def test_each_decode_step_is_held_to_the_slower_of_its_flops_and_its_bytes(bound):
+    bench = load_script("bench_demo")
+    phases = EnginePhases(decode_batches=[(3, 2, 5)])  # 3 rows, 2 steps, 5 cached positions before the first
+    peak, bandwidth = (1e-6, 1e3) if bound == "compute" else (1e3, 1e-6)
+    floors = bench.roofline(phases, SHAPE, peak_gflops=peak, bandwidth_gbs=bandwidth)
+    want = 0.0
+    for ctx in (6, 7):  # the step's token attends to the cache and itself
+        flops = 3 * (2 * (900 + 100) + 4 * 4 * 8 * 2 * ctx)
+        # every weight once (the layers and the LM head) + each row's keys and values
+        nbytes = (900 + 100) * 4 + 3 * ctx * 2 * 2 * 8 * 2 * 4
+        want += max(flops / peak / 1e9, nbytes / bandwidth / 1e9)
+    assert floors["decode"]["floor_s"] == pytest.approx(want)
+    assert floors["decode"]["compute_bound_steps"] == (2 if bound == "compute" else 0)
+    assert "2 steps, 6 row-steps" in floors["decode"]["work"]
+
+
+def test_the_models_shape_is_read_from_its_config():
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from stepback_ray.engines.models import resolve_model
+
+    bench = load_script("bench_demo")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model(
+            "packaged:smollm2-135m-instruct")))
+    shape = bench.model_shape(model)
+    # SmolLM2-135M: 30 layers, 9 query heads sharing 3 key-value heads of 64, the embedding tied to the LM head
+    assert (shape["layers"], shape["heads"], shape["kv_heads"], shape["head_dim"]) == (30, 9, 3, 64)
+    assert shape["lm_head"] == 49152 * 576 and shape["body"] == shape["params"] - 49152 * 576
+    assert shape["params"] == pytest.approx(134.5e6, rel=0.01)
