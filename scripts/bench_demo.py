@@ -216,7 +216,7 @@ def profile_demo(root: Path) -> dict:
     its engine's phases and their roofline, and the job's tokens over the limit (the bound of the Ray runs)."""
     import time
 
-    from bench_engines import matmul_peak
+    from bench_engines import flops_per_token, matmul_peak
 
     from stepback_ray.config import load_job
     from stepback_ray.engines import build_engine
@@ -230,7 +230,8 @@ def profile_demo(root: Path) -> dict:
     engine = build_engine(job.engine)
     load_s = time.perf_counter() - t0
     shape = model_shape(engine.model)
-    hidden, intermediate = engine.model.config.hidden_size, engine.model.config.intermediate_size
+    per_token = flops_per_token(engine.formatter.path)  # the limit's definition, as the Ray runs' (limit_now)
+    hidden, intermediate = per_token["hidden"], per_token["intermediate"]
     peaks = [matmul_peak("cpu", "fp32", hidden, intermediate, engine.threads)]
     bandwidths = [memory_bandwidth_gbs()]
     t0 = time.perf_counter()
@@ -254,7 +255,7 @@ def profile_demo(root: Path) -> dict:
     prof, modes = metrics["profiles"], metrics["modes"]
     sent = prof["prompt_tokens"] + prof["completion_tokens"] + sum(
         v["prompt_tokens"] + v["completion_tokens"] for v in modes.values())
-    gflop_per_token = 2 * (shape["body"] + shape["lm_head"]) / 1e9  # bench_engines.flops_per_token's
+    gflop_per_token = per_token["gflop_per_token"]
     shutil.rmtree(out)
     return {"date": dt.date.today().isoformat(), "machine": machine(), "wall_s": round(wall, 1),
             "model_load_s": round(load_s, 1), "engine_s": round(engine_s, 1), "phases": rows,

@@ -591,6 +591,7 @@ def main() -> None:
         if eng == "raydata-vllm":
             continue
         cfg = variant_config(base, eng)
+        fresh = server_reset(cfg, args.reset_server_cache)
         if eng in ENGINE_VARIANTS and not args.no_pipeline:  # a variant is compared raw, beside the engine
             measured(results, eng, None, lambda: raw_in_child(eng, sys.argv[1:]))
             continue
@@ -606,14 +607,12 @@ def main() -> None:
 
             DataContext.get_current().enable_progress_bars = False
             measured(results, eng, None, lambda: raw_in_child(eng, sys.argv[1:]))
-            fresh = server_reset(cfg, args.reset_server_cache)
             measured(results, eng, "pipeline", lambda: run_pipeline(cfg, sets, new_tokens, args.block, fresh))
             for block in args.also_blocks:  # the same prompts in blocks of another size, side by side
                 measured(results, eng, f"pipeline (block {block})",
                          lambda block=block: run_pipeline(cfg, sets, new_tokens, block, fresh))
         else:
-            measured(results, eng, None, lambda: run_raw_and_loop(cfg, sets, params, args.loop_prompts,
-                                                                  server_reset(cfg, args.reset_server_cache)))
+            measured(results, eng, None, lambda: run_raw_and_loop(cfg, sets, params, args.loop_prompts, fresh))
     if args.raw_json:
         Path(args.raw_json).write_text(json.dumps(results))
         return
