@@ -104,8 +104,16 @@ def summarize(out: Path, limit: dict) -> dict:
            "generation_pass_s": t["generation_pass_s"],
            "engines_ready_s": [t.get("profile_first_engine_ready_s"), t.get("generation_first_engine_ready_s")],
            "engine_s": [prof["engine_seconds"], gen_engine_s], "tokens": sent, "cached_prompt_tokens": cached,
-           "peak_gflops": limit["peak_gflops"], "rouge1": {k: round(v["rouge-1"], 4) for k, v in modes.items()}}
+           "peak_gflops": limit["peak_gflops"], "rouge1": {k: round(v["rouge-1"], 4) for k, v in modes.items()},
+           "preemptions_per_cpu_s": [preemption_rate(t, name) for name in ("profile", "generation")]}
     return run | against(run, limit["limit_tokens_per_s"])
+
+
+def preemption_rate(timings: dict, name: str) -> float | None:
+    """A pass's engine processes' involuntary context switches per CPU second (the manifest's ``*_engine_*``): how
+    often the OS took a core from the engine for something else (None in a summary from before they were kept)."""
+    cpu = timings.get(f"{name}_engine_cpu_s")
+    return round(timings[f"{name}_engine_preemptions"] / cpu, 1) if cpu else None
 
 
 def against(run: dict, limit: float) -> dict:
@@ -134,12 +142,15 @@ def to_markdown(report: dict, name: str) -> str:
              "to the best of the benchmark (peaks per run in the table). bound = the run's tokens / that limit; "
              f"ratio = wall time / bound (target 1.6). Command: `{report['command']}`.", "",
              "| variant | round | wall s | Ray start s | engines ready s (profile, generation) | engine s (profile, "
-             "generation) | tokens (cached) | peaks GFLOP/s (before, after) | bound s | ratio | engine s / bound | "
-             "ROUGE-1 |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "generation) | engine preemptions per CPU s (profile, generation) | tokens (cached) | peaks GFLOP/s "
+             "(before, after) | bound s | ratio | engine s / bound | ROUGE-1 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["runs"]:
         lines.append(
             f"| {r['variant']} | {r['round']} | {r['total_s']} | {r['ray_start_s']} | "
-            f"{' / '.join('reused' if x is None else str(x) for x in r['engines_ready_s'])} | {' / '.join(str(round(x, 1)) for x in r['engine_s'])} "
+            f"{' / '.join('reused' if x is None else str(x) for x in r['engines_ready_s'])} | "
+            f"{' / '.join(str(round(x, 1)) for x in r['engine_s'])} "
+            f"| {' / '.join('-' if x is None else str(x) for x in r.get('preemptions_per_cpu_s', [None, None]))} "
             f"| {r['tokens']} ({r['cached_prompt_tokens']}) | "
             f"{' / '.join(str(p) for p in r.get('peaks_gflops', [r['peak_gflops']]))} | {r['compute_bound_s']} "
             f"| **{r['ratio']}** | {r['engine_over_bound']} | {' / '.join(str(v) for v in r['rouge1'].values())} |")

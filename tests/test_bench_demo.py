@@ -53,3 +53,25 @@ def test_the_models_shape_is_read_from_its_config():
     assert (shape["layers"], shape["heads"], shape["kv_heads"], shape["head_dim"]) == (30, 9, 3, 64)
     assert shape["lm_head"] == 49152 * 576 and shape["body"] == shape["params"] - 49152 * 576
     assert shape["params"] == pytest.approx(134.5e6, rel=0.01)
+
+
+def test_the_demo_summary_reads_each_passs_engine_preemptions_per_cpu_second():
+    bench = load_script("bench_demo")
+    t = {"profile_engine_cpu_s": 200.0, "profile_engine_preemptions": 120_000}
+    assert bench.preemption_rate(t, "profile") == 600.0
+    assert bench.preemption_rate(t, "generation") is None  # a summary from before the counts were kept
+
+
+def test_the_contention_benchmark_feeds_the_demos_shape_and_reports_each_condition_against_alone():
+    bench = load_script("bench_contention")
+    batch = bench.prompts()
+    assert len(batch) == 8 and all(len(p[1]["content"]) > 2000 for p in batch)  # ~1,000-token histories
+    runs = [{"condition": c, "round": 1, "calls": [{"s": s}]} for c, s in
+            zip(bench.CONDITIONS, (10.0, 12.0, 10.5))]
+    summary = {"alone": {"mean_s": 10.0, "preemptions_per_cpu_s": 20.0},
+               "beside-ray": {"mean_s": 12.0, "preemptions_per_cpu_s": 600.0, "over_alone": 1.2},
+               "beside-ray-sched-idle": {"mean_s": 10.5, "preemptions_per_cpu_s": 40.0, "over_alone": 1.05}}
+    md = bench.to_markdown({"date": "2026-12-06", "machine": "m", "actors": 8, "rounds": 1, "calls": 1,
+                            "command": "c", "runs": runs, "summary": summary})
+    assert "| beside-ray | 12.0 | 1.2 | 600.0 |" in md and "| alone | 10.0 | 1.0 | 20.0 |" in md
+    assert md.startswith("<!-- bench_contention:start -->") and md.endswith("<!-- bench_contention:end -->")

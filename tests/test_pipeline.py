@@ -58,6 +58,7 @@ def test_end_to_end_five_users_then_rerun_skips_committed_chunks(ray_local, tmp_
     assert t["ray_start_s"] >= 0 and t["generation_engines_started"] >= 1 and t["profile_engines_started"] >= 1
     for name in ("profile", "generation"):
         assert 0 < t[f"{name}_model_load_s"] < t[f"{name}_first_engine_ready_s"] < t[f"{name}_pass_s"], t
+        assert 0 < t[f"{name}_engine_cpu_s"] and t[f"{name}_engine_preemptions"] >= 0, t  # the actors' usage
     assert "engine_ready_at" not in gens.columns
     report = (out / "report.html").read_text()  # the run report, its figures beside it
     for fig in ("metrics.png", "history.png", "stages.png", "throughput.png", "failures.png"):

@@ -5,6 +5,7 @@ through Ray (test_pipeline, test_faults, test_datasets) check the same stages in
 from __future__ import annotations
 
 import json
+import os
 
 import pandas as pd
 import pyarrow as pa
@@ -94,9 +95,11 @@ def test_generation_stages_build_prompts_per_mode_generate_and_score(tmp_path, e
     done = generate(pa.Table.from_pylist(planned))
     assert done.num_rows == len(planned) and all(r["raw_output"] is not None for r in done.to_pylist())
     summary = score_and_commit_generations(done, job).to_pylist()
+    usage = {k: summary[0].get(k) for k in ("engine_process", "engine_cpu_s", "engine_preemptions")}
     assert summary == [{"chunk_id": chunk["chunk_id"], "file": f"generations/chunk-{chunk['chunk_id']}.parquet",
                         "rows": len(planned), "statuses": json.dumps({"ok": len(planned)}),
-                        "engine_started_at": None, "engine_ready_at": None}]  # a given engine: no start to time
+                        "engine_started_at": None, "engine_ready_at": None, **usage}]  # a given engine: no start
+    assert usage["engine_process"].endswith(f":{os.getpid()}") and usage["engine_cpu_s"] > 0  # its process's use
     rows = pd.read_parquet(tmp_path / "run" / summary[0]["file"])
     assert rows["rouge1"].between(0, 1).all() and rows["output"].notna().all()
     assert list(rows.columns) == GENERATION_SCHEMA.names
@@ -211,11 +214,29 @@ def test_a_whole_job_in_process_with_no_ray(tmp_path, monkeypatch):
         assert 0 <= t[key] <= t["total_s"], key
     assert sum(t[k] for k in ("read_s", "ray_start_s", "profile_pass_s", "between_passes_s", "generation_pass_s",
                               "shutdown_s")) <= t["total_s"] + 0.01
-    assert "engine_ready_at" not in pd.read_parquet(tmp_path / "run" / "profiles").columns  # stamps travel only
+    # what the engine's process used in each pass (the generation pass's engine too, though it started none)
+    for name in ("profile", "generation"):
+        assert 0 < t[f"{name}_engine_cpu_s"] and t[f"{name}_engine_preemptions"] >= 0, t
+    assert not {"engine_ready_at", "engine_process", "engine_cpu_s"} & set(
+        pd.read_parquet(tmp_path / "run" / "profiles").columns)  # stamps travel only
     again = run_job(_job(tmp_path, "executor=in-process", "run_id=local"))
     assert again.manifest["resumed"] and again.manifest["chunks_committed_this_run"] == {"profiles": 0,
                                                                                        "generations": 0}
     assert not any(k.endswith("engines_started") for k in again.manifest["timings"])  # nothing to do: no engine
+
+
+def test_a_pass_sums_its_engine_processes_latest_usage():
+    """Each block carries its engine process's usage since the engine was ready, cumulative: per process the
+    largest counts are that process's whole pass (blocks commit in any order), and the pass sums its processes
+    (an actor pool, or a restarted actor's new process); chunks no engine served carry nulls."""
+    from stepback_ray.pipeline.job import engine_usage
+
+    summaries = [{"engine_process": "a:1", "engine_cpu_s": 30.0, "engine_preemptions": 900},
+                 {"engine_process": "a:1", "engine_cpu_s": 10.0, "engine_preemptions": 400},
+                 {"engine_process": "b:1", "engine_cpu_s": 5.5, "engine_preemptions": 7},
+                 {"engine_process": None, "engine_cpu_s": None, "engine_preemptions": None}]
+    assert engine_usage("profile", summaries) == {"profile_engine_cpu_s": 35.5, "profile_engine_preemptions": 907}
+    assert engine_usage("generation", summaries[3:]) == {}
 
 
 def test_a_callers_engine_serves_an_in_process_run_and_is_kept(tmp_path, engine):

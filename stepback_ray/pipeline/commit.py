@@ -18,7 +18,7 @@ import pyarrow as pa
 from ..config import JobSpec
 from ..data.rows import status_kind
 from ..storage import RunStore
-from .schemas import key_of, table
+from .schemas import ENGINE_STAMPS, key_of, table
 
 
 def commit_chunks(job: JobSpec, folder: str, rows: list[dict[str, Any]], schema: pa.Schema,
@@ -47,12 +47,11 @@ def commit_chunks(job: JobSpec, folder: str, rows: list[dict[str, Any]], schema:
     return summaries
 
 
-def engine_stamps(rows: list[dict[str, Any]]) -> dict[str, float | None]:
-    """The engine start stamps a chunk's rows carry (its block was the first an engine actor served), or nulls."""
-    for r in rows:
-        if r.get("engine_ready_at") is not None:
-            return {"engine_started_at": r["engine_started_at"], "engine_ready_at": r["engine_ready_at"]}
-    return {"engine_started_at": None, "engine_ready_at": None}
+def engine_stamps(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The engine stamps a chunk's rows carry (:data:`~.schemas.ENGINE_STAMPS`: its engine's start times if its
+    block was the first that engine served, its engine process's usage), or nulls (no engine served it)."""
+    stamped = next((r for r in rows if r.get("engine_process") is not None), {})
+    return {name: stamped.get(name) for name, _ in ENGINE_STAMPS}
 
 
 def count_statuses(rows: list[dict[str, Any]]) -> dict[str, int]:

@@ -127,6 +127,23 @@ def engine_start_times(name: str, summaries: list[dict[str, Any]], t0: float) ->
             f"{name}_model_load_s": round(max(r - s for s, r in stamps), 3)}
 
 
+def engine_usage(name: str, summaries: list[dict[str, Any]]) -> dict[str, float | int]:
+    """What a pass's engine processes used from their engines' start on (:func:`~.runner.process_usage`), from its
+    commit summaries: CPU seconds and involuntary context switches, each process's latest (largest) count, summed
+    over the processes. Many switches per CPU second mean the engine shared its cores (on a 2-core VM, with a
+    local Ray's own processes; see docs/benchmarks.md): its engine time is then not the engine's alone."""
+    latest: dict[str, tuple[float, int]] = {}
+    for s in summaries:
+        if s.get("engine_process") is None:
+            continue
+        cpu, switches = latest.get(s["engine_process"], (0.0, 0))
+        latest[s["engine_process"]] = (max(cpu, s["engine_cpu_s"]), max(switches, s["engine_preemptions"]))
+    if not latest:
+        return {}
+    return {f"{name}_engine_cpu_s": round(sum(c for c, _ in latest.values()), 3),
+            f"{name}_engine_preemptions": sum(n for _, n in latest.values())}
+
+
 def run_user_passes(ex: Executor, job: JobSpec, work: Work, resuming: bool = False,
                     needs_profiles: bool = True) -> tuple[ProfilesAt | None, dict[str, Any] | None, dict[str, float]]:
     """The per-user passes, each where a mode needs it: the step-back profiles, and the Persona-Plug item
@@ -158,7 +175,7 @@ def run_user_passes(ex: Executor, job: JobSpec, work: Work, resuming: bool = Fal
     summaries = ex.run(PROFILE_PASS, pending(at.uri, at.folder, job, work.profile_chunks), at) \
         if needs_profiles else []
     walls["profile_pass_s"] = round(time.time() - t0, 3)
-    details.update(engine_start_times("profile", summaries, t0))
+    details.update(engine_start_times("profile", summaries, t0), **engine_usage("profile", summaries))
     if plug:
         t1 = time.time()
         ex.run(EMBED_PASS, pending(at.uri, at.embeddings, job, work.profile_chunks), at)
@@ -287,7 +304,7 @@ def _run_job(job: JobSpec, store: RunStore, work: Work | None, needs_profiles: b
                                at)
         t1 = time.time()
         timings["generation_pass_s"] = round(t1 - t0, 3)
-        timings.update(engine_start_times("generation", gen_summaries, t0))
+        timings.update(engine_start_times("generation", gen_summaries, t0), **engine_usage("generation", gen_summaries))
     timings["shutdown_s"] = round(time.time() - t1, 3)  # engines closed, the local Ray stopped
 
     result_metrics, gen_counts = summarize(job, store)

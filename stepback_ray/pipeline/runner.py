@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator, Literal
@@ -50,6 +52,17 @@ class PassSpec:
             raise ValueError(f"pass {self.name!r} must end with a commit stage")
 
 
+def process_usage() -> tuple[float, int]:
+    """This process's CPU seconds (user and system, every thread) and involuntary context switches: the times the
+    OS took a core from one of its threads to run something else. An engine whose threads fill every core loses
+    more than the taken slice each time (its other threads wait for the preempted one at the next barrier), so
+    switches per CPU second say whether it shared its cores: on the 2-core development VM an engine alone in its
+    process had ~20 per CPU second, one in a local Ray's actor ~600, each of Ray's ~15 processes waking ~150 times
+    a second (docs/benchmarks.md)."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime, ru.ru_nivcsw
+
+
 class EngineStage:
     """Base of the engine stages: the engine, built here from the job spec (in an actor), or given (the
     in-process executor's, closed by its owner); the guarded call (:class:`~stepback_ray.engines.guard.EngineCalls`);
@@ -75,6 +88,8 @@ class EngineStage:
         #: block; for an engine it was given, the times its giver passes (the in-process executor's, for the pass
         #: that built it; none for a later pass that reuses it)
         self.engine_times: tuple[float, float] | None = (started, time.time()) if self.owns_engine else engine_times
+        #: this process and its usage when the stage's engine was ready: each block reports the usage since
+        self._process, self._usage_at_ready = f"{socket.gethostname()}:{os.getpid()}", process_usage()
         self._stamp_lock = threading.Lock()
         generate = EngineCalls(self.engine, job.engine.call_timeout_s, in_actor=self.owns_engine)
         if job.engine.prefix_order:  # prompts that share a prefix sent side by side (the prefix cache reuses it)
@@ -92,11 +107,17 @@ class EngineStage:
 
     def stamp(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Mark the first block this stage serves with its engine's start times (``engine_started_at``,
-        ``engine_ready_at``), which the commit summaries carry to the job's timings; later blocks: unmarked."""
+        ``engine_ready_at``), and every block with its engine's process (``engine_process``, host:pid) and that
+        process's usage since the engine was ready (:func:`process_usage`: ``engine_cpu_s``,
+        ``engine_preemptions``, cumulative); the commit summaries carry them to the job's timings."""
         with self._stamp_lock:
             times, self.engine_times = self.engine_times, None
-        if times is not None:
-            for r in rows:
+        cpu, switches = process_usage()
+        usage = {"engine_process": self._process, "engine_cpu_s": round(cpu - self._usage_at_ready[0], 3),
+                 "engine_preemptions": switches - self._usage_at_ready[1]}
+        for r in rows:
+            r.update(usage)
+            if times is not None:
                 r["engine_started_at"], r["engine_ready_at"] = times
         return rows
 

@@ -66,11 +66,18 @@ def table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
     return pa.Table.from_pylist([{f.name: r.get(f.name) for f in schema} for r in rows], schema=schema)
 
 
+ENGINE_STAMPS = (("engine_started_at", _F), ("engine_ready_at", _F), ("engine_process", _S), ("engine_cpu_s", _F),
+                 ("engine_preemptions", _I))
+"""What an engine stage stamps on its blocks (:meth:`~stepback_ray.pipeline.runner.EngineStage.stamp`) for the commit
+summaries: travelling columns, never committed."""
+
+
 def with_chunk_rows(schema: pa.Schema) -> pa.Schema:
-    """A committed schema as it travels to the commit stage: with the chunk's row count, and the engine's start
-    stamps (:meth:`~stepback_ray.pipeline.runner.EngineStage.stamp`; not committed)."""
-    return schema.append(pa.field("chunk_rows", _I)).append(pa.field("engine_started_at", _F)).append(
-        pa.field("engine_ready_at", _F))
+    """A committed schema as it travels to the commit stage: with the chunk's row count and the engine's stamps
+    (:data:`ENGINE_STAMPS`)."""
+    for name, kind in (("chunk_rows", _I), *ENGINE_STAMPS):
+        schema = schema.append(pa.field(name, kind))
+    return schema
 
 
 def row_key(query_id: str, mode: str) -> str:
