@@ -30,7 +30,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -75,17 +74,15 @@ def prompts(n: int = 8, chars: int = 4000) -> list[list[dict]]:
                                                   for p in u["profile"][:8])[:chars]}] for u in users]
 
 
-def usage() -> tuple[float, float, int]:
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return time.perf_counter(), ru.ru_utime + ru.ru_stime, ru.ru_nivcsw
-
-
 def timed_calls(engine, batch: list, params, calls: int) -> list[dict]:
+    """Each call's seconds and this process's usage over it (the pipeline's own count: ``process_usage``)."""
+    from stepback_ray.pipeline.runner import process_usage
+
     out = []
     for _ in range(calls):
-        t0, c0, n0 = usage()
+        t0, (c0, n0) = time.perf_counter(), process_usage()
         engine.generate(batch, params)
-        t1, c1, n1 = usage()
+        t1, (c1, n1) = time.perf_counter(), process_usage()
         out.append({"s": round(t1 - t0, 3), "cpu_s": round(c1 - c0, 3), "preemptions": n1 - n0,
                     "preemptions_per_cpu_s": round((n1 - n0) / (c1 - c0), 1)})
     return out

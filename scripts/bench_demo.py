@@ -95,8 +95,7 @@ def summarize(out: Path, limit: dict) -> dict:
     metrics = json.loads((out / "metrics.json").read_text())
     prof = metrics["profiles"]
     modes = metrics["modes"]
-    sent = prof["prompt_tokens"] + prof["completion_tokens"] + sum(
-        v["prompt_tokens"] + v["completion_tokens"] for v in modes.values())
+    sent = tokens_sent(metrics)
     cached = prof.get("cached_prompt_tokens", 0) + sum(v.get("cached_prompt_tokens", 0) for v in modes.values())
     t = m["timings"]
     gen_engine_s = sum(v["engine_seconds"] for v in modes.values())  # each row's share of its call's wall time
@@ -107,6 +106,14 @@ def summarize(out: Path, limit: dict) -> dict:
            "peak_gflops": limit["peak_gflops"], "rouge1": {k: round(v["rouge-1"], 4) for k, v in modes.items()},
            "preemptions_per_cpu_s": [preemption_rate(t, name) for name in ("profile", "generation")]}
     return run | against(run, limit["limit_tokens_per_s"])
+
+
+def tokens_sent(metrics: dict) -> int:
+    """A run's tokens (prompt and completion, the profiles' and every mode's) from its metrics: what its bound
+    counts."""
+    prof = metrics["profiles"]
+    return prof["prompt_tokens"] + prof["completion_tokens"] + sum(
+        v["prompt_tokens"] + v["completion_tokens"] for v in metrics["modes"].values())
 
 
 def preemption_rate(timings: dict, name: str) -> float | None:
@@ -263,9 +270,7 @@ def profile_demo(root: Path) -> dict:
         rows.append({"phase": name, "seconds": round(sec, 1), "share": round(sec / engine_s, 3),
                      "work": f.get("work", ""), "floor_s": round(f["floor_s"], 1) if f else None,
                      "over_floor": round(sec / f["floor_s"], 2) if f else None})
-    prof, modes = metrics["profiles"], metrics["modes"]
-    sent = prof["prompt_tokens"] + prof["completion_tokens"] + sum(
-        v["prompt_tokens"] + v["completion_tokens"] for v in modes.values())
+    modes, sent = metrics["modes"], tokens_sent(metrics)
     gflop_per_token = per_token["gflop_per_token"]
     shutil.rmtree(out)
     return {"date": dt.date.today().isoformat(), "machine": machine(), "wall_s": round(wall, 1),
