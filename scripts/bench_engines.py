@@ -317,7 +317,8 @@ def cpu_by_role(before: dict[int, tuple[str, float, int]],
     roles = {"engine actor": 0.0, "driver": 0.0, "other": 0.0}
     for pid, (cmd, cpu, started) in after.items():
         spent = cpu - (before[pid][1] if pid in before and before[pid][2] == started else 0.0)
-        role = ("engine actor" if "EngineStage" in cmd else "driver" if pid == os.getpid() else "other")
+        role = ("engine actor" if "EngineStage" in cmd or "EngineHost" in cmd else "driver" if pid == os.getpid()
+                else "other")
         roles[role] += max(spent, 0.0)
     return {k: round(v, 1) for k, v in roles.items()}
 

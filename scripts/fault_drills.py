@@ -64,6 +64,9 @@ SAMPLE = REPO / "data" / "samples" / "lamp5_arxiv_dev20"
 SHARED = Path(os.environ.get("STEPBACK_SHARED_DATA", REPO.parent / "shared" / "data"))
 START, END = markers("fault_drills")
 DRY = ["engine.kind=dry-run", "ray.progress_bars=false"]
+ENGINE_ACTOR = "ray::EngineHost"
+"""The process title of a run's engine actor (``ray.keep_engines``: one kept across the passes, so the drills that
+kill it once a generation chunk is committed kill the one serving the generation pass)."""
 
 
 def demo_job(out: Path | str, *extra: str):
@@ -126,7 +129,7 @@ def drill_worker_kill(root: Path, kills: int = 1) -> dict[str, Any]:
     out = root / "worker-kill"
     gen_dir = out / "generations"
     job = demo_job(out, "ray.users_per_chunk=2", "engine.dry_run_tokens_per_s=3000")
-    killer = ActorKiller("MapBatches(GenerationEngineStage)",
+    killer = ActorKiller(ENGINE_ACTOR,
                          lambda: gen_dir.exists() and any(gen_dir.glob("chunk-*.parquet")), kills)
     killer.start()
     t0 = time.time()
@@ -578,7 +581,7 @@ def drill_node_loss(root: Path) -> dict[str, Any]:
             while time.time() < deadline and not removed:
                 if gen_dir.exists() and any(gen_dir.glob("chunk-*.parquet")):
                     for p in psutil.process_iter(["pid", "cmdline"]):
-                        if "MapBatches(GenerationEngineStage)" in " ".join(p.info["cmdline"] or []):
+                        if ENGINE_ACTOR in " ".join(p.info["cmdline"] or []):
                             node = _node_of(p.info["pid"], workers)
                             if node is not None:
                                 cluster.remove_node(node, allow_graceful=False)

@@ -53,6 +53,18 @@ class EngineResources:
         return args
 
 
+    def actor_options(self) -> dict[str, Any]:
+        """The same resources as options of a plain actor (``ray.remote(cls).options(...)``): an engine host."""
+        opts: dict[str, Any] = {"num_cpus": self.num_cpus}
+        if self.num_gpus and not self.bundles:
+            opts["num_gpus"] = self.num_gpus
+        if self.accelerator_type:
+            opts["accelerator_type"] = self.accelerator_type
+        if self.bundles:
+            opts.update(placement_group_args(self.bundles)())
+        return opts
+
+
 def gpus_per_engine(job: JobSpec) -> float:
     """GPUs one engine holds: its tensor-parallel bundles, else the actor's own share (0.5: two per GPU)."""
     tp = job.engine.vllm.tensor_parallel_size if job.engine.kind == "vllm" else 1

@@ -280,6 +280,8 @@ class RayConfig(_Strict):
     engine_tasks_in_flight: Int = Field(default=2, gt=0, description="blocks queued at each engine actor")
     engine_coalesce: bool = Field(default=True, description="an engine actor serves its blocks in flight side by "
                                   "side and sends their prompts as one engine call (engines/coalesce.py)")
+    keep_engines: bool = Field(default=True, description="engine actors started once per run and kept across its "
+                               "passes (pipeline/engine_host.py); false: each pass starts its own in Ray Data")
     users_per_chunk: Int = Field(default=8, gt=0, description="users per shard, on average, when num_shards is auto")
     num_shards: Int | Literal["auto"] = Field(
         default="auto", description="users are split by a stable hash of their id; keep it fixed across nightly runs")

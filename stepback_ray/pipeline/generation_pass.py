@@ -151,8 +151,8 @@ class GenerationPlanStage:
 class GenerationEngineStage(EngineStage):
     """Engine stage: every prompt of a block in one engine call; then the lead-author merges in a second one."""
 
-    def __init__(self, job: JobSpec, engine=None, engine_times: tuple[float, float] | None = None):
-        super().__init__(job, engine, engine_times)
+    def __init__(self, job: JobSpec, **given: Any):
+        super().__init__(job, **given)
         self.task = get_task(job.task)
         g = job.generation
         self.params = SamplingParams(max_new_tokens=job.max_new_tokens, min_new_tokens=g.min_new_tokens,

@@ -107,8 +107,8 @@ class ProfilePlanStage:
 class ProfileEngineStage(EngineStage):
     """Engine stage: distills every planned user of a block (notes, parts, merges: one batched call per level)."""
 
-    def __init__(self, job: JobSpec, engine=None, engine_times: tuple[float, float] | None = None):
-        super().__init__(job, engine, engine_times)
+    def __init__(self, job: JobSpec, **given: Any):
+        super().__init__(job, **given)
         self.task = get_task(job.task)
         self.distiller = profiling.Distiller(self.task, job.profile, self.engine,
                                              lambda prompts, params: self.generate(prompts, params))

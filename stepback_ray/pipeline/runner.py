@@ -2,8 +2,9 @@
 module, and one runner executes any pass, on Ray Data or in this process.
 
 **On Ray** (``executor: ray``): the chunks become one Ray Data block each; a CPU stage is an actor pool (it holds
-a tokenizer, a retriever or an encoder), the engine stage is the engine actor pool (GPUs, restarts after a fatal
-engine failure, see :mod:`stepback_ray.engines.guard`), a commit stage is Ray tasks. Every stage maps a whole
+a tokenizer, a retriever or an encoder), the engine stage runs in the run's engine actors, started once and kept
+across its passes (:mod:`.engine_host`; with ``ray.keep_engines: false`` each pass's own actor pool), which
+restart after a fatal engine failure (:mod:`stepback_ray.engines.guard`), and a commit stage is Ray tasks. Every stage maps a whole
 block (``batch_size=None``) to a whole block, so each chunk reaches its commit whole.
 **In process** (``executor: in-process``): the same stages, built once per pass with the same arguments, applied
 to one chunk after another; the engines are built once per run and closed at its end (a dataset input is still
@@ -18,13 +19,16 @@ import resource
 import socket
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal
+from typing import TYPE_CHECKING, Any, Iterator, Literal
 
 import pyarrow as pa
 
 from ..config import EngineConfig, JobSpec, StageResources
 from ..errors import RunFailed
 from ..resources import WORKER_ENV, connect_cluster, engine_resources
+
+if TYPE_CHECKING:
+    from .engine_host import EngineHosts
 
 
 @dataclass(frozen=True)
@@ -72,7 +76,11 @@ class EngineStage:
     blocks in flight side by side in threads, and their engine calls are merged
     (:class:`~stepback_ray.engines.coalesce.CoalescedCalls`): ``serve`` must keep its state in locals."""
 
-    def __init__(self, job: JobSpec, engine: Any = None, engine_times: tuple[float, float] | None = None):
+    def __init__(self, job: JobSpec, engine: Any = None, engine_times: tuple[float, float] | None = None,
+                 in_actor: bool | None = None):
+        """``in_actor``: this process is an engine actor's, so a fatal engine failure ends it (Ray restarts it) and
+        the blocks it serves side by side share engine calls; by default, when the stage builds its engine (a Ray
+        Data engine actor). An engine host (:mod:`.engine_host`) gives its engine and says True."""
         import threading
 
         from ..engines import build_engine
@@ -84,6 +92,7 @@ class EngineStage:
         self.owns_engine = engine is None
         started = time.time()
         self.engine = engine or build_engine(job.engine)
+        in_actor = self.owns_engine if in_actor is None else in_actor
         #: when this stage's engine started to build and was ready (epoch seconds), reported once, on the first
         #: block; for an engine it was given, the times its giver passes (the in-process executor's, for the pass
         #: that built it; none for a later pass that reuses it)
@@ -91,11 +100,11 @@ class EngineStage:
         #: this process and its usage when the stage's engine was ready: each block reports the usage since
         self._process, self._usage_at_ready = f"{socket.gethostname()}:{os.getpid()}", process_usage()
         self._stamp_lock = threading.Lock()
-        generate = EngineCalls(self.engine, job.engine.call_timeout_s, in_actor=self.owns_engine)
+        generate = EngineCalls(self.engine, job.engine.call_timeout_s, in_actor=in_actor)
         if job.engine.prefix_order:  # prompts that share a prefix sent side by side (the prefix cache reuses it)
             generate = PrefixOrdered(generate)
         # an actor serving blocks side by side (engine_compute) gathers their calls; in process they come one by one
-        gather = self.owns_engine and serves_side_by_side(job)
+        gather = in_actor and serves_side_by_side(job)
         self.generate = self.calls = CoalescedCalls(generate, gather_s=GATHER_S if gather else 0.0)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -140,16 +149,30 @@ def _kwargs(job: JobSpec, stage: Stage, at: Any) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ on Ray
-def run_on_ray(job: JobSpec, spec: PassSpec, chunks: list[dict[str, Any]], at: Any) -> list[dict]:
-    """Run ``spec`` over ``chunks`` as one Ray Data pass; returns the commit summaries."""
+def run_on_ray(job: JobSpec, spec: PassSpec, chunks: list[dict[str, Any]], at: Any,
+               hosts: "EngineHosts | None" = None) -> list[dict]:
+    """Run ``spec`` over ``chunks`` as one Ray Data pass; returns the commit summaries. ``hosts``: the run's engine
+    actors kept across passes (:mod:`.engine_host`), which serve the engine stage; None: the pass starts its own
+    engine actor pool."""
+    import uuid
+
     import ray
     import ray.data
-    from ray.data import ActorPoolStrategy
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
     ds = ray.data.from_items(chunks, override_num_blocks=len(chunks))
     common = dict(batch_size=None, batch_format="pyarrow", zero_copy_batch=True)
     for stage in spec.stages:
-        if stage.kind == "engine":
+        if stage.kind == "engine" and hosts is not None:
+            from .engine_host import serve_on_host
+
+            actors = hosts.for_job(job)
+            # a task per block that waits on a host: no CPU of its own, as many in flight as the hosts take
+            ds = ds.map_batches(serve_on_host, fn_kwargs={"hosts": actors, "pass_key": uuid.uuid4().hex,
+                                                          "stage_cls": stage.udf, "job": job},
+                                num_cpus=0, compute=TaskPoolStrategy(size=len(actors) * job.ray.engine_tasks_in_flight),
+                                **common)
+        elif stage.kind == "engine":
             res = engine_resources(job, ray.cluster_resources())
             # a fatal engine failure ends the actor (engines/guard.py): Ray restarts it, boundedly, and retries
             # the block
@@ -318,13 +341,24 @@ def executor(job: JobSpec, engine: Any = None) -> Iterator["Executor"]:
             local.close()
     else:
         with ray_session(job):
-            yield Executor(job, None)
+            hosts = None
+            if job.ray.keep_engines:
+                from .engine_host import EngineHosts
+
+                hosts = EngineHosts()
+            try:
+                yield Executor(job, None, hosts)
+            finally:
+                if hosts is not None:
+                    hosts.close()
 
 
 @dataclass
 class Executor:
     job: JobSpec
     local: InProcess | None
+    hosts: "EngineHosts | None" = None
+    """On Ray with ``ray.keep_engines``: the run's engine actors, kept across its passes."""
 
     @property
     def on_ray(self) -> bool:
@@ -337,4 +371,4 @@ class Executor:
             return []
         if self.local is not None:
             return self.local.run(spec, chunks, at, job)
-        return run_on_ray(job or self.job, spec, chunks, at)
+        return run_on_ray(job or self.job, spec, chunks, at, self.hosts)
