@@ -15,6 +15,7 @@ from stepback_ray.config import StagesConfig, load_job
 from stepback_ray.engines import build_engine
 from stepback_ray.pipeline import PASSES, PassSpec, ProfilesAt, Stage, prepare_work, run_job
 from stepback_ray.pipeline.commit import commit_chunks, pending
+from stepback_ray.pipeline.engine_host import serve_on_host
 from stepback_ray.pipeline.embed_pass import EmbedStage
 from stepback_ray.pipeline.generation_pass import (GenerationEngineStage, GenerationPlanStage,
                                                    score_and_commit_generations)
@@ -192,6 +193,21 @@ def test_per_stage_resources_reach_ray_data(tmp_path, monkeypatch):
     calls.clear()
     run_on_ray(job, PASSES["embed"], [{"chunk_id": "c0"}], None)
     assert calls[0][0] is EmbedStage and calls[0][1]["num_cpus"] == 1.0 and len(calls) == 2
+
+    class Hosts:  # the run's engine actors kept across passes (ray.keep_engines): the engine stage is a task
+        def for_job(self, j):
+            assert j is job
+            return ["host-a", "host-b"]
+
+    calls.clear()
+    run_on_ray(job, PASSES["generate"], [{"chunk_id": "c0"}], None, Hosts())
+    engine_fn, eng = calls[1]
+    assert engine_fn is serve_on_host and eng["num_cpus"] == 0 and "max_restarts" not in eng
+    assert eng["compute"].size == 2 * job.ray.engine_tasks_in_flight  # as many blocks as the hosts take
+    assert eng["fn_kwargs"]["hosts"] == ["host-a", "host-b"] and eng["fn_kwargs"]["stage_cls"] is GenerationEngineStage
+    first_key = eng["fn_kwargs"]["pass_key"]
+    run_on_ray(job, PASSES["generate"], [{"chunk_id": "c0"}], None, Hosts())
+    assert calls[4][1]["fn_kwargs"]["pass_key"] != first_key  # each pass gets its own stage in the host
 
 
 def test_a_whole_job_in_process_with_no_ray(tmp_path, monkeypatch):

@@ -59,6 +59,10 @@ class EngineHost:
             stage = self._stage[1]
         return stage(batch)
 
+    def alive(self) -> bool:
+        """Answers while the host lives (in its own thread: not queued behind blocks being served)."""
+        return True
+
     def close(self) -> None:
         """Release the engine (model memory, vLLM's workers) before the actor is killed."""
         engine, self.engine = self.engine, None
@@ -90,9 +94,24 @@ class EngineHosts:
             res = engine_resources(job, ray.cluster_resources())
             options = {**res.actor_options(), "max_restarts": job.engine.max_restarts, "max_task_retries": -1,
                        "max_concurrency": job.ray.engine_tasks_in_flight if serves_side_by_side(job) else 1}
-            self.actors = [ray.remote(EngineHost).options(**options).remote(job) for _ in range(res.actors)]
+            host = ray.remote(concurrency_groups={"control": 1})(EngineHost)
+            self.actors = [host.options(**options).remote(job) for _ in range(res.actors)]
             self._key = key
         return self.actors
+
+    def any_dead(self, timeout_s: float = 30.0) -> bool:
+        """Whether a host died for good (past its restarts): a failed pass asks, to tell an engine that is gone
+        from any other failure."""
+        import ray
+
+        for a in self.actors:
+            try:
+                ray.get(a.alive.options(concurrency_group="control").remote(), timeout=timeout_s)
+            except ray.exceptions.RayActorError:
+                return True
+            except ray.exceptions.GetTimeoutError:
+                continue  # restarting, or busy: not dead for good
+        return False
 
     def close(self) -> None:
         """Let each host release its engine (bounded wait; a dead one is skipped), then end it."""

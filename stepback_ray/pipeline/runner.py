@@ -92,7 +92,7 @@ class EngineStage:
         self.owns_engine = engine is None
         started = time.time()
         self.engine = engine or build_engine(job.engine)
-        in_actor = self.owns_engine if in_actor is None else in_actor
+        self.in_actor = self.owns_engine if in_actor is None else in_actor
         #: when this stage's engine started to build and was ready (epoch seconds), reported once, on the first
         #: block; for an engine it was given, the times its giver passes (the in-process executor's, for the pass
         #: that built it; none for a later pass that reuses it)
@@ -100,11 +100,11 @@ class EngineStage:
         #: this process and its usage when the stage's engine was ready: each block reports the usage since
         self._process, self._usage_at_ready = f"{socket.gethostname()}:{os.getpid()}", process_usage()
         self._stamp_lock = threading.Lock()
-        generate = EngineCalls(self.engine, job.engine.call_timeout_s, in_actor=in_actor)
+        generate = EngineCalls(self.engine, job.engine.call_timeout_s, in_actor=self.in_actor)
         if job.engine.prefix_order:  # prompts that share a prefix sent side by side (the prefix cache reuses it)
             generate = PrefixOrdered(generate)
         # an actor serving blocks side by side (engine_compute) gathers their calls; in process they come one by one
-        gather = in_actor and serves_side_by_side(job)
+        gather = self.in_actor and serves_side_by_side(job)
         self.generate = self.calls = CoalescedCalls(generate, gather_s=GATHER_S if gather else 0.0)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -188,7 +188,7 @@ def run_on_ray(job: JobSpec, spec: PassSpec, chunks: list[dict[str, Any]], at: A
             r = stage_resources(job, stage)
             ds = ds.map_batches(stage.udf, fn_kwargs=_kwargs(job, stage, at), num_cpus=r.num_cpus,
                                 **({"concurrency": r.concurrency} if r.concurrency else {}), **common)
-    return _take_all(ds, job, spec.name)
+    return _take_all(ds, job, spec.name, hosts)
 
 
 def engine_compute(job: JobSpec, actors: int):
@@ -209,22 +209,25 @@ def serves_side_by_side(job: JobSpec) -> bool:
     return job.ray.engine_coalesce and job.ray.engine_tasks_in_flight > 1
 
 
-def _take_all(ds, job: JobSpec, name: str) -> list[dict]:
-    """Run the pass; an engine actor that died past its restarts fails the run (exit 3) in one line."""
+def _take_all(ds, job: JobSpec, name: str, hosts: "EngineHosts | None" = None) -> list[dict]:
+    """Run the pass; an engine actor that died past its restarts fails the run (exit 3) in one line. A pass's own
+    engine actor's death reaches here as the exception; a host's reaches the task that waited on it, whose error
+    arrives as text, so on a failure the hosts are asked whether they are still there."""
     import ray.exceptions
 
     try:
         return ds.take_all()
     except Exception as e:
-        seen, cause = set(), e
-        while cause is not None and id(cause) not in seen:
+        seen, cause, dead = set(), e, False
+        while cause is not None and id(cause) not in seen and not dead:
             seen.add(id(cause))
-            if isinstance(cause, ray.exceptions.RayActorError):
-                raise RunFailed(f"the {name} pass's engine actor died {job.engine.max_restarts + 1} times "
-                                f"(engine.max_restarts = {job.engine.max_restarts}; the reasons are the 'stepback: "
-                                "fatal engine failure' lines in the log); committed chunks are kept: fix the engine "
-                                "and rerun the same run id") from e
+            dead = isinstance(cause, ray.exceptions.RayActorError)
             cause = cause.__cause__ or cause.__context__
+        if dead or (hosts is not None and hosts.any_dead()):
+            raise RunFailed(f"the {name} pass's engine actor died {job.engine.max_restarts + 1} times "
+                            f"(engine.max_restarts = {job.engine.max_restarts}; the reasons are the 'stepback: "
+                            "fatal engine failure' lines in the log); committed chunks are kept: fix the engine "
+                            "and rerun the same run id") from e
         raise
 
 

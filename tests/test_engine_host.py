@@ -1,0 +1,108 @@
+"""The run's engine actors kept across passes (``ray.keep_engines``, pipeline/engine_host.py): a host serves each
+pass through that pass's own engine stage around one engine, reports the engine's start once, and the driver
+keeps the hosts while the passes' engines are the same."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+
+from stepback_ray.config import load_job
+from stepback_ray.engines.base import SamplingParams
+from stepback_ray.pipeline import run_job
+from stepback_ray.pipeline.engine_host import EngineHost, EngineHosts, host_key, pick_host
+from stepback_ray.pipeline.runner import EngineStage
+
+from .conftest import REPO
+
+
+def _job(tmp_path, *extra):
+    return load_job(REPO / "jobs" / "demo.yaml", [
+        "engine.kind=dry-run", "limit=6", "ray.users_per_chunk=2", "ray.progress_bars=false",
+        f"output={tmp_path / 'run'}", *extra])
+
+
+class EchoStage(EngineStage):
+    """A minimal engine stage: one completion per row's prompt, stamped as the pipeline's stages are."""
+
+    def serve(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        done = self.generate([r["prompt"] for r in rows], SamplingParams(max_new_tokens=4))
+        return pa.Table.from_pylist(self.stamp([{**r, "output": c.text} for r, c in zip(rows, done)]))
+
+
+BLOCK = pa.Table.from_pylist([{"chunk_id": "c0", "prompt": "Title: a study of caches"},
+                              {"chunk_id": "c0", "prompt": "Title: batch inference"}])
+
+
+def test_a_host_serves_each_pass_through_its_own_stage_around_one_engine(tmp_path):
+    job = _job(tmp_path)
+    host = EngineHost(job)
+    engine = host.engine
+    first, again = (host.serve("pass-1", EchoStage, job, BLOCK).to_pylist() for _ in range(2))
+    assert all(r["output"] for r in first) and len(first) == 2
+    # the engine's start is reported once, by the first block of the pass that started it
+    assert all(r["engine_started_at"] <= r["engine_ready_at"] for r in first)
+    assert not any(r.get("engine_ready_at") for r in again)
+    stage_1 = host._stage[1]
+    # the stage acts as an engine actor's: blocks side by side share calls, a fatal failure would end the process
+    assert stage_1.engine is engine and not stage_1.owns_engine and stage_1.in_actor and stage_1.calls.gather_s > 0
+    later = host.serve("pass-2", EchoStage, job, BLOCK).to_pylist()
+    assert host._stage[1] is not stage_1 and host._stage[1].engine is engine  # a new stage, the same engine
+    assert not any(r.get("engine_ready_at") for r in later)  # the second pass started no engine
+    assert [r["output"] for r in later] == [r["output"] for r in first]
+    assert later[0]["engine_process"] == first[0]["engine_process"]
+    host.close()
+    assert host.engine is None
+
+
+def test_blocks_spread_over_the_hosts_by_a_stable_hash_of_their_chunk():
+    picks = [pick_host(pa.Table.from_pylist([{"chunk_id": f"{i:05d}"}]), 3) for i in range(60)]
+    assert set(picks) == {0, 1, 2} and min(picks.count(h) for h in range(3)) >= 10
+    assert picks == [pick_host(pa.Table.from_pylist([{"chunk_id": f"{i:05d}"}]), 3) for i in range(60)]
+    assert pick_host(pa.Table.from_pylist([{"chunk_id": "x"}]), 1) == 0
+    assert pick_host(pa.Table.from_pylist([{"other": 1}]), 3) == 0
+
+
+def test_hosts_are_the_same_for_passes_with_the_same_engine_and_resources(tmp_path):
+    job = _job(tmp_path)
+    assert host_key(job) == host_key(_job(tmp_path, "modes=[none]", "limit=3"))  # a variant job's other settings
+    assert host_key(job) != host_key(_job(tmp_path, "engine.dry_run_tokens_per_s=50"))
+    assert host_key(job) != host_key(_job(tmp_path, "ray.engine_actor_gpus=1"))
+
+
+def test_the_driver_keeps_its_hosts_until_the_engine_changes_then_ends_them(ray_local, tmp_path):
+    import ray
+
+    job = _job(tmp_path, "ray.engine_actors=2")
+    hosts = EngineHosts()
+    try:
+        first = hosts.for_job(job)
+        assert len(first) == 2 and hosts.for_job(job) == first
+        served = ray.get(first[1].serve.remote("p", EchoStage, job, BLOCK)).to_pylist()
+        assert [r["prompt"] for r in served] == BLOCK.column("prompt").to_pylist()
+        other = hosts.for_job(_job(tmp_path, "ray.engine_actors=2", "engine.dry_run_tokens_per_s=50"))
+        assert len(other) == 2 and not set(other) & set(first)
+        with pytest.raises(ray.exceptions.RayActorError):  # the old hosts were ended: no two engine sets at once
+            ray.get(first[0].serve.remote("p", EchoStage, job, BLOCK), timeout=60)
+    finally:
+        hosts.close()
+    assert hosts.actors == []
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(other[0].serve.remote("p", EchoStage, job, BLOCK), timeout=60)
+
+
+def test_without_kept_engines_each_pass_starts_its_own_engine_actor(ray_local, tmp_path):
+    result = run_job(_job(tmp_path, "ray.keep_engines=false", "run_id=per-pass"))
+    t, counts = result.manifest["timings"], result.manifest["counts"]
+    assert counts["generation_rows"] == counts["expected_generation_rows"] == 12
+    assert t["profile_engines_started"] == 1 and t["generation_engines_started"] == 1, t
+
+
+def test_a_host_dead_past_its_restarts_fails_the_pass_in_one_line(ray_local, tmp_path):
+    from stepback_ray.errors import RunFailed
+
+    job = _job(tmp_path, "engine.dry_run_fatal_after=0", "engine.max_restarts=1", "modes=[none]", "limit=2",  # no profiles
+               "run_id=dead")
+    with pytest.raises(RunFailed, match=r"the generate pass's engine actor died 2 times \(engine.max_restarts = 1"):
+        run_job(job)
