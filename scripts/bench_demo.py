@@ -41,6 +41,8 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "one-block-at-a-time": ("ray.engine_coalesce=false",),
     "no-prefix-reuse": ("engine.prefix_reuse=false",),
     "before-2026-12-06": ("ray.engine_coalesce=false", "engine.prefix_reuse=false"),
+    # each pass starts its own engine actor in Ray Data (before 2026-12-07: no engine kept across the passes)
+    "engine-per-pass": ("ray.keep_engines=false",),
     # the same engine calls without Ray: one engine for both passes, one chunk a pass (as the Ray run's merged
     # calls), nothing else on the cores; what Ray costs this job
     "in-process": ("executor=in-process", "ray.users_per_chunk=20"),

@@ -208,3 +208,27 @@ def test_on_ray_an_engine_actor_serves_its_blocks_in_flight_in_one_engine_call(r
         served[coalesce] = max(r["largest_call"] for r in rows)
     assert served[True] > 4  # an engine call got the prompts of several blocks (4 each)
     assert served[False] == 4
+
+
+def test_a_pass_starting_on_a_loaded_engine_waits_briefly_for_its_first_blocks():
+    """An engine kept from an earlier pass is idle when a pass's first block arrives; told that two blocks come
+    (``expect``), the first waits for the second (0.6 s later) and they share one call. Untold, or once the first
+    call has gone, each goes alone."""
+    p = SamplingParams(max_new_tokens=8)
+    work = {"a": [(["a1"], p)], "b": [(["b1"], p)]}
+    told, untold = Recorder(), Recorder()
+    calls = CoalescedCalls(told, gather_s=0.25)
+    calls.expect(2, within_s=5.0)
+    assert _blocks(calls, work, start_gap=0.6) == {"a": [["a1/8"]], "b": [["b1/8"]]}
+    assert told.calls == [["a1", "b1"]]
+    assert _blocks(calls, {"c": [(["c1"], p)], "d": [(["d1"], p)]}, start_gap=0.6) and len(told.calls) == 3
+    assert _blocks(CoalescedCalls(untold, gather_s=0.25), work, start_gap=0.6) and untold.calls == [["a1"], ["b1"]]
+
+
+def test_an_expected_block_that_never_comes_delays_the_first_call_by_the_bound_only():
+    engine = Recorder()
+    calls = CoalescedCalls(engine, gather_s=0.25)
+    calls.expect(2, within_s=0.5)
+    t0 = time.monotonic()
+    assert _blocks(calls, {"a": [(["a1"], SamplingParams())]}, start_gap=0.01) == {"a": [["a1/32"]]}
+    assert 0.4 < time.monotonic() - t0 < 3.0 and engine.calls == [["a1"]]

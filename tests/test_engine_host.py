@@ -102,7 +102,7 @@ def test_without_kept_engines_each_pass_starts_its_own_engine_actor(ray_local, t
 def test_a_host_dead_past_its_restarts_fails_the_pass_in_one_line(ray_local, tmp_path):
     from stepback_ray.errors import RunFailed
 
-    job = _job(tmp_path, "engine.dry_run_fatal_after=0", "engine.max_restarts=1", "modes=[none]", "limit=2",  # no profiles
-               "run_id=dead")
+    job = _job(tmp_path, "engine.dry_run_fatal_after=0", "engine.max_restarts=1", "modes=[none]",  # no profiles
+               "limit=2", "run_id=dead")
     with pytest.raises(RunFailed, match=r"the generate pass's engine actor died 2 times \(engine.max_restarts = 1"):
         run_job(job)

@@ -203,7 +203,8 @@ def test_per_stage_resources_reach_ray_data(tmp_path, monkeypatch):
     run_on_ray(job, PASSES["generate"], [{"chunk_id": "c0"}], None, Hosts())
     engine_fn, eng = calls[1]
     assert engine_fn is serve_on_host and eng["num_cpus"] == 0 and "max_restarts" not in eng
-    assert eng["compute"].size == 2 * job.ray.engine_tasks_in_flight  # as many blocks as the hosts take
+    assert eng["compute"].size == 1  # as many blocks as the hosts take (2 x 2), or the pass has (1)
+    assert eng["fn_kwargs"]["first_blocks"] == 1
     assert eng["fn_kwargs"]["hosts"] == ["host-a", "host-b"] and eng["fn_kwargs"]["stage_cls"] is GenerationEngineStage
     first_key = eng["fn_kwargs"]["pass_key"]
     run_on_ray(job, PASSES["generate"], [{"chunk_id": "c0"}], None, Hosts())

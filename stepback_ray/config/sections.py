@@ -169,7 +169,8 @@ class EngineConfig(_Strict):
                                             "ray.engine_tasks_in_flight blocks' batches) that takes longer is a hung "
                                             "engine: the actor exits and Ray restarts it; null: no limit")
     max_restarts: Int = Field(default=3, ge=0, description="engine actor restarts after fatal errors (dead engine, "
-                                                           "out of memory, hang) before the run fails")
+                                                           "out of memory, hang) before the run fails; over the "
+                                                           "run with ray.keep_engines, else per pass")
 
     @model_validator(mode="after")
     def _openai_needs_a_server(self) -> "EngineConfig":
@@ -273,7 +274,7 @@ class RayConfig(_Strict):
 
     address: str | None = None
     engine_actors: Int | Literal["auto"] = Field(
-        default=1, description="engine actors per pass; 'auto': one per GPU (or per tensor-parallel group)")
+        default=1, description="engine actors; 'auto': one per GPU (or per tensor-parallel group)")
     engine_actor_cpus: Number = Field(default=1.0, ge=0.0)
     engine_actor_gpus: Number = Field(default=0.0, ge=0.0, description="GPUs per engine actor (1 in production)")
     accelerator_type: str | None = Field(default=None, description="pin engine actors to a GPU type, e.g. H100")

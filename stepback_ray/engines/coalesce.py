@@ -35,6 +35,9 @@ GATHER_S = 0.25
 SETTLE_S = 0.05
 """How long it waits in any case (within ``gather_s``) for blocks that arrive with it."""
 
+PASS_START_S = 3.0
+"""How long the first call of a pass waits for the pass's first blocks (:meth:`CoalescedCalls.expect`)."""
+
 
 @dataclass(eq=False)
 class _Pending:
@@ -56,14 +59,25 @@ class CoalescedCalls:
         self._waiting: list[_Pending] = []
         self._busy = False
         self._serving = 0
+        self._expected, self._expect_until = 0, 0.0
         #: engine calls made and the caller calls they served (what coalescing did, for tests and logs)
         self.engine_calls = self.caller_calls = 0
+
+    def expect(self, blocks: int, within_s: float = PASS_START_S) -> None:
+        """``blocks`` more blocks are on their way (a pass starting on an engine that is already loaded): the
+        first call waits up to ``within_s`` for them to arrive and hand their prompts. A pass's own engine actor
+        gets its first blocks together, queued while it loads; an engine kept from an earlier pass
+        (:mod:`stepback_ray.pipeline.engine_host`) is idle when the first arrives, and without this would run it
+        alone and the next one after it: two decodes of half the batch."""
+        with self._cond:
+            self._expected, self._expect_until = max(0, blocks), time.monotonic() + within_s
 
     @contextlib.contextmanager
     def serving(self) -> Iterator[None]:
         """Around one block's work in a stage: while it runs, it may still hand prompts."""
         with self._cond:
             self._serving += 1
+            self._expected = max(0, self._expected - 1)
         try:
             yield
         finally:
@@ -85,14 +99,17 @@ class CoalescedCalls:
             sampled = params.temperature > 0  # its draws would depend on which blocks share the call: alone
             settle = start + min(SETTLE_S, self.gather_s) if self._serving and not sampled else start
             deadline = start + (0.0 if sampled else self.gather_s)
+            if self._expected and not sampled:
+                deadline = max(deadline, self._expect_until)
             # blocks being served that have not handed prompts yet (each waiting call is one such block's), and
             # those still arriving: the threads of blocks sent together start a few milliseconds apart
             while (left := deadline - time.monotonic()) > 0:
-                missing = self._serving > len(self._waiting)
+                missing = self._serving + self._expected > len(self._waiting)
                 settling = settle - time.monotonic()
                 if not missing and settling <= 0:
                     break
                 self._cond.wait(left if missing else min(left, settling))
+            self._expected = 0  # only the pass's first call waits for its blocks
             batch = [mine] if sampled else [p for p in self._waiting if p.params == params]
             self._waiting = [p for p in self._waiting if p not in batch]
         try:

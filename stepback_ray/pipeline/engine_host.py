@@ -50,12 +50,18 @@ class EngineHost:
         self._stage: tuple[str, EngineStage] | None = None
         self._lock = threading.Lock()
 
-    def serve(self, pass_key: str, stage_cls: type[EngineStage], job: JobSpec, batch: pa.Table) -> pa.Table:
-        """One block of the pass ``pass_key``, through that pass's engine stage (built on its first block)."""
+    def serve(self, pass_key: str, stage_cls: type[EngineStage], job: JobSpec, batch: pa.Table,
+              first_blocks: int = 1) -> pa.Table:
+        """One block of the pass ``pass_key``, through that pass's engine stage (built on its first block).
+        ``first_blocks``: how many blocks the pass sends this host at its start; its first engine call waits
+        briefly for them (:meth:`~stepback_ray.engines.coalesce.CoalescedCalls.expect`), so they share a batch."""
         with self._lock:
             if self._stage is None or self._stage[0] != pass_key:
                 times, self._times = self._times, None
-                self._stage = (pass_key, stage_cls(job, engine=self.engine, engine_times=times, in_actor=True))
+                stage = stage_cls(job, engine=self.engine, engine_times=times, in_actor=True)
+                if stage.calls.gather_s > 0:
+                    stage.calls.expect(first_blocks)
+                self._stage = (pass_key, stage)
             stage = self._stage[1]
         return stage(batch)
 
@@ -134,10 +140,16 @@ def pick_host(batch: pa.Table, hosts: int) -> int:
     return zlib.crc32(str(batch.column("chunk_id")[0].as_py()).encode()) % hosts
 
 
+def first_blocks(job: JobSpec, chunks: int, hosts: int) -> int:
+    """How many blocks a pass of ``chunks`` sends each of ``hosts`` at its start: as many as it keeps in flight."""
+    return min(job.ray.engine_tasks_in_flight, -(-chunks // hosts))
+
+
 def serve_on_host(batch: pa.Table, hosts: list[Any], pass_key: str, stage_cls: type[EngineStage],
-                  job: JobSpec) -> pa.Table:
+                  job: JobSpec, first_blocks: int = 1) -> pa.Table:
     """The engine stage of a pass as a Ray Data task: the block served by one of the run's hosts. A host that dies
     is restarted and the call retried by Ray; one dead past its restarts raises its death here (the pass fails)."""
     import ray
 
-    return ray.get(hosts[pick_host(batch, len(hosts))].serve.remote(pass_key, stage_cls, job, batch))
+    host = hosts[pick_host(batch, len(hosts))]
+    return ray.get(host.serve.remote(pass_key, stage_cls, job, batch, first_blocks))

@@ -4,8 +4,8 @@ module, and one runner executes any pass, on Ray Data or in this process.
 **On Ray** (``executor: ray``): the chunks become one Ray Data block each; a CPU stage is an actor pool (it holds
 a tokenizer, a retriever or an encoder), the engine stage runs in the run's engine actors, started once and kept
 across its passes (:mod:`.engine_host`; with ``ray.keep_engines: false`` each pass's own actor pool), which
-restart after a fatal engine failure (:mod:`stepback_ray.engines.guard`), and a commit stage is Ray tasks. Every stage maps a whole
-block (``batch_size=None``) to a whole block, so each chunk reaches its commit whole.
+restart after a fatal engine failure (:mod:`stepback_ray.engines.guard`), and a commit stage is Ray tasks.
+Every stage maps a whole block (``batch_size=None``) to a whole block, so each chunk reaches its commit whole.
 **In process** (``executor: in-process``): the same stages, built once per pass with the same arguments, applied
 to one chunk after another; the engines are built once per run and closed at its end (a dataset input is still
 staged by Ray Data first). Small jobs, debugging and the fast tests run this way; the outputs are the same rows.
@@ -164,14 +164,14 @@ def run_on_ray(job: JobSpec, spec: PassSpec, chunks: list[dict[str, Any]], at: A
     common = dict(batch_size=None, batch_format="pyarrow", zero_copy_batch=True)
     for stage in spec.stages:
         if stage.kind == "engine" and hosts is not None:
-            from .engine_host import serve_on_host
+            from .engine_host import first_blocks, serve_on_host
 
             actors = hosts.for_job(job)
+            served_by = {"hosts": actors, "pass_key": uuid.uuid4().hex, "stage_cls": stage.udf, "job": job,
+                         "first_blocks": first_blocks(job, len(chunks), len(actors))}
             # a task per block that waits on a host: no CPU of its own, as many in flight as the hosts take
-            ds = ds.map_batches(serve_on_host, fn_kwargs={"hosts": actors, "pass_key": uuid.uuid4().hex,
-                                                          "stage_cls": stage.udf, "job": job},
-                                num_cpus=0, compute=TaskPoolStrategy(size=len(actors) * job.ray.engine_tasks_in_flight),
-                                **common)
+            in_flight = TaskPoolStrategy(size=min(len(chunks), len(actors) * job.ray.engine_tasks_in_flight))
+            ds = ds.map_batches(serve_on_host, fn_kwargs=served_by, num_cpus=0, compute=in_flight, **common)
         elif stage.kind == "engine":
             res = engine_resources(job, ray.cluster_resources())
             # a fatal engine failure ends the actor (engines/guard.py): Ray restarts it, boundedly, and retries
