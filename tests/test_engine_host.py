@@ -10,7 +10,7 @@ import pytest
 from stepback_ray.config import load_job
 from stepback_ray.engines.base import SamplingParams
 from stepback_ray.pipeline import run_job
-from stepback_ray.pipeline.engine_host import EngineHost, EngineHosts, host_key, pick_host
+from stepback_ray.pipeline.engine_host import EngineHost, EngineHosts, first_blocks, host_key, pick_host
 from stepback_ray.pipeline.runner import EngineStage
 
 from .conftest import REPO
@@ -62,6 +62,12 @@ def test_blocks_spread_over_the_hosts_by_a_stable_hash_of_their_chunk():
     assert picks == [pick_host(pa.Table.from_pylist([{"chunk_id": f"{i:05d}"}]), 3) for i in range(60)]
     assert pick_host(pa.Table.from_pylist([{"chunk_id": "x"}]), 1) == 0
     assert pick_host(pa.Table.from_pylist([{"other": 1}]), 3) == 0
+
+
+def test_a_pass_expects_at_its_start_as_many_blocks_per_host_as_it_keeps_in_flight(tmp_path):
+    job = _job(tmp_path)  # 2 blocks in flight per engine actor
+    assert [first_blocks(job, chunks, 1) for chunks in (1, 2, 10)] == [1, 2, 2]
+    assert [first_blocks(job, chunks, 4) for chunks in (1, 4, 5, 100)] == [1, 1, 2, 2]
 
 
 def test_hosts_are_the_same_for_passes_with_the_same_engine_and_resources(tmp_path):
