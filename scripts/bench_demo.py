@@ -57,6 +57,11 @@ VARIANTS: dict[str, tuple[str, ...]] = {
 MODEL = "packaged:smollm2-135m-instruct"
 
 
+def interpreter() -> str:
+    """How the benchmark was started, for its command line: vLLM's variants need ``.venv-vllm``'s Python."""
+    return ".venv-vllm/bin/python" if ".venv-vllm" in sys.executable else "python"
+
+
 def limit_now() -> dict[str, float]:
     """The machine's tokens/s limit for the demo's model, measured in a fresh child process (as the engine actor
     is one): the fp32 matmul peak with every core over the GFLOP a token costs."""
@@ -329,7 +334,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.profile:
         report = profile_demo(Path(args.root))
-        report["command"] = "python scripts/bench_demo.py " + " ".join(sys.argv[1:])
+        report["command"] = f"{interpreter()} scripts/bench_demo.py " + " ".join(sys.argv[1:])
         print(json.dumps(report, indent=1))
         if args.write:
             write_section(Path(args.write), "bench_demo:profile", "Engines", profile_markdown(report, "bench_demo:profile"))
@@ -347,9 +352,9 @@ def main() -> None:
     held_to_best(runs)
     mean = {v: round(sum(r["ratio"] for r in runs if r["variant"] == v) / args.rounds, 2) for v in variants}
     dates = sorted({r.get("date", "?") for r in runs})
+    command = f"{interpreter()} scripts/bench_demo.py " + " ".join(sys.argv[1:]).replace(str(REPO) + "/", "")
     report = {"date": " to ".join(dict.fromkeys([dates[0], dates[-1]])), "machine": machine(), "runs": runs,
-              "mean_ratio": mean,
-              "command": "python scripts/bench_demo.py " + " ".join(sys.argv[1:]).replace(str(REPO) + "/", "")}
+              "mean_ratio": mean, "command": command}
     print(json.dumps(report, indent=1))
     if args.write:
         name = f"bench_demo:{args.section}" if args.section else "bench_demo"
