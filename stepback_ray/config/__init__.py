@@ -206,7 +206,8 @@ SPEED_ONLY_KEYS = (
     "engine.openai.connect_timeout_s", "engine.openai.max_retries", "engine.openai.backoff_base_s",
     "engine.openai.backoff_max_s",
     "ray.address", "ray.engine_actors", "ray.engine_actor_cpus", "ray.engine_actor_gpus", "ray.accelerator_type",
-    "ray.engine_tasks_in_flight", "ray.engine_coalesce", "ray.keep_engines", "ray.cpu_stage_actors", "ray.stages", "ray.object_store_gib", "ray.progress_bars",
+    "ray.engine_tasks_in_flight", "ray.engine_coalesce", "ray.keep_engines", "ray.cpu_stage_actors", "ray.stages",
+    "ray.object_store_gib", "ray.progress_bars",
     "executor", "profile_store.keep_versions",
     "storage.retries", "storage.key", "storage.secret", "storage.aws_profile", "storage.shared_filesystem",
 )
