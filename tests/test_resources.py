@@ -30,9 +30,12 @@ def test_one_actor_per_gpu_pinned_to_an_accelerator_type():
     assert args.pop("ray_remote_args_fn")() == {"num_gpus": 1.0} and "num_gpus" not in args
     assert args == {"num_cpus": 1.0, "accelerator_type": "H100"}
     assert engine_resources(job, {"CPU": 8}).actors == 1  # no GPU yet (autoscaling): start with one
+    # the same resources for a plain actor: the run's engine host kept across passes (pipeline/engine_host.py)
+    assert r.actor_options() == {"num_cpus": 1.0, "num_gpus": 1.0, "accelerator_type": "H100"}
+    assert engine_resources(_job(), {"CPU": 2}).actor_options() == {"num_cpus": 1.0}
 
 
-def test_tensor_parallel_engines_get_a_placement_group_of_one_gpu_bundles():
+def test_tensor_parallel_engines_get_a_placement_group_of_one_gpu_bundles(monkeypatch):
     job = _job(engine={"kind": "vllm", "vllm": {"tensor_parallel_size": 4}},
                ray={"engine_actors": "auto", "engine_actor_gpus": 1, "engine_actor_cpus": 2})
     r = engine_resources(job, {"CPU": 64, "GPU": 8})
@@ -42,6 +45,10 @@ def test_tensor_parallel_engines_get_a_placement_group_of_one_gpu_bundles():
                          {"GPU": 1.0, "CPU": 1.0}]
     args = r.remote_args()
     assert args["num_cpus"] == 2 and "num_gpus" not in args and callable(args["ray_remote_args_fn"])
+    made = []
+    monkeypatch.setattr("stepback_ray.resources.placement_group_args",
+                        lambda bundles: lambda: made.append(bundles) or {"scheduling_strategy": "pg"})
+    assert r.actor_options() == {"num_cpus": 2, "scheduling_strategy": "pg"} and made == [r.bundles]
 
 
 def test_auto_pool_size_follows_the_gpus_each_actor_holds():
