@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import pandas as pd
 import pyarrow as pa
@@ -254,6 +255,28 @@ def test_a_pass_sums_its_engine_processes_latest_usage():
                  {"engine_process": None, "engine_cpu_s": None, "engine_preemptions": None}]
     assert engine_usage("profile", summaries) == {"profile_engine_cpu_s": 35.5, "profile_engine_preemptions": 907}
     assert engine_usage("generation", summaries[3:]) == {}
+
+
+def test_an_engine_actors_usage_counts_the_processes_its_engine_started():
+    """vLLM works in a child process of the actor (its engine core): an actor counts its live children, a driver
+    (whose children would be Ray's) only itself."""
+    import subprocess
+    import sys
+
+    from stepback_ray.pipeline.runner import process_usage
+
+    own, with_children = process_usage(), process_usage(children=True)
+    child = subprocess.Popen([sys.executable, "-c", "import time\nt = time.process_time()\n"
+                              "while time.process_time() - t < 0.6: pass\ntime.sleep(30)"])
+    try:
+        deadline = time.time() + 20
+        while time.time() < deadline and process_usage(children=True)[0] - with_children[0] < 0.5:
+            time.sleep(0.1)
+        assert process_usage(children=True)[0] - with_children[0] >= 0.5  # the child's CPU, while it lives
+        assert process_usage()[0] - own[0] < 0.5  # not this process's own
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_a_callers_engine_serves_an_in_process_run_and_is_kept(tmp_path, engine):

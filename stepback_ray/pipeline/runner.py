@@ -56,15 +56,28 @@ class PassSpec:
             raise ValueError(f"pass {self.name!r} must end with a commit stage")
 
 
-def process_usage() -> tuple[float, int]:
+def process_usage(children: bool = False) -> tuple[float, int]:
     """This process's CPU seconds (user and system, every thread) and involuntary context switches: the times the
     OS took a core from one of its threads to run something else. An engine whose threads fill every core loses
     more than the taken slice each time (its other threads wait for the preempted one at the next barrier), so
     switches per CPU second say whether it shared its cores: on the 2-core development VM an engine alone in its
     process had ~20 per CPU second, one in a local Ray's actor ~600, each of Ray's ~15 processes waking ~150 times
-    a second (docs/benchmarks.md)."""
+    a second (docs/benchmarks.md).
+
+    ``children``: add the live child processes' counts. An engine actor's children are its engine's (vLLM runs its
+    engine core in one, where the work is); a driver's would be Ray's own, so only an actor asks."""
     ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime + ru.ru_stime, ru.ru_nivcsw
+    cpu, switches = ru.ru_utime + ru.ru_stime, ru.ru_nivcsw
+    if children:
+        import psutil
+
+        for child in psutil.Process().children(recursive=True):
+            try:
+                times, ctx = child.cpu_times(), child.num_ctx_switches()
+            except psutil.Error:  # ended in between
+                continue
+            cpu, switches = cpu + times.user + times.system, switches + ctx.involuntary
+    return cpu, switches
 
 
 class EngineStage:
@@ -98,7 +111,8 @@ class EngineStage:
         #: that built it; none for a later pass that reuses it)
         self.engine_times: tuple[float, float] | None = (started, time.time()) if self.owns_engine else engine_times
         #: this process and its usage when the stage's engine was ready: each block reports the usage since
-        self._process, self._usage_at_ready = f"{socket.gethostname()}:{os.getpid()}", process_usage()
+        self._process = f"{socket.gethostname()}:{os.getpid()}"
+        self._usage_at_ready = process_usage(children=self.in_actor)
         self._stamp_lock = threading.Lock()
         generate = EngineCalls(self.engine, job.engine.call_timeout_s, in_actor=self.in_actor)
         if job.engine.prefix_order:  # prompts that share a prefix sent side by side (the prefix cache reuses it)
@@ -117,11 +131,12 @@ class EngineStage:
     def stamp(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Mark the first block this stage serves with its engine's start times (``engine_started_at``,
         ``engine_ready_at``), and every block with its engine's process (``engine_process``, host:pid) and that
-        process's usage since the engine was ready (:func:`process_usage`: ``engine_cpu_s``,
-        ``engine_preemptions``, cumulative); the commit summaries carry them to the job's timings."""
+        process's usage since the engine was ready, in an actor with its children's (:func:`process_usage`:
+        ``engine_cpu_s``, ``engine_preemptions``, cumulative); the commit summaries carry them to the job's
+        timings."""
         with self._stamp_lock:
             times, self.engine_times = self.engine_times, None
-        cpu, switches = process_usage()
+        cpu, switches = process_usage(children=self.in_actor)
         usage = {"engine_process": self._process, "engine_cpu_s": round(cpu - self._usage_at_ready[0], 3),
                  "engine_preemptions": switches - self._usage_at_ready[1]}
         for r in rows:
