@@ -54,15 +54,11 @@ class EngineResources:
 
 
     def actor_options(self) -> dict[str, Any]:
-        """The same resources as options of a plain actor (``ray.remote(cls).options(...)``): an engine host."""
-        opts: dict[str, Any] = {"num_cpus": self.num_cpus}
-        if self.num_gpus and not self.bundles:
-            opts["num_gpus"] = self.num_gpus
-        if self.accelerator_type:
-            opts["accelerator_type"] = self.accelerator_type
-        if self.bundles:
-            opts.update(placement_group_args(self.bundles)())
-        return opts
+        """The same resources as options of a plain actor (``ray.remote(cls).options(...)``): an engine host. What
+        ``map_batches`` asks each new actor for through ``ray_remote_args_fn`` is asked for here once."""
+        opts = self.remote_args()
+        per_actor = opts.pop("ray_remote_args_fn", None)
+        return {**opts, **(per_actor() if per_actor else {})}
 
 
 def gpus_per_engine(job: JobSpec) -> float:

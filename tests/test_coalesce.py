@@ -232,3 +232,8 @@ def test_an_expected_block_that_never_comes_delays_the_first_call_by_the_bound_o
     t0 = time.monotonic()
     assert _blocks(calls, {"a": [(["a1"], SamplingParams())]}, start_gap=0.01) == {"a": [["a1/32"]]}
     assert 0.4 < time.monotonic() - t0 < 3.0 and engine.calls == [["a1"]]
+    one_by_one = CoalescedCalls(engine, gather_s=0.0)  # calls served one by one wait for no block
+    one_by_one.expect(2, within_s=30.0)
+    t0 = time.monotonic()
+    assert _blocks(one_by_one, {"b": [(["b1"], SamplingParams())]}, start_gap=0.01) == {"b": [["b1/32"]]}
+    assert time.monotonic() - t0 < 10.0

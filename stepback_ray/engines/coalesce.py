@@ -68,7 +68,10 @@ class CoalescedCalls:
         first call waits up to ``within_s`` for them to arrive and hand their prompts. A pass's own engine actor
         gets its first blocks together, queued while it loads; an engine kept from an earlier pass
         (:mod:`stepback_ray.pipeline.engine_host`) is idle when the first arrives, and without this would run it
-        alone and the next one after it: two decodes of half the batch."""
+        alone and the next one after it: two decodes of half the batch. Calls that are not gathered
+        (``gather_s`` 0: served one by one) wait for nothing."""
+        if self.gather_s <= 0:
+            return
         with self._cond:
             self._expected, self._expect_until = max(0, blocks), time.monotonic() + within_s
 

@@ -59,8 +59,7 @@ class EngineHost:
             if self._stage is None or self._stage[0] != pass_key:
                 times, self._times = self._times, None
                 stage = stage_cls(job, engine=self.engine, engine_times=times, in_actor=True)
-                if stage.calls.gather_s > 0:
-                    stage.calls.expect(first_blocks)
+                stage.calls.expect(first_blocks)
                 self._stage = (pass_key, stage)
             stage = self._stage[1]
         return stage(batch)
