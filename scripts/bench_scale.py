@@ -33,6 +33,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 from benchdoc import machine, markers, write_section  # noqa: E402
+
 from stepback_ray.config import load_job  # noqa: E402
 from stepback_ray.pipeline import ray_session, run_job  # noqa: E402
 
@@ -48,8 +49,7 @@ class MemorySampler(threading.Thread):
     With ``log`` it also saves its peaks and the time seen so far to that file every ``save_every`` seconds, so a
     run that is killed (a session's end) and resumed later still accounts for the time and memory it had used."""
 
-    def __init__(self, interval: float = 1.0, log: Path | None = None, save_every: float = 15.0,
-                 pss_every: int = 10):
+    def __init__(self, interval: float = 1.0, log: Path | None = None, save_every: float = 15.0, pss_every: int = 10):
         super().__init__(daemon=True)
         self.pss_every = pss_every
         self.interval, self.stop_flag = interval, threading.Event()
@@ -86,8 +86,15 @@ class MemorySampler(threading.Thread):
             self.stop_flag.wait(self.interval)
 
     def invocation(self, finished: bool) -> dict:
-        return {"started": self.started, "seconds": round(time.time() - self.started, 1), "finished": finished,
-                "driver": self.driver, "worker": self.worker, "total": self.total, "pss": self.pss}
+        return {
+            "started": self.started,
+            "seconds": round(time.time() - self.started, 1),
+            "finished": finished,
+            "driver": self.driver,
+            "worker": self.worker,
+            "total": self.total,
+            "pss": self.pss,
+        }
 
     def save(self, finished: bool) -> None:
         """Replace this invocation's entry in the log (earlier invocations of the same run are kept)."""
@@ -109,18 +116,30 @@ def load_log(log: Path | None) -> list[dict]:
 
 def peaks(invocations: list[dict]) -> dict[str, float]:
     """Peak RSS over every invocation of a run, in GiB."""
-    gib = 2 ** 30
+    gib = 2**30
     return {f"{k}_peak_rss_gib": round(max(r[k] for r in invocations) / gib, 2) for k in ("driver", "worker")} | {
         "all_processes_peak_rss_gib": round(max(r["total"] for r in invocations) / gib, 2),
-        "all_processes_peak_pss_gib": round(max(r.get("pss", 0) for r in invocations) / gib, 2)}
+        "all_processes_peak_pss_gib": round(max(r.get("pss", 0) for r in invocations) / gib, 2),
+    }
 
 
 def dataset(n: int, root: Path) -> Path:
     out = root / f"users-{n}"
     if not (out / "_DONE").exists():
         files = max(1, min(64, n // 10_000))
-        subprocess.run([sys.executable, str(REPO / "scripts" / "make_synthetic_users.py"), "--users", str(n),
-                        "--files", str(files), "--out", str(out)], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                str(REPO / "scripts" / "make_synthetic_users.py"),
+                "--users",
+                str(n),
+                "--files",
+                str(files),
+                "--out",
+                str(out),
+            ],
+            check=True,
+        )
         (out / "_DONE").write_text("")
     return out
 
@@ -132,6 +151,7 @@ def du(path: Path) -> int:
 @dataclass(frozen=True)
 class SizeFiles:
     """Where the run of one size keeps its outputs and its bookkeeping under the benchmark root."""
+
     root: Path
     users: int
 
@@ -160,11 +180,21 @@ def run_size(n: int, root: Path, shards: int, modes: list[str], extra: list[str]
         return json.loads(done.read_text())  # measured to the end before: not run again
     if not (out / "_run_spec.json").exists():
         log.unlink(missing_ok=True)  # a fresh run: no earlier invocations count
-    job = load_job(None, ["ray.progress_bars=false", *extra], data={
-        "name": f"scale-{n}", "task": "LaMP_5", "input": {"format": "parquet", "path": str(data), "layout": "user"},
-        "modes": modes, "output": str(out), "run_id": "scale", "engine": {"kind": "dry-run"},
-        "profile": {"history_token_budget": 2048, "max_item_tokens": 160, "max_new_tokens": 80},
-        "ray": {"num_shards": shards}})
+    job = load_job(
+        None,
+        ["ray.progress_bars=false", *extra],
+        data={
+            "name": f"scale-{n}",
+            "task": "LaMP_5",
+            "input": {"format": "parquet", "path": str(data), "layout": "user"},
+            "modes": modes,
+            "output": str(out),
+            "run_id": "scale",
+            "engine": {"kind": "dry-run"},
+            "profile": {"history_token_budget": 2048, "max_item_tokens": 160, "max_new_tokens": 80},
+            "ray": {"num_shards": shards},
+        },
+    )
     sampler = MemorySampler(log=log)
     sampler.start()
     try:
@@ -174,14 +204,22 @@ def run_size(n: int, root: Path, shards: int, modes: list[str], extra: list[str]
     runs = load_log(log)
     wall = sum(r["seconds"] for r in runs)
     counts = result.manifest["counts"]
-    report = {"users": n, "shards": shards, "wall_s": round(wall, 1), "users_per_s": round(n / wall, 1),
-              "invocations": len(runs), **peaks(runs),
-              "output_bytes": du(out) - du(out / "_staged") if (out / "_staged").exists() else du(out),
-              "staged_bytes": du(out / "_staged") if (out / "_staged").exists() else 0,
-              "generation_rows": counts["generation_rows"], "rows_quarantined": counts.get("rows_quarantined", 0),
-              "prompt_tokens": result.metrics["profiles"]["prompt_tokens"] + sum(
-                  m["prompt_tokens"] for m in result.metrics["modes"].values()),
-              "timings_last_invocation": result.manifest["timings"], "config": extra}
+    report = {
+        "users": n,
+        "shards": shards,
+        "wall_s": round(wall, 1),
+        "users_per_s": round(n / wall, 1),
+        "invocations": len(runs),
+        **peaks(runs),
+        "output_bytes": du(out) - du(out / "_staged") if (out / "_staged").exists() else du(out),
+        "staged_bytes": du(out / "_staged") if (out / "_staged").exists() else 0,
+        "generation_rows": counts["generation_rows"],
+        "rows_quarantined": counts.get("rows_quarantined", 0),
+        "prompt_tokens": result.metrics["profiles"]["prompt_tokens"]
+        + sum(m["prompt_tokens"] for m in result.metrics["modes"].values()),
+        "timings_last_invocation": result.manifest["timings"],
+        "config": extra,
+    }
     done.write_text(json.dumps(report))
     return report
 
@@ -195,11 +233,17 @@ def progress(n: int, root: Path, shards: int) -> dict | None:
     out, runs = files.out, load_log(files.log)
     if not runs:
         return None
-    return {"users": n, "shards": shards, "finished": False, "invocations": len(runs),
-            "wall_s": round(sum(r["seconds"] for r in runs), 1), **peaks(runs),
-            "staged": (out / "_staged" / "_SUCCESS").exists(),
-            "profile_chunks_committed": len(list((out / "profiles").glob("chunk-*.parquet"))),
-            "generation_chunks_committed": len(list((out / "generations").glob("chunk-*.parquet")))}
+    return {
+        "users": n,
+        "shards": shards,
+        "finished": False,
+        "invocations": len(runs),
+        "wall_s": round(sum(r["seconds"] for r in runs), 1),
+        **peaks(runs),
+        "staged": (out / "_staged" / "_SUCCESS").exists(),
+        "profile_chunks_committed": len(list((out / "profiles").glob("chunk-*.parquet"))),
+        "generation_chunks_committed": len(list((out / "generations").glob("chunk-*.parquet"))),
+    }
 
 
 def real_sample_result(root: Path) -> Path:
@@ -215,9 +259,14 @@ def real_sample(root: Path) -> dict:
     t0 = time.time()
     result = run_job(job)
     wall = time.time() - t0
-    report = {"users": 20, "engine": "transformers (SmolLM2-135M, CPU)", "wall_s": round(wall, 1),
-              "users_per_s": round(20 / wall, 3), "timings": result.manifest["timings"],
-              "date": dt.date.today().isoformat()}
+    report = {
+        "users": 20,
+        "engine": "transformers (SmolLM2-135M, CPU)",
+        "wall_s": round(wall, 1),
+        "users_per_s": round(20 / wall, 3),
+        "timings": result.manifest["timings"],
+        "date": dt.date.today().isoformat(),
+    }
     real_sample_result(root).write_text(json.dumps(report))
     return report
 
@@ -228,45 +277,67 @@ def last_real_sample(root: Path) -> dict | None:
 
 
 def to_markdown(report: dict) -> str:
-    lines = [START, "", f"### Scale ({report['date']}, {report['machine']})", "",
-             "The whole pipeline with the dry-run engine (everything but the LLM: staging and validation, step-back "
-             "planning and tokenization, BM25 retrieval, generation prompts, parsing, scoring, Parquet writes), modes "
-             f"{', '.join(report['modes'])}. Peak RSS sampled every second. Command: `{report['command']}`. A run "
-             "killed part-way (a session's end) and resumed counts as several invocations: its wall time is their "
-             "sum and its peaks their maximum.", "",
-             "| users | shards | wall | users/s | driver peak RSS | largest worker peak RSS | all processes peak RSS "
-             "| all processes peak PSS | output (staged input) | invocations |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        START,
+        "",
+        f"### Scale ({report['date']}, {report['machine']})",
+        "",
+        "The whole pipeline with the dry-run engine (everything but the LLM: staging and validation, step-back "
+        "planning and tokenization, BM25 retrieval, generation prompts, parsing, scoring, Parquet writes), modes "
+        f"{', '.join(report['modes'])}. Peak RSS sampled every second. Command: `{report['command']}`. A run "
+        "killed part-way (a session's end) and resumed counts as several invocations: its wall time is their "
+        "sum and its peaks their maximum.",
+        "",
+        "| users | shards | wall | users/s | driver peak RSS | largest worker peak RSS | all processes peak RSS "
+        "| all processes peak PSS | output (staged input) | invocations |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     finished = [r for r in report["sizes"] if r.get("finished", True)]
     unfinished = [r for r in report["sizes"] if not r.get("finished", True)]
 
     def peak_cells(r: dict) -> str:
-        return (f"{r['driver_peak_rss_gib']} GiB | {r['worker_peak_rss_gib']} GiB | "
-                f"{r['all_processes_peak_rss_gib']} GiB | {r.get('all_processes_peak_pss_gib', '-')} GiB")
+        return (
+            f"{r['driver_peak_rss_gib']} GiB | {r['worker_peak_rss_gib']} GiB | "
+            f"{r['all_processes_peak_rss_gib']} GiB | {r.get('all_processes_peak_pss_gib', '-')} GiB"
+        )
 
     for r in finished:
-        lines.append(f"| {r['users']:,} | {r['shards']} | {r['wall_s'] / 60:.1f} min | {r['users_per_s']} | "
-                     f"{peak_cells(r)} | {r['output_bytes'] / 2**30:.2f} GiB "
-                     f"({r['staged_bytes'] / 2**30:.2f} GiB) | {r['invocations']} |")
+        lines.append(
+            f"| {r['users']:,} | {r['shards']} | {r['wall_s'] / 60:.1f} min | {r['users_per_s']} | "
+            f"{peak_cells(r)} | {r['output_bytes'] / 2**30:.2f} GiB "
+            f"({r['staged_bytes'] / 2**30:.2f} GiB) | {r['invocations']} |"
+        )
     for r in unfinished:
-        lines.append(f"| {r['users']:,} | {r['shards']} | {r['wall_s'] / 60:.1f} min so far | (unfinished) | "
-                     f"{peak_cells(r)} | - | {r['invocations']} |")
-        lines += ["", f"The {r['users']:,}-user run is unfinished: after {r['wall_s'] / 60:.1f} min in "
-                      f"{r['invocations']} invocation(s) its input is {'staged' if r['staged'] else 'not yet staged'}, "
-                      f"{r['profile_chunks_committed']} of {r['shards']} profile chunks and "
-                      f"{r['generation_chunks_committed']} of {r['shards']} generation chunks are committed. The same "
-                      "command resumes it (committed chunks are skipped) and adds the next invocation's time."]
+        lines.append(
+            f"| {r['users']:,} | {r['shards']} | {r['wall_s'] / 60:.1f} min so far | (unfinished) | "
+            f"{peak_cells(r)} | - | {r['invocations']} |"
+        )
+        lines += [
+            "",
+            f"The {r['users']:,}-user run is unfinished: after {r['wall_s'] / 60:.1f} min in "
+            f"{r['invocations']} invocation(s) its input is {'staged' if r['staged'] else 'not yet staged'}, "
+            f"{r['profile_chunks_committed']} of {r['shards']} profile chunks and "
+            f"{r['generation_chunks_committed']} of {r['shards']} generation chunks are committed. The same "
+            "command resumes it (committed chunks are skipped) and adds the next invocation's time.",
+        ]
     biggest = max(finished, key=lambda r: r["users"])
     if biggest["users"] < 1_000_000 and not unfinished:
         hours = 1_000_000 / biggest["users_per_s"] / 3600
-        lines += ["", f"1,000,000 users were not run here: at the {biggest['users']:,}-user rate "
-                      f"({biggest['users_per_s']} users/s) it would take about {hours:.1f} h on these 2 cores. By "
-                      "construction the driver holds only shard names and each worker one shard at a time; whether "
-                      "memory stays flat is shown only by the RSS columns of the sizes measured above."]
+        lines += [
+            "",
+            f"1,000,000 users were not run here: at the {biggest['users']:,}-user rate "
+            f"({biggest['users_per_s']} users/s) it would take about {hours:.1f} h on these 2 cores. By "
+            "construction the driver holds only shard names and each worker one shard at a time; whether "
+            "memory stays flat is shown only by the RSS columns of the sizes measured above.",
+        ]
     if report.get("real_sample"):
         r = report["real_sample"]
-        lines += ["", f"With the real engine ({r['engine']}) the demo's {r['users']} users take {r['wall_s']} s "
-                      f"(measured {r.get('date', report['date'])}): "
-                      f"{r['users_per_s']} users/s, so on this machine the LLM, not the pipeline, sets the pace."]
+        lines += [
+            "",
+            f"With the real engine ({r['engine']}) the demo's {r['users']} users take {r['wall_s']} s "
+            f"(measured {r.get('date', report['date'])}): "
+            f"{r['users_per_s']} users/s, so on this machine the LLM, not the pipeline, sets the pace.",
+        ]
     lines += ["", END]
     return "\n".join(lines)
 
@@ -278,42 +349,80 @@ def main() -> None:
     ap.add_argument("--modes", default="none,profile+rag")
     ap.add_argument("--root", default=str(REPO / "runs" / "scale"))
     ap.add_argument("--no-real-sample", action="store_true")
-    ap.add_argument("--cpu-actors", type=int, default=os.cpu_count() or 1,
-                    help="prompt-building actors (ray.cpu_stage_actors): with the dry-run engine they are the work")
-    ap.add_argument("--object-store-gib", type=float, default=1.0,
-                    help="the local Ray's object store (Ray's default, 30 %% of RAM, is shared memory that shows in "
-                         "the workers' RSS)")
+    ap.add_argument(
+        "--cpu-actors",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="prompt-building actors (ray.cpu_stage_actors): with the dry-run engine they are the work",
+    )
+    ap.add_argument(
+        "--object-store-gib",
+        type=float,
+        default=1.0,
+        help="the local Ray's object store (Ray's default, 30 %% of RAM, is shared memory that shows in "
+        "the workers' RSS)",
+    )
     ap.add_argument("--set", action="append", default=[], help="job-spec override")
     ap.add_argument("--write", help="markdown file whose bench_scale section is replaced")
-    ap.add_argument("--status", action="store_true",
-                    help="run nothing: report each size as measured so far (finished, or unfinished with progress)")
+    ap.add_argument(
+        "--status",
+        action="store_true",
+        help="run nothing: report each size as measured so far (finished, or unfinished with progress)",
+    )
     args = ap.parse_args()
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
     modes = args.modes.split(",")
     sizes = []
-    first = load_job(None, data={"name": "scale", "task": "LaMP_5", "input": {"questions": "x"},
-                                 "ray": {"object_store_gib": args.object_store_gib}})
+    first = load_job(
+        None,
+        data={
+            "name": "scale",
+            "task": "LaMP_5",
+            "input": {"questions": "x"},
+            "ray": {"object_store_gib": args.object_store_gib},
+        },
+    )
     if args.status:
-        sizes = [p for n in (int(x) for x in args.users.split(","))
-                 if (p := progress(n, root, max(1, n // args.users_per_shard)))]
-        report = {"date": dt.date.today().isoformat(), "machine": machine(), "modes": modes, "sizes": sizes,
-                  "command": "python scripts/bench_scale.py " + " ".join(a for a in sys.argv[1:] if a != "--status")
-                  .replace(f"--write {args.write}", "").strip(), "real_sample": last_real_sample(root)}
+        sizes = [
+            p
+            for n in (int(x) for x in args.users.split(","))
+            if (p := progress(n, root, max(1, n // args.users_per_shard)))
+        ]
+        report = {
+            "date": dt.date.today().isoformat(),
+            "machine": machine(),
+            "modes": modes,
+            "sizes": sizes,
+            "command": "python scripts/bench_scale.py "
+            + " ".join(a for a in sys.argv[1:] if a != "--status").replace(f"--write {args.write}", "").strip(),
+            "real_sample": last_real_sample(root),
+        }
         print(json.dumps(report, indent=1))
         if args.write:
             write_section(Path(args.write), "bench_scale", "Scale", to_markdown(report))
         return
     with ray_session(first):
         for n in (int(x) for x in args.users.split(",")):
-            sizes.append(run_size(n, root, max(1, n // args.users_per_shard), modes,
-                                  [f"ray.cpu_stage_actors={args.cpu_actors}", *args.set]))
+            sizes.append(
+                run_size(
+                    n,
+                    root,
+                    max(1, n // args.users_per_shard),
+                    modes,
+                    [f"ray.cpu_stage_actors={args.cpu_actors}", *args.set],
+                )
+            )
             print(json.dumps(sizes[-1]), file=sys.stderr, flush=True)
         real = None if args.no_real_sample else real_sample(root)
-    report = {"date": dt.date.today().isoformat(),
-              "machine": machine(),
-              "modes": modes, "command": "python scripts/bench_scale.py " + " ".join(sys.argv[1:]),
-              "sizes": sizes, "real_sample": real}
+    report = {
+        "date": dt.date.today().isoformat(),
+        "machine": machine(),
+        "modes": modes,
+        "command": "python scripts/bench_scale.py " + " ".join(sys.argv[1:]),
+        "sizes": sizes,
+        "real_sample": real,
+    }
     print(json.dumps(report, indent=1))
     if args.write:
         write_section(Path(args.write), "bench_scale", "Scale", to_markdown(report))

@@ -20,8 +20,10 @@ def machine() -> str:
             gpu = torch.cuda.get_device_name(0)
     except ImportError:
         pass
-    return (f"{platform.machine()}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, "
-            f"{gpu}, Python {platform.python_version()}")
+    return (
+        f"{platform.machine()}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, "
+        f"{gpu}, Python {platform.python_version()}"
+    )
 
 
 def markers(name: str) -> tuple[str, str]:
@@ -35,7 +37,7 @@ def write_section(path: Path, name: str, title: str, section: str) -> None:
     start, end = markers(name)
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     if start in text and end in text:
-        text = text[:text.index(start)] + section + text[text.index(end) + len(end):]
+        text = text[: text.index(start)] + section + text[text.index(end) + len(end) :]
     elif f"\n## {title}\n" in text:
         at = text.index(f"\n## {title}\n") + len(f"\n## {title}\n")
         nxt = text.find("\n## ", at)

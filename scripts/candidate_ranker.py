@@ -4,7 +4,7 @@
         --data ../shared/data/lamp5_arxiv/dev_questions.json --write docs/benchmarks.md
 
 With ``generation.candidates: 8`` every query keeps one of 8 answers (greedy + 7 sampled) by the hand-made rule of
-:mod:`stepback_ray.selection`; the best candidate in hindsight scores far above the kept one, so the candidates hold
+:mod:`stepback_ray.generation.selection`; the best candidate in hindsight scores far above the kept one, so the candidates hold
 more than the rule finds. This study asks whether a small ranker over candidate features, trained on other users'
 golds, finds more, and whether it finds more with the profile than without (issue #16: ``profile+rag - rag``).
 
@@ -92,7 +92,7 @@ def _tokenizer():
 
 
 def unigrams(text: str | None) -> Counter:
-    """The tokens ROUGE-1 counts: rouge-score's tokenizer without stemming, as :func:`stepback_ray.metrics.rouge`
+    """The tokens ROUGE-1 counts: rouge-score's tokenizer without stemming, as :func:`stepback_ray.evaluation.metrics.rouge`
     (tokenized once per text: a query's candidates are compared with each other and with dozens of titles)."""
     return Counter(_tokenizer().tokenize(text or ""))
 
@@ -136,21 +136,24 @@ class Query:
     kept: float
     """ROUGE-1 of the output the run kept."""
     rule_matches: bool
-    """Whether :func:`stepback_ray.selection.choose` on these candidates gives the kept output (a check)."""
+    """Whether :func:`stepback_ray.generation.selection.choose` on these candidates gives the kept output (a check)."""
 
 
 def build_query(task, row: dict, person: Person | None) -> Query:
     """Features and labels of one row (``query_id``, ``user_id``, ``input``, ``gold``, ``candidates``, ``output``,
     ``rouge1``). The selection rule's references are the person's titles and fields in profile modes, as the
-    pipeline gives them (:func:`stepback_ray.selection.personal_refs`); none otherwise."""
-    from stepback_ray.history_facts import words
-    from stepback_ray.metrics import rouge
-    from stepback_ray.selection import PersonalRefs, choose, scores
+    pipeline gives them (:func:`stepback_ray.generation.selection.personal_refs`); none otherwise."""
+    from stepback_ray.evaluation.metrics import rouge
+    from stepback_ray.generation.selection import PersonalRefs, choose, scores
+    from stepback_ray.tasks.habits import words
 
     cands = [str(c) for c in row["candidates"]]
     parsed = [c if c.strip() else None for c in cands]
-    refs = PersonalRefs(person.titles, [person.fields] if person.fields else []) \
-        if person is not None and person.fields is not None else PersonalRefs()
+    refs = (
+        PersonalRefs(person.titles, [person.fields] if person.fields else [])
+        if person is not None and person.fields is not None
+        else PersonalRefs()
+    )
     rule = np.array(scores(task, parsed, refs))
     order = sorted(range(len(cands)), key=lambda i: (-rule[i], i))
     rank = np.empty(len(cands))
@@ -169,21 +172,42 @@ def build_query(task, row: dict, person: Person | None) -> Query:
         others = [r1(g, h)[2] for j, h in enumerate(grams) if j != i]
         p_in, r_in, _ = r1(g, source_grams)
         names = coined(c)
-        f = {"consensus": float(np.mean(others)) if others else 0.0, "greedy": float(i == 0), "rule rank": rank[i],
-             "words": len(words(c)), "input precision": p_in, "input recall": r_in, "colon": float(":" in c),
-             "coined name": float(bool(names)), "coined name from input": float(bool(names & source_coined))}
+        f = {
+            "consensus": float(np.mean(others)) if others else 0.0,
+            "greedy": float(i == 0),
+            "rule rank": rank[i],
+            "words": len(words(c)),
+            "input precision": p_in,
+            "input recall": r_in,
+            "colon": float(":" in c),
+            "coined name": float(bool(names)),
+            "coined name from input": float(bool(names & source_coined)),
+        }
         if titles:
             to_titles = [r1(g, t)[2] for t in titles]
-            f.update({"length gap": abs(len(words(c)) - median), "past titles max": max(to_titles),
-                      "past titles mean": float(np.mean(to_titles)), "colon x habit": f["colon"] * colon_rate,
-                      "coined x habit": f["coined name"] * coined_rate})
+            f.update(
+                {
+                    "length gap": abs(len(words(c)) - median),
+                    "past titles max": max(to_titles),
+                    "past titles mean": float(np.mean(to_titles)),
+                    "colon x habit": f["colon"] * colon_rate,
+                    "coined x habit": f["coined name"] * coined_rate,
+                }
+            )
         if field_grams:
             p_f, _, f_f = r1(g, field_grams)
             f.update({"profile F": f_f, "profile precision": p_f})
         X[i] = [f.get(name, 0.0) for name in FEATURES]
     y = np.array([rouge(c, row["gold"])[0] for c in cands])
-    return Query(row["query_id"], row["user_id"], X, y, np.array([p is not None for p in parsed]),
-                 float(row["rouge1"]), cands[choose(task, parsed, refs)] == (row["output"] or ""))
+    return Query(
+        row["query_id"],
+        row["user_id"],
+        X,
+        y,
+        np.array([p is not None for p in parsed]),
+        float(row["rouge1"]),
+        cands[choose(task, parsed, refs)] == (row["output"] or ""),
+    )
 
 
 def fit(queries: list[Query], alpha: float = ALPHA) -> tuple[np.ndarray, np.ndarray]:
@@ -227,17 +251,20 @@ def load(run: Path, questions: Path) -> tuple[dict[str, list[Query]], dict]:
     import pandas as pd
 
     from stepback_ray.data.rows import donors
+    from stepback_ray.generation.prompting import mode_uses, uses_donor
+    from stepback_ray.generation.selection import MAX_OWN_OUTPUTS
     from stepback_ray.profiling import most_recent_first, render_profile
-    from stepback_ray.prompting import mode_uses, uses_donor
-    from stepback_ray.selection import MAX_OWN_OUTPUTS
     from stepback_ray.tasks import get_task
 
     spec = json.loads((run / "_run_spec.json").read_text())
     task = get_task(spec["task"])
     gens = pd.read_parquet(run / "generations")
     profiles = pd.read_parquet(run / "profiles", columns=["user_id", "profile_json"])
-    fields = {u: render_profile(json.loads(p), task, habits=False) for u, p in zip(profiles.user_id,
-                                                                                   profiles.profile_json) if p}
+    fields = {
+        u: render_profile(json.loads(p), task, habits=False)
+        for u, p in zip(profiles.user_id, profiles.profile_json)
+        if p
+    }
     history = {q["user_id"]: q["profile"] for q in json.loads(questions.read_text())}
     donor = {}
     for _, chunk in gens.groupby("chunk_id"):  # the pipeline draws donors among each chunk's users
@@ -245,8 +272,11 @@ def load(run: Path, questions: Path) -> tuple[dict[str, list[Query]], dict]:
     field = task.habits.field
 
     def person(user: str, with_profile: bool) -> Person:
-        titles = [it[field] for it in most_recent_first(history.get(user, []))[:MAX_OWN_OUTPUTS]
-                  if (it.get(field) or "").strip()]
+        titles = [
+            it[field]
+            for it in most_recent_first(history.get(user, []))[:MAX_OWN_OUTPUTS]
+            if (it.get(field) or "").strip()
+        ]
         return Person(titles, fields.get(user, "") if with_profile else None)
 
     out: dict[str, list[Query]] = {}
@@ -265,9 +295,10 @@ def load(run: Path, questions: Path) -> tuple[dict[str, list[Query]], dict]:
             p = person(who, profile) if who is not None and (profile or retrieval) else None
             qs.append(build_query(task, r, p))
         out[mode] = qs
-    checks = {"donor_explains_retrieved": round(float(np.mean(donor_ok)), 4) if donor_ok else None,
-              "rule_reproduces_kept": {m: round(float(np.mean([q.rule_matches for q in qs])), 4)
-                                       for m, qs in out.items()}}
+    checks = {
+        "donor_explains_retrieved": round(float(np.mean(donor_ok)), 4) if donor_ok else None,
+        "rule_reproduces_kept": {m: round(float(np.mean([q.rule_matches for q in qs])), 4) for m, qs in out.items()},
+    }
     return out, checks
 
 
@@ -284,12 +315,13 @@ def learned_scores(by_mode: dict[str, list[Query]], seed: int, alpha: float, k: 
 def differences(learned: dict, kept: dict) -> dict[str, dict[str, float]]:
     """The paired differences of the study (those whose modes are in the run)."""
     out = {}
-    for name, a, b in [("learned profile+rag - learned rag", learned.get("profile+rag"), learned.get("rag")),
-                       ("learned profile+rag - learned random-profile", learned.get("profile+rag"),
-                        learned.get("random-profile")),
-                       ("learned rag - kept rag", learned.get("rag"), kept.get("rag")),
-                       ("learned profile+rag - kept profile+rag", learned.get("profile+rag"), kept.get("profile+rag")),
-                       ("learned profile - learned none", learned.get("profile"), learned.get("none"))]:
+    for name, a, b in [
+        ("learned profile+rag - learned rag", learned.get("profile+rag"), learned.get("rag")),
+        ("learned profile+rag - learned random-profile", learned.get("profile+rag"), learned.get("random-profile")),
+        ("learned rag - kept rag", learned.get("rag"), kept.get("rag")),
+        ("learned profile+rag - kept profile+rag", learned.get("profile+rag"), kept.get("profile+rag")),
+        ("learned profile - learned none", learned.get("profile"), learned.get("none")),
+    ]:
         if a is not None and b is not None:
             out[name] = paired(a, b)
     personal = [m for m in ("rag", "profile", "profile+rag") if m in learned]
@@ -307,9 +339,16 @@ def study(run: Path, questions: Path, k: int = FOLDS, seed: int = 0, alpha: floa
     def mean(d: dict[str, float]) -> float:
         return round(float(np.mean(list(d.values()))), 4)
 
-    modes = {m: {"queries": len(qs), "greedy": mean({q.query_id: q.y[0] for q in qs}), "kept": mean(kept[m]),
-                 "learned": mean(learned[m]), "oracle": mean({q.query_id: q.y.max() for q in qs})}
-             for m, qs in by_mode.items()}
+    modes = {
+        m: {
+            "queries": len(qs),
+            "greedy": mean({q.query_id: q.y[0] for q in qs}),
+            "kept": mean(kept[m]),
+            "learned": mean(learned[m]),
+            "oracle": mean({q.query_id: q.y.max() for q in qs}),
+        }
+        for m, qs in by_mode.items()
+    }
     key = ("profile+rag", "rag")
     robustness = {}
     if all(m in by_mode for m in key):
@@ -319,10 +358,19 @@ def study(run: Path, questions: Path, k: int = FOLDS, seed: int = 0, alpha: floa
             other = learned_scores({m: by_mode[m] for m in key}, s, a, k)
             robustness[name] = paired(other["profile+rag"], other["rag"])
     coefficients = {m: dict(zip(FEATURES, np.round(fit(qs, alpha)[0], 4).tolist())) for m, qs in by_mode.items()}
-    return {"run": str(run), "folds": k, "seed": seed, "alpha": alpha,
-            "candidates": max(len(q.y) for qs in by_mode.values() for q in qs), "checks": checks, "modes": modes,
-            "differences": differences(learned, kept), "robustness_profile+rag_minus_rag": robustness,
-            "coefficients": coefficients, "features": FEATURES}
+    return {
+        "run": str(run),
+        "folds": k,
+        "seed": seed,
+        "alpha": alpha,
+        "candidates": max(len(q.y) for qs in by_mode.values() for q in qs),
+        "checks": checks,
+        "modes": modes,
+        "differences": differences(learned, kept),
+        "robustness_profile+rag_minus_rag": robustness,
+        "coefficients": coefficients,
+        "features": FEATURES,
+    }
 
 
 def section(run: str) -> str:
@@ -335,35 +383,57 @@ def to_markdown(res: dict, command: str) -> str:
     modes = list(res["modes"])
     n = max(m["queries"] for m in res["modes"].values())
     c = res["checks"]
-    lines = [start, "", f"### Learned candidate choice: {Path(res['run']).name} ({dt.date.today().isoformat()}, "
-             f"{machine()})", "",
-             f"Read off the committed rows of `{res['run']}` ({n} queries per mode, {res['candidates']} candidates "
-             f"each), no model calls. Command: `python scripts/candidate_ranker.py {command}`. A ridge ranker "
-             f"(alpha {res['alpha']:g}) over {len(res['features'])} gold-free candidate features, fit per mode on "
-             f"within-query-centered ROUGE-1; every query's choice comes from a ranker fit on the other "
-             f"{res['folds'] - 1} of {res['folds']} user folds (fold seed {res['seed']}). History features come from "
-             "the user (`rag`, profile modes) or the donor (`random-profile`), profile features from the profile the "
-             f"prompt showed; `none` has neither. Checks: the selection rule reproduces the kept output in "
-             + ", ".join(f"`{m}` {v:.0%}" for m, v in c["rule_reproduces_kept"].items())
-             + (f"; the donor reconstruction explains {c['donor_explains_retrieved']:.0%} of the control's retrieved "
-                "items." if c["donor_explains_retrieved"] is not None else "."), "",
-             "| mode | greedy | kept (current rule) | learned (cross-fit) | best in hindsight |",
-             "|---|---|---|---|---|"]
-    lines += [f"| {m} | {v['greedy']:.4f} | {v['kept']:.4f} | {v['learned']:.4f} | {v['oracle']:.4f} |"
-              for m, v in res["modes"].items()]
+    lines = [
+        start,
+        "",
+        f"### Learned candidate choice: {Path(res['run']).name} ({dt.date.today().isoformat()}, {machine()})",
+        "",
+        f"Read off the committed rows of `{res['run']}` ({n} queries per mode, {res['candidates']} candidates "
+        f"each), no model calls. Command: `python scripts/candidate_ranker.py {command}`. A ridge ranker "
+        f"(alpha {res['alpha']:g}) over {len(res['features'])} gold-free candidate features, fit per mode on "
+        f"within-query-centered ROUGE-1; every query's choice comes from a ranker fit on the other "
+        f"{res['folds'] - 1} of {res['folds']} user folds (fold seed {res['seed']}). History features come from "
+        "the user (`rag`, profile modes) or the donor (`random-profile`), profile features from the profile the "
+        f"prompt showed; `none` has neither. Checks: the selection rule reproduces the kept output in "
+        + ", ".join(f"`{m}` {v:.0%}" for m, v in c["rule_reproduces_kept"].items())
+        + (
+            f"; the donor reconstruction explains {c['donor_explains_retrieved']:.0%} of the control's retrieved items."
+            if c["donor_explains_retrieved"] is not None
+            else "."
+        ),
+        "",
+        "| mode | greedy | kept (current rule) | learned (cross-fit) | best in hindsight |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {m} | {v['greedy']:.4f} | {v['kept']:.4f} | {v['learned']:.4f} | {v['oracle']:.4f} |"
+        for m, v in res["modes"].items()
+    ]
     lines += ["", "| paired difference (ROUGE-1) | mean [95 % CI] | above 0? |", "|---|---|---|"]
     for k, d in res["differences"].items():
         verdict = "yes" if d["lo"] > 0 else "no (below 0)" if d["hi"] < 0 else "no (interval spans 0)"
         lines.append(f"| {k} | {d['mean']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}] | {verdict} |")
     if res["robustness_profile+rag_minus_rag"]:
-        lines += ["", "`learned profile+rag - learned rag` under other fold seeds and ridge strengths: "
-                  + "; ".join(f"{k} {d['mean']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}]"
-                              for k, d in res["robustness_profile+rag_minus_rag"].items()) + "."]
-    lines += ["", "Coefficients of a fit on all users (ROUGE-1 per standard deviation of the feature within a "
-              "query; 0 where the mode lacks the feature):", "",
-              "| feature | " + " | ".join(modes) + " |", "|---|" + "---|" * len(modes)]
-    lines += [f"| {f} | " + " | ".join(f"{res['coefficients'][m][f]:+.4f}" for m in modes) + " |"
-              for f in res["features"]]
+        lines += [
+            "",
+            "`learned profile+rag - learned rag` under other fold seeds and ridge strengths: "
+            + "; ".join(
+                f"{k} {d['mean']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}]"
+                for k, d in res["robustness_profile+rag_minus_rag"].items()
+            )
+            + ".",
+        ]
+    lines += [
+        "",
+        "Coefficients of a fit on all users (ROUGE-1 per standard deviation of the feature within a "
+        "query; 0 where the mode lacks the feature):",
+        "",
+        "| feature | " + " | ".join(modes) + " |",
+        "|---|" + "---|" * len(modes),
+    ]
+    lines += [
+        f"| {f} | " + " | ".join(f"{res['coefficients'][m][f]:+.4f}" for m in modes) + " |" for f in res["features"]
+    ]
     lines += ["", end]
     return "\n".join(lines)
 

@@ -57,6 +57,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 from benchdoc import machine, markers, write_section  # noqa: E402
+
 from stepback_ray.config import load_job  # noqa: E402
 from stepback_ray.pipeline import init_local_ray  # noqa: E402
 
@@ -79,9 +80,14 @@ def reconcile(gens: pd.DataFrame, expected_ids: set[str], modes: list[str]) -> d
     sizes = gens.groupby(["query_id", "mode"]).size()
     present = set(sizes.index)
     expected = {(q, m) for q in expected_ids for m in modes}
-    return {"rows_expected": len(expected), "rows_out": int(len(gens)), "rows_lost": len(expected - present),
-            "rows_unexpected": len(present - expected), "duplicates": int((sizes > 1).sum()),
-            "rows_by_status": {k: int(v) for k, v in gens["status"].str.split(":").str[0].value_counts().items()}}
+    return {
+        "rows_expected": len(expected),
+        "rows_out": int(len(gens)),
+        "rows_lost": len(expected - present),
+        "rows_unexpected": len(present - expected),
+        "duplicates": int((sizes > 1).sum()),
+        "rows_by_status": {k: int(v) for k, v in gens["status"].str.split(":").str[0].value_counts().items()},
+    }
 
 
 def sample_query_ids(limit: int | None = None) -> set[str]:
@@ -129,17 +135,20 @@ def drill_worker_kill(root: Path, kills: int = 1) -> dict[str, Any]:
     out = root / "worker-kill"
     gen_dir = out / "generations"
     job = demo_job(out, "ray.users_per_chunk=2", "engine.dry_run_tokens_per_s=3000")
-    killer = ActorKiller(ENGINE_ACTOR,
-                         lambda: gen_dir.exists() and any(gen_dir.glob("chunk-*.parquet")), kills)
+    killer = ActorKiller(ENGINE_ACTOR, lambda: gen_dir.exists() and any(gen_dir.glob("chunk-*.parquet")), kills)
     killer.start()
     t0 = time.time()
     result = run_job(job)
     killer.stop.set()
     gens = pd.read_parquet(gen_dir)
-    r = {"drill": "worker-kill", "faults_injected": len(killer.killed),
-         "fault": "kill -9 of the generation engine actor while it holds a block",
-         **reconcile(gens, sample_query_ids(), job.modes), "wall_s": round(time.time() - t0, 1),
-         "generation_chunks": result.manifest["counts"]["generation_chunks"]}
+    r = {
+        "drill": "worker-kill",
+        "faults_injected": len(killer.killed),
+        "fault": "kill -9 of the generation engine actor while it holds a block",
+        **reconcile(gens, sample_query_ids(), job.modes),
+        "wall_s": round(time.time() - t0, 1),
+        "generation_chunks": result.manifest["counts"]["generation_chunks"],
+    }
     r["passed"] = _passed(r) and r["faults_injected"] == kills
     return r
 
@@ -173,10 +182,36 @@ def kill_tree(proc: subprocess.Popen) -> int:
 
 def _driver(out: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "stepback_ray", "run", "jobs/demo.yaml", *sum([["--set", s] for s in [
-            *DRY, f"output={out}", "run_id=resume", "limit=10", "ray.users_per_chunk=2", "generation.max_new_tokens=12",
-            "profile.max_new_tokens=32", "profile.history_token_budget=512", "engine.dry_run_tokens_per_s=2000"]], [])],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "stepback_ray",
+            "run",
+            "jobs/demo.yaml",
+            *sum(
+                [
+                    ["--set", s]
+                    for s in [
+                        *DRY,
+                        f"output={out}",
+                        "run_id=resume",
+                        "limit=10",
+                        "ray.users_per_chunk=2",
+                        "generation.max_new_tokens=12",
+                        "profile.max_new_tokens=32",
+                        "profile.history_token_budget=512",
+                        "engine.dry_run_tokens_per_s=2000",
+                    ]
+                ],
+                [],
+            ),
+        ],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def drill_driver_kill(root: Path) -> dict[str, Any]:
@@ -202,15 +237,27 @@ def drill_driver_kill(root: Path) -> dict[str, Any]:
     manifest = json.loads((out / "manifest.json").read_text())
     gens = pd.read_parquet(gen_dir)
     expected = {q["id"] for q in json.loads(Path(f"{SAMPLE}_questions.json").read_text())[:10]}
-    r = {"drill": "driver-kill", "faults_injected": 1, "fault": f"kill -9 of the driver and its {processes - 1} Ray "
-         "processes mid-run, then a rerun of the same run id", **reconcile(gens, expected, manifest["config"]["modes"]),
-         "wall_s": round(time.time() - t0, 1), "chunks_committed_before_kill": len(committed_before),
-         "manifest_before_kill": manifest_before, "resumed": manifest["resumed"],
-         "chunks_committed_by_rerun": manifest["chunks_committed_this_run"]["generations"],
-         "generation_chunks": manifest["counts"]["generation_chunks"],
-         "temporary_files_left": len(list(out.rglob("*.tmp-*")))}
-    r["passed"] = (_passed(r) and not manifest_before and r["resumed"] and r["temporary_files_left"] == 0
-                   and r["chunks_committed_by_rerun"] == r["generation_chunks"] - len(committed_before))
+    r = {
+        "drill": "driver-kill",
+        "faults_injected": 1,
+        "fault": f"kill -9 of the driver and its {processes - 1} Ray "
+        "processes mid-run, then a rerun of the same run id",
+        **reconcile(gens, expected, manifest["config"]["modes"]),
+        "wall_s": round(time.time() - t0, 1),
+        "chunks_committed_before_kill": len(committed_before),
+        "manifest_before_kill": manifest_before,
+        "resumed": manifest["resumed"],
+        "chunks_committed_by_rerun": manifest["chunks_committed_this_run"]["generations"],
+        "generation_chunks": manifest["counts"]["generation_chunks"],
+        "temporary_files_left": len(list(out.rglob("*.tmp-*"))),
+    }
+    r["passed"] = (
+        _passed(r)
+        and not manifest_before
+        and r["resumed"]
+        and r["temporary_files_left"] == 0
+        and r["chunks_committed_by_rerun"] == r["generation_chunks"] - len(committed_before)
+    )
     return r
 
 
@@ -227,10 +274,15 @@ def drill_same_run_twice(root: Path) -> dict[str, Any]:
     gens = pd.read_parquet(out / "generations")
     manifest = json.loads((out / "manifest.json").read_text())
     expected = {q["id"] for q in json.loads(Path(f"{SAMPLE}_questions.json").read_text())[:10]}
-    r = {"drill": "same-run-twice", "faults_injected": 1,
-         "fault": "a second driver of the same run id and output started 5 s after the first",
-         **reconcile(gens, expected, manifest["config"]["modes"]), "exit_codes": codes,
-         "wall_s": round(time.time() - t0, 1), "temporary_files_left": len(list(out.rglob("*.tmp-*")))}
+    r = {
+        "drill": "same-run-twice",
+        "faults_injected": 1,
+        "fault": "a second driver of the same run id and output started 5 s after the first",
+        **reconcile(gens, expected, manifest["config"]["modes"]),
+        "exit_codes": codes,
+        "wall_s": round(time.time() - t0, 1),
+        "temporary_files_left": len(list(out.rglob("*.tmp-*"))),
+    }
     if any(codes):
         r["stderr"] = errs
     r["passed"] = bool(_passed(r) and codes == [0, 0] and r["temporary_files_left"] == 0)
@@ -242,8 +294,10 @@ class FlakyS3:
     """A moto S3 server on 127.0.0.1 that answers a share of requests with ``503 SlowDown`` (before touching
     any state, as S3 throttling does), counting them."""
 
-    BODY = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
-            b"<Message>Please reduce your request rate.</Message></Error>")
+    BODY = (
+        b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+        b"<Message>Please reduce your request rate.</Message></Error>"
+    )
 
     def __init__(self, fault_rate: float, seed: int = 0):
         self.fault_rate, self.rng, self.lock = fault_rate, random.Random(seed), threading.Lock()
@@ -257,8 +311,9 @@ class FlakyS3:
                 self.faults += fail
             if fail:  # (an answer to HEAD has no body, as S3's)
                 body = b"" if environ["REQUEST_METHOD"] == "HEAD" else self.BODY
-                start_response("503 Slow Down", [("Content-Type", "application/xml"),
-                                                 ("Content-Length", str(len(body)))])
+                start_response(
+                    "503 Slow Down", [("Content-Type", "application/xml"), ("Content-Length", str(len(body)))]
+                )
                 return [body]
             return app(environ, start_response)
 
@@ -268,8 +323,13 @@ class FlakyS3:
         from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
         from werkzeug.serving import make_server
 
-        self.server = make_server("127.0.0.1", 0, self._app(DomainDispatcherApplication(create_backend_app)),
-                                  threaded=True, request_handler=MotoRequestHandler)
+        self.server = make_server(
+            "127.0.0.1",
+            0,
+            self._app(DomainDispatcherApplication(create_backend_app)),
+            threaded=True,
+            request_handler=MotoRequestHandler,
+        )
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
         return f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -295,9 +355,13 @@ def drill_s3_faults(root: Path, fault_rate: float = 0.1) -> dict[str, Any]:
         fs.put(f"{SAMPLE}_outputs.json", "drill/in/o.json")
         flaky.fault_rate = fault_rate
         before = flaky.requests
-        job = demo_job("s3://drill/runs/r", *[f"storage.{k}={v}" for k, v in {"endpoint_url": endpoint, **creds}.items()],
-                       "input.questions=s3://drill/in/q.json", "input.outputs=s3://drill/in/o.json",
-                       "ray.users_per_chunk=4")
+        job = demo_job(
+            "s3://drill/runs/r",
+            *[f"storage.{k}={v}" for k, v in {"endpoint_url": endpoint, **creds}.items()],
+            "input.questions=s3://drill/in/q.json",
+            "input.outputs=s3://drill/in/o.json",
+            "ray.users_per_chunk=4",
+        )
         t0 = time.time()
         run_job(job)
         wall = time.time() - t0
@@ -306,17 +370,21 @@ def drill_s3_faults(root: Path, fault_rate: float = 0.1) -> dict[str, Any]:
         fs.invalidate_cache()
         gens = pq.ParquetDataset(fs.ls("drill/runs/r/generations"), filesystem=fs).read().to_pandas()
         manifest = json.loads(fs.cat("drill/runs/r/manifest.json"))
-    r = {"drill": "s3-faults", "faults_injected": faults,
-         "fault": f"503 SlowDown on {fault_rate:.0%} of S3 requests ({faults} of {requests}), input and output on S3",
-         **reconcile(gens, sample_query_ids(), job.modes), "wall_s": round(wall, 1),
-         "manifest_rows": manifest["counts"]["generation_rows"]}
+    r = {
+        "drill": "s3-faults",
+        "faults_injected": faults,
+        "fault": f"503 SlowDown on {fault_rate:.0%} of S3 requests ({faults} of {requests}), input and output on S3",
+        **reconcile(gens, sample_query_ids(), job.modes),
+        "wall_s": round(wall, 1),
+        "manifest_rows": manifest["counts"]["generation_rows"],
+    }
     r["passed"] = _passed(r) and faults > 0
     return r
 
 
 # ------------------------------------------------------------------------------------------------ engine error
 def _metrics_match_predictions(out: Path, run_metrics: dict[str, Any], job) -> bool:
-    from stepback_ray.scoring import score_files
+    from stepback_ray.evaluation.scoring import score_files
 
     golds = f"{SAMPLE}_outputs.json"
     for mode, m in run_metrics["modes"].items():
@@ -335,23 +403,32 @@ def drill_engine_error(root: Path, *extra: str) -> dict[str, Any]:
     victim = questions[3]
     marker = victim["input"][:60]
     # 2 of 40 rows fail: over the default 1 % budget, so the budget is raised (the error-budget drill tests it)
-    job = demo_job(root / "engine-error", f"engine.dry_run_fail_marker={json.dumps(marker)}",
-                   "max_error_fraction=0.5", *extra)
+    job = demo_job(
+        root / "engine-error", f"engine.dry_run_fail_marker={json.dumps(marker)}", "max_error_fraction=0.5", *extra
+    )
     t0 = time.time()
     result = run_job(job)
     gens = pd.read_parquet(root / "engine-error" / "generations")
     failed = gens[gens["status"].str.startswith("error")]
     holds_marker = gens[gens["prompt"].fillna("").str.contains(marker, regex=False)]
-    r = {"drill": "engine-error", "faults_injected": len(holds_marker),
-         "fault": "the engine raises on every prompt that holds one query's input (its own rows, and a co-author's "
-                  "whose retrieved history holds the same paper), inside batched calls",
-         **reconcile(gens, {q["id"] for q in questions}, job.modes), "wall_s": round(time.time() - t0, 1),
-         "failed_rows_are_the_victims": bool(set(failed.index) == set(holds_marker.index)),
-         # failed rows count as empty answers: the run's metrics are what `stepback score` gives its predictions
-         "metrics_match_predictions": _metrics_match_predictions(root / "engine-error", result.metrics, job)}
-    r["passed"] = bool(_passed(r) and r["failed_rows_are_the_victims"] and r["metrics_match_predictions"]
-                       and len(failed) >= len(job.modes)
-                       and (failed["query_id"] == victim["id"]).sum() == len(job.modes))
+    r = {
+        "drill": "engine-error",
+        "faults_injected": len(holds_marker),
+        "fault": "the engine raises on every prompt that holds one query's input (its own rows, and a co-author's "
+        "whose retrieved history holds the same paper), inside batched calls",
+        **reconcile(gens, {q["id"] for q in questions}, job.modes),
+        "wall_s": round(time.time() - t0, 1),
+        "failed_rows_are_the_victims": bool(set(failed.index) == set(holds_marker.index)),
+        # failed rows count as empty answers: the run's metrics are what `stepback score` gives its predictions
+        "metrics_match_predictions": _metrics_match_predictions(root / "engine-error", result.metrics, job),
+    }
+    r["passed"] = bool(
+        _passed(r)
+        and r["failed_rows_are_the_victims"]
+        and r["metrics_match_predictions"]
+        and len(failed) >= len(job.modes)
+        and (failed["query_id"] == victim["id"]).sum() == len(job.modes)
+    )
     return r
 
 
@@ -364,13 +441,19 @@ def _good_users(n: int) -> list[dict[str, Any]]:
     src = SHARED / "lamp5_arxiv" / "dev_questions.json"
     src = src if src.is_file() else Path(f"{SAMPLE}_questions.json")
     questions = json.loads(src.read_text())
-    golds = {g["id"]: g["output"] for g in json.loads(Path(str(src).replace("_questions", "_outputs")).read_text())[
-        "golds"]}
+    golds = {
+        g["id"]: g["output"] for g in json.loads(Path(str(src).replace("_questions", "_outputs")).read_text())["golds"]
+    }
     out = []
     for i in range(n):
         q = questions[i % len(questions)]
-        out.append({"user_id": f"good-{i:06d}", "history": q["profile"],
-                    "queries": [{"query_id": f"q-{i:06d}", "input": q["input"], "gold": golds[q["id"]]}]})
+        out.append(
+            {
+                "user_id": f"good-{i:06d}",
+                "history": q["profile"],
+                "queries": [{"query_id": f"q-{i:06d}", "input": q["input"], "gold": golds[q["id"]]}],
+            }
+        )
     return out
 
 
@@ -408,13 +491,22 @@ def drill_malformed_input(root: Path, good: int = 10_000, bad: int = 1_000, seed
     random.Random(seed).shuffle(lines)
     per_file = -(-len(lines) // 8)
     for f in range(8):
-        (data / f"part-{f}.jsonl").write_bytes(b"\n".join(line for _, line in lines[f * per_file:(f + 1) * per_file])
-                                               + b"\n")
+        (data / f"part-{f}.jsonl").write_bytes(
+            b"\n".join(line for _, line in lines[f * per_file : (f + 1) * per_file]) + b"\n"
+        )
     before = {p for p in Path(root.anchor).glob("tmp/escape-*")}
-    job = load_job(None, [*DRY, "modes=[none, profile+rag]", "generation.max_new_tokens=8",
-                          "profile.max_new_tokens=24"], data={
-        "name": "malformed", "task": "LaMP_5", "input": {"format": "jsonl", "path": str(data), "layout": "user"},
-        "output": str(out), "run_id": "drill", "ray": {"num_shards": max(1, good // 500)}})
+    job = load_job(
+        None,
+        [*DRY, "modes=[none, profile+rag]", "generation.max_new_tokens=8", "profile.max_new_tokens=24"],
+        data={
+            "name": "malformed",
+            "task": "LaMP_5",
+            "input": {"format": "jsonl", "path": str(data), "layout": "user"},
+            "output": str(out),
+            "run_id": "drill",
+            "ray": {"num_shards": max(1, good // 500)},
+        },
+    )
     t0 = time.time()
     result = run_job(job)
     wall = time.time() - t0
@@ -427,15 +519,27 @@ def drill_malformed_input(root: Path, good: int = 10_000, bad: int = 1_000, seed
     for reason in quarantine["reason"]:
         key = re.sub(r"\[\d+\]", "[N]", re.sub(r"\d{2,}", "N", reason.split(" (")[0]))[:90]
         reasons[key] = reasons.get(key, 0) + 1
-    r = {"drill": "malformed-input", "faults_injected": bad,
-         "fault": f"{bad:,} malformed records ({', '.join(BAD_KINDS)}) shuffled into {good:,} good users",
-         **reconcile(gens, {u["queries"][0]["query_id"] for u in users}, job.modes), "wall_s": round(wall, 1),
-         "records_in": counts["rows_in"], "records_staged": counts["rows_staged"],
-         "records_quarantined": counts["rows_quarantined"], "quarantine_reasons": reasons,
-         "bad_users_in_output": int(gens["user_id"].str.startswith("bad-").sum()),
-         "files_outside_output": outside}
-    r["passed"] = (_passed(r) and r["records_quarantined"] == bad and r["records_staged"] == good
-                   and r["records_in"] == good + bad and not outside and r["bad_users_in_output"] == 0)
+    r = {
+        "drill": "malformed-input",
+        "faults_injected": bad,
+        "fault": f"{bad:,} malformed records ({', '.join(BAD_KINDS)}) shuffled into {good:,} good users",
+        **reconcile(gens, {u["queries"][0]["query_id"] for u in users}, job.modes),
+        "wall_s": round(wall, 1),
+        "records_in": counts["rows_in"],
+        "records_staged": counts["rows_staged"],
+        "records_quarantined": counts["rows_quarantined"],
+        "quarantine_reasons": reasons,
+        "bad_users_in_output": int(gens["user_id"].str.startswith("bad-").sum()),
+        "files_outside_output": outside,
+    }
+    r["passed"] = (
+        _passed(r)
+        and r["records_quarantined"] == bad
+        and r["records_staged"] == good
+        and r["records_in"] == good + bad
+        and not outside
+        and r["bad_users_in_output"] == 0
+    )
     return r
 
 
@@ -454,20 +558,37 @@ def drill_engine_fatal(root: Path, kind: str = "dead", after: int = 2, users: in
 
     out, log = root / f"engine-{kind}", root / f"engine-{kind}.faults"
     knob = "engine.dry_run_fatal_after" if kind == "dead" else "engine.dry_run_hang_after"
-    job = demo_job(out, f"{knob}={after}", f"engine.dry_run_fault_log={log}", "engine.max_restarts=30",
-                   "engine.call_timeout_s=2", "ray.users_per_chunk=2", f"limit={users}")
+    job = demo_job(
+        out,
+        f"{knob}={after}",
+        f"engine.dry_run_fault_log={log}",
+        "engine.max_restarts=30",
+        "engine.call_timeout_s=2",
+        "ray.users_per_chunk=2",
+        f"limit={users}",
+    )
     t0 = time.time()
     result = run_job(job)
     gens = pd.read_parquet(out / "generations")
     faults = _faults(log)
-    r = {"drill": f"engine-{kind}", "faults_injected": len(faults),
-         "fault": (f"every engine call after the {after}th of an engine instance "
-                   + ("raises EngineDeadError" if kind == "dead" else "hangs (engine.call_timeout_s = 2)")),
-         "engines_that_failed": len({f.split()[1] for f in faults}),
-         **reconcile(gens, sample_query_ids(users), job.modes), "wall_s": round(time.time() - t0, 1),
-         "profile_errors": result.metrics["profiles"]["statuses"].get("error", 0)}
-    r["passed"] = bool(_passed(r) and r["faults_injected"] >= 2 and set(r["rows_by_status"]) <= {"ok", "truncated"}
-                       and r["profile_errors"] == 0)
+    r = {
+        "drill": f"engine-{kind}",
+        "faults_injected": len(faults),
+        "fault": (
+            f"every engine call after the {after}th of an engine instance "
+            + ("raises EngineDeadError" if kind == "dead" else "hangs (engine.call_timeout_s = 2)")
+        ),
+        "engines_that_failed": len({f.split()[1] for f in faults}),
+        **reconcile(gens, sample_query_ids(users), job.modes),
+        "wall_s": round(time.time() - t0, 1),
+        "profile_errors": result.metrics["profiles"]["statuses"].get("error", 0),
+    }
+    r["passed"] = bool(
+        _passed(r)
+        and r["faults_injected"] >= 2
+        and set(r["rows_by_status"]) <= {"ok", "truncated"}
+        and r["profile_errors"] == 0
+    )
     return r
 
 
@@ -482,16 +603,42 @@ def drill_engine_dead_past_restarts(root: Path) -> dict[str, Any]:
 
     out, log = root / "engine-dead-for-good", root / "engine-dead-for-good.faults"
     t0 = time.time()
-    code = cli.main(["run", str(REPO / "jobs" / "demo.yaml"), *[a for o in [*DRY, f"output={out}", "run_id=drill",
-                     "engine.dry_run_fatal_after=0", "engine.max_restarts=2", f"engine.dry_run_fault_log={log}",
-                     "modes=[none]"] for a in ("--set", o)]])
+    code = cli.main(
+        [
+            "run",
+            str(REPO / "jobs" / "demo.yaml"),
+            *[
+                a
+                for o in [
+                    *DRY,
+                    f"output={out}",
+                    "run_id=drill",
+                    "engine.dry_run_fatal_after=0",
+                    "engine.max_restarts=2",
+                    f"engine.dry_run_fault_log={log}",
+                    "modes=[none]",
+                ]
+                for a in ("--set", o)
+            ],
+        ]
+    )
     manifest = json.loads((out / "manifest.json").read_text()) if (out / "manifest.json").exists() else {}
     gens = list((out / "generations").glob("*.parquet")) if (out / "generations").exists() else []
-    r = {"drill": "engine-dead-for-good", "faults_injected": len(_faults(log)),
-         "fault": "the engine is dead from its first call; engine.max_restarts = 2",
-         "rows_expected": 0, "rows_out": 0, "rows_lost": 0, "rows_unexpected": 0, "duplicates": 0,
-         "rows_by_status": {}, "exit_code": code, "manifest_status": manifest.get("status"),
-         "generation_files": len(gens), "wall_s": round(time.time() - t0, 1)}
+    r = {
+        "drill": "engine-dead-for-good",
+        "faults_injected": len(_faults(log)),
+        "fault": "the engine is dead from its first call; engine.max_restarts = 2",
+        "rows_expected": 0,
+        "rows_out": 0,
+        "rows_lost": 0,
+        "rows_unexpected": 0,
+        "duplicates": 0,
+        "rows_by_status": {},
+        "exit_code": code,
+        "manifest_status": manifest.get("status"),
+        "generation_files": len(gens),
+        "wall_s": round(time.time() - t0, 1),
+    }
     r["passed"] = bool(code == 3 and r["manifest_status"] == "failed" and not gens and r["faults_injected"] == 3)
     return r
 
@@ -517,28 +664,44 @@ def drill_error_budget(root: Path, users: int = 20, *extra: str) -> dict[str, An
     gen_code, gen_failed = run("budget-generations", fault, "modes=[none, rag]")
     gen_rerun_code, gen_ok = run("budget-generations", "modes=[none, rag]")
     ids = sample_query_ids(users)
-    parts = [reconcile(pd.read_parquet(root / "budget-profiles" / "generations"), ids, ["none", "profile+rag"]),
-             reconcile(pd.read_parquet(root / "budget-generations" / "generations"), ids, ["none", "rag"])]
-    counts = {k: sum(p[k] for p in parts) for k in ("rows_expected", "rows_out", "rows_lost", "rows_unexpected",
-                                                    "duplicates")}
+    parts = [
+        reconcile(pd.read_parquet(root / "budget-profiles" / "generations"), ids, ["none", "profile+rag"]),
+        reconcile(pd.read_parquet(root / "budget-generations" / "generations"), ids, ["none", "rag"]),
+    ]
+    counts = {
+        k: sum(p[k] for p in parts) for k in ("rows_expected", "rows_out", "rows_lost", "rows_unexpected", "duplicates")
+    }
     by_status: dict[str, int] = {}
     for p in parts:
         for k, v in p["rows_by_status"].items():
             by_status[k] = by_status.get(k, 0) + v
-    r = {"drill": "error-budget", "faults_injected": gen_failed["counts"].get("generation_rows_by_status", {}).get(
-             "error", 0) + prof_failed["counts"].get("profiles_by_status", {}).get("error", 0),
-         "fault": "the engine rejects every prompt: profile pass (with a store) and generation pass over "
-                  "max_error_fraction = 0.01, then the same run ids rerun without the fault",
-         **counts, "rows_by_status": by_status,
-         "exit_codes": [prof_code, prof_rerun_code, gen_code, gen_rerun_code],
-         "manifest_status": [prof_failed.get("status"), prof_ok.get("status"), gen_failed.get("status"),
-                             gen_ok.get("status")],
-         "store_moved_by_failed_run": store_moved,
-         "generation_chunks_retried": gen_ok["chunks_committed_this_run"]["generations"],
-         "wall_s": round(time.time() - t0, 1)}
-    r["passed"] = bool(_passed(r) and r["rows_out"] == r["rows_expected"] and r["exit_codes"] == [3, 0, 3, 0]
-                       and r["manifest_status"] == ["failed", "ok", "failed", "ok"] and not store_moved
-                       and set(r["rows_by_status"]) <= {"ok", "truncated"})
+    r = {
+        "drill": "error-budget",
+        "faults_injected": gen_failed["counts"].get("generation_rows_by_status", {}).get("error", 0)
+        + prof_failed["counts"].get("profiles_by_status", {}).get("error", 0),
+        "fault": "the engine rejects every prompt: profile pass (with a store) and generation pass over "
+        "max_error_fraction = 0.01, then the same run ids rerun without the fault",
+        **counts,
+        "rows_by_status": by_status,
+        "exit_codes": [prof_code, prof_rerun_code, gen_code, gen_rerun_code],
+        "manifest_status": [
+            prof_failed.get("status"),
+            prof_ok.get("status"),
+            gen_failed.get("status"),
+            gen_ok.get("status"),
+        ],
+        "store_moved_by_failed_run": store_moved,
+        "generation_chunks_retried": gen_ok["chunks_committed_this_run"]["generations"],
+        "wall_s": round(time.time() - t0, 1),
+    }
+    r["passed"] = bool(
+        _passed(r)
+        and r["rows_out"] == r["rows_expected"]
+        and r["exit_codes"] == [3, 0, 3, 0]
+        and r["manifest_status"] == ["failed", "ok", "failed", "ok"]
+        and not store_moved
+        and set(r["rows_by_status"]) <= {"ok", "truncated"}
+    )
     return r
 
 
@@ -566,15 +729,20 @@ def drill_node_loss(root: Path) -> dict[str, Any]:
 
     out = root / "node-loss"
     gen_dir = out / "generations"
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 0,
-                                                            "include_dashboard": False})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 0, "include_dashboard": False})
     workers = [cluster.add_node(num_cpus=2, num_gpus=1) for _ in range(2)]
     cluster.wait_for_nodes()
     removed: list[str] = []
     try:
         ray.init(address=cluster.address, logging_level="WARNING")
-        job = demo_job(out, f"ray.address={cluster.address}", "storage.shared_filesystem=true",
-                       "ray.engine_actor_gpus=1", "ray.users_per_chunk=2", "engine.dry_run_tokens_per_s=1500")
+        job = demo_job(
+            out,
+            f"ray.address={cluster.address}",
+            "storage.shared_filesystem=true",
+            "ray.engine_actor_gpus=1",
+            "ray.users_per_chunk=2",
+            "engine.dry_run_tokens_per_s=1500",
+        )
 
         def lose_the_engine_node() -> None:
             deadline = time.time() + 900
@@ -599,10 +767,15 @@ def drill_node_loss(root: Path) -> dict[str, Any]:
     finally:
         ray.shutdown()
         cluster.shutdown()
-    r = {"drill": "node-loss", "faults_injected": len(removed),
-         "fault": "the worker node (1 of 2, one GPU each) running the generation engine actor removed mid-pass",
-         **reconcile(gens, sample_query_ids(), job.modes), "wall_s": round(time.time() - t0, 1),
-         "nodes_alive_after": alive, "generation_chunks": result.manifest["counts"]["generation_chunks"]}
+    r = {
+        "drill": "node-loss",
+        "faults_injected": len(removed),
+        "fault": "the worker node (1 of 2, one GPU each) running the generation engine actor removed mid-pass",
+        **reconcile(gens, sample_query_ids(), job.modes),
+        "wall_s": round(time.time() - t0, 1),
+        "nodes_alive_after": alive,
+        "generation_chunks": result.manifest["counts"]["generation_chunks"],
+    }
     r["passed"] = bool(_passed(r) and r["faults_injected"] == 1 and set(r["rows_by_status"]) <= {"ok", "truncated"})
     return r
 
@@ -610,10 +783,35 @@ def drill_node_loss(root: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ store race
 def _profile_driver(out: Path, store: str, run_id: str, extra: list[str]) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "stepback_ray", "profile", "jobs/demo.yaml", *sum([["--set", s] for s in [
-            *DRY, f"output={out}", f"run_id={run_id}", f"profile_store.uri={store}", "limit=8",
-            "ray.users_per_chunk=2", "engine.dry_run_tokens_per_s=3000", *extra]], [])],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "stepback_ray",
+            "profile",
+            "jobs/demo.yaml",
+            *sum(
+                [
+                    ["--set", s]
+                    for s in [
+                        *DRY,
+                        f"output={out}",
+                        f"run_id={run_id}",
+                        f"profile_store.uri={store}",
+                        "limit=8",
+                        "ray.users_per_chunk=2",
+                        "engine.dry_run_tokens_per_s=3000",
+                        *extra,
+                    ]
+                ],
+                [],
+            ),
+        ],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def _race(root: Path, store: str, name: str, extra: list[str], read_current) -> dict[str, Any]:
@@ -632,12 +830,22 @@ def _race(root: Path, store: str, name: str, extra: list[str], read_current) -> 
     winner = next((k for k, c in codes.items() if c == 0), None)
     loser = next((k for k, c in codes.items() if c != 0), None)
     last_line = done[loser][1].strip().splitlines()[-1] if loser else ""
-    return {"exit_codes": sorted(codes.values()), "winner": winner, "current_run": current.get("run_id"),
-            "loser_says": last_line[:300], **({} if winner and loser else {
-                "stderr_tails": {k: e.strip().splitlines()[-3:] for k, (_, e) in done.items()}}),
-            "ok": bool(sorted(codes.values()) == [0, 3] and current.get("run_id") == winner
-                       and last_line.startswith("error: ") and "another job committed" in last_line
-                       and winner in last_line)}
+    return {
+        "exit_codes": sorted(codes.values()),
+        "winner": winner,
+        "current_run": current.get("run_id"),
+        "loser_says": last_line[:300],
+        **(
+            {} if winner and loser else {"stderr_tails": {k: e.strip().splitlines()[-3:] for k, (_, e) in done.items()}}
+        ),
+        "ok": bool(
+            sorted(codes.values()) == [0, 3]
+            and current.get("run_id") == winner
+            and last_line.startswith("error: ")
+            and "another job committed" in last_line
+            and winner in last_line
+        ),
+    }
 
 
 def drill_store_race(root: Path) -> dict[str, Any]:
@@ -647,8 +855,9 @@ def drill_store_race(root: Path) -> dict[str, Any]:
 
     t0 = time.time()
     local = root / "race-store"
-    results = {"local": _race(root, str(local), "race-local", [],
-                              lambda: json.loads((local / "CURRENT.json").read_text()))}
+    results = {
+        "local": _race(root, str(local), "race-local", [], lambda: json.loads((local / "CURRENT.json").read_text()))
+    }
     with FlakyS3(0.0) as endpoint:
         creds = {"key": "testing", "secret": "testing"}
         fs = s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True, **creds)
@@ -663,36 +872,65 @@ def drill_store_race(root: Path) -> dict[str, Any]:
             return json.loads(fs.cat("race/store/CURRENT.json"))
 
         results["s3"] = _race(root, "s3://race/store", "race-s3", opts, current)
-    r = {"drill": "store-race", "faults_injected": 2,
-         "fault": "two nightly profile jobs started 5 s apart from one store version, on a local store and on S3",
-         "rows_expected": 0, "rows_out": 0, "rows_lost": 0, "rows_unexpected": 0, "duplicates": 0,
-         "rows_by_status": {}, **{f"{k}_{f}": v[f] for k, v in results.items() for f in v},
-         "wall_s": round(time.time() - t0, 1)}
+    r = {
+        "drill": "store-race",
+        "faults_injected": 2,
+        "fault": "two nightly profile jobs started 5 s apart from one store version, on a local store and on S3",
+        "rows_expected": 0,
+        "rows_out": 0,
+        "rows_lost": 0,
+        "rows_unexpected": 0,
+        "duplicates": 0,
+        "rows_by_status": {},
+        **{f"{k}_{f}": v[f] for k, v in results.items() for f in v},
+        "wall_s": round(time.time() - t0, 1),
+    }
     r["passed"] = bool(all(v["ok"] for v in results.values()))
     return r
 
 
-DRILLS = {"worker-kill": drill_worker_kill, "driver-kill": drill_driver_kill, "s3-faults": drill_s3_faults,
-          "engine-error": drill_engine_error, "engine-dead": drill_engine_fatal, "engine-hang": drill_engine_hang,
-          "engine-dead-for-good": drill_engine_dead_past_restarts, "error-budget": drill_error_budget,
-          "store-race": drill_store_race, "node-loss": drill_node_loss, "same-run-twice": drill_same_run_twice,
-          "malformed-input": drill_malformed_input}
+DRILLS = {
+    "worker-kill": drill_worker_kill,
+    "driver-kill": drill_driver_kill,
+    "s3-faults": drill_s3_faults,
+    "engine-error": drill_engine_error,
+    "engine-dead": drill_engine_fatal,
+    "engine-hang": drill_engine_hang,
+    "engine-dead-for-good": drill_engine_dead_past_restarts,
+    "error-budget": drill_error_budget,
+    "store-race": drill_store_race,
+    "node-loss": drill_node_loss,
+    "same-run-twice": drill_same_run_twice,
+    "malformed-input": drill_malformed_input,
+}
 
 
 def to_markdown(records: list[dict[str, Any]]) -> str:
     """The table of every saved drill record (each with its own date and command)."""
-    lines = [START, "", f"### Fault drills ({records[0]['machine']})", "",
-             "`python scripts/fault_drills.py --write docs/benchmarks.md` (or `--drills a,b` to rerun some; each "
-             "drill's latest record is kept in `docs/drills/`). The dry-run engine; each row is one drill, "
-             "reconciled against its input.", "",
-             "| drill | fault injected | faults | rows expected | rows out | lost | duplicates | flagged / quarantined "
-             "| passed | date |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        START,
+        "",
+        f"### Fault drills ({records[0]['machine']})",
+        "",
+        "`python scripts/fault_drills.py --write docs/benchmarks.md` (or `--drills a,b` to rerun some; each "
+        "drill's latest record is kept in `docs/drills/`). The dry-run engine; each row is one drill, "
+        "reconciled against its input.",
+        "",
+        "| drill | fault injected | faults | rows expected | rows out | lost | duplicates | flagged / quarantined "
+        "| passed | date |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in records:
-        flagged = (f"{r['records_quarantined']:,} quarantined" if "records_quarantined" in r else
-                   ", ".join(f"{k}: {v}" for k, v in sorted(r["rows_by_status"].items()) if k != "ok") or "none")
-        lines.append(f"| {r['drill']} | {r['fault']} | {r['faults_injected']:,} | {r['rows_expected']:,} | "
-                     f"{r['rows_out']:,} | {r['rows_lost']} | {r['duplicates']} | {flagged} | "
-                     f"{'yes' if r['passed'] else 'NO'} | {r['date']} |")
+        flagged = (
+            f"{r['records_quarantined']:,} quarantined"
+            if "records_quarantined" in r
+            else ", ".join(f"{k}: {v}" for k, v in sorted(r["rows_by_status"].items()) if k != "ok") or "none"
+        )
+        lines.append(
+            f"| {r['drill']} | {r['fault']} | {r['faults_injected']:,} | {r['rows_expected']:,} | "
+            f"{r['rows_out']:,} | {r['rows_lost']} | {r['duplicates']} | {flagged} | "
+            f"{'yes' if r['passed'] else 'NO'} | {r['date']} |"
+        )
     lines += ["", END]
     return "\n".join(lines)
 
@@ -707,9 +945,14 @@ def _plain(value: Any) -> Any:
 def save_record(folder: Path, record: dict[str, Any], command: str) -> None:
     """One drill's record, dated, as ``<folder>/<drill>.json`` (the table is built from all of them)."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{record['drill']}.json").write_text(json.dumps(
-        {**record, "date": dt.date.today().isoformat(), "machine": machine(), "command": command},
-        indent=1, default=_plain) + "\n")
+    (folder / f"{record['drill']}.json").write_text(
+        json.dumps(
+            {**record, "date": dt.date.today().isoformat(), "machine": machine(), "command": command},
+            indent=1,
+            default=_plain,
+        )
+        + "\n"
+    )
 
 
 def main() -> int:
@@ -732,8 +975,10 @@ def main() -> int:
             else:
                 init_local_ray()
                 try:
-                    kwargs = {"malformed-input": {"good": args.good, "bad": args.bad},
-                              "s3-faults": {"fault_rate": args.s3_fault_rate}}.get(name, {})
+                    kwargs = {
+                        "malformed-input": {"good": args.good, "bad": args.bad},
+                        "s3-faults": {"fault_rate": args.s3_fault_rate},
+                    }.get(name, {})
                     results.append(DRILLS[name](root, **kwargs))
                 finally:
                     ray.shutdown()
@@ -742,16 +987,35 @@ def main() -> int:
                 save_record(Path(args.results), results[-1], " ".join(sys.argv[1:]))
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    report = {"date": dt.date.today().isoformat(),
-              "machine": machine(),
-              "command": " ".join(sys.argv[1:]), "drills": results}
+    report = {
+        "date": dt.date.today().isoformat(),
+        "machine": machine(),
+        "command": " ".join(sys.argv[1:]),
+        "drills": results,
+    }
     print(json.dumps(report, indent=1, default=_plain))
     if args.write:  # each drill's latest record is kept, so drills can be rerun one at a time
         saved = Path(args.results)
         records = [json.loads(p.read_text()) for p in saved.glob("*.json")]
-        order = {f"engine-{k}" if k in ("dead", "hang") else k: i for i, k in enumerate(
-            ["worker-kill", "driver-kill", "same-run-twice", "node-loss", "s3-faults", "engine-error", "dead", "hang",
-             "engine-dead-for-good", "error-budget", "store-race", "malformed-input"])}
+        order = {
+            f"engine-{k}" if k in ("dead", "hang") else k: i
+            for i, k in enumerate(
+                [
+                    "worker-kill",
+                    "driver-kill",
+                    "same-run-twice",
+                    "node-loss",
+                    "s3-faults",
+                    "engine-error",
+                    "dead",
+                    "hang",
+                    "engine-dead-for-good",
+                    "error-budget",
+                    "store-race",
+                    "malformed-input",
+                ]
+            )
+        }
         records.sort(key=lambda r: order.get(r["drill"], len(order)))
         write_section(Path(args.write), "fault_drills", "Fault drills", to_markdown(records))
     return 0 if all(r["passed"] for r in results) else 1

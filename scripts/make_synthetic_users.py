@@ -31,28 +31,41 @@ def real_items(data: Path) -> tuple[pa.Table, np.ndarray, pa.Table]:
     items, lengths, queries = {}, [], []
     for split in ("dev", "train"):
         qs = json.loads((data / f"lamp5_arxiv/{split}_questions.json").read_text())
-        golds = {g["id"]: g["output"] for g in
-                 json.loads((data / f"lamp5_arxiv/{split}_outputs.json").read_text())["golds"]}
+        golds = {
+            g["id"]: g["output"] for g in json.loads((data / f"lamp5_arxiv/{split}_outputs.json").read_text())["golds"]
+        }
         for q in qs:
             lengths.append(len(q["profile"]))
             queries.append({"input": q["input"], "gold": golds[q["id"]]})
             for it in q["profile"]:
-                items[it["id"]] = {"id": it["id"], "title": it["title"], "abstract": it["abstract"],
-                                   "date": it.get("date", "")}
+                items[it["id"]] = {
+                    "id": it["id"],
+                    "title": it["title"],
+                    "abstract": it["abstract"],
+                    "date": it.get("date", ""),
+                }
     return pa.Table.from_pylist(list(items.values())), np.array(lengths), pa.Table.from_pylist(queries)
 
 
-def make_part(start: int, n: int, items: pa.Table, lengths: np.ndarray, queries: pa.Table,
-              rng: np.random.Generator) -> pa.Table:
+def make_part(
+    start: int, n: int, items: pa.Table, lengths: np.ndarray, queries: pa.Table, rng: np.random.Generator
+) -> pa.Table:
     sizes = rng.choice(lengths, size=n)
     picks = rng.integers(0, items.num_rows, size=int(sizes.sum()))
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32)
-    history = pa.ListArray.from_arrays(pa.array(offsets), items.take(pa.array(picks)).to_struct_array().combine_chunks())
+    history = pa.ListArray.from_arrays(
+        pa.array(offsets), items.take(pa.array(picks)).to_struct_array().combine_chunks()
+    )
     user_ids = pa.array([f"u{start + i:08d}" for i in range(n)])
     q = queries.take(pa.array(rng.integers(0, queries.num_rows, size=n)))
     qstruct = pa.StructArray.from_arrays(
-        [pa.array([f"q{start + i:08d}" for i in range(n)]), q.column("input").combine_chunks(),
-         q.column("gold").combine_chunks()], names=["query_id", "input", "gold"])
+        [
+            pa.array([f"q{start + i:08d}" for i in range(n)]),
+            q.column("input").combine_chunks(),
+            q.column("gold").combine_chunks(),
+        ],
+        names=["query_id", "input", "gold"],
+    )
     one = pa.array(np.arange(n + 1, dtype=np.int32))
     return pa.table({"user_id": user_ids, "history": history, "queries": pa.ListArray.from_arrays(one, qstruct)})
 
@@ -81,9 +94,19 @@ def main() -> None:
         total_items += int(pa.compute.sum(pa.compute.list_value_length(part.column("history"))).as_py())
         pq.write_table(part, out / f"part-{f:05d}.parquet", compression="zstd")
     size = sum(p.stat().st_size for p in out.glob("*.parquet"))
-    print(json.dumps({"users": args.users, "history_items": total_items, "distinct_real_items": items.num_rows,
-                      "files": len(list(out.glob("*.parquet"))), "bytes": size, "seconds": round(time.time() - t0, 1),
-                      "out": str(out)}))
+    print(
+        json.dumps(
+            {
+                "users": args.users,
+                "history_items": total_items,
+                "distinct_real_items": items.num_rows,
+                "files": len(list(out.glob("*.parquet"))),
+                "bytes": size,
+                "seconds": round(time.time() - t0, 1),
+                "out": str(out),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ Two questions, answered from the run's committed rows (``generations/`` with eve
    titles, in the step-back profile, or nowhere in the prompt's reach. A profile can only raise ROUGE-1 through
    words it holds or through the choice it steers among the abstract's words.
 2. **The profile used to choose, not to prompt.** The ``rag`` prompt's candidates (greedy + sampled) re-chosen
-   with the selection rule of :mod:`stepback_ray.selection` under different references: consensus alone (what
+   with the selection rule of :mod:`stepback_ray.generation.selection` under different references: consensus alone (what
    ``rag`` keeps), plus the user's own past titles, plus the profile's LLM fields, both, and the same with
    another user's (the donor derangement of the random-profile control). Each against consensus with a paired
    bootstrap interval. This is the profile's effect with the prompt held fixed: it cannot be copied into the
@@ -47,7 +47,7 @@ def words(text: str | None) -> set[str]:
 def paired(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
     import numpy as np
 
-    from stepback_ray.metrics import bootstrap_ci
+    from stepback_ray.evaluation.metrics import bootstrap_ci
 
     keys = sorted(set(a) & set(b))
     d = np.array([a[k] - b[k] for k in keys])
@@ -60,16 +60,19 @@ def headroom(run: Path, questions: Path, mode: str = "rag") -> dict:
     import pandas as pd
 
     from stepback_ray.data.rows import donors
-    from stepback_ray.metrics import rouge
+    from stepback_ray.evaluation.metrics import rouge
+    from stepback_ray.generation.selection import MAX_OWN_OUTPUTS, PersonalRefs, scores
     from stepback_ray.profiling import most_recent_first, render_profile
-    from stepback_ray.selection import MAX_OWN_OUTPUTS, PersonalRefs, scores
     from stepback_ray.tasks import get_task
 
     gens = pd.read_parquet(run / "generations")
     profiles = pd.read_parquet(run / "profiles", columns=["user_id", "profile_json"])
     task = get_task(str(gens["task"].dropna().iloc[0]) if gens["task"].notna().any() else "LaMP_5")
-    fields = {u: render_profile(json.loads(p), task, habits=False) for u, p in zip(profiles.user_id,
-                                                                                   profiles.profile_json) if p}
+    fields = {
+        u: render_profile(json.loads(p), task, habits=False)
+        for u, p in zip(profiles.user_id, profiles.profile_json)
+        if p
+    }
     history = {q["id"]: q["profile"] for q in json.loads(questions.read_text())}
     rows = gens[gens["mode"] == mode]
     if rows.empty or rows["candidates"].isna().all():
@@ -80,12 +83,14 @@ def headroom(run: Path, questions: Path, mode: str = "rag") -> dict:
     def own(u: str) -> list[str]:
         return [it["title"] for it in most_recent_first(hist_of[u])[:MAX_OWN_OUTPUTS]]
 
-    refs = {"consensus": lambda u: PersonalRefs(),
-            "own titles": lambda u: PersonalRefs(own(u), []),
-            "profile fields": lambda u: PersonalRefs([], [fields.get(u, "")]),
-            "own titles + profile": lambda u: PersonalRefs(own(u), [fields.get(u, "")]),
-            "another user's titles + profile": lambda u: PersonalRefs(own(donor[u]), [fields.get(donor[u], "")]),
-            "another user's profile": lambda u: PersonalRefs([], [fields.get(donor[u], "")])}
+    refs = {
+        "consensus": lambda u: PersonalRefs(),
+        "own titles": lambda u: PersonalRefs(own(u), []),
+        "profile fields": lambda u: PersonalRefs([], [fields.get(u, "")]),
+        "own titles + profile": lambda u: PersonalRefs(own(u), [fields.get(u, "")]),
+        "another user's titles + profile": lambda u: PersonalRefs(own(donor[u]), [fields.get(donor[u], "")]),
+        "another user's profile": lambda u: PersonalRefs([], [fields.get(donor[u], "")]),
+    }
     chosen: dict[str, dict[str, float]] = {k: {} for k in refs}
     oracle, missed, length_corr = {}, [], []
     for r in rows.itertuples():
@@ -105,22 +110,37 @@ def headroom(run: Path, questions: Path, mode: str = "rag") -> dict:
         past = set().union(*[words(it["title"]) for it in hist_of[r.user_id]]) if hist_of[r.user_id] else set()
         prof = words(fields.get(r.user_id))
         abstract = words(r.input)
-        missed.append({"gold": len(gold), "missed": len(miss), "in abstract": len(miss & abstract),
-                       "in past titles only": len((miss - abstract) & past),
-                       "in profile only": len((miss - abstract - past) & prof),
-                       "nowhere": len(miss - abstract - past - prof),
-                       "in profile (anywhere)": len(miss & prof)})
+        missed.append(
+            {
+                "gold": len(gold),
+                "missed": len(miss),
+                "in abstract": len(miss & abstract),
+                "in past titles only": len((miss - abstract) & past),
+                "in profile only": len((miss - abstract - past) & prof),
+                "nowhere": len(miss - abstract - past - prof),
+                "in profile (anywhere)": len(miss & prof),
+            }
+        )
     miss_mean = {k: round(float(np.mean([m[k] for m in missed])), 2) for k in missed[0]}
     means = {k: round(float(np.mean(list(v.values()))), 4) for k, v in chosen.items()}
     diffs = {f"{k} - consensus": paired(v, chosen["consensus"]) for k, v in chosen.items() if k != "consensus"}
     diffs["own titles + profile - another user's titles + profile"] = paired(
-        chosen["own titles + profile"], chosen["another user's titles + profile"])
+        chosen["own titles + profile"], chosen["another user's titles + profile"]
+    )
     greedy = {r.query_id: rouge(r.candidates[0], r.gold)[0] for r in rows.itertuples()}
-    return {"run": str(run), "mode": mode, "queries": len(rows), "candidates": int(rows["candidates"].map(len).max()),
-            "missed_words": miss_mean, "selection_rouge1": means, "greedy_rouge1": round(float(np.mean(
-                list(greedy.values()))), 4), "oracle_rouge1": round(float(np.mean(list(oracle.values()))), 4),
-            "differences": diffs, "length_habit_correlation": round(float(np.mean(length_corr)), 4),
-            "length_habit_queries": len(length_corr)}
+    return {
+        "run": str(run),
+        "mode": mode,
+        "queries": len(rows),
+        "candidates": int(rows["candidates"].map(len).max()),
+        "missed_words": miss_mean,
+        "selection_rouge1": means,
+        "greedy_rouge1": round(float(np.mean(list(greedy.values()))), 4),
+        "oracle_rouge1": round(float(np.mean(list(oracle.values()))), 4),
+        "differences": diffs,
+        "length_habit_correlation": round(float(np.mean(length_corr)), 4),
+        "length_habit_queries": len(length_corr),
+    }
 
 
 def section(run: str) -> str:
@@ -131,25 +151,39 @@ def section(run: str) -> str:
 def to_markdown(res: dict, command: str) -> str:
     start, end = markers(section(res["run"]))
     m = res["missed_words"]
-    lines = [start, "", f"### Profile headroom: {Path(res['run']).name} ({dt.date.today().isoformat()}, {machine()})", "",
-             f"Read off the committed rows of `{res['run']}` ({res['queries']} queries, `{res['mode']}` prompts, "
-             f"{res['candidates']} candidates each), no model calls. Command: `python scripts/profile_headroom.py "
-             f"{command}`.", "",
-             f"**Where the gold words the `{res['mode']}` answer missed are** (content words per title, mean): the gold "
-             f"has {m['gold']}, the answer misses {m['missed']}: {m['in abstract']} are in the task input (the abstract or "
-             f"article: the model chose other words from it), {m['in past titles only']} only in the user's past "
-             f"titles, {m['in profile only']} "
-             f"only in the profile, {m['nowhere']} nowhere in reach. The profile holds {m['in profile (anywhere)']} of "
-             "the missed words in all.", "",
-             "**The profile used to choose among the same prompt's candidates** (the prompt held fixed; greedy "
-             f"{res['greedy_rouge1']:.4f}, best candidate in hindsight {res['oracle_rouge1']:.4f}):", "",
-             "| references for the choice | ROUGE-1 |", "|---|---|"]
+    lines = [
+        start,
+        "",
+        f"### Profile headroom: {Path(res['run']).name} ({dt.date.today().isoformat()}, {machine()})",
+        "",
+        f"Read off the committed rows of `{res['run']}` ({res['queries']} queries, `{res['mode']}` prompts, "
+        f"{res['candidates']} candidates each), no model calls. Command: `python scripts/profile_headroom.py "
+        f"{command}`.",
+        "",
+        f"**Where the gold words the `{res['mode']}` answer missed are** (content words per title, mean): the gold "
+        f"has {m['gold']}, the answer misses {m['missed']}: {m['in abstract']} are in the task input (the abstract or "
+        f"article: the model chose other words from it), {m['in past titles only']} only in the user's past "
+        f"titles, {m['in profile only']} "
+        f"only in the profile, {m['nowhere']} nowhere in reach. The profile holds {m['in profile (anywhere)']} of "
+        "the missed words in all.",
+        "",
+        "**The profile used to choose among the same prompt's candidates** (the prompt held fixed; greedy "
+        f"{res['greedy_rouge1']:.4f}, best candidate in hindsight {res['oracle_rouge1']:.4f}):",
+        "",
+        "| references for the choice | ROUGE-1 |",
+        "|---|---|",
+    ]
     lines += [f"| {k} | {v:.4f} |" for k, v in res["selection_rouge1"].items()]
     lines += ["", "| paired difference (ROUGE-1) | mean [95 % CI] |", "|---|---|"]
     lines += [f"| {k} | {d['mean']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}] |" for k, d in res["differences"].items()]
-    lines += ["", f"Length habit: within a query, a candidate's closeness to the user's median past title length against "
-              f"its ROUGE-1, mean Pearson r {res['length_habit_correlation']:+.3f} over {res['length_habit_queries']} "
-              "queries whose candidates differ.", "", end]
+    lines += [
+        "",
+        f"Length habit: within a query, a candidate's closeness to the user's median past title length against "
+        f"its ROUGE-1, mean Pearson r {res['length_habit_correlation']:+.3f} over {res['length_habit_queries']} "
+        "queries whose candidates differ.",
+        "",
+        end,
+    ]
     return "\n".join(lines)
 
 

@@ -19,9 +19,18 @@ import sys
 import tempfile
 from pathlib import Path
 
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars",
-         "--virtual-time-budget=5000"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+    "--virtual-time-budget=5000",
+]
 
 
 def screenshot(run_dir: Path, out: Path, chromium: str, width: int = 1200, height: int = 2200) -> dict:
@@ -34,9 +43,19 @@ def screenshot(run_dir: Path, out: Path, chromium: str, width: int = 1200, heigh
         raise SystemExit(f"error: {page}: figures missing: {', '.join(missing)}")
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as profile:
-        proc = subprocess.run([chromium, *FLAGS, f"--user-data-dir={profile}", f"--window-size={width},{height}",
-                               f"--screenshot={out.resolve()}", page.resolve().as_uri()],
-                              capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [
+                chromium,
+                *FLAGS,
+                f"--user-data-dir={profile}",
+                f"--window-size={width},{height}",
+                f"--screenshot={out.resolve()}",
+                page.resolve().as_uri(),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     if proc.returncode != 0 or not out.is_file():
         raise SystemExit(f"error: chromium failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
     return {"screenshot": str(out), "bytes": out.stat().st_size, "figures": figures}
@@ -46,8 +65,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run", help="a run's local output folder (holding report.html)")
     ap.add_argument("--out", default="docs/report.png")
-    ap.add_argument("--chromium", default=shutil.which("chromium") or shutil.which("chromium-browser")
-                    or "/usr/bin/chromium")
+    ap.add_argument(
+        "--chromium", default=shutil.which("chromium") or shutil.which("chromium-browser") or "/usr/bin/chromium"
+    )
     ap.add_argument("--width", type=int, default=1200)
     ap.add_argument("--height", type=int, default=2200)
     args = ap.parse_args()

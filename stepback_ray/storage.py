@@ -39,14 +39,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
-from .config import StorageConfig
-from .errors import InputError, StorageError
+from stepback_ray.config import StorageConfig
+from stepback_ray.errors import InputError, StorageError
 
 
 def _s3_kwargs(storage: StorageConfig) -> dict[str, Any]:
     # every S3 request's retry policy (module docstring): botocore's standard mode; its count includes the first
-    kw: dict[str, Any] = {"config_kwargs": {"retries": {"mode": "standard",
-                                                         "total_max_attempts": storage.retries + 1}}}
+    kw: dict[str, Any] = {"config_kwargs": {"retries": {"mode": "standard", "total_max_attempts": storage.retries + 1}}}
     if storage.endpoint_url:
         kw["endpoint_url"] = storage.endpoint_url
     if storage.region:
@@ -102,9 +101,19 @@ def describe_storage_error(uri: str, exc: BaseException) -> str:
         return f"{uri}: storage endpoint unreachable ({exc})"
     if "nosuchbucket" in low or "bucket does not exist" in low:
         return f"{uri}: bucket does not exist"
-    if isinstance(exc, PermissionError) or any(s in low for s in (
-            "invalidaccesskeyid", "signaturedoesnotmatch", "accessdenied", "access denied", "forbidden", "403",
-            "access key id", "security token")):
+    if isinstance(exc, PermissionError) or any(
+        s in low
+        for s in (
+            "invalidaccesskeyid",
+            "signaturedoesnotmatch",
+            "accessdenied",
+            "access denied",
+            "forbidden",
+            "403",
+            "access key id",
+            "security token",
+        )
+    ):
         return f"{uri}: access denied (check the credentials / AWS profile)"
     return f"{uri}: {text.splitlines()[0]}"
 
@@ -141,8 +150,14 @@ def is_transient(exc: BaseException) -> bool:
 
 
 #: what breaks off a response body part-way: botocore retries requests, not the reading of an answer that arrived
-_CUT_BODY = ("IncompleteRead", "ClientPayloadError", "ResponseStreamingError", "ContentLengthError",
-             "Connection broken", "ResponseParserError")
+_CUT_BODY = (
+    "IncompleteRead",
+    "ClientPayloadError",
+    "ResponseStreamingError",
+    "ContentLengthError",
+    "Connection broken",
+    "ResponseParserError",
+)
 
 
 def is_cut_body(exc: BaseException) -> bool:
@@ -156,8 +171,12 @@ def retried_call(fs: fsspec.AbstractFileSystem, storage: StorageConfig, fn, *arg
     """One storage call on ``fs``. Retried here, ``storage.retries`` times with jittered exponential backoff, only
     for what no layer below retries: on S3 a response body cut off mid-read, locally a transient OS error."""
     retryable = is_transient if is_local(fs) else is_cut_body
-    retrying = Retrying(stop=stop_after_attempt(storage.retries + 1), reraise=True,
-                        wait=wait_random_exponential(multiplier=0.1, max=5.0), retry=retry_if_exception(retryable))
+    retrying = Retrying(
+        stop=stop_after_attempt(storage.retries + 1),
+        reraise=True,
+        wait=wait_random_exponential(multiplier=0.1, max=5.0),
+        retry=retry_if_exception(retryable),
+    )
     return retrying(fn, *args, **kwargs)
 
 
@@ -240,8 +259,10 @@ class RunStore:
         names = self.entries()
         if names and run_marker not in names:
             shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-            raise StorageError(f"{self.uri}: the output holds files but no run ({len(names)} entries, e.g. {shown}; "
-                               f"no {run_marker}); choose a new or empty output")
+            raise StorageError(
+                f"{self.uri}: the output holds files but no run ({len(names)} entries, e.g. {shown}; "
+                f"no {run_marker}); choose a new or empty output"
+            )
 
     def _write(self, path: str, data: bytes) -> None:
         if is_local(self.fs):
@@ -348,8 +369,16 @@ class RunStore:
             self._call(self.fs.pipe_file, path, data, **cond)
         except Exception as e:  # noqa: BLE001 - a failed precondition is the answer, anything else a storage error
             text = f"{type(e).__name__} {e}"
-            if isinstance(e, FileExistsError) or any(s in text for s in (  # s3fs maps 412 to FileExistsError
-                    "PreconditionFailed", "pre-condition", "412", "ConditionalRequestConflict", "409")):
+            if isinstance(e, FileExistsError) or any(
+                s in text
+                for s in (  # s3fs maps 412 to FileExistsError
+                    "PreconditionFailed",
+                    "pre-condition",
+                    "412",
+                    "ConditionalRequestConflict",
+                    "409",
+                )
+            ):
                 raise PointerMoved(self.uri_of(rel)) from None
             raise StorageError(describe_storage_error(self.uri_of(rel), e)) from None
 

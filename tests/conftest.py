@@ -128,8 +128,14 @@ def lamp5_users(n: int) -> list[dict]:
     gold_path = Path(str(src).replace("_questions.json", "_outputs.json"))
     if gold_path.is_file():
         golds = {g["id"]: g["output"] for g in _json.loads(gold_path.read_text())["golds"]}
-    return [{"user_id": q["user_id"], "history": q["profile"],
-             "queries": [{"query_id": q["id"], "input": q["input"], "gold": golds.get(q["id"])}]} for q in questions]
+    return [
+        {
+            "user_id": q["user_id"],
+            "history": q["profile"],
+            "queries": [{"query_id": q["id"], "input": q["input"], "gold": golds.get(q["id"])}],
+        }
+        for q in questions
+    ]
 
 
 def write_items_parquet(path: Path, users: list[dict]) -> None:
@@ -140,4 +146,3 @@ def write_items_parquet(path: Path, users: list[dict]) -> None:
     rows = [{"user_id": u["user_id"], **it} for u in users for it in u["history"]]
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows), path)
-

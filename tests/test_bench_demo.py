@@ -46,8 +46,9 @@ def test_the_models_shape_is_read_from_its_config():
 
     bench = load_script("bench_demo")
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model(
-            "packaged:smollm2-135m-instruct")))
+        model = AutoModelForCausalLM.from_config(
+            AutoConfig.from_pretrained(resolve_model("packaged:smollm2-135m-instruct"))
+        )
     shape = bench.model_shape(model)
     # SmolLM2-135M: 30 layers, 9 query heads sharing 3 key-value heads of 64, the embedding tied to the LM head
     assert (shape["layers"], shape["heads"], shape["kv_heads"], shape["head_dim"]) == (30, 9, 3, 64)
@@ -66,12 +67,23 @@ def test_the_contention_benchmark_feeds_the_demos_shape_and_reports_each_conditi
     bench = load_script("bench_contention")
     batch = bench.prompts()
     assert len(batch) == 8 and all(len(p[1]["content"]) > 2000 for p in batch)  # ~1,000-token histories
-    runs = [{"condition": c, "round": 1, "calls": [{"s": s}]} for c, s in
-            zip(bench.CONDITIONS, (10.0, 12.0, 10.5))]
-    summary = {"alone": {"mean_s": 10.0, "preemptions_per_cpu_s": 20.0},
-               "beside-ray": {"mean_s": 12.0, "preemptions_per_cpu_s": 600.0, "over_alone": 1.2},
-               "beside-ray-sched-idle": {"mean_s": 10.5, "preemptions_per_cpu_s": 40.0, "over_alone": 1.05}}
-    md = bench.to_markdown({"date": "2026-12-06", "machine": "m", "actors": 8, "rounds": 1, "calls": 1,
-                            "command": "c", "runs": runs, "summary": summary})
+    runs = [{"condition": c, "round": 1, "calls": [{"s": s}]} for c, s in zip(bench.CONDITIONS, (10.0, 12.0, 10.5))]
+    summary = {
+        "alone": {"mean_s": 10.0, "preemptions_per_cpu_s": 20.0},
+        "beside-ray": {"mean_s": 12.0, "preemptions_per_cpu_s": 600.0, "over_alone": 1.2},
+        "beside-ray-sched-idle": {"mean_s": 10.5, "preemptions_per_cpu_s": 40.0, "over_alone": 1.05},
+    }
+    md = bench.to_markdown(
+        {
+            "date": "2026-12-06",
+            "machine": "m",
+            "actors": 8,
+            "rounds": 1,
+            "calls": 1,
+            "command": "c",
+            "runs": runs,
+            "summary": summary,
+        }
+    )
     assert "| beside-ray | 12.0 | 1.2 | 600.0 |" in md and "| alone | 10.0 | 1.0 | 20.0 |" in md
     assert md.startswith("<!-- bench_contention:start -->") and md.endswith("<!-- bench_contention:end -->")

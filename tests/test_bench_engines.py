@@ -22,20 +22,58 @@ def test_the_limit_is_the_matmul_peak_over_the_models_flops_per_token():
 
 def test_every_pipeline_block_size_gets_a_row_and_its_ratios():
     bench = load_script("bench_engines")
-    row = {"prompts": 2, "prompt_tokens": 10, "completion_tokens": 4, "wall_s": 1.0, "tokens_per_s": 14.0,
-           "prompts_per_s": 2.0}
-    paths = {"pipeline": {**row, "engine_s": 0.8, "engine_tokens_per_s": 17.5},
-             "pipeline (block 200)": {**row, "engine_s": 0.7, "engine_tokens_per_s": 20.0},
-             "pipeline (block 9)_error": "RuntimeError: boom",
-             "raw": {**row, "tokens_per_s": 20.0, "load_s": 0.5, "tokens_per_s_with_load": 18.0,
-                     "limit": {"matmul_gflops": 10.0, "dtype": "fp32", "threads": 2, "gflop_per_token": 0.25,
-                               "tokens_per_s": 40.0}}}
-    slower_peak = {"raw": {**row, "tokens_per_s": 16.0, "load_s": 0.5, "tokens_per_s_with_load": 15.0,
-                           "limit": {"matmul_gflops": 8.0, "dtype": "fp32", "threads": 2, "gflop_per_token": 0.25,
-                                     "tokens_per_s": 32.0}}}
-    report = {"date": "2026-12-03", "machine": "m", "model": "x", "dummy": False, "device": "cpu", "prompts": 2,
-              "new_tokens": {}, "command": "c",
-              "results": {"generation": {"transformers": paths, "transformers-one-call": slower_peak}}}
+    row = {
+        "prompts": 2,
+        "prompt_tokens": 10,
+        "completion_tokens": 4,
+        "wall_s": 1.0,
+        "tokens_per_s": 14.0,
+        "prompts_per_s": 2.0,
+    }
+    paths = {
+        "pipeline": {**row, "engine_s": 0.8, "engine_tokens_per_s": 17.5},
+        "pipeline (block 200)": {**row, "engine_s": 0.7, "engine_tokens_per_s": 20.0},
+        "pipeline (block 9)_error": "RuntimeError: boom",
+        "raw": {
+            **row,
+            "tokens_per_s": 20.0,
+            "load_s": 0.5,
+            "tokens_per_s_with_load": 18.0,
+            "limit": {
+                "matmul_gflops": 10.0,
+                "dtype": "fp32",
+                "threads": 2,
+                "gflop_per_token": 0.25,
+                "tokens_per_s": 40.0,
+            },
+        },
+    }
+    slower_peak = {
+        "raw": {
+            **row,
+            "tokens_per_s": 16.0,
+            "load_s": 0.5,
+            "tokens_per_s_with_load": 15.0,
+            "limit": {
+                "matmul_gflops": 8.0,
+                "dtype": "fp32",
+                "threads": 2,
+                "gflop_per_token": 0.25,
+                "tokens_per_s": 32.0,
+            },
+        }
+    }
+    report = {
+        "date": "2026-12-03",
+        "machine": "m",
+        "model": "x",
+        "dummy": False,
+        "device": "cpu",
+        "prompts": 2,
+        "new_tokens": {},
+        "command": "c",
+        "results": {"generation": {"transformers": paths, "transformers-one-call": slower_peak}},
+    }
     bench.add_ratios(report["results"])
     r = paths["ratios"]
     assert r["pipeline/raw (engine time)"] == 0.875 and r["pipeline (block 200)/raw (engine time)"] == 1.0
@@ -54,8 +92,13 @@ def test_cpu_seconds_are_split_between_the_engine_actor_the_driver_and_the_rest(
     bench = load_script("bench_engines")
     me = os.getpid()
     before = {me: ("python bench", 10.0, 1), 7: ("ray::IDLE", 1.0, 50), 8: ("raylet", 5.0, 2), 10: ("x", 9.0, 3)}
-    after = {me: ("python bench", 12.5, 1), 7: ("ray::MapWorker(MapBatches(GenerationEngineStage))", 41.0, 50),
-             8: ("raylet", 6.5, 2), 9: ("ray::_StatsActor", 0.7, 90), 10: ("ray::IDLE", 0.4, 95)}
+    after = {
+        me: ("python bench", 12.5, 1),
+        7: ("ray::MapWorker(MapBatches(GenerationEngineStage))", 41.0, 50),
+        8: ("raylet", 6.5, 2),
+        9: ("ray::_StatsActor", 0.7, 90),
+        10: ("ray::IDLE", 0.4, 95),
+    }
     # the idle worker renamed into the engine actor is charged from the snapshot on; pid 10 is a new process
     assert bench.cpu_by_role(before, after) == {"engine actor": 40.0, "driver": 2.5, "other": 2.6}
     snapshot = bench.process_cpu_seconds()
@@ -71,8 +114,17 @@ def test_alternated_engines_run_in_turn_and_report_against_the_first():
     out = bench.run_alternated(configs, ["one prompt", "another prompt here"], SamplingParams(max_new_tokens=8), 3)
     assert set(out) == {"a", "b"} and all(len(r["tokens_per_s"]) == 3 for r in out.values())
     assert out["a"]["vs_first"] == 1.0 and out["a"]["texts_equal_first"] == 2 and out["b"]["prompts"] == 2
-    report = {"date": "d", "machine": "m", "model": "x", "set": "generation", "prompts": 2, "new_tokens": 8,
-              "rounds": 3, "command": "c", "results": out}
+    report = {
+        "date": "d",
+        "machine": "m",
+        "model": "x",
+        "set": "generation",
+        "prompts": 2,
+        "new_tokens": 8,
+        "rounds": 3,
+        "command": "c",
+        "results": out,
+    }
     text = bench.alternated_markdown(report, "bench_engines:t")
     assert "| a | " in text and "| b | " in text and text.startswith("<!-- bench_engines:t:start -->")
 
@@ -105,8 +157,17 @@ def test_a_run_against_its_own_vllm_server_shows_the_command_that_started_it():
     """``--serve-vllm`` reruns the benchmark with the server's URL and ``--reset-server-cache``; the report shows
     the command a reader types, not the port of a server that is gone."""
     bench = load_script("bench_engines")
-    served = ["--engines", "vllm,openai", "--prompts", "64", "--openai-base-url", "http://127.0.0.1:50489/v1",
-              "--reset-server-cache"]
-    assert bench.shown_command(served) == "python scripts/bench_engines.py --engines vllm,openai --prompts 64 --serve-vllm"
+    served = [
+        "--engines",
+        "vllm,openai",
+        "--prompts",
+        "64",
+        "--openai-base-url",
+        "http://127.0.0.1:50489/v1",
+        "--reset-server-cache",
+    ]
+    assert (
+        bench.shown_command(served) == "python scripts/bench_engines.py --engines vllm,openai --prompts 64 --serve-vllm"
+    )
     own = ["--engines", "openai", "--openai-base-url", "http://127.0.0.1:8000/v1"]
     assert bench.shown_command(own) == "python scripts/bench_engines.py " + " ".join(own)

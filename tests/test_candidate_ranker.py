@@ -19,11 +19,23 @@ def task():
 
 
 def _row(i: int, gold: str) -> dict:
-    cands = ["Graph Networks for Protein Folding", "ProteinGraph: Folding with Graph Networks",
-             "A Study of Folding", "", "Protein Folding"]
-    return {"query_id": f"q{i}", "user_id": f"u{i}", "gold": gold, "candidates": cands, "output": cands[0],
-            "rouge1": 0.5, "input": "Generate a title for the following abstract of a paper: We fold proteins "
-                                    "with graph networks and call it ProteinGraph."}
+    cands = [
+        "Graph Networks for Protein Folding",
+        "ProteinGraph: Folding with Graph Networks",
+        "A Study of Folding",
+        "",
+        "Protein Folding",
+    ]
+    return {
+        "query_id": f"q{i}",
+        "user_id": f"u{i}",
+        "gold": gold,
+        "candidates": cands,
+        "output": cands[0],
+        "rouge1": 0.5,
+        "input": "Generate a title for the following abstract of a paper: We fold proteins "
+        "with graph networks and call it ProteinGraph.",
+    }
 
 
 def _synthetic(n_users: int = 40, k: int = 8, seed: int = 0) -> list:
@@ -41,10 +53,14 @@ def _synthetic(n_users: int = 40, k: int = 8, seed: int = 0) -> list:
 
 
 def test_r1_is_the_metric(task):
-    from stepback_ray.metrics import rouge
+    from stepback_ray.evaluation.metrics import rouge
 
-    pairs = [("ProteinGraph: Folding with Graph Networks", "Graph networks fold proteins"),
-             ("A a a b", "a b b c"), ("", "anything"), ("Same words", "same WORDS")]
+    pairs = [
+        ("ProteinGraph: Folding with Graph Networks", "Graph networks fold proteins"),
+        ("A a a b", "a b b c"),
+        ("", "anything"),
+        ("Same words", "same WORDS"),
+    ]
     for a, b in pairs:
         assert cr.r1(cr.unigrams(a), cr.unigrams(b))[2] == pytest.approx(rouge(a, b)[0])
 
@@ -92,8 +108,9 @@ def test_no_fold_trains_on_the_queries_it_chooses_for(monkeypatch):
     queries = _synthetic()
     fold = cr.folds_of([q.user_id for q in queries], 10, 0)
     trained_on, fit = [], cr.fit
-    monkeypatch.setattr(cr, "fit", lambda train, alpha: trained_on.append({q.user_id for q in train})
-                        or fit(train, alpha))
+    monkeypatch.setattr(
+        cr, "fit", lambda train, alpha: trained_on.append({q.user_id for q in train}) or fit(train, alpha)
+    )
     cr.crossfit(queries, fold, alpha=1.0)
     assert len(trained_on) == 10
     for f, users in enumerate(trained_on):

@@ -12,8 +12,9 @@ from .conftest import FIXTURES, REPO, write_lamp
 
 
 def stepback(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stepback_ray", *args], capture_output=True, text=True,
-                          cwd=REPO, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "stepback_ray", *args], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
 
 
 def _bad_inputs(tmp_path):
@@ -24,8 +25,10 @@ def _bad_inputs(tmp_path):
     return [
         ([f"input.questions={tmp_path / 'missing_questions.json'}"], r"missing_questions.json: file not found"),
         ([f"input.questions={not_lamp}", "input.outputs=null"], r"x_questions.json: expected a JSON list"),
-        ([f"input.questions={q_nogold}", f"input.outputs={o_nogold}"],
-         r"nogold_outputs.json: record '311': field 'id': question has no gold output"),
+        (
+            [f"input.questions={q_nogold}", f"input.outputs={o_nogold}"],
+            r"nogold_outputs.json: record '311': field 'id': question has no gold output",
+        ),
         (["engine.batch_size=-1"], r"engine.batch_size: Input should be greater than 0 \(got -1\)"),
         (["engine.model=packaged:nonexistent"], r"unknown packaged model 'nonexistent'"),
         (["engine.model=/no/such/model/folder"], r"cannot load the tokenizer of model '/no/such/model/folder'"),
@@ -69,9 +72,11 @@ def test_a_bad_spec_fails_before_the_heavy_imports(tmp_path):
     the spec is valid (before, `stepback run bad.yaml` took 2-3 s of CPU importing them first)."""
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\ntask: LaMP_5\ninput: {questions: q.json}\nbogus: 1\n")
-    code = ("import sys\nfrom stepback_ray.cli import main\n"
-            f"for cmd in ('run', 'profile', 'plan', 'train-pplug'):\n    assert main([cmd, {str(bad)!r}]) == 2\n"
-            "print(sorted(m for m in ('nltk', 'scipy', 'sklearn', 'torch', 'ray', 'pyarrow') if m in sys.modules))")
+    code = (
+        "import sys\nfrom stepback_ray.cli import main\n"
+        f"for cmd in ('run', 'profile', 'plan', 'train-pplug'):\n    assert main([cmd, {str(bad)!r}]) == 2\n"
+        "print(sorted(m for m in ('nltk', 'scipy', 'sklearn', 'torch', 'ray', 'pyarrow') if m in sys.modules))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"

@@ -27,8 +27,9 @@ class Recorder:
         return [Completion(f"{p}/{params.max_new_tokens}", 1, 1, "stop", 0.0) for p in prompts]
 
 
-def _blocks(calls: CoalescedCalls, work: dict[str, list[tuple[list[str], SamplingParams]]],
-            start_gap: float = 0.0) -> dict[str, list]:
+def _blocks(
+    calls: CoalescedCalls, work: dict[str, list[tuple[list[str], SamplingParams]]], start_gap: float = 0.0
+) -> dict[str, list]:
     """Each block (a thread, as Ray Data runs an engine stage's calls) makes its engine calls in turn inside
     ``serving``; returns each block's completions or the exception it got."""
     out: dict[str, list] = {}
@@ -73,8 +74,9 @@ def test_different_sampling_parameters_are_never_merged_and_follow_up_calls_merg
     engine = Recorder(delay=0.05)
     calls = CoalescedCalls(engine, gather_s=2.0)
     p, q = SamplingParams(max_new_tokens=8), SamplingParams(max_new_tokens=4)
-    out = _blocks(calls, {"a": [(["a1"], p), (["a-merge"], p)], "b": [(["b1"], p), (["b-merge"], p)],
-                          "c": [(["c1"], q)]})
+    out = _blocks(
+        calls, {"a": [(["a1"], p), (["a-merge"], p)], "b": [(["b1"], p), (["b-merge"], p)], "c": [(["c1"], q)]}
+    )
     assert out == {"a": [["a1/8"], ["a-merge/8"]], "b": [["b1/8"], ["b-merge/8"]], "c": [["c1/4"]]}
     assert sorted(map(sorted, engine.calls)) == [["a-merge", "b-merge"], ["a1", "b1"], ["c1"]]
 
@@ -103,8 +105,9 @@ def test_sampled_calls_are_never_merged():
 def test_an_engine_that_returns_too_few_completions_fails_every_caller():
     calls = CoalescedCalls(lambda prompts, params: [Completion("x", 1, 1, "stop", 0.0)], gather_s=2.0)
     out = _blocks(calls, {"a": [(["a1"], SamplingParams())], "b": [(["b1"], SamplingParams())]})
-    assert all(isinstance(got[-1], RuntimeError) and "1 completions for 2 prompts" in str(got[-1])
-               for got in out.values())
+    assert all(
+        isinstance(got[-1], RuntimeError) and "1 completions for 2 prompts" in str(got[-1]) for got in out.values()
+    )
 
 
 def test_outside_an_actor_a_call_goes_straight_through():
@@ -144,9 +147,15 @@ def test_the_engine_stage_is_configured_for_side_by_side_blocks(coalesce):
     from stepback_ray.config import JobSpec
     from stepback_ray.pipeline.runner import engine_compute
 
-    job = JobSpec.model_validate({"name": "t", "task": "LaMP_5", "input": {"format": "lamp", "questions": "q.json"},
-                                  "modes": ["none"], "ray": {"engine_tasks_in_flight": 3,
-                                                             "engine_coalesce": coalesce}})
+    job = JobSpec.model_validate(
+        {
+            "name": "t",
+            "task": "LaMP_5",
+            "input": {"format": "lamp", "questions": "q.json"},
+            "modes": ["none"],
+            "ray": {"engine_tasks_in_flight": 3, "engine_coalesce": coalesce},
+        }
+    )
     compute = engine_compute(job, actors=2)
     assert compute.max_tasks_in_flight_per_actor == 3
     assert compute.max_concurrent_calls_per_actor == (3 if coalesce else None)
@@ -195,14 +204,25 @@ def test_on_ray_an_engine_actor_serves_its_blocks_in_flight_in_one_engine_call(r
 
     served = {}
     for coalesce in (True, False):
-        job = JobSpec.model_validate({
-            "name": "t", "task": "LaMP_5", "input": {"format": "lamp", "questions": "q.json"}, "modes": ["none"],
-            "engine": {"kind": "dry-run", "dry_run_tokens_per_s": 2000},
-            "ray": {"engine_tasks_in_flight": 3, "engine_coalesce": coalesce}})
+        job = JobSpec.model_validate(
+            {
+                "name": "t",
+                "task": "LaMP_5",
+                "input": {"format": "lamp", "questions": "q.json"},
+                "modes": ["none"],
+                "engine": {"kind": "dry-run", "dry_run_tokens_per_s": 2000},
+                "ray": {"engine_tasks_in_flight": 3, "engine_coalesce": coalesce},
+            }
+        )
         items = [{"block": b, "prompt": f"block {b} prompt {i} " * 20} for b in range(6) for i in range(4)]
         ds = ray.data.from_items(items, override_num_blocks=6).map_batches(
-            _CountingStage, fn_constructor_kwargs={"job": job}, compute=engine_compute(job, 1), batch_size=None,
-            batch_format="pyarrow", num_cpus=0.5)
+            _CountingStage,
+            fn_constructor_kwargs={"job": job},
+            compute=engine_compute(job, 1),
+            batch_size=None,
+            batch_format="pyarrow",
+            num_cpus=0.5,
+        )
         rows = ds.take_all()
         assert sorted({r["block"] for r in rows}) == list(range(6)) and len(rows) == 24
         served[coalesce] = max(r["largest_call"] for r in rows)

@@ -21,8 +21,9 @@ def test_demo_spec_loads_and_resolves_paths_against_its_folder():
 
 
 def test_overrides(tmp_path):
-    job = load_job(REPO / "jobs" / "demo.yaml", ["limit=5", "output=out/x", "engine.batch_size=4",
-                                                   "modes=[none]", "run_id=r1"])
+    job = load_job(
+        REPO / "jobs" / "demo.yaml", ["limit=5", "output=out/x", "engine.batch_size=4", "modes=[none]", "run_id=r1"]
+    )
     assert job.limit == 5 and job.engine.batch_size == 4 and job.modes == ["none"] and job.run_id == "r1"
     assert job.output_uri == os.path.abspath("out/x")
     assert load_job(None, ["output=s3://b/p/{run_id}"], data=_minimal()).output_uri.startswith("s3://b/p/")
@@ -38,22 +39,25 @@ def _minimal() -> dict:
     return {"name": "t", "task": "LaMP_5", "input": {"questions": "q.json"}}
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"engine": {"batchsize": 3}}, r"engine.batchsize: unknown key"),
-    ({"colour": 1}, r"colour: unknown key"),
-    ({"task": "LaMP_99"}, r"task: unknown task 'LaMP_99'"),
-    ({"modes": ["none", "telepathy"]}, r"modes.1: Input should be"),
-    ({"engine": {"batch_size": 0}}, r"engine.batch_size: Input should be greater than 0 \(got 0\)"),
-    ({"limit": "many"}, r"limit: Input should be a valid integer"),
-    ({"input": {"outputs": "o.json"}}, r"input: format lamp needs input.questions"),
-    ({"input": {"format": "parquet"}}, r"input: format parquet needs input.path"),
-    ({"name": "a b"}, r"name: String should match pattern"),
-    ({"modes": ["none", "none"]}, r"modes: modes repeat"),
-    ({"generation": {"min_new_tokens": 40}}, r"generation.min_new_tokens \(40\) is above the generation length"),
-    ({"modes": ["pplug"], "pplug": {"checkpoint": "c"}, "engine": {"kind": "vllm"}}, r"enable_prompt_embeds"),
-    ({"limit": 3, "input": {"format": "parquet", "path": "p"}}, r"limit applies to LaMP input only"),
-    ({"output": "s3://b/{date}/{run_id}"}, r"output.*only \{name\} and \{run_id\} expand \(KeyError"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"engine": {"batchsize": 3}}, r"engine.batchsize: unknown key"),
+        ({"colour": 1}, r"colour: unknown key"),
+        ({"task": "LaMP_99"}, r"task: unknown task 'LaMP_99'"),
+        ({"modes": ["none", "telepathy"]}, r"modes.1: Input should be"),
+        ({"engine": {"batch_size": 0}}, r"engine.batch_size: Input should be greater than 0 \(got 0\)"),
+        ({"limit": "many"}, r"limit: Input should be a valid integer"),
+        ({"input": {"outputs": "o.json"}}, r"input: format lamp needs input.questions"),
+        ({"input": {"format": "parquet"}}, r"input: format parquet needs input.path"),
+        ({"name": "a b"}, r"name: String should match pattern"),
+        ({"modes": ["none", "none"]}, r"modes: modes repeat"),
+        ({"generation": {"min_new_tokens": 40}}, r"generation.min_new_tokens \(40\) is above the generation length"),
+        ({"modes": ["pplug"], "pplug": {"checkpoint": "c"}, "engine": {"kind": "vllm"}}, r"enable_prompt_embeds"),
+        ({"limit": 3, "input": {"format": "parquet", "path": "p"}}, r"limit applies to LaMP input only"),
+        ({"output": "s3://b/{date}/{run_id}"}, r"output.*only \{name\} and \{run_id\} expand \(KeyError"),
+    ],
+)
 def test_bad_specs_name_the_key(change, message):
     data = {**_minimal(), **change}
     with pytest.raises(ConfigError, match=message):
@@ -93,17 +97,33 @@ def test_resume_compares_only_keys_that_change_results(tmp_path):
     job = load_job(REPO / "jobs" / "demo.yaml", base)
     store = RunStore(job.output_uri, job.storage)
     assert check_resume(store, job) is False
-    speed = ["engine.batch_size=2", "engine.max_batch_tokens=1024", "engine.vllm.gpu_memory_utilization=0.5",
-             "engine.vllm.max_num_seqs=8", "storage.retries=9", "engine.dry_run_fail_marker=x",
-             "engine.dry_run_tokens_per_s=5", "engine.call_timeout_s=5", "engine.max_restarts=0",
-             "ray.engine_actors=2", "ray.engine_actor_gpus=1", "max_error_fraction=0.5", "ray.progress_bars=false"]
+    speed = [
+        "engine.batch_size=2",
+        "engine.max_batch_tokens=1024",
+        "engine.vllm.gpu_memory_utilization=0.5",
+        "engine.vllm.max_num_seqs=8",
+        "storage.retries=9",
+        "engine.dry_run_fail_marker=x",
+        "engine.dry_run_tokens_per_s=5",
+        "engine.call_timeout_s=5",
+        "engine.max_restarts=0",
+        "ray.engine_actors=2",
+        "ray.engine_actor_gpus=1",
+        "max_error_fraction=0.5",
+        "ray.progress_bars=false",
+    ]
     for o in speed:
         assert o.split("=")[0] in SPEED_ONLY_KEYS, o
         assert check_resume(store, load_job(REPO / "jobs" / "demo.yaml", [*base, o])) is True, o
-    results = {"engine.model=packaged:qwen2.5-coder-0.5b-instruct": "engine.model", "modes=[none]": "modes",
-               "profile.max_new_tokens=50": "profile.max_new_tokens", "generation.candidates=4":
-               "generation.candidates", "engine.vllm.structured_output=false": "engine.vllm.structured_output",
-               "ray.users_per_chunk=3": "ray.users_per_chunk", "retrieval.top_k=1": "retrieval.top_k"}
+    results = {
+        "engine.model=packaged:qwen2.5-coder-0.5b-instruct": "engine.model",
+        "modes=[none]": "modes",
+        "profile.max_new_tokens=50": "profile.max_new_tokens",
+        "generation.candidates=4": "generation.candidates",
+        "engine.vllm.structured_output=false": "engine.vllm.structured_output",
+        "ray.users_per_chunk=3": "ray.users_per_chunk",
+        "retrieval.top_k=1": "retrieval.top_k",
+    }
     for o, key in results.items():
         with pytest.raises(StepbackError, match=f"changed: {key}"):
             check_resume(store, load_job(REPO / "jobs" / "demo.yaml", [*base, o]))
@@ -127,8 +147,12 @@ def test_a_run_recorded_before_a_key_existed_resumes_while_the_key_holds_its_def
     (tmp_path / "run" / "_run_spec.json").write_text(json.dumps(recorded))
     assert check_resume(store, job) is True
     with pytest.raises(StepbackError, match="changed: profile_store.gate"):
-        check_resume(store, load_job(REPO / "jobs" / "demo.yaml", [*base, "profile_store.uri=s",
-                                                                     "profile_store.gate.min_ok_share=0.5"]))
+        check_resume(
+            store,
+            load_job(
+                REPO / "jobs" / "demo.yaml", [*base, "profile_store.uri=s", "profile_store.gate.min_ok_share=0.5"]
+            ),
+        )
     with pytest.raises(StepbackError, match="changed: generation.candidates"):
         check_resume(store, load_job(REPO / "jobs" / "demo.yaml", [*base, "generation.candidates=2"]))
 
@@ -141,13 +165,16 @@ def test_a_cluster_job_with_a_local_output_is_refused_unless_the_filesystem_is_s
     assert load_job(REPO / "jobs" / "demo.yaml", ["output=s3://b/run", "ray.address=127.0.0.1:6379"]).ray.address
 
 
-@pytest.mark.parametrize("override, message", [
-    ("limit=true", r"limit: Input should be a valid integer \(got True\)"),
-    ("ray.num_shards=true", r"ray.num_shards.int: Input should be a valid integer \(got True\)"),
-    ("generation.seed=false", r"generation.seed: Input should be a valid integer \(got False\)"),
-    ("engine.batch_size=4.0", r"engine.batch_size: Input should be a valid integer \(got 4.0\)"),
-    ("generation.temperature=true", r"generation.temperature: expected a number, got a boolean"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("limit=true", r"limit: Input should be a valid integer \(got True\)"),
+        ("ray.num_shards=true", r"ray.num_shards.int: Input should be a valid integer \(got True\)"),
+        ("generation.seed=false", r"generation.seed: Input should be a valid integer \(got False\)"),
+        ("engine.batch_size=4.0", r"engine.batch_size: Input should be a valid integer \(got 4.0\)"),
+        ("generation.temperature=true", r"generation.temperature: expected a number, got a boolean"),
+    ],
+)
 def test_a_boolean_is_not_a_number(override, message):
     """YAML reads `true` as a boolean, which Python counts as 1: `--set limit=true` ran one user."""
     with pytest.raises(ConfigError, match=message):
@@ -155,8 +182,10 @@ def test_a_boolean_is_not_a_number(override, message):
 
 
 def test_numbers_still_load_as_written():
-    job = load_job(REPO / "jobs" / "demo.yaml", ["generation.temperature=1", "ray.engine_actor_cpus=2",
-                                                   "ray.num_shards=auto", "ray.engine_actors=3"])
+    job = load_job(
+        REPO / "jobs" / "demo.yaml",
+        ["generation.temperature=1", "ray.engine_actor_cpus=2", "ray.num_shards=auto", "ray.engine_actors=3"],
+    )
     assert job.generation.temperature == 1.0 and job.ray.engine_actor_cpus == 2.0 and job.ray.engine_actors == 3
     for spec in (REPO / "jobs").glob("*.yaml"):  # every example job still loads
         load_job(spec)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
-
 import json
 import re
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from stepback_ray.config import load_job
 from stepback_ray.errors import StepbackError
@@ -21,8 +20,14 @@ DRY = ["engine.kind=dry-run", "ray.progress_bars=false"]
 
 
 def _job(tmp_path, fmt, path, layout, extra=()):
-    data = {"name": "ds", "task": "LaMP_5", "input": {"format": fmt, "path": str(path), "layout": layout},
-            "output": str(tmp_path / "out"), "run_id": "r1", "ray": {"num_shards": 4}}
+    data = {
+        "name": "ds",
+        "task": "LaMP_5",
+        "input": {"format": fmt, "path": str(path), "layout": layout},
+        "output": str(tmp_path / "out"),
+        "run_id": "r1",
+        "ray": {"num_shards": 4},
+    }
     return load_job(None, [*DRY, *extra], data=data)
 
 
@@ -38,9 +43,15 @@ def test_parquet_user_layout_quarantines_bad_rows_and_generates(ray_local, tmp_p
     ]
     table = pa.Table.from_pylist(users + bad)
     pq.write_table(table, tmp_path / "users.parquet")
-    result = run_job(_job(tmp_path, "parquet", tmp_path / "users.parquet", "user",
-                          ["modes=[none, profile+rag]", "generation.max_new_tokens=8",
-                           "executor=in-process"]))  # staged by Ray Data; a dataset's passes on Ray: test_faults
+    result = run_job(
+        _job(
+            tmp_path,
+            "parquet",
+            tmp_path / "users.parquet",
+            "user",
+            ["modes=[none, profile+rag]", "generation.max_new_tokens=8", "executor=in-process"],
+        )
+    )  # staged by Ray Data; a dataset's passes on Ray: test_faults
     counts = result.manifest["counts"]
     assert counts["rows_in"] == 18 and counts["rows_staged"] == 12 and counts["rows_quarantined"] == 6
     q = pd.read_parquet(tmp_path / "out" / "quarantine")
@@ -48,7 +59,7 @@ def test_parquet_user_layout_quarantines_bad_rows_and_generates(ray_local, tmp_p
     assert "user_id: contains a path separator" in reasons and "history[0].abstract: missing" in reasons
     assert "over the limit" in reasons and "user_id: empty" in reasons
     assert f"queries[0].query_id: duplicate {users[0]['queries'][0]['query_id']!r}" in reasons
-    from stepback_ray.scoring import score_files
+    from stepback_ray.evaluation.scoring import score_files
 
     pred = str(tmp_path / "out" / "predictions" / "none.json")
     assert score_files(pred, pred)["rouge-1"] == 1.0  # the run's own predictions: every id once
@@ -62,8 +73,9 @@ def test_parquet_user_layout_quarantines_bad_rows_and_generates(ray_local, tmp_p
 def test_a_staging_killed_part_way_is_redone_not_appended_to(ray_local, tmp_path):
     users = lamp5_users(4)
     pq.write_table(pa.Table.from_pylist(users), tmp_path / "users.parquet")
-    job = _job(tmp_path, "parquet", tmp_path / "users.parquet", "user", ["generation.max_new_tokens=8",
-                                                                       "executor=in-process"])  # staging on Ray
+    job = _job(
+        tmp_path, "parquet", tmp_path / "users.parquet", "user", ["generation.max_new_tokens=8", "executor=in-process"]
+    )  # staging on Ray
     # what a killed staging leaves: the run's spec (written first), a shard file with a copy of a good row, a
     # quarantine file, no _SUCCESS
     from stepback_ray.pipeline import check_resume
@@ -73,11 +85,14 @@ def test_a_staging_killed_part_way_is_redone_not_appended_to(ray_local, tmp_path
     left = tmp_path / "out" / "_staged" / "shard=0"
     left.mkdir(parents=True)
     rec = {"user_id": users[0]["user_id"], "history": users[0]["history"], "queries": users[0]["queries"]}
-    pq.write_table(pa.Table.from_pylist([{"user_id": rec["user_id"], "record": json.dumps(rec)}]),
-                   left / "leftover.parquet")
+    pq.write_table(
+        pa.Table.from_pylist([{"user_id": rec["user_id"], "record": json.dumps(rec)}]), left / "leftover.parquet"
+    )
     (tmp_path / "out" / "quarantine").mkdir()
-    pq.write_table(pa.Table.from_pylist([{"reason": "old", "record": "{}", "source": ""}]),
-                   tmp_path / "out" / "quarantine" / "part-old.parquet")
+    pq.write_table(
+        pa.Table.from_pylist([{"reason": "old", "record": "{}", "source": ""}]),
+        tmp_path / "out" / "quarantine" / "part-old.parquet",
+    )
     result = run_job(job)
     counts = result.manifest["counts"]
     assert counts["rows_in"] == 4 and counts["rows_staged"] == 4 and counts["rows_quarantined"] == 0
@@ -156,8 +171,11 @@ def test_a_rating_gold_that_is_not_a_number_is_quarantined_not_scored():
     from stepback_ray.data.datasets import BadRecord, check_record
     from stepback_ray.tasks import get_task
 
-    rec = {"user_id": "u", "history": [{"text": "great", "score": "5"}],
-           "queries": [{"query_id": "q", "input": "Rate: fine", "gold": "N/A"}]}
+    rec = {
+        "user_id": "u",
+        "history": [{"text": "great", "score": "5"}],
+        "queries": [{"query_id": "q", "input": "Rate: fine", "gold": "N/A"}],
+    }
     with pytest.raises(BadRecord, match=r"queries\[0\].gold: not a number"):
         check_record(rec, get_task("LaMP_3"), "user")
     rec["queries"][0]["gold"] = 4  # a number is a number, text or not
@@ -174,8 +192,9 @@ def test_the_same_bad_row_in_two_batches_is_quarantined_twice(tmp_path):
     bad = {"user_id": None, "history": [], "queries": []}
     for u in users:
         stage(pa.Table.from_pylist([bad, {"user_id": u["user_id"], "history": u["history"], "queries": []}]))
-    stage(pa.Table.from_pylist([bad, {"user_id": users[0]["user_id"], "history": users[0]["history"],
-                                      "queries": []}]))  # a retry of the first batch: same file
+    stage(
+        pa.Table.from_pylist([bad, {"user_id": users[0]["user_id"], "history": users[0]["history"], "queries": []}])
+    )  # a retry of the first batch: same file
     files = sorted((tmp_path / "out" / "quarantine").glob("*.parquet"))
     assert len(files) == 2 and sum(pq.read_metadata(f).num_rows for f in files) == 2
     two = pa.Table.from_pylist([{"user_id": "a"}, {"user_id": "b"}])
@@ -185,11 +204,11 @@ def test_the_same_bad_row_in_two_batches_is_quarantined_twice(tmp_path):
 
 def _stage_without_ray(job, shards: int, batches: list[pa.Table]) -> None:
     """What the staging pass does, in-process: validate each batch, write the good rows partitioned by shard."""
-    from stepback_ray.data.datasets import ValidateAndShard
-
     import os
 
     import pyarrow.compute as pc
+
+    from stepback_ray.data.datasets import ValidateAndShard
 
     stage = ValidateAndShard(job, shards=shards)
     for n, batch in enumerate(batches):
@@ -197,14 +216,16 @@ def _stage_without_ray(job, shards: int, batches: list[pa.Table]) -> None:
         for k in sorted(set(good.column("shard").to_pylist())):
             folder = f"{job.output_uri}/_staged/shard={k}"
             os.makedirs(folder, exist_ok=True)
-            pq.write_table(good.filter(pc.equal(good.column("shard"), k)).drop_columns(["shard"]),
-                           f"{folder}/batch-{n}.parquet")
+            pq.write_table(
+                good.filter(pc.equal(good.column("shard"), k)).drop_columns(["shard"]), f"{folder}/batch-{n}.parquet"
+            )
 
 
 def _jsonl_files(files: dict[str, list[dict]]) -> pa.Table:
     """A batch as the staging pass reads JSON Lines: one row per whole file (bytes and path)."""
-    return pa.Table.from_pylist([{"bytes": "\n".join(json.dumps(r) for r in recs).encode(), "path": path}
-                                 for path, recs in files.items()])
+    return pa.Table.from_pylist(
+        [{"bytes": "\n".join(json.dumps(r) for r in recs).encode(), "path": path} for path, recs in files.items()]
+    )
 
 
 def test_a_repeated_query_id_is_quarantined_the_same_way_whatever_the_shards_and_batches(tmp_path):
@@ -217,13 +238,18 @@ def test_a_repeated_query_id_is_quarantined_the_same_way_whatever_the_shards_and
     users = lamp5_users(6)
     recs = [{"user_id": u["user_id"], "history": u["history"][:2], "queries": u["queries"]} for u in users]
     taken = users[0]["queries"][0]["query_id"]
-    other = {"user_id": "someone-else", "history": users[1]["history"][:1],
-             "queries": [{"query_id": taken, "input": "another question", "gold": "g"}]}
+    other = {
+        "user_id": "someone-else",
+        "history": users[1]["history"][:1],
+        "queries": [{"query_id": taken, "input": "another question", "gold": "g"}],
+    }
     again = dict(recs[2])  # the same user exported twice
-    files = {"a.jsonl": [recs[0], other, recs[1]], "b.jsonl": [recs[2], recs[3], recs[4]],
-             "c.jsonl": [recs[5], again]}
-    groupings = [[["a.jsonl", "b.jsonl", "c.jsonl"]], [["c.jsonl"], ["b.jsonl"], ["a.jsonl"]],
-                 [["b.jsonl", "c.jsonl"], ["a.jsonl"]]]
+    files = {"a.jsonl": [recs[0], other, recs[1]], "b.jsonl": [recs[2], recs[3], recs[4]], "c.jsonl": [recs[5], again]}
+    groupings = [
+        [["a.jsonl", "b.jsonl", "c.jsonl"]],
+        [["c.jsonl"], ["b.jsonl"], ["a.jsonl"]],
+        [["b.jsonl", "c.jsonl"], ["a.jsonl"]],
+    ]
     for shards in (1, 4, 64):
         for n, grouping in enumerate(groupings):
             root = tmp_path / f"s{shards}-{n}"
@@ -232,10 +258,17 @@ def test_a_repeated_query_id_is_quarantined_the_same_way_whatever_the_shards_and
             assert quarantine_repeated_queries(RunStore(job.output_uri, job.storage)) == 2
             q = pd.read_parquet(root / "out" / "quarantine" / "part-repeated-query-ids.parquet")
             assert sorted(zip(q["source"], q["reason"])) == [
-                ("a.jsonl:2", f"queries[0].query_id: duplicate {taken!r}, asked first in the row of user "
-                              f"{users[0]['user_id']!r} at a.jsonl:1"),
-                ("c.jsonl:2", f"queries[0].query_id: duplicate {users[2]['queries'][0]['query_id']!r}, asked first "
-                              f"in the row of user {users[2]['user_id']!r} at b.jsonl:1")]
+                (
+                    "a.jsonl:2",
+                    f"queries[0].query_id: duplicate {taken!r}, asked first in the row of user "
+                    f"{users[0]['user_id']!r} at a.jsonl:1",
+                ),
+                (
+                    "c.jsonl:2",
+                    f"queries[0].query_id: duplicate {users[2]['queries'][0]['query_id']!r}, asked first "
+                    f"in the row of user {users[2]['user_id']!r} at b.jsonl:1",
+                ),
+            ]
             staged = [load_staged(job, c["source"]) for c in staged_chunks(job)]
             asked = sorted(x.query_id for _, qs in staged for x in qs)
             assert asked == sorted(u["queries"][0]["query_id"] for u in users)  # each once
@@ -264,19 +297,23 @@ def test_among_parquet_rows_the_repeated_query_id_stays_with_the_user_id_that_so
         _stage_without_ray(job, 4, [pa.Table.from_pylist(b) for b in batches])
         assert quarantine_repeated_queries(RunStore(job.output_uri, job.storage)) == 1
         q = pd.read_parquet(tmp_path / str(n) / "out" / "quarantine")
-        assert list(q["reason"]) == [f"queries[0].query_id: duplicate {u['queries'][0]['query_id']!r}, asked "
-                                     "first in the row of user 'alice'"]
+        assert list(q["reason"]) == [
+            f"queries[0].query_id: duplicate {u['queries'][0]['query_id']!r}, asked first in the row of user 'alice'"
+        ]
         assert q["record"][0].startswith('{"user_id": "bob"')  # the record (first 2,000 characters)
 
 
-@pytest.mark.parametrize("uid, reason", [
-    ("user\n", "contains a path separator, '..' or a control character"),  # was stripped to 'user'
-    ("user\x1f", "contains a path separator, '..' or a control character"),
-    ("user\x7f", "contains a path separator, '..' or a control character"),
-    (" user", "leading or trailing whitespace"),  # was stripped too: it would become another user's id
-    ("a/b", "contains a path separator, '..' or a control character"),
-    ("", "empty"),
-])
+@pytest.mark.parametrize(
+    "uid, reason",
+    [
+        ("user\n", "contains a path separator, '..' or a control character"),  # was stripped to 'user'
+        ("user\x1f", "contains a path separator, '..' or a control character"),
+        ("user\x7f", "contains a path separator, '..' or a control character"),
+        (" user", "leading or trailing whitespace"),  # was stripped too: it would become another user's id
+        ("a/b", "contains a path separator, '..' or a control character"),
+        ("", "empty"),
+    ],
+)
 def test_a_user_id_is_taken_as_written_or_quarantined(uid, reason):
     from stepback_ray.data.datasets import BadRecord, check_record
     from stepback_ray.tasks import get_task

@@ -10,8 +10,10 @@ from stepback_ray.engines import SamplingParams
 
 PROMPTS = [
     [{"role": "user", "content": "Name a color."}],
-    [{"role": "system", "content": "You answer in one word."},
-     {"role": "user", "content": "What is the capital of France? Explain the history of the city as well."}],
+    [
+        {"role": "system", "content": "You answer in one word."},
+        {"role": "user", "content": "What is the capital of France? Explain the history of the city as well."},
+    ],
     [{"role": "user", "content": "Write a title for a paper about graph neural networks for molecules."}],
 ]
 
@@ -42,17 +44,24 @@ def test_split_prefill_writes_what_one_padded_call_writes(engine, prefill_tokens
     finally:
         engine.config, engine.split_prefill = config, True
     assert [c.text for c in split] == [c.text for c in one]
-    assert [(c.prompt_tokens, c.completion_tokens, c.finish_reason) for c in split] == \
-        [(c.prompt_tokens, c.completion_tokens, c.finish_reason) for c in one]
+    assert [(c.prompt_tokens, c.completion_tokens, c.finish_reason) for c in split] == [
+        (c.prompt_tokens, c.completion_tokens, c.finish_reason) for c in one
+    ]
 
 
-SHARED_SYSTEM = ("You are a careful assistant for scientists. You read the request, think about the field it "
-                 "belongs to, and answer with a short, precise title in the field's usual style, without quotes.")
-SHARING = [[{"role": "system", "content": SHARED_SYSTEM}, {"role": "user", "content": text}] for text in (
-    "Graph neural networks for molecules.",
-    "A study of sparse attention in long-document summarization with retrieval, evaluated on three benchmarks.",
-    "Diffusion models.",
-    "Contrastive pretraining of speech encoders for low-resource languages and dialects.")]
+SHARED_SYSTEM = (
+    "You are a careful assistant for scientists. You read the request, think about the field it "
+    "belongs to, and answer with a short, precise title in the field's usual style, without quotes."
+)
+SHARING = [
+    [{"role": "system", "content": SHARED_SYSTEM}, {"role": "user", "content": text}]
+    for text in (
+        "Graph neural networks for molecules.",
+        "A study of sparse attention in long-document summarization with retrieval, evaluated on three benchmarks.",
+        "Diffusion models.",
+        "Contrastive pretraining of speech encoders for low-resource languages and dialects.",
+    )
+]
 
 
 @pytest.mark.parametrize("prefill_tokens", [8, 1536], ids=["each-prompt-alone", "grouped"])
@@ -78,18 +87,23 @@ def test_a_shared_opening_is_prefilled_once_and_writes_the_same(engine, prefill_
         for layer_plain, layer_reused in zip(plain, reused):
             for x0, x1 in zip(layer_plain, layer_reused):  # each row's own positions (padding is masked)
                 for row, n in enumerate(sorted(lengths)):
-                    assert torch.allclose(x0[row, :, width - n + 1:width], x1[row, :, width - n + 1:width], atol=1e-4)
-                    assert not x1[row, :, :width - n + 1].any()  # no gap: zeros, then the prompt
+                    assert torch.allclose(
+                        x0[row, :, width - n + 1 : width], x1[row, :, width - n + 1 : width], atol=1e-4
+                    )
+                    assert not x1[row, :, : width - n + 1].any()  # no gap: zeros, then the prompt
         outs = {}
         for reuse in (False, True):
             engine.config = config.model_copy(update={"max_batch_tokens": prefill_tokens, "prefix_reuse": reuse})
-            outs[reuse] = (engine.generate(SHARING, SamplingParams(max_new_tokens=12, stop=("\n\n",))),
-                           engine.generate(SHARING, SamplingParams(max_new_tokens=8, temperature=0.8, n=2, seed=3)))
+            outs[reuse] = (
+                engine.generate(SHARING, SamplingParams(max_new_tokens=12, stop=("\n\n",))),
+                engine.generate(SHARING, SamplingParams(max_new_tokens=8, temperature=0.8, n=2, seed=3)),
+            )
     finally:
         engine.config = config
     for plain_out, reused_out in zip(outs[False], outs[True]):
-        assert [(c.text, c.samples, c.prompt_tokens, c.completion_tokens, c.finish_reason) for c in plain_out] == \
-            [(c.text, c.samples, c.prompt_tokens, c.completion_tokens, c.finish_reason) for c in reused_out]
+        assert [(c.text, c.samples, c.prompt_tokens, c.completion_tokens, c.finish_reason) for c in plain_out] == [
+            (c.text, c.samples, c.prompt_tokens, c.completion_tokens, c.finish_reason) for c in reused_out
+        ]
         assert all(c.cached_tokens == 0 for c in plain_out)
     # batch_size 4: one decode batch; its first prompt computed the opening, the other three reused it
     assert sorted(c.cached_tokens for c in outs[True][0]) == [0, shared, shared, shared]
@@ -141,8 +155,9 @@ def test_soft_tokens_and_a_one_token_prompt_write_the_same_on_both_paths(engine)
     finally:
         engine.split_prefill = True
     assert [c.text for c in split] == [c.text for c in one]
-    assert [c.prompt_tokens for c in split] == [engine.count_tokens(engine.render(r.prompt)) + (2 if r.soft_tokens
-                                                is not None else 0) for r in requests]
+    assert [c.prompt_tokens for c in split] == [
+        engine.count_tokens(engine.render(r.prompt)) + (2 if r.soft_tokens is not None else 0) for r in requests
+    ]
     single = "Hello"
     assert len(engine.formatter.encode(single)) == 1
     mixed = engine.generate([single, PROMPTS[0]], params)
@@ -161,7 +176,10 @@ def test_stop_strings_cut_the_text(engine):
 
 
 def test_prefill_is_continued(engine):
-    prompt = [{"role": "user", "content": "Give JSON with a key 'color'."}, {"role": "assistant", "content": '{"color": "'}]
+    prompt = [
+        {"role": "user", "content": "Give JSON with a key 'color'."},
+        {"role": "assistant", "content": '{"color": "'},
+    ]
     text = engine.render(prompt)
     assert text.endswith('{"color": "')
     out = engine.generate([prompt], SamplingParams(max_new_tokens=8, stop=('"',)))[0]
@@ -224,15 +242,21 @@ def test_the_own_decode_loop_writes_what_generate_writes(engine):
         runs = {}
         for loop in (True, False):
             engine.own_decode = loop
-            runs[loop] = [engine.generate(prompts, p) for p in (
-                SamplingParams(max_new_tokens=16, stop=("\n",)), SamplingParams(max_new_tokens=12, stop=(".",)),
-                SamplingParams(max_new_tokens=10, min_new_tokens=10),
-                SamplingParams(max_new_tokens=6, temperature=1.0, n=3, seed=2))]
+            runs[loop] = [
+                engine.generate(prompts, p)
+                for p in (
+                    SamplingParams(max_new_tokens=16, stop=("\n",)),
+                    SamplingParams(max_new_tokens=12, stop=(".",)),
+                    SamplingParams(max_new_tokens=10, min_new_tokens=10),
+                    SamplingParams(max_new_tokens=6, temperature=1.0, n=3, seed=2),
+                )
+            ]
     finally:
         engine.own_decode = True
     for own, ref in zip(runs[True][:3], runs[False][:3]):
-        assert [(c.text, c.completion_tokens, c.finish_reason) for c in own] == \
-            [(c.text, c.completion_tokens, c.finish_reason) for c in ref]
+        assert [(c.text, c.completion_tokens, c.finish_reason) for c in own] == [
+            (c.text, c.completion_tokens, c.finish_reason) for c in ref
+        ]
     assert all(c.completion_tokens == 10 for c in runs[True][2])
     free = engine.generate(prompts, SamplingParams(max_new_tokens=12))
     stopped = runs[True][1]
@@ -251,8 +275,13 @@ def test_stop_strings_end_where_transformers_criterion_ends_them(formatter):
     from stepback_ray.engines.decoding import StopStrings
 
     tok = formatter.tokenizer
-    cases = [("Title: 日本 is here", ["日"]), ("ok 🙂 done", ["🙂"]), ("a\n\nb", ["\n\n"]),
-             ("x. y. z", ["."]), ("say END now", ["END", "now"])]
+    cases = [
+        ("Title: 日本 is here", ["日"]),
+        ("ok 🙂 done", ["🙂"]),
+        ("a\n\nb", ["\n\n"]),
+        ("x. y. z", ["."]),
+        ("say END now", ["END", "now"]),
+    ]
     for text, stop in cases:
         ids = tok(text, add_special_tokens=False)["input_ids"]
         for cut in range(1, len(ids)):  # the first `cut` ids are the prompt, the rest come one by one
@@ -267,8 +296,7 @@ def test_stop_strings_end_where_transformers_criterion_ends_them(formatter):
 
 def test_sampling_warps_the_scores_as_transformers_does():
     import torch
-    from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
-                                                        TopPLogitsWarper)
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
     from stepback_ray.engines.decoding import warped
 
@@ -296,13 +324,18 @@ def test_the_cpu_decode_kernels_compute_what_sdpa_and_the_lm_head_compute():
     key, value = torch.randn(batch, groups, positions, dim), torch.randn(batch, groups, positions, dim)
     mask = torch.ones(batch, 1, 1, positions, dtype=torch.bool)
     mask[0, ..., :4] = False  # a left-padded row
-    want = F.scaled_dot_product_attention(query, key.repeat_interleave(heads // groups, 1),
-                                          value.repeat_interleave(heads // groups, 1), attn_mask=mask).transpose(1, 2)
+    want = F.scaled_dot_product_attention(
+        query, key.repeat_interleave(heads // groups, 1), value.repeat_interleave(heads // groups, 1), attn_mask=mask
+    ).transpose(1, 2)
     for m in (mask, torch.zeros(mask.shape).masked_fill(~mask, float("-inf")), None):
         got = cpu_decode._attention(query, key, value, m, None)
-        ref = want if m is not None else F.scaled_dot_product_attention(
-            query, key.repeat_interleave(heads // groups, 1),
-            value.repeat_interleave(heads // groups, 1)).transpose(1, 2)
+        ref = (
+            want
+            if m is not None
+            else F.scaled_dot_product_attention(
+                query, key.repeat_interleave(heads // groups, 1), value.repeat_interleave(heads // groups, 1)
+            ).transpose(1, 2)
+        )
         assert got.shape == (batch, 1, heads, dim) and torch.allclose(got, ref, atol=1e-5)
     head = torch.nn.Linear(dim, 50, bias=True)
     hidden = torch.randn(batch, 2, dim)
@@ -331,11 +364,25 @@ def test_the_cpu_attention_kernel_gives_sdpas_decode_step_on_a_grouped_query_mod
     from stepback_ray.engines import build_engine, cpu_decode
     from stepback_ray.engines.models import resolve_model
 
-    config = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 64,
-              "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-              "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "vocab_size": 49152,
-              "tie_word_embeddings": True, "hidden_act": "silu", "use_sliding_window": False, "initializer_range": 0.5,
-              "bos_token_id": 1, "eos_token_id": 2}
+    config = {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "vocab_size": 49152,
+        "tie_word_embeddings": True,
+        "hidden_act": "silu",
+        "use_sliding_window": False,
+        "initializer_range": 0.5,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
     (tmp_path / "config.json").write_text(json.dumps(config))
     AutoTokenizer.from_pretrained(resolve_model("packaged:smollm2-135m-instruct")).save_pretrained(tmp_path)
     eng = build_engine(EngineConfig(model=str(tmp_path), device="cpu", load_format="dummy"))
@@ -349,10 +396,16 @@ def test_the_cpu_attention_kernel_gives_sdpas_decode_step_on_a_grouped_query_mod
     def decode_step(impl: str) -> torch.Tensor:
         model.set_attn_implementation(impl)
         with torch.no_grad():
-            prefill = model.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
-                                  use_cache=True)
-            return model.model(input_ids=ids[:, -1:], attention_mask=mask, position_ids=positions[:, -1:],
-                               use_cache=True, **{eng._cache_kw: prefill[eng._cache_kw]}).last_hidden_state
+            prefill = model.model(
+                input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1], use_cache=True
+            )
+            return model.model(
+                input_ids=ids[:, -1:],
+                attention_mask=mask,
+                position_ids=positions[:, -1:],
+                use_cache=True,
+                **{eng._cache_kw: prefill[eng._cache_kw]},
+            ).last_hidden_state
 
     kernel, sdpa = decode_step(cpu_decode.NAME), decode_step("sdpa")
     assert torch.allclose(kernel, sdpa, atol=1e-5)

@@ -40,13 +40,18 @@ def test_a_fatal_failure_is_raised_never_written_as_rows():
     assert engine.calls == 1  # not retried prompt by prompt: a broken engine fails every prompt
 
 
-@pytest.mark.parametrize("exc,fatal", [
-    (RuntimeError("CUDA error: an illegal memory access was encountered"), True),
-    (RuntimeError("NCCL error: unhandled system error"), True),
-    (type("EngineDeadError", (Exception,), {})("EngineCore encountered an issue"), True),
-    (MemoryError(), True), (TimeoutError("call timed out"), True),
-    (ValueError("prompt too long"), False), (KeyError("x"), False),
-])
+@pytest.mark.parametrize(
+    "exc,fatal",
+    [
+        (RuntimeError("CUDA error: an illegal memory access was encountered"), True),
+        (RuntimeError("NCCL error: unhandled system error"), True),
+        (type("EngineDeadError", (Exception,), {})("EngineCore encountered an issue"), True),
+        (MemoryError(), True),
+        (TimeoutError("call timed out"), True),
+        (ValueError("prompt too long"), False),
+        (KeyError("x"), False),
+    ],
+)
 def test_fatal_failures_are_recognized_by_type_and_message(exc, fatal):
     assert is_fatal(exc) is fatal
 

@@ -17,9 +17,17 @@ from .conftest import REPO
 
 
 def _job(tmp_path, *extra):
-    return load_job(REPO / "jobs" / "demo.yaml", [
-        "engine.kind=dry-run", "limit=6", "ray.users_per_chunk=2", "ray.progress_bars=false",
-        f"output={tmp_path / 'run'}", *extra])
+    return load_job(
+        REPO / "jobs" / "demo.yaml",
+        [
+            "engine.kind=dry-run",
+            "limit=6",
+            "ray.users_per_chunk=2",
+            "ray.progress_bars=false",
+            f"output={tmp_path / 'run'}",
+            *extra,
+        ],
+    )
 
 
 class EchoStage(EngineStage):
@@ -31,8 +39,9 @@ class EchoStage(EngineStage):
         return pa.Table.from_pylist(self.stamp([{**r, "output": c.text} for r, c in zip(rows, done)]))
 
 
-BLOCK = pa.Table.from_pylist([{"chunk_id": "c0", "prompt": "Title: a study of caches"},
-                              {"chunk_id": "c0", "prompt": "Title: batch inference"}])
+BLOCK = pa.Table.from_pylist(
+    [{"chunk_id": "c0", "prompt": "Title: a study of caches"}, {"chunk_id": "c0", "prompt": "Title: batch inference"}]
+)
 
 
 def test_a_host_serves_each_pass_through_its_own_stage_around_one_engine(tmp_path):
@@ -108,7 +117,13 @@ def test_without_kept_engines_each_pass_starts_its_own_engine_actor(ray_local, t
 def test_a_host_dead_past_its_restarts_fails_the_pass_in_one_line(ray_local, tmp_path):
     from stepback_ray.errors import RunFailed
 
-    job = _job(tmp_path, "engine.dry_run_fatal_after=0", "engine.max_restarts=1", "modes=[none]",  # no profiles
-               "limit=2", "run_id=dead")
+    job = _job(
+        tmp_path,
+        "engine.dry_run_fatal_after=0",
+        "engine.max_restarts=1",
+        "modes=[none]",  # no profiles
+        "limit=2",
+        "run_id=dead",
+    )
     with pytest.raises(RunFailed, match=r"the generate pass's engine actor died 2 times \(engine.max_restarts = 1"):
         run_job(job)

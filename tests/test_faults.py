@@ -29,8 +29,14 @@ def test_malformed_records_are_quarantined_and_the_good_ones_all_come_out(ray_lo
     assert r["rows_lost"] == 0 and r["duplicates"] == 0 and r["rows_out"] == 600 and r["bad_users_in_output"] == 0
     assert r["files_outside_output"] == []
     reasons = " | ".join(r["quarantine_reasons"])
-    for expected in ("bad JSON", "invalid UTF-8", "expected text", "over the limit", "path separator",
-                     "expected an object"):
+    for expected in (
+        "bad JSON",
+        "invalid UTF-8",
+        "expected text",
+        "over the limit",
+        "path separator",
+        "expected an object",
+    ):
         assert expected in reasons, (expected, r["quarantine_reasons"])
     assert sum(r["quarantine_reasons"].values()) == bad
     assert r["passed"] is True

@@ -18,10 +18,10 @@ import pytest
 
 from stepback_ray.cli import main
 from stepback_ray.config import StorageConfig, load_job
-from stepback_ray.forget import DENY_LIST, forget
 from stepback_ray.pipeline import run_job, run_profile_job
 from stepback_ray.pipeline.schemas import EMBEDDING_SCHEMA
 from stepback_ray.storage import RunStore
+from stepback_ray.store.forget import DENY_LIST, forget
 
 from .conftest import REPO, SAMPLE, lamp5_users, write_items_parquet
 
@@ -29,11 +29,22 @@ MODES = ["profile+rag", "random-profile", "rag"]
 
 
 def _job(out: str, store: str, run_id: str, storage: dict, modes=MODES, extra=()):
-    return load_job(None, ["engine.kind=dry-run", *extra], data={
-        "name": "forget", "task": "LaMP_5", "modes": modes, "run_id": run_id,
-        "input": {"questions": f"{SAMPLE}_questions.json", "outputs": f"{SAMPLE}_outputs.json"},
-        "output": out, "profile_store": {"uri": store}, "storage": storage,
-        "ray": {"num_shards": 4, "progress_bars": False}, "executor": "in-process"})
+    return load_job(
+        None,
+        ["engine.kind=dry-run", *extra],
+        data={
+            "name": "forget",
+            "task": "LaMP_5",
+            "modes": modes,
+            "run_id": run_id,
+            "input": {"questions": f"{SAMPLE}_questions.json", "outputs": f"{SAMPLE}_outputs.json"},
+            "output": out,
+            "profile_store": {"uri": store},
+            "storage": storage,
+            "ray": {"num_shards": 4, "progress_bars": False},
+            "executor": "in-process",
+        },
+    )
 
 
 def _three_versions_and_a_run(base: str, storage: dict) -> tuple[str, str]:
@@ -45,10 +56,20 @@ def _three_versions_and_a_run(base: str, storage: dict) -> tuple[str, str]:
     result = run_job(_job(run, store, "r3", storage))
     version = result.metrics["profiles"]["version"]
     users = json.loads(Path(f"{SAMPLE}_questions.json").read_text())
-    rows = [{"chunk_id": "00000", "user_id": q["user_id"], "item_ids": ["a"], "vectors": [[0.5, 0.25]],
-             "encoder": "test", "reused": 0} for q in users]
-    RunStore(store, StorageConfig(**storage)).write_table(f"{version}/embeddings/chunk-00000.parquet",
-                                                          pa.Table.from_pylist(rows, schema=EMBEDDING_SCHEMA))
+    rows = [
+        {
+            "chunk_id": "00000",
+            "user_id": q["user_id"],
+            "item_ids": ["a"],
+            "vectors": [[0.5, 0.25]],
+            "encoder": "test",
+            "reused": 0,
+        }
+        for q in users
+    ]
+    RunStore(store, StorageConfig(**storage)).write_table(
+        f"{version}/embeddings/chunk-00000.parquet", pa.Table.from_pylist(rows, schema=EMBEDDING_SCHEMA)
+    )
     return store, run
 
 
@@ -58,7 +79,7 @@ def _parquet(uri: str, storage: dict) -> dict[str, bytes]:
     root = s.root.rstrip("/") + "/"
     if hasattr(s.fs, "invalidate_cache"):
         s.fs.invalidate_cache()
-    return {p[len(root):]: s.fs.cat_file(p) for p in s.fs.find(s.root) if p.endswith(".parquet")}
+    return {p[len(root) :]: s.fs.cat_file(p) for p in s.fs.find(s.root) if p.endswith(".parquet")}
 
 
 def _rows(data: bytes) -> list[dict]:
@@ -68,7 +89,8 @@ def _rows(data: bytes) -> list[dict]:
 def _mentions(row: dict, user: str, texts: list[str]) -> bool:
     blob = json.dumps(row, default=str)
     return user in (row.get("user_id"), *(row.get("user_ids") or []), *(row.get("context_user_ids") or [])) or any(
-        t in blob for t in texts)
+        t in blob for t in texts
+    )
 
 
 def _check_forgotten(base: str, storage: dict, before: dict[str, dict[str, bytes]], user: str, texts: list[str]):
@@ -106,8 +128,9 @@ def test_forget_removes_a_user_everywhere_and_keeps_them_out(tmp_path, request, 
     s = RunStore(store, StorageConfig(**storage))
     stored = [r for d in _parquet(store, storage).values() for r in _rows(d)]
     others = {r.get("profile_text") for r in stored if r.get("user_id") != user}
-    profile_texts = sorted({r["profile_text"] for r in stored if r.get("user_id") == user and r.get("profile_text")}
-                           - others)  # the dry-run engine's texts repeat across users: only the user's own count
+    profile_texts = sorted(
+        {r["profile_text"] for r in stored if r.get("user_id") == user and r.get("profile_text")} - others
+    )  # the dry-run engine's texts repeat across users: only the user's own count
     before = {store: _parquet(store, storage), run: _parquet(run, storage)}
 
     audit = forget(store, [user, "nobody-at-all"], [run], StorageConfig(**storage))
@@ -134,8 +157,9 @@ def test_forget_removes_a_user_everywhere_and_keeps_them_out(tmp_path, request, 
     assert night.manifest["counts"]["forgotten_users"] == 1
     assert night.manifest["counts"]["forgotten_queries"] == len(own_queries)
     version = night.metrics["profiles"]["version"]
-    assert user not in {row["user_id"] for rel in s.list(f"{version}/profiles", ".parquet")
-                        for row in s.read_table(rel).to_pylist()}
+    assert user not in {
+        row["user_id"] for rel in s.list(f"{version}/profiles", ".parquet") for row in s.read_table(rel).to_pylist()
+    }
     again = run_job(_job(f"{base}/runs/r5", store, "r5", storage))
     assert again.manifest["counts"]["queries"] == 20 - len(own_queries)
     assert again.manifest["counts"]["generation_rows"] == (20 - len(own_queries)) * len(MODES)
@@ -169,7 +193,7 @@ def slow(self, rel, table):
     open({str(marker)!r}, "w").close()
     time.sleep(60)
 storage.RunStore.write_table = slow
-from stepback_ray.forget import forget
+from stepback_ray.store.forget import forget
 forget({store!r}, [{user!r}], [{run!r}])
 """
     proc = subprocess.Popen([sys.executable, "-c", script])
@@ -184,8 +208,10 @@ forget({store!r}, [{user!r}], [{run!r}])
     partial = [r for d in _parquet(store, {}).values() for r in _rows(d) if r.get("user_id") == user]
     assert partial, "killed too late: nothing left to finish"
     again = forget(store, [user], [run])
-    assert again["rows_removed"]["profiles"] + again["rows_removed"].get("embeddings", 0) < \
-        clean["rows_removed"]["profiles"] + clean["rows_removed"]["embeddings"]
+    assert (
+        again["rows_removed"]["profiles"] + again["rows_removed"].get("embeddings", 0)
+        < clean["rows_removed"]["profiles"] + clean["rows_removed"]["embeddings"]
+    )
     for sub in ("store", "runs/r3"):
         a, b = _parquet(str(tmp_path / "a" / sub), {}), _parquet(str(tmp_path / "b" / sub), {})
         assert a.keys() == b.keys()
@@ -195,7 +221,8 @@ forget({store!r}, [{user!r}], [{run!r}])
             assert strip == [{k: v for k, v in r.items() if k not in drop} for r in _rows(b[rel])], rel
     for mode in MODES:
         assert RunStore(run, StorageConfig()).read_json(f"predictions/{mode}.json") == RunStore(
-            str(tmp_path / "b" / "runs" / "r3"), StorageConfig()).read_json(f"predictions/{mode}.json")
+            str(tmp_path / "b" / "runs" / "r3"), StorageConfig()
+        ).read_json(f"predictions/{mode}.json")
 
 
 @pytest.mark.parametrize("when", ["before its profiles are written", "after its profiles are written"])
@@ -225,8 +252,9 @@ def test_a_forget_during_a_nightly_run_is_not_undone_by_its_commit(tmp_path, mon
     s = RunStore(store, StorageConfig())
     current = s.read_json("CURRENT.json")["version"]
     assert current == night.metrics["profiles"]["version"]
-    assert user not in {r["user_id"] for rel in s.list(f"{current}/profiles", ".parquet")
-                        for r in s.read_table(rel).to_pylist()}
+    assert user not in {
+        r["user_id"] for rel in s.list(f"{current}/profiles", ".parquet") for r in s.read_table(rel).to_pylist()
+    }
 
 
 def test_a_dataset_input_leaves_forgotten_users_out_and_counts_them(ray_local, tmp_path):
@@ -234,11 +262,21 @@ def test_a_dataset_input_leaves_forgotten_users_out_and_counts_them(ray_local, t
     write_items_parquet(tmp_path / "hist" / "part-0.parquet", users)
 
     def night(run_id):
-        return run_profile_job(load_job(None, ["engine.kind=dry-run", "executor=in-process"], data={
-            "name": "nightly", "task": "LaMP_5", "run_id": run_id,
-            "input": {"format": "parquet", "path": str(tmp_path / "hist"), "layout": "item"},
-            "output": str(tmp_path / "runs" / run_id), "profile_store": {"uri": str(tmp_path / "store")},
-            "ray": {"num_shards": 4, "progress_bars": False}}))
+        return run_profile_job(
+            load_job(
+                None,
+                ["engine.kind=dry-run", "executor=in-process"],
+                data={
+                    "name": "nightly",
+                    "task": "LaMP_5",
+                    "run_id": run_id,
+                    "input": {"format": "parquet", "path": str(tmp_path / "hist"), "layout": "item"},
+                    "output": str(tmp_path / "runs" / run_id),
+                    "profile_store": {"uri": str(tmp_path / "store")},
+                    "ray": {"num_shards": 4, "progress_bars": False},
+                },
+            )
+        )
 
     night("n1")
     gone = users[2]["user_id"]

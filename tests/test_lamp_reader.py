@@ -34,8 +34,7 @@ def test_reads_lamp4_huffpost_dev_with_long_histories():
 
 
 def test_official_shape_without_user_ids():
-    queries = read_lamp(str(FIXTURES / "LaMP_5_questions.json"), str(FIXTURES / "LaMP_5_outputs.json"),
-                        TASKS["LaMP_5"])
+    queries = read_lamp(str(FIXTURES / "LaMP_5_questions.json"), str(FIXTURES / "LaMP_5_outputs.json"), TASKS["LaMP_5"])
     assert [q.query_id for q in queries] == ["310", "311", "312"]
     assert [q.user_id for q in queries] == ["q:310", "q:311", "q:312"]  # each question is its own user
     assert queries[0].gold == "Sparse Attention for Long-Document Transformers"
@@ -45,9 +44,15 @@ def test_official_shape_without_user_ids():
 
 
 def test_user_history_is_union_of_query_profiles(tmp_path):
-    qs = [{"id": "a", "user_id": "u", "input": "x", "profile": [{"id": "1", "title": "t1", "abstract": "a1"}]},
-          {"id": "b", "user_id": "u", "input": "y", "profile": [{"id": "1", "title": "t1", "abstract": "a1"},
-                                                                {"id": "2", "title": "t2", "abstract": "a2"}]}]
+    qs = [
+        {"id": "a", "user_id": "u", "input": "x", "profile": [{"id": "1", "title": "t1", "abstract": "a1"}]},
+        {
+            "id": "b",
+            "user_id": "u",
+            "input": "y",
+            "profile": [{"id": "1", "title": "t1", "abstract": "a1"}, {"id": "2", "title": "t2", "abstract": "a2"}],
+        },
+    ]
     q, o = write_lamp(tmp_path, "u", qs, "LaMP_5", {"a": "ga", "b": "gb"})
     queries = read_lamp(q, o, TASKS["LaMP_5"])
     users = collect_users(queries)
@@ -119,28 +124,46 @@ def test_history_item_missing_a_field_the_task_needs(tmp_path):
 def test_a_duplicate_gold_id_is_an_error_not_last_wins(tmp_path):
     qs = json.loads((FIXTURES / "LaMP_5_questions.json").read_text())
     o = tmp_path / "d_outputs.json"
-    o.write_text(json.dumps({"task": "LaMP_5", "golds": [{"id": "310", "output": "a"}, {"id": "311", "output": "b"},
-                                                         {"id": "312", "output": "c"}, {"id": "310", "output": "z"}]}))
+    o.write_text(
+        json.dumps(
+            {
+                "task": "LaMP_5",
+                "golds": [
+                    {"id": "310", "output": "a"},
+                    {"id": "311", "output": "b"},
+                    {"id": "312", "output": "c"},
+                    {"id": "310", "output": "z"},
+                ],
+            }
+        )
+    )
     q = tmp_path / "d_questions.json"
     q.write_text(json.dumps(qs))
     with pytest.raises(InputError, match=r"d_outputs.json: record '310': field 'id': duplicate gold id"):
         read_lamp(str(q), str(o), TASKS["LaMP_5"])
 
 
-@pytest.mark.parametrize("uid, reason", [
-    ("user\n", "contains a path separator, '..' or a control character"),
-    (" user", "leading or trailing whitespace"),
-    ("../etc", "contains a path separator, '..' or a control character"),
-    ("", "empty"),
-    (["a"], "missing or not text"),  # was taken as no user id (the question's own)
-])
+@pytest.mark.parametrize(
+    "uid, reason",
+    [
+        ("user\n", "contains a path separator, '..' or a control character"),
+        (" user", "leading or trailing whitespace"),
+        ("../etc", "contains a path separator, '..' or a control character"),
+        ("", "empty"),
+        (["a"], "missing or not text"),  # was taken as no user id (the question's own)
+    ],
+)
 def test_lamp_user_ids_follow_the_dataset_rule(tmp_path, uid, reason):
     """One rule for user ids in every reader (stepback_ray.data.rows.user_id_problem)."""
     import re
 
     item = {"id": "1", "title": "t", "abstract": "a"}
-    for n, q in enumerate([{"id": "7", "user_id": uid, "input": "x", "profile": [item]},
-                           {"id": "7", "input": "x", "authors": [{"user_id": uid, "profile": [item]}]}]):
+    for n, q in enumerate(
+        [
+            {"id": "7", "user_id": uid, "input": "x", "profile": [item]},
+            {"id": "7", "input": "x", "authors": [{"user_id": uid, "profile": [item]}]},
+        ]
+    ):
         path, _ = write_lamp(tmp_path, f"u{n}", [q], "LaMP_5", None)
         field = "user_id" if n == 0 else r"authors\[0\].user_id"
         with pytest.raises(InputError, match=rf"record '7': field '{field}': {re.escape(reason)}$"):
@@ -167,13 +190,16 @@ def test_bad_input_fails_before_the_tokenizer_loads(tmp_path, monkeypatch):
     not_lamp.write_text(json.dumps({"hello": "world"}))
     qs = json.loads((FIXTURES / "LaMP_5_questions.json").read_text())
     q_nogold, o_nogold = write_lamp(tmp_path, "nogold", qs, "LaMP_5", {"310": "a", "312": "c"})
-    for q, o, pattern in [(missing, None, "missing_questions.json: file not found"),
-                          (FIXTURES / "LaMP_5_questions.json", tmp_path / "gone_outputs.json",
-                           "gone_outputs.json: file not found"),
-                          (not_lamp, None, "x_questions.json: expected a JSON list"),
-                          (q_nogold, o_nogold, "record '311': field 'id': question has no gold output")]:
-        job = load_job(REPO / "jobs" / "demo.yaml", [f"input.questions={q}", f"input.outputs={o}" if o else
-                                                      "input.outputs=null", f"output={tmp_path / 'out'}"])
+    for q, o, pattern in [
+        (missing, None, "missing_questions.json: file not found"),
+        (FIXTURES / "LaMP_5_questions.json", tmp_path / "gone_outputs.json", "gone_outputs.json: file not found"),
+        (not_lamp, None, "x_questions.json: expected a JSON list"),
+        (q_nogold, o_nogold, "record '311': field 'id': question has no gold output"),
+    ]:
+        job = load_job(
+            REPO / "jobs" / "demo.yaml",
+            [f"input.questions={q}", f"input.outputs={o}" if o else "input.outputs=null", f"output={tmp_path / 'out'}"],
+        )
         with pytest.raises(InputError, match=pattern):
             run_job(job)
     assert not (tmp_path / "out").exists()  # nothing left behind either

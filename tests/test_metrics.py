@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from stepback_ray import metrics
+from stepback_ray.evaluation import metrics
 
 
 def test_rouge_by_hand():

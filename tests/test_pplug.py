@@ -9,13 +9,12 @@ import pandas as pd
 import pytest
 import torch
 
-from stepback_ray.config import load_job
+from stepback_ray.config import StorageConfig, load_job
 from stepback_ray.engines import Request, SamplingParams
 from stepback_ray.errors import StepbackError
 from stepback_ray.pplug.model import PersonaPlug
 from stepback_ray.pplug.training import load_checkpoint, save_checkpoint, train
 from stepback_ray.storage import RunStore
-from stepback_ray.config import StorageConfig
 
 from .conftest import FIXTURES, REPO, SAMPLE, lamp5_users
 
@@ -58,8 +57,10 @@ def test_a_user_with_one_item_gets_that_items_projection():
 def test_soft_tokens_land_before_the_prompt_tokens(engine, split):
     """Capture what the model is fed first: pads, then the two soft tokens, then the prompt's own embeddings (all
     but the last token where the prefill is split from the decoding, which feeds that token)."""
-    prompts = [[{"role": "user", "content": "Name a color."}],
-               [{"role": "user", "content": "Write a title for a paper about graph neural networks."}]]
+    prompts = [
+        [{"role": "user", "content": "Name a color."}],
+        [{"role": "user", "content": "Write a title for a paper about graph neural networks."}],
+    ]
     d = engine.model.get_input_embeddings().weight.shape[1]
     soft = [np.full((2, d), 0.5, dtype=np.float32), None]
     seen = {}
@@ -87,7 +88,7 @@ def test_soft_tokens_land_before_the_prompt_tokens(engine, split):
         start = width - n
         assert mask[row, :start].sum() == 0 and mask[row, start:].all()
         if soft[i] is not None:
-            assert torch.allclose(embeds[row, start:start + 2], torch.full((2, d), 0.5))
+            assert torch.allclose(embeds[row, start : start + 2], torch.full((2, d), 0.5))
             start += 2
         assert torch.allclose(embeds[row, start:], table[torch.tensor(fed[i])])
     assert outs[0].prompt_tokens == len(ids[0]) + 2 and outs[1].prompt_tokens == len(ids[1])
@@ -105,12 +106,23 @@ def test_checkpoint_round_trip(tmp_path):
 
 
 def tiny_training_job(out, *extra: str):
-    return load_job(REPO / "jobs" / "train_pplug.yaml", [
-        f"output={out}", f"pplug.train_questions={SAMPLE}_questions.json",
-        f"pplug.train_outputs={SAMPLE}_outputs.json", "pplug.val_users=2", "pplug.batch_size=4",
-        "pplug.eval_every=1", "pplug.max_input_tokens=64", "pplug.epochs=0.5", "pplug.encoder_max_tokens=64",
-        "pplug.max_train_users=16",
-        "pplug.max_items=8", *extra])  # 8 history items of 64 encoder tokens a user: encoding was half the time
+    return load_job(
+        REPO / "jobs" / "train_pplug.yaml",
+        [
+            f"output={out}",
+            f"pplug.train_questions={SAMPLE}_questions.json",
+            f"pplug.train_outputs={SAMPLE}_outputs.json",
+            "pplug.val_users=2",
+            "pplug.batch_size=4",
+            "pplug.eval_every=1",
+            "pplug.max_input_tokens=64",
+            "pplug.epochs=0.5",
+            "pplug.encoder_max_tokens=64",
+            "pplug.max_train_users=16",
+            "pplug.max_items=8",
+            *extra,
+        ],
+    )  # 8 history items of 64 encoder tokens a user: encoding was half the time
 
 
 @pytest.fixture(scope="module")
@@ -145,8 +157,10 @@ def test_interrupted_training_resumes_to_the_same_weights(tiny_checkpoint, tmp_p
     assert any(m.startswith("resuming from the snapshot at step 1/2") for m in messages)
     assert not any(m.startswith("step 1/2") for m in messages)  # step 1 was not redone
     assert resumed["resumed_from_step"] == 1 and not (cut / "checkpoint" / "resume.pt").exists()
-    assert json.loads((cut / "training.json").read_text())["history"] == \
-        json.loads((whole / "training.json").read_text())["history"]
+    assert (
+        json.loads((cut / "training.json").read_text())["history"]
+        == json.loads((whole / "training.json").read_text())["history"]
+    )
     a, _ = load_checkpoint(str(whole), StorageConfig())
     b, _ = load_checkpoint(str(cut), StorageConfig())
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
@@ -171,10 +185,19 @@ def test_pplug_modes_in_the_pipeline_with_an_empty_history(tiny_checkpoint, tmp_
     from stepback_ray.pipeline import run_job
 
     ckpt, _ = tiny_checkpoint
-    job = load_job(REPO / "jobs" / "demo.yaml", [
-        f"input.questions={FIXTURES / 'LaMP_5_questions.json'}", f"input.outputs={FIXTURES / 'LaMP_5_outputs.json'}",
-        f"output={tmp_path / 'run'}", "modes=[none, pplug, pplug+profile]", f"pplug.checkpoint={ckpt}",
-        "generation.max_new_tokens=12", "profile.max_new_tokens=32", "executor=in-process"])
+    job = load_job(
+        REPO / "jobs" / "demo.yaml",
+        [
+            f"input.questions={FIXTURES / 'LaMP_5_questions.json'}",
+            f"input.outputs={FIXTURES / 'LaMP_5_outputs.json'}",
+            f"output={tmp_path / 'run'}",
+            "modes=[none, pplug, pplug+profile]",
+            f"pplug.checkpoint={ckpt}",
+            "generation.max_new_tokens=12",
+            "profile.max_new_tokens=32",
+            "executor=in-process",
+        ],
+    )
     result = run_job(job)
     gens = pd.read_parquet(tmp_path / "run" / "generations")
     assert len(gens) == 9 and set(gens["status"]) == {"ok"}
@@ -204,10 +227,19 @@ def test_pplug_random_serves_the_donors_soft_token_with_the_users_own_input(tiny
     from stepback_ray.pipeline.generation_pass import GenerationPlanStage
 
     ckpt, _ = tiny_checkpoint
-    job = load_job(REPO / "jobs" / "demo.yaml", [
-        f"input.questions={SAMPLE}_questions.json", f"input.outputs={SAMPLE}_outputs.json", "limit=4",
-        f"output={tmp_path / 'run'}", "modes=[pplug, pplug-random]", f"pplug.checkpoint={ckpt}", "ray.num_shards=1",
-        "ray.progress_bars=false"])
+    job = load_job(
+        REPO / "jobs" / "demo.yaml",
+        [
+            f"input.questions={SAMPLE}_questions.json",
+            f"input.outputs={SAMPLE}_outputs.json",
+            "limit=4",
+            f"output={tmp_path / 'run'}",
+            "modes=[pplug, pplug-random]",
+            f"pplug.checkpoint={ckpt}",
+            "ray.num_shards=1",
+            "ray.progress_bars=false",
+        ],
+    )
     work = pl.prepare_work(job, needs_profiles=False)
     at = pl.ProfilesAt(job.output_uri, "profiles")
     commit_embeddings(EmbedStage(job, at)(pa.Table.from_pylist(work.profile_chunks)), job, at)
@@ -223,7 +255,7 @@ def test_pplug_random_serves_the_donors_soft_token_with_the_users_own_input(tiny
     history = {u["user_id"]: u["history"] for u in lamp5_users(4)}
     assert stage.plug.max_items == 8 and max(len(vectors[d]) for d in pairs.values()) > 8  # a history is cut
     for user, donor in pairs.items():  # the donor's newest max_items items
-        newest = [vectors[donor][it["id"]] for it in most_recent_first(history[donor])][:stage.plug.max_items]
+        newest = [vectors[donor][it["id"]] for it in most_recent_first(history[donor])][: stage.plug.max_items]
         expected = stage.plug.soft_tokens([(inputs[user], newest)])[0]
         np.testing.assert_allclose(soft[(user, "pplug-random")], expected, rtol=1e-5, atol=1e-6)
         assert not np.allclose(soft[(user, "pplug-random")], soft[(user, "pplug")])

@@ -35,11 +35,21 @@ def test_prefix_ordered_calls_send_shared_prefixes_together_and_answer_in_the_ca
 
 
 def _job(tmp_path, name, extra=()):
-    return load_job(None, ["engine.kind=dry-run", *extra], data={
-        "name": "prefix", "task": "LaMP_5", "modes": ["profile", "profile+rag", "random-profile"], "limit": 8,
-        "input": {"questions": f"{SAMPLE}_questions.json", "outputs": f"{SAMPLE}_outputs.json"},
-        "output": str(tmp_path / name), "run_id": "r", "executor": "in-process",
-        "ray": {"num_shards": 2, "progress_bars": False}})
+    return load_job(
+        None,
+        ["engine.kind=dry-run", *extra],
+        data={
+            "name": "prefix",
+            "task": "LaMP_5",
+            "modes": ["profile", "profile+rag", "random-profile"],
+            "limit": 8,
+            "input": {"questions": f"{SAMPLE}_questions.json", "outputs": f"{SAMPLE}_outputs.json"},
+            "output": str(tmp_path / name),
+            "run_id": "r",
+            "executor": "in-process",
+            "ray": {"num_shards": 2, "progress_bars": False},
+        },
+    )
 
 
 def test_reordering_changes_no_row_and_the_dry_run_counts_what_the_cache_would_serve(tmp_path):
@@ -47,21 +57,24 @@ def test_reordering_changes_no_row_and_the_dry_run_counts_what_the_cache_would_s
 
     on, off = run_job(_job(tmp_path, "on")), run_job(_job(tmp_path, "off", ["engine.prefix_order=false"]))
     cols = ["query_id", "mode", "prompt", "raw_output", "output", "score", "prompt_tokens"]
-    a, b = (pd.read_parquet(tmp_path / d / "generations").sort_values(["query_id", "mode"])[cols]
-            .reset_index(drop=True) for d in ("on", "off"))
+    a, b = (
+        pd.read_parquet(tmp_path / d / "generations").sort_values(["query_id", "mode"])[cols].reset_index(drop=True)
+        for d in ("on", "off")
+    )
     pd.testing.assert_frame_equal(a, b)
     for result in (on, off):
         for m in result.metrics["modes"].values():  # the system prompt and profile are shared: blocks served
             assert 0 < m["cached_prompt_tokens"] < m["prompt_tokens"]
         prof = result.metrics["profiles"]
         assert 0 < prof["cached_prompt_tokens"] < prof["prompt_tokens"]  # the step-back prompt's shared opening
-    cached = {k: sum(m["cached_prompt_tokens"] for m in r.metrics["modes"].values()) for k, r in (("on", on),
-                                                                                                  ("off", off))}
+    cached = {
+        k: sum(m["cached_prompt_tokens"] for m in r.metrics["modes"].values()) for k, r in (("on", on), ("off", off))
+    }
     assert cached["on"] >= cached["off"]  # sorted, each prompt follows the one it shares most with
 
 
 def test_plan_reports_the_prefix_cache_estimate(tmp_path):
-    from stepback_ray.planning import plan_job
+    from stepback_ray.pipeline.estimate import plan_job
 
     plan = plan_job(_job(tmp_path, "plan"), tokens_per_s=1000.0)
     pc = plan["prefix_cache"]

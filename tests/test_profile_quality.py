@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from stepback_ray import profile_quality as pq
-from stepback_ray.history_facts import LabelHabits, RatingHabits, TextHabits
+from stepback_ray.profiling import quality as pq
 from stepback_ray.profiling import render_profile
 from stepback_ray.tasks import TASKS
+from stepback_ray.tasks.habits import LabelHabits, RatingHabits, TextHabits
 
 LAMP5 = TASKS["LaMP_5"]
 
@@ -21,8 +21,12 @@ HISTORIES = {
 
 def test_identifiability_finds_each_user_from_a_profile_about_them():
     users = list(HISTORIES)
-    profiles = ["galaxy, dark matter, redshift", "protein folding, gene expression", "legal documents, court rulings",
-                "catalyst discovery, reaction yield"]
+    profiles = [
+        "galaxy, dark matter, redshift",
+        "protein folding, gene expression",
+        "legal documents, court rulings",
+        "catalyst discovery, reaction yield",
+    ]
     histories = [" ".join(HISTORIES[u]) for u in users]
     got = pq.identifiability(profiles, histories)
     assert got == {"users": 4, "top1": 1.0, "mrr": 1.0, "chance_top1": 0.25, "chance_mrr": 0.5208}
@@ -49,8 +53,10 @@ def test_identifiability_needs_two_users():
 
 
 def test_grounding_counts_keywords_found_in_the_users_own_history():
-    got = pq.grounding([["protein folding", "gene expression", "quantum gravity"], ["legal documents", "torts"]],
-                       [" ".join(HISTORIES["bio"]), " ".join(HISTORIES["law"])])
+    got = pq.grounding(
+        [["protein folding", "gene expression", "quantum gravity"], ["legal documents", "torts"]],
+        [" ".join(HISTORIES["bio"]), " ".join(HISTORIES["law"])],
+    )
     assert got == {"users": 2, "keywords_grounded": round((2 / 3 + 1 / 2) / 2, 4)}
     assert pq.grounding([[], ["the", "of"]], ["a", "b"]) == {"users": 0, "keywords_grounded": None}
 
@@ -68,12 +74,18 @@ def test_copied_from_example_catches_the_worked_example_and_its_prefixes():
 
 def test_measure_over_users_reports_every_measure():
     schema = LAMP5.profile
-    users = [({"keywords": ["galaxy", "redshift"], "topics": ["cosmology"], "style": schema.example_profile["style"]},
-              [{"id": "a1", "title": "Galaxy cluster redshift survey", "abstract": "We survey galaxy clusters."}]),
-             ({"keywords": ["protein folding"], "topics": ["biology"], "style": "Plain descriptive titles."},
-              [{"id": "b1", "title": "Protein folding with language models", "abstract": "We fold proteins."}]),
-             (None, [{"id": "c1", "title": "Court ruling summarization", "abstract": "Legal text."}]),
-             (None, [])]  # an empty history is left out
+    users = [
+        (
+            {"keywords": ["galaxy", "redshift"], "topics": ["cosmology"], "style": schema.example_profile["style"]},
+            [{"id": "a1", "title": "Galaxy cluster redshift survey", "abstract": "We survey galaxy clusters."}],
+        ),
+        (
+            {"keywords": ["protein folding"], "topics": ["biology"], "style": "Plain descriptive titles."},
+            [{"id": "b1", "title": "Protein folding with language models", "abstract": "We fold proteins."}],
+        ),
+        (None, [{"id": "c1", "title": "Court ruling summarization", "abstract": "Legal text."}]),
+        (None, []),
+    ]  # an empty history is left out
     got = pq.measure(LAMP5, users, lambda p: render_profile(p, LAMP5, habits=False), lambda p: render_profile(p, LAMP5))
     assert got["identifiability"]["users"] == 3 and got["identifiability"]["top1"] == pytest.approx(2 / 3, abs=1e-4)
     assert got["grounding"] == {"users": 2, "keywords_grounded": 1.0}
@@ -81,16 +93,28 @@ def test_measure_over_users_reports_every_measure():
 
 
 def test_title_habits_measure_length_colon_case_and_recurring_words():
-    items = [{"title": t} for t in ("GraphNet: Message Passing for Molecules", "MolGen: Diffusion Models for Molecules",
-                                    "Scaling Laws of Molecule Property Prediction Models",
-                                    "Atlas: A Benchmark for Molecules")]
+    items = [
+        {"title": t}
+        for t in (
+            "GraphNet: Message Passing for Molecules",
+            "MolGen: Diffusion Models for Molecules",
+            "Scaling Laws of Molecule Property Prediction Models",
+            "Atlas: A Benchmark for Molecules",
+        )
+    ]
     facts = TextHabits("title", "titles", "Title habits")(items)
     assert facts[0] == "Titles are 5-6 words long (median 5)"
     assert facts[1] == "3 of 4 titles have the form 'Name: description' (names such as GraphNet, MolGen, Atlas)"
     assert "Written in Title Case" in facts
     assert facts[-1] == "Recurring words: molecules (3), models (2)"
-    lower = [{"title": t} for t in ("a study of things in the world today", "another study of more things here",
-                                    "yet more things to study in depth")]
+    lower = [
+        {"title": t}
+        for t in (
+            "a study of things in the world today",
+            "another study of more things here",
+            "yet more things to study in depth",
+        )
+    ]
     facts = TextHabits("title", "titles", "Title habits")(lower)
     assert "none of 3 titles use a colon" not in facts  # under four texts: no colon fact either way
     assert "Written in sentence case (only the first word capitalized)" in facts
@@ -101,7 +125,8 @@ def test_title_habits_measure_length_colon_case_and_recurring_words():
 def test_label_and_rating_habits():
     tags = [{"tag": t} for t in ("comedy", "comedy", "action", "classic", "comedy")]
     assert LabelHabits("tag", "tags", "Tagging habits")(tags) == [
-        "Tags given over 5 items: comedy (3), action (1), classic (1)"]
+        "Tags given over 5 items: comedy (3), action (1), classic (1)"
+    ]
     scores = [{"score": s} for s in ("5", "4", "5", "not a number", "1")]
     assert RatingHabits("score")(scores) == ["Average score 3.8 over 4 reviews (scores given: 1: 1, 4: 1, 5: 2)"]
 

@@ -16,11 +16,15 @@ from .conftest import SAMPLE, lamp5_users, write_items_parquet
 
 
 def _job(tmp_path, run_id, extra=(), engine=("engine.kind=dry-run",)):
-    data = {"name": "nightly", "task": "LaMP_5",
-            "input": {"format": "parquet", "path": str(tmp_path / "hist"), "layout": "item"},
-            "output": str(tmp_path / "runs" / "{run_id}"), "run_id": run_id,
-            "profile_store": {"uri": str(tmp_path / "store"), "full_rebuild_every": 3},
-            "ray": {"num_shards": 4, "progress_bars": False}}
+    data = {
+        "name": "nightly",
+        "task": "LaMP_5",
+        "input": {"format": "parquet", "path": str(tmp_path / "hist"), "layout": "item"},
+        "output": str(tmp_path / "runs" / "{run_id}"),
+        "run_id": run_id,
+        "profile_store": {"uri": str(tmp_path / "store"), "full_rebuild_every": 3},
+        "ray": {"num_shards": 4, "progress_bars": False},
+    }
     return load_job(None, [*engine, *extra], data=data)
 
 
@@ -28,8 +32,14 @@ def _grow(users, n):
     """A new, more recent item for the first ``n`` users (what a night of activity looks like)."""
     out = copy.deepcopy(users)
     for u in out[:n]:
-        u["history"].append({"id": f"{u['user_id']}-new", "title": "A New Paper On Something Else",
-                             "abstract": "We study something else entirely, with new methods.", "date": "2026-11-21"})
+        u["history"].append(
+            {
+                "id": f"{u['user_id']}-new",
+                "title": "A New Paper On Something Else",
+                "abstract": "We study something else entirely, with new methods.",
+                "date": "2026-11-21",
+            }
+        )
     return out
 
 
@@ -100,8 +110,9 @@ def test_full_rebuild_every_n_runs_recomputes_incremental_profiles(ray_local, tm
     # a run interrupted while building on night1 is not finished on top of night4 (that would roll it back)
     late = store / v1.replace("run=night1", "run=late")
     late.mkdir(parents=True)
-    (late / "started.json").write_text(json.dumps({"run_id": "late", "previous": v1,
-                                                   "output": str(tmp_path / "runs" / "late")}))
+    (late / "started.json").write_text(
+        json.dumps({"run_id": "late", "previous": v1, "output": str(tmp_path / "runs" / "late")})
+    )
     with pytest.raises(Exception, match="roll the store back"):
         run_profile_job(_job(tmp_path, "late"))
     assert json.loads((store / "CURRENT.json").read_text())["run_id"] == "night4"
@@ -131,8 +142,12 @@ def test_nightly_wall_time_with_the_real_model(ray_local, tmp_path):
     run. Prints the measured ratio (recorded in docs/benchmarks.md)."""
     users = lamp5_users(200)
     write_items_parquet(tmp_path / "hist" / "part-0.parquet", users)
-    real = ("profile.history_token_budget=512", "profile.max_item_tokens=96", "profile.max_new_tokens=48",
-            "profile.max_parts=1")
+    real = (
+        "profile.history_token_budget=512",
+        "profile.max_item_tokens=96",
+        "profile.max_new_tokens=48",
+        "profile.max_parts=1",
+    )
     t0 = time.time()
     run_profile_job(_job(tmp_path, "full", real, engine=()))
     full = time.time() - t0
@@ -149,22 +164,35 @@ def test_a_run_that_failed_after_committing_its_profiles_resumes(tmp_path):
     """A ``run`` with a profile store commits the store version before generating; if generation then fails
     (here: its manifest and one generation chunk are gone, as after a crash), the same command resumes it: the
     committed profiles are reused as they are, only the missing chunk is generated."""
-    job = load_job(None, ["engine.kind=dry-run"], data={
-        "name": "resume", "task": "LaMP_5", "modes": ["profile"], "run_id": "r1",
-        "input": {"questions": f"{SAMPLE}_questions.json", "outputs": f"{SAMPLE}_outputs.json"},
-        "output": str(tmp_path / "out"), "profile_store": {"uri": str(tmp_path / "store")},
-        "ray": {"num_shards": 4, "progress_bars": False}, "executor": "in-process"})
+    job = load_job(
+        None,
+        ["engine.kind=dry-run"],
+        data={
+            "name": "resume",
+            "task": "LaMP_5",
+            "modes": ["profile"],
+            "run_id": "r1",
+            "input": {"questions": f"{SAMPLE}_questions.json", "outputs": f"{SAMPLE}_outputs.json"},
+            "output": str(tmp_path / "out"),
+            "profile_store": {"uri": str(tmp_path / "store")},
+            "ray": {"num_shards": 4, "progress_bars": False},
+            "executor": "in-process",
+        },
+    )
     first = run_job(job)
     gens = sorted((tmp_path / "out" / "generations").glob("chunk-*.parquet"))
     gens[0].unlink()
     (tmp_path / "out" / "manifest.json").unlink()
     again = run_job(job)
-    assert again.manifest["resumed"] and again.manifest["chunks_committed_this_run"] == {"profiles": 0,
-                                                                                         "generations": 1}
+    assert again.manifest["resumed"] and again.manifest["chunks_committed_this_run"] == {
+        "profiles": 0,
+        "generations": 1,
+    }
     assert again.metrics["profiles"]["version"] == first.metrics["profiles"]["version"]
     same = ("queries", "rouge-1", "rouge-L", "statuses")
     assert {k: again.metrics["modes"]["profile"][k] for k in same} == {
-        k: first.metrics["modes"]["profile"][k] for k in same}
+        k: first.metrics["modes"]["profile"][k] for k in same
+    }
 
 
 def test_a_profile_the_engine_failed_on_is_retried_the_next_night(ray_local, tmp_path):
@@ -175,8 +203,9 @@ def test_a_profile_the_engine_failed_on_is_retried_the_next_night(ray_local, tmp
     write_items_parquet(tmp_path / "hist" / "part-0.parquet", users)
     # 1 of 6 profiles failing is within a 0.2 error budget: the night commits, the failed profile marked
     # the dataset is staged on Ray, the passes run in process (the store's logic, not Ray, is under test here)
-    first = run_profile_job(_job(tmp_path, "n1", ["engine.dry_run_fail_marker=ZZFAILZZ", "max_error_fraction=0.2",
-                                                  "executor=in-process"])).metrics["profiles"]
+    first = run_profile_job(
+        _job(tmp_path, "n1", ["engine.dry_run_fail_marker=ZZFAILZZ", "max_error_fraction=0.2", "executor=in-process"])
+    ).metrics["profiles"]
     assert first["statuses"].get("error") == 1
     second = run_profile_job(_job(tmp_path, "n2", ["executor=in-process"])).metrics["profiles"]
     assert second["origins"] == {"new": 0, "recomputed": 1, "incremental": 0, "carried": 5}
@@ -200,7 +229,7 @@ def test_two_jobs_from_one_version_commit_one_and_fail_the_other_loud_local_and_
     """CURRENT.json is a compare-and-swap (no Ray: the store functions directly): of two nights that opened the
     store at the same version, the first commit wins and the second names the version that beat it."""
     from stepback_ray.errors import RunFailed
-    from stepback_ray.profile_store import commit_version, open_version
+    from stepback_ray.store.versions import commit_version, open_version
 
     endpoint, bucket, creds = s3_bucket
     for uri in (str(tmp_path / "store"), f"s3://{bucket}/store"):

@@ -47,7 +47,7 @@ def test_selection_is_most_recent_first_and_fills_the_budget(formatter):
     dates = [date[c.item_id] for c in chosen]
     assert dates == sorted(dates, reverse=True)
     newest = profiling.most_recent_first(user.history)
-    assert [c.item_id for c in chosen] == [it["id"] for it in newest[:len(chosen)]]
+    assert [c.item_id for c in chosen] == [it["id"] for it in newest[: len(chosen)]]
     # the next item would not have fit
     nxt = newest[len(chosen)]
     nxt_tokens = formatter.count_tokens(formatter.truncate(TASK.profile_item(nxt), cfg.max_item_tokens)) + 2
@@ -80,19 +80,29 @@ def test_the_contrast_prompt_shows_two_examples_whose_styles_differ(task):
     assert set(schema.contrast_profile) == set(schema.fields) and schema.contrast_items
     assert schema.contrast_profile["style"] != schema.example_profile["style"]
     assert [m["role"] for m in profiling.profile_messages(task, ["Title: X"], example="none")] == [
-        "system", "user", "assistant"]
+        "system",
+        "user",
+        "assistant",
+    ]
 
 
 def test_parse_clean_json():
     prof, status = profiling.parse_profile(
         'graph learning", "molecules"], "topics": ["drug discovery"], "style": "Short, method-first titles."}',
-        TASK.profile)
+        TASK.profile,
+    )
     assert status == "ok"
-    assert prof == {"keywords": ["graph learning", "molecules"], "topics": ["drug discovery"],
-                    "style": "Short, method-first titles."}
+    assert prof == {
+        "keywords": ["graph learning", "molecules"],
+        "topics": ["drug discovery"],
+        "style": "Short, method-first titles.",
+    }
     text = profiling.render_profile(prof, TASK)
-    assert text.splitlines() == ["Keywords: graph learning, molecules", "Research topics: drug discovery",
-                                 "Title style: Short, method-first titles."]
+    assert text.splitlines() == [
+        "Keywords: graph learning, molecules",
+        "Research topics: drug discovery",
+        "Title style: Short, method-first titles.",
+    ]
     with_habits = profiling.render_profile({**prof, "habits": ["Titles are 8-12 words long (median 10)"]}, TASK)
     assert with_habits.splitlines()[-1] == "Title habits: Titles are 8-12 words long (median 10)"
     assert profiling.render_profile({**prof, "habits": ["x"]}, TASK, habits=False) == text
@@ -101,7 +111,8 @@ def test_parse_clean_json():
 def test_parse_repairs_broken_json_and_dedupes():
     # unbalanced brackets, a repeated keyword, a list where a string belongs, a missing field
     prof, status = profiling.parse_profile(
-        'RL", "rl", "robots"], "style": ["terse", "playful"]], "extra": 1', TASK.profile)
+        'RL", "rl", "robots"], "style": ["terse", "playful"]], "extra": 1', TASK.profile
+    )
     assert status == "partial"
     assert prof["keywords"] == ["RL", "robots"]
     assert prof["topics"] == []
@@ -123,8 +134,15 @@ def test_fingerprint_covers_history_settings_and_every_engine_key_that_changes_a
     assert base != profiling.fingerprint(h + [{"id": "2", "title": "u", "abstract": "b"}], eng, cfg, "LaMP_5")
     assert base != profiling.fingerprint(h, eng, ProfileConfig(history_token_budget=400), "LaMP_5")
     assert base != profiling.fingerprint(h, eng, cfg, "LaMP_4")
-    changes = {"kind": "vllm", "model": "other-model", "dtype": "float16", "load_format": "dummy",
-               "max_model_len": 2048, "prompt_family": "plain", "vllm.structured_output": False}
+    changes = {
+        "kind": "vllm",
+        "model": "other-model",
+        "dtype": "float16",
+        "load_format": "dummy",
+        "max_model_len": 2048,
+        "prompt_family": "plain",
+        "vllm.structured_output": False,
+    }
     assert set(changes) == set(profiling.PROFILE_ENGINE_KEYS)  # every declared key tested
     for key, value in changes.items():
         data = eng.model_dump()
@@ -143,8 +161,15 @@ def test_fingerprint_covers_history_settings_and_every_engine_key_that_changes_a
 
 # ---------------------------------------------------------------------------------------------- map-reduce
 def _long_history(n: int) -> list[dict]:
-    return [{"id": f"i{k}", "title": f"Paper number {k} on topic {k % 3}", "abstract": f"We study problem {k}. " * 6,
-             "date": f"20{10 + k // 12:02d}-{k % 12 + 1:02d}-01"} for k in range(n)]
+    return [
+        {
+            "id": f"i{k}",
+            "title": f"Paper number {k} on topic {k % 3}",
+            "abstract": f"We study problem {k}. " * 6,
+            "date": f"20{10 + k // 12:02d}-{k % 12 + 1:02d}-01",
+        }
+        for k in range(n)
+    ]
 
 
 def test_long_history_is_planned_into_parts_that_each_fit_the_budget(formatter):
@@ -156,11 +181,13 @@ def test_long_history_is_planned_into_parts_that_each_fit_the_budget(formatter):
         assert sum(s.tokens for s in part) <= cfg.history_token_budget
     order = [s.item_id for p in plan.parts for s in p]
     assert order == [it["id"] for it in profiling.most_recent_first(history)]
-    capped = profiling.plan_profile("u", history, TASK, ProfileConfig(history_token_budget=300, max_item_tokens=80,
-                                                                      max_parts=2), formatter)
+    capped = profiling.plan_profile(
+        "u", history, TASK, ProfileConfig(history_token_budget=300, max_item_tokens=80, max_parts=2), formatter
+    )
     assert len(capped.parts) == 2 and capped.items_dropped == 40 - capped.items_used
-    single = profiling.plan_profile("u", history, TASK, ProfileConfig(history_token_budget=300, max_item_tokens=80,
-                                                                      map_reduce=False), formatter)
+    single = profiling.plan_profile(
+        "u", history, TASK, ProfileConfig(history_token_budget=300, max_item_tokens=80, map_reduce=False), formatter
+    )
     assert single.parts == plan.parts[:1]
     assert profiling.ProfilePlan.from_dict(plan.to_dict()) == plan
 
@@ -194,8 +221,9 @@ def test_distiller_map_reduce_calls_grow_linearly(dry_engine):  # the call struc
 
 def test_style_notes_are_one_call_per_item_and_reach_the_profile_prompt(dry_engine):
     engine = dry_engine
-    cfg = ProfileConfig(history_token_budget=400, max_item_tokens=60, max_new_tokens=24, style_notes=True,
-                        note_max_new_tokens=12)
+    cfg = ProfileConfig(
+        history_token_budget=400, max_item_tokens=60, max_new_tokens=24, style_notes=True, note_max_new_tokens=12
+    )
     plan = profiling.plan_profile("u", _long_history(3), TASK, cfg, engine)
     (res,) = profiling.Distiller(TASK, cfg, engine, engine.generate).run([plan])
     assert len(res.notes) == 3 and res.llm_calls == 3 + len(plan.parts)

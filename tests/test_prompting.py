@@ -9,8 +9,8 @@ import pytest
 from stepback_ray.config import EngineConfig, MultiAuthorConfig, RetrievalConfig
 from stepback_ray.data import Query, donors, read_lamp
 from stepback_ray.engines.formatting import PromptFormatter
-from stepback_ray.prompting import merge_prompt, plan_generation
-from stepback_ray.retrieval import BM25Retriever, MemoRetriever
+from stepback_ray.generation.prompting import merge_prompt, plan_generation
+from stepback_ray.generation.retrieval import BM25Retriever, MemoRetriever
 from stepback_ray.tasks import TASKS
 
 from .conftest import FIXTURES
@@ -19,21 +19,42 @@ RET = RetrievalConfig(top_k=2)
 
 
 def _q(task: str, i: int = 0) -> Query:
-    return read_lamp(str(FIXTURES / f"{task}_questions.json"), str(FIXTURES / f"{task}_outputs.json"),
-                     TASKS[task])[i]
+    return read_lamp(str(FIXTURES / f"{task}_questions.json"), str(FIXTURES / f"{task}_outputs.json"), TASKS[task])[i]
 
 
-def _plan(formatter, task, q, mode, profiles=None, donor_info=None, multi=MultiAuthorConfig(), ret=RET,
-          max_new=16, retriever=None):
-    return plan_generation(TASKS[task], q, mode, profiles or {}, donor_info or {}, ret, multi,
-                           retriever or BM25Retriever(), formatter, max_new)
+def _plan(
+    formatter,
+    task,
+    q,
+    mode,
+    profiles=None,
+    donor_info=None,
+    multi=MultiAuthorConfig(),
+    ret=RET,
+    max_new=16,
+    retriever=None,
+):
+    return plan_generation(
+        TASKS[task],
+        q,
+        mode,
+        profiles or {},
+        donor_info or {},
+        ret,
+        multi,
+        retriever or BM25Retriever(),
+        formatter,
+        max_new,
+    )
 
 
 def test_modes_show_exactly_what_they_name(formatter):
     q = _q("LaMP_5")
     profiles = {q.user_id: "Keywords: efficient attention"}
-    text = {m: formatter.render(_plan(formatter, "LaMP_5", q, m, profiles).prompts[0].prompt)
-            for m in ("none", "rag", "profile", "profile+rag")}
+    text = {
+        m: formatter.render(_plan(formatter, "LaMP_5", q, m, profiles).prompts[0].prompt)
+        for m in ("none", "rag", "profile", "profile+rag")
+    }
     item_title = "Linear-Time Attention for Long Documents"  # the best BM25 match in the user's history
     assert "efficient attention" not in text["none"] and item_title not in text["none"]
     assert "efficient attention" not in text["rag"] and item_title in text["rag"]
@@ -84,11 +105,12 @@ def test_items_without_outputs_are_shown_as_context(formatter):
 def test_context_budget_drops_least_relevant_items_and_flags_it(formatter):
     q = _q("LaMP_5")
     full = _plan(formatter, "LaMP_5", q, "rag", ret=RetrievalConfig(top_k=3))
-    tight = PromptFormatter(EngineConfig(max_model_len=formatter.count_tokens(
-        formatter.render(full.prompts[0].prompt)) - 30))
+    tight = PromptFormatter(
+        EngineConfig(max_model_len=formatter.count_tokens(formatter.render(full.prompts[0].prompt)) - 30)
+    )
     cut = _plan(tight, "LaMP_5", q, "rag", ret=RetrievalConfig(top_k=3), max_new=16)
     assert cut.truncated and len(cut.retrieved_ids) < 3
-    assert cut.retrieved_ids == full.retrieved_ids[:len(cut.retrieved_ids)]  # the best kept
+    assert cut.retrieved_ids == full.retrieved_ids[: len(cut.retrieved_ids)]  # the best kept
     assert any(n.startswith("truncated:") for n in cut.all_notes())
     assert q.input.split(": ", 1)[1] in tight.render(cut.prompts[0].prompt)  # the input is never cut
 
@@ -184,13 +206,18 @@ def test_the_tokenizer_loads_by_its_named_class_as_autotokenizer_would_without_i
         tok, context = load_tokenizer.__wrapped__(folder)
         assert type(tok) is type(auto) and context == AutoConfig.from_pretrained(path).max_position_embeddings
         for t in texts:
-            assert tok.encode(t) == auto.encode(t) and tok(t, add_special_tokens=False)["input_ids"] == \
-                auto(t, add_special_tokens=False)["input_ids"]
-        assert tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == \
-            auto.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+            assert (
+                tok.encode(t) == auto.encode(t)
+                and tok(t, add_special_tokens=False)["input_ids"] == auto(t, add_special_tokens=False)["input_ids"]
+            )
+        assert tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == auto.apply_chat_template(
+            chat, tokenize=False, add_generation_prompt=True
+        )
         assert tok.padding_side == "left" and tok.pad_token_id is not None
-    code = ("import sys\nfrom stepback_ray.config import EngineConfig\n"
-            "from stepback_ray.engines.formatting import PromptFormatter\nPromptFormatter(EngineConfig())\n"
-            "print('torch' in sys.modules)")
+    code = (
+        "import sys\nfrom stepback_ray.config import EngineConfig\n"
+        "from stepback_ray.engines.formatting import PromptFormatter\nPromptFormatter(EngineConfig())\n"
+        "print('torch' in sys.modules)"
+    )
     fresh = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert fresh.stdout.strip() == "False"

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from stepback_ray.config import StorageConfig
-from stepback_ray.metrics import bootstrap_ci
-from stepback_ray.report import FIGURES, _intervals, _load, build_report
+from stepback_ray.evaluation.metrics import bootstrap_ci
+from stepback_ray.evaluation.report import FIGURES, _intervals, _load, build_report
 from stepback_ray.storage import RunStore
 
 
@@ -35,24 +35,57 @@ def _run_folder(tmp_path, rows_per_file: int = 500, files: int = 4, counted: boo
         for m, v in zip(mode, score_col):
             if v is not None:
                 scores[m].append(v)
-        cols = {"mode": mode, "score": pa.array(score_col, pa.float64()), "history_items": rng.integers(1, 60, n),
-                "status": status, "committed_at": 1000.0 + f + np.arange(n) / n}
+        cols = {
+            "mode": mode,
+            "score": pa.array(score_col, pa.float64()),
+            "history_items": rng.integers(1, 60, n),
+            "status": status,
+            "committed_at": 1000.0 + f + np.arange(n) / n,
+        }
         if counted:
             del cols["status"]
         pq.write_table(pa.table(cols), tmp_path / "generations" / f"chunk-{f:05d}.parquet")
-        pq.write_table(pa.table({"committed_at": [900.0 + f], "prompt_tokens": [100], "completion_tokens": [10],
-                                 "engine_seconds": [0.5]}), tmp_path / "profiles" / f"chunk-{f:05d}.parquet")
+        pq.write_table(
+            pa.table(
+                {
+                    "committed_at": [900.0 + f],
+                    "prompt_tokens": [100],
+                    "completion_tokens": [10],
+                    "engine_seconds": [0.5],
+                }
+            ),
+            tmp_path / "profiles" / f"chunk-{f:05d}.parquet",
+        )
     total = files * rows_per_file
-    metrics = {"task": "LaMP_5", "metric": "rouge", "keys": ["rouge-1", "rouge-L"], "modes": {
-        m: {"users": total // 2, "queries": total // 2, "scored": len(scores[m]), "rouge-1": float(np.mean(scores[m])),
-            "rouge-L": 0.1, "prompt_tokens": 5, "completion_tokens": 1, "engine_seconds": 1.0, "tokens_per_s": 6.0,
-            "statuses": {"ok": 1}} for m in modes}}
-    manifest = {"run_id": "r", "output": str(tmp_path), "counts": {"generation_rows": total,
-                                                                    "expected_generation_rows": total},
-                "profiles": {"uri": str(tmp_path), "folder": "profiles"}, "timings": {"total_s": 3.0}}
+    metrics = {
+        "task": "LaMP_5",
+        "metric": "rouge",
+        "keys": ["rouge-1", "rouge-L"],
+        "modes": {
+            m: {
+                "users": total // 2,
+                "queries": total // 2,
+                "scored": len(scores[m]),
+                "rouge-1": float(np.mean(scores[m])),
+                "rouge-L": 0.1,
+                "prompt_tokens": 5,
+                "completion_tokens": 1,
+                "engine_seconds": 1.0,
+                "tokens_per_s": 6.0,
+                "statuses": {"ok": 1},
+            }
+            for m in modes
+        },
+    }
+    manifest = {
+        "run_id": "r",
+        "output": str(tmp_path),
+        "counts": {"generation_rows": total, "expected_generation_rows": total},
+        "profiles": {"uri": str(tmp_path), "folder": "profiles"},
+        "timings": {"total_s": 3.0},
+    }
     if counted:
-        manifest["counts"]["generation_rows_by_status"] = {"ok": total - 2 * files, "error": files,
-                                                           "truncated": files}
+        manifest["counts"]["generation_rows_by_status"] = {"ok": total - 2 * files, "error": files, "truncated": files}
     (tmp_path / "metrics.json").write_text(json.dumps(metrics))
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     return scores, total
@@ -82,9 +115,11 @@ def test_report_of_a_missing_folder_or_one_without_a_run_is_a_one_line_error(tmp
     (tmp_path / "empty").mkdir()
     (tmp_path / "profiled").mkdir()
     (tmp_path / "profiled" / "manifest.json").write_text("{}")  # what `stepback profile` leaves: no metrics
-    cases = {"missing": "no such folder .expected a finished run's output, with manifest.json and metrics.json",
-             "empty": "not a finished run: no manifest.json and no metrics.json",
-             "profiled": "not a finished run: no metrics.json "}
+    cases = {
+        "missing": "no such folder .expected a finished run's output, with manifest.json and metrics.json",
+        "empty": "not a finished run: no manifest.json and no metrics.json",
+        "profiled": "not a finished run: no metrics.json ",
+    }
     for name, pattern in cases.items():
         proc = stepback("report", str(tmp_path / name))
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr

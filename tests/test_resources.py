@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from stepback_ray.config import load_job
-from stepback_ray.resources import engine_resources
+from stepback_ray.pipeline.resources import engine_resources
 
 BASE = {"name": "t", "task": "LaMP_5", "input": {"questions": "q.json"}}
 
@@ -21,8 +21,9 @@ def test_cpu_default_is_one_actor_without_gpus():
 
 
 def test_one_actor_per_gpu_pinned_to_an_accelerator_type():
-    job = _job(engine={"kind": "vllm"}, ray={"engine_actors": "auto", "engine_actor_gpus": 1,
-                                             "accelerator_type": "H100"})
+    job = _job(
+        engine={"kind": "vllm"}, ray={"engine_actors": "auto", "engine_actor_gpus": 1, "accelerator_type": "H100"}
+    )
     r = engine_resources(job, {"CPU": 64, "GPU": 8})
     assert r.actors == 8 and r.num_gpus == 1 and r.bundles == []
     args = r.remote_args()
@@ -36,18 +37,26 @@ def test_one_actor_per_gpu_pinned_to_an_accelerator_type():
 
 
 def test_tensor_parallel_engines_get_a_placement_group_of_one_gpu_bundles(monkeypatch):
-    job = _job(engine={"kind": "vllm", "vllm": {"tensor_parallel_size": 4}},
-               ray={"engine_actors": "auto", "engine_actor_gpus": 1, "engine_actor_cpus": 2})
+    job = _job(
+        engine={"kind": "vllm", "vllm": {"tensor_parallel_size": 4}},
+        ray={"engine_actors": "auto", "engine_actor_gpus": 1, "engine_actor_cpus": 2},
+    )
     r = engine_resources(job, {"CPU": 64, "GPU": 8})
     assert r.actors == 2  # 8 GPUs / 4 per engine
     assert r.num_gpus == 0  # the actor holds no GPU itself: vLLM's workers use the bundles
-    assert r.bundles == [{"GPU": 1.0, "CPU": 2.0}, {"GPU": 1.0, "CPU": 1.0}, {"GPU": 1.0, "CPU": 1.0},
-                         {"GPU": 1.0, "CPU": 1.0}]
+    assert r.bundles == [
+        {"GPU": 1.0, "CPU": 2.0},
+        {"GPU": 1.0, "CPU": 1.0},
+        {"GPU": 1.0, "CPU": 1.0},
+        {"GPU": 1.0, "CPU": 1.0},
+    ]
     args = r.remote_args()
     assert args["num_cpus"] == 2 and "num_gpus" not in args and callable(args["ray_remote_args_fn"])
     made = []
-    monkeypatch.setattr("stepback_ray.resources.placement_group_args",
-                        lambda bundles: lambda: made.append(bundles) or {"scheduling_strategy": "pg"})
+    monkeypatch.setattr(
+        "stepback_ray.pipeline.resources.placement_group_args",
+        lambda bundles: lambda: made.append(bundles) or {"scheduling_strategy": "pg"},
+    )
     assert r.actor_options() == {"num_cpus": 2, "scheduling_strategy": "pg"} and made == [r.bundles]
 
 
@@ -66,7 +75,7 @@ def test_fixed_pool_size_wins_over_the_cluster():
 def test_placement_group_args_create_a_group_with_those_bundles(ray_local):
     from ray.util.placement_group import placement_group_table, remove_placement_group
 
-    from stepback_ray.resources import placement_group_args
+    from stepback_ray.pipeline.resources import placement_group_args
 
     args = placement_group_args([{"CPU": 0.01}, {"CPU": 0.01}])()
     strategy = args["scheduling_strategy"]
@@ -106,7 +115,7 @@ def test_an_address_where_nothing_listens_fails_in_seconds_without_starting_ray(
     import ray
 
     from stepback_ray.errors import ClusterError
-    from stepback_ray.resources import address_host_port, connect_cluster
+    from stepback_ray.pipeline.resources import address_host_port, connect_cluster
 
     assert address_host_port("10.0.0.5:6379") == ("10.0.0.5", 6379)
     assert address_host_port("ray://head:10001") == ("head", 10001)
@@ -116,8 +125,11 @@ def test_an_address_where_nothing_listens_fails_in_seconds_without_starting_ray(
     monkeypatch.setattr(ray, "init", lambda **kw: called.append(kw))
     port = _closed_port()
     t0 = time.time()
-    with pytest.raises(ClusterError, match=rf"ray.address '127.0.0.1:{port}': no Ray cluster reachable at "
-                                           rf"127.0.0.1:{port} \(Connection refused\)"):
+    with pytest.raises(
+        ClusterError,
+        match=rf"ray.address '127.0.0.1:{port}': no Ray cluster reachable at "
+        rf"127.0.0.1:{port} \(Connection refused\)",
+    ):
         connect_cluster(f"127.0.0.1:{port}")
     assert time.time() - t0 < 5 and not called
     monkeypatch.setenv("RAY_ADDRESS", f"ray://127.0.0.1:{port}")  # Ray Jobs' address is checked the same way
@@ -133,7 +145,7 @@ def test_a_connection_ray_refuses_is_one_line(monkeypatch):
     import ray
 
     from stepback_ray.errors import ClusterError
-    from stepback_ray.resources import connect_cluster
+    from stepback_ray.pipeline.resources import connect_cluster
 
     def refuse(**kw):
         raise ConnectionError("Authentication required: the cluster expects a token\nmore detail")
@@ -145,8 +157,10 @@ def test_a_connection_ray_refuses_is_one_line(monkeypatch):
         address = f"127.0.0.1:{listener.getsockname()[1]}"
         with pytest.raises(ClusterError) as e:
             connect_cluster(address)
-    assert str(e.value) == (f"ray.address {address!r}: cannot connect to the Ray cluster: Authentication required: "
-                            "the cluster expects a token")
+    assert str(e.value) == (
+        f"ray.address {address!r}: cannot connect to the Ray cluster: Authentication required: "
+        "the cluster expects a token"
+    )
 
 
 def test_the_pipelines_ray_session_checks_the_address(monkeypatch):

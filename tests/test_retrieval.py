@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from stepback_ray.retrieval import bm25_scores, bm25_top_k, top_k
+from stepback_ray.generation.retrieval import bm25_scores, bm25_top_k, top_k
 
 
 def test_bm25_finds_the_matching_item():
-    docs = ["graph neural networks for molecules", "sim-to-real robot grasping with domain randomization",
-            "sparse attention for long documents"]
+    docs = [
+        "graph neural networks for molecules",
+        "sim-to-real robot grasping with domain randomization",
+        "sparse attention for long documents",
+    ]
     assert bm25_top_k("robot grasp planner trained in simulation with domain randomization", docs, 1) == [1]
     assert bm25_top_k("attention over long documents", docs, 2)[0] == 2
 
@@ -29,7 +32,7 @@ def test_edge_cases():
 
 def test_dense_retrieval_matches_meaning_without_shared_words():
     from stepback_ray.config import RetrievalConfig
-    from stepback_ray.retrieval import build_retriever
+    from stepback_ray.generation.retrieval import build_retriever
 
     dense = build_retriever(RetrievalConfig(method="dense"))
     docs = ["baking sourdough bread at home", "fixing the engine of my car", "a guide to knitting scarves"]
@@ -45,7 +48,7 @@ def test_importing_retrieval_does_not_load_bm25s():
     import subprocess
     import sys
 
-    code = "import sys, stepback_ray.retrieval, stepback_ray.prompting; print('bm25s' in sys.modules)"
+    code = "import sys, stepback_ray.generation.retrieval, stepback_ray.generation.prompting; print('bm25s' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 
@@ -61,13 +64,14 @@ def test_a_history_without_a_searchable_word_retrieves_nothing_instead_of_failin
 def test_rag_over_a_trivial_history_is_generated_without_items_and_says_so(formatter):
     from stepback_ray.config import MultiAuthorConfig, RetrievalConfig
     from stepback_ray.data.rows import Query
-    from stepback_ray.prompting import plan_generation
-    from stepback_ray.retrieval import BM25Retriever
+    from stepback_ray.generation.prompting import plan_generation
+    from stepback_ray.generation.retrieval import BM25Retriever
     from stepback_ray.tasks import TASKS
 
     item = {"id": "p1", "title": "x", "abstract": "the", "date": "2025-01-01"}
     q = Query("q1", "LaMP_5", "Graph neural networks for molecules", ["u1"], [[item]])
-    plan = plan_generation(TASKS["LaMP_5"], q, "rag", {}, {}, RetrievalConfig(top_k=2), MultiAuthorConfig(),
-                           BM25Retriever(), formatter, 16)
+    plan = plan_generation(
+        TASKS["LaMP_5"], q, "rag", {}, {}, RetrievalConfig(top_k=2), MultiAuthorConfig(), BM25Retriever(), formatter, 16
+    )
     assert plan.retrieved_ids == []
     assert "nothing retrieved: no history item has a searchable word" in plan.all_notes()

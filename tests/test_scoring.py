@@ -7,7 +7,7 @@ import json
 import pytest
 
 from stepback_ray.errors import InputError
-from stepback_ray.scoring import score_files
+from stepback_ray.evaluation.scoring import score_files
 
 from .test_cli import stepback
 

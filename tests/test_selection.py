@@ -5,10 +5,10 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from stepback_ray import selection
 from stepback_ray.config import load_job
-from stepback_ray.prompting import Persona
-from stepback_ray.selection import PersonalRefs, choose
+from stepback_ray.generation import selection
+from stepback_ray.generation.prompting import Persona
+from stepback_ray.generation.selection import PersonalRefs, choose
 from stepback_ray.tasks import TASKS
 
 from .conftest import REPO
@@ -17,16 +17,23 @@ LAMP5, LAMP2, LAMP3 = TASKS["LaMP_5"], TASKS["LaMP_2"], TASKS["LaMP_3"]
 
 
 def test_consensus_keeps_the_answer_the_model_keeps_coming_back_to():
-    cands = ["A Study of Cats", "Sparse Attention for Long Video", "Sparse Attention for Long Video Diffusion",
-             "Long Video Sparse Attention"]  # the greedy answer is the outlier; the second sits between the rest
+    cands = [
+        "A Study of Cats",
+        "Sparse Attention for Long Video",
+        "Sparse Attention for Long Video Diffusion",
+        "Long Video Sparse Attention",
+    ]  # the greedy answer is the outlier; the second sits between the rest
     assert choose(LAMP5, cands, PersonalRefs()) == 1
     assert choose(LAMP2, ["comedy", "action", "action"], PersonalRefs()) == 1  # labels: the majority
     assert choose(LAMP5, ["same", "same", "same"], PersonalRefs()) == 0  # ties keep the greedy answer
 
 
 def test_the_persons_outputs_and_profile_pull_towards_their_own_wording():
-    cands = ["Efficient Transformers for Speech Recognition", "Speech Recognition with Efficient Transformers",
-             "Towards Efficient Speech Transformers"]
+    cands = [
+        "Efficient Transformers for Speech Recognition",
+        "Speech Recognition with Efficient Transformers",
+        "Towards Efficient Speech Transformers",
+    ]
     assert choose(LAMP5, cands, PersonalRefs()) == 0  # consensus alone: 0 and 1 tie, the earlier is kept
     mine = PersonalRefs(outputs=["Towards Robust Vision Models", "Towards Fair Language Models"])
     assert choose(LAMP5, cands, mine) == 2  # this author writes "Towards ..."
@@ -43,8 +50,10 @@ def test_unparseable_candidates_are_never_kept_over_parseable_ones():
 
 
 def test_personal_refs_take_each_persons_newest_outputs_and_profile():
-    old = [{"id": str(i), "title": f"Old title {i}", "abstract": "a", "date": f"2020-{1 + i // 28:02d}-{1 + i % 28:02d}"}
-           for i in range(40)]
+    old = [
+        {"id": str(i), "title": f"Old title {i}", "abstract": "a", "date": f"2020-{1 + i // 28:02d}-{1 + i % 28:02d}"}
+        for i in range(40)
+    ]
     people = [Persona("a", "p", old), Persona("b", None, [{"id": "x", "title": "B's title", "abstract": "b"}])]
     refs = selection.personal_refs(LAMP5, people, {"a": "Keywords: cats"})
     assert len(refs.outputs) == selection.MAX_OWN_OUTPUTS + 1
@@ -59,15 +68,38 @@ def test_scoring_stage_keeps_the_chosen_candidate_and_says_so(tmp_path):
     from stepback_ray.storage import RunStore
 
     job = load_job(REPO / "jobs" / "demo.yaml", [f"output={tmp_path}", "generation.candidates=3"])
-    row = {"chunk_id": "00000", "chunk_rows": 1, "query_id": "q1", "mode": "profile+rag", "user_id": "u",
-           "user_ids": ["u"], "task": "LaMP_5", "input": "x", "gold": "Towards Efficient Speech Transformers",
-           "profile_text": "p", "profile_status": "ok", "retrieved_ids": [], "prompt": "prompt", "proposals": [],
-           "raw_output": "Efficient Transformers for Speech Recognition", "engine_error": None, "truncated": False,
-           "notes": [], "history_items": 2, "prompt_tokens": 10, "completion_tokens": 30, "engine_seconds": 0.1,
-           "llm_calls": 2, "finish_reason": "stop",
-           "candidates": ["Efficient Transformers for Speech Recognition",
-                          "Speech Recognition with Efficient Transformers", "Towards Efficient Speech Transformers"],
-           "select_refs": PersonalRefs(outputs=["Towards Robust Vision Models"]).to_list()}
+    row = {
+        "chunk_id": "00000",
+        "chunk_rows": 1,
+        "query_id": "q1",
+        "mode": "profile+rag",
+        "user_id": "u",
+        "user_ids": ["u"],
+        "task": "LaMP_5",
+        "input": "x",
+        "gold": "Towards Efficient Speech Transformers",
+        "profile_text": "p",
+        "profile_status": "ok",
+        "retrieved_ids": [],
+        "prompt": "prompt",
+        "proposals": [],
+        "raw_output": "Efficient Transformers for Speech Recognition",
+        "engine_error": None,
+        "truncated": False,
+        "notes": [],
+        "history_items": 2,
+        "prompt_tokens": 10,
+        "completion_tokens": 30,
+        "engine_seconds": 0.1,
+        "llm_calls": 2,
+        "finish_reason": "stop",
+        "candidates": [
+            "Efficient Transformers for Speech Recognition",
+            "Speech Recognition with Efficient Transformers",
+            "Towards Efficient Speech Transformers",
+        ],
+        "select_refs": PersonalRefs(outputs=["Towards Robust Vision Models"]).to_list(),
+    }
     score_and_commit_generations(pa.Table.from_pylist([row]), job)
     out = RunStore(str(tmp_path), job.storage).read_table("generations/chunk-00000.parquet").to_pylist()[0]
     assert out["output"] == "Towards Efficient Speech Transformers" and out["rouge1"] == pytest.approx(1.0)

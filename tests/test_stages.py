@@ -16,10 +16,13 @@ from stepback_ray.config import StagesConfig, load_job
 from stepback_ray.engines import build_engine
 from stepback_ray.pipeline import PASSES, PassSpec, ProfilesAt, Stage, prepare_work, run_job
 from stepback_ray.pipeline.commit import commit_chunks, pending
-from stepback_ray.pipeline.engine_host import serve_on_host
 from stepback_ray.pipeline.embed_pass import EmbedStage
-from stepback_ray.pipeline.generation_pass import (GenerationEngineStage, GenerationPlanStage,
-                                                   score_and_commit_generations)
+from stepback_ray.pipeline.engine_host import serve_on_host
+from stepback_ray.pipeline.generation_pass import (
+    GenerationEngineStage,
+    GenerationPlanStage,
+    score_and_commit_generations,
+)
 from stepback_ray.pipeline.profile_pass import ProfileEngineStage, ProfilePlanStage, commit_profiles
 from stepback_ray.pipeline.runner import run_on_ray
 from stepback_ray.pipeline.schemas import GENERATION_SCHEMA, row_key
@@ -30,9 +33,18 @@ MODES = "modes=[none, rag, profile, profile+rag, random-profile]"
 
 
 def _job(tmp_path, *extra):
-    return load_job(REPO / "jobs" / "demo.yaml", [
-        "engine.kind=dry-run", "limit=6", "ray.users_per_chunk=3", "ray.progress_bars=false", MODES,
-        f"output={tmp_path / 'run'}", *extra])
+    return load_job(
+        REPO / "jobs" / "demo.yaml",
+        [
+            "engine.kind=dry-run",
+            "limit=6",
+            "ray.users_per_chunk=3",
+            "ray.progress_bars=false",
+            MODES,
+            f"output={tmp_path / 'run'}",
+            *extra,
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -98,9 +110,17 @@ def test_generation_stages_build_prompts_per_mode_generate_and_score(tmp_path, e
     assert done.num_rows == len(planned) and all(r["raw_output"] is not None for r in done.to_pylist())
     summary = score_and_commit_generations(done, job).to_pylist()
     usage = {k: summary[0].get(k) for k in ("engine_process", "engine_cpu_s", "engine_preemptions")}
-    assert summary == [{"chunk_id": chunk["chunk_id"], "file": f"generations/chunk-{chunk['chunk_id']}.parquet",
-                        "rows": len(planned), "statuses": json.dumps({"ok": len(planned)}),
-                        "engine_started_at": None, "engine_ready_at": None, **usage}]  # a given engine: no start
+    assert summary == [
+        {
+            "chunk_id": chunk["chunk_id"],
+            "file": f"generations/chunk-{chunk['chunk_id']}.parquet",
+            "rows": len(planned),
+            "statuses": json.dumps({"ok": len(planned)}),
+            "engine_started_at": None,
+            "engine_ready_at": None,
+            **usage,
+        }
+    ]  # a given engine: no start
     assert usage["engine_process"].endswith(f":{os.getpid()}") and usage["engine_cpu_s"] > 0  # its process's use
     rows = pd.read_parquet(tmp_path / "run" / summary[0]["file"])
     assert rows["rouge1"].between(0, 1).all() and rows["output"].notna().all()
@@ -121,18 +141,20 @@ def test_generation_stages_build_prompts_per_mode_generate_and_score(tmp_path, e
 
 def test_the_commit_refuses_a_chunk_with_a_row_missing_and_merges_a_retry_by_row_key(tmp_path):
     job = _job(tmp_path)
-    rows = [{"chunk_id": "c0", "chunk_rows": 3, "query_id": f"q{i}", "mode": "none", "status": "ok", "output": str(i)}
-            for i in range(3)]
+    rows = [
+        {"chunk_id": "c0", "chunk_rows": 3, "query_id": f"q{i}", "mode": "none", "status": "ok", "output": str(i)}
+        for i in range(3)
+    ]
     with pytest.raises(RuntimeError, match="2 of 3 rows"):
         commit_chunks(job, "generations", rows[:2], GENERATION_SCHEMA)
     rows[1]["status"] = "error: injected"
     commit_chunks(job, "generations", rows, GENERATION_SCHEMA)
     todo = pending(job.output_uri, "generations", job, [{"chunk_id": "c0"}, {"chunk_id": "c1"}])
-    assert todo == [{"chunk_id": "c0", "retry": json.dumps([row_key("q1", "none")])},
-                    {"chunk_id": "c1", "retry": None}]
+    assert todo == [{"chunk_id": "c0", "retry": json.dumps([row_key("q1", "none")])}, {"chunk_id": "c1", "retry": None}]
     # the rerun commits only the retried row: it replaces its old row, the other two are kept as they were
-    commit_chunks(job, "generations", [{**rows[1], "chunk_rows": 1, "status": "ok", "output": "again"}],
-                  GENERATION_SCHEMA)
+    commit_chunks(
+        job, "generations", [{**rows[1], "chunk_rows": 1, "status": "ok", "output": "again"}], GENERATION_SCHEMA
+    )
     out = pd.read_parquet(tmp_path / "run" / "generations" / "chunk-c0.parquet").set_index("query_id")
     assert list(out.index) == ["q0", "q2", "q1"] and out.loc["q1", "output"] == "again"
     assert pending(job.output_uri, "generations", job, [{"chunk_id": "c0"}]) == []
@@ -181,8 +203,13 @@ def test_per_stage_resources_reach_ray_data(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ray.data, "from_items", lambda items, **kw: Recorder())
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
-    job = _job(tmp_path, "ray.stages.generation_plan.num_cpus=0.5", "ray.stages.generation_plan.concurrency=2",
-               "ray.stages.score_and_commit.concurrency=3", "ray.engine_actor_cpus=1")
+    job = _job(
+        tmp_path,
+        "ray.stages.generation_plan.num_cpus=0.5",
+        "ray.stages.generation_plan.concurrency=2",
+        "ray.stages.score_and_commit.concurrency=3",
+        "ray.engine_actor_cpus=1",
+    )
     run_on_ray(job, PASSES["generate"], [{"chunk_id": "c0"}], None)
     (plan_fn, plan), (engine_fn, eng), (commit_fn, commit) = calls
     assert plan_fn is GenerationPlanStage and plan["num_cpus"] == 0.5 and plan["compute"].max_size == 2
@@ -230,16 +257,24 @@ def test_a_whole_job_in_process_with_no_ray(tmp_path, monkeypatch):
     assert 0 <= t["profile_model_load_s"] <= t["profile_first_engine_ready_s"] <= t["profile_pass_s"]
     for key in ("read_s", "ray_start_s", "between_passes_s", "generation_pass_s", "shutdown_s"):
         assert 0 <= t[key] <= t["total_s"], key
-    assert sum(t[k] for k in ("read_s", "ray_start_s", "profile_pass_s", "between_passes_s", "generation_pass_s",
-                              "shutdown_s")) <= t["total_s"] + 0.01
+    assert (
+        sum(
+            t[k]
+            for k in ("read_s", "ray_start_s", "profile_pass_s", "between_passes_s", "generation_pass_s", "shutdown_s")
+        )
+        <= t["total_s"] + 0.01
+    )
     # what the engine's process used in each pass (the generation pass's engine too, though it started none)
     for name in ("profile", "generation"):
         assert 0 < t[f"{name}_engine_cpu_s"] and t[f"{name}_engine_preemptions"] >= 0, t
     assert not {"engine_ready_at", "engine_process", "engine_cpu_s"} & set(
-        pd.read_parquet(tmp_path / "run" / "profiles").columns)  # stamps travel only
+        pd.read_parquet(tmp_path / "run" / "profiles").columns
+    )  # stamps travel only
     again = run_job(_job(tmp_path, "executor=in-process", "run_id=local"))
-    assert again.manifest["resumed"] and again.manifest["chunks_committed_this_run"] == {"profiles": 0,
-                                                                                       "generations": 0}
+    assert again.manifest["resumed"] and again.manifest["chunks_committed_this_run"] == {
+        "profiles": 0,
+        "generations": 0,
+    }
     assert not any(k.endswith("engines_started") for k in again.manifest["timings"])  # nothing to do: no engine
 
 
@@ -249,10 +284,12 @@ def test_a_pass_sums_its_engine_processes_latest_usage():
     (an actor pool, or a restarted actor's new process); chunks no engine served carry nulls."""
     from stepback_ray.pipeline.job import engine_usage
 
-    summaries = [{"engine_process": "a:1", "engine_cpu_s": 30.0, "engine_preemptions": 900},
-                 {"engine_process": "a:1", "engine_cpu_s": 10.0, "engine_preemptions": 400},
-                 {"engine_process": "b:1", "engine_cpu_s": 5.5, "engine_preemptions": 7},
-                 {"engine_process": None, "engine_cpu_s": None, "engine_preemptions": None}]
+    summaries = [
+        {"engine_process": "a:1", "engine_cpu_s": 30.0, "engine_preemptions": 900},
+        {"engine_process": "a:1", "engine_cpu_s": 10.0, "engine_preemptions": 400},
+        {"engine_process": "b:1", "engine_cpu_s": 5.5, "engine_preemptions": 7},
+        {"engine_process": None, "engine_cpu_s": None, "engine_preemptions": None},
+    ]
     assert engine_usage("profile", summaries) == {"profile_engine_cpu_s": 35.5, "profile_engine_preemptions": 907}
     assert engine_usage("generation", summaries[3:]) == {}
 
@@ -266,8 +303,13 @@ def test_an_engine_actors_usage_counts_the_processes_its_engine_started():
     from stepback_ray.pipeline.runner import process_usage
 
     own, with_children = process_usage(), process_usage(children=True)
-    child = subprocess.Popen([sys.executable, "-c", "import time\nt = time.process_time()\n"
-                              "while time.process_time() - t < 0.6: pass\ntime.sleep(30)"])
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass\ntime.sleep(30)",
+        ]
+    )
     try:
         deadline = time.time() + 20
         while time.time() < deadline and process_usage(children=True)[0] - with_children[0] < 0.5:
@@ -300,11 +342,14 @@ def test_a_callers_engine_serves_an_in_process_run_and_is_kept(tmp_path, engine)
     assert not (tmp_path / "ray" / "run").exists()
 
 
-@pytest.mark.parametrize("change, message", [
-    (["executor=in-process", "ray.address=127.0.0.1:1"], "runs the passes in this process"),
-    (["ray.stages.embedd.num_cpus=1"], "embedd"),
-    (["ray.stages.embed.num_cpus=0"], "num_cpus"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (["executor=in-process", "ray.address=127.0.0.1:1"], "runs the passes in this process"),
+        (["ray.stages.embedd.num_cpus=1"], "embedd"),
+        (["ray.stages.embed.num_cpus=0"], "num_cpus"),
+    ],
+)
 def test_bad_executor_and_stage_settings_name_the_key(tmp_path, change, message):
     from stepback_ray.errors import ConfigError
 

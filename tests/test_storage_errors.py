@@ -49,10 +49,13 @@ def test_only_a_cut_off_body_is_retried_above_botocore_on_s3(s3_bucket):
             if len(calls) == 1:
                 raise error
             return "read"
+
         return call
 
-    assert retried_call(fs, StorageConfig(**creds, retries=2), flaky(OSError("IncompleteRead(12 bytes read)"))) \
-        == "read" and len(calls) == 2
+    assert (
+        retried_call(fs, StorageConfig(**creds, retries=2), flaky(OSError("IncompleteRead(12 bytes read)"))) == "read"
+        and len(calls) == 2
+    )
     calls.clear()
     with pytest.raises(OSError, match="reduce your request rate"):
         retried_call(fs, StorageConfig(**creds, retries=2), flaky(OSError("SlowDown: reduce your request rate")))
@@ -77,8 +80,11 @@ def test_a_throttled_request_is_sent_exactly_retries_plus_one_times(tmp_path, re
         store.write_bytes("a.json", b"{}")
         fs, path = filesystem_for(f"s3://{bucket}/run/a.json", StorageConfig(**creds, retries=retries))
         flaky.fault_rate = 1.0  # every request from here on: 503 SlowDown
-        for call in (lambda: store.write_bytes("b.json", b"{}"), lambda: store.read_bytes("a.json"),
-                     lambda: fs.cat_file(path)):
+        for call in (
+            lambda: store.write_bytes("b.json", b"{}"),
+            lambda: store.read_bytes("a.json"),
+            lambda: fs.cat_file(path),
+        ):
             before = flaky.requests
             with pytest.raises(Exception, match="SlowDown|reduce your request rate|Service Unavailable"):
                 call()
@@ -113,8 +119,12 @@ def authenticating_s3():
     """A moto S3 server that checks credentials (no IAM user exists, so every key is wrong)."""
     port = _free_port()
     env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     for _ in range(100):
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
@@ -133,9 +143,20 @@ def test_wrong_credentials(authenticating_s3):
 
 
 def test_cli_reports_storage_errors_in_one_line(tmp_path):
-    proc = stepback("run", "jobs/demo.yaml", "--set", "output=s3://b/x", "--set",
-                    f"storage.endpoint_url=http://127.0.0.1:{_free_port()}", "--set", "storage.key=k",
-                    "--set", "storage.secret=s", "--set", "storage.retries=1")
+    proc = stepback(
+        "run",
+        "jobs/demo.yaml",
+        "--set",
+        "output=s3://b/x",
+        "--set",
+        f"storage.endpoint_url=http://127.0.0.1:{_free_port()}",
+        "--set",
+        "storage.key=k",
+        "--set",
+        "storage.secret=s",
+        "--set",
+        "storage.retries=1",
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     err = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(err) == 1 and "storage endpoint unreachable" in err[0]
@@ -158,8 +179,10 @@ def test_a_local_output_that_is_a_file_or_not_writable_says_so(tmp_path, monkeyp
         RunStore(str(tmp_path / "ro" / "run"), StorageConfig()).ensure_writable()  # was "check the credentials"
     from stepback_ray.storage import describe_storage_error
 
-    assert describe_storage_error("/data/x.json", PermissionError(13, "Permission denied")) == \
-        "/data/x.json: permission denied (not writable or not readable by this user)"
+    assert (
+        describe_storage_error("/data/x.json", PermissionError(13, "Permission denied"))
+        == "/data/x.json: permission denied (not writable or not readable by this user)"
+    )
     assert "credentials" in describe_storage_error("s3://b/x", PermissionError(13, "Permission denied"))
 
 
@@ -173,8 +196,11 @@ def test_an_output_holding_other_files_is_refused_unless_it_is_a_run(tmp_path):
     junk.mkdir()
     for name in ("notes.txt", "data.csv"):
         (junk / name).write_text("x")
-    with pytest.raises(StorageError, match=r"junk: the output holds files but no run \(2 entries, e.g. data.csv, "
-                                           r"notes.txt; no _run_spec.json\); choose a new or empty output"):
+    with pytest.raises(
+        StorageError,
+        match=r"junk: the output holds files but no run \(2 entries, e.g. data.csv, "
+        r"notes.txt; no _run_spec.json\); choose a new or empty output",
+    ):
         RunStore(str(junk), StorageConfig()).ensure_writable(run_marker="_run_spec.json")
     RunStore(str(junk), StorageConfig()).ensure_writable()  # without a marker (a training output): not checked
     (junk / "_run_spec.json").write_text("{}")  # a run's own output: resumable, the spec is compared later
@@ -202,8 +228,14 @@ def test_a_run_into_a_stale_or_foreign_output_stops_before_any_work(tmp_path):
 
 
 def test_an_input_error_leaves_no_empty_output_folder(tmp_path):
-    proc = stepback("run", "jobs/demo.yaml", "--set", f"output={tmp_path / 'runs' / 'x'}", "--set",
-                    f"input.questions={tmp_path / 'missing_questions.json'}")
+    proc = stepback(
+        "run",
+        "jobs/demo.yaml",
+        "--set",
+        f"output={tmp_path / 'runs' / 'x'}",
+        "--set",
+        f"input.questions={tmp_path / 'missing_questions.json'}",
+    )
     assert proc.returncode == 2 and "missing_questions.json: file not found" in proc.stderr
     assert list(tmp_path.iterdir()) == []
 

@@ -15,11 +15,17 @@ from .conftest import SAMPLE
 
 
 def _lamp_job(tmp_path, run_id, modes=("profile",), extra=(), store=None):
-    data = {"name": "gov", "task": "LaMP_5", "modes": list(modes), "run_id": run_id,
-            "input": {"questions": f"{SAMPLE}_questions.json", "outputs": f"{SAMPLE}_outputs.json"},
-            "output": str(tmp_path / "runs" / "{run_id}"),
-            "profile_store": {"uri": store or str(tmp_path / "store")},
-            "ray": {"num_shards": 4, "progress_bars": False}, "executor": "in-process"}
+    data = {
+        "name": "gov",
+        "task": "LaMP_5",
+        "modes": list(modes),
+        "run_id": run_id,
+        "input": {"questions": f"{SAMPLE}_questions.json", "outputs": f"{SAMPLE}_outputs.json"},
+        "output": str(tmp_path / "runs" / "{run_id}"),
+        "profile_store": {"uri": store or str(tmp_path / "store")},
+        "ray": {"num_shards": 4, "progress_bars": False},
+        "executor": "in-process",
+    }
     return load_job(None, ["engine.kind=dry-run", *extra], data=data)
 
 
@@ -43,8 +49,9 @@ def test_generation_rows_name_the_store_version_and_profile_they_used(tmp_path):
 
 
 def test_without_a_store_rows_carry_the_fingerprint_and_no_version(tmp_path):
-    job = _lamp_job(tmp_path, "r1").model_copy(update={"profile_store": _lamp_job(tmp_path, "x").profile_store
-                                                       .model_copy(update={"uri": None})})
+    job = _lamp_job(tmp_path, "r1").model_copy(
+        update={"profile_store": _lamp_job(tmp_path, "x").profile_store.model_copy(update={"uri": None})}
+    )
     result = run_job(job)
     assert result.manifest["profiles"]["version"] is None
     rows = pd.read_parquet(tmp_path / "runs" / "r1" / "generations")
@@ -55,25 +62,30 @@ def test_without_a_store_rows_carry_the_fingerprint_and_no_version(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ retention
 def _store_job(tmp_path, run_id, uri, creds=(), keep=2):
-    data = {"name": "nightly", "task": "LaMP_5",
-            "input": {"format": "parquet", "path": str(tmp_path / "hist"), "layout": "item"},
-            "output": str(tmp_path / "runs" / run_id), "run_id": run_id,
-            "profile_store": {"uri": uri, "keep_versions": keep}, "ray": {"num_shards": 4, "progress_bars": False}}
+    data = {
+        "name": "nightly",
+        "task": "LaMP_5",
+        "input": {"format": "parquet", "path": str(tmp_path / "hist"), "layout": "item"},
+        "output": str(tmp_path / "runs" / run_id),
+        "run_id": run_id,
+        "profile_store": {"uri": uri, "keep_versions": keep},
+        "ray": {"num_shards": 4, "progress_bars": False},
+    }
     return load_job(None, [f"storage.{k}={v}" for k, v in creds], data=data)
 
 
-def test_retention_keeps_the_newest_versions_the_current_one_and_what_runs_build_on_local_and_s3(tmp_path,
-                                                                                                s3_bucket):
+def test_retention_keeps_the_newest_versions_the_current_one_and_what_runs_build_on_local_and_s3(tmp_path, s3_bucket):
     """No pipeline: the store functions directly, with a profile file per version to see what is deleted."""
     import pyarrow as pa
 
-    from stepback_ray.profile_store import _versions, commit_version, open_version
     from stepback_ray.storage import RunStore
-    from stepback_ray.store_gate import promote
-    from stepback_ray.store_retention import apply_retention
+    from stepback_ray.store.gate import promote
+    from stepback_ray.store.retention import apply_retention
+    from stepback_ray.store.versions import _versions, commit_version, open_version
 
     _, bucket, creds = s3_bucket
     for uri in (str(tmp_path / "store"), f"s3://{bucket}/store"):
+
         def night(run_id, keep=2):
             job = _store_job(tmp_path, run_id, uri, creds.items(), keep)
             sv = open_version(job, 4)
@@ -115,10 +127,17 @@ def test_retention_keeps_the_newest_versions_the_current_one_and_what_runs_build
 def _write_spec(tmp_path, run_id, extra=None):
     import yaml
 
-    data = {"name": "gov", "task": "LaMP_5", "run_id": run_id, "input": {"questions": f"{SAMPLE}_questions.json"},
-            "output": str(tmp_path / "runs" / "{run_id}"), "engine": {"kind": "dry-run"},
-            "profile_store": {"uri": str(tmp_path / "store")}, "ray": {"num_shards": 4, "progress_bars": False},
-            "executor": "in-process"}
+    data = {
+        "name": "gov",
+        "task": "LaMP_5",
+        "run_id": run_id,
+        "input": {"questions": f"{SAMPLE}_questions.json"},
+        "output": str(tmp_path / "runs" / "{run_id}"),
+        "engine": {"kind": "dry-run"},
+        "profile_store": {"uri": str(tmp_path / "store")},
+        "ray": {"num_shards": 4, "progress_bars": False},
+        "executor": "in-process",
+    }
     for key, value in (extra or {}).items():
         node = data
         *path, last = key.split(".")
@@ -139,8 +158,11 @@ def test_a_failing_gate_keeps_the_live_version_exits_non_zero_and_promote_serves
     n1 = json.loads(live)["version"]
     capsys.readouterr()
     # same histories, other settings: every profile text changes (exemplars are listed in it)
-    gated = {"profile.exemplars": 2, "profile_store.gate.max_changed_without_history_change": 0.5,
-             "profile_store.gate.min_ok_share": 0.5}
+    gated = {
+        "profile.exemplars": 2,
+        "profile_store.gate.max_changed_without_history_change": 0.5,
+        "profile_store.gate.min_ok_share": 0.5,
+    }
     assert main(["profile", _write_spec(tmp_path, "n2", gated)]) == 4
     err = capsys.readouterr().err
     assert "quality gate refused" in err and f"CURRENT.json stays on {n1}" in err
@@ -181,8 +203,11 @@ def test_a_passing_gate_commits_normally(tmp_path):
     from stepback_ray.pipeline import run_profile_job
 
     run_profile_job(load_job(_write_spec(tmp_path, "n1"), []))
-    gated = {"profile_store.gate.max_changed_without_history_change": 0.0,
-             "profile_store.gate.min_identifiability_top1": 0.05, "profile_store.gate.min_ok_share": 0.0}
+    gated = {
+        "profile_store.gate.max_changed_without_history_change": 0.0,
+        "profile_store.gate.min_identifiability_top1": 0.05,
+        "profile_store.gate.min_ok_share": 0.0,
+    }
     stats = run_profile_job(load_job(_write_spec(tmp_path, "n2", gated), [])).metrics["profiles"]
     assert stats["origins"]["carried"] == 20
     assert json.loads((tmp_path / "store" / "CURRENT.json").read_text())["version"] == stats["version"]
@@ -196,7 +221,7 @@ def test_the_lift_gate_scores_a_fixed_sample_against_the_new_version(tmp_path):
     """min_lift: profile+rag against random-profile on the same sampled users every night, generated from the
     version being committed; a version below the limit stays uncommitted (exit 4 at the CLI)."""
     from stepback_ray.pipeline import run_profile_job
-    from stepback_ray.store_gate import GateFailed
+    from stepback_ray.store.gate import GateFailed
 
     lift = ["profile_store.gate.lift_users=8"]
     first = run_profile_job(_lamp_job(tmp_path, "n1", extra=[*lift, "profile_store.gate.min_lift=-1"]))
@@ -215,21 +240,30 @@ def test_the_lift_gate_scores_a_fixed_sample_against_the_new_version(tmp_path):
     again = pd.read_parquet(tmp_path / "runs" / "n2" / "_gate_sample" / "generations")
     assert set(again["query_id"]) == set(rows["query_id"])  # the same people, night after night
     with pytest.raises(Exception, match="min_lift scores a sample against golds: set input.outputs"):
-        load_job(None, ["profile_store.gate.min_lift=0"], data={
-            "name": "x", "task": "LaMP_5", "input": {"questions": "q.json"}, "profile_store": {"uri": "s"}})
+        load_job(
+            None,
+            ["profile_store.gate.min_lift=0"],
+            data={"name": "x", "task": "LaMP_5", "input": {"questions": "q.json"}, "profile_store": {"uri": "s"}},
+        )
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("profile_store.gate.min_ok_share", "1.5",
-     "profile_store.gate.min_ok_share: Input should be less than or equal to 1"),
-    ("profile_store.gate.min_identifiability_top1", "-0.1", "greater than or equal to 0"),
-    ("profile_store.gate.max_changed_without_history_change", "true", "expected a number, got a boolean"),
-    ("profile_store.gate.min_lift", "0.01", "min_lift gates a profile store version: set profile_store.uri"),
-    ("profile_store.gate.min_lift", "2", "profile_store.gate.min_lift: Input should be less than or equal to 1"),
-    ("profile_store.gate.lift_users", "1", "profile_store.gate.lift_users: Input should be greater than or equal"),
-    ("profile_store.keep_versions", "0", "profile_store.keep_versions: Input should be greater than or equal to 1"),
-    ("profile_store.keep_versions", "2.5", "profile_store.keep_versions"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        (
+            "profile_store.gate.min_ok_share",
+            "1.5",
+            "profile_store.gate.min_ok_share: Input should be less than or equal to 1",
+        ),
+        ("profile_store.gate.min_identifiability_top1", "-0.1", "greater than or equal to 0"),
+        ("profile_store.gate.max_changed_without_history_change", "true", "expected a number, got a boolean"),
+        ("profile_store.gate.min_lift", "0.01", "min_lift gates a profile store version: set profile_store.uri"),
+        ("profile_store.gate.min_lift", "2", "profile_store.gate.min_lift: Input should be less than or equal to 1"),
+        ("profile_store.gate.lift_users", "1", "profile_store.gate.lift_users: Input should be greater than or equal"),
+        ("profile_store.keep_versions", "0", "profile_store.keep_versions: Input should be greater than or equal to 1"),
+        ("profile_store.keep_versions", "2.5", "profile_store.keep_versions"),
+    ],
+)
 def test_bad_gate_and_retention_values_fail_validation_in_one_line(key, value, message):
     from stepback_ray.errors import ConfigError
 

@@ -15,7 +15,7 @@ import uuid
 import pytest
 
 from stepback_ray.errors import ConfigError
-from stepback_ray.submit import entrypoint, runtime_env
+from stepback_ray.pipeline.submit import entrypoint, runtime_env
 
 from .conftest import REPO, load_script
 
@@ -28,16 +28,24 @@ def _free_port() -> int:
 
 def test_runtime_env_keeps_secrets_out():
     env = runtime_env("/w", ["stepback-ray[vllm]"], ["STEPBACK_CACHE=/c", "HF_HUB_OFFLINE=1"])
-    assert env["env_vars"] == {"STEPBACK_CACHE": "/c", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-                               "ARROW_DEFAULT_MEMORY_POOL": "system"}
-    assert runtime_env("/w", [], ["ARROW_DEFAULT_MEMORY_POOL=mimalloc"])["env_vars"]["ARROW_DEFAULT_MEMORY_POOL"] \
-        == "mimalloc"  # the user's choice wins
+    assert env["env_vars"] == {
+        "STEPBACK_CACHE": "/c",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+        "ARROW_DEFAULT_MEMORY_POOL": "system",
+    }
+    assert (
+        runtime_env("/w", [], ["ARROW_DEFAULT_MEMORY_POOL=mimalloc"])["env_vars"]["ARROW_DEFAULT_MEMORY_POOL"]
+        == "mimalloc"
+    )  # the user's choice wins
     assert env["pip"] == ["stepback-ray[vllm]"] and ".venv" in env["excludes"] and env["working_dir"] == "/w"
     for secret in ("AWS_SECRET_ACCESS_KEY=x", "AWS_ACCESS_KEY_ID=x", "HF_TOKEN=x", "DB_PASSWORD=x", "API_KEY=x"):
         with pytest.raises(ConfigError, match="looks like a secret"):
             runtime_env("/w", [], [secret])
-    assert entrypoint("jobs/demo.yaml", ["limit=2", "output=runs/a b"]) == \
-        "python -m stepback_ray run jobs/demo.yaml --set limit=2 --set 'output=runs/a b'"
+    assert (
+        entrypoint("jobs/demo.yaml", ["limit=2", "output=runs/a b"])
+        == "python -m stepback_ray run jobs/demo.yaml --set limit=2 --set 'output=runs/a b'"
+    )
 
 
 @pytest.fixture
@@ -53,20 +61,48 @@ def ray_head(tmp_path, monkeypatch):
     gcs, dash = _free_port(), _free_port()
     # every port of its own: the test session's local Ray already holds Ray's default agent ports, and a head
     # whose job agent cannot bind answers every submission with "No available agent"
-    ports = [f"--{name}={_free_port()}" for name in (
-        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port",
-        "node-manager-port", "object-manager-port", "ray-client-server-port")]
+    ports = [
+        f"--{name}={_free_port()}"
+        for name in (
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "metrics-export-port",
+            "runtime-env-agent-port",
+            "node-manager-port",
+            "object-manager-port",
+            "ray-client-server-port",
+        )
+    ]
     temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths must fit 107 characters
     proc = subprocess.Popen(
-        [ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2", "--include-dashboard=true",
-         f"--temp-dir={temp}", *ports], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True, env=head_env)
+        [
+            ray_bin,
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={gcs}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            "--num-cpus=2",
+            "--include-dashboard=true",
+            f"--temp-dir={temp}",
+            *ports,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env=head_env,
+    )
     address = f"http://127.0.0.1:{dash}"
     # Ready once a fresh client process can list jobs: a fresh process, because Ray caches the auth token it
     # first loaded for the life of a process, and this one may have loaded another before the env was set.
-    probe = [sys.executable, "-c", "import sys; from ray.job_submission import JobSubmissionClient as C; "
-                                   "C(sys.argv[1]).list_jobs()", address]
+    probe = [
+        sys.executable,
+        "-c",
+        "import sys; from ray.job_submission import JobSubmissionClient as C; C(sys.argv[1]).list_jobs()",
+        address,
+    ]
     deadline = time.time() + 300
     while subprocess.run(probe, capture_output=True, env=dict(os.environ)).returncode != 0:
         if time.time() > deadline or proc.poll() is not None:
@@ -82,11 +118,31 @@ def ray_head(tmp_path, monkeypatch):
 def test_submit_demo_job_to_a_local_head(ray_head, tmp_path):
     out = tmp_path / "submitted"
     proc = subprocess.run(
-        [sys.executable, "-m", "stepback_ray", "submit", "jobs/demo.yaml", "--address", ray_head,
-         "--set", "limit=3", "--set", f"output={out}", "--set", "engine.kind=dry-run",
-         "--set", "ray.progress_bars=false", "--env", "STEPBACK_CACHE=" + os.environ.get(
-             "STEPBACK_CACHE", os.path.expanduser("~/.cache/stepback-ray"))],
-        cwd=REPO, capture_output=True, text=True, timeout=600, env=dict(os.environ))
+        [
+            sys.executable,
+            "-m",
+            "stepback_ray",
+            "submit",
+            "jobs/demo.yaml",
+            "--address",
+            ray_head,
+            "--set",
+            "limit=3",
+            "--set",
+            f"output={out}",
+            "--set",
+            "engine.kind=dry-run",
+            "--set",
+            "ray.progress_bars=false",
+            "--env",
+            "STEPBACK_CACHE=" + os.environ.get("STEPBACK_CACHE", os.path.expanduser("~/.cache/stepback-ray")),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ),
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "SUCCEEDED" in proc.stderr
     assert "mode" in proc.stdout and "profile+rag" in proc.stdout  # the job's own table, followed live

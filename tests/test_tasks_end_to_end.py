@@ -9,14 +9,19 @@ import pandas as pd
 import pytest
 
 from stepback_ray.config import load_job
+from stepback_ray.evaluation.scoring import score_files
 from stepback_ray.pipeline import run_job
-from stepback_ray.scoring import score_files
 from stepback_ray.tasks import TASKS
 
 from .conftest import FIXTURES, REPO
 
-FAST = ["generation.max_new_tokens=12", "profile.max_new_tokens=24", "profile.history_token_budget=200",
-        "ray.progress_bars=false", "executor=in-process"]  # short profiles: the task logic is under test here
+FAST = [
+    "generation.max_new_tokens=12",
+    "profile.max_new_tokens=24",
+    "profile.history_token_budget=200",
+    "ray.progress_bars=false",
+    "executor=in-process",
+]  # short profiles: the task logic is under test here
 # Two tasks in the default run (a rating task: parsing and MAE/RMSE; co-authored writing: proposals and the
 # lead-author merge; LaMP_5 generation runs by default in test_pipeline); the rest run with `-m slow`, so each
 # task has its end-to-end test.
@@ -29,9 +34,18 @@ ALL_TASKS = FAST_TASKS + [pytest.param(t, marks=pytest.mark.slow) for t in SLOW_
 def test_task_runs_with_its_metric(tmp_path, task):
     out = tmp_path / task
     modes = "[none, profile+rag, random-profile]"
-    job = load_job(REPO / "jobs" / "demo.yaml", [
-        *FAST, f"task={task}", f"input.questions={FIXTURES / f'{task}_questions.json'}",
-        f"input.outputs={FIXTURES / f'{task}_outputs.json'}", f"output={out}", f"modes={modes}", "limit=null"])
+    job = load_job(
+        REPO / "jobs" / "demo.yaml",
+        [
+            *FAST,
+            f"task={task}",
+            f"input.questions={FIXTURES / f'{task}_questions.json'}",
+            f"input.outputs={FIXTURES / f'{task}_outputs.json'}",
+            f"output={out}",
+            f"modes={modes}",
+            "limit=null",
+        ],
+    )
     result = run_job(job)
     spec = TASKS[task]
     gens = pd.read_parquet(out / "generations")
@@ -39,7 +53,9 @@ def test_task_runs_with_its_metric(tmp_path, task):
     assert len(gens) == n_queries * 3
     assert gens.groupby(["query_id", "mode"]).size().eq(1).all()
     assert set(gens["status"]) <= {"ok", "unparsed"}
-    keys = {"rouge": ["rouge-1", "rouge-L"], "accuracy_f1": ["accuracy", "f1"], "mae_rmse": ["MAE", "RMSE"]}[spec.metric]
+    keys = {"rouge": ["rouge-1", "rouge-L"], "accuracy_f1": ["accuracy", "f1"], "mae_rmse": ["MAE", "RMSE"]}[
+        spec.metric
+    ]
     for mode, m in result.metrics["modes"].items():
         assert m["queries"] == n_queries and m["scored"] == n_queries
         for k in keys:

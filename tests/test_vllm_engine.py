@@ -12,8 +12,14 @@ from stepback_ray.pipeline import run_job
 from .conftest import REPO
 
 pytestmark = pytest.mark.slow
-FAST = ["limit=4", "generation.max_new_tokens=16", "profile.max_new_tokens=48", "ray.progress_bars=false",
-        "modes=[none, profile+rag]", "run_id=t"]
+FAST = [
+    "limit=4",
+    "generation.max_new_tokens=16",
+    "profile.max_new_tokens=48",
+    "ray.progress_bars=false",
+    "modes=[none, profile+rag]",
+    "run_id=t",
+]
 
 
 def test_vllm_engine_runs_the_demo_like_the_transformers_engine(ray_local, tmp_path):
@@ -21,8 +27,10 @@ def test_vllm_engine_runs_the_demo_like_the_transformers_engine(ray_local, tmp_p
     runs = {}
     for kind in ("transformers", "vllm"):
         out = tmp_path / kind
-        job = load_job(REPO / "jobs" / "demo.yaml", [*FAST, f"engine.kind={kind}", f"output={out}",
-                                                      "engine.vllm.cpu_kv_cache_gb=2"])
+        job = load_job(
+            REPO / "jobs" / "demo.yaml",
+            [*FAST, f"engine.kind={kind}", f"output={out}", "engine.vllm.cpu_kv_cache_gb=2"],
+        )
         result = run_job(job)
         runs[kind] = (pd.read_parquet(out / "generations"), result.metrics)
     (t_rows, t_metrics), (v_rows, v_metrics) = runs["transformers"], runs["vllm"]

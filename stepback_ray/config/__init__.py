@@ -22,12 +22,30 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from ..errors import ConfigError
-from ..modes import MODE_NAMES, mode_spec
-from ..tasks import TASK_ALIASES, TASKS
-from .sections import (DEFAULT_MODEL, EngineConfig, GenerationConfig, InputConfig, Int, MultiAuthorConfig, Number,
-                       PPlugConfig, ProfileConfig, ProfileStoreConfig, RayConfig, RetrievalConfig, StageResources,
-                       StagesConfig, StorageConfig, StoreGateConfig, VLLMOptions, OpenAIOptions, _Strict)
+from stepback_ray.config.sections import (
+    DEFAULT_MODEL,
+    EngineConfig,
+    GenerationConfig,
+    InputConfig,
+    Int,
+    MultiAuthorConfig,
+    Number,
+    OpenAIOptions,
+    PPlugConfig,
+    ProfileConfig,
+    ProfileStoreConfig,
+    RayConfig,
+    RetrievalConfig,
+    StageResources,
+    StagesConfig,
+    StorageConfig,
+    StoreGateConfig,
+    VLLMOptions,
+    _Strict,
+)
+from stepback_ray.errors import ConfigError
+from stepback_ray.modes import MODE_NAMES, mode_spec
+from stepback_ray.tasks import TASK_ALIASES, TASKS
 
 Mode = Literal[MODE_NAMES]
 """Generation modes, declared in :mod:`stepback_ray.modes`. ``none``: input only. ``rag``: retrieved history items.
@@ -36,11 +54,33 @@ Mode = Literal[MODE_NAMES]
 ``pplug``: the input with a Persona-Plug soft token (needs ``pplug.checkpoint``). ``pplug+profile``: the soft token
 and the step-back profile. ``pplug-random``: the input with another user's soft token."""
 
-__all__ = ["DEFAULT_MODEL", "EngineConfig", "GenerationConfig", "InputConfig", "Int", "JobSpec", "Mode",
-           "MultiAuthorConfig", "Number", "PPlugConfig", "ProfileConfig", "ProfileStoreConfig", "RayConfig",
-           "OpenAIOptions", "RetrievalConfig", "SPEED_ONLY_KEYS", "StageResources", "StagesConfig", "StorageConfig",
-           "StoreGateConfig", "VLLMOptions",
-           "load_job", "parse_overrides", "storage_config", "without_keys"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "EngineConfig",
+    "GenerationConfig",
+    "InputConfig",
+    "Int",
+    "JobSpec",
+    "Mode",
+    "MultiAuthorConfig",
+    "Number",
+    "PPlugConfig",
+    "ProfileConfig",
+    "ProfileStoreConfig",
+    "RayConfig",
+    "OpenAIOptions",
+    "RetrievalConfig",
+    "SPEED_ONLY_KEYS",
+    "StageResources",
+    "StagesConfig",
+    "StorageConfig",
+    "StoreGateConfig",
+    "VLLMOptions",
+    "load_job",
+    "parse_overrides",
+    "storage_config",
+    "without_keys",
+]
 
 
 class JobSpec(_Strict):
@@ -61,12 +101,18 @@ class JobSpec(_Strict):
     ray: RayConfig = Field(default_factory=RayConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     executor: Literal["ray", "in-process"] = Field(
-        default="ray", description="'in-process': the same passes and stages run one chunk after another in this "
-                                   "process (small jobs, debugging, the fast tests); a dataset input is still "
-                                   "staged by Ray Data first, on a local Ray")
+        default="ray",
+        description="'in-process': the same passes and stages run one chunk after another in this "
+        "process (small jobs, debugging, the fast tests); a dataset input is still "
+        "staged by Ray Data first, on a local Ray",
+    )
     max_error_fraction: Number = Field(
-        default=0.01, ge=0.0, le=1.0, description="a pass whose engine-error rows exceed this share of its rows fails "
-                                                  "(exit 3, manifest status failed); a rerun retries exactly those rows")
+        default=0.01,
+        ge=0.0,
+        le=1.0,
+        description="a pass whose engine-error rows exceed this share of its rows fails "
+        "(exit 3, manifest status failed); a rerun retries exactly those rows",
+    )
 
     @field_validator("name", "run_id", mode="before")
     @classmethod
@@ -80,24 +126,30 @@ class JobSpec(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _in_process_needs_no_cluster(self) -> "JobSpec":
+    def _in_process_needs_no_cluster(self) -> JobSpec:
         """The in-process executor runs the passes in this process: not on a cluster."""
         if self.executor == "in-process" and self.ray.address:
-            raise ValueError("executor 'in-process' runs the passes in this process: unset ray.address (or use "
-                             "executor: ray)")
+            raise ValueError(
+                "executor 'in-process' runs the passes in this process: unset ray.address (or use executor: ray)"
+            )
         return self
 
     @model_validator(mode="after")
-    def _cluster_paths_are_shared(self) -> "JobSpec":
+    def _cluster_paths_are_shared(self) -> JobSpec:
         """On a cluster the engine actors of other nodes write the chunks: a path only this machine sees would
         scatter them over the nodes' own disks."""
         if self.ray.address and not self.storage.shared_filesystem:
-            local = [f"{k} {v}" for k, v in (("output", self.output), ("profile_store.uri", self.profile_store.uri))
-                     if v and (not _SCHEME.match(v) or v.startswith("file://"))]
+            local = [
+                f"{k} {v}"
+                for k, v in (("output", self.output), ("profile_store.uri", self.profile_store.uri))
+                if v and (not _SCHEME.match(v) or v.startswith("file://"))
+            ]
             if local:
-                raise ValueError(f"ray.address is set (a cluster) but {' and '.join(local)} is a local path the "
-                                 "other nodes cannot write to: use object storage (s3://...), or set "
-                                 "storage.shared_filesystem: true if every node mounts it")
+                raise ValueError(
+                    f"ray.address is set (a cluster) but {' and '.join(local)} is a local path the "
+                    "other nodes cannot write to: use object storage (s3://...), or set "
+                    "storage.shared_filesystem: true if every node mounts it"
+                )
         return self
 
     @field_validator("task")
@@ -116,7 +168,7 @@ class JobSpec(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _lift_gate_needs_golds_and_a_store(self) -> "JobSpec":
+    def _lift_gate_needs_golds_and_a_store(self) -> JobSpec:
         """The gate's lift check scores a sample against golds, before a store version is committed."""
         if self.profile_store.gate.min_lift is None:
             return self
@@ -129,43 +181,58 @@ class JobSpec(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _pplug_needs_a_checkpoint(self) -> "JobSpec":
+    def _pplug_needs_a_checkpoint(self) -> JobSpec:
         if any(mode_spec(m).plug for m in self.modes) and not self.pplug.checkpoint:
-            raise ValueError("modes pplug / pplug+profile / pplug-random need pplug.checkpoint (train one with "
-                             "`stepback train-pplug`)")
+            raise ValueError(
+                "modes pplug / pplug+profile / pplug-random need pplug.checkpoint (train one with "
+                "`stepback train-pplug`)"
+            )
         return self
 
     @model_validator(mode="after")
-    def _fill_run_id(self) -> "JobSpec":
+    def _fill_run_id(self) -> JobSpec:
         if self.run_id is None:
             self.run_id = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         return self
 
     @model_validator(mode="after")
-    def _settings_that_would_fail_every_row(self) -> "JobSpec":
+    def _settings_that_would_fail_every_row(self) -> JobSpec:
         """Combinations that pass field by field but would fail every generation call late (or be ignored)."""
         if self.generation.min_new_tokens > self.max_new_tokens:
-            raise ValueError(f"generation.min_new_tokens ({self.generation.min_new_tokens}) is above the generation "
-                             f"length for {self.task} ({self.max_new_tokens}; set generation.max_new_tokens)")
-        if (self.engine.kind == "vllm" and any(mode_spec(m).plug for m in self.modes)
-                and not self.engine.vllm.enable_prompt_embeds):
-            raise ValueError("modes pplug / pplug+profile on the vllm engine need engine.vllm.enable_prompt_embeds: "
-                             "true (the soft token goes in as a prompt embedding)")
+            raise ValueError(
+                f"generation.min_new_tokens ({self.generation.min_new_tokens}) is above the generation "
+                f"length for {self.task} ({self.max_new_tokens}; set generation.max_new_tokens)"
+            )
+        if (
+            self.engine.kind == "vllm"
+            and any(mode_spec(m).plug for m in self.modes)
+            and not self.engine.vllm.enable_prompt_embeds
+        ):
+            raise ValueError(
+                "modes pplug / pplug+profile on the vllm engine need engine.vllm.enable_prompt_embeds: "
+                "true (the soft token goes in as a prompt embedding)"
+            )
         if self.engine.kind == "openai" and any(mode_spec(m).plug for m in self.modes):
-            raise ValueError("modes pplug / pplug+profile / pplug-random need soft tokens (prompt embeddings), which "
-                             "the openai engine cannot send over HTTP: use engine.kind vllm or transformers")
+            raise ValueError(
+                "modes pplug / pplug+profile / pplug-random need soft tokens (prompt embeddings), which "
+                "the openai engine cannot send over HTTP: use engine.kind vllm or transformers"
+            )
         if self.limit is not None and self.input.format != "lamp":
-            raise ValueError(f"limit applies to LaMP input only; a {self.input.format} dataset is read whole (point "
-                             "input.path at fewer files to run a part)")
+            raise ValueError(
+                f"limit applies to LaMP input only; a {self.input.format} dataset is read whole (point "
+                "input.path at fewer files to run a part)"
+            )
         return self
 
     @model_validator(mode="after")
-    def _output_placeholders(self) -> "JobSpec":
+    def _output_placeholders(self) -> JobSpec:
         try:
             self.output.format(name="n", run_id="r")
         except (KeyError, IndexError, ValueError) as e:
-            raise ValueError(f"output {self.output!r}: only {{name}} and {{run_id}} expand ({type(e).__name__}: "
-                             f"{e}); write a literal brace as {{{{ or }}}}") from None
+            raise ValueError(
+                f"output {self.output!r}: only {{name}} and {{run_id}} expand ({type(e).__name__}: "
+                f"{e}); write a literal brace as {{{{ or }}}}"
+            ) from None
         return self
 
     @property
@@ -195,21 +262,57 @@ class JobSpec(_Strict):
 
 
 SPEED_ONLY_KEYS = (
-    "name", "max_error_fraction",
-    "engine.batch_size", "engine.prefix_order", "engine.max_batch_tokens", "engine.max_cache_tokens",
-    "engine.split_prefill", "engine.prefix_reuse", "engine.threads", "engine.device",
-    "engine.call_timeout_s", "engine.max_restarts", "engine.dry_run_tokens_per_s", "engine.dry_run_fail_marker", "engine.dry_run_fatal_after",
-    "engine.dry_run_hang_after", "engine.dry_run_fault_log", "engine.vllm.gpu_memory_utilization", "engine.vllm.max_num_seqs",
-    "engine.vllm.cpu_kv_cache_gb", "engine.vllm.cpu_threads_bind", "engine.vllm.enforce_eager",
-    "engine.vllm.chunked_prefill", "engine.vllm.prefix_caching", "engine.vllm.block_size",
-    "engine.openai.api_key_env", "engine.openai.max_concurrency", "engine.openai.request_timeout_s",
-    "engine.openai.connect_timeout_s", "engine.openai.max_retries", "engine.openai.backoff_base_s",
+    "name",
+    "max_error_fraction",
+    "engine.batch_size",
+    "engine.prefix_order",
+    "engine.max_batch_tokens",
+    "engine.max_cache_tokens",
+    "engine.split_prefill",
+    "engine.prefix_reuse",
+    "engine.threads",
+    "engine.device",
+    "engine.call_timeout_s",
+    "engine.max_restarts",
+    "engine.dry_run_tokens_per_s",
+    "engine.dry_run_fail_marker",
+    "engine.dry_run_fatal_after",
+    "engine.dry_run_hang_after",
+    "engine.dry_run_fault_log",
+    "engine.vllm.gpu_memory_utilization",
+    "engine.vllm.max_num_seqs",
+    "engine.vllm.cpu_kv_cache_gb",
+    "engine.vllm.cpu_threads_bind",
+    "engine.vllm.enforce_eager",
+    "engine.vllm.chunked_prefill",
+    "engine.vllm.prefix_caching",
+    "engine.vllm.block_size",
+    "engine.openai.api_key_env",
+    "engine.openai.max_concurrency",
+    "engine.openai.request_timeout_s",
+    "engine.openai.connect_timeout_s",
+    "engine.openai.max_retries",
+    "engine.openai.backoff_base_s",
     "engine.openai.backoff_max_s",
-    "ray.address", "ray.engine_actors", "ray.engine_actor_cpus", "ray.engine_actor_gpus", "ray.accelerator_type",
-    "ray.engine_tasks_in_flight", "ray.engine_coalesce", "ray.keep_engines", "ray.cpu_stage_actors", "ray.stages",
-    "ray.object_store_gib", "ray.progress_bars",
-    "executor", "profile_store.keep_versions",
-    "storage.retries", "storage.key", "storage.secret", "storage.aws_profile", "storage.shared_filesystem",
+    "ray.address",
+    "ray.engine_actors",
+    "ray.engine_actor_cpus",
+    "ray.engine_actor_gpus",
+    "ray.accelerator_type",
+    "ray.engine_tasks_in_flight",
+    "ray.engine_coalesce",
+    "ray.keep_engines",
+    "ray.cpu_stage_actors",
+    "ray.stages",
+    "ray.object_store_gib",
+    "ray.progress_bars",
+    "executor",
+    "profile_store.keep_versions",
+    "storage.retries",
+    "storage.key",
+    "storage.secret",
+    "storage.aws_profile",
+    "storage.shared_filesystem",
 )
 """Spec keys that change only speed, capacity, fault injection or access, never a result: a run resumed after an
 out-of-memory crash with a smaller batch or memory share, a rotated credential or the fault switched off goes on
@@ -234,12 +337,29 @@ def without_keys(data: dict[str, Any], dotted: tuple[str, ...]) -> dict[str, Any
 # --------------------------------------------------------------------------------------------------- loading
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-_PATH_KEYS = (("input", "questions"), ("input", "outputs"), ("input", "path"), ("pplug", "train_questions"),
-              ("pplug", "train_outputs"), ("pplug", "val_questions"), ("pplug", "val_outputs"))
+_PATH_KEYS = (
+    ("input", "questions"),
+    ("input", "outputs"),
+    ("input", "path"),
+    ("pplug", "train_questions"),
+    ("pplug", "train_outputs"),
+    ("pplug", "val_questions"),
+    ("pplug", "val_outputs"),
+)
 
 
-_LOCATION_KEYS = {"input.questions", "input.outputs", "input.path", "output", "profile_store.uri", "pplug.checkpoint",
-                  "pplug.train_questions", "pplug.train_outputs", "pplug.val_questions", "pplug.val_outputs"}
+_LOCATION_KEYS = {
+    "input.questions",
+    "input.outputs",
+    "input.path",
+    "output",
+    "profile_store.uri",
+    "pplug.checkpoint",
+    "pplug.train_questions",
+    "pplug.train_outputs",
+    "pplug.val_questions",
+    "pplug.val_outputs",
+}
 
 
 def _is_local_relative(p: str) -> bool:
@@ -300,15 +420,16 @@ def _format_validation_error(source: str, err: ValidationError) -> str:
         else:
             msg = e["msg"]
             if msg.startswith("Value error, "):
-                msg = msg[len("Value error, "):]
+                msg = msg[len("Value error, ") :]
             if "input" in e and not isinstance(e["input"], (dict, list)):
                 msg += f" (got {e['input']!r})"
         lines.append(f"{source}: {loc}: {msg}")
     return "; ".join(lines)
 
 
-def load_job(path: str | os.PathLike[str] | None, overrides: list[str] | None = None,
-             data: dict[str, Any] | None = None) -> JobSpec:
+def load_job(
+    path: str | os.PathLike[str] | None, overrides: list[str] | None = None, data: dict[str, Any] | None = None
+) -> JobSpec:
     """Read a job spec file (or take ``data``), apply ``--set`` overrides and validate everything."""
     source = str(path) if path is not None else "<job spec>"
     if data is None:
@@ -342,7 +463,7 @@ def storage_config(overrides: list[str]) -> StorageConfig:
     for key, value in parse_overrides(overrides):
         if not key.startswith("storage."):
             raise ConfigError(f"--set {key}: only storage.* settings apply here")
-        data[key[len("storage."):]] = value
+        data[key[len("storage.") :]] = value
     try:
         return StorageConfig.model_validate(data)
     except ValidationError as e:

@@ -29,18 +29,26 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..config import JobSpec
-from ..storage import RunStore
-from ..tasks import TaskSpec, get_task
-from .rows import Query, UserHistory, shard_of, user_id_problem
+from stepback_ray.config import JobSpec
+from stepback_ray.data.rows import Query, UserHistory, shard_of, user_id_problem
+from stepback_ray.storage import RunStore
+from stepback_ray.tasks import TaskSpec, get_task
 
 MAX_ITEM_CHARS = 100_000
 FORGOTTEN_DIR = "_forgotten"
 """Counts of the rows left out because their user is forgotten (ids and counts only)."""
 QUARANTINE_SCHEMA = pa.schema([("reason", pa.string()), ("record", pa.string()), ("source", pa.string())])
-STAGED_SCHEMA = pa.schema([("shard", pa.int32()), ("user_id", pa.string()), ("record", pa.string()),
-                           ("query_ids", pa.list_(pa.string())), ("source", pa.string()), ("line", pa.int64()),
-                           ("digest", pa.string())])
+STAGED_SCHEMA = pa.schema(
+    [
+        ("shard", pa.int32()),
+        ("user_id", pa.string()),
+        ("record", pa.string()),
+        ("query_ids", pa.list_(pa.string())),
+        ("source", pa.string()),
+        ("line", pa.int64()),
+        ("digest", pa.string()),
+    ]
+)
 """A staged row: the validated record, its query ids, and what orders it among rows that repeat a query id (the
 input file and line, JSON Lines only; then the user id and a digest of the record)."""
 
@@ -152,8 +160,7 @@ class ValidateAndShard:
                     try:
                         out.append((json.loads(line.decode("utf-8")), path, n + 1, None))
                     except UnicodeDecodeError as e:
-                        out.append((line[:2000].decode("utf-8", "replace"), path, n + 1,
-                                    f"invalid UTF-8 ({e.reason})"))
+                        out.append((line[:2000].decode("utf-8", "replace"), path, n + 1, f"invalid UTF-8 ({e.reason})"))
                     except json.JSONDecodeError as e:
                         out.append((line[:2000].decode("utf-8", "replace"), path, n + 1, f"bad JSON: {e.msg}"))
         else:
@@ -174,10 +181,17 @@ class ValidateAndShard:
                         forgotten.append(clean["user_id"])
                         continue
                     text = json.dumps(clean)
-                    good.append({"shard": shard_of(clean["user_id"], self.shards), "user_id": clean["user_id"],
-                                 "record": text, "query_ids": [q["query_id"] for q in clean.get("queries", [])],
-                                 "source": source, "line": line,
-                                 "digest": hashlib.sha1(text.encode()).hexdigest()[:16]})
+                    good.append(
+                        {
+                            "shard": shard_of(clean["user_id"], self.shards),
+                            "user_id": clean["user_id"],
+                            "record": text,
+                            "query_ids": [q["query_id"] for q in clean.get("queries", [])],
+                            "source": source,
+                            "line": line,
+                            "digest": hashlib.sha1(text.encode()).hexdigest()[:16],
+                        }
+                    )
                     continue
             raw = rec if isinstance(rec, str) else json.dumps(rec, default=str)
             bad.append({"reason": error, "record": raw[:2000], "source": _where(source, line)})
@@ -185,8 +199,10 @@ class ValidateAndShard:
             table = pa.Table.from_pylist(bad, schema=QUARANTINE_SCHEMA)
             self.store.write_table(f"quarantine/part-{_batch_digest(batch)}.parquet", table)
         if forgotten:
-            self.store.write_json(f"{FORGOTTEN_DIR}/part-{_batch_digest(batch)}.json",
-                                  {"rows": len(forgotten), "users": sorted(set(forgotten))})
+            self.store.write_json(
+                f"{FORGOTTEN_DIR}/part-{_batch_digest(batch)}.json",
+                {"rows": len(forgotten), "users": sorted(set(forgotten))},
+            )
         return pa.Table.from_pylist(good, schema=STAGED_SCHEMA)
 
 
@@ -211,7 +227,7 @@ def stage_dataset(job: JobSpec, shards: int, denied: frozenset[str] = frozenset(
     import ray.data
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-    from ..storage import filesystem_for
+    from stepback_ray.storage import filesystem_for
 
     store = RunStore(job.output_uri, job.storage)
     if not store.exists("_staged/_SUCCESS"):
@@ -230,9 +246,13 @@ def stage_dataset(job: JobSpec, shards: int, denied: frozenset[str] = frozenset(
             ds = ray.data.read_parquet(src_path, filesystem=pa_src)
         else:
             ds = ray.data.read_binary_files(src_path, filesystem=pa_src, include_paths=True)
-        ds = ds.map_batches(ValidateAndShard, fn_constructor_kwargs={"job": job, "shards": shards,
-                                                                     "denied": sorted(denied)},
-                            batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25)
+        ds = ds.map_batches(
+            ValidateAndShard,
+            fn_constructor_kwargs={"job": job, "shards": shards, "denied": sorted(denied)},
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=1),
+            num_cpus=0.25,
+        )
         out_fs = PyFileSystem(FSSpecHandler(store.fs))
         ds.write_parquet(store.path("_staged"), filesystem=out_fs, partition_cols=["shard"])
         quarantine_repeated_queries(store)
@@ -242,8 +262,9 @@ def stage_dataset(job: JobSpec, shards: int, denied: frozenset[str] = frozenset(
     gone = [store.read_json(p) for p in store.list(FORGOTTEN_DIR, ".json")]
     counts = {"rows_in": good + bad + sum(g["rows"] for g in gone), "rows_staged": good, "rows_quarantined": bad}
     if denied or gone:
-        counts.update(forgotten_rows=sum(g["rows"] for g in gone),
-                      forgotten_users=len({u for g in gone for u in g["users"]}))
+        counts.update(
+            forgotten_rows=sum(g["rows"] for g in gone), forgotten_users=len({u for g in gone for u in g["users"]})
+        )
     return counts
 
 
@@ -257,8 +278,10 @@ def quarantine_repeated_queries(store: RunStore) -> int:
     where an id repeats, and only the staged files holding such rows are rewritten."""
     import pyarrow.compute as pc
 
-    ids = {rel: pc.list_flatten(store.read_table(rel, columns=["query_ids"]).column("query_ids"))
-           for rel in _staged_files(store)}
+    ids = {
+        rel: pc.list_flatten(store.read_table(rel, columns=["query_ids"]).column("query_ids"))
+        for rel in _staged_files(store)
+    }
     ids = {rel: a for rel, a in ids.items() if len(a)}
     if not ids:
         return 0
@@ -285,8 +308,10 @@ def quarantine_repeated_queries(store: RunStore) -> int:
             continue
         n, q = clash
         first_uid, first_at = kept[q]
-        drop.setdefault(rel, {})[i] = (f"queries[{n}].query_id: duplicate {q!r}, asked first in the row of user "
-                                       f"{first_uid!r}" + (f" at {first_at}" if first_at else ""))
+        drop.setdefault(rel, {})[i] = (
+            f"queries[{n}].query_id: duplicate {q!r}, asked first in the row of user "
+            f"{first_uid!r}" + (f" at {first_at}" if first_at else "")
+        )
     bad = []
     for rel, rows in sorted(drop.items()):
         table = store.read_table(rel)
@@ -338,7 +363,7 @@ def load_staged(job: JobSpec, source: str) -> tuple[list[UserHistory], list[Quer
             uid = rec["user_id"]
             u = users.setdefault(uid, UserHistory(uid))
             ids = seen.setdefault(uid, set())
-            for it in ([rec["item"]] if "item" in rec else rec["history"]):
+            for it in [rec["item"]] if "item" in rec else rec["history"]:
                 if it["id"] not in ids:
                     ids.add(it["id"])
                     u.history.append(it)

@@ -13,12 +13,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-
-from ..config import StorageConfig
-from ..errors import InputError
-from ..storage import read_bytes
-from ..tasks import TaskSpec, same_task
-from .rows import Query, user_id_problem
+from stepback_ray.config import StorageConfig
+from stepback_ray.data.rows import Query, user_id_problem
+from stepback_ray.errors import InputError
+from stepback_ray.storage import read_bytes
+from stepback_ray.tasks import TaskSpec, same_task
 
 
 def _load_json(uri: str, storage: StorageConfig | None) -> Any:
@@ -53,8 +52,12 @@ def _parse_item(uri: str, where: str, field: str, item: Any, task: TaskSpec) -> 
             out[str(k)] = text
     for need in task.item_fields:
         if need not in out:
-            raise InputError(uri, f"missing (task {task.name} needs {', '.join(task.item_fields)})",
-                             record=where, field=f"{field}.{need}")
+            raise InputError(
+                uri,
+                f"missing (task {task.name} needs {', '.join(task.item_fields)})",
+                record=where,
+                field=f"{field}.{need}",
+            )
     if "id" not in out:
         out["id"] = f"{where.strip(chr(39))}/{field}"
     return out
@@ -62,8 +65,9 @@ def _parse_item(uri: str, where: str, field: str, item: Any, task: TaskSpec) -> 
 
 def _items(uri: str, where: str, field: str, profile: Any, task: TaskSpec) -> list[dict[str, str]]:
     if not isinstance(profile, list):
-        raise InputError(uri, f"expected a list of history items, got {type(profile).__name__}",
-                         record=where, field=field)
+        raise InputError(
+            uri, f"expected a list of history items, got {type(profile).__name__}", record=where, field=field
+        )
     return [_parse_item(uri, where, f"{field}[{i}]", it, task) for i, it in enumerate(profile)]
 
 
@@ -89,8 +93,9 @@ def _users_of(uri: str, qid: str, rec: dict[str, Any], task: TaskSpec) -> tuple[
         histories: list[list[dict]] = []
         for i, a in enumerate(authors):
             if not isinstance(a, dict):
-                raise InputError(uri, f"expected an object, got {type(a).__name__}", record=where,
-                                 field=f"authors[{i}]")
+                raise InputError(
+                    uri, f"expected an object, got {type(a).__name__}", record=where, field=f"authors[{i}]"
+                )
             uid = _user_id(uri, where, f"authors[{i}].user_id", a.get("user_id"))
             items = _items(uri, where, f"authors[{i}].profile", a.get("profile", []), task)
             if uid in ids:  # the same name twice on a byline: one user, both item lists
@@ -101,8 +106,12 @@ def _users_of(uri: str, qid: str, rec: dict[str, Any], task: TaskSpec) -> tuple[
         return ids, histories
     profile = rec.get("profile")
     if profile is None:
-        raise InputError(uri, "missing (a LaMP question carries its user's history as 'profile', a multi-author "
-                              "one as 'authors')", record=where, field="profile")
+        raise InputError(
+            uri,
+            "missing (a LaMP question carries its user's history as 'profile', a multi-author one as 'authors')",
+            record=where,
+            field="profile",
+        )
     given = rec.get("user_id")
     uid = f"q:{qid}" if given is None else _user_id(uri, where, "user_id", given)
     return [uid], [_items(uri, where, "profile", profile, task)]
@@ -138,10 +147,12 @@ def parse_questions(uri: str, data: Any, task: TaskSpec) -> list[Query]:
 def attach_golds(uri: str, data: Any, task: TaskSpec, queries: list[Query]) -> None:
     """Attach gold outputs; every question must have exactly one gold (none, or two for one id, is an error)."""
     if isinstance(data, list):
-        raise InputError(uri, "this looks like a LaMP questions file (a list); expected the outputs file "
-                              "{\"task\": ..., \"golds\": [...]}")
+        raise InputError(
+            uri,
+            'this looks like a LaMP questions file (a list); expected the outputs file {"task": ..., "golds": [...]}',
+        )
     if not isinstance(data, dict) or not isinstance(data.get("golds"), list):
-        raise InputError(uri, "expected an object {\"task\": ..., \"golds\": [{\"id\", \"output\"}]}", field="golds")
+        raise InputError(uri, 'expected an object {"task": ..., "golds": [{"id", "output"}]}', field="golds")
     file_task = data.get("task")
     if file_task is not None and not same_task(str(file_task), task.name):
         raise InputError(uri, f"golds are for task {file_task!r} but the job's task is {task.name!r}", field="task")
@@ -167,8 +178,7 @@ def attach_golds(uri: str, data: Any, task: TaskSpec, queries: list[Query]) -> N
         q.gold = golds[q.query_id]
 
 
-def read_lamp(questions: str, outputs: str | None, task: TaskSpec,
-              storage: StorageConfig | None = None) -> list[Query]:
+def read_lamp(questions: str, outputs: str | None, task: TaskSpec, storage: StorageConfig | None = None) -> list[Query]:
     """Read a LaMP questions file (and optionally its outputs) from a path or fsspec URI."""
     queries = parse_questions(questions, _load_json(questions, storage), task)
     if outputs is not None:

@@ -18,7 +18,6 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-
 Item = dict[str, str]
 
 MAX_ID_CHARS = 512
@@ -134,13 +133,19 @@ def profile_chunks(users: list[UserHistory], num_shards: int) -> list[dict[str, 
     by_shard: dict[int, list[UserHistory]] = {}
     for u in users:
         by_shard.setdefault(shard_of(u.user_id, num_shards), []).append(u)
-    return [{"chunk_id": chunk_id(k), "payload": json.dumps([asdict(u) for u in part])}
-            for k, part in sorted(by_shard.items())]
+    return [
+        {"chunk_id": chunk_id(k), "payload": json.dumps([asdict(u) for u in part])}
+        for k, part in sorted(by_shard.items())
+    ]
 
 
-def generation_chunks(groups: list[list[Query]], num_shards: int, needs_profiles: bool,
-                      with_histories: bool = False, histories: dict[str, list[Item]] | None = None
-                      ) -> list[dict[str, Any]]:
+def generation_chunks(
+    groups: list[list[Query]],
+    num_shards: int,
+    needs_profiles: bool,
+    with_histories: bool = False,
+    histories: dict[str, list[Item]] | None = None,
+) -> list[dict[str, Any]]:
     """Rows for the generation pass: the queries of each shard (by lead user), with the profile shards that
     hold their users' profiles and, for the random-profile control, the histories of the chunk's users (each
     borrows from another user of the same chunk)."""
@@ -151,11 +156,13 @@ def generation_chunks(groups: list[list[Query]], num_shards: int, needs_profiles
     for k, queries in sorted(by_shard.items()):
         users = sorted({u for q in queries for u in q.user_ids})
         chunk_histories = {u: histories[u] for u in users} if with_histories and histories is not None else {}
-        rows.append({
-            "chunk_id": chunk_id(k),
-            "payload": json.dumps({"queries": [q.to_dict() for q in queries], "histories": chunk_histories}),
-            "profile_chunks": sorted({chunk_id(shard_of(u, num_shards)) for u in users}) if needs_profiles else [],
-        })
+        rows.append(
+            {
+                "chunk_id": chunk_id(k),
+                "payload": json.dumps({"queries": [q.to_dict() for q in queries], "histories": chunk_histories}),
+                "profile_chunks": sorted({chunk_id(shard_of(u, num_shards)) for u in users}) if needs_profiles else [],
+            }
+        )
     return rows
 
 

@@ -8,11 +8,12 @@ inside the process that uses them (a Ray actor), from an :class:`~stepback_ray.c
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence, Union, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 Message = dict[str, str]
-Prompt = Union[str, list[Message]]
+Prompt = str | list[Message]
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,7 @@ class Request:
     soft_tokens: Any = None
 
 
-def split_requests(requests: Sequence["Prompt | Request"]) -> tuple[list[Prompt], list | None]:
+def split_requests(requests: Sequence[Prompt | Request]) -> tuple[list[Prompt], list | None]:
     """The prompts of ``requests`` and, if any carries soft tokens, each one's soft tokens (None where it has
     none); None when no request has any (the engine's plain path)."""
     reqs = [r if isinstance(r, Request) else Request(r) for r in requests]

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from .base import Completion, Prompt, Request, SamplingParams
+from stepback_ray.engines.base import Completion, Prompt, Request, SamplingParams
 
 GATHER_S = 0.25
 """How long the first waiting call waits for the actor's other blocks to hand their prompts."""
@@ -122,7 +122,7 @@ class CoalescedCalls:
                 raise RuntimeError(f"the engine returned {len(done)} completions for {len(requests)} prompts")
             start = 0
             for p in batch:
-                p.result, start = done[start:start + len(p.requests)], start + len(p.requests)
+                p.result, start = done[start : start + len(p.requests)], start + len(p.requests)
         except BaseException as e:  # every caller of this engine call learns of its failure
             for p in batch:
                 p.error = e

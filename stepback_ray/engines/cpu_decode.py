@@ -31,8 +31,9 @@ def install(model) -> bool:
 
     def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
         if query.shape[2] != 1 or dropout or kwargs.get("position_bias") is not None or kwargs.get("softcap"):
-            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                          scaling=scaling, **kwargs)
+            return sdpa_attention_forward(
+                module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+            )
         return _attention(query, key, value, attention_mask, scaling), None
 
     try:
@@ -49,15 +50,16 @@ def install(model) -> bool:
     return True
 
 
-def _attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
-               scaling: float | None) -> torch.Tensor:
+def _attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scaling: float | None
+) -> torch.Tensor:
     """Attention of one query token a row: ``query`` ``[batch, heads, 1, dim]``, ``key``/``value`` ``[batch,
     kv_heads, positions, dim]``, ``mask`` boolean (True: attend) or additive, broadcastable to ``[batch, 1, 1,
     positions]``. Returns ``[batch, 1, heads, dim]``, as transformers' attention functions do."""
     batch, heads, _, dim = query.shape
     groups = key.shape[1]
     q = query.reshape(batch, groups, heads // groups, dim)  # the query heads sharing a key/value head, as rows
-    scores = torch.matmul(q, key.transpose(-1, -2)).mul_(dim ** -0.5 if scaling is None else scaling)
+    scores = torch.matmul(q, key.transpose(-1, -2)).mul_(dim**-0.5 if scaling is None else scaling)
     if mask is not None:
         scores = scores.masked_fill_(~mask, float("-inf")) if mask.dtype == torch.bool else scores.add_(mask)
     weights = scores.softmax(-1, dtype=torch.float32).to(value.dtype)  # float32 sums, as SDPA's kernels

@@ -31,7 +31,7 @@ class StopStrings:
     def __init__(self, tokenizer, stop: Sequence[str], prompts: list[list[int]]):
         self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
         self.window = max((len(s.encode()) for s in self.stop), default=0) + 1
-        self.tails = [p[-self.window:] for p in prompts] if self.stop else []
+        self.tails = [p[-self.window :] for p in prompts] if self.stop else []
 
     def __bool__(self) -> bool:
         return bool(self.stop)
@@ -39,7 +39,7 @@ class StopStrings:
     def ended(self, rows: list[int], new: list[list[int]]) -> list[int]:
         """Of ``rows`` (with ``new[k]`` the newest new tokens of ``rows[k]``, at least the last ``window`` of them
         or all there are), those whose newest token ends a stop string."""
-        seen = [(self.tails[r] + toks)[-self.window:] for r, toks in zip(rows, new)]
+        seen = [(self.tails[r] + toks)[-self.window :] for r, toks in zip(rows, new)]
         before = self.tokenizer.batch_decode([toks[:-1] for toks in seen])
         after = self.tokenizer.batch_decode(seen)
         hit = []
@@ -51,9 +51,23 @@ class StopStrings:
         return hit
 
 
-def decode(model, cache, cache_kw: str, last_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-           *, max_new_tokens: int, min_new_tokens: int, temperature: float, top_p: float, top_k: int, eos: set[int],
-           pad: int, stops: StopStrings | None = None) -> list[list[int]]:
+def decode(
+    model,
+    cache,
+    cache_kw: str,
+    last_ids: torch.Tensor,
+    mask: torch.Tensor,
+    positions: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    min_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    eos: set[int],
+    pad: int,
+    stops: StopStrings | None = None,
+) -> list[list[int]]:
     """The new tokens of each row (padded after its end; as many columns as the longest row took).
 
     ``cache`` holds every row's prompt but its last token, right-aligned; ``last_ids`` ``[batch]`` is that last
@@ -71,8 +85,14 @@ def decode(model, cache, cache_kw: str, last_ids: torch.Tensor, mask: torch.Tens
     full_mask[:, :width] = mask
     steps = 0
     for step in range(max_new_tokens):
-        logits = model(input_ids=step_ids, attention_mask=full_mask[:, :width + step], position_ids=step_pos,
-                       use_cache=True, logits_to_keep=1, **{cache_kw: cache}).logits[:, -1]
+        logits = model(
+            input_ids=step_ids,
+            attention_mask=full_mask[:, : width + step],
+            position_ids=step_pos,
+            use_cache=True,
+            logits_to_keep=1,
+            **{cache_kw: cache},
+        ).logits[:, -1]
         if step < min_new_tokens and len(eos_ids):
             logits[:, eos_on_device] = float("-inf")
         nxt = sampled(logits, temperature, top_k, top_p) if temperature > 0 else logits.argmax(-1)
@@ -83,7 +103,7 @@ def decode(model, cache, cache_kw: str, last_ids: torch.Tensor, mask: torch.Tens
         if stops:
             live = (~done & ~ended).nonzero().flatten().tolist()
             if live:
-                new = out[live, max(0, steps - stops.window):steps].tolist()  # all the check reads
+                new = out[live, max(0, steps - stops.window) : steps].tolist()  # all the check reads
                 ended[stops.ended(live, new)] = True
         done |= ended
         if bool(done.all()):

@@ -14,10 +14,10 @@ import json
 import os
 import time
 
-from ..config import EngineConfig
-from .base import Completion, Prompt, Request, SamplingParams, split_requests
-from .formatting import FormattedEngine
-from .prefix import BLOCK, PrefixCacheModel
+from stepback_ray.config import EngineConfig
+from stepback_ray.engines.base import Completion, Prompt, Request, SamplingParams, split_requests
+from stepback_ray.engines.formatting import FormattedEngine
+from stepback_ray.engines.prefix import BLOCK, PrefixCacheModel
 
 _WORDS = ("data", "model", "learning", "system", "method", "network", "analysis", "language", "vision", "graph")
 
@@ -36,7 +36,9 @@ class DryRunEngine(FormattedEngine):
         words = [_WORDS[i % len(_WORDS)] for i in range(max(1, target))]
         if prefilled_json:  # continues '{"keywords": ["' and closes the object
             kw = words[: max(1, target // 2)]
-            return json.dumps({"keywords": kw, "topics": kw[:2], "style": " ".join(words[:6])})[len('{"keywords": ["'):]
+            return json.dumps({"keywords": kw, "topics": kw[:2], "style": " ".join(words[:6])})[
+                len('{"keywords": ["') :
+            ]
         return " ".join(words)
 
     def generate(self, requests: list[Prompt | Request], params: SamplingParams) -> list[Completion]:
@@ -57,9 +59,17 @@ class DryRunEngine(FormattedEngine):
             soft = prefix_embeds[k] if prefix_embeds is not None else None
             n_prompt = counts[k] + (0 if soft is None else len(soft))
             if n_prompt + params.max_new_tokens > self.max_context:
-                out.append(Completion("", n_prompt, 0, "error", 0.0,
-                                      error=f"prompt has {n_prompt} tokens; with {params.max_new_tokens} new tokens "
-                                            f"it exceeds the context of {self.max_context}"))
+                out.append(
+                    Completion(
+                        "",
+                        n_prompt,
+                        0,
+                        "error",
+                        0.0,
+                        error=f"prompt has {n_prompt} tokens; with {params.max_new_tokens} new tokens "
+                        f"it exceeds the context of {self.max_context}",
+                    )
+                )
                 continue
             prefilled = text.endswith('{"keywords": ["')
             if prefilled not in answers:  # the same answer for every prompt of a kind: tokenized once
@@ -67,8 +77,17 @@ class DryRunEngine(FormattedEngine):
                 answers[prefilled] = (self.tokenizer.decode(ids), len(ids))
             answer, n_answer = answers[prefilled]
             cached = self.cache.cached(token_ids[k]) if soft is None else 0
-            out.append(Completion(answer, n_prompt, n_answer * params.n, "stop", 0.0,
-                                  samples=[answer] * params.n if params.n > 1 else [], cached_tokens=cached))
+            out.append(
+                Completion(
+                    answer,
+                    n_prompt,
+                    n_answer * params.n,
+                    "stop",
+                    0.0,
+                    samples=[answer] * params.n if params.n > 1 else [],
+                    cached_tokens=cached,
+                )
+            )
         tps = self.config.dry_run_tokens_per_s
         if tps:
             busy = sum(c.prompt_tokens + c.completion_tokens for c in out) / tps - (time.perf_counter() - t0)
@@ -87,7 +106,7 @@ class DryRunEngine(FormattedEngine):
             raise RuntimeError(f"EngineDeadError: injected engine death after {c.dry_run_fatal_after} calls")
         if c.dry_run_hang_after is not None and self.calls > c.dry_run_hang_after:
             self._log_fault("hang")
-            time.sleep(10 ** 6)  # hung: only the stage's call timeout ends this
+            time.sleep(10**6)  # hung: only the stage's call timeout ends this
 
     def _log_fault(self, kind: str) -> None:
         if self.config.dry_run_fault_log:

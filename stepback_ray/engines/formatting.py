@@ -12,10 +12,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..config import EngineConfig
-from ..errors import StepbackError
-from .base import Completion, Prompt, SamplingParams
-from .models import resolve_model
+from stepback_ray.config import EngineConfig
+from stepback_ray.engines.base import Completion, Prompt, SamplingParams
+from stepback_ray.engines.models import resolve_model
+from stepback_ray.errors import StepbackError
 
 
 @functools.lru_cache(maxsize=4)
@@ -79,7 +79,9 @@ class PromptFormatter:
         try:
             self.tokenizer, model_ctx = load_tokenizer(path)
         except OSError as e:
-            raise StepbackError(f"cannot load the tokenizer of model {config.model!r}: {str(e).splitlines()[0]}") from None
+            raise StepbackError(
+                f"cannot load the tokenizer of model {config.model!r}: {str(e).splitlines()[0]}"
+            ) from None
         self.path = path
         # the Rust tokenizer, called directly: the transformers wrapper costs ~30 % per call on short texts, and
         # encode_batch_fast (tokenizers >= 0.20) skips the character offsets we never read: ~25 % less again
@@ -102,7 +104,8 @@ class PromptFormatter:
         if self.family == "chat":
             prefill = prompt[-1]["role"] == "assistant"
             return self.tokenizer.apply_chat_template(
-                prompt, tokenize=False, add_generation_prompt=not prefill, continue_final_message=prefill)
+                prompt, tokenize=False, add_generation_prompt=not prefill, continue_final_message=prefill
+            )
         return render_plain(prompt)
 
     def encode(self, text: str) -> list[int]:
@@ -188,9 +191,15 @@ class FormattedEngine:
         runnable = []
         for i, n in enumerate(lengths):
             if n + params.max_new_tokens > self.max_context:
-                results[i] = Completion("", n, 0, "error", 0.0,
-                                        error=f"prompt has {n} tokens; with {params.max_new_tokens} new "
-                                              f"tokens it exceeds the context of {self.max_context}")
+                results[i] = Completion(
+                    "",
+                    n,
+                    0,
+                    "error",
+                    0.0,
+                    error=f"prompt has {n} tokens; with {params.max_new_tokens} new "
+                    f"tokens it exceeds the context of {self.max_context}",
+                )
             else:
                 runnable.append(i)
         return results, runnable

@@ -17,10 +17,22 @@ import threading
 import time
 from typing import Any
 
-from .base import Completion, Prompt, Request, SamplingParams
+from stepback_ray.engines.base import Completion, Prompt, Request, SamplingParams
 
-FATAL_MARKERS = ("out of memory", "cuda error", "cudaerror", "nccl", "enginedeaderror", "engine dead",
-                 "engine core", "device-side assert", "cublas", "cudnn", "hip error", "xla")
+FATAL_MARKERS = (
+    "out of memory",
+    "cuda error",
+    "cudaerror",
+    "nccl",
+    "enginedeaderror",
+    "engine dead",
+    "engine core",
+    "device-side assert",
+    "cublas",
+    "cudnn",
+    "hip error",
+    "xla",
+)
 """Lower-case text in an exception's type or message that marks the engine itself as broken, whatever the type
 (vLLM, torch and NCCL raise plain ``RuntimeError`` for most of them)."""
 
@@ -42,8 +54,12 @@ def is_fatal(exc: BaseException) -> bool:
 
 def end_actor(reason: str) -> None:
     """End this process so Ray restarts the actor with a fresh engine; the reason goes to the driver's log."""
-    print(f"stepback: fatal engine failure, ending the engine actor (pid {os.getpid()}) so Ray restarts it with a "
-          f"new engine and retries the block: {reason}", file=sys.stderr, flush=True)
+    print(
+        f"stepback: fatal engine failure, ending the engine actor (pid {os.getpid()}) so Ray restarts it with a "
+        f"new engine and retries the block: {reason}",
+        file=sys.stderr,
+        flush=True,
+    )
     os._exit(EXIT_FATAL)
 
 
@@ -61,9 +77,13 @@ class EngineCalls:
         timer = None
         if self.in_actor and self.timeout_s:
             t0 = time.monotonic()
-            timer = threading.Timer(self.timeout_s, lambda: end_actor(
-                f"an engine call of {len(prompts)} prompts has run {time.monotonic() - t0:.0f} s, over "
-                f"engine.call_timeout_s = {self.timeout_s:g}"))
+            timer = threading.Timer(
+                self.timeout_s,
+                lambda: end_actor(
+                    f"an engine call of {len(prompts)} prompts has run {time.monotonic() - t0:.0f} s, over "
+                    f"engine.call_timeout_s = {self.timeout_s:g}"
+                ),
+            )
             timer.daemon = True
             timer.start()
         try:

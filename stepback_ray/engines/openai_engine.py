@@ -33,12 +33,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import EngineConfig
-from ..config.sections import OpenAIOptions
-from ..errors import StepbackError
-from .base import Completion, Prompt, Request, SamplingParams, cut_at_stop
-from .formatting import FormattedEngine
-from .guard import FatalEngineError
+from stepback_ray.config import EngineConfig
+from stepback_ray.config.sections import OpenAIOptions
+from stepback_ray.engines.base import Completion, Prompt, Request, SamplingParams, cut_at_stop
+from stepback_ray.engines.formatting import FormattedEngine
+from stepback_ray.engines.guard import FatalEngineError
+from stepback_ray.errors import StepbackError
 
 RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 520, 521, 522, 523, 524, 529})
 """Statuses worth a retry: throttling, timeouts and server-side failures."""
@@ -52,9 +52,11 @@ def api_key(opts: OpenAIOptions) -> str | None:
         return None
     key = os.environ.get(opts.api_key_env)
     if not key:
-        raise StepbackError(f"engine.openai.api_key_env names {opts.api_key_env}, which is not set in the engine's "
-                            "environment: export it (the key never goes in the job spec), or set "
-                            "engine.openai.api_key_env: null for a server that takes no key")
+        raise StepbackError(
+            f"engine.openai.api_key_env names {opts.api_key_env}, which is not set in the engine's "
+            "environment: export it (the key never goes in the job spec), or set "
+            "engine.openai.api_key_env: null for a server that takes no key"
+        )
     return key
 
 
@@ -136,8 +138,14 @@ class OpenAIEngine(FormattedEngine):
 
     # ------------------------------------------------------------------ requests
     def _body(self, text: str, params: SamplingParams) -> dict[str, Any]:
-        body: dict[str, Any] = {"model": self.served_model, "prompt": text, "max_tokens": params.max_new_tokens,
-                                "temperature": params.temperature, "top_p": params.top_p, "n": params.n}
+        body: dict[str, Any] = {
+            "model": self.served_model,
+            "prompt": text,
+            "max_tokens": params.max_new_tokens,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "n": params.n,
+        }
         if params.stop:
             body["stop"] = list(params.stop)
         if params.min_new_tokens:
@@ -146,8 +154,10 @@ class OpenAIEngine(FormattedEngine):
             body["seed"] = params.seed
         if params.json_schema is not None and self.supports_json_schema:
             if self.opts.structured_output == "response_format":
-                body["response_format"] = {"type": "json_schema",
-                                           "json_schema": {"name": "profile", "schema": params.json_schema}}
+                body["response_format"] = {
+                    "type": "json_schema",
+                    "json_schema": {"name": "profile", "schema": params.json_schema},
+                }
             else:
                 body["guided_json"] = params.json_schema
         body.update(self.opts.extra_body)
@@ -161,7 +171,7 @@ class OpenAIEngine(FormattedEngine):
         if after is not None:
             wait = after
         else:
-            base = self.opts.backoff_base_s * (2 ** attempt)
+            base = self.opts.backoff_base_s * (2**attempt)
             wait = min(self.opts.backoff_max_s, base * (0.5 + self._rng.random()))  # jitter: 0.5x .. 1.5x
         self.stats.retries += 1
         self.stats.waits.append(wait)
@@ -189,14 +199,17 @@ class OpenAIEngine(FormattedEngine):
                     try:
                         return resp.json()
                     except ValueError:
-                        raise _Failed(f"the server answered 200 with a body that is not JSON: {resp.text[:200]!r}")
+                        raise _Failed(
+                            f"the server answered 200 with a body that is not JSON: {resp.text[:200]!r}"
+                        ) from None
                 detail = _detail(resp)
                 last = f"HTTP {resp.status_code}: {detail}"
                 if resp.status_code == 429:
                     self.stats.throttled += 1
                 if resp.status_code in FATAL_STATUS:
-                    raise _Failed(f"{self.url} answered {last} (check base_url, model_name and the API key)",
-                                  fatal=True)
+                    raise _Failed(
+                        f"{self.url} answered {last} (check base_url, model_name and the API key)", fatal=True
+                    )
                 if resp.status_code not in RETRY_STATUS:
                     raise _Failed(f"the server rejected the prompt: {last}")
                 after = retry_after(resp.headers.get("retry-after"))
@@ -208,8 +221,9 @@ class OpenAIEngine(FormattedEngine):
         httpx = self._httpx
         sem = asyncio.Semaphore(self.opts.max_concurrency)
         timeout = httpx.Timeout(self.opts.request_timeout_s, connect=self.opts.connect_timeout_s)
-        limits = httpx.Limits(max_connections=self.opts.max_concurrency,
-                              max_keepalive_connections=self.opts.max_concurrency)
+        limits = httpx.Limits(
+            max_connections=self.opts.max_concurrency, max_keepalive_connections=self.opts.max_concurrency
+        )
         async with httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False) as client:
             return await asyncio.gather(*(self._one(client, sem, t, params) for t in texts), return_exceptions=True)
 
@@ -222,9 +236,15 @@ class OpenAIEngine(FormattedEngine):
         send = []
         for i in runnable:
             if reqs[i].soft_tokens is not None:
-                results[i] = Completion("", lengths[i], 0, "error", 0.0,
-                                        error="soft tokens (pplug modes) cannot be sent to an OpenAI-compatible "
-                                              "server: use engine.kind vllm or transformers")
+                results[i] = Completion(
+                    "",
+                    lengths[i],
+                    0,
+                    "error",
+                    0.0,
+                    error="soft tokens (pplug modes) cannot be sent to an OpenAI-compatible "
+                    "server: use engine.kind vllm or transformers",
+                )
             else:
                 send.append(i)
         if send:
@@ -236,8 +256,9 @@ class OpenAIEngine(FormattedEngine):
                 raise FatalEngineError(f"openai engine: {fatal[0]}")
             failed = [a for a in answers if isinstance(a, BaseException)]
             if len(failed) == len(answers) and all(isinstance(a, _Failed) and a.retryable for a in failed):
-                raise FatalEngineError(f"openai engine: the server failed every one of {len(answers)} requests of "
-                                       f"this call: {failed[0]}")
+                raise FatalEngineError(
+                    f"openai engine: the server failed every one of {len(answers)} requests of this call: {failed[0]}"
+                )
             for i, a in zip(send, answers):
                 if isinstance(a, _Failed):
                     results[i] = Completion("", lengths[i], 0, "error", share, error=f"openai engine: {a}"[:500])
@@ -250,7 +271,9 @@ class OpenAIEngine(FormattedEngine):
     def _completion(self, answer: dict[str, Any], n_prompt: int, params: SamplingParams, share: float) -> Completion:
         choices = sorted(answer.get("choices") or [], key=lambda c: c.get("index", 0))
         if not choices:
-            return Completion("", n_prompt, 0, "error", share, error="openai engine: the server's answer has no choices")
+            return Completion(
+                "", n_prompt, 0, "error", share, error="openai engine: the server's answer has no choices"
+            )
         texts = []
         for c in choices:
             text, _ = cut_at_stop(c.get("text") or "", params.stop)
@@ -259,9 +282,15 @@ class OpenAIEngine(FormattedEngine):
         first = choices[0]
         reason = "length" if first.get("finish_reason") == "length" else "stop"
         cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")  # servers that report it
-        return Completion(texts[0], int(usage.get("prompt_tokens") or n_prompt),
-                          int(usage.get("completion_tokens") or 0), reason, share,
-                          samples=texts if params.n > 1 else [], cached_tokens=int(cached or 0))
+        return Completion(
+            texts[0],
+            int(usage.get("prompt_tokens") or n_prompt),
+            int(usage.get("completion_tokens") or 0),
+            reason,
+            share,
+            samples=texts if params.n > 1 else [],
+            cached_tokens=int(cached or 0),
+        )
 
     def close(self) -> None:
         pass

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from .base import Completion, Prompt, Request, SamplingParams
+from stepback_ray.engines.base import Completion, Prompt, Request, SamplingParams
 
 BLOCK = 16
 """Tokens per cache block (vLLM's default ``block_size``)."""
@@ -66,8 +67,9 @@ class PrefixCacheModel:
         parent = b""
         hits, hitting = 0, True
         for start in range(0, len(token_ids) - self.block + 1, self.block):
-            parent = hashlib.blake2b(parent + repr(tuple(token_ids[start:start + self.block])).encode(),
-                                     digest_size=16).digest()
+            parent = hashlib.blake2b(
+                parent + repr(tuple(token_ids[start : start + self.block])).encode(), digest_size=16
+            ).digest()
             if hitting and parent in self.seen:
                 hits += 1
             else:
@@ -84,5 +86,9 @@ def cached_tokens(token_lists: Sequence[Sequence[int]], block: int = BLOCK) -> l
 
 def summary(sent: int, cached: int) -> dict[str, Any]:
     """Prompt tokens sent, served from the cache and computed, and the computed share."""
-    return {"prompt_tokens": sent, "cached_prompt_tokens": cached, "computed_prompt_tokens": sent - cached,
-            "computed_share": round((sent - cached) / sent, 4) if sent else None}
+    return {
+        "prompt_tokens": sent,
+        "cached_prompt_tokens": cached,
+        "computed_prompt_tokens": sent - cached,
+        "computed_share": round((sent - cached) / sent, 4) if sent else None,
+    }

@@ -13,10 +13,18 @@ import logging
 import os
 import time
 
-from ..config import EngineConfig
-from ..errors import StepbackError
-from .base import Completion, EnginePhases, Prompt, Request, SamplingParams, cut_at_stop, split_requests
-from .formatting import FormattedEngine
+from stepback_ray.config import EngineConfig
+from stepback_ray.engines.base import (
+    Completion,
+    EnginePhases,
+    Prompt,
+    Request,
+    SamplingParams,
+    cut_at_stop,
+    split_requests,
+)
+from stepback_ray.engines.formatting import FormattedEngine
+from stepback_ray.errors import StepbackError
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +50,12 @@ class TransformersEngine(FormattedEngine):
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cuda" and not torch.cuda.is_available():
             raise StepbackError("engine.device is 'cuda' but no CUDA device is visible")
-        dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32, "float32": torch.float32,
-                 "bfloat16": torch.bfloat16, "float16": torch.float16}[config.dtype]
+        dtype = {
+            "auto": torch.bfloat16 if device == "cuda" else torch.float32,
+            "float32": torch.float32,
+            "bfloat16": torch.bfloat16,
+            "float16": torch.float16,
+        }[config.dtype]
         self._init_prompt_tools(config)
         try:
             if config.load_format == "dummy":
@@ -65,11 +77,13 @@ class TransformersEngine(FormattedEngine):
         self.split_prefill = config.split_prefill and self._supports_split_prefill()
         self.own_decode = config.decode_loop == "own" and self._own_loop_covers_generation_config()
         if device == "cpu" and config.cpu_decode_kernels:
-            from . import cpu_decode
+            from stepback_ray.engines import cpu_decode
 
             if not cpu_decode.install(self.model):
-                logger.warning("engine: %s keeps its stock attention and LM head (the CPU decode kernels do not "
-                               "apply to it)", config.model)
+                logger.warning(
+                    "engine: %s keeps its stock attention and LM head (the CPU decode kernels do not apply to it)",
+                    config.model,
+                )
         # transformers renamed ``past_key_values`` to ``cache`` during 5.x (the old name warns, then goes)
         self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         #: where this engine's time went (read by profiles of a run; see :class:`~.base.EnginePhases`)
@@ -82,8 +96,12 @@ class TransformersEngine(FormattedEngine):
         started = time.perf_counter()
         texts = [self.render(p) for p in prompts]
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-        prefix = [None if prefix_embeds is None or prefix_embeds[i] is None
-                  else torch.as_tensor(prefix_embeds[i], dtype=self.model.dtype) for i in range(len(prompts))]
+        prefix = [
+            None
+            if prefix_embeds is None or prefix_embeds[i] is None
+            else torch.as_tensor(prefix_embeds[i], dtype=self.model.dtype)
+            for i in range(len(prompts))
+        ]
         lengths = [len(seq) + (0 if p is None else p.shape[0]) for seq, p in zip(ids, prefix)]
         results, runnable = self.fit_context(lengths, params)
         runnable.sort(key=lambda i: lengths[i])
@@ -95,16 +113,29 @@ class TransformersEngine(FormattedEngine):
             t0 = time.perf_counter()
             shared = self._shared_prefix([ids[i] for i in idx], [prefix[i] for i in idx]) if split else 0
             with torch.inference_mode():
-                new = self._generate_batch([ids[i] for i in idx], [prefix[i] for i in idx], [lengths[i] for i in idx],
-                                           params, n_seq, split, shared)
+                new = self._generate_batch(
+                    [ids[i] for i in idx],
+                    [prefix[i] for i in idx],
+                    [lengths[i] for i in idx],
+                    params,
+                    n_seq,
+                    split,
+                    shared,
+                )
             t1 = time.perf_counter()
             share = (t1 - t0) / len(idx)
             for row, i in enumerate(idx):  # each prompt's n sequences come back next to each other
                 done = [self._completion(new[row * n_seq + k], params) for k in range(n_seq)]
                 text, n, reason = done[0]
-                results[i] = Completion(text, lengths[i], sum(d[1] for d in done), reason, share,
-                                        samples=[d[0] for d in done] if n_seq > 1 else [],
-                                        cached_tokens=shared if row else 0)  # the batch's first computed it
+                results[i] = Completion(
+                    text,
+                    lengths[i],
+                    sum(d[1] for d in done),
+                    reason,
+                    share,
+                    samples=[d[0] for d in done] if n_seq > 1 else [],
+                    cached_tokens=shared if row else 0,
+                )  # the batch's first computed it
             self.phases.add("finish", time.perf_counter() - t1)
         return [r for r in results if r is not None]
 
@@ -117,8 +148,16 @@ class TransformersEngine(FormattedEngine):
         shared = min(len(os.path.commonprefix(seqs)), min(len(s) for s in seqs) - 2)
         return shared if shared >= MIN_SHARED_PREFIX else 0
 
-    def _generate_batch(self, seqs: list[list[int]], soft: list, lengths: list[int], params: SamplingParams,
-                        n_seq: int, split: bool, shared: int = 0) -> list[list[int]]:
+    def _generate_batch(
+        self,
+        seqs: list[list[int]],
+        soft: list,
+        lengths: list[int],
+        params: SamplingParams,
+        n_seq: int,
+        split: bool,
+        shared: int = 0,
+    ) -> list[list[int]]:
         """The new tokens of each sequence of one decode batch (``n_seq`` rows per prompt, next to each other).
 
         Split (the default): every prompt but its last token is prefilled in small groups of similar length
@@ -135,11 +174,12 @@ class TransformersEngine(FormattedEngine):
         if params.temperature > 0:
             torch.manual_seed(params.seed)  # both decoders draw from the global generator
         if split:
-            from . import decoding, kv_cache
+            from stepback_ray.engines import decoding, kv_cache
 
             t0 = time.perf_counter()
-            buffers = self._prefill(seqs, soft, lengths, width - 1, n_seq, room=params.max_new_tokens + 1,
-                                    shared=shared)
+            buffers = self._prefill(
+                seqs, soft, lengths, width - 1, n_seq, room=params.max_new_tokens + 1, shared=shared
+            )
             self.phases.add("prefill", time.perf_counter() - t0)
             if n_seq > 1:  # generate cannot expand a cache: each sample has its own row (and its own draws)
                 input_ids, mask = input_ids.repeat_interleave(n_seq, 0), mask.repeat_interleave(n_seq, 0)
@@ -147,17 +187,32 @@ class TransformersEngine(FormattedEngine):
             cache = kv_cache.stitched(self.model.config, buffers, filled=width - 1)
             t0 = time.perf_counter()
             if not self.own_decode:
-                new = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
-                                          **{self._cache_kw: cache}, **kwargs)[:, width:].tolist()
+                new = self.model.generate(
+                    input_ids=input_ids.to(self.device),
+                    attention_mask=mask.to(self.device),
+                    **{self._cache_kw: cache},
+                    **kwargs,
+                )[:, width:].tolist()
             else:
                 positions = torch.tensor(lengths, dtype=torch.long).repeat_interleave(n_seq) - 1
                 new = decoding.decode(
-                    self.model, cache, self._cache_kw, input_ids[:, -1].to(self.device), mask.to(self.device),
-                    positions.to(self.device), max_new_tokens=params.max_new_tokens,
-                    min_new_tokens=params.min_new_tokens or 0, temperature=params.temperature, top_p=params.top_p,
-                    top_k=self.model.generation_config.top_k or 50, eos=self._eos, pad=self.tokenizer.pad_token_id,
-                    stops=decoding.StopStrings(self.tokenizer, params.stop or (),
-                                               [s for s in seqs for _ in range(n_seq)]))
+                    self.model,
+                    cache,
+                    self._cache_kw,
+                    input_ids[:, -1].to(self.device),
+                    mask.to(self.device),
+                    positions.to(self.device),
+                    max_new_tokens=params.max_new_tokens,
+                    min_new_tokens=params.min_new_tokens or 0,
+                    temperature=params.temperature,
+                    top_p=params.top_p,
+                    top_k=self.model.generation_config.top_k or 50,
+                    eos=self._eos,
+                    pad=self.tokenizer.pad_token_id,
+                    stops=decoding.StopStrings(
+                        self.tokenizer, params.stop or (), [s for s in seqs for _ in range(n_seq)]
+                    ),
+                )
             self.phases.add("decode", time.perf_counter() - t0)
             self.phases.decode_batches.append((len(new), len(new[0]) if new else 0, width - 1))
             return new
@@ -166,13 +221,15 @@ class TransformersEngine(FormattedEngine):
             embeds = self._embedded(input_ids, seqs, soft, lengths, width)
             new = self.model.generate(inputs_embeds=embeds, attention_mask=mask.to(self.device), **kwargs).tolist()
         else:
-            new = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
-                                      **kwargs)[:, width:].tolist()
+            new = self.model.generate(
+                input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device), **kwargs
+            )[:, width:].tolist()
         self.phases.add("generate", time.perf_counter() - t0)
         return new
 
-    def _prefill(self, seqs: list[list[int]], soft: list, lengths: list[int], width: int, n_seq: int,
-                 room: int, shared: int = 0) -> list[tuple]:
+    def _prefill(
+        self, seqs: list[list[int]], soft: list, lengths: list[int], width: int, n_seq: int, room: int, shared: int = 0
+    ) -> list[tuple]:
         """Per layer, (keys, values) buffers of ``n_seq`` rows per prompt and ``width + room`` positions, whose
         first ``width`` hold every prompt but its last token, right-aligned (the padding before it zeroed).
         Prompts run in consecutive groups of at most ``max_batch_tokens`` padded tokens (one alone if longer); a
@@ -185,23 +242,29 @@ class TransformersEngine(FormattedEngine):
         before its own (no gap: the decode step sees the cache it would have without sharing)."""
         from transformers import DynamicCache
 
-        from .kv_cache import layers_of
+        from stepback_ray.engines.kv_cache import layers_of
 
         opening: list[tuple] = []
         self.phases.prefill_tokens += shared + sum(n - 1 - shared for n in lengths)
         self.phases.prefill_pairs += shared * (shared + 1) // 2 + sum(
-            (n - 1 - shared) * shared + (n - 1 - shared) * (n - shared) // 2 for n in lengths)
+            (n - 1 - shared) * shared + (n - 1 - shared) * (n - shared) // 2 for n in lengths
+        )
         if shared:
             cache = DynamicCache(config=self.model.config)
-            self.model(input_ids=self.torch.tensor([seqs[0][:shared]], device=self.device), use_cache=True,
-                       logits_to_keep=1, **{self._cache_kw: cache})
+            self.model(
+                input_ids=self.torch.tensor([seqs[0][:shared]], device=self.device),
+                use_cache=True,
+                logits_to_keep=1,
+                **{self._cache_kw: cache},
+            )
             opening = layers_of(cache)
         head = [n - 1 - shared for n in lengths]
         buffers: list[tuple] = []
         row = 0
         # a group's budget counts the shared part too: its queries attend to it
-        for group in self._batches(list(range(len(seqs))), [h + shared for h in head], 0, len(seqs),
-                                   self.config.max_batch_tokens):
+        for group in self._batches(
+            list(range(len(seqs))), [h + shared for h in head], 0, len(seqs), self.config.max_batch_tokens
+        ):
             fed, fed_soft = [seqs[i][shared:-1] for i in group], [soft[i] for i in group]
             fed_lengths = [head[i] for i in group]
             w = max(fed_lengths)
@@ -216,25 +279,31 @@ class TransformersEngine(FormattedEngine):
                     cache.update(k.expand(len(group), -1, -1, -1), v.expand(len(group), -1, -1, -1), layer)
                 mask = self.torch.cat([self.torch.ones((len(group), shared), dtype=mask.dtype), mask], 1)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
-            self.model(**inputs, attention_mask=mask.to(self.device) if padded else None,
-                       position_ids=positions.to(self.device), use_cache=True, logits_to_keep=1,
-                       **{self._cache_kw: cache})
+            self.model(
+                **inputs,
+                attention_mask=mask.to(self.device) if padded else None,
+                position_ids=positions.to(self.device),
+                use_cache=True,
+                logits_to_keep=1,
+                **{self._cache_kw: cache},
+            )
             rows = slice(row, row + len(group) * n_seq)
             for layer, (k, v) in enumerate(layers_of(cache)):
                 if len(buffers) <= layer:
-                    buffers.append(tuple(x.new_empty((len(seqs) * n_seq, x.shape[1], width + room, x.shape[3]))
-                                         for x in (k, v)))
+                    buffers.append(
+                        tuple(x.new_empty((len(seqs) * n_seq, x.shape[1], width + room, x.shape[3])) for x in (k, v))
+                    )
                 for buffer, x in zip(buffers[layer], (k, v)):
                     if not shared:
-                        buffer[rows, :, :width - w].zero_()  # masked out, but never garbage (0 x NaN is NaN)
-                        buffer[rows, :, width - w:width] = x.repeat_interleave(n_seq, 0) if n_seq > 1 else x
+                        buffer[rows, :, : width - w].zero_()  # masked out, but never garbage (0 x NaN is NaN)
+                        buffer[rows, :, width - w : width] = x.repeat_interleave(n_seq, 0) if n_seq > 1 else x
                         continue
                     for j, n in enumerate(fed_lengths):  # per row: [zeros][shared part][its own tokens]
                         own = slice(rows.start + j * n_seq, rows.start + (j + 1) * n_seq)
                         start = width - n - shared
                         buffer[own, :, :start].zero_()
-                        buffer[own, :, start:width - n] = x[j:j + 1, :, :shared]
-                        buffer[own, :, width - n:width] = x[j:j + 1, :, shared + w - n:]
+                        buffer[own, :, start : width - n] = x[j : j + 1, :, :shared]
+                        buffer[own, :, width - n : width] = x[j : j + 1, :, shared + w - n :]
             row = rows.stop
         return buffers
 
@@ -246,8 +315,8 @@ class TransformersEngine(FormattedEngine):
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
         for row, (seq, n) in enumerate(zip(seqs, lengths)):
             if seq:
-                input_ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
-            mask[row, width - n:] = 1
+                input_ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+            mask[row, width - n :] = 1
         return input_ids, mask
 
     def _embedded(self, input_ids, seqs: list[list[int]], soft: list, lengths: list[int], width: int):
@@ -258,13 +327,17 @@ class TransformersEngine(FormattedEngine):
         for row, p in enumerate(soft):
             if p is not None:
                 start = width - lengths[row]
-                embeds[row, start:start + p.shape[0]] = p.to(self.device)
-                embeds[row, start + p.shape[0]:] = embed(torch.tensor(seqs[row], device=self.device))
+                embeds[row, start : start + p.shape[0]] = p.to(self.device)
+                embeds[row, start + p.shape[0] :] = embed(torch.tensor(seqs[row], device=self.device))
         return embeds
 
     def _generate_kwargs(self, params: SamplingParams, n_seq: int) -> dict:
-        kwargs = dict(max_new_tokens=params.max_new_tokens, min_new_tokens=params.min_new_tokens or None,
-                      do_sample=params.temperature > 0, pad_token_id=self.tokenizer.pad_token_id)
+        kwargs = dict(
+            max_new_tokens=params.max_new_tokens,
+            min_new_tokens=params.min_new_tokens or None,
+            do_sample=params.temperature > 0,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
         if params.temperature > 0:  # n completions per prompt: generate expands the batch
             kwargs.update(temperature=params.temperature, top_p=params.top_p, num_return_sequences=n_seq)
         else:
@@ -277,18 +350,30 @@ class TransformersEngine(FormattedEngine):
         """Whether the own decode loop implements every logits processor the model's generation config asks of
         ``generate`` (a repetition penalty, banned words and the like are left to ``generate``)."""
         g = self.model.generation_config
-        neutral = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "typical_p": 1.0, "epsilon_cutoff": 0.0,
-                   "eta_cutoff": 0.0, "encoder_repetition_penalty": 1.0, "bad_words_ids": None,
-                   "suppress_tokens": None, "begin_suppress_tokens": None, "forced_bos_token_id": None,
-                   "forced_eos_token_id": None, "min_p": None, "exponential_decay_length_penalty": None,
-                   "sequence_bias": None, "renormalize_logits": False}
+        neutral = {
+            "repetition_penalty": 1.0,
+            "no_repeat_ngram_size": 0,
+            "typical_p": 1.0,
+            "epsilon_cutoff": 0.0,
+            "eta_cutoff": 0.0,
+            "encoder_repetition_penalty": 1.0,
+            "bad_words_ids": None,
+            "suppress_tokens": None,
+            "begin_suppress_tokens": None,
+            "forced_bos_token_id": None,
+            "forced_eos_token_id": None,
+            "min_p": None,
+            "exponential_decay_length_penalty": None,
+            "sequence_bias": None,
+            "renormalize_logits": False,
+        }
         return all(getattr(g, key, value) in (None, value) for key, value in neutral.items())
 
     def _supports_split_prefill(self) -> bool:
         """Prefilled caches can be stitched together where every layer keeps a plain growing cache (full
         attention, transformers 5's layered caches); sliding-window or hybrid models keep the one-call path."""
         try:
-            from . import kv_cache
+            from stepback_ray.engines import kv_cache
         except ImportError:
             return False
         return kv_cache.full_attention(self.model.config)
@@ -309,8 +394,9 @@ class TransformersEngine(FormattedEngine):
         return text, n, reason
 
     @staticmethod
-    def _batches(order: list[int], lengths: list[int], new_tokens: int, max_seqs: int, max_tokens: int,
-                 n_seq: int = 1) -> list[list[int]]:
+    def _batches(
+        order: list[int], lengths: list[int], new_tokens: int, max_seqs: int, max_tokens: int, n_seq: int = 1
+    ) -> list[list[int]]:
         """Consecutive groups of the length-sorted prompts: at most ``max_seqs`` sequences and, padded to the
         longest plus ``new_tokens``, at most ``max_tokens`` tokens (one prompt alone if it is longer). A prompt
         sampled ``n_seq`` times counts as ``n_seq``."""
@@ -318,8 +404,7 @@ class TransformersEngine(FormattedEngine):
         current: list[int] = []
         for i in order:
             width = lengths[i] + new_tokens  # sorted ascending: the newcomer is the longest
-            if current and ((len(current) + 1) * n_seq > max_seqs
-                            or (len(current) + 1) * n_seq * width > max_tokens):
+            if current and ((len(current) + 1) * n_seq > max_seqs or (len(current) + 1) * n_seq * width > max_tokens):
                 batches.append(current)
                 current = []
             current.append(i)
@@ -331,4 +416,3 @@ class TransformersEngine(FormattedEngine):
         self.model = None
         if self.device == "cuda":
             self.torch.cuda.empty_cache()
-

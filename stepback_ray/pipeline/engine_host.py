@@ -28,9 +28,9 @@ from typing import Any
 
 import pyarrow as pa
 
-from ..config import JobSpec
-from ..resources import engine_resources
-from .runner import EngineStage, serves_side_by_side
+from stepback_ray.config import JobSpec
+from stepback_ray.pipeline.resources import engine_resources
+from stepback_ray.pipeline.runner import EngineStage, serves_side_by_side
 
 CLOSE_TIMEOUT_S = 60.0
 """How long the driver waits for a host to release its engine at the end of the run before it kills it."""
@@ -40,7 +40,7 @@ class EngineHost:
     """A Ray actor holding one engine for the run; serves the engine stage of every pass that uses its config."""
 
     def __init__(self, job: JobSpec):
-        from ..engines import build_engine
+        from stepback_ray.engines import build_engine
 
         started = time.time()
         self.engine = build_engine(job.engine)
@@ -50,8 +50,9 @@ class EngineHost:
         self._stage: tuple[str, EngineStage] | None = None
         self._lock = threading.Lock()
 
-    def serve(self, pass_key: str, stage_cls: type[EngineStage], job: JobSpec, batch: pa.Table,
-              first_blocks: int = 1) -> pa.Table:
+    def serve(
+        self, pass_key: str, stage_cls: type[EngineStage], job: JobSpec, batch: pa.Table, first_blocks: int = 1
+    ) -> pa.Table:
         """One block of the pass ``pass_key``, through that pass's engine stage (built on its first block).
         ``first_blocks``: how many blocks the pass sends this host at its start; its first engine call waits
         briefly for them (:meth:`~stepback_ray.engines.coalesce.CoalescedCalls.expect`), so they share a batch."""
@@ -78,8 +79,16 @@ class EngineHost:
 def host_key(job: JobSpec) -> str:
     """What makes two passes' engines the same: the engine config and the engine actors' resources."""
     r = job.ray
-    return job.engine.model_dump_json() + repr((r.engine_actors, r.engine_actor_cpus, r.engine_actor_gpus,
-                                                r.accelerator_type, r.engine_tasks_in_flight, r.engine_coalesce))
+    return job.engine.model_dump_json() + repr(
+        (
+            r.engine_actors,
+            r.engine_actor_cpus,
+            r.engine_actor_gpus,
+            r.accelerator_type,
+            r.engine_tasks_in_flight,
+            r.engine_coalesce,
+        )
+    )
 
 
 class EngineHosts:
@@ -97,8 +106,12 @@ class EngineHosts:
         if key != self._key:
             self.close()
             res = engine_resources(job, ray.cluster_resources())
-            options = {**res.actor_options(), "max_restarts": job.engine.max_restarts, "max_task_retries": -1,
-                       "max_concurrency": job.ray.engine_tasks_in_flight if serves_side_by_side(job) else 1}
+            options = {
+                **res.actor_options(),
+                "max_restarts": job.engine.max_restarts,
+                "max_task_retries": -1,
+                "max_concurrency": job.ray.engine_tasks_in_flight if serves_side_by_side(job) else 1,
+            }
             host = ray.remote(concurrency_groups={"control": 1})(EngineHost)
             self.actors = [host.options(**options).remote(job) for _ in range(res.actors)]
             self._key = key
@@ -144,8 +157,9 @@ def first_blocks(job: JobSpec, chunks: int, hosts: int) -> int:
     return min(job.ray.engine_tasks_in_flight, -(-chunks // hosts))
 
 
-def serve_on_host(batch: pa.Table, hosts: list[Any], pass_key: str, stage_cls: type[EngineStage],
-                  job: JobSpec, first_blocks: int = 1) -> pa.Table:
+def serve_on_host(
+    batch: pa.Table, hosts: list[Any], pass_key: str, stage_cls: type[EngineStage], job: JobSpec, first_blocks: int = 1
+) -> pa.Table:
     """The engine stage of a pass as a Ray Data task: the block served by one of the run's hosts. A host that dies
     is restarted and the call retried by Ray; one dead past its restarts raises its death here (the pass fails)."""
     import ray

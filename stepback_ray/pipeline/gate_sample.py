@@ -18,14 +18,14 @@ import hashlib
 import json
 from typing import Any
 
-from ..config import JobSpec
-from ..metrics import bootstrap_ci
-from ..modes import donor_control
-from ..storage import RunStore
-from ..tasks import get_task
-from .chunks import ProfilesAt, chunk_queries
-from .commit import pending
-from .generation_pass import GENERATION_PASS
+from stepback_ray.config import JobSpec
+from stepback_ray.evaluation.metrics import bootstrap_ci
+from stepback_ray.modes import donor_control
+from stepback_ray.pipeline.chunks import ProfilesAt, chunk_queries
+from stepback_ray.pipeline.commit import pending
+from stepback_ray.pipeline.generation_pass import GENERATION_PASS
+from stepback_ray.storage import RunStore
+from stepback_ray.tasks import get_task
 
 OWN = "profile+rag"
 MODES = (OWN, donor_control(OWN))
@@ -40,11 +40,12 @@ def _rank(user_id: str) -> str:
     return hashlib.sha256(f"gate-sample:{user_id}".encode()).hexdigest()
 
 
-def sample_chunk(job: JobSpec, generation_chunks: list[dict[str, Any]], users: int, shards: int
-                 ) -> dict[str, Any] | None:
+def sample_chunk(
+    job: JobSpec, generation_chunks: list[dict[str, Any]], users: int, shards: int
+) -> dict[str, Any] | None:
     """One generation chunk holding one gold query (the first by id) of each of the ``users`` sampled lead users,
     with their histories (each lends theirs to the user who borrows from them). None: no query has a gold."""
-    from ..data.rows import chunk_id, shard_of
+    from stepback_ray.data.rows import chunk_id, shard_of
 
     best: dict[str, Any] = {}
     for chunk in sorted(generation_chunks, key=lambda c: c["chunk_id"]):
@@ -62,12 +63,16 @@ def sample_chunk(job: JobSpec, generation_chunks: list[dict[str, Any]], users: i
     for q in queries:
         for uid, h in zip(q.user_ids, q.histories):
             histories.setdefault(uid, h)
-    return {"chunk_id": "00000", "profile_chunks": sorted({chunk_id(shard_of(u, shards)) for u in histories}),
-            "payload": json.dumps({"queries": [q.to_dict() for q in queries], "histories": histories})}
+    return {
+        "chunk_id": "00000",
+        "profile_chunks": sorted({chunk_id(shard_of(u, shards)) for u in histories}),
+        "payload": json.dumps({"queries": [q.to_dict() for q in queries], "histories": histories}),
+    }
 
 
-def measure_lift(ex, job: JobSpec, generation_chunks: list[dict[str, Any]], shards: int, at: ProfilesAt
-                 ) -> dict[str, Any]:
+def measure_lift(
+    ex, job: JobSpec, generation_chunks: list[dict[str, Any]], shards: int, at: ProfilesAt
+) -> dict[str, Any]:
     """Run the sample through the generation pass and return the lift (``mean`` None when nothing was scored)."""
     chunk = sample_chunk(job, generation_chunks, job.profile_store.gate.lift_users, shards)
     if chunk is None:
@@ -82,10 +87,18 @@ def measure_lift(ex, job: JobSpec, generation_chunks: list[dict[str, Any]], shar
     sign = -1.0 if get_task(job.task).metric not in ("rouge", "accuracy_f1") else 1.0
     keys = sorted(set(scores[MODES[0]]) & set(scores[MODES[1]]))
     if not keys:
-        return {"users": len(json.loads(chunk["payload"])["queries"]), "mean": None,
-                "detail": "no sampled query was scored in both modes"}
+        return {
+            "users": len(json.loads(chunk["payload"])["queries"]),
+            "mean": None,
+            "detail": "no sampled query was scored in both modes",
+        }
     diffs = [sign * (scores[MODES[0]][k] - scores[MODES[1]][k]) for k in keys]
     lo, hi = bootstrap_ci(diffs)
-    return {"users": len(keys), "mean": round(sum(diffs) / len(diffs), 4), "lo": round(lo, 4), "hi": round(hi, 4),
-            **{m: round(sum(scores[m][k] for k in keys) / len(keys), 4) for m in MODES},
-            "output": store.uri_of("generations")}
+    return {
+        "users": len(keys),
+        "mean": round(sum(diffs) / len(diffs), 4),
+        "lo": round(lo, 4),
+        "hi": round(hi, 4),
+        **{m: round(sum(scores[m][k] for k in keys) / len(keys), 4) for m in MODES},
+        "output": store.uri_of("generations"),
+    }

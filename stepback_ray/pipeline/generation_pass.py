@@ -12,19 +12,21 @@ from typing import Any
 
 import pyarrow as pa
 
-from .. import metrics, profiling, prompting, selection
-from ..config import JobSpec
-from ..data import donors
-from ..data.rows import Query
-from ..engines import Request, SamplingParams
-from ..engines.formatting import PromptFormatter
-from ..retrieval import MemoRetriever, build_retriever
-from ..storage import RunStore
-from ..tasks import get_task
-from .chunks import ProfilesAt, chunk_queries
-from .commit import commit_chunks
-from .runner import EngineStage, PassSpec, Stage
-from .schemas import GENERATION_SCHEMA, PLANNED_GENERATION_SCHEMA, row_key, table
+from stepback_ray import profiling
+from stepback_ray.config import JobSpec
+from stepback_ray.data import donors
+from stepback_ray.data.rows import Query
+from stepback_ray.engines import Request, SamplingParams
+from stepback_ray.engines.formatting import PromptFormatter
+from stepback_ray.evaluation import metrics
+from stepback_ray.generation import prompting, selection
+from stepback_ray.generation.retrieval import MemoRetriever, build_retriever
+from stepback_ray.pipeline.chunks import ProfilesAt, chunk_queries
+from stepback_ray.pipeline.commit import commit_chunks
+from stepback_ray.pipeline.runner import EngineStage, PassSpec, Stage
+from stepback_ray.pipeline.schemas import GENERATION_SCHEMA, PLANNED_GENERATION_SCHEMA, row_key, table
+from stepback_ray.storage import RunStore
+from stepback_ray.tasks import get_task
 
 
 class GenerationPlanStage:
@@ -37,7 +39,7 @@ class GenerationPlanStage:
         self.store = RunStore(at.uri, job.storage) if at else None
         self.plug = None
         if any(prompting.uses_plug(m) for m in job.modes):
-            from ..pplug.serving import PlugServer
+            from stepback_ray.pplug.serving import PlugServer
 
             self.plug = PlugServer(job)
 
@@ -50,8 +52,13 @@ class GenerationPlanStage:
                     out[r["user_id"]] = dict(zip(r["item_ids"], r["vectors"]))
         return out
 
-    def _soft_tokens(self, rows: list[dict[str, Any]], queries: dict[str, Query], chunk_ids: list[str],
-                     donor_info: dict[str, dict[str, Any]]) -> None:
+    def _soft_tokens(
+        self,
+        rows: list[dict[str, Any]],
+        queries: dict[str, Query],
+        chunk_ids: list[str],
+        donor_info: dict[str, dict[str, Any]],
+    ) -> None:
         """Soft tokens for the rows of Persona-Plug modes: from the lead user's items visible to the query, or for
         a donor mode (pplug-random) from the donor's history, with the query's own input."""
         wanted = [r for r in rows if prompting.uses_plug(r["mode"])]
@@ -66,7 +73,7 @@ class GenerationPlanStage:
                 d = donor_info.get(q.user_id)
                 owner, history = (d["donor"], d["history"]) if d else (None, [])
             have = vectors.get(owner, {})
-            items = [it for it in profiling.most_recent_first(history) if it["id"] in have][:self.plug.max_items]
+            items = [it for it in profiling.most_recent_first(history) if it["id"] in have][: self.plug.max_items]
             requests.append((q.input, [have[it["id"]] for it in items]))
         for r, soft in zip(wanted, self.plug.soft_tokens(requests)):
             if soft is None:
@@ -80,21 +87,22 @@ class GenerationPlanStage:
             for cid in chunk_ids:
                 rel = f"{self.at.folder}/chunk-{cid}.parquet"
                 if self.store.exists(rel):
-                    table = self.store.read_table(rel, columns=["user_id", "profile_text", "profile_json", "status",
-                                                                "fingerprint"])
+                    table = self.store.read_table(
+                        rel, columns=["user_id", "profile_text", "profile_json", "status", "fingerprint"]
+                    )
                     out.update({r["user_id"]: r for r in table.to_pylist()})
         return out
 
-    def _lineage(self, mode: str, plan: prompting.GenerationPlan,
-                 profiles: dict[str, dict[str, Any]]) -> dict[str, str | None]:
+    def _lineage(
+        self, mode: str, plan: prompting.GenerationPlan, profiles: dict[str, dict[str, Any]]
+    ) -> dict[str, str | None]:
         """Which profile the row's prompt used: the store version and the profile row's fingerprint, of the lead
         persona (the lead author, or their donor under the controls); nulls when the mode shows no profile."""
         if not prompting.mode_uses(mode)[0]:
             return {"profile_version": None, "profile_fingerprint": None}
         lead = plan.people[0] if plan.people else None
         used = profiles.get(lead.user_id, {}) if lead is not None and lead.profile_text else {}
-        return {"profile_version": self.at.version if self.at else None,
-                "profile_fingerprint": used.get("fingerprint")}
+        return {"profile_version": self.at.version if self.at else None, "profile_fingerprint": used.get("fingerprint")}
 
     def _refs(self, mode: str, plan: prompting.GenerationPlan, llm_fields: dict[str, str]) -> list[list[str]] | None:
         """What candidates are compared with beside each other (profile modes, several candidates): the past
@@ -108,16 +116,24 @@ class GenerationPlanStage:
         for chunk in batch.to_pylist():
             queries, histories = chunk_queries(self.job, chunk)
             users = sorted({u for q in queries for u in q.user_ids})
-            donor_info = {u: {"donor": d, "history": histories.get(d, [])}
-                          for u, d in donors(users, self.job.generation.seed).items()} \
-                if any(prompting.uses_donor(m) for m in self.job.modes) else {}
+            donor_info = (
+                {
+                    u: {"donor": d, "history": histories.get(d, [])}
+                    for u, d in donors(users, self.job.generation.seed).items()
+                }
+                if any(prompting.uses_donor(m) for m in self.job.modes)
+                else {}
+            )
             profiles = self._profiles(chunk.get("profile_chunks") or [chunk["chunk_id"]])
             texts = {u: p["profile_text"] for u, p in profiles.items()}
-            llm_fields = {u: profiling.render_profile(json.loads(p["profile_json"]), self.task, habits=False)
-                          for u, p in profiles.items() if p["profile_json"]}
+            llm_fields = {
+                u: profiling.render_profile(json.loads(p["profile_json"]), self.task, habits=False)
+                for u, p in profiles.items()
+                if p["profile_json"]
+            }
             retry = set(json.loads(chunk["retry"])) if chunk.get("retry") else None  # a rerun: the failed rows only
 
-            def wanted(query_id: str, mode: str) -> bool:
+            def wanted(query_id: str, mode: str, retry: set | None = retry) -> bool:
                 return retry is None or row_key(query_id, mode) in retry
 
             n_rows = sum(wanted(q.query_id, m) for q in queries for m in self.job.modes)
@@ -127,24 +143,49 @@ class GenerationPlanStage:
                 for mode in self.job.modes:
                     if not wanted(q.query_id, mode):
                         continue
-                    plan = prompting.plan_generation(self.task, q, mode, texts, donor_info, self.job.retrieval,
-                                                     self.job.multi_author, retriever, self.tools,
-                                                     self.job.max_new_tokens)
-                    rows.append({
-                        "chunk_id": chunk["chunk_id"], "chunk_rows": n_rows, "query_id": q.query_id, "mode": mode,
-                        "user_id": q.user_id, "user_ids": q.user_ids, "input": q.input, "gold": q.gold,
-                        "profile_text": lead.get("profile_text"), "profile_status": lead.get("status"),
-                        "retrieved_ids": plan.retrieved_ids, "prompts": [p.text for p in plan.prompts],
-                        "merge_json": json.dumps(plan.merge) if plan.merge else None, "truncated": plan.truncated,
-                        "notes": plan.all_notes(), "history_items": len(q.history),
-                        "select_refs": self._refs(mode, plan, llm_fields),
-                        "context_user_ids": [p.user_id for p in plan.people],
-                        **self._lineage(mode, plan, profiles),
-                    })
+                    plan = prompting.plan_generation(
+                        self.task,
+                        q,
+                        mode,
+                        texts,
+                        donor_info,
+                        self.job.retrieval,
+                        self.job.multi_author,
+                        retriever,
+                        self.tools,
+                        self.job.max_new_tokens,
+                    )
+                    rows.append(
+                        {
+                            "chunk_id": chunk["chunk_id"],
+                            "chunk_rows": n_rows,
+                            "query_id": q.query_id,
+                            "mode": mode,
+                            "user_id": q.user_id,
+                            "user_ids": q.user_ids,
+                            "input": q.input,
+                            "gold": q.gold,
+                            "profile_text": lead.get("profile_text"),
+                            "profile_status": lead.get("status"),
+                            "retrieved_ids": plan.retrieved_ids,
+                            "prompts": [p.text for p in plan.prompts],
+                            "merge_json": json.dumps(plan.merge) if plan.merge else None,
+                            "truncated": plan.truncated,
+                            "notes": plan.all_notes(),
+                            "history_items": len(q.history),
+                            "select_refs": self._refs(mode, plan, llm_fields),
+                            "context_user_ids": [p.user_id for p in plan.people],
+                            **self._lineage(mode, plan, profiles),
+                        }
+                    )
             if self.plug is not None:
                 chunk_rows = [r for r in rows if r["chunk_id"] == chunk["chunk_id"]]
-                self._soft_tokens(chunk_rows, {q.query_id: q for q in queries},
-                                  chunk.get("profile_chunks") or [chunk["chunk_id"]], donor_info)
+                self._soft_tokens(
+                    chunk_rows,
+                    {q.query_id: q for q in queries},
+                    chunk.get("profile_chunks") or [chunk["chunk_id"]],
+                    donor_info,
+                )
         return table(rows, PLANNED_GENERATION_SCHEMA)
 
 
@@ -155,9 +196,14 @@ class GenerationEngineStage(EngineStage):
         super().__init__(job, **given)
         self.task = get_task(job.task)
         g = job.generation
-        self.params = SamplingParams(max_new_tokens=job.max_new_tokens, min_new_tokens=g.min_new_tokens,
-                                     temperature=g.temperature, top_p=g.top_p, seed=g.seed,
-                                     stop=tuple(g.stop) if g.stop is not None else self.task.stop)
+        self.params = SamplingParams(
+            max_new_tokens=job.max_new_tokens,
+            min_new_tokens=g.min_new_tokens,
+            temperature=g.temperature,
+            top_p=g.top_p,
+            seed=g.seed,
+            stop=tuple(g.stop) if g.stop is not None else self.task.stop,
+        )
 
     def serve(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -169,26 +215,42 @@ class GenerationEngineStage(EngineStage):
         merges = []
         for i, r in enumerate(rows):
             comps = per_row.get(i, [])
-            r.update(prompt=r["prompts"][-1] if r["prompts"] else None, proposals=[c.text for c in comps],
-                     llm_calls=len(comps), prompt_tokens=sum(c.prompt_tokens for c in comps),
-                     cached_prompt_tokens=sum(c.cached_tokens for c in comps),
-                     completion_tokens=sum(c.completion_tokens for c in comps),
-                     engine_seconds=sum(c.seconds for c in comps),
-                     engine_error="; ".join(c.error for c in comps if c.error) or None,
-                     raw_output=comps[-1].text if comps else None,
-                     finish_reason=comps[-1].finish_reason if comps else None)
+            r.update(
+                prompt=r["prompts"][-1] if r["prompts"] else None,
+                proposals=[c.text for c in comps],
+                llm_calls=len(comps),
+                prompt_tokens=sum(c.prompt_tokens for c in comps),
+                cached_prompt_tokens=sum(c.cached_tokens for c in comps),
+                completion_tokens=sum(c.completion_tokens for c in comps),
+                engine_seconds=sum(c.seconds for c in comps),
+                engine_error="; ".join(c.error for c in comps if c.error) or None,
+                raw_output=comps[-1].text if comps else None,
+                finish_reason=comps[-1].finish_reason if comps else None,
+            )
             if r["merge_json"] and not r["engine_error"]:
-                merges.append((r, prompting.rendered_merge_prompt(self.task, self.engine, json.loads(r["merge_json"]),
-                                                                  [c.text for c in comps])))
+                merges.append(
+                    (
+                        r,
+                        prompting.rendered_merge_prompt(
+                            self.task, self.engine, json.loads(r["merge_json"]), [c.text for c in comps]
+                        ),
+                    )
+                )
             elif len(comps) == 1:
                 r["proposals"] = []
         if merges:
             for (r, prompt), c in zip(merges, self.generate([m[1] for m in merges], self.params)):
-                r.update(prompt=prompt, raw_output=c.text, finish_reason=c.finish_reason, llm_calls=r["llm_calls"] + 1,
-                         prompt_tokens=r["prompt_tokens"] + c.prompt_tokens,
-                         cached_prompt_tokens=r["cached_prompt_tokens"] + c.cached_tokens,
-                         completion_tokens=r["completion_tokens"] + c.completion_tokens,
-                         engine_seconds=r["engine_seconds"] + c.seconds, engine_error=c.error)
+                r.update(
+                    prompt=prompt,
+                    raw_output=c.text,
+                    finish_reason=c.finish_reason,
+                    llm_calls=r["llm_calls"] + 1,
+                    prompt_tokens=r["prompt_tokens"] + c.prompt_tokens,
+                    cached_prompt_tokens=r["cached_prompt_tokens"] + c.cached_tokens,
+                    completion_tokens=r["completion_tokens"] + c.completion_tokens,
+                    engine_seconds=r["engine_seconds"] + c.seconds,
+                    engine_error=c.error,
+                )
         if self.job.generation.candidates > 1:
             self._sample_candidates(rows, {id(r) for r, _ in merges})
         for r in rows:
@@ -201,16 +263,21 @@ class GenerationEngineStage(EngineStage):
         prefix cache from the decoded call, so this costs little more than the sampled tokens."""
         g = self.job.generation
         todo = [r for r in rows if not r["engine_error"] and r["prompt"]]
-        params = dataclasses.replace(self.params, temperature=g.candidate_temperature, top_p=g.candidate_top_p,
-                                     n=g.candidates - 1)
-        done = self.generate([Request(r["prompt"], None if id(r) in merged else r.get("soft_tokens"))
-                              for r in todo], params)
+        params = dataclasses.replace(
+            self.params, temperature=g.candidate_temperature, top_p=g.candidate_top_p, n=g.candidates - 1
+        )
+        done = self.generate(
+            [Request(r["prompt"], None if id(r) in merged else r.get("soft_tokens")) for r in todo], params
+        )
         for r, c in zip(todo, done):
-            r.update(candidates=[r["raw_output"], *(c.samples or [c.text])] if not c.error else [r["raw_output"]],
-                     llm_calls=r["llm_calls"] + 1, prompt_tokens=r["prompt_tokens"] + c.prompt_tokens,
-                     cached_prompt_tokens=r["cached_prompt_tokens"] + c.cached_tokens,
-                     completion_tokens=r["completion_tokens"] + c.completion_tokens,
-                     engine_seconds=r["engine_seconds"] + c.seconds)
+            r.update(
+                candidates=[r["raw_output"], *(c.samples or [c.text])] if not c.error else [r["raw_output"]],
+                llm_calls=r["llm_calls"] + 1,
+                prompt_tokens=r["prompt_tokens"] + c.prompt_tokens,
+                cached_prompt_tokens=r["cached_prompt_tokens"] + c.cached_tokens,
+                completion_tokens=r["completion_tokens"] + c.completion_tokens,
+                engine_seconds=r["engine_seconds"] + c.seconds,
+            )
             if c.error:
                 r["notes"] = r["notes"] + [f"sampled candidates failed ({c.error[:200]}); the decoded answer is kept"]
 
@@ -247,9 +314,11 @@ def score_and_commit_generations(batch: pa.Table, job: JobSpec, at: ProfilesAt |
     return pa.Table.from_pylist(commit_chunks(job, "generations", rows, GENERATION_SCHEMA))
 
 
-GENERATION_PASS = PassSpec("generate", (
-    Stage("generation_plan", GenerationPlanStage, "cpu"),
-    Stage("generation_engine", GenerationEngineStage, "engine", takes_at=False),
-    Stage("score_and_commit", score_and_commit_generations, "commit"),
-))
-
+GENERATION_PASS = PassSpec(
+    "generate",
+    (
+        Stage("generation_plan", GenerationPlanStage, "cpu"),
+        Stage("generation_engine", GenerationEngineStage, "engine", takes_at=False),
+        Stage("score_and_commit", score_and_commit_generations, "commit"),
+    ),
+)

@@ -11,19 +11,20 @@ import platform
 import time
 from typing import Any
 
-from .. import __version__, metrics
-from ..config import JobSpec
-from ..data.rows import status_kind
-from ..errors import ErrorBudgetExceeded, RunFailed, StepbackError
-from ..storage import RunStore
-from ..tasks import get_task
+from stepback_ray import __version__
+from stepback_ray.config import JobSpec
+from stepback_ray.data.rows import status_kind
+from stepback_ray.errors import ErrorBudgetExceeded, RunFailed, StepbackError
+from stepback_ray.evaluation import metrics
+from stepback_ray.storage import RunStore
+from stepback_ray.tasks import get_task
 
 
 def check_resume(store: RunStore, job: JobSpec) -> bool:
     """Record the run's spec at the start; on a rerun into the same output, insist that every key that changes
     results is the same (:data:`~stepback_ray.config.SPEED_ONLY_KEYS` may differ: a smaller batch after an
     out-of-memory crash, the fault switched off)."""
-    from ..config import SPEED_ONLY_KEYS, without_keys
+    from stepback_ray.config import SPEED_ONLY_KEYS, without_keys
 
     spec = job.results_dict()
     if store.exists("_run_spec.json"):
@@ -31,8 +32,10 @@ def check_resume(store: RunStore, job: JobSpec) -> bool:
         # a key the recorded spec lacks was added to stepback-ray since; at its default it changes nothing
         changed = sorted(k for k in _changed_keys(previous, spec) if not _new_key_at_default(previous, spec, k))
         if changed:
-            raise StepbackError(f"{job.output_uri} holds a run with a different job spec (changed: "
-                                f"{', '.join(changed)}); choose another output or run_id")
+            raise StepbackError(
+                f"{job.output_uri} holds a run with a different job spec (changed: "
+                f"{', '.join(changed)}); choose another output or run_id"
+            )
         return True
     store.write_json("_run_spec.json", spec)
     return False
@@ -92,12 +95,34 @@ def summarize(job: JobSpec, store: RunStore) -> tuple[dict[str, Any], dict[str, 
     file in memory at a time); the official-format predictions are written per mode on the way."""
     task = get_task(job.task)
     acc = {m: metrics.MetricAccumulator(task) for m in job.modes}
-    tot = {m: {"queries": 0, "scored": 0, "prompt_tokens": 0, "cached_prompt_tokens": 0, "completion_tokens": 0,
-               "engine_seconds": 0.0,
-               "users": set(), "statuses": {}} for m in job.modes}
-    cols = ["query_id", "mode", "user_id", "gold", "output", "rouge1", "rougeL", "abs_error", "prompt_tokens",
-            "cached_prompt_tokens",
-            "completion_tokens", "engine_seconds", "status"]
+    tot = {
+        m: {
+            "queries": 0,
+            "scored": 0,
+            "prompt_tokens": 0,
+            "cached_prompt_tokens": 0,
+            "completion_tokens": 0,
+            "engine_seconds": 0.0,
+            "users": set(),
+            "statuses": {},
+        }
+        for m in job.modes
+    }
+    cols = [
+        "query_id",
+        "mode",
+        "user_id",
+        "gold",
+        "output",
+        "rouge1",
+        "rougeL",
+        "abs_error",
+        "prompt_tokens",
+        "cached_prompt_tokens",
+        "completion_tokens",
+        "engine_seconds",
+        "status",
+    ]
     with contextlib.ExitStack() as stack:
         out = {m: stack.enter_context(store.writer(f"predictions/{m}.json")) for m in job.modes}
         first = {m: True for m in job.modes}
@@ -126,20 +151,33 @@ def summarize(job: JobSpec, store: RunStore) -> tuple[dict[str, Any], dict[str, 
     for m in job.modes:
         t = tot[m]
         secs = t["engine_seconds"]
-        modes[m] = {"users": len(t["users"]), "queries": t["queries"], "scored": t["scored"], **acc[m].result(),
-                    "prompt_tokens": t["prompt_tokens"], "cached_prompt_tokens": t["cached_prompt_tokens"],
-                    "completion_tokens": t["completion_tokens"],
-                    "engine_seconds": round(secs, 3),
-                    "tokens_per_s": round((t["prompt_tokens"] + t["completion_tokens"]) / secs, 1) if secs else None,
-                    "statuses": t["statuses"]}
+        modes[m] = {
+            "users": len(t["users"]),
+            "queries": t["queries"],
+            "scored": t["scored"],
+            **acc[m].result(),
+            "prompt_tokens": t["prompt_tokens"],
+            "cached_prompt_tokens": t["cached_prompt_tokens"],
+            "completion_tokens": t["completion_tokens"],
+            "engine_seconds": round(secs, 3),
+            "tokens_per_s": round((t["prompt_tokens"] + t["completion_tokens"]) / secs, 1) if secs else None,
+            "statuses": t["statuses"],
+        }
     statuses: dict[str, int] = {}
     for m in job.modes:
         for k, v in tot[m]["statuses"].items():
             statuses[k] = statuses.get(k, 0) + v
-    counts = {"generation_rows": sum(t["queries"] for t in tot.values()), "generation_rows_by_status": statuses,
-              "queries_generated": max((t["queries"] for t in tot.values()), default=0)}
-    return {"task": job.task, "metric": task.metric, "keys": list(metrics.OFFICIAL_KEYS[task.metric]),
-            "modes": modes}, counts
+    counts = {
+        "generation_rows": sum(t["queries"] for t in tot.values()),
+        "generation_rows_by_status": statuses,
+        "queries_generated": max((t["queries"] for t in tot.values()), default=0),
+    }
+    return {
+        "task": job.task,
+        "metric": task.metric,
+        "keys": list(metrics.OFFICIAL_KEYS[task.metric]),
+        "modes": modes,
+    }, counts
 
 
 def check_error_budget(job: JobSpec, what: str, errors: int, total: int, counts: dict[str, Any]) -> None:
@@ -151,13 +189,22 @@ def check_error_budget(job: JobSpec, what: str, errors: int, total: int, counts:
 
 def manifest_head(job: JobSpec, t_start: float, resumed: bool, status: str) -> dict[str, Any]:
     """The fields every manifest starts with (a finished run's, a profile job's, a failed run's)."""
-    return {"run_id": job.run_id, "name": job.name, "output": job.output_uri, "resumed": resumed, "status": status,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t_start)),
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "config": job.public_dict(),
-            "versions": versions()}
+    return {
+        "run_id": job.run_id,
+        "name": job.name,
+        "output": job.output_uri,
+        "resumed": resumed,
+        "status": status,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t_start)),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "config": job.public_dict(),
+        "versions": versions(),
+    }
 
 
 def failed_manifest(job: JobSpec, store: RunStore, t_start: float, resumed: bool, error: RunFailed) -> None:
     """What a failed run leaves for whoever looks: ``status: failed``, why, and the counts it reached."""
-    store.write_json("manifest.json", {**manifest_head(job, t_start, resumed, "failed"), "error": str(error),
-                                       "counts": getattr(error, "counts", {})})
+    store.write_json(
+        "manifest.json",
+        {**manifest_head(job, t_start, resumed, "failed"), "error": str(error), "counts": getattr(error, "counts", {})},
+    )

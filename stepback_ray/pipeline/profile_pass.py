@@ -13,16 +13,16 @@ from typing import Any
 
 import pyarrow as pa
 
-from .. import profiling
-from ..config import JobSpec
-from ..data.rows import UserHistory, status_kind
-from ..engines.formatting import PromptFormatter
-from ..storage import RunStore
-from ..tasks import get_task
-from .chunks import ProfilesAt, chunk_users
-from .commit import commit_chunks
-from .runner import EngineStage, PassSpec, Stage
-from .schemas import PLANNED_PROFILE_SCHEMA, PROFILE_SCHEMA, table, with_chunk_rows
+from stepback_ray import profiling
+from stepback_ray.config import JobSpec
+from stepback_ray.data.rows import UserHistory, status_kind
+from stepback_ray.engines.formatting import PromptFormatter
+from stepback_ray.pipeline.chunks import ProfilesAt, chunk_users
+from stepback_ray.pipeline.commit import commit_chunks
+from stepback_ray.pipeline.runner import EngineStage, PassSpec, Stage
+from stepback_ray.pipeline.schemas import PLANNED_PROFILE_SCHEMA, PROFILE_SCHEMA, table, with_chunk_rows
+from stepback_ray.storage import RunStore
+from stepback_ray.tasks import get_task
 
 
 class ProfilePlanStage:
@@ -58,12 +58,25 @@ class ProfilePlanStage:
         old = set(prev["history_ids"] or []) if prev is not None else set()
         # an incremental update builds on the old profile only if it came from these very items with this model,
         # prompt version and settings (its fingerprint matches them): otherwise the user is profiled afresh
-        if (prev is not None and not self.at.full and self.job.profile_store.incremental and prev["profile_json"]
-                and old < set(ids) and prev["fingerprint"] == profiling.fingerprint(
-                    [it for it in u.history if it["id"] in old], self.job.engine, self.job.profile,
-                    self.task.name)):
-            plan = profiling.plan_profile(u.user_id, [it for it in u.history if it["id"] not in old], self.task,
-                                          self.job.profile, self.tools, self.budget)
+        if (
+            prev is not None
+            and not self.at.full
+            and self.job.profile_store.incremental
+            and prev["profile_json"]
+            and old < set(ids)
+            and prev["fingerprint"]
+            == profiling.fingerprint(
+                [it for it in u.history if it["id"] in old], self.job.engine, self.job.profile, self.task.name
+            )
+        ):
+            plan = profiling.plan_profile(
+                u.user_id,
+                [it for it in u.history if it["id"] not in old],
+                self.task,
+                self.job.profile,
+                self.tools,
+                self.budget,
+            )
             plan.base_profile = json.loads(prev["profile_json"])
             plan.base_item_ids = list(prev["item_ids"] or [])
             plan.items_total = len(u.history)
@@ -81,25 +94,43 @@ class ProfilePlanStage:
             retained = self._retained(chunk)
             for u in users:
                 fp = profiling.fingerprint(u.history, self.job.engine, self.job.profile, self.task.name)
-                row = {"chunk_id": chunk["chunk_id"], "chunk_rows": len(users), "user_id": u.user_id,
-                       "fingerprint": fp, "history_ids": [it["id"] for it in u.history], "notes": [],
-                       "recent_items": profiling.recent_items(u.history, self.task)}
+                row = {
+                    "chunk_id": chunk["chunk_id"],
+                    "chunk_rows": len(users),
+                    "user_id": u.user_id,
+                    "fingerprint": fp,
+                    "history_ids": [it["id"] for it in u.history],
+                    "notes": [],
+                    "recent_items": profiling.recent_items(u.history, self.task),
+                }
                 if u.user_id in retained and retained[u.user_id]["fingerprint"] == fp:
-                    rows.append({**row, "origin": retained[u.user_id]["origin"], "retained": True,
-                                 "carried_json": json.dumps(retained[u.user_id], default=str)})
+                    rows.append(
+                        {
+                            **row,
+                            "origin": retained[u.user_id]["origin"],
+                            "retained": True,
+                            "carried_json": json.dumps(retained[u.user_id], default=str),
+                        }
+                    )
                     continue
                 prev = previous.get(u.user_id)
                 # unchanged: carry over, except in a full rebuild a profile that came from incremental updates, and
                 # never a profile the engine failed on (the next run retries it)
                 failed = prev is not None and status_kind(prev.get("status")) == "error"
-                if (prev is not None and not failed and prev["fingerprint"] == fp
-                        and (not self.at.full or prev.get("exact", True))):
+                if (
+                    prev is not None
+                    and not failed
+                    and prev["fingerprint"] == fp
+                    and (not self.at.full or prev.get("exact", True))
+                ):
                     rows.append({**row, "origin": "carried", "carried_json": json.dumps(prev, default=str)})
                     continue
                 plan, origin = self._plan(u, prev)
                 if plan.items_dropped:
-                    row["notes"] = [f"profile from the newest {plan.items_used} of {plan.items_total} items "
-                                    f"({plan.items_dropped} older items over profile.max_parts)"]
+                    row["notes"] = [
+                        f"profile from the newest {plan.items_used} of {plan.items_total} items "
+                        f"({plan.items_dropped} older items over profile.max_parts)"
+                    ]
                 rows.append({**row, "origin": origin, "plan_json": json.dumps(plan.to_dict())})
         return table(rows, PLANNED_PROFILE_SCHEMA)
 
@@ -110,19 +141,36 @@ class ProfileEngineStage(EngineStage):
     def __init__(self, job: JobSpec, **given: Any):
         super().__init__(job, **given)
         self.task = get_task(job.task)
-        self.distiller = profiling.Distiller(self.task, job.profile, self.engine,
-                                             lambda prompts, params: self.generate(prompts, params))
+        self.distiller = profiling.Distiller(
+            self.task, job.profile, self.engine, lambda prompts, params: self.generate(prompts, params)
+        )
 
     def serve(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         carried = [r for r in rows if r["carried_json"]]
         todo = [r for r in rows if not r["carried_json"]]
         plans = [profiling.ProfilePlan.from_dict(json.loads(r["plan_json"])) for r in todo]
-        out = [{**json.loads(r["carried_json"]), "chunk_id": r["chunk_id"], "chunk_rows": r["chunk_rows"],
-                "recent_items": r["recent_items"]} | ({} if r["retained"] else {  # retained: this pass's own row
-                    "origin": "carried", "llm_calls": 0, "prompt_tokens": 0, "cached_prompt_tokens": 0,
+        out = [
+            {
+                **json.loads(r["carried_json"]),
+                "chunk_id": r["chunk_id"],
+                "chunk_rows": r["chunk_rows"],
+                "recent_items": r["recent_items"],
+            }
+            | (
+                {}
+                if r["retained"]
+                else {  # retained: this pass's own row
+                    "origin": "carried",
+                    "llm_calls": 0,
+                    "prompt_tokens": 0,
+                    "cached_prompt_tokens": 0,
                     "completion_tokens": 0,
-                    "engine_seconds": 0.0}) for r in carried]
+                    "engine_seconds": 0.0,
+                }
+            )
+            for r in carried
+        ]
         for r, plan, res in zip(todo, plans, self.distiller.run(plans)):
             notes = list(r["notes"])
             # the items the profile stands on: the selected ones, and for an incremental update also the items
@@ -134,23 +182,35 @@ class ProfileEngineStage(EngineStage):
                 notes.append("profile skipped: empty history")
             if res.profile is not None:  # what is measured, not distilled, rides beside the LLM's fields
                 res.profile.update({k: v for k, v in (("habits", plan.habits), ("exemplars", plan.exemplars)) if v})
-            out.append({
-                **r, "task": self.task.name, "status": res.status,
-                "profile_json": json.dumps(res.profile) if res.profile is not None else None,
-                "profile_text": profiling.render_profile(res.profile, self.task) if res.profile else "",
-                "items_total": plan.items_total, "items_used": len(item_ids), "items_dropped": plan.items_dropped,
-                "parts": len(plan.parts), "item_ids": item_ids,
-                "partials_json": json.dumps(res.partials) if len(res.partials) > 1 else None,
-                "style_notes_json": json.dumps(res.notes) if res.notes else None,
-                "prompt": res.prompt, "raw_output": res.raw_output, "llm_calls": res.llm_calls,
-                "prompt_tokens": res.prompt_tokens, "cached_prompt_tokens": res.cached_prompt_tokens,
-                "completion_tokens": res.completion_tokens,
-                "engine_seconds": res.engine_seconds, "model": self.job.engine.model,
-                "prompt_version": profiling.PROMPT_VERSION, "notes": notes, "run_id": self.job.run_id,
-                "exact": plan.base_profile is None,
-            })
+            out.append(
+                {
+                    **r,
+                    "task": self.task.name,
+                    "status": res.status,
+                    "profile_json": json.dumps(res.profile) if res.profile is not None else None,
+                    "profile_text": profiling.render_profile(res.profile, self.task) if res.profile else "",
+                    "items_total": plan.items_total,
+                    "items_used": len(item_ids),
+                    "items_dropped": plan.items_dropped,
+                    "parts": len(plan.parts),
+                    "item_ids": item_ids,
+                    "partials_json": json.dumps(res.partials) if len(res.partials) > 1 else None,
+                    "style_notes_json": json.dumps(res.notes) if res.notes else None,
+                    "prompt": res.prompt,
+                    "raw_output": res.raw_output,
+                    "llm_calls": res.llm_calls,
+                    "prompt_tokens": res.prompt_tokens,
+                    "cached_prompt_tokens": res.cached_prompt_tokens,
+                    "completion_tokens": res.completion_tokens,
+                    "engine_seconds": res.engine_seconds,
+                    "model": self.job.engine.model,
+                    "prompt_version": profiling.PROMPT_VERSION,
+                    "notes": notes,
+                    "run_id": self.job.run_id,
+                    "exact": plan.base_profile is None,
+                }
+            )
         return table(self.stamp(out), with_chunk_rows(PROFILE_SCHEMA))
-
 
 
 def commit_profiles(batch: pa.Table, job: JobSpec, at: ProfilesAt) -> pa.Table:
@@ -163,8 +223,11 @@ def commit_profiles(batch: pa.Table, job: JobSpec, at: ProfilesAt) -> pa.Table:
     return pa.Table.from_pylist(summaries)
 
 
-PROFILE_PASS = PassSpec("profile", (
-    Stage("profile_plan", ProfilePlanStage, "cpu"),
-    Stage("profile_engine", ProfileEngineStage, "engine", takes_at=False),
-    Stage("commit_profiles", commit_profiles, "commit"),
-))
+PROFILE_PASS = PassSpec(
+    "profile",
+    (
+        Stage("profile_plan", ProfilePlanStage, "cpu"),
+        Stage("profile_engine", ProfileEngineStage, "engine", takes_at=False),
+        Stage("commit_profiles", commit_profiles, "commit"),
+    ),
+)

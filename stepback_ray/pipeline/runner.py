@@ -18,17 +18,18 @@ import os
 import resource
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import pyarrow as pa
 
-from ..config import EngineConfig, JobSpec, StageResources
-from ..errors import RunFailed
-from ..resources import WORKER_ENV, connect_cluster, engine_resources
+from stepback_ray.config import EngineConfig, JobSpec, StageResources
+from stepback_ray.errors import RunFailed
+from stepback_ray.pipeline.resources import WORKER_ENV, connect_cluster, engine_resources
 
 if TYPE_CHECKING:
-    from .engine_host import EngineHosts
+    from stepback_ray.pipeline.engine_host import EngineHosts
 
 
 @dataclass(frozen=True)
@@ -89,17 +90,22 @@ class EngineStage:
     blocks in flight side by side in threads, and their engine calls are merged
     (:class:`~stepback_ray.engines.coalesce.CoalescedCalls`): ``serve`` must keep its state in locals."""
 
-    def __init__(self, job: JobSpec, engine: Any = None, engine_times: tuple[float, float] | None = None,
-                 in_actor: bool | None = None):
+    def __init__(
+        self,
+        job: JobSpec,
+        engine: Any = None,
+        engine_times: tuple[float, float] | None = None,
+        in_actor: bool | None = None,
+    ):
         """``in_actor``: this process is an engine actor's, so a fatal engine failure ends it (Ray restarts it) and
         the blocks it serves side by side share engine calls; by default, when the stage builds its engine (a Ray
         Data engine actor). An engine host (:mod:`.engine_host`) gives its engine and says True."""
         import threading
 
-        from ..engines import build_engine
-        from ..engines.coalesce import GATHER_S, CoalescedCalls
-        from ..engines.guard import EngineCalls
-        from ..engines.prefix import PrefixOrdered
+        from stepback_ray.engines import build_engine
+        from stepback_ray.engines.coalesce import GATHER_S, CoalescedCalls
+        from stepback_ray.engines.guard import EngineCalls
+        from stepback_ray.engines.prefix import PrefixOrdered
 
         self.job = job
         self.owns_engine = engine is None
@@ -137,8 +143,11 @@ class EngineStage:
         with self._stamp_lock:
             times, self.engine_times = self.engine_times, None
         cpu, switches = process_usage(children=self.in_actor)
-        usage = {"engine_process": self._process, "engine_cpu_s": round(cpu - self._usage_at_ready[0], 3),
-                 "engine_preemptions": switches - self._usage_at_ready[1]}
+        usage = {
+            "engine_process": self._process,
+            "engine_cpu_s": round(cpu - self._usage_at_ready[0], 3),
+            "engine_preemptions": switches - self._usage_at_ready[1],
+        }
         for r in rows:
             r.update(usage)
             if times is not None:
@@ -164,8 +173,9 @@ def _kwargs(job: JobSpec, stage: Stage, at: Any) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ on Ray
-def run_on_ray(job: JobSpec, spec: PassSpec, chunks: list[dict[str, Any]], at: Any,
-               hosts: "EngineHosts | None" = None) -> list[dict]:
+def run_on_ray(
+    job: JobSpec, spec: PassSpec, chunks: list[dict[str, Any]], at: Any, hosts: EngineHosts | None = None
+) -> list[dict]:
     """Run ``spec`` over ``chunks`` as one Ray Data pass; returns the commit summaries. ``hosts``: the run's engine
     actors kept across passes (:mod:`.engine_host`), which serve the engine stage; None: the pass starts its own
     engine actor pool."""
@@ -179,11 +189,16 @@ def run_on_ray(job: JobSpec, spec: PassSpec, chunks: list[dict[str, Any]], at: A
     common = dict(batch_size=None, batch_format="pyarrow", zero_copy_batch=True)
     for stage in spec.stages:
         if stage.kind == "engine" and hosts is not None:
-            from .engine_host import first_blocks, serve_on_host
+            from stepback_ray.pipeline.engine_host import first_blocks, serve_on_host
 
             actors = hosts.for_job(job)
-            served_by = {"hosts": actors, "pass_key": uuid.uuid4().hex, "stage_cls": stage.udf, "job": job,
-                         "first_blocks": first_blocks(job, len(chunks), len(actors))}
+            served_by = {
+                "hosts": actors,
+                "pass_key": uuid.uuid4().hex,
+                "stage_cls": stage.udf,
+                "job": job,
+                "first_blocks": first_blocks(job, len(chunks), len(actors)),
+            }
             # a task per block that waits on a host: no CPU of its own, as many in flight as the hosts take
             in_flight = TaskPoolStrategy(size=min(len(chunks), len(actors) * job.ray.engine_tasks_in_flight))
             ds = ds.map_batches(serve_on_host, fn_kwargs=served_by, num_cpus=0, compute=in_flight, **common)
@@ -191,18 +206,33 @@ def run_on_ray(job: JobSpec, spec: PassSpec, chunks: list[dict[str, Any]], at: A
             res = engine_resources(job, ray.cluster_resources())
             # a fatal engine failure ends the actor (engines/guard.py): Ray restarts it, boundedly, and retries
             # the block
-            ds = ds.map_batches(stage.udf, fn_constructor_kwargs={"job": job}, compute=engine_compute(job, res.actors),
-                                max_restarts=job.engine.max_restarts, max_task_retries=-1, **res.remote_args(),
-                                **common)
+            ds = ds.map_batches(
+                stage.udf,
+                fn_constructor_kwargs={"job": job},
+                compute=engine_compute(job, res.actors),
+                max_restarts=job.engine.max_restarts,
+                max_task_retries=-1,
+                **res.remote_args(),
+                **common,
+            )
         elif stage.kind == "cpu":
             r = stage_resources(job, stage)
-            ds = ds.map_batches(stage.udf, fn_constructor_kwargs=_kwargs(job, stage, at),
-                                compute=ActorPoolStrategy(size=r.concurrency or job.ray.cpu_stage_actors),
-                                num_cpus=r.num_cpus, **common)
+            ds = ds.map_batches(
+                stage.udf,
+                fn_constructor_kwargs=_kwargs(job, stage, at),
+                compute=ActorPoolStrategy(size=r.concurrency or job.ray.cpu_stage_actors),
+                num_cpus=r.num_cpus,
+                **common,
+            )
         else:
             r = stage_resources(job, stage)
-            ds = ds.map_batches(stage.udf, fn_kwargs=_kwargs(job, stage, at), num_cpus=r.num_cpus,
-                                **({"concurrency": r.concurrency} if r.concurrency else {}), **common)
+            ds = ds.map_batches(
+                stage.udf,
+                fn_kwargs=_kwargs(job, stage, at),
+                num_cpus=r.num_cpus,
+                **({"concurrency": r.concurrency} if r.concurrency else {}),
+                **common,
+            )
     return _take_all(ds, job, spec.name, hosts)
 
 
@@ -213,8 +243,11 @@ def engine_compute(job: JobSpec, actors: int):
     from ray.data import ActorPoolStrategy
 
     in_flight = job.ray.engine_tasks_in_flight
-    side_by_side = dict(max_concurrent_calls_per_actor=in_flight, enable_true_multi_threading=True) \
-        if serves_side_by_side(job) else {}
+    side_by_side = (
+        dict(max_concurrent_calls_per_actor=in_flight, enable_true_multi_threading=True)
+        if serves_side_by_side(job)
+        else {}
+    )
     return ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=in_flight, **side_by_side)
 
 
@@ -224,7 +257,7 @@ def serves_side_by_side(job: JobSpec) -> bool:
     return job.ray.engine_coalesce and job.ray.engine_tasks_in_flight > 1
 
 
-def _take_all(ds, job: JobSpec, name: str, hosts: "EngineHosts | None" = None) -> list[dict]:
+def _take_all(ds, job: JobSpec, name: str, hosts: EngineHosts | None = None) -> list[dict]:
     """Run the pass; an engine actor that died past its restarts fails the run (exit 3) in one line. A pass's own
     engine actor's death reaches here as the exception; a host's reaches the task that waited on it, whose error
     arrives as text, so on a failure the hosts are asked whether they are still there."""
@@ -239,10 +272,12 @@ def _take_all(ds, job: JobSpec, name: str, hosts: "EngineHosts | None" = None) -
             dead = isinstance(cause, ray.exceptions.RayActorError)
             cause = cause.__cause__ or cause.__context__
         if dead or (hosts is not None and hosts.any_dead()):
-            raise RunFailed(f"the {name} pass's engine actor died {job.engine.max_restarts + 1} times "
-                            f"(engine.max_restarts = {job.engine.max_restarts}; the reasons are the 'stepback: "
-                            "fatal engine failure' lines in the log); committed chunks are kept: fix the engine "
-                            "and rerun the same run id") from e
+            raise RunFailed(
+                f"the {name} pass's engine actor died {job.engine.max_restarts + 1} times "
+                f"(engine.max_restarts = {job.engine.max_restarts}; the reasons are the 'stepback: "
+                "fatal engine failure' lines in the log); committed chunks are kept: fix the engine "
+                "and rerun the same run id"
+            ) from e
         raise
 
 
@@ -257,9 +292,14 @@ def init_local_ray(object_store_gib: float | None = None, **kwargs: Any) -> None
 
     limit = max(8, 2 * (kwargs.get("num_cpus") or os.cpu_count() or 1))
     if object_store_gib:
-        kwargs["object_store_memory"] = int(object_store_gib * 2 ** 30)
-    ray.init(include_dashboard=False, logging_level="WARNING", runtime_env={"env_vars": dict(WORKER_ENV)},
-             _system_config={"num_workers_soft_limit": limit}, **kwargs)
+        kwargs["object_store_memory"] = int(object_store_gib * 2**30)
+    ray.init(
+        include_dashboard=False,
+        logging_level="WARNING",
+        runtime_env={"env_vars": dict(WORKER_ENV)},
+        _system_config={"num_workers_soft_limit": limit},
+        **kwargs,
+    )
 
 
 @contextlib.contextmanager
@@ -302,7 +342,7 @@ class InProcess:
     def engine(self, config: EngineConfig) -> tuple[Any, tuple[float, float] | None]:
         """The run's engine for ``config`` and when its build started and ended (None for one already built: a
         later pass reuses it and starts nothing)."""
-        from ..engines import build_engine
+        from stepback_ray.engines import build_engine
 
         key = config.model_dump_json()
         if key in self._engines:
@@ -323,7 +363,7 @@ class InProcess:
             else:
                 kwargs = _kwargs(job, stage, at)
                 built.append(lambda batch, _fn=stage.udf, _kw=kwargs: _fn(batch, **_kw))
-        from ..engines.guard import FatalEngineError
+        from stepback_ray.engines.guard import FatalEngineError
 
         summaries: list[dict] = []
         for chunk in chunks:
@@ -332,9 +372,11 @@ class InProcess:
                 for fn in built:
                     block = fn(block)
             except FatalEngineError as e:  # no actor to restart here: the run stops, its committed chunks kept
-                raise RunFailed(f"the {spec.name} pass's engine failed ({e}); {len(summaries)} of {len(chunks)} "
-                                "chunks of this pass were committed and are kept: fix the engine and rerun the "
-                                "same run id") from None
+                raise RunFailed(
+                    f"the {spec.name} pass's engine failed ({e}); {len(summaries)} of {len(chunks)} "
+                    "chunks of this pass were committed and are kept: fix the engine and rerun the "
+                    "same run id"
+                ) from None
             summaries += block.to_pylist()
         return summaries
 
@@ -346,7 +388,7 @@ class InProcess:
 
 
 @contextlib.contextmanager
-def executor(job: JobSpec, engine: Any = None) -> Iterator["Executor"]:
+def executor(job: JobSpec, engine: Any = None) -> Iterator[Executor]:
     """What runs the job's passes: a Ray session, or the in-process executor (no Ray for LaMP JSON; a dataset
     input is staged by Ray Data, so a local Ray is started for the staging, and its passes run here), with
     ``engine`` if given (see :class:`InProcess`)."""
@@ -361,7 +403,7 @@ def executor(job: JobSpec, engine: Any = None) -> Iterator["Executor"]:
         with ray_session(job):
             hosts = None
             if job.ray.keep_engines:
-                from .engine_host import EngineHosts
+                from stepback_ray.pipeline.engine_host import EngineHosts
 
                 hosts = EngineHosts()
             try:
@@ -375,7 +417,7 @@ def executor(job: JobSpec, engine: Any = None) -> Iterator["Executor"]:
 class Executor:
     job: JobSpec
     local: InProcess | None
-    hosts: "EngineHosts | None" = None
+    hosts: EngineHosts | None = None
     """On Ray with ``ray.keep_engines``: the run's engine actors, kept across its passes."""
 
     @property

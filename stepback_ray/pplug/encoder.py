@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..tasks import Item, TaskSpec
+from stepback_ray.tasks import Item, TaskSpec
 
 
 def item_text(task: TaskSpec, item: Item) -> str:
@@ -22,7 +22,7 @@ class TextEncoder:
     def __init__(self, model: str, device: str = "cpu", batch_size: int = 64, max_seq_length: int = 256):
         from sentence_transformers import SentenceTransformer
 
-        from ..engines.models import resolve_model
+        from stepback_ray.engines.models import resolve_model
 
         self.model = SentenceTransformer(resolve_model(model), device=device)
         self.model.max_seq_length = max_seq_length
@@ -33,5 +33,13 @@ class TextEncoder:
     def encode(self, texts: list[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        return np.asarray(self.model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True,
-                                            convert_to_numpy=True, show_progress_bar=False), dtype=np.float32)
+        return np.asarray(
+            self.model.encode(
+                texts,
+                batch_size=self.batch_size,
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+                show_progress_bar=False,
+            ),
+            dtype=np.float32,
+        )

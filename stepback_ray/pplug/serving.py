@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..config import JobSpec
-from ..errors import StepbackError
-from ..tasks import get_task
-from .encoder import TextEncoder
-from .training import load_checkpoint
+from stepback_ray.config import JobSpec
+from stepback_ray.errors import StepbackError
+from stepback_ray.pplug.encoder import TextEncoder
+from stepback_ray.pplug.training import load_checkpoint
+from stepback_ray.tasks import get_task
 
 
 class PlugServer:
@@ -26,8 +26,10 @@ class PlugServer:
         self.torch = torch
         self.plug, self.meta = load_checkpoint(job.pplug.checkpoint, job.storage)
         if self.meta["model"] != job.engine.model:
-            raise StepbackError(f"pplug.checkpoint was trained for model {self.meta['model']!r}; the job uses "
-                                f"{job.engine.model!r} (soft tokens live in one model's embedding space)")
+            raise StepbackError(
+                f"pplug.checkpoint was trained for model {self.meta['model']!r}; the job uses "
+                f"{job.engine.model!r} (soft tokens live in one model's embedding space)"
+            )
         self.encoder = TextEncoder(self.meta["encoder"], max_seq_length=self.meta["encoder_max_tokens"])
         self.task = get_task(job.task)
         self.max_items = self.meta.get("max_items", job.pplug.max_items)
@@ -45,8 +47,8 @@ class PlugServer:
         mask = torch.zeros(len(todo), n_max, dtype=torch.bool)
         for row, i in enumerate(todo):
             vecs = requests[i][1]
-            items[row, :len(vecs)] = torch.from_numpy(np.asarray(vecs, dtype=np.float32))
-            mask[row, :len(vecs)] = True
+            items[row, : len(vecs)] = torch.from_numpy(np.asarray(vecs, dtype=np.float32))
+            mask[row, : len(vecs)] = True
         with torch.no_grad():
             soft = self.plug(torch.from_numpy(qvecs), items, mask).numpy()
         for row, i in enumerate(todo):

@@ -27,18 +27,18 @@ from typing import Any
 
 import numpy as np
 
-from ..config import JobSpec, RetrievalConfig
-from ..data import read_lamp
-from ..data.rows import Query
-from ..engines.formatting import PromptFormatter
-from ..engines.models import resolve_model
-from ..errors import StepbackError
-from ..profiling import most_recent_first
-from ..prompting import fit_prompt
-from ..storage import RunStore
-from ..tasks import get_task
-from .encoder import TextEncoder, item_text
-from .model import PersonaPlug
+from stepback_ray.config import JobSpec, RetrievalConfig
+from stepback_ray.data import read_lamp
+from stepback_ray.data.rows import Query
+from stepback_ray.engines.formatting import PromptFormatter
+from stepback_ray.engines.models import resolve_model
+from stepback_ray.errors import StepbackError
+from stepback_ray.generation.prompting import fit_prompt
+from stepback_ray.pplug.encoder import TextEncoder, item_text
+from stepback_ray.pplug.model import PersonaPlug
+from stepback_ray.profiling import most_recent_first
+from stepback_ray.storage import RunStore
+from stepback_ray.tasks import get_task
 
 CHECKPOINT = "checkpoint/pplug.pt"
 CHECKPOINT_CONFIG = "checkpoint/pplug.json"
@@ -71,7 +71,7 @@ def build_examples(queries: list[Query], job: JobSpec, tools: PromptFormatter, e
         n = len(its)
         text = tools.truncate(q.input, cfg.max_input_tokens)
         prompt = fit_prompt(task, tools, text, None, [], RetrievalConfig(), 32).text
-        out.append(Example(qv, vecs[k:k + n], tools.encode(prompt), tools.encode((q.gold or "") + eos)))
+        out.append(Example(qv, vecs[k : k + n], tools.encode(prompt), tools.encode((q.gold or "") + eos)))
         k += n
     return out
 
@@ -85,8 +85,8 @@ def collate(batch: list[Example], pad_id: int):
     mask = torch.zeros(len(batch), n_max, dtype=torch.bool)
     for i, e in enumerate(batch):
         if len(e.item_vecs):
-            items[i, :len(e.item_vecs)] = torch.from_numpy(e.item_vecs)
-            mask[i, :len(e.item_vecs)] = True
+            items[i, : len(e.item_vecs)] = torch.from_numpy(e.item_vecs)
+            mask[i, : len(e.item_vecs)] = True
         else:  # no history: attend to a zero vector (the persona token is then the projector's bias)
             mask[i, 0] = True
     query = torch.from_numpy(np.stack([e.query_vec for e in batch]))
@@ -96,9 +96,9 @@ def collate(batch: list[Example], pad_id: int):
     attn = torch.zeros(len(batch), width, dtype=torch.long)
     labels = torch.full((len(batch), width), -100, dtype=torch.long)
     for i, (e, s) in enumerate(zip(batch, seqs)):  # right padding: positions count from 0 as in training data
-        ids[i, :len(s)] = torch.tensor(s)
-        attn[i, :len(s)] = 1
-        labels[i, len(e.prompt_ids):len(s)] = torch.tensor(e.target_ids)
+        ids[i, : len(s)] = torch.tensor(s)
+        attn[i, : len(s)] = 1
+        labels[i, len(e.prompt_ids) : len(s)] = torch.tensor(e.target_ids)
     return query, items, mask, ids, attn, labels
 
 
@@ -127,8 +127,9 @@ def checkpoint_config(uri: str, storage) -> dict[str, Any]:
     """The config saved with a trained plug: its encoder, LLM and sizes."""
     store = RunStore(uri, storage)
     if not store.exists(CHECKPOINT_CONFIG):
-        raise StepbackError(f"{uri}: no Persona-Plug checkpoint ({CHECKPOINT_CONFIG}); train one with "
-                            "`stepback train-pplug`")
+        raise StepbackError(
+            f"{uri}: no Persona-Plug checkpoint ({CHECKPOINT_CONFIG}); train one with `stepback train-pplug`"
+        )
     meta = store.read_json(CHECKPOINT_CONFIG)
     meta.setdefault("encoder_max_tokens", 256)  # checkpoints from before the setting used the encoder's 256
     return meta
@@ -169,8 +170,9 @@ def training_fingerprint(job: JobSpec) -> str:
     """What makes two training runs the same run: the plug's settings (``checkpoint`` is what is served, not
     trained), the LLM, the task and the thread count (which changes float sums, hence the weights)."""
     settings = job.pplug.model_dump(mode="json", exclude={"checkpoint"})
-    blob = json.dumps({"pplug": settings, "model": job.engine.model, "task": job.task,
-                       "threads": job.engine.threads}, sort_keys=True)
+    blob = json.dumps(
+        {"pplug": settings, "model": job.engine.model, "task": job.task, "threads": job.engine.threads}, sort_keys=True
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -190,9 +192,11 @@ def load_resume_state(store: RunStore, fingerprint: str) -> dict[str, Any] | Non
         return None
     state = torch.load(io.BytesIO(store.read_bytes(RESUME)), map_location="cpu", weights_only=False)
     if state.get("fingerprint") != fingerprint:
-        raise StepbackError(f"{store.uri_of(RESUME)}: a training snapshot made with other settings (fingerprint "
-                            f"{state.get('fingerprint')}, this job {fingerprint}); train under a new run_id or "
-                            "delete that output")
+        raise StepbackError(
+            f"{store.uri_of(RESUME)}: a training snapshot made with other settings (fingerprint "
+            f"{state.get('fingerprint')}, this job {fingerprint}); train under a new run_id or "
+            "delete that output"
+        )
     return state
 
 
@@ -202,11 +206,15 @@ def finished_summary(store: RunStore, fingerprint: str) -> dict[str, Any] | None
         return None
     summary = store.read_json("training.json")["summary"]
     if "fingerprint" not in summary:
-        raise StepbackError(f"{store.uri_of('training.json')}: this output holds a plug trained before runs recorded "
-                            "their settings, so it cannot be matched to this job; train under a new run_id")
+        raise StepbackError(
+            f"{store.uri_of('training.json')}: this output holds a plug trained before runs recorded "
+            "their settings, so it cannot be matched to this job; train under a new run_id"
+        )
     if summary["fingerprint"] != fingerprint:
-        raise StepbackError(f"{store.uri_of('training.json')}: this output holds a plug trained with other settings; "
-                            "train under a new run_id")
+        raise StepbackError(
+            f"{store.uri_of('training.json')}: this output holds a plug trained with other settings; "
+            "train under a new run_id"
+        )
     return summary
 
 
@@ -230,12 +238,12 @@ def train(job: JobSpec, log=print) -> dict[str, Any]:
     t0 = time.time()
     train_q = read_lamp(cfg.train_questions, cfg.train_outputs, task, job.storage)
     if cfg.val_questions:
-        val_q = read_lamp(cfg.val_questions, cfg.val_outputs, task, job.storage)[:cfg.val_users]
+        val_q = read_lamp(cfg.val_questions, cfg.val_outputs, task, job.storage)[: cfg.val_users]
     else:
         rng.shuffle(train_q)
-        val_q, train_q = train_q[:cfg.val_users], train_q[cfg.val_users:]
+        val_q, train_q = train_q[: cfg.val_users], train_q[cfg.val_users :]
     if cfg.max_train_users:
-        train_q = train_q[:cfg.max_train_users]
+        train_q = train_q[: cfg.max_train_users]
     if any(q.gold is None for q in train_q + val_q):
         raise StepbackError("Persona-Plug training needs golds: set pplug.train_outputs (and val_outputs)")
     tools = PromptFormatter(job.engine)
@@ -256,14 +264,15 @@ def train(job: JobSpec, log=print) -> dict[str, Any]:
     steps = max(1, math.ceil(len(train_ex) * cfg.epochs / cfg.batch_size))
     warmup = max(1, int(0.05 * steps))
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, (steps - s) / max(1, steps - warmup)))
+        opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, (steps - s) / max(1, steps - warmup))
+    )
 
     def validate() -> float:
         plug.eval()
         total, n = 0.0, 0
         with torch.no_grad():
             for i in range(0, len(val_ex), cfg.batch_size):
-                b = val_ex[i:i + cfg.batch_size]
+                b = val_ex[i : i + cfg.batch_size]
                 total += plug_loss(llm, plug, b, pad).item() * len(b)
                 n += len(b)
         plug.train()
@@ -291,8 +300,8 @@ def train(job: JobSpec, log=print) -> dict[str, Any]:
             nxt = list(range(len(train_ex)))
             rng.shuffle(nxt)
             order += nxt
-        batch = [train_ex[i] for i in order[:cfg.batch_size]]
-        order = order[cfg.batch_size:]
+        batch = [train_ex[i] for i in order[: cfg.batch_size]]
+        order = order[cfg.batch_size :]
         loss = plug_loss(llm, plug, batch, pad)
         opt.zero_grad()
         loss.backward()
@@ -304,22 +313,48 @@ def train(job: JobSpec, log=print) -> dict[str, Any]:
         if step % cfg.eval_every == 0 or step == steps:
             history["val_step"].append(step)
             history["val_loss"].append(validate())
-            save_resume_state(store, {
-                "fingerprint": fingerprint, "step": step, "plug": plug.state_dict(), "optimizer": opt.state_dict(),
-                "schedule": sched.state_dict(), "order": order, "history": history,
-                "python_random": rng.getstate(), "torch_random": torch.get_rng_state(),
-                "elapsed_s": elapsed_before + time.time() - t0})
-            log(f"step {step}/{steps}: train loss {loss.item():.4f}, validation loss {history['val_loss'][-1]:.4f}"
-                f" ({time.time() - t0:.0f} s)")
-    meta = {"encoder": cfg.encoder, "encoder_max_tokens": cfg.encoder_max_tokens, "model": job.engine.model,
-            "task": task.name, "max_items": cfg.max_items,
-            "max_input_tokens": cfg.max_input_tokens, "prompt_family": tools.family, "steps": steps,
-            "train_users": len(train_ex), "val_users": len(val_ex)}
+            save_resume_state(
+                store,
+                {
+                    "fingerprint": fingerprint,
+                    "step": step,
+                    "plug": plug.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "schedule": sched.state_dict(),
+                    "order": order,
+                    "history": history,
+                    "python_random": rng.getstate(),
+                    "torch_random": torch.get_rng_state(),
+                    "elapsed_s": elapsed_before + time.time() - t0,
+                },
+            )
+            log(
+                f"step {step}/{steps}: train loss {loss.item():.4f}, validation loss {history['val_loss'][-1]:.4f}"
+                f" ({time.time() - t0:.0f} s)"
+            )
+    meta = {
+        "encoder": cfg.encoder,
+        "encoder_max_tokens": cfg.encoder_max_tokens,
+        "model": job.engine.model,
+        "task": task.name,
+        "max_items": cfg.max_items,
+        "max_input_tokens": cfg.max_input_tokens,
+        "prompt_family": tools.family,
+        "steps": steps,
+        "train_users": len(train_ex),
+        "val_users": len(val_ex),
+    }
     save_checkpoint(store, plug, meta)
-    summary = {**meta, "val_loss_first": history["val_loss"][0], "val_loss_best": min(history["val_loss"]),
-               "val_loss_last": history["val_loss"][-1], "wall_s": round(elapsed_before + time.time() - t0, 1),
-               "checkpoint": store.uri_of("checkpoint"), "fingerprint": fingerprint,
-               "resumed_from_step": resumed_from}
+    summary = {
+        **meta,
+        "val_loss_first": history["val_loss"][0],
+        "val_loss_best": min(history["val_loss"]),
+        "val_loss_last": history["val_loss"][-1],
+        "wall_s": round(elapsed_before + time.time() - t0, 1),
+        "checkpoint": store.uri_of("checkpoint"),
+        "fingerprint": fingerprint,
+        "resumed_from_step": resumed_from,
+    }
     store.write_json("training.json", {"summary": summary, "history": history, "config": job.public_dict()})
     plot_losses(store, history)
     store.remove(RESUME)  # training.json marks the run finished; the snapshot has done its work

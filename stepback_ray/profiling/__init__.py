@@ -17,13 +17,57 @@ The fingerprint of (history, model, prompt version, profile settings) identifies
 can be carried over instead of recomputed.
 """
 
-from .distill import Distiller, ProfileResult
-from .plan import (PROFILE_ENGINE_KEYS, ProfilePlan, SelectedItem, engine_identity, exemplars, fingerprint,
-                   measure_habits, most_recent_first, part_budget, plan_profile, recent_items)
-from .prompts import (MAX_FIELD_CHARS, MAX_LIST, PROFILE_STOP, PROMPT_VERSION, json_schema, merge_messages,
-                      note_messages, parse_profile, prefill_for, profile_messages, render_profile)
+from stepback_ray.profiling.distill import Distiller, ProfileResult
+from stepback_ray.profiling.plan import (
+    PROFILE_ENGINE_KEYS,
+    ProfilePlan,
+    SelectedItem,
+    engine_identity,
+    exemplars,
+    fingerprint,
+    measure_habits,
+    most_recent_first,
+    part_budget,
+    plan_profile,
+    recent_items,
+)
+from stepback_ray.profiling.prompts import (
+    MAX_FIELD_CHARS,
+    MAX_LIST,
+    PROFILE_STOP,
+    PROMPT_VERSION,
+    json_schema,
+    merge_messages,
+    note_messages,
+    parse_profile,
+    prefill_for,
+    profile_messages,
+    render_profile,
+)
 
-__all__ = ["Distiller", "MAX_FIELD_CHARS", "MAX_LIST", "PROFILE_ENGINE_KEYS", "PROFILE_STOP", "PROMPT_VERSION",
-           "ProfilePlan", "ProfileResult", "SelectedItem", "engine_identity", "exemplars", "fingerprint",
-           "json_schema", "measure_habits", "merge_messages", "most_recent_first", "note_messages", "parse_profile",
-           "part_budget", "plan_profile", "prefill_for", "profile_messages", "recent_items", "render_profile"]
+__all__ = [
+    "Distiller",
+    "MAX_FIELD_CHARS",
+    "MAX_LIST",
+    "PROFILE_ENGINE_KEYS",
+    "PROFILE_STOP",
+    "PROMPT_VERSION",
+    "ProfilePlan",
+    "ProfileResult",
+    "SelectedItem",
+    "engine_identity",
+    "exemplars",
+    "fingerprint",
+    "json_schema",
+    "measure_habits",
+    "merge_messages",
+    "most_recent_first",
+    "note_messages",
+    "parse_profile",
+    "part_budget",
+    "plan_profile",
+    "prefill_for",
+    "profile_messages",
+    "recent_items",
+    "render_profile",
+]

@@ -3,16 +3,23 @@ user of a chunk; failures kept as statuses, never raised."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
-from ..config import ProfileConfig
-from ..data.rows import status_kind
-from ..engines.base import Completion, Message, PromptTools, SamplingParams
-from ..tasks import TaskSpec
-from .plan import ProfilePlan
-from .prompts import PROFILE_STOP, json_schema, merge_messages, note_messages, parse_profile, profile_messages
-
+from stepback_ray.config import ProfileConfig
+from stepback_ray.data.rows import status_kind
+from stepback_ray.engines.base import Completion, Message, PromptTools, SamplingParams
+from stepback_ray.profiling.plan import ProfilePlan
+from stepback_ray.profiling.prompts import (
+    PROFILE_STOP,
+    json_schema,
+    merge_messages,
+    note_messages,
+    parse_profile,
+    profile_messages,
+)
+from stepback_ray.tasks import TaskSpec
 
 Generate = Callable[[list[str], SamplingParams], list[Completion]]
 
@@ -41,9 +48,11 @@ class Distiller:
         self.task, self.config, self.tools, self.generate = task, config, tools, generate
         self.prefill = not getattr(tools, "supports_json_schema", False)
         self.example = config.example
-        self.profile_params = (SamplingParams(max_new_tokens=config.max_new_tokens, stop=PROFILE_STOP) if self.prefill
-                               else SamplingParams(max_new_tokens=config.max_new_tokens,
-                                                   json_schema=json_schema(task.profile)))
+        self.profile_params = (
+            SamplingParams(max_new_tokens=config.max_new_tokens, stop=PROFILE_STOP)
+            if self.prefill
+            else SamplingParams(max_new_tokens=config.max_new_tokens, json_schema=json_schema(task.profile))
+        )
         self.note_params = SamplingParams(max_new_tokens=config.note_max_new_tokens, stop=("\n",))
 
     def _call(self, jobs: list[tuple[ProfileResult, list[Message]]], params: SamplingParams) -> list[Completion]:
@@ -77,8 +86,7 @@ class Distiller:
         jobs, owners = [], []
         for plan, res in active:
             for part in plan.parts:
-                texts = [s.text + (f"\nStyle: {res.notes[s.item_id]}" if s.item_id in res.notes else "")
-                         for s in part]
+                texts = [s.text + (f"\nStyle: {res.notes[s.item_id]}" if s.item_id in res.notes else "") for s in part]
                 jobs.append((res, profile_messages(self.task, texts, self.prefill, self.example)))
                 owners.append(res)
         pending: dict[int, list[tuple[dict[str, Any], str, str | None]]] = {id(r): [] for _, r in active}
@@ -98,7 +106,7 @@ class Distiller:
                 if len(level) <= 1:
                     continue
                 fan = self.config.merge_fan_in
-                batches = [level[i:i + fan] for i in range(0, len(level), fan)]
+                batches = [level[i : i + fan] for i in range(0, len(level), fan)]
                 pending[id(res)] = []
                 for b in batches:
                     if len(b) == 1:

@@ -10,10 +10,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import EngineConfig, ProfileConfig
-from ..engines.base import PromptTools
-from ..tasks import TaskSpec
-from .prompts import PROMPT_VERSION, profile_messages
+from stepback_ray.config import EngineConfig, ProfileConfig
+from stepback_ray.engines.base import PromptTools
+from stepback_ray.profiling.prompts import PROMPT_VERSION, profile_messages
+from stepback_ray.tasks import TaskSpec
 
 
 @dataclass
@@ -36,7 +36,7 @@ class ProfilePlan:
     base_item_ids: list[str] = field(default_factory=list)
     """Incremental update: the items the previous profile was built from."""
     habits: list[str] = field(default_factory=list)
-    """Facts measured from the whole history (:mod:`~stepback_ray.history_facts`), kept beside the LLM's fields."""
+    """Facts measured from the whole history (:mod:`~stepback_ray.tasks.habits`), kept beside the LLM's fields."""
     exemplars: list[str] = field(default_factory=list)
     """The user's newest own texts (``profile.exemplars``), listed in the profile."""
 
@@ -45,15 +45,29 @@ class ProfilePlan:
         return sum(len(p) for p in self.parts)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"user_id": self.user_id, "items_total": self.items_total, "items_dropped": self.items_dropped,
-                "parts": [[vars(s) for s in part] for part in self.parts], "base_profile": self.base_profile,
-                "base_item_ids": self.base_item_ids, "habits": self.habits, "exemplars": self.exemplars}
+        return {
+            "user_id": self.user_id,
+            "items_total": self.items_total,
+            "items_dropped": self.items_dropped,
+            "parts": [[vars(s) for s in part] for part in self.parts],
+            "base_profile": self.base_profile,
+            "base_item_ids": self.base_item_ids,
+            "habits": self.habits,
+            "exemplars": self.exemplars,
+        }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ProfilePlan":
-        return cls(d["user_id"], [[SelectedItem(**s) for s in part] for part in d["parts"]], d["items_total"],
-                   d["items_dropped"], d.get("base_profile"), list(d.get("base_item_ids") or []),
-                   list(d.get("habits") or []), list(d.get("exemplars") or []))
+    def from_dict(cls, d: dict[str, Any]) -> ProfilePlan:
+        return cls(
+            d["user_id"],
+            [[SelectedItem(**s) for s in part] for part in d["parts"]],
+            d["items_total"],
+            d["items_dropped"],
+            d.get("base_profile"),
+            list(d.get("base_item_ids") or []),
+            list(d.get("habits") or []),
+            list(d.get("exemplars") or []),
+        )
 
 
 def _date_key(item: dict[str, str]) -> float:
@@ -76,13 +90,20 @@ def most_recent_first(items: list[dict[str, str]]) -> list[dict[str, str]]:
 def part_budget(task: TaskSpec, config: ProfileConfig, tools: PromptTools) -> int:
     """History tokens per prompt: the configured budget, shrunk if needed so that the prompt (instruction and
     worked examples included) and the answer fit the model's context."""
-    overhead = (tools.count_tokens(tools.render(profile_messages(task, [], example=config.example)))
-                + config.max_new_tokens + 8)
+    overhead = (
+        tools.count_tokens(tools.render(profile_messages(task, [], example=config.example))) + config.max_new_tokens + 8
+    )
     return max(16, min(config.history_token_budget, tools.max_context - overhead))
 
 
-def plan_profile(user_id: str, history: list[dict[str, str]], task: TaskSpec, config: ProfileConfig,
-                 tools: PromptTools, budget: int | None = None) -> ProfilePlan:
+def plan_profile(
+    user_id: str,
+    history: list[dict[str, str]],
+    task: TaskSpec,
+    config: ProfileConfig,
+    tools: PromptTools,
+    budget: int | None = None,
+) -> ProfilePlan:
     """Pack the history, newest first, into parts of at most :func:`part_budget` tokens each (``budget``: that
     value, computed once by a caller that plans many users; it renders and tokenizes a whole prompt)."""
     budget = part_budget(task, config, tools) if budget is None else budget
@@ -103,8 +124,14 @@ def plan_profile(user_id: str, history: list[dict[str, str]], task: TaskSpec, co
     keep = 1 if not config.map_reduce else (config.max_parts or len(parts))
     kept = parts[:keep]
     dropped = sum(len(p) for p in parts[keep:])
-    return ProfilePlan(user_id, kept, len(history), dropped, habits=measure_habits(history, task, config),
-                       exemplars=exemplars(history, task, config))
+    return ProfilePlan(
+        user_id,
+        kept,
+        len(history),
+        dropped,
+        habits=measure_habits(history, task, config),
+        exemplars=exemplars(history, task, config),
+    )
 
 
 RECENT_ITEMS = 5
@@ -129,8 +156,15 @@ def exemplars(history: list[dict[str, str]], task: TaskSpec, config: ProfileConf
     return pick(most_recent_first(history), config.exemplars) if config.exemplars and pick else []
 
 
-PROFILE_ENGINE_KEYS = ("kind", "model", "dtype", "load_format", "max_model_len", "prompt_family",
-                       "vllm.structured_output")
+PROFILE_ENGINE_KEYS = (
+    "kind",
+    "model",
+    "dtype",
+    "load_format",
+    "max_model_len",
+    "prompt_family",
+    "vllm.structured_output",
+)
 """Engine settings that change what a profile says (the model, how it is decoded and what it is shown); the
 others (batch sizes, memory, timeouts) change only speed and leave a stored profile valid."""
 
@@ -151,7 +185,14 @@ def engine_identity(engine: EngineConfig) -> dict[str, Any]:
 
 def fingerprint(history: list[dict[str, str]], engine: EngineConfig, config: ProfileConfig, task: str) -> str:
     """Identity of a profile: same history, engine identity, prompt version and settings -> same fingerprint."""
-    canon = json.dumps({"history": sorted(history, key=lambda it: json.dumps(it, sort_keys=True)),
-                        "engine": engine_identity(engine), "prompt": PROMPT_VERSION, "task": task,
-                        "config": config.model_dump(mode="json")}, sort_keys=True)
+    canon = json.dumps(
+        {
+            "history": sorted(history, key=lambda it: json.dumps(it, sort_keys=True)),
+            "engine": engine_identity(engine),
+            "prompt": PROMPT_VERSION,
+            "task": task,
+            "config": config.model_dump(mode="json"),
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(canon.encode()).hexdigest()[:32]

@@ -10,8 +10,8 @@ from typing import Any
 
 import json_repair
 
-from ..engines.base import Message
-from ..tasks import ProfileSchema, TaskSpec
+from stepback_ray.engines.base import Message
+from stepback_ray.tasks import ProfileSchema, TaskSpec
 
 PROMPT_VERSION = "stepback-profile/3"
 MAX_LIST = 8
@@ -30,8 +30,14 @@ def prefill_for(schema: ProfileSchema) -> str:
 
 def json_schema(schema: ProfileSchema) -> dict[str, Any]:
     """The profile as a JSON schema, for engines that decode under one (the prefill is then not needed)."""
-    props = {name: ({"type": "array", "items": {"type": "string"}, "maxItems": MAX_LIST}
-                    if _field_is_list(schema, name) else {"type": "string"}) for name in schema.fields}
+    props = {
+        name: (
+            {"type": "array", "items": {"type": "string"}, "maxItems": MAX_LIST}
+            if _field_is_list(schema, name)
+            else {"type": "string"}
+        )
+        for name in schema.fields
+    }
     return {"type": "object", "properties": props, "required": list(schema.fields), "additionalProperties": False}
 
 
@@ -43,9 +49,14 @@ def profile_messages(task: TaskSpec, items: list[str], prefill: bool = True, exa
     """The step-back prompt: instruction, the worked examples ``example`` names (``profile.example``), the user's
     items, and (for engines that cannot decode under a JSON schema) the answer prefilled up to the first field."""
     schema = task.profile
-    shown: list[Message] = [turn for ex_items, ex_profile in schema.examples(example)
-                            for turn in ({"role": "user", "content": "\n\n".join(ex_items)},
-                                         {"role": "assistant", "content": json.dumps(ex_profile)})]
+    shown: list[Message] = [
+        turn
+        for ex_items, ex_profile in schema.examples(example)
+        for turn in (
+            {"role": "user", "content": "\n\n".join(ex_items)},
+            {"role": "assistant", "content": json.dumps(ex_profile)},
+        )
+    ]
     return [
         {"role": "system", "content": schema.instruction},
         *shown,
@@ -67,24 +78,36 @@ def _split_example(schema: ProfileSchema) -> tuple[dict[str, Any], dict[str, Any
     return a, b
 
 
-def merge_messages(task: TaskSpec, partials: list[dict[str, Any]], prefill: bool = True,
-                   example: str = "worked") -> list[Message]:
+def merge_messages(
+    task: TaskSpec, partials: list[dict[str, Any]], prefill: bool = True, example: str = "worked"
+) -> list[Message]:
     """Merge partial profiles of one person (newest part first) into one profile (with a worked example of a merge
     unless ``example`` is ``none``: merging needs no contrast, the partials' styles are the user's)."""
     schema = task.profile
 
     def listing(profiles: list[dict[str, Any]]) -> str:  # the LLM's fields only (habits are measured, not merged)
-        return "\n".join(f"Profile {i + 1}: {json.dumps({k: p.get(k) for k in schema.fields})}"
-                         for i, p in enumerate(profiles))
+        return "\n".join(
+            f"Profile {i + 1}: {json.dumps({k: p.get(k) for k in schema.fields})}" for i, p in enumerate(profiles)
+        )
 
-    shown: list[Message] = [{"role": "user", "content": listing(list(_split_example(schema)))},
-                            {"role": "assistant", "content": json.dumps(schema.example_profile)}] \
-        if example != "none" else []
+    shown: list[Message] = (
+        [
+            {"role": "user", "content": listing(list(_split_example(schema)))},
+            {"role": "assistant", "content": json.dumps(schema.example_profile)},
+        ]
+        if example != "none"
+        else []
+    )
     return [
-        {"role": "system", "content": (f"You merge profiles of the same {schema.person}, each distilled from a "
-                                       f"different period of their history (most recent first), into one profile. "
-                                       f"Keep what recurs and what is recent. "
-                                       f"{schema.instruction.split('. ', 1)[1]}")},
+        {
+            "role": "system",
+            "content": (
+                f"You merge profiles of the same {schema.person}, each distilled from a "
+                f"different period of their history (most recent first), into one profile. "
+                f"Keep what recurs and what is recent. "
+                f"{schema.instruction.split('. ', 1)[1]}"
+            ),
+        },
         *shown,
         {"role": "user", "content": listing(partials)},
         *_answer(schema, prefill),
@@ -95,11 +118,13 @@ def note_messages(task: TaskSpec, item_text: str) -> list[Message]:
     """The CoT variant's per-item style note: tone, length and style features in one line."""
     person = task.profile.person
     return [
-        {"role": "system", "content": f"You describe how a {person} writes. In one short line, name the tone, the "
-                                      f"length and the style features of the {person}'s text below."},
+        {
+            "role": "system",
+            "content": f"You describe how a {person} writes. In one short line, name the tone, the "
+            f"length and the style features of the {person}'s text below.",
+        },
         {"role": "user", "content": item_text},
     ]
-
 
 
 def _as_list(value: Any) -> list[str]:

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .metrics import rating_value, rouge
-from .tasks import TaskSpec
+from stepback_ray.evaluation.metrics import rating_value, rouge
+from stepback_ray.tasks import TaskSpec
 
 MAX_OWN_OUTPUTS = 32
 """Newest past outputs of the user a candidate is compared with (a long history costs time, says little more)."""
@@ -40,21 +40,22 @@ class PersonalRefs:
         return [self.outputs, self.profiles]
 
     @classmethod
-    def from_list(cls, value: list[list[str]] | None) -> "PersonalRefs":
+    def from_list(cls, value: list[list[str]] | None) -> PersonalRefs:
         return cls(*[list(v or []) for v in value]) if value else cls()
 
 
 def personal_refs(task: TaskSpec, people: list, llm_fields: dict[str, str]) -> PersonalRefs:
-    """The refs of the people (:class:`~stepback_ray.prompting.Persona`) whose context a prompt uses: each one's
-    newest :data:`MAX_OWN_OUTPUTS` own outputs of the task's kind, and the LLM's fields of their profile."""
-    from .profiling import most_recent_first
+    """The refs of the people (:class:`~stepback_ray.generation.prompting.Persona`) whose context a prompt uses:
+    each one's newest :data:`MAX_OWN_OUTPUTS` own outputs of the task's kind, and the LLM's fields of their profile."""
+    from stepback_ray.profiling import most_recent_first
 
     name = getattr(task.habits, "field", None)
     refs = PersonalRefs()
     for person in people:
         if name:
-            refs.outputs += [it[name] for it in most_recent_first(person.history)[:MAX_OWN_OUTPUTS]
-                             if (it.get(name) or "").strip()]
+            refs.outputs += [
+                it[name] for it in most_recent_first(person.history)[:MAX_OWN_OUTPUTS] if (it.get(name) or "").strip()
+            ]
         if llm_fields.get(person.user_id):
             refs.profiles.append(llm_fields[person.user_id])
     return refs

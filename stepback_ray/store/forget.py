@@ -30,20 +30,19 @@ version.
 from __future__ import annotations
 
 import datetime as dt
+import io
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
-
-import io
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .config import StorageConfig
-from .errors import StepbackError
-from .profile_store import _versions
-from .storage import PointerMoved, RunStore
+from stepback_ray.config import StorageConfig
+from stepback_ray.errors import StepbackError
+from stepback_ray.storage import PointerMoved, RunStore
+from stepback_ray.store.versions import _versions
 
 DENY_LIST = "forgotten/deny-list.json"
 AUDIT_DIR = "forgotten/audit"
@@ -67,8 +66,9 @@ def denied_users(store_uri: str | None, storage: StorageConfig) -> tuple[frozens
     return frozenset(users), token
 
 
-def update_deny_list(store: RunStore, add: list[str] = (), remove: list[str] = (), attempts: int = 20
-                     ) -> tuple[list[str], list[str]]:
+def update_deny_list(
+    store: RunStore, add: list[str] = (), remove: list[str] = (), attempts: int = 20
+) -> tuple[list[str], list[str]]:
     """Add and remove ids by compare-and-swap (retried when another forget wrote in between). Returns (ids that
     were already listed, ids that were not listed) among those asked for."""
     today = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
@@ -96,7 +96,7 @@ class Scrubbed:
     rows: dict[str, int] = field(default_factory=dict)
     found: set[str] = field(default_factory=set)
 
-    def add(self, other: "Scrubbed") -> None:
+    def add(self, other: Scrubbed) -> None:
         self.files += other.files
         for k, v in other.rows.items():
             self.rows[k] = self.rows.get(k, 0) + v
@@ -106,8 +106,7 @@ class Scrubbed:
 def _hits(table: pa.Table, ids: pa.Array, donors_of: dict[str, str] | None) -> pa.Array:
     """Per row: does it belong to, or borrow from, one of ``ids``?"""
     names = table.column_names
-    hit = pc.is_in(table.column("user_id"), value_set=ids) if "user_id" in names else pa.array(
-        [False] * table.num_rows)
+    hit = pc.is_in(table.column("user_id"), value_set=ids) if "user_id" in names else pa.array([False] * table.num_rows)
     for col in ("user_ids", "context_user_ids"):
         if col in names:
             lists = table.column(col).combine_chunks()
@@ -118,11 +117,13 @@ def _hits(table: pa.Table, ids: pa.Array, donors_of: dict[str, str] | None) -> p
                 per_row[parent] = per_row[parent] or bool(h)
             hit = pc.or_(hit, pa.array(per_row))
     if donors_of and "context_user_ids" not in names and "mode" in names:
-        from .prompting import uses_donor
+        from stepback_ray.generation.prompting import uses_donor
 
         wanted = set(ids.to_pylist())
-        borrowed = [uses_donor(m) and donors_of.get(u) in wanted
-                    for m, u in zip(table.column("mode").to_pylist(), table.column("user_id").to_pylist())]
+        borrowed = [
+            uses_donor(m) and donors_of.get(u) in wanted
+            for m, u in zip(table.column("mode").to_pylist(), table.column("user_id").to_pylist())
+        ]
         hit = pc.or_(hit, pa.array(borrowed))
     return hit
 
@@ -177,7 +178,7 @@ def _chunk_donors(probe: pa.Table, seed: int) -> dict[str, str] | None:
     generation pass chose it (a fixed derangement of the chunk's users under the run's seed)."""
     if "context_user_ids" in probe.column_names or "user_ids" not in probe.column_names:
         return None
-    from .data import donors
+    from stepback_ray.data import donors
 
     users = sorted(set(probe.column("user_ids").combine_chunks().flatten().to_pylist()))
     return donors(users, seed)
@@ -199,8 +200,11 @@ def _parquet_files(store: RunStore, folder: str) -> list[str]:
     if hasattr(store.fs, "invalidate_cache"):
         store.fs.invalidate_cache(base)
     root = store.root.rstrip("/") + "/"
-    return sorted(p[len(root):] for p in store.fs.find(base)
-                  if p.endswith(".parquet") and ".tmp-" not in p.rsplit("/", 1)[-1] and p.startswith(root))
+    return sorted(
+        p[len(root) :]
+        for p in store.fs.find(base)
+        if p.endswith(".parquet") and ".tmp-" not in p.rsplit("/", 1)[-1] and p.startswith(root)
+    )
 
 
 def scrub_version(store: RunStore, version: str, ids: set[str]) -> Scrubbed:
@@ -237,7 +241,7 @@ def _rebuild_summary(run: RunStore, spec: dict[str, Any], out: Scrubbed) -> None
     """Predictions and per-mode metrics from the remaining rows; the report again if the run had one."""
     from types import SimpleNamespace
 
-    from .pipeline.manifest import summarize
+    from stepback_ray.pipeline.manifest import summarize
 
     metrics, counts = summarize(SimpleNamespace(task=spec["task"], modes=spec["modes"]), run)
     old = run.read_json("metrics.json")
@@ -247,21 +251,25 @@ def _rebuild_summary(run: RunStore, spec: dict[str, Any], out: Scrubbed) -> None
         out.files.append(run.uri_of(f"predictions/{m}.json"))
     if run.exists("manifest.json"):
         manifest = run.read_json("manifest.json")
-        manifest.setdefault("forgotten", []).append({
-            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "generation_rows_removed": out.rows.get("generations", 0),
-            "generation_rows_now": counts["generation_rows"]})
+        manifest.setdefault("forgotten", []).append(
+            {
+                "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "generation_rows_removed": out.rows.get("generations", 0),
+                "generation_rows_now": counts["generation_rows"],
+            }
+        )
         run.write_json("manifest.json", manifest)
     if run.exists("report.html"):
-        from .report import build_report
+        from stepback_ray.evaluation.report import build_report
 
         build_report(run.uri, run.storage)
         out.files.append(run.uri_of("report.html"))
 
 
 # ------------------------------------------------------------------------------------------------ the command
-def forget(store_uri: str, ids: list[str], runs: list[str] = (), storage: StorageConfig | None = None,
-           undo: bool = False) -> dict[str, Any]:
+def forget(
+    store_uri: str, ids: list[str], runs: list[str] = (), storage: StorageConfig | None = None, undo: bool = False
+) -> dict[str, Any]:
     """Forget ``ids`` in the store (and ``runs``), or with ``undo`` take them off the deny-list. Returns the
     audit record, which is also written to the store."""
     storage = storage or StorageConfig()
@@ -276,8 +284,13 @@ def forget(store_uri: str, ids: list[str], runs: list[str] = (), storage: Storag
             raise StepbackError(f"{uri}: not a run output (no _run_spec.json)")
     current = store.read_json("CURRENT.json").get("version") if store.exists("CURRENT.json") else None
     now = dt.datetime.now(dt.timezone.utc)
-    record: dict[str, Any] = {"action": "undo" if undo else "forget", "date": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
-                              "store": store_uri, "current_version": current, "users": ids}
+    record: dict[str, Any] = {
+        "action": "undo" if undo else "forget",
+        "date": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "store": store_uri,
+        "current_version": current,
+        "users": ids,
+    }
     if undo:
         listed, not_listed = update_deny_list(store, remove=ids)
         record.update(removed_from_deny_list=listed, not_on_deny_list=not_listed)
@@ -290,9 +303,14 @@ def forget(store_uri: str, ids: list[str], runs: list[str] = (), storage: Storag
             done.add(scrub_version(store, version, wanted))
         for uri in runs:
             done.add(scrub_run(uri, wanted, storage))
-        record.update(already_on_deny_list=already, not_found=[u for u in ids if u not in done.found],
-                      versions_scanned=len(versions), runs=list(runs), files_rewritten=done.files,
-                      rows_removed=done.rows)
+        record.update(
+            already_on_deny_list=already,
+            not_found=[u for u in ids if u not in done.found],
+            versions_scanned=len(versions),
+            runs=list(runs),
+            files_rewritten=done.files,
+            rows_removed=done.rows,
+        )
     store.write_json(f"{AUDIT_DIR}/{now.strftime('%Y%m%dT%H%M%SZ')}-{uuid.uuid4().hex[:8]}.json", record)
     return record
 
@@ -320,8 +338,9 @@ def leave_out(queries: list, denied: frozenset[str]) -> tuple[list, set[str], in
     return kept, met, dropped
 
 
-def recheck_before_commit(store_uri: str, storage: StorageConfig, token_at_start: str | None,
-                          version: str) -> Scrubbed | None:
+def recheck_before_commit(
+    store_uri: str, storage: StorageConfig, token_at_start: str | None, version: str
+) -> Scrubbed | None:
     """Just before a job moves ``CURRENT.json`` to ``version``: if a forget ran since the job read the deny-list,
     remove the newly forgotten users from the version it built (they may have been carried over before the
     forget). None when the list is unchanged."""

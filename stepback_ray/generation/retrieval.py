@@ -16,7 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .config import RetrievalConfig
+from stepback_ray.config import RetrievalConfig
 
 
 class Retriever(Protocol):
@@ -74,14 +74,21 @@ class DenseRetriever:
     def __init__(self, model: str, device: str = "cpu", batch_size: int = 64):
         from sentence_transformers import SentenceTransformer
 
-        from .engines.models import resolve_model
+        from stepback_ray.engines.models import resolve_model
 
         self.encoder = SentenceTransformer(resolve_model(model), device=device)
         self.batch_size = batch_size
 
     def embed(self, texts: list[str]) -> np.ndarray:
-        return np.asarray(self.encoder.encode(texts, batch_size=self.batch_size, normalize_embeddings=True,
-                                              show_progress_bar=False, convert_to_numpy=True))
+        return np.asarray(
+            self.encoder.encode(
+                texts,
+                batch_size=self.batch_size,
+                normalize_embeddings=True,
+                show_progress_bar=False,
+                convert_to_numpy=True,
+            )
+        )
 
     def scores(self, query: str, docs: list[str]) -> np.ndarray:
         if not docs:

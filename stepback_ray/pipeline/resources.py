@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
-from .config import JobSpec
-from .errors import ClusterError
+from stepback_ray.config import JobSpec
+from stepback_ray.errors import ClusterError
 
 # Arrow's default allocator (jemalloc/mimalloc) keeps what a task freed for reuse inside the worker, so the
 # worker that read and staged a large input file holds that peak for the rest of the job; the system allocator
@@ -51,7 +52,6 @@ class EngineResources:
         if self.bundles:
             args["ray_remote_args_fn"] = placement_group_args(self.bundles)
         return args
-
 
     def actor_options(self) -> dict[str, Any]:
         """The same resources as options of a plain actor (``ray.remote(cls).options(...)``): an engine host. What
@@ -105,8 +105,11 @@ def placement_group_args(bundles: list[dict[str, float]]) -> Callable[[], dict[s
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         pg = placement_group(bundles, strategy="PACK")
-        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(
-            placement_group=pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=True)}
+        return {
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                placement_group=pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=True
+            )
+        }
 
     return make
 
@@ -137,9 +140,11 @@ def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
     try:
         socket.create_connection(target, timeout=timeout).close()
     except OSError as e:
-        raise ClusterError(f"ray.address {address!r}: no Ray cluster reachable at {target[0]}:{target[1]} "
-                           f"({e.strerror or type(e).__name__}); check the address, or start the cluster "
-                           "(`ray start --head`)") from None
+        raise ClusterError(
+            f"ray.address {address!r}: no Ray cluster reachable at {target[0]}:{target[1]} "
+            f"({e.strerror or type(e).__name__}); check the address, or start the cluster "
+            "(`ray start --head`)"
+        ) from None
 
 
 def connect_cluster(address: str | None, **init_kwargs: Any) -> None:

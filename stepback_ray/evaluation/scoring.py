@@ -14,10 +14,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .errors import InputError
-from .metrics import aggregate
-from .storage import read_bytes
-from .tasks import MOVIE_TAGS, NEWS_CATEGORIES, TaskSpec, get_task, same_task
+from stepback_ray.errors import InputError
+from stepback_ray.evaluation.metrics import aggregate
+from stepback_ray.storage import read_bytes
+from stepback_ray.tasks import MOVIE_TAGS, NEWS_CATEGORIES, TaskSpec, get_task, same_task
 
 
 def _load_outputs(uri: str) -> tuple[str | None, dict[str, str]]:
@@ -27,8 +27,9 @@ def _load_outputs(uri: str) -> tuple[str | None, dict[str, str]]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(uri, f"not valid JSON ({e})") from None
     if not isinstance(data, dict) or not isinstance(data.get("golds"), list):
-        raise InputError(uri, 'expected the LaMP outputs format {"task": ..., "golds": [{"id", "output"}]}',
-                         field="golds")
+        raise InputError(
+            uri, 'expected the LaMP outputs format {"task": ..., "golds": [{"id", "output"}]}', field="golds"
+        )
     out: dict[str, str] = {}
     for n, g in enumerate(data["golds"]):
         if not isinstance(g, dict) or "id" not in g or "output" not in g:
@@ -80,7 +81,10 @@ def score_files(pred_uri: str, gold_uri: str, task: str | None = None) -> dict[s
     missing, extra = set(golds) - set(preds), set(preds) - set(golds)
     if missing or extra:
         example = sorted(missing or extra)[0]
-        raise InputError(pred_uri, f"prediction ids do not match the golds ({len(missing)} missing, {len(extra)} "
-                                   f"extra, e.g. {example!r})", field="id")
+        raise InputError(
+            pred_uri,
+            f"prediction ids do not match the golds ({len(missing)} missing, {len(extra)} extra, e.g. {example!r})",
+            field="id",
+        )
     ids = sorted(golds)
     return aggregate(spec, [preds[i].strip() for i in ids], [golds[i].strip() for i in ids])

@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from .history_facts import content_words
-from .retrieval import bm25_index, query_terms
-from .tasks import ProfileSchema, TaskSpec
+from stepback_ray.generation.retrieval import bm25_index, query_terms
+from stepback_ray.tasks import ProfileSchema, TaskSpec
+from stepback_ray.tasks.habits import content_words
 
 SAMPLE_USERS = 1000
 
@@ -53,8 +53,13 @@ def identifiability(profile_texts: list[str], histories: list[str]) -> dict[str,
         return {"users": n, "top1": None, "mrr": None, "chance_top1": None, "chance_mrr": None}
     ranks = np.asarray(ranked)
     harmonic = float(np.sum(1.0 / np.arange(1, n + 1)))
-    return {"users": n, "top1": round(float((ranks == 1).mean()), 4), "mrr": round(float((1.0 / ranks).mean()), 4),
-            "chance_top1": round(1.0 / n, 4), "chance_mrr": round(harmonic / n, 4)}
+    return {
+        "users": n,
+        "top1": round(float((ranks == 1).mean()), 4),
+        "mrr": round(float((1.0 / ranks).mean()), 4),
+        "chance_top1": round(1.0 / n, 4),
+        "chance_mrr": round(harmonic / n, 4),
+    }
 
 
 def grounded(keyword: str, history_words: set[str]) -> bool:
@@ -91,8 +96,9 @@ def copied_field(profile: dict[str, Any], schema: ProfileSchema) -> bool:
     return False
 
 
-def measure(task: TaskSpec, users: list[tuple[dict[str, Any] | None, list[dict[str, str]]]],
-            render_llm: Any, render_full: Any) -> dict[str, Any]:
+def measure(
+    task: TaskSpec, users: list[tuple[dict[str, Any] | None, list[dict[str, str]]]], render_llm: Any, render_full: Any
+) -> dict[str, Any]:
     """All measures over ``users`` (profile dict or None, history items). ``render_llm`` / ``render_full`` turn a
     profile into the text of the LLM's fields alone / the text the prompts show."""
     schema = task.profile
@@ -104,8 +110,10 @@ def measure(task: TaskSpec, users: list[tuple[dict[str, Any] | None, list[dict[s
     return {
         "identifiability": identifiability([render_llm(p) if p else "" for p in profiles], histories),
         "identifiability_with_habits": identifiability([render_full(p) if p else "" for p in profiles], histories),
-        "grounding": grounding([list(p.get(keyword_field) or []) if keyword_field else [] for p in profiles],
-                               histories),
+        "grounding": grounding(
+            [list(p.get(keyword_field) or []) if keyword_field else [] for p in profiles], histories
+        ),
         "copied_from_example": round(sum(copied_field(p, schema) for p in with_profile) / len(with_profile), 4)
-        if with_profile else None,
+        if with_profile
+        else None,
     }

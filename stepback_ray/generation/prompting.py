@@ -24,12 +24,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import MultiAuthorConfig, RetrievalConfig
-from .data.rows import Item, Query
-from .engines.base import Message, Prompt, PromptTools
-from .modes import MODE_NAMES, mode_spec
-from .retrieval import Retriever, top_k
-from .tasks import TaskSpec
+from stepback_ray.config import MultiAuthorConfig, RetrievalConfig
+from stepback_ray.data.rows import Item, Query
+from stepback_ray.engines.base import Message, Prompt, PromptTools
+from stepback_ray.generation.retrieval import Retriever, top_k
+from stepback_ray.modes import MODE_NAMES, mode_spec
+from stepback_ray.tasks import TaskSpec
 
 MODES = MODE_NAMES
 
@@ -106,8 +106,14 @@ def _retrieve(task: TaskSpec, text: str, pool: list[Item], k: int, retriever: Re
     return [pool[i] for i in top_k(retriever.scores(task.query_text(text), docs), k)]
 
 
-def _assemble(task: TaskSpec, tools: PromptTools, text: str, profile_text: str | None, items: list[Item],
-              retrieval: RetrievalConfig) -> Prompt:
+def _assemble(
+    task: TaskSpec,
+    tools: PromptTools,
+    text: str,
+    profile_text: str | None,
+    items: list[Item],
+    retrieval: RetrievalConfig,
+) -> Prompt:
     """One prompt for ``text`` with an optional profile and retrieved ``items`` (best first)."""
     cut = retrieval.max_item_tokens
     if getattr(tools, "family", "chat") == "plain":
@@ -118,8 +124,10 @@ def _assemble(task: TaskSpec, tools: PromptTools, text: str, profile_text: str |
     if task.example is not None:
         for it in reversed(items):  # best match closest to the query
             shot_in, shot_out = task.example(it)
-            msgs += [{"role": "user", "content": tools.truncate(shot_in, cut)},
-                     {"role": "assistant", "content": shot_out}]
+            msgs += [
+                {"role": "user", "content": tools.truncate(shot_in, cut)},
+                {"role": "assistant", "content": shot_out},
+            ]
         msgs.append({"role": "user", "content": text})
     elif items:
         listing = "\n".join(f"- {tools.truncate(task.profile_item(it), cut)}" for it in items)
@@ -129,8 +137,15 @@ def _assemble(task: TaskSpec, tools: PromptTools, text: str, profile_text: str |
     return msgs
 
 
-def fit_prompt(task: TaskSpec, tools: PromptTools, text: str, profile_text: str | None, items: list[Item],
-               retrieval: RetrievalConfig, max_new_tokens: int) -> BuiltPrompt:
+def fit_prompt(
+    task: TaskSpec,
+    tools: PromptTools,
+    text: str,
+    profile_text: str | None,
+    items: list[Item],
+    retrieval: RetrievalConfig,
+    max_new_tokens: int,
+) -> BuiltPrompt:
     """The prompt with as many of ``items`` (best first) as fit the context next to the answer."""
     n = len(items)
     prompt = _assemble(task, tools, text, profile_text, items, retrieval)
@@ -145,8 +160,9 @@ def fit_prompt(task: TaskSpec, tools: PromptTools, text: str, profile_text: str 
     return built
 
 
-def personas(query: Query, mode: str, profiles: dict[str, str], donors: dict[str, dict[str, Any]]) -> tuple[
-        list[Persona], list[str]]:
+def personas(
+    query: Query, mode: str, profiles: dict[str, str], donors: dict[str, dict[str, Any]]
+) -> tuple[list[Persona], list[str]]:
     """The persona behind each of the query's users under ``mode`` (a donor's for the controls)."""
     notes: list[str] = []
     out = []
@@ -163,9 +179,18 @@ def personas(query: Query, mode: str, profiles: dict[str, str], donors: dict[str
     return out, notes
 
 
-def plan_generation(task: TaskSpec, query: Query, mode: str, profiles: dict[str, str],
-                    donors: dict[str, dict[str, Any]], retrieval: RetrievalConfig, multi: MultiAuthorConfig,
-                    retriever: Retriever, tools: PromptTools, max_new_tokens: int) -> GenerationPlan:
+def plan_generation(
+    task: TaskSpec,
+    query: Query,
+    mode: str,
+    profiles: dict[str, str],
+    donors: dict[str, dict[str, Any]],
+    retrieval: RetrievalConfig,
+    multi: MultiAuthorConfig,
+    retriever: Retriever,
+    tools: PromptTools,
+    max_new_tokens: int,
+) -> GenerationPlan:
     """All prompts for one query under one mode."""
     use_profile, use_rag = mode_uses(mode)
     people, notes = personas(query, mode, profiles, donors)
@@ -178,16 +203,20 @@ def plan_generation(task: TaskSpec, query: Query, mode: str, profiles: dict[str,
         items = _retrieve(task, query.input, pool, retrieval.top_k, retriever) if use_rag else []
         if use_rag and pool and retrieval.top_k > 0 and not items:
             notes.append("nothing retrieved: no history item has a searchable word")
-        return fit_prompt(task, tools, query.input, profile_text if use_profile else None, items, retrieval,
-                          max_new_tokens)
+        return fit_prompt(
+            task, tools, query.input, profile_text if use_profile else None, items, retrieval, max_new_tokens
+        )
 
     if len(people) == 1 or mode == "none" or uses_plug(mode) or multi.strategy == "single":
         # one author's prompt: the only one, or the lead (the plug serves the lead author alone)
         lead = people[0]
         return GenerationPlan([prompt_for(lead.profile_text, lead.history)], notes=notes, people=[lead])
     if multi.strategy == "concat":
-        blocks = [f"Author {i + 1}{' (lead)' if i == 0 else ''}, {uid}:\n{p.profile_text}"
-                  for i, (uid, p) in enumerate(zip(query.user_ids, people)) if p.profile_text]
+        blocks = [
+            f"Author {i + 1}{' (lead)' if i == 0 else ''}, {uid}:\n{p.profile_text}"
+            for i, (uid, p) in enumerate(zip(query.user_ids, people))
+            if p.profile_text
+        ]
         pool, seen = [], set()
         for p in people:
             for it in p.history:
@@ -196,18 +225,24 @@ def plan_generation(task: TaskSpec, query: Query, mode: str, profiles: dict[str,
                     pool.append(it)
         return GenerationPlan([prompt_for("\n\n".join(blocks) or None, pool)], notes=notes, people=people)
     proposals = [prompt_for(p.profile_text, p.history) for p in people]
-    merge = {"input": query.input, "authors": list(query.user_ids),
-             "lead_profile": people[0].profile_text if use_profile else None}
+    merge = {
+        "input": query.input,
+        "authors": list(query.user_ids),
+        "lead_profile": people[0].profile_text if use_profile else None,
+    }
     return GenerationPlan(proposals, merge=merge, notes=notes, people=people)
 
 
 def merge_prompt(task: TaskSpec, tools: PromptTools, merge: dict[str, Any], proposals: list[str]) -> Prompt:
     """The lead author's step: combine the co-authors' proposals into the final output."""
     noun = task.output_noun
-    listing = "\n".join(f"Author {i + 1}{' (you, the lead author)' if i == 0 else ''}: {p.strip()}"
-                        for i, p in enumerate(proposals))
-    ask = (f"Your co-authors each proposed a {noun} for this paper:\n{listing}\n\n{merge['input']}\n"
-           f"Write the final {noun}, keeping what is best in the proposals.")
+    listing = "\n".join(
+        f"Author {i + 1}{' (you, the lead author)' if i == 0 else ''}: {p.strip()}" for i, p in enumerate(proposals)
+    )
+    ask = (
+        f"Your co-authors each proposed a {noun} for this paper:\n{listing}\n\n{merge['input']}\n"
+        f"Write the final {noun}, keeping what is best in the proposals."
+    )
     if getattr(tools, "family", "chat") == "plain":
         pre = f"Profile of the lead author:\n{merge['lead_profile']}\n\n" if merge.get("lead_profile") else ""
         return f"{pre}{ask}\n{task.answer_prefix}"

@@ -21,10 +21,11 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
-from . import store_gate, store_retention
-from .config import JobSpec
-from .errors import RunFailed, StepbackError
-from .storage import PointerMoved, RunStore
+from stepback_ray.config import JobSpec
+from stepback_ray.errors import RunFailed, StepbackError
+from stepback_ray.storage import PointerMoved, RunStore
+from stepback_ray.store import gate as store_gate
+from stepback_ray.store import retention as store_retention
 
 
 @dataclass
@@ -78,38 +79,60 @@ def open_version(job: JobSpec, shards: int, resuming: bool = False) -> StoreVers
         started = root.read_json(f"{version}/started.json") if root.exists(f"{version}/started.json") else {}
         owner = started.get("output")
         if owner is not None and owner != job.output_uri:
-            raise StepbackError(f"{cfg.uri}: run {job.run_id} belongs to the job writing to {owner}; use a new "
-                                "run_id")
+            raise StepbackError(f"{cfg.uri}: run {job.run_id} belongs to the job writing to {owner}; use a new run_id")
         if root.exists(f"{version}/manifest.json"):
             manifest = root.read_json(f"{version}/manifest.json")
             committed = current_version == version or current_version != manifest.get("previous")
             if committed and current_version != version and (manifest.get("gate") or {}).get("passed") is False:
-                raise StepbackError(f"{cfg.uri}: run {job.run_id}'s version {version} was refused by the quality "
-                                    f"gate and the store has moved on to {current_version}; use a new run_id (or "
-                                    "`stepback promote` the version)")
+                raise StepbackError(
+                    f"{cfg.uri}: run {job.run_id}'s version {version} was refused by the quality "
+                    f"gate and the store has moved on to {current_version}; use a new run_id (or "
+                    "`stepback promote` the version)"
+                )
             if committed and resuming:
-                return StoreVersion(root, version, manifest.get("previous"), bool(manifest.get("full_rebuild")),
-                                    runs_since_full=0, previous_users=0, committed=manifest)
+                return StoreVersion(
+                    root,
+                    version,
+                    manifest.get("previous"),
+                    bool(manifest.get("full_rebuild")),
+                    runs_since_full=0,
+                    previous_users=0,
+                    committed=manifest,
+                )
             if committed:
-                where = ("already the store's current version" if current_version == version else
-                         f"already committed as {version} (the store's current version is {current_version})")
+                where = (
+                    "already the store's current version"
+                    if current_version == version
+                    else f"already committed as {version} (the store's current version is {current_version})"
+                )
                 raise StepbackError(f"{cfg.uri}: run {job.run_id} is {where}; use a new run_id")
             # else: killed between writing the manifest and moving CURRENT.json: finish the commit below
         base = started.get("previous", current_version)
         if base != current_version:
             raise StepbackError(
                 f"{cfg.uri}: run {job.run_id} was interrupted while building on {base}, and the store has moved on "
-                f"to {current_version} since; finishing it would roll the store back: use a new run_id")
+                f"to {current_version} since; finishing it would roll the store back: use a new run_id"
+            )
     if current is not None and current["num_shards"] != shards:
-        raise StepbackError(f"{cfg.uri}: the store has {current['num_shards']} shards but the job has {shards}; "
-                            "keep ray.num_shards fixed for a store (or start a new store)")
+        raise StepbackError(
+            f"{cfg.uri}: the store has {current['num_shards']} shards but the job has {shards}; "
+            "keep ray.num_shards fixed for a store (or start a new store)"
+        )
     if not existing:
-        root.write_json(f"{version}/started.json", {"run_id": job.run_id, "previous": current_version,
-                                                    "output": job.output_uri})
+        root.write_json(
+            f"{version}/started.json", {"run_id": job.run_id, "previous": current_version, "output": job.output_uri}
+        )
     runs_since_full = current["runs_since_full"] + 1 if current else 0
     full = current is None or not cfg.incremental or runs_since_full >= cfg.full_rebuild_every
-    return StoreVersion(root, version, current_version, full,
-                        0 if full else runs_since_full, current["users"] if current else 0, base_token=token)
+    return StoreVersion(
+        root,
+        version,
+        current_version,
+        full,
+        0 if full else runs_since_full,
+        current["users"] if current else 0,
+        base_token=token,
+    )
 
 
 def _versions(root: RunStore) -> list[str]:
@@ -127,21 +150,32 @@ def commit_version(sv: StoreVersion, job: JobSpec, shards: int, manifest: dict[s
     """Write the version's manifest, then point ``CURRENT.json`` at it (the commit point): a compare-and-swap
     against the pointer this run built on, so of two jobs that started from one version only the first commits;
     the other fails, naming the version that beat it, and leaves its own version uncommitted. A version whose
-    ``manifest["gate"]`` failed is left uncommitted (:mod:`~stepback_ray.store_gate`). The manifest keeps the
+    ``manifest["gate"]`` failed is left uncommitted (:mod:`~stepback_ray.store.gate`). The manifest keeps the
     pointer (what ``stepback promote`` writes) and when it was written (the commit order retention goes by).
-    Returns what :func:`~stepback_ray.store_retention.apply_retention` deleted after the commit."""
-    pointer = {"version": sv.version, "run_id": job.run_id, "num_shards": shards, "users": manifest["users"],
-               "runs_since_full": sv.runs_since_full, "full_rebuild": sv.full, "model": job.engine.model}
-    manifest = {**manifest, "pointer": pointer,
-                "finished_at": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")}
+    Returns what :func:`~stepback_ray.store.retention.apply_retention` deleted after the commit."""
+    pointer = {
+        "version": sv.version,
+        "run_id": job.run_id,
+        "num_shards": shards,
+        "users": manifest["users"],
+        "runs_since_full": sv.runs_since_full,
+        "full_rebuild": sv.full,
+        "model": job.engine.model,
+    }
+    manifest = {
+        **manifest,
+        "pointer": pointer,
+        "finished_at": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+    }
     sv.root.write_json(f"{sv.version}/manifest.json", manifest)
     store_gate.refuse_failed(job, sv, manifest)
     try:
         sv.root.swap_json("CURRENT.json", {**pointer, "committed": _now()}, sv.base_token)
     except PointerMoved:
         now = sv.root.read_json("CURRENT.json") if sv.root.exists("CURRENT.json") else {}
-        raise RunFailed(f"{job.profile_store.uri}: another job committed {now.get('version')} (run "
-                        f"{now.get('run_id')}) while this run built on {sv.previous or 'an empty store'}; "
-                        f"{sv.version} is left uncommitted: rerun with a new run_id to build on the new version"
-                        ) from None
+        raise RunFailed(
+            f"{job.profile_store.uri}: another job committed {now.get('version')} (run "
+            f"{now.get('run_id')}) while this run built on {sv.previous or 'an empty store'}; "
+            f"{sv.version} is left uncommitted: rerun with a new run_id to build on the new version"
+        ) from None
     return store_retention.apply_retention(sv.root, job.profile_store.keep_versions)

@@ -15,11 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from .config import StorageConfig
-from .data.rows import status_kind
-from .errors import InputError
-from .metrics import bootstrap_ci
-from .storage import RunStore
+from stepback_ray.config import StorageConfig
+from stepback_ray.data.rows import status_kind
+from stepback_ray.errors import InputError
+from stepback_ray.evaluation.metrics import bootstrap_ci
+from stepback_ray.storage import RunStore
 
 FIGURES = ("metrics.png", "history.png", "stages.png", "throughput.png", "failures.png")
 EXAMPLES = 4
@@ -71,8 +71,7 @@ def _load(store: RunStore) -> dict[str, Any]:
     if profiles.get("uri") and profiles.get("folder"):
         pstore = RunStore(profiles["uri"], store.storage)
         for rel in pstore.list(profiles["folder"], ".parquet"):
-            t = pstore.read_table(rel, columns=["committed_at", "prompt_tokens", "completion_tokens",
-                                                "engine_seconds"])
+            t = pstore.read_table(rel, columns=["committed_at", "prompt_tokens", "completion_tokens", "engine_seconds"])
             prof["committed_at"].append(_column(t, "committed_at"))
             for c in ("prompt_tokens", "completion_tokens", "engine_seconds"):
                 prof[c] += float(np.nansum(_column(t, c)))
@@ -83,9 +82,17 @@ def _load(store: RunStore) -> dict[str, Any]:
         quarantined += 1
         key = r["reason"].split(":")[0][:40]
         reasons[key] = reasons.get(key, 0) + 1
-    return {"manifest": manifest, "metrics": metrics, "modes": modes, "gens": gens, "statuses": statuses,
-            "profiles": prof, "quarantined": quarantined, "quarantine_reasons": reasons,
-            "examples": _examples(store, profiles)}
+    return {
+        "manifest": manifest,
+        "metrics": metrics,
+        "modes": modes,
+        "gens": gens,
+        "statuses": statuses,
+        "profiles": prof,
+        "quarantined": quarantined,
+        "quarantine_reasons": reasons,
+        "examples": _examples(store, profiles),
+    }
 
 
 def _examples(store: RunStore, profiles: dict[str, Any]) -> list[dict[str, Any]]:
@@ -110,15 +117,23 @@ def _examples(store: RunStore, profiles: dict[str, Any]) -> list[dict[str, Any]]
         if pstore.exists(rel):
             t = pstore.read_table(rel)
             if "recent_items" in t.column_names:  # older profile files do not have it
-                recent = {r["user_id"]: r["recent_items"] or [] for r in
-                          t.select(["user_id", "recent_items"]).to_pylist()}
+                recent = {
+                    r["user_id"]: r["recent_items"] or [] for r in t.select(["user_id", "recent_items"]).to_pylist()
+                }
     out = []
     for q in chosen:
         modes = by_query[q]
         first = next(iter(modes.values()))
-        out.append({"query_id": q, "user_id": first["user_id"], "gold": first["gold"],
-                    "profile_text": next((r["profile_text"] for r in modes.values() if r["profile_text"]), None),
-                    "recent": recent.get(first["user_id"], []), "modes": modes})
+        out.append(
+            {
+                "query_id": q,
+                "user_id": first["user_id"],
+                "gold": first["gold"],
+                "profile_text": next((r["profile_text"] for r in modes.values() if r["profile_text"]), None),
+                "recent": recent.get(first["user_id"], []),
+                "modes": modes,
+            }
+        )
     return out
 
 
@@ -157,8 +172,9 @@ def _figures(data: dict[str, Any], intervals: dict[str, tuple[float, float, floa
     fig, ax = plt.subplots(figsize=(6.4, 3.2))
     shown = [m for m in modes if m in intervals]
     means = [intervals[m][0] for m in shown]
-    err = np.array([[intervals[m][0] - intervals[m][1] for m in shown], [intervals[m][2] - intervals[m][0]
-                                                                         for m in shown]])
+    err = np.array(
+        [[intervals[m][0] - intervals[m][1] for m in shown], [intervals[m][2] - intervals[m][0] for m in shown]]
+    )
     ax.bar(shown, means, yerr=err if shown else None, capsize=4, color="#4C72B0")
     ax.set_ylabel(f"{score_name} (95 % CI)")
     ax.set_title("Score by mode")
@@ -194,8 +210,11 @@ def _figures(data: dict[str, Any], intervals: dict[str, tuple[float, float, floa
     prompt = [prof["prompt_tokens"]] + [metrics["modes"][m]["prompt_tokens"] for m in modes]
     output = [prof["completion_tokens"]] + [metrics["modes"][m]["completion_tokens"] for m in modes]
     secs = [prof["engine_seconds"]] + [metrics["modes"][m]["engine_seconds"] for m in modes]
-    timings = {k[:-2].replace("_", " "): v for k, v in manifest.get("timings", {}).items()
-               if isinstance(v, (int, float)) and k != "total_s"}
+    timings = {
+        k[:-2].replace("_", " "): v
+        for k, v in manifest.get("timings", {}).items()
+        if isinstance(v, (int, float)) and k != "total_s"
+    }
     fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(11.5, 3.4))
     a1.bar(stages, prompt, label="prompt tokens", color="#4C72B0")
     a1.bar(stages, output, bottom=prompt, label="generated tokens", color="#DD8452")
@@ -212,8 +231,10 @@ def _figures(data: dict[str, Any], intervals: dict[str, tuple[float, float, floa
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6.4, 3.2))
-    series = [(label, *_steps(stamps))
-              for label, stamps in (("profiles", prof["committed_at"]), ("generation rows", gens["committed_at"]))]
+    series = [
+        (label, *_steps(stamps))
+        for label, stamps in (("profiles", prof["committed_at"]), ("generation rows", gens["committed_at"]))
+    ]
     starts = [t[0] for _, t, _ in series if len(t)]
     for label, t, n in series:
         if len(t):
@@ -244,20 +265,33 @@ def _figures(data: dict[str, Any], intervals: dict[str, tuple[float, float, floa
 def _html(data: dict[str, Any], intervals: dict[str, tuple[float, float, float]]) -> str:
     m, man = data["metrics"], data["manifest"]
     keys = m["keys"]
-    head = "".join(f"<th>{html.escape(k)}</th>" for k in ["mode", "users", "queries", *keys, "95 % CI of the score",
-                                                           "tokens/s", "statuses"])
+    head = "".join(
+        f"<th>{html.escape(k)}</th>"
+        for k in ["mode", "users", "queries", *keys, "95 % CI of the score", "tokens/s", "statuses"]
+    )
     rows = []
     for mode, v in m["modes"].items():
         ci = intervals.get(mode)
-        cells = [mode, v["users"], v["queries"], *[("-" if v[k] is None else f"{v[k]:.4f}") for k in keys],
-                 f"[{ci[1]:.4f}, {ci[2]:.4f}]" if ci else "-", v["tokens_per_s"] if v["tokens_per_s"] else "-",
-                 ", ".join(f"{k}: {n}" for k, n in sorted(v["statuses"].items()))]
+        cells = [
+            mode,
+            v["users"],
+            v["queries"],
+            *[("-" if v[k] is None else f"{v[k]:.4f}") for k in keys],
+            f"[{ci[1]:.4f}, {ci[2]:.4f}]" if ci else "-",
+            v["tokens_per_s"] if v["tokens_per_s"] else "-",
+            ", ".join(f"{k}: {n}" for k, n in sorted(v["statuses"].items())),
+        ]
         rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
     counts = man.get("counts", {})
-    facts = {"run": man.get("run_id"), "task": m["task"], "model": man.get("config", {}).get("engine", {}).get("model"),
-             "output": man.get("output"), "finished": man.get("finished"),
-             "rows": f"{counts.get('generation_rows')} of {counts.get('expected_generation_rows')} expected",
-             "quarantined input records": data["quarantined"]}
+    facts = {
+        "run": man.get("run_id"),
+        "task": m["task"],
+        "model": man.get("config", {}).get("engine", {}).get("model"),
+        "output": man.get("output"),
+        "finished": man.get("finished"),
+        "rows": f"{counts.get('generation_rows')} of {counts.get('expected_generation_rows')} expected",
+        "quarantined input records": data["quarantined"],
+    }
     if data["quarantine_reasons"]:
         facts["quarantine reasons"] = ", ".join(f"{k}: {n}" for k, n in sorted(data["quarantine_reasons"].items()))
     fact_html = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts.items())
@@ -265,7 +299,7 @@ def _html(data: dict[str, Any], intervals: dict[str, tuple[float, float, float]]
     profile_html = _profile_section(m.get("profiles"))
     examples_html = _examples_section(data["examples"], list(m["modes"]))
     return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>stepback-ray run {html.escape(str(man.get('run_id')))}</title>
+<html lang="en"><head><meta charset="utf-8"><title>stepback-ray run {html.escape(str(man.get("run_id")))}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 24px; color: #222; max-width: 1100px; }}
 table {{ border-collapse: collapse; margin: 8px 0 20px; font-size: 14px; }}
@@ -279,7 +313,7 @@ pre {{ white-space: pre-wrap; margin: 0; font-size: 13px; }}
 <h1>stepback-ray run report</h1>
 <table>{fact_html}</table>
 <h2>Metrics by mode</h2>
-<table><tr>{head}</tr>{''.join(rows)}</table>
+<table><tr>{head}</tr>{"".join(rows)}</table>
 {profile_html}
 {examples_html}
 <h2>Figures</h2>
@@ -297,15 +331,21 @@ def _profile_section(stats: dict[str, Any] | None) -> str:
     if not stats:
         return ""
     q = stats.get("quality") or {}
-    facts = {"users": stats.get("users"), "statuses": ", ".join(f"{k}: {n}" for k, n in
-                                                                 sorted((stats.get("statuses") or {}).items())),
-             "origins": ", ".join(f"{k}: {n}" for k, n in sorted((stats.get("origins") or {}).items()) if n)}
-    for key, label in (("identifiability", "identifiability (LLM fields)"),
-                       ("identifiability_with_habits", "identifiability (as prompted, with habits)")):
+    facts = {
+        "users": stats.get("users"),
+        "statuses": ", ".join(f"{k}: {n}" for k, n in sorted((stats.get("statuses") or {}).items())),
+        "origins": ", ".join(f"{k}: {n}" for k, n in sorted((stats.get("origins") or {}).items()) if n),
+    }
+    for key, label in (
+        ("identifiability", "identifiability (LLM fields)"),
+        ("identifiability_with_habits", "identifiability (as prompted, with habits)"),
+    ):
         ident = q.get(key) or {}
         if ident.get("top1") is not None:
-            facts[label] = (f"top-1 {ident['top1']:.3f} (chance {ident['chance_top1']:.3f}), MRR {ident['mrr']:.3f} "
-                            f"(chance {ident['chance_mrr']:.3f}) over {ident['users']} users")
+            facts[label] = (
+                f"top-1 {ident['top1']:.3f} (chance {ident['chance_top1']:.3f}), MRR {ident['mrr']:.3f} "
+                f"(chance {ident['chance_mrr']:.3f}) over {ident['users']} users"
+            )
     if (q.get("grounding") or {}).get("keywords_grounded") is not None:
         facts["keywords found in the user's own history"] = f"{q['grounding']['keywords_grounded']:.1%}"
     if q.get("copied_from_example") is not None:
@@ -324,13 +364,17 @@ def _examples_section(examples: list[dict[str, Any]], modes: list[str]) -> str:
         rows = "".join(
             f"<tr><td>{html.escape(m)}</td><td>{_cell(r.get('output'))}</td>"
             f"<td>{'-' if r.get('score') is None else format(r['score'], '.3f')}</td><td>{_cell(r.get('status'))}"
-            "</td></tr>" for m in modes if (r := ex["modes"].get(m)) is not None)
+            "</td></tr>"
+            for m in modes
+            if (r := ex["modes"].get(m)) is not None
+        )
         parts.append(
             f'<div class="example"><table><tr><th>user</th><td>{_cell(ex["user_id"])} (query {_cell(ex["query_id"])})'
             f"</td></tr><tr><th>newest history items</th><td><ul>{recent}</ul></td></tr>"
             f"<tr><th>profile</th><td><pre>{_cell(ex['profile_text'])}</pre></td></tr>"
             f"<tr><th>gold</th><td>{_cell(ex['gold'])}</td></tr></table>"
-            f"<table><tr><th>mode</th><th>output</th><th>score</th><th>status</th></tr>{rows}</table></div>")
+            f"<table><tr><th>mode</th><th>output</th><th>score</th><th>status</th></tr>{rows}</table></div>"
+        )
     return "\n".join(parts)
 
 
@@ -341,10 +385,14 @@ def check_finished_run(store: RunStore) -> None:
     if not missing:
         return
     if not store.exists(""):
-        raise InputError(store.uri, "no such folder (expected a finished run's output, with manifest.json and "
-                                    "metrics.json)")
-    raise InputError(store.uri, f"not a finished run: no {' and no '.join(missing)} (a run writes manifest.json "
-                                "last; `stepback profile` writes no metrics.json and no report)")
+        raise InputError(
+            store.uri, "no such folder (expected a finished run's output, with manifest.json and metrics.json)"
+        )
+    raise InputError(
+        store.uri,
+        f"not a finished run: no {' and no '.join(missing)} (a run writes manifest.json "
+        "last; `stepback profile` writes no metrics.json and no report)",
+    )
 
 
 def build_report(uri: str, storage: StorageConfig | None = None) -> str:

@@ -27,17 +27,20 @@ class Habits(Protocol):
     def __call__(self, items: list[Item]) -> list[str]:
         """Short factual lines about the user's own outputs in ``items`` (none if too few to tell)."""
 
+
 MIN_ITEMS = 2
 """Fewer items than this say nothing about a habit: no facts."""
 MAX_WORDS = 6
 """Recurring words listed at most."""
 
-STOPWORDS = frozenset("""a an the and or but of for to in on at by with from via into onto over under as is are be
+STOPWORDS = frozenset(
+    """a an the and or but of for to in on at by with from via into onto over under as is are be
 was were been being it its this that these those we our you your their his her they them he she i my me not no
 do does did can could should would will shall may might must than then so such very more most less least about
 after before between through during without within across against among toward towards up down out off new using
 based how what why when where which who whom whose all any both each few other some own same too only just also
-versus vs has have had""".split())
+versus vs has have had""".split()
+)
 
 _WORD = re.compile(r"[A-Za-z][A-Za-z0-9'\-]*")
 
@@ -137,8 +140,10 @@ class LabelHabits(_FieldHabits):
         if len(labels) < MIN_ITEMS:
             return []
         counts = Counter(labels).most_common(5)
-        return [f"{self.noun.capitalize()} given over {len(labels)} items: "
-                + ", ".join(f"{lab} ({c})" for lab, c in counts)]
+        return [
+            f"{self.noun.capitalize()} given over {len(labels)} items: "
+            + ", ".join(f"{lab} ({c})" for lab, c in counts)
+        ]
 
 
 @dataclass(frozen=True)

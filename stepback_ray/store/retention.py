@@ -3,7 +3,7 @@
 each night, and a user's old profiles do not outlive the window.
 
 What is a version's place in the order: the time its manifest was written (``finished_at``, set by
-:func:`~stepback_ray.profile_store.commit_version` just before it moves ``CURRENT.json``: commit order), for a
+:func:`~stepback_ray.store.versions.commit_version` just before it moves ``CURRENT.json``: commit order), for a
 manifest written before that field existed the day in its folder name. Never deleted:
 
 - the version ``CURRENT.json`` points at (also when it was promoted back to an old one);
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .storage import RunStore
+from stepback_ray.storage import RunStore
 
 
 def _order_key(root: RunStore, version: str) -> tuple[str, str]:
@@ -32,7 +32,7 @@ def _order_key(root: RunStore, version: str) -> tuple[str, str]:
 def apply_retention(root: RunStore, keep: int) -> dict[str, Any]:
     """Delete the finished versions beyond the newest ``keep`` (see the module doc); returns what was deleted and
     what was kept for which reason."""
-    from .profile_store import _versions
+    from stepback_ray.store.versions import _versions
 
     current = root.read_json("CURRENT.json")["version"] if root.exists("CURRENT.json") else None
     finished: list[tuple[str, str]] = []
@@ -52,7 +52,11 @@ def apply_retention(root: RunStore, keep: int) -> dict[str, Any]:
     for date_dir in {v.rsplit("/", 1)[0] for v in deleted}:
         if not root.list(date_dir):
             root.remove(date_dir)
-    return {"keep_versions": keep, "deleted": deleted, "newest": newest,
-            "in_progress": sorted(v for v, b in building.items() if b == current),
-            "abandoned": sorted(v for v, b in building.items() if b != current),
-            "kept_as_base": sorted(b for b in bases if b not in newest and b != current)}
+    return {
+        "keep_versions": keep,
+        "deleted": deleted,
+        "newest": newest,
+        "in_progress": sorted(v for v, b in building.items() if b == current),
+        "abandoned": sorted(v for v, b in building.items() if b != current),
+        "kept_as_base": sorted(b for b in bases if b not in newest and b != current),
+    }

@@ -18,12 +18,12 @@ absolute error), so intervals can be bootstrapped the same way for every task.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from functools import lru_cache
-from typing import Callable, Sequence
 
 import numpy as np
 
-from .tasks import TaskSpec
+from stepback_ray.tasks import TaskSpec
 
 OFFICIAL_KEYS = {"rouge": ("rouge-1", "rouge-L"), "accuracy_f1": ("accuracy", "f1"), "mae_rmse": ("MAE", "RMSE")}
 HIGHER_IS_BETTER = {"rouge": True, "accuracy_f1": True, "mae_rmse": False}
@@ -84,7 +84,7 @@ def aggregate(task: TaskSpec, predictions: Sequence[str | None], golds: Sequence
         y_true = [label_index(task.labels, g) for g in golds]
         return _accuracy_f1(y_true, y_pred, len(task.labels))
     err = np.array([rating_value(p, g) for p, g in zip(predictions, golds)]) - np.array([float(g) for g in golds])
-    return {"MAE": float(np.mean(np.abs(err))), "RMSE": float(math.sqrt(np.mean(err ** 2)))}
+    return {"MAE": float(np.mean(np.abs(err))), "RMSE": float(math.sqrt(np.mean(err**2)))}
 
 
 def _accuracy_f1(y_true: list[int], y_pred: list[int], n_labels: int) -> dict[str, float]:
@@ -92,8 +92,10 @@ def _accuracy_f1(y_true: list[int], y_pred: list[int], n_labels: int) -> dict[st
     never score a classification task)."""
     from sklearn.metrics import accuracy_score, f1_score
 
-    return {"accuracy": float(accuracy_score(y_true, y_pred)),
-            "f1": float(f1_score(y_true, y_pred, labels=list(range(n_labels)), average="macro", zero_division=0))}
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "f1": float(f1_score(y_true, y_pred, labels=list(range(n_labels)), average="macro", zero_division=0)),
+    }
 
 
 class MetricAccumulator:
@@ -108,8 +110,14 @@ class MetricAccumulator:
         self.y_true: list[int] = []
         self.y_pred: list[int] = []
 
-    def add(self, prediction: str | None, gold: str, rouge1: float | None = None, rougeL: float | None = None,
-            abs_error: float | None = None) -> None:
+    def add(
+        self,
+        prediction: str | None,
+        gold: str,
+        rouge1: float | None = None,
+        rougeL: float | None = None,
+        abs_error: float | None = None,
+    ) -> None:
         self.n += 1
         if self.task.metric == "rouge":
             if rouge1 is None or rougeL is None:
@@ -134,8 +142,14 @@ class MetricAccumulator:
         return {"MAE": self.sums["abs_error"] / self.n, "RMSE": math.sqrt(self.sums["sq_error"] / self.n)}
 
 
-def bootstrap_ci(values: Sequence[float], *, n_resamples: int = 2000, seed: int = 0,
-                 statistic: Callable[[np.ndarray], float] = np.mean, level: float = 0.95) -> tuple[float, float]:
+def bootstrap_ci(
+    values: Sequence[float],
+    *,
+    n_resamples: int = 2000,
+    seed: int = 0,
+    statistic: Callable[[np.ndarray], float] = np.mean,
+    level: float = 0.95,
+) -> tuple[float, float]:
     """Percentile bootstrap interval of ``statistic`` over ``values`` (resampling rows with replacement).
 
     Resamples are drawn a few at a time (at most ~4M indices in memory), not as one resamples-by-rows matrix:
@@ -148,7 +162,7 @@ def bootstrap_ci(values: Sequence[float], *, n_resamples: int = 2000, seed: int 
     stats = np.empty(n_resamples)
     for start in range(0, n_resamples, step):
         idx = rng.integers(0, len(arr), size=(min(step, n_resamples - start), len(arr)))
-        stats[start:start + len(idx)] = [statistic(arr[i]) for i in idx]
+        stats[start : start + len(idx)] = [statistic(arr[i]) for i in idx]
     lo, hi = np.quantile(stats, [(1 - level) / 2, 1 - (1 - level) / 2])
     return float(lo), float(hi)
 

@@ -4,17 +4,17 @@ Before ``CURRENT.json`` moves to a new version, the version is checked against `
 threshold optional; none set: no gate):
 
 - ``min_ok_share``: profiles with status ``ok`` (not ``error``, ``partial``, ...) over all of the version's;
-- ``min_identifiability_top1``: the top-1 identifiability that :mod:`~stepback_ray.profile_quality` measures on
+- ``min_identifiability_top1``: the top-1 identifiability that :mod:`~stepback_ray.profiling.quality` measures on
   every pass (a model or prompt change that makes profiles generic shows here first);
 - ``min_lift``: ``profile+rag`` minus ``random-profile`` (mean score) on a fixed sample of ``lift_users`` users
   with golds, generated against the new version (:mod:`~stepback_ray.pipeline.gate_sample`): the profiles still
   carry the person, not only the prompt format;
 - ``max_changed_without_history_change``: of the users present in the previous version with a profile (not an
   ``error`` row: a failed profile is retried, and changes by design) and the same history (the same set of
-  ``history_ids``), the share whose profile text changed. Carried-over users never change, so this is the share of profiles rewritten for no new evidence: a settings or model change,
-  or a periodic full rebuild redoing incremental profiles. An item edited in place under the same id counts as
-  the same history. The first version (nothing to compare with), or one where no user kept their history,
-  passes this check.
+  ``history_ids``), the share whose profile text changed. Carried-over users never change, so this is the share
+  of profiles rewritten for no new evidence: a settings or model change, or a periodic full rebuild redoing
+  incremental profiles. An item edited in place under the same id counts as the same history. The first version
+  (nothing to compare with), or one where no user kept their history, passes this check.
 
 A ``min_...`` figure that cannot be measured (no profiles, fewer than two users to identify) fails its check. A
 version that fails is kept, complete, with the gate's figures in its manifest; ``CURRENT.json`` does not move,
@@ -28,13 +28,13 @@ from __future__ import annotations
 import datetime as dt
 from typing import TYPE_CHECKING, Any
 
-from .data.rows import status_kind
-from .errors import RunFailed, StepbackError
-from .storage import PointerMoved, RunStore
+from stepback_ray.data.rows import status_kind
+from stepback_ray.errors import RunFailed, StepbackError
+from stepback_ray.storage import PointerMoved, RunStore
 
 if TYPE_CHECKING:
-    from .config import JobSpec, StorageConfig
-    from .profile_store import StoreVersion
+    from stepback_ray.config import JobSpec, StorageConfig
+    from stepback_ray.store.versions import StoreVersion
 
 
 class GateFailed(RunFailed):
@@ -47,14 +47,20 @@ class GateFailed(RunFailed):
         self.counts = {"gate": gate}
 
 
-def _check(name: str, value: float | None, limit: float, at_least: bool, detail: str,
-           unmeasured_passes: bool = False) -> dict[str, Any]:
+def _check(
+    name: str, value: float | None, limit: float, at_least: bool, detail: str, unmeasured_passes: bool = False
+) -> dict[str, Any]:
     if value is None:
         passed = unmeasured_passes
     else:
         passed = value >= limit if at_least else value <= limit
-    return {"check": name, "value": None if value is None else round(value, 4), "limit": limit,
-            "passed": passed, "detail": detail}
+    return {
+        "check": name,
+        "value": None if value is None else round(value, 4),
+        "limit": limit,
+        "passed": passed,
+        "detail": detail,
+    }
 
 
 def changed_without_history_change(sv: StoreVersion) -> tuple[int, int]:
@@ -72,8 +78,11 @@ def changed_without_history_change(sv: StoreVersion) -> tuple[int, int]:
         old = {r["user_id"]: r for r in sv.root.read_table(rel, columns=cols).to_pylist()}
         for r in sv.root.read_table(new_rel, columns=cols).to_pylist():
             p = old.get(r["user_id"])
-            if p is None or status_kind(p["status"]) == "error" or \
-                    sorted(p["history_ids"] or []) != sorted(r["history_ids"] or []):
+            if (
+                p is None
+                or status_kind(p["status"]) == "error"
+                or sorted(p["history_ids"] or []) != sorted(r["history_ids"] or [])
+            ):
                 continue
             eligible += 1
             changed += int(r["profile_text"] != p["profile_text"])
@@ -88,24 +97,49 @@ def evaluate_gate(job: JobSpec, sv: StoreVersion, stats: dict[str, Any]) -> dict
     checks = []
     if gate.min_ok_share is not None:
         users, ok = stats["users"], stats["statuses"].get("ok", 0)
-        checks.append(_check("min_ok_share", ok / users if users else None, gate.min_ok_share, True,
-                             f"{ok} of {users} profiles ok"))
+        checks.append(
+            _check(
+                "min_ok_share", ok / users if users else None, gate.min_ok_share, True, f"{ok} of {users} profiles ok"
+            )
+        )
     if gate.min_identifiability_top1 is not None:
         ident = stats["quality"]["identifiability"]
-        checks.append(_check("min_identifiability_top1", ident["top1"], gate.min_identifiability_top1, True,
-                             f"{ident['users']} sample users, chance {ident['chance_top1']}"))
+        checks.append(
+            _check(
+                "min_identifiability_top1",
+                ident["top1"],
+                gate.min_identifiability_top1,
+                True,
+                f"{ident['users']} sample users, chance {ident['chance_top1']}",
+            )
+        )
     if gate.max_changed_without_history_change is not None:
         changed, eligible = changed_without_history_change(sv)
-        detail = (f"{changed} of {eligible} users with an unchanged history got a new profile text" if eligible else
-                  "no previous version to compare with" if sv.previous is None else
-                  "no user kept the same history")
-        checks.append(_check("max_changed_without_history_change", changed / eligible if eligible else None,
-                             gate.max_changed_without_history_change, False, detail, unmeasured_passes=True))
+        detail = (
+            f"{changed} of {eligible} users with an unchanged history got a new profile text"
+            if eligible
+            else "no previous version to compare with"
+            if sv.previous is None
+            else "no user kept the same history"
+        )
+        checks.append(
+            _check(
+                "max_changed_without_history_change",
+                changed / eligible if eligible else None,
+                gate.max_changed_without_history_change,
+                False,
+                detail,
+                unmeasured_passes=True,
+            )
+        )
     if gate.min_lift is not None:
         lift = stats.get("gate_sample") or {}
-        detail = (f"profile+rag {lift['profile+rag']} - random-profile {lift['random-profile']} over {lift['users']} "
-                  f"sample users, 95 % interval [{lift['lo']:+g}, {lift['hi']:+g}]" if lift.get("mean") is not None
-                  else lift.get("detail", "not measured"))
+        detail = (
+            f"profile+rag {lift['profile+rag']} - random-profile {lift['random-profile']} over {lift['users']} "
+            f"sample users, 95 % interval [{lift['lo']:+g}, {lift['hi']:+g}]"
+            if lift.get("mean") is not None
+            else lift.get("detail", "not measured")
+        )
         checks.append(_check("min_lift", lift.get("mean"), gate.min_lift, True, detail))
     return {"passed": all(c["passed"] for c in checks), "checks": checks}
 
@@ -125,15 +159,17 @@ def refuse_failed(job: JobSpec, sv: StoreVersion, manifest: dict[str, Any]) -> N
     gate = manifest.get("gate")
     if gate is None or gate["passed"]:
         return
-    raise GateFailed(f"{job.profile_store.uri}: quality gate refused {sv.version}: {describe_failures(gate)}; "
-                     f"CURRENT.json stays on {sv.previous or 'nothing (an empty store)'}. Inspect the version, then "
-                     f"`stepback promote --store {job.profile_store.uri} --version {sv.version}` to serve it anyway",
-                     gate)
+    raise GateFailed(
+        f"{job.profile_store.uri}: quality gate refused {sv.version}: {describe_failures(gate)}; "
+        f"CURRENT.json stays on {sv.previous or 'nothing (an empty store)'}. Inspect the version, then "
+        f"`stepback promote --store {job.profile_store.uri} --version {sv.version}` to serve it anyway",
+        gate,
+    )
 
 
 def _resolve(root: RunStore, uri: str, version: str) -> str:
     """A version as written (``versions/date=.../run=<id>``), or its run id alone."""
-    from .profile_store import _versions
+    from stepback_ray.store.versions import _versions
 
     version = version.strip("/")
     found = _versions(root)
@@ -142,8 +178,10 @@ def _resolve(root: RunStore, uri: str, version: str) -> str:
     by_run = [v for v in found if v.endswith(f"/run={version}") or v.endswith(f"/{version}")]
     if len(by_run) == 1:
         return by_run[0]
-    raise StepbackError(f"{uri}: no version {version} in the store (its versions: "
-                        f"{', '.join(found[-3:]) or 'none'}{', ...' if len(found) > 3 else ''})")
+    raise StepbackError(
+        f"{uri}: no version {version} in the store (its versions: "
+        f"{', '.join(found[-3:]) or 'none'}{', ...' if len(found) > 3 else ''})"
+    )
 
 
 def promote(uri: str, version: str, storage: StorageConfig) -> tuple[str | None, str, dict[str, Any]]:
@@ -152,30 +190,48 @@ def promote(uri: str, version: str, storage: StorageConfig) -> tuple[str | None,
     root = RunStore(uri, storage)
     version = _resolve(root, uri, version)
     if not root.exists(f"{version}/manifest.json"):
-        raise StepbackError(f"{uri}: {version} is incomplete (no manifest.json: its run never finished); only a "
-                            "finished version can be promoted")
+        raise StepbackError(
+            f"{uri}: {version} is incomplete (no manifest.json: its run never finished); only a "
+            "finished version can be promoted"
+        )
     manifest = root.read_json(f"{version}/manifest.json")
     missing = [f for f in manifest.get("files", []) if not root.exists(f)]
     if missing:
-        raise StepbackError(f"{uri}: {version} is incomplete ({len(missing)} of its {len(manifest['files'])} profile "
-                            f"files are gone, e.g. {missing[0]}); it cannot be promoted")
+        raise StepbackError(
+            f"{uri}: {version} is incomplete ({len(missing)} of its {len(manifest['files'])} profile "
+            f"files are gone, e.g. {missing[0]}); it cannot be promoted"
+        )
     current, token = root.read_versioned("CURRENT.json")
     before = current["version"] if current else None
     if before == version:
         return before, version, manifest
     pointer = manifest.get("pointer") or {  # a manifest written before pointers were recorded in it
-        "version": version, "run_id": manifest.get("run_id"), "users": manifest.get("users"),
-        "num_shards": (current or {}).get("num_shards"), "runs_since_full": 0,
-        "full_rebuild": manifest.get("full_rebuild"), "model": manifest.get("config", {}).get("engine", {})
-        .get("model")}
+        "version": version,
+        "run_id": manifest.get("run_id"),
+        "users": manifest.get("users"),
+        "num_shards": (current or {}).get("num_shards"),
+        "runs_since_full": 0,
+        "full_rebuild": manifest.get("full_rebuild"),
+        "model": manifest.get("config", {}).get("engine", {}).get("model"),
+    }
     if current and pointer.get("num_shards") != current.get("num_shards"):
-        raise StepbackError(f"{uri}: {version} has {pointer.get('num_shards')} shards, the store "
-                            f"{current['num_shards']}; it cannot be promoted")
+        raise StepbackError(
+            f"{uri}: {version} has {pointer.get('num_shards')} shards, the store "
+            f"{current['num_shards']}; it cannot be promoted"
+        )
     try:
-        root.swap_json("CURRENT.json", {**pointer, "committed": dt.datetime.now(dt.timezone.utc).strftime(
-            "%Y-%m-%dT%H:%M:%SZ"), "promoted_from": before}, token)
+        root.swap_json(
+            "CURRENT.json",
+            {
+                **pointer,
+                "committed": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "promoted_from": before,
+            },
+            token,
+        )
     except PointerMoved:
         now = root.read_json("CURRENT.json").get("version") if root.exists("CURRENT.json") else None
-        raise StepbackError(f"{uri}: CURRENT.json moved to {now} while promoting; nothing changed, run promote "
-                            "again") from None
+        raise StepbackError(
+            f"{uri}: CURRENT.json moved to {now} while promoting; nothing changed, run promote again"
+        ) from None
     return before, version, manifest

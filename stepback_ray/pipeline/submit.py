@@ -17,12 +17,13 @@ from pathlib import Path
 
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_fixed
 
-from .errors import ConfigError, StepbackError
-from .resources import WORKER_ENV
+from stepback_ray.errors import ConfigError, StepbackError
+from stepback_ray.pipeline.resources import WORKER_ENV
 
 EXCLUDES = [".venv", ".venv-*", "runs", ".git", "**/__pycache__", "*.egg-info", ".pytest_cache", ".whl", ".gl"]
-_SECRET = re.compile(r"(SECRET|PASSWORD|TOKEN|CREDENTIAL|PRIVATE|_KEY$|^AWS_ACCESS_KEY_ID$|^AWS_SESSION)",
-                     re.IGNORECASE)
+_SECRET = re.compile(
+    r"(SECRET|PASSWORD|TOKEN|CREDENTIAL|PRIVATE|_KEY$|^AWS_ACCESS_KEY_ID$|^AWS_SESSION)", re.IGNORECASE
+)
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
@@ -34,8 +35,10 @@ def runtime_env(working_dir: str, pip: list[str], env: list[str]) -> dict:
             raise ConfigError(f"--env {item!r}: expected KEY=VALUE")
         key, value = item.split("=", 1)
         if _SECRET.search(key):
-            raise ConfigError(f"--env {key}: looks like a secret; give the cluster its credentials through its "
-                              "instance role or environment, not through the job")
+            raise ConfigError(
+                f"--env {key}: looks like a secret; give the cluster its credentials through its "
+                "instance role or environment, not through the job"
+            )
         env_vars[key] = value
     env_vars.setdefault("PYTHONUNBUFFERED", "1")
     for key, value in WORKER_ENV.items():  # as a local run's workers get them
@@ -53,8 +56,16 @@ def entrypoint(job_path: str, sets: list[str], command: str = "run") -> str:
     return " ".join(shlex.quote(p) for p in parts)
 
 
-def submit_job(job_path: str, sets: list[str], address: str, *, pip: list[str] | None = None,
-               env: list[str] | None = None, wait: bool = True, command: str = "run") -> int:
+def submit_job(
+    job_path: str,
+    sets: list[str],
+    address: str,
+    *,
+    pip: list[str] | None = None,
+    env: list[str] | None = None,
+    wait: bool = True,
+    command: str = "run",
+) -> int:
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     cwd = Path.cwd().resolve()
@@ -67,11 +78,19 @@ def submit_job(job_path: str, sets: list[str], address: str, *, pip: list[str] |
     except Exception as e:  # noqa: BLE001 - connection problems of any kind become one line
         raise StepbackError(f"cannot reach the Ray cluster at {address}: {str(e).splitlines()[0]}") from None
     # a head that has just started answers before its job agent is up: "No available agent ... try again later"
-    retrying = Retrying(stop=stop_after_delay(120), wait=wait_fixed(2), reraise=True,
-                        retry=retry_if_exception(lambda e: "try again later" in str(e).lower()))
+    retrying = Retrying(
+        stop=stop_after_delay(120),
+        wait=wait_fixed(2),
+        reraise=True,
+        retry=retry_if_exception(lambda e: "try again later" in str(e).lower()),
+    )
     try:
-        job_id = retrying(client.submit_job, entrypoint=entrypoint(rel, sets, command),
-                          runtime_env=runtime_env(str(cwd), pip or [], env or []), metadata={"stepback_job": rel})
+        job_id = retrying(
+            client.submit_job,
+            entrypoint=entrypoint(rel, sets, command),
+            runtime_env=runtime_env(str(cwd), pip or [], env or []),
+            metadata={"stepback_job": rel},
+        )
     except Exception as e:  # noqa: BLE001 - the cluster's refusal, in one line
         raise StepbackError(f"the Ray cluster at {address} refused the job: {str(e).splitlines()[0]}") from None
     print(f"submitted {job_id} to {address}", file=sys.stderr)

@@ -1,0 +1,1 @@
+"""Personalized generation: building prompts, retrieving history items and choosing what goes in."""

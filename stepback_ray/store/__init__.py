@@ -1,0 +1,1 @@
+"""The profile store: versioned profile tables, the promotion gate, retention and forgetting a user."""
