@@ -49,7 +49,7 @@ RAY_CHILD = """
 import os, sys, time
 if sys.argv[2] == "idle":
     os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-from stepback_ray.pipeline.runner import init_local_ray
+from stepback_ray.pipeline.on_ray import init_local_ray
 import ray
 init_local_ray()
 
@@ -83,7 +83,7 @@ def prompts(n: int = 8, chars: int = 4000) -> list[list[dict]]:
 
 def timed_calls(engine, batch: list, params, calls: int) -> list[dict]:
     """Each call's seconds and this process's usage over it (the pipeline's own count: ``process_usage``)."""
-    from stepback_ray.pipeline.runner import process_usage
+    from stepback_ray.pipeline.engine_stage import process_usage
 
     out = []
     for _ in range(calls):

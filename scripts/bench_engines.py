@@ -335,7 +335,7 @@ def run_pipeline(
     import ray.data
 
     from stepback_ray.pipeline.generation_pass import GenerationEngineStage
-    from stepback_ray.pipeline.runner import engine_compute
+    from stepback_ray.pipeline.on_ray import engine_compute
 
     out = {}
     for kind, prompts in sets.items():
@@ -798,7 +798,7 @@ def main() -> None:
             import ray
 
             if not ray_started:
-                from stepback_ray.pipeline import init_local_ray
+                from stepback_ray.pipeline.on_ray import init_local_ray
 
                 init_local_ray()
                 ray_started = True

@@ -300,7 +300,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from stepback_ray.config import load_job
-    from stepback_ray.pipeline import ray_session
+    from stepback_ray.pipeline.on_ray import ray_session
 
     modes = args.modes.split(",")
     if args.pplug_checkpoint:

@@ -35,7 +35,8 @@ sys.path.insert(0, str(REPO / "scripts"))
 from benchdoc import machine, markers, write_section  # noqa: E402
 
 from stepback_ray.config import load_job  # noqa: E402
-from stepback_ray.pipeline import ray_session, run_job  # noqa: E402
+from stepback_ray.pipeline import run_job  # noqa: E402
+from stepback_ray.pipeline.on_ray import ray_session  # noqa: E402
 
 START, END = markers("bench_scale")
 

@@ -59,7 +59,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 from benchdoc import machine, markers, write_section  # noqa: E402
 
 from stepback_ray.config import load_job  # noqa: E402
-from stepback_ray.pipeline import init_local_ray  # noqa: E402
+from stepback_ray.pipeline.on_ray import init_local_ray  # noqa: E402
 
 SAMPLE = REPO / "data" / "samples" / "lamp5_arxiv_dev20"
 SHARED = Path(os.environ.get("STEPBACK_SHARED_DATA", REPO.parent / "shared" / "data"))

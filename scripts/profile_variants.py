@@ -76,13 +76,13 @@ def run_in_process(job, engine) -> dict:
     from stepback_ray import pipeline as pl
     from stepback_ray.generation import prompting
     from stepback_ray.pipeline.commit import pending
-    from stepback_ray.pipeline.job import GENERATION_PASS
-    from stepback_ray.pipeline.runner import InProcess
+    from stepback_ray.pipeline.generation_pass import GENERATION_PASS
+    from stepback_ray.pipeline.in_process import InProcess
 
     needs_profiles = any(prompting.mode_uses(m)[0] for m in job.modes)
     work = pl.prepare_work(job, needs_profiles)
     ex = pl.Executor(job, InProcess(job, engine))
-    at, stats, _ = pl.run_user_passes(ex, job, work, needs_profiles=needs_profiles)
+    at, stats, _ = pl.run_user_passes(ex, job, work, "run")
     ex.run(GENERATION_PASS, pending(job.output_uri, "generations", job, work.generation_chunks), at)
     return {"quality": stats["quality"] if stats else None, "profile_statuses": stats["statuses"] if stats else {}}
 

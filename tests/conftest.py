@@ -50,7 +50,7 @@ def ray_local():
     """One local Ray for the whole test session (jobs see it initialized and leave it running)."""
     import ray
 
-    from stepback_ray.pipeline import init_local_ray
+    from stepback_ray.pipeline.on_ray import init_local_ray
 
     init_local_ray(num_cpus=2)
     yield ray

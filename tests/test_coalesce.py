@@ -145,7 +145,7 @@ def test_the_engine_stage_is_configured_for_side_by_side_blocks(coalesce):
     """On Ray, coalescing runs the engine stage's blocks in flight in threads of the actor (Ray Data's
     ``max_concurrent_calls_per_actor`` with true multithreading); off, one block at a time."""
     from stepback_ray.config import JobSpec
-    from stepback_ray.pipeline.runner import engine_compute
+    from stepback_ray.pipeline.on_ray import engine_compute
 
     job = JobSpec.model_validate(
         {
@@ -167,7 +167,7 @@ class _CountingStage:
     engine call; each output row says how many blocks that engine call served."""
 
     def __init__(self, job):
-        from stepback_ray.pipeline.runner import EngineStage
+        from stepback_ray.pipeline.engine_stage import EngineStage
 
         class Stage(EngineStage):
             def __init__(self, job):
@@ -200,7 +200,7 @@ def test_on_ray_an_engine_actor_serves_its_blocks_in_flight_in_one_engine_call(r
     import ray.data
 
     from stepback_ray.config import JobSpec
-    from stepback_ray.pipeline.runner import engine_compute
+    from stepback_ray.pipeline.on_ray import engine_compute
 
     served = {}
     for coalesce in (True, False):

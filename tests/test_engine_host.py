@@ -11,7 +11,7 @@ from stepback_ray.config import load_job
 from stepback_ray.engines.base import SamplingParams
 from stepback_ray.pipeline import run_job
 from stepback_ray.pipeline.engine_host import EngineHost, EngineHosts, first_blocks, host_key, pick_host
-from stepback_ray.pipeline.runner import EngineStage
+from stepback_ray.pipeline.engine_stage import EngineStage
 
 from .conftest import REPO
 

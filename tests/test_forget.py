@@ -230,12 +230,12 @@ def test_a_forget_during_a_nightly_run_is_not_undone_by_its_commit(tmp_path, mon
     """The night read its input (and the deny-list) before the forget ran. Either the forget's scan of the version
     folders finds the night's files (written before it), or the night's commit re-reads the deny-list and takes
     the user out of the version it makes current (written after): no lost update either way."""
-    from stepback_ray.pipeline import runner
+    from stepback_ray.pipeline import in_process
 
     store = str(tmp_path / "store")
     run_profile_job(_job(str(tmp_path / "runs" / "n1"), store, "n1", {}, modes=["profile"]))
     user = json.loads(Path(f"{SAMPLE}_questions.json").read_text())[0]["user_id"]
-    real = runner.InProcess.run
+    real = in_process.InProcess.run
     before = when.startswith("before")
 
     def forget_around_the_pass(self, spec, chunks, at, job=None):
@@ -246,7 +246,7 @@ def test_a_forget_during_a_nightly_run_is_not_undone_by_its_commit(tmp_path, mon
             forget(store, [user])
         return out
 
-    monkeypatch.setattr(runner.InProcess, "run", forget_around_the_pass)
+    monkeypatch.setattr(in_process.InProcess, "run", forget_around_the_pass)
     night = run_profile_job(_job(str(tmp_path / "runs" / "n2"), store, "n2", {}, modes=["profile"]))
     assert night.metrics["profiles"].get("forgotten_during_run") == ({"profiles": 1} if before else None)
     s = RunStore(store, StorageConfig())

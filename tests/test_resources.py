@@ -167,7 +167,7 @@ def test_the_pipelines_ray_session_checks_the_address(monkeypatch):
     import ray
 
     from stepback_ray.errors import ClusterError
-    from stepback_ray.pipeline import ray_session
+    from stepback_ray.pipeline.on_ray import ray_session
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a fresh driver, whatever this process holds
     monkeypatch.setattr(ray, "init", lambda **kw: pytest.fail("ray.init reached"))

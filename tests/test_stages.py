@@ -7,14 +7,15 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 import pytest
 
-from stepback_ray.config import StagesConfig, load_job
+from stepback_ray.config import load_job
 from stepback_ray.engines import build_engine
-from stepback_ray.pipeline import PASSES, PassSpec, ProfilesAt, Stage, prepare_work, run_job
+from stepback_ray.pipeline import PASSES, PassSpec, ProfilesAt, Stage, pass_named, prepare_work, run_job
 from stepback_ray.pipeline.commit import commit_chunks, pending
 from stepback_ray.pipeline.embed_pass import EmbedStage
 from stepback_ray.pipeline.engine_host import serve_on_host
@@ -23,8 +24,8 @@ from stepback_ray.pipeline.generation_pass import (
     GenerationPlanStage,
     score_and_commit_generations,
 )
+from stepback_ray.pipeline.on_ray import run_on_ray
 from stepback_ray.pipeline.profile_pass import ProfileEngineStage, ProfilePlanStage, commit_profiles
-from stepback_ray.pipeline.runner import run_on_ray
 from stepback_ray.pipeline.schemas import GENERATION_SCHEMA, row_key
 
 from .conftest import REPO
@@ -176,14 +177,39 @@ def test_a_retried_profile_chunk_plans_only_its_failed_users(tmp_path, engine):
     assert all(r["retained"] for r in planned if r["user_id"] != victim)
 
 
-def test_every_declared_stage_has_its_resources_in_the_job_spec():
-    names = set(StagesConfig.model_fields)
-    declared = [s for spec in PASSES.values() for s in spec.stages]
-    assert {s.name for s in declared if s.kind != "engine"} == names
-    assert [s.kind for s in PASSES["profile"].stages] == ["cpu", "engine", "commit"]
-    assert StagesConfig().embed.num_cpus == 1.0 and StagesConfig().profile_plan.num_cpus == 0.25
+def test_a_stage_s_resources_come_from_its_declaration_under_its_job_keys(tmp_path):
+    from stepback_ray.pipeline.stages import stage_resources
+
+    declared = [s for spec in PASSES for s in spec.stages]
+    names = [s.name for s in declared]
+    assert len(names) == len(set(names))  # one name, one ray.stages key
+    assert [s.kind for s in pass_named("profile").stages] == ["cpu", "engine", "commit"]
+    assert [p.name for p in PASSES] == ["profile", "embedding", "generation"]
+    job = _job(tmp_path, "ray.stages.profile_plan.concurrency=3")
+    embed, plan = pass_named("embedding").stages[0], pass_named("profile").stages[0]
+    assert (stage_resources(job, embed).num_cpus, stage_resources(job, embed).concurrency) == (1.0, None)
+    assert (stage_resources(job, plan).num_cpus, stage_resources(job, plan).concurrency) == (0.25, 3)
     with pytest.raises(ValueError, match="must end with a commit"):
-        PassSpec("broken", (Stage("profile_plan", ProfilePlanStage, "cpu"),))
+        PassSpec(
+            "broken",
+            (Stage("profile_plan", ProfilePlanStage, "cpu"),),
+            over="users",
+            commits_to=lambda job, at: (at.uri, at.folder),
+            needed=lambda job, command: True,
+        )
+
+
+def test_the_passes_a_command_runs_follow_the_job_s_modes(tmp_path):
+    from stepback_ray.pipeline.passes import passes_for
+
+    def names(modes, command, over):
+        job = _job(tmp_path, f"modes={json.dumps(modes)}")
+        return [p.name for p in passes_for(job, command, over)]
+
+    assert names(["profile+rag", "rag"], "run", "users") == ["profile"]
+    assert names(["rag"], "run", "users") == []
+    assert names(["rag"], "profile", "users") == ["profile"]
+    assert names(["rag"], "run", "queries") == ["generation"] and names(["rag"], "profile", "queries") == []
 
 
 def test_per_stage_resources_reach_ray_data(tmp_path, monkeypatch):
@@ -210,7 +236,7 @@ def test_per_stage_resources_reach_ray_data(tmp_path, monkeypatch):
         "ray.stages.score_and_commit.concurrency=3",
         "ray.engine_actor_cpus=1",
     )
-    run_on_ray(job, PASSES["generate"], [{"chunk_id": "c0"}], None)
+    run_on_ray(job, pass_named("generation"), [{"chunk_id": "c0"}], None)
     (plan_fn, plan), (engine_fn, eng), (commit_fn, commit) = calls
     assert plan_fn is GenerationPlanStage and plan["num_cpus"] == 0.5 and plan["compute"].max_size == 2
     assert plan["fn_constructor_kwargs"] == {"job": job, "at": None}
@@ -219,7 +245,7 @@ def test_per_stage_resources_reach_ray_data(tmp_path, monkeypatch):
     assert commit_fn is score_and_commit_generations and commit["concurrency"] == 3 and commit["num_cpus"] == 0.25
     assert all(kw["batch_size"] is None for _, kw in calls)  # one chunk per block, whole, to the commit
     calls.clear()
-    run_on_ray(job, PASSES["embed"], [{"chunk_id": "c0"}], None)
+    run_on_ray(job, pass_named("embedding"), [{"chunk_id": "c0"}], None)
     assert calls[0][0] is EmbedStage and calls[0][1]["num_cpus"] == 1.0 and len(calls) == 2
 
     class Hosts:  # the run's engine actors kept across passes (ray.keep_engines): the engine stage is a task
@@ -228,25 +254,24 @@ def test_per_stage_resources_reach_ray_data(tmp_path, monkeypatch):
             return ["host-a", "host-b"]
 
     calls.clear()
-    run_on_ray(job, PASSES["generate"], [{"chunk_id": "c0"}], None, Hosts())
+    run_on_ray(job, pass_named("generation"), [{"chunk_id": "c0"}], None, Hosts())
     engine_fn, eng = calls[1]
     assert engine_fn is serve_on_host and eng["num_cpus"] == 0 and "max_restarts" not in eng
     assert eng["compute"].size == 1  # as many blocks as the hosts take (2 x 2), or the pass has (1)
     assert eng["fn_kwargs"]["first_blocks"] == 1
     assert eng["fn_kwargs"]["hosts"] == ["host-a", "host-b"] and eng["fn_kwargs"]["stage_cls"] is GenerationEngineStage
     first_key = eng["fn_kwargs"]["pass_key"]
-    run_on_ray(job, PASSES["generate"], [{"chunk_id": "c0"}], None, Hosts())
+    run_on_ray(job, pass_named("generation"), [{"chunk_id": "c0"}], None, Hosts())
     assert calls[4][1]["fn_kwargs"]["pass_key"] != first_key  # each pass gets its own stage in the host
 
 
 def test_a_whole_job_in_process_with_no_ray(tmp_path, monkeypatch):
-    from stepback_ray.pipeline import runner
+    from stepback_ray.pipeline import executors
 
     def no_ray(*args, **kwargs):
         raise AssertionError("the in-process executor touched Ray")
 
-    monkeypatch.setattr(runner, "run_on_ray", no_ray)
-    monkeypatch.setattr(runner, "ray_session", no_ray)
+    monkeypatch.setattr(executors, "ray_backend", no_ray)
     job = _job(tmp_path, "executor=in-process", "run_id=local")
     result = run_job(job)
     assert result.manifest["counts"]["generation_rows"] == result.manifest["counts"]["expected_generation_rows"] == 30
@@ -282,7 +307,7 @@ def test_a_pass_sums_its_engine_processes_latest_usage():
     """Each block carries its engine process's usage since the engine was ready, cumulative: per process the
     largest counts are that process's whole pass (blocks commit in any order), and the pass sums its processes
     (an actor pool, or a restarted actor's new process); chunks no engine served carry nulls."""
-    from stepback_ray.pipeline.job import engine_usage
+    from stepback_ray.pipeline.run_passes import engine_usage
 
     summaries = [
         {"engine_process": "a:1", "engine_cpu_s": 30.0, "engine_preemptions": 900},
@@ -300,7 +325,7 @@ def test_an_engine_actors_usage_counts_the_processes_its_engine_started():
     import subprocess
     import sys
 
-    from stepback_ray.pipeline.runner import process_usage
+    from stepback_ray.pipeline.engine_stage import process_usage
 
     own, with_children = process_usage(), process_usage(children=True)
     child = subprocess.Popen(
@@ -346,7 +371,6 @@ def test_a_callers_engine_serves_an_in_process_run_and_is_kept(tmp_path, engine)
     "change, message",
     [
         (["executor=in-process", "ray.address=127.0.0.1:1"], "runs the passes in this process"),
-        (["ray.stages.embedd.num_cpus=1"], "embedd"),
         (["ray.stages.embed.num_cpus=0"], "num_cpus"),
     ],
 )
@@ -355,6 +379,15 @@ def test_bad_executor_and_stage_settings_name_the_key(tmp_path, change, message)
 
     with pytest.raises(ConfigError, match=message):
         _job(tmp_path, *change)
+
+
+def test_an_unknown_stage_name_is_one_line_before_the_run_creates_anything(tmp_path):
+    from stepback_ray.errors import ConfigError
+
+    job = _job(tmp_path, "ray.stages.embedd.num_cpus=1")
+    with pytest.raises(ConfigError, match=r"ray\.stages\.embedd: no such stage .*embed, commit_embeddings"):
+        run_job(job)
+    assert not Path(job.output_uri).exists()
 
 
 def test_an_engine_stage_closes_the_engine_it_built_never_one_it_was_given(tmp_path, engine, monkeypatch):

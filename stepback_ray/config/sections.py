@@ -314,30 +314,20 @@ class GenerationConfig(_Strict):
 
 
 class StageResources(_Strict):
-    """What one CPU or commit stage of a pass asks Ray for (:mod:`stepback_ray.pipeline`). A stage maps one chunk
-    per call, so it has no row batch size: the chunk is the unit of commit (a row batch would split a chunk across
-    two commits), and the engine batches its own calls (``engine.batch_size``, ``engine.max_batch_tokens``)."""
+    """What one CPU or commit stage of a pass asks Ray for, over its declaration's defaults
+    (:class:`stepback_ray.pipeline.stages.Stage`: 0.25 CPU, the embedding stage a whole CPU). A stage maps one
+    chunk per call, so it has no row batch size: the chunk is the unit of commit (a row batch would split a chunk
+    across two commits), and the engine batches its own calls (``engine.batch_size``, ``engine.max_batch_tokens``)."""
 
-    num_cpus: Number = Field(default=0.25, gt=0.0, description="CPUs per actor (or task, for a commit stage)")
+    num_cpus: Number | None = Field(
+        default=None, gt=0.0, description="CPUs per actor (or task, for a commit stage); default: the declaration's"
+    )
     concurrency: Int | None = Field(
         default=None,
         gt=0,
         description="actors of a CPU stage (default: "
         "ray.cpu_stage_actors); tasks at once of a commit stage (default: no limit)",
     )
-
-
-class StagesConfig(_Strict):
-    """Per-stage resources, one entry per CPU and commit stage of the passes; the engine stages use the
-    ``ray.engine_*`` keys. The light stages default to 0.25 CPU so they never starve the engine actors of slots on
-    small nodes; the embedding stage runs a sentence encoder: a whole CPU."""
-
-    profile_plan: StageResources = StageResources()
-    commit_profiles: StageResources = StageResources()
-    embed: StageResources = StageResources(num_cpus=1.0)
-    commit_embeddings: StageResources = StageResources()
-    generation_plan: StageResources = StageResources()
-    score_and_commit: StageResources = StageResources()
 
 
 class RayConfig(_Strict):
@@ -381,7 +371,11 @@ class RayConfig(_Strict):
         "cluster's is set where its nodes start (cluster.yaml)",
     )
     progress_bars: bool = True
-    stages: StagesConfig = StagesConfig()
+    stages: dict[str, StageResources] = Field(
+        default_factory=dict,
+        description="per CPU or commit stage, by the name its pass declares (stepback_ray.pipeline; an "
+        "unknown name is refused with the list); the engine stages use the ray.engine_* keys",
+    )
 
 
 class StorageConfig(_Strict):

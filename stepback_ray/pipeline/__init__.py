@@ -1,14 +1,19 @@
-"""The batch job as Ray Data passes, joined by user through the run's profile files.
+"""The batch job as Ray Data passes, joined by user through the run's profile files. Orchestration only: what a
+stage computes lives in the method packages (profiling, generation, pplug, evaluation) and the store.
 
 The files follow the passes:
 
-- :mod:`.schemas`: the rows the stages hand each other and commit;
-- :mod:`.chunks`: what a chunk holds (users or queries of one shard) and where its profiles live;
-- :mod:`.profile_pass`, :mod:`.embed_pass`, :mod:`.generation_pass`: each pass's stages, and the pass declared
-  as data (a :class:`~.runner.PassSpec`: stage classes, CPU pool / engine pool / commit);
-- :mod:`.runner`: the one runner that executes any pass, on Ray Data or in this process;
-- :mod:`.commit`: whole chunks written atomically, exactly once per row, and what a rerun still has to do;
-- :mod:`.manifest` and :mod:`.job`: the driver (``run_job``, ``run_profile_job``), metrics and the manifest.
+- :mod:`.stages`: a pass declared as data (:class:`~.stages.PassSpec`, its :class:`~.stages.Stage` list, what it
+  runs over, where it commits, when a job needs it); :mod:`.passes` lists the declared passes in order;
+- :mod:`.profile_pass`, :mod:`.embed_pass`, :mod:`.generation_pass`: each pass's stages and its declaration;
+  :mod:`.engine_stage` the base of their engine stages;
+- :mod:`.executors`: what runs a pass, on Ray Data (:mod:`.on_ray`, the run's kept engine actors in
+  :mod:`.engine_host`, their resources in :mod:`.resources`) or in this process (:mod:`.in_process`);
+- :mod:`.schemas`, :mod:`.chunks`, :mod:`.commit`: the rows the stages hand each other, what a chunk holds, and
+  whole chunks written atomically, exactly once per row, with what a rerun still has to do;
+- :mod:`.work`, :mod:`.run_passes`, :mod:`.user_passes`, :mod:`.profile_stats`, :mod:`.gate_sample`,
+  :mod:`.manifest` and :mod:`.job`: the driver (``run_job``, ``run_profile_job``), metrics and the manifest;
+- :mod:`.estimate` (``stepback plan``) and :mod:`.submit` (``stepback submit``).
 
 A *chunk* (the users of one shard, see :mod:`stepback_ray.data.rows`) is one Ray Data block from start to end:
 every stage maps a whole block to a whole block, so the commit stage writes each chunk as one file, atomically,
@@ -17,10 +22,14 @@ inside their actors from the job spec; CPU stages load only the tokenizer (and t
 """
 
 from stepback_ray.pipeline.chunks import ProfilesAt
-from stepback_ray.pipeline.job import PASSES, RunResult, prepare_work, run_job, run_profile_job, run_user_passes
+from stepback_ray.pipeline.executors import Executor, executor
+from stepback_ray.pipeline.job import RunResult, run_job, run_profile_job
 from stepback_ray.pipeline.manifest import check_resume, summarize
-from stepback_ray.pipeline.runner import Executor, PassSpec, Stage, executor, init_local_ray, ray_session
+from stepback_ray.pipeline.passes import PASSES, pass_named
 from stepback_ray.pipeline.schemas import row_key
+from stepback_ray.pipeline.stages import PassSpec, Stage
+from stepback_ray.pipeline.user_passes import run_user_passes
+from stepback_ray.pipeline.work import prepare_work
 
 __all__ = [
     "PASSES",
@@ -31,9 +40,8 @@ __all__ = [
     "Stage",
     "check_resume",
     "executor",
-    "init_local_ray",
+    "pass_named",
     "prepare_work",
-    "ray_session",
     "row_key",
     "run_job",
     "run_profile_job",

@@ -8,10 +8,11 @@ from __future__ import annotations
 import pyarrow as pa
 
 from stepback_ray.config import JobSpec
+from stepback_ray.generation import prompting
 from stepback_ray.pipeline.chunks import ProfilesAt, chunk_users
 from stepback_ray.pipeline.commit import commit_chunks
-from stepback_ray.pipeline.runner import PassSpec, Stage
 from stepback_ray.pipeline.schemas import EMBEDDING_SCHEMA, table, with_chunk_rows
+from stepback_ray.pipeline.stages import Command, PassSpec, Stage
 from stepback_ray.storage import RunStore
 from stepback_ray.tasks import get_task
 
@@ -76,10 +77,19 @@ def commit_embeddings(batch: pa.Table, job: JobSpec, at: ProfilesAt) -> pa.Table
     return pa.Table.from_pylist(commit_chunks(job, at.embeddings, batch.to_pylist(), EMBEDDING_SCHEMA, at.uri))
 
 
-EMBED_PASS = PassSpec(
-    "embed",
+def needs_embeddings(job: JobSpec, command: Command = "run") -> bool:
+    """Where one of the job's modes puts a Persona-Plug soft token before its prompt (both commands)."""
+    return any(prompting.uses_plug(m) for m in job.modes)
+
+
+EMBEDDING_PASS = PassSpec(
+    "embedding",
     (
-        Stage("embed", EmbedStage, "cpu"),
+        # the sentence encoder runs here: a whole CPU
+        Stage("embed", EmbedStage, "cpu", num_cpus=1.0),
         Stage("commit_embeddings", commit_embeddings, "commit"),
     ),
+    over="users",
+    commits_to=lambda job, at: (at.uri, at.embeddings),
+    needed=needs_embeddings,
 )

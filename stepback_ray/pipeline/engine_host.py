@@ -7,7 +7,7 @@ pass's engine had gone. Here the driver starts the run's engine actors (:class:`
 resources the engine stage asks for, and each pass's engine stage is a light Ray Data task that hands its block to
 one of them (:func:`serve_on_host`) and waits.
 
-Inside the host the pass's engine stage (:class:`~.runner.EngineStage`) is built once per pass around the host's
+Inside the host the pass's engine stage (:class:`~.engine_stage.EngineStage`) is built once per pass around the host's
 engine, so what an engine stage does holds as in a pass's own actor: the blocks in flight are served side by side
 in threads and their engine calls merged (``ray.engine_coalesce``), a bad prompt becomes one error row, and a fatal
 failure or a call hung past ``engine.call_timeout_s`` ends the host's process. Ray then restarts the host (a new
@@ -27,10 +27,13 @@ import zlib
 from typing import Any
 
 import pyarrow as pa
+import ray
+import ray.exceptions
 
 from stepback_ray.config import JobSpec
+from stepback_ray.engines import build_engine
+from stepback_ray.pipeline.engine_stage import EngineStage, serves_side_by_side
 from stepback_ray.pipeline.resources import engine_resources
-from stepback_ray.pipeline.runner import EngineStage, serves_side_by_side
 
 CLOSE_TIMEOUT_S = 60.0
 """How long the driver waits for a host to release its engine at the end of the run before it kills it."""
@@ -40,8 +43,6 @@ class EngineHost:
     """A Ray actor holding one engine for the run; serves the engine stage of every pass that uses its config."""
 
     def __init__(self, job: JobSpec):
-        from stepback_ray.engines import build_engine
-
         started = time.time()
         self.engine = build_engine(job.engine)
         #: when the engine started to build and was ready, handed to the first pass's stage (its first block
@@ -100,8 +101,6 @@ class EngineHosts:
         self._key: str | None = None
 
     def for_job(self, job: JobSpec) -> list[Any]:
-        import ray
-
         key = host_key(job)
         if key != self._key:
             self.close()
@@ -120,8 +119,6 @@ class EngineHosts:
     def any_dead(self, timeout_s: float = 30.0) -> bool:
         """Whether a host died for good (past its restarts): a failed pass asks, to tell an engine that is gone
         from any other failure."""
-        import ray
-
         for a in self.actors:
             try:
                 ray.get(a.alive.options(concurrency_group="control").remote(), timeout=timeout_s)
@@ -133,8 +130,6 @@ class EngineHosts:
 
     def close(self) -> None:
         """Let each host release its engine (bounded wait; a dead one is skipped), then end it."""
-        import ray
-
         actors, self.actors, self._key = self.actors, [], None
         if not actors:
             return
@@ -162,7 +157,5 @@ def serve_on_host(
 ) -> pa.Table:
     """The engine stage of a pass as a Ray Data task: the block served by one of the run's hosts. A host that dies
     is restarted and the call retried by Ray; one dead past its restarts raises its death here (the pass fails)."""
-    import ray
-
     host = hosts[pick_host(batch, len(hosts))]
     return ray.get(host.serve.remote(pass_key, stage_cls, job, batch, first_blocks))

@@ -19,6 +19,7 @@ import json
 from typing import Any
 
 from stepback_ray.config import JobSpec
+from stepback_ray.data.rows import chunk_id, shard_of
 from stepback_ray.evaluation.metrics import bootstrap_ci
 from stepback_ray.modes import donor_control
 from stepback_ray.pipeline.chunks import ProfilesAt, chunk_queries
@@ -45,8 +46,6 @@ def sample_chunk(
 ) -> dict[str, Any] | None:
     """One generation chunk holding one gold query (the first by id) of each of the ``users`` sampled lead users,
     with their histories (each lends theirs to the user who borrows from them). None: no query has a gold."""
-    from stepback_ray.data.rows import chunk_id, shard_of
-
     best: dict[str, Any] = {}
     for chunk in sorted(generation_chunks, key=lambda c: c["chunk_id"]):
         if len(best) >= SCAN_FACTOR * users:  # enough candidates: the same shards are read every night
@@ -78,7 +77,8 @@ def measure_lift(
     if chunk is None:
         return {"users": 0, "mean": None, "detail": "no query of the input has a gold"}
     sample_job = job.model_copy(update={"modes": list(MODES), "output": f"{job.output_uri}/{FOLDER}"})
-    ex.run(GENERATION_PASS, pending(sample_job.output_uri, "generations", sample_job, [chunk]), at, job=sample_job)
+    todo = pending(*GENERATION_PASS.commits_to(sample_job, at), sample_job, [chunk])
+    ex.run(GENERATION_PASS, todo, at, job=sample_job)
     store = RunStore(sample_job.output_uri, job.storage)
     scores: dict[str, dict[str, float]] = {m: {} for m in MODES}
     for r in store.scan("generations", ["query_id", "mode", "score", "status"]):

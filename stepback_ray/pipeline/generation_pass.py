@@ -23,8 +23,9 @@ from stepback_ray.generation import prompting, selection
 from stepback_ray.generation.retrieval import MemoRetriever, build_retriever
 from stepback_ray.pipeline.chunks import ProfilesAt, chunk_queries
 from stepback_ray.pipeline.commit import commit_chunks
-from stepback_ray.pipeline.runner import EngineStage, PassSpec, Stage
+from stepback_ray.pipeline.engine_stage import EngineStage
 from stepback_ray.pipeline.schemas import GENERATION_SCHEMA, PLANNED_GENERATION_SCHEMA, row_key, table
+from stepback_ray.pipeline.stages import PassSpec, Stage
 from stepback_ray.storage import RunStore
 from stepback_ray.tasks import get_task
 
@@ -315,10 +316,13 @@ def score_and_commit_generations(batch: pa.Table, job: JobSpec, at: ProfilesAt |
 
 
 GENERATION_PASS = PassSpec(
-    "generate",
+    "generation",
     (
         Stage("generation_plan", GenerationPlanStage, "cpu"),
         Stage("generation_engine", GenerationEngineStage, "engine", takes_at=False),
         Stage("score_and_commit", score_and_commit_generations, "commit"),
     ),
+    over="queries",
+    commits_to=lambda job, at: (job.output_uri, "generations"),
+    needed=lambda job, command: command == "run",
 )

@@ -17,10 +17,12 @@ from stepback_ray import profiling
 from stepback_ray.config import JobSpec
 from stepback_ray.data.rows import UserHistory, status_kind
 from stepback_ray.engines.formatting import PromptFormatter
+from stepback_ray.generation import prompting
 from stepback_ray.pipeline.chunks import ProfilesAt, chunk_users
 from stepback_ray.pipeline.commit import commit_chunks
-from stepback_ray.pipeline.runner import EngineStage, PassSpec, Stage
+from stepback_ray.pipeline.engine_stage import EngineStage
 from stepback_ray.pipeline.schemas import PLANNED_PROFILE_SCHEMA, PROFILE_SCHEMA, table, with_chunk_rows
+from stepback_ray.pipeline.stages import Command, PassSpec, Stage
 from stepback_ray.storage import RunStore
 from stepback_ray.tasks import get_task
 
@@ -223,6 +225,11 @@ def commit_profiles(batch: pa.Table, job: JobSpec, at: ProfilesAt) -> pa.Table:
     return pa.Table.from_pylist(summaries)
 
 
+def needs_profiles(job: JobSpec, command: Command = "run") -> bool:
+    """``stepback profile`` profiles every user; ``stepback run`` where one of its modes reads a profile."""
+    return command == "profile" or any(prompting.mode_uses(m)[0] for m in job.modes)
+
+
 PROFILE_PASS = PassSpec(
     "profile",
     (
@@ -230,4 +237,7 @@ PROFILE_PASS = PassSpec(
         Stage("profile_engine", ProfileEngineStage, "engine", takes_at=False),
         Stage("commit_profiles", commit_profiles, "commit"),
     ),
+    over="users",
+    commits_to=lambda job, at: (at.uri, at.folder),
+    needed=needs_profiles,
 )

@@ -159,8 +159,8 @@ ENGINE_STAMPS = (
     ("engine_cpu_s", _F),
     ("engine_preemptions", _I),
 )
-"""What an engine stage stamps on its blocks (:meth:`~stepback_ray.pipeline.runner.EngineStage.stamp`) for the commit
-summaries: travelling columns, never committed."""
+"""What an engine stage stamps on its blocks (:meth:`~stepback_ray.pipeline.engine_stage.EngineStage.stamp`) for
+the commit summaries: travelling columns, never committed."""
 
 
 def with_chunk_rows(schema: pa.Schema) -> pa.Schema:
