@@ -39,9 +39,9 @@ def run_passes(
 
 def engine_start_times(name: str, summaries: list[dict[str, Any]], t0: float) -> dict[str, float | int]:
     """A pass's fixed engine costs from its commit summaries' stamps (:meth:`~.engine_stage.EngineStage.stamp`):
-    how many engines started, the seconds from the pass's start until the first was ready (scheduling, actor start, model load), and
-    the longest model load. Nothing when the pass started no engine (nothing to do, or the in-process
-    executor's engine reused from the profile pass)."""
+    how many engines started, the seconds from the pass's start until the first was ready (scheduling, actor start,
+    model load), and the longest model load. Nothing when the pass started no engine (nothing to do, or the
+    in-process executor's engine reused from the profile pass)."""
     stamps = [(s["engine_started_at"], s["engine_ready_at"]) for s in summaries if s.get("engine_ready_at") is not None]
     if not stamps:
         return {}
