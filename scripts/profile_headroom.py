@@ -62,7 +62,8 @@ def headroom(run: Path, questions: Path, mode: str = "rag") -> dict:
     from stepback_ray.data.rows import donors
     from stepback_ray.evaluation.metrics import rouge
     from stepback_ray.generation.selection import MAX_OWN_OUTPUTS, PersonalRefs, scores
-    from stepback_ray.profiling import most_recent_first, render_profile
+    from stepback_ray.data.rows import most_recent_first
+    from stepback_ray.profiling import render_profile
     from stepback_ray.tasks import get_task
 
     gens = pd.read_parquet(run / "generations")

@@ -18,10 +18,14 @@ profile store version refused by the quality gate (``profile_store.gate``) exits
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
+from pathlib import Path
 from typing import Any
 
-from stepback_ray.errors import StepbackError
+from stepback_ray.config import load_job, storage_config
+from stepback_ray.errors import InputError, StepbackError
 
 
 def format_table(metrics: dict[str, Any]) -> str:
@@ -51,8 +55,6 @@ def format_table(metrics: dict[str, Any]) -> str:
 def positive_float(text: str) -> float:
     """An argparse type: a finite number above 0, checked before any work (0 would divide by zero after a whole
     dry run, a negative one print negative GPU-hours, ``nan`` print invalid JSON)."""
-    import math
-
     try:
         value = float(text)
     except ValueError:
@@ -63,10 +65,8 @@ def positive_float(text: str) -> float:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from stepback_ray.config import load_job
-
-    job = load_job(args.job, args.set)  # before the pipeline's imports (nltk, scipy, torch): a bad spec fails fast
-    from stepback_ray.pipeline import run_job
+    job = load_job(args.job, args.set)
+    from stepback_ray.pipeline import run_job  # deferred: pyarrow, nltk, scipy; a bad spec fails before them
 
     print(
         f"stepback: running {job.name} ({job.task}, modes {', '.join(job.modes)}) -> {job.output_uri}", file=sys.stderr
@@ -78,12 +78,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_profile(args: argparse.Namespace) -> int:
-    import json
-
-    from stepback_ray.config import load_job
-
     job = load_job(args.job, args.set)
-    from stepback_ray.pipeline import run_profile_job
+    from stepback_ray.pipeline import run_profile_job  # deferred: pyarrow, nltk, scipy
 
     store = job.profile_store.uri or "(none: profiles kept in the run output)"
     print(f"stepback: profiling {job.name} ({job.task}) -> store {store}", file=sys.stderr)
@@ -93,22 +89,16 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    import json
-
-    from stepback_ray.config import load_job
-
     job = load_job(args.job, [*args.set, "ray.progress_bars=false"])
-    from stepback_ray.pipeline.estimate import plan_job
+    from stepback_ray.pipeline.estimate import plan_job  # deferred: pyarrow, nltk, scipy
 
     print(json.dumps(plan_job(job, args.tokens_per_s, args.profile_only), indent=1))
     return 0
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
-    from stepback_ray.config import load_job
-
     load_job(args.job, args.set)  # validate here, before anything reaches the cluster
-    from stepback_ray.pipeline.submit import submit_job
+    from stepback_ray.pipeline.submit import submit_job  # deferred: pyarrow (the pipeline package)
 
     return submit_job(
         args.job, args.set, args.address, pip=args.pip, env=args.env, wait=not args.no_wait, command=args.command
@@ -116,32 +106,22 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_pplug(args: argparse.Namespace) -> int:
-    import json
-
-    from stepback_ray.config import load_job
-
     job = load_job(args.job, args.set)
-    from stepback_ray.pplug.training import train
+    from stepback_ray.pplug.training import train  # deferred: torch
 
     print(json.dumps(train(job, log=lambda m: print(m, file=sys.stderr, flush=True)), indent=1))
     return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from stepback_ray.config import storage_config
-    from stepback_ray.evaluation.report import build_report
+    from stepback_ray.evaluation.report import build_report  # deferred: numpy, pyarrow
 
     print(build_report(args.run, storage_config(args.set)))
     return 0
 
 
 def _cmd_forget(args: argparse.Namespace) -> int:
-    import json
-    from pathlib import Path
-
-    from stepback_ray.config import storage_config
-    from stepback_ray.errors import InputError
-    from stepback_ray.store.forget import forget
+    from stepback_ray.store.forget import forget  # deferred: pyarrow
 
     ids = list(args.user)
     if args.users_file:
@@ -154,8 +134,8 @@ def _cmd_forget(args: argparse.Namespace) -> int:
 
 
 def _cmd_promote(args: argparse.Namespace) -> int:
-    from stepback_ray.config import storage_config
-    from stepback_ray.store.gate import describe_failures, promote
+    from stepback_ray.store.gate import describe_failures  # deferred: pyarrow
+    from stepback_ray.store.promote import promote
 
     before, after, manifest = promote(args.store, args.version, storage_config(args.set))
     if before == after:
@@ -170,9 +150,7 @@ def _cmd_promote(args: argparse.Namespace) -> int:
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
-    import json
-
-    from stepback_ray.evaluation.scoring import score_files
+    from stepback_ray.evaluation.scoring import score_files  # deferred: numpy
 
     print(json.dumps(score_files(args.pred, args.gold, args.task)))
     return 0

@@ -250,7 +250,7 @@ def test_pplug_random_serves_the_donors_soft_token_with_the_users_own_input(tiny
     vectors = stage._embeddings([c["chunk_id"] for c in work.generation_chunks])
     pairs = donors(sorted(inputs), job.generation.seed)
     assert len(pairs) == 4 and all(u != d for u, d in pairs.items())
-    from stepback_ray.profiling import most_recent_first
+    from stepback_ray.data.rows import most_recent_first
 
     history = {u["user_id"]: u["history"] for u in lamp5_users(4)}
     assert stage.plug.max_items == 8 and max(len(vectors[d]) for d in pairs.values()) > 8  # a history is cut

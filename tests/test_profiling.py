@@ -7,6 +7,7 @@ import json
 import pytest
 
 from stepback_ray import profiling
+from stepback_ray.data.rows import most_recent_first
 from stepback_ray.config import EngineConfig, ProfileConfig
 from stepback_ray.data import collect_users, read_lamp
 from stepback_ray.tasks import TASKS
@@ -46,7 +47,7 @@ def test_selection_is_most_recent_first_and_fills_the_budget(formatter):
     date = {it["id"]: it["date"] for it in user.history}
     dates = [date[c.item_id] for c in chosen]
     assert dates == sorted(dates, reverse=True)
-    newest = profiling.most_recent_first(user.history)
+    newest = most_recent_first(user.history)
     assert [c.item_id for c in chosen] == [it["id"] for it in newest[: len(chosen)]]
     # the next item would not have fit
     nxt = newest[len(chosen)]
@@ -57,7 +58,7 @@ def test_selection_is_most_recent_first_and_fills_the_budget(formatter):
 
 def test_undated_items_come_after_dated_ones_in_order():
     items = [{"id": "a"}, {"id": "b", "date": "2020-01-01"}, {"id": "c"}, {"id": "d", "date": "2024-05"}]
-    assert [i["id"] for i in profiling.most_recent_first(items)] == ["d", "b", "a", "c"]
+    assert [i["id"] for i in most_recent_first(items)] == ["d", "b", "a", "c"]
 
 
 def test_prompt_ends_with_the_prefill_and_shows_an_example(formatter):
@@ -180,7 +181,7 @@ def test_long_history_is_planned_into_parts_that_each_fit_the_budget(formatter):
     for part in plan.parts:
         assert sum(s.tokens for s in part) <= cfg.history_token_budget
     order = [s.item_id for p in plan.parts for s in p]
-    assert order == [it["id"] for it in profiling.most_recent_first(history)]
+    assert order == [it["id"] for it in most_recent_first(history)]
     capped = profiling.plan_profile(
         "u", history, TASK, ProfileConfig(history_token_budget=300, max_item_tokens=80, max_parts=2), formatter
     )

@@ -79,7 +79,7 @@ def test_retention_keeps_the_newest_versions_the_current_one_and_what_runs_build
     import pyarrow as pa
 
     from stepback_ray.storage import RunStore
-    from stepback_ray.store.gate import promote
+    from stepback_ray.store.promote import promote
     from stepback_ray.store.retention import apply_retention
     from stepback_ray.store.versions import _versions, commit_version, open_version
 

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from stepback_ray.config import JobSpec
 from stepback_ray.data.rows import Query, UserHistory, shard_of, user_id_problem
-from stepback_ray.storage import RunStore
+from stepback_ray.storage import RunStore, filesystem_for
 from stepback_ray.tasks import TaskSpec, get_task
 
 MAX_ITEM_CHARS = 100_000
@@ -224,10 +224,8 @@ def stage_dataset(job: JobSpec, shards: int, denied: frozenset[str] = frozenset(
     and, with ``denied`` users (forgotten in the profile store), the rows and users left out for that).
     A rerun of the same run finds the staging done (``_staged/_SUCCESS``) and reuses it; one that finds it
     unfinished stages again from scratch."""
-    import ray.data
+    import ray.data  # deferred: a LaMP JSON job never imports Ray
     from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-    from stepback_ray.storage import filesystem_for
 
     store = RunStore(job.output_uri, job.storage)
     if not store.exists("_staged/_SUCCESS"):

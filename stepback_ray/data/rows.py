@@ -12,6 +12,7 @@ finds the same chunks, and the profile of any user is found in the profile file 
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import re
@@ -173,3 +174,20 @@ def decode_users(payload: str) -> list[UserHistory]:
 def decode_queries(payload: str) -> tuple[list[Query], dict[str, list[Item]]]:
     data = json.loads(payload)
     return [Query(**q) for q in data["queries"]], data["histories"]
+
+
+def _date_key(item: dict[str, str]) -> float:
+    raw = (item.get("date") or "").strip()
+    for n, fmt in ((10, "%Y-%m-%d"), (7, "%Y-%m"), (4, "%Y")):
+        try:
+            return dt.datetime.strptime(raw[:n], fmt).timestamp()
+        except ValueError:
+            continue
+    return float("-inf")
+
+
+def most_recent_first(items: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Items by date, newest first; undated items keep their order after the dated ones."""
+    indexed = list(enumerate(items))
+    indexed.sort(key=lambda p: (-_date_key(p[1]), p[0]))
+    return [it for _, it in indexed]

@@ -17,6 +17,7 @@ from typing import Protocol
 import numpy as np
 
 from stepback_ray.config import RetrievalConfig
+from stepback_ray.engines.models import resolve_model
 
 
 class Retriever(Protocol):
@@ -72,9 +73,7 @@ class DenseRetriever:
     """Cosine similarity under a sentence encoder, loaded once per process."""
 
     def __init__(self, model: str, device: str = "cpu", batch_size: int = 64):
-        from sentence_transformers import SentenceTransformer
-
-        from stepback_ray.engines.models import resolve_model
+        from sentence_transformers import SentenceTransformer  # deferred: imports torch
 
         self.encoder = SentenceTransformer(resolve_model(model), device=device)
         self.batch_size = batch_size

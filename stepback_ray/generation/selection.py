@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from stepback_ray.data.rows import most_recent_first
 from stepback_ray.evaluation.metrics import rating_value, rouge
 from stepback_ray.tasks import TaskSpec
 
@@ -47,7 +48,6 @@ class PersonalRefs:
 def personal_refs(task: TaskSpec, people: list, llm_fields: dict[str, str]) -> PersonalRefs:
     """The refs of the people (:class:`~stepback_ray.generation.prompting.Persona`) whose context a prompt uses:
     each one's newest :data:`MAX_OWN_OUTPUTS` own outputs of the task's kind, and the LLM's fields of their profile."""
-    from stepback_ray.profiling import most_recent_first
 
     name = getattr(task.habits, "field", None)
     refs = PersonalRefs()

@@ -24,7 +24,7 @@ inside their actors from the job spec; CPU stages load only the tokenizer (and t
 from stepback_ray.pipeline.chunks import ProfilesAt
 from stepback_ray.pipeline.executors import Executor, executor
 from stepback_ray.pipeline.job import RunResult, run_job, run_profile_job
-from stepback_ray.pipeline.manifest import check_resume, summarize
+from stepback_ray.pipeline.manifest import check_resume
 from stepback_ray.pipeline.passes import PASSES, pass_named
 from stepback_ray.pipeline.schemas import row_key
 from stepback_ray.pipeline.stages import PassSpec, Stage
@@ -46,5 +46,4 @@ __all__ = [
     "run_job",
     "run_profile_job",
     "run_user_passes",
-    "summarize",
 ]

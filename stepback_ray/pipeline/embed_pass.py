@@ -22,6 +22,7 @@ class EmbedStage:
     version already embedded (same id, same encoder) are reused, not re-encoded."""
 
     def __init__(self, job: JobSpec, at: ProfilesAt):
+        # deferred: the encoder and the checkpoint import torch
         from stepback_ray.pplug.encoder import TextEncoder, item_text
         from stepback_ray.pplug.training import checkpoint_config
 

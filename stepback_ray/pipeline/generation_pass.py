@@ -15,7 +15,7 @@ import pyarrow as pa
 from stepback_ray import profiling
 from stepback_ray.config import JobSpec
 from stepback_ray.data import donors
-from stepback_ray.data.rows import Query
+from stepback_ray.data.rows import Query, most_recent_first
 from stepback_ray.engines import Request, SamplingParams
 from stepback_ray.engines.formatting import PromptFormatter
 from stepback_ray.evaluation import metrics
@@ -40,7 +40,7 @@ class GenerationPlanStage:
         self.store = RunStore(at.uri, job.storage) if at else None
         self.plug = None
         if any(prompting.uses_plug(m) for m in job.modes):
-            from stepback_ray.pplug.serving import PlugServer
+            from stepback_ray.pplug.serving import PlugServer  # deferred: imports torch
 
             self.plug = PlugServer(job)
 
@@ -74,7 +74,7 @@ class GenerationPlanStage:
                 d = donor_info.get(q.user_id)
                 owner, history = (d["donor"], d["history"]) if d else (None, [])
             have = vectors.get(owner, {})
-            items = [it for it in profiling.most_recent_first(history) if it["id"] in have][: self.plug.max_items]
+            items = [it for it in most_recent_first(history) if it["id"] in have][: self.plug.max_items]
             requests.append((q.input, [have[it["id"]] for it in items]))
         for r, soft in zip(wanted, self.plug.soft_tokens(requests)):
             if soft is None:

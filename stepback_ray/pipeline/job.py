@@ -18,8 +18,9 @@ from stepback_ray.engines.formatting import PromptFormatter
 from stepback_ray.engines.openai_engine import api_key
 from stepback_ray.errors import RunFailed, StepbackError
 from stepback_ray.evaluation.report import build_report
+from stepback_ray.evaluation.summary import summarize
 from stepback_ray.pipeline.executors import executor
-from stepback_ray.pipeline.manifest import check_error_budget, check_resume, failed_manifest, manifest_head, summarize
+from stepback_ray.pipeline.manifest import check_error_budget, check_resume, failed_manifest, manifest_head
 from stepback_ray.pipeline.passes import check_stage_settings, passes_for
 from stepback_ray.pipeline.profile_pass import needs_profiles
 from stepback_ray.pipeline.run_passes import run_passes
@@ -95,7 +96,7 @@ def _run_job(
         t1 = time.time()
     timings["shutdown_s"] = round(time.time() - t1, 3)  # engines closed, the local Ray stopped
 
-    result_metrics, gen_counts = summarize(job, store)
+    result_metrics, gen_counts = summarize(store, job.task, job.modes)
     if gen_counts["generation_rows"] == 0:
         raise StepbackError(
             f"{job.input.path or job.input.questions}: no queries to generate for (a dataset with "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from stepback_ray.engines.models import resolve_model
 from stepback_ray.tasks import Item, TaskSpec
 
 
@@ -20,9 +21,7 @@ class TextEncoder:
     """A sentence-transformers model (default: the packaged all-MiniLM-L6-v2), normalized embeddings."""
 
     def __init__(self, model: str, device: str = "cpu", batch_size: int = 64, max_seq_length: int = 256):
-        from sentence_transformers import SentenceTransformer
-
-        from stepback_ray.engines.models import resolve_model
+        from sentence_transformers import SentenceTransformer  # deferred: imports torch
 
         self.model = SentenceTransformer(resolve_model(model), device=device)
         self.model.max_seq_length = max_seq_length

@@ -29,14 +29,13 @@ import numpy as np
 
 from stepback_ray.config import JobSpec, RetrievalConfig
 from stepback_ray.data import read_lamp
-from stepback_ray.data.rows import Query
+from stepback_ray.data.rows import Query, most_recent_first
 from stepback_ray.engines.formatting import PromptFormatter
 from stepback_ray.engines.models import resolve_model
 from stepback_ray.errors import StepbackError
 from stepback_ray.generation.prompting import fit_prompt
 from stepback_ray.pplug.encoder import TextEncoder, item_text
 from stepback_ray.pplug.model import PersonaPlug
-from stepback_ray.profiling import most_recent_first
 from stepback_ray.storage import RunStore
 from stepback_ray.tasks import get_task
 

@@ -4,13 +4,13 @@ whether a stored profile is still valid."""
 
 from __future__ import annotations
 
-import datetime as _dt
 import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from stepback_ray.config import EngineConfig, ProfileConfig
+from stepback_ray.data.rows import most_recent_first
 from stepback_ray.engines.base import PromptTools
 from stepback_ray.profiling.prompts import PROMPT_VERSION, profile_messages
 from stepback_ray.tasks import TaskSpec
@@ -68,23 +68,6 @@ class ProfilePlan:
             list(d.get("habits") or []),
             list(d.get("exemplars") or []),
         )
-
-
-def _date_key(item: dict[str, str]) -> float:
-    raw = (item.get("date") or "").strip()
-    for n, fmt in ((10, "%Y-%m-%d"), (7, "%Y-%m"), (4, "%Y")):
-        try:
-            return _dt.datetime.strptime(raw[:n], fmt).timestamp()
-        except ValueError:
-            continue
-    return float("-inf")
-
-
-def most_recent_first(items: list[dict[str, str]]) -> list[dict[str, str]]:
-    """Items by date, newest first; undated items keep their order after the dated ones."""
-    indexed = list(enumerate(items))
-    indexed.sort(key=lambda p: (-_date_key(p[1]), p[0]))
-    return [it for _, it in indexed]
 
 
 def part_budget(task: TaskSpec, config: ProfileConfig, tools: PromptTools) -> int:

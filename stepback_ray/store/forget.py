@@ -40,9 +40,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from stepback_ray.config import StorageConfig
+from stepback_ray.data import donors
 from stepback_ray.errors import StepbackError
+from stepback_ray.evaluation.report import build_report
+from stepback_ray.evaluation.summary import summarize
+from stepback_ray.modes import mode_spec
 from stepback_ray.storage import PointerMoved, RunStore
-from stepback_ray.store.versions import _versions
+from stepback_ray.store.layout import list_versions
 
 DENY_LIST = "forgotten/deny-list.json"
 AUDIT_DIR = "forgotten/audit"
@@ -117,11 +121,9 @@ def _hits(table: pa.Table, ids: pa.Array, donors_of: dict[str, str] | None) -> p
                 per_row[parent] = per_row[parent] or bool(h)
             hit = pc.or_(hit, pa.array(per_row))
     if donors_of and "context_user_ids" not in names and "mode" in names:
-        from stepback_ray.generation.prompting import uses_donor
-
         wanted = set(ids.to_pylist())
         borrowed = [
-            uses_donor(m) and donors_of.get(u) in wanted
+            mode_spec(m).donor and donors_of.get(u) in wanted
             for m, u in zip(table.column("mode").to_pylist(), table.column("user_id").to_pylist())
         ]
         hit = pc.or_(hit, pa.array(borrowed))
@@ -178,8 +180,6 @@ def _chunk_donors(probe: pa.Table, seed: int) -> dict[str, str] | None:
     generation pass chose it (a fixed derangement of the chunk's users under the run's seed)."""
     if "context_user_ids" in probe.column_names or "user_ids" not in probe.column_names:
         return None
-    from stepback_ray.data import donors
-
     users = sorted(set(probe.column("user_ids").combine_chunks().flatten().to_pylist()))
     return donors(users, seed)
 
@@ -239,11 +239,7 @@ def scrub_run(uri: str, ids: set[str], storage: StorageConfig) -> Scrubbed:
 
 def _rebuild_summary(run: RunStore, spec: dict[str, Any], out: Scrubbed) -> None:
     """Predictions and per-mode metrics from the remaining rows; the report again if the run had one."""
-    from types import SimpleNamespace
-
-    from stepback_ray.pipeline.manifest import summarize
-
-    metrics, counts = summarize(SimpleNamespace(task=spec["task"], modes=spec["modes"]), run)
+    metrics, counts = summarize(run, spec["task"], spec["modes"])
     old = run.read_json("metrics.json")
     run.write_json("metrics.json", {**old, **metrics})
     out.rows["predictions"] = out.rows["generations"]  # one prediction per generation row
@@ -260,8 +256,6 @@ def _rebuild_summary(run: RunStore, spec: dict[str, Any], out: Scrubbed) -> None
         )
         run.write_json("manifest.json", manifest)
     if run.exists("report.html"):
-        from stepback_ray.evaluation.report import build_report
-
         build_report(run.uri, run.storage)
         out.files.append(run.uri_of("report.html"))
 
@@ -298,7 +292,7 @@ def forget(
         already, _ = update_deny_list(store, add=ids)  # first: from here on no job brings them back
         wanted = set(ids)
         done = Scrubbed()
-        versions = _versions(store)
+        versions = list_versions(store)
         for version in versions:
             done.add(scrub_version(store, version, wanted))
         for uri in runs:

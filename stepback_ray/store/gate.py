@@ -1,4 +1,4 @@
-"""The quality gate of a profile store, and ``stepback promote``.
+"""The quality gate of a profile store.
 
 Before ``CURRENT.json`` moves to a new version, the version is checked against ``profile_store.gate`` (every
 threshold optional; none set: no gate):
@@ -19,22 +19,17 @@ threshold optional; none set: no gate):
 A ``min_...`` figure that cannot be measured (no profiles, fewer than two users to identify) fails its check. A
 version that fails is kept, complete, with the gate's figures in its manifest; ``CURRENT.json`` does not move,
 and the run fails with :class:`GateFailed` (exit 4) naming every failed check. An operator who has looked at it
-can serve it anyway with ``stepback promote``, which moves ``CURRENT.json`` to any finished version (also back
-to an older one) by compare-and-swap.
+can serve it anyway with ``stepback promote`` (:mod:`~stepback_ray.store.promote`).
 """
 
 from __future__ import annotations
 
-import datetime as dt
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from stepback_ray.config import JobSpec
 from stepback_ray.data.rows import status_kind
-from stepback_ray.errors import RunFailed, StepbackError
-from stepback_ray.storage import PointerMoved, RunStore
-
-if TYPE_CHECKING:
-    from stepback_ray.config import JobSpec, StorageConfig
-    from stepback_ray.store.versions import StoreVersion
+from stepback_ray.errors import RunFailed
+from stepback_ray.store.layout import StoreVersion
 
 
 class GateFailed(RunFailed):
@@ -165,73 +160,3 @@ def refuse_failed(job: JobSpec, sv: StoreVersion, manifest: dict[str, Any]) -> N
         f"`stepback promote --store {job.profile_store.uri} --version {sv.version}` to serve it anyway",
         gate,
     )
-
-
-def _resolve(root: RunStore, uri: str, version: str) -> str:
-    """A version as written (``versions/date=.../run=<id>``), or its run id alone."""
-    from stepback_ray.store.versions import _versions
-
-    version = version.strip("/")
-    found = _versions(root)
-    if version in found:
-        return version
-    by_run = [v for v in found if v.endswith(f"/run={version}") or v.endswith(f"/{version}")]
-    if len(by_run) == 1:
-        return by_run[0]
-    raise StepbackError(
-        f"{uri}: no version {version} in the store (its versions: "
-        f"{', '.join(found[-3:]) or 'none'}{', ...' if len(found) > 3 else ''})"
-    )
-
-
-def promote(uri: str, version: str, storage: StorageConfig) -> tuple[str | None, str, dict[str, Any]]:
-    """Point ``CURRENT.json`` at a finished ``version`` by compare-and-swap. Returns (the version it pointed at
-    before, the version it points at now, the promoted version's manifest)."""
-    root = RunStore(uri, storage)
-    version = _resolve(root, uri, version)
-    if not root.exists(f"{version}/manifest.json"):
-        raise StepbackError(
-            f"{uri}: {version} is incomplete (no manifest.json: its run never finished); only a "
-            "finished version can be promoted"
-        )
-    manifest = root.read_json(f"{version}/manifest.json")
-    missing = [f for f in manifest.get("files", []) if not root.exists(f)]
-    if missing:
-        raise StepbackError(
-            f"{uri}: {version} is incomplete ({len(missing)} of its {len(manifest['files'])} profile "
-            f"files are gone, e.g. {missing[0]}); it cannot be promoted"
-        )
-    current, token = root.read_versioned("CURRENT.json")
-    before = current["version"] if current else None
-    if before == version:
-        return before, version, manifest
-    pointer = manifest.get("pointer") or {  # a manifest written before pointers were recorded in it
-        "version": version,
-        "run_id": manifest.get("run_id"),
-        "users": manifest.get("users"),
-        "num_shards": (current or {}).get("num_shards"),
-        "runs_since_full": 0,
-        "full_rebuild": manifest.get("full_rebuild"),
-        "model": manifest.get("config", {}).get("engine", {}).get("model"),
-    }
-    if current and pointer.get("num_shards") != current.get("num_shards"):
-        raise StepbackError(
-            f"{uri}: {version} has {pointer.get('num_shards')} shards, the store "
-            f"{current['num_shards']}; it cannot be promoted"
-        )
-    try:
-        root.swap_json(
-            "CURRENT.json",
-            {
-                **pointer,
-                "committed": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                "promoted_from": before,
-            },
-            token,
-        )
-    except PointerMoved:
-        now = root.read_json("CURRENT.json").get("version") if root.exists("CURRENT.json") else None
-        raise StepbackError(
-            f"{uri}: CURRENT.json moved to {now} while promoting; nothing changed, run promote again"
-        ) from None
-    return before, version, manifest

@@ -1,24 +1,12 @@
-"""The profile store: step-back profiles kept by user across runs, so a nightly job redoes only what changed.
-
-Layout under the store's URI::
-
-    versions/date=2026-11-22/run=<run_id>/profiles/chunk-<shard>.parquet   one file per shard (user hash)
-    versions/date=2026-11-22/run=<run_id>/started.json                    the version it builds on
-    versions/date=2026-11-22/run=<run_id>/manifest.json                   counts: carried, recomputed, ...
-    CURRENT.json                                                          the latest complete version
+"""Opening and committing a version of the profile store (:mod:`~stepback_ray.store.layout`).
 
 A run writes a complete new version (unchanged users are carried over row for row), and only then moves
 ``CURRENT.json`` to it: readers always see a whole version, a failed night leaves yesterday's in place, and a
-rerun with the same run id resumes the version it started. Each row keeps the fingerprint of (history, model,
-prompt version, profile settings); a user whose fingerprint is unchanged is carried over without an LLM call.
-In incremental mode a user whose history only grew gets the old profile merged with a profile of the new items
-(old profile + new items -> new profile); every ``full_rebuild_every``-th run rebuilds everyone from scratch.
-"""
+rerun with the same run id resumes the version it started."""
 
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
 from typing import Any
 
 from stepback_ray.config import JobSpec
@@ -26,34 +14,7 @@ from stepback_ray.errors import RunFailed, StepbackError
 from stepback_ray.storage import PointerMoved, RunStore
 from stepback_ray.store import gate as store_gate
 from stepback_ray.store import retention as store_retention
-
-
-@dataclass
-class StoreVersion:
-    """Where this run writes its profiles, what it builds on, and whether it rebuilds everyone."""
-
-    root: RunStore
-    version: str
-    """Folder of this run's version, relative to the store root."""
-    previous: str | None
-    """Folder of the version it builds on (None: first run)."""
-    full: bool
-    """Rebuild every profile (first run, or the periodic full rebuild)."""
-    runs_since_full: int
-    previous_users: int
-    base_token: str | None = None
-    """``CURRENT.json`` as this run read it (its ETag or hash): the commit is a compare-and-swap against it."""
-    committed: dict[str, Any] | None = None
-    """The version's manifest when this run already committed it (a rerun after a later stage failed): the
-    profile pass is done and is not run or committed again."""
-
-    @property
-    def profiles_dir(self) -> str:
-        return f"{self.version}/profiles"
-
-    @property
-    def previous_profiles_dir(self) -> str | None:
-        return f"{self.previous}/profiles" if self.previous else None
+from stepback_ray.store.layout import StoreVersion, list_versions, utc_now
 
 
 def open_version(job: JobSpec, shards: int, resuming: bool = False) -> StoreVersion:
@@ -73,7 +34,7 @@ def open_version(job: JobSpec, shards: int, resuming: bool = False) -> StoreVers
     current_version = current["version"] if current else None
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
     version = f"versions/date={date}/run={job.run_id}"
-    existing = [v for v in _versions(root) if v.endswith(f"/run={job.run_id}")]
+    existing = [v for v in list_versions(root) if v.endswith(f"/run={job.run_id}")]
     if existing:  # resuming: keep the version folder the interrupted run started
         version = existing[0]
         started = root.read_json(f"{version}/started.json") if root.exists(f"{version}/started.json") else {}
@@ -135,17 +96,6 @@ def open_version(job: JobSpec, shards: int, resuming: bool = False) -> StoreVers
     )
 
 
-def _versions(root: RunStore) -> list[str]:
-    out = []
-    for date_dir in root.list("versions"):
-        out.extend(root.list(date_dir))
-    return out
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def commit_version(sv: StoreVersion, job: JobSpec, shards: int, manifest: dict[str, Any]) -> dict[str, Any]:
     """Write the version's manifest, then point ``CURRENT.json`` at it (the commit point): a compare-and-swap
     against the pointer this run built on, so of two jobs that started from one version only the first commits;
@@ -170,7 +120,7 @@ def commit_version(sv: StoreVersion, job: JobSpec, shards: int, manifest: dict[s
     sv.root.write_json(f"{sv.version}/manifest.json", manifest)
     store_gate.refuse_failed(job, sv, manifest)
     try:
-        sv.root.swap_json("CURRENT.json", {**pointer, "committed": _now()}, sv.base_token)
+        sv.root.swap_json("CURRENT.json", {**pointer, "committed": utc_now()}, sv.base_token)
     except PointerMoved:
         now = sv.root.read_json("CURRENT.json") if sv.root.exists("CURRENT.json") else {}
         raise RunFailed(

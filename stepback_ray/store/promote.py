@@ -1,0 +1,80 @@
+"""``stepback promote``: move a profile store's ``CURRENT.json`` to any finished version (also back to an older
+one, or to a version the quality gate refused, once an operator has looked at it) by compare-and-swap."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from stepback_ray.config import StorageConfig
+from stepback_ray.errors import StepbackError
+from stepback_ray.storage import PointerMoved, RunStore
+from stepback_ray.store.layout import list_versions
+
+
+def resolve_version(root: RunStore, uri: str, version: str) -> str:
+    """A version as written (``versions/date=.../run=<id>``), or its run id alone."""
+    version = version.strip("/")
+    found = list_versions(root)
+    if version in found:
+        return version
+    by_run = [v for v in found if v.endswith(f"/run={version}") or v.endswith(f"/{version}")]
+    if len(by_run) == 1:
+        return by_run[0]
+    raise StepbackError(
+        f"{uri}: no version {version} in the store (its versions: "
+        f"{', '.join(found[-3:]) or 'none'}{', ...' if len(found) > 3 else ''})"
+    )
+
+
+def promote(uri: str, version: str, storage: StorageConfig) -> tuple[str | None, str, dict[str, Any]]:
+    """Point ``CURRENT.json`` at a finished ``version`` by compare-and-swap. Returns (the version it pointed at
+    before, the version it points at now, the promoted version's manifest)."""
+    root = RunStore(uri, storage)
+    version = resolve_version(root, uri, version)
+    if not root.exists(f"{version}/manifest.json"):
+        raise StepbackError(
+            f"{uri}: {version} is incomplete (no manifest.json: its run never finished); only a "
+            "finished version can be promoted"
+        )
+    manifest = root.read_json(f"{version}/manifest.json")
+    missing = [f for f in manifest.get("files", []) if not root.exists(f)]
+    if missing:
+        raise StepbackError(
+            f"{uri}: {version} is incomplete ({len(missing)} of its {len(manifest['files'])} profile "
+            f"files are gone, e.g. {missing[0]}); it cannot be promoted"
+        )
+    current, token = root.read_versioned("CURRENT.json")
+    before = current["version"] if current else None
+    if before == version:
+        return before, version, manifest
+    pointer = manifest.get("pointer") or {  # a manifest written before pointers were recorded in it
+        "version": version,
+        "run_id": manifest.get("run_id"),
+        "users": manifest.get("users"),
+        "num_shards": (current or {}).get("num_shards"),
+        "runs_since_full": 0,
+        "full_rebuild": manifest.get("full_rebuild"),
+        "model": manifest.get("config", {}).get("engine", {}).get("model"),
+    }
+    if current and pointer.get("num_shards") != current.get("num_shards"):
+        raise StepbackError(
+            f"{uri}: {version} has {pointer.get('num_shards')} shards, the store "
+            f"{current['num_shards']}; it cannot be promoted"
+        )
+    try:
+        root.swap_json(
+            "CURRENT.json",
+            {
+                **pointer,
+                "committed": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "promoted_from": before,
+            },
+            token,
+        )
+    except PointerMoved:
+        now = root.read_json("CURRENT.json").get("version") if root.exists("CURRENT.json") else None
+        raise StepbackError(
+            f"{uri}: CURRENT.json moved to {now} while promoting; nothing changed, run promote again"
+        ) from None
+    return before, version, manifest
