@@ -125,5 +125,5 @@ def test_a_host_dead_past_its_restarts_fails_the_pass_in_one_line(ray_local, tmp
         "limit=2",
         "run_id=dead",
     )
-    with pytest.raises(RunFailed, match=r"the generate pass's engine actor died 2 times \(engine.max_restarts = 1"):
+    with pytest.raises(RunFailed, match=r"the generation pass's engine actor died 2 times \(engine.max_restarts = 1"):
         run_job(job)
