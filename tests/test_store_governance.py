@@ -81,7 +81,8 @@ def test_retention_keeps_the_newest_versions_the_current_one_and_what_runs_build
     from stepback_ray.storage import RunStore
     from stepback_ray.store.promote import promote
     from stepback_ray.store.retention import apply_retention
-    from stepback_ray.store.versions import _versions, commit_version, open_version
+    from stepback_ray.store.layout import list_versions
+    from stepback_ray.store.versions import commit_version, open_version
 
     _, bucket, creds = s3_bucket
     for uri in (str(tmp_path / "store"), f"s3://{bucket}/store"):
@@ -97,7 +98,7 @@ def test_retention_keeps_the_newest_versions_the_current_one_and_what_runs_build
             sv, report = night(n)
             v[n] = sv.version
         root = RunStore(uri, _store_job(tmp_path, "x", uri, creds.items()).storage)
-        assert report["deleted"] == [v["n1"]] and set(_versions(root)) == {v["n2"], v["n3"]}, uri
+        assert report["deleted"] == [v["n1"]] and set(list_versions(root)) == {v["n2"], v["n3"]}, uri
         # a run in progress on n3 (started.json, no manifest), and one abandoned on n2 (the store moved on)
         running = open_version(_store_job(tmp_path, "running", uri, creds.items()), 4).version
         abandoned = v["n2"].replace("run=n2", "run=stale")
@@ -107,19 +108,19 @@ def test_retention_keeps_the_newest_versions_the_current_one_and_what_runs_build
         # newest 2 (n4, n3); n2 stays as the base of the abandoned run; both unfinished folders stay
         assert report["deleted"] == [] and report["kept_as_base"] == [v["n2"]], uri
         assert report["abandoned"] == sorted([abandoned, running]) and report["in_progress"] == [], uri
-        assert set(_versions(root)) == {v["n2"], v["n3"], v["n4"], running, abandoned}, uri
+        assert set(list_versions(root)) == {v["n2"], v["n3"], v["n4"], running, abandoned}, uri
         root.remove(abandoned)
         sv, report = night("n5")
         v["n5"] = sv.version
         assert set(report["deleted"]) == {v["n2"]}, uri  # n3 stays: the (now abandoned) run builds on it
-        assert set(_versions(root)) == {v["n3"], v["n4"], v["n5"], running}, uri
+        assert set(list_versions(root)) == {v["n3"], v["n4"], v["n5"], running}, uri
         # rolled back to n4 by promote: with keep 1 the current version stays although n5 is newer
         assert promote(uri, "n4", root.storage)[:2] == (v["n5"], v["n4"])
         report = apply_retention(root, 1)
         assert report["deleted"] == [] and report["newest"] == [v["n5"]], uri
         root.remove(running)
         report = apply_retention(root, 1)
-        assert set(report["deleted"]) == {v["n3"]} and set(_versions(root)) == {v["n4"], v["n5"]}, uri
+        assert set(report["deleted"]) == {v["n3"]} and set(list_versions(root)) == {v["n4"], v["n5"]}, uri
         assert root.exists(f"{v['n4']}/profiles/chunk-0.parquet") and not root.exists(f"{v['n3']}/started.json")
 
 
