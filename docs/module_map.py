@@ -41,6 +41,7 @@ def summary(path: Path) -> str:
 
 def module_map() -> str:
     rows = ["| layer | module | what it holds |", "|---|---|---|"]
+    rows.append(f"| (the package) | `stepback_ray/__init__.py` | {summary(PACKAGE / '__init__.py')} |")
     for siblings in layers():
         layer = ", ".join(siblings)
         for name in siblings:
