@@ -90,9 +90,9 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     job = load_job(args.job, [*args.set, "ray.progress_bars=false"])
-    from stepback_ray.pipeline.estimate import plan_job  # deferred: pyarrow, nltk, scipy
+    from stepback_ray.pipeline.estimate import estimate_job  # deferred: pyarrow, nltk, scipy
 
-    print(json.dumps(plan_job(job, args.tokens_per_s, args.profile_only), indent=1))
+    print(json.dumps(estimate_job(job, args.tokens_per_s, args.profile_only), indent=1))
     return 0
 
 

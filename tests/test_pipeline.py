@@ -11,7 +11,7 @@ import pytest
 
 from stepback_ray.config import load_job
 from stepback_ray.pipeline import run_job
-from stepback_ray.pipeline.estimate import plan_job
+from stepback_ray.pipeline.estimate import estimate_job
 
 from .conftest import FIXTURES, REPO, SAMPLE
 
@@ -96,7 +96,7 @@ def test_end_to_end_five_users_then_rerun_skips_committed_chunks(ray_local, tmp_
     assert html.escape(first["gold"]) in report and html.escape(first["user_id"]) in report
 
     # `stepback plan` (no model: the dry-run engine with the real tokenizer) predicts this run's tokens within 5 %
-    plan = plan_job(
+    plan = estimate_job(
         load_job(REPO / "jobs" / "demo.yaml", [*FAST, "limit=5", f"output={tmp_path / 'x'}", "ray.users_per_chunk=2"]),
         1000.0,
     )

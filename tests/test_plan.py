@@ -26,7 +26,7 @@ def test_the_nightly_cluster_job_plans_on_one_machine(ray_local, tmp_path):
     runs here, on a local Ray with no GPU requests. The input points at a local dataset and the model at the
     packaged one (no hub here); every cluster setting stays as the job has it."""
     from stepback_ray.config import load_job
-    from stepback_ray.pipeline.estimate import plan_job
+    from stepback_ray.pipeline.estimate import estimate_job
 
     from .conftest import REPO, lamp5_users, write_items_parquet
 
@@ -41,5 +41,5 @@ def test_the_nightly_cluster_job_plans_on_one_machine(ray_local, tmp_path):
         ],
     )
     assert job.ray.address == "auto" and job.ray.engine_actor_gpus == 1 and job.output.startswith("s3://")
-    plan = plan_job(job, 9000.0, profile_only=True)  # output and store stay untouched (s3://, unreachable here)
+    plan = estimate_job(job, 9000.0, profile_only=True)  # output and store stay untouched (s3://, unreachable here)
     assert plan["users"] == 3 and plan["passes"]["profile"]["users"] == 3 and plan["gpu_hours"] > 0

@@ -74,9 +74,9 @@ def test_reordering_changes_no_row_and_the_dry_run_counts_what_the_cache_would_s
 
 
 def test_plan_reports_the_prefix_cache_estimate(tmp_path):
-    from stepback_ray.pipeline.estimate import plan_job
+    from stepback_ray.pipeline.estimate import estimate_job
 
-    plan = plan_job(_job(tmp_path, "plan"), tokens_per_s=1000.0)
+    plan = estimate_job(_job(tmp_path, "plan"), tokens_per_s=1000.0)
     pc = plan["prefix_cache"]
     assert pc["prompt_tokens"] == plan["prompt_tokens"] and 0 < pc["cached_prompt_tokens"] < pc["prompt_tokens"]
     assert pc["computed_prompt_tokens"] == pc["prompt_tokens"] - pc["cached_prompt_tokens"]

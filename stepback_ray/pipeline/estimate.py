@@ -19,7 +19,7 @@ from stepback_ray.engines.prefix import summary
 from stepback_ray.pipeline import run_job, run_profile_job
 
 
-def plan_job(job: JobSpec, tokens_per_s: float, profile_only: bool = False) -> dict[str, Any]:
+def estimate_job(job: JobSpec, tokens_per_s: float, profile_only: bool = False) -> dict[str, Any]:
     scratch = tempfile.mkdtemp(prefix="stepback-plan-")
     try:
         # planned on this machine whatever the job's cluster: LaMP JSON in this process (no Ray), a dataset on a
