@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from stepback_ray.config import JobSpec
-from stepback_ray.data.rows import Query, UserHistory, shard_of, user_id_problem
+from stepback_ray.data.rows import Query, UserHistory, shard_of, text_problem, user_id_problem
 from stepback_ray.storage import RunStore
 from stepback_ray.tasks import TaskSpec, get_task
 
@@ -59,6 +59,9 @@ class BadRecord(ValueError):
 
 def _text(value: Any, what: str) -> str:
     if isinstance(value, str):
+        problem = text_problem(value)
+        if problem:
+            raise BadRecord(f"{what}: {problem}")
         return value
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
@@ -85,6 +88,9 @@ def check_item(item: Any, task: TaskSpec, where: str, uid: str) -> dict[str, str
         raise BadRecord(f"{where}: expected an object, got {type(item).__name__}")
     out: dict[str, str] = {}
     for k, v in item.items():
+        problem = text_problem(str(k))
+        if problem:
+            raise BadRecord(f"{where}: field name {str(k)!r}: {problem}")
         if v is None:
             continue
         text = _text(v, f"{where}.{k}")

@@ -1,0 +1,100 @@
+"""Bad input found early (issue #41): one line and exit 2 for what a user can fix, a quarantined row for what a
+dataset can carry, nothing lost that was valid. Fast: the readers and validators are called directly; the one
+staging test uses the session's local Ray."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from stepback_ray.config import load_job
+
+from .conftest import FIXTURES, REPO, lamp5_users
+
+SURROGATE = "bad \ud800 text"  # json.dumps writes it as the escape "\ud800", as a broken exporter does
+
+
+def _job(tmp_path, fmt="jsonl", path=None, layout="user", extra=()):
+    data = {
+        "name": "bad",
+        "task": "LaMP_5",
+        "input": {"format": fmt, "path": str(path or tmp_path / "in"), "layout": layout},
+        "output": str(tmp_path / "out"),
+        "run_id": "r1",
+        "ray": {"num_shards": 2},
+    }
+    return load_job(None, ["engine.kind=dry-run", "ray.progress_bars=false", *extra], data=data)
+
+
+def _quarantine(tmp_path) -> list[dict]:
+    folder = tmp_path / "out" / "quarantine"
+    return [r for f in sorted(folder.glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
+
+
+# ------------------------------------------------------------------------------------------ 1. lone surrogates
+def _lamp_with(tmp_path, where: str) -> str:
+    qs = json.loads((FIXTURES / "LaMP_5_questions.json").read_text())
+    if where == "history":
+        qs[1]["profile"][0]["title"] = SURROGATE
+    else:
+        qs[1]["input"] = SURROGATE
+    path = tmp_path / "s_questions.json"
+    path.write_text(json.dumps(qs))
+    assert "\\ud800" in path.read_text()
+    return str(path)
+
+
+@pytest.mark.parametrize("where, field", [("history", "profile[0].title"), ("input", "input")])
+def test_a_lone_surrogate_in_lamp_json_is_one_line_naming_the_query(tmp_path, capsys, where, field):
+    """A lone surrogate passed every check and crashed the tokenizer (TypeError: TextEncodeInput...), after the
+    profiles were committed when it sat in a query's input; now the read stops, exit 2, naming the query."""
+    from stepback_ray.cli import main
+
+    qid = json.loads((FIXTURES / "LaMP_5_questions.json").read_text())[1]["id"]
+    path = _lamp_with(tmp_path, where)
+    args = ["run", str(REPO / "jobs" / "demo.yaml"), "--set", f"output={tmp_path / 'out'}", "--set", "engine.kind=dry-run"]
+    args += ["--set", "executor=in-process", "--set", f"input.questions={path}", "--set", "input.outputs=null"]
+    assert main(args) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1
+    assert f"record '{qid}': field '{field}': lone surrogate '\\ud800' at character 4" in err[0], err[0]
+    assert not (tmp_path / "out").exists()  # stopped before anything was written
+
+
+def test_a_lone_surrogate_in_a_dataset_row_is_quarantined_and_the_other_rows_staged(tmp_path):
+    from stepback_ray.data.datasets import ValidateAndShard
+
+    users = lamp5_users(4)
+    users[1]["history"][0]["abstract"] = SURROGATE
+    users[2]["queries"][0]["input"] = SURROGATE
+    users[3]["history"][0] = {"title\udc80": "a key with a surrogate", **users[3]["history"][0]}
+    text = "\n".join(json.dumps(u) for u in users).encode()
+    assert text.count(b"\\ud800") == 2
+    good = ValidateAndShard(_job(tmp_path), shards=2)(pa.Table.from_pylist([{"bytes": text, "path": "in/a.jsonl"}]))
+    assert good.column("user_id").to_pylist() == [users[0]["user_id"]]
+    reasons = {r["source"]: r["reason"] for r in _quarantine(tmp_path)}
+    assert reasons == {
+        "in/a.jsonl:2": "history[0].abstract: lone surrogate '\\ud800' at character 4 (not valid Unicode text)",
+        "in/a.jsonl:3": "queries[0].input: lone surrogate '\\ud800' at character 4 (not valid Unicode text)",
+        "in/a.jsonl:4": "history[0]: field name 'title\\udc80': lone surrogate '\\udc80' at character 5 "
+        "(not valid Unicode text)",
+    }
+
+
+def test_a_lone_surrogate_in_a_lamp_gold_or_question_id_is_one_line_too():
+    from stepback_ray.data.lamp import attach_golds, parse_questions
+    from stepback_ray.errors import InputError
+    from stepback_ray.tasks import get_task
+
+    task = get_task("LaMP_5")
+    qs = json.loads((FIXTURES / "LaMP_5_questions.json").read_text())
+    queries = parse_questions("q.json", qs, task)
+    golds = {"task": "LaMP_5", "golds": [{"id": q.query_id, "output": SURROGATE} for q in queries]}
+    with pytest.raises(InputError, match=rf"^o.json: record '{queries[0].query_id}': field 'output': lone surrogate"):
+        attach_golds("o.json", golds, task, queries)
+    qs[0]["id"] = SURROGATE
+    with pytest.raises(InputError, match=r"^q.json: record #0: field 'id': lone surrogate '\\ud800' at character 4"):
+        parse_questions("q.json", qs, task)
