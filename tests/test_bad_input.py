@@ -98,3 +98,30 @@ def test_a_lone_surrogate_in_a_lamp_gold_or_question_id_is_one_line_too():
     qs[0]["id"] = SURROGATE
     with pytest.raises(InputError, match=r"^q.json: record #0: field 'id': lone surrogate '\\ud800' at character 4"):
         parse_questions("q.json", qs, task)
+
+
+# ---------------------------------------------------------------------------------------- 7. unknown URI scheme
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["report", "s4://bucket/run"],
+        ["forget", "--store", "s4://bucket/store", "--user", "u1"],
+        ["promote", "--store", "s4://bucket/store", "--version", "r1"],
+        ["run", "JOB", "--set", "output=s4://bucket/run"],
+        ["run", "JOB", "--set", "profile_store.uri=s4://bucket/store"],
+        ["run", "JOB", "--set", "input.questions=s4://bucket/q.json"],
+    ],
+    ids=["report", "forget", "promote", "output", "store", "input"],
+)
+def test_an_unknown_uri_scheme_is_one_line_naming_the_supported_ones(tmp_path, capsys, args):
+    """`s4://x` was `ValueError: Protocol not known: s4` with a traceback, in every command."""
+    from stepback_ray.cli import main
+
+    if args[1] == "JOB":
+        job = ["run", str(REPO / "jobs" / "demo.yaml"), "--set", "engine.kind=dry-run", "--set", "executor=in-process"]
+        args = [*job, "--set", f"output={tmp_path / 'out'}", *args[2:]]
+    assert main(args) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1
+    assert "unknown URI scheme 's4://'" in err[0] and "a local path, file:// or s3://" in err[0], err[0]
+    assert not (tmp_path / "out").exists()
