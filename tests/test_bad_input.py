@@ -125,3 +125,30 @@ def test_an_unknown_uri_scheme_is_one_line_naming_the_supported_ones(tmp_path, c
     assert len(err) == 1
     assert "unknown URI scheme 's4://'" in err[0] and "a local path, file:// or s3://" in err[0], err[0]
     assert not (tmp_path / "out").exists()
+
+
+# -------------------------------------------------------------------------------------------- 14. no golds
+@pytest.mark.filterwarnings("error::UserWarning")  # the report's figures have nothing to plot, and say so quietly
+def test_a_run_without_golds_says_not_scored_in_the_table_the_metrics_and_the_report(tmp_path, capsys):
+    """A run without golds printed '-' for every score without a word."""
+    from stepback_ray.cli import main
+
+    out = tmp_path / "out"
+    args = ["run", str(REPO / "jobs" / "demo.yaml"), "--set", "engine.kind=dry-run", "--set", "executor=in-process"]
+    args += ["--set", "input.outputs=null", "--set", "limit=2", "--set", f"output={out}"]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert "not scored: no golds" in captured.out, captured.out
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["not_scored"] == "no golds"
+    assert all(m["scored"] == 0 and m["rouge-1"] is None for m in metrics["modes"].values())
+    assert "not scored: no golds" in (out / "report.html").read_text()
+
+
+def test_a_partly_scored_run_says_how_many_queries_its_scores_cover():
+    from stepback_ray.cli import format_table
+
+    mode = {"users": 2, "queries": 4, "scored": 3, "rouge-1": 0.5, "rouge-L": 0.4, "tokens_per_s": 10.0}
+    table = format_table({"keys": ["rouge-1", "rouge-L"], "modes": {"none": mode}})
+    assert "none: scored on 3 of 4 queries (the others have no gold)" in table
+    assert "not scored" not in table

@@ -172,12 +172,16 @@ def summarize(job: JobSpec, store: RunStore) -> tuple[dict[str, Any], dict[str, 
         "generation_rows_by_status": statuses,
         "queries_generated": max((t["queries"] for t in tot.values()), default=0),
     }
-    return {
+    scores = {
         "task": job.task,
         "metric": task.metric,
         "keys": list(metrics.OFFICIAL_KEYS[task.metric]),
         "modes": modes,
-    }, counts
+    }
+    reason = metrics.unscored_reason(modes)
+    if reason:
+        scores["not_scored"] = reason
+    return scores, counts
 
 
 def check_error_budget(job: JobSpec, what: str, errors: int, total: int, counts: dict[str, Any]) -> None:
