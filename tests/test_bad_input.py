@@ -152,3 +152,60 @@ def test_a_partly_scored_run_says_how_many_queries_its_scores_cover():
     table = format_table({"keys": ["rouge-1", "rouge-L"], "modes": {"none": mode}})
     assert "none: scored on 3 of 4 queries (the others have no gold)" in table
     assert "not scored" not in table
+
+
+# ---------------------------------------------------------------------------------------- 13. hub id, offline
+@pytest.fixture
+def no_network(monkeypatch):
+    """No name resolves and no connection opens (nothing in these tests may reach the network)."""
+    import socket
+
+    from stepback_ray.engines import models
+
+    def refuse(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    models.hub_unreachable.cache_clear()  # a check made before this test does not count
+    yield
+    models.hub_unreachable.cache_clear()
+
+
+@pytest.mark.parametrize("how", ["no-dns", "HF_HUB_OFFLINE"])
+def test_a_hub_model_id_without_network_fails_at_once_saying_how_to_use_a_local_copy(no_network, monkeypatch, how):
+    """It spent 49-51 s in the hub client's retries before its one line, which did not say what to do."""
+    import time
+
+    from stepback_ray.config import EngineConfig
+    from stepback_ray.engines.formatting import PromptFormatter
+    from stepback_ray.errors import StepbackError
+
+    if how == "HF_HUB_OFFLINE":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t0 = time.time()
+    with pytest.raises(StepbackError) as e:
+        PromptFormatter(EngineConfig(kind="dry-run", model="someorg/some-model"))
+    assert time.time() - t0 < 5
+    msg = str(e.value)
+    assert msg.startswith("model 'someorg/some-model' is a hub id, but the hub cannot be reached (")
+    assert "HF_HUB_OFFLINE is set" in msg if how == "HF_HUB_OFFLINE" else "huggingface.co" in msg
+    assert "point engine.model at a local copy (a model folder or a .gguf file)" in msg
+    assert "packaged:smollm2-135m-instruct" in msg
+
+
+def test_a_hub_model_id_in_the_local_hub_cache_loads_from_it_offline(no_network, monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
+    from stepback_ray.engines.models import resolve_model
+
+    snapshot = tmp_path / "models--someorg--some-model" / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (tmp_path / "models--someorg--some-model" / "refs").mkdir()
+    (tmp_path / "models--someorg--some-model" / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    assert resolve_model("someorg/some-model") == str(snapshot)
+    assert resolve_model(str(snapshot)) == str(snapshot)  # a local folder is never looked up
