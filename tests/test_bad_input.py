@@ -11,8 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from stepback_ray.config import load_job
-
-from .conftest import FIXTURES, REPO, lamp5_users
+from tests.conftest import FIXTURES, REPO, lamp5_users
 
 SURROGATE = "bad \ud800 text"  # json.dumps writes it as the escape "\ud800", as a broken exporter does
 
@@ -55,8 +54,9 @@ def test_a_lone_surrogate_in_lamp_json_is_one_line_naming_the_query(tmp_path, ca
 
     qid = json.loads((FIXTURES / "LaMP_5_questions.json").read_text())[1]["id"]
     path = _lamp_with(tmp_path, where)
-    args = ["run", str(REPO / "jobs" / "demo.yaml"), "--set", f"output={tmp_path / 'out'}", "--set", "engine.kind=dry-run"]
-    args += ["--set", "executor=in-process", "--set", f"input.questions={path}", "--set", "input.outputs=null"]
+    args = ["run", str(REPO / "jobs" / "demo.yaml"), "--set", f"output={tmp_path / 'out'}"]
+    args += ["--set", "engine.kind=dry-run", "--set", "executor=in-process"]
+    args += ["--set", f"input.questions={path}", "--set", "input.outputs=null"]
     assert main(args) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1
@@ -209,3 +209,141 @@ def test_a_hub_model_id_in_the_local_hub_cache_loads_from_it_offline(no_network,
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     assert resolve_model("someorg/some-model") == str(snapshot)
     assert resolve_model(str(snapshot)) == str(snapshot)  # a local folder is never looked up
+
+
+# ----------------------------------------------------- 4, 11. dataset files: one extension rule, schemas per file
+def _parquet_bytes(rows: list[dict]) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(rows), sink)
+    return sink.getvalue().to_pybytes()
+
+
+def _user_row(u: dict, uid) -> dict:
+    return {"user_id": uid, "history": u["history"], "queries": u["queries"]}
+
+
+def test_parquet_files_whose_schemas_disagree_are_each_read_as_they_are(tmp_path):
+    """An integer user_id in one file and text in another crashed the run before staging (ArrowTypeError: Unable
+    to merge); each file is now read with its own schema and its values taken as text (a number as text), and a
+    row or file that cannot be used is quarantined with the file's name."""
+    from stepback_ray.data.datasets import ValidateAndShard
+
+    users = lamp5_users(6)
+    files = {
+        "in/ints.parquet": _parquet_bytes([_user_row(users[0], 101), _user_row(users[1], 102)]),
+        "in/text.parquet": _parquet_bytes([_user_row(users[2], "u3"), _user_row(users[3], "u4")]),
+        "in/history-as-text.parquet": _parquet_bytes(
+            [{"user_id": "u5", "history": json.dumps(users[4]["history"]), "queries": users[4]["queries"]}]
+        ),
+        "in/not-parquet.parquet": b"PAR1 this is not a Parquet file",
+    }
+    stage = ValidateAndShard(_job(tmp_path, "parquet"), shards=2)
+    good = pa.concat_tables(stage(pa.Table.from_pylist([{"bytes": b, "path": p}])) for p, b in files.items())
+    assert sorted(good.column("user_id").to_pylist()) == ["101", "102", "u3", "u4"]
+    assert set(good.column("source").to_pylist()) == {""}  # Parquet rows keep no position (the repeated-id rule)
+    bad = sorted((r["source"], r["reason"]) for r in _quarantine(tmp_path))
+    assert bad[0] == ("in/history-as-text.parquet:1", "history: expected a list, got str")
+    assert bad[1][0] == "in/not-parquet.parquet" and bad[1][1].startswith("not a readable Parquet file (")
+    assert len(bad) == 2
+
+
+def _tree(root, names: dict[str, bytes]) -> None:
+    for name, data in names.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+
+
+def test_a_dataset_folder_is_read_by_extension_the_same_way_for_both_formats(tmp_path):
+    """The JSON Lines reader read every file of a folder (a README.md became two quarantined records) while the
+    Parquet reader skipped it: one rule now, by extension, hidden names skipped, a named file read as named."""
+    from stepback_ray.data.datasets import input_files
+
+    line = json.dumps(_user_row(lamp5_users(1)[0], "u1")).encode()
+    _tree(
+        tmp_path / "in",
+        {
+            "a.jsonl": line,
+            "b.json": line,
+            "c.jsonl.gz": __import__("gzip").compress(line),
+            "d.ndjson": line,
+            "sub/e.jsonl": line,
+            "README.md": b"# about\nthese files\n",
+            "f.parquet": _parquet_bytes([{"user_id": "u1"}]),
+            ".hidden.jsonl": line,
+            "_tmp/g.jsonl": line,
+            "notes.txt": b"x",
+        },
+    )
+    root = str(tmp_path / "in")
+    names = [p[len(root) + 1 :] for p in input_files(_job(tmp_path, "jsonl", root))]
+    assert names == ["a.jsonl", "b.json", "c.jsonl.gz", "d.ndjson", "sub/e.jsonl"]
+    assert [p[len(root) + 1 :] for p in input_files(_job(tmp_path, "parquet", root))] == ["f.parquet"]
+    # a file named directly, or matched by a glob, is read whatever its name
+    assert input_files(_job(tmp_path, "jsonl", f"{root}/notes.txt")) == [f"{root}/notes.txt"]
+    assert input_files(_job(tmp_path, "jsonl", f"{root}/*.md")) == [f"{root}/README.md"]
+
+
+def test_a_dataset_folder_without_data_files_is_one_line(tmp_path):
+    from stepback_ray.data.datasets import input_files
+    from stepback_ray.errors import InputError
+
+    _tree(tmp_path / "in", {"README.md": b"x", "a.csv": b"x"})
+    with pytest.raises(InputError) as e:
+        input_files(_job(tmp_path, "parquet"))
+    assert str(e.value) == (
+        f"input.path {tmp_path / 'in'}: no input files: a folder is read by extension (format parquet: "
+        "*.parquet) and holds none (2 other files, e.g. README.md, a.csv)"
+    )
+
+
+def test_a_folder_of_mixed_parquet_schemas_and_a_readme_stages_without_losing_a_row(ray_local, tmp_path):
+    from stepback_ray.data.datasets import stage_dataset
+
+    users = lamp5_users(5)
+    _tree(
+        tmp_path / "in",
+        {
+            "a.parquet": _parquet_bytes([_user_row(users[0], 101), _user_row(users[1], 102)]),
+            "b.parquet": _parquet_bytes([_user_row(users[2], "u3"), _user_row(users[3], "u4")]),
+            "c.parquet": _parquet_bytes([{"user_id": "u5", "history": "[]", "queries": users[4]["queries"]}]),
+            "README.md": b"# what these files are\n\nusers, one row each\n",
+        },
+    )
+    counts = stage_dataset(_job(tmp_path, "parquet"), shards=2)
+    assert counts == {"rows_in": 5, "rows_staged": 4, "rows_quarantined": 1}
+    [bad] = _quarantine(tmp_path)
+    assert bad["source"].endswith("in/c.parquet:1") and bad["reason"] == "history: expected a list, got str"
+
+
+# ---------------------------------------------------------------------- 12. a dataset input that does not exist
+def test_a_missing_dataset_input_written_in_a_job_file_is_one_line_before_anything_is_created(tmp_path, capsys):
+    """It was a Ray traceback (FileNotFoundError) after the run folder was created."""
+    from stepback_ray.cli import main
+
+    (tmp_path / "jobs").mkdir()
+    spec = tmp_path / "jobs" / "ds.yaml"
+    spec.write_text(
+        "name: ds\ntask: LaMP_5\ninput: {format: parquet, path: ../data/users}\nmodes: [none]\n"
+        f"output: {tmp_path / 'out'}\nengine: {{kind: dry-run}}\nexecutor: in-process\n"
+    )
+    assert main(["run", str(spec)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert err == [
+        f"error: input.path {tmp_path / 'data' / 'users'}: no such file or folder (written '../data/users' in "
+        f"{spec}: a relative path in a job file is read from the job file's folder)"
+    ]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_dataset_input_given_with_set_names_the_current_directory(tmp_path, capsys, monkeypatch):
+    from stepback_ray.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    args = ["profile", str(REPO / "jobs" / "demo.yaml"), "--set", "input={format: jsonl, path: x/*.jsonl}"]
+    assert main([*args, "--set", f"output={tmp_path / 'out'}", "--set", "limit=null"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert err == [
+        f"error: input.path {tmp_path / 'x' / '*.jsonl'}: no file matches (given as 'x/*.jsonl' with --set: "
+        "a relative path on the command line is read from the current directory)"
+    ]
+    assert not (tmp_path / "out").exists()
