@@ -212,9 +212,15 @@ def test_a_hub_model_id_in_the_local_hub_cache_loads_from_it_offline(no_network,
 
 
 # ----------------------------------------------------- 4, 11. dataset files: one extension rule, schemas per file
-def _parquet_bytes(rows: list[dict]) -> bytes:
+def _parquet_bytes(rows: list[dict], invalid_utf8_in_row: int | None = None) -> bytes:
+    table = pa.Table.from_pylist(rows)
+    if invalid_utf8_in_row:  # a row whose user_id is not UTF-8, as another writer can leave it
+        ids = pa.array([r["user_id"].encode() for r in rows] + [b"bad\xff"], pa.binary())
+        table = pa.Table.from_pylist([*rows, {**rows[0], "user_id": "x"}])
+        table = table.set_column(0, "user_id", pa.Array.from_buffers(pa.string(), len(ids), ids.buffers()))
+        assert invalid_utf8_in_row == table.num_rows
     sink = pa.BufferOutputStream()
-    pq.write_table(pa.Table.from_pylist(rows), sink)
+    pq.write_table(table, sink)
     return sink.getvalue().to_pybytes()
 
 
@@ -236,15 +242,17 @@ def test_parquet_files_whose_schemas_disagree_are_each_read_as_they_are(tmp_path
             [{"user_id": "u5", "history": json.dumps(users[4]["history"]), "queries": users[4]["queries"]}]
         ),
         "in/not-parquet.parquet": b"PAR1 this is not a Parquet file",
+        "in/bad-utf8.parquet": _parquet_bytes([{"user_id": "u6", "history": []}], invalid_utf8_in_row=2),
     }
     stage = ValidateAndShard(_job(tmp_path, "parquet"), shards=2)
     good = pa.concat_tables(stage(pa.Table.from_pylist([{"bytes": b, "path": p}])) for p, b in files.items())
-    assert sorted(good.column("user_id").to_pylist()) == ["101", "102", "u3", "u4"]
+    assert sorted(good.column("user_id").to_pylist()) == ["101", "102", "u3", "u4", "u6"]
     assert set(good.column("source").to_pylist()) == {""}  # Parquet rows keep no position (the repeated-id rule)
     bad = sorted((r["source"], r["reason"]) for r in _quarantine(tmp_path))
-    assert bad[0] == ("in/history-as-text.parquet:1", "history: expected a list, got str")
-    assert bad[1][0] == "in/not-parquet.parquet" and bad[1][1].startswith("not a readable Parquet file (")
-    assert len(bad) == 2
+    assert bad[0] == ("in/bad-utf8.parquet:2", "invalid UTF-8 (invalid start byte)")  # as a JSON Lines line
+    assert bad[1] == ("in/history-as-text.parquet:1", "history: expected a list, got str")
+    assert bad[2][0] == "in/not-parquet.parquet" and bad[2][1].startswith("not a readable Parquet file (")
+    assert len(bad) == 3
 
 
 def _tree(root, names: dict[str, bytes]) -> None:

@@ -275,7 +275,9 @@ def _parquet_records(data: bytes, path: str) -> Iterator[tuple[Any, str, int, st
 def _one_row(rb: pa.RecordBatch, i: int) -> dict[str, Any] | BadRecord:
     try:
         return rb.slice(i, 1).to_pylist()[0]
-    except (UnicodeDecodeError, pa.ArrowException) as e:
+    except UnicodeDecodeError as e:  # as a JSON Lines line's
+        return BadRecord(f"invalid UTF-8 ({e.reason})")
+    except pa.ArrowException as e:
         return BadRecord(f"not readable: {str(e).splitlines()[0][:300]}")
 
 
