@@ -355,3 +355,20 @@ def test_a_missing_dataset_input_given_with_set_names_the_current_directory(tmp_
         "a relative path on the command line is read from the current directory)"
     ]
     assert not (tmp_path / "out").exists()
+
+
+def test_the_extension_rule_and_a_missing_input_on_object_storage(s3_bucket, tmp_path):
+    import s3fs
+
+    from stepback_ray.data.datasets import input_files
+    from stepback_ray.errors import InputError
+
+    endpoint, bucket, storage = s3_bucket
+    fs = s3fs.S3FileSystem(endpoint_url=endpoint, key="testing", secret="testing", skip_instance_cache=True)
+    for name in ("in/a.jsonl", "in/sub/b.jsonl.gz", "in/README.md", "in/_SUCCESS"):
+        fs.pipe(f"{bucket}/{name}", b"{}\n")
+    extra = [f"storage.{k}={v}" for k, v in storage.items()]
+    job = _job(tmp_path, "jsonl", f"s3://{bucket}/in", extra=extra)
+    assert input_files(job) == [f"{bucket}/in/a.jsonl", f"{bucket}/in/sub/b.jsonl.gz"]
+    with pytest.raises(InputError, match=rf"^input.path s3://{bucket}/nothing: no such file or folder$"):
+        input_files(_job(tmp_path, "jsonl", f"s3://{bucket}/nothing", extra=extra))
