@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from stepback_ray.config import StorageConfig
-from stepback_ray.errors import InputError, StorageError
+from stepback_ray.errors import ConfigError, InputError, StorageError
 
 
 def _s3_kwargs(storage: StorageConfig) -> dict[str, Any]:
@@ -61,10 +61,34 @@ def _s3_kwargs(storage: StorageConfig) -> dict[str, Any]:
     return kw
 
 
+SUPPORTED_SCHEMES = "a local path, file:// or s3:// (s3a://)"
+"""What a location may be, as error messages name it: every URI is opened by :func:`filesystem_for`."""
+
+
+def check_scheme(uri: str) -> str:
+    """The protocol of ``uri``; a scheme no filesystem knows (``s4://``), or one whose package is not installed
+    (``gs://`` without gcsfs), is one line (exit 2) instead of fsspec's ``ValueError: Protocol not known``."""
+    protocol = fsspec.utils.get_protocol(uri)
+    if protocol not in fsspec.available_protocols():
+        raise ConfigError(
+            f"{uri}: unknown URI scheme '{protocol}://'; use {SUPPORTED_SCHEMES} (another fsspec filesystem, "
+            "e.g. gs://, works once its package is installed)"
+        )
+    if protocol not in ("file", "local", "s3", "s3a"):
+        try:
+            fsspec.get_filesystem_class(protocol)
+        except ImportError as e:
+            raise ConfigError(
+                f"{uri}: the URI scheme '{protocol}://' needs a package that is not installed ({e}); or use "
+                f"{SUPPORTED_SCHEMES}"
+            ) from None
+    return protocol
+
+
 def filesystem_for(uri: str, storage: StorageConfig | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem for ``uri`` and the path inside it."""
     storage = storage or StorageConfig()
-    protocol = fsspec.utils.get_protocol(uri)
+    protocol = check_scheme(uri)
     if protocol in ("s3", "s3a"):
         import s3fs  # imported lazily: local runs do not pay for botocore
 

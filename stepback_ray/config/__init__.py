@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from stepback_ray.config.sections import (
     DEFAULT_MODEL,
@@ -111,6 +111,16 @@ class JobSpec(_Strict):
         description="a pass whose engine-error rows exceed this share of its rows fails "
         "(exit 3, manifest status failed); a rerun retries exactly those rows",
     )
+
+    _path_notes: dict[str, str] = PrivateAttr(default_factory=dict)
+    """How each location given as a relative path was resolved (key -> note), for error messages."""
+
+    def path_note(self, key: str) -> str:
+        """`` (written 'x' in JOB.yaml: ...)`` when the location at ``key`` (``input.path``) was written as a
+        relative path: what an error about it adds, so that the resolved path it names can be told apart from
+        what was written, and the rule that joined them. Empty for a path given in full."""
+        note = self._path_notes.get(key)
+        return f" ({note})" if note else ""
 
     @field_validator("name", "run_id", mode="before")
     @classmethod
@@ -364,7 +374,7 @@ def _is_local_relative(p: str) -> bool:
     return not _SCHEME.match(p) and not os.path.isabs(p)
 
 
-def _resolve_paths(data: dict[str, Any], base: Path) -> None:
+def _resolve_paths(data: dict[str, Any], base: Path, notes: dict[str, str], source: str) -> None:
     for keys in _PATH_KEYS:
         node = data
         for k in keys[:-1]:
@@ -373,7 +383,29 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
                 break
         else:
             if isinstance(node, dict) and isinstance(node.get(keys[-1]), str) and _is_local_relative(node[keys[-1]]):
+                notes[".".join(keys)] = (
+                    f"written {node[keys[-1]]!r} in {source}: a relative path in a job file is read from the job "
+                    "file's folder"
+                )
                 node[keys[-1]] = os.path.normpath(str(base / node[keys[-1]]))
+
+
+_SET_RULE = "a relative path on the command line is read from the current directory"
+
+
+def _resolve_override(key: str, value: Any, notes: dict[str, str]) -> Any:
+    """A ``--set`` value with its relative local paths made absolute against the current directory (also those
+    inside a section given whole, ``--set input={format: jsonl, path: x}``); ``notes`` says which were."""
+    for dotted in [k for k in notes if k == key or k.startswith(key + ".")]:
+        del notes[dotted]  # given again on the command line
+    if isinstance(value, str):
+        if key in _LOCATION_KEYS and _is_local_relative(value):
+            notes[key] = f"given as {value!r} with --set: {_SET_RULE}"
+            return os.path.abspath(value)
+        return value
+    if isinstance(value, dict):
+        return {k: _resolve_override(f"{key}.{k}", v, notes) for k, v in value.items()}
+    return value
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
@@ -430,6 +462,7 @@ def load_job(
 ) -> JobSpec:
     """Read a job spec file (or take ``data``), apply ``--set`` overrides and validate everything."""
     source = str(path) if path is not None else "<job spec>"
+    notes: dict[str, str] = {}
     if data is None:
         if path is None:
             raise ConfigError("no job spec given")
@@ -442,17 +475,17 @@ def load_job(
             raise ConfigError(f"{source}: not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: a job spec is a YAML mapping of keys to values")
-        _resolve_paths(data, p.resolve().parent)
+        _resolve_paths(data, p.resolve().parent, notes, source)
     else:
         data = yaml.safe_load(yaml.safe_dump(data))  # deep copy of plain data
     for key, value in parse_overrides(overrides or []):
-        if key in _LOCATION_KEYS and isinstance(value, str) and _is_local_relative(value):
-            value = os.path.abspath(value)
-        _set_dotted(data, key, value)
+        _set_dotted(data, key, _resolve_override(key, value, notes))
     try:
-        return JobSpec.model_validate(data)
+        job = JobSpec.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_validation_error(source, e)) from None
+    job._path_notes = notes
+    return job
 
 
 def storage_config(overrides: list[str]) -> StorageConfig:

@@ -5,6 +5,12 @@ its reason, never dropped silently and never fatal) -> write the good rows parti
 the user id) under ``<run>/_staged/shard=<k>/``. Each shard is then a unit of work that the profile and
 generation passes load on their own, so memory stays flat however many users there are.
 
+Input files: ``input.path`` is a file, a glob, or a folder read by extension (:data:`INPUT_EXTENSIONS`: Parquet
+``*.parquet``; JSON Lines ``*.jsonl``, ``*.ndjson``, ``*.json`` and each ``.gz``), hidden names skipped. Every
+file is parsed on its own (Parquet with its own schema, so files that disagree, an integer ``user_id`` here and
+text there, are never merged) and its values taken as text row by row; a file that cannot be read is one
+quarantined record naming it.
+
 Layouts: ``user`` (one row per user: ``user_id``, ``history`` list of items, optional ``queries`` list of
 ``{query_id, input, gold}``) and ``item`` (one row per history item: ``user_id`` plus the item's fields).
 JSON Lines are split and parsed here, line by line, so a line of bad JSON or invalid UTF-8 is one quarantined
@@ -21,17 +27,21 @@ count or on how the input was cut into batches.
 
 from __future__ import annotations
 
+import glob
+import gzip
 import hashlib
 import io
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from stepback_ray.config import JobSpec
-from stepback_ray.data.rows import Query, UserHistory, shard_of, user_id_problem
-from stepback_ray.storage import RunStore, filesystem_for
+from stepback_ray.data.rows import Query, UserHistory, shard_of, text_problem, user_id_problem
+from stepback_ray.errors import InputError, StepbackError, StorageError
+from stepback_ray.storage import RunStore, describe_storage_error, filesystem_for
 from stepback_ray.tasks import TaskSpec, get_task
 
 MAX_ITEM_CHARS = 100_000
@@ -59,6 +69,9 @@ class BadRecord(ValueError):
 
 def _text(value: Any, what: str) -> str:
     if isinstance(value, str):
+        problem = text_problem(value)
+        if problem:
+            raise BadRecord(f"{what}: {problem}")
         return value
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
@@ -85,6 +98,9 @@ def check_item(item: Any, task: TaskSpec, where: str, uid: str) -> dict[str, str
         raise BadRecord(f"{where}: expected an object, got {type(item).__name__}")
     out: dict[str, str] = {}
     for k, v in item.items():
+        problem = text_problem(str(k))
+        if problem:
+            raise BadRecord(f"{where}: field name {str(k)!r}: {problem}")
         if v is None:
             continue
         text = _text(v, f"{where}.{k}")
@@ -135,11 +151,19 @@ def check_record(rec: Any, task: TaskSpec, layout: str) -> dict[str, Any]:
 class ValidateAndShard:
     """Ray Data stage: raw rows -> good rows ``(shard, user_id, record)``; bad rows go to the quarantine files.
 
+    Its batches are input files read whole (``bytes``, ``path``: what staging reads, one file a batch), each
+    parsed here on its own: JSON Lines line by line, Parquet with the file's own schema (files whose schemas
+    disagree, an integer ``user_id`` in one and text in another, are never merged; values are taken as text row
+    by row). A Parquet batch may also be a table of records (rows given in process).
+
     A quarantine file's name is a hash of the whole input batch it came from (good rows and the uncut bad ones;
-    JSON Lines batches carry their file's path), so a retried task rewrites the same file instead of adding a
+    file batches carry their file's path), so a retried task rewrites the same file instead of adding a
     second one, while two batches that hold the same bad rows (a malformed record repeated through a Parquet
     dataset) still get a file each: quarantine counts reconcile exactly. Only two byte-identical input batches
     would share a file."""
+
+    FLUSH_ROWS = 4096
+    """Good rows are turned into Arrow this many at a time (a whole file's rows are never held as Python objects)."""
 
     def __init__(self, job: JobSpec, shards: int, denied: list[str] | None = None):
         self.job, self.task, self.shards = job, get_task(job.task), shards
@@ -148,29 +172,31 @@ class ValidateAndShard:
         """Users forgotten in the profile store: not staged (neither kept nor quarantined: their records are
         exactly what must not be written), only counted, in ``_forgotten/``."""
 
-    def _records(self, batch: pa.Table) -> list[tuple[Any, str, int, str | None]]:
-        """(record or None, source file, line (JSON Lines; 0 for Parquet), parse error) per input row."""
-        out: list[tuple[Any, str, int, str | None]] = []
-        if self.job.input.format == "jsonl":
-            for row in batch.to_pylist():
-                data, path = row["bytes"], row.get("path") or ""
-                for n, line in enumerate(data.split(b"\n")):
-                    if not line.strip():
-                        continue
-                    try:
-                        out.append((json.loads(line.decode("utf-8")), path, n + 1, None))
-                    except UnicodeDecodeError as e:
-                        out.append((line[:2000].decode("utf-8", "replace"), path, n + 1, f"invalid UTF-8 ({e.reason})"))
-                    except json.JSONDecodeError as e:
-                        out.append((line[:2000].decode("utf-8", "replace"), path, n + 1, f"bad JSON: {e.msg}"))
-        else:
+    def _records(self, batch: pa.Table) -> Iterator[tuple[Any, str, int, str | None, str]]:
+        """Per input row: (record, source file and line that order repeated query ids (JSON Lines; empty and 0
+        for Parquet, see the module docstring), parse error or None, where the quarantine says it was)."""
+        files = "bytes" in batch.column_names and "user_id" not in batch.column_names
+        if self.job.input.format == "parquet" and not files:
             for rec in batch.to_pylist():
-                out.append((rec, "", 0, None))
-        return out
+                yield rec, "", 0, None, ""
+            return
+        for n in range(batch.num_rows):
+            row = batch.slice(n, 1).to_pylist()[0]
+            data, path = row["bytes"], row.get("path") or ""
+            if data[:2] == b"\x1f\x8b":  # gzip (Ray Data decompresses *.gz as it reads; this is for the rest)
+                try:
+                    data = gzip.decompress(data)
+                except (OSError, EOFError) as e:
+                    yield "", "", 0, f"not a readable gzip file ({e})", path
+                    continue
+            if self.job.input.format == "parquet":
+                yield from _parquet_records(data, path)
+            else:
+                yield from _jsonl_records(data, path)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        good, bad, forgotten = [], [], []
-        for rec, source, line, error in self._records(batch):
+        good, bad, forgotten, tables = [], [], [], []
+        for rec, source, line, error, where in self._records(batch):
             if error is None:
                 try:
                     clean = check_record(rec, self.task, self.job.input.layout)
@@ -192,9 +218,12 @@ class ValidateAndShard:
                             "digest": hashlib.sha1(text.encode()).hexdigest()[:16],
                         }
                     )
+                    if len(good) >= self.FLUSH_ROWS:
+                        tables.append(pa.Table.from_pylist(good, schema=STAGED_SCHEMA))
+                        good = []
                     continue
             raw = rec if isinstance(rec, str) else json.dumps(rec, default=str)
-            bad.append({"reason": error, "record": raw[:2000], "source": _where(source, line)})
+            bad.append({"reason": error, "record": raw[:2000], "source": where})
         if bad:
             table = pa.Table.from_pylist(bad, schema=QUARANTINE_SCHEMA)
             self.store.write_table(f"quarantine/part-{_batch_digest(batch)}.parquet", table)
@@ -203,11 +232,57 @@ class ValidateAndShard:
                 f"{FORGOTTEN_DIR}/part-{_batch_digest(batch)}.json",
                 {"rows": len(forgotten), "users": sorted(set(forgotten))},
             )
-        return pa.Table.from_pylist(good, schema=STAGED_SCHEMA)
+        tables.append(pa.Table.from_pylist(good, schema=STAGED_SCHEMA))
+        return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+
+
+def _jsonl_records(data: bytes, path: str) -> Iterator[tuple[Any, str, int, str | None, str]]:
+    """A JSON Lines file's records, line by line: a line of bad JSON or invalid UTF-8 is one bad record."""
+    for n, line in enumerate(data.split(b"\n")):
+        if not line.strip():
+            continue
+        where = _where(path, n + 1)
+        try:
+            yield json.loads(line.decode("utf-8")), path, n + 1, None, where
+        except UnicodeDecodeError as e:
+            yield line[:2000].decode("utf-8", "replace"), path, n + 1, f"invalid UTF-8 ({e.reason})", where
+        except json.JSONDecodeError as e:
+            yield line[:2000].decode("utf-8", "replace"), path, n + 1, f"bad JSON: {e.msg}", where
+
+
+def _parquet_records(data: bytes, path: str) -> Iterator[tuple[Any, str, int, str | None, str]]:
+    """A Parquet file's records, read with the file's own schema (never merged with another file's), a row group
+    at a time. A file that is not readable Parquet is one bad record naming it; a row whose text is not UTF-8,
+    one bad row."""
+    try:
+        batches = pq.ParquetFile(pa.BufferReader(data)).iter_batches(batch_size=1024)
+        n = 0
+        for rb in batches:
+            try:
+                rows = rb.to_pylist()
+            except (UnicodeDecodeError, pa.ArrowException):
+                rows = [_one_row(rb, i) for i in range(rb.num_rows)]
+            for rec in rows:
+                n += 1
+                if isinstance(rec, BadRecord):
+                    yield "", "", 0, str(rec), f"{path}:{n}"
+                else:
+                    yield rec, "", 0, None, f"{path}:{n}"
+    except (pa.ArrowException, OSError) as e:
+        yield "", "", 0, f"not a readable Parquet file ({str(e).splitlines()[0][:300]})", path
+
+
+def _one_row(rb: pa.RecordBatch, i: int) -> dict[str, Any] | BadRecord:
+    try:
+        return rb.slice(i, 1).to_pylist()[0]
+    except UnicodeDecodeError as e:  # as a JSON Lines line's
+        return BadRecord(f"invalid UTF-8 ({e.reason})")
+    except pa.ArrowException as e:
+        return BadRecord(f"not readable: {str(e).splitlines()[0][:300]}")
 
 
 def _where(source: str, line: int) -> str:
-    """A row's place in the input as the quarantine shows it: ``file:line`` for JSON Lines, empty for Parquet."""
+    """A row's place in the input as the quarantine shows it: ``file:line`` (JSON Lines; Parquet: ``file:row``)."""
     return f"{source}:{line}" if source else ""
 
 
@@ -217,6 +292,63 @@ def _batch_digest(batch: pa.Table) -> str:
     with pa.ipc.new_stream(sink, batch.schema) as writer:
         writer.write_table(batch)
     return hashlib.sha1(sink.getvalue()).hexdigest()[:16]
+
+
+INPUT_EXTENSIONS: dict[str, tuple[str, ...]] = {
+    "parquet": (".parquet",),
+    "jsonl": (".jsonl", ".ndjson", ".json", ".jsonl.gz", ".ndjson.gz", ".json.gz"),
+}
+"""What a dataset input folder is read for: by format, the files whose names end so, in the folder and below it,
+skipping hidden names (a file or folder whose name starts with ``.`` or ``_``, as Arrow and Spark do); any other
+file there (a README, a checksum) is left alone. A file named directly, or matched by a glob, is read whatever
+its name."""
+
+
+def _hidden(rel: str) -> bool:
+    return any(part.startswith((".", "_")) for part in rel.split("/") if part)
+
+
+def _in_folder(fs: Any, folder: str, fmt: str) -> tuple[list[str], list[str]]:
+    """(the data files of a folder under the extension rule, the other files in it) as paths relative to it."""
+    root = folder.rstrip("/") + "/"
+    names = sorted(p[len(root) :] for p in fs.find(folder) if p.startswith(root))
+    keep = [n for n in names if n.endswith(INPUT_EXTENSIONS[fmt]) and not _hidden(n)]
+    return [root + n for n in keep], [n for n in names if n not in set(keep)]
+
+
+def input_files(job: JobSpec) -> list[str]:
+    """The files a dataset input reads (paths inside its filesystem): ``input.path`` is a file, a folder (read by
+    :data:`INPUT_EXTENSIONS`) or a glob. A path that does not exist, a glob that matches nothing or a folder
+    without data files is one line naming the resolved path (and how a relative one was resolved): checked before
+    anything is written."""
+    uri, fmt = job.input.path, job.input.format
+    where, note = f"input.path {uri}", job.path_note("input.path")
+    fs, path = filesystem_for(uri, job.storage)
+    try:
+        if glob.has_magic(path):
+            files: list[str] = []
+            for p, info in sorted(fs.glob(path, detail=True).items()):
+                files += _in_folder(fs, p, fmt)[0] if info.get("type") == "directory" else [p]
+            if not files:
+                raise InputError(where, f"no file matches{note}")
+            return files
+        if fs.isfile(path):
+            return [path]
+        if not fs.isdir(path):
+            raise InputError(where, f"no such file or folder{note}")
+        files, others = _in_folder(fs, path, fmt)
+        if not files:
+            rule = ", ".join(f"*{e}" for e in INPUT_EXTENSIONS[fmt])
+            held = f"{len(others)} other files, e.g. {', '.join(others[:3])}" if others else "it is empty"
+            raise InputError(
+                where,
+                f"no input files: a folder is read by extension (format {fmt}: {rule}) and holds none ({held}){note}",
+            )
+        return files
+    except StepbackError:
+        raise
+    except OSError as e:
+        raise StorageError(describe_storage_error(uri, e)) from None
 
 
 def stage_dataset(job: JobSpec, shards: int, denied: frozenset[str] = frozenset()) -> dict[str, int]:
@@ -234,20 +366,21 @@ def stage_dataset(job: JobSpec, shards: int, denied: frozenset[str] = frozenset(
         store.remove("_staged")
         store.remove("quarantine")
         store.remove(FORGOTTEN_DIR)
-        src_fs, src_path = filesystem_for(job.input.path, job.storage)
+        files = input_files(job)
+        src_fs, _ = filesystem_for(job.input.path, job.storage)
         pa_src = PyFileSystem(FSSpecHandler(src_fs))
         # (a worker that reads or writes a whole input file keeps part of that peak afterwards, even with the system
         # allocator: ~1 GiB for a 10,000-user file. Running these tasks in workers that exit afterwards
         # (max_calls=1) removes it but starts a process per file: 2x slower staging at 100k users, and 30-60 s
         # more per small test run; not worth it while input files are this size.)
-        if job.input.format == "parquet":
-            ds = ray.data.read_parquet(src_path, filesystem=pa_src)
-        else:
-            ds = ray.data.read_binary_files(src_path, filesystem=pa_src, include_paths=True)
+        # every input file read whole and parsed on its own (Parquet too: files whose schemas disagree are never
+        # merged, which Ray Data's Parquet reader does before reading a row), one file a batch
+        ds = ray.data.read_binary_files(files, filesystem=pa_src, include_paths=True)
         ds = ds.map_batches(
             ValidateAndShard,
             fn_constructor_kwargs={"job": job, "shards": shards, "denied": sorted(denied)},
             batch_format="pyarrow",
+            batch_size=1,
             compute=ray.data.ActorPoolStrategy(size=1),
             num_cpus=0.25,
         )

@@ -14,7 +14,7 @@ import json
 from typing import Any
 
 from stepback_ray.config import StorageConfig
-from stepback_ray.data.rows import Query, user_id_problem
+from stepback_ray.data.rows import Query, text_problem, user_id_problem
 from stepback_ray.errors import InputError
 from stepback_ray.storage import read_bytes
 from stepback_ray.tasks import TaskSpec, same_task
@@ -40,16 +40,28 @@ def _as_text(value: Any) -> str | None:
     return None
 
 
+def _valid(uri: str, where: str, field: str, text: str) -> str:
+    """``text`` if it is valid Unicode text (:func:`~stepback_ray.data.rows.text_problem`), else one line naming
+    the question and the field."""
+    problem = text_problem(text)
+    if problem:
+        raise InputError(uri, problem, record=where, field=field)
+    return text
+
+
 def _parse_item(uri: str, where: str, field: str, item: Any, task: TaskSpec) -> dict[str, str]:
     if not isinstance(item, dict):
         raise InputError(uri, f"expected an object, got {type(item).__name__}", record=where, field=field)
     out: dict[str, str] = {}
     for k, v in item.items():
+        problem = text_problem(str(k))
+        if problem:
+            raise InputError(uri, f"field name {str(k)!r}: {problem}", record=where, field=field)
         text = _as_text(v)
         if text is None and v is not None:
             raise InputError(uri, f"expected text, got {type(v).__name__}", record=where, field=f"{field}.{k}")
         if text is not None:
-            out[str(k)] = text
+            out[str(k)] = _valid(uri, where, f"{field}.{k}", text)
     for need in task.item_fields:
         if need not in out:
             raise InputError(
@@ -132,6 +144,7 @@ def parse_questions(uri: str, data: Any, task: TaskSpec) -> list[Query]:
         qid = _as_text(rec.get("id"))
         if qid is None or qid == "":
             raise InputError(uri, "missing or not text", record=where, field="id")
+        qid = _valid(uri, where, "id", qid)
         where = repr(qid)
         if qid in seen:
             raise InputError(uri, "duplicate question id", record=where, field="id")
@@ -139,6 +152,7 @@ def parse_questions(uri: str, data: Any, task: TaskSpec) -> list[Query]:
         text = rec.get("input")
         if not isinstance(text, str):
             raise InputError(uri, "missing or not text", record=where, field="input")
+        _valid(uri, where, "input", text)
         user_ids, histories = _users_of(uri, qid, rec, task)
         queries.append(Query(query_id=qid, task=task.name, input=text, user_ids=user_ids, histories=histories))
     return queries
@@ -163,9 +177,11 @@ def attach_golds(uri: str, data: Any, task: TaskSpec, queries: list[Query]) -> N
         gid = _as_text(g.get("id"))
         if gid is None:
             raise InputError(uri, "missing or not text", record=f"golds[{n}]", field="id")
+        gid = _valid(uri, f"golds[{n}]", "id", gid)
         out = _as_text(g.get("output"))
         if out is None:
             raise InputError(uri, "missing or not text", record=repr(gid), field="output")
+        _valid(uri, repr(gid), "output", out)
         problem = task.gold_problem(out)
         if problem:
             raise InputError(uri, problem, record=repr(gid), field="output")

@@ -25,6 +25,20 @@ MAX_ID_CHARS = 512
 _BAD_ID = re.compile(r"(^\.\.?$)|[/\\\x00-\x1f\x7f-\x9f]|(\.\.)")
 
 
+def text_problem(text: str) -> str | None:
+    """Why ``text`` is not valid Unicode text (None: it is): a lone surrogate, which JSON can carry as an escape
+    (``"\\ud800"``) and Python reads into a string, but no tokenizer, Parquet file or UTF-8 writer accepts. Every
+    reader checks its text fields with this, so such a record stops at the read (LaMP JSON) or is quarantined
+    (datasets) instead of failing the run later."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"lone surrogate {text[e.start]!r} at character {e.start} (not valid Unicode text)"
+    return None
+
+
 def user_id_problem(uid: str) -> str | None:
     """Why ``uid`` cannot be a user id (None: it can): the one rule of every reader (LaMP JSON, datasets). An id
     is used exactly as written, never cleaned up: one that ends in a newline or a space would otherwise become
@@ -37,7 +51,7 @@ def user_id_problem(uid: str) -> str | None:
         return "contains a path separator, '..' or a control character"
     if uid != uid.strip():
         return "leading or trailing whitespace"
-    return None
+    return text_problem(uid)
 
 
 def status_kind(status: str | None) -> str:

@@ -29,6 +29,31 @@ OFFICIAL_KEYS = {"rouge": ("rouge-1", "rouge-L"), "accuracy_f1": ("accuracy", "f
 HIGHER_IS_BETTER = {"rouge": True, "accuracy_f1": True, "mae_rmse": False}
 
 
+NO_GOLDS = "no golds"
+
+
+def unscored_reason(modes: dict[str, dict]) -> str | None:
+    """Why a run's metrics hold no score at all: :data:`NO_GOLDS` when it generated rows and none of them had a
+    gold (an input without golds: predictions only). None when some row was scored."""
+    rows = [m for m in modes.values() if m.get("queries")]
+    if rows and all(m.get("scored") == 0 for m in rows):
+        return NO_GOLDS
+    return None
+
+
+def score_notes(metrics: dict) -> list[str]:
+    """What a metrics table's score columns leave unsaid: ``not scored: no golds`` for a run without golds, or,
+    per mode, how many of its queries the scores cover when only some had a gold."""
+    reason = metrics.get("not_scored") or unscored_reason(metrics["modes"])
+    if reason:
+        return [f"not scored: {reason}"]
+    return [
+        f"{mode}: scored on {m['scored']} of {m['queries']} queries (the others have no gold)"
+        for mode, m in metrics["modes"].items()
+        if m.get("scored") is not None and 0 < m["scored"] < m["queries"]
+    ]
+
+
 @lru_cache(maxsize=1)
 def _scorer():
     # imported here: rouge_score pulls in nltk (1.5 s), and every Ray worker that imports the pipeline (stage

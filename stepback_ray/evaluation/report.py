@@ -18,7 +18,7 @@ import numpy as np
 from stepback_ray.config import StorageConfig
 from stepback_ray.data.rows import status_kind
 from stepback_ray.errors import InputError
-from stepback_ray.evaluation.metrics import bootstrap_ci
+from stepback_ray.evaluation.metrics import bootstrap_ci, score_notes
 from stepback_ray.storage import RunStore
 
 FIGURES = ("metrics.png", "history.png", "stages.png", "throughput.png", "failures.png")
@@ -176,6 +176,11 @@ def _figures(data: dict[str, Any], intervals: dict[str, tuple[float, float, floa
         [[intervals[m][0] - intervals[m][1] for m in shown], [intervals[m][2] - intervals[m][0] for m in shown]]
     )
     ax.bar(shown, means, yerr=err if shown else None, capsize=4, color="#4C72B0")
+    if not shown:  # no score to show (a run without golds): the figure says why
+        note = "; ".join(score_notes(metrics)) or "no scores"
+        ax.text(0.5, 0.5, note, ha="center", va="center", transform=ax.transAxes)
+        ax.set_xticks([])
+        ax.set_yticks([])
     ax.set_ylabel(f"{score_name} (95 % CI)")
     ax.set_title("Score by mode")
     plt.setp(ax.get_xticklabels(), rotation=15)
@@ -200,7 +205,8 @@ def _figures(data: dict[str, Any], intervals: dict[str, tuple[float, float, floa
     ax.set_xlabel("history items of the user")
     ax.set_ylabel(f"mean {score_name}")
     ax.set_title("Score against history length (quantile bins)")
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     figs["history.png"] = _png(fig)
     plt.close(fig)
@@ -292,6 +298,9 @@ def _html(data: dict[str, Any], intervals: dict[str, tuple[float, float, float]]
         "rows": f"{counts.get('generation_rows')} of {counts.get('expected_generation_rows')} expected",
         "quarantined input records": data["quarantined"],
     }
+    notes = score_notes(m)
+    if notes:
+        facts["scores"] = "; ".join(notes)
     if data["quarantine_reasons"]:
         facts["quarantine reasons"] = ", ".join(f"{k}: {n}" for k, n in sorted(data["quarantine_reasons"].items()))
     fact_html = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts.items())
@@ -314,6 +323,7 @@ pre {{ white-space: pre-wrap; margin: 0; font-size: 13px; }}
 <table>{fact_html}</table>
 <h2>Metrics by mode</h2>
 <table><tr>{head}</tr>{"".join(rows)}</table>
+{"".join(f"<p>{html.escape(n)}</p>" for n in notes)}
 {profile_html}
 {examples_html}
 <h2>Figures</h2>

@@ -97,9 +97,13 @@ def summarize(store: RunStore, task_name: str, modes: list[str]) -> tuple[dict[s
         "generation_rows_by_status": statuses,
         "queries_generated": max((t["queries"] for t in tot.values()), default=0),
     }
-    return {
+    scores = {
         "task": task_name,
         "metric": task.metric,
         "keys": list(metrics.OFFICIAL_KEYS[task.metric]),
         "modes": by_mode,
-    }, counts
+    }
+    reason = metrics.unscored_reason(by_mode)
+    if reason:
+        scores["not_scored"] = reason
+    return scores, counts

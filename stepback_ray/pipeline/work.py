@@ -8,7 +8,7 @@ from typing import Any
 
 from stepback_ray.config import JobSpec
 from stepback_ray.data import collect_users, generation_chunks, lead_groups, profile_chunks
-from stepback_ray.data.datasets import stage_dataset, staged_chunks
+from stepback_ray.data.datasets import input_files, stage_dataset, staged_chunks
 from stepback_ray.data.lamp import read_lamp
 from stepback_ray.errors import StepbackError
 from stepback_ray.generation import prompting
@@ -70,6 +70,7 @@ def prepare_work(job: JobSpec, needs_profiles: bool) -> Work | None:
             len(kept),
             deny_token,
         )
+    input_files(job)  # a missing input (or a folder without data files) is one line, before anything is written
     import ray  # deferred: a LaMP JSON job never imports Ray here
 
     if not ray.is_initialized():
