@@ -168,7 +168,7 @@ def test_a_user_in_two_rows_is_merged_items_without_ids_keep_their_identity(tmp_
 
 
 def test_a_rating_gold_that_is_not_a_number_is_quarantined_not_scored():
-    from stepback_ray.data.datasets import BadRecord, check_record
+    from stepback_ray.data.records import BadRecord, check_record
     from stepback_ray.tasks import get_task
 
     rec = {
@@ -276,7 +276,7 @@ def test_a_repeated_query_id_is_quarantined_the_same_way_whatever_the_shards_and
 
 
 def test_a_query_id_repeated_within_one_row_is_quarantined():
-    from stepback_ray.data.datasets import BadRecord, check_record
+    from stepback_ray.data.records import BadRecord, check_record
     from stepback_ray.tasks import get_task
 
     q = {"query_id": "q", "input": "x", "gold": "g"}
@@ -315,7 +315,7 @@ def test_among_parquet_rows_the_repeated_query_id_stays_with_the_user_id_that_so
     ],
 )
 def test_a_user_id_is_taken_as_written_or_quarantined(uid, reason):
-    from stepback_ray.data.datasets import BadRecord, check_record
+    from stepback_ray.data.records import BadRecord, check_record
     from stepback_ray.tasks import get_task
 
     with pytest.raises(BadRecord, match=rf"^user_id: {re.escape(reason)}$"):

@@ -39,12 +39,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from stepback_ray.config import JobSpec
-from stepback_ray.data.rows import Query, UserHistory, shard_of, text_problem, user_id_problem
+from stepback_ray.data.records import BadRecord, check_record, jsonl_records, parquet_records, place
+from stepback_ray.data.rows import Query, UserHistory, shard_of
 from stepback_ray.errors import InputError, StepbackError, StorageError
 from stepback_ray.storage import RunStore, describe_storage_error, filesystem_for
-from stepback_ray.tasks import TaskSpec, get_task
+from stepback_ray.tasks import get_task
 
-MAX_ITEM_CHARS = 100_000
 FORGOTTEN_DIR = "_forgotten"
 """Counts of the rows left out because their user is forgotten (ids and counts only)."""
 QUARANTINE_SCHEMA = pa.schema([("reason", pa.string()), ("record", pa.string()), ("source", pa.string())])
@@ -61,91 +61,6 @@ STAGED_SCHEMA = pa.schema(
 )
 """A staged row: the validated record, its query ids, and what orders it among rows that repeat a query id (the
 input file and line, JSON Lines only; then the user id and a digest of the record)."""
-
-
-class BadRecord(ValueError):
-    """A record that cannot be used; its message is the reason recorded in the quarantine."""
-
-
-def _text(value: Any, what: str) -> str:
-    if isinstance(value, str):
-        problem = text_problem(value)
-        if problem:
-            raise BadRecord(f"{what}: {problem}")
-        return value
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
-    raise BadRecord(f"{what}: expected text, got {type(value).__name__}")
-
-
-def check_user_id(value: Any) -> str:
-    """The row's user id, as written (:func:`~stepback_ray.data.rows.user_id_problem` says what is refused)."""
-    uid = _text(value, "user_id")
-    problem = user_id_problem(uid)
-    if problem:
-        raise BadRecord(f"user_id: {problem}")
-    return uid
-
-
-def _content_id(uid: str, item: dict[str, Any]) -> str:
-    """The id of an item that has none: from its content, so the same item gets the same id in every row, file
-    and night it appears in (a position would shift when items are added, and collide across rows)."""
-    return f"{uid}#" + hashlib.sha1(json.dumps(item, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def check_item(item: Any, task: TaskSpec, where: str, uid: str) -> dict[str, str]:
-    if not isinstance(item, dict):
-        raise BadRecord(f"{where}: expected an object, got {type(item).__name__}")
-    out: dict[str, str] = {}
-    for k, v in item.items():
-        problem = text_problem(str(k))
-        if problem:
-            raise BadRecord(f"{where}: field name {str(k)!r}: {problem}")
-        if v is None:
-            continue
-        text = _text(v, f"{where}.{k}")
-        if len(text) > MAX_ITEM_CHARS:
-            raise BadRecord(f"{where}.{k}: {len(text)} characters, over the limit of {MAX_ITEM_CHARS}")
-        out[str(k)] = text
-    for need in task.item_fields:
-        if need not in out:
-            raise BadRecord(f"{where}.{need}: missing (task {task.name} needs {', '.join(task.item_fields)})")
-    if "id" not in out:
-        out["id"] = _content_id(uid, out)
-    return out
-
-
-def check_record(rec: Any, task: TaskSpec, layout: str) -> dict[str, Any]:
-    """A validated, normalized record, or :class:`BadRecord` with the reason."""
-    if not isinstance(rec, dict):
-        raise BadRecord(f"expected an object, got {type(rec).__name__}")
-    uid = check_user_id(rec.get("user_id"))
-    if layout == "item":
-        item = {k: v for k, v in rec.items() if k != "user_id"}
-        return {"user_id": uid, "item": check_item(item, task, "item", uid)}
-    history = rec.get("history", [])
-    if history is None:
-        history = []
-    if not isinstance(history, list):
-        raise BadRecord(f"history: expected a list, got {type(history).__name__}")
-    items = [check_item(it, task, f"history[{i}]", uid) for i, it in enumerate(history)]
-    queries = []
-    first: dict[str, int] = {}
-    for i, q in enumerate(rec.get("queries") or []):
-        if not isinstance(q, dict):
-            raise BadRecord(f"queries[{i}]: expected an object, got {type(q).__name__}")
-        qid = _text(q.get("query_id"), f"queries[{i}].query_id")
-        if qid in first:
-            raise BadRecord(f"queries[{i}].query_id: duplicate {qid!r} (also queries[{first[qid]}])")
-        first[qid] = i
-        text = _text(q.get("input"), f"queries[{i}].input")
-        gold = q.get("gold")
-        gold = None if gold is None else _text(gold, f"queries[{i}].gold")
-        problem = None if gold is None else task.gold_problem(gold)
-        if problem:
-            raise BadRecord(f"queries[{i}].gold: {problem}")
-        queries.append({"query_id": qid, "input": text, "gold": gold})
-    return {"user_id": uid, "history": items, "queries": queries}
 
 
 class ValidateAndShard:
@@ -190,9 +105,9 @@ class ValidateAndShard:
                     yield "", "", 0, f"not a readable gzip file ({e})", path
                     continue
             if self.job.input.format == "parquet":
-                yield from _parquet_records(data, path)
+                yield from parquet_records(data, path)
             else:
-                yield from _jsonl_records(data, path)
+                yield from jsonl_records(data, path)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         good, bad, forgotten, tables = [], [], [], []
@@ -234,56 +149,6 @@ class ValidateAndShard:
             )
         tables.append(pa.Table.from_pylist(good, schema=STAGED_SCHEMA))
         return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
-
-
-def _jsonl_records(data: bytes, path: str) -> Iterator[tuple[Any, str, int, str | None, str]]:
-    """A JSON Lines file's records, line by line: a line of bad JSON or invalid UTF-8 is one bad record."""
-    for n, line in enumerate(data.split(b"\n")):
-        if not line.strip():
-            continue
-        where = _where(path, n + 1)
-        try:
-            yield json.loads(line.decode("utf-8")), path, n + 1, None, where
-        except UnicodeDecodeError as e:
-            yield line[:2000].decode("utf-8", "replace"), path, n + 1, f"invalid UTF-8 ({e.reason})", where
-        except json.JSONDecodeError as e:
-            yield line[:2000].decode("utf-8", "replace"), path, n + 1, f"bad JSON: {e.msg}", where
-
-
-def _parquet_records(data: bytes, path: str) -> Iterator[tuple[Any, str, int, str | None, str]]:
-    """A Parquet file's records, read with the file's own schema (never merged with another file's), a row group
-    at a time. A file that is not readable Parquet is one bad record naming it; a row whose text is not UTF-8,
-    one bad row."""
-    try:
-        batches = pq.ParquetFile(pa.BufferReader(data)).iter_batches(batch_size=1024)
-        n = 0
-        for rb in batches:
-            try:
-                rows = rb.to_pylist()
-            except (UnicodeDecodeError, pa.ArrowException):
-                rows = [_one_row(rb, i) for i in range(rb.num_rows)]
-            for rec in rows:
-                n += 1
-                if isinstance(rec, BadRecord):
-                    yield "", "", 0, str(rec), f"{path}:{n}"
-                else:
-                    yield rec, "", 0, None, f"{path}:{n}"
-    except (pa.ArrowException, OSError) as e:
-        yield "", "", 0, f"not a readable Parquet file ({str(e).splitlines()[0][:300]})", path
-
-
-def _one_row(rb: pa.RecordBatch, i: int) -> dict[str, Any] | BadRecord:
-    try:
-        return rb.slice(i, 1).to_pylist()[0]
-    except UnicodeDecodeError as e:  # as a JSON Lines line's
-        return BadRecord(f"invalid UTF-8 ({e.reason})")
-    except pa.ArrowException as e:
-        return BadRecord(f"not readable: {str(e).splitlines()[0][:300]}")
-
-
-def _where(source: str, line: int) -> str:
-    """A row's place in the input as the quarantine shows it: ``file:line`` (JSON Lines; Parquet: ``file:row``)."""
-    return f"{source}:{line}" if source else ""
 
 
 def _batch_digest(batch: pa.Table) -> str:
@@ -435,7 +300,7 @@ def quarantine_repeated_queries(store: RunStore) -> int:
     for key, rel, i, qids, uid in sorted(involved):
         clash = next(((n, q) for n, q in enumerate(qids) if q in kept), None)
         if clash is None:
-            kept.update({q: (uid, _where(key[0], key[1])) for q in qids})
+            kept.update({q: (uid, place(key[0], key[1])) for q in qids})
             continue
         n, q = clash
         first_uid, first_at = kept[q]
@@ -448,7 +313,7 @@ def quarantine_repeated_queries(store: RunStore) -> int:
         table = store.read_table(rel)
         for i, reason in sorted(rows.items()):
             r = table.slice(i, 1).to_pylist()[0]
-            bad.append({"reason": reason, "record": r["record"][:2000], "source": _where(r["source"], r["line"])})
+            bad.append({"reason": reason, "record": r["record"][:2000], "source": place(r["source"], r["line"])})
         keep = [i for i in range(table.num_rows) if i not in rows]
         if keep:
             store.write_table(rel, table.take(keep))

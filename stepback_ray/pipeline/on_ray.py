@@ -127,8 +127,6 @@ def init_local_ray(object_store_gib: float | None = None, **kwargs: Any) -> None
     ``num_workers_soft_limit`` worker processes without delay (by default one per CPU); on a small machine the
     third process of a pass then waits seconds for a slot. Raising the limit costs nothing (logical CPUs, and so
     scheduling, stay as they are) and takes seconds off every pass. The workers get :data:`WORKER_ENV`."""
-    import ray
-
     limit = max(8, 2 * (kwargs.get("num_cpus") or os.cpu_count() or 1))
     if object_store_gib:
         kwargs["object_store_memory"] = int(object_store_gib * 2**30)
