@@ -43,7 +43,7 @@ def format_table(metrics: dict[str, Any]) -> str:
             + "".join(f"{num(m[k], '.4f'):>10}" for k in keys)
             + f"{num(m['tokens_per_s'], '.1f'):>10}"
         )
-    from stepback_ray.evaluation.metrics import score_notes
+    from stepback_ray.evaluation.metrics import score_notes  # deferred: numpy
 
     lines += score_notes(metrics)
     prof = metrics.get("profiles")
