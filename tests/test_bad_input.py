@@ -160,7 +160,7 @@ def no_network(monkeypatch):
     """No name resolves and no connection opens (nothing in these tests may reach the network)."""
     import socket
 
-    from stepback_ray.engines import models
+    from stepback_ray.engines import hub
 
     def refuse(*args, **kwargs):
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
@@ -169,9 +169,9 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket, "create_connection", refuse)
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(var, raising=False)
-    models.hub_unreachable.cache_clear()  # a check made before this test does not count
+    hub.hub_unreachable.cache_clear()  # a check made before this test does not count
     yield
-    models.hub_unreachable.cache_clear()
+    hub.hub_unreachable.cache_clear()
 
 
 @pytest.mark.parametrize("how", ["no-dns", "HF_HUB_OFFLINE"])
