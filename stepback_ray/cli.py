@@ -20,7 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -264,8 +266,19 @@ def _user_error_cause(exc: BaseException) -> StepbackError | None:
     return None
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler stopping the job, ``kill``, a container stop): ended like Ctrl-C, so a run keeps what
+    it committed and resumes with the same run id."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    own_signals = threading.current_thread() is threading.main_thread()  # (a handler is set from there only)
+    previous = signal.signal(signal.SIGTERM, _terminate) if own_signals else None
     try:
         return args.func(args)
     except StepbackError as e:
@@ -277,9 +290,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {cause}", file=sys.stderr)
         return getattr(cause, "exit_code", 2)
+    except Terminated:
+        print("interrupted (SIGTERM)", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        if own_signals:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 if __name__ == "__main__":
