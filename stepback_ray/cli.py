@@ -74,6 +74,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         f"stepback: running {job.name} ({job.task}, modes {', '.join(job.modes)}) -> {job.output_uri}", file=sys.stderr
     )
     result = run_job(job)
+    _say_damage(result.metrics.get("profiles"))
     print(format_table(result.metrics))
     print(f"outputs: {result.output_uri} (total {result.manifest['timings']['total_s']:.1f} s)")
     return 0
@@ -86,8 +87,15 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     store = job.profile_store.uri or "(none: profiles kept in the run output)"
     print(f"stepback: profiling {job.name} ({job.task}) -> store {store}", file=sys.stderr)
     result = run_profile_job(job)
+    _say_damage(result.metrics["profiles"])
     print(json.dumps(result.metrics["profiles"], indent=1))
     return 0
+
+
+def _say_damage(stats: dict[str, Any] | None) -> None:
+    """Files of the store's base version found damaged: not carried (the manifest names them too)."""
+    for d in (stats or {}).get("damaged_base_files", []):
+        print(f"stepback: {d['file']} is damaged ({d['problem']}): its users were recomputed", file=sys.stderr)
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
@@ -123,7 +131,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_forget(args: argparse.Namespace) -> int:
-    from stepback_ray.store.forget import forget  # deferred: pyarrow
+    from stepback_ray.store.forget import ForgetIncomplete, forget  # deferred: pyarrow
 
     ids = list(args.user)
     if args.users_file:
@@ -131,7 +139,12 @@ def _cmd_forget(args: argparse.Namespace) -> int:
         if not path.is_file():
             raise InputError(args.users_file, "no such file (one user id per line)")
         ids += [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    print(json.dumps(forget(args.store, ids, args.runs, storage_config(args.set), undo=args.undo), indent=1))
+    try:
+        record = forget(args.store, ids, args.runs, storage_config(args.set), undo=args.undo)
+    except ForgetIncomplete as e:  # the audit record all the same, then the one line (exit 3)
+        print(json.dumps(e.record, indent=1))
+        raise
+    print(json.dumps(record, indent=1))
     return 0
 
 

@@ -179,7 +179,7 @@ def test_a_version_written_before_checksums_is_carried_and_promoted_as_before(st
         (b'{"version": "versions/date=2026', "not valid JSON"),
         (b"", "empty"),
         (b"[1, 2]", "not a store pointer"),
-        (b'{"version": "versions/x", "users": 3}', "no 'num_shards'"),
+        (b'{"version": "versions/x", "users": 3}', "not a store pointer (no 'num_shards')"),
     ],
     ids=["truncated", "empty", "a-list", "no-num_shards"],
 )
