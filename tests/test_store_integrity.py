@@ -407,17 +407,38 @@ def test_a_rerun_whose_lamp_input_changed_is_refused_naming_the_file(tmp_path, c
     assert "use a new run_id or output" in line
 
 
-def test_a_rerun_whose_dataset_changed_is_refused_naming_the_file(ray_local, tmp_path, capsys):
-    users = lamp5_users(4)
-    write_items_parquet(tmp_path / "hist" / "part-0.parquet", users)
-    spec = _spec(
-        tmp_path,
-        "n1",
-        {"input": {"format": "parquet", "path": str(tmp_path / "hist"), "layout": "item"}, "input.outputs": None},
-    )
-    assert main(["profile", spec]) == 0
-    write_items_parquet(tmp_path / "hist" / "part-1.parquet", lamp5_users(6)[4:])  # two new users, a new file
-    capsys.readouterr()
-    assert main(["profile", spec]) == 2
-    line = _one_error_line(capsys.readouterr().err)
-    assert f"input changed since this run staged it: {tmp_path / 'hist' / 'part-1.parquet'} (new file)" in line
+def test_a_dataset_folder_or_glob_that_changed_since_staging_is_named(tmp_path):
+    """The same check on a dataset input (what a rerun compares, without staging it again): a new file in the
+    folder, a file rewritten in place with the same size, a glob that matches one file more."""
+    from stepback_ray.config import load_job
+    from stepback_ray.errors import StepbackError
+    from stepback_ray.pipeline.input_identity import check_input
+    from stepback_ray.storage import RunStore
+
+    write_items_parquet(tmp_path / "hist" / "part-0.parquet", lamp5_users(4))
+    for path in (str(tmp_path / "hist"), str(tmp_path / "hist" / "part-*.parquet")):
+        job = load_job(
+            None,
+            [],
+            data={
+                "name": "x",
+                "task": "LaMP_5",
+                "input": {"format": "parquet", "path": path, "layout": "item"},
+                "output": str(tmp_path / "runs" / "x"),
+            },
+        )
+        out = RunStore(job.output_uri, job.storage)
+        out.remove("_input.json")
+        check_input(out, job, resumed=False)  # the first run records it
+        check_input(out, job, resumed=True)  # unchanged: the rerun goes on
+        new = tmp_path / "hist" / "part-1.parquet"
+        write_items_parquet(new, lamp5_users(6)[4:])
+        with pytest.raises(StepbackError, match=rf"input changed since this run staged it: {new} \(new file\)"):
+            check_input(out, job, resumed=True)
+        new.unlink()
+    first = tmp_path / "hist" / "part-0.parquet"
+    data = first.read_bytes()
+    time.sleep(0.01)
+    first.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # the same size, written again
+    with pytest.raises(StepbackError, match=rf"{first} \(modified: .*Z -> .*Z\); use a new run_id or output"):
+        check_input(out, job, resumed=True)
