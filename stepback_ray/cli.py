@@ -10,9 +10,11 @@
     stepback report RUN_URI                         (re)build a finished run's report.html and figures
     stepback promote --store URI --version V        point a profile store's CURRENT.json at a finished version
 
-Bad input or configuration ends with one line on stderr (``error: ...``) and exit status 2, never a traceback; a run
-that could not do its work (engine errors over ``max_error_fraction``, an engine that kept dying) exits 3; a
-profile store version refused by the quality gate (``profile_store.gate``) exits 4.
+Bad input or configuration (a damaged file of a run or store included) ends with one line on stderr (``error:
+...``) and exit status 2, never a traceback; work that could not be done (engine errors over
+``max_error_fraction``, an engine that kept dying, a full disk, a forget that met damaged files) exits 3; a profile
+store version refused by the quality gate (``profile_store.gate``) exits 4; Ctrl-C exits 130 and SIGTERM 143,
+both with one line, a run resumable. Only a bug in stepback-ray ends in a traceback (exit 1).
 """
 
 from __future__ import annotations

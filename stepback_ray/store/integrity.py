@@ -74,24 +74,21 @@ class VersionFiles:
     def checked(self) -> bool:
         return bool(self.manifest and CHECKSUMS in self.manifest)
 
-    def _accepted(self, rel: str) -> set[str]:
+    def recorded(self, rel: str) -> set[str]:
+        """The checksums ``rel`` may have: the one committed, and one a forget is writing (empty: none recorded)."""
         m = self.manifest or {}
         return {s for s in ((m.get(CHECKSUMS) or {}).get(rel), (m.get(PENDING) or {}).get(rel)) if s}
 
     def problem(self, rel: str, data: bytes) -> str | None:
         """What is wrong with ``data`` as the bytes of ``rel`` (None: they are what the version committed)."""
-        if not self.checked:
-            return None
-        accepted = self._accepted(rel)
+        accepted = self.recorded(rel) if self.checked else None
         now = checksum(data)
-        if now in accepted:
+        if not accepted or now in accepted:  # (a file without a recorded checksum is only parsed, as before them)
             return None
         self._load()  # a forget may have rewritten the file since the manifest was read
-        accepted = self._accepted(rel)
-        if now in accepted:
+        accepted = self.recorded(rel)
+        if not accepted or now in accepted:
             return None
-        if not accepted:
-            return "not among the files its version committed (no checksum recorded for it)"
         was = min(accepted)[7:19]
         return f"its sha256 differs from the one recorded when it was committed ({now[7:19]}... now, {was}...)"
 
@@ -136,7 +133,7 @@ def verify_version(root: RunStore, version: str, manifest: dict[str, Any]) -> li
             continue
         data = root.read_bytes(rel)
         problem = files.problem(rel, data)
-        if problem is None and not files.checked:
+        if problem is None and not files.recorded(rel):
             try:
                 parse(root, rel, data)
             except DamagedFile as e:
