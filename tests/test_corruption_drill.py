@@ -72,7 +72,6 @@ def _round(tmp_path: Path, store: Path, run_id: str, damaged: Path, hit: set[str
         "rows_lost": 20 - len(origins),
         "named": [d["file"] for d in manifest.get("damaged_base_files", [])],
     }
-    print(f"drill {run_id}: {counts}")
     assert counts["recomputed"] == len(hit) > 0
     assert counts["carried"] == 20 - len(hit)
     assert counts["rows"] == 20 and counts["rows_lost"] == 0
@@ -88,7 +87,7 @@ def test_a_flipped_bit_and_a_truncated_chunk_are_recomputed_not_carried_and_not_
     damaged = store / v1 / "profiles" / "chunk-00002.parquet"
     hit = _users(damaged)
     _flip_silently(damaged)
-    _round(tmp_path, store, "n2", damaged, hit)
+    flipped = _round(tmp_path, store, "n2", damaged, hit)
 
     capsys.readouterr()
     live = (store / "CURRENT.json").read_bytes()
@@ -102,4 +101,6 @@ def test_a_flipped_bit_and_a_truncated_chunk_are_recomputed_not_carried_and_not_
     half = store / v2 / "profiles" / "chunk-00000.parquet"
     hit = _users(half)
     half.write_bytes(half.read_bytes()[: half.stat().st_size // 2])  # a half-copied file
-    _round(tmp_path, store, "n3", half, hit)
+    truncated = _round(tmp_path, store, "n3", half, hit)
+    with capsys.disabled():
+        print(f"\ndrill: a flipped bit {flipped}\ndrill: a truncated chunk {truncated}")
