@@ -205,6 +205,17 @@ def test_a_damaged_pointer_is_one_line_naming_it_and_promote_repairs_it(
     assert json.loads(capsys.readouterr().out)["origins"]["carried"] == 20
 
 
+def test_a_truncated_chunk_of_a_run_output_is_one_line_naming_it(tmp_path, capsys):
+    spec = _spec(tmp_path, "r1", {"modes": ["none"], "profile_store": {"uri": None}})
+    assert main(["run", spec]) == 0
+    chunk = tmp_path / "runs" / "r1" / "generations" / "chunk-00001.parquet"
+    chunk.write_bytes(chunk.read_bytes()[:-50])
+    capsys.readouterr()
+    assert main(["run", spec]) == 2  # the rerun reads its committed chunks
+    line = _one_error_line(capsys.readouterr().err)
+    assert f"error: {chunk}: not a readable Parquet file (" in line
+
+
 # ----------------------------------------------------------------------- 2: a forget past a damaged file
 def test_a_forget_past_a_damaged_file_scrubs_every_other_file_and_says_it_is_incomplete(
     store_of_one_night, tmp_path, capsys
