@@ -250,6 +250,28 @@ def test_a_forget_past_a_damaged_file_scrubs_every_other_file_and_says_it_is_inc
     assert json.loads(capsys.readouterr().out)["incomplete"] is False
 
 
+def test_a_forget_past_a_damaged_run_file_owes_the_run_its_predictions_until_a_forget_can_rebuild_them(
+    tmp_path, capsys
+):
+    assert main(["run", _spec(tmp_path, "r1")]) == 0  # profiles in the store, generations in the run output
+    run = tmp_path / "runs" / "r1"
+    user, query = next((r["user_id"], r["query_id"]) for r in pq.read_table(run / "generations").to_pylist())
+    damaged = next(p for p in sorted((run / "generations").glob("*.parquet")) if user not in _users(p))
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    capsys.readouterr()
+    args = ["forget", "--store", str(tmp_path / "store"), "--user", user, "--runs", str(run)]
+    assert main(args) == 3
+    record = json.loads(capsys.readouterr().out)
+    assert record["rows_removed"]["generations"] == 1 and "predictions" not in record["rows_removed"]
+    assert [d["file"] for d in record["damaged_files"]] == [str(damaged), f"{run}/predictions/"]
+    assert (run / "_forget_rebuild_owed.json").exists()
+    damaged.unlink()
+    assert main(args) == 0  # nothing of the user is left to remove, but the predictions are owed: rebuilt now
+    assert json.loads(capsys.readouterr().out)["rows_removed"] == {}
+    assert query not in {g["id"] for g in json.loads((run / "predictions" / "profile.json").read_text())["golds"]}
+    assert not (run / "_forget_rebuild_owed.json").exists()
+
+
 # ----------------------------------------------------------------------------------------- 6: disk full
 def _disk_full_at(monkeypatch, marker: str) -> list[str]:
     """Writes through the run store whose path holds ``marker`` fill the disk: part of the bytes land, then ENOSPC."""

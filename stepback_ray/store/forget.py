@@ -51,6 +51,9 @@ from stepback_ray.store.layout import list_versions, read_pointer
 
 DENY_LIST = "forgotten/deny-list.json"
 AUDIT_DIR = "forgotten/audit"
+REBUILD_OWED = "_forget_rebuild_owed.json"
+"""In a run output: a forget removed generation rows there but met a damaged file, so its predictions, metrics and
+report still hold the removed rows until a later forget rebuilds them."""
 RUN_FOLDERS = ("generations", "profiles", "embeddings")
 """The row folders of a run output scrubbed by ``--runs`` (``_staged/`` shard folders too, see below)."""
 
@@ -265,11 +268,14 @@ def scrub_run(uri: str, ids: set[str], storage: StorageConfig) -> Scrubbed:
     out.add(scrub_tree(run, "profiles", ids, "profiles"))
     out.add(scrub_tree(run, "embeddings", ids, "embeddings"))
     out.add(scrub_tree(run, "_staged", ids, "staged_input"))
-    if out.rows.get("generations") and run.exists("metrics.json"):
-        if out.damaged:  # the summary would read the damaged files: rebuilt by the forget that finds none
+    owed = run.exists(REBUILD_OWED)  # an earlier forget removed rows but could not rebuild the summary
+    if (out.rows.get("generations") or owed) and run.exists("metrics.json"):
+        if out.damaged:  # the summary would read the damaged files: the forget that finds none rebuilds it
+            run.write_json(REBUILD_OWED, {"since": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")})
             out.damaged.append({"file": run.uri_of("predictions/"), "problem": "not rebuilt (damaged run files)"})
         else:
             _rebuild_summary(run, spec, out)
+            run.remove(REBUILD_OWED)
     return out
 
 
@@ -278,7 +284,8 @@ def _rebuild_summary(run: RunStore, spec: dict[str, Any], out: Scrubbed) -> None
     metrics, counts = summarize(run, spec["task"], spec["modes"])
     old = run.read_json("metrics.json")
     run.write_json("metrics.json", {**old, **metrics})
-    out.rows["predictions"] = out.rows["generations"]  # one prediction per generation row
+    if out.rows.get("generations"):
+        out.rows["predictions"] = out.rows["generations"]  # one prediction per generation row
     for m in spec["modes"]:
         out.files.append(run.uri_of(f"predictions/{m}.json"))
     if run.exists("manifest.json"):
