@@ -10,9 +10,11 @@
     stepback report RUN_URI                         (re)build a finished run's report.html and figures
     stepback promote --store URI --version V        point a profile store's CURRENT.json at a finished version
 
-Bad input or configuration ends with one line on stderr (``error: ...``) and exit status 2, never a traceback; a run
-that could not do its work (engine errors over ``max_error_fraction``, an engine that kept dying) exits 3; a
-profile store version refused by the quality gate (``profile_store.gate``) exits 4.
+Bad input or configuration (a damaged file of a run or store included) ends with one line on stderr (``error:
+...``) and exit status 2, never a traceback; work that could not be done (engine errors over
+``max_error_fraction``, an engine that kept dying, a full disk, a forget that met damaged files) exits 3; a profile
+store version refused by the quality gate (``profile_store.gate``) exits 4; Ctrl-C exits 130 and SIGTERM 143,
+both with one line, a run resumable. Only a bug in stepback-ray ends in a traceback (exit 1).
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +79,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         f"stepback: running {job.name} ({job.task}, modes {', '.join(job.modes)}) -> {job.output_uri}", file=sys.stderr
     )
     result = run_job(job)
+    _say_damage(result.metrics.get("profiles"))
     print(format_table(result.metrics))
     print(f"outputs: {result.output_uri} (total {result.manifest['timings']['total_s']:.1f} s)")
     return 0
@@ -87,8 +92,15 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     store = job.profile_store.uri or "(none: profiles kept in the run output)"
     print(f"stepback: profiling {job.name} ({job.task}) -> store {store}", file=sys.stderr)
     result = run_profile_job(job)
+    _say_damage(result.metrics["profiles"])
     print(json.dumps(result.metrics["profiles"], indent=1))
     return 0
+
+
+def _say_damage(stats: dict[str, Any] | None) -> None:
+    """Files of the store's base version found damaged: not carried (the manifest names them too)."""
+    for d in (stats or {}).get("damaged_base_files", []):
+        print(f"stepback: {d['file']} is damaged ({d['problem']}): its users were recomputed", file=sys.stderr)
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
@@ -124,7 +136,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_forget(args: argparse.Namespace) -> int:
-    from stepback_ray.store.forget import forget  # deferred: pyarrow
+    from stepback_ray.store.forget import ForgetIncomplete, forget  # deferred: pyarrow
 
     ids = list(args.user)
     if args.users_file:
@@ -132,7 +144,12 @@ def _cmd_forget(args: argparse.Namespace) -> int:
         if not path.is_file():
             raise InputError(args.users_file, "no such file (one user id per line)")
         ids += [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    print(json.dumps(forget(args.store, ids, args.runs, storage_config(args.set), undo=args.undo), indent=1))
+    try:
+        record = forget(args.store, ids, args.runs, storage_config(args.set), undo=args.undo)
+    except ForgetIncomplete as e:  # the audit record all the same, then the one line (exit 3)
+        print(json.dumps(e.record, indent=1))
+        raise
+    print(json.dumps(record, indent=1))
     return 0
 
 
@@ -267,8 +284,19 @@ def _user_error_cause(exc: BaseException) -> StepbackError | None:
     return None
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler stopping the job, ``kill``, a container stop): ended like Ctrl-C, so a run keeps what
+    it committed and resumes with the same run id."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    own_signals = threading.current_thread() is threading.main_thread()  # (a handler is set from there only)
+    previous = signal.signal(signal.SIGTERM, _terminate) if own_signals else None
     try:
         return args.func(args)
     except StepbackError as e:
@@ -280,9 +308,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {cause}", file=sys.stderr)
         return getattr(cause, "exit_code", 2)
+    except Terminated:
+        print("interrupted (SIGTERM)", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        if own_signals:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,9 @@ else is a bug in stepback-ray and keeps its traceback.
 
 from __future__ import annotations
 
+import errno
+from typing import BinaryIO
+
 
 class StepbackError(Exception):
     """A problem with the user's input or configuration, reported as one line."""
@@ -33,6 +36,53 @@ class InputError(StepbackError):
 
 class StorageError(StepbackError):
     """Object storage is unreachable, the bucket is missing, or access is denied."""
+
+
+class StorageFull(StorageError):
+    """The disk (or quota) under an output is full. Not bad input: it exits 3; what was committed before stays
+    readable, nothing half-written is left, and rerunning once there is space resumes."""
+
+    exit_code = 3
+
+    @classmethod
+    def of(cls, uri: str, exc: BaseException) -> StorageError | None:
+        """The error to raise for ``exc`` met writing ``uri`` when it says the disk is full (None: it does not)."""
+        if isinstance(exc, StorageFull):
+            return exc
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return cls(
+                f"{uri}: no space left on the device; what was committed before is kept: free some space and "
+                "run the command again (a run resumes with the same run_id)"
+            )
+        return None
+
+    @classmethod
+    def naming(cls, file: BinaryIO, uri: str) -> BinaryIO:
+        """``file`` (being written to ``uri``) whose writes name it when the disk is full."""
+
+        class Named:
+            def write(self, data: bytes) -> int:
+                try:
+                    return file.write(data)
+                except OSError as e:
+                    raise cls.of(uri, e) or e from None
+
+            def __getattr__(self, name: str):
+                return getattr(file, name)
+
+        return Named()  # type: ignore[return-value]
+
+
+class DamagedFile(StepbackError):
+    """A file a run or the profile store wrote is not what was written: truncated, unreadable, not the expected
+    shape, or its bytes differ from the checksum recorded when it was committed."""
+
+    def __init__(self, uri: str, problem: str):
+        super().__init__(f"{uri}: {problem}")
+        self.uri, self.problem = uri, problem
+
+    def __reduce__(self):  # raised in Ray workers: rebuilt from its two fields
+        return (type(self), (self.uri, self.problem))
 
 
 class ClusterError(StepbackError):

@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from stepback_ray.config import StorageConfig
-from stepback_ray.errors import ConfigError, InputError, StorageError
+from stepback_ray.errors import ConfigError, DamagedFile, InputError, StorageError, StorageFull
 
 
 def _s3_kwargs(storage: StorageConfig) -> dict[str, Any]:
@@ -125,21 +125,13 @@ def describe_storage_error(uri: str, exc: BaseException) -> str:
         return f"{uri}: storage endpoint unreachable ({exc})"
     if "nosuchbucket" in low or "bucket does not exist" in low:
         return f"{uri}: bucket does not exist"
-    if isinstance(exc, PermissionError) or any(
-        s in low
-        for s in (
-            "invalidaccesskeyid",
-            "signaturedoesnotmatch",
-            "accessdenied",
-            "access denied",
-            "forbidden",
-            "403",
-            "access key id",
-            "security token",
-        )
-    ):
+    if isinstance(exc, PermissionError) or any(s in low for s in _DENIED):
         return f"{uri}: access denied (check the credentials / AWS profile)"
     return f"{uri}: {text.splitlines()[0]}"
+
+
+_DENIED = ("invalidaccesskeyid", "signaturedoesnotmatch", "accessdenied", "access denied", "forbidden", "403")
+_DENIED += ("access key id", "security token")
 
 
 def read_bytes(uri: str, storage: StorageConfig | None = None) -> bytes:
@@ -174,14 +166,8 @@ def is_transient(exc: BaseException) -> bool:
 
 
 #: what breaks off a response body part-way: botocore retries requests, not the reading of an answer that arrived
-_CUT_BODY = (
-    "IncompleteRead",
-    "ClientPayloadError",
-    "ResponseStreamingError",
-    "ContentLengthError",
-    "Connection broken",
-    "ResponseParserError",
-)
+_CUT_BODY = ("IncompleteRead", "ClientPayloadError", "ResponseStreamingError", "ContentLengthError")
+_CUT_BODY += ("Connection broken", "ResponseParserError")
 
 
 def is_cut_body(exc: BaseException) -> bool:
@@ -266,7 +252,7 @@ class RunStore:
         except PermissionError:
             raise StorageError(f"{self.uri}: not writable (permission denied)") from None
         except OSError as e:
-            raise StorageError(f"{self.uri}: not writable ({e.strerror or e})") from None
+            raise StorageFull.of(self.uri, e) or StorageError(f"{self.uri}: not writable ({e.strerror or e})") from None
         finally:
             for d in made:
                 with contextlib.suppress(OSError):
@@ -298,6 +284,8 @@ class RunStore:
                     f.flush()
                     os.fsync(f.fileno())
                 os.replace(tmp, path)
+            except OSError as e:
+                raise StorageFull.of(path, e) or e from None  # named: a full disk's OSError holds no path
             finally:
                 if os.path.exists(tmp):
                     os.remove(tmp)
@@ -308,7 +296,8 @@ class RunStore:
         try:
             self._call(self._write, self.path(rel), data)
         except Exception as e:  # noqa: BLE001 - translated to one line
-            raise StorageError(describe_storage_error(self.uri_of(rel), e)) from None
+            uri = self.uri_of(rel)
+            raise StorageFull.of(uri, e) or StorageError(describe_storage_error(uri, e)) from None
 
     def read_bytes(self, rel: str) -> bytes:
         return self._call(self.fs.cat_file, self.path(rel))
@@ -323,7 +312,7 @@ class RunStore:
             tmp = f"{path}.tmp-{uuid.uuid4().hex}"
             try:
                 with open(tmp, "wb") as f:
-                    yield f
+                    yield StorageFull.naming(f, self.uri_of(rel))
                 os.replace(tmp, path)
             finally:
                 if os.path.exists(tmp):
@@ -345,10 +334,11 @@ class RunStore:
         that files written by an older version may lack (None in their rows); any other missing column is an
         error."""
         for rel in self.list(rel_dir, ".parquet"):
-            data = io.BytesIO(self.read_bytes(rel))
-            names = set(pq.ParquetFile(data).schema_arrow.names) if optional else set(columns)
+            data = self.read_bytes(rel)
+            names = self._parquet(rel, data, lambda f: pq.ParquetFile(f).schema_arrow.names) if optional else columns
+            wanted = [c for c in columns if c not in optional or c in names]
             missing = [c for c in optional if c not in names]
-            table = pq.read_table(data, columns=[c for c in columns if c not in missing])
+            table = self._parquet(rel, data, lambda f, wanted=wanted: pq.read_table(f, columns=wanted))
             for row in table.to_pylist():
                 yield {**row, **dict.fromkeys(missing)} if missing else row
 
@@ -356,19 +346,26 @@ class RunStore:
         self.write_bytes(rel, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
 
     def read_json(self, rel: str) -> Any:
-        return json.loads(self.read_bytes(rel))
+        return self._json(rel, self.read_bytes(rel))
+
+    def _json(self, rel: str, data: bytes) -> Any:
+        try:
+            return json.loads(data)
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            raise DamagedFile(self.uri_of(rel), f"not valid JSON ({'empty' if not data else e}; truncated?)") from None
 
     # -------------------------------------------------------------------- compare-and-swap (a store's pointer)
-    def read_versioned(self, rel: str) -> tuple[Any, str | None]:
-        """A JSON file and the token :meth:`swap_json` checks it against (None: the file does not exist). On S3
-        the token is the object's ETag, locally a hash of its bytes."""
+    def read_versioned(self, rel: str, parse=None) -> tuple[Any, str | None]:
+        """A JSON file (``parse``: what to make of its bytes instead) and the token :meth:`swap_json` checks it
+        against (None: the file does not exist). On S3 the token is the object's ETag, locally a hash of its bytes."""
         if not self.exists(rel):
             return None, None
+        parse = parse or (lambda data: self._json(rel, data))
         if is_local(self.fs):
             data = self.read_bytes(rel)
-            return json.loads(data), hashlib.sha256(data).hexdigest()
+            return parse(data), hashlib.sha256(data).hexdigest()
         info = self._call(self.fs.info, self.path(rel))
-        return self.read_json(rel), info.get("ETag") or info.get("etag")
+        return parse(self.read_bytes(rel)), info.get("ETag") or info.get("etag")
 
     def swap_json(self, rel: str, obj: Any, expected: str | None) -> None:
         """Write ``obj`` only if the file is still what :meth:`read_versioned` returned as ``expected`` (None: only
@@ -393,16 +390,8 @@ class RunStore:
             self._call(self.fs.pipe_file, path, data, **cond)
         except Exception as e:  # noqa: BLE001 - a failed precondition is the answer, anything else a storage error
             text = f"{type(e).__name__} {e}"
-            if isinstance(e, FileExistsError) or any(
-                s in text
-                for s in (  # s3fs maps 412 to FileExistsError
-                    "PreconditionFailed",
-                    "pre-condition",
-                    "412",
-                    "ConditionalRequestConflict",
-                    "409",
-                )
-            ):
+            failed = ("PreconditionFailed", "pre-condition", "412", "ConditionalRequestConflict", "409")
+            if isinstance(e, FileExistsError) or any(s in text for s in failed):  # s3fs maps 412 to FileExistsError
                 raise PointerMoved(self.uri_of(rel)) from None
             raise StorageError(describe_storage_error(self.uri_of(rel), e)) from None
 
@@ -412,7 +401,13 @@ class RunStore:
         self.write_bytes(rel, buf.getvalue())
 
     def read_table(self, rel: str, columns: list[str] | None = None) -> pa.Table:
-        return pq.read_table(io.BytesIO(self.read_bytes(rel)), columns=columns)
+        return self._parquet(rel, self.read_bytes(rel), lambda f: pq.read_table(f, columns=columns))
+
+    def _parquet(self, rel: str, data: bytes, read):
+        try:
+            return read(io.BytesIO(data))
+        except (pa.ArrowException, OSError) as e:  # the bytes are here: what fails is their content
+            raise DamagedFile(self.uri_of(rel), f"not a readable Parquet file ({str(e).splitlines()[0]})") from None
 
     def exists(self, rel: str) -> bool:
         return self._call(self.fs.exists, self.path(rel))

@@ -8,12 +8,14 @@ from __future__ import annotations
 import pyarrow as pa
 
 from stepback_ray.config import JobSpec
+from stepback_ray.errors import DamagedFile
 from stepback_ray.generation import prompting
 from stepback_ray.pipeline.chunks import ProfilesAt, chunk_users
 from stepback_ray.pipeline.commit import commit_chunks
 from stepback_ray.pipeline.schemas import EMBEDDING_SCHEMA, table, with_chunk_rows
 from stepback_ray.pipeline.stages import Command, PassSpec, Stage
 from stepback_ray.storage import RunStore
+from stepback_ray.store.integrity import VersionFiles, note_base_damage
 from stepback_ray.tasks import get_task
 
 
@@ -37,13 +39,21 @@ class EmbedStage:
         self.encoder = TextEncoder(spec["encoder"], max_seq_length=spec["encoder_max_tokens"])
         self.item_text = item_text
         self.store = RunStore(at.uri, job.storage)
+        self.base = VersionFiles(self.store, at.previous.rsplit("/", 1)[0]) if at.previous else None
 
     def _previous(self, chunk_id: str) -> dict[str, list[float]]:
+        """The base version's vectors of the chunk's items; none from a damaged file (its items are encoded again,
+        and the version's manifest names the file)."""
         rel = f"{self.at.previous_embeddings}/chunk-{chunk_id}.parquet" if self.at.previous_embeddings else None
-        if rel is None or not self.store.exists(rel):
+        if rel is None or self.base is None or not self.store.exists(rel):
+            return {}
+        try:
+            rows = self.base.read(rel).to_pylist()
+        except DamagedFile as e:
+            note_base_damage(self.store, self.at.version, e, rel)
             return {}
         known: dict[str, list[float]] = {}
-        for r in self.store.read_table(rel).to_pylist():
+        for r in rows:
             if r["encoder"] == self.encoder_name:
                 known.update(zip(r["item_ids"], r["vectors"]))
         return known

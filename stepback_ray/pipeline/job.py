@@ -20,6 +20,7 @@ from stepback_ray.errors import RunFailed, StepbackError
 from stepback_ray.evaluation.report import build_report
 from stepback_ray.evaluation.summary import summarize
 from stepback_ray.pipeline.executors import executor
+from stepback_ray.pipeline.input_identity import check_input
 from stepback_ray.pipeline.manifest import check_error_budget, check_resume, failed_manifest, manifest_head
 from stepback_ray.pipeline.passes import check_stage_settings, passes_for
 from stepback_ray.pipeline.profile_pass import needs_profiles
@@ -49,7 +50,9 @@ def _start(job: JobSpec, command: Command) -> tuple[RunStore, Work | None, bool,
     PromptFormatter(job.engine)  # fail here, before any cluster work, if the model or its tokenizer is unusable
     if job.engine.kind == "openai" and not job.ray.address:  # local engine actors share this environment
         api_key(job.engine.openai)  # a missing API key variable fails here, as one line
-    return store, work, check_resume(store, job), t_start
+    resumed = check_resume(store, job)
+    check_input(store, job, resumed)  # a rerun reads the input its first run staged, or stops
+    return store, work, resumed, t_start
 
 
 def run_job(job: JobSpec, engine: Any = None) -> RunResult:

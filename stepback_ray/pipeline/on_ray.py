@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -131,6 +133,7 @@ def init_local_ray(object_store_gib: float | None = None, **kwargs: Any) -> None
     if object_store_gib:
         kwargs["object_store_memory"] = int(object_store_gib * 2**30)
     ray.init(
+        address="local",  # a new local Ray, never a cluster someone started on this machine (`ray start --head`)
         include_dashboard=False,
         logging_level="WARNING",
         runtime_env={"env_vars": dict(WORKER_ENV)},
@@ -144,11 +147,16 @@ def ray_session(job: JobSpec) -> Iterator[None]:
     """Connect to the job's Ray cluster, or start a local one and shut it down afterwards."""
     started = False
     if not ray.is_initialized():
+        on_sigterm = signal.getsignal(signal.SIGTERM)
         if job.ray.address or os.environ.get("RAY_ADDRESS"):  # a cluster (Ray Jobs set RAY_ADDRESS)
             connect_cluster(job.ray.address, include_dashboard=False, log_to_driver=True, logging_level="WARNING")
         else:
             init_local_ray(job.ray.object_store_gib)
         started = True
+        # ray.init sets its own SIGTERM handler (sys.exit(15) wherever the driver is, and a stack dump); the one
+        # the command set (cli: SIGTERM ends a run as Ctrl-C does, one line, resumable) is put back
+        if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, on_sigterm)
     DataContext.get_current().enable_progress_bars = job.ray.progress_bars
     try:
         yield

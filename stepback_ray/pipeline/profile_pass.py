@@ -17,6 +17,7 @@ from stepback_ray import profiling
 from stepback_ray.config import JobSpec
 from stepback_ray.data.rows import UserHistory, status_kind
 from stepback_ray.engines.formatting import PromptFormatter
+from stepback_ray.errors import DamagedFile
 from stepback_ray.generation import prompting
 from stepback_ray.pipeline.chunks import ProfilesAt, chunk_users
 from stepback_ray.pipeline.commit import commit_chunks
@@ -24,6 +25,7 @@ from stepback_ray.pipeline.engine_stage import EngineStage
 from stepback_ray.pipeline.schemas import PLANNED_PROFILE_SCHEMA, PROFILE_SCHEMA, table, with_chunk_rows
 from stepback_ray.pipeline.stages import Command, PassSpec, Stage
 from stepback_ray.storage import RunStore
+from stepback_ray.store.integrity import VersionFiles, note_base_damage
 from stepback_ray.tasks import get_task
 
 
@@ -38,14 +40,22 @@ class ProfilePlanStage:
         self.tools = PromptFormatter(job.engine)
         self.budget = profiling.part_budget(self.task, job.profile, self.tools)  # the same for every user
         self.store = RunStore(at.uri, job.storage)
+        self.base = VersionFiles(self.store, at.previous.rsplit("/", 1)[0]) if at.previous else None
 
-    def _previous(self, chunk_id: str) -> dict[str, dict[str, Any]]:
-        if not self.at.previous:
-            return {}
+    def _previous(self, chunk_id: str) -> tuple[dict[str, dict[str, Any]], str | None]:
+        """The base version's rows of the chunk, checked against its checksum, and a note for its users when the
+        file is damaged: then nothing is carried, and the version's manifest names the file."""
+        if self.base is None:
+            return {}, None
         rel = f"{self.at.previous}/chunk-{chunk_id}.parquet"
         if not self.store.exists(rel):
-            return {}
-        return {r["user_id"]: r for r in self.store.read_table(rel).to_pylist()}
+            return {}, None
+        try:
+            rows = self.base.read(rel).to_pylist()
+        except DamagedFile as e:
+            note_base_damage(self.store, self.at.version, e, rel)
+            return {}, f"profiled again: the base version's {rel} is damaged ({e.problem})"
+        return {r["user_id"]: r for r in rows}, None
 
     def _retained(self, chunk: dict[str, Any]) -> dict[str, dict[str, Any]]:
         """A chunk retried after engine errors: the rows this pass already committed without error, kept as they
@@ -92,7 +102,7 @@ class ProfilePlanStage:
         rows = []
         for chunk in batch.to_pylist():
             users = chunk_users(self.job, chunk)
-            previous = self._previous(chunk["chunk_id"])
+            previous, damaged = self._previous(chunk["chunk_id"])
             retained = self._retained(chunk)
             for u in users:
                 fp = profiling.fingerprint(u.history, self.job.engine, self.job.profile, self.task.name)
@@ -133,6 +143,8 @@ class ProfilePlanStage:
                         f"profile from the newest {plan.items_used} of {plan.items_total} items "
                         f"({plan.items_dropped} older items over profile.max_parts)"
                     ]
+                if damaged:  # (a user new tonight in that chunk is counted as recomputed too: the file cannot say)
+                    origin, row["notes"] = "recomputed", [*row["notes"], damaged]
                 rows.append({**row, "origin": origin, "plan_json": json.dumps(plan.to_dict())})
         return table(rows, PLANNED_PROFILE_SCHEMA)
 

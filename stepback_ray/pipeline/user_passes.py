@@ -18,7 +18,7 @@ from stepback_ray.pipeline.run_passes import run_passes
 from stepback_ray.pipeline.stages import Command
 from stepback_ray.pipeline.work import Work
 from stepback_ray.storage import RunStore
-from stepback_ray.store import forget
+from stepback_ray.store import forget, integrity
 from stepback_ray.store import gate as store_gate
 from stepback_ray.store.versions import StoreVersion, commit_version, open_version
 
@@ -70,6 +70,9 @@ def run_user_passes(
     stats = profile_stats(job, at, work, sv)
     if late is not None and late.rows:
         stats["forgotten_during_run"] = late.rows
+    damaged = integrity.base_damage(RunStore(at.uri, job.storage), sv.version) if sv is not None else []
+    if damaged:  # files of the base version not carried: their users were profiled again
+        stats["damaged_base_files"] = damaged
     stats.update(chunks_committed_this_run=len(summaries[PROFILE_PASS.name]), wall_s=round(time.time() - t0, 3))
     check_error_budget(
         job,

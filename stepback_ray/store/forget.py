@@ -41,15 +41,19 @@ import pyarrow.parquet as pq
 
 from stepback_ray.config import StorageConfig
 from stepback_ray.data import donors
-from stepback_ray.errors import StepbackError
+from stepback_ray.errors import RunFailed, StepbackError
 from stepback_ray.evaluation.report import build_report
 from stepback_ray.evaluation.summary import summarize
 from stepback_ray.modes import mode_spec
 from stepback_ray.storage import PointerMoved, RunStore
-from stepback_ray.store.layout import list_versions
+from stepback_ray.store.integrity import VersionFiles
+from stepback_ray.store.layout import list_versions, read_pointer
 
 DENY_LIST = "forgotten/deny-list.json"
 AUDIT_DIR = "forgotten/audit"
+REBUILD_OWED = "_forget_rebuild_owed.json"
+"""In a run output: a forget removed generation rows there but met a damaged file, so its predictions, metrics and
+report still hold the removed rows until a later forget rebuilds them."""
 RUN_FOLDERS = ("generations", "profiles", "embeddings")
 """The row folders of a run output scrubbed by ``--runs`` (``_staged/`` shard folders too, see below)."""
 
@@ -99,12 +103,25 @@ class Scrubbed:
     files: list[str] = field(default_factory=list)
     rows: dict[str, int] = field(default_factory=dict)
     found: set[str] = field(default_factory=set)
+    damaged: list[dict[str, str]] = field(default_factory=list)
+    """Files that could not be checked (unreadable, or not the bytes their version committed): they may still hold
+    the users' rows."""
 
     def add(self, other: Scrubbed) -> None:
         self.files += other.files
         for k, v in other.rows.items():
             self.rows[k] = self.rows.get(k, 0) + v
         self.found |= other.found
+        self.damaged += other.damaged
+
+
+class ForgetIncomplete(RunFailed):
+    """A forget that met damaged files: every other file is scrubbed and the ids are on the deny-list, but the
+    damaged ones may still hold the users' rows (exit 3). ``record`` is the audit record, written all the same."""
+
+    def __init__(self, message: str, record: dict[str, Any]):
+        super().__init__(message)
+        self.record = record
 
 
 def _hits(table: pa.Table, ids: pa.Array, donors_of: dict[str, str] | None) -> pa.Array:
@@ -139,24 +156,38 @@ def _found(table: pa.Table, ids: set[str]) -> set[str]:
     return out
 
 
-def scrub_file(store: RunStore, rel: str, ids: set[str], kind: str, seed: int | None = None) -> Scrubbed:
+def scrub_file(
+    store: RunStore, rel: str, ids: set[str], kind: str, seed: int | None = None, version: VersionFiles | None = None
+) -> Scrubbed:
     """Rewrite one Parquet file without the rows of ``ids`` (not touched when it holds none). An emptied file is
-    kept, with its schema and no rows: readers that expect one file per shard still find it."""
+    kept, with its schema and no rows: readers that expect one file per shard still find it. ``version``: the
+    finished store version the file belongs to, whose checksums it is checked against and kept in step with. A file
+    that does not parse, or is not what its version committed, is reported in ``damaged`` (what rows of it could
+    be read are scrubbed all the same)."""
     out = Scrubbed()
     try:
         data = store.read_bytes(rel)  # read once: the id columns to decide, the whole file only if it changes
     except FileNotFoundError:  # deleted since the listing (retention removed its version): nothing left to scrub
         return out
-    probe = _id_columns(data)
-    if probe is None:
-        return out
-    value_set = pa.array(sorted(ids), pa.string())
-    donors_of = _chunk_donors(probe, seed) if seed is not None else None
-    hit = _hits(probe, value_set, donors_of)
-    n = pc.sum(pc.cast(hit, pa.int64())).as_py() or 0
+    problem = version.problem(rel, data) if version is not None else None
+    try:
+        probe = _id_columns(data)
+        if probe is None:
+            return out
+        value_set = pa.array(sorted(ids), pa.string())
+        donors_of = _chunk_donors(probe, seed) if seed is not None else None
+        hit = _hits(probe, value_set, donors_of)
+        n = pc.sum(pc.cast(hit, pa.int64())).as_py() or 0
+        keep = pq.read_table(io.BytesIO(data)).filter(pc.invert(hit)) if n else None
+    except (pa.ArrowException, OSError) as e:  # the bytes are here: what fails is their content
+        problem = f"not a readable Parquet file ({str(e).splitlines()[0]})"
+        n = 0
+    if problem:
+        out.damaged.append({"file": store.uri_of(rel), "problem": problem})
     if not n:
         return out
-    keep = pq.read_table(io.BytesIO(data)).filter(pc.invert(hit))
+    if version is not None and not problem:  # its new checksum first: killed after the write, it still verifies
+        version.expect(rel, keep)
     store.write_table(rel, keep)
     out.files.append(store.uri_of(rel))
     out.rows[kind] = n
@@ -184,11 +215,13 @@ def _chunk_donors(probe: pa.Table, seed: int) -> dict[str, str] | None:
     return donors(users, seed)
 
 
-def scrub_tree(store: RunStore, folder: str, ids: set[str], kind: str, seed: int | None = None) -> Scrubbed:
+def scrub_tree(
+    store: RunStore, folder: str, ids: set[str], kind: str, seed: int | None = None, version: VersionFiles | None = None
+) -> Scrubbed:
     """Every Parquet file under ``folder`` (any depth)."""
     out = Scrubbed()
     for rel in _parquet_files(store, folder):
-        out.add(scrub_file(store, rel, ids, kind, seed))
+        out.add(scrub_file(store, rel, ids, kind, seed, version))
     return out
 
 
@@ -208,9 +241,12 @@ def _parquet_files(store: RunStore, folder: str) -> list[str]:
 
 
 def scrub_version(store: RunStore, version: str, ids: set[str]) -> Scrubbed:
-    """One store version: its profiles and its Persona-Plug item embeddings."""
-    out = scrub_tree(store, f"{version}/profiles", ids, "profiles")
-    out.add(scrub_tree(store, f"{version}/embeddings", ids, "embeddings"))
+    """One store version: its profiles and its Persona-Plug item embeddings; a finished version's checksums are
+    checked and follow the rewritten files (:mod:`~stepback_ray.store.integrity`)."""
+    files = VersionFiles(store, version)
+    out = scrub_tree(store, f"{version}/profiles", ids, "profiles", version=files)
+    out.add(scrub_tree(store, f"{version}/embeddings", ids, "embeddings", version=files))
+    files.settle()
     return out
 
 
@@ -232,8 +268,14 @@ def scrub_run(uri: str, ids: set[str], storage: StorageConfig) -> Scrubbed:
     out.add(scrub_tree(run, "profiles", ids, "profiles"))
     out.add(scrub_tree(run, "embeddings", ids, "embeddings"))
     out.add(scrub_tree(run, "_staged", ids, "staged_input"))
-    if out.rows.get("generations") and run.exists("metrics.json"):
-        _rebuild_summary(run, spec, out)
+    owed = run.exists(REBUILD_OWED)  # an earlier forget removed rows but could not rebuild the summary
+    if (out.rows.get("generations") or owed) and run.exists("metrics.json"):
+        if out.damaged:  # the summary would read the damaged files: the forget that finds none rebuilds it
+            run.write_json(REBUILD_OWED, {"since": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")})
+            out.damaged.append({"file": run.uri_of("predictions/"), "problem": "not rebuilt (damaged run files)"})
+        else:
+            _rebuild_summary(run, spec, out)
+            run.remove(REBUILD_OWED)
     return out
 
 
@@ -242,7 +284,8 @@ def _rebuild_summary(run: RunStore, spec: dict[str, Any], out: Scrubbed) -> None
     metrics, counts = summarize(run, spec["task"], spec["modes"])
     old = run.read_json("metrics.json")
     run.write_json("metrics.json", {**old, **metrics})
-    out.rows["predictions"] = out.rows["generations"]  # one prediction per generation row
+    if out.rows.get("generations"):
+        out.rows["predictions"] = out.rows["generations"]  # one prediction per generation row
     for m in spec["modes"]:
         out.files.append(run.uri_of(f"predictions/{m}.json"))
     if run.exists("manifest.json"):
@@ -276,7 +319,7 @@ def forget(
     for uri in runs:  # before anything changes: a wrong --runs is one line, not half a forget
         if not RunStore(uri, storage).exists("_run_spec.json"):
             raise StepbackError(f"{uri}: not a run output (no _run_spec.json)")
-    current = store.read_json("CURRENT.json").get("version") if store.exists("CURRENT.json") else None
+    current = (read_pointer(store)[0] or {}).get("version")  # a damaged pointer: one line before anything changes
     now = dt.datetime.now(dt.timezone.utc)
     record: dict[str, Any] = {
         "action": "undo" if undo else "forget",
@@ -304,8 +347,20 @@ def forget(
             runs=list(runs),
             files_rewritten=done.files,
             rows_removed=done.rows,
+            incomplete=bool(done.damaged),
+            damaged_files=done.damaged,
         )
-    store.write_json(f"{AUDIT_DIR}/{now.strftime('%Y%m%dT%H%M%SZ')}-{uuid.uuid4().hex[:8]}.json", record)
+    audit = f"{AUDIT_DIR}/{now.strftime('%Y%m%dT%H%M%SZ')}-{uuid.uuid4().hex[:8]}.json"
+    store.write_json(audit, record)
+    if record.get("incomplete"):
+        first, n = record["damaged_files"][0], len(record["damaged_files"])
+        raise ForgetIncomplete(
+            f"forget incomplete: {n} file{'s' if n > 1 else ''} could not be checked and may still hold the "
+            f"users' rows, e.g. {first['file']} ({first['problem']}); every other file is done and the ids are on "
+            f"the deny-list; restore or delete the damaged file{'s' if n > 1 else ''} and run forget again "
+            f"(audit: {store.uri_of(audit)})",
+            record,
+        )
     return record
 
 

@@ -28,7 +28,8 @@ from typing import Any
 
 from stepback_ray.config import JobSpec
 from stepback_ray.data.rows import status_kind
-from stepback_ray.errors import RunFailed
+from stepback_ray.errors import DamagedFile, RunFailed
+from stepback_ray.store.integrity import VersionFiles
 from stepback_ray.store.layout import StoreVersion
 
 
@@ -66,11 +67,15 @@ def changed_without_history_change(sv: StoreVersion) -> tuple[int, int]:
         return 0, 0
     cols = ["user_id", "history_ids", "profile_text", "status"]
     changed = eligible = 0
+    base = VersionFiles(sv.root, sv.previous)
     for rel in sv.root.list(sv.previous_profiles_dir, ".parquet"):
         new_rel = f"{sv.profiles_dir}/{rel.rsplit('/', 1)[1]}"
         if not sv.root.exists(new_rel):
             continue
-        old = {r["user_id"]: r for r in sv.root.read_table(rel, columns=cols).to_pylist()}
+        try:
+            old = {r["user_id"]: r for r in base.read(rel, columns=cols).to_pylist()}
+        except DamagedFile:  # not carried (the version names it): nothing to compare its users with
+            continue
         for r in sv.root.read_table(new_rel, columns=cols).to_pylist():
             p = old.get(r["user_id"])
             if (

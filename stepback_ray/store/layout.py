@@ -19,10 +19,14 @@ In incremental mode a user whose history only grew gets the old profile merged w
 from __future__ import annotations
 
 import datetime as dt
+import json
 from dataclasses import dataclass
 from typing import Any
 
+from stepback_ray.errors import DamagedFile
 from stepback_ray.storage import RunStore
+
+POINTER = "CURRENT.json"
 
 
 @dataclass
@@ -63,3 +67,41 @@ def list_versions(root: RunStore) -> list[str]:
 
 def utc_now() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def pointer_problem(data: bytes) -> str | None:
+    """What is wrong with the bytes of a ``CURRENT.json`` (None: a pointer every reader can use)."""
+    if not data.strip():
+        return "empty (0 bytes)" if not data else "empty (only whitespace)"
+    try:
+        pointer = json.loads(data)
+    except ValueError as e:
+        return f"not valid JSON ({e}; truncated?)"
+    if not isinstance(pointer, dict):
+        return (
+            f"not a store pointer (a JSON {type(pointer).__name__}, expected an object with a version and num_shards)"
+        )
+    for key, kind in (("version", str), ("num_shards", int)):
+        if key not in pointer:
+            return f"not a store pointer (no '{key}')"
+        if not isinstance(pointer[key], kind) or isinstance(pointer[key], bool):
+            return f"not a store pointer ('{key}' is {pointer[key]!r})"
+    return None
+
+
+def read_pointer(root: RunStore, damaged_ok: bool = False) -> tuple[dict[str, Any] | None, str | None, str | None]:
+    """``CURRENT.json``: (the pointer, its compare-and-swap token, what is wrong with it). A damaged pointer is one
+    line naming it and how to mend it (:class:`DamagedFile`), unless ``damaged_ok`` (``stepback promote``, which
+    writes a verified version over it): then (None, its token, the problem)."""
+    data, token = root.read_versioned(POINTER, parse=lambda raw: raw)
+    if data is None:
+        return None, None, None
+    problem = pointer_problem(data)
+    if problem is None:
+        return json.loads(data), token, None
+    if damaged_ok:
+        return None, token, problem
+    raise DamagedFile(
+        root.uri_of(POINTER),
+        f"{problem}; point it at a finished version with `stepback promote --store {root.uri} --version V`",
+    )

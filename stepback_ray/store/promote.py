@@ -9,7 +9,10 @@ from typing import Any
 from stepback_ray.config import StorageConfig
 from stepback_ray.errors import StepbackError
 from stepback_ray.storage import PointerMoved, RunStore
-from stepback_ray.store.layout import list_versions
+from stepback_ray.store.integrity import verify_version
+from stepback_ray.store.layout import list_versions, read_pointer
+
+DAMAGED_POINTER = "a damaged CURRENT.json"
 
 
 def resolve_version(root: RunStore, uri: str, version: str) -> str:
@@ -44,7 +47,14 @@ def promote(uri: str, version: str, storage: StorageConfig) -> tuple[str | None,
             f"{uri}: {version} is incomplete ({len(missing)} of its {len(manifest['files'])} profile "
             f"files are gone, e.g. {missing[0]}); it cannot be promoted"
         )
-    current, token = root.read_versioned("CURRENT.json")
+    damaged = verify_version(root, version, manifest)
+    if damaged:
+        (file, problem), more = damaged[0], f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else ""
+        raise StepbackError(
+            f"{uri}: {version} cannot be promoted: {file} is damaged: {problem}{more}; restore the file or "
+            "promote another version"
+        )
+    current, token, damage = read_pointer(root, damaged_ok=True)
     before = current["version"] if current else None
     if before == version:
         return before, version, manifest
@@ -57,7 +67,9 @@ def promote(uri: str, version: str, storage: StorageConfig) -> tuple[str | None,
         "full_rebuild": manifest.get("full_rebuild"),
         "model": manifest.get("config", {}).get("engine", {}).get("model"),
     }
-    if current and pointer.get("num_shards") != current.get("num_shards"):
+    if damage:  # a damaged CURRENT.json is replaced by this verified version (its shard count cannot be compared)
+        before = DAMAGED_POINTER
+    elif current and pointer.get("num_shards") != current.get("num_shards"):
         raise StepbackError(
             f"{uri}: {version} has {pointer.get('num_shards')} shards, the store "
             f"{current['num_shards']}; it cannot be promoted"
@@ -68,12 +80,12 @@ def promote(uri: str, version: str, storage: StorageConfig) -> tuple[str | None,
             {
                 **pointer,
                 "committed": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                "promoted_from": before,
+                "promoted_from": None if damage else before,
             },
             token,
         )
     except PointerMoved:
-        now = root.read_json("CURRENT.json").get("version") if root.exists("CURRENT.json") else None
+        now = (read_pointer(root, damaged_ok=True)[0] or {}).get("version")
         raise StepbackError(
             f"{uri}: CURRENT.json moved to {now} while promoting; nothing changed, run promote again"
         ) from None

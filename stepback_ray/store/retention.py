@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from stepback_ray.storage import RunStore
-from stepback_ray.store.layout import list_versions
+from stepback_ray.store.layout import list_versions, read_pointer
 
 
 def _order_key(root: RunStore, version: str) -> tuple[str, str]:
@@ -33,7 +33,7 @@ def _order_key(root: RunStore, version: str) -> tuple[str, str]:
 def apply_retention(root: RunStore, keep: int) -> dict[str, Any]:
     """Delete the finished versions beyond the newest ``keep`` (see the module doc); returns what was deleted and
     what was kept for which reason."""
-    current = root.read_json("CURRENT.json")["version"] if root.exists("CURRENT.json") else None
+    current = (read_pointer(root)[0] or {}).get("version")
     finished: list[tuple[str, str]] = []
     building: dict[str, str | None] = {}  # a folder without a manifest -> the version it builds on
     for v in list_versions(root):

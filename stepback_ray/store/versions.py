@@ -13,8 +13,9 @@ from stepback_ray.config import JobSpec
 from stepback_ray.errors import RunFailed, StepbackError
 from stepback_ray.storage import PointerMoved, RunStore
 from stepback_ray.store import gate as store_gate
+from stepback_ray.store import integrity
 from stepback_ray.store import retention as store_retention
-from stepback_ray.store.layout import StoreVersion, list_versions, utc_now
+from stepback_ray.store.layout import StoreVersion, list_versions, read_pointer, utc_now
 
 
 def open_version(job: JobSpec, shards: int, resuming: bool = False) -> StoreVersion:
@@ -30,7 +31,7 @@ def open_version(job: JobSpec, shards: int, resuming: bool = False) -> StoreVers
     cfg = job.profile_store
     assert cfg.uri is not None
     root = RunStore(cfg.uri, job.storage)
-    current, token = root.read_versioned("CURRENT.json")
+    current, token, _ = read_pointer(root)
     current_version = current["version"] if current else None
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
     version = f"versions/date={date}/run={job.run_id}"
@@ -83,7 +84,7 @@ def open_version(job: JobSpec, shards: int, resuming: bool = False) -> StoreVers
         root.write_json(
             f"{version}/started.json", {"run_id": job.run_id, "previous": current_version, "output": job.output_uri}
         )
-    runs_since_full = current["runs_since_full"] + 1 if current else 0
+    runs_since_full = current.get("runs_since_full", 0) + 1 if current else 0
     full = current is None or not cfg.incremental or runs_since_full >= cfg.full_rebuild_every
     return StoreVersion(
         root,
@@ -91,7 +92,7 @@ def open_version(job: JobSpec, shards: int, resuming: bool = False) -> StoreVers
         current_version,
         full,
         0 if full else runs_since_full,
-        current["users"] if current else 0,
+        current.get("users", 0) if current else 0,
         base_token=token,
     )
 
@@ -116,13 +117,15 @@ def commit_version(sv: StoreVersion, job: JobSpec, shards: int, manifest: dict[s
         **manifest,
         "pointer": pointer,
         "finished_at": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        # every file as committed: the next night carries from it, and promote serves it, only if it still is
+        integrity.CHECKSUMS: integrity.checksums_of(sv.root, integrity.version_files(sv.root, sv.version)),
     }
     sv.root.write_json(f"{sv.version}/manifest.json", manifest)
     store_gate.refuse_failed(job, sv, manifest)
     try:
         sv.root.swap_json("CURRENT.json", {**pointer, "committed": utc_now()}, sv.base_token)
     except PointerMoved:
-        now = sv.root.read_json("CURRENT.json") if sv.root.exists("CURRENT.json") else {}
+        now = read_pointer(sv.root, damaged_ok=True)[0] or {}
         raise RunFailed(
             f"{job.profile_store.uri}: another job committed {now.get('version')} (run "
             f"{now.get('run_id')}) while this run built on {sv.previous or 'an empty store'}; "
