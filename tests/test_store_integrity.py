@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from stepback_ray import storage
+from stepback_ray.storage import run_store as storage
 from stepback_ray.cli import main
 from tests.conftest import REPO, SAMPLE, _free_port, lamp5_users, write_items_parquet
 
