@@ -45,10 +45,11 @@ def test_the_models_shape_is_read_from_its_config():
     from stepback_ray.engines.models import resolve_model
 
     bench = load_script("bench_demo")
+    # resolved before the meta device: on a cold cache resolve_model converts the GGUF with from_pretrained, which
+    # transformers refuses under a meta device context (RuntimeError), so the test failed on a fresh machine only
+    config = AutoConfig.from_pretrained(resolve_model("packaged:smollm2-135m-instruct"))
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(
-            AutoConfig.from_pretrained(resolve_model("packaged:smollm2-135m-instruct"))
-        )
+        model = AutoModelForCausalLM.from_config(config)
     shape = bench.model_shape(model)
     # SmolLM2-135M: 30 layers, 9 query heads sharing 3 key-value heads of 64, the embedding tied to the LM head
     assert (shape["layers"], shape["heads"], shape["kv_heads"], shape["head_dim"]) == (30, 9, 3, 64)
