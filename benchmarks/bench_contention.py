@@ -212,7 +212,7 @@ def main() -> None:
     }
     print(json.dumps(report, indent=1))
     if args.write:
-        write_section(Path(args.write), "bench_contention", "Engines", to_markdown(report))
+        write_section(Path(args.write), "bench_contention", "Engines", to_markdown(report), record=report)
 
 
 if __name__ == "__main__":

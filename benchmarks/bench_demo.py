@@ -9,10 +9,12 @@ The limit is the fp32 matmul peak of the model's largest product over the model'
 (``bench_engines.matmul_peak`` / ``flops_per_token``), measured in a child process right before each demo run: this
 VM's speed drifts 10-15 % within the hour, so each run is held to its own limit, and variants run in turn, the order
 reversed each round. Each run is one ``stepback run jobs/demo.yaml`` (a fresh process and Ray, as a user runs it),
-with a fixed run id per variant and round under ``bench-runs/demo/``, where its summary is kept (with its date, the
-machine and the variant's overrides): a run already summarized there on this machine is read, not run again, so an
-interrupted benchmark resumes (commit the summaries to resume in another session). Delete them to measure anew.
-Prints one JSON object; ``--write`` replaces its section of docs/benchmarks.md.
+with a fixed run id per variant and round; its output goes to ``--runs`` (the git-ignored ``runs/bench_demo/``) and
+is deleted once summarized. The summary (a few hundred bytes: its times, tokens and bound, with its date, the machine
+and the variant's overrides) is kept in ``--results`` (``docs/results/demo/``; one folder per comparison, e.g.
+``docs/results/demo-ray-cost/``): a run already summarized there on this machine is read, not run again, so an
+interrupted benchmark resumes, and the section is built from those files (commit them with the section). Delete them
+to measure anew. Prints one JSON object; ``--write`` replaces its section of docs/benchmarks.md.
 
 ``--profile``: where the demo's engine time goes. The demo's job runs in this process (``executor: in-process``,
 one chunk per pass: one engine call of every prompt per pass, as the Ray run's merged calls) with an engine built
@@ -77,16 +79,16 @@ def limit_now() -> dict[str, float]:
     return r
 
 
-def run_demo(variant: str, rnd: int, root: Path) -> dict:
-    """One demo run of ``variant``, summarized in ``<root>/<variant>-r<round>.json`` (kept: a rerun reads it
-    instead of running again); the run's own outputs are deleted once summarized."""
-    saved = root / f"{variant}-r{rnd}.json"
+def run_demo(variant: str, rnd: int, results: Path, runs: Path) -> dict:
+    """One demo run of ``variant`` into ``runs``, summarized in ``<results>/<variant>-r<round>.json`` (kept: a
+    rerun reads it instead of running again); the run's own outputs are deleted once summarized."""
+    saved = results / f"{variant}-r{rnd}.json"
     if saved.exists():
         summary = json.loads(saved.read_text())
         if summary.get("machine") == machine() and summary.get("sets") == list(VARIANTS[variant]):
             return summary
         print(f"bench_demo: {saved} is from another machine or variant; running it again", file=sys.stderr)
-    out = root / f"{variant}-r{rnd}"
+    out = runs / f"{variant}-r{rnd}"
     shutil.rmtree(out, ignore_errors=True)  # a run cut off before its summary starts again
     before = limit_now()
     sets = [f"output={out}", f"run_id={variant}-r{rnd}", "ray.progress_bars=false", *VARIANTS[variant]]
@@ -301,7 +303,7 @@ def roofline(
     }
 
 
-def profile_demo(root: Path) -> dict:
+def profile_demo(runs: Path) -> dict:
     """The demo's job in this process with one engine built here (see the module's ``--profile``): its wall time,
     its engine's phases and their roofline, and the job's tokens over the limit (the bound of the Ray runs)."""
     import time
@@ -311,7 +313,7 @@ def profile_demo(root: Path) -> dict:
     from stepback_ray.engines import build_engine
     from stepback_ray.pipeline import run_job
 
-    out = root / "profile"
+    out = runs / "profile"
     shutil.rmtree(out, ignore_errors=True)
     job = load_job(
         REPO / "jobs" / "demo.yaml",
@@ -419,7 +421,12 @@ def main() -> None:
         "--variants", default="default,before-2026-12-06", help=f"comma-separated, of: {', '.join(VARIANTS)}"
     )
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--root", default=str(REPO / "bench-runs" / "demo"), help="where the runs go (resumable)")
+    ap.add_argument(
+        "--results",
+        default=str(REPO / "docs" / "results" / "demo"),
+        help="where each run's summary is kept (the section is built from them; a summarized run is not rerun)",
+    )
+    ap.add_argument("--runs", default=str(REPO / "runs" / "bench_demo"), help="where the runs' outputs go (deleted)")
     ap.add_argument("--write", help="markdown file whose bench_demo section is replaced")
     ap.add_argument(
         "--section", help="write to the bench_demo:<section> markers instead (a comparison beside the others)"
@@ -431,23 +438,27 @@ def main() -> None:
     )
     args = ap.parse_args()
     if args.profile:
-        report = profile_demo(Path(args.root))
+        report = profile_demo(Path(args.runs))
         report["command"] = f"{interpreter()} -m benchmarks.bench_demo " + " ".join(sys.argv[1:])
         print(json.dumps(report, indent=1))
         if args.write:
             write_section(
-                Path(args.write), "bench_demo:profile", "Engines", profile_markdown(report, "bench_demo:profile")
+                Path(args.write),
+                "bench_demo:profile",
+                "Engines",
+                profile_markdown(report, "bench_demo:profile"),
+                record=report,
             )
         return
     variants = args.variants.split(",")
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         sys.exit(f"bench_demo: unknown variant(s) {unknown}; known: {list(VARIANTS)}")
-    root = Path(args.root)
+    results, out = Path(args.results), Path(args.runs)
     runs = []
     for rnd in range(args.rounds):
         for v in variants if rnd % 2 == 0 else variants[::-1]:
-            runs.append({"variant": v, "round": rnd + 1, **run_demo(v, rnd + 1, root)})
+            runs.append({"variant": v, "round": rnd + 1, **run_demo(v, rnd + 1, results, out)})
             print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
     held_to_best(runs)
     mean = {v: round(sum(r["ratio"] for r in runs if r["variant"] == v) / args.rounds, 2) for v in variants}

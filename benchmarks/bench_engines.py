@@ -779,7 +779,7 @@ def main() -> None:
         print(json.dumps(report, indent=1))
         if args.write:
             name = f"bench_engines:{args.section or 'alternated'}"
-            write_section(Path(args.write), name, "Engines", alternated_markdown(report, name))
+            write_section(Path(args.write), name, "Engines", alternated_markdown(report, name), record=report)
         return
     try:
         import vllm  # noqa: F401
@@ -870,7 +870,7 @@ def main() -> None:
     print(json.dumps(report, indent=1))
     if args.write:
         name = f"bench_engines:{args.section}" if args.section else "bench_engines"
-        write_section(Path(args.write), name, "Engines", to_markdown(report, name))
+        write_section(Path(args.write), name, "Engines", to_markdown(report, name), record=report)
 
 
 if __name__ == "__main__":

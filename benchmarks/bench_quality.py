@@ -9,12 +9,12 @@ bootstrap intervals.
 Sets (``SETS``): lamp5_arxiv (200 dev users), lamp4_huffpost (all 104 writers), psw_title (50 co-authored papers).
 Each set is one stepback job with every mode (the profile pass is shared by the modes); PSW runs a second job
 with ``multi_author.strategy: single`` (the lead author alone) for the multi-author comparison. Jobs run under
-``<runs>/<model>/<set>-<users>`` (``--runs``, default ``runs/bench_quality``) with a fixed run id, so an
-interrupted set resumes where it stopped; a run that must span sessions on fresh checkouts puts ``--runs`` in a
-committed folder (``bench-runs/``) and commits it as it goes. A finished set's per-query scores, profile
-statistics and settings are saved to
-``docs/quality/<model>/<set>.json``; a set whose saved result matches the request is not run again (``--rerun``
-runs it anyway), so a benchmark spanning sessions needs only the committed files.
+``<runs>/<model>/<set>-<users>`` (``--runs``, default ``runs/bench_quality``, git-ignored) with a fixed run id, so
+an interrupted set resumes where it stopped on the same machine. Run outputs are not committed (``bench-runs/``,
+where long runs once kept theirs, is git-ignored too; its last committed state is at commit d6d0c1c). A finished
+set's per-query scores, profile statistics and settings are saved to ``docs/results/quality/<model>/<set>.json``
+(``--results``); a set whose saved result matches the request is not run again (``--rerun`` runs it anyway), so a
+benchmark spanning sessions needs only the committed result files.
 
 The paired differences answer where a gain comes from: ``profile+rag - rag`` (the profile),
 ``profile+rag - random-profile`` (the person, not the prompt format), ``pplug - pplug-random`` (the person, not
@@ -33,7 +33,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.benchdoc import machine, markers, write_section
+from benchmarks.benchdoc import machine, markers, shown, write_section
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -261,7 +261,7 @@ def _decoding(results: list[dict]) -> str:
     )
 
 
-def to_markdown(model: str, results: list[dict]) -> str:
+def to_markdown(model: str, results: list[dict], folder: Path) -> str:
     start, end = markers(f"bench_quality:{slug(model)}")
     engines = sorted({r["engine"] for r in results})
     lines = [
@@ -271,7 +271,7 @@ def to_markdown(model: str, results: list[dict]) -> str:
         "",
         f"{_decoding(results)}; ROUGE F-measure, mean over queries with a percentile bootstrap 95 % interval (2000 "
         "resamples); differences are paired over the same queries. Per-query scores: "
-        f"`docs/quality/{slug(model)}/`.",
+        f"`{shown(folder)}/`.",
         "",
     ]
     for saved in results:
@@ -288,11 +288,13 @@ def main() -> None:
     ap.add_argument("--data", default=os.environ.get("STEPBACK_SHARED_DATA", str(REPO.parent / "shared" / "data")))
     ap.add_argument("--set", action="append", default=[], help="job-spec override, as for `stepback run`")
     ap.add_argument("--pplug-checkpoint", help="a `stepback train-pplug` output: adds the Persona-Plug modes")
-    ap.add_argument("--results", default=str(REPO / "docs" / "quality"), help="where per-set results are saved")
+    ap.add_argument(
+        "--results", default=str(REPO / "docs" / "results" / "quality"), help="where per-set results are saved"
+    )
     ap.add_argument(
         "--runs",
         default=str(REPO / "runs" / "bench_quality"),
-        help="where the resumable job outputs live (a committed folder lets a run span fresh checkouts)",
+        help="where the resumable job outputs live (git-ignored)",
     )
     ap.add_argument("--rerun", action="store_true", help="run sets even when a matching result is saved")
     ap.add_argument("--write", help="markdown file whose section for this model is replaced")
@@ -343,7 +345,7 @@ def main() -> None:
             Path(args.write),
             f"bench_quality:{slug(first.engine.model)}",
             "Quality",
-            to_markdown(first.engine.model, results),
+            to_markdown(first.engine.model, results, folder),
         )
 
 

@@ -398,7 +398,7 @@ def main() -> None:
         }
         print(json.dumps(report, indent=1))
         if args.write:
-            write_section(Path(args.write), "bench_scale", "Scale", to_markdown(report))
+            write_section(Path(args.write), "bench_scale", "Scale", to_markdown(report), record=report)
         return
     with ray_session(first):
         for n in (int(x) for x in args.users.split(",")):
@@ -423,7 +423,7 @@ def main() -> None:
     }
     print(json.dumps(report, indent=1))
     if args.write:
-        write_section(Path(args.write), "bench_scale", "Scale", to_markdown(report))
+        write_section(Path(args.write), "bench_scale", "Scale", to_markdown(report), record=report)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,21 @@
-"""What every benchmark script shares: a description of the machine, and rewriting the script's own section of
-``docs/benchmarks.md`` (between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->``) without touching the rest."""
+"""What every benchmark shares: a description of the machine, rewriting the benchmark's own section of
+``docs/benchmarks.md`` (between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->``) without touching the rest, and
+keeping the section's record (its JSON report) beside the page in ``docs/results/``."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shown(path: Path | str) -> str:
+    """``path`` as the docs show it: relative to the repository root when it lies inside it."""
+    p = Path(path).resolve()
+    return str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(path)
 
 
 def machine() -> str:
@@ -30,10 +40,21 @@ def markers(name: str) -> tuple[str, str]:
     return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
 
 
-def write_section(path: Path, name: str, title: str, section: str) -> None:
+def result_path(page: Path, name: str) -> Path:
+    """Where the record of section ``name`` of the markdown file ``page`` is kept: ``<page's folder>/results/``,
+    ``bench:variant`` as ``bench/variant.json`` (``docs/results/bench_engines/transformers-split.json``)."""
+    return page.parent / "results" / (name.replace(":", "/") + ".json")
+
+
+def write_section(path: Path, name: str, title: str, section: str, record: dict | None = None) -> None:
     """Replace the ``name`` section of the markdown file at ``path``; a new one goes at the end of the part under
     its ``## title`` heading (a new heading at the end of the file if there is none). ``section`` must start and
-    end with the markers of ``name``."""
+    end with the markers of ``name``. ``record``: the benchmark's JSON report the section was made from, saved at
+    :func:`result_path` (benchmarks that keep their own records per run or per set pass none)."""
+    if record is not None:
+        saved = result_path(path, name)
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        saved.write_text(json.dumps(record, indent=1) + "\n")
     start, end = markers(name)
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     if start in text and end in text:

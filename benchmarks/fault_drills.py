@@ -28,7 +28,7 @@ for (retried, restarted, resumed, flagged or quarantined). The drills:
   quarantined with its reason, counts reconcile, nothing is written outside the output prefix.
 
 Prints one JSON object; ``--write`` replaces its section in the given markdown file. The tests run the same
-drills at a smaller size (``tests/test_faults.py``).
+drills at a smaller size (``tests/unit/test_faults.py``, ``tests/ray/test_faults.py``, ``tests/drills/``).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from typing import Any
 import pandas as pd
 import psutil
 
-from benchmarks.benchdoc import machine, markers, write_section
+from benchmarks.benchdoc import machine, markers, shown, write_section
 from stepback_ray.config import load_job
 from stepback_ray.pipeline import init_local_ray
 
@@ -902,7 +902,7 @@ DRILLS = {
 }
 
 
-def to_markdown(records: list[dict[str, Any]]) -> str:
+def to_markdown(records: list[dict[str, Any]], folder: Path | str = "docs/results/drills") -> str:
     """The table of every saved drill record (each with its own date and command)."""
     lines = [
         START,
@@ -910,7 +910,7 @@ def to_markdown(records: list[dict[str, Any]]) -> str:
         f"### Fault drills ({records[0]['machine']})",
         "",
         "`python -m benchmarks.fault_drills --write docs/benchmarks.md` (or `--drills a,b` to rerun some; each "
-        "drill's latest record is kept in `docs/drills/`). The dry-run engine; each row is one drill, "
+        f"drill's latest record is kept in `{shown(folder)}/`). The dry-run engine; each row is one drill, "
         "reconciled against its input.",
         "",
         "| drill | fault injected | faults | rows expected | rows out | lost | duplicates | flagged / quarantined "
@@ -959,7 +959,9 @@ def main() -> int:
     ap.add_argument("--bad", type=int, default=1_000, help="malformed-input: malformed records")
     ap.add_argument("--s3-fault-rate", type=float, default=0.1)
     ap.add_argument("--write", help="markdown file whose fault_drills section is replaced")
-    ap.add_argument("--results", default=str(REPO / "docs" / "drills"), help="where each drill's record is kept")
+    ap.add_argument(
+        "--results", default=str(REPO / "docs" / "results" / "drills"), help="where each drill's record is kept"
+    )
     args = ap.parse_args()
     import ray
 
@@ -1014,7 +1016,7 @@ def main() -> int:
             )
         }
         records.sort(key=lambda r: order.get(r["drill"], len(order)))
-        write_section(Path(args.write), "fault_drills", "Fault drills", to_markdown(records))
+        write_section(Path(args.write), "fault_drills", "Fault drills", to_markdown(records, saved))
     return 0 if all(r["passed"] for r in results) else 1
 
 

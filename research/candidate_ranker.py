@@ -388,7 +388,7 @@ def to_markdown(res: dict, command: str) -> str:
         "",
         f"### Learned candidate choice: {Path(res['run']).name} ({dt.date.today().isoformat()}, {machine()})",
         "",
-        f"Read off the committed rows of `{res['run']}` ({n} queries per mode, {res['candidates']} candidates "
+        f"Read off the rows of `{res['run']}` ({n} queries per mode, {res['candidates']} candidates "
         f"each), no model calls. Command: `python -m research.candidate_ranker {command}`. A ridge ranker "
         f"(alpha {res['alpha']:g}) over {len(res['features'])} gold-free candidate features, fit per mode on "
         f"within-query-centered ROUGE-1; every query's choice comes from a ranker fit on the other "

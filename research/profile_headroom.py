@@ -154,7 +154,7 @@ def to_markdown(res: dict, command: str) -> str:
         "",
         f"### Profile headroom: {Path(res['run']).name} ({dt.date.today().isoformat()}, {machine()})",
         "",
-        f"Read off the committed rows of `{res['run']}` ({res['queries']} queries, `{res['mode']}` prompts, "
+        f"Read off the rows of `{res['run']}` ({res['queries']} queries, `{res['mode']}` prompts, "
         f"{res['candidates']} candidates each), no model calls. Command: `python -m research.profile_headroom "
         f"{command}`.",
         "",
