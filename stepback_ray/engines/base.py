@@ -54,7 +54,7 @@ class SamplingParams:
 @dataclass
 class EnginePhases:
     """Where an engine's time went, summed over its calls since it was built: seconds per phase and the work each
-    phase did, for a profile of a run against the machine's limits (``scripts/bench_demo.py --profile``). An
+    phase did, for a profile of a run against the machine's limits (``python -m benchmarks.bench_demo --profile``). An
     engine that can tell its phases apart fills it (the transformers engine); the others leave it empty."""
 
     seconds: dict[str, float] = field(default_factory=dict)

