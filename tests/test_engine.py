@@ -219,7 +219,7 @@ def test_a_stitched_cache_layer_grows_in_place_then_past_its_room_like_a_dynamic
     import torch
     from transformers.cache_utils import DynamicLayer
 
-    from stepback_ray.engines import kv_cache
+    from stepback_ray.engines.transformers import kv_cache
 
     keys, values = torch.randn(2, 3, 7, 4), torch.randn(2, 3, 7, 4)  # 5 positions filled, room for 2
     layer, reference = kv_cache._LayerWithRoom(keys, values, filled=5), DynamicLayer()

@@ -9,7 +9,7 @@ from stepback_ray.engines.base import Completion, Engine, Message, Prompt, Reque
 def build_engine(config: EngineConfig) -> Engine:
     """Construct the engine the job asks for. Call it inside the process that will use the engine."""
     if config.kind == "transformers":
-        from stepback_ray.engines.transformers_engine import TransformersEngine
+        from stepback_ray.engines.transformers import TransformersEngine
 
         return TransformersEngine(config)
     if config.kind == "dry-run":
