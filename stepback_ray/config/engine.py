@@ -171,16 +171,6 @@ class EngineConfig(_Strict):
         "keys and values copied to each prompt",
         json_schema_extra=SPEED_ONLY,
     )
-    decode_loop: Literal["own", "generate"] = Field(
-        default="own",
-        description="transformers engine, split prefill: decode with the engine's own loop "
-        "(engines/decoding.py) or with transformers' generate (the loop before 2026-12-06)",
-    )
-    cpu_decode_kernels: bool = Field(
-        default=True,
-        description="transformers engine on a CPU: one-token attention as "
-        "two matrix products and the LM head as W @ x.T (engines/cpu_decode.py)",
-    )
     threads: Int = Field(
         default=0, ge=0, description="torch intra-op threads; 0 = every core of the node", json_schema_extra=SPEED_ONLY
     )
