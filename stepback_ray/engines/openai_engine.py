@@ -33,8 +33,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from stepback_ray.config import EngineConfig
-from stepback_ray.config.sections import OpenAIOptions
+from stepback_ray.config import EngineConfig, OpenAIOptions
 from stepback_ray.engines.base import Completion, Prompt, Request, SamplingParams, cut_at_stop
 from stepback_ray.engines.formatting import FormattedEngine
 from stepback_ray.engines.guard import FatalEngineError

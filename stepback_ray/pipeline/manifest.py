@@ -17,13 +17,13 @@ from stepback_ray.storage import RunStore
 
 def check_resume(store: RunStore, job: JobSpec) -> bool:
     """Record the run's spec at the start; on a rerun into the same output, insist that every key that changes
-    results is the same (:data:`~stepback_ray.config.SPEED_ONLY_KEYS` may differ: a smaller batch after an
+    results is the same (:func:`~stepback_ray.config.speed_only_keys` may differ: a smaller batch after an
     out-of-memory crash, the fault switched off)."""
-    from stepback_ray.config import SPEED_ONLY_KEYS, without_keys
+    from stepback_ray.config import speed_only_keys, without_keys
 
     spec = job.results_dict()
     if store.exists("_run_spec.json"):
-        previous = without_keys(store.read_json("_run_spec.json"), SPEED_ONLY_KEYS)
+        previous = without_keys(store.read_json("_run_spec.json"), speed_only_keys())
         # a key the recorded spec lacks was added to stepback-ray since; at its default it changes nothing
         changed = sorted(k for k in _changed_keys(previous, spec) if not _new_key_at_default(previous, spec, k))
         if changed:

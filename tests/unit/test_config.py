@@ -63,6 +63,16 @@ def test_bad_specs_name_the_key(change, message):
         load_job(None, data=data)
 
 
+@pytest.mark.parametrize("key, value", [("decode_loop", "own"), ("cpu_decode_kernels", False)])
+def test_a_job_file_setting_a_removed_engine_key_fails_with_the_unknown_key_line(tmp_path, key, value):
+    """The transformers engine decodes with ``generate`` alone: its former switches are unknown keys like any."""
+    p = tmp_path / "old.yaml"
+    p.write_text(yaml.safe_dump({**_minimal(), "engine": {key: value}}))
+    with pytest.raises(ConfigError) as e:
+        load_job(p)
+    assert str(e.value) == f"{p}: engine.{key}: unknown key"
+
+
 def test_bad_files(tmp_path):
     with pytest.raises(ConfigError, match=r"job spec not found"):
         load_job(tmp_path / "missing.yaml")
@@ -84,48 +94,120 @@ def test_secrets_stay_out_of_the_public_dict():
     assert job.storage.key.get_secret_value() == "AKIA-SECRET"
 
 
+# Keys whose new value needs other keys set with it to validate (the others are found by trying values in turn).
+# The companions of a speed-only key are speed-only too, so that its resume still goes on.
+COMPANIONS = {
+    "task": ["task=LaMP_4"],
+    "modes": ["modes=[none]"],
+    "input.format": ["input.format=parquet", "input.path=p", "limit=null"],
+    "ray.address": ["ray.address=127.0.0.1:6379", "storage.shared_filesystem=true"],
+    "profile_store.gate.min_lift": ["profile_store.uri=s", "profile_store.gate.min_lift=0.1"],
+    "engine.openai.base_url": ["engine.openai.base_url=http://127.0.0.2:9/v1"],
+    "ray.stages": ["ray.stages.embed.num_cpus=0.5", "ray.stages.generation_plan.concurrency=2"],
+}
+OPENAI = ["engine.kind=openai", "engine.openai.base_url=http://127.0.0.1:9/v1"]
+SURELY_SPEED = {
+    "engine.batch_size",
+    "engine.max_batch_tokens",
+    "engine.vllm.gpu_memory_utilization",
+    "engine.vllm.max_num_seqs",
+    "storage.retries",
+    "engine.dry_run_fail_marker",
+    "engine.dry_run_tokens_per_s",
+    "engine.call_timeout_s",
+    "engine.max_restarts",
+    "ray.engine_actors",
+    "ray.engine_actor_gpus",
+    "max_error_fraction",
+    "ray.progress_bars",
+}
+SURELY_RESULTS = {
+    "engine.model",
+    "modes",
+    "profile.max_new_tokens",
+    "generation.candidates",
+    "engine.vllm.structured_output",
+    "ray.users_per_chunk",
+    "ray.num_shards",
+    "retrieval.top_k",
+    "task",
+    "input.questions",
+}
+
+
+def _another_value(base: list[str], key: str, field) -> list[str]:
+    """``--set`` overrides that give ``key`` another valid value than in ``load_job(demo, base)``: the first of
+    the field's other literals, a flipped boolean, a nearby number, a string, a list or a mapping that loads."""
+    import json
+    import typing
+
+    if key in COMPANIONS:
+        return COMPANIONS[key]
+    before = _at(load_job(REPO / "jobs" / "demo.yaml", base).public_dict(), key)
+
+    def literals(annotation) -> list:
+        if typing.get_origin(annotation) is typing.Literal:
+            return list(typing.get_args(annotation))
+        return [x for arg in typing.get_args(annotation) for x in literals(arg)]
+
+    tries = literals(field.annotation)
+    if isinstance(before, bool):
+        tries.append(not before)
+    elif isinstance(before, (int, float)):
+        tries += [before + 1, before / 2]
+    tries += [1, 0.5, "x", ["x"], {"a": 1}]
+    for value in tries:
+        override = f"{key}={json.dumps(value)}"
+        try:
+            job = load_job(REPO / "jobs" / "demo.yaml", [*base, override])
+        except ConfigError:
+            continue
+        if _at(job.public_dict(), key) != before:
+            return [override]
+    raise AssertionError(f"no other valid value found for {key}: give it companions")
+
+
+def _at(data: dict, key: str):
+    for part in key.split("."):
+        data = data[part]
+    return data
+
+
 def test_resume_compares_only_keys_that_change_results(tmp_path):
-    """A run resumed after an out-of-memory crash with smaller batches, or with the fault switched off, goes on;
-    one with another model, mode or prompt setting is refused, naming the key."""
-    from stepback_ray.config import SPEED_ONLY_KEYS
+    """Key by key over the whole spec: a run resumed with any key marked speed-only changed (a smaller batch after
+    an out-of-memory crash, the fault switched off, a rotated credential) goes on; one with any other key changed
+    (model, mode, prompt, profile, retrieval, chunking) is refused, naming the key. The ``openai`` engine's keys are
+    compared where that engine runs."""
+    import re
+
+    from stepback_ray.config import JobSpec, speed_only_keys
+    from stepback_ray.config.fields import walk_keys
     from stepback_ray.errors import StepbackError
     from stepback_ray.pipeline import check_resume
     from stepback_ray.storage import RunStore
 
-    base = [f"output={tmp_path / 'run'}", "run_id=r"]
-    job = load_job(REPO / "jobs" / "demo.yaml", base)
-    store = RunStore(job.output_uri, job.storage)
-    assert check_resume(store, job) is False
-    speed = [
-        "engine.batch_size=2",
-        "engine.max_batch_tokens=1024",
-        "engine.vllm.gpu_memory_utilization=0.5",
-        "engine.vllm.max_num_seqs=8",
-        "storage.retries=9",
-        "engine.dry_run_fail_marker=x",
-        "engine.dry_run_tokens_per_s=5",
-        "engine.call_timeout_s=5",
-        "engine.max_restarts=0",
-        "ray.engine_actors=2",
-        "ray.engine_actor_gpus=1",
-        "max_error_fraction=0.5",
-        "ray.progress_bars=false",
-    ]
-    for o in speed:
-        assert o.split("=")[0] in SPEED_ONLY_KEYS, o
-        assert check_resume(store, load_job(REPO / "jobs" / "demo.yaml", [*base, o])) is True, o
-    results = {
-        "engine.model=packaged:qwen2.5-coder-0.5b-instruct": "engine.model",
-        "modes=[none]": "modes",
-        "profile.max_new_tokens=50": "profile.max_new_tokens",
-        "generation.candidates=4": "generation.candidates",
-        "engine.vllm.structured_output=false": "engine.vllm.structured_output",
-        "ray.users_per_chunk=3": "ray.users_per_chunk",
-        "retrieval.top_k=1": "retrieval.top_k",
-    }
-    for o, key in results.items():
-        with pytest.raises(StepbackError, match=f"changed: {key}"):
-            check_resume(store, load_job(REPO / "jobs" / "demo.yaml", [*base, o]))
+    speed = set(speed_only_keys())
+    assert SURELY_SPEED <= speed and not SURELY_RESULTS & speed  # the marking itself, on keys beyond doubt
+    stores = {}
+    for plain in (True, False):
+        base = [f"output={tmp_path / str(plain)}", "run_id=r", *([] if plain else OPENAI)]
+        job = load_job(REPO / "jobs" / "demo.yaml", base)
+        stores[plain] = (base, RunStore(job.output_uri, job.storage))
+        assert check_resume(stores[plain][1], job) is False
+    tried = set()
+    for key, field in walk_keys(JobSpec):
+        base, store = stores[not key.startswith("engine.openai.")]
+        overrides = _another_value(base, key, field)
+        job = load_job(REPO / "jobs" / "demo.yaml", [*base, *overrides])
+        tried.add(key)
+        if key in speed:
+            assert check_resume(store, job) is True, overrides
+            continue
+        with pytest.raises(StepbackError, match="changed: ") as refused:
+            check_resume(store, job)
+        named = re.search(r"changed: ([^)]*)\)", str(refused.value)).group(1).split(", ")
+        assert any(k == key or k.startswith(f"{key}.") for k in named), (overrides, named)  # a mapping: its keys
+    assert speed <= tried and len(tried) > 100
 
 
 def test_a_run_recorded_before_a_key_existed_resumes_while_the_key_holds_its_default(tmp_path):
@@ -188,3 +270,20 @@ def test_numbers_still_load_as_written():
     assert job.generation.temperature == 1.0 and job.ray.engine_actor_cpus == 2.0 and job.ray.engine_actors == 3
     for spec in (REPO / "jobs").glob("*.yaml"):  # every example job still loads
         load_job(spec)
+
+
+def test_every_engine_kind_names_the_class_that_implements_it():
+    """``config.ENGINES`` is the one declaration of the engine kinds: ``engine.kind`` accepts exactly its keys, and
+    each names a class that ``build_engine`` can import (without building it: no model is loaded here)."""
+    import importlib
+    import typing
+
+    from stepback_ray.config import ENGINES, EngineConfig
+
+    assert typing.get_args(EngineConfig.model_fields["kind"].annotation) == tuple(ENGINES)
+    for kind, target in ENGINES.items():
+        module, _, name = target.partition(":")
+        cls = getattr(importlib.import_module(module), name)
+        assert callable(getattr(cls, "generate", None)) and callable(getattr(cls, "close", None)), kind
+    with pytest.raises(ConfigError, match=r"engine.kind: Input should be 'transformers', 'vllm', 'dry-run' or"):
+        load_job(None, data={**_minimal(), "engine": {"kind": "llama.cpp"}})

@@ -153,7 +153,7 @@ def test_the_key_never_reaches_the_spec_manifest_or_repr(monkeypatch):
 def test_resume_keys_of_the_openai_section(tmp_path):
     """Its speed keys may change on a resume; its section is not part of other engines' run identity (runs
     recorded before it existed resume); where it applies, the served model and the URL must match."""
-    from stepback_ray.config import SPEED_ONLY_KEYS
+    from stepback_ray.config import speed_only_keys
 
     demo = REPO / "jobs" / "demo.yaml"
     assert "openai" not in load_job(demo).results_dict()["engine"]
@@ -171,7 +171,7 @@ def test_resume_keys_of_the_openai_section(tmp_path):
             ],
         )
     )
-    assert a == b and "engine.openai.max_concurrency" in SPEED_ONLY_KEYS
+    assert a == b and "engine.openai.max_concurrency" in speed_only_keys()
     assert a != load_job(demo, [*on, "engine.openai.model_name=other"]).results_dict()
 
 

@@ -1,15 +1,18 @@
 """A batched Hugging Face transformers engine: the CPU default and the reference implementation.
 
 Prompts are tokenized once and sorted by length. Each decode batch (``engine.batch_size`` sequences) is prefilled
-in small groups of similar length (``engine.max_batch_tokens``), whose KV caches are stitched into one, then decoded
-together: greedily by default. Stop strings end a sequence early. A prompt that does not fit the context is not
-sent to the model: it comes back as an ``error`` completion, so one bad row never kills a batch.
+in small groups of similar length (``engine.max_batch_tokens``), the opening its prompts share computed once, and
+their KV caches are stitched into one (:mod:`.kv_cache`); transformers' ``generate`` then decodes them together
+with the model's stock attention (SDPA): greedily by default. The engine keeps no decode loop of its own: the
+split prefill and the shared opening are where batching pays on a CPU, and ``generate`` keeps every logits
+processor and stopping rule a model's generation config asks for. Stop strings end a sequence early. A prompt that
+does not fit the context is not sent to the model: it comes back as an ``error`` completion, so one bad row never
+kills a batch.
 """
 
 from __future__ import annotations
 
 import inspect
-import logging
 import os
 import time
 
@@ -25,8 +28,6 @@ from stepback_ray.engines.base import (
 )
 from stepback_ray.engines.formatting import FormattedEngine
 from stepback_ray.errors import StepbackError
-
-logger = logging.getLogger(__name__)
 
 MIN_SHARED_PREFIX = 16
 """Opening tokens a decode batch's prompts must share before the split prefill computes them once (one vLLM cache
@@ -75,15 +76,6 @@ class TransformersEngine(FormattedEngine):
         if self.tokenizer.eos_token_id is not None:
             self._eos.add(self.tokenizer.eos_token_id)
         self.split_prefill = config.split_prefill and self._supports_split_prefill()
-        self.own_decode = config.decode_loop == "own" and self._own_loop_covers_generation_config()
-        if device == "cpu" and config.cpu_decode_kernels:
-            from stepback_ray.engines import cpu_decode
-
-            if not cpu_decode.install(self.model):
-                logger.warning(
-                    "engine: %s keeps its stock attention and LM head (the CPU decode kernels do not apply to it)",
-                    config.model,
-                )
         # transformers renamed ``past_key_values`` to ``cache`` during 5.x (the old name warns, then goes)
         self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         #: where this engine's time went (read by profiles of a run; see :class:`~.base.EnginePhases`)
@@ -161,10 +153,9 @@ class TransformersEngine(FormattedEngine):
         """The new tokens of each sequence of one decode batch (``n_seq`` rows per prompt, next to each other).
 
         Split (the default): every prompt but its last token is prefilled in small groups of similar length
-        (:meth:`_prefill`), their KV caches are left-padded into one, and the whole batch is decoded from there
-        by the engine's own loop (:mod:`.decoding`; ``generate`` with ``engine.decode_loop: generate``). Prefill,
-        ~80 % of the work, then pads little and keeps its activations in the CPU's caches, while decoding still
-        steps many sequences at once. Otherwise one padded ``generate`` call does both.
+        (:meth:`_prefill`), their KV caches are left-padded into one, and ``generate`` decodes the whole batch
+        from there. Prefill, most of the work, then pads little and keeps its activations in the CPU's caches,
+        while decoding still steps many sequences at once. Otherwise one padded ``generate`` call does both.
         ``lengths`` counts each prompt's soft tokens and ids; ``shared``: opening tokens every prompt has
         (:meth:`_shared_prefix`), prefilled once."""
         torch = self.torch
@@ -172,9 +163,9 @@ class TransformersEngine(FormattedEngine):
         input_ids, mask = self._left_padded(seqs, lengths, width)
         kwargs = self._generate_kwargs(params, n_seq)
         if params.temperature > 0:
-            torch.manual_seed(params.seed)  # both decoders draw from the global generator
+            torch.manual_seed(params.seed)  # generate draws from the global generator
         if split:
-            from stepback_ray.engines import decoding, kv_cache
+            from stepback_ray.engines.transformers import kv_cache
 
             t0 = time.perf_counter()
             buffers = self._prefill(
@@ -186,33 +177,12 @@ class TransformersEngine(FormattedEngine):
                 kwargs.pop("num_return_sequences")
             cache = kv_cache.stitched(self.model.config, buffers, filled=width - 1)
             t0 = time.perf_counter()
-            if not self.own_decode:
-                new = self.model.generate(
-                    input_ids=input_ids.to(self.device),
-                    attention_mask=mask.to(self.device),
-                    **{self._cache_kw: cache},
-                    **kwargs,
-                )[:, width:].tolist()
-            else:
-                positions = torch.tensor(lengths, dtype=torch.long).repeat_interleave(n_seq) - 1
-                new = decoding.decode(
-                    self.model,
-                    cache,
-                    self._cache_kw,
-                    input_ids[:, -1].to(self.device),
-                    mask.to(self.device),
-                    positions.to(self.device),
-                    max_new_tokens=params.max_new_tokens,
-                    min_new_tokens=params.min_new_tokens or 0,
-                    temperature=params.temperature,
-                    top_p=params.top_p,
-                    top_k=self.model.generation_config.top_k or 50,
-                    eos=self._eos,
-                    pad=self.tokenizer.pad_token_id,
-                    stops=decoding.StopStrings(
-                        self.tokenizer, params.stop or (), [s for s in seqs for _ in range(n_seq)]
-                    ),
-                )
+            new = self.model.generate(
+                input_ids=input_ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                **{self._cache_kw: cache},
+                **kwargs,
+            )[:, width:].tolist()
             self.phases.add("decode", time.perf_counter() - t0)
             self.phases.decode_batches.append((len(new), len(new[0]) if new else 0, width - 1))
             return new
@@ -242,7 +212,7 @@ class TransformersEngine(FormattedEngine):
         before its own (no gap: the decode step sees the cache it would have without sharing)."""
         from transformers import DynamicCache
 
-        from stepback_ray.engines.kv_cache import layers_of
+        from stepback_ray.engines.transformers.kv_cache import layers_of
 
         opening: list[tuple] = []
         self.phases.prefill_tokens += shared + sum(n - 1 - shared for n in lengths)
@@ -346,34 +316,11 @@ class TransformersEngine(FormattedEngine):
             kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
         return kwargs
 
-    def _own_loop_covers_generation_config(self) -> bool:
-        """Whether the own decode loop implements every logits processor the model's generation config asks of
-        ``generate`` (a repetition penalty, banned words and the like are left to ``generate``)."""
-        g = self.model.generation_config
-        neutral = {
-            "repetition_penalty": 1.0,
-            "no_repeat_ngram_size": 0,
-            "typical_p": 1.0,
-            "epsilon_cutoff": 0.0,
-            "eta_cutoff": 0.0,
-            "encoder_repetition_penalty": 1.0,
-            "bad_words_ids": None,
-            "suppress_tokens": None,
-            "begin_suppress_tokens": None,
-            "forced_bos_token_id": None,
-            "forced_eos_token_id": None,
-            "min_p": None,
-            "exponential_decay_length_penalty": None,
-            "sequence_bias": None,
-            "renormalize_logits": False,
-        }
-        return all(getattr(g, key, value) in (None, value) for key, value in neutral.items())
-
     def _supports_split_prefill(self) -> bool:
         """Prefilled caches can be stitched together where every layer keeps a plain growing cache (full
         attention, transformers 5's layered caches); sliding-window or hybrid models keep the one-call path."""
         try:
-            from stepback_ray.engines import kv_cache
+            from stepback_ray.engines.transformers import kv_cache
         except ImportError:
             return False
         return kv_cache.full_attention(self.model.config)
