@@ -155,7 +155,7 @@ def _cmd_forget(args: argparse.Namespace) -> int:
 
 def _cmd_promote(args: argparse.Namespace) -> int:
     from stepback_ray.store.gate import describe_failures  # deferred: pyarrow
-    from stepback_ray.store.promote import promote
+    from stepback_ray.store.promote import promote  # deferred: pyarrow
 
     before, after, manifest = promote(args.store, args.version, storage_config(args.set))
     if before == after:

@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from stepback_ray import __version__
-from stepback_ray.config import JobSpec
+from stepback_ray.config import JobSpec, speed_only_keys, without_keys
 from stepback_ray.errors import ErrorBudgetExceeded, RunFailed, StepbackError
 from stepback_ray.storage import RunStore
 
@@ -19,8 +19,6 @@ def check_resume(store: RunStore, job: JobSpec) -> bool:
     """Record the run's spec at the start; on a rerun into the same output, insist that every key that changes
     results is the same (:func:`~stepback_ray.config.speed_only_keys` may differ: a smaller batch after an
     out-of-memory crash, the fault switched off)."""
-    from stepback_ray.config import speed_only_keys, without_keys
-
     spec = job.results_dict()
     if store.exists("_run_spec.json"):
         previous = without_keys(store.read_json("_run_spec.json"), speed_only_keys())

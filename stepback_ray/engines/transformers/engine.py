@@ -165,7 +165,7 @@ class TransformersEngine(FormattedEngine):
         if params.temperature > 0:
             torch.manual_seed(params.seed)  # generate draws from the global generator
         if split:
-            from stepback_ray.engines.transformers import kv_cache
+            from stepback_ray.engines.transformers import kv_cache  # deferred: imports torch
 
             t0 = time.perf_counter()
             buffers = self._prefill(
@@ -212,7 +212,7 @@ class TransformersEngine(FormattedEngine):
         before its own (no gap: the decode step sees the cache it would have without sharing)."""
         from transformers import DynamicCache
 
-        from stepback_ray.engines.transformers.kv_cache import layers_of
+        from stepback_ray.engines.transformers.kv_cache import layers_of  # deferred: imports torch
 
         opening: list[tuple] = []
         self.phases.prefill_tokens += shared + sum(n - 1 - shared for n in lengths)
@@ -320,7 +320,7 @@ class TransformersEngine(FormattedEngine):
         """Prefilled caches can be stitched together where every layer keeps a plain growing cache (full
         attention, transformers 5's layered caches); sliding-window or hybrid models keep the one-call path."""
         try:
-            from stepback_ray.engines.transformers import kv_cache
+            from stepback_ray.engines.transformers import kv_cache  # deferred: imports torch
         except ImportError:
             return False
         return kv_cache.full_attention(self.model.config)
