@@ -23,7 +23,11 @@ def check_resume(store: RunStore, job: JobSpec) -> bool:
     if store.exists("_run_spec.json"):
         previous = without_keys(store.read_json("_run_spec.json"), speed_only_keys())
         # a key the recorded spec lacks was added to stepback-ray since; at its default it changes nothing
-        changed = sorted(k for k in _changed_keys(previous, spec) if not _new_key_at_default(previous, spec, k))
+        changed = sorted(
+            k
+            for k in _changed_keys(previous, spec)
+            if not _new_key_at_default(previous, spec, k) and not _removed_key(previous, spec, k)
+        )
         if changed:
             raise StepbackError(
                 f"{job.output_uri} holds a run with a different job spec (changed: "
@@ -43,6 +47,22 @@ def _get(data: Any, key: str) -> Any:
             return _MISSING
         data = data[part]
     return data
+
+
+def _removed_key(previous: dict[str, Any], spec: dict[str, Any], key: str) -> bool:
+    """``key`` is in the recorded spec but no longer a key of stepback-ray's job spec (a setting that was removed,
+    such as ``engine.decode_loop``): the run it recorded resumes without it."""
+    if _get(spec, key) is not _MISSING or _get(previous, key) is _MISSING:
+        return False
+    model: Any = JobSpec
+    for part in key.split("."):
+        fields = getattr(model, "model_fields", None)
+        if fields is None:
+            return False  # inside a free-form value (a dict), not a removed field
+        if part not in fields:
+            return True
+        model = fields[part].annotation
+    return False
 
 
 def _new_key_at_default(previous: dict[str, Any], spec: dict[str, Any], key: str) -> bool:

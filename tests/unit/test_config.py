@@ -287,3 +287,24 @@ def test_every_engine_kind_names_the_class_that_implements_it():
         assert callable(getattr(cls, "generate", None)) and callable(getattr(cls, "close", None)), kind
     with pytest.raises(ConfigError, match=r"engine.kind: Input should be 'transformers', 'vllm', 'dry-run' or"):
         load_job(None, data={**_minimal(), "engine": {"kind": "llama.cpp"}})
+
+
+def test_a_run_recorded_with_a_key_since_removed_resumes(tmp_path):
+    """A spec recorded before a setting was removed (``engine.decode_loop``) still holds it: the run resumes; a
+    removed key never hides a change to a key that still exists."""
+    import json
+
+    from stepback_ray.errors import StepbackError
+    from stepback_ray.pipeline import check_resume
+    from stepback_ray.storage import RunStore
+
+    base = [f"output={tmp_path / 'run'}", "run_id=r"]
+    job = load_job(REPO / "jobs" / "demo.yaml", base)
+    store = RunStore(job.output_uri, job.storage)
+    check_resume(store, job)
+    recorded = json.loads((tmp_path / "run" / "_run_spec.json").read_text())
+    recorded["engine"].update(decode_loop="own", cpu_decode_kernels=True)
+    (tmp_path / "run" / "_run_spec.json").write_text(json.dumps(recorded))
+    assert check_resume(store, job) is True
+    with pytest.raises(StepbackError, match=r"changed: generation.candidates\)"):
+        check_resume(store, load_job(REPO / "jobs" / "demo.yaml", [*base, "generation.candidates=2"]))
