@@ -4,43 +4,11 @@ host dies past its restarts. A host's own serving: tests/unit/test_engine_host.p
 
 from __future__ import annotations
 
-import pyarrow as pa
 import pytest
 
-from stepback_ray.config import load_job
-from stepback_ray.engines.base import SamplingParams
 from stepback_ray.pipeline import run_job
 from stepback_ray.pipeline.engine_host import EngineHosts
-from stepback_ray.pipeline.engine_stage import EngineStage
-from tests.support import REPO
-
-
-def _job(tmp_path, *extra):
-    return load_job(
-        REPO / "jobs" / "demo.yaml",
-        [
-            "engine.kind=dry-run",
-            "limit=6",
-            "ray.users_per_chunk=2",
-            "ray.progress_bars=false",
-            f"output={tmp_path / 'run'}",
-            *extra,
-        ],
-    )
-
-
-class EchoStage(EngineStage):
-    """A minimal engine stage: one completion per row's prompt, stamped as the pipeline's stages are."""
-
-    def serve(self, batch: pa.Table) -> pa.Table:
-        rows = batch.to_pylist()
-        done = self.generate([r["prompt"] for r in rows], SamplingParams(max_new_tokens=4))
-        return pa.Table.from_pylist(self.stamp([{**r, "output": c.text} for r, c in zip(rows, done)]))
-
-
-BLOCK = pa.Table.from_pylist(
-    [{"chunk_id": "c0", "prompt": "Title: a study of caches"}, {"chunk_id": "c0", "prompt": "Title: batch inference"}]
-)
+from tests.unit.test_engine_host import BLOCK, EchoStage, _job
 
 
 def test_the_driver_keeps_its_hosts_until_the_engine_changes_then_ends_them(ray_local, tmp_path):
