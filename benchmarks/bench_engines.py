@@ -106,6 +106,8 @@ ENGINE_VARIANTS = {
         "batch_size": 16,
         "max_batch_tokens": 8192,
     },
+    # the transformers engine decoding with transformers' generate and stock kernels (no own loop)
+    "transformers-generate": {"kind": "transformers", "decode_loop": "generate", "cpu_decode_kernels": False},
     # the transformers engine without the shared-opening prefill (before 2026-12-06)
     "transformers-no-prefix-reuse": {"kind": "transformers", "prefix_reuse": False},
 }

@@ -171,6 +171,18 @@ class EngineConfig(_Strict):
         "keys and values copied to each prompt",
         json_schema_extra=SPEED_ONLY,
     )
+    decode_loop: Literal["own", "generate"] = Field(
+        default="own",
+        description="transformers engine, split prefill: decode with the engine's own loop "
+        "(engines/transformers/decoding.py) or with transformers' generate; the same tokens either way",
+        json_schema_extra=SPEED_ONLY,
+    )
+    cpu_decode_kernels: bool = Field(
+        default=True,
+        description="transformers engine on a CPU: one-token attention as "
+        "two matrix products and the LM head as W @ x.T (engines/transformers/cpu_decode.py)",
+        json_schema_extra=SPEED_ONLY,
+    )
     threads: Int = Field(
         default=0, ge=0, description="torch intra-op threads; 0 = every core of the node", json_schema_extra=SPEED_ONLY
     )

@@ -63,16 +63,6 @@ def test_bad_specs_name_the_key(change, message):
         load_job(None, data=data)
 
 
-@pytest.mark.parametrize("key, value", [("decode_loop", "own"), ("cpu_decode_kernels", False)])
-def test_a_job_file_setting_a_removed_engine_key_fails_with_the_unknown_key_line(tmp_path, key, value):
-    """The transformers engine decodes with ``generate`` alone: its former switches are unknown keys like any."""
-    p = tmp_path / "old.yaml"
-    p.write_text(yaml.safe_dump({**_minimal(), "engine": {key: value}}))
-    with pytest.raises(ConfigError) as e:
-        load_job(p)
-    assert str(e.value) == f"{p}: engine.{key}: unknown key"
-
-
 def test_bad_files(tmp_path):
     with pytest.raises(ConfigError, match=r"job spec not found"):
         load_job(tmp_path / "missing.yaml")

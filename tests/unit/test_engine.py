@@ -233,27 +233,29 @@ def test_a_stitched_cache_layer_grows_in_place_then_past_its_room_like_a_dynamic
     assert layer.get_seq_length() == reference.get_seq_length() == 9
 
 
-def test_the_split_path_stops_lengthens_and_samples_as_one_padded_call_does(engine):
-    """``generate`` from the stitched cache against one padded ``generate`` call: the same greedy texts, token
-    counts and finish reasons with a stop string that can end inside a token and with a minimum length
-    (end-of-sequence banned first); sampled answers of the same shape."""
+def test_the_own_decode_loop_writes_what_generate_writes(engine):
+    """The split path's decode loop (transformers/decoding.py) against transformers' generate from the same stitched
+    cache: the same greedy texts, token counts and finish reasons, with a stop string that can end inside a token,
+    a minimum length (end-of-sequence banned first) and sampled answers of the same shape."""
     prompts = PROMPTS + [[{"role": "user", "content": "Write two short lines about the sea."}]]
-    params = [
-        SamplingParams(max_new_tokens=16, stop=("\n",)),
-        SamplingParams(max_new_tokens=12, stop=(".",)),
-        SamplingParams(max_new_tokens=10, min_new_tokens=10),
-        SamplingParams(max_new_tokens=6, temperature=1.0, n=3, seed=2),
-    ]
     try:
         runs = {}
-        for split in (True, False):
-            engine.split_prefill = split
-            runs[split] = [engine.generate(prompts, p) for p in params]
+        for loop in (True, False):
+            engine.own_decode = loop
+            runs[loop] = [
+                engine.generate(prompts, p)
+                for p in (
+                    SamplingParams(max_new_tokens=16, stop=("\n",)),
+                    SamplingParams(max_new_tokens=12, stop=(".",)),
+                    SamplingParams(max_new_tokens=10, min_new_tokens=10),
+                    SamplingParams(max_new_tokens=6, temperature=1.0, n=3, seed=2),
+                )
+            ]
     finally:
-        engine.split_prefill = True
-    for split, one in zip(runs[True][:3], runs[False][:3]):
-        assert [(c.text, c.completion_tokens, c.finish_reason) for c in split] == [
-            (c.text, c.completion_tokens, c.finish_reason) for c in one
+        engine.own_decode = True
+    for own, ref in zip(runs[True][:3], runs[False][:3]):
+        assert [(c.text, c.completion_tokens, c.finish_reason) for c in own] == [
+            (c.text, c.completion_tokens, c.finish_reason) for c in ref
         ]
     assert all(c.completion_tokens == 10 for c in runs[True][2])
     free = engine.generate(prompts, SamplingParams(max_new_tokens=12))
@@ -261,3 +263,153 @@ def test_the_split_path_stops_lengthens_and_samples_as_one_padded_call_does(engi
     assert any("." in f.text and s.completion_tokens < f.completion_tokens for f, s in zip(free, stopped))  # it cut
     for sampled in (runs[True][3], runs[False][3]):
         assert all(len(c.samples) == 3 and c.text == c.samples[0] and 0 < c.completion_tokens <= 18 for c in sampled)
+
+
+def test_stop_strings_end_where_transformers_criterion_ends_them(formatter):
+    """Token by token, the loop's stop check fires exactly where transformers' ``StopStringCriteria`` does: on
+    a stop string split over several tokens (a multi-byte character, an emoji), one that starts in the prompt,
+    and not again on one the prompt already holds."""
+    import torch
+    from transformers.generation.stopping_criteria import StopStringCriteria
+
+    from stepback_ray.engines.transformers.decoding import StopStrings
+
+    tok = formatter.tokenizer
+    cases = [
+        ("Title: 日本 is here", ["日"]),
+        ("ok 🙂 done", ["🙂"]),
+        ("a\n\nb", ["\n\n"]),
+        ("x. y. z", ["."]),
+        ("say END now", ["END", "now"]),
+    ]
+    for text, stop in cases:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        for cut in range(1, len(ids)):  # the first `cut` ids are the prompt, the rest come one by one
+            prompt, new = ids[:cut], ids[cut:]
+            check, criterion = StopStrings(tok, stop, [prompt]), StopStringCriteria(tok, stop)
+            for k in range(1, len(new) + 1):
+                want = bool(criterion(torch.tensor([prompt + new[:k]]), None)[0])
+                assert bool(check.ended([0], [new[:k]])) == want, (text, cut, k)
+                if want:
+                    break
+
+
+def test_sampling_warps_the_scores_as_transformers_does():
+    import torch
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    from stepback_ray.engines.transformers.decoding import warped
+
+    logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(3)) * 3
+    for temperature, top_k, top_p in [(0.7, 50, 0.95), (1.0, 0, 0.5), (1.3, 5, 1.0), (0.7, 0, 1.0)]:
+        want = TemperatureLogitsWarper(temperature)(None, logits.clone())
+        if top_k:
+            want = TopKLogitsWarper(top_k)(None, want)
+        if top_p < 1.0:
+            want = TopPLogitsWarper(top_p)(None, want)
+        got = warped(logits, temperature, top_k, top_p)
+        assert torch.equal(torch.isinf(got), torch.isinf(want))
+        assert torch.allclose(got[~torch.isinf(got)], want[~torch.isinf(want)])
+
+
+def test_the_cpu_decode_kernels_compute_what_sdpa_and_the_lm_head_compute():
+    import torch
+    import torch.nn.functional as F
+
+    from stepback_ray.engines.transformers import cpu_decode
+
+    torch.manual_seed(0)
+    batch, heads, groups, positions, dim = 3, 6, 2, 11, 8
+    query = torch.randn(batch, heads, 1, dim)
+    key, value = torch.randn(batch, groups, positions, dim), torch.randn(batch, groups, positions, dim)
+    mask = torch.ones(batch, 1, 1, positions, dtype=torch.bool)
+    mask[0, ..., :4] = False  # a left-padded row
+    want = F.scaled_dot_product_attention(
+        query, key.repeat_interleave(heads // groups, 1), value.repeat_interleave(heads // groups, 1), attn_mask=mask
+    ).transpose(1, 2)
+    for m in (mask, torch.zeros(mask.shape).masked_fill(~mask, float("-inf")), None):
+        got = cpu_decode._attention(query, key, value, m, None)
+        ref = (
+            want
+            if m is not None
+            else F.scaled_dot_product_attention(
+                query, key.repeat_interleave(heads // groups, 1), value.repeat_interleave(heads // groups, 1)
+            ).transpose(1, 2)
+        )
+        assert got.shape == (batch, 1, heads, dim) and torch.allclose(got, ref, atol=1e-5)
+    head = torch.nn.Linear(dim, 50, bias=True)
+    hidden = torch.randn(batch, 2, dim)
+    want = head(hidden)
+    head.forward = cpu_decode._lm_head(head)
+    assert torch.allclose(head(hidden), want, atol=1e-5)
+
+
+def test_the_engine_runs_the_cpu_decode_kernels(engine):
+    from stepback_ray.engines.transformers import cpu_decode
+
+    assert engine.model.config._attn_implementation == cpu_decode.NAME
+    head = engine.model.get_output_embeddings()
+    assert "forward" in vars(head)  # the instance's own forward: (W @ x.T).T
+
+
+def test_the_cpu_attention_kernel_gives_sdpas_decode_step_on_a_grouped_query_model(tmp_path):
+    """A tiny Qwen2 (2 query heads per key/value head, biased projections, random weights) and a left-padded
+    batch: one decode step from the same cache gives the same hidden states with the CPU kernel as with SDPA."""
+    import json
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from stepback_ray.config import EngineConfig
+    from stepback_ray.engines import build_engine
+    from stepback_ray.engines.models import resolve_model
+    from stepback_ray.engines.transformers import cpu_decode
+
+    config = {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "vocab_size": 49152,
+        "tie_word_embeddings": True,
+        "hidden_act": "silu",
+        "use_sliding_window": False,
+        "initializer_range": 0.5,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    AutoTokenizer.from_pretrained(resolve_model("packaged:smollm2-135m-instruct")).save_pretrained(tmp_path)
+    eng = build_engine(EngineConfig(model=str(tmp_path), device="cpu", load_format="dummy"))
+    model = eng.model
+    assert model.config._attn_implementation == cpu_decode.NAME
+    seqs = [[5, 9, 33, 7, 81, 12], [44, 3, 8], [19, 2000, 6, 71]]
+    width = max(map(len, seqs))
+    ids, mask = eng._left_padded(seqs, [len(s) for s in seqs], width)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+
+    def decode_step(impl: str) -> torch.Tensor:
+        model.set_attn_implementation(impl)
+        with torch.no_grad():
+            prefill = model.model(
+                input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1], use_cache=True
+            )
+            return model.model(
+                input_ids=ids[:, -1:],
+                attention_mask=mask,
+                position_ids=positions[:, -1:],
+                use_cache=True,
+                **{eng._cache_kw: prefill[eng._cache_kw]},
+            ).last_hidden_state
+
+    kernel, sdpa = decode_step(cpu_decode.NAME), decode_step("sdpa")
+    assert torch.allclose(kernel, sdpa, atol=1e-5)
+    mask[1, :] = 1  # attending to the padding changes the step: the comparison can tell
+    assert not torch.allclose(decode_step("sdpa"), sdpa, atol=1e-3)
+    eng.close()

@@ -1,18 +1,18 @@
 """A batched Hugging Face transformers engine: the CPU default and the reference implementation.
 
-Prompts are tokenized once and sorted by length. Each decode batch (``engine.batch_size`` sequences) is prefilled
-in small groups of similar length (``engine.max_batch_tokens``), the opening its prompts share computed once, and
-their KV caches are stitched into one (:mod:`.kv_cache`); transformers' ``generate`` then decodes them together
-with the model's stock attention (SDPA): greedily by default. The engine keeps no decode loop of its own: the
-split prefill and the shared opening are where batching pays on a CPU, and ``generate`` keeps every logits
-processor and stopping rule a model's generation config asks for. Stop strings end a sequence early. A prompt that
-does not fit the context is not sent to the model: it comes back as an ``error`` completion, so one bad row never
-kills a batch.
+Prompts are tokenized
+once and sorted by length. Each decode batch (``engine.batch_size`` sequences) is prefilled in small groups of
+similar length (``engine.max_batch_tokens``), the opening its prompts share computed once, and their KV caches are
+stitched into one (:mod:`.kv_cache`), then decoded together by the engine's own loop (:mod:`.decoding`, with the
+CPU kernels of :mod:`.cpu_decode`; transformers' ``generate`` where the loop does not cover the model's generation
+config): greedily by default. Stop strings end a sequence early. A prompt that does not fit the context is not sent
+to the model: it comes back as an ``error`` completion, so one bad row never kills a batch.
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import time
 
@@ -28,6 +28,8 @@ from stepback_ray.engines.base import (
 )
 from stepback_ray.engines.formatting import FormattedEngine
 from stepback_ray.errors import StepbackError
+
+logger = logging.getLogger(__name__)
 
 MIN_SHARED_PREFIX = 16
 """Opening tokens a decode batch's prompts must share before the split prefill computes them once (one vLLM cache
@@ -76,6 +78,17 @@ class TransformersEngine(FormattedEngine):
         if self.tokenizer.eos_token_id is not None:
             self._eos.add(self.tokenizer.eos_token_id)
         self.split_prefill = config.split_prefill and self._supports_split_prefill()
+        from stepback_ray.engines.transformers import decoding  # deferred: imports torch
+
+        self.own_decode = config.decode_loop == "own" and decoding.covers(self.model.generation_config)
+        if device == "cpu" and config.cpu_decode_kernels:
+            from stepback_ray.engines.transformers import cpu_decode
+
+            if not cpu_decode.install(self.model):
+                logger.warning(
+                    "engine: %s keeps its stock attention and LM head (the CPU decode kernels do not apply to it)",
+                    config.model,
+                )
         # transformers renamed ``past_key_values`` to ``cache`` during 5.x (the old name warns, then goes)
         self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         #: where this engine's time went (read by profiles of a run; see :class:`~.base.EnginePhases`)
@@ -153,9 +166,10 @@ class TransformersEngine(FormattedEngine):
         """The new tokens of each sequence of one decode batch (``n_seq`` rows per prompt, next to each other).
 
         Split (the default): every prompt but its last token is prefilled in small groups of similar length
-        (:meth:`_prefill`), their KV caches are left-padded into one, and ``generate`` decodes the whole batch
-        from there. Prefill, most of the work, then pads little and keeps its activations in the CPU's caches,
-        while decoding still steps many sequences at once. Otherwise one padded ``generate`` call does both.
+        (:meth:`_prefill`), their KV caches are left-padded into one, and the whole batch is decoded from there
+        by the engine's own loop (:mod:`.decoding`; ``generate`` with ``engine.decode_loop: generate``). Prefill,
+        ~80 % of the work, then pads little and keeps its activations in the CPU's caches, while decoding still
+        steps many sequences at once. Otherwise one padded ``generate`` call does both.
         ``lengths`` counts each prompt's soft tokens and ids; ``shared``: opening tokens every prompt has
         (:meth:`_shared_prefix`), prefilled once."""
         torch = self.torch
@@ -163,9 +177,9 @@ class TransformersEngine(FormattedEngine):
         input_ids, mask = self._left_padded(seqs, lengths, width)
         kwargs = self._generate_kwargs(params, n_seq)
         if params.temperature > 0:
-            torch.manual_seed(params.seed)  # generate draws from the global generator
+            torch.manual_seed(params.seed)  # both decoders draw from the global generator
         if split:
-            from stepback_ray.engines.transformers import kv_cache  # deferred: imports torch
+            from stepback_ray.engines.transformers import decoding, kv_cache  # deferred: import torch
 
             t0 = time.perf_counter()
             buffers = self._prefill(
@@ -177,12 +191,33 @@ class TransformersEngine(FormattedEngine):
                 kwargs.pop("num_return_sequences")
             cache = kv_cache.stitched(self.model.config, buffers, filled=width - 1)
             t0 = time.perf_counter()
-            new = self.model.generate(
-                input_ids=input_ids.to(self.device),
-                attention_mask=mask.to(self.device),
-                **{self._cache_kw: cache},
-                **kwargs,
-            )[:, width:].tolist()
+            if not self.own_decode:
+                new = self.model.generate(
+                    input_ids=input_ids.to(self.device),
+                    attention_mask=mask.to(self.device),
+                    **{self._cache_kw: cache},
+                    **kwargs,
+                )[:, width:].tolist()
+            else:
+                positions = torch.tensor(lengths, dtype=torch.long).repeat_interleave(n_seq) - 1
+                new = decoding.decode(
+                    self.model,
+                    cache,
+                    self._cache_kw,
+                    input_ids[:, -1].to(self.device),
+                    mask.to(self.device),
+                    positions.to(self.device),
+                    max_new_tokens=params.max_new_tokens,
+                    min_new_tokens=params.min_new_tokens or 0,
+                    temperature=params.temperature,
+                    top_p=params.top_p,
+                    top_k=self.model.generation_config.top_k or 50,
+                    eos=self._eos,
+                    pad=self.tokenizer.pad_token_id,
+                    stops=decoding.StopStrings(
+                        self.tokenizer, params.stop or (), [s for s in seqs for _ in range(n_seq)]
+                    ),
+                )
             self.phases.add("decode", time.perf_counter() - t0)
             self.phases.decode_batches.append((len(new), len(new[0]) if new else 0, width - 1))
             return new
