@@ -38,7 +38,7 @@ DRILL_ORDER = [
 QUALITY_MODES = [
     ("none", "no personalization"),
     ("rag", "retrieval baseline"),
-    ("profile+rag", "Step-Back Profiling (profile and retrieved items)"),
+    ("profile+rag", "Step-Back Profiling: profile and retrieved items"),
     ("random-profile", "control: another user's profile and items"),
 ]
 
