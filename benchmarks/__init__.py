@@ -2,6 +2,7 @@
 
     python -m benchmarks.bench_demo --help
 
-Each benchmark prints machine-readable JSON and, with ``--write docs/benchmarks.md``, rewrites only its own section
-of that page (``benchdoc``). Run outputs go to the git-ignored ``runs/``; the small result records a section is
-built from are kept under ``docs/results/``. Not part of the installed ``stepback_ray`` package."""
+Each benchmark prints machine-readable JSON and, with ``--write``, keeps its record (a small JSON file) under
+``docs/results/`` and regenerates the results page, ``docs/results.md``, from every record
+(``results_page``). Run outputs go to the git-ignored ``runs/``. Not part of the installed ``stepback_ray``
+package."""

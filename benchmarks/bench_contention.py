@@ -2,12 +2,12 @@
 alone and beside an idle local Ray (started as the pipeline starts it, plus idle actors: the demo's run has ~15
 Ray processes), alternated round by round.
 
-    python -m benchmarks.bench_contention --rounds 3 --write docs/benchmarks.md
+    python -m benchmarks.bench_contention --rounds 3 --write
 
-Why: the demo's engine time is ~16 % longer in a Ray run than in process for the same engine calls, and the
-engine actors' processes see ~30x the involuntary context switches. Each Ray process wakes ~150 times a second (a
-10 ms signal check in every worker's main thread, gRPC polls), and on a 2-core machine every wake takes a core
-from one of the engine's two threads; the other waits for it at the next barrier. This benchmark takes Ray
+Why: the demo's engine time is longer in a Ray run than in process for the same engine calls, and the engine
+actors' processes see many times the involuntary context switches. Every Ray process wakes many times a second (a
+periodic signal check in every worker's main thread, gRPC polls), and on a machine whose engine threads fill every
+core each wake takes a core from one of them; the others wait for it at the next barrier. This benchmark takes Ray
 Data, the actors' code and the engine's placement out of the question: the engine is not in Ray at all.
 
 Conditions, in turn each round:
@@ -20,8 +20,8 @@ Conditions, in turn each round:
 
 Each condition times ``--calls`` engine calls (after a warm-up call) of the demo's shape: 8 prompts of ~1,000
 tokens of real LaMP_5 history (the demo's sample) and 24 new tokens; per call the seconds, this process's CPU
-seconds and involuntary context switches (``getrusage``). Prints one JSON object; ``--write`` replaces the
-``bench_contention`` section of docs/benchmarks.md.
+seconds and involuntary context switches (``getrusage``). Prints one JSON object; ``--write`` keeps it as
+``docs/results/contention/default.json`` and regenerates the results page (``benchmarks.results_page``).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.benchdoc import machine, markers, write_section
+from benchmarks.benchdoc import machine, publish
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -160,46 +160,16 @@ def measure(rounds: int, calls: int, actors: int) -> dict:
     return {"runs": runs, "summary": summary}
 
 
-def to_markdown(report: dict) -> str:
-    start, end = markers("bench_contention")
-    s = report["summary"]
-    lines = [
-        start,
-        "",
-        f"### What a local Ray's own processes cost an engine beside them ({report['date']}, {report['machine']})",
-        "",
-        f"The same engine call (8 LaMP_5 prompts of ~1,000 tokens, 24 new tokens, SmolLM2 in this process) "
-        f"alone, beside an idle local Ray with {report['actors']} idle actors, and beside the same Ray started "
-        f"under `SCHED_IDLE`; conditions alternated, {report['rounds']} rounds of {report['calls']} calls. "
-        f"Preemptions: this process's involuntary context switches per CPU second. Command: "
-        f"`{report['command']}`.",
-        "",
-        "| condition | mean s per call | over alone | preemptions per CPU s |",
-        "|---|---|---|---|",
-    ]
-    for cond in CONDITIONS:
-        lines.append(
-            f"| {cond} | {s[cond]['mean_s']} | {s[cond].get('over_alone', 1.0)} | {s[cond]['preemptions_per_cpu_s']} |"
-        )
-    lines += [
-        "",
-        "Per call (s): "
-        + "; ".join(
-            f"{r['condition']} r{r['round']}: " + ", ".join(str(c["s"]) for c in r["calls"]) for r in report["runs"]
-        )
-        + ".",
-        "",
-        end,
-    ]
-    return "\n".join(lines)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--calls", type=int, default=2, help="timed engine calls per condition and round")
     ap.add_argument("--actors", type=int, default=8, help="idle actors in the local Ray")
-    ap.add_argument("--write", help="markdown file whose bench_contention section is replaced")
+    ap.add_argument(
+        "--write",
+        action="store_true",
+        help="keep the report as docs/results/contention/default.json and regenerate docs/results.md",
+    )
     args = ap.parse_args()
     report = {
         "date": dt.date.today().isoformat(),
@@ -212,7 +182,7 @@ def main() -> None:
     }
     print(json.dumps(report, indent=1))
     if args.write:
-        write_section(Path(args.write), "bench_contention", "Engines", to_markdown(report), record=report)
+        print(f"kept: {publish('contention/default', report)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

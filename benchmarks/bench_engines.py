@@ -1,6 +1,6 @@
 """Engine benchmark: the same prompts through the pipeline, the raw engine, and a one-at-a-time loop.
 
-    python -m benchmarks.bench_engines --prompts 200 --write docs/benchmarks.md          # every engine importable here
+    python -m benchmarks.bench_engines --prompts 200 --write          # every engine importable here
     .venv-vllm/bin/python -m benchmarks.bench_engines --prompts 200 --engines transformers,vllm,raydata-vllm
     python -m benchmarks.bench_engines --device cuda --dummy qwen2.5-1.5b --prompts 512   # GPU, random weights
     .venv-vllm/bin/python -m benchmarks.bench_engines --engines vllm,openai --serve-vllm  # + vLLM's HTTP server
@@ -19,10 +19,15 @@ prompt (end-of-sequence ignored), so all do the same work. For each engine and p
       vLLM's server of the same model started here, on 127.0.0.1, whose prefix cache is emptied before each
       path so that no path reads what an earlier one cached: ``--reset-server-cache``),
 
-and prints one JSON object with tokens/s (prompt + generated), prompts/s and the ratios pipeline/raw and
-pipeline/loop. Without Ray (the GPU machine has none), --no-pipeline measures raw and loop only. ``--dummy``
-builds a production architecture (its config written out here) with random weights, as vLLM's
-``load_format="dummy"`` does, for throughput on machines without the weights.
+and prints one JSON object with, per path, the tokens sent (prompt + generated), the tokens computed (sent less the
+prompt tokens the engine's prefix cache served: vLLM's ``num_cached_tokens`` per request, the transformers
+engine's shared-opening prefill; ``None`` where the engine cannot tell, as Ray Data's vLLM processor), both per
+second, prompts/s, and the ratios pipeline/raw, pipeline/loop and computed tokens/s over the machine's limit
+(measured in the same run). Tokens sent per second can exceed the limit when a cache serves part of the prompts;
+tokens computed per second cannot. ``--write`` keeps the report as ``docs/results/engines/<section>.json`` and
+regenerates the results page (``benchmarks.results_page``). Without Ray (the GPU machine has none),
+--no-pipeline measures raw and loop only. ``--dummy`` builds a production architecture (its config written out
+here) with random weights, as vLLM's ``load_format="dummy"`` does, for throughput on machines without the weights.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.benchdoc import machine, markers, write_section
+from benchmarks.benchdoc import machine, publish
 from stepback_ray import profiling
 from stepback_ray.config import EngineConfig, ProfileConfig, RetrievalConfig, load_job
 from stepback_ray.data import collect_users, read_lamp
@@ -99,7 +104,7 @@ DUMMY_CONFIGS = {
 
 # Engines measured under a name of their own: an engine with other settings, raw and loop beside the real one.
 ENGINE_VARIANTS = {
-    # the transformers engine before 2026-12-04: one padded generate call per batch of 16 prompts / 8,192 tokens
+    # the transformers engine without the split prefill: one padded generate call per batch of 16 prompts
     "transformers-one-call": {
         "kind": "transformers",
         "split_prefill": False,
@@ -108,7 +113,7 @@ ENGINE_VARIANTS = {
     },
     # the transformers engine decoding with transformers' generate and stock kernels (no own loop)
     "transformers-generate": {"kind": "transformers", "decode_loop": "generate", "cpu_decode_kernels": False},
-    # the transformers engine without the shared-opening prefill (before 2026-12-06)
+    # the transformers engine without the shared-opening prefill
     "transformers-no-prefix-reuse": {"kind": "transformers", "prefix_reuse": False},
 }
 
@@ -152,20 +157,47 @@ def build_prompts(n: int, tools: PromptFormatter, data: Path) -> dict[str, list[
     return {"generation": gen, "profile": prof}
 
 
-def measure(generate, prompts: list[str], params: SamplingParams) -> dict[str, float]:
+CACHED_COUNTED = ("transformers", "vllm", "dry-run")
+"""Engine kinds whose completions say how many prompt tokens their prefix cache served (``cached_tokens``): vLLM
+reports ``num_cached_tokens`` per request, the transformers engine counts its shared-opening prefill, the dry-run
+engine models a cache. The HTTP engine reads what its server reports, which a server may leave out (and vLLM's
+server does unless started with ``--enable-prompt-tokens-details``): counted only against the server
+``--serve-vllm`` starts with them."""
+
+
+def counts_cached(cfg: EngineConfig, server_reports_cached: bool = False) -> bool:
+    """Whether ``cfg``'s completions tell its cached prompt tokens, so that tokens computed can be recorded."""
+    return cfg.kind in CACHED_COUNTED or (cfg.kind == "openai" and server_reports_cached)
+
+
+def with_computed(row: dict, seconds: float | None) -> dict:
+    """``row`` (tokens sent and ``cached_prompt_tokens``, None where not counted) with the tokens the engine
+    computed and those per ``seconds``: what a throughput is held to the machine's limit in."""
+    cached = row.get("cached_prompt_tokens")
+    if cached is None:
+        return {**row, "computed_tokens": None, "computed_tokens_per_s": None}
+    n = row["prompt_tokens"] - cached + row["completion_tokens"]
+    return {**row, "computed_tokens": n, "computed_tokens_per_s": round(n / seconds, 1) if seconds else None}
+
+
+def measure(generate, prompts: list[str], params: SamplingParams, cached_counted: bool = True) -> dict[str, float]:
+    """One timed call of ``generate``: tokens sent and computed (``cached_counted``: whether the engine's
+    completions count their cached prompt tokens), both per second of wall time."""
     t0 = time.perf_counter()
     outs = generate(prompts, params)
     wall = time.perf_counter() - t0
     p_tok = sum(o.prompt_tokens for o in outs)
     c_tok = sum(o.completion_tokens for o in outs)
-    return {
+    row = {
         "prompts": len(prompts),
         "prompt_tokens": p_tok,
         "completion_tokens": c_tok,
+        "cached_prompt_tokens": sum(o.cached_tokens for o in outs) if cached_counted else None,
         "wall_s": round(wall, 2),
         "tokens_per_s": round((p_tok + c_tok) / wall, 1),
         "prompts_per_s": round(len(prompts) / wall, 3),
     }
+    return with_computed(row, wall)
 
 
 def run_alternated(
@@ -184,6 +216,7 @@ def run_alternated(
 
     speeds: dict[str, list[float]] = {n: [] for n in names}
     texts: dict[str, list[str]] = {}
+    shares: dict[str, float | None] = {}
     for r in range(rounds):
         for name in names if r % 2 == 0 else names[::-1]:
 
@@ -192,7 +225,10 @@ def run_alternated(
                 texts.setdefault(name, [o.text for o in outs])
                 return outs
 
-            speeds[name].append(measure(kept, prompts, params)["tokens_per_s"])
+            row = measure(kept, prompts, params, counts_cached(configs[name]))
+            speeds[name].append(row["tokens_per_s"])
+            sent = row["prompt_tokens"] + row["completion_tokens"]
+            shares[name] = None if row["computed_tokens"] is None else round(row["computed_tokens"] / sent, 4)
     for engine in engines.values():
         engine.close()
     base = sum(speeds[names[0]]) / rounds
@@ -203,31 +239,10 @@ def run_alternated(
             "vs_first": round(sum(speeds[n]) / rounds / base, 3),
             "texts_equal_first": sum(a == b for a, b in zip(texts[names[0]], texts[n])),
             "prompts": len(prompts),
+            "computed_share": shares[n],
         }
         for n in names
     }
-
-
-def alternated_markdown(report: dict, name: str) -> str:
-    start, end = markers(name)
-    lines = [
-        start,
-        "",
-        f"### Engines alternated in one process ({report['date']}, {report['machine']})",
-        "",
-        f"Model `{report['model']}`, the first {report['prompts']} {report['set']} prompts, "
-        f"{report['new_tokens']} new tokens each (fixed), {report['rounds']} rounds, the engines' order reversed "
-        f"each round. Command: `{report['command']}`.",
-        "",
-        "| engine | tokens/s per round | mean | against the first | texts equal to the first's |",
-        "|---|---|---|---|---|",
-    ]
-    for eng, r in report["results"].items():
-        lines.append(
-            f"| {eng} | {' / '.join(str(x) for x in r['tokens_per_s'])} | {r['mean']} | {r['vs_first']}x "
-            f"| {r['texts_equal_first']} of {r['prompts']} |"
-        )
-    return "\n".join(lines + ["", end])
 
 
 def flops_per_token(model_path: str) -> dict[str, float]:
@@ -282,15 +297,26 @@ def resolve_device(device: str) -> str:
     return device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def empty_own_prefix_cache(engine) -> None:
+    """Empty the prefix cache an in-process engine keeps across calls (vLLM's ``LLM.reset_prefix_cache``), so
+    that a measurement does not read what the one before it computed; engines without one are left as they are
+    (the transformers engine shares an opening only within a call)."""
+    reset = getattr(getattr(engine, "llm", None), "reset_prefix_cache", None)
+    if reset is not None:
+        reset()
+
+
 def run_raw_and_loop(
     engine_cfg: EngineConfig,
     sets: dict[str, list[str]],
     params: dict[str, SamplingParams],
     loop_n: int,
     fresh=lambda: None,
+    cached_counted: bool = True,
 ) -> dict[str, dict]:
     """Raw and loop for one engine in this process; ``fresh()`` runs before each measurement (the HTTP engine's
-    server emptied of what the last one cached: :func:`server_reset`)."""
+    server emptied of what the last one cached: :func:`server_reset`); ``cached_counted``: whether the engine's
+    completions count their cached prompt tokens (:func:`counts_cached`)."""
     from stepback_ray.engines.models import resolve_model
 
     device = resolve_device(engine_cfg.device)
@@ -308,16 +334,23 @@ def run_raw_and_loop(
     t0 = time.perf_counter()
     engine = build_engine(engine_cfg)
     load = time.perf_counter() - t0
+    server_fresh = fresh
+
+    def fresh() -> None:  # the engine's own cache emptied too: the loop's prompts are the raw call's first ones
+        server_fresh()
+        empty_own_prefix_cache(engine)
+
     out = {}
     for kind, prompts in sets.items():
         fresh()
-        raw = measure(engine.generate, prompts, params[kind])
+        raw = measure(engine.generate, prompts, params[kind], cached_counted)
         raw["limit"] = limit
         # like for like with the pipeline, whose wall time starts with no engine: the model load counted in
         tokens = raw["prompt_tokens"] + raw["completion_tokens"]
         raw.update(load_s=round(load, 2), tokens_per_s_with_load=round(tokens / (raw["wall_s"] + load), 1))
         fresh()
-        loop = measure(lambda ps, p: [engine.generate([x], p)[0] for x in ps], prompts[:loop_n], params[kind])
+        one_by_one = lambda ps, p: [engine.generate([x], p)[0] for x in ps]  # noqa: E731
+        loop = measure(one_by_one, prompts[:loop_n], params[kind], cached_counted)
         out[kind] = {"raw": raw, "loop": loop}
     engine.close()
     gc.collect()
@@ -325,10 +358,15 @@ def run_raw_and_loop(
 
 
 def run_pipeline(
-    engine_cfg: EngineConfig, sets: dict[str, list[str]], new_tokens: dict[str, int], block: int, fresh=lambda: None
+    engine_cfg: EngineConfig,
+    sets: dict[str, list[str]],
+    new_tokens: dict[str, int],
+    block: int,
+    fresh=lambda: None,
+    cached_counted: bool = True,
 ) -> dict[str, dict]:
-    """The pipeline's engine stage (actor pool, blocks, object store) over the same prompts (``fresh()`` before
-    each set, as in :func:`run_raw_and_loop`)."""
+    """The pipeline's engine stage (actor pool, blocks, object store) over the same prompts (``fresh()`` and
+    ``cached_counted`` as in :func:`run_raw_and_loop`); its computed tokens/s is over its engine time."""
     import ray.data
 
     from stepback_ray.pipeline.generation_pass import GenerationEngineStage
@@ -369,10 +407,12 @@ def run_pipeline(
         p_tok = sum(r["prompt_tokens"] for r in done)
         c_tok = sum(r["completion_tokens"] for r in done)
         engine_s = sum(r["engine_seconds"] for r in done)  # inside the engine's generate calls
-        out[kind] = {
+        cached = sum(r["cached_prompt_tokens"] for r in done) if cached_counted else None
+        row = {
             "prompts": len(done),
             "prompt_tokens": p_tok,
             "completion_tokens": c_tok,
+            "cached_prompt_tokens": cached,
             "wall_s": round(wall, 2),
             "tokens_per_s": round((p_tok + c_tok) / wall, 1),
             "prompts_per_s": round(len(done) / wall, 3),
@@ -381,6 +421,7 @@ def run_pipeline(
             "cpu_s": cpu,
             "cpu_capacity_s": round(wall * len(os.sched_getaffinity(0)), 1),
         }
+        out[kind] = with_computed(row, engine_s)
     return out
 
 
@@ -468,89 +509,23 @@ def run_raydata_vllm(
         wall = time.perf_counter() - t0
         p_tok = sum(len(tools.encode(p)) for p in prompts)
         c_tok = sum(int(r["num_generated_tokens"] or 0) for r in done)
-        out[kind] = {
+        row = {
             "prompts": len(done),
             "prompt_tokens": p_tok,
             "completion_tokens": c_tok,
+            "cached_prompt_tokens": None,  # ray.data.llm's rows do not carry vLLM's num_cached_tokens
             "wall_s": round(wall, 2),
             "tokens_per_s": round((p_tok + c_tok) / wall, 1),
             "prompts_per_s": round(len(done) / wall, 3),
         }
+        out[kind] = with_computed(row, wall)
     return out
-
-
-def _extra(r: dict) -> str:
-    if "load_s" in r:
-        return f"model load {r['load_s']} s ({r['tokens_per_s_with_load']} tokens/s counting it)"
-    if "engine_s" in r:
-        cpu = r.get("cpu_s")
-        spent = (
-            (
-                f"; CPU s of {r['cpu_capacity_s']}: engine actor {cpu['engine actor']}, driver {cpu['driver']}, "
-                f"other processes {cpu['other']}"
-            )
-            if cpu
-            else ""
-        )
-        return f"{r['engine_s']} s in generate ({r['engine_tokens_per_s']} tokens/s){spent}"
-    return ""
-
-
-def to_markdown(report: dict, name: str = "bench_engines") -> str:
-    start, end = markers(name)
-    lines = [
-        start,
-        "",
-        f"### Engines ({report['date']}, {report['machine']})",
-        "",
-        f"Model `{report['model']}`{' (random weights, load_format dummy)' if report['dummy'] else ''}, "
-        f"{report['prompts']} prompts per set, fixed output length ({report['new_tokens']}), device "
-        f"{report['device']}. tokens/s counts prompt + generated tokens over wall time; the pipeline's wall time "
-        f"includes starting its actor and loading the model, so `pipeline/raw` compares it with the raw engine's "
-        f"wall time plus its model load (both from no engine to the last token); `pipeline/raw (engine time)` "
-        f"compares tokens/s inside the engine's generate calls. Command: `{report['command']}`.",
-        "",
-    ]
-    for kind, engines in report["results"].items():
-        lines += [
-            f"**{kind} prompts**",
-            "",
-            "| engine | path | prompts | prompt tok | gen tok | wall s | tokens/s | "
-            "prompts/s | start-up / engine time |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        for eng, paths in engines.items():
-            for path in [p for p in paths if p.startswith("pipeline")] + ["raw", "loop", "raydata-vllm"]:
-                if path in paths and isinstance(paths[path], dict) and "prompts" in paths[path]:
-                    r = paths[path]
-                    lines.append(
-                        f"| {eng} | {path} | {r['prompts']} | {r['prompt_tokens']} | {r['completion_tokens']}"
-                        f" | {r['wall_s']} | {r['tokens_per_s']} | {r['prompts_per_s']} | {_extra(r)} |"
-                    )
-        lines.append("")
-        limit = run_limit(engines)
-        if limit:
-            peaks = ", ".join(f"{eng} {lim['matmul_gflops']}" for eng, lim in measured_limits(engines).items())
-            lines.append(
-                f"- limit {limit['tokens_per_s']} tokens/s = {limit['dtype']} matmul peak "
-                f"{limit['matmul_gflops']} GFLOP/s ({limit['threads']} threads; the best of the peaks "
-                f"measured in this run, GFLOP/s: {peaks}) / {limit['gflop_per_token']} GFLOP per token"
-            )
-        for eng, paths in engines.items():
-            if "ratios" in paths:
-                lines.append(f"- {eng}: " + ", ".join(f"`{k} = {v}`" for k, v in paths["ratios"].items()))
-            for key, err in paths.items():
-                if key.endswith("_error"):
-                    lines.append(f"- {eng} {key[:-6]}: failed: `{err}`")
-        lines.append("")
-    lines.append(end)
-    return "\n".join(lines)
 
 
 def shown_command(argv: list[str]) -> str:
     """The command a reader would type: ``--serve-vllm``'s run reports itself as such, not with the server's
     port and the flag it set for the run."""
-    args = list(argv)
+    args = [a for a in argv if a != "--server-reports-cached"]
     if "--reset-server-cache" in args and "--openai-base-url" in args:
         at = args.index("--openai-base-url")
         del args[at : at + 2]
@@ -577,10 +552,10 @@ def raw_in_child(engine: str, argv: list[str]) -> dict[str, dict]:
         if skip:
             skip = False
             continue
-        if a in ("--engines", "--write", "--raw-json"):
+        if a in ("--engines", "--raw-json"):
             skip = True
             continue
-        if a.startswith(("--engines=", "--write=", "--raw-json=")):
+        if a == "--write" or a.startswith(("--engines=", "--raw-json=")):
             continue
         keep.append(a)
     with tempfile.TemporaryDirectory() as tmp:
@@ -653,12 +628,19 @@ def add_ratios(results: dict[str, dict]) -> None:
                 ratios[f"pipeline{tag}/raw (engine time)"] = round(
                     paths[pipe]["engine_tokens_per_s"] / paths["raw"]["tokens_per_s"], 3
                 )
-            if limit and "raw" in paths:  # the machine's matmul peak over the model's FLOPs per token
-                ratios["raw/limit"] = round(paths["raw"]["tokens_per_s"] / limit["tokens_per_s"], 3)
-                if "pipeline" in paths:
-                    ratios["pipeline/limit (engine time)"] = round(
-                        paths["pipeline"]["engine_tokens_per_s"] / limit["tokens_per_s"], 3
-                    )
+            if limit:  # tokens computed per second over the machine's matmul peak / the model's FLOPs per token
+                for path, key in (("raw", "raw/limit"), ("pipeline", "pipeline/limit (engine time)")):
+                    r = paths.get(path)
+                    if isinstance(r, dict) and "prompts" in r:
+                        rate = r.get("computed_tokens_per_s")
+                        if rate is None:  # tokens sent: a prefix cache can lift them over the limit
+                            ratios[f"{key} (tokens sent; computed not recorded)"] = round(
+                                (r["engine_tokens_per_s"] if path == "pipeline" else r["tokens_per_s"])
+                                / limit["tokens_per_s"],
+                                3,
+                            )
+                        else:
+                            ratios[f"{key}, computed"] = round(rate / limit["tokens_per_s"], 3)
             if "pipeline" in paths and "loop" in paths:
                 ratios["pipeline/loop"] = round(paths["pipeline"]["tokens_per_s"] / paths["loop"]["tokens_per_s"], 2)
             if "raw" in paths and "loop" in paths:
@@ -686,7 +668,11 @@ def main() -> None:
         default=[],
         help="comma-separated block sizes the pipeline is measured at as well (e.g. 200)",
     )
-    ap.add_argument("--section", default="", help="write to the bench_engines:<section> markers instead")
+    ap.add_argument(
+        "--section",
+        default="",
+        help="the record's name: docs/results/engines/<section>.json (default: 'default', or 'alternated')",
+    )
     ap.add_argument("--batch-size", type=int, help="engine.batch_size (default: the engine's)")
     ap.add_argument("--max-batch-tokens", type=int, help="engine.max_batch_tokens (default: the engine's)")
     ap.add_argument("--device", default="auto")
@@ -702,7 +688,11 @@ def main() -> None:
     )
     ap.add_argument("--kv-cache-gb", type=float, default=4.0)
     ap.add_argument("--data", default=os.environ.get("STEPBACK_SHARED_DATA", str(REPO.parent / "shared" / "data")))
-    ap.add_argument("--write", help="markdown file whose bench_engines section is replaced")
+    ap.add_argument(
+        "--write",
+        action="store_true",
+        help="keep the report as docs/results/engines/<section>.json and regenerate docs/results.md",
+    )
     ap.add_argument("--openai-base-url", help="the openai engine's server: an OpenAI-compatible URL (.../v1)")
     ap.add_argument(
         "--serve-vllm",
@@ -717,6 +707,8 @@ def main() -> None:
         help="empty the openai engine's server's prefix cache before each path (vLLM's development "
         "endpoint; --serve-vllm starts its server with it and sets this)",
     )
+    # internal: set by --serve-vllm, whose server reports each request's cached prompt tokens
+    ap.add_argument("--server-reports-cached", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--raw-json", help=argparse.SUPPRESS)  # internal: the child that measures raw and loop
     args = ap.parse_args()
     if args.serve_vllm:  # the whole benchmark again, with the server's URL (the raw children get it too)
@@ -738,6 +730,7 @@ def main() -> None:
                 "--openai-base-url",
                 url,
                 "--reset-server-cache",
+                "--server-reports-cached",
             ]
             return main()
 
@@ -778,8 +771,7 @@ def main() -> None:
         }
         print(json.dumps(report, indent=1))
         if args.write:
-            name = f"bench_engines:{args.section or 'alternated'}"
-            write_section(Path(args.write), name, "Engines", alternated_markdown(report, name), record=report)
+            print(f"kept: {publish('engines/' + (args.section or 'alternated'), report)}", file=sys.stderr)
         return
     try:
         import vllm  # noqa: F401
@@ -797,6 +789,7 @@ def main() -> None:
             continue
         cfg = variant_config(base, eng)
         fresh = server_reset(cfg, args.reset_server_cache)
+        counted = counts_cached(cfg, args.server_reports_cached)
         if eng in ENGINE_VARIANTS and not args.no_pipeline:  # a variant is compared raw, beside the engine
             measured(results, eng, None, lambda eng=eng: raw_in_child(eng, sys.argv[1:]))
             continue
@@ -816,21 +809,25 @@ def main() -> None:
                 results,
                 eng,
                 "pipeline",
-                lambda cfg=cfg, fresh=fresh: run_pipeline(cfg, sets, new_tokens, args.block, fresh),
+                lambda cfg=cfg, fresh=fresh, c=counted: run_pipeline(cfg, sets, new_tokens, args.block, fresh, c),
             )
             for block in args.also_blocks:  # the same prompts in blocks of another size, side by side
                 measured(
                     results,
                     eng,
                     f"pipeline (block {block})",
-                    lambda block=block, cfg=cfg, fresh=fresh: run_pipeline(cfg, sets, new_tokens, block, fresh),
+                    lambda block=block, cfg=cfg, fresh=fresh, c=counted: run_pipeline(
+                        cfg, sets, new_tokens, block, fresh, c
+                    ),
                 )
         else:
             measured(
                 results,
                 eng,
                 None,
-                lambda cfg=cfg, fresh=fresh: run_raw_and_loop(cfg, sets, params, args.loop_prompts, fresh),
+                lambda cfg=cfg, fresh=fresh, c=counted: run_raw_and_loop(
+                    cfg, sets, params, args.loop_prompts, fresh, c
+                ),
             )
     if args.raw_json:
         Path(args.raw_json).write_text(json.dumps(results))
@@ -869,8 +866,7 @@ def main() -> None:
         report["gpu_max_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     print(json.dumps(report, indent=1))
     if args.write:
-        name = f"bench_engines:{args.section}" if args.section else "bench_engines"
-        write_section(Path(args.write), name, "Engines", to_markdown(report, name), record=report)
+        print(f"kept: {publish('engines/' + (args.section or 'default'), report)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

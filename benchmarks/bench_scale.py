@@ -1,6 +1,6 @@
 """Scale benchmark: the full pipeline on 10k, 100k and 1M synthetic users, memory watched the whole time.
 
-    python -m benchmarks.bench_scale --users 10000,100000,1000000 --write docs/benchmarks.md
+    python -m benchmarks.bench_scale --users 10000,100000,1000000 --write
 
 For each size it makes (or reuses) a synthetic user dataset (``benchmarks/make_synthetic_users.py``: real items,
 real history lengths), then runs the whole job with the dry-run engine: staging with validation, step-back
@@ -9,7 +9,8 @@ writing; everything but the LLM. A sampler thread records the peak resident memo
 worker process (each one, and all of them together) once a second. A sample with the real engine on the demo's 20
 users gives the LLM's share of the cost. Memory must stay flat as users grow: the driver never holds the users
 (only shard names), stages work one shard at a time, and the summary is streamed from the committed files.
-Prints one JSON object; ``--write`` replaces its section in the given markdown file.
+Prints one JSON object; ``--write`` keeps it as ``docs/results/scale/default.json`` and regenerates the results page
+(``benchmarks.results_page``).
 """
 
 from __future__ import annotations
@@ -28,14 +29,12 @@ from pathlib import Path
 
 import psutil
 
-from benchmarks.benchdoc import machine, markers, write_section
+from benchmarks.benchdoc import machine, publish
 from stepback_ray.config import load_job
 from stepback_ray.pipeline import run_job
 from stepback_ray.pipeline.on_ray import ray_session
 
 REPO = Path(__file__).resolve().parents[1]
-
-START, END = markers("bench_scale")
 
 
 class MemorySampler(threading.Thread):
@@ -275,72 +274,6 @@ def last_real_sample(root: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def to_markdown(report: dict) -> str:
-    lines = [
-        START,
-        "",
-        f"### Scale ({report['date']}, {report['machine']})",
-        "",
-        "The whole pipeline with the dry-run engine (everything but the LLM: staging and validation, step-back "
-        "planning and tokenization, BM25 retrieval, generation prompts, parsing, scoring, Parquet writes), modes "
-        f"{', '.join(report['modes'])}. Peak RSS sampled every second. Command: `{report['command']}`. A run "
-        "killed part-way (a session's end) and resumed counts as several invocations: its wall time is their "
-        "sum and its peaks their maximum.",
-        "",
-        "| users | shards | wall | users/s | driver peak RSS | largest worker peak RSS | all processes peak RSS "
-        "| all processes peak PSS | output (staged input) | invocations |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    finished = [r for r in report["sizes"] if r.get("finished", True)]
-    unfinished = [r for r in report["sizes"] if not r.get("finished", True)]
-
-    def peak_cells(r: dict) -> str:
-        return (
-            f"{r['driver_peak_rss_gib']} GiB | {r['worker_peak_rss_gib']} GiB | "
-            f"{r['all_processes_peak_rss_gib']} GiB | {r.get('all_processes_peak_pss_gib', '-')} GiB"
-        )
-
-    for r in finished:
-        lines.append(
-            f"| {r['users']:,} | {r['shards']} | {r['wall_s'] / 60:.1f} min | {r['users_per_s']} | "
-            f"{peak_cells(r)} | {r['output_bytes'] / 2**30:.2f} GiB "
-            f"({r['staged_bytes'] / 2**30:.2f} GiB) | {r['invocations']} |"
-        )
-    for r in unfinished:
-        lines.append(
-            f"| {r['users']:,} | {r['shards']} | {r['wall_s'] / 60:.1f} min so far | (unfinished) | "
-            f"{peak_cells(r)} | - | {r['invocations']} |"
-        )
-        lines += [
-            "",
-            f"The {r['users']:,}-user run is unfinished: after {r['wall_s'] / 60:.1f} min in "
-            f"{r['invocations']} invocation(s) its input is {'staged' if r['staged'] else 'not yet staged'}, "
-            f"{r['profile_chunks_committed']} of {r['shards']} profile chunks and "
-            f"{r['generation_chunks_committed']} of {r['shards']} generation chunks are committed. The same "
-            "command resumes it (committed chunks are skipped) and adds the next invocation's time.",
-        ]
-    biggest = max(finished, key=lambda r: r["users"])
-    if biggest["users"] < 1_000_000 and not unfinished:
-        hours = 1_000_000 / biggest["users_per_s"] / 3600
-        lines += [
-            "",
-            f"1,000,000 users were not run here: at the {biggest['users']:,}-user rate "
-            f"({biggest['users_per_s']} users/s) it would take about {hours:.1f} h on these 2 cores. By "
-            "construction the driver holds only shard names and each worker one shard at a time; whether "
-            "memory stays flat is shown only by the RSS columns of the sizes measured above.",
-        ]
-    if report.get("real_sample"):
-        r = report["real_sample"]
-        lines += [
-            "",
-            f"With the real engine ({r['engine']}) the demo's {r['users']} users take {r['wall_s']} s "
-            f"(measured {r.get('date', report['date'])}): "
-            f"{r['users_per_s']} users/s, so on this machine the LLM, not the pipeline, sets the pace.",
-        ]
-    lines += ["", END]
-    return "\n".join(lines)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--users", default="10000,100000,1000000")
@@ -362,7 +295,11 @@ def main() -> None:
         "the workers' RSS)",
     )
     ap.add_argument("--set", action="append", default=[], help="job-spec override")
-    ap.add_argument("--write", help="markdown file whose bench_scale section is replaced")
+    ap.add_argument(
+        "--write",
+        action="store_true",
+        help="keep the report as docs/results/scale/default.json and regenerate docs/results.md",
+    )
     ap.add_argument(
         "--status",
         action="store_true",
@@ -394,12 +331,12 @@ def main() -> None:
             "modes": modes,
             "sizes": sizes,
             "command": "python -m benchmarks.bench_scale "
-            + " ".join(a for a in sys.argv[1:] if a != "--status").replace(f"--write {args.write}", "").strip(),
+            + " ".join(a for a in sys.argv[1:] if a not in ("--status", "--write")).strip(),
             "real_sample": last_real_sample(root),
         }
         print(json.dumps(report, indent=1))
         if args.write:
-            write_section(Path(args.write), "bench_scale", "Scale", to_markdown(report), record=report)
+            print(f"kept: {publish('scale/default', report)}", file=sys.stderr)
         return
     with ray_session(first):
         for n in (int(x) for x in args.users.split(",")):
@@ -424,7 +361,7 @@ def main() -> None:
     }
     print(json.dumps(report, indent=1))
     if args.write:
-        write_section(Path(args.write), "bench_scale", "Scale", to_markdown(report), record=report)
+        print(f"kept: {publish('scale/default', report)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
-"""What every benchmark shares: a description of the machine, rewriting the benchmark's own section of
-``docs/benchmarks.md`` (between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->``) without touching the rest, and
-keeping the section's record (its JSON report) beside the page in ``docs/results/``."""
+"""What every benchmark shares: a description of the machine, and keeping its record, the small JSON file the
+results page (``docs/results.md``, :mod:`benchmarks.results_page`) is generated from, under ``docs/results/``.
+
+A benchmark never edits a page: it writes its record and regenerates the page, so two benchmarks cannot overwrite
+each other's text and the page cannot say what no record holds."""
 
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ import platform
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "docs" / "results"
+"""Where the records live: ``<benchmark>/<name>.json`` (``engines/transformers-coalesced.json``)."""
 
 
 def shown(path: Path | str) -> str:
@@ -36,34 +40,20 @@ def machine() -> str:
     )
 
 
-def markers(name: str) -> tuple[str, str]:
-    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+def save_record(name: str, record: dict, root: Path = RESULTS) -> Path:
+    """Keep ``record`` as ``<root>/<name>.json`` (``name`` like ``engines/transformers-coalesced``), replacing
+    the record of the same name: a benchmark's current figure is its latest run of that name."""
+    path = root / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    return path
 
 
-def result_path(page: Path, name: str) -> Path:
-    """Where the record of section ``name`` of the markdown file ``page`` is kept: ``<page's folder>/results/``,
-    ``bench:variant`` as ``bench/variant.json`` (``docs/results/bench_engines/transformers-split.json``)."""
-    return page.parent / "results" / (name.replace(":", "/") + ".json")
+def publish(name: str, record: dict) -> Path:
+    """Save ``record`` (:func:`save_record`) and regenerate the results page from every record; returns the
+    record's path."""
+    from benchmarks import results_page
 
-
-def write_section(path: Path, name: str, title: str, section: str, record: dict | None = None) -> None:
-    """Replace the ``name`` section of the markdown file at ``path``; a new one goes at the end of the part under
-    its ``## title`` heading (a new heading at the end of the file if there is none). ``section`` must start and
-    end with the markers of ``name``. ``record``: the benchmark's JSON report the section was made from, saved at
-    :func:`result_path` (benchmarks that keep their own records per run or per set pass none)."""
-    if record is not None:
-        saved = result_path(path, name)
-        saved.parent.mkdir(parents=True, exist_ok=True)
-        saved.write_text(json.dumps(record, indent=1) + "\n")
-    start, end = markers(name)
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if start in text and end in text:
-        text = text[: text.index(start)] + section + text[text.index(end) + len(end) :]
-    elif f"\n## {title}\n" in text:
-        at = text.index(f"\n## {title}\n") + len(f"\n## {title}\n")
-        nxt = text.find("\n## ", at)
-        cut = len(text) if nxt < 0 else nxt
-        text = text[:cut].rstrip() + "\n\n" + section + "\n" + text[cut:]
-    else:
-        text = text.rstrip() + f"\n\n## {title}\n\n" + section + "\n"
-    path.write_text(text)
+    path = save_record(name, record)
+    results_page.write()
+    return path

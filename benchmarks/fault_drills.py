@@ -1,6 +1,6 @@
 """Fault drills: inject the failures a nightly batch job meets, then count what came out.
 
-    python -m benchmarks.fault_drills --write docs/benchmarks.md            # every drill, full size
+    python -m benchmarks.fault_drills --write            # every drill, full size
     python -m benchmarks.fault_drills --drills malformed-input --good 1000 --bad 100
 
 Each drill runs the real pipeline (local Ray, the dry-run engine so the LLM's cost does not hide the pipeline's
@@ -27,7 +27,9 @@ for (retried, restarted, resumed, flagged or quarantined). The drills:
   UTF-8, ids with ``../`` or ``/``, records that are not objects); the good ones all come out, every bad one is
   quarantined with its reason, counts reconcile, nothing is written outside the output prefix.
 
-Prints one JSON object; ``--write`` replaces its section in the given markdown file. The tests run the same
+Prints one JSON object; ``--write`` keeps each drill's record as ``docs/results/drills/<drill>.json`` and
+regenerates the results page (``benchmarks.results_page``), whose table shows every drill's latest record. The tests
+run the same
 drills at a smaller size (``tests/unit/test_faults.py``, ``tests/ray/test_faults.py``, ``tests/drills/``).
 """
 
@@ -52,7 +54,7 @@ from typing import Any
 import pandas as pd
 import psutil
 
-from benchmarks.benchdoc import machine, markers, shown, write_section
+from benchmarks.benchdoc import machine
 from stepback_ray.config import load_job
 from stepback_ray.pipeline.on_ray import init_local_ray
 
@@ -60,7 +62,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 SAMPLE = REPO / "data" / "samples" / "lamp5_arxiv_dev20"
 SHARED = Path(os.environ.get("STEPBACK_SHARED_DATA", REPO.parent / "shared" / "data"))
-START, END = markers("fault_drills")
 DRY = ["engine.kind=dry-run", "ray.progress_bars=false"]
 ENGINE_ACTOR = "ray::EngineHost"
 """The process title of a run's engine actor (``ray.keep_engines``: one kept across the passes, so the drills that
@@ -902,36 +903,6 @@ DRILLS = {
 }
 
 
-def to_markdown(records: list[dict[str, Any]], folder: Path | str = "docs/results/drills") -> str:
-    """The table of every saved drill record (each with its own date and command)."""
-    lines = [
-        START,
-        "",
-        f"### Fault drills ({records[0]['machine']})",
-        "",
-        "`python -m benchmarks.fault_drills --write docs/benchmarks.md` (or `--drills a,b` to rerun some; each "
-        f"drill's latest record is kept in `{shown(folder)}/`). The dry-run engine; each row is one drill, "
-        "reconciled against its input.",
-        "",
-        "| drill | fault injected | faults | rows expected | rows out | lost | duplicates | flagged / quarantined "
-        "| passed | date |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in records:
-        flagged = (
-            f"{r['records_quarantined']:,} quarantined"
-            if "records_quarantined" in r
-            else ", ".join(f"{k}: {v}" for k, v in sorted(r["rows_by_status"].items()) if k != "ok") or "none"
-        )
-        lines.append(
-            f"| {r['drill']} | {r['fault']} | {r['faults_injected']:,} | {r['rows_expected']:,} | "
-            f"{r['rows_out']:,} | {r['rows_lost']} | {r['duplicates']} | {flagged} | "
-            f"{'yes' if r['passed'] else 'NO'} | {r['date']} |"
-        )
-    lines += ["", END]
-    return "\n".join(lines)
-
-
 def _plain(value: Any) -> Any:
     """numpy scalars (counts read back with pandas) as plain JSON values."""
     if hasattr(value, "item"):
@@ -958,7 +929,11 @@ def main() -> int:
     ap.add_argument("--good", type=int, default=10_000, help="malformed-input: good users")
     ap.add_argument("--bad", type=int, default=1_000, help="malformed-input: malformed records")
     ap.add_argument("--s3-fault-rate", type=float, default=0.1)
-    ap.add_argument("--write", help="markdown file whose fault_drills section is replaced")
+    ap.add_argument(
+        "--write",
+        action="store_true",
+        help="keep each drill's record in --results and regenerate docs/results.md",
+    )
     ap.add_argument(
         "--results", default=str(REPO / "docs" / "results" / "drills"), help="where each drill's record is kept"
     )
@@ -994,29 +969,9 @@ def main() -> int:
     }
     print(json.dumps(report, indent=1, default=_plain))
     if args.write:  # each drill's latest record is kept, so drills can be rerun one at a time
-        saved = Path(args.results)
-        records = [json.loads(p.read_text()) for p in saved.glob("*.json")]
-        order = {
-            f"engine-{k}" if k in ("dead", "hang") else k: i
-            for i, k in enumerate(
-                [
-                    "worker-kill",
-                    "driver-kill",
-                    "same-run-twice",
-                    "node-loss",
-                    "s3-faults",
-                    "engine-error",
-                    "dead",
-                    "hang",
-                    "engine-dead-for-good",
-                    "error-budget",
-                    "store-race",
-                    "malformed-input",
-                ]
-            )
-        }
-        records.sort(key=lambda r: order.get(r["drill"], len(order)))
-        write_section(Path(args.write), "fault_drills", "Fault drills", to_markdown(records, saved))
+        from benchmarks.results_page import write
+
+        write()
     return 0 if all(r["passed"] for r in results) else 1
 
 

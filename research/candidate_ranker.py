@@ -1,7 +1,7 @@
 """Learning the choice among sampled candidates, read off a finished quality run (no model calls).
 
     python -m research.candidate_ranker bench-runs/qwen2.5-coder-0.5b-instruct/lamp5_arxiv-200 \\
-        --data ../shared/data/lamp5_arxiv/dev_questions.json --write docs/benchmarks.md
+        --data ../shared/data/lamp5_arxiv/dev_questions.json --write
 
 With ``generation.candidates: 8`` every query keeps one of 8 answers (greedy + 7 sampled) by the hand-made rule of
 :mod:`stepback_ray.generation.selection`; the best candidate in hindsight scores far above the kept one, so the
@@ -27,7 +27,8 @@ other users' golds, finds more, and whether it finds more with the profile than 
 Reported per mode: ROUGE-1 of the greedy candidate, the kept output (the current rule), the learned choice and
 the oracle; paired differences with 95 % percentile bootstrap intervals; the key difference again under other
 fold seeds and ridge strengths; and the standardized coefficients of a fit on all users. Prints one JSON object;
-``--write`` replaces this run's section of the markdown file (``candidate_ranker:<run folder>``).
+``--write`` keeps it as ``docs/results/research/candidate_ranker-<run folder>.json``, ``--markdown`` prints its
+tables (what docs/experiments.md summarizes).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.benchdoc import machine, markers, write_section
+from benchmarks.benchdoc import machine, save_record
 from research.profile_headroom import paired
 
 REPO = Path(__file__).resolve().parents[1]
@@ -375,17 +376,14 @@ def study(run: Path, questions: Path, k: int = FOLDS, seed: int = 0, alpha: floa
 
 def section(run: str) -> str:
     """One section per run (``candidate_ranker:<run folder>``)."""
-    return f"{SECTION}:{Path(run).name}"
+    return f"{SECTION}-{Path(run).name}"
 
 
 def to_markdown(res: dict, command: str) -> str:
-    start, end = markers(section(res["run"]))
     modes = list(res["modes"])
     n = max(m["queries"] for m in res["modes"].values())
     c = res["checks"]
     lines = [
-        start,
-        "",
         f"### Learned candidate choice: {Path(res['run']).name} ({dt.date.today().isoformat()}, {machine()})",
         "",
         f"Read off the rows of `{res['run']}` ({n} queries per mode, {res['candidates']} candidates "
@@ -434,7 +432,6 @@ def to_markdown(res: dict, command: str) -> str:
     lines += [
         f"| {f} | " + " | ".join(f"{res['coefficients'][m][f]:+.4f}" for m in modes) + " |" for f in res["features"]
     ]
-    lines += ["", end]
     return "\n".join(lines)
 
 
@@ -445,12 +442,16 @@ def main() -> None:
     ap.add_argument("--folds", type=int, default=FOLDS)
     ap.add_argument("--seed", type=int, default=0, help="the fold assignment's seed")
     ap.add_argument("--alpha", type=float, default=ALPHA)
-    ap.add_argument("--write", help="markdown file whose candidate_ranker section is replaced")
+    ap.add_argument("--write", action="store_true", help="keep the result in docs/results/research/")
+    ap.add_argument("--markdown", action="store_true", help="print the result's tables as markdown (to stderr)")
     args = ap.parse_args()
     res = study(Path(args.run), Path(args.data), args.folds, args.seed, args.alpha)
     print(json.dumps(res, indent=1))
+    if args.markdown:
+        print(to_markdown(res, " ".join(sys.argv[1:])), file=sys.stderr)
     if args.write:
-        write_section(Path(args.write), section(args.run), "Profile variants", to_markdown(res, " ".join(sys.argv[1:])))
+        record = {**res, "date": dt.date.today().isoformat(), "machine": machine(), "command": " ".join(sys.argv[1:])}
+        print(f"kept: {save_record('research/' + section(args.run), record)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

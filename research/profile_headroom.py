@@ -1,7 +1,7 @@
 """How much a profile *could* add to a title benchmark, read off a finished quality run (no model calls).
 
     python -m research.profile_headroom bench-runs/qwen2.5-coder-0.5b-instruct/lamp5_arxiv-200 \\
-        --data ../shared/data/lamp5_arxiv/dev_questions.json --write docs/benchmarks.md
+        --data ../shared/data/lamp5_arxiv/dev_questions.json --write
 
 Two questions, answered from the run's committed rows (``generations/`` with every query's sampled candidates,
 ``profiles/``) and the users' histories:
@@ -17,8 +17,8 @@ Two questions, answered from the run's committed rows (``generations/`` with eve
    bootstrap interval. This is the profile's effect with the prompt held fixed: it cannot be copied into the
    answer, only pick among answers the model already gives.
 
-Prints one JSON object; ``--write`` replaces this run's section of the markdown file
-(``profile_headroom:<run folder>``).
+Prints one JSON object; ``--write`` keeps it as ``docs/results/research/profile_headroom-<run folder>.json``,
+``--markdown`` prints its tables (what docs/experiments.md summarizes).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import re
 import sys
 from pathlib import Path
 
-from benchmarks.benchdoc import machine, markers, write_section
+from benchmarks.benchdoc import machine, save_record
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -143,15 +143,12 @@ def headroom(run: Path, questions: Path, mode: str = "rag") -> dict:
 
 def section(run: str) -> str:
     """One section per run (``profile_headroom:<run folder>``)."""
-    return f"{SECTION}:{Path(run).name}"
+    return f"{SECTION}-{Path(run).name}"
 
 
 def to_markdown(res: dict, command: str) -> str:
-    start, end = markers(section(res["run"]))
     m = res["missed_words"]
     lines = [
-        start,
-        "",
         f"### Profile headroom: {Path(res['run']).name} ({dt.date.today().isoformat()}, {machine()})",
         "",
         f"Read off the rows of `{res['run']}` ({res['queries']} queries, `{res['mode']}` prompts, "
@@ -179,8 +176,6 @@ def to_markdown(res: dict, command: str) -> str:
         f"Length habit: within a query, a candidate's closeness to the user's median past title length against "
         f"its ROUGE-1, mean Pearson r {res['length_habit_correlation']:+.3f} over {res['length_habit_queries']} "
         "queries whose candidates differ.",
-        "",
-        end,
     ]
     return "\n".join(lines)
 
@@ -190,12 +185,16 @@ def main() -> None:
     ap.add_argument("run", help="a finished bench_quality run folder with generations/ and profiles/")
     ap.add_argument("--data", required=True, help="the set's *_questions.json (the users' histories)")
     ap.add_argument("--mode", default="rag")
-    ap.add_argument("--write", help="markdown file whose profile_headroom section is replaced")
+    ap.add_argument("--write", action="store_true", help="keep the result in docs/results/research/")
+    ap.add_argument("--markdown", action="store_true", help="print the result's tables as markdown (to stderr)")
     args = ap.parse_args()
     res = headroom(Path(args.run), Path(args.data), args.mode)
     print(json.dumps(res, indent=1))
+    if args.markdown:
+        print(to_markdown(res, " ".join(sys.argv[1:])), file=sys.stderr)
     if args.write:
-        write_section(Path(args.write), section(args.run), "Profile variants", to_markdown(res, " ".join(sys.argv[1:])))
+        record = {**res, "date": dt.date.today().isoformat(), "machine": machine(), "command": " ".join(sys.argv[1:])}
+        print(f"kept: {save_record('research/' + section(args.run), record)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

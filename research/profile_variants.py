@@ -1,7 +1,7 @@
 """Profile variants side by side: which way of building the step-back profile makes it earn its tokens.
 
     python -m research.profile_variants --users 60 --set engine.kind=vllm \\
-        --set engine.model=packaged:qwen2.5-coder-0.5b-instruct --write docs/benchmarks.md
+        --set engine.model=packaged:qwen2.5-coder-0.5b-instruct --write
 
 Each variant is a list of job-spec overrides (``VARIANTS``). All run on the same users (by default the first N
 users of lamp5_arxiv *train*, so the dev users the quality benchmark reports stay unseen while tuning) with one
@@ -11,7 +11,8 @@ engine loaded once: the pipeline's own stages are called in-process, without Ray
 model-free profile measures (identifiability, grounding, copied-from-example), each mode's ROUGE-1 and the paired
 differences against ``rag`` and ``none`` with bootstrap intervals. Each variant's outputs land in
 ``runs/profile_variants/<set>-<users>/<variant>/``; a finished variant is not run again, so an interrupted
-comparison resumes.
+comparison resumes. ``--write`` keeps the report as ``docs/results/research/profile_variants[-<section>].json``;
+``--markdown`` prints its table (what docs/experiments.md summarizes).
 """
 
 from __future__ import annotations
@@ -93,12 +94,12 @@ def main() -> None:
     ap.add_argument("--data", default=os.environ.get("STEPBACK_SHARED_DATA", str(REPO.parent / "shared" / "data")))
     ap.add_argument("--set", action="append", default=[], help="job-spec override for every variant (the engine)")
     ap.add_argument("--tag", default="", help="suffix of the run folder (a comparison with other --set overrides)")
-    ap.add_argument("--write", help="markdown file whose profile_variants section is replaced")
+    ap.add_argument("--write", action="store_true", help="keep the report in docs/results/research/")
+    ap.add_argument("--markdown", action="store_true", help="print the report's table as markdown (to stderr)")
     ap.add_argument(
         "--section",
         default="",
-        help="write section profile_variants:<this> (a later comparison beside "
-        "the earlier one, instead of replacing it)",
+        help="the record's name: profile_variants-<this> (a later comparison beside the earlier one)",
     )
     ap.add_argument(
         "--report-only",
@@ -109,7 +110,7 @@ def main() -> None:
 
     import pandas as pd
 
-    from benchmarks.benchdoc import machine, markers, write_section
+    from benchmarks.benchdoc import machine, save_record
     from stepback_ray.config import load_job
     from stepback_ray.engines import build_engine
 
@@ -208,10 +209,11 @@ def main() -> None:
         }
         report["variants"][name] = v
     print(json.dumps(report, indent=1))
+    if args.markdown:
+        print(to_markdown(report), file=sys.stderr)
     if args.write:
-        name = f"{START_NAME}:{args.section}" if args.section else START_NAME
-        start, end = markers(name)
-        write_section(Path(args.write), name, "Profile variants", "\n".join([start, "", to_markdown(report), end]))
+        name = f"{START_NAME}-{args.section}" if args.section else START_NAME
+        print(f"kept: {save_record(f'research/{name}', report)}", file=sys.stderr)
 
 
 def _ci(d: dict) -> str:

@@ -235,9 +235,9 @@ def stage_dataset(job: JobSpec, shards: int, denied: frozenset[str] = frozenset(
         src_fs, _ = filesystem_for(job.input.path, job.storage)
         pa_src = PyFileSystem(FSSpecHandler(src_fs))
         # (a worker that reads or writes a whole input file keeps part of that peak afterwards, even with the system
-        # allocator: ~1 GiB for a 10,000-user file. Running these tasks in workers that exit afterwards
-        # (max_calls=1) removes it but starts a process per file: 2x slower staging at 100k users, and 30-60 s
-        # more per small test run; not worth it while input files are this size.)
+        # allocator. Running these tasks in workers that exit afterwards (max_calls=1) removes it but starts a
+        # process per file, which slows staging and every small run more than the memory is worth at these file
+        # sizes.)
         # every input file read whole and parsed on its own (Parquet too: files whose schemas disagree are never
         # merged, which Ray Data's Parquet reader does before reading a row), one file a batch
         ds = ray.data.read_binary_files(files, filesystem=pa_src, include_paths=True)

@@ -1,13 +1,12 @@
 """Concurrent engine calls in one engine actor, served by one engine call.
 
-A chunk (a shard of ~8 users) is the unit of commit, so one block's engine call is small: 8 profile prompts, or
-one prompt per query and mode. An engine steps many sequences for little more than the cost of one (a decode step
-reads every weight once, whatever the batch), so small calls leave it underused: on the 2-core development VM a
-decode step of 7 sequences cost 0.11 s and one of 20 about 0.2 s. Ray Data hands an engine actor
-``ray.engine_tasks_in_flight`` blocks at once and, with ``ray.engine_coalesce``, runs their stage calls side by
-side in threads; each hands its prompts to :class:`CoalescedCalls`, which sends the prompts of every call waiting
-with the same sampling parameters to the engine as one call and gives each caller its own completions back, in its
-order. Only one engine call runs at a time.
+A chunk (a shard of a few users) is the unit of commit, so one block's engine call is small: a profile prompt per
+user, or one prompt per query and mode. An engine steps many sequences for little more than the cost of one (a
+decode step reads every weight once, whatever the batch), so small calls leave it underused. Ray Data hands an
+engine actor ``ray.engine_tasks_in_flight`` blocks at once and, with ``ray.engine_coalesce``, runs their stage
+calls side by side in threads; each hands its prompts to :class:`CoalescedCalls`, which sends the prompts of every
+call waiting with the same sampling parameters to the engine as one call and gives each caller its own completions
+back, in its order. Only one engine call runs at a time.
 
 Before it starts a call, the first caller waits (at most ``gather_s``; in process, where blocks come one at a time,
 not at all) for the other blocks the actor is serving to hand their prompts too: blocks that arrive together (the

@@ -21,15 +21,15 @@ from stepback_ray.errors import StepbackError
 @functools.lru_cache(maxsize=4)
 def load_tokenizer(path: str) -> tuple[Any, int | None]:
     """The tokenizer of the model folder ``path`` (left padding, a pad token) and its context length, loaded once
-    per process: a job builds a formatter in every prompt stage and in its engine, and ``from_pretrained`` costs
-    ~0.35 s each on 2 cores. Shared safely, also by the threads of an engine actor serving blocks side by side
-    (``ray.engine_coalesce``): nothing here changes the tokenizer after this load (no call sets its padding or
-    truncation), and encoding only reads it.
+    per process: a job builds a formatter in every prompt stage and in its engine, and ``from_pretrained`` is slow
+    enough to count when it is repeated. Shared safely, also by the threads of an engine actor serving blocks side
+    by side (``ray.engine_coalesce``): nothing here changes the tokenizer after this load (no call sets its padding
+    or truncation), and encoding only reads it.
 
     A folder whose ``tokenizer_config.json`` names its tokenizer class (every converted packaged model does) gets
     that class by name, and its context length is read from ``config.json``: ``AutoTokenizer`` and ``AutoConfig``
     find the same class and number, but import the model configurations and torch with them, which cost a fresh
-    process (a CLI call, a Ray worker) ~2.5 s before the tokenizer is even read (3.3 s against 0.8 s here)."""
+    process (a CLI call, a Ray worker) seconds before the tokenizer is even read."""
     if path.startswith(("/", "./", "../", "~")) and not Path(path).expanduser().is_dir():
         raise OSError(f"no such folder: {path}")  # (AutoTokenizer would import torch to say so)
     cls, context = _named_tokenizer_class(path), _context_length(path)
@@ -83,8 +83,8 @@ class PromptFormatter:
                 f"cannot load the tokenizer of model {config.model!r}: {str(e).splitlines()[0]}"
             ) from None
         self.path = path
-        # the Rust tokenizer, called directly: the transformers wrapper costs ~30 % per call on short texts, and
-        # encode_batch_fast (tokenizers >= 0.20) skips the character offsets we never read: ~25 % less again
+        # the Rust tokenizer, called directly: the transformers wrapper adds its own work to every call, which
+        # counts on short texts, and encode_batch_fast (tokenizers >= 0.20) skips the character offsets we never read
         self._fast = getattr(self.tokenizer, "backend_tokenizer", None)
         self._ids_batch = None
         if self._fast is not None:

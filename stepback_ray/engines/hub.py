@@ -26,8 +26,8 @@ def _offline_env() -> str | None:
 def hub_unreachable() -> str | None:
     """Why the model hub cannot be reached from this process (None: it answers). Checked once per process in at
     most a few seconds: ``HF_HUB_OFFLINE`` set, the hub's host (or the HTTPS proxy's) not resolving, or no
-    connection to it. Without this a hub id on a machine without network spent ~50 s in the hub client's retries
-    before its error."""
+    connection to it. Without this a hub id on a machine without network waited through the hub client's whole
+    retry schedule before its error."""
     var = _offline_env()
     if var:
         return f"{var} is set"

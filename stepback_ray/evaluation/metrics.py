@@ -178,7 +178,7 @@ def bootstrap_ci(
     """Percentile bootstrap interval of ``statistic`` over ``values`` (resampling rows with replacement).
 
     Resamples are drawn a few at a time (at most ~4M indices in memory), not as one resamples-by-rows matrix:
-    over a million rows that matrix alone would be 8 GB."""
+    over a million rows that matrix alone would take gigabytes."""
     arr = np.asarray(values, dtype=float)
     if len(arr) == 0:
         return (math.nan, math.nan)

@@ -2,7 +2,7 @@
 
 Ray Data starts an actor pool per dataset, so a run whose profile and generation passes each had their own engine
 stage started every engine twice: a new process, the ML imports and the model load again for the second pass
-(for vLLM also its compilation and KV-cache allocation: ~107 s on the development VM's CPU), after the first
+(for vLLM also its compilation and KV-cache allocation, the longest part of its start), after the first
 pass's engine had gone. Here the driver starts the run's engine actors (:class:`EngineHost`) once, with the
 resources the engine stage asks for, and each pass's engine stage is a light Ray Data task that hands its block to
 one of them (:func:`serve_on_host`) and waits.

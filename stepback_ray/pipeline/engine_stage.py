@@ -26,9 +26,9 @@ def process_usage(children: bool = False) -> tuple[float, int]:
     """This process's CPU seconds (user and system, every thread) and involuntary context switches: the times the
     OS took a core from one of its threads to run something else. An engine whose threads fill every core loses
     more than the taken slice each time (its other threads wait for the preempted one at the next barrier), so
-    switches per CPU second say whether it shared its cores: on the 2-core development VM an engine alone in its
-    process had ~20 per CPU second, one in a local Ray's actor ~600, each of Ray's ~15 processes waking ~150 times
-    a second (docs/benchmarks.md).
+    switches per CPU second say whether it shared its cores: an engine alone in its process is rarely switched
+    out, while one in a local Ray's actor on a node its threads fill is switched out far more often, every Ray
+    process waking many times a second.
 
     ``children``: add the live child processes' counts. An engine actor's children are its engine's (vLLM runs its
     engine core in one, where the work is); a driver's would be Ray's own, so only an actor asks."""

@@ -18,8 +18,8 @@ if TYPE_CHECKING:
 
 
 def ray_backend() -> ModuleType:
-    """:mod:`.on_ray`, imported on first use: it imports Ray (about 1.5 s), which a LaMP JSON run in process never
-    needs."""
+    """:mod:`.on_ray`, imported on first use: it imports Ray (slow to import), which a LaMP JSON run in process
+    never needs."""
     from stepback_ray.pipeline import on_ray as module  # deferred: imports ray
 
     return module

@@ -55,8 +55,8 @@ def engine_start_times(name: str, summaries: list[dict[str, Any]], t0: float) ->
 def engine_usage(name: str, summaries: list[dict[str, Any]]) -> dict[str, float | int]:
     """What a pass's engine processes used from their engines' start on (:func:`~.engine_stage.process_usage`), from
     its commit summaries: CPU seconds and involuntary context switches, each process's latest (largest) count, summed
-    over the processes. Many switches per CPU second mean the engine shared its cores (on a 2-core VM, with a
-    local Ray's own processes; see docs/benchmarks.md): its engine time is then not the engine's alone."""
+    over the processes. Many switches per CPU second mean the engine shared its cores (on a small node, with a
+    local Ray's own processes): its engine time is then not the engine's alone."""
     latest: dict[str, tuple[float, int]] = {}
     for s in summaries:
         if s.get("engine_process") is None:

@@ -82,8 +82,8 @@ def filesystem_for(uri: str, storage: StorageConfig | None = None) -> tuple[fssp
     if protocol in ("s3", "s3a"):
         import s3fs  # imported lazily: local runs do not pay for botocore
 
-        # one client per settings, thread and process (fsspec's instance cache): a new S3FileSystem costs ~200 ms
-        # (session, credentials, connection) before its first answer, and a run opens its store hundreds of times.
+        # one client per settings, thread and process (fsspec's instance cache): a new S3FileSystem costs a
+        # session, credentials and a connection before its first answer, and a run opens its store hundreds of times.
         # Shared, it must never answer from an old listing: other processes write the same run.
         fs = s3fs.S3FileSystem(use_listings_cache=False, **_s3_kwargs(storage))
         fs.retries = 1  # s3fs's own loop: one attempt (botocore has retried each request already)

@@ -139,7 +139,7 @@ def test_store_refuses_a_different_shard_count(ray_local, tmp_path):
 @pytest.mark.slow
 def test_nightly_wall_time_with_the_real_model(ray_local, tmp_path):
     """The real model on 200 users: the night after, with 10 changed histories, costs a fraction of the full
-    run. Prints the measured ratio (recorded in docs/benchmarks.md)."""
+    run. Prints the measured ratio (its record: docs/results/nightly/default.json)."""
     users = lamp5_users(200)
     write_items_parquet(tmp_path / "hist" / "part-0.parquet", users)
     real = (

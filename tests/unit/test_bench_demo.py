@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks import bench_contention, bench_demo
+from benchmarks import bench_contention, bench_demo, results_tables
 from stepback_ray.engines.base import EnginePhases
 
 SHAPE = {"params": 1000, "body": 900, "lm_head": 100, "layers": 2, "heads": 4, "kv_heads": 2, "head_dim": 8}
@@ -71,17 +71,26 @@ def test_the_contention_benchmark_feeds_the_demos_shape_and_reports_each_conditi
         "beside-ray": {"mean_s": 12.0, "preemptions_per_cpu_s": 600.0, "over_alone": 1.2},
         "beside-ray-sched-idle": {"mean_s": 10.5, "preemptions_per_cpu_s": 40.0, "over_alone": 1.05},
     }
-    md = bench_contention.to_markdown(
-        {
-            "date": "2026-12-06",
-            "machine": "m",
-            "actors": 8,
-            "rounds": 1,
-            "calls": 1,
-            "command": "c",
-            "runs": runs,
-            "summary": summary,
-        }
+    md = "\n".join(
+        results_tables.contention_table(
+            {
+                "date": "2026-12-06",
+                "machine": "m",
+                "actors": 8,
+                "rounds": 1,
+                "calls": 1,
+                "command": "c",
+                "runs": runs,
+                "summary": summary,
+            }
+        )
     )
     assert "| beside-ray | 12.0 | 1.2 | 600.0 |" in md and "| alone | 10.0 | 1.0 | 20.0 |" in md
-    assert md.startswith("<!-- bench_contention:start -->") and md.endswith("<!-- bench_contention:end -->")
+    assert md.startswith("Date: 2026-12-06; machine: m; command: `c`.")
+
+
+def test_a_demo_run_is_held_to_the_limit_in_the_tokens_it_computed():
+    """Tokens its prefix cache served cost the engine nothing: the bound counts the tokens computed."""
+    run = {"tokens": 1000, "cached_prompt_tokens": 200, "total_s": 4.0, "engine_s": [1.0, 1.0]}
+    held = bench_demo.against(run, 400.0)
+    assert held["compute_bound_s"] == 2.0 and held["ratio"] == 2.0 and held["engine_over_bound"] == 1.0

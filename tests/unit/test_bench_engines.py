@@ -19,47 +19,36 @@ def test_the_limit_is_the_matmul_peak_over_the_models_flops_per_token():
     assert peak > 0.1  # GFLOP/s of a real product on this machine
 
 
-def test_every_pipeline_block_size_gets_a_row_and_its_ratios():
+def test_every_pipeline_block_size_gets_a_row_and_its_ratios_held_to_the_limit_in_tokens_computed():
+    from benchmarks import results_tables
+
     row = {
         "prompts": 2,
         "prompt_tokens": 10,
         "completion_tokens": 4,
+        "cached_prompt_tokens": 0,
         "wall_s": 1.0,
         "tokens_per_s": 14.0,
         "prompts_per_s": 2.0,
     }
+    limit = {"matmul_gflops": 10.0, "dtype": "fp32", "threads": 2, "gflop_per_token": 0.25, "tokens_per_s": 40.0}
     paths = {
-        "pipeline": {**row, "engine_s": 0.8, "engine_tokens_per_s": 17.5},
+        "pipeline": bench.with_computed({**row, "engine_s": 0.8, "engine_tokens_per_s": 17.5}, 0.8),
         "pipeline (block 200)": {**row, "engine_s": 0.7, "engine_tokens_per_s": 20.0},
         "pipeline (block 9)_error": "RuntimeError: boom",
-        "raw": {
-            **row,
-            "tokens_per_s": 20.0,
-            "load_s": 0.5,
-            "tokens_per_s_with_load": 18.0,
-            "limit": {
-                "matmul_gflops": 10.0,
-                "dtype": "fp32",
-                "threads": 2,
-                "gflop_per_token": 0.25,
-                "tokens_per_s": 40.0,
-            },
-        },
+        # 6 of the 10 prompt tokens served by the prefix cache: 8 computed, 40 sent tokens/s, 8 computed tokens/s
+        "raw": bench.with_computed(
+            {**row, "cached_prompt_tokens": 6, "tokens_per_s": 20.0, "load_s": 0.5, "tokens_per_s_with_load": 18.0}
+            | {"limit": limit},
+            1.0,
+        ),
     }
     slower_peak = {
-        "raw": {
-            **row,
-            "tokens_per_s": 16.0,
-            "load_s": 0.5,
-            "tokens_per_s_with_load": 15.0,
-            "limit": {
-                "matmul_gflops": 8.0,
-                "dtype": "fp32",
-                "threads": 2,
-                "gflop_per_token": 0.25,
-                "tokens_per_s": 32.0,
-            },
-        }
+        "raw": bench.with_computed(
+            {**row, "cached_prompt_tokens": None, "tokens_per_s": 16.0, "load_s": 0.5, "tokens_per_s_with_load": 15.0}
+            | {"limit": {**limit, "matmul_gflops": 8.0, "tokens_per_s": 32.0}},
+            1.0,
+        )
     }
     report = {
         "date": "2026-12-03",
@@ -75,13 +64,31 @@ def test_every_pipeline_block_size_gets_a_row_and_its_ratios():
     bench.add_ratios(report["results"])
     r = paths["ratios"]
     assert r["pipeline/raw (engine time)"] == 0.875 and r["pipeline (block 200)/raw (engine time)"] == 1.0
-    assert r["raw/limit"] == 0.5 and r["pipeline/limit (engine time)"] == 0.438
-    assert slower_peak["ratios"]["raw/limit"] == 0.4  # held to the run's best peak, not its own lower one
-    md = bench.to_markdown(report, "bench_engines:blocks")
-    assert md.startswith("<!-- bench_engines:blocks:start -->") and md.endswith("<!-- bench_engines:blocks:end -->")
-    assert "| transformers | pipeline (block 200) | 2 |" in md
-    assert "limit 40.0 tokens/s = fp32 matmul peak 10.0 GFLOP/s" in md and "transformers-one-call 8.0" in md
+    assert r["raw/limit, computed"] == 0.2  # 8 computed tokens/s against 40, not the 20 sent
+    assert r["pipeline/limit (engine time), computed"] == 0.438  # 14 computed tokens in 0.8 s
+    # a path whose cached tokens were not counted is held to the run's best limit in tokens sent, and says so
+    assert slower_peak["ratios"] == {"raw/limit (tokens sent; computed not recorded)": 0.4}
+    md = "\n".join(results_tables.engines_table(report))
+    assert "| transformers | pipeline (block 200) | 2 | 14 | 14 |" in md
+    assert "| transformers | raw | 2 | 14 | 8 | 1.0 | 20.0 | 8.0 | **0.200** |" in md
+    assert "| transformers-one-call | raw | 2 | 14 | not recorded | 1.0 | 16.0 | not recorded | sent: 0.350; " in md
+    assert "limit 40.0 tokens/s = fp32 matmul peak 10.0 GFLOP/s" in md
     assert "pipeline (block 9): failed: `RuntimeError: boom`" in md
+
+
+def test_only_engines_that_count_their_cached_prompt_tokens_get_tokens_computed():
+    from stepback_ray.config import EngineConfig
+
+    assert bench.counts_cached(EngineConfig(kind="transformers")) and bench.counts_cached(EngineConfig(kind="dry-run"))
+    http = EngineConfig(kind="openai", openai={"base_url": "http://127.0.0.1:8000/v1"})
+    assert not bench.counts_cached(http)  # a server may leave the count out
+    assert bench.counts_cached(http, server_reports_cached=True)
+    assert (
+        bench.with_computed({"prompt_tokens": 9, "completion_tokens": 1, "cached_prompt_tokens": None}, 2.0)[
+            "computed_tokens"
+        ]
+        is None
+    )
 
 
 def test_cpu_seconds_are_split_between_the_engine_actor_the_driver_and_the_rest():
@@ -110,6 +117,7 @@ def test_alternated_engines_run_in_turn_and_report_against_the_first():
     out = bench.run_alternated(configs, ["one prompt", "another prompt here"], SamplingParams(max_new_tokens=8), 3)
     assert set(out) == {"a", "b"} and all(len(r["tokens_per_s"]) == 3 for r in out.values())
     assert out["a"]["vs_first"] == 1.0 and out["a"]["texts_equal_first"] == 2 and out["b"]["prompts"] == 2
+    assert 0 < out["a"]["computed_share"] <= 1  # the dry-run engine models a prefix cache
     report = {
         "date": "d",
         "machine": "m",
@@ -121,8 +129,10 @@ def test_alternated_engines_run_in_turn_and_report_against_the_first():
         "command": "c",
         "results": out,
     }
-    text = bench.alternated_markdown(report, "bench_engines:t")
-    assert "| a | " in text and "| b | " in text and text.startswith("<!-- bench_engines:t:start -->")
+    from benchmarks import results_tables
+
+    text = "\n".join(results_tables.alternated_table(report))
+    assert "| a | " in text and "| b | " in text and "computed share of tokens sent" in text
 
 
 def test_an_alternated_engine_can_be_called_a_few_prompts_at_a_time(monkeypatch):
@@ -159,6 +169,7 @@ def test_a_run_against_its_own_vllm_server_shows_the_command_that_started_it():
         "--openai-base-url",
         "http://127.0.0.1:50489/v1",
         "--reset-server-cache",
+        "--server-reports-cached",
     ]
     assert (
         bench.shown_command(served)

@@ -1,14 +1,13 @@
 """Two decode-step kernels for the transformers engine on a CPU, where a decode step is memory-bound.
 
-A decode step of 64 sequences reads every sequence's KV cache (~1.2 GB for SmolLM2 at ~400 tokens) and every
-weight (0.54 GB). Measured on the 2-core development VM (docs/benchmarks.md), two of its parts ran well below the
-machine's ~31 GB/s:
+A decode step reads every sequence's KV cache and every weight, so its time is the memory it reads. With torch's
+stock kernels two of its parts read far slower than the machine's memory allows:
 
-- **attention over a one-token query**: torch's CPU flash-attention kernel took 3.5 ms a layer for 64 x 420 cached
-  positions; two batched matrix products over the key/value heads (the query heads of a group packed as rows, as
-  transformers' own ``pack_gqa``) take 2.7 ms. Prompts (more than one query token) keep SDPA.
-- **the LM head**: ``x @ W.T`` with the ``[vocab, hidden]`` weight ran at 1.7 GB/s of weights (37.6 ms for 64
-  rows); ``(W @ x.T).T`` is the same product in the layout the CPU BLAS streams best (28.3 ms).
+- **attention over a one-token query**: torch's CPU flash-attention kernel is built for many query tokens; two
+  batched matrix products over the key/value heads (the query heads of a group packed as rows, as transformers'
+  own ``pack_gqa``) read the cache faster. Prompts (more than one query token) keep SDPA.
+- **the LM head**: ``x @ W.T`` with the ``[vocab, hidden]`` weight streams the weights slowly; ``(W @ x.T).T`` is
+  the same product in the layout the CPU BLAS streams best.
 
 Both compute the same sums in another order, so logits agree to float rounding; the engine's tests hold the
 greedy texts of the decode loop to ``generate``'s.

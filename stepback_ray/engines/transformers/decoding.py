@@ -1,9 +1,10 @@
 """The transformers engine's own decode loop, run over a prefilled (stitched) KV cache.
 
-Why not ``model.generate`` there: with 64 sequences, each of its steps copies the ``[batch, vocab]`` logits to
-float32 and masks the whole vocabulary for ``min_new_tokens`` (a ``where`` over 64 x 49,152), about 0.1 s a step
-that is not the model (torch profiler, docs/benchmarks.md). This loop asks the model for the last position's
-logits only, bans end-of-sequence by writing the few end-of-sequence columns, and picks the next token in place.
+Why not ``model.generate`` there: each of its steps copies the ``[batch, vocab]`` logits to float32 and masks the
+whole vocabulary for ``min_new_tokens`` (a ``where`` over every row and every token of the vocabulary): work that is
+not the model, repeated every step, and a visible share of a decode step on a CPU. This loop asks the model for the
+last position's logits only, bans end-of-sequence by writing the few end-of-sequence columns, and picks the next
+token in place.
 
 It keeps ``generate``'s semantics where the engine relies on them, and the tests hold it to ``generate``'s texts:
 greedy picks the arg max; sampling divides the float32 logits by the temperature, keeps the top-k tokens and then

@@ -168,7 +168,7 @@ class TransformersEngine(FormattedEngine):
         Split (the default): every prompt but its last token is prefilled in small groups of similar length
         (:meth:`_prefill`), their KV caches are left-padded into one, and the whole batch is decoded from there
         by the engine's own loop (:mod:`.decoding`; ``generate`` with ``engine.decode_loop: generate``). Prefill,
-        ~80 % of the work, then pads little and keeps its activations in the CPU's caches, while decoding still
+        most of the work, then pads little and keeps its activations in the CPU's caches, while decoding still
         steps many sequences at once. Otherwise one padded ``generate`` call does both.
         ``lengths`` counts each prompt's soft tokens and ids; ``shared``: opening tokens every prompt has
         (:meth:`_shared_prefix`), prefilled once."""

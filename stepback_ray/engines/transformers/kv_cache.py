@@ -2,8 +2,8 @@
 
 Each prefilled group's keys and values are written once, right-aligned, into per-layer buffers as wide as the decode
 batch's longest prompt plus room for the tokens still to come; a decode step then writes its keys and values in place
-instead of copying the whole cache (``DynamicLayer`` grows by ``torch.cat``: at 64 sequences of ~350 tokens that copy
-is most of a decode step's memory traffic). Needs transformers 5's layered caches: importing this module
+instead of copying the whole cache (``DynamicLayer`` grows by ``torch.cat``: with a large decode batch that copy is
+most of a decode step's memory traffic). Needs transformers 5's layered caches: importing this module
 fails on older versions, and the engine then keeps its one-call path.
 """
 
