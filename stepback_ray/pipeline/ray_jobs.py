@@ -116,7 +116,7 @@ class JobsServer:
 
 def describe(job_id: str, details: Any) -> str:
     """A job's details as the lines ``stepback submit --status`` prints."""
-    lines = [f"job: {job_id}", f"status: {details.status}"]
+    lines = [f"job: {job_id}", f"status: {status_name(details.status)}"]
     if details.message:
         lines.append(f"message: {details.message}")
     spec = (details.metadata or {}).get("stepback_job")
@@ -128,6 +128,11 @@ def describe(job_id: str, details: Any) -> str:
             when = datetime.fromtimestamp(millis / 1000, tz=timezone.utc)
             lines.append(f"{label}: {when:%Y-%m-%d %H:%M:%S} UTC")
     return "\n".join(lines)
+
+
+def status_name(status: Any) -> str:
+    """A Ray ``JobStatus`` as its name (``SUCCEEDED``), whatever the Python version's enum formatting."""
+    return str(getattr(status, "value", status))
 
 
 def _first_line(e: BaseException) -> str:

@@ -23,7 +23,7 @@ from pathlib import Path
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_fixed
 
 from stepback_ray.errors import ConfigError, StepbackError
-from stepback_ray.pipeline.ray_jobs import JobsServer, follow_up_commands
+from stepback_ray.pipeline.ray_jobs import JobsServer, follow_up_commands, status_name
 from stepback_ray.pipeline.resources import WORKER_ENV
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
@@ -176,5 +176,5 @@ def follow(server: JobsServer, job_id: str) -> int:
     while status not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
         time.sleep(1)
         status = server.status(job_id).status
-    print(f"job {job_id}: {status}", file=sys.stderr)
+    print(f"job {job_id}: {status_name(status)}", file=sys.stderr)
     return 0 if status == JobStatus.SUCCEEDED else 1

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import site
 import subprocess
@@ -72,7 +73,7 @@ def _stop_head(proc: subprocess.Popen, temp: str) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(timeout=30)
+            proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
             pass
     left = []
@@ -205,6 +206,13 @@ def test_submit_to_a_token_head_without_stepback_then_status_and_logs(token_head
     assert logs.returncode == 0 and "profile+rag" in logs.stdout  # the job's own metrics table
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"]["generation_rows"] == 6
+    # without --no-wait: the logs followed live (through the token) to the job's end, its status the exit status
+    quick = ["limit=1", f"output={tmp_path / 'followed'}", "engine.kind=dry-run", "executor=in-process"]
+    followed = stepback(
+        "submit", "jobs/demo.yaml", "--address", address, *(a for s in quick for a in ("--set", s)), env=env
+    )
+    assert followed.returncode == 0, followed.stdout[-3000:] + followed.stderr[-3000:]
+    assert "profile+rag" in followed.stdout and re.search(r"job raysubmit_\w+: SUCCEEDED", followed.stderr)
 
 
 @pytest.mark.slow  # shares the head above

@@ -13,7 +13,7 @@ import pytest
 
 from stepback_ray.cli import main
 from stepback_ray.errors import ConfigError
-from stepback_ray.pipeline.ray_jobs import ray_auth_token
+from stepback_ray.pipeline.ray_jobs import describe, follow_up_commands, ray_auth_token
 from stepback_ray.pipeline.submit import EXCLUDES, PACKAGE_DIR, entrypoint, runtime_env
 
 
@@ -90,6 +90,10 @@ class _TokenJobsServer(BaseHTTPRequestHandler):
         else:
             self._answer(404, f"Job {self.path.rsplit('/', 1)[-1]} does not exist")
 
+    def do_PUT(self):  # a package upload over the server's request size limit
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self._answer(413, "Request Entity Too Large")
+
     def _answer(self, status: int, body: str) -> None:
         data = body.encode()
         self.send_response(status)
@@ -104,7 +108,7 @@ class _TokenJobsServer(BaseHTTPRequestHandler):
 @pytest.fixture
 def token_server():
     server = ThreadingHTTPServer(("127.0.0.1", 0), _TokenJobsServer)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
@@ -175,3 +179,48 @@ def test_version(capsys):
         for line in (Path(__file__).parents[2] / "pyproject.toml").read_text().splitlines()
         if line.startswith("version")
     )
+
+
+def test_status_lines_and_the_commands_that_follow_a_job():
+    from ray.job_submission import JobDetails, JobStatus, JobType
+
+    details = JobDetails(
+        type=JobType.SUBMISSION,
+        entrypoint="python -m stepback_ray run jobs/demo.yaml",
+        submission_id="raysubmit_a",
+        status=JobStatus.SUCCEEDED,
+        message="Job finished successfully.",
+        start_time=0,
+        end_time=61_000,
+        metadata={"stepback_job": "jobs/demo.yaml"},
+    )
+    assert describe("raysubmit_a", details).splitlines() == [
+        "job: raysubmit_a",
+        "status: SUCCEEDED",
+        "message: Job finished successfully.",
+        "job spec: jobs/demo.yaml",
+        "entrypoint: python -m stepback_ray run jobs/demo.yaml",
+        "ended: 1970-01-01 00:01:01 UTC",
+    ]
+    assert follow_up_commands("raysubmit_a", "http://h:8265") == [
+        "stepback submit --status raysubmit_a --address http://h:8265",
+        "stepback submit --logs raysubmit_a --address http://h:8265",
+    ]
+
+
+def test_a_working_directory_too_large_to_upload_is_one_line_naming_its_largest_files(
+    token_server, monkeypatch, tmp_path
+):
+    from stepback_ray.pipeline.submit import submit_job
+
+    monkeypatch.setenv("RAY_AUTH_TOKEN", TOKEN)
+    (tmp_path / "job.yaml").write_text("name: x\n")
+    (tmp_path / "big.parquet").write_bytes(b"\0" * 3 * 2**20)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "bigger.parquet").write_bytes(b"\0" * 4 * 2**20)  # left out of the upload
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as refused:
+        submit_job("job.yaml", [], token_server)
+    message = str(refused.value)
+    assert "\n" not in message and "is too large to upload" in message, message
+    assert "its largest files are big.parquet (3 MiB)" in message and "bigger" not in message
