@@ -5,10 +5,12 @@
                                                     only users whose history changed are recomputed)
     stepback plan JOB.yaml [--tokens-per-s N]       dry run: users, queries, tokens and GPU-hours, no model
     stepback submit JOB.yaml --address URL          submit a job to a Ray cluster (Ray Jobs) and follow it
+    stepback submit --status ID --address URL       a submitted job's status (--logs ID: its logs so far)
     stepback score PRED.json GOLD.json [--task T]   official LaMP metrics of a predictions file, as JSON
     stepback train-pplug JOB.yaml [--set ...]       train the Persona-Plug projector (the LLM stays frozen)
     stepback report RUN_URI                         (re)build a finished run's report.html and figures
     stepback promote --store URI --version V        point a profile store's CURRENT.json at a finished version
+    stepback --version                              the installed stepback-ray's version
 
 Bad input or configuration (a damaged file of a run or store included) ends with one line on stderr (``error:
 ...``) and exit status 2, never a traceback; work that could not be done (engine errors over
@@ -25,6 +27,7 @@ import sys
 import threading
 from typing import Any
 
+from stepback_ray import __version__
 from stepback_ray.cli import jobs, results, store
 from stepback_ray.cli.common import positive_float
 from stepback_ray.cli.jobs import format_table
@@ -38,6 +41,7 @@ COMMAND_GROUPS = (jobs, store, results)
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stepback", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"stepback-ray {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for group in COMMAND_GROUPS:
         group.register(sub)

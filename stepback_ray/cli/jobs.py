@@ -9,6 +9,7 @@ from typing import Any
 
 from stepback_ray.cli.common import add_set, positive_float
 from stepback_ray.config import load_job
+from stepback_ray.errors import ConfigError
 
 
 def format_table(metrics: dict[str, Any]) -> str:
@@ -79,12 +80,34 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
+    asked = [(what, job_id) for what, job_id in (("status", args.status), ("logs", args.logs)) if job_id]
+    if asked:
+        return _submitted_job(args, asked)
+    if not args.job:
+        raise ConfigError("submit: give a job spec (YAML) to submit, or --status/--logs JOB_ID for a submitted job")
     load_job(args.job, args.set)  # validate here, before anything reaches the cluster
     from stepback_ray.pipeline.submit import submit_job  # deferred: pyarrow (the pipeline package)
 
     return submit_job(
         args.job, args.set, args.address, pip=args.pip, env=args.env, wait=not args.no_wait, command=args.command
     )
+
+
+def _submitted_job(args: argparse.Namespace, asked: list[tuple[str, str]]) -> int:
+    """``stepback submit --status|--logs JOB_ID``: what the cluster says about a job submitted before."""
+    if len(asked) > 1:
+        raise ConfigError("submit: --status and --logs ask about a submitted job one at a time: give one of them")
+    (what, job_id) = asked[0]
+    if args.job:
+        raise ConfigError(f"submit --{what} {job_id}: asks about a submitted job; give no job spec ({args.job})")
+    from stepback_ray.pipeline.ray_jobs import JobsServer, describe  # deferred: ray, pyarrow (the pipeline package)
+
+    server = JobsServer(args.address)
+    if what == "status":
+        print(describe(job_id, server.status(job_id)))
+    else:
+        print(server.logs(job_id), end="")
+    return 0
 
 
 def _cmd_train_pplug(args: argparse.Namespace) -> int:
@@ -116,8 +139,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     plan.add_argument("--profile-only", action="store_true", help="plan `stepback profile` instead of `run`")
     plan.set_defaults(func=_cmd_plan)
-    submit = sub.add_parser("submit", help="submit the job to a Ray cluster through Ray Jobs and follow its logs")
-    submit.add_argument("job", help="job spec (YAML), inside the working directory that is uploaded")
+    submit = sub.add_parser(
+        "submit",
+        help="submit the job to a Ray cluster through Ray Jobs and follow its logs; or ask for a submitted "
+        "job's status or logs",
+    )
+    submit.add_argument(
+        "job",
+        nargs="?",
+        help="job spec (YAML), inside the working directory that is uploaded; none with --status/--logs",
+    )
     submit.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://HEAD:8265")
     add_set(submit)
     submit.add_argument("--pip", action="append", default=[], help="pip requirement for the job's environment")
@@ -129,7 +160,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="environment variable for the job (no secrets: use the cluster's IAM role)",
     )
     submit.add_argument("--command", choices=["run", "profile"], default="run")
-    submit.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    submit.add_argument(
+        "--no-wait", action="store_true", help="print the job id and the commands that follow it, and return"
+    )
+    submit.add_argument("--status", metavar="JOB_ID", help="print a submitted job's status instead of submitting")
+    submit.add_argument("--logs", metavar="JOB_ID", help="print a submitted job's logs so far instead of submitting")
     submit.set_defaults(func=_cmd_submit)
     tp = sub.add_parser("train-pplug", help="train the Persona-Plug projector; the checkpoint goes to the output")
     tp.add_argument("job", help="job spec (YAML) with a pplug section")

@@ -13,7 +13,8 @@ The files follow the passes:
   whole chunks written atomically, exactly once per row, with what a rerun still has to do;
 - :mod:`.work`, :mod:`.run_passes`, :mod:`.user_passes`, :mod:`.profile_stats`, :mod:`.gate_sample`,
   :mod:`.manifest` and :mod:`.job`: the driver (``run_job``, ``run_profile_job``), metrics and the manifest;
-- :mod:`.estimate` (``stepback plan``) and :mod:`.submit` (``stepback submit``).
+- :mod:`.estimate` (``stepback plan``) and :mod:`.submit` (``stepback submit``; a cluster's Jobs server in
+  :mod:`.ray_jobs`).
 
 A *chunk* (the users of one shard, see :mod:`stepback_ray.data.rows`) is one Ray Data block from start to end:
 every stage maps a whole block to a whole block, so the commit stage writes each chunk as one file, atomically,
