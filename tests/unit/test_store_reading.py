@@ -18,11 +18,11 @@ import pytest
 from stepback_ray.cli import main
 from stepback_ray.config import load_job
 from stepback_ray.data.rows import shard_of
-from stepback_ray.errors import ConfigError, DamagedFile, NotAProfileStore, UnknownColumn
+from stepback_ray.errors import ConfigError, DamagedFile, NotAProfileStore, StorageError, UnknownColumn
 from stepback_ray.pipeline import run_job
 from stepback_ray.storage import run_store
 from stepback_ray.store.reader import SERVING_COLUMNS, read_profiles
-from tests.support import REPO, SAMPLE
+from tests.support import REPO, SAMPLE, free_port
 
 SHARDS = 4
 
@@ -168,6 +168,9 @@ def test_read_profiles_says_in_one_line_what_it_cannot_read(built, copy, tmp_pat
         read_profiles(str(copy / "store"))
     with pytest.raises(ConfigError, match="storage.endpoint: Extra inputs"):
         read_profiles(store, storage={"endpoint": "http://127.0.0.1:1"})
+    nobody_listens = {"endpoint_url": f"http://127.0.0.1:{free_port()}", "retries": 0, "key": "k", "secret": "s"}
+    with pytest.raises(StorageError, match="s3://bucket/store: storage endpoint unreachable"):
+        read_profiles("s3://bucket/store", storage=nobody_listens)
 
 
 def test_import_stepback_ray_stays_light_and_exports_the_reader():
