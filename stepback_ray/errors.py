@@ -85,6 +85,15 @@ class DamagedFile(StepbackError):
         return (type(self), (self.uri, self.problem))
 
 
+class NotAProfileStore(StepbackError):
+    """A URI given as a profile store holds none (no ``CURRENT.json``, no ``versions/``), or the store has no
+    current version to read yet."""
+
+
+class UnknownColumn(StepbackError):
+    """A column asked of the profile store that its profile rows do not have."""
+
+
 class ClusterError(StepbackError):
     """The Ray cluster at the configured address is unreachable or refuses the connection."""
 

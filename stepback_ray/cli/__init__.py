@@ -10,6 +10,10 @@
     stepback train-pplug JOB.yaml [--set ...]       train the Persona-Plug projector (the LLM stays frozen)
     stepback report RUN_URI                         (re)build a finished run's report.html and figures
     stepback promote --store URI --version V        point a profile store's CURRENT.json at a finished version
+    stepback forget --store URI --user ID           remove a user everywhere and keep them out (--dry-run: show)
+    stepback store versions --store URI [--json]    a store's versions: state, counts, gate, engine, which is current
+    stepback store show --store URI --user ID       a user's current profile as JSON
+    stepback store verify --store URI [--version V] a version's files against their recorded checksums
     stepback --version                              the installed stepback-ray's version
 
 Bad input or configuration (a damaged file of a run or store included) ends with one line on stderr (``error:

@@ -1,1 +1,2 @@
-"""The profile store: versioned profile tables, the promotion gate, retention and forgetting a user."""
+"""The profile store: versioned profile tables, reading the current profiles, the promotion gate, retention and
+forgetting a user."""

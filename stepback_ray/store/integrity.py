@@ -123,24 +123,44 @@ class VersionFiles:
         self.root.write_json(f"{self.version}/manifest.json", self.manifest)
 
 
-def verify_version(root: RunStore, version: str, manifest: dict[str, Any]) -> list[tuple[str, str]]:
-    """(file, problem) for each damaged file of a finished version: checksums where the manifest records them,
-    and every file parsed where it does not."""
+MISSING = "missing (its version's manifest names it, the store does not hold it)"
+
+
+def check_files(root: RunStore, version: str, manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every file of a finished version, checked: those its manifest names (``files``, ``checksums``) against the
+    checksum recorded for them, or parsed where none is; a named file that is gone is :data:`MISSING`; a Parquet
+    file in the version's folders that the manifest does not name is parsed, and reported as such (no part of the
+    version as committed, but what a reader that goes by file names would read). Per file: ``file`` (relative to
+    the root), ``check`` (``sha256``, or ``parsed``: no checksum to compare with), ``named``, ``problem`` (None: it
+    is what was committed, or at least readable)."""
     files = VersionFiles(root, version)
+    named = set(manifest.get("files") or []) | set(manifest.get(CHECKSUMS) or {})
     found = []
-    for rel in sorted(set(manifest.get("files") or []) | set(manifest.get(CHECKSUMS) or {})):
-        if not root.exists(rel):
+    for rel in sorted(named | set(version_files(root, version))):
+        check = {"file": rel, "check": "sha256" if files.recorded(rel) else "parsed", "named": rel in named}
+        try:
+            data = root.read_bytes(rel)
+        except FileNotFoundError:
+            found.append({**check, "problem": MISSING})
             continue
-        data = root.read_bytes(rel)
         problem = files.problem(rel, data)
         if problem is None and not files.recorded(rel):
             try:
                 parse(root, rel, data)
             except DamagedFile as e:
                 problem = e.problem
-        if problem:
-            found.append((root.uri_of(rel), problem))
+        found.append({**check, "problem": problem})
     return found
+
+
+def verify_version(root: RunStore, version: str, manifest: dict[str, Any]) -> list[tuple[str, str]]:
+    """(file URI, problem) for each damaged file a finished version's manifest names (:func:`check_files`); a named
+    file that is gone is left to the caller (``stepback promote`` names it as missing)."""
+    return [
+        (root.uri_of(c["file"]), c["problem"])
+        for c in check_files(root, version, manifest)
+        if c["named"] and c["problem"] and c["problem"] != MISSING
+    ]
 
 
 # ------------------------------------------------------------------------------ a damaged base, recorded

@@ -65,6 +65,18 @@ def list_versions(root: RunStore) -> list[str]:
     return out
 
 
+MODEL_FREE_ENGINES = frozenset({"dry-run"})
+"""Engine kinds whose profiles come from no model (placeholders of the expected length, for capacity planning)."""
+
+
+def engine_of(manifest: dict[str, Any] | None) -> tuple[str | None, str | None]:
+    """(engine kind, model) a finished version was made with: its pointer's record, or for a version written before
+    the kind was recorded there, the job spec its manifest keeps (None where neither says)."""
+    manifest = manifest or {}
+    pointer, engine = manifest.get("pointer") or {}, (manifest.get("config") or {}).get("engine") or {}
+    return pointer.get("engine_kind") or engine.get("kind"), pointer.get("model") or engine.get("model")
+
+
 def utc_now() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 

@@ -1,5 +1,9 @@
 """``stepback promote``: move a profile store's ``CURRENT.json`` to any finished version (also back to an older
-one, or to a version the quality gate refused, once an operator has looked at it) by compare-and-swap."""
+one, or to a version the quality gate refused, once an operator has looked at it) by compare-and-swap.
+
+A version the dry-run engine made (placeholder profiles, no model) is refused over a current version a model made,
+unless forced: a capacity test run against a production store must not replace its profiles by a slip of the
+version name."""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from stepback_ray.config import StorageConfig
 from stepback_ray.errors import StepbackError
 from stepback_ray.storage import PointerMoved, RunStore
 from stepback_ray.store.integrity import verify_version
-from stepback_ray.store.layout import list_versions, read_pointer
+from stepback_ray.store.layout import MODEL_FREE_ENGINES, engine_of, list_versions, read_pointer
 
 DAMAGED_POINTER = "a damaged CURRENT.json"
 
@@ -30,9 +34,32 @@ def resolve_version(root: RunStore, uri: str, version: str) -> str:
     )
 
 
-def promote(uri: str, version: str, storage: StorageConfig) -> tuple[str | None, str, dict[str, Any]]:
+def refuse_model_free_over_model(
+    root: RunStore, uri: str, version: str, manifest: dict[str, Any], current: dict[str, Any] | None
+) -> None:
+    """One line (:class:`StepbackError`) when ``version`` was made by a model-free engine (dry-run) and the current
+    version by a model."""
+    kind = engine_of(manifest)[0]
+    if kind not in MODEL_FREE_ENGINES or not current:
+        return
+    current_kind, current_model = current.get("engine_kind"), current.get("model")
+    if current_kind is None and root.exists(f"{current['version']}/manifest.json"):  # a pointer from before kinds
+        current_kind, current_model = engine_of(root.read_json(f"{current['version']}/manifest.json"))
+    if current_kind is None or current_kind in MODEL_FREE_ENGINES:
+        return
+    raise StepbackError(
+        f"{uri}: {version} was made by the {kind} engine (placeholder profiles, no model) and the current version "
+        f"{current['version']} by the {current_kind} engine ({current_model}); promoting it would serve "
+        "placeholders: add --force to promote it anyway"
+    )
+
+
+def promote(
+    uri: str, version: str, storage: StorageConfig, force: bool = False
+) -> tuple[str | None, str, dict[str, Any]]:
     """Point ``CURRENT.json`` at a finished ``version`` by compare-and-swap. Returns (the version it pointed at
-    before, the version it points at now, the promoted version's manifest)."""
+    before, the version it points at now, the promoted version's manifest). ``force``: also a dry-run version over
+    a model's (:func:`refuse_model_free_over_model`)."""
     root = RunStore(uri, storage)
     version = resolve_version(root, uri, version)
     if not root.exists(f"{version}/manifest.json"):
@@ -58,6 +85,8 @@ def promote(uri: str, version: str, storage: StorageConfig) -> tuple[str | None,
     before = current["version"] if current else None
     if before == version:
         return before, version, manifest
+    if not force:
+        refuse_model_free_over_model(root, uri, version, manifest, current)
     pointer = manifest.get("pointer") or {  # a manifest written before pointers were recorded in it
         "version": version,
         "run_id": manifest.get("run_id"),
@@ -65,7 +94,8 @@ def promote(uri: str, version: str, storage: StorageConfig) -> tuple[str | None,
         "num_shards": (current or {}).get("num_shards"),
         "runs_since_full": 0,
         "full_rebuild": manifest.get("full_rebuild"),
-        "model": manifest.get("config", {}).get("engine", {}).get("model"),
+        "model": engine_of(manifest)[1],
+        "engine_kind": engine_of(manifest)[0],
     }
     if damage:  # a damaged CURRENT.json is replaced by this verified version (its shard count cannot be compared)
         before = DAMAGED_POINTER

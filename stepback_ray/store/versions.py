@@ -112,6 +112,7 @@ def commit_version(sv: StoreVersion, job: JobSpec, shards: int, manifest: dict[s
         "runs_since_full": sv.runs_since_full,
         "full_rebuild": sv.full,
         "model": job.engine.model,
+        "engine_kind": job.engine.kind,  # a dry-run version is no model's profiles (``stepback promote`` checks)
     }
     manifest = {
         **manifest,
