@@ -77,6 +77,23 @@ def engine_of(manifest: dict[str, Any] | None) -> tuple[str | None, str | None]:
     return pointer.get("engine_kind") or engine.get("kind"), pointer.get("model") or engine.get("model")
 
 
+def placeholders_over_model(
+    root: RunStore, manifest: dict[str, Any], current: dict[str, Any] | None
+) -> tuple[str, str, str | None] | None:
+    """When the version of ``manifest`` was made by a model-free engine (dry-run) and the ``current`` pointer's
+    version by a model: (the new version's engine kind, the current one's, its model); else None. A pointer written
+    before kinds were recorded is read through its version's manifest."""
+    kind = engine_of(manifest)[0]
+    if kind not in MODEL_FREE_ENGINES or not current:
+        return None
+    current_kind, current_model = current.get("engine_kind"), current.get("model")
+    if current_kind is None and root.exists(f"{current['version']}/manifest.json"):
+        current_kind, current_model = engine_of(root.read_json(f"{current['version']}/manifest.json"))
+    if current_kind is None or current_kind in MODEL_FREE_ENGINES:
+        return None
+    return kind, current_kind, current_model
+
+
 def utc_now() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 

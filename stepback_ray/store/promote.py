@@ -14,7 +14,7 @@ from stepback_ray.config import StorageConfig
 from stepback_ray.errors import StepbackError
 from stepback_ray.storage import PointerMoved, RunStore
 from stepback_ray.store.integrity import verify_version
-from stepback_ray.store.layout import MODEL_FREE_ENGINES, engine_of, list_versions, read_pointer
+from stepback_ray.store.layout import engine_of, list_versions, placeholders_over_model, read_pointer
 
 DAMAGED_POINTER = "a damaged CURRENT.json"
 
@@ -39,19 +39,14 @@ def refuse_model_free_over_model(
 ) -> None:
     """One line (:class:`StepbackError`) when ``version`` was made by a model-free engine (dry-run) and the current
     version by a model."""
-    kind = engine_of(manifest)[0]
-    if kind not in MODEL_FREE_ENGINES or not current:
-        return
-    current_kind, current_model = current.get("engine_kind"), current.get("model")
-    if current_kind is None and root.exists(f"{current['version']}/manifest.json"):  # a pointer from before kinds
-        current_kind, current_model = engine_of(root.read_json(f"{current['version']}/manifest.json"))
-    if current_kind is None or current_kind in MODEL_FREE_ENGINES:
-        return
-    raise StepbackError(
-        f"{uri}: {version} was made by the {kind} engine (placeholder profiles, no model) and the current version "
-        f"{current['version']} by the {current_kind} engine ({current_model}); promoting it would serve "
-        "placeholders: add --force to promote it anyway"
-    )
+    clash = placeholders_over_model(root, manifest, current)
+    if clash:
+        kind, current_kind, current_model = clash
+        raise StepbackError(
+            f"{uri}: {version} was made by the {kind} engine (placeholder profiles, no model) and the current "
+            f"version {current['version']} by the {current_kind} engine ({current_model}); promoting it would "
+            "serve placeholders: add --force to promote it anyway"
+        )
 
 
 def promote(

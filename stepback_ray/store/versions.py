@@ -15,7 +15,7 @@ from stepback_ray.storage import PointerMoved, RunStore
 from stepback_ray.store import gate as store_gate
 from stepback_ray.store import integrity
 from stepback_ray.store import retention as store_retention
-from stepback_ray.store.layout import StoreVersion, list_versions, read_pointer, utc_now
+from stepback_ray.store.layout import StoreVersion, list_versions, placeholders_over_model, read_pointer, utc_now
 
 
 def open_version(job: JobSpec, shards: int, resuming: bool = False) -> StoreVersion:
@@ -97,6 +97,21 @@ def open_version(job: JobSpec, shards: int, resuming: bool = False) -> StoreVers
     )
 
 
+def _refuse_placeholders_over_a_model(job: JobSpec, sv: StoreVersion, manifest: dict[str, Any]) -> None:
+    """A night run on the dry-run engine (a capacity test pointed at a production store, say) does not replace a
+    model's profiles: its version stays uncommitted, and ``stepback promote --force`` serves it if that was meant."""
+    current = read_pointer(sv.root, damaged_ok=True)[0]
+    clash = placeholders_over_model(sv.root, manifest, current)
+    if clash:
+        kind, current_kind, current_model = clash
+        uri = job.profile_store.uri
+        raise StepbackError(
+            f"{uri}: this run's {kind} engine made placeholder profiles and the current version "
+            f"{current['version']} came from the {current_kind} engine ({current_model}): {sv.version} is left "
+            f"uncommitted; `stepback promote --store {uri} --version {sv.version} --force` serves it anyway"
+        )
+
+
 def commit_version(sv: StoreVersion, job: JobSpec, shards: int, manifest: dict[str, Any]) -> dict[str, Any]:
     """Write the version's manifest, then point ``CURRENT.json`` at it (the commit point): a compare-and-swap
     against the pointer this run built on, so of two jobs that started from one version only the first commits;
@@ -123,6 +138,7 @@ def commit_version(sv: StoreVersion, job: JobSpec, shards: int, manifest: dict[s
     }
     sv.root.write_json(f"{sv.version}/manifest.json", manifest)
     store_gate.refuse_failed(job, sv, manifest)
+    _refuse_placeholders_over_a_model(job, sv, manifest)
     try:
         sv.root.swap_json("CURRENT.json", {**pointer, "committed": utc_now()}, sv.base_token)
     except PointerMoved:

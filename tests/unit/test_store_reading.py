@@ -18,8 +18,8 @@ import pytest
 from stepback_ray.cli import main
 from stepback_ray.config import load_job
 from stepback_ray.data.rows import shard_of
-from stepback_ray.errors import ConfigError, DamagedFile, NotAProfileStore, StorageError, UnknownColumn
-from stepback_ray.pipeline import run_job
+from stepback_ray.errors import ConfigError, DamagedFile, NotAProfileStore, StepbackError, StorageError, UnknownColumn
+from stepback_ray.pipeline import run_job, run_profile_job
 from stepback_ray.storage import run_store
 from stepback_ray.store.reader import SERVING_COLUMNS, read_profiles
 from tests.support import REPO, SAMPLE, free_port
@@ -363,3 +363,32 @@ def test_forget_dry_run_reports_what_would_go_and_writes_nothing(copy, capsys):
     assert main(["forget", "--store", str(store), "--user", user, "--undo", "--dry-run"]) == 0
     assert json.loads(capsys.readouterr().out)["removed_from_deny_list"] == [user]
     assert (store / "forgotten" / "deny-list.json").read_bytes() == deny
+
+
+def test_a_dry_run_night_does_not_replace_a_models_profiles(copy):
+    """A capacity test on the dry-run engine pointed at a store a model made: its version stays uncommitted (one
+    line saying how to serve it anyway) and CURRENT.json keeps the model's version."""
+    store = copy / "store"
+    _fabricate(store, "vllm1", **{"pointer.engine_kind": "vllm", "pointer.model": "m/x", "config.engine.kind": "vllm"})
+    assert main(["promote", "--store", str(store), "--version", "vllm1"]) == 0
+    live = (store / "CURRENT.json").read_bytes()
+    job = load_job(
+        None,
+        ["engine.kind=dry-run"],
+        data={
+            "name": "night",
+            "task": "LaMP_5",
+            "run_id": "night2",
+            "input": {"questions": f"{SAMPLE}_questions.json", "outputs": f"{SAMPLE}_outputs.json"},
+            "output": str(copy / "runs" / "night2"),
+            "profile_store": {"uri": str(store)},
+            "ray": {"num_shards": SHARDS, "progress_bars": False},
+            "executor": "in-process",
+        },
+    )
+    with pytest.raises(StepbackError) as e:
+        run_profile_job(job)
+    line = str(e.value)
+    assert "placeholder profiles" in line and "vllm engine (m/x)" in line and "left uncommitted" in line
+    assert "--force" in line and "\n" not in line
+    assert (store / "CURRENT.json").read_bytes() == live
