@@ -222,7 +222,10 @@ def _option_row(action: argparse.Action) -> str:
         notes.append("one of " + ", ".join(f"`{c}`" for c in action.choices))
     if action.default not in (None, [], False, argparse.SUPPRESS) and action.nargs != 0:
         notes.append(f"default `{_yaml(action.default)}`")
-    help_text = (action.help or "") % {"default": action.default} if action.help else ""
+    try:  # argparse's own expansion of %(default)s, %(prog)s, ... in a help text
+        help_text = (action.help or "") % {**vars(action), "prog": "stepback"}
+    except (KeyError, TypeError, ValueError):
+        help_text = action.help or ""
     return f"| {name} | {_cell(help_text)} | {'; '.join(notes)} |"
 
 
