@@ -214,8 +214,10 @@ def _option_row(action: argparse.Action) -> str:
     else:
         name = f"`{action.metavar or action.dest}`"
     notes = []
-    if action.required or not action.option_strings:
+    if action.required or (not action.option_strings and action.nargs not in ("?", "*")):
         notes.append("required")
+    elif not action.option_strings:
+        notes.append("optional")
     if isinstance(action, argparse._AppendAction):
         notes.append("repeatable")
     if action.choices and action.option_strings:
