@@ -47,7 +47,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print(
         f"stepback: running {job.name} ({job.task}, modes {', '.join(job.modes)}) -> {job.output_uri}", file=sys.stderr
     )
-    result = run_job(job, verbose=args.verbose)
+    result = run_job(job, quiet=not args.verbose)
     _say_damage(result.metrics.get("profiles"))
     print(format_table(result.metrics))
     print(f"outputs: {result.output_uri} (total {result.manifest['timings']['total_s']:.1f} s)")
@@ -61,7 +61,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 
     store = job.profile_store.uri or "(none: profiles kept in the run output)"
     print(f"stepback: profiling {job.name} ({job.task}) -> store {store}", file=sys.stderr)
-    result = run_profile_job(job, verbose=args.verbose)
+    result = run_profile_job(job, quiet=not args.verbose)
     _say_damage(result.metrics["profiles"])
     print(json.dumps(result.metrics["profiles"], indent=1))
     # standard output is the statistics as JSON; the report's place goes beside the other lines for a person
@@ -79,7 +79,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     job = load_job(args.job, [*args.set, "ray.progress_bars=false"])
     from stepback_ray.pipeline.estimate import estimate_job  # deferred: pyarrow, nltk, scipy
 
-    print(json.dumps(estimate_job(job, args.tokens_per_s, args.profile_only, verbose=args.verbose), indent=1))
+    print(json.dumps(estimate_job(job, args.tokens_per_s, args.profile_only, quiet=not args.verbose), indent=1))
     return 0
 
 

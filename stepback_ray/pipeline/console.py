@@ -63,6 +63,8 @@ def ray_output_to_log(job: JobSpec) -> Iterator[str]:
         return
     sys.stdout.flush()
     sys.stderr.flush()
+    colour = os.environ.get("RAY_COLOR_PREFIX")
+    os.environ["RAY_COLOR_PREFIX"] = "0"  # the workers' lines Ray relays, without terminal colour codes in a file
     saved = {fd: os.dup(fd) for fd in (1, 2)}
     shown = os.fdopen(os.dup(2), "w", buffering=1, encoding=getattr(sys.stderr, "encoding", None) or "utf-8")
     try:
@@ -82,6 +84,10 @@ def ray_output_to_log(job: JobSpec) -> Iterator[str]:
         for original in saved.values():
             os.close(original)
         shown.close()
+        if colour is None:
+            os.environ.pop("RAY_COLOR_PREFIX", None)
+        else:
+            os.environ["RAY_COLOR_PREFIX"] = colour
         if not is_local(store.fs):
             _copy_log(store, path)
 

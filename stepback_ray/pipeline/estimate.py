@@ -21,11 +21,9 @@ from stepback_ray.pipeline import run_job, run_profile_job
 from stepback_ray.pipeline.console import LOG_FILE
 
 
-def estimate_job(
-    job: JobSpec, tokens_per_s: float, profile_only: bool = False, verbose: bool = False
-) -> dict[str, Any]:
-    """The job's cost, from a dry run of it into a scratch output that is removed afterwards, all but the Ray
-    log its console named (``logs/``, when it ran on Ray); ``verbose``: Ray's output on the console instead."""
+def estimate_job(job: JobSpec, tokens_per_s: float, profile_only: bool = False, quiet: bool = False) -> dict[str, Any]:
+    """The job's cost, from a dry run of it into a scratch output that is removed afterwards; ``quiet``: Ray's
+    output in the scratch output's log file (:mod:`.console`), which is kept (``logs/``) for the console named it."""
     scratch = tempfile.mkdtemp(prefix="stepback-plan-")
     try:
         # planned on this machine whatever the job's cluster: LaMP JSON in this process (no Ray), a dataset on a
@@ -43,7 +41,7 @@ def estimate_job(
                 "profile_store": job.profile_store.model_copy(update={"uri": None}),
             }
         )
-        result = run_profile_job(dry, verbose) if profile_only else run_job(dry, verbose=verbose)
+        result = run_profile_job(dry, quiet) if profile_only else run_job(dry, quiet=quiet)
     finally:
         _remove_all_but_logs(scratch)
     prof = result.metrics.get("profiles") or {}

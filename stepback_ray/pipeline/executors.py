@@ -26,21 +26,21 @@ def ray_backend() -> ModuleType:
 
 
 @contextlib.contextmanager
-def executor(job: JobSpec, engine: Any = None, verbose: bool = False) -> Iterator[Executor]:
+def executor(job: JobSpec, engine: Any = None, quiet: bool = False) -> Iterator[Executor]:
     """What runs the job's passes: a Ray session, or the in-process executor (no Ray for LaMP JSON; a dataset
     input is staged by Ray Data, so a local Ray is started for the staging, and its passes run here), with
-    ``engine`` if given (see :class:`InProcess`). Ray's own output goes to the run's log file unless ``verbose``
-    (:mod:`.console`)."""
+    ``engine`` if given (see :class:`InProcess`). ``quiet``: Ray's own output goes to the run's log file, not the
+    console (:mod:`.console`)."""
     if job.executor == "in-process":
         local = InProcess(job, engine)
         try:
-            with ray_backend().ray_session(job, verbose) if job.input.format != "lamp" else contextlib.nullcontext():
+            with ray_backend().ray_session(job, quiet) if job.input.format != "lamp" else contextlib.nullcontext():
                 yield Executor(job, local)
         finally:
             local.close()
     else:
         ray_run = ray_backend()
-        with ray_run.ray_session(job, verbose):
+        with ray_run.ray_session(job, quiet):
             hosts = ray_run.EngineHosts() if job.ray.keep_engines else None
             try:
                 yield Executor(job, None, hosts)

@@ -57,10 +57,11 @@ def _start(job: JobSpec, command: Command) -> tuple[RunStore, Work | None, bool,
     return store, work, resumed, t_start
 
 
-def run_job(job: JobSpec, engine: Any = None, verbose: bool = False) -> RunResult:
+def run_job(job: JobSpec, engine: Any = None, quiet: bool = False) -> RunResult:
     """Run the whole job: read, profile, generate, score, write. Returns the metrics and the manifest.
     ``engine``: one the caller built for ``job.engine`` and keeps (the in-process executor only; a profile of the
-    run reads its phases). ``verbose``: Ray's own logs on the console too (:func:`~.executors.executor`)."""
+    run reads its phases). ``quiet``: Ray's own output in the run's log file, not on the console (:mod:`.console`;
+    the command's default, ``--verbose`` turns it off)."""
     if engine is not None and job.executor != "in-process":
         raise StepbackError("run_job: an engine built by the caller runs in process only (executor: in-process)")
     if job.input.format != "lamp" and job.input.layout == "item":
@@ -70,7 +71,7 @@ def run_job(job: JobSpec, engine: Any = None, verbose: bool = False) -> RunResul
         )
     store, work, resumed, t_start = _start(job, "run")
     try:
-        return _run_job(job, store, work, resumed, t_start, engine, verbose)
+        return _run_job(job, store, work, resumed, t_start, engine, quiet)
     except RunFailed as e:
         failed_manifest(job, "run", store, t_start, resumed, e)
         raise
@@ -83,11 +84,11 @@ def _run_job(
     resumed: bool,
     t_start: float,
     engine: Any = None,
-    verbose: bool = False,
+    quiet: bool = False,
 ) -> RunResult:
     t_exec = time.time()
     profiled = needs_profiles(job, "run")
-    with executor(job, engine, verbose) as ex:
+    with executor(job, engine, quiet) as ex:
         t_ray = time.time()
         work = work or prepare_work(job, profiled)
         t_passes = time.time()
@@ -152,14 +153,14 @@ def _run_job(
     return RunResult(job.output_uri, result_metrics, manifest, build_report(job.output_uri, job.storage))
 
 
-def run_profile_job(job: JobSpec, verbose: bool = False) -> RunResult:
+def run_profile_job(job: JobSpec, quiet: bool = False) -> RunResult:
     """Profile only (the nightly job): every user of the input, unchanged ones carried over from the store. Its
     report (:mod:`~stepback_ray.evaluation.profile_report`) is written whether the run finished or failed.
-    ``verbose``: Ray's own logs on the console too (:func:`~.executors.executor`)."""
+    ``quiet``: Ray's own output in the run's log file, not on the console (:mod:`.console`)."""
     store, work, resumed, t_start = _start(job, "profile")
     try:
         t_exec = time.time()
-        with executor(job, verbose=verbose) as ex:
+        with executor(job, quiet=quiet) as ex:
             t_ray = time.time()
             work = work or prepare_work(job, needs_profiles=True)
             timings: dict[str, float] = {

@@ -157,13 +157,13 @@ def init_local_ray(object_store_gib: float | None = None, **kwargs: Any) -> None
 
 
 @contextlib.contextmanager
-def ray_session(job: JobSpec, verbose: bool = False) -> Iterator[None]:
+def ray_session(job: JobSpec, quiet: bool = False) -> Iterator[None]:
     """Connect to the job's Ray cluster, or start a local one and shut it down afterwards. A session this opens
-    sends Ray's output to the run's log file (:func:`~.console.ray_output_to_log`) unless ``verbose``; one already
-    open (a test's, a benchmark's) is used as it is."""
-    with contextlib.ExitStack() as quiet:
-        if not verbose and not ray.is_initialized():
-            quiet.enter_context(ray_output_to_log(job))
+    sends Ray's output to the run's log file when ``quiet`` (:func:`~.console.ray_output_to_log`); one already open
+    (a test's, a benchmark's) is used as it is."""
+    with contextlib.ExitStack() as output:
+        if quiet and not ray.is_initialized():
+            output.enter_context(ray_output_to_log(job))
         with _session(job):
             yield
 

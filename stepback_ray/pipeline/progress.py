@@ -58,7 +58,8 @@ class PassProgress:
         elapsed = max(self.clock() - self.started, 1e-9)
         text = f"{self.name} pass: {self.done}/{self.total} chunks, {self.rows} {self.unit}"
         if self.done:
-            text += f", {self.rows / elapsed:.1f} {self.unit}/s"
+            rate = self.rows / elapsed
+            text += f", {rate:.2f} {self.unit}/s" if rate < 1 else f", {rate:.1f} {self.unit}/s"
         if self.done == self.total:
             return text + f", done in {duration(elapsed)}"
         if self.done:

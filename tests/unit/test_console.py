@@ -92,7 +92,7 @@ def test_on_a_terminal_the_line_is_rewritten_in_place_and_ended_once():
     progress.finish()
     text = out.getvalue()
     assert text.count("\r") == 4 and text.count("\n") == 1 and text.endswith("done in 3m15s\x1b[K\n")
-    assert "generation pass: 1/3 chunks, 10 rows, 0.2 rows/s, ETA 2m10s" in text
+    assert "generation pass: 1/3 chunks, 10 rows, 0.15 rows/s, ETA 2m10s" in text
 
 
 def test_ray_output_goes_to_the_run_log_and_the_run_s_own_lines_to_the_console(tmp_path, capfd):
@@ -115,3 +115,26 @@ def test_the_job_commands_take_verbose(command):
     parser = build_parser()
     assert parser.parse_args([command, "job.yaml", "--verbose"]).verbose is True
     assert parser.parse_args([command, "job.yaml"]).verbose is False
+
+
+@pytest.mark.parametrize("quiet", [True, False], ids=["quiet", "verbose"])
+def test_a_session_the_run_starts_sends_ray_s_output_to_the_log_only_when_quiet(tmp_path, capfd, monkeypatch, quiet):
+    """Ray itself replaced by what it does to the console: its C++ and Python lines written to standard error."""
+    import ray
+
+    from stepback_ray.pipeline.on_ray import ray_session
+
+    started = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: bool(started))
+    monkeypatch.setattr(ray, "init", lambda **kw: started.append(os.write(2, b"Token authentication is enabled\n")))
+    monkeypatch.setattr(ray, "shutdown", lambda: os.write(2, b"core_worker.cc E shutting down\n"))
+    data = {"name": "c", "task": "LaMP_5", "input": {"questions": "q.json"}, "output": str(tmp_path)}
+    with ray_session(load_job(None, [], data=data), quiet=quiet):
+        say("profile pass: 2 chunks to do")
+    err = capfd.readouterr().err
+    log = tmp_path / LOG_FILE
+    if quiet:
+        assert err.splitlines() == [f"logs: {log}", "profile pass: 2 chunks to do"]
+        assert log.read_text() == "Token authentication is enabled\ncore_worker.cc E shutting down\n"
+    else:
+        assert "Token authentication" in err and "core_worker.cc" in err and not log.exists()
