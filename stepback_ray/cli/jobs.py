@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -46,10 +47,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print(
         f"stepback: running {job.name} ({job.task}, modes {', '.join(job.modes)}) -> {job.output_uri}", file=sys.stderr
     )
-    result = run_job(job)
+    result = run_job(job, quiet=not args.verbose)
     _say_damage(result.metrics.get("profiles"))
     print(format_table(result.metrics))
     print(f"outputs: {result.output_uri} (total {result.manifest['timings']['total_s']:.1f} s)")
+    print(f"report: {result.report}")
     return 0
 
 
@@ -59,9 +61,11 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 
     store = job.profile_store.uri or "(none: profiles kept in the run output)"
     print(f"stepback: profiling {job.name} ({job.task}) -> store {store}", file=sys.stderr)
-    result = run_profile_job(job)
+    result = run_profile_job(job, quiet=not args.verbose)
     _say_damage(result.metrics["profiles"])
     print(json.dumps(result.metrics["profiles"], indent=1))
+    # standard output is the statistics as JSON; the report's place goes beside the other lines for a person
+    print(f"report: {result.report} (total {result.manifest['timings']['total_s']:.1f} s)", file=sys.stderr)
     return 0
 
 
@@ -75,7 +79,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     job = load_job(args.job, [*args.set, "ray.progress_bars=false"])
     from stepback_ray.pipeline.estimate import estimate_job  # deferred: pyarrow, nltk, scipy
 
-    print(json.dumps(estimate_job(job, args.tokens_per_s, args.profile_only), indent=1))
+    print(json.dumps(estimate_job(job, args.tokens_per_s, args.profile_only, quiet=not args.verbose), indent=1))
     return 0
 
 
@@ -112,10 +116,21 @@ def _submitted_job(args: argparse.Namespace, asked: list[tuple[str, str]]) -> in
 
 def _cmd_train_pplug(args: argparse.Namespace) -> int:
     job = load_job(args.job, args.set)
+    if not args.verbose:  # the models' weight-loading bars (transformers reads this when imported, just below)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from stepback_ray.pplug.training import train  # deferred: torch
 
     print(json.dumps(train(job, log=lambda m: print(m, file=sys.stderr, flush=True)), indent=1))
     return 0
+
+
+def _add_verbose(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="Ray's and Ray Data's own logs on the console too (by default they go to logs/ray.log in the output, "
+        "and the console shows the run's progress lines)",
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -123,14 +138,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     run = sub.add_parser("run", help="run a job end to end")
     run.add_argument("job", help="job spec (YAML)")
     add_set(run)
+    _add_verbose(run)
     run.set_defaults(func=_cmd_run)
     prof = sub.add_parser("profile", help="profile only: the nightly re-profiling job")
     prof.add_argument("job", help="job spec (YAML)")
     add_set(prof)
+    _add_verbose(prof)
     prof.set_defaults(func=_cmd_profile)
     plan = sub.add_parser("plan", help="dry run: what the job will cost, without loading a model")
     plan.add_argument("job", help="job spec (YAML)")
     add_set(plan)
+    _add_verbose(plan)
     plan.add_argument(
         "--tokens-per-s",
         type=positive_float,
@@ -169,4 +187,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     tp = sub.add_parser("train-pplug", help="train the Persona-Plug projector; the checkpoint goes to the output")
     tp.add_argument("job", help="job spec (YAML) with a pplug section")
     add_set(tp)
+    tp.add_argument(
+        "--verbose", action="store_true", help="the libraries' own progress bars too (the models' weight loading)"
+    )
     tp.set_defaults(func=_cmd_train_pplug)

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from stepback_ray.evaluation.metrics import score_notes
+from stepback_ray.evaluation.report_parts import split_timings
 
 FIGURES = ("metrics.png", "history.png", "stages.png", "throughput.png", "failures.png")
 
@@ -27,6 +28,18 @@ def _steps(t: np.ndarray, most: int = 4000) -> tuple[np.ndarray, np.ndarray]:
         keep = np.unique(np.linspace(0, len(t) - 1, most).astype(int))
         t, n = t[keep], n[keep]
     return t, n
+
+
+def pass_chart_inputs(timings: dict[str, Any]) -> tuple[dict[str, float], dict[str, float]]:
+    """The bars of the seconds-per-phase chart, labelled without ``_s``: (the phases' wall times, the seconds spent
+    within a pass: its engines' start and CPU seconds). Seconds only (:func:`~.report_parts.split_timings`): the
+    counts beside them (engines started, preemptions) are in the report's timings table, not on this axis."""
+    seconds, _ = split_timings(timings)
+    wall, within = {}, {}
+    for k, v in seconds.items():
+        label = k[:-2].replace("_", " ")
+        (within if ("engine" in k or "model_load" in k) else wall)[label] = v
+    return wall, within
 
 
 def draw_figures(data: dict[str, Any], intervals: dict[str, tuple[float, float, float]]) -> dict[str, bytes]:
@@ -87,11 +100,7 @@ def draw_figures(data: dict[str, Any], intervals: dict[str, tuple[float, float, 
     prompt = [prof["prompt_tokens"]] + [metrics["modes"][m]["prompt_tokens"] for m in modes]
     output = [prof["completion_tokens"]] + [metrics["modes"][m]["completion_tokens"] for m in modes]
     secs = [prof["engine_seconds"]] + [metrics["modes"][m]["engine_seconds"] for m in modes]
-    timings = {
-        k[:-2].replace("_", " "): v
-        for k, v in manifest.get("timings", {}).items()
-        if isinstance(v, (int, float)) and k != "total_s"
-    }
+    wall, within = pass_chart_inputs(manifest.get("timings", {}))
     fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(11.5, 3.4))
     a1.bar(stages, prompt, label="prompt tokens", color="#4C72B0")
     a1.bar(stages, output, bottom=prompt, label="generated tokens", color="#DD8452")
@@ -99,8 +108,12 @@ def draw_figures(data: dict[str, Any], intervals: dict[str, tuple[float, float, 
     a1.legend(fontsize=7)
     a2.bar(stages, secs, color="#55A868")
     a2.set_title("Engine seconds per stage")
-    a3.bar(list(timings), list(timings.values()), color="#8172B3")
-    a3.set_title(f"Wall seconds per pass (total {manifest.get('timings', {}).get('total_s', 0):.0f} s)")
+    a3.bar(list(wall), list(wall.values()), color="#8172B3", label="wall time")
+    if within:
+        a3.bar(list(within), list(within.values()), color="#CCB974", label="within its pass")
+        a3.legend(fontsize=7)
+    a3.set_ylabel("seconds")
+    a3.set_title(f"Seconds per phase (total {manifest.get('timings', {}).get('total_s', 0):.0f} s)")
     for a in (a1, a2, a3):
         plt.setp(a.get_xticklabels(), rotation=25, ha="right", fontsize=7)
     fig.tight_layout()

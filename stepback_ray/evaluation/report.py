@@ -21,6 +21,8 @@ from stepback_ray.data.rows import status_kind
 from stepback_ray.errors import InputError
 from stepback_ray.evaluation.figures import FIGURES, draw_figures
 from stepback_ray.evaluation.metrics import bootstrap_ci, score_notes
+from stepback_ray.evaluation.profile_report import build_profile_report
+from stepback_ray.evaluation.report_parts import cell, facts_table, page, profile_section, timings_section
 from stepback_ray.storage import RunStore
 
 EXAMPLES = 4
@@ -175,65 +177,18 @@ def _html(data: dict[str, Any], intervals: dict[str, tuple[float, float, float]]
         facts["scores"] = "; ".join(notes)
     if data["quarantine_reasons"]:
         facts["quarantine reasons"] = ", ".join(f"{k}: {n}" for k, n in sorted(data["quarantine_reasons"].items()))
-    fact_html = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts.items())
     figs = "".join(f'<figure><img src="{f}" alt="{f}"></figure>' for f in FIGURES)
-    profile_html = _profile_section(m.get("profiles"))
-    examples_html = _examples_section(data["examples"], list(m["modes"]))
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>stepback-ray run {html.escape(str(man.get("run_id")))}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 24px; color: #222; max-width: 1100px; }}
-table {{ border-collapse: collapse; margin: 8px 0 20px; font-size: 14px; }}
-th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: left; }}
-th {{ background: #f3f3f3; }}
-figure {{ display: inline-block; margin: 6px; vertical-align: top; }}
-img {{ max-width: 520px; border: 1px solid #ddd; }}
-pre {{ white-space: pre-wrap; margin: 0; font-size: 13px; }}
-.example {{ margin-bottom: 18px; }}
-</style></head><body>
-<h1>stepback-ray run report</h1>
-<table>{fact_html}</table>
+    body = f"""<h1>stepback-ray run report</h1>
+{facts_table(facts)}
 <h2>Metrics by mode</h2>
 <table><tr>{head}</tr>{"".join(rows)}</table>
 {"".join(f"<p>{html.escape(n)}</p>" for n in notes)}
-{profile_html}
-{examples_html}
+{profile_section(m.get("profiles"))}
+{_examples_section(data["examples"], list(m["modes"]))}
+{timings_section(man.get("timings"))}
 <h2>Figures</h2>
-{figs}
-</body></html>
-"""
-
-
-def _cell(v: Any) -> str:
-    return html.escape("-" if v is None else str(v))
-
-
-def _profile_section(stats: dict[str, Any] | None) -> str:
-    """The profile pass: statuses and the model-free measures of how personal the profiles are."""
-    if not stats:
-        return ""
-    q = stats.get("quality") or {}
-    facts = {
-        "users": stats.get("users"),
-        "statuses": ", ".join(f"{k}: {n}" for k, n in sorted((stats.get("statuses") or {}).items())),
-        "origins": ", ".join(f"{k}: {n}" for k, n in sorted((stats.get("origins") or {}).items()) if n),
-    }
-    for key, label in (
-        ("identifiability", "identifiability (LLM fields)"),
-        ("identifiability_with_habits", "identifiability (as prompted, with habits)"),
-    ):
-        ident = q.get(key) or {}
-        if ident.get("top1") is not None:
-            facts[label] = (
-                f"top-1 {ident['top1']:.3f} (chance {ident['chance_top1']:.3f}), MRR {ident['mrr']:.3f} "
-                f"(chance {ident['chance_mrr']:.3f}) over {ident['users']} users"
-            )
-    if (q.get("grounding") or {}).get("keywords_grounded") is not None:
-        facts["keywords found in the user's own history"] = f"{q['grounding']['keywords_grounded']:.1%}"
-    if q.get("copied_from_example") is not None:
-        facts["profiles repeating the worked example"] = f"{q['copied_from_example']:.1%}"
-    body = "".join(f"<tr><th>{html.escape(k)}</th><td>{_cell(v)}</td></tr>" for k, v in facts.items())
-    return f"<h2>Profiles</h2>\n<table>{body}</table>"
+{figs}"""
+    return page(f"stepback-ray run {man.get('run_id')}", body)
 
 
 def _examples_section(examples: list[dict[str, Any]], modes: list[str]) -> str:
@@ -244,25 +199,35 @@ def _examples_section(examples: list[dict[str, Any]], modes: list[str]) -> str:
     for ex in examples:
         recent = "".join(f"<li>{html.escape(t)}</li>" for t in ex["recent"]) or "<li>-</li>"
         rows = "".join(
-            f"<tr><td>{html.escape(m)}</td><td>{_cell(r.get('output'))}</td>"
-            f"<td>{'-' if r.get('score') is None else format(r['score'], '.3f')}</td><td>{_cell(r.get('status'))}"
+            f"<tr><td>{html.escape(m)}</td><td>{cell(r.get('output'))}</td>"
+            f"<td>{'-' if r.get('score') is None else format(r['score'], '.3f')}</td><td>{cell(r.get('status'))}"
             "</td></tr>"
             for m in modes
             if (r := ex["modes"].get(m)) is not None
         )
         parts.append(
-            f'<div class="example"><table><tr><th>user</th><td>{_cell(ex["user_id"])} (query {_cell(ex["query_id"])})'
+            f'<div class="example"><table><tr><th>user</th><td>{cell(ex["user_id"])} (query {cell(ex["query_id"])})'
             f"</td></tr><tr><th>newest history items</th><td><ul>{recent}</ul></td></tr>"
-            f"<tr><th>profile</th><td><pre>{_cell(ex['profile_text'])}</pre></td></tr>"
-            f"<tr><th>gold</th><td>{_cell(ex['gold'])}</td></tr></table>"
+            f"<tr><th>profile</th><td><pre>{cell(ex['profile_text'])}</pre></td></tr>"
+            f"<tr><th>gold</th><td>{cell(ex['gold'])}</td></tr></table>"
             f"<table><tr><th>mode</th><th>output</th><th>score</th><th>status</th></tr>{rows}</table></div>"
         )
     return "\n".join(parts)
 
 
+def is_profile_run(store: RunStore) -> bool:
+    """``store`` holds a ``stepback profile`` run (finished or failed): its manifest says so, and it has no metrics
+    (a profile run scores nothing)."""
+    return (
+        not store.exists("metrics.json")
+        and store.exists("manifest.json")
+        and store.read_json("manifest.json").get("command") == "profile"
+    )
+
+
 def check_finished_run(store: RunStore) -> None:
     """A report is built from a finished run: say so in one line when ``store`` is not one (a missing folder, a
-    mistyped one, a run that stopped before its manifest, a ``stepback profile`` output that has no metrics)."""
+    mistyped one, a run that stopped before its manifest)."""
     missing = [name for name in ("manifest.json", "metrics.json") if not store.exists(name)]
     if not missing:
         return
@@ -272,14 +237,16 @@ def check_finished_run(store: RunStore) -> None:
         )
     raise InputError(
         store.uri,
-        f"not a finished run: no {' and no '.join(missing)} (a run writes manifest.json "
-        "last; `stepback profile` writes no metrics.json and no report)",
+        f"not a finished run: no {' and no '.join(missing)} (a run writes manifest.json last)",
     )
 
 
 def build_report(uri: str, storage: StorageConfig | None = None) -> str:
-    """Write ``report.html`` and its figures under the run's URI; return the report's URI."""
+    """Write ``report.html`` and its figures under the run's URI (a ``stepback profile`` run's:
+    :mod:`~.profile_report`); return the report's URI."""
     store = RunStore(uri, storage or StorageConfig())
+    if is_profile_run(store):
+        return build_profile_report(store)
     check_finished_run(store)
     data = _load(store)
     intervals = _intervals(data)

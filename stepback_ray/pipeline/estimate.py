@@ -10,6 +10,7 @@ planned as a full rebuild (the store is not touched). A LaMP job is planned in t
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from typing import Any
@@ -17,9 +18,12 @@ from typing import Any
 from stepback_ray.config import JobSpec
 from stepback_ray.engines.prefix import summary
 from stepback_ray.pipeline import run_job, run_profile_job
+from stepback_ray.pipeline.console import LOG_FILE
 
 
-def estimate_job(job: JobSpec, tokens_per_s: float, profile_only: bool = False) -> dict[str, Any]:
+def estimate_job(job: JobSpec, tokens_per_s: float, profile_only: bool = False, quiet: bool = False) -> dict[str, Any]:
+    """The job's cost, from a dry run of it into a scratch output that is removed afterwards; ``quiet``: Ray's
+    output in the scratch output's log file (:mod:`.console`), which is kept (``logs/``) for the console named it."""
     scratch = tempfile.mkdtemp(prefix="stepback-plan-")
     try:
         # planned on this machine whatever the job's cluster: LaMP JSON in this process (no Ray), a dataset on a
@@ -37,9 +41,9 @@ def estimate_job(job: JobSpec, tokens_per_s: float, profile_only: bool = False) 
                 "profile_store": job.profile_store.model_copy(update={"uri": None}),
             }
         )
-        result = run_profile_job(dry) if profile_only else run_job(dry)
+        result = run_profile_job(dry, quiet) if profile_only else run_job(dry, quiet=quiet)
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        _remove_all_but_logs(scratch)
     prof = result.metrics.get("profiles") or {}
     modes = result.metrics.get("modes", {})
     passes = {}
@@ -81,3 +85,15 @@ def estimate_job(job: JobSpec, tokens_per_s: float, profile_only: bool = False) 
         "prefix_cache: the prompt tokens a prefix cache (vLLM's, engine.vllm.prefix_caching) would serve "
         "instead of computing, modelled on the prompts in the order the engine gets them (no eviction)",
     }
+
+
+def _remove_all_but_logs(scratch: str) -> None:
+    """The scratch output removed, except the Ray log the console named (the whole folder when there is none)."""
+    logs = os.path.dirname(os.path.join(scratch, LOG_FILE))
+    if not os.path.isdir(logs):
+        shutil.rmtree(scratch, ignore_errors=True)
+        return
+    for name in os.listdir(scratch):
+        path = os.path.join(scratch, name)
+        if path != logs:
+            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from stepback_ray.config import JobSpec
 from stepback_ray.pipeline.in_process import InProcess
-from stepback_ray.pipeline.stages import PassSpec
+from stepback_ray.pipeline.stages import OnCommit, PassSpec
 
 if TYPE_CHECKING:
     from stepback_ray.pipeline.engine_host import EngineHosts
@@ -26,20 +26,21 @@ def ray_backend() -> ModuleType:
 
 
 @contextlib.contextmanager
-def executor(job: JobSpec, engine: Any = None) -> Iterator[Executor]:
+def executor(job: JobSpec, engine: Any = None, quiet: bool = False) -> Iterator[Executor]:
     """What runs the job's passes: a Ray session, or the in-process executor (no Ray for LaMP JSON; a dataset
     input is staged by Ray Data, so a local Ray is started for the staging, and its passes run here), with
-    ``engine`` if given (see :class:`InProcess`)."""
+    ``engine`` if given (see :class:`InProcess`). ``quiet``: Ray's own output goes to the run's log file, not the
+    console (:mod:`.console`)."""
     if job.executor == "in-process":
         local = InProcess(job, engine)
         try:
-            with ray_backend().ray_session(job) if job.input.format != "lamp" else contextlib.nullcontext():
+            with ray_backend().ray_session(job, quiet) if job.input.format != "lamp" else contextlib.nullcontext():
                 yield Executor(job, local)
         finally:
             local.close()
     else:
         ray_run = ray_backend()
-        with ray_run.ray_session(job):
+        with ray_run.ray_session(job, quiet):
             hosts = ray_run.EngineHosts() if job.ray.keep_engines else None
             try:
                 yield Executor(job, None, hosts)
@@ -59,11 +60,19 @@ class Executor:
     def on_ray(self) -> bool:
         return self.local is None
 
-    def run(self, spec: PassSpec, chunks: list[dict[str, Any]], at: Any, job: JobSpec | None = None) -> list[dict]:
+    def run(
+        self,
+        spec: PassSpec,
+        chunks: list[dict[str, Any]],
+        at: Any,
+        job: JobSpec | None = None,
+        on_commit: OnCommit | None = None,
+    ) -> list[dict]:
         """Run one pass over ``chunks`` (nothing to do: no summaries); ``job``: a variant of the run's job (the
-        quality gate's sample writes elsewhere, with its own modes)."""
+        quality gate's sample writes elsewhere, with its own modes); ``on_commit``: called in this process with
+        each chunk's commit summary as it arrives (the pass's progress line)."""
         if not chunks:
             return []
         if self.local is not None:
-            return self.local.run(spec, chunks, at, job)
-        return ray_backend().run_on_ray(job or self.job, spec, chunks, at, self.hosts)
+            return self.local.run(spec, chunks, at, job, on_commit)
+        return ray_backend().run_on_ray(job or self.job, spec, chunks, at, self.hosts, on_commit)

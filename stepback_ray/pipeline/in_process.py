@@ -14,7 +14,7 @@ from stepback_ray.config import EngineConfig, JobSpec
 from stepback_ray.engines import build_engine
 from stepback_ray.engines.guard import FatalEngineError
 from stepback_ray.errors import RunFailed
-from stepback_ray.pipeline.stages import PassSpec, stage_kwargs
+from stepback_ray.pipeline.stages import OnCommit, PassSpec, stage_kwargs
 
 
 class InProcess:
@@ -41,7 +41,14 @@ class InProcess:
         self._engines[key] = build_engine(config)
         return self._engines[key], (started, time.time())
 
-    def run(self, spec: PassSpec, chunks: list[dict[str, Any]], at: Any, job: JobSpec | None = None) -> list[dict]:
+    def run(
+        self,
+        spec: PassSpec,
+        chunks: list[dict[str, Any]],
+        at: Any,
+        job: JobSpec | None = None,
+        on_commit: OnCommit | None = None,
+    ) -> list[dict]:
         job = job or self.job
         built = []
         for stage in spec.stages:
@@ -65,7 +72,10 @@ class InProcess:
                     "chunks of this pass were committed and are kept: fix the engine and rerun the "
                     "same run id"
                 ) from None
-            summaries += block.to_pylist()
+            for summary in block.to_pylist():
+                summaries.append(summary)
+                if on_commit is not None:
+                    on_commit(summary)
         return summaries
 
     def close(self) -> None:

@@ -36,6 +36,8 @@ class RunResult:
     output_uri: str
     metrics: dict[str, Any]
     manifest: dict[str, Any]
+    report: str | None = None
+    """The report's URI (``report.html``)."""
 
 
 def _start(job: JobSpec, command: Command) -> tuple[RunStore, Work | None, bool, float]:
@@ -55,10 +57,11 @@ def _start(job: JobSpec, command: Command) -> tuple[RunStore, Work | None, bool,
     return store, work, resumed, t_start
 
 
-def run_job(job: JobSpec, engine: Any = None) -> RunResult:
+def run_job(job: JobSpec, engine: Any = None, quiet: bool = False) -> RunResult:
     """Run the whole job: read, profile, generate, score, write. Returns the metrics and the manifest.
     ``engine``: one the caller built for ``job.engine`` and keeps (the in-process executor only; a profile of the
-    run reads its phases)."""
+    run reads its phases). ``quiet``: Ray's own output in the run's log file, not on the console (:mod:`.console`;
+    the command's default, ``--verbose`` turns it off)."""
     if engine is not None and job.executor != "in-process":
         raise StepbackError("run_job: an engine built by the caller runs in process only (executor: in-process)")
     if job.input.format != "lamp" and job.input.layout == "item":
@@ -68,9 +71,9 @@ def run_job(job: JobSpec, engine: Any = None) -> RunResult:
         )
     store, work, resumed, t_start = _start(job, "run")
     try:
-        return _run_job(job, store, work, resumed, t_start, engine)
+        return _run_job(job, store, work, resumed, t_start, engine, quiet)
     except RunFailed as e:
-        failed_manifest(job, store, t_start, resumed, e)
+        failed_manifest(job, "run", store, t_start, resumed, e)
         raise
 
 
@@ -81,10 +84,11 @@ def _run_job(
     resumed: bool,
     t_start: float,
     engine: Any = None,
+    quiet: bool = False,
 ) -> RunResult:
     t_exec = time.time()
     profiled = needs_profiles(job, "run")
-    with executor(job, engine) as ex:
+    with executor(job, engine, quiet) as ex:
         t_ray = time.time()
         work = work or prepare_work(job, profiled)
         t_passes = time.time()
@@ -121,7 +125,7 @@ def _run_job(
     expected = queries * len(job.modes)
     generated = gen_counts["generation_rows"]
     manifest = {
-        **manifest_head(job, t_start, resumed, "ok"),
+        **manifest_head(job, "run", t_start, resumed, "ok"),
         "counts": {
             **work.counts,
             "shards": work.shards,
@@ -146,25 +150,46 @@ def _run_job(
     if generated != expected:
         raise StepbackError(f"{job.output_uri}: {generated} generation rows committed, expected {expected}")
     store.write_json("manifest.json", manifest)
-    build_report(job.output_uri, job.storage)
-    return RunResult(job.output_uri, result_metrics, manifest)
+    return RunResult(job.output_uri, result_metrics, manifest, build_report(job.output_uri, job.storage))
 
 
-def run_profile_job(job: JobSpec) -> RunResult:
-    """Profile only (the nightly job): every user of the input, unchanged ones carried over from the store."""
+def run_profile_job(job: JobSpec, quiet: bool = False) -> RunResult:
+    """Profile only (the nightly job): every user of the input, unchanged ones carried over from the store. Its
+    report (:mod:`~stepback_ray.evaluation.profile_report`) is written whether the run finished or failed.
+    ``quiet``: Ray's own output in the run's log file, not on the console (:mod:`.console`)."""
     store, work, resumed, t_start = _start(job, "profile")
     try:
-        with executor(job) as ex:
+        t_exec = time.time()
+        with executor(job, quiet=quiet) as ex:
+            t_ray = time.time()
             work = work or prepare_work(job, needs_profiles=True)
-            at, stats, _ = run_user_passes(ex, job, work, "profile", resumed)
+            timings: dict[str, float] = {
+                "read_s": round(t_exec - t_start + time.time() - t_ray, 3),
+                "ray_start_s": round(t_ray - t_exec, 3),
+            }
+            at, stats, pass_times = run_user_passes(ex, job, work, "profile", resumed)
+            timings.update(pass_times)
+            t1 = time.time()
+        timings["shutdown_s"] = round(time.time() - t1, 3)
     except RunFailed as e:
-        failed_manifest(job, store, t_start, resumed, e)
+        failed_manifest(job, "profile", store, t_start, resumed, e)
+        _report_of_failed(job, e)
         raise
+    timings["total_s"] = round(time.time() - t_start, 3)
     manifest = {
-        **manifest_head(job, t_start, resumed, "ok"),
+        **manifest_head(job, "profile", t_start, resumed, "ok"),
         "counts": {**work.counts, "shards": work.shards},
         "profiles": {"uri": at.uri, "folder": at.folder, "version": at.version, **stats},
-        "timings": {"total_s": round(time.time() - t_start, 3)},
+        "timings": timings,
     }
     store.write_json("manifest.json", manifest)
-    return RunResult(job.output_uri, {"profiles": stats}, manifest)
+    return RunResult(job.output_uri, {"profiles": stats}, manifest, build_report(job.output_uri, job.storage))
+
+
+def _report_of_failed(job: JobSpec, error: RunFailed) -> None:
+    """A failed profile run's report (why it failed, what it had measured). Should even that fail, the run's own
+    error is still the one raised, saying the report is missing and why."""
+    try:
+        build_report(job.output_uri, job.storage)
+    except StepbackError as e:
+        error.args = (f"{error.args[0] if error.args else error}; its report could not be written: {e}",)

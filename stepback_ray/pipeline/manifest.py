@@ -12,6 +12,7 @@ from typing import Any
 from stepback_ray import __version__
 from stepback_ray.config import JobSpec, speed_only_keys, without_keys
 from stepback_ray.errors import ErrorBudgetExceeded, RunFailed, StepbackError
+from stepback_ray.pipeline.stages import Command
 from stepback_ray.storage import RunStore
 
 
@@ -110,11 +111,13 @@ def check_error_budget(job: JobSpec, what: str, errors: int, total: int, counts:
         raise ErrorBudgetExceeded(what, errors, total, job.max_error_fraction, counts)
 
 
-def manifest_head(job: JobSpec, t_start: float, resumed: bool, status: str) -> dict[str, Any]:
-    """The fields every manifest starts with (a finished run's, a profile job's, a failed run's)."""
+def manifest_head(job: JobSpec, command: Command, t_start: float, resumed: bool, status: str) -> dict[str, Any]:
+    """The fields every manifest starts with (a finished run's, a profile job's, a failed run's); ``command``:
+    which command ran (``stepback report`` builds a profile run's report from it)."""
     return {
         "run_id": job.run_id,
         "name": job.name,
+        "command": command,
         "output": job.output_uri,
         "resumed": resumed,
         "status": status,
@@ -125,9 +128,15 @@ def manifest_head(job: JobSpec, t_start: float, resumed: bool, status: str) -> d
     }
 
 
-def failed_manifest(job: JobSpec, store: RunStore, t_start: float, resumed: bool, error: RunFailed) -> None:
+def failed_manifest(
+    job: JobSpec, command: Command, store: RunStore, t_start: float, resumed: bool, error: RunFailed
+) -> None:
     """What a failed run leaves for whoever looks: ``status: failed``, why, and the counts it reached."""
     store.write_json(
         "manifest.json",
-        {**manifest_head(job, t_start, resumed, "failed"), "error": str(error), "counts": getattr(error, "counts", {})},
+        {
+            **manifest_head(job, command, t_start, resumed, "failed"),
+            "error": str(error),
+            "counts": getattr(error, "counts", {}),
+        },
     )

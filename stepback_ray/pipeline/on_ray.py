@@ -26,18 +26,24 @@ from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
 
 from stepback_ray.config import JobSpec
 from stepback_ray.errors import RunFailed
+from stepback_ray.pipeline.console import LOG_FILE, ray_output_to_log
 from stepback_ray.pipeline.engine_host import EngineHosts, first_blocks, serve_on_host
 from stepback_ray.pipeline.engine_stage import serves_side_by_side
 from stepback_ray.pipeline.resources import WORKER_ENV, connect_cluster, engine_resources
-from stepback_ray.pipeline.stages import PassSpec, stage_kwargs, stage_resources
+from stepback_ray.pipeline.stages import OnCommit, PassSpec, stage_kwargs, stage_resources
 
 
 def run_on_ray(
-    job: JobSpec, spec: PassSpec, chunks: list[dict[str, Any]], at: Any, hosts: EngineHosts | None = None
+    job: JobSpec,
+    spec: PassSpec,
+    chunks: list[dict[str, Any]],
+    at: Any,
+    hosts: EngineHosts | None = None,
+    on_commit: OnCommit | None = None,
 ) -> list[dict]:
-    """Run ``spec`` over ``chunks`` as one Ray Data pass; returns the commit summaries. ``hosts``: the run's engine
-    actors kept across passes (:mod:`.engine_host`), which serve the engine stage; None: the pass starts its own
-    engine actor pool."""
+    """Run ``spec`` over ``chunks`` as one Ray Data pass; returns the commit summaries (each handed to
+    ``on_commit`` as it arrives). ``hosts``: the run's engine actors kept across passes (:mod:`.engine_host`),
+    which serve the engine stage; None: the pass starts its own engine actor pool."""
     ds = ray.data.from_items(chunks, override_num_blocks=len(chunks))
     common = dict(batch_size=None, batch_format="pyarrow", zero_copy_batch=True)
     for stage in spec.stages:
@@ -84,7 +90,7 @@ def run_on_ray(
                 **({"concurrency": r.concurrency} if r.concurrency else {}),
                 **common,
             )
-    return take_all(ds, job, spec.name, hosts)
+    return take_all(ds, job, spec.name, hosts, on_commit)
 
 
 def engine_compute(job: JobSpec, actors: int):
@@ -100,12 +106,20 @@ def engine_compute(job: JobSpec, actors: int):
     return ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=in_flight, **side_by_side)
 
 
-def take_all(ds, job: JobSpec, name: str, hosts: EngineHosts | None = None) -> list[dict]:
-    """Run the pass; an engine actor that died past its restarts fails the run (exit 3) in one line. A pass's own
-    engine actor's death reaches here as the exception; a host's reaches the task that waited on it, whose error
-    arrives as text, so on a failure the hosts are asked whether they are still there."""
+def take_all(
+    ds, job: JobSpec, name: str, hosts: EngineHosts | None = None, on_commit: OnCommit | None = None
+) -> list[dict]:
+    """Run the pass, each commit summary handed to ``on_commit`` as it arrives; an engine actor that died past its
+    restarts fails the run (exit 3) in one line. A pass's own engine actor's death reaches here as the exception; a
+    host's reaches the task that waited on it, whose error arrives as text, so on a failure the hosts are asked
+    whether they are still there."""
     try:
-        return ds.take_all()
+        rows = []
+        for row in ds.iter_rows():
+            rows.append(row)
+            if on_commit is not None:
+                on_commit(row)
+        return rows
     except Exception as e:
         seen, cause, dead = set(), e, False
         while cause is not None and id(cause) not in seen and not dead:
@@ -116,8 +130,8 @@ def take_all(ds, job: JobSpec, name: str, hosts: EngineHosts | None = None) -> l
             raise RunFailed(
                 f"the {name} pass's engine actor died {job.engine.max_restarts + 1} times "
                 f"(engine.max_restarts = {job.engine.max_restarts}; the reasons are the 'stepback: "
-                "fatal engine failure' lines in the log); committed chunks are kept: fix the engine "
-                "and rerun the same run id"
+                f"fatal engine failure' lines in the run's {LOG_FILE}, or on the console with --verbose); "
+                "committed chunks are kept: fix the engine and rerun the same run id"
             ) from e
         raise
 
@@ -143,8 +157,19 @@ def init_local_ray(object_store_gib: float | None = None, **kwargs: Any) -> None
 
 
 @contextlib.contextmanager
-def ray_session(job: JobSpec) -> Iterator[None]:
-    """Connect to the job's Ray cluster, or start a local one and shut it down afterwards."""
+def ray_session(job: JobSpec, quiet: bool = False) -> Iterator[None]:
+    """Connect to the job's Ray cluster, or start a local one and shut it down afterwards. A session this opens
+    sends Ray's output to the run's log file when ``quiet`` (:func:`~.console.ray_output_to_log`); one already open
+    (a test's, a benchmark's) is used as it is."""
+    with contextlib.ExitStack() as output:
+        if quiet and not ray.is_initialized():
+            output.enter_context(ray_output_to_log(job))
+        with _session(job):
+            yield
+
+
+@contextlib.contextmanager
+def _session(job: JobSpec) -> Iterator[None]:
     started = False
     if not ray.is_initialized():
         on_sigterm = signal.getsignal(signal.SIGTERM)

@@ -10,7 +10,9 @@ from typing import Any
 from stepback_ray.config import JobSpec
 from stepback_ray.pipeline.chunks import ProfilesAt
 from stepback_ray.pipeline.commit import pending
+from stepback_ray.pipeline.console import say
 from stepback_ray.pipeline.executors import Executor
+from stepback_ray.pipeline.progress import PassProgress
 from stepback_ray.pipeline.stages import PassSpec
 
 
@@ -23,13 +25,23 @@ def run_passes(
     walls: dict[str, float],
     details: dict[str, float | int],
 ) -> dict[str, list[dict[str, Any]]]:
-    """Run ``passes`` in order over what each still has to do of ``chunks`` (a rerun skips committed chunks);
-    returns each pass's commit summaries by name, and records each one's wall time in ``walls`` and its engines'
-    costs in ``details``."""
+    """Run ``passes`` in order over what each still has to do of ``chunks`` (a rerun skips committed chunks), each
+    with its progress line on the console (:mod:`.progress`); returns each pass's commit summaries by name, and
+    records each one's wall time in ``walls`` and its engines' costs in ``details``."""
     summaries: dict[str, list[dict[str, Any]]] = {}
     for spec in passes:
         t0 = time.time()
-        done = ex.run(spec, pending(*spec.commits_to(job, at), job, chunks), at)
+        todo = pending(*spec.commits_to(job, at), job, chunks)
+        if todo:
+            progress = PassProgress(spec.name, len(todo), "users" if spec.over == "users" else "rows")
+            try:
+                done = ex.run(spec, todo, at, on_commit=lambda summary, p=progress: p.chunk_done(summary["rows"]))
+            finally:
+                progress.finish()
+        else:
+            done = []
+            if chunks:
+                say(f"{spec.name} pass: all {len(chunks)} chunks already committed")
         walls[f"{spec.name}_pass_s"] = round(time.time() - t0, 3)
         if spec.engine_stage is not None:
             details.update(engine_start_times(spec.name, done, t0), **engine_usage(spec.name, done))

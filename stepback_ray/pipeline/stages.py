@@ -18,6 +18,10 @@ Command = Literal["run", "profile"]
 """``stepback run`` (every pass a job's modes need) or ``stepback profile`` (the nightly per-user passes)."""
 
 
+OnCommit = Callable[[dict[str, Any]], None]
+"""Called by an executor in the driver with each chunk's commit summary as it arrives."""
+
+
 @dataclass(frozen=True)
 class Stage:
     """One step of a pass. ``udf`` is built (a class: a CPU or engine stage) or called (a function: a commit stage)

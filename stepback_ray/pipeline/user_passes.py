@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from stepback_ray.config import JobSpec
+from stepback_ray.errors import RunFailed
 from stepback_ray.pipeline.chunks import ProfilesAt
 from stepback_ray.pipeline.executors import Executor
 from stepback_ray.pipeline.gate_sample import measure_lift
@@ -74,6 +75,28 @@ def run_user_passes(
     if damaged:  # files of the base version not carried: their users were profiled again
         stats["damaged_base_files"] = damaged
     stats.update(chunks_committed_this_run=len(summaries[PROFILE_PASS.name]), wall_s=round(time.time() - t0, 3))
+    try:
+        _check_and_commit(ex, job, work, at, sv, stats, walls)
+    except RunFailed as e:  # what the run measured goes into its failed manifest, and so into its report
+        e.counts = {
+            **getattr(e, "counts", {}),
+            "profile_stats": {"uri": at.uri, "folder": at.folder, "version": at.version, **stats},
+        }
+        raise
+    return at, stats, times()
+
+
+def _check_and_commit(
+    ex: Executor,
+    job: JobSpec,
+    work: Work,
+    at: ProfilesAt,
+    sv: StoreVersion | None,
+    stats: dict[str, Any],
+    walls: dict[str, float],
+) -> None:
+    """The profiles' error budget, then with a profile store the gate's sample, its checks and the version's
+    commit (``stats`` gains their figures, ``walls`` the sample's wall time)."""
     check_error_budget(
         job,
         "profiles",
@@ -101,4 +124,3 @@ def run_user_passes(
                 "files": RunStore(at.uri, job.storage).list(at.folder, ".parquet"),
             },
         )
-    return at, stats, times()

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from stepback_ray.config import StorageConfig
 from stepback_ray.data import donors
 from stepback_ray.errors import StepbackError
-from stepback_ray.evaluation.report import build_report
+from stepback_ray.evaluation.report import build_report, is_profile_run
 from stepback_ray.evaluation.summary import summarize
 from stepback_ray.modes import mode_spec
 from stepback_ray.storage import RunStore
@@ -224,6 +224,10 @@ def scrub_run(uri: str, ids: set[str], storage: StorageConfig, dry_run: bool = F
         else:
             _rebuild_summary(run, spec, out)
             run.remove(REBUILD_OWED)
+    if is_profile_run(run) and run.exists("report.html"):  # it names users not ok: rebuilt from what remains
+        if not dry_run:
+            build_report(run.uri, run.storage)
+        out.files.append(run.uri_of("report.html"))
     return out
 
 

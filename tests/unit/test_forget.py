@@ -237,10 +237,10 @@ def test_a_forget_during_a_nightly_run_is_not_undone_by_its_commit(tmp_path, mon
     real = in_process.InProcess.run
     before = when.startswith("before")
 
-    def forget_around_the_pass(self, spec, chunks, at, job=None):
+    def forget_around_the_pass(self, spec, chunks, at, *rest):
         if spec.name == "profile" and before:
             forget(store, [user])
-        out = real(self, spec, chunks, at, job)
+        out = real(self, spec, chunks, at, *rest)
         if spec.name == "profile" and not before:
             forget(store, [user])
         return out

@@ -223,8 +223,8 @@ def test_per_stage_resources_reach_ray_data(tmp_path, monkeypatch):
             calls.append((fn, kwargs))
             return self
 
-        def take_all(self):
-            return []
+        def iter_rows(self):
+            return iter([])
 
     monkeypatch.setattr(ray.data, "from_items", lambda items, **kw: Recorder())
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})

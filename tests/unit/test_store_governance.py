@@ -174,6 +174,12 @@ def test_a_failing_gate_keeps_the_live_version_exits_non_zero_and_promote_serves
     assert manifest["gate"]["passed"] is False and [c["value"] for c in manifest["gate"]["checks"]] == [0.0, 1.0]
     run_manifest = json.loads((tmp_path / "runs" / "n2" / "manifest.json").read_text())
     assert run_manifest["status"] == "failed" and "quality gate refused" in run_manifest["error"]
+    # the refused night's report: why it failed, the gate's checks, what it measured, users not ok by name
+    report = (tmp_path / "runs" / "n2" / "report.html").read_text()
+    assert "The run failed: " in report and 'Quality gate: <span class="failed">failed' in report
+    assert "<td>min_ok_share</td><td>0.0</td><td>0.5</td><td>False</td><td>0 of 20 profiles ok</td>" in report
+    assert "carried: 0, incremental: 0, new: 0, recomputed: 20" in report and "top-1 " in report
+    assert "Profiles not ok (20; the first 5)" in report and report.count("<td>partial</td>") == 5
     # the same night again: refused again, nothing moves
     assert main(["profile", _write_spec(tmp_path, "n2", gated)]) == 4
     assert (store / "CURRENT.json").read_bytes() == live
@@ -194,6 +200,14 @@ def test_a_failing_gate_keeps_the_live_version_exits_non_zero_and_promote_serves
     assert f"moved from {n2} to {n1}" in capsys.readouterr().out
     # once another night has committed on top, the refused night is not resumed (nor its profiles served)
     assert main(["profile", _write_spec(tmp_path, "n3")]) == 0
+    err = capsys.readouterr().err
+    report = tmp_path / "runs" / "n3" / "report.html"
+    assert "profile pass: 4/4 chunks, 20 users, " in err and f"report: {report} (total " in err
+    page = report.read_text()
+    assert "carried: 20, incremental: 0, new: 0, recomputed: 0" in page and "<p>none configured" in page
+    assert "<td>profile pass</td>" in page and "<td>profile engines started</td><td>1</td>" in page
+    report.unlink()
+    assert main(["report", str(tmp_path / "runs" / "n3")]) == 0 and report.read_text() == page  # rebuilt alike
     capsys.readouterr()
     assert main(["profile", _write_spec(tmp_path, "n2", gated)]) == 2
     assert "was refused by the quality gate and the store has moved on" in capsys.readouterr().err
