@@ -26,14 +26,15 @@ def ray_backend() -> ModuleType:
 
 
 @contextlib.contextmanager
-def executor(job: JobSpec, engine: Any = None) -> Iterator[Executor]:
+def executor(job: JobSpec, engine: Any = None, staging: bool = True) -> Iterator[Executor]:
     """What runs the job's passes: a Ray session, or the in-process executor (no Ray for LaMP JSON; a dataset
     input is staged by Ray Data, so a local Ray is started for the staging, and its passes run here), with
-    ``engine`` if given (see :class:`InProcess`)."""
+    ``engine`` if given (see :class:`InProcess`). ``staging`` False: the work is in memory already (a plan's
+    sample), so the in-process executor starts no Ray for a dataset either."""
     if job.executor == "in-process":
         local = InProcess(job, engine)
         try:
-            with ray_backend().ray_session(job) if job.input.format != "lamp" else contextlib.nullcontext():
+            with ray_backend().ray_session(job) if job.input.format != "lamp" and staging else contextlib.nullcontext():
                 yield Executor(job, local)
         finally:
             local.close()

@@ -38,15 +38,15 @@ class RunResult:
     manifest: dict[str, Any]
 
 
-def _start(job: JobSpec, command: Command) -> tuple[RunStore, Work | None, bool, float]:
+def _start(job: JobSpec, command: Command, work: Work | None = None) -> tuple[RunStore, Work | None, bool, float]:
     """What every job does before any cluster work: claim the output (empty, new, or this run's own), read LaMP
-    input (bad input fails here, before the seconds the next check costs), check the model's tokenizer loads, and
-    record or match the spec."""
+    input unless ``work`` holds it already (bad input fails here, before the seconds the next check costs), check
+    the model's tokenizer loads, and record or match the spec."""
     t_start = time.time()
     check_stage_settings(job)
     store = RunStore(job.output_uri, job.storage)
     store.ensure_writable(run_marker="_run_spec.json")
-    work = prepare_work(job, needs_profiles(job, command))
+    work = work if work is not None else prepare_work(job, needs_profiles(job, command))
     PromptFormatter(job.engine)  # fail here, before any cluster work, if the model or its tokenizer is unusable
     if job.engine.kind == "openai" and not job.ray.address:  # local engine actors share this environment
         api_key(job.engine.openai)  # a missing API key variable fails here, as one line
@@ -55,10 +55,10 @@ def _start(job: JobSpec, command: Command) -> tuple[RunStore, Work | None, bool,
     return store, work, resumed, t_start
 
 
-def run_job(job: JobSpec, engine: Any = None) -> RunResult:
+def run_job(job: JobSpec, engine: Any = None, work: Work | None = None) -> RunResult:
     """Run the whole job: read, profile, generate, score, write. Returns the metrics and the manifest.
     ``engine``: one the caller built for ``job.engine`` and keeps (the in-process executor only; a profile of the
-    run reads its phases)."""
+    run reads its phases). ``work``: the input already in chunks (a plan's sample): not read, and not staged."""
     if engine is not None and job.executor != "in-process":
         raise StepbackError("run_job: an engine built by the caller runs in process only (executor: in-process)")
     if job.input.format != "lamp" and job.input.layout == "item":
@@ -66,9 +66,10 @@ def run_job(job: JobSpec, engine: Any = None) -> RunResult:
             "input.layout 'item' holds histories only, no queries to generate for: profile it with "
             "`stepback profile`, or give one row per user with its queries (layout: user)"
         )
-    store, work, resumed, t_start = _start(job, "run")
+    given = work is not None
+    store, work, resumed, t_start = _start(job, "run", work)
     try:
-        return _run_job(job, store, work, resumed, t_start, engine)
+        return _run_job(job, store, work, resumed, t_start, engine, given)
     except RunFailed as e:
         failed_manifest(job, store, t_start, resumed, e)
         raise
@@ -81,10 +82,11 @@ def _run_job(
     resumed: bool,
     t_start: float,
     engine: Any = None,
+    given: bool = False,
 ) -> RunResult:
     t_exec = time.time()
     profiled = needs_profiles(job, "run")
-    with executor(job, engine) as ex:
+    with executor(job, engine, staging=not given) as ex:
         t_ray = time.time()
         work = work or prepare_work(job, profiled)
         t_passes = time.time()
@@ -150,11 +152,13 @@ def _run_job(
     return RunResult(job.output_uri, result_metrics, manifest)
 
 
-def run_profile_job(job: JobSpec) -> RunResult:
-    """Profile only (the nightly job): every user of the input, unchanged ones carried over from the store."""
-    store, work, resumed, t_start = _start(job, "profile")
+def run_profile_job(job: JobSpec, work: Work | None = None) -> RunResult:
+    """Profile only (the nightly job): every user of the input, unchanged ones carried over from the store.
+    ``work``: the input already in chunks (a plan's sample): not read, and not staged."""
+    given = work is not None
+    store, work, resumed, t_start = _start(job, "profile", work)
     try:
-        with executor(job) as ex:
+        with executor(job, staging=not given) as ex:
             work = work or prepare_work(job, needs_profiles=True)
             at, stats, _ = run_user_passes(ex, job, work, "profile", resumed)
     except RunFailed as e:
