@@ -37,6 +37,10 @@ from stepback_ray.store.layout import read_pointer
 
 Z95 = 1.96
 """Standard errors either side of an estimate for a 95 % interval (normal approximation)."""
+MARGIN = (
+    "95 % margin of the prompt + output tokens (and GPU-hours) from the spread of the cost between the planned users: "
+    "1.96 standard errors of their mean, times the users, finite-population corrected (0: every user planned)"
+)
 
 
 def estimate_job(
@@ -109,8 +113,9 @@ def estimate_job(
     queries = counts.get("queries")
     out["queries"] = round(queries * scale) if queries is not None else None
     out.update(_totals(full, tokens_per_s))
-    out["plus_minus"] = _margin(units, margin_of, tokens_per_s, lambda p, g: p + g)
-    out["full_rebuild"] = {**_night(full, tokens_per_s), "plus_minus": out["plus_minus"]}
+    margin = _margin(units, margin_of, tokens_per_s, lambda p, g: p + g)
+    out["plus_minus"] = margin and {**margin, "what": MARGIN}
+    out["full_rebuild"] = {**_night(full, tokens_per_s), "plus_minus": margin}
     out["incremental_night"] = _incremental(job, changed, full, units, margin_of, tokens_per_s)
     if out["incremental_night"].get("gpu_hours") is not None and job.profile_store.incremental:
         k = job.profile_store.full_rebuild_every
@@ -214,12 +219,7 @@ def _margin(units: dict[str, tuple[int, int]], target: int, tokens_per_s: float,
     mean = sum(values) / n
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
     se = target * sd / math.sqrt(n) * math.sqrt(max(0.0, 1 - n / target))
-    return {
-        "tokens": round(Z95 * se),
-        "gpu_hours": _hours(Z95 * se, tokens_per_s),
-        "what": "95 % margin of prompt + output tokens from the spread of the cost per planned user (1.96 standard "
-        "errors of the mean, times the users, finite-population corrected)",
-    }
+    return {"tokens": round(Z95 * se), "gpu_hours": _hours(Z95 * se, tokens_per_s)}
 
 
 def _incremental(

@@ -14,12 +14,16 @@ from tests.support import REPO, lamp5_users
 
 
 def _users(n: int) -> list[dict]:
-    """``n`` users with real LaMP-5 items: the 20 sample users' histories, under ``n`` ids (u00000, ...)."""
+    """``n`` users with real LaMP-5 items (abstracts cut to 400 characters: fewer tokens to count), each a part of
+    one of the 20 sample users' histories, under ``n`` ids (u00000, ...)."""
     real = lamp5_users(20)
     return [
         {
             "user_id": f"u{i:05d}",
-            "history": real[i % 20]["history"][: 1 + (i * 7) % len(real[i % 20]["history"])],
+            "history": [
+                {**it, "abstract": it["abstract"][:400]}
+                for it in real[i % 20]["history"][: 1 + (i * 7) % len(real[i % 20]["history"])]
+            ],
             "queries": [{"query_id": f"q{i:05d}", "input": real[i % 20]["queries"][0]["input"], "gold": "t"}],
         }
         for i in range(n)
@@ -152,3 +156,77 @@ def test_profile_only_is_one_flag_on_plan_and_submit(monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         main([*base, "--command", "profile"])
     assert e.value.code == 2 and "unrecognized arguments: --command" in capsys.readouterr().err
+
+
+def test_a_sample_plan_scales_to_within_its_margin_of_planning_every_user(tmp_path):
+    """Profile pass (`stepback plan --profile-only`), 240 users: a sample of 40 scaled up lands within 10 % of the
+    plan of all 240 (the same dry run over every user: its margin is 0), and within its own 95 % margin; both say
+    how many users they planned and stand for. `--users` scales both; `--changed` gives the incremental night."""
+    from stepback_ray.pipeline.estimate import estimate_job
+
+    _write_parquet(tmp_path / "in", _users(240), 2)
+    job = _job(tmp_path, tmp_path / "in")
+    every = estimate_job(job, 1000.0, profile_only=True, sample=240)
+    part = estimate_job(job, 1000.0, profile_only=True, sample=40, changed=0.1)
+    assert every["sample"]["users"] == 240 and every["plus_minus"]["tokens"] == 0 and every["users"] == 240
+    assert (
+        part["sample"]["users"] == 40
+        and part["users"] == 240
+        and part["input"]["rows_counted_from"] == ("parquet metadata")
+    )
+    full = every["prompt_tokens"] + every["expected_output_tokens"]
+    scaled = part["prompt_tokens"] + part["expected_output_tokens"]
+    assert abs(scaled - full) <= 0.10 * full and abs(scaled - full) <= part["plus_minus"]["tokens"]
+    assert part["passes"]["profile"]["users"] == 240 and part["full_rebuild"]["users_profiled"] == 240
+    night = part["incremental_night"]
+    assert night["changed_share"] == 0.1 and night["users_profiled"] == 24
+    assert night["prompt_tokens"] == round(part["passes"]["profile"]["prompt_tokens"] * 0.1)
+    assert every["incremental_night"]["changed_share"] is None and "--changed" in every["incremental_night"]["why"]
+    ten_m = estimate_job(job, 1000.0, profile_only=True, sample=40, users=10_000_000)
+    assert ten_m["users"] == 10_000_000 and ten_m["users_from"] == "--users"
+    assert ten_m["prompt_tokens"] == pytest.approx(part["prompt_tokens"] * 10_000_000 / 240, rel=1e-3)
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """No name resolves and no connection opens (as tests/unit/test_bad_input.py's ``no_network``)."""
+    import socket
+
+    from stepback_ray.engines import hub
+
+    def refuse(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    hub.hub_unreachable.cache_clear()
+    yield
+    hub.hub_unreachable.cache_clear()
+
+
+def test_a_plan_of_a_hub_model_offline_fails_at_once_saying_to_set_engine_tokenizer(offline, capsys):
+    """jobs/nightly_profile.yaml names a hub id: offline, `stepback plan` says in one line, before any input is
+    read, that a plan needs only a tokenizer; with `engine.tokenizer` it needs no hub at all (the real engine's
+    tokenizer stays the model's: that key is for the dry run only)."""
+    import time
+
+    from stepback_ray.cli import main
+    from stepback_ray.config import EngineConfig
+    from stepback_ray.engines.formatting import PromptFormatter
+    from stepback_ray.errors import StepbackError
+
+    t0 = time.time()
+    assert main(["plan", str(REPO / "jobs" / "nightly_profile.yaml"), "--profile-only", "--sample", "5"]) == 2
+    assert time.time() - t0 < 5
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: engine.model 'Qwen/Qwen2.5-1.5B-Instruct' is a hub id")
+    assert "huggingface.co" in err[0] and "set engine.tokenizer to a local one of the same vocabulary" in err[0]
+    local = "packaged:smollm2-135m-instruct"
+    tools = PromptFormatter(EngineConfig(kind="dry-run", model="Qwen/Qwen2.5-1.5B-Instruct", tokenizer=local))
+    assert tools.count_tokens("step-back profiling") == PromptFormatter(EngineConfig(model=local)).count_tokens(
+        "step-back profiling"
+    )
+    with pytest.raises(StepbackError, match="'Qwen/Qwen2.5-1.5B-Instruct' is a hub id"):  # a real engine: the model's
+        PromptFormatter(EngineConfig(kind="vllm", model="Qwen/Qwen2.5-1.5B-Instruct", tokenizer=local))
