@@ -32,7 +32,7 @@ from stepback_ray.errors import StepbackError
 from stepback_ray.pipeline import run_job, run_profile_job
 from stepback_ray.pipeline.plan_sample import PlanSample, draw_sample
 from stepback_ray.pipeline.profile_pass import needs_profiles
-from stepback_ray.storage import RunStore
+from stepback_ray.storage import RunStore, describe_storage_error
 from stepback_ray.store.layout import read_pointer
 
 Z95 = 1.96
@@ -258,8 +258,8 @@ def _store_changed_share(job: JobSpec) -> tuple[float | None, str]:
     if not uri:
         return None, "no --changed and no profile store: give --changed FRACTION (the share of users whose history "
         "changed in a night)"
-    try:
-        root = RunStore(uri, job.storage)
+    try:  # asked once, not retried: the store is optional to a plan, which says why it could not read it
+        root = RunStore(uri, job.storage.model_copy(update={"retries": 0}))
         pointer = read_pointer(root)[0]
         version = pointer["version"] if pointer else None
         while version and root.exists(f"{version}/manifest.json"):  # (older versions: gone with retention)
@@ -270,5 +270,7 @@ def _store_changed_share(job: JobSpec) -> tuple[float | None, str]:
                 return round(redone / manifest["users"], 6), f"profile store {uri}: {version}"
             version = manifest.get("previous")
     except StepbackError as e:
-        return None, f"profile store {uri} not read ({e}); give --changed FRACTION"
+        return None, f"profile store not read ({e}); give --changed FRACTION"
+    except Exception as e:  # noqa: BLE001 - object storage's own errors (no credentials, say) are not OSErrors
+        return None, f"profile store not read ({describe_storage_error(uri, e)}); give --changed FRACTION"
     return None, f"profile store {uri} has no incremental night yet; give --changed FRACTION"
