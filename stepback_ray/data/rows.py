@@ -163,8 +163,8 @@ def profile_chunks(users: list[UserHistory], num_shards: int) -> list[dict[str, 
     by_shard: dict[int, list[UserHistory]] = {}
     for u in users:
         by_shard.setdefault(shard_of(u.user_id, num_shards), []).append(u)
-    return [
-        {"chunk_id": chunk_id(k), "payload": json.dumps([asdict(u) for u in part])}
+    return [  # (each user as asdict() would give it, without its deep copy of every history item)
+        {"chunk_id": chunk_id(k), "payload": json.dumps([{"user_id": u.user_id, "history": u.history} for u in part])}
         for k, part in sorted(by_shard.items())
     ]
 

@@ -13,15 +13,15 @@ counted.
 
 from __future__ import annotations
 
-import bisect
 import gzip
-import itertools
+import hashlib
 import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from stepback_ray.config import JobSpec
 from stepback_ray.data.datasets import input_files
 from stepback_ray.data.records import BadRecord, check_record
-from stepback_ray.data.rows import Query, UserHistory, smallest_hashes, user_hash, user_id_problem
+from stepback_ray.data.rows import Query, UserHistory, smallest_hashes, user_id_problem
 from stepback_ray.errors import StorageError
 from stepback_ray.storage import describe_storage_error, filesystem_for
 from stepback_ray.tasks import get_task
@@ -110,16 +110,25 @@ def sample_dataset(job: JobSpec, n: int) -> UserSample:
 def _draw_by_row_group(files: list[_ParquetIds], n: int, budget_rows: int) -> tuple[list[str], int, tuple[int, int]]:
     """The drawn ids (hash order), the valid user ids in all, and (row groups opened, row groups in all): see
     :func:`sample_dataset`."""
-    first: dict[str, tuple[int, int]] = {}  # user -> (file, row group) of their first row
-    for k, f in enumerate(files):
-        for uid, group in f.first_groups():
-            first.setdefault(uid, (k, group))
-    ids = [u for u in first if user_id_problem(u) is None]
-    sizes = {(k, g): size for k, f in enumerate(files) for g, size in enumerate(f.group_rows)}
-    opened: set[tuple[int, int]] = set()
+    sizes = [size for f in files for size in f.group_rows]
+    parts, base = [], 0
+    for f in files:  # each row's row group, numbered across the files in their order
+        if len(f.ids):
+            group_of_row = np.repeat(np.arange(base, base + len(f.group_rows)), f.group_rows)
+            parts.append(pa.table({"user_id": f.ids, "group": group_of_row}))
+        base += len(f.group_rows)
+    if not parts:
+        return [], 0, (0, len(sizes))
+    firsts = pa.concat_tables(parts).group_by("user_id").aggregate([("group", "min")])
+    ids, groups = firsts.column("user_id").to_pylist(), firsts.column("group_min").to_pylist()
+    valid = [k for k, u in enumerate(ids) if u is not None and user_id_problem(u) is None]
+    # user_hash of each, as one array: the first 8 bytes of each sha1, big-endian (one Python call per id, not three)
+    heads = b"".join([hashlib.sha1(ids[k].encode()).digest()[:8] for k in valid])
+    hashes = np.frombuffer(heads, dtype=">u8").astype(np.uint64)
+    opened: set[int] = set()
     rows, drawn = 0, []
-    for uid in sorted(ids, key=lambda u: (user_hash(u), u)):
-        group = first[uid]
+    for j in np.argsort(hashes, kind="stable").tolist():
+        uid, group = ids[valid[j]], groups[valid[j]]
         if group not in opened:
             if opened and rows + sizes[group] > budget_rows:
                 continue
@@ -128,7 +137,7 @@ def _draw_by_row_group(files: list[_ParquetIds], n: int, budget_rows: int) -> tu
         drawn.append(uid)
         if len(drawn) == n:
             break
-    return drawn, len(ids), (len(opened), len(sizes))
+    return drawn, len(valid), (len(opened), len(sizes))
 
 
 class _ParquetIds:
@@ -148,24 +157,6 @@ class _ParquetIds:
         except (pa.ArrowException, KeyError) as e:
             self.error = f"not readable as Parquet with a user_id column ({str(e).splitlines()[0][:200]})"
             self.group_rows = []
-
-    def distinct(self) -> list[str]:
-        return [u for u in pc.unique(self.ids).to_pylist() if u is not None]
-
-    def first_groups(self) -> Iterator[tuple[str, int]]:
-        """Each user id of the file with the row group of its first row here, in row order."""
-        if not len(self.ids):
-            return
-        firsts = (
-            pa.table({"user_id": self.ids, "row": pa.array(range(len(self.ids)), pa.int64())})
-            .group_by("user_id")
-            .aggregate([("row", "min")])
-            .sort_by("row_min")
-        )
-        bounds = list(itertools.accumulate(self.group_rows))
-        for uid, row in zip(firsts.column("user_id").to_pylist(), firsts.column("row_min").to_pylist()):
-            if uid is not None:
-                yield uid, bisect.bisect_right(bounds, row)
 
     def records(self, chosen: set[str]) -> list[tuple[Any, str | None]]:
         hits = pc.indices_nonzero(pc.fill_null(pc.is_in(self.ids, value_set=pa.array(sorted(chosen))), False))
