@@ -157,7 +157,7 @@ def _dry_run(
             }
         )
         work = drawn.work if drawn is not None else None
-        result = run_profile_job(dry, work) if profile_only else run_job(dry, work=work)
+        result = run_profile_job(dry, work) if profile_only else run_job(dry, work=work, report=False)
         per_user: dict[str, tuple[int, int]] = {}
         calls: dict[str, int] = {}
         for folder in ("profiles", "generations"):

@@ -55,10 +55,11 @@ def _start(job: JobSpec, command: Command, work: Work | None = None) -> tuple[Ru
     return store, work, resumed, t_start
 
 
-def run_job(job: JobSpec, engine: Any = None, work: Work | None = None) -> RunResult:
+def run_job(job: JobSpec, engine: Any = None, work: Work | None = None, report: bool = True) -> RunResult:
     """Run the whole job: read, profile, generate, score, write. Returns the metrics and the manifest.
     ``engine``: one the caller built for ``job.engine`` and keeps (the in-process executor only; a profile of the
-    run reads its phases). ``work``: the input already in chunks (a plan's sample): not read, and not staged."""
+    run reads its phases). ``work``: the input already in chunks (a plan's sample): not read, and not staged.
+    ``report`` False: no ``report.html`` and figures (a plan's dry run, whose output is thrown away)."""
     if engine is not None and job.executor != "in-process":
         raise StepbackError("run_job: an engine built by the caller runs in process only (executor: in-process)")
     if job.input.format != "lamp" and job.input.layout == "item":
@@ -69,7 +70,7 @@ def run_job(job: JobSpec, engine: Any = None, work: Work | None = None) -> RunRe
     given = work is not None
     store, work, resumed, t_start = _start(job, "run", work)
     try:
-        return _run_job(job, store, work, resumed, t_start, engine, given)
+        return _run_job(job, store, work, resumed, t_start, engine, given, report)
     except RunFailed as e:
         failed_manifest(job, store, t_start, resumed, e)
         raise
@@ -83,6 +84,7 @@ def _run_job(
     t_start: float,
     engine: Any = None,
     given: bool = False,
+    report: bool = True,
 ) -> RunResult:
     t_exec = time.time()
     profiled = needs_profiles(job, "run")
@@ -148,7 +150,8 @@ def _run_job(
     if generated != expected:
         raise StepbackError(f"{job.output_uri}: {generated} generation rows committed, expected {expected}")
     store.write_json("manifest.json", manifest)
-    build_report(job.output_uri, job.storage)
+    if report:
+        build_report(job.output_uri, job.storage)
     return RunResult(job.output_uri, result_metrics, manifest)
 
 

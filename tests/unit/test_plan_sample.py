@@ -230,3 +230,20 @@ def test_a_plan_of_a_hub_model_offline_fails_at_once_saying_to_set_engine_tokeni
     )
     with pytest.raises(StepbackError, match="'Qwen/Qwen2.5-1.5B-Instruct' is a hub id"):  # a real engine: the model's
         PromptFormatter(EngineConfig(kind="vllm", model="Qwen/Qwen2.5-1.5B-Instruct", tokenizer=local))
+
+
+def test_a_lamp_job_is_sampled_by_lead_user_and_scaled_to_its_counted_users():
+    """LaMP JSON is read whole (counted exactly) and the drawn lead users' queries planned, profiles and generation
+    alike; the scaled plan counts the input's users and queries."""
+    from stepback_ray.pipeline.estimate import estimate_job
+
+    job = load_job(REPO / "jobs" / "demo.yaml", ["engine.kind=dry-run", "output=/nonexistent/never"])
+    plan = estimate_job(job, 500.0, sample=4)
+    assert plan["sample"]["users"] == 4 and plan["sample"]["planned"]["queries"] == 4
+    assert plan["users"] == plan["input"]["lead_users"] == 20 and plan["queries"] == 20
+    assert plan["users_from"].startswith("counted: the LaMP JSON, read whole")
+    assert set(plan["passes"]) == {"profile", "generate:none", "generate:profile+rag"}
+    assert plan["passes"]["profile"]["users"] == 20 and plan["plus_minus"]["tokens"] > 0
+    assert plan["incremental_night"]["changed_share"] is None
+    calls = plan["sample"]["planned"]["passes"]["generate:none"]["llm_calls"]
+    assert calls == 4 and plan["passes"]["generate:none"]["llm_calls"] == 20  # one call a query, scaled
