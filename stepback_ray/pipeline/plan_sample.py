@@ -72,6 +72,9 @@ def draw_sample(job: JobSpec, n: int, needs_profiles: bool) -> PlanSample:
             "rows": sample.input_rows,
             "rows_counted_from": sample.rows_from,
             "layout": job.input.layout,
+            "rows_are": "history items (one row per item: users are counted by id, below)"
+            if job.input.layout == "item"
+            else "users (one row per user; a user split over rows is counted once, below)",
             "users": sample.input_users,
             "users_counted_from": "distinct valid user ids of the whole input (its user_id values alone)",
             "sampled_rows_refused": sample.refused_rows,
