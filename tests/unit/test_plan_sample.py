@@ -161,7 +161,7 @@ def test_profile_only_is_one_flag_on_plan_and_submit(monkeypatch, capsys):
 def test_a_sample_plan_scales_to_within_its_margin_of_planning_every_user(tmp_path):
     """Profile pass (`stepback plan --profile-only`), 240 users: a sample of 40 scaled up lands within 10 % of the
     plan of all 240 (the same dry run over every user: its margin is 0), and within its own 95 % margin; both say
-    how many users they planned and stand for. `--users` scales both; `--changed` gives the incremental night."""
+    how many users they planned and stand for; `--changed` gives the incremental night."""
     from stepback_ray.pipeline.estimate import estimate_job
 
     _write_parquet(tmp_path / "in", _users(240), 2)
@@ -182,9 +182,6 @@ def test_a_sample_plan_scales_to_within_its_margin_of_planning_every_user(tmp_pa
     assert night["changed_share"] == 0.1 and night["users_profiled"] == 24
     assert night["prompt_tokens"] == round(part["passes"]["profile"]["prompt_tokens"] * 0.1)
     assert every["incremental_night"]["changed_share"] is None and "--changed" in every["incremental_night"]["why"]
-    ten_m = estimate_job(job, 1000.0, profile_only=True, sample=40, users=10_000_000)
-    assert ten_m["users"] == 10_000_000 and ten_m["users_from"] == "--users"
-    assert ten_m["prompt_tokens"] == pytest.approx(part["prompt_tokens"] * 10_000_000 / 240, rel=1e-3)
 
 
 @pytest.fixture
@@ -232,18 +229,20 @@ def test_a_plan_of_a_hub_model_offline_fails_at_once_saying_to_set_engine_tokeni
         PromptFormatter(EngineConfig(kind="vllm", model="Qwen/Qwen2.5-1.5B-Instruct", tokenizer=local))
 
 
-def test_a_lamp_job_is_sampled_by_lead_user_and_scaled_to_its_counted_users():
-    """LaMP JSON is read whole (counted exactly) and the drawn lead users' queries planned, profiles and generation
-    alike; the scaled plan counts the input's users and queries."""
+def test_a_lamp_job_is_sampled_by_lead_user_and_scaled_to_its_counted_users_or_to_users():
+    """LaMP JSON is read whole (counted exactly: 20 lead users) and the drawn lead users' queries planned, profiles
+    and generation alike; `--users` scales the plan to that many users instead."""
     from stepback_ray.pipeline.estimate import estimate_job
 
     job = load_job(REPO / "jobs" / "demo.yaml", ["engine.kind=dry-run", "output=/nonexistent/never"])
-    plan = estimate_job(job, 500.0, sample=4)
+    plan = estimate_job(job, 500.0, sample=4, users=10_000_000)
     assert plan["sample"]["users"] == 4 and plan["sample"]["planned"]["queries"] == 4
-    assert plan["users"] == plan["input"]["lead_users"] == 20 and plan["queries"] == 20
-    assert plan["users_from"].startswith("counted: the LaMP JSON, read whole")
+    assert plan["input"]["lead_users"] == 20 and plan["input"]["users_counted_from"].startswith("the LaMP JSON")
+    assert plan["users"] == 10_000_000 and plan["users_from"] == "--users" and plan["queries"] == 10_000_000
     assert set(plan["passes"]) == {"profile", "generate:none", "generate:profile+rag"}
-    assert plan["passes"]["profile"]["users"] == 20 and plan["plus_minus"]["tokens"] > 0
+    planned = plan["sample"]["planned"]["passes"]
+    assert planned["generate:none"]["llm_calls"] == 4 and plan["passes"]["generate:none"]["llm_calls"] == 10_000_000
+    for name, scaled in plan["passes"].items():
+        assert scaled["prompt_tokens"] == round(planned[name]["prompt_tokens"] * 2_500_000), name
+    assert plan["passes"]["profile"]["users"] == 10_000_000 and plan["plus_minus"]["tokens"] > 0
     assert plan["incremental_night"]["changed_share"] is None
-    calls = plan["sample"]["planned"]["passes"]["generate:none"]["llm_calls"]
-    assert calls == 4 and plan["passes"]["generate:none"]["llm_calls"] == 20  # one call a query, scaled
