@@ -4,6 +4,8 @@
     stepback profile JOB.yaml [--set ...]           profile only (the nightly job; with a profile store,
                                                     only users whose history changed are recomputed)
     stepback plan JOB.yaml [--tokens-per-s N]       dry run: users, queries, tokens and GPU-hours, no model
+                   [--sample N] [--users N]         (of N users drawn by id hash, scaled to the input or N users;
+                   [--changed FRACTION]              a full rebuild and an incremental night)
     stepback submit JOB.yaml --address URL          submit a job to a Ray cluster (Ray Jobs) and follow it
     stepback submit --status ID --address URL       a submitted job's status (--logs ID: its logs so far)
     stepback score PRED.json GOLD.json [--task T]   official LaMP metrics of a predictions file, as JSON

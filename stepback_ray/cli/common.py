@@ -37,3 +37,25 @@ def positive_float(text: str) -> float:
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a finite number above 0")
     return value
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number above 0 (``--sample``, ``--users``), checked before any work."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number above 0")
+    return value
+
+
+def share(text: str) -> float:
+    """An argparse type: a share of users above 0 and at most 1 (``--changed``), checked before any work."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a share above 0 and at most 1, e.g. 0.05")
+    return value

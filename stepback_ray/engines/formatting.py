@@ -14,7 +14,7 @@ from typing import Any
 
 from stepback_ray.config import EngineConfig
 from stepback_ray.engines.base import Completion, Prompt, SamplingParams
-from stepback_ray.engines.models import resolve_model
+from stepback_ray.engines.models import resolve_model, resolve_tokenizer
 from stepback_ray.errors import StepbackError
 
 
@@ -73,15 +73,32 @@ def _context_length(path: str) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
+PLAN_TOKENIZER_ADVICE = (
+    "a dry run (stepback plan) needs only its tokenizer: set engine.tokenizer to a local one of the same vocabulary "
+    "(a tokenizer or model folder, or a packaged: model such as packaged:qwen2.5-coder-0.5b-instruct for Qwen2.5 "
+    "models), or download the model into the hub cache on a machine with network"
+)
+
+
+def tokenizer_path(config: EngineConfig) -> tuple[str, str]:
+    """Where the prompts of ``config`` are tokenized from, and the key that names it: a real engine's model; for the
+    dry-run engine, which loads no weights, a tokenizer alone (``engine.tokenizer`` when set, else the model's)."""
+    if config.kind != "dry-run":
+        return resolve_model(config.model), f"model {config.model!r}"
+    if config.tokenizer:
+        return resolve_tokenizer(config.tokenizer, "engine.tokenizer"), f"engine.tokenizer {config.tokenizer!r}"
+    return resolve_tokenizer(config.model, "engine.model", PLAN_TOKENIZER_ADVICE), f"model {config.model!r}"
+
+
 class PromptFormatter:
     def __init__(self, config: EngineConfig, path: str | None = None):
-        path = path or resolve_model(config.model)
+        named = f"model {config.model!r}"
+        if path is None:
+            path, named = tokenizer_path(config)
         try:
             self.tokenizer, model_ctx = load_tokenizer(path)
         except OSError as e:
-            raise StepbackError(
-                f"cannot load the tokenizer of model {config.model!r}: {str(e).splitlines()[0]}"
-            ) from None
+            raise StepbackError(f"cannot load the tokenizer of {named}: {str(e).splitlines()[0]}") from None
         self.path = path
         # the Rust tokenizer, called directly: the transformers wrapper adds its own work to every call, which
         # counts on short texts, and encode_batch_fast (tokenizers >= 0.20) skips the character offsets we never read

@@ -67,9 +67,11 @@ def _cached_snapshot(model: str) -> str | None:
         return None
 
 
-def hub_model(model: str, packaged: list[str]) -> str:
+def hub_model(model: str, packaged: list[str], advice: str | None = None, what: str = "model") -> str:
     """A hub id as it can be loaded here: unchanged when the hub answers; offline, the copy in the local hub cache,
-    or one line saying how to point at a local copy or one of the ``packaged`` models."""
+    or one line saying how to point at a local copy or one of the ``packaged`` models (``advice``: what to do
+    instead, where the caller knows better, e.g. that a plan needs only a tokenizer; ``what``: the id's name in
+    that line, e.g. ``engine.tokenizer``)."""
     offline = hub_unreachable()
     if offline is None:
         return model
@@ -77,7 +79,11 @@ def hub_model(model: str, packaged: list[str]) -> str:
     if cached is not None:
         return cached
     raise StepbackError(
-        f"model {model!r} is a hub id, but the hub cannot be reached ({offline}) and the model is not in the local "
-        f"hub cache: point engine.model at a local copy (a model folder or a .gguf file), or use a packaged "
-        f"model ({', '.join(packaged)})"
+        f"{what} {model!r} is a hub id, but the hub cannot be reached ({offline}) and it is not in the local hub "
+        "cache: "
+        + (
+            advice
+            or "point engine.model at a local copy (a model folder or a .gguf file), or use a packaged "
+            f"model ({', '.join(packaged)})"
+        )
     )

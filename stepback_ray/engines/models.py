@@ -7,6 +7,8 @@
   against their sha256, then converted like a single file.
 - A path to a ``.gguf`` file is converted the same way.
 - Anything else (a local folder or a hub id) is passed through to the engine unchanged.
+- What only counts tokens (the dry-run engine) takes the tokenizer alone (:func:`resolve_tokenizer`): of a GGUF
+  model not converted yet, its tokenizer and configuration are extracted without the weights.
 
 The cache lives in ``$STEPBACK_CACHE`` (default ``~/.cache/stepback-ray``). Conversion writes to a temporary
 folder and renames it into place, so concurrent engine actors never see half a model.
@@ -279,8 +281,73 @@ def _convert(gguf_path: Path, target: Path) -> Path:
     return target
 
 
-def resolve_model(model: str) -> str:
-    """A folder or hub id that ``from_pretrained`` can load for the job's ``engine.model``."""
+def _release(spec: PackagedModel) -> str | None:
+    """The installed release of a packaged model's package (None: not installed as a distribution)."""
+    try:
+        return f"{spec.package}=={importlib.metadata.version(spec.package.replace('_', '-'))}"
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _gguf_of(model: str) -> tuple[str, Path | PartedFile] | None:
+    """For a model that comes as a GGUF file (packaged, or a ``.gguf`` path): its converted folder's name in the
+    cache, and the file (or the parts it is assembled from). None: a folder, a hub id, a packaged folder."""
+    name = model.split(":", 1)[1] if model.startswith("packaged:") else None
+    spec = PACKAGED.get(name) if name else None
+    if spec is not None and spec.parted is not None:
+        return f"{name}-{spec.parted.sha256[:12]}", spec.parted
+    if spec is not None and spec.filename is not None:
+        path = _package_dir(spec, name) / spec.filename
+        return f"{name}-{_file_key(path, _release(spec))}", path
+    if name is None and model.endswith(".gguf") and Path(model).is_file():
+        return f"{Path(model).stem.lower()}-{_file_key(Path(model))}", Path(model)
+    return None
+
+
+def resolve_tokenizer(model: str, what: str = "model", advice: str | None = None) -> str:
+    """A folder (or hub id) that holds the tokenizer of ``model`` and its context length, for what only counts
+    tokens (the dry-run engine, ``stepback plan``): the converted model when the cache has it; for a GGUF model
+    (packaged, or a file) not converted yet, its tokenizer and configuration alone, extracted once into the cache
+    (no weights dequantized or written); anything else as :func:`resolve_model` resolves it."""
+    gguf = _gguf_of(model)
+    if gguf is None:
+        return resolve_model(model, what, advice)
+    key, source = gguf
+    if (cache_dir() / "models" / key / "config.json").is_file():
+        return str(cache_dir() / "models" / key)
+    target = cache_dir() / "tokenizers" / key
+
+    def extract() -> Path:
+        if isinstance(source, Path):
+            return _extract_tokenizer(source, target)
+        assembled = assemble_parts(source, cache_dir() / "gguf" / f"{key}-tokenizer" / f"{key}.gguf")
+        try:
+            return _extract_tokenizer(assembled, target)
+        finally:
+            shutil.rmtree(assembled.parent, ignore_errors=True)
+
+    return str(_once(target, extract))
+
+
+def _extract_tokenizer(gguf_path: Path, target: Path) -> Path:
+    """A GGUF file's tokenizer and model configuration (its context length) saved as a folder, weights left out."""
+    from transformers import AutoConfig, AutoTokenizer  # deferred: transformers imports torch
+
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex}"
+    tmp.mkdir(parents=True)
+    try:
+        kw = {"gguf_file": gguf_path.name}
+        AutoTokenizer.from_pretrained(gguf_path.parent, **kw).save_pretrained(tmp)
+        AutoConfig.from_pretrained(gguf_path.parent, **kw).save_pretrained(tmp)
+        os.rename(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model(model: str, what: str = "model", advice: str | None = None) -> str:
+    """A folder or hub id that ``from_pretrained`` can load for the job's ``engine.model`` (a hub id that cannot be
+    reached: one line naming ``what``, saying ``advice`` if given)."""
     if model.startswith("packaged:"):
         name = model.split(":", 1)[1]
         spec = PACKAGED.get(name)
@@ -291,11 +358,7 @@ def resolve_model(model: str) -> str:
         base = _package_dir(spec, name)
         if spec.filename is None:
             return str(base / spec.subdir)
-        try:
-            release = f"{spec.package}=={importlib.metadata.version(spec.package.replace('_', '-'))}"
-        except importlib.metadata.PackageNotFoundError:
-            release = None
-        return str(convert_gguf(base / spec.filename, name, release))
+        return str(convert_gguf(base / spec.filename, name, _release(spec)))
     if model.endswith(".gguf"):
         path = Path(model)
         if not path.is_file():
@@ -303,7 +366,7 @@ def resolve_model(model: str) -> str:
         return str(convert_gguf(path, path.stem.lower()))
     if model.startswith(("/", "./", "../", "~")) or Path(model).expanduser().exists():
         return model  # a local folder (one that is not there is the tokenizer's one line)
-    return hub_model(model, [f"packaged:{n}" for n in sorted(PACKAGED)])
+    return hub_model(model, [f"packaged:{n}" for n in sorted(PACKAGED)], advice, what)
 
 
 def load_input_embeddings(path: str):

@@ -26,15 +26,17 @@ def ray_backend() -> ModuleType:
 
 
 @contextlib.contextmanager
-def executor(job: JobSpec, engine: Any = None, quiet: bool = False) -> Iterator[Executor]:
+def executor(job: JobSpec, engine: Any = None, quiet: bool = False, staging: bool = True) -> Iterator[Executor]:
     """What runs the job's passes: a Ray session, or the in-process executor (no Ray for LaMP JSON; a dataset
     input is staged by Ray Data, so a local Ray is started for the staging, and its passes run here), with
     ``engine`` if given (see :class:`InProcess`). ``quiet``: Ray's own output goes to the run's log file, not the
-    console (:mod:`.console`)."""
+    console (:mod:`.console`). ``staging`` False: the work is in memory already (a plan's sample), so the
+    in-process executor starts no Ray for a dataset either."""
     if job.executor == "in-process":
         local = InProcess(job, engine)
         try:
-            with ray_backend().ray_session(job, quiet) if job.input.format != "lamp" else contextlib.nullcontext():
+            staged = job.input.format != "lamp" and staging
+            with ray_backend().ray_session(job, quiet) if staged else contextlib.nullcontext():
                 yield Executor(job, local)
         finally:
             local.close()

@@ -40,15 +40,15 @@ class RunResult:
     """The report's URI (``report.html``)."""
 
 
-def _start(job: JobSpec, command: Command) -> tuple[RunStore, Work | None, bool, float]:
+def _start(job: JobSpec, command: Command, work: Work | None = None) -> tuple[RunStore, Work | None, bool, float]:
     """What every job does before any cluster work: claim the output (empty, new, or this run's own), read LaMP
-    input (bad input fails here, before the seconds the next check costs), check the model's tokenizer loads, and
-    record or match the spec."""
+    input unless ``work`` holds it already (bad input fails here, before the seconds the next check costs), check
+    the model's tokenizer loads, and record or match the spec."""
     t_start = time.time()
     check_stage_settings(job)
     store = RunStore(job.output_uri, job.storage)
     store.ensure_writable(run_marker="_run_spec.json")
-    work = prepare_work(job, needs_profiles(job, command))
+    work = work if work is not None else prepare_work(job, needs_profiles(job, command))
     PromptFormatter(job.engine)  # fail here, before any cluster work, if the model or its tokenizer is unusable
     if job.engine.kind == "openai" and not job.ray.address:  # local engine actors share this environment
         api_key(job.engine.openai)  # a missing API key variable fails here, as one line
@@ -57,11 +57,15 @@ def _start(job: JobSpec, command: Command) -> tuple[RunStore, Work | None, bool,
     return store, work, resumed, t_start
 
 
-def run_job(job: JobSpec, engine: Any = None, quiet: bool = False) -> RunResult:
+def run_job(
+    job: JobSpec, engine: Any = None, work: Work | None = None, report: bool = True, quiet: bool = False
+) -> RunResult:
     """Run the whole job: read, profile, generate, score, write. Returns the metrics and the manifest.
     ``engine``: one the caller built for ``job.engine`` and keeps (the in-process executor only; a profile of the
-    run reads its phases). ``quiet``: Ray's own output in the run's log file, not on the console (:mod:`.console`;
-    the command's default, ``--verbose`` turns it off)."""
+    run reads its phases). ``work``: the input already in chunks (a plan's sample): not read, and not staged.
+    ``report`` False: no ``report.html`` and figures (a plan's dry run, whose output is thrown away). ``quiet``:
+    Ray's own output in the run's log file, not on the console (:mod:`.console`; the command's default,
+    ``--verbose`` turns it off)."""
     if engine is not None and job.executor != "in-process":
         raise StepbackError("run_job: an engine built by the caller runs in process only (executor: in-process)")
     if job.input.format != "lamp" and job.input.layout == "item":
@@ -69,9 +73,10 @@ def run_job(job: JobSpec, engine: Any = None, quiet: bool = False) -> RunResult:
             "input.layout 'item' holds histories only, no queries to generate for: profile it with "
             "`stepback profile`, or give one row per user with its queries (layout: user)"
         )
-    store, work, resumed, t_start = _start(job, "run")
+    given = work is not None
+    store, work, resumed, t_start = _start(job, "run", work)
     try:
-        return _run_job(job, store, work, resumed, t_start, engine, quiet)
+        return _run_job(job, store, work, resumed, t_start, engine, given, report, quiet)
     except RunFailed as e:
         failed_manifest(job, "run", store, t_start, resumed, e)
         raise
@@ -84,11 +89,13 @@ def _run_job(
     resumed: bool,
     t_start: float,
     engine: Any = None,
+    given: bool = False,
+    report: bool = True,
     quiet: bool = False,
 ) -> RunResult:
     t_exec = time.time()
     profiled = needs_profiles(job, "run")
-    with executor(job, engine, quiet) as ex:
+    with executor(job, engine, quiet, staging=not given) as ex:
         t_ray = time.time()
         work = work or prepare_work(job, profiled)
         t_passes = time.time()
@@ -150,17 +157,20 @@ def _run_job(
     if generated != expected:
         raise StepbackError(f"{job.output_uri}: {generated} generation rows committed, expected {expected}")
     store.write_json("manifest.json", manifest)
-    return RunResult(job.output_uri, result_metrics, manifest, build_report(job.output_uri, job.storage))
+    report_uri = build_report(job.output_uri, job.storage) if report else None
+    return RunResult(job.output_uri, result_metrics, manifest, report_uri)
 
 
-def run_profile_job(job: JobSpec, quiet: bool = False) -> RunResult:
+def run_profile_job(job: JobSpec, work: Work | None = None, report: bool = True, quiet: bool = False) -> RunResult:
     """Profile only (the nightly job): every user of the input, unchanged ones carried over from the store. Its
-    report (:mod:`~stepback_ray.evaluation.profile_report`) is written whether the run finished or failed.
-    ``quiet``: Ray's own output in the run's log file, not on the console (:mod:`.console`)."""
-    store, work, resumed, t_start = _start(job, "profile")
+    report (:mod:`~stepback_ray.evaluation.profile_report`) is written whether the run finished or failed, unless
+    ``report`` is False (a plan's dry run). ``work``: the input already in chunks (a plan's sample): not read, and
+    not staged. ``quiet``: Ray's own output in the run's log file, not on the console (:mod:`.console`)."""
+    given = work is not None
+    store, work, resumed, t_start = _start(job, "profile", work)
     try:
         t_exec = time.time()
-        with executor(job, quiet=quiet) as ex:
+        with executor(job, quiet=quiet, staging=not given) as ex:
             t_ray = time.time()
             work = work or prepare_work(job, needs_profiles=True)
             timings: dict[str, float] = {
@@ -173,7 +183,8 @@ def run_profile_job(job: JobSpec, quiet: bool = False) -> RunResult:
         timings["shutdown_s"] = round(time.time() - t1, 3)
     except RunFailed as e:
         failed_manifest(job, "profile", store, t_start, resumed, e)
-        _report_of_failed(job, e)
+        if report:
+            _report_of_failed(job, e)
         raise
     timings["total_s"] = round(time.time() - t_start, 3)
     manifest = {
@@ -183,7 +194,8 @@ def run_profile_job(job: JobSpec, quiet: bool = False) -> RunResult:
         "timings": timings,
     }
     store.write_json("manifest.json", manifest)
-    return RunResult(job.output_uri, {"profiles": stats}, manifest, build_report(job.output_uri, job.storage))
+    report_uri = build_report(job.output_uri, job.storage) if report else None
+    return RunResult(job.output_uri, {"profiles": stats}, manifest, report_uri)
 
 
 def _report_of_failed(job: JobSpec, error: RunFailed) -> None:

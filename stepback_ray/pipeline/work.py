@@ -10,6 +10,7 @@ from stepback_ray.config import JobSpec
 from stepback_ray.data import collect_users, generation_chunks, lead_groups, profile_chunks
 from stepback_ray.data.datasets import input_files, stage_dataset, staged_chunks
 from stepback_ray.data.lamp import read_lamp
+from stepback_ray.data.rows import Query, UserHistory
 from stepback_ray.errors import StepbackError
 from stepback_ray.generation import prompting
 from stepback_ray.store import forget
@@ -56,20 +57,10 @@ def prepare_work(job: JobSpec, needs_profiles: bool) -> Work | None:
             )
         kept = [q for g in groups for q in g]
         users = collect_users(kept)
-        shards = num_shards(job, len(groups))
-        with_donors = any(prompting.uses_donor(m) for m in job.modes)
-        histories = {u.user_id: u.history for u in users} if with_donors else None
         counts = {"queries_in": n_in, "queries": len(kept), "users": len(users)}
         if denied:
             counts.update(forgotten_users=len(met), forgotten_queries=dropped)
-        return Work(
-            shards,
-            profile_chunks(users, shards),
-            generation_chunks(groups, shards, needs_profiles, with_donors, histories),
-            counts,
-            len(kept),
-            deny_token,
-        )
+        return in_memory_work(job, users, groups, needs_profiles, counts, num_shards(job, len(groups)), deny_token)
     input_files(job)  # a missing input (or a folder without data files) is one line, before anything is written
     import ray  # deferred: a LaMP JSON job never imports Ray here
 
@@ -85,3 +76,27 @@ def prepare_work(job: JobSpec, needs_profiles: bool) -> Work | None:
         )
     chunks = staged_chunks(job)
     return Work(shards, chunks, chunks, counts, None, deny_token)
+
+
+def in_memory_work(
+    job: JobSpec,
+    users: list[UserHistory],
+    groups: list[list[Query]],
+    needs_profiles: bool,
+    counts: dict[str, int],
+    shards: int,
+    deny_token: str | None = None,
+) -> Work:
+    """Chunks carried inline for users and lead-grouped queries held in memory: LaMP JSON as the driver reads it,
+    and a plan's sample (:mod:`~stepback_ray.pipeline.plan_sample`)."""
+    with_donors = any(prompting.uses_donor(m) for m in job.modes)
+    histories = {u.user_id: u.history for u in users} if with_donors else None
+    expected = sum(len(g) for g in groups)
+    return Work(
+        shards,
+        profile_chunks(users, shards),
+        generation_chunks(groups, shards, needs_profiles, with_donors, histories),
+        counts,
+        expected,
+        deny_token,
+    )

@@ -163,6 +163,8 @@ def engine_identity(engine: EngineConfig) -> dict[str, Any]:
         out[key] = node
     if engine.kind == "openai":  # only then: the identities (fingerprints) of the other engines stay as they were
         out["openai.structured_output"] = data["openai"]["structured_output"]
+    if engine.kind == "dry-run" and engine.tokenizer:  # it counts with another tokenizer: other cuts, other rows
+        out["tokenizer"] = engine.tokenizer
     return out
 
 

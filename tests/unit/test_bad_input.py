@@ -187,7 +187,7 @@ def test_a_hub_model_id_without_network_fails_at_once_saying_how_to_use_a_local_
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     t0 = time.time()
     with pytest.raises(StepbackError) as e:
-        PromptFormatter(EngineConfig(kind="dry-run", model="someorg/some-model"))
+        PromptFormatter(EngineConfig(kind="transformers", model="someorg/some-model"))  # (dry-run: test_plan_sample)
     assert time.time() - t0 < 5
     msg = str(e.value)
     assert msg.startswith("model 'someorg/some-model' is a hub id, but the hub cannot be reached (")

@@ -163,3 +163,22 @@ def test_the_real_qwen_models_load_and_write_a_title(model, last_part, target):
     assert out.error is None and out.completion_tokens > 0
     words = out.text.lower()
     assert any(w in words for w in ("graph", "molecul", "neural")), out.text
+
+
+@pytest.mark.slow  # reads the GGUF file's tokenizer (~20 s here for SmolLM2)
+def test_a_gguf_models_tokenizer_alone_counts_as_the_converted_model_does(tmp_path, monkeypatch):
+    """What only counts tokens (the dry-run engine, `stepback plan`) takes a packaged GGUF model's tokenizer and
+    context length without converting its weights: the same ids and context as the converted model's."""
+    from stepback_ray.engines.formatting import load_tokenizer
+
+    converted = models.resolve_model("packaged:smollm2-135m-instruct")  # in the usual cache
+    monkeypatch.setenv("STEPBACK_CACHE", str(tmp_path))  # a cache without the converted model
+    alone = models.resolve_tokenizer("packaged:smollm2-135m-instruct")
+    assert alone.startswith(str(tmp_path / "tokenizers")) and not (Path(alone) / "model.safetensors").exists()
+    assert not list(tmp_path.glob("gguf/*/*.gguf")) and not (tmp_path / "models").exists()
+    (a, context_a), (b, context_b) = load_tokenizer(converted), load_tokenizer(alone)
+    text = "Step-back profiling distills a user's history into a short profile."
+    chat = [{"role": "user", "content": text}]
+    assert a(text)["input_ids"] == b(text)["input_ids"] and context_a == context_b
+    assert a.apply_chat_template(chat, tokenize=False) == b.apply_chat_template(chat, tokenize=False)
+    assert models.resolve_tokenizer("packaged:smollm2-135m-instruct") == alone  # extracted once
