@@ -42,7 +42,7 @@ from stepback_ray.config import JobSpec
 from stepback_ray.data.records import BadRecord, check_record, jsonl_records, parquet_records, place
 from stepback_ray.data.rows import Query, UserHistory, shard_of
 from stepback_ray.errors import InputError, StepbackError, StorageError
-from stepback_ray.storage import RunStore, describe_storage_error, filesystem_for
+from stepback_ray.storage import RunStore, describe_storage_error, filesystem_for, is_storage_error
 from stepback_ray.tasks import get_task
 
 FORGOTTEN_DIR = "_forgotten"
@@ -212,7 +212,9 @@ def input_files(job: JobSpec) -> list[str]:
         return files
     except StepbackError:
         raise
-    except OSError as e:
+    except Exception as e:
+        if not is_storage_error(e):
+            raise
         raise StorageError(describe_storage_error(uri, e)) from None
 
 

@@ -31,7 +31,7 @@ from stepback_ray.data.datasets import input_files
 from stepback_ray.data.records import BadRecord, check_record
 from stepback_ray.data.rows import Query, UserHistory, smallest_hashes, user_id_problem
 from stepback_ray.errors import StorageError
-from stepback_ray.storage import describe_storage_error, filesystem_for
+from stepback_ray.storage import describe_storage_error, filesystem_for, is_storage_error
 from stepback_ray.tasks import get_task
 
 _JSONL_USER_ID = re.compile(rb'"user_id"\s*:\s*("(?:[^"\\]|\\.)*"|-?\d+)\s*[,}]')
@@ -89,7 +89,9 @@ def sample_dataset(job: JobSpec, n: int) -> UserSample:
         for f in per_file:
             if f.error is None:
                 records += f.records(chosen)
-    except OSError as e:
+    except Exception as e:
+        if not is_storage_error(e):
+            raise
         raise StorageError(describe_storage_error(job.input.path, e)) from None
     users, queries, refused = _group(job, records)
     sample = UserSample(

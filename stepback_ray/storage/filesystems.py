@@ -100,6 +100,13 @@ def is_local_uri(uri: str) -> bool:
     return fsspec.utils.get_protocol(uri) in ("file", "local")
 
 
+def is_storage_error(exc: BaseException) -> bool:
+    """A failure of the storage itself (an OS error, or one of object storage's client libraries: no credentials,
+    an expired token, a refused request), as opposed to a bug: told to the user as one line."""
+    module = type(exc).__module__ or ""
+    return isinstance(exc, OSError) or module.split(".")[0] in ("botocore", "aiobotocore", "s3fs", "gcsfs", "adlfs")
+
+
 def describe_storage_error(uri: str, exc: BaseException) -> str:
     """One line saying what went wrong talking to storage, without credentials. A local path's failure is told
     as the operating system's (permission denied, a file where a folder should be), not as object storage's."""
@@ -113,6 +120,8 @@ def describe_storage_error(uri: str, exc: BaseException) -> str:
     low = text.lower()
     if "could not connect" in low or "connect timeout" in low or "endpointconnectionerror" in low:
         return f"{uri}: storage endpoint unreachable ({exc})"
+    if "unable to locate credentials" in low or "nocredentialserror" in low:
+        return f"{uri}: no credentials for object storage (set AWS_ACCESS_KEY_ID / AWS_PROFILE or the node's role)"
     if "nosuchbucket" in low or "bucket does not exist" in low:
         return f"{uri}: bucket does not exist"
     if isinstance(exc, PermissionError) or any(s in low for s in _DENIED):
@@ -140,7 +149,9 @@ def read_bytes(uri: str, storage: StorageConfig | None = None) -> bytes:
         raise InputError(uri, "file not found") from None
     except IsADirectoryError:
         raise InputError(uri, "is a directory, expected a file") from None
-    except (PermissionError, OSError) as e:
+    except Exception as e:
+        if not is_storage_error(e):
+            raise
         raise StorageError(describe_storage_error(uri, e)) from None
 
 

@@ -241,3 +241,32 @@ def test_an_object_store_output_holding_other_files_is_refused_too(s3_bucket):
         store.ensure_writable(run_marker="_run_spec.json")
     store.write_bytes("_run_spec.json", b"{}")
     store.ensure_writable(run_marker="_run_spec.json")
+
+
+def test_no_credentials_for_an_s3_input_is_one_line_not_a_traceback(monkeypatch):
+    """botocore's NoCredentialsError is not an OSError: listing a dataset input, reading a file and drawing a plan's
+    sample still end in one StorageError line saying what to set."""
+    from botocore.exceptions import NoCredentialsError
+
+    from stepback_ray.config import load_job
+    from stepback_ray.data import datasets
+    from stepback_ray.storage import filesystems
+
+    class NoCredentials:
+        def __getattr__(self, name):
+            def refuse(*args, **kwargs):
+                raise NoCredentialsError()
+
+            return refuse
+
+    monkeypatch.setattr(datasets, "filesystem_for", lambda uri, storage: (NoCredentials(), "bucket/users"))
+    monkeypatch.setattr(filesystems, "filesystem_for", lambda uri, storage: (NoCredentials(), "bucket/x.json"))
+    job = load_job(
+        None,
+        data={"name": "n", "task": "LaMP_5", "input": {"format": "parquet", "path": "s3://bucket/users"}},
+    )
+    with pytest.raises(StorageError, match=r"^s3://bucket/users: no credentials for object storage \(set AWS_"):
+        datasets.input_files(job)
+    with pytest.raises(StorageError, match=r"^s3://bucket/x.json: no credentials"):
+        read_bytes("s3://bucket/x.json", StorageConfig(retries=0))
+    assert not filesystems.is_storage_error(ValueError("a bug stays a bug"))
