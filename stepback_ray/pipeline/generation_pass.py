@@ -232,7 +232,7 @@ class GenerationEngineStage(EngineStage):
                 raw_output=comps[-1].text if comps else None,
                 finish_reason=comps[-1].finish_reason if comps else None,
             )
-            merge = json.loads(r["merge_json"]) if r["merge_json"] else None
+            merge = _merge_of(r)
             if prompting.keeps_a_proposal(merge) and comps:  # the scoring stage keeps one; the lead's until then
                 r.update(prompt=r["prompts"][0], raw_output=comps[0].text, finish_reason=comps[0].finish_reason)
             elif prompting.needs_merge_call(merge) and not r["engine_error"]:
@@ -269,11 +269,7 @@ class GenerationEngineStage(EngineStage):
         prefix cache from the decoded call, so this costs little more than the sampled tokens."""
         g = self.job.generation
         todo = [
-            r
-            for r in rows
-            if not r["engine_error"]
-            and r["prompt"]
-            and not prompting.keeps_a_proposal(json.loads(r["merge_json"]) if r["merge_json"] else None)
+            r for r in rows if not r["engine_error"] and r["prompt"] and not prompting.keeps_a_proposal(_merge_of(r))
         ]  # a strategy that keeps a proposal chooses among the authors' proposals instead
         params = dataclasses.replace(
             self.params, temperature=g.candidate_temperature, top_p=g.candidate_top_p, n=g.candidates - 1
@@ -308,7 +304,7 @@ def score_and_commit_generations(batch: pa.Table, job: JobSpec, at: ProfilesAt |
                 r.update(metrics.score_row(task, None, r["gold"]))
             continue
         refs = selection.PersonalRefs.from_list(r.pop("select_refs", None))
-        if prompting.keeps_a_proposal(json.loads(r["merge_json"]) if r["merge_json"] else None):
+        if prompting.keeps_a_proposal(_merge_of(r)):
             _keep_a_proposal(task, r, refs)
         raws = r.get("candidates") or []
         if len(raws) > 1:  # several answers: keep one (consensus, and for profile modes the person)
@@ -326,6 +322,11 @@ def score_and_commit_generations(batch: pa.Table, job: JobSpec, at: ProfilesAt |
         if r["gold"] is not None:
             r.update(metrics.score_row(task, out, r["gold"]))
     return pa.Table.from_pylist(commit_chunks(job, "generations", rows, GENERATION_SCHEMA))
+
+
+def _merge_of(row: dict[str, Any]) -> dict[str, Any] | None:
+    """How a row's proposals become its answer (the plan's ``merge``), or None for a one-prompt row."""
+    return json.loads(row["merge_json"]) if row.get("merge_json") else None
 
 
 def _keep_a_proposal(task, row: dict[str, Any], refs: selection.PersonalRefs) -> None:
