@@ -13,9 +13,10 @@ the modes). A PSW set compares the co-author strategies (``multi_author.strategy
 author's own profile and items) from one job under ``single``; each other strategy (``--strategies``, default all)
 as ``profile+rag`` in a job of its own; and ``random-profile`` (every author's profile and history swapped for
 another author's) under the control strategy (``--control``, default the spec's default strategy). The jobs share
-one ``engine.response_cache`` (``<runs>/<model>/<set>-responses.sqlite``), so a prompt two jobs send alike (every
-author's profile prompt, the proposals of the strategies that merge or choose) is computed once: the profiles a run
-shows are computed once per author and shared by every variant. Jobs run under ``<runs>/<model>/<set>-<users>``
+one ``engine.response_cache`` (``<runs>/<model>/responses.sqlite``), so a prompt two jobs send alike (every
+author's profile prompt, also across the two PSW sets, which hold the same papers; the proposals of the strategies
+that merge or choose) is computed once: the profiles a run shows are computed once per author and shared by every
+variant. Jobs run under ``<runs>/<model>/<set>-<users>``
 (``-<variant job>`` for PSW; ``--runs``, default ``runs/bench_quality``, git-ignored) with a fixed run id, so an
 interrupted set resumes where it stopped on the same machine (the same command again); a PSW set's record is saved
 after each job, with the variants still to run under ``pending``. Run outputs are not committed (``bench-runs/``,
@@ -229,7 +230,7 @@ def run_set(
         )
 
     if bench.task.startswith("PSW"):
-        cache = f"engine.response_cache={runs / slug(model) / (name + '-responses.sqlite')}"
+        cache = f"engine.response_cache={runs / slug(model) / 'responses.sqlite'}"
         saved = {
             "set": name,
             "task": bench.task,
