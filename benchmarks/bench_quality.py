@@ -6,35 +6,46 @@ bootstrap intervals.
         --set engine.model=packaged:qwen2.5-coder-0.5b-instruct --write
     python -m benchmarks.bench_quality --sets lamp5_arxiv --pplug-checkpoint runs/pplug-lamp5/main --write
 
-Sets (``SETS``): lamp5_arxiv (200 dev users), lamp4_huffpost (all 104 writers), psw_title (50 co-authored papers).
-Each set is one stepback job with every mode (the profile pass is shared by the modes); PSW runs a second job
-with ``multi_author.strategy: single`` (the lead author alone) for the multi-author comparison. Jobs run under
-``<runs>/<model>/<set>-<users>`` (``--runs``, default ``runs/bench_quality``, git-ignored) with a fixed run id, so
-an interrupted set resumes where it stopped on the same machine. Run outputs are not committed (``bench-runs/``,
+Sets (``SETS``): lamp5_arxiv (200 dev users), lamp4_huffpost (all 104 writers), psw_title (150 co-authored papers'
+lead authors) and psw_abstract (40). A LaMP set is one stepback job with every mode (the profile pass is shared by
+the modes). A PSW set compares the co-author strategies (``multi_author.strategy``, declared in
+``stepback_ray/modes.py``) side by side on the same papers, as variants: ``none``, ``rag`` and ``single`` (the lead
+author's own profile and items) from one job under ``single``; each other strategy (``--strategies``, default all)
+as ``profile+rag`` in a job of its own; and ``random-profile`` (every author's profile and history swapped for
+another author's) under the control strategy (``--control``, default the spec's default strategy). The jobs share
+one ``engine.response_cache`` (``<runs>/<model>/responses.sqlite``), so a prompt two jobs send alike (every
+author's profile prompt, also across the two PSW sets, which hold the same papers; the proposals of the strategies
+that merge or choose) is computed once: the profiles a run shows are computed once per author and shared by every
+variant. Jobs run under ``<runs>/<model>/<set>-<users>``
+(``-<variant job>`` for PSW; ``--runs``, default ``runs/bench_quality``, git-ignored) with a fixed run id, so an
+interrupted set resumes where it stopped on the same machine (the same command again); a PSW set's record is saved
+after each job, with the variants still to run under ``pending``. Run outputs are not committed (``bench-runs/``,
 where long runs once kept theirs, is git-ignored too; its last committed state is at commit d6d0c1c). A finished
 set's per-query scores, profile statistics and settings are saved to ``docs/results/quality/<model>/<set>.json``
-(``--results``); a set whose saved result matches the request is not run again (``--rerun`` runs it anyway), so a
-benchmark spanning sessions needs only the committed result files.
+(``<set>-<users>.json`` for a sample size other than the set's own; ``--results``); a set whose saved result
+matches the request is not run again (``--rerun`` runs it anyway), so a benchmark spanning sessions needs only the
+committed result files.
 
 The paired differences answer where a gain comes from: ``profile+rag - rag`` (the profile),
 ``profile+rag - random-profile`` (the person, not the prompt format), ``pplug - pplug-random`` (the person, not
-the trained instruction token), ``lead-merge - single`` (several authors, not one), and the best mode against
-``none`` (any context at all). Each is the mean over the same queries with a 95 % paired bootstrap interval. The
-script prints one JSON object and, with ``--write``, regenerates the results page (``benchmarks.results_page``)
-from the saved sets, where these tables stand beside the paper's own figures.
+from benchmarks.benchdoc import machine
+from stepback_ray.modes import AUTHOR_STRATEGY_NAMES
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.benchdoc import machine
+from stepback_ray.modes import AUTHOR_STRATEGY_NAMES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,8 +62,8 @@ class BenchSet:
 SETS = {
     "lamp5_arxiv": BenchSet("LaMP_5", "lamp5_arxiv/dev", 200),
     "lamp4_huffpost": BenchSet("LaMP_4", "lamp4_huffpost/dev", 104),
-    "psw_title": BenchSet("PSW_title", "psw_arxiv/title_dev", 50),
-    "psw_abstract": BenchSet("PSW_abstract", "psw_arxiv/abstract_dev", 50),
+    "psw_title": BenchSet("PSW_title", "psw_arxiv/title_dev", 150),
+    "psw_abstract": BenchSet("PSW_abstract", "psw_arxiv/abstract_dev", 40),
 }
 MODES = ["none", "rag", "profile", "profile+rag", "random-profile"]
 PLUG_MODES = ["pplug", "pplug-random", "pplug+profile"]
@@ -63,6 +74,9 @@ the kept answer against the decoded one says what the selection adds)."""
 
 SINGLE = "single"
 """The key under which a PSW set's single-author run is saved (its profile+rag rows)."""
+RANDOM = "random-profile"
+PSW_BASE = ["none", "rag", "profile+rag"]
+"""The modes of a PSW set's ``single`` job: its variants ``none``, ``rag`` and ``single``."""
 DIFFERENCES = [
     ("profile+rag", "rag"),
     ("profile+rag", "random-profile"),
@@ -103,16 +117,49 @@ def verdict(d: dict[str, float]) -> str:
     return "yes" if d["lo"] > 0 else ("no (below 0)" if d["hi"] < 0 else "no (interval spans 0)")
 
 
+def _generations(output: str):
+    import pandas as pd
+
+    return pd.read_parquet(
+        output + "/generations",
+        columns=[
+            "query_id", "mode", "gold", "rouge1", "rougeL", "candidates", "llm_calls", "prompt_tokens",
+            "completion_tokens", "proposals", "output",
+        ],
+    )  # fmt: skip
+
+
+def _costs(output: str, task: str) -> dict[str, dict[str, float]]:
+    """Per mode: engine calls, prompt and completion tokens per query (counted as if none came from a cache), and
+    of the rows with several proposals, the share whose answer is one of them word for word (``kept_proposal``:
+    what a merge left as it was, or what a strategy that chooses kept)."""
+    from stepback_ray.tasks import get_task
+
+    spec = get_task(task)
+
+    def norm(text: str | None) -> str:
+        return " ".join((text or "").lower().split())
+
+    gens = _generations(output)
+    out = {}
+    for mode, g in gens.groupby("mode"):
+        several = [r for r in g.itertuples() if r.proposals is not None and len(r.proposals) > 1]
+        kept = [norm(r.output) in {norm(spec.parse(p or "") or p) for p in r.proposals} for r in several]
+        out[mode] = {
+            "llm_calls": round(float(g.llm_calls.mean()), 3),
+            "prompt_tokens": round(float(g.prompt_tokens.mean()), 1),
+            "completion_tokens": round(float(g.completion_tokens.mean()), 1),
+            "kept_proposal": round(sum(kept) / len(kept), 3) if kept else None,
+        }
+    return out
+
+
 def _scores(output: str) -> dict[str, dict[str, list[float]]]:
     """ROUGE-1/ROUGE-L per mode and query; with several candidates also the greedy candidate's, as
     ``<mode> (greedy)``."""
-    import pandas as pd
-
     from stepback_ray.evaluation.metrics import rouge
 
-    gens = pd.read_parquet(
-        output + "/generations", columns=["query_id", "mode", "gold", "rouge1", "rougeL", "candidates"]
-    )
+    gens = _generations(output)
     out: dict[str, dict[str, list[float]]] = {}
     greedy: dict[str, dict[str, list[float]]] = {}
     for r in gens.itertuples():
@@ -122,10 +169,39 @@ def _scores(output: str) -> dict[str, dict[str, list[float]]]:
     return out | greedy
 
 
+def psw_jobs(strategies: list[str], control: str) -> list[tuple[str, str, list[str]]]:
+    """A PSW set's jobs in the order they run, as (folder suffix, strategy, modes): the single-author job first,
+    then the control's strategy and its ``random-profile`` (the acceptance's differences), then the others."""
+    rest = [s for s in strategies if s not in (SINGLE, control)]
+    return [
+        (SINGLE, SINGLE, PSW_BASE),
+        (control, control, ["profile+rag"]),
+        (f"{RANDOM}-{control}", control, [RANDOM]),
+        *[(s, s, ["profile+rag"]) for s in rest],
+    ]
+
+
+def psw_variant(strategy: str, mode: str) -> str:
+    """The variant a PSW job's mode is saved as: ``none``, ``rag``, ``single``, ``random-profile`` or the
+    strategy's name (its ``profile+rag``)."""
+    if mode == "profile+rag":
+        return strategy
+    return mode
+
+
 def run_set(
-    name: str, users: int, data_root: Path, overrides: list[str], modes: list[str], command: str, runs: Path
+    name: str,
+    users: int,
+    data_root: Path,
+    overrides: list[str],
+    modes: list[str],
+    command: str,
+    runs: Path,
+    save,
+    strategies: list[str] | None = None,
+    control: str | None = None,
 ) -> dict:
-    """Run one set (and, for PSW, its single-author job); return what is saved for it."""
+    """Run one set (for PSW: every strategy's job, saving the record after each); return what is saved for it."""
     from stepback_ray.config import load_job
     from stepback_ray.pipeline import run_job
 
@@ -150,6 +226,52 @@ def run_set(
             [*base, f"modes=[{', '.join(job_modes)}]", *extra, f"output={runs / slug(model) / folder}"],
         )
 
+    if bench.task.startswith("PSW"):
+        cache = f"engine.response_cache={runs / slug(model) / 'responses.sqlite'}"
+        saved = {
+            "set": name,
+            "task": bench.task,
+            "users": users,
+            "strategies": strategies,
+            "control": control,
+            "overrides": model_overrides,
+            "model": model,
+            "date": dt.date.today().isoformat(),
+            "command": command,
+            "machine": machine(),
+            "scores": {},
+            "costs": {},
+            "wall_s": 0.0,
+        }
+        plan = psw_jobs(strategies, control)
+        saved["pending"] = [psw_variant(st, m) for _, st, ms in plan for m in ms]
+        # each job's wall time over every invocation that worked on it (a resumed job's manifest has only its own)
+        ledger = runs / slug(model) / f"{name}-{users}-walls.json"
+        walls = json.loads(ledger.read_text()) if ledger.is_file() else {}
+        for suffix, strategy, job_modes in plan:
+            spec = job(f"{name}-{users}-{suffix}", job_modes, [f"multi_author.strategy={strategy}", cache])
+            t0 = time.time()
+            try:
+                result = run_job(spec)
+            finally:
+                walls[suffix] = round(walls.get(suffix, 0.0) + time.time() - t0, 1)
+                ledger.parent.mkdir(parents=True, exist_ok=True)
+                ledger.write_text(json.dumps(walls, indent=1) + "\n")
+            scores, costs = _scores(spec.output_uri), _costs(spec.output_uri, bench.task)
+            for m in job_modes:
+                variant = psw_variant(strategy, m)
+                saved["scores"][variant], saved["costs"][variant] = scores[m], costs[m]
+                saved["pending"].remove(variant)
+            saved.update(
+                engine=spec.engine.kind,
+                queries=result.manifest["counts"]["queries"],
+                profiles=saved.get("profiles") or result.metrics.get("profiles"),
+                job_wall_s={k: walls[k] for k, _, _ in plan if k in walls},
+                wall_s=round(sum(walls.get(k, 0.0) for k, _, _ in plan), 1),
+            )
+            save(saved)
+        return saved
+
     main = job(f"{name}-{users}", modes, [])
     result = run_job(main)
     saved = {
@@ -169,16 +291,25 @@ def run_set(
         "wall_s": result.manifest["timings"]["total_s"],
         "resumed": result.manifest["resumed"],
     }
-    if SETS[name].task.startswith("PSW") and "profile+rag" in modes:
-        single = job(f"{name}-{users}-single", ["profile+rag"], ["multi_author.strategy=single"])
-        res = run_job(single)
-        saved["scores"][SINGLE] = _scores(single.output_uri)["profile+rag"]
-        saved["wall_s"] += res.manifest["timings"]["total_s"]
     return saved
+
+
+def psw_differences(saved: dict) -> dict[str, dict[str, float]]:
+    """A PSW set's paired ROUGE-1 differences: each strategy against ``single`` and ``none``, the control strategy
+    against ``random-profile``, and the single-author rows against each other."""
+    r1 = {m: {q: v[0] for q, v in per_q.items()} for m, per_q in saved["scores"].items()}
+    pairs = [("rag", "none"), (SINGLE, "none"), (SINGLE, "rag")]
+    for s in saved["strategies"]:
+        if s != SINGLE:
+            pairs += [(s, SINGLE), (s, "none")]
+    pairs.append((saved["control"], RANDOM))
+    return {f"{a} - {b}": paired(r1[a], r1[b]) for a, b in pairs if a in r1 and b in r1}
 
 
 def differences(saved: dict) -> dict[str, dict[str, float]]:
     """The paired ROUGE-1 differences of one set (those whose two sides were run)."""
+    if "strategies" in saved:
+        return psw_differences(saved)
     r1 = {m: {q: v[0] for q, v in per_q.items()} for m, per_q in saved["scores"].items()}
     if saved["task"].startswith("PSW") and "profile+rag" in r1:
         r1["lead-merge"] = r1["profile+rag"]
@@ -214,18 +345,32 @@ def set_markdown(saved: dict) -> list[str]:
     what the profiles were like."""
     lines = [
         f"**{saved['set']}** ({saved['task']}, {saved['users']} "
-        f"{'papers' if saved['task'].startswith('PSW') else 'users'}, {saved['queries']} queries, "
+        f"{'lead authors' if saved['task'].startswith('PSW') else 'users'}, {saved['queries']} queries, "
         f"{saved['wall_s'] / 60:.0f} min, {saved['date']}; `python -m benchmarks.bench_quality "
         f"{saved['command']}`)",
         "",
         "| mode | ROUGE-1 [95 % CI] | ROUGE-L [95 % CI] |",
         "|---|---|---|",
     ]
+    costs = saved.get("costs") or {}
+    if costs:
+        lines[2:4] = [
+            "| variant | ROUGE-1 [95 % CI] | ROUGE-L [95 % CI] | engine calls / prompt tokens per query |",
+            "|---|---|---|---|",
+        ]
     for mode, per_q in saved["scores"].items():
         label = "single (lead author's profile+rag)" if mode == SINGLE else mode
+        if "strategies" in saved and mode == RANDOM:
+            label = f"random-profile ({saved['control']}, every author's profile swapped)"
         m1, lo1, hi1 = _mean_ci([v[0] for v in per_q.values()])
         mL, loL, hiL = _mean_ci([v[1] for v in per_q.values()])
-        lines.append(f"| {label} | {m1:.4f} [{lo1:.4f}, {hi1:.4f}] | {mL:.4f} [{loL:.4f}, {hiL:.4f}] |")
+        row = f"| {label} | {m1:.4f} [{lo1:.4f}, {hi1:.4f}] | {mL:.4f} [{loL:.4f}, {hiL:.4f}] |"
+        if costs:
+            c = costs.get(mode) or {}
+            row += f" {c.get('llm_calls', 0):.2f} / {c.get('prompt_tokens', 0):.0f} |"
+        lines.append(row)
+    if saved.get("pending"):
+        lines += ["", f"Still to run: {', '.join(saved['pending'])}."]
     lines += ["", "| paired difference (ROUGE-1) | mean [95 % CI] | above 0? |", "|---|---|---|"]
     for key, d in differences(saved).items():
         tag = " (best personalized mode)" if d.get("best") else ""
@@ -280,6 +425,15 @@ def main() -> None:
         default=str(REPO / "runs" / "bench_quality"),
         help="where the resumable job outputs live (git-ignored)",
     )
+    ap.add_argument(
+        "--strategies",
+        default=",".join(AUTHOR_STRATEGY_NAMES),
+        help="PSW: the co-author strategies compared (multi_author.strategy values; single always runs)",
+    )
+    ap.add_argument(
+        "--control",
+        help="PSW: the strategy random-profile runs under (default: the job spec's multi_author.strategy)",
+    )
     ap.add_argument("--rerun", action="store_true", help="run sets even when a matching result is saved")
     ap.add_argument("--write", action="store_true", help="regenerate docs/results.md from the saved sets")
     args = ap.parse_args()
@@ -295,28 +449,58 @@ def main() -> None:
     if unknown:
         sys.exit(f"error: unknown sets {unknown}; known: {', '.join(SETS)}")
     first = load_job(REPO / "jobs" / "demo.yaml", args.set)
+    strategies = [SINGLE, *[s for s in args.strategies.split(",") if s and s != SINGLE]]
+    bad = [s for s in strategies if s not in AUTHOR_STRATEGY_NAMES]
+    control = args.control or first.multi_author.strategy
+    if bad or control not in AUTHOR_STRATEGY_NAMES or control == SINGLE:
+        sys.exit(
+            f"error: unknown strategies {bad or [control]} (the control must be a multi-author one); known: "
+            f"{', '.join(AUTHOR_STRATEGY_NAMES)}"
+        )
+    if control not in strategies:
+        strategies.append(control)
     folder = Path(args.results) / slug(first.engine.model)
     wanted = {s: args.users or SETS[s].users for s in args.sets.split(",")}
+
+    def path_of(name: str, users: int) -> Path:
+        return folder / (f"{name}.json" if users == SETS[name].users else f"{name}-{users}.json")
+
+    def save(saved: dict) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        path_of(saved["set"], saved["users"]).write_text(json.dumps(saved, indent=1) + "\n")
+
     todo = []
     for name, users in wanted.items():
-        path = folder / f"{name}.json"
+        path = path_of(name, users)
         old = json.loads(path.read_text()) if path.is_file() else None
+        psw = SETS[name].task.startswith("PSW")
         same = (
             old is not None
             and old["users"] == users
-            and old["modes"] == modes
+            and (old.get("strategies"), old.get("control")) == ((strategies, control) if psw else (None, None))
+            and (psw or old["modes"] == modes)
+            and not old.get("pending")
             and old["overrides"] == [o for o in args.set if not o.startswith("ray.")]
         )
         if args.rerun or not same:
             todo.append((name, users))
     if todo:
-        with ray_session(first):
+        # the in-process executor needs no Ray (a LaMP JSON input): none is started for it
+        with ray_session(first) if first.executor == "ray" else contextlib.nullcontext():
             for name, users in todo:
                 saved = run_set(
-                    name, users, Path(args.data), args.set, modes, " ".join(sys.argv[1:]), Path(args.runs).resolve()
+                    name,
+                    users,
+                    Path(args.data),
+                    args.set,
+                    modes,
+                    " ".join(sys.argv[1:]),
+                    Path(args.runs).resolve(),
+                    save,
+                    strategies,
+                    control,
                 )
-                folder.mkdir(parents=True, exist_ok=True)
-                (folder / f"{name}.json").write_text(json.dumps(saved, indent=1) + "\n")
+                save(saved)
     results = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
     results.sort(key=lambda r: list(SETS).index(r["set"]))
     report = {
@@ -324,6 +508,9 @@ def main() -> None:
         "sets": [{k: v for k, v in r.items() if k != "scores"} | {"differences": differences(r)} for r in results],
     }
     print(json.dumps(report, indent=1))
+    for saved in results:  # each table with the command that made it
+        if saved["set"] in wanted and saved["users"] == wanted[saved["set"]]:
+            print("\n".join(set_markdown(saved)))
     if args.write:
         from benchmarks.results_page import write
 

@@ -72,3 +72,76 @@ def donor_control(name: str) -> str:
         with_one = [m for m, s in MODE_SPECS.items() if not s.donor and _context(s) in controls]
         raise ValueError(f"mode {name!r} has no donor control; modes with one: {', '.join(with_one)}")
     return controls[_context(own)]
+
+
+@dataclass(frozen=True)
+class AuthorStrategy:
+    """How a co-authored query (PSW) combines its authors: whose profiles the prompt shows, whose history items are
+    retrieved, whether each author proposes an output first, and how one final output comes out of the proposals.
+    ``multi_author.strategy`` names one; the prompt builder and the generation pass read these fields, never the
+    name."""
+
+    name: str
+    proposals: bool = False
+    """Each author proposes an output from their own profile and history (one prompt per author)."""
+    merge: str | None = None
+    """With proposals, the lead author's merge call: ``proposals`` (the proposals and the lead's profile),
+    ``context`` (the lead's own prompt, with their retrieved items and the input, and the proposals after the
+    input) or ``keep`` (the proposals, and leave to keep one of them word for word); None: no merge call."""
+    choose: bool = False
+    """With proposals and no merge: keep the proposal that agrees most with the others and with the lead's own
+    past outputs and profile (:mod:`stepback_ray.generation.selection`; no engine call)."""
+    profiles: str = "lead"
+    """One prompt's profiles: ``lead`` (the first author's) or ``all`` (every author's, in byline order)."""
+    pool: str = "lead"
+    """One prompt's retrieval pool: ``lead`` (the first author's history), ``union`` (every author's, each item
+    once) or ``byline`` (every author's, each item's score weighted by its best byline position:
+    ``multi_author.byline_decay`` to the power of the position, the lead's 1)."""
+    doc: str = ""
+
+
+AUTHOR_STRATEGIES: dict[str, AuthorStrategy] = {
+    s.name: s
+    for s in (
+        AuthorStrategy("single", doc="the lead author's profile and history alone (the single-author baseline)"),
+        AuthorStrategy(
+            "lead-merge",
+            proposals=True,
+            merge="proposals",
+            doc="each author proposes from their own profile and history; the lead author merges the proposals",
+        ),
+        AuthorStrategy(
+            "context-merge",
+            proposals=True,
+            merge="context",
+            doc="as lead-merge, but the merge is the lead's own prompt (profile, retrieved items, input) with the "
+            "proposals after the input",
+        ),
+        AuthorStrategy(
+            "keep-merge",
+            proposals=True,
+            merge="keep",
+            doc="as lead-merge, but the lead may keep one proposal word for word instead of rewriting",
+        ),
+        AuthorStrategy(
+            "consensus",
+            proposals=True,
+            choose=True,
+            doc="each author proposes; the proposal agreeing most with the others and with the lead's past "
+            "outputs and profile is kept (no merge call)",
+        ),
+        AuthorStrategy(
+            "concat",
+            profiles="all",
+            pool="union",
+            doc="one prompt with every author's profile in byline order and items retrieved from all histories",
+        ),
+        AuthorStrategy(
+            "byline-rag",
+            pool="byline",
+            doc="one prompt with the lead's profile and items retrieved from every author's history, weighted by "
+            "byline position",
+        ),
+    )
+}
+AUTHOR_STRATEGY_NAMES: tuple[str, ...] = tuple(AUTHOR_STRATEGIES)

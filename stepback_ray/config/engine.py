@@ -262,6 +262,13 @@ class EngineConfig(_Strict):
         description="fault drills: a local file the dry-run engine appends a line to for each fault it injects",
         json_schema_extra=SPEED_ONLY,
     )
+    response_cache: str | None = Field(
+        default=None,
+        description="a local SQLite file of greedy answers (temperature 0, one per prompt, no soft tokens) by "
+        "model, rendered prompt and sampling settings: an identical request is answered from it, not recomputed "
+        "(jobs that send the same prompts, e.g. the co-author strategies' proposals in bench_quality)",
+        json_schema_extra=SPEED_ONLY,
+    )
     call_timeout_s: Number | None = Field(
         default=1800.0,
         gt=0.0,

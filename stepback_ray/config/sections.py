@@ -9,6 +9,10 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from stepback_ray.config.fields import SPEED_ONLY, Int, Number, Share, _Strict
+from stepback_ray.modes import AUTHOR_STRATEGY_NAMES
+
+AuthorStrategyName = Literal[AUTHOR_STRATEGY_NAMES]  # type: ignore[valid-type]
+"""The co-author strategies, declared in :mod:`stepback_ray.modes`."""
 
 
 class InputConfig(_Strict):
@@ -99,13 +103,26 @@ class RetrievalConfig(_Strict):
 
 
 class MultiAuthorConfig(_Strict):
-    """Co-authored outputs (PSW). ``lead-merge``: each author proposes an output from their own profile and
-    history, then the first author merges the proposals (the paper's method). ``concat``: one prompt with every
-    author's profile in byline order and items retrieved from all their histories. ``single``: the lead author's
-    profile and history alone (the single-author baseline that multi-author writing is measured against)."""
+    """Co-authored outputs (PSW): how the authors of one query are combined, one of the strategies declared in
+    :data:`stepback_ray.modes.AUTHOR_STRATEGIES` (each one's fields say what it does). ``lead-merge``: each author
+    proposes an output from their own profile and history, then the first author merges the proposals (the paper's
+    method). ``context-merge``: the merge is the lead's own prompt (their items and the input) with the proposals.
+    ``keep-merge``: the lead may keep one proposal word for word. ``consensus``: the proposal that agrees most with
+    the others and with the lead's past outputs is kept, no merge call. ``concat``: one prompt with every author's
+    profile in byline order and items retrieved from all their histories. ``byline-rag``: one prompt with the
+    lead's profile and items retrieved from every author's history, weighted by byline position. ``single``: the
+    lead author's profile and history alone (the single-author baseline that multi-author writing is measured
+    against)."""
 
-    strategy: Literal["lead-merge", "concat", "single"] = Field(
+    strategy: AuthorStrategyName = Field(
         default="lead-merge", description="how a co-authored query is written (see above)"
+    )
+    byline_decay: Number = Field(
+        default=0.7,
+        gt=0.0,
+        le=1.0,
+        description="byline-rag: an item's retrieval score times this to the power of its author's byline position "
+        "(the lead 0, the next 1, ...; an item several authors hold takes the best); 1: every author alike",
     )
 
 

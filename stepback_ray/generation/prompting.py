@@ -10,10 +10,14 @@ Modes: ``none`` (input only), ``rag`` (retrieved items), ``profile`` (step-back 
 the paper's method) and ``random-profile`` (``profile+rag`` with another user's profile and history: the same
 format with the wrong person, the control that tells personalization from prompt format).
 
-Co-authored queries (PSW): ``lead-merge`` builds one proposal prompt per author (each from that author's own
-profile and history), then a merge prompt in which the first author combines the proposals; ``concat`` builds
-one prompt with every author's profile in byline order and items retrieved from all their histories; ``single``
-uses the lead author's alone (the baseline for "several authors' profiles beat one").
+Co-authored queries (PSW) follow ``multi_author.strategy``, declared in :data:`stepback_ray.modes.AUTHOR_STRATEGIES`:
+a strategy with proposals builds one prompt per author (each from that author's own profile and history), then,
+once the proposals exist, a merge prompt for the first author (:func:`merge_prompt`: the proposals; or the lead's
+own prompt with the proposals after the input; or the proposals with leave to keep one word for word), or no merge
+at all where the generation pass keeps the proposal that agrees most (``consensus``). A strategy without proposals
+builds one prompt: the lead's profile or every author's in byline order, and items retrieved from the lead's
+history, from every author's, or from every author's weighted by byline position. ``single`` uses the lead author's
+alone (the baseline for "several authors' profiles beat one").
 
 Token budget: the instruction and the input are never cut. If a prompt does not fit the context with room for the
 answer, retrieved items are dropped from the least relevant up, and the row records that it was truncated.
@@ -27,8 +31,8 @@ from typing import Any
 from stepback_ray.config import MultiAuthorConfig, RetrievalConfig
 from stepback_ray.data.rows import Item, Query
 from stepback_ray.engines.base import Message, Prompt, PromptTools
-from stepback_ray.generation.retrieval import Retriever, top_k
-from stepback_ray.modes import MODE_NAMES, mode_spec
+from stepback_ray.generation.retrieval import Retriever, authors_pool, top_k, weighted
+from stepback_ray.modes import AUTHOR_STRATEGIES, MODE_NAMES, mode_spec
 from stepback_ray.tasks import TaskSpec
 
 MODES = MODE_NAMES
@@ -75,7 +79,9 @@ class GenerationPlan:
 
     prompts: list[BuiltPrompt]
     merge: dict[str, Any] | None = None
-    """For lead-merge: what the merge prompt needs besides the proposals (built once they exist)."""
+    """With one proposal per author: how they become one output (``kind``, the merge prompt's kind, or None where
+    the pass keeps one proposal, ``choose``) and what the merge prompt needs besides the proposals (built once
+    they exist)."""
     notes: list[str] = field(default_factory=list)
     people: list[Persona] = field(default_factory=list)
     """Whose personal context the prompts use (the lead alone, or every author; a donor's under the controls)."""
@@ -99,11 +105,14 @@ def system_prompt(task: TaskSpec, profile_text: str | None) -> str:
     return f"{task.system}\n\nProfile of the {person}:\n{profile_text}\nWrite it the way this {person} would."
 
 
-def _retrieve(task: TaskSpec, text: str, pool: list[Item], k: int, retriever: Retriever) -> list[Item]:
+def _retrieve(
+    task: TaskSpec, text: str, pool: list[Item], k: int, retriever: Retriever, weights: list[float] | None = None
+) -> list[Item]:
     if not pool or k <= 0:
         return []
     docs = [task.corpus_text(it) for it in pool]
-    return [pool[i] for i in top_k(retriever.scores(task.query_text(text), docs), k)]
+    scores = retriever.scores(task.query_text(text), docs)
+    return [pool[i] for i in top_k(weighted(scores, weights) if weights is not None else scores, k)]
 
 
 def _assemble(
@@ -199,51 +208,90 @@ def plan_generation(
     if use_rag and not any(p.history for p in people):
         notes.append("no history to retrieve from")
 
-    def prompt_for(profile_text: str | None, pool: list[Item]) -> BuiltPrompt:
-        items = _retrieve(task, query.input, pool, retrieval.top_k, retriever) if use_rag else []
+    def prompt_for(profile_text: str | None, pool: list[Item], weights: list[float] | None = None) -> BuiltPrompt:
+        items = _retrieve(task, query.input, pool, retrieval.top_k, retriever, weights) if use_rag else []
         if use_rag and pool and retrieval.top_k > 0 and not items:
             notes.append("nothing retrieved: no history item has a searchable word")
         return fit_prompt(
             task, tools, query.input, profile_text if use_profile else None, items, retrieval, max_new_tokens
         )
 
-    if len(people) == 1 or mode == "none" or uses_plug(mode) or multi.strategy == "single":
+    strategy = AUTHOR_STRATEGIES[multi.strategy]
+    lead_alone = not strategy.proposals and strategy.profiles == "lead" and strategy.pool == "lead"
+    if len(people) == 1 or mode == "none" or uses_plug(mode) or lead_alone:
         # one author's prompt: the only one, or the lead (the plug serves the lead author alone)
         lead = people[0]
         return GenerationPlan([prompt_for(lead.profile_text, lead.history)], notes=notes, people=[lead])
-    if multi.strategy == "concat":
-        blocks = [
-            f"Author {i + 1}{' (lead)' if i == 0 else ''}, {uid}:\n{p.profile_text}"
-            for i, (uid, p) in enumerate(zip(query.user_ids, people))
-            if p.profile_text
-        ]
-        pool, seen = [], set()
-        for p in people:
-            for it in p.history:
-                if it["id"] not in seen:
-                    seen.add(it["id"])
-                    pool.append(it)
-        return GenerationPlan([prompt_for("\n\n".join(blocks) or None, pool)], notes=notes, people=people)
+    if not strategy.proposals:
+        profile_text = people[0].profile_text
+        if strategy.profiles == "all":
+            blocks = [
+                f"Author {i + 1}{' (lead)' if i == 0 else ''}, {uid}:\n{p.profile_text}"
+                for i, (uid, p) in enumerate(zip(query.user_ids, people))
+                if p.profile_text
+            ]
+            profile_text = "\n\n".join(blocks) or None
+        if strategy.pool == "lead":
+            pool, weights = people[0].history, None
+        else:
+            decay = multi.byline_decay if strategy.pool == "byline" else None
+            pool, weights = authors_pool([p.history for p in people], decay)
+        return GenerationPlan([prompt_for(profile_text, pool, weights)], notes=notes, people=people)
     proposals = [prompt_for(p.profile_text, p.history) for p in people]
     merge = {
+        "strategy": strategy.name,
+        "kind": strategy.merge,
+        "choose": strategy.choose,
         "input": query.input,
         "authors": list(query.user_ids),
         "lead_profile": people[0].profile_text if use_profile else None,
     }
+    if strategy.merge == "context":
+        merge["lead_prompt"] = proposals[0].prompt
     return GenerationPlan(proposals, merge=merge, notes=notes, people=people)
 
 
+def needs_merge_call(merge: dict[str, Any] | None) -> bool:
+    """Whether a plan's proposals go to a merge call (lead-merge and its variants), not kept as one (consensus).
+    A merge recorded before the strategies had kinds is a lead-merge."""
+    return merge is not None and merge.get("kind", "proposals") is not None
+
+
+def keeps_a_proposal(merge: dict[str, Any] | None) -> bool:
+    """Whether the pass keeps one of the plan's proposals as the output (``consensus``)."""
+    return merge is not None and bool(merge.get("choose"))
+
+
 def merge_prompt(task: TaskSpec, tools: PromptTools, merge: dict[str, Any], proposals: list[str]) -> Prompt:
-    """The lead author's step: combine the co-authors' proposals into the final output."""
+    """The lead author's step: combine the co-authors' proposals into the final output. ``merge["kind"]``:
+    ``proposals`` (the proposals, the input and the lead's profile), ``keep`` (the same, with leave to keep one
+    proposal word for word) or ``context`` (the lead's own proposal prompt, with their retrieved items, and the
+    proposals after the input)."""
     noun = task.output_noun
+    kind = merge.get("kind") or "proposals"
     listing = "\n".join(
         f"Author {i + 1}{' (you, the lead author)' if i == 0 else ''}: {p.strip()}" for i, p in enumerate(proposals)
     )
-    ask = (
-        f"Your co-authors each proposed a {noun} for this paper:\n{listing}\n\n{merge['input']}\n"
-        f"Write the final {noun}, keeping what is best in the proposals."
-    )
-    if getattr(tools, "family", "chat") == "plain":
+    proposed = f"Your co-authors each proposed a {noun} for this paper:\n{listing}"
+    plain = getattr(tools, "family", "chat") == "plain"
+    if kind == "context":
+        ask = f"{proposed}\nWrite the final {noun}, keeping what is best in the proposals."
+        lead_prompt = merge["lead_prompt"]
+        if plain:
+            head = lead_prompt[: -len(task.answer_prefix)] if lead_prompt.endswith(task.answer_prefix) else lead_prompt
+            return f"{head}{ask}\n{task.answer_prefix}"
+        msgs = [dict(m) for m in lead_prompt]
+        msgs[0]["content"] += "\nYou are the lead author of this paper."
+        msgs[-1]["content"] += f"\n\n{ask}"
+        return msgs
+    if kind == "keep":
+        ask = (
+            f"{proposed}\n\n{merge['input']}\nIf one proposal is already the best {noun} for this paper, reply "
+            f"with it exactly as written; otherwise write a better {noun}."
+        )
+    else:
+        ask = f"{proposed}\n\n{merge['input']}\nWrite the final {noun}, keeping what is best in the proposals."
+    if plain:
         pre = f"Profile of the lead author:\n{merge['lead_profile']}\n\n" if merge.get("lead_profile") else ""
         return f"{pre}{ask}\n{task.answer_prefix}"
     system = system_prompt(task, merge.get("lead_profile")) + "\nYou are the lead author of this paper."

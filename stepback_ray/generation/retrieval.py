@@ -129,3 +129,25 @@ def top_k(scores: np.ndarray, k: int) -> list[int]:
 
 def bm25_top_k(query: str, docs: list[str], k: int) -> list[int]:
     return top_k(bm25_scores(query, docs), k)
+
+
+def authors_pool(histories: list[list[dict]], decay: float | None = None) -> tuple[list[dict], list[float] | None]:
+    """Every author's history items once (by item id), in byline order: the pool a co-authored prompt retrieves
+    from. With ``decay``, each item's weight too: ``decay`` to the power of the byline position of the first
+    author holding it (the lead's items 1; an item several authors hold takes the best position)."""
+    pool, weights, seen = [], [], set()
+    for position, items in enumerate(histories):
+        for it in items:
+            if it["id"] not in seen:
+                seen.add(it["id"])
+                pool.append(it)
+                weights.append(decay**position if decay is not None else 1.0)
+    return pool, weights if decay is not None else None
+
+
+def weighted(scores: np.ndarray, weights: list[float]) -> np.ndarray:
+    """Relevance scores down-weighted per document (weights in (0, 1]): a positive score times its weight, a
+    negative one (a dense cosine) divided by it, so a smaller weight always ranks a document lower."""
+    w = np.asarray(weights, dtype=float)
+    with np.errstate(invalid="ignore"):  # -inf stays -inf either way
+        return np.where(scores >= 0, scores * w, scores / w)

@@ -106,8 +106,12 @@ class GenerationPlanStage:
         return {"profile_version": self.at.version if self.at else None, "profile_fingerprint": used.get("fingerprint")}
 
     def _refs(self, mode: str, plan: prompting.GenerationPlan, llm_fields: dict[str, str]) -> list[list[str]] | None:
-        """What candidates are compared with beside each other (profile modes, several candidates): the past
-        outputs and profiles of the people whose context the prompt uses."""
+        """What candidates are compared with beside each other: for the proposals of a strategy that keeps one
+        (``consensus``), the lead persona's past outputs (and, in profile modes, profile); for several sampled
+        candidates in a profile mode, the past outputs and profiles of the people whose context the prompt uses."""
+        if prompting.keeps_a_proposal(plan.merge):
+            fields = llm_fields if prompting.mode_uses(mode)[0] else {}
+            return selection.personal_refs(self.task, plan.people[:1], fields).to_list()
         if self.job.generation.candidates < 2 or not prompting.mode_uses(mode)[0]:
             return None
         return selection.personal_refs(self.task, plan.people, llm_fields).to_list()
@@ -228,13 +232,14 @@ class GenerationEngineStage(EngineStage):
                 raw_output=comps[-1].text if comps else None,
                 finish_reason=comps[-1].finish_reason if comps else None,
             )
-            if r["merge_json"] and not r["engine_error"]:
+            merge = _merge_of(r)
+            if prompting.keeps_a_proposal(merge) and comps:  # the scoring stage keeps one; the lead's until then
+                r.update(prompt=r["prompts"][0], raw_output=comps[0].text, finish_reason=comps[0].finish_reason)
+            elif prompting.needs_merge_call(merge) and not r["engine_error"]:
                 merges.append(
                     (
                         r,
-                        prompting.rendered_merge_prompt(
-                            self.task, self.engine, json.loads(r["merge_json"]), [c.text for c in comps]
-                        ),
+                        prompting.rendered_merge_prompt(self.task, self.engine, merge, [c.text for c in comps]),
                     )
                 )
             elif len(comps) == 1:
@@ -263,7 +268,9 @@ class GenerationEngineStage(EngineStage):
         beside the decoded one; the scoring stage keeps one of them. On vLLM the prompts' KV is still in the
         prefix cache from the decoded call, so this costs little more than the sampled tokens."""
         g = self.job.generation
-        todo = [r for r in rows if not r["engine_error"] and r["prompt"]]
+        todo = [
+            r for r in rows if not r["engine_error"] and r["prompt"] and not prompting.keeps_a_proposal(_merge_of(r))
+        ]  # a strategy that keeps a proposal chooses among the authors' proposals instead
         params = dataclasses.replace(
             self.params, temperature=g.candidate_temperature, top_p=g.candidate_top_p, n=g.candidates - 1
         )
@@ -297,6 +304,8 @@ def score_and_commit_generations(batch: pa.Table, job: JobSpec, at: ProfilesAt |
                 r.update(metrics.score_row(task, None, r["gold"]))
             continue
         refs = selection.PersonalRefs.from_list(r.pop("select_refs", None))
+        if prompting.keeps_a_proposal(_merge_of(r)):
+            _keep_a_proposal(task, r, refs)
         raws = r.get("candidates") or []
         if len(raws) > 1:  # several answers: keep one (consensus, and for profile modes the person)
             parsed = [task.parse(x or "") for x in raws]
@@ -313,6 +322,22 @@ def score_and_commit_generations(batch: pa.Table, job: JobSpec, at: ProfilesAt |
         if r["gold"] is not None:
             r.update(metrics.score_row(task, out, r["gold"]))
     return pa.Table.from_pylist(commit_chunks(job, "generations", rows, GENERATION_SCHEMA))
+
+
+def _merge_of(row: dict[str, Any]) -> dict[str, Any] | None:
+    """How a row's proposals become its answer (the plan's ``merge``), or None for a one-prompt row."""
+    return json.loads(row["merge_json"]) if row.get("merge_json") else None
+
+
+def _keep_a_proposal(task, row: dict[str, Any], refs: selection.PersonalRefs) -> None:
+    """``consensus``: the authors' proposal that agrees most with the others and with the lead persona's own
+    past outputs (and profile) becomes the row's answer, and its prompt the row's prompt."""
+    raws = row.get("proposals") or []
+    if len(raws) < 2:
+        return
+    pick = selection.choose(task, [task.parse(x or "") for x in raws], refs)
+    row.update(raw_output=raws[pick], prompt=row["prompts"][pick])
+    row["notes"] = row["notes"] + [f"kept the proposal of author {pick + 1} of {len(raws)}"]
 
 
 GENERATION_PASS = PassSpec(

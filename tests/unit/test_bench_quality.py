@@ -1,0 +1,58 @@
+"""bench_quality's PSW comparison: the jobs a set runs, the paired differences it reports and its table."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import bench_quality
+
+
+def test_a_psw_set_runs_single_then_the_control_and_its_random_profile_then_the_rest():
+    jobs = bench_quality.psw_jobs(["single", "concat", "lead-merge", "byline-rag"], "lead-merge")
+    assert jobs == [
+        ("single", "single", ["none", "rag", "profile+rag"]),
+        ("lead-merge", "lead-merge", ["profile+rag"]),
+        ("random-profile-lead-merge", "lead-merge", ["random-profile"]),
+        ("concat", "concat", ["profile+rag"]),
+        ("byline-rag", "byline-rag", ["profile+rag"]),
+    ]
+    variants = [bench_quality.psw_variant(s, m) for _, s, ms in jobs for m in ms]
+    assert variants == ["none", "rag", "single", "lead-merge", "random-profile", "concat", "byline-rag"]
+
+
+def _record(pending=()):
+    q = [f"q{i}" for i in range(6)]
+    scores = {
+        "none": {k: [0.2, 0.2] for k in q},
+        "single": {k: [0.4, 0.3] for k in q},
+        "byline-rag": {k: [0.5, 0.4] for k in q},
+        "random-profile": {k: [0.3, 0.3] for k in q},
+    }
+    return {
+        "set": "psw_title",
+        "task": "PSW_title",
+        "users": 6,
+        "queries": 6,
+        "strategies": ["single", "byline-rag"],
+        "control": "byline-rag",
+        "scores": scores,
+        "costs": {v: {"llm_calls": 1.0, "prompt_tokens": 800.0} for v in scores},
+        "wall_s": 60.0,
+        "date": "2026-01-01",
+        "command": "--sets psw_title --users 6",
+        "pending": list(pending),
+    }
+
+
+def test_psw_differences_pair_each_strategy_with_single_and_none_and_the_control_with_random_profile():
+    d = bench_quality.differences(_record())
+    assert list(d) == ["single - none", "byline-rag - single", "byline-rag - none", "byline-rag - random-profile"]
+    assert d["byline-rag - single"]["mean"] == pytest.approx(0.1) and d["byline-rag - single"]["n"] == 6
+
+
+def test_the_psw_table_shows_the_command_the_costs_and_what_is_still_to_run():
+    text = "\n".join(bench_quality.set_markdown(_record(pending=["concat"])))
+    assert "`python -m benchmarks.bench_quality --sets psw_title --users 6`" in text
+    assert "| byline-rag | 0.5000 [0.5000, 0.5000] | 0.4000 [0.4000, 0.4000] | 1.00 / 800 |" in text
+    assert "random-profile (byline-rag, every author's profile swapped)" in text
+    assert "Still to run: concat." in text
