@@ -16,3 +16,22 @@ def no_ray(request, monkeypatch):
         raise AssertionError("a unit test started Ray (ray.init): move it to tests/ray/")
 
     monkeypatch.setattr(ray, "init", refused)
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """No name resolves and no connection opens (the hub-offline tests: nothing may reach the network)."""
+    import socket
+
+    from stepback_ray.engines import hub
+
+    def refuse(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    hub.hub_unreachable.cache_clear()  # a check made before this test does not count
+    yield
+    hub.hub_unreachable.cache_clear()  # nor does this test's for the next

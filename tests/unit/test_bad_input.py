@@ -155,23 +155,6 @@ def test_a_partly_scored_run_says_how_many_queries_its_scores_cover():
 
 
 # ---------------------------------------------------------------------------------------- 13. hub id, offline
-@pytest.fixture
-def no_network(monkeypatch):
-    """No name resolves and no connection opens (nothing in these tests may reach the network)."""
-    import socket
-
-    from stepback_ray.engines import hub
-
-    def refuse(*args, **kwargs):
-        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
-        monkeypatch.delenv(var, raising=False)
-    hub.hub_unreachable.cache_clear()  # a check made before this test does not count
-    yield
-    hub.hub_unreachable.cache_clear()
 
 
 @pytest.mark.parametrize("how", ["no-dns", "HF_HUB_OFFLINE"])

@@ -184,26 +184,7 @@ def test_a_sample_plan_scales_to_within_its_margin_of_planning_every_user(tmp_pa
     assert every["incremental_night"]["changed_share"] is None and "--changed" in every["incremental_night"]["why"]
 
 
-@pytest.fixture
-def offline(monkeypatch):
-    """No name resolves and no connection opens (as tests/unit/test_bad_input.py's ``no_network``)."""
-    import socket
-
-    from stepback_ray.engines import hub
-
-    def refuse(*args, **kwargs):
-        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
-        monkeypatch.delenv(var, raising=False)
-    hub.hub_unreachable.cache_clear()
-    yield
-    hub.hub_unreachable.cache_clear()
-
-
-def test_a_plan_of_a_hub_model_offline_fails_at_once_saying_to_set_engine_tokenizer(offline, capsys):
+def test_a_plan_of_a_hub_model_offline_fails_at_once_saying_to_set_engine_tokenizer(no_network, capsys):
     """jobs/nightly_profile.yaml names a hub id: offline, `stepback plan` says in one line, before any input is
     read, that a plan needs only a tokenizer; with `engine.tokenizer` it needs no hub at all (the real engine's
     tokenizer stays the model's: that key is for the dry run only)."""
