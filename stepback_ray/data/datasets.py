@@ -350,28 +350,36 @@ def load_staged(job: JobSpec, source: str) -> tuple[list[UserHistory], list[Quer
     Staging has quarantined every row that repeats a query id, so each is asked once; the check here only keeps
     a staging from before that rule from asking one twice."""
     store = RunStore(job.output_uri, job.storage)
+    records = (
+        json.loads(row["record"])
+        for rel in store.list(source, ".parquet")
+        for row in store.read_table(rel, columns=["user_id", "record"]).to_pylist()
+    )
+    return group_records(job.task, records)
+
+
+def group_records(task_name: str, records: Iterator[dict[str, Any]]) -> tuple[list[UserHistory], list[Query]]:
+    """Valid records grouped by user, as a run reads a staged shard and a plan its sample: a user's histories
+    merged (each item once, by id), each query id asked once, every query seeing its user's whole history; users
+    and queries in user-id order."""
+    task = get_task(task_name)
     users: dict[str, UserHistory] = {}
     seen: dict[str, set[str]] = {}
     queries: list[Query] = []
     asked: set[str] = set()
-    task = get_task(job.task)
-    for rel in store.list(source, ".parquet"):
-        for row in store.read_table(rel, columns=["user_id", "record"]).to_pylist():
-            rec = json.loads(row["record"])
-            uid = rec["user_id"]
-            u = users.setdefault(uid, UserHistory(uid))
-            ids = seen.setdefault(uid, set())
-            for it in [rec["item"]] if "item" in rec else rec["history"]:
-                if it["id"] not in ids:
-                    ids.add(it["id"])
-                    u.history.append(it)
-            for q in rec.get("queries", []):
-                if q["query_id"] in asked:
-                    continue
+    for rec in records:
+        uid = rec["user_id"]
+        u = users.setdefault(uid, UserHistory(uid))
+        ids = seen.setdefault(uid, set())
+        for it in [rec["item"]] if "item" in rec else rec["history"]:
+            if it["id"] not in ids:
+                ids.add(it["id"])
+                u.history.append(it)
+        for q in rec.get("queries", []):
+            if q["query_id"] not in asked:
                 asked.add(q["query_id"])
                 queries.append(Query(q["query_id"], task.name, q["input"], [uid], [], q["gold"]))
-    ordered = sorted(users.values(), key=lambda u: u.user_id)
     for q in queries:  # a query sees its user's whole history
         q.histories = [users[q.user_id].history]
     queries.sort(key=lambda q: (q.user_id, q.query_id))
-    return ordered, queries
+    return sorted(users.values(), key=lambda u: u.user_id), queries

@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from stepback_ray.config import JobSpec
-from stepback_ray.data.datasets import input_files
+from stepback_ray.data.datasets import group_records, input_files
 from stepback_ray.data.records import BadRecord, check_record
 from stepback_ray.data.rows import Query, UserHistory, smallest_hashes, user_id_problem
 from stepback_ray.errors import StorageError
@@ -247,31 +247,14 @@ def _group(job: JobSpec, records: list[tuple[Any, str | None]]) -> tuple[list[Us
     """The drawn users' records validated and grouped by user as a staged shard's are (histories merged, items
     once by id, a query id asked once); how many records were refused."""
     task = get_task(job.task)
-    users: dict[str, UserHistory] = {}
-    seen: dict[str, set[str]] = {}
-    queries: list[Query] = []
-    asked: set[str] = set()
+    valid: list[dict[str, Any]] = []
     refused = 0
     for rec, error in records:
         try:
             if error is not None:
                 raise BadRecord(error)
-            clean = check_record(rec, task, job.input.layout)
+            valid.append(check_record(rec, task, job.input.layout))
         except BadRecord:
             refused += 1
-            continue
-        uid = clean["user_id"]
-        u = users.setdefault(uid, UserHistory(uid))
-        ids = seen.setdefault(uid, set())
-        for it in [clean["item"]] if "item" in clean else clean["history"]:
-            if it["id"] not in ids:
-                ids.add(it["id"])
-                u.history.append(it)
-        for q in clean.get("queries", []):
-            if q["query_id"] not in asked:
-                asked.add(q["query_id"])
-                queries.append(Query(q["query_id"], task.name, q["input"], [uid], [], q["gold"]))
-    for q in queries:
-        q.histories = [users[q.user_id].history]
-    queries.sort(key=lambda q: (q.user_id, q.query_id))
-    return sorted(users.values(), key=lambda u: u.user_id), queries, refused
+    users, queries = group_records(job.task, iter(valid))
+    return users, queries, refused
