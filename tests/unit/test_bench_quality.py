@@ -56,3 +56,30 @@ def test_the_psw_table_shows_the_command_the_costs_and_what_is_still_to_run():
     assert "| byline-rag | 0.5000 [0.5000, 0.5000] | 0.4000 [0.4000, 0.4000] | 1.00 / 800 |" in text
     assert "random-profile (byline-rag, every author's profile swapped)" in text
     assert "Still to run: concat." in text
+
+
+def test_a_served_engine_reaches_every_job_but_not_the_saved_overrides(monkeypatch, tmp_path):
+    """``--serve-vllm``: each job's spec sends its calls to the server (engine.kind openai at its URL), while the
+    record keeps only the overrides given with --set, so a later run on the in-process engine matches it."""
+    import types
+
+    import stepback_ray.pipeline as pipeline
+
+    specs = []
+
+    def fake_run(spec):
+        specs.append(spec)
+        return types.SimpleNamespace(manifest={"counts": {"queries": 2}}, metrics={})
+
+    monkeypatch.setattr(pipeline, "run_job", fake_run)
+    monkeypatch.setattr(bench_quality, "_scores", lambda out: {m: {"q": [0.1, 0.1]} for m in bench_quality.MODES})
+    monkeypatch.setattr(bench_quality, "_costs", lambda out, task: {m: {} for m in bench_quality.MODES})
+    served = ["engine.kind=openai", "engine.openai.base_url=http://127.0.0.1:8471/v1", "engine.openai.api_key_env=null"]
+    saved = bench_quality.run_set(
+        "psw_title", 2, tmp_path, ["executor=in-process"], [], "cmd", tmp_path / "runs", lambda s: None,
+        ["single", "lead-merge"], "lead-merge", served,
+    )  # fmt: skip
+    assert [s.engine.kind for s in specs] == ["openai"] * 3
+    assert {s.engine.openai.base_url for s in specs} == {"http://127.0.0.1:8471/v1"}
+    assert saved["overrides"] == ["executor=in-process"] and saved["engine"] == "vllm serve"
+    assert saved["pending"] == []
