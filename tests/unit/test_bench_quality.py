@@ -83,3 +83,43 @@ def test_a_served_engine_reaches_every_job_but_not_the_saved_overrides(monkeypat
     assert {s.engine.openai.base_url for s in specs} == {"http://127.0.0.1:8471/v1"}
     assert saved["overrides"] == ["executor=in-process"] and saved["engine"] == "vllm serve"
     assert saved["pending"] == []
+
+
+def test_serve_vllm_uses_a_server_already_up_on_its_port_and_starts_none(monkeypatch, tmp_path):
+    """A server left up (``python -m benchmarks.vllm_serve``) on the benchmark's port is used as it is; starting a
+    second one on a port already served is refused before any process starts."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from benchmarks import vllm_serve
+
+    class Models(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == "/v1/models" else 404)
+            self.end_headers()
+            self.wfile.write(b'{"data": []}')
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Models)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    real_serving = vllm_serve.serving
+
+    def no_start(*args, **kwargs):
+        raise AssertionError("a second server was started")
+
+    monkeypatch.setattr(bench_quality, "SERVE_PORT", port)
+    monkeypatch.setattr(vllm_serve, "serving", no_start)
+    try:
+        with bench_quality.served(".venv-vllm", "packaged:qwen2.5-coder-0.5b-instruct", tmp_path) as overrides:
+            assert f"engine.openai.base_url=http://127.0.0.1:{port}/v1" in overrides
+        with pytest.raises(RuntimeError, match="already served"):
+            with real_serving(tmp_path / "no-python", "model", "model", tmp_path / "log", port=port):
+                pass
+    finally:
+        server.shutdown()
+        server.server_close()
+    with bench_quality.served(None, "model", tmp_path) as overrides:
+        assert overrides == []
