@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,11 @@ from stepback_ray.evaluation.summary import summarize
 from stepback_ray.modes import mode_spec
 from stepback_ray.storage import RunStore
 from stepback_ray.store.integrity import VersionFiles
+
+LOGS = "logs"
+"""A run output's log folder (Ray's own output, ``logs/ray.log``): a worker's error text may quote a user's id or
+history, so a forget replaces every line naming a forgotten id (``log_lines`` in its counts)."""
+REMOVED_LINE = b"[line removed by stepback forget]\n"
 
 REBUILD_OWED = "_forget_rebuild_owed.json"
 """In a run output: a forget removed generation rows there but met a damaged file, so its predictions, metrics and
@@ -212,6 +218,7 @@ def scrub_run(uri: str, ids: set[str], storage: StorageConfig, dry_run: bool = F
     out.add(scrub_tree(run, "profiles", ids, "profiles", dry_run=dry_run))
     out.add(scrub_tree(run, "embeddings", ids, "embeddings", dry_run=dry_run))
     out.add(scrub_tree(run, "_staged", ids, "staged_input", dry_run=dry_run))
+    out.add(scrub_logs(run, ids, dry_run=dry_run))
     owed = run.exists(REBUILD_OWED)  # an earlier forget removed rows but could not rebuild the summary
     if (out.rows.get("generations") or owed) and run.exists("metrics.json"):
         if out.damaged:  # the summary would read the damaged files: the forget that finds none rebuilds it
@@ -228,6 +235,32 @@ def scrub_run(uri: str, ids: set[str], storage: StorageConfig, dry_run: bool = F
         if not dry_run:
             build_report(run.uri, run.storage)
         out.files.append(run.uri_of("report.html"))
+    return out
+
+
+def scrub_logs(run: RunStore, ids: set[str], dry_run: bool = False) -> Scrubbed:
+    """Every file under the run's ``logs/`` with each line that names one of ``ids`` as a whole word replaced by
+    :data:`REMOVED_LINE` (bytes in, bytes out: nothing else in the file changes). A short numeric id may also
+    match an unrelated number: such a line goes too, as a forget errs on the side of removing. Log hits count as
+    ``log_lines``, not as finding the user (``found`` means rows)."""
+    out = Scrubbed()
+    if not ids or not run.exists(LOGS):
+        return out
+    pattern = re.compile(b"|".join(rb"(?<!\w)" + re.escape(i.encode()) + rb"(?!\w)" for i in sorted(ids)))
+    root = run.root.rstrip("/") + "/"
+    for path in sorted(p for p in run.fs.find(run.path(LOGS)) if p.startswith(root)):
+        rel = path[len(root) :]
+        lines = run.read_bytes(rel).splitlines(keepends=True)
+        hits = [i for i, line in enumerate(lines) if pattern.search(line)]
+        if not hits:
+            continue
+        for i in hits:
+            lines[i] = REMOVED_LINE
+        out.files.append(run.uri_of(rel))
+        out.rows["log_lines"] = out.rows.get("log_lines", 0) + len(hits)
+        out.rows_by_file[run.uri_of(rel)] = len(hits)
+        if not dry_run:
+            run.write_bytes(rel, b"".join(lines))
     return out
 
 

@@ -132,17 +132,26 @@ def test_forget_removes_a_user_everywhere_and_keeps_them_out(tmp_path, request, 
         {r["profile_text"] for r in stored if r.get("user_id") == user and r.get("profile_text")} - others
     )  # the dry-run engine's texts repeat across users: only the user's own count
     before = {store: _parquet(store, storage), run: _parquet(run, storage)}
+    r = RunStore(run, StorageConfig(**storage))
+    # Ray's output may quote an id; a longer id holding it as a prefix is another user's
+    log = f"worker: started\nerror in row of user {user}: bad history\nuser {user}x is someone else\nworker: done\n"
+    r.write_bytes("logs/ray.log", log.encode())
 
     audit = forget(store, [user, "nobody-at-all"], [run], StorageConfig(**storage))
 
     removed = _check_forgotten(base, storage, before, user, profile_texts)
-    assert audit["rows_removed"] == {k: v for k, v in removed.items()} | {"predictions": removed["generations"]}
+    assert audit["rows_removed"] == {k: v for k, v in removed.items()} | {
+        "predictions": removed["generations"],
+        "log_lines": 1,
+    }
+    assert r.read_bytes("logs/ray.log").decode() == (
+        f"worker: started\n[line removed by stepback forget]\nuser {user}x is someone else\nworker: done\n"
+    )
     assert removed["profiles"] == 3 and removed["embeddings"] == 1  # one row per version; the last embeddings
     assert removed["generations"] == len(own_queries) * len(MODES) + len(borrowers)
     assert audit["not_found"] == ["nobody-at-all"] and audit["versions_scanned"] == 3
     assert s.read_json(DENY_LIST)["users"].keys() == {user, "nobody-at-all"}
     assert s.list("forgotten/audit", ".json")
-    r = RunStore(run, StorageConfig(**storage))
     for mode in MODES:
         ids = {p["id"] for p in r.read_json(f"predictions/{mode}.json")["golds"]}
         assert ids and not ids & own_queries
