@@ -6,10 +6,16 @@ without ``Authorization: Bearer <token>`` and 403 to one with a wrong token. Ray
 when the client's environment also says ``RAY_AUTH_MODE=token``; ``stepback submit`` sends it whenever the user
 has one, looked up where Ray looks, in Ray's order: the ``RAY_AUTH_TOKEN`` variable, the file
 ``RAY_AUTH_TOKEN_PATH`` names, then ``~/.ray/auth_token`` (``ray get-auth-token`` prints a cluster's token).
+
+A found token travels only where it cannot be read on the way (:func:`token_may_travel`): over HTTPS, to this
+machine (a tunnel to the head), or anywhere when the user's environment says ``RAY_AUTH_MODE=token`` as Ray's own
+client requires. Over plain HTTP to another host it is withheld, and a cluster that then asks for it gets one line
+saying why and what to do.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shlex
 from collections.abc import Iterator, Mapping
@@ -61,6 +67,26 @@ def ray_auth_token(environ: Mapping[str, str] | None = None, home: Path | None =
     return RayToken(value, str(default)) if value else None
 
 
+def token_may_travel(address: str, environ: Mapping[str, str] | None = None) -> bool:
+    """Whether a token may be sent to the Jobs server at ``address``: over HTTPS, to a loopback address (a tunnel),
+    or anywhere once ``RAY_AUTH_MODE=token`` is set (the user asked for token auth, as Ray's client requires)."""
+    from urllib.parse import urlsplit
+
+    environ = os.environ if environ is None else environ
+    if environ.get("RAY_AUTH_MODE", "").strip().lower() == "token":
+        return True
+    url = urlsplit(address if "://" in address else f"http://{address}")
+    if url.scheme == "https":
+        return True
+    host = url.hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def follow_up_commands(job_id: str, address: str) -> list[str]:
     """The commands that ask for a submitted job's status and its logs, as the user types them."""
     q_id, q_address = shlex.quote(job_id), shlex.quote(address)
@@ -74,7 +100,9 @@ class JobsServer:
         from ray.job_submission import JobSubmissionClient  # deferred: ray
 
         self.address = address
-        self.token = ray_auth_token()
+        found = ray_auth_token()
+        travels = found is not None and token_may_travel(address)
+        self.token, self.withheld = (found, None) if travels else (None, found)
         headers = {"Authorization": f"Bearer {self.token.value}"} if self.token else None
         with self.answering():
             self.client = JobSubmissionClient(address, headers=headers)
@@ -88,6 +116,12 @@ class JobsServer:
         try:
             yield
         except AuthenticationError:
+            if self.withheld is not None:
+                raise ClusterError(
+                    f"the cluster at {self.address} requires Ray token authentication; the token from "
+                    f"{self.withheld.source} is not sent over plain HTTP to another host: use an https:// address "
+                    "or a tunnel to 127.0.0.1, or set RAY_AUTH_MODE=token to send it anyway"
+                ) from None
             if self.token is None:
                 raise ClusterError(
                     f"the cluster at {self.address} requires Ray token authentication: {TOKEN_HELP}"

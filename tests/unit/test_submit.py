@@ -13,7 +13,7 @@ import pytest
 
 from stepback_ray.cli import main
 from stepback_ray.errors import ConfigError
-from stepback_ray.pipeline.ray_jobs import describe, follow_up_commands, ray_auth_token
+from stepback_ray.pipeline.ray_jobs import describe, follow_up_commands, ray_auth_token, token_may_travel
 from stepback_ray.pipeline.submit import EXCLUDES, PACKAGE_DIR, entrypoint, runtime_env
 
 
@@ -143,6 +143,28 @@ def test_the_jobs_servers_refusals_are_one_line(token_server, monkeypatch, tmp_p
     line = _error_line(capsys)
     assert expected in line and token_server in line, line
     assert TOKEN not in line and "wrong" not in line  # the token itself is never printed
+
+
+def test_a_token_travels_only_where_it_cannot_be_read_on_the_way():
+    assert token_may_travel("https://head.example:8265", {})
+    assert token_may_travel("http://127.0.0.1:8265", {}) and token_may_travel("localhost:8265", {})
+    assert token_may_travel("http://[::1]:8265", {})
+    assert not token_may_travel("http://head.example:8265", {}) and not token_may_travel("10.0.0.7:8265", {})
+    assert token_may_travel("http://head.example:8265", {"RAY_AUTH_MODE": "token"})
+
+
+def test_a_token_withheld_from_a_plain_http_remote_is_one_line_saying_why(token_server, monkeypatch, tmp_path, capsys):
+    """Over plain HTTP to another host the token stays home (the fake server is local, so the rule is told that
+    it is not); the cluster's 401 then says why and what to do, not "set a token"."""
+    from stepback_ray.pipeline import ray_jobs
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("RAY_AUTH_TOKEN", TOKEN)
+    monkeypatch.setattr(ray_jobs, "token_may_travel", lambda address, environ=None: False)
+    assert main(["submit", "--status", "raysubmit_nope", "--address", token_server]) == 2
+    line = capsys.readouterr().err.strip()
+    assert "\n" not in line and "is not sent over plain HTTP to another host" in line, line
+    assert "from RAY_AUTH_TOKEN" in line and "RAY_AUTH_MODE=token" in line and TOKEN not in line
 
 
 def test_an_unreachable_cluster_is_one_line(capsys, tmp_path, monkeypatch):
