@@ -57,6 +57,27 @@ class StorageFull(StorageError):
         return None
 
     @classmethod
+    def within(cls, uri: str, exc: BaseException) -> StorageError | None:
+        """As :meth:`of` for an error that carries the disk-full one inside it: raised in a Ray worker, it reaches
+        the driver wrapped, with the worker's error in its cause chain (``cause`` for Ray's task errors) or only in
+        its text."""
+        seen: set[int] = set()
+        stack: list[BaseException | None] = [exc]
+        while stack:
+            e = stack.pop()
+            if e is None or id(e) in seen:
+                continue
+            seen.add(id(e))
+            found = cls.of(uri, e)
+            if found is not None:
+                return found
+            stack += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+        text = str(exc)
+        if any(m in text for m in ("No space left on device", "[Errno 28]", "Disk quota exceeded", "[Errno 122]")):
+            return cls.of(uri, OSError(errno.ENOSPC, "No space left on device"))
+        return None
+
+    @classmethod
     def naming(cls, file: BinaryIO, uri: str) -> BinaryIO:
         """``file`` (being written to ``uri``) whose writes name it when the disk is full."""
 

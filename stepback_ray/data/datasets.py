@@ -27,6 +27,7 @@ count or on how the input was cut into batches.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import gzip
 import hashlib
@@ -41,7 +42,7 @@ import pyarrow.parquet as pq
 from stepback_ray.config import JobSpec
 from stepback_ray.data.records import BadRecord, check_record, jsonl_records, parquet_records, place
 from stepback_ray.data.rows import Query, UserHistory, shard_of
-from stepback_ray.errors import InputError, StepbackError, StorageError
+from stepback_ray.errors import InputError, StepbackError, StorageError, StorageFull
 from stepback_ray.storage import RunStore, describe_storage_error, filesystem_for, is_storage_error
 from stepback_ray.tasks import get_task
 
@@ -252,7 +253,19 @@ def stage_dataset(job: JobSpec, shards: int, denied: frozenset[str] = frozenset(
             num_cpus=0.25,
         )
         out_fs = PyFileSystem(FSSpecHandler(store.fs))
-        ds.write_parquet(store.path("_staged"), filesystem=out_fs, partition_cols=["shard"])
+        try:
+            ds.write_parquet(store.path("_staged"), filesystem=out_fs, partition_cols=["shard"])
+        except Exception as e:
+            # what this staging wrote goes: the output of a first run holds no run yet (the spec is recorded after
+            # the input is read), so a rerun would find files it cannot call its own; and on a full disk it frees
+            # the space. A full disk met in a Ray worker arrives wrapped: one line, exit 3, not a traceback.
+            for folder in ("_staged", "quarantine", FORGOTTEN_DIR):
+                with contextlib.suppress(Exception):
+                    store.remove(folder)
+            full = StorageFull.within(store.uri_of("_staged/"), e)
+            if full is None:
+                raise
+            raise full from None
         quarantine_repeated_queries(store)
         store.write_bytes("_staged/_SUCCESS", b"")
     good = sum(_rows(store, p) for p in _staged_files(store))
