@@ -381,11 +381,13 @@ def _mean_ci(values: list[float]) -> tuple[float, float, float]:
 def set_markdown(saved: dict) -> list[str]:
     """One saved set as the results page shows it: every mode with its interval, the paired differences, and
     what the profiles were like."""
+    k = candidates_of(saved)
+    decoded = "greedy" if k == 1 else f"kept among {k} candidates"
     lines = [
         f"**{saved['set']}** ({saved['task']}, {saved['users']} "
-        f"{'lead authors' if saved['task'].startswith('PSW') else 'users'}, {saved['queries']} queries, "
-        f"{saved['wall_s'] / 60:.0f} min, {saved['date']}; `python -m benchmarks.bench_quality "
-        f"{saved['command']}`)",
+        f"{'lead authors' if saved['task'].startswith('PSW') else 'users'}, {saved['queries']} queries, {decoded}, "
+        f"{saved['engine']} engine, {saved['wall_s'] / 60:.0f} min, {saved['date']}; `python -m "
+        f"benchmarks.bench_quality {saved['command']}`)",
         "",
         "| mode | ROUGE-1 [95 % CI] | ROUGE-L [95 % CI] |",
         "|---|---|---|",
@@ -432,19 +434,16 @@ def set_markdown(saved: dict) -> list[str]:
     return lines + [""]
 
 
-def _decoding(results: list[dict]) -> str:
-    """How the answers were decoded, read from the saved runs' overrides."""
-    ks = {
-        next((int(o.split("=", 1)[1]) for o in r["overrides"] if o.startswith("generation.candidates=")), 1)
-        for r in results
-    }
-    if ks == {1}:
-        return "Greedy decoding"
-    return (
-        f"Answers kept among generation.candidates = {'/'.join(map(str, sorted(ks)))} per query (the greedy one "
-        "and sampled ones at T 0.7, chosen by consensus and, in profile modes, by agreement with the person's own "
-        "outputs and profile); `<mode> (greedy)` rows score the greedy candidate of the same run"
-    )
+def candidates_of(saved: dict) -> int:
+    """How many candidates per query the saved set's answers were kept among (1: greedy)."""
+    return next((int(o.split("=", 1)[1]) for o in saved["overrides"] if o.startswith("generation.candidates=")), 1)
+
+
+CANDIDATES_NOTE = (
+    "A set decoded with candidates kept one answer among that many per query (the greedy one and sampled ones at "
+    "T 0.7, chosen by consensus and, in profile modes, by agreement with the person's own outputs and profile); "
+    "its `<mode> (greedy)` rows score the greedy candidate of the same run."
+)
 
 
 def main() -> None:

@@ -99,7 +99,7 @@ def seeds_table(seeds: dict, runs: list[dict]) -> list[str]:
 
 
 def quality_section(root: Path) -> list[str]:
-    from benchmarks.bench_quality import SETS, _decoding, set_markdown
+    from benchmarks.bench_quality import CANDIDATES_NOTE, SETS, candidates_of, set_markdown
 
     models = sorted(p for p in (root / "quality").iterdir() if p.is_dir()) if (root / "quality").is_dir() else []
     per_model = {m.name: sorted(_records(m), key=lambda r: list(SETS).index(r["set"])) for m in models}
@@ -111,13 +111,13 @@ def quality_section(root: Path) -> list[str]:
     for name, runs in per_model.items():
         if not runs:
             continue
-        engines = ", ".join(sorted({r["engine"] for r in runs}))
+        note = f" {CANDIDATES_NOTE}" if any(candidates_of(r) > 1 for r in runs) else ""
         lines += [
-            f"### `{runs[0]['model']}` ({engines} engine)",
+            f"### `{runs[0]['model']}`",
             "",
-            f"Machine: {runs[0]['machine']}. {_decoding(runs)}; ROUGE F-measure, the mean over queries with a "
-            "percentile bootstrap 95 % interval (2000 resamples); differences paired over the same queries. "
-            f"Per-query scores: `docs/results/quality/{name}/`.",
+            f"Machine: {runs[0]['machine']}. Each set says how its answers were decoded and by which engine. ROUGE "
+            "F-measure, the mean over queries with a percentile bootstrap 95 % interval (2000 resamples); "
+            f"differences paired over the same queries.{note} Per-query scores: `docs/results/quality/{name}/`.",
             "",
         ]
         for r in runs:
