@@ -40,6 +40,8 @@ def _record(pending=()):
         "wall_s": 60.0,
         "date": "2026-01-01",
         "command": "--sets psw_title --users 6",
+        "overrides": [],
+        "engine": "vllm serve",
         "pending": list(pending),
     }
 
@@ -53,6 +55,7 @@ def test_psw_differences_pair_each_strategy_with_single_and_none_and_the_control
 def test_the_psw_table_shows_the_command_the_costs_and_what_is_still_to_run():
     text = "\n".join(bench_quality.set_markdown(_record(pending=["concat"])))
     assert "`python -m benchmarks.bench_quality --sets psw_title --users 6`" in text
+    assert "6 queries, greedy, vllm serve engine," in text
     assert "| byline-rag | 0.5000 [0.5000, 0.5000] | 0.4000 [0.4000, 0.4000] | 1.00 / 800 |" in text
     assert "random-profile (byline-rag, every author's profile swapped)" in text
     assert "Still to run: concat." in text
