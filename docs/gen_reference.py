@@ -189,7 +189,37 @@ def configuration_page() -> str:
                 desc = f"{desc} *(speed-only)*" if desc else "*(speed-only)*"
             out.append(f"| `{key}` | {_cell(field_type(field))} | {_cell(default_of(field))} | {desc} |")
         out.append("")
+        if prefix in DECLARED:
+            out += DECLARED[prefix]()
     return "\n".join(out)
+
+
+def strategies_table() -> list[str]:
+    """The co-author strategies ``multi_author.strategy`` names, from their one declaration
+    (``stepback_ray/modes.py``): what each prompt holds and how one output comes out."""
+    from stepback_ray.config import JobSpec
+    from stepback_ray.modes import AUTHOR_STRATEGIES
+
+    default = JobSpec.model_fields["multi_author"].default_factory().strategy
+    out = [
+        "The strategies (declared in `stepback_ray/modes.py`; the results page compares them on PSW):",
+        "",
+        "| strategy | profiles in a prompt | items retrieved from | proposals, then | what it does |",
+        "|---|---|---|---|---|",
+    ]
+    for name, st in AUTHOR_STRATEGIES.items():
+        label = f"`{name}`" + (" (default)" if name == default else "")
+        if st.proposals:  # one proposal prompt per author, each with that author's own profile and history
+            profiles, pool = "each author's own (a prompt each)", "each author's own"
+            then = f"the lead merges ({st.merge})" if st.merge else ("one is chosen" if st.choose else "-")
+        else:
+            profiles, pool, then = st.profiles, st.pool, "no proposals"
+        out.append(f"| {label} | {profiles} | {pool} | {then} | {_cell(st.doc)} |")
+    return [*out, ""]
+
+
+DECLARED = {"multi_author": strategies_table}
+"""Sections followed by a table of what their key names, generated from where those things are declared."""
 
 
 # ---- command line --------------------------------------------------------------------------------------------

@@ -104,18 +104,10 @@ class RetrievalConfig(_Strict):
 
 class MultiAuthorConfig(_Strict):
     """Co-authored outputs (PSW): how the authors of one query are combined, one of the strategies declared in
-    :data:`stepback_ray.modes.AUTHOR_STRATEGIES` (each one's fields say what it does). ``lead-merge``: each author
-    proposes an output from their own profile and history, then the first author merges the proposals (the paper's
-    method). ``context-merge``: the merge is the lead's own prompt (their items and the input) with the proposals.
-    ``keep-merge``: the lead may keep one proposal word for word. ``consensus``: the proposal that agrees most with
-    the others and with the lead's past outputs is kept, no merge call. ``concat``: one prompt with every author's
-    profile in byline order and items retrieved from all their histories. ``byline-rag``: one prompt with the
-    lead's profile and items retrieved from every author's history, weighted by byline position. ``single``: the
-    lead author's profile and history alone (the single-author baseline that multi-author writing is measured
-    against)."""
+    :data:`stepback_ray.modes.AUTHOR_STRATEGIES` (each one's fields say what it does)."""
 
     strategy: AuthorStrategyName = Field(
-        default="lead-merge", description="how a co-authored query is written (see above)"
+        default="lead-merge", description="how a co-authored query is written (the strategies: the table below)"
     )
     byline_decay: Number = Field(
         default=0.7,
