@@ -47,7 +47,14 @@ def test_the_configuration_reference_has_a_row_for_every_key_of_the_job_spec_wit
     from stepback_ray.config import JobSpec
 
     page = _load(REPO / "docs" / "gen_reference.py").configuration_page()
-    rows = {line.split("`")[1]: line for line in page.splitlines() if line.startswith("| `")}
+    rows, in_keys_table = {}, False
+    for line in page.splitlines():  # the rows of the key tables (other tables, such as the strategies', follow)
+        if line.startswith("| key | type |"):
+            in_keys_table = True
+        elif not line.startswith("|"):
+            in_keys_table = False
+        elif in_keys_table and line.startswith("| `"):
+            rows[line.split("`")[1]] = line
     keys = dict(_walk_keys(JobSpec))
     assert len(keys) > 100  # the walk reached the nested sections (engine.vllm, profile_store.gate, ray.stages...)
     missing = sorted(set(keys) - set(rows))
@@ -57,6 +64,10 @@ def test_the_configuration_reference_has_a_row_for_every_key_of_the_job_spec_wit
     assert set(rows) == set(keys)  # nor a row for a key the spec does not have
     assert "| `engine.vllm.tensor_parallel_size` | integer (≥ 1) | `1` | GPUs per engine" in page
     assert "| `ray.num_shards` | integer or `auto` | `auto` |" in page
+    from stepback_ray.modes import AUTHOR_STRATEGIES
+
+    for name, strategy in AUTHOR_STRATEGIES.items():  # what multi_author.strategy names, from its declaration
+        assert f"| `{name}`" in page and strategy.doc in page
 
 
 def test_the_cli_reference_has_every_command_and_option_of_the_parser():
