@@ -180,14 +180,16 @@ def _scores(output: str) -> dict[str, dict[str, list[float]]]:
 
 
 def psw_jobs(strategies: list[str], control: str) -> list[tuple[str, str, list[str]]]:
-    """A PSW set's jobs in the order they run, as (folder suffix, strategy, modes): the single-author job first,
-    then the control's strategy and its ``random-profile`` (the acceptance's differences), then the others."""
+    """A PSW set's jobs in the order they run, as (folder suffix, strategy, modes): the single-author job (with
+    ``none`` and ``rag``) first, then the control's strategy, the others in the order given, and the control's
+    ``random-profile`` last. A run cut short has compared the most strategies it could; a proposal strategy's
+    random-profile costs as much as the strategy itself (every author's proposal again, with a donor's profile)."""
     rest = [s for s in strategies if s not in (SINGLE, control)]
     return [
         (SINGLE, SINGLE, PSW_BASE),
         (control, control, ["profile+rag"]),
-        (f"{RANDOM}-{control}", control, [RANDOM]),
         *[(s, s, ["profile+rag"]) for s in rest],
+        (f"{RANDOM}-{control}", control, [RANDOM]),
     ]
 
 

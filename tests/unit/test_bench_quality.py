@@ -7,17 +7,17 @@ import pytest
 from benchmarks import bench_quality
 
 
-def test_a_psw_set_runs_single_then_the_control_and_its_random_profile_then_the_rest():
+def test_a_psw_set_runs_single_then_the_control_then_the_rest_then_the_controls_random_profile():
     jobs = bench_quality.psw_jobs(["single", "concat", "lead-merge", "byline-rag"], "lead-merge")
     assert jobs == [
         ("single", "single", ["none", "rag", "profile+rag"]),
         ("lead-merge", "lead-merge", ["profile+rag"]),
-        ("random-profile-lead-merge", "lead-merge", ["random-profile"]),
         ("concat", "concat", ["profile+rag"]),
         ("byline-rag", "byline-rag", ["profile+rag"]),
+        ("random-profile-lead-merge", "lead-merge", ["random-profile"]),
     ]
     variants = [bench_quality.psw_variant(s, m) for _, s, ms in jobs for m in ms]
-    assert variants == ["none", "rag", "single", "lead-merge", "random-profile", "concat", "byline-rag"]
+    assert variants == ["none", "rag", "single", "lead-merge", "concat", "byline-rag", "random-profile"]
 
 
 def _record(pending=()):
