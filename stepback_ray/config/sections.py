@@ -107,7 +107,7 @@ class MultiAuthorConfig(_Strict):
     :data:`stepback_ray.modes.AUTHOR_STRATEGIES` (each one's fields say what it does)."""
 
     strategy: AuthorStrategyName = Field(
-        default="lead-merge", description="how a co-authored query is written (the strategies: the table below)"
+        default="byline-rag", description="how a co-authored query is written (the strategies: the table below)"
     )
     byline_decay: Number = Field(
         default=0.7,

@@ -117,7 +117,8 @@ def test_context_budget_drops_least_relevant_items_and_flags_it(formatter):
 def test_lead_merge_and_concat_for_coauthored_papers(formatter):
     q = _q("PSW_title", 1)  # three authors: Cy, Ada, Bo
     profiles = {"Cy": "Keywords: benchmarks", "Ada": "Keywords: sparse attention", "Bo": "Keywords: retrieval"}
-    plan = _plan(formatter, "PSW_title", q, "profile+rag", profiles)
+    lead_merge = MultiAuthorConfig(strategy="lead-merge")
+    plan = _plan(formatter, "PSW_title", q, "profile+rag", profiles, multi=lead_merge)
     assert len(plan.prompts) == 3 and plan.merge["authors"] == ["Cy", "Ada", "Bo"]
     for p, kw in zip(plan.prompts, ["benchmarks", "sparse attention", "retrieval"]):
         assert kw in formatter.render(p.prompt)
@@ -152,10 +153,11 @@ def test_a_querys_modes_score_each_pool_once_with_the_same_prompts(formatter):
     counting = CountingRetriever()
     memo = MemoRetriever(counting)
     modes = ("rag", "profile+rag", "profile")
-    shared = {m: _plan(formatter, "PSW_title", q, m, profiles, retriever=memo) for m in modes}
+    multi = MultiAuthorConfig(strategy="lead-merge")
+    shared = {m: _plan(formatter, "PSW_title", q, m, profiles, multi=multi, retriever=memo) for m in modes}
     assert counting.calls == 3  # one per author's pool, not one per (mode, author)
     for m in modes:
-        alone = _plan(formatter, "PSW_title", q, m, profiles)
+        alone = _plan(formatter, "PSW_title", q, m, profiles, multi=multi)
         assert [p.text for p in shared[m].prompts] == [p.text for p in alone.prompts]
         assert shared[m].retrieved_ids == alone.retrieved_ids
         assert [p.text for p in alone.prompts] == [formatter.render(p.prompt) for p in alone.prompts]

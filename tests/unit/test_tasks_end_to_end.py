@@ -43,6 +43,8 @@ def test_task_runs_with_its_metric(tmp_path, task):
             f"output={out}",
             f"modes={modes}",
             "limit=null",
+            # the path with every engine call a co-authored query can make: each author's proposal, then the merge
+            *(["multi_author.strategy=lead-merge"] if TASKS[task].multi_author else []),
         ],
     )
     result = run_job(job)
