@@ -48,6 +48,8 @@ from stepback_ray.tasks import get_task
 
 FORGOTTEN_DIR = "_forgotten"
 """Counts of the rows left out because their user is forgotten (ids and counts only)."""
+STAGING_FOLDERS = ("_staged", "quarantine", FORGOTTEN_DIR)
+"""What a staging writes: removed before one starts again and after one fails."""
 QUARANTINE_SCHEMA = pa.schema([("reason", pa.string()), ("record", pa.string()), ("source", pa.string())])
 STAGED_SCHEMA = pa.schema(
     [
@@ -231,9 +233,8 @@ def stage_dataset(job: JobSpec, shards: int, denied: frozenset[str] = frozenset(
     if not store.exists("_staged/_SUCCESS"):
         # a staging that was killed part-way left some shard files (and quarantine files): start it over, or a
         # rerun would stage those rows twice
-        store.remove("_staged")
-        store.remove("quarantine")
-        store.remove(FORGOTTEN_DIR)
+        for folder in STAGING_FOLDERS:
+            store.remove(folder)
         files = input_files(job)
         src_fs, _ = filesystem_for(job.input.path, job.storage)
         pa_src = PyFileSystem(FSSpecHandler(src_fs))
@@ -259,7 +260,7 @@ def stage_dataset(job: JobSpec, shards: int, denied: frozenset[str] = frozenset(
             # what this staging wrote goes: the output of a first run holds no run yet (the spec is recorded after
             # the input is read), so a rerun would find files it cannot call its own; and on a full disk it frees
             # the space. A full disk met in a Ray worker arrives wrapped: one line, exit 3, not a traceback.
-            for folder in ("_staged", "quarantine", FORGOTTEN_DIR):
+            for folder in STAGING_FOLDERS:
                 with contextlib.suppress(Exception):
                     store.remove(folder)
             full = StorageFull.within(store.uri_of("_staged/"), e)

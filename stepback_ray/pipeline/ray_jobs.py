@@ -3,9 +3,9 @@ and logs, and the server's refusals (no token, a wrong token, an unknown job, no
 
 Ray's token authentication (``RAY_AUTH_MODE=token`` on the cluster) makes its Jobs server answer 401 to a request
 without ``Authorization: Bearer <token>`` and 403 to one with a wrong token. Ray's own client sends the token only
-when the client's environment also says ``RAY_AUTH_MODE=token``; ``stepback submit`` sends it whenever the user
-has one, looked up where Ray looks, in Ray's order: the ``RAY_AUTH_TOKEN`` variable, the file
-``RAY_AUTH_TOKEN_PATH`` names, then ``~/.ray/auth_token`` (``ray get-auth-token`` prints a cluster's token).
+when the client's environment also says ``RAY_AUTH_MODE=token``; ``stepback submit`` looks the user's token up
+where Ray looks, in Ray's order: the ``RAY_AUTH_TOKEN`` variable, the file ``RAY_AUTH_TOKEN_PATH`` names, then
+``~/.ray/auth_token`` (``ray get-auth-token`` prints a cluster's token).
 
 A found token travels only where it cannot be read on the way (:func:`token_may_travel`): over HTTPS, to this
 machine (a tunnel to the head), or anywhere when the user's environment says ``RAY_AUTH_MODE=token`` as Ray's own

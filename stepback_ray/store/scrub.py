@@ -175,8 +175,9 @@ def scrub_tree(
     return out
 
 
-def _parquet_files(store: RunStore, folder: str) -> list[str]:
-    """Relative paths of the Parquet files under ``folder``, at any depth (temporary files left out)."""
+def _files(store: RunStore, folder: str, suffix: str = "") -> list[str]:
+    """Relative paths of the files under ``folder`` ending in ``suffix``, at any depth (temporary files left
+    out)."""
     if not store.exists(folder):
         return []
     base = store.path(folder)
@@ -186,8 +187,13 @@ def _parquet_files(store: RunStore, folder: str) -> list[str]:
     return sorted(
         p[len(root) :]
         for p in store.fs.find(base)
-        if p.endswith(".parquet") and ".tmp-" not in p.rsplit("/", 1)[-1] and p.startswith(root)
+        if p.endswith(suffix) and ".tmp-" not in p.rsplit("/", 1)[-1] and p.startswith(root)
     )
+
+
+def _parquet_files(store: RunStore, folder: str) -> list[str]:
+    """Relative paths of the Parquet files under ``folder``, at any depth (temporary files left out)."""
+    return _files(store, folder, ".parquet")
 
 
 def scrub_version(store: RunStore, version: str, ids: set[str], dry_run: bool = False) -> Scrubbed:
@@ -244,12 +250,10 @@ def scrub_logs(run: RunStore, ids: set[str], dry_run: bool = False) -> Scrubbed:
     match an unrelated number: such a line goes too, as a forget errs on the side of removing. Log hits count as
     ``log_lines``, not as finding the user (``found`` means rows)."""
     out = Scrubbed()
-    if not ids or not run.exists(LOGS):
+    if not ids:
         return out
     pattern = re.compile(b"|".join(rb"(?<!\w)" + re.escape(i.encode()) + rb"(?!\w)" for i in sorted(ids)))
-    root = run.root.rstrip("/") + "/"
-    for path in sorted(p for p in run.fs.find(run.path(LOGS)) if p.startswith(root)):
-        rel = path[len(root) :]
+    for rel in _files(run, LOGS):
         lines = run.read_bytes(rel).splitlines(keepends=True)
         hits = [i for i, line in enumerate(lines) if pattern.search(line)]
         if not hits:
