@@ -204,8 +204,9 @@ def strategies_table() -> list[str]:
     out = [
         "The strategies (declared in `stepback_ray/modes.py`; the results page compares them on PSW):",
         "",
-        "| strategy | profiles in a prompt | items retrieved from | proposals, then | what it does |",
-        "|---|---|---|---|---|",
+        "| strategy | profiles in a prompt | authors profiled | items retrieved from | proposals, then "
+        "| what it does |",
+        "|---|---|---|---|---|---|",
     ]
     for name, st in AUTHOR_STRATEGIES.items():
         label = f"`{name}`" + (" (default)" if name == default else "")
@@ -214,7 +215,8 @@ def strategies_table() -> list[str]:
             then = f"the lead merges ({st.merge})" if st.merge else ("one is chosen" if st.choose else "-")
         else:
             profiles, pool, then = st.profiles, st.pool, "no proposals"
-        out.append(f"| {label} | {profiles} | {pool} | {then} | {_cell(st.doc)} |")
+        profiled = "every author" if st.coauthor_profiles else "lead authors only"
+        out.append(f"| {label} | {profiles} | {profiled} | {pool} | {then} | {_cell(st.doc)} |")
     return [*out, ""]
 
 

@@ -99,6 +99,11 @@ class AuthorStrategy:
     ``multi_author.byline_decay`` to the power of the position, the lead's 1)."""
     doc: str = ""
 
+    @property
+    def coauthor_profiles(self) -> bool:
+        """Whether a prompt shows a co-author's profile: when it does not, only lead authors are profiled."""
+        return self.proposals or self.profiles == "all"
+
 
 AUTHOR_STRATEGIES: dict[str, AuthorStrategy] = {
     s.name: s

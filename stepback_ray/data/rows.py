@@ -143,11 +143,16 @@ def smallest_hashes(user_ids: Iterable[str], n: int) -> list[str]:
     return [u for _, u in heapq.nsmallest(n, ((user_hash(u), u) for u in set(user_ids)))]
 
 
-def donors(user_ids: list[str], seed: int = 0) -> dict[str, str]:
+def donors(user_ids: list[str], seed: int = 0, leads: Iterable[str] | None = None) -> dict[str, str]:
     """A fixed derangement: every user borrows another user's profile (the random-profile control).
 
     Users are ordered by a hash of (seed, id) and each borrows from the next one, so no user gets their own and
-    the pairing does not depend on input order. With fewer than two users there is no one to borrow from."""
+    the pairing does not depend on input order. With fewer than two users there is no one to borrow from.
+    ``leads`` (a job that profiles lead authors only): a lead borrows from another lead, whose profile exists, and
+    any other user from another non-lead."""
+    if leads is not None:
+        first = set(leads) & set(user_ids)
+        return donors(sorted(first), seed) | donors(sorted(set(user_ids) - first), seed)
     if len(user_ids) < 2:
         return {}
     order = sorted(set(user_ids), key=lambda u: hashlib.sha256(f"{seed}:{u}".encode()).hexdigest())
@@ -172,13 +177,14 @@ def profile_chunks(users: list[UserHistory], num_shards: int) -> list[dict[str, 
 def generation_chunks(
     groups: list[list[Query]],
     num_shards: int,
-    needs_profiles: bool,
+    profiled: str | None,
     with_histories: bool = False,
     histories: dict[str, list[Item]] | None = None,
 ) -> list[dict[str, Any]]:
     """Rows for the generation pass: the queries of each shard (by lead user), with the profile shards that
-    hold their users' profiles and, for the random-profile control, the histories of the chunk's users (each
-    borrows from another user of the same chunk)."""
+    hold their ``profiled`` users' profiles (``lead``: the lead authors', ``all``: every author's, None: none) and,
+    for the random-profile control, the histories of the chunk's users (each borrows from another user of the
+    same chunk)."""
     by_shard: dict[int, list[Query]] = {}
     for g in groups:
         by_shard.setdefault(shard_of(g[0].user_id, num_shards), []).extend(g)
@@ -186,11 +192,12 @@ def generation_chunks(
     for k, queries in sorted(by_shard.items()):
         users = sorted({u for q in queries for u in q.user_ids})
         chunk_histories = {u: histories[u] for u in users} if with_histories and histories is not None else {}
+        read = {q.user_id for q in queries} if profiled == "lead" else users
         rows.append(
             {
                 "chunk_id": chunk_id(k),
                 "payload": json.dumps({"queries": [q.to_dict() for q in queries], "histories": chunk_histories}),
-                "profile_chunks": sorted({chunk_id(shard_of(u, num_shards)) for u in users}) if needs_profiles else [],
+                "profile_chunks": sorted({chunk_id(shard_of(u, num_shards)) for u in read}) if profiled else [],
             }
         )
     return rows

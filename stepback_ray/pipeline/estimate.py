@@ -32,7 +32,7 @@ from stepback_ray.errors import StepbackError
 from stepback_ray.pipeline import run_job, run_profile_job
 from stepback_ray.pipeline.console import LOG_FILE
 from stepback_ray.pipeline.plan_sample import PlanSample, draw_sample
-from stepback_ray.pipeline.profile_pass import needs_profiles
+from stepback_ray.pipeline.profile_pass import profiled_authors
 from stepback_ray.storage import RunStore, describe_storage_error
 from stepback_ray.store.layout import read_pointer
 
@@ -60,7 +60,7 @@ def estimate_job(
     file (:mod:`.console`), which is kept (``logs/``) because the console named it."""
     # the tokenizer first: one that cannot be had (a hub id offline) is one line in a second, before any input is read
     PromptFormatter(job.engine.model_copy(update={"kind": "dry-run"}))
-    drawn = draw_sample(job, sample, needs_profiles(job, "profile" if profile_only else "run")) if sample else None
+    drawn = draw_sample(job, sample, profiled_authors(job, "profile" if profile_only else "run")) if sample else None
     result, per_user, generation_calls = _dry_run(job, profile_only, drawn, quiet)
     prof = result.metrics.get("profiles") or {}
     counts = result.manifest["counts"]

@@ -24,6 +24,7 @@ from stepback_ray.generation.retrieval import MemoRetriever, build_retriever
 from stepback_ray.pipeline.chunks import ProfilesAt, chunk_queries
 from stepback_ray.pipeline.commit import commit_chunks
 from stepback_ray.pipeline.engine_stage import EngineStage
+from stepback_ray.pipeline.profile_pass import profiled_authors
 from stepback_ray.pipeline.schemas import GENERATION_SCHEMA, PLANNED_GENERATION_SCHEMA, row_key, table
 from stepback_ray.pipeline.stages import PassSpec, Stage
 from stepback_ray.storage import RunStore
@@ -43,6 +44,11 @@ class GenerationPlanStage:
             from stepback_ray.pplug.serving import PlugServer  # deferred: imports torch
 
             self.plug = PlugServer(job)
+
+    def leads(self, queries: list[Query]) -> set[str] | None:
+        """The lead authors of ``queries`` when the job profiles only them (their random-profile donors are then
+        other leads, whose profiles exist); None when every author is profiled."""
+        return {q.user_id for q in queries} if profiled_authors(self.job) == "lead" else None
 
     def _embeddings(self, chunk_ids: list[str]) -> dict[str, dict[str, list[float]]]:
         out: dict[str, dict[str, list[float]]] = {}
@@ -124,7 +130,7 @@ class GenerationPlanStage:
             donor_info = (
                 {
                     u: {"donor": d, "history": histories.get(d, [])}
-                    for u, d in donors(users, self.job.generation.seed).items()
+                    for u, d in donors(users, self.job.generation.seed, self.leads(queries)).items()
                 }
                 if any(prompting.uses_donor(m) for m in self.job.modes)
                 else {}

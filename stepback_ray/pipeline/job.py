@@ -23,7 +23,7 @@ from stepback_ray.pipeline.executors import executor
 from stepback_ray.pipeline.input_identity import check_input
 from stepback_ray.pipeline.manifest import check_error_budget, check_resume, failed_manifest, manifest_head
 from stepback_ray.pipeline.passes import check_stage_settings, passes_for
-from stepback_ray.pipeline.profile_pass import needs_profiles
+from stepback_ray.pipeline.profile_pass import profiled_authors
 from stepback_ray.pipeline.run_passes import run_passes
 from stepback_ray.pipeline.stages import Command
 from stepback_ray.pipeline.user_passes import run_user_passes
@@ -48,7 +48,7 @@ def _start(job: JobSpec, command: Command, work: Work | None = None) -> tuple[Ru
     check_stage_settings(job)
     store = RunStore(job.output_uri, job.storage)
     store.ensure_writable(run_marker="_run_spec.json")
-    work = work if work is not None else prepare_work(job, needs_profiles(job, command))
+    work = work if work is not None else prepare_work(job, profiled_authors(job, command))
     PromptFormatter(job.engine)  # fail here, before any cluster work, if the model or its tokenizer is unusable
     if job.engine.kind == "openai" and not job.ray.address:  # local engine actors share this environment
         api_key(job.engine.openai)  # a missing API key variable fails here, as one line
@@ -94,7 +94,7 @@ def _run_job(
     quiet: bool = False,
 ) -> RunResult:
     t_exec = time.time()
-    profiled = needs_profiles(job, "run")
+    profiled = profiled_authors(job, "run")
     with executor(job, engine, quiet, staging=not given) as ex:
         t_ray = time.time()
         work = work or prepare_work(job, profiled)
@@ -172,7 +172,7 @@ def run_profile_job(job: JobSpec, work: Work | None = None, report: bool = True,
         t_exec = time.time()
         with executor(job, quiet=quiet, staging=not given) as ex:
             t_ray = time.time()
-            work = work or prepare_work(job, needs_profiles=True)
+            work = work or prepare_work(job, "all")
             timings: dict[str, float] = {
                 "read_s": round(t_exec - t_start + time.time() - t_ray, 3),
                 "ray_start_s": round(t_ray - t_exec, 3),

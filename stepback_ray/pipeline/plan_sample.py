@@ -18,6 +18,7 @@ from stepback_ray.data.lamp import read_lamp
 from stepback_ray.data.rows import smallest_hashes
 from stepback_ray.data.sample import sample_dataset
 from stepback_ray.errors import StepbackError
+from stepback_ray.pipeline.profile_pass import Profiled
 from stepback_ray.pipeline.work import Work, in_memory_work
 from stepback_ray.tasks import get_task
 
@@ -41,7 +42,7 @@ class PlanSample:
     """What the input holds and how each count was made (for the plan's output)."""
 
 
-def draw_sample(job: JobSpec, n: int, needs_profiles: bool) -> PlanSample:
+def draw_sample(job: JobSpec, n: int, profiled: Profiled) -> PlanSample:
     """The ``n`` lead users of the job's input with the smallest id hashes (all of them, when it has fewer)."""
     if job.input.format == "lamp":
         queries = read_lamp(job.input.questions, job.input.outputs, get_task(job.task), job.storage)
@@ -93,5 +94,5 @@ def draw_sample(job: JobSpec, n: int, needs_profiles: bool) -> PlanSample:
                 unit_of.setdefault(u, g[0].user_id)
     shards = max(1, -(-len(units) // PLAN_USERS_PER_CHUNK))
     counts = {"users": len(users), "queries": sum(len(g) for g in groups)}
-    work = in_memory_work(job, users, groups, needs_profiles, counts, shards)
+    work = in_memory_work(job, users, groups, profiled, counts, shards)
     return PlanSample(work, units, unit_of, input_units, about)

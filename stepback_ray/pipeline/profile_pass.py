@@ -9,7 +9,7 @@ failed users again.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 
@@ -19,6 +19,7 @@ from stepback_ray.data.rows import UserHistory, status_kind
 from stepback_ray.engines.formatting import PromptFormatter
 from stepback_ray.errors import DamagedFile
 from stepback_ray.generation import prompting
+from stepback_ray.modes import AUTHOR_STRATEGIES
 from stepback_ray.pipeline.chunks import ProfilesAt, chunk_users
 from stepback_ray.pipeline.commit import commit_chunks
 from stepback_ray.pipeline.engine_stage import EngineStage
@@ -240,6 +241,22 @@ def commit_profiles(batch: pa.Table, job: JobSpec, at: ProfilesAt) -> pa.Table:
 def needs_profiles(job: JobSpec, command: Command = "run") -> bool:
     """``stepback profile`` profiles every user; ``stepback run`` where one of its modes reads a profile."""
     return command == "profile" or any(prompting.mode_uses(m)[0] for m in job.modes)
+
+
+Profiled = Literal["lead", "all"] | None
+"""Whose profiles a job computes: no one, the lead author of each query, or every author."""
+
+
+def profiled_authors(job: JobSpec, command: Command = "run") -> Profiled:
+    """``stepback profile`` profiles every author; ``stepback run`` profiles the authors its prompts show a profile
+    of: only lead authors under a ``multi_author.strategy`` that shows the lead's alone (a co-authored paper's
+    other authors are then retrieved from, never profiled), every author otherwise, no one when no mode reads a
+    profile. On single-author tasks the two are the same users."""
+    if not needs_profiles(job, command):
+        return None
+    if command == "profile" or AUTHOR_STRATEGIES[job.multi_author.strategy].coauthor_profiles:
+        return "all"
+    return "lead"
 
 
 PROFILE_PASS = PassSpec(

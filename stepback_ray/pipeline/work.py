@@ -13,6 +13,7 @@ from stepback_ray.data.lamp import read_lamp
 from stepback_ray.data.rows import Query, UserHistory
 from stepback_ray.errors import StepbackError
 from stepback_ray.generation import prompting
+from stepback_ray.pipeline.profile_pass import Profiled
 from stepback_ray.store import forget
 from stepback_ray.tasks import get_task
 
@@ -40,9 +41,10 @@ class Work:
     """The store's deny-list as the job read it (:mod:`~stepback_ray.store.forget`): checked again before the commit."""
 
 
-def prepare_work(job: JobSpec, needs_profiles: bool) -> Work | None:
+def prepare_work(job: JobSpec, profiled: Profiled) -> Work | None:
     """Read (LaMP JSON: in the driver) or stage (datasets: a Ray Data pass) the input into per-shard chunks.
-    Outside a Ray session only LaMP JSON is read (None for datasets): bad input then fails before Ray starts."""
+    Outside a Ray session only LaMP JSON is read (None for datasets): bad input then fails before Ray starts.
+    ``profiled``: whose profiles the job computes (:func:`~stepback_ray.pipeline.profile_pass.profiled_authors`)."""
     denied, deny_token = forget.denied_users(job.profile_store.uri, job.storage)
     if job.input.format == "lamp":
         task = get_task(job.task)
@@ -60,7 +62,7 @@ def prepare_work(job: JobSpec, needs_profiles: bool) -> Work | None:
         counts = {"queries_in": n_in, "queries": len(kept), "users": len(users)}
         if denied:
             counts.update(forgotten_users=len(met), forgotten_queries=dropped)
-        return in_memory_work(job, users, groups, needs_profiles, counts, num_shards(job, len(groups)), deny_token)
+        return in_memory_work(job, users, groups, profiled, counts, num_shards(job, len(groups)), deny_token)
     input_files(job)  # a missing input (or a folder without data files) is one line, before anything is written
     import ray  # deferred: a LaMP JSON job never imports Ray here
 
@@ -82,20 +84,24 @@ def in_memory_work(
     job: JobSpec,
     users: list[UserHistory],
     groups: list[list[Query]],
-    needs_profiles: bool,
+    profiled: Profiled,
     counts: dict[str, int],
     shards: int,
     deny_token: str | None = None,
 ) -> Work:
     """Chunks carried inline for users and lead-grouped queries held in memory: LaMP JSON as the driver reads it,
-    and a plan's sample (:mod:`~stepback_ray.pipeline.plan_sample`)."""
+    and a plan's sample (:mod:`~stepback_ray.pipeline.plan_sample`). Only the users in ``profiled`` are in the
+    profile chunks; every user's history travels with the generation chunks for the random-profile donors."""
     with_donors = any(prompting.uses_donor(m) for m in job.modes)
     histories = {u.user_id: u.history for u in users} if with_donors else None
     expected = sum(len(g) for g in groups)
+    if profiled == "lead":
+        leads = {g[0].user_id for g in groups}
+        users = [u for u in users if u.user_id in leads]
     return Work(
         shards,
         profile_chunks(users, shards),
-        generation_chunks(groups, shards, needs_profiles, with_donors, histories),
+        generation_chunks(groups, shards, profiled, with_donors, histories),
         counts,
         expected,
         deny_token,

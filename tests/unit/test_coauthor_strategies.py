@@ -148,3 +148,45 @@ def test_the_pass_keeps_a_proposal_under_consensus_without_a_merge_call(tmp_path
         assert r.raw_output in list(r.proposals) and r.candidates is None
         assert any(n.startswith("kept the proposal of author") for n in r.notes)
         assert "You are the lead author" not in r.prompt and "Generate a title" in r.prompt
+
+
+def _profiled_and_borrowed(tmp_path, strategy: str) -> tuple[set[str], dict[str, list[str]]]:
+    job = load_job(
+        REPO / "jobs" / "demo.yaml",
+        [
+            "task=PSW_title",
+            f"input.questions={FIXTURES / 'PSW_title_questions.json'}",
+            f"input.outputs={FIXTURES / 'PSW_title_outputs.json'}",
+            f"output={tmp_path / strategy}",
+            "modes=[profile+rag,random-profile]",
+            "limit=null",
+            "engine.kind=dry-run",
+            "executor=in-process",
+            "ray.progress_bars=false",
+            f"multi_author.strategy={strategy}",
+        ],
+    )
+    from stepback_ray.pipeline import run_job
+
+    run_job(job)
+    profiled = set(pd.read_parquet(tmp_path / strategy / "profiles").user_id)
+    rows = pd.read_parquet(tmp_path / strategy / "generations")
+    borrowed = {r.query_id: list(r.context_user_ids) for r in rows.itertuples() if r.mode == "random-profile"}
+    assert rows.profile_fingerprint.notna().all()  # every profile a prompt shows exists, a donor's included
+    return profiled, borrowed
+
+
+def test_only_the_authors_whose_profile_a_prompt_shows_are_profiled(tmp_path):
+    """``byline-rag`` shows the lead's profile alone: the co-authors are retrieved from, never profiled, and each
+    lead's random-profile donor is another lead (whose profile exists); ``lead-merge`` profiles every author."""
+    papers = json.loads((FIXTURES / "PSW_title_questions.json").read_text())
+    leads = {q["authors"][0]["user_id"] for q in papers}
+    everyone = {a["user_id"] for q in papers for a in q["authors"]}
+    assert len(everyone) > len(leads)
+    profiled, borrowed = _profiled_and_borrowed(tmp_path, "byline-rag")
+    assert profiled == leads
+    for q in papers:
+        lead = q["authors"][0]["user_id"]
+        assert borrowed[q["id"]][0] in leads - {lead}
+    profiled, _ = _profiled_and_borrowed(tmp_path, "lead-merge")
+    assert profiled == everyone

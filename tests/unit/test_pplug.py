@@ -239,7 +239,7 @@ def test_pplug_random_serves_the_donors_soft_token_with_the_users_own_input(tiny
             "ray.progress_bars=false",
         ],
     )
-    work = pl.prepare_work(job, needs_profiles=False)
+    work = pl.prepare_work(job, None)
     at = pl.ProfilesAt(job.output_uri, "profiles")
     commit_embeddings(EmbedStage(job, at)(pa.Table.from_pylist(work.profile_chunks)), job, at)
     stage = GenerationPlanStage(job, at)

@@ -67,7 +67,7 @@ def _profile_chunks(job, at, engine, chunks):
 
 def test_profile_stages_plan_distill_and_commit_each_chunk_then_carry_it_over(tmp_path, engine):
     job = _job(tmp_path)
-    work = prepare_work(job, needs_profiles=True)
+    work = prepare_work(job, "all")
     at = ProfilesAt(job.output_uri, "profiles")
     planned, distilled, summaries = _profile_chunks(job, at, engine, work.profile_chunks)
     assert len(planned) == len(distilled) == work.counts["users"] == 6
@@ -90,7 +90,7 @@ def test_profile_stages_plan_distill_and_commit_each_chunk_then_carry_it_over(tm
 
 def test_generation_stages_build_prompts_per_mode_generate_and_score(tmp_path, engine):
     job = _job(tmp_path)
-    work = prepare_work(job, needs_profiles=True)
+    work = prepare_work(job, "all")
     at = ProfilesAt(job.output_uri, "profiles")
     _profile_chunks(job, at, engine, work.profile_chunks)
     plan, generate = GenerationPlanStage(job, at), GenerationEngineStage(job, engine=engine)
@@ -162,7 +162,7 @@ def test_the_commit_refuses_a_chunk_with_a_row_missing_and_merges_a_retry_by_row
 
 def test_a_retried_profile_chunk_plans_only_its_failed_users(tmp_path, engine):
     job = _job(tmp_path)
-    work = prepare_work(job, needs_profiles=True)
+    work = prepare_work(job, "all")
     at = ProfilesAt(job.output_uri, "profiles")
     chunk = work.profile_chunks[0]
     _, distilled, _ = _profile_chunks(job, at, engine, [chunk])
