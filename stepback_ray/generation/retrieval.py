@@ -12,6 +12,7 @@ instead of the whole chunk failing.
 
 from __future__ import annotations
 
+import logging
 from typing import Protocol
 
 import numpy as np
@@ -35,6 +36,9 @@ def bm25_index(docs: list[str]):
     # wrappers).
     import bm25s
 
+    # bm25s sets its logger to DEBUG on import: once anything gives the root logger a handler (Ray, a library's
+    # logging.warning), every index built would print a debug line into the job's output.
+    logging.getLogger("bm25s").setLevel(logging.WARNING)
     corpus = bm25s.tokenize(docs, stopwords="en", show_progress=False)
     if not corpus.vocab:
         return None

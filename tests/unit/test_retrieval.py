@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
-from stepback_ray.generation.retrieval import bm25_scores, bm25_top_k, top_k
+from stepback_ray.generation.retrieval import bm25_index, bm25_scores, bm25_top_k, top_k
 
 
 def test_bm25_finds_the_matching_item():
@@ -78,3 +80,17 @@ def test_rag_over_a_trivial_history_is_generated_without_items_and_says_so(forma
     )
     assert plan.retrieved_ids == []
     assert "nothing retrieved: no history item has a searchable word" in plan.all_notes()
+
+
+def test_building_an_index_prints_nothing_where_the_root_logger_has_a_handler():
+    """bm25s sets its own logger to DEBUG: under a root handler (Ray's, or one that ``logging.warning`` set up) each
+    index built printed ``DEBUG:bm25s:Building index from IDs objects`` into the job's output."""
+    seen: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = seen.append
+    logging.getLogger().addHandler(handler)
+    try:
+        assert bm25_index(["sparse attention for long documents", "retrieval at scale"]) is not None
+    finally:
+        logging.getLogger().removeHandler(handler)
+    assert not [r.getMessage() for r in seen if r.name.startswith("bm25s")]
