@@ -73,13 +73,12 @@ def run_in_process(job, engine) -> dict:
     """The job's passes on the pipeline's in-process executor with ``engine`` (built once, shared by every
     variant); returns the profile-pass measures. Chunks already committed are skipped."""
     from stepback_ray import pipeline as pl
-    from stepback_ray.generation import prompting
     from stepback_ray.pipeline.commit import pending
     from stepback_ray.pipeline.generation_pass import GENERATION_PASS
     from stepback_ray.pipeline.in_process import InProcess
+    from stepback_ray.pipeline.profile_pass import profiled_authors
 
-    needs_profiles = any(prompting.mode_uses(m)[0] for m in job.modes)
-    work = pl.prepare_work(job, needs_profiles)
+    work = pl.prepare_work(job, profiled_authors(job))
     ex = pl.Executor(job, InProcess(job, engine))
     at, stats, _ = pl.run_user_passes(ex, job, work, "run")
     ex.run(GENERATION_PASS, pending(job.output_uri, "generations", job, work.generation_chunks), at)

@@ -148,11 +148,11 @@ def donors(user_ids: list[str], seed: int = 0, leads: Iterable[str] | None = Non
 
     Users are ordered by a hash of (seed, id) and each borrows from the next one, so no user gets their own and
     the pairing does not depend on input order. With fewer than two users there is no one to borrow from.
-    ``leads`` (a job that profiles lead authors only): a lead borrows from another lead, whose profile exists, and
-    any other user from another non-lead."""
+    ``leads`` (a job that profiles lead authors only): where there are two or more of them, a lead borrows from
+    another lead, whose profile exists; every other user (whose history alone a prompt shows) keeps the pairing
+    over all users."""
     if leads is not None:
-        first = set(leads) & set(user_ids)
-        return donors(sorted(first), seed) | donors(sorted(set(user_ids) - first), seed)
+        return donors(user_ids, seed) | donors(sorted(set(leads) & set(user_ids)), seed)
     if len(user_ids) < 2:
         return {}
     order = sorted(set(user_ids), key=lambda u: hashlib.sha256(f"{seed}:{u}".encode()).hexdigest())

@@ -1,9 +1,9 @@
 """What a run's input was when the run first read it: every input file with its size and its modification time
-(its ETag on object storage), and for a local file the SHA-256 of its bytes, recorded in ``_input.json`` beside
-``_run_spec.json``. A rerun of the same run id (same output) resumes from what the first one committed and staged,
-so it must read the same input: a file that changed, appeared or went away since is one line naming it (exit 2),
-not a run that silently mixes the old staging with the new files. A local file copied again with the same bytes
-(a new modification time: a re-synced data folder) is the same input."""
+(its ETag on object storage), and for a local file up to :data:`DIGEST_MAX_BYTES` the SHA-256 of its bytes,
+recorded in ``_input.json`` beside ``_run_spec.json``. A rerun of the same run id (same output) resumes from what
+the first one committed and staged, so it must read the same input: a file that changed, appeared or went away
+since is one line naming it (exit 2), not a run that silently mixes the old staging with the new files. A local
+file copied again with the same bytes (a new modification time: a re-synced data folder) is the same input."""
 
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ from stepback_ray.errors import StepbackError
 from stepback_ray.storage import RunStore, filesystem_for, is_local
 
 RECORD = "_input.json"
+DIGEST_MAX_BYTES = 256 << 20
+"""Local files up to this size are hashed when a run first reads them (LaMP JSON, a small dataset: a fraction of
+a second); a larger one is known by its modification time alone, so a first start never reads gigabytes."""
 
 
 def _uri(fs: Any, name: str) -> str:
@@ -50,7 +53,7 @@ def input_identity(job: JobSpec, digests: bool = True) -> dict[str, dict[str, An
             if info.get("type", "file") == "file":
                 version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
                 out[_uri(fs, name)] = {"size": info.get("size"), "version": str(version)}
-                if digests and is_local(fs):
+                if digests and is_local(fs) and (info.get("size") or 0) <= DIGEST_MAX_BYTES:
                     out[_uri(fs, name)]["sha256"] = _sha256(name)
     return out
 

@@ -2,7 +2,8 @@
 dry run in this process, with what the whole input holds to scale the sample's cost up to.
 
 The unit drawn is a lead user (the user a query is asked for; in a dataset, every user): the N with the smallest
-:func:`~stepback_ray.data.rows.user_hash`, with all their queries and the profiles those need (co-authors' too).
+:func:`~stepback_ray.data.rows.user_hash`, with all their queries and the profiles those need (co-authors' too
+where the strategy shows them: :func:`~stepback_ray.pipeline.profile_pass.profiled_authors`).
 LaMP JSON is read whole (it is read whole by every run); a dataset is read for its user ids and the drawn users'
 rows alone (:mod:`~stepback_ray.data.sample`), never staged.
 """

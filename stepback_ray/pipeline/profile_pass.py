@@ -251,10 +251,11 @@ def profiled_authors(job: JobSpec, command: Command = "run") -> Profiled:
     """``stepback profile`` profiles every author; ``stepback run`` profiles the authors its prompts show a profile
     of: only lead authors under a ``multi_author.strategy`` that shows the lead's alone (a co-authored paper's
     other authors are then retrieved from, never profiled), every author otherwise, no one when no mode reads a
-    profile. On single-author tasks the two are the same users."""
+    profile. A run that writes a profile store profiles every author: a store version holds every user of its
+    input. On single-author tasks the two are the same users."""
     if not needs_profiles(job, command):
         return None
-    if command == "profile" or AUTHOR_STRATEGIES[job.multi_author.strategy].coauthor_profiles:
+    if command == "profile" or job.profile_store.uri or AUTHOR_STRATEGIES[job.multi_author.strategy].coauthor_profiles:
         return "all"
     return "lead"
 

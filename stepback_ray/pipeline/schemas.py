@@ -97,7 +97,8 @@ GENERATION_SCHEMA = pa.schema(
 """A committed generation row (``generations/chunk-<id>.parquet``): one per query and mode. Lineage:
 ``profile_version`` is the profile store version the row's profile came from (null: the profiles are in the run's
 own output, or the mode shows no profile), ``profile_fingerprint`` the ``fingerprint`` of the profile row the
-prompt used: the lead author's (a co-author's profile comes from the same version, found by ``user_ids``), under
+prompt used: the lead author's (a co-author's profile, where the strategy shows one, comes from the same version,
+found by ``user_ids``), under
 ``random-profile`` the donor's; null when the prompt holds no profile. ``context_user_ids``: whose profile and
 history the prompt used (the authors, or the donor under a control), so that forgetting a person also finds the
 rows that borrowed from them."""

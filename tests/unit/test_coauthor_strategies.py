@@ -190,3 +190,29 @@ def test_only_the_authors_whose_profile_a_prompt_shows_are_profiled(tmp_path):
         assert borrowed[q["id"]][0] in leads - {lead}
     profiled, _ = _profiled_and_borrowed(tmp_path, "lead-merge")
     assert profiled == everyone
+
+
+def test_a_lead_borrows_another_leads_profile_where_there_is_one():
+    """Under a strategy that profiles lead authors only, a lead's random-profile donor is another lead (whose
+    profile exists); a lead alone in its chunk, and every co-author (whose history alone a prompt shows), keeps the
+    pairing over all users; with every user a lead (single-author tasks) nothing changes."""
+    from stepback_ray.data import donors
+
+    users = ["a", "b", "c", "d", "e"]
+    everyone = donors(users, 0)
+    two = donors(users, 0, leads=["a", "b", "z"])
+    assert (two["a"], two["b"]) == ("b", "a")
+    assert {u: two[u] for u in "cde"} == {u: everyone[u] for u in "cde"}
+    assert donors(users, 0, leads=["a"]) == everyone == donors(users, 0, leads=users)
+
+
+def test_a_run_that_writes_a_profile_store_profiles_every_author(tmp_path):
+    from stepback_ray.pipeline.profile_pass import profiled_authors
+
+    def job(*more: str):
+        return load_job(REPO / "jobs" / "psw_title.yaml", [f"output={tmp_path}", *more])
+
+    assert profiled_authors(job()) == "lead" and profiled_authors(job(), "profile") == "all"
+    assert profiled_authors(job(f"profile_store.uri={tmp_path / 'store'}")) == "all"
+    assert profiled_authors(job("multi_author.strategy=concat")) == "all"
+    assert profiled_authors(job("modes=[none,rag]")) is None

@@ -479,3 +479,31 @@ def test_a_dataset_folder_or_glob_that_changed_since_staging_is_named(tmp_path):
     time.sleep(0.01)
     first.write_bytes(data)  # the first bytes again, with a new modification time: a re-synced copy
     check_input(out, job, resumed=True)
+
+
+def test_a_local_file_over_the_digest_size_is_known_by_its_modification_time(tmp_path, monkeypatch):
+    from stepback_ray.config import load_job
+    from stepback_ray.errors import StepbackError
+    from stepback_ray.pipeline import input_identity
+    from stepback_ray.storage import RunStore
+
+    monkeypatch.setattr(input_identity, "DIGEST_MAX_BYTES", 16)
+    part = tmp_path / "hist" / "part-0.parquet"
+    write_items_parquet(part, lamp5_users(2))
+    job = load_job(
+        None,
+        [],
+        data={
+            "name": "x",
+            "task": "LaMP_5",
+            "input": {"format": "parquet", "path": str(part), "layout": "item"},
+            "output": str(tmp_path / "runs" / "x"),
+        },
+    )
+    out = RunStore(job.output_uri, job.storage)
+    input_identity.check_input(out, job, resumed=False)
+    assert "sha256" not in out.read_json("_input.json")[str(part)]
+    time.sleep(0.01)
+    part.write_bytes(part.read_bytes())
+    with pytest.raises(StepbackError, match=r"\(modified: "):
+        input_identity.check_input(out, job, resumed=True)
