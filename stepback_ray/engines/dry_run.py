@@ -82,7 +82,7 @@ class DryRunEngine(FormattedEngine):
                     answer,
                     n_prompt,
                     n_answer * params.n,
-                    "stop",
+                    "length" if n_answer >= params.max_new_tokens else "stop",  # as a real engine at its cap
                     0.0,
                     samples=[answer] * params.n if params.n > 1 else [],
                     cached_tokens=cached,

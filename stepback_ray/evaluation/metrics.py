@@ -43,15 +43,24 @@ def unscored_reason(modes: dict[str, dict]) -> str | None:
 
 def score_notes(metrics: dict) -> list[str]:
     """What a metrics table's score columns leave unsaid: ``not scored: no golds`` for a run without golds, or,
-    per mode, how many of its queries the scores cover when only some had a gold."""
+    per mode, how many of its queries the scores cover when only some had a gold; and, per mode, how many answers
+    stopped at the length cap (``generation.max_new_tokens``): cut short, they score low without an error."""
+    cap = metrics.get("max_new_tokens")
+    capped = [
+        f"{mode}: {m['at_length_cap']} of {m['queries']} answers stopped at generation.max_new_tokens"
+        + (f" ({cap} tokens)" if cap else "")
+        + ": they may be cut short"
+        for mode, m in metrics["modes"].items()
+        if m.get("at_length_cap")
+    ]
     reason = metrics.get("not_scored") or unscored_reason(metrics["modes"])
     if reason:
-        return [f"not scored: {reason}"]
+        return [f"not scored: {reason}", *capped]
     return [
         f"{mode}: scored on {m['scored']} of {m['queries']} queries (the others have no gold)"
         for mode, m in metrics["modes"].items()
         if m.get("scored") is not None and 0 < m["scored"] < m["queries"]
-    ]
+    ] + capped
 
 
 @lru_cache(maxsize=1)

@@ -30,6 +30,7 @@ def summarize(store: RunStore, task_name: str, modes: list[str]) -> tuple[dict[s
             "engine_seconds": 0.0,
             "users": set(),
             "statuses": {},
+            "at_length_cap": 0,
         }
         for m in modes
     }
@@ -47,13 +48,14 @@ def summarize(store: RunStore, task_name: str, modes: list[str]) -> tuple[dict[s
         "completion_tokens",
         "engine_seconds",
         "status",
+        "finish_reason",
     ]
     with contextlib.ExitStack() as stack:
         out = {m: stack.enter_context(store.writer(f"predictions/{m}.json")) for m in modes}
         first = {m: True for m in modes}
         for m in modes:  # the official outputs format, ready for `stepback score` or a LaMP submission
             out[m].write(json.dumps({"task": task.file_task})[:-1].encode() + b', "golds": [')
-        for r in store.scan("generations", cols, optional=("cached_prompt_tokens",)):
+        for r in store.scan("generations", cols, optional=("cached_prompt_tokens", "finish_reason")):
             m = r["mode"]
             t = tot[m]
             t["queries"] += 1
@@ -62,6 +64,7 @@ def summarize(store: RunStore, task_name: str, modes: list[str]) -> tuple[dict[s
             t["cached_prompt_tokens"] += r.get("cached_prompt_tokens") or 0
             t["completion_tokens"] += r["completion_tokens"]
             t["engine_seconds"] += r["engine_seconds"]
+            t["at_length_cap"] += r.get("finish_reason") == "length"
             key = status_kind(r["status"])
             t["statuses"][key] = t["statuses"].get(key, 0) + 1
             if r["gold"] is not None:  # failed rows too (an empty answer): the metric predictions/ reproduces
@@ -87,6 +90,7 @@ def summarize(store: RunStore, task_name: str, modes: list[str]) -> tuple[dict[s
             "engine_seconds": round(secs, 3),
             "tokens_per_s": round((t["prompt_tokens"] + t["completion_tokens"]) / secs, 1) if secs else None,
             "statuses": t["statuses"],
+            "at_length_cap": t["at_length_cap"],
         }
     statuses: dict[str, int] = {}
     for m in modes:

@@ -111,6 +111,7 @@ def _run_job(
     timings["shutdown_s"] = round(time.time() - t1, 3)  # engines closed, the local Ray stopped
 
     result_metrics, gen_counts = summarize(store, job.task, job.modes)
+    result_metrics["max_new_tokens"] = job.max_new_tokens  # what at_length_cap counts answers stopped at
     if gen_counts["generation_rows"] == 0:
         raise StepbackError(
             f"{job.input.path or job.input.questions}: no queries to generate for (a dataset with "

@@ -145,6 +145,22 @@ def test_a_run_without_golds_says_not_scored_in_the_table_the_metrics_and_the_re
     assert "not scored: no golds" in (out / "report.html").read_text()
 
 
+def test_answers_stopped_at_the_length_cap_are_said_under_the_table(tmp_path, capsys):
+    """Abstracts cut at a 32-token cap (a job spec's generation.max_new_tokens below the task's 192) scored low
+    with status ok and not a word; the table now says how many answers of each mode stopped at the cap."""
+    from stepback_ray.cli import main
+
+    args = ["run", str(REPO / "jobs" / "demo.yaml"), "--set", "engine.kind=dry-run", "--set", "executor=in-process"]
+    args += ["--set", "limit=2", "--set", "modes=[none]"]
+    assert main([*args, "--set", f"output={tmp_path / 'short'}"]) == 0
+    assert "stopped at" not in capsys.readouterr().out  # answers shorter than the cap
+    out = tmp_path / "capped"
+    assert main([*args, "--set", "engine.dry_run_output_fraction=1.0", "--set", f"output={out}"]) == 0
+    line = "none: 2 of 2 answers stopped at generation.max_new_tokens (32 tokens): they may be cut short"
+    assert line in capsys.readouterr().out
+    assert json.loads((out / "metrics.json").read_text())["modes"]["none"]["at_length_cap"] == 2
+
+
 def test_a_partly_scored_run_says_how_many_queries_its_scores_cover():
     from stepback_ray.cli import format_table
 
