@@ -151,8 +151,12 @@ def reset_prefix_cache(base_url: str) -> None:
 def main() -> None:
     import argparse
 
+    from stepback_ray.cli import raise_terminated
     from stepback_ray.engines.models import resolve_model
 
+    # SIGTERM ends it as Ctrl-C does, through ``serving``'s cleanup: the server runs in its own session and
+    # would outlive a killed parent (a background job ignores SIGINT, so kill is how one is stopped)
+    signal.signal(signal.SIGTERM, raise_terminated)
     ap = argparse.ArgumentParser(description="Keep a vLLM server of one model up on 127.0.0.1 until interrupted.")
     ap.add_argument("--model", required=True, help="engine.model: a packaged:<name>, a folder or a .gguf file")
     ap.add_argument("--port", type=int, required=True)
@@ -168,7 +172,7 @@ def main() -> None:
         kv_cache_gb=args.kv_cache_gb,
         port=args.port,
     ) as url:
-        print(f"serving {args.model} at {url} (log: {args.log}); Ctrl-C stops it", flush=True)
+        print(f"serving {args.model} at {url} (log: {args.log}); Ctrl-C or SIGTERM stops it", flush=True)
         with contextlib.suppress(KeyboardInterrupt):
             while True:
                 time.sleep(3600)
