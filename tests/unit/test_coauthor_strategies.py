@@ -5,6 +5,7 @@ the generation pass on the dry-run engine."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -113,7 +114,8 @@ def test_authors_pool_keeps_each_item_once_at_its_best_byline_position():
     assert list(out) == [1.0, -2.0, -np.inf]  # a smaller weight ranks lower whatever the sign
 
 
-def _run(tmp_path, strategy: str) -> pd.DataFrame:
+def _run(tmp_path, strategy: str, *more: str) -> Path:
+    """PSW_title's fixture papers through the pipeline (dry-run engine, in process) under ``strategy``; the output."""
     job = load_job(
         REPO / "jobs" / "demo.yaml",
         [
@@ -121,19 +123,18 @@ def _run(tmp_path, strategy: str) -> pd.DataFrame:
             f"input.questions={FIXTURES / 'PSW_title_questions.json'}",
             f"input.outputs={FIXTURES / 'PSW_title_outputs.json'}",
             f"output={tmp_path / strategy}",
-            "modes=[profile+rag]",
             "limit=null",
             "engine.kind=dry-run",
             "executor=in-process",
             "ray.progress_bars=false",
             f"multi_author.strategy={strategy}",
-            "generation.candidates=3",
+            *more,
         ],
     )
     from stepback_ray.pipeline import run_job
 
     run_job(job)
-    return pd.read_parquet(tmp_path / strategy / "generations")
+    return tmp_path / strategy
 
 
 def test_the_pass_keeps_a_proposal_under_consensus_without_a_merge_call(tmp_path):
@@ -141,7 +142,8 @@ def test_the_pass_keeps_a_proposal_under_consensus_without_a_merge_call(tmp_path
     candidates (it chooses among the proposals), its answer is one of them and its prompt that author's (the merge
     strategies share lead-merge's path: only their merge prompt differs, tested above)."""
     authors = {q["id"]: len(q["authors"]) for q in json.loads((FIXTURES / "PSW_title_questions.json").read_text())}
-    chosen = _run(tmp_path, "consensus")
+    out = _run(tmp_path, "consensus", "modes=[profile+rag]", "generation.candidates=3")
+    chosen = pd.read_parquet(out / "generations")
     assert len(chosen) == len(authors)
     for r in chosen.itertuples():
         assert r.llm_calls == authors[r.query_id] and len(r.proposals) == authors[r.query_id]
@@ -151,26 +153,9 @@ def test_the_pass_keeps_a_proposal_under_consensus_without_a_merge_call(tmp_path
 
 
 def _profiled_and_borrowed(tmp_path, strategy: str) -> tuple[set[str], dict[str, list[str]]]:
-    job = load_job(
-        REPO / "jobs" / "demo.yaml",
-        [
-            "task=PSW_title",
-            f"input.questions={FIXTURES / 'PSW_title_questions.json'}",
-            f"input.outputs={FIXTURES / 'PSW_title_outputs.json'}",
-            f"output={tmp_path / strategy}",
-            "modes=[profile+rag,random-profile]",
-            "limit=null",
-            "engine.kind=dry-run",
-            "executor=in-process",
-            "ray.progress_bars=false",
-            f"multi_author.strategy={strategy}",
-        ],
-    )
-    from stepback_ray.pipeline import run_job
-
-    run_job(job)
-    profiled = set(pd.read_parquet(tmp_path / strategy / "profiles").user_id)
-    rows = pd.read_parquet(tmp_path / strategy / "generations")
+    out = _run(tmp_path, strategy, "modes=[profile+rag,random-profile]")
+    profiled = set(pd.read_parquet(out / "profiles").user_id)
+    rows = pd.read_parquet(out / "generations")
     borrowed = {r.query_id: list(r.context_user_ids) for r in rows.itertuples() if r.mode == "random-profile"}
     assert rows.profile_fingerprint.notna().all()  # every profile a prompt shows exists, a donor's included
     return profiled, borrowed
